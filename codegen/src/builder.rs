@@ -1,0 +1,196 @@
+//! Building tile-IR kernels: one method per op, each inferring and checking the result shape.
+//!
+//! Shape errors here are bugs in a chunk plan, never a user's mistake (the rule checker has
+//! already typed the rule), so they panic with the op and the shapes involved.
+
+use crate::ir::*;
+
+/// Builds a [`Kernel`]. Statements go to the innermost open loop body.
+pub struct Builder {
+    name: String,
+    params: Vec<Param>,
+    values: Vec<TileTy>,
+    /// Stack of statement lists; the last is the one being appended to.
+    blocks: Vec<Vec<Stmt>>,
+    /// Open loops: (count, carried pairs).
+    loops: Vec<(Idx, Vec<(ValueId, ValueId)>)>,
+}
+
+impl Builder {
+    pub fn new(name: impl Into<String>) -> Builder {
+        Builder { name: name.into(), params: vec![], values: vec![], blocks: vec![vec![]], loops: vec![] }
+    }
+
+    pub fn param(&mut self, name: impl Into<String>, access: Access) -> usize {
+        self.params.push(Param { name: name.into(), access });
+        self.params.len() - 1
+    }
+
+    pub fn ty(&self, v: ValueId) -> TileTy {
+        self.values[v.0 as usize]
+    }
+
+    fn fresh(&mut self, ty: TileTy) -> ValueId {
+        self.values.push(ty);
+        ValueId(self.values.len() as u32 - 1)
+    }
+
+    fn emit(&mut self, op: Op, ty: TileTy) -> ValueId {
+        let id = self.fresh(ty);
+        self.push(Stmt::Let { id, op });
+        id
+    }
+
+    fn push(&mut self, s: Stmt) {
+        self.blocks.last_mut().expect("builder has an open block").push(s);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn load(&mut self, param: usize, base: Idx, row_stride: i64, col_stride: i64, rows: usize, cols: usize, valid_rows: Idx) -> ValueId {
+        self.emit(Op::Load { param, base, row_stride, col_stride, rows, cols, valid_rows }, TileTy::f32(rows, cols))
+    }
+
+    pub fn store(&mut self, value: ValueId, param: usize, base: Idx, row_stride: i64, col_stride: i64, valid_rows: Idx) {
+        self.push(Stmt::Store { value, param, base, row_stride, col_stride, valid_rows });
+    }
+
+    pub fn constant(&mut self, value: f64, ty: TileTy) -> ValueId {
+        self.emit(Op::Const { value, ty }, ty)
+    }
+
+    pub fn scalar(&mut self, value: f64) -> ValueId {
+        self.constant(value, TileTy::f32(1, 1))
+    }
+
+    pub fn idx_value(&mut self, idx: Idx) -> ValueId {
+        self.emit(Op::IdxValue(idx), TileTy::f32(1, 1))
+    }
+
+    pub fn unary(&mut self, op: UnOp, x: ValueId) -> ValueId {
+        let t = self.ty(x);
+        self.emit(Op::Unary { op, x }, t)
+    }
+
+    pub fn binary(&mut self, op: BinOp, a: ValueId, b: ValueId) -> ValueId {
+        let (ta, tb) = (self.ty(a), self.ty(b));
+        assert_eq!(ta.dtype, tb.dtype, "{op:?}: dtypes differ ({ta:?}, {tb:?})");
+        let dim = |x: usize, y: usize| {
+            assert!(x == y || x == 1 || y == 1, "{op:?}: shapes {ta:?} and {tb:?} do not broadcast");
+            x.max(y)
+        };
+        let ty = TileTy { rows: dim(ta.rows, tb.rows), cols: dim(ta.cols, tb.cols), dtype: ta.dtype };
+        self.emit(Op::Binary { op, a, b }, ty)
+    }
+
+    pub fn add(&mut self, a: ValueId, b: ValueId) -> ValueId {
+        self.binary(BinOp::Add, a, b)
+    }
+    pub fn sub(&mut self, a: ValueId, b: ValueId) -> ValueId {
+        self.binary(BinOp::Sub, a, b)
+    }
+    pub fn mul(&mut self, a: ValueId, b: ValueId) -> ValueId {
+        self.binary(BinOp::Mul, a, b)
+    }
+    pub fn exp(&mut self, x: ValueId) -> ValueId {
+        self.unary(UnOp::Exp, x)
+    }
+    pub fn neg(&mut self, x: ValueId) -> ValueId {
+        self.unary(UnOp::Neg, x)
+    }
+
+    pub fn cast(&mut self, x: ValueId, dtype: DType) -> ValueId {
+        let t = self.ty(x);
+        if t.dtype == dtype {
+            return x;
+        }
+        self.emit(Op::Cast { x, dtype }, TileTy { dtype, ..t })
+    }
+
+    /// `op(a) @ op(b) (+ acc)`.
+    pub fn dot(&mut self, a: ValueId, b: ValueId, ta: bool, tb: bool, acc: Option<ValueId>) -> ValueId {
+        let (xa, xb) = (self.ty(a), self.ty(b));
+        assert!(xa.dtype == DType::F32 && xb.dtype == DType::F32, "dot: f32 operands only");
+        let (m, k1) = if ta { (xa.cols, xa.rows) } else { (xa.rows, xa.cols) };
+        let (k2, n) = if tb { (xb.cols, xb.rows) } else { (xb.rows, xb.cols) };
+        assert_eq!(k1, k2, "dot: inner dimensions differ ({xa:?}{}, {xb:?}{})", if ta { "^T" } else { "" }, if tb { "^T" } else { "" });
+        if let Some(c) = acc {
+            let xc = self.ty(c);
+            assert!(xc.rows == m && xc.cols == n && xc.dtype == DType::F32, "dot: accumulator {xc:?} is not {m}x{n}");
+        }
+        self.emit(Op::Dot { a, b, ta, tb, acc }, TileTy::f32(m, n))
+    }
+
+    pub fn cumsum(&mut self, x: ValueId, exclusive: bool) -> ValueId {
+        let t = self.ty(x);
+        self.emit(Op::Cumsum { x, exclusive }, t)
+    }
+
+    pub fn row_sum(&mut self, x: ValueId) -> ValueId {
+        let t = self.ty(x);
+        self.emit(Op::RowSum { x }, TileTy { cols: 1, ..t })
+    }
+
+    pub fn rows(&mut self, x: ValueId, start: usize, len: usize) -> ValueId {
+        let t = self.ty(x);
+        assert!(start + len <= t.rows, "rows {start}..{} of a {}-row tile", start + len, t.rows);
+        if start == 0 && len == t.rows {
+            return x;
+        }
+        self.emit(Op::Rows { x, start, len }, TileTy { rows: len, ..t })
+    }
+
+    pub fn transpose(&mut self, x: ValueId) -> ValueId {
+        let t = self.ty(x);
+        self.emit(Op::Transpose { x }, TileTy { rows: t.cols, cols: t.rows, dtype: t.dtype })
+    }
+
+    pub fn mask(&mut self, x: ValueId, mask: MaskKind, fill: f64) -> ValueId {
+        let t = self.ty(x);
+        self.emit(Op::Mask { x, mask, fill }, t)
+    }
+
+    pub fn gated_dot(&mut self, a: ValueId, ga: ValueId, b: ValueId, gb: ValueId, strict: bool) -> ValueId {
+        let (ta, tga, tb, tgb) = (self.ty(a), self.ty(ga), self.ty(b), self.ty(gb));
+        assert!(ta.dtype == DType::F32 && tb.dtype == DType::F32, "gated_dot: f32 operands");
+        assert!(ta.rows == tga.rows && ta.cols == tga.cols && tb.rows == tgb.rows && tb.cols == tgb.cols, "gated_dot: gate shapes");
+        assert!(tga.dtype == tgb.dtype, "gated_dot: gate dtypes differ");
+        assert!(ta.cols == tb.cols && ta.rows == tb.rows, "gated_dot: square diagonal blocks only ({ta:?}, {tb:?})");
+        self.emit(Op::GatedDot { a, ga, b, gb, strict }, TileTy::f32(ta.rows, tb.rows))
+    }
+
+    pub fn solve_unit_lower(&mut self, l: ValueId, b: ValueId) -> ValueId {
+        let (tl, tb) = (self.ty(l), self.ty(b));
+        assert!(tl.rows == tl.cols && tl.rows == tb.rows, "solve: {tl:?} with {tb:?}");
+        assert!(tl.dtype == DType::F32 && tb.dtype == DType::F32, "solve: f32 only");
+        self.emit(Op::SolveUnitLower { l, b }, tb)
+    }
+
+    /// Opens a loop of `count` iterations carrying `inits`; returns the in-loop values.
+    pub fn begin_loop(&mut self, count: Idx, inits: &[ValueId]) -> Vec<ValueId> {
+        assert!(self.loops.is_empty(), "loops do not nest");
+        let carried: Vec<(ValueId, ValueId)> = inits.iter().map(|&i| (self.fresh(self.ty(i)), i)).collect();
+        let inner = carried.iter().map(|c| c.0).collect();
+        self.loops.push((count, carried));
+        self.blocks.push(vec![]);
+        inner
+    }
+
+    /// Closes the open loop; `yields` become the next iteration's carried values. Returns the
+    /// values after the loop.
+    pub fn end_loop(&mut self, yields: &[ValueId]) -> Vec<ValueId> {
+        let (count, carried) = self.loops.pop().expect("end_loop without begin_loop");
+        let body = self.blocks.pop().expect("loop body");
+        assert_eq!(yields.len(), carried.len(), "loop yields");
+        for (y, c) in yields.iter().zip(&carried) {
+            assert_eq!(self.ty(*y), self.ty(c.0), "loop-carried value changes type");
+        }
+        let results: Vec<ValueId> = carried.iter().map(|c| self.fresh(self.ty(c.0))).collect();
+        self.push(Stmt::Loop { count, carried, body, yields: yields.to_vec(), results: results.clone() });
+        results
+    }
+
+    pub fn finish(mut self) -> Kernel {
+        assert!(self.loops.is_empty(), "unclosed loop");
+        Kernel { name: self.name, params: self.params, values: self.values, body: self.blocks.pop().unwrap_or_default() }
+    }
+}

@@ -1,0 +1,280 @@
+//! The tile IR: target-neutral kernels as operations on small static-shape tiles.
+//!
+//! A [`Kernel`] runs once per grid point (batch index `b`, head index `h`) with the sequence
+//! length `T` known only at run time. Its body is a list of [`Stmt`]s: `Let` binds a new tile
+//! (SSA: every value is written once), `Store` writes a tile to an output tensor, and `Loop`
+//! runs a body `count` times carrying tiles (the state) from one iteration to the next.
+//!
+//! Tiles are 2-D (`rows x cols`), f32 or f64, with shapes fixed when the kernel is built.
+//! Only the sequence tail is dynamic: loads and stores take a `valid_rows` index expression
+//! and treat rows at or past it as absent (loads fill them with 0, stores skip them).
+//!
+//! Semantics are defined by the interpreter in `interp.rs`; every backend must agree with it.
+
+use std::fmt;
+
+/// Element type of a tile.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32,
+    F64,
+}
+
+impl DType {
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F64 => 8,
+        }
+    }
+}
+
+/// Static shape and dtype of a tile.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct TileTy {
+    pub rows: usize,
+    pub cols: usize,
+    pub dtype: DType,
+}
+
+impl TileTy {
+    pub fn f32(rows: usize, cols: usize) -> TileTy {
+        TileTy { rows, cols, dtype: DType::F32 }
+    }
+    pub fn f64(rows: usize, cols: usize) -> TileTy {
+        TileTy { rows, cols, dtype: DType::F64 }
+    }
+    pub fn len(&self) -> usize {
+        self.rows * self.cols
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A tile value (index into [`Kernel::values`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ValueId(pub u32);
+
+/// Run-time integer variables a kernel can read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum IdxVar {
+    /// Batch index of this grid point.
+    Batch,
+    /// Head index of this grid point.
+    Head,
+    /// Sequence length T.
+    SeqLen,
+    /// Iteration counter of the enclosing `Loop` (0-based). Loops do not nest.
+    Iter,
+}
+
+/// Integer index expressions (i64 arithmetic), evaluated at run time.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Idx {
+    Const(i64),
+    Var(IdxVar),
+    Add(Box<Idx>, Box<Idx>),
+    Sub(Box<Idx>, Box<Idx>),
+    Mul(Box<Idx>, Box<Idx>),
+    Min(Box<Idx>, Box<Idx>),
+    /// Ceiling division by a positive constant.
+    CeilDiv(Box<Idx>, i64),
+}
+
+impl Idx {
+    pub fn c(v: i64) -> Idx {
+        Idx::Const(v)
+    }
+    pub fn var(v: IdxVar) -> Idx {
+        Idx::Var(v)
+    }
+    #[allow(clippy::should_implement_trait)]
+    pub fn add(self, o: Idx) -> Idx {
+        Idx::Add(Box::new(self), Box::new(o))
+    }
+    #[allow(clippy::should_implement_trait)]
+    pub fn sub(self, o: Idx) -> Idx {
+        Idx::Sub(Box::new(self), Box::new(o))
+    }
+    #[allow(clippy::should_implement_trait)]
+    pub fn mul(self, o: Idx) -> Idx {
+        Idx::Mul(Box::new(self), Box::new(o))
+    }
+    pub fn min(self, o: Idx) -> Idx {
+        Idx::Min(Box::new(self), Box::new(o))
+    }
+    pub fn ceil_div(self, d: i64) -> Idx {
+        Idx::CeilDiv(Box::new(self), d)
+    }
+
+    /// Evaluates with the given variable values.
+    pub fn eval(&self, var: &dyn Fn(IdxVar) -> i64) -> i64 {
+        match self {
+            Idx::Const(c) => *c,
+            Idx::Var(v) => var(*v),
+            Idx::Add(a, b) => a.eval(var) + b.eval(var),
+            Idx::Sub(a, b) => a.eval(var) - b.eval(var),
+            Idx::Mul(a, b) => a.eval(var) * b.eval(var),
+            Idx::Min(a, b) => a.eval(var).min(b.eval(var)),
+            Idx::CeilDiv(a, d) => {
+                let x = a.eval(var);
+                (x + d - 1).div_euclid(*d)
+            }
+        }
+    }
+}
+
+/// Elementwise unary functions. On f32 tiles each result is rounded to f32.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum UnOp {
+    Neg,
+    Exp,
+    Exp2,
+    Log,
+    Sigmoid,
+    Softplus,
+    Silu,
+    Sqrt,
+    Recip,
+}
+
+/// Elementwise binary functions with broadcasting: each dimension of the two operands is
+/// equal or 1, and a dimension of 1 repeats. Both operands have the same dtype.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BinOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Pow,
+    Max,
+}
+
+/// Which elements `Mask` replaces with its fill value.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum MaskKind {
+    /// Keep element (i, j) when j <= i (`strict`: j < i); replace the rest.
+    Tril { strict: bool },
+    /// Keep rows i < the index; replace rows at or past it (the sequence tail).
+    RowsBefore(Idx),
+}
+
+/// The operations that define a tile. Each names its operands by [`ValueId`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum Op {
+    /// Reads `rows x cols` f32 elements: element (i, j) is at `base + i*row_stride +
+    /// j*col_stride` (in elements) of parameter `param`. Rows at or past `valid_rows` are not
+    /// read and are 0 in the tile.
+    Load { param: usize, base: Idx, row_stride: i64, col_stride: i64, rows: usize, cols: usize, valid_rows: Idx },
+    /// A tile filled with one value.
+    Const { value: f64, ty: TileTy },
+    /// A 1 x 1 f32 tile holding an index expression's value.
+    IdxValue(Idx),
+    Unary { op: UnOp, x: ValueId },
+    Binary { op: BinOp, a: ValueId, b: ValueId },
+    /// Converts to another dtype (f64 -> f32 rounds to nearest).
+    Cast { x: ValueId, dtype: DType },
+    /// Matrix product of f32 tiles, accumulated in f32: `op(a) @ op(b) (+ acc)`, where
+    /// op transposes when the flag is set. `op(a)` is m x k, `op(b)` is k x n, acc m x n.
+    Dot { a: ValueId, b: ValueId, ta: bool, tb: bool, acc: Option<ValueId> },
+    /// Cumulative sum down the rows (over i, for each column): inclusive
+    /// `out[i] = sum_{s<=i} x[s]`, exclusive `out[i] = sum_{s<i} x[s]`. Same dtype.
+    Cumsum { x: ValueId, exclusive: bool },
+    /// Sum of each row: `rows x cols -> rows x 1`. Same dtype.
+    RowSum { x: ValueId },
+    /// Rows `start .. start+len` of a tile (a view: no copy is needed).
+    Rows { x: ValueId, start: usize, len: usize },
+    /// The transpose (a view: no copy is needed).
+    Transpose { x: ValueId },
+    /// Replaces the masked-out elements with `fill` (may be -inf). Same dtype.
+    Mask { x: ValueId, mask: MaskKind, fill: f64 },
+    /// Gated scores of a diagonal block: `out[i, j] = sum_c a[i,c] * b[j,c] *
+    /// exp(ga[i,c] - gb[j,c])` for j <= i (`strict`: j < i), else 0. `a`, `b` f32 `n x c`;
+    /// `ga`, `gb` `n x c` of one dtype (the exponent is formed in that dtype, the exp and
+    /// the sum in f32). Only the kept elements are evaluated, so exponents above the
+    /// diagonal may be positive without overflow.
+    GatedDot { a: ValueId, ga: ValueId, b: ValueId, gb: ValueId, strict: bool },
+    /// Forward substitution: the `X` with `(I + strict_lower(l)) X = b`, for `l` n x n and `b`
+    /// n x m, f32. The diagonal and upper triangle of `l` are ignored.
+    SolveUnitLower { l: ValueId, b: ValueId },
+}
+
+impl Op {
+    /// Operand values, in order.
+    pub fn operands(&self) -> Vec<ValueId> {
+        match self {
+            Op::Load { .. } | Op::Const { .. } | Op::IdxValue(_) => vec![],
+            Op::Unary { x, .. }
+            | Op::Cast { x, .. }
+            | Op::Cumsum { x, .. }
+            | Op::RowSum { x }
+            | Op::Rows { x, .. }
+            | Op::Transpose { x }
+            | Op::Mask { x, .. } => vec![*x],
+            Op::Binary { a, b, .. } => vec![*a, *b],
+            Op::Dot { a, b, acc, .. } => {
+                let mut v = vec![*a, *b];
+                v.extend(acc);
+                v
+            }
+            Op::GatedDot { a, ga, b, gb, .. } => vec![*a, *ga, *b, *gb],
+            Op::SolveUnitLower { l, b } => vec![*l, *b],
+        }
+    }
+
+    /// True for ops whose result is a view of their operand's storage.
+    pub fn is_view(&self) -> bool {
+        matches!(self, Op::Rows { .. } | Op::Transpose { .. })
+    }
+}
+
+/// A statement of the kernel body.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Stmt {
+    Let { id: ValueId, op: Op },
+    /// Writes f32 tile `value` to parameter `param`: element (i, j) goes to `base +
+    /// i*row_stride + j*col_stride`; rows at or past `valid_rows` are skipped. f64 tiles are
+    /// rounded to f32.
+    Store { value: ValueId, param: usize, base: Idx, row_stride: i64, col_stride: i64, valid_rows: Idx },
+    /// Runs `body` `count` times (`Iter` = 0, 1, ...). `carried[i] = (inner, init)`: `inner`
+    /// holds `init` in the first iteration and `yields[i]` of the previous one after that.
+    /// After the loop `results[i]` holds the last `yields[i]` (or `init` if `count <= 0`).
+    Loop { count: Idx, carried: Vec<(ValueId, ValueId)>, body: Vec<Stmt>, yields: Vec<ValueId>, results: Vec<ValueId> },
+}
+
+/// Whether the kernel reads or writes a parameter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    Read,
+    Write,
+}
+
+/// A tensor parameter of the kernel (a pointer to f32 elements).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Param {
+    pub name: String,
+    pub access: Access,
+}
+
+/// A complete kernel for one grid point.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Kernel {
+    pub name: String,
+    pub params: Vec<Param>,
+    /// Type of every value, indexed by `ValueId`.
+    pub values: Vec<TileTy>,
+    pub body: Vec<Stmt>,
+}
+
+impl Kernel {
+    pub fn ty(&self, v: ValueId) -> TileTy {
+        self.values[v.0 as usize]
+    }
+}
+
+impl fmt::Display for ValueId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "%{}", self.0)
+    }
+}

@@ -1,0 +1,5 @@
+//! chunkc's code generator: the tile IR, the chunk plans per recurrence class, and backends.
+
+pub mod builder;
+pub mod interp;
+pub mod ir;
