@@ -55,6 +55,7 @@ pub unsafe fn launch(kernel: &dyn CpuKernel, buffers: &mut [Buffer<'_>], batch: 
     let threads = threads.max(1).min(points.max(1));
     let next = AtomicUsize::new(0);
     let bytes = kernel.workspace_bytes().max(64);
+    let ptrs = &ptrs;
     let work = |_: usize| {
         // u128-aligned scratch, rounded up; 64-byte alignment from over-allocation.
         let mut scratch = vec![0u8; bytes + 64];
