@@ -46,11 +46,28 @@ impl Builder {
     }
 
     #[allow(clippy::too_many_arguments)]
-    pub fn load(&mut self, param: usize, base: Idx, row_stride: i64, col_stride: i64, rows: usize, cols: usize, valid_rows: Idx) -> ValueId {
+    pub fn load(
+        &mut self,
+        param: usize,
+        base: Idx,
+        row_stride: i64,
+        col_stride: i64,
+        rows: usize,
+        cols: usize,
+        valid_rows: Idx,
+    ) -> ValueId {
         self.emit(Op::Load { param, base, row_stride, col_stride, rows, cols, valid_rows }, TileTy::f32(rows, cols))
     }
 
-    pub fn store(&mut self, value: ValueId, param: usize, base: Idx, row_stride: i64, col_stride: i64, valid_rows: Idx) {
+    pub fn store(
+        &mut self,
+        value: ValueId,
+        param: usize,
+        base: Idx,
+        row_stride: i64,
+        col_stride: i64,
+        valid_rows: Idx,
+    ) {
         self.push(Stmt::Store { value, param, base, row_stride, col_stride, valid_rows });
     }
 
@@ -112,7 +129,13 @@ impl Builder {
         assert!(xa.dtype == DType::F32 && xb.dtype == DType::F32, "dot: f32 operands only");
         let (m, k1) = if ta { (xa.cols, xa.rows) } else { (xa.rows, xa.cols) };
         let (k2, n) = if tb { (xb.cols, xb.rows) } else { (xb.rows, xb.cols) };
-        assert_eq!(k1, k2, "dot: inner dimensions differ ({xa:?}{}, {xb:?}{})", if ta { "^T" } else { "" }, if tb { "^T" } else { "" });
+        assert_eq!(
+            k1,
+            k2,
+            "dot: inner dimensions differ ({xa:?}{}, {xb:?}{})",
+            if ta { "^T" } else { "" },
+            if tb { "^T" } else { "" }
+        );
         if let Some(c) = acc {
             let xc = self.ty(c);
             assert!(xc.rows == m && xc.cols == n && xc.dtype == DType::F32, "dot: accumulator {xc:?} is not {m}x{n}");
@@ -152,7 +175,10 @@ impl Builder {
     pub fn gated_dot(&mut self, a: ValueId, ga: ValueId, b: ValueId, gb: ValueId, strict: bool) -> ValueId {
         let (ta, tga, tb, tgb) = (self.ty(a), self.ty(ga), self.ty(b), self.ty(gb));
         assert!(ta.dtype == DType::F32 && tb.dtype == DType::F32, "gated_dot: f32 operands");
-        assert!(ta.rows == tga.rows && ta.cols == tga.cols && tb.rows == tgb.rows && tb.cols == tgb.cols, "gated_dot: gate shapes");
+        assert!(
+            ta.rows == tga.rows && ta.cols == tga.cols && tb.rows == tgb.rows && tb.cols == tgb.cols,
+            "gated_dot: gate shapes"
+        );
         assert!(tga.dtype == tgb.dtype, "gated_dot: gate dtypes differ");
         assert!(ta.cols == tb.cols && ta.rows == tb.rows, "gated_dot: square diagonal blocks only ({ta:?}, {tb:?})");
         self.emit(Op::GatedDot { a, ga, b, gb, strict }, TileTy::f32(ta.rows, tb.rows))
@@ -191,6 +217,11 @@ impl Builder {
 
     pub fn finish(mut self) -> Kernel {
         assert!(self.loops.is_empty(), "unclosed loop");
-        Kernel { name: self.name, params: self.params, values: self.values, body: self.blocks.pop().unwrap_or_default() }
+        Kernel {
+            name: self.name,
+            params: self.params,
+            values: self.values,
+            body: self.blocks.pop().unwrap_or_default(),
+        }
     }
 }

@@ -99,15 +99,7 @@ impl std::fmt::Display for InterpError {
 /// Runs `kernel` for grid point (`batch`, `head`) with sequence length `seq_len`.
 /// `params[i]` is the memory of parameter i.
 pub fn run(kernel: &Kernel, params: &mut [&mut [f32]], batch: i64, head: i64, seq_len: i64) -> Result<(), InterpError> {
-    let mut m = Machine {
-        kernel,
-        tiles: vec![None; kernel.values.len()],
-        params,
-        batch,
-        head,
-        seq_len,
-        iter: 0,
-    };
+    let mut m = Machine { kernel, tiles: vec![None; kernel.values.len()], params, batch, head, seq_len, iter: 0 };
     m.block(&kernel.body)
 }
 
@@ -159,7 +151,8 @@ impl Machine<'_, '_, '_> {
                 }
                 Stmt::Loop { count, carried, body, yields, results } => {
                     let n = self.idx(count);
-                    let mut cur: Vec<Tile> = carried.iter().map(|c| self.get(c.1).cloned()).collect::<Result<_, _>>()?;
+                    let mut cur: Vec<Tile> =
+                        carried.iter().map(|c| self.get(c.1).cloned()).collect::<Result<_, _>>()?;
                     for it in 0..n.max(0) {
                         self.iter = it;
                         for (c, t) in carried.iter().zip(&cur) {
@@ -192,7 +185,10 @@ impl Machine<'_, '_, '_> {
                     for j in 0..*cols {
                         let at = base + i as i64 * row_stride + j as i64 * col_stride;
                         let x = usize::try_from(at).ok().and_then(|a| mem.get(a)).ok_or_else(|| {
-                            InterpError(format!("load out of bounds: element {at} of param {param} (len {})", mem.len()))
+                            InterpError(format!(
+                                "load out of bounds: element {at} of param {param} (len {})",
+                                mem.len()
+                            ))
                         })?;
                         out.data[i * cols + j] = *x as f64;
                     }

@@ -166,38 +166,89 @@ pub enum Op {
     /// Reads `rows x cols` f32 elements: element (i, j) is at `base + i*row_stride +
     /// j*col_stride` (in elements) of parameter `param`. Rows at or past `valid_rows` are not
     /// read and are 0 in the tile.
-    Load { param: usize, base: Idx, row_stride: i64, col_stride: i64, rows: usize, cols: usize, valid_rows: Idx },
+    Load {
+        param: usize,
+        base: Idx,
+        row_stride: i64,
+        col_stride: i64,
+        rows: usize,
+        cols: usize,
+        valid_rows: Idx,
+    },
     /// A tile filled with one value.
-    Const { value: f64, ty: TileTy },
+    Const {
+        value: f64,
+        ty: TileTy,
+    },
     /// A 1 x 1 f32 tile holding an index expression's value.
     IdxValue(Idx),
-    Unary { op: UnOp, x: ValueId },
-    Binary { op: BinOp, a: ValueId, b: ValueId },
+    Unary {
+        op: UnOp,
+        x: ValueId,
+    },
+    Binary {
+        op: BinOp,
+        a: ValueId,
+        b: ValueId,
+    },
     /// Converts to another dtype (f64 -> f32 rounds to nearest).
-    Cast { x: ValueId, dtype: DType },
+    Cast {
+        x: ValueId,
+        dtype: DType,
+    },
     /// Matrix product of f32 tiles, accumulated in f32: `op(a) @ op(b) (+ acc)`, where
     /// op transposes when the flag is set. `op(a)` is m x k, `op(b)` is k x n, acc m x n.
-    Dot { a: ValueId, b: ValueId, ta: bool, tb: bool, acc: Option<ValueId> },
+    Dot {
+        a: ValueId,
+        b: ValueId,
+        ta: bool,
+        tb: bool,
+        acc: Option<ValueId>,
+    },
     /// Cumulative sum down the rows (over i, for each column): inclusive
     /// `out[i] = sum_{s<=i} x[s]`, exclusive `out[i] = sum_{s<i} x[s]`. Same dtype.
-    Cumsum { x: ValueId, exclusive: bool },
+    Cumsum {
+        x: ValueId,
+        exclusive: bool,
+    },
     /// Sum of each row: `rows x cols -> rows x 1`. Same dtype.
-    RowSum { x: ValueId },
+    RowSum {
+        x: ValueId,
+    },
     /// Rows `start .. start+len` of a tile (a view: no copy is needed).
-    Rows { x: ValueId, start: usize, len: usize },
+    Rows {
+        x: ValueId,
+        start: usize,
+        len: usize,
+    },
     /// The transpose (a view: no copy is needed).
-    Transpose { x: ValueId },
+    Transpose {
+        x: ValueId,
+    },
     /// Replaces the masked-out elements with `fill` (may be -inf). Same dtype.
-    Mask { x: ValueId, mask: MaskKind, fill: f64 },
+    Mask {
+        x: ValueId,
+        mask: MaskKind,
+        fill: f64,
+    },
     /// Gated scores of a diagonal block: `out[i, j] = sum_c a[i,c] * b[j,c] *
     /// exp(ga[i,c] - gb[j,c])` for j <= i (`strict`: j < i), else 0. `a`, `b` f32 `n x c`;
     /// `ga`, `gb` `n x c` of one dtype (the exponent is formed in that dtype, the exp and
     /// the sum in f32). Only the kept elements are evaluated, so exponents above the
     /// diagonal may be positive without overflow.
-    GatedDot { a: ValueId, ga: ValueId, b: ValueId, gb: ValueId, strict: bool },
+    GatedDot {
+        a: ValueId,
+        ga: ValueId,
+        b: ValueId,
+        gb: ValueId,
+        strict: bool,
+    },
     /// Forward substitution: the `X` with `(I + strict_lower(l)) X = b`, for `l` n x n and `b`
     /// n x m, f32. The diagonal and upper triangle of `l` are ignored.
-    SolveUnitLower { l: ValueId, b: ValueId },
+    SolveUnitLower {
+        l: ValueId,
+        b: ValueId,
+    },
 }
 
 impl Op {
@@ -232,15 +283,31 @@ impl Op {
 /// A statement of the kernel body.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Stmt {
-    Let { id: ValueId, op: Op },
+    Let {
+        id: ValueId,
+        op: Op,
+    },
     /// Writes f32 tile `value` to parameter `param`: element (i, j) goes to `base +
     /// i*row_stride + j*col_stride`; rows at or past `valid_rows` are skipped. f64 tiles are
     /// rounded to f32.
-    Store { value: ValueId, param: usize, base: Idx, row_stride: i64, col_stride: i64, valid_rows: Idx },
+    Store {
+        value: ValueId,
+        param: usize,
+        base: Idx,
+        row_stride: i64,
+        col_stride: i64,
+        valid_rows: Idx,
+    },
     /// Runs `body` `count` times (`Iter` = 0, 1, ...). `carried[i] = (inner, init)`: `inner`
     /// holds `init` in the first iteration and `yields[i]` of the previous one after that.
     /// After the loop `results[i]` holds the last `yields[i]` (or `init` if `count <= 0`).
-    Loop { count: Idx, carried: Vec<(ValueId, ValueId)>, body: Vec<Stmt>, yields: Vec<ValueId>, results: Vec<ValueId> },
+    Loop {
+        count: Idx,
+        carried: Vec<(ValueId, ValueId)>,
+        body: Vec<Stmt>,
+        yields: Vec<ValueId>,
+        results: Vec<ValueId>,
+    },
 }
 
 /// Whether the kernel reads or writes a parameter.

@@ -78,14 +78,8 @@ impl Domain {
             Domain::Negative => "negative",
         }
     }
-    pub const ALL: [Domain; 6] = [
-        Domain::Any,
-        Domain::LogGate,
-        Domain::Unit,
-        Domain::Positive,
-        Domain::UnitNorm,
-        Domain::Negative,
-    ];
+    pub const ALL: [Domain; 6] =
+        [Domain::Any, Domain::LogGate, Domain::Unit, Domain::Positive, Domain::UnitNorm, Domain::Negative];
 }
 
 /// One declared input of the rule.
@@ -277,14 +271,10 @@ impl Expr {
             | ExprKind::State
             | ExprKind::Scale
             | ExprKind::Head => vec![],
-            ExprKind::Unary(_, a)
-            | ExprKind::Sum(a)
-            | ExprKind::L2Norm(a)
-            | ExprKind::Transpose(a) => vec![a],
-            ExprKind::Binary(_, a, b)
-            | ExprKind::Dot(a, b)
-            | ExprKind::Outer(a, b)
-            | ExprKind::MatMul(a, b) => vec![a, b],
+            ExprKind::Unary(_, a) | ExprKind::Sum(a) | ExprKind::L2Norm(a) | ExprKind::Transpose(a) => vec![a],
+            ExprKind::Binary(_, a, b) | ExprKind::Dot(a, b) | ExprKind::Outer(a, b) | ExprKind::MatMul(a, b) => {
+                vec![a, b]
+            }
         }
     }
 

@@ -49,7 +49,14 @@ pub fn default_threads() -> usize {
 /// # Safety
 /// The buffers must be large enough for every access the kernel makes for these grid
 /// points and `seq_len` (the caller checked the tensor shapes the kernel was built for).
-pub unsafe fn launch(kernel: &dyn CpuKernel, buffers: &mut [Buffer<'_>], batch: usize, heads: usize, seq_len: usize, threads: usize) {
+pub unsafe fn launch(
+    kernel: &dyn CpuKernel,
+    buffers: &mut [Buffer<'_>],
+    batch: usize,
+    heads: usize,
+    seq_len: usize,
+    threads: usize,
+) {
     let ptrs = SendPtrs(buffers.iter_mut().map(|b| b.ptr()).collect());
     let points = batch * heads;
     let threads = threads.max(1).min(points.max(1));

@@ -1,0 +1,1 @@
+//! Cranelift CPU backend (in progress).

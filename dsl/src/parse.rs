@@ -1,0 +1,1 @@
+//! Rule-file parsing (owned by the front-end work in progress).
