@@ -1,1 +1,734 @@
-//! Canonical form (in progress).
+//! The canonical form: a checked rule rewritten as DESIGN.md's
+//! `S_t = (diag(w_t) + sum_r a_r b_r^T) S_{t-1} + sum_j kw_j vw_j^T`, `o_t = S^T q_t (+ terms)`,
+//! and its class.
+//!
+//! The step is evaluated symbolically: each value is either free of the state (an expression
+//! of the token's inputs, the *prologue*) or linear in it, kept in a structured form
+//! ([`LinMat`], [`LinVec`]). Anything else (a product of two state-dependent values, a
+//! function of the state, ...) becomes [`Sym::Opaque`] with the span that caused it: such a
+//! rule still runs token by token, and the reason is what the user sees.
+
+use crate::ast::*;
+use crate::diag::Diagnostic;
+use std::fmt::Write as _;
+
+/// Recurrence classes, from cheapest chunked algorithm to the most general.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Class {
+    /// A = I (linear attention).
+    Additive,
+    /// A = gamma I with gamma fixed per head (RetNet).
+    Decayed,
+    /// A = alpha_t I, data-dependent (Mamba-2, simple GLA).
+    GatedScalar,
+    /// A = diag(alpha_t) (GLA, RWKV-6, HGRN-2).
+    GatedVector,
+    /// A = diag(w_t) + low rank (DeltaNet, Gated DeltaNet, KDA, RWKV-7).
+    Delta { rank: usize, vector_gate: bool },
+}
+
+impl Class {
+    pub fn describe(&self) -> String {
+        match self {
+            Class::Additive => "additive (A = I)".into(),
+            Class::Decayed => "decayed (A = gamma I, gamma fixed per head)".into(),
+            Class::GatedScalar => "gated, scalar (A = alpha_t I)".into(),
+            Class::GatedVector => "gated, vector (A = diag(alpha_t))".into(),
+            Class::Delta { rank, vector_gate } => format!(
+                "delta, rank {rank}, {} gate (A = {} + sum of {rank} a b^T)",
+                if *vector_gate { "vector" } else { "scalar" },
+                if *vector_gate { "diag(alpha_t)" } else { "alpha_t I" }
+            ),
+        }
+    }
+}
+
+/// Which state the output reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Read {
+    /// `o_t` reads `S_{t-1}` (RWKV-6).
+    Before,
+    /// `o_t` reads `S_t`.
+    After,
+}
+
+/// `o = coef ⊙ (S^T query) + extra`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Output {
+    pub read: Read,
+    /// `[K]`.
+    pub query: Expr,
+    /// `[V]`; None means 1.
+    pub coef: Option<Expr>,
+    /// A state-free `[V]` term (RWKV-6's bonus, Mamba-2's D x); None means 0.
+    pub extra: Option<Expr>,
+}
+
+/// The canonical form of a chunkable rule. Every expression is state-free: a function of
+/// the token's inputs, per-head parameters, `head` and `scale`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Canonical {
+    pub class: Class,
+    /// Natural log of the diagonal decay w (scalar or `[K]`); None when w = 1.
+    pub log_gate: Option<Expr>,
+    /// Low-rank transition terms (a, b), both `[K]`: A = diag(w) + sum a b^T.
+    pub low_rank: Vec<(Expr, Expr)>,
+    /// Writes (kw `[K]`, vw `[V]`).
+    pub writes: Vec<(Expr, Expr)>,
+    pub output: Output,
+    /// Things the user should know (e.g. a decay that is not provably positive).
+    pub warnings: Vec<(Span, String)>,
+}
+
+/// Why a rule cannot be chunked, and where.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NotChunkable {
+    pub reason: String,
+    pub span: Span,
+}
+
+impl NotChunkable {
+    pub fn to_diagnostic(&self, rule: &Rule) -> Diagnostic {
+        Diagnostic::error(&rule.path, &rule.source, self.span, format!("this rule cannot be chunked: {}", self.reason))
+            .with_label("here")
+            .with_help(
+                "chunked kernels need a state update of the form (diag(w) + a b^T) S + outer(k, v); \
+                 the recurrent kernel and the reference run any rule (remove `chunked = true` to allow that)",
+            )
+    }
+}
+
+/// State version a linear value refers to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Version {
+    /// The state entering the step.
+    Old,
+    /// The state after the step's last update.
+    New,
+}
+
+/// `(diag(w) + sum a b^T) S diag(d) + sum kw vw^T`.
+#[derive(Clone, Debug)]
+struct LinMat {
+    version: Version,
+    w: Option<Expr>,
+    low_rank: Vec<(Expr, Expr)>,
+    vside: Option<Expr>,
+    writes: Vec<(Expr, Expr)>,
+}
+
+impl LinMat {
+    fn has_state(&self) -> bool {
+        self.w.is_some() || !self.low_rank.is_empty()
+    }
+}
+
+/// `sum_r coef_r ⊙ (S^T x_r) + free`.
+#[derive(Clone, Debug)]
+struct LinVec {
+    version: Version,
+    terms: Vec<(Option<Expr>, Expr)>,
+    free: Option<Expr>,
+}
+
+#[derive(Clone, Debug)]
+enum Sym {
+    Free(Expr),
+    Mat(LinMat),
+    MatT(LinMat),
+    Vec(LinVec),
+    Opaque(String, Span),
+}
+
+/// Derives the canonical form, or says why the rule has none.
+pub fn canonicalize(rule: &Rule) -> Result<Canonical, NotChunkable> {
+    let mut cx = Cx { rule, locals: vec![None; rule.locals.len()], warnings: vec![] };
+    let last_update = rule.stmts.iter().rposition(|s| s.target == Target::State);
+    let identity = |version| LinMat { version, w: Some(num(1.0, Span::default())), low_rank: vec![], vside: None, writes: vec![] };
+    let mut state = Sym::Mat(identity(Version::Old));
+    let mut update = None;
+    let mut output = None;
+    for (i, s) in rule.stmts.iter().enumerate() {
+        let val = cx.eval(&s.value, &state);
+        match &s.target {
+            Target::State => {
+                if let Some(i_last) = last_update {
+                    if i == i_last {
+                        update = Some((val, s.span));
+                        state = Sym::Mat(identity(Version::New));
+                        continue;
+                    }
+                }
+                state = val;
+            }
+            Target::Output => output = Some((val, s.span)),
+            Target::Local(l) => cx.locals[*l] = Some(val),
+        }
+    }
+    let (update, update_span) = update.ok_or_else(|| NotChunkable { reason: "the step never updates S".into(), span: Span::default() })?;
+    let m = match update {
+        Sym::Mat(m) => m,
+        Sym::Opaque(reason, span) => return Err(NotChunkable { reason, span }),
+        _ => return Err(NotChunkable { reason: "the update of S is not a matrix".into(), span: update_span }),
+    };
+    if let Some(d) = &m.vside {
+        return Err(NotChunkable {
+            reason: "the state is scaled along its V side (by a [V] vector); only K-side decays are chunked".into(),
+            span: d.span,
+        });
+    }
+    if !m.has_state() {
+        return Err(NotChunkable { reason: "the update discards the previous state".into(), span: update_span });
+    }
+    let (out, out_span) = output.ok_or_else(|| NotChunkable { reason: "the step never assigns o".into(), span: Span::default() })?;
+    let output = match out {
+        Sym::Vec(v) => cx.output(v, out_span)?,
+        Sym::Opaque(reason, span) => return Err(NotChunkable { reason, span }),
+        Sym::Free(_) => return Err(NotChunkable { reason: "the output never reads the state".into(), span: out_span }),
+        _ => return Err(NotChunkable { reason: "the output is not a [V] vector".into(), span: out_span }),
+    };
+    let w = m.w.clone();
+    let log_gate = match &w {
+        None => None,
+        Some(w) if is_one(w) => None,
+        Some(w) => Some(cx.log_of(w)),
+    };
+    let rank = m.low_rank.len();
+    let vector_gate = log_gate.as_ref().is_some_and(|g| g.ty == Ty::VecK);
+    let class = if rank > 0 {
+        Class::Delta { rank, vector_gate }
+    } else {
+        match &log_gate {
+            None => Class::Additive,
+            Some(g) if g.ty == Ty::VecK => Class::GatedVector,
+            Some(g) if !depends_on_tokens(rule, g) => Class::Decayed,
+            Some(_) => Class::GatedScalar,
+        }
+    };
+    // A zero decay (w absent but a low-rank transition present) has log = -inf: not chunkable.
+    if w.is_none() {
+        return Err(NotChunkable {
+            reason: "the transition has no diagonal part (S is replaced by a low-rank map of itself)".into(),
+            span: update_span,
+        });
+    }
+    Ok(Canonical { class, log_gate, low_rank: m.low_rank, writes: m.writes, output, warnings: cx.warnings })
+}
+
+/// True when `e` reads a per-token input (as opposed to per-head parameters and constants).
+pub fn depends_on_tokens(rule: &Rule, e: &Expr) -> bool {
+    match &e.kind {
+        ExprKind::Input(i) => !rule.inputs[*i].per_head,
+        _ => e.children().iter().any(|c| depends_on_tokens(rule, c)),
+    }
+}
+
+struct Cx<'a> {
+    rule: &'a Rule,
+    locals: Vec<Option<Sym>>,
+    warnings: Vec<(Span, String)>,
+}
+
+fn opaque(what: &str, span: Span) -> Sym {
+    Sym::Opaque(what.to_string(), span)
+}
+
+impl Cx<'_> {
+    fn eval(&mut self, e: &Expr, state: &Sym) -> Sym {
+        let sp = e.span;
+        match &e.kind {
+            ExprKind::Num(_) | ExprKind::Input(_) | ExprKind::Scale | ExprKind::Head => Sym::Free(e.clone()),
+            ExprKind::Local(i) => {
+                self.locals[*i].clone().unwrap_or_else(|| opaque("a local is read before it is assigned", sp))
+            }
+            ExprKind::State => state.clone(),
+            ExprKind::Unary(op, a) => match self.eval(a, state) {
+                Sym::Free(x) => Sym::Free(rebuild1(e, x)),
+                s @ Sym::Opaque(..) => s,
+                s if *op == UnaryOp::Neg => scale_sym(s, &num(-1.0, sp)),
+                _ => Sym::Opaque(format!("{}(...) of a value that depends on the state is not linear", op.name()), sp),
+            },
+            ExprKind::Binary(op, a, b) => {
+                let (x, y) = (self.eval(a, state), self.eval(b, state));
+                self.binary(e, *op, x, y)
+            }
+            ExprKind::Dot(a, b) | ExprKind::Outer(a, b) | ExprKind::MatMul(a, b) => {
+                let (x, y) = (self.eval(a, state), self.eval(b, state));
+                match (x, y) {
+                    // A state-free K x V matrix is kept as the write it is.
+                    (Sym::Free(x), Sym::Free(y)) if matches!(e.kind, ExprKind::Outer(..)) => Sym::Mat(LinMat {
+                        version: Version::Old,
+                        w: None,
+                        low_rank: vec![],
+                        vside: None,
+                        writes: vec![(x, y)],
+                    }),
+                    (Sym::Free(x), Sym::Free(y)) => Sym::Free(rebuild2(e, x, y)),
+                    (s @ Sym::Opaque(..), _) | (_, s @ Sym::Opaque(..)) => s,
+                    (x, y) => product(e, x, y),
+                }
+            }
+            ExprKind::Sum(a) | ExprKind::L2Norm(a) => match self.eval(a, state) {
+                Sym::Free(x) => Sym::Free(rebuild1(e, x)),
+                s @ Sym::Opaque(..) => s,
+                _ => opaque("a sum or norm of a value that depends on the state is not linear in it", sp),
+            },
+            ExprKind::Transpose(a) => match self.eval(a, state) {
+                Sym::Mat(m) => Sym::MatT(m),
+                Sym::MatT(m) => Sym::Mat(m),
+                s => s,
+            },
+        }
+    }
+
+    fn binary(&mut self, e: &Expr, op: BinaryOp, x: Sym, y: Sym) -> Sym {
+        let sp = e.span;
+        match (op, x, y) {
+            (_, Sym::Free(x), Sym::Free(y)) => Sym::Free(rebuild2(e, x, y)),
+            (_, s @ Sym::Opaque(..), _) | (_, _, s @ Sym::Opaque(..)) => s,
+            (BinaryOp::Add, x, y) => add_sym(x, y, sp),
+            (BinaryOp::Sub, x, y) => {
+                let ny = scale_sym(y, &num(-1.0, sp));
+                add_sym(x, ny, sp)
+            }
+            (BinaryOp::Mul, Sym::Free(f), s) | (BinaryOp::Mul, s, Sym::Free(f)) => scale_sym(s, &f),
+            (BinaryOp::Div, s, Sym::Free(f)) => {
+                let inv = Expr::new(ExprKind::Binary(BinaryOp::Div, Box::new(num(1.0, f.span)), Box::new(f.clone())), f.ty, f.span);
+                scale_sym(s, &inv)
+            }
+            (BinaryOp::Mul, Sym::Mat(a), Sym::Mat(b)) if !a.has_state() && !b.has_state() => {
+                opaque("an elementwise product of two matrices is not a sum of outer products", sp)
+            }
+            (BinaryOp::Mul, ..) => opaque("a product of two values that both depend on the state is not linear", sp),
+            (BinaryOp::Div, ..) => opaque("dividing by a value that depends on the state is not linear", sp),
+            (BinaryOp::Pow, ..) => opaque("pow(...) of a value that depends on the state is not linear", sp),
+        }
+    }
+
+    /// Turns the symbolic output into `coef ⊙ (S^T query) + extra`.
+    fn output(&mut self, v: LinVec, span: Span) -> Result<Output, NotChunkable> {
+        let read = match v.version {
+            Version::Old => Read::Before,
+            Version::New => Read::After,
+        };
+        let mut groups: Vec<(Option<Expr>, Expr)> = vec![];
+        for (coef, x) in v.terms {
+            let key = coef.as_ref().map(|c| print_expr(self.rule, c));
+            match groups.iter_mut().find(|(c, _)| c.as_ref().map(|c| print_expr(self.rule, c)) == key) {
+                Some(g) => g.1 = add(&g.1, &x, span),
+                None => groups.push((coef, x)),
+            }
+        }
+        if groups.len() != 1 {
+            return Err(NotChunkable {
+                reason: "the output reads the state through two different [V] scalings".into(),
+                span,
+            });
+        }
+        let (coef, query) = groups.remove(0);
+        Ok(Output { read, query, coef, extra: v.free })
+    }
+
+    /// Natural log of a decay, simplified; warns when the decay is not provably positive.
+    fn log_of(&mut self, w: &Expr) -> Expr {
+        if let Some(l) = log_simplified(self.rule, w) {
+            return l;
+        }
+        self.warnings.push((
+            w.span,
+            format!(
+                "the decay `{}` is not provably positive: chunked kernels use its logarithm and give NaN where it is <= 0 \
+                 (write it as exp(...) of a log-space gate to make this certain)",
+                print_expr(self.rule, w)
+            ),
+        ));
+        Expr::new(ExprKind::Unary(UnaryOp::Log, Box::new(w.clone())), w.ty, w.span)
+    }
+}
+
+/// log(w) when w is provably positive and the log simplifies (exp, sigmoid, products,
+/// positive constants, positive-domain inputs).
+fn log_simplified(rule: &Rule, w: &Expr) -> Option<Expr> {
+    let sp = w.span;
+    match &w.kind {
+        ExprKind::Num(c) if *c > 0.0 => Some(num(c.ln(), sp)),
+        ExprKind::Unary(UnaryOp::Exp, x) => Some((**x).clone()),
+        ExprKind::Unary(UnaryOp::Exp2, x) => Some(mul(x, &num(std::f64::consts::LN_2, sp), sp)),
+        ExprKind::Unary(UnaryOp::Sigmoid, x) => {
+            // log sigmoid(x) = -softplus(-x)
+            let nx = neg(x, sp);
+            let sp_ = Expr::new(ExprKind::Unary(UnaryOp::Softplus, Box::new(nx)), x.ty, sp);
+            Some(neg(&sp_, sp))
+        }
+        ExprKind::Binary(BinaryOp::Mul, a, b) => {
+            let (la, lb) = (log_simplified(rule, a)?, log_simplified(rule, b)?);
+            Some(add(&la, &lb, sp))
+        }
+        ExprKind::Binary(BinaryOp::Div, a, b) => {
+            let (la, lb) = (log_simplified(rule, a)?, log_simplified(rule, b)?);
+            Some(add(&la, &neg(&lb, sp), sp))
+        }
+        ExprKind::Input(i) if matches!(rule.inputs[*i].domain, Domain::Positive | Domain::Unit) => {
+            Some(Expr::new(ExprKind::Unary(UnaryOp::Log, Box::new(w.clone())), w.ty, sp))
+        }
+        _ => None,
+    }
+}
+
+/// Sum of two symbolic values of the same type.
+fn add_sym(x: Sym, y: Sym, sp: Span) -> Sym {
+    match (x, y) {
+        (Sym::Mat(a), Sym::Mat(b)) => {
+            if a.has_state() && b.has_state() && a.version != b.version {
+                return opaque("mixes the state before and after the update", sp);
+            }
+            let vside = match (a.has_state().then_some(&a.vside), b.has_state().then_some(&b.vside)) {
+                (Some(d1), Some(d2)) if !same_opt(d1, d2) => {
+                    return opaque("adds two state terms scaled by different [V] vectors", sp)
+                }
+                (Some(d), _) | (None, Some(d)) => d.clone(),
+                (None, None) => None,
+            };
+            let version = if a.has_state() { a.version } else { b.version };
+            let w = match (a.w, b.w) {
+                (Some(x), Some(y)) => Some(add(&x, &y, sp)),
+                (x, y) => x.or(y),
+            };
+            Sym::Mat(LinMat {
+                version,
+                w,
+                low_rank: [a.low_rank, b.low_rank].concat(),
+                vside,
+                writes: [a.writes, b.writes].concat(),
+            })
+        }
+        (Sym::Vec(a), Sym::Vec(b)) => {
+            if !a.terms.is_empty() && !b.terms.is_empty() && a.version != b.version {
+                return opaque("the expression reads both the state before and after the update", sp);
+            }
+            let version = if a.terms.is_empty() { b.version } else { a.version };
+            let free = match (a.free, b.free) {
+                (Some(x), Some(y)) => Some(add(&x, &y, sp)),
+                (x, y) => x.or(y),
+            };
+            Sym::Vec(LinVec { version, terms: [a.terms, b.terms].concat(), free })
+        }
+        (Sym::Vec(mut a), Sym::Free(f)) | (Sym::Free(f), Sym::Vec(mut a)) if f.ty == Ty::VecV => {
+            a.free = Some(match a.free {
+                Some(x) => add(&x, &f, sp),
+                None => f,
+            });
+            Sym::Vec(a)
+        }
+        _ => opaque("adds a constant to a value that depends on the state (not linear)", sp),
+    }
+}
+
+/// Multiplies a symbolic value by a state-free factor (scalar, `[K]` or `[V]`).
+fn scale_sym(s: Sym, f: &Expr) -> Sym {
+    let sp = f.span;
+    match s {
+        Sym::Free(x) => Sym::Free(mul(&x, f, sp)),
+        Sym::Mat(mut m) if f.ty != Ty::VecV => {
+            m.w = m.w.map(|w| mul(&w, f, sp));
+            m.low_rank = m.low_rank.into_iter().map(|(a, b)| (mul(&a, f, sp), b)).collect();
+            m.writes = m.writes.into_iter().map(|(k, v)| (mul(&k, f, sp), v)).collect();
+            Sym::Mat(m)
+        }
+        // The checker only lets a transposed matrix stand left of `@`; a scalar factor commutes.
+        Sym::MatT(m) if f.ty == Ty::Scalar => match scale_sym(Sym::Mat(m), f) {
+            Sym::Mat(m) => Sym::MatT(m),
+            s => s,
+        },
+        Sym::MatT(_) => opaque("scales a transposed state by a vector", sp),
+        Sym::Mat(mut m) => {
+            if m.has_state() {
+                m.vside = Some(match m.vside {
+                    Some(d) => mul(&d, f, sp),
+                    None => f.clone(),
+                });
+            }
+            m.writes = m.writes.into_iter().map(|(k, v)| (k, mul(&v, f, sp))).collect();
+            Sym::Mat(m)
+        }
+        Sym::Vec(mut v) => {
+            v.free = v.free.map(|x| mul(&x, f, sp));
+            v.terms = v
+                .terms
+                .into_iter()
+                .map(|(c, x)| match f.ty {
+                    Ty::Scalar => (c, mul(&x, f, sp)),
+                    _ => (Some(c.map_or_else(|| f.clone(), |c| mul(&c, f, sp))), x),
+                })
+                .collect();
+            Sym::Vec(v)
+        }
+        s => s,
+    }
+}
+
+/// dot, outer and `@` where at least one side depends on the state.
+fn product(e: &Expr, x: Sym, y: Sym) -> Sym {
+    let sp = e.span;
+    match (&e.kind, x, y) {
+        (ExprKind::Outer(..), Sym::Free(a), Sym::Vec(v)) => {
+            if v.version == Version::New {
+                return opaque("writes a term read from the state after its last update", sp);
+            }
+            let mut vside: Option<Option<Expr>> = None;
+            let mut low_rank = vec![];
+            for (coef, x) in v.terms {
+                match &vside {
+                    Some(d) if !same_opt(d, &coef) => {
+                        return opaque("writes state reads scaled by different [V] vectors", sp);
+                    }
+                    _ => vside = Some(coef),
+                }
+                low_rank.push((a.clone(), x));
+            }
+            let writes = v.free.map(|f| vec![(a, f)]).unwrap_or_default();
+            Sym::Mat(LinMat { version: v.version, w: None, low_rank, vside: vside.flatten(), writes })
+        }
+        (ExprKind::Outer(..), Sym::Free(a), Sym::Free(b)) => {
+            Sym::Mat(LinMat { version: Version::Old, w: None, low_rank: vec![], vside: None, writes: vec![(a, b)] })
+        }
+        (ExprKind::MatMul(..), Sym::MatT(m), Sym::Free(x)) | (ExprKind::MatMul(..), Sym::Free(x), Sym::Mat(m))
+            if x.ty == Ty::VecK =>
+        {
+            // (K S D + sum kw vw^T)^T x = D S^T K^T x + sum vw (kw . x),  K^T x = w x + sum b (a . x)
+            let mut terms = vec![];
+            if let Some(w) = &m.w {
+                terms.push((m.vside.clone(), mul(w, &x, sp)));
+            }
+            for (a, b) in &m.low_rank {
+                terms.push((m.vside.clone(), mul(b, &dot(a, &x, sp), sp)));
+            }
+            let mut free: Option<Expr> = None;
+            for (kw, vw) in &m.writes {
+                let t = mul(vw, &dot(kw, &x, sp), sp);
+                free = Some(match free {
+                    Some(f) => add(&f, &t, sp),
+                    None => t,
+                });
+            }
+            if terms.is_empty() {
+                return free.map(Sym::Free).unwrap_or_else(|| opaque("a zero product", sp));
+            }
+            Sym::Vec(LinVec { version: m.version, terms, free })
+        }
+        (ExprKind::MatMul(..), Sym::Mat(_), _) | (ExprKind::MatMul(..), _, Sym::MatT(_)) => {
+            opaque("S @ y gives a [K] vector that depends on the state; only S^T @ x reads are chunked", sp)
+        }
+        _ => opaque("a scalar or product that depends on the state in a non-linear way", sp),
+    }
+}
+
+fn same_opt(a: &Option<Expr>, b: &Option<Expr>) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(x), Some(y)) => same(x, y),
+        _ => false,
+    }
+}
+
+/// Structural equality, ignoring spans.
+pub fn same(a: &Expr, b: &Expr) -> bool {
+    a.ty == b.ty
+        && match (&a.kind, &b.kind) {
+            (ExprKind::Num(x), ExprKind::Num(y)) => x == y,
+            (ExprKind::Input(x), ExprKind::Input(y)) | (ExprKind::Local(x), ExprKind::Local(y)) => x == y,
+            (ExprKind::Unary(o1, _), ExprKind::Unary(o2, _)) if o1 != o2 => false,
+            (ExprKind::Binary(o1, ..), ExprKind::Binary(o2, ..)) if o1 != o2 => false,
+            (ka, kb) if std::mem::discriminant(ka) == std::mem::discriminant(kb) => {
+                let (ca, cb) = (a.children(), b.children());
+                ca.len() == cb.len() && ca.iter().zip(&cb).all(|(x, y)| same(x, y))
+            }
+            _ => false,
+        }
+}
+
+fn is_one(e: &Expr) -> bool {
+    matches!(e.kind, ExprKind::Num(x) if x == 1.0)
+}
+
+fn num(x: f64, sp: Span) -> Expr {
+    Expr::new(ExprKind::Num(x), Ty::Scalar, sp)
+}
+
+/// Result type of an elementwise op between two vector/scalar types.
+fn bcast(a: Ty, b: Ty) -> Ty {
+    if a == Ty::Scalar {
+        b
+    } else {
+        a
+    }
+}
+
+/// a * b with constant folding.
+pub fn mul(a: &Expr, b: &Expr, sp: Span) -> Expr {
+    match (&a.kind, &b.kind) {
+        (ExprKind::Num(x), ExprKind::Num(y)) => num(x * y, sp),
+        (ExprKind::Num(x), _) if *x == 1.0 => b.clone(),
+        (_, ExprKind::Num(y)) if *y == 1.0 => a.clone(),
+        (ExprKind::Num(x), _) if *x == -1.0 => neg(b, sp),
+        (_, ExprKind::Num(y)) if *y == -1.0 => neg(a, sp),
+        _ => Expr::new(ExprKind::Binary(BinaryOp::Mul, Box::new(a.clone()), Box::new(b.clone())), bcast(a.ty, b.ty), sp),
+    }
+}
+
+/// a + b with constant folding.
+pub fn add(a: &Expr, b: &Expr, sp: Span) -> Expr {
+    match (&a.kind, &b.kind) {
+        (ExprKind::Num(x), ExprKind::Num(y)) => num(x + y, sp),
+        (ExprKind::Num(x), _) if *x == 0.0 && a.ty == Ty::Scalar && b.ty == Ty::Scalar => b.clone(),
+        (ExprKind::Unary(UnaryOp::Neg, nb), _) => {
+            Expr::new(ExprKind::Binary(BinaryOp::Sub, Box::new(b.clone()), nb.clone()), bcast(a.ty, b.ty), sp)
+        }
+        (_, ExprKind::Unary(UnaryOp::Neg, nb)) => {
+            Expr::new(ExprKind::Binary(BinaryOp::Sub, Box::new(a.clone()), nb.clone()), bcast(a.ty, b.ty), sp)
+        }
+        _ => Expr::new(ExprKind::Binary(BinaryOp::Add, Box::new(a.clone()), Box::new(b.clone())), bcast(a.ty, b.ty), sp),
+    }
+}
+
+/// -a with constant folding.
+pub fn neg(a: &Expr, sp: Span) -> Expr {
+    match &a.kind {
+        ExprKind::Num(x) => num(-x, sp),
+        ExprKind::Unary(UnaryOp::Neg, x) => (**x).clone(),
+        _ => Expr::new(ExprKind::Unary(UnaryOp::Neg, Box::new(a.clone())), a.ty, sp),
+    }
+}
+
+fn dot(a: &Expr, b: &Expr, sp: Span) -> Expr {
+    Expr::new(ExprKind::Dot(Box::new(a.clone()), Box::new(b.clone())), Ty::Scalar, sp)
+}
+
+/// `e` with its single child replaced.
+fn rebuild1(e: &Expr, x: Expr) -> Expr {
+    let kind = match &e.kind {
+        ExprKind::Unary(op, _) => ExprKind::Unary(*op, Box::new(x)),
+        ExprKind::Sum(_) => ExprKind::Sum(Box::new(x)),
+        ExprKind::L2Norm(_) => ExprKind::L2Norm(Box::new(x)),
+        ExprKind::Transpose(_) => ExprKind::Transpose(Box::new(x)),
+        k => k.clone(),
+    };
+    Expr::new(kind, e.ty, e.span)
+}
+
+/// `e` with its two children replaced.
+fn rebuild2(e: &Expr, x: Expr, y: Expr) -> Expr {
+    let (x, y) = (Box::new(x), Box::new(y));
+    let kind = match &e.kind {
+        ExprKind::Binary(op, ..) => ExprKind::Binary(*op, x, y),
+        ExprKind::Dot(..) => ExprKind::Dot(x, y),
+        ExprKind::Outer(..) => ExprKind::Outer(x, y),
+        ExprKind::MatMul(..) => ExprKind::MatMul(x, y),
+        k => k.clone(),
+    };
+    Expr::new(kind, e.ty, e.span)
+}
+
+/// Readable math for an expression, with the fewest parentheses.
+pub fn print_expr(rule: &Rule, e: &Expr) -> String {
+    let mut s = String::new();
+    print_into(rule, e, 0, &mut s);
+    s
+}
+
+fn prec(e: &Expr) -> u8 {
+    match &e.kind {
+        ExprKind::Binary(BinaryOp::Add | BinaryOp::Sub, ..) => 1,
+        ExprKind::Binary(BinaryOp::Mul | BinaryOp::Div, ..) => 2,
+        ExprKind::MatMul(..) => 3,
+        ExprKind::Unary(UnaryOp::Neg, _) => 4,
+        _ => 5,
+    }
+}
+
+fn print_into(rule: &Rule, e: &Expr, min: u8, s: &mut String) {
+    let p = prec(e);
+    let paren = p < min;
+    if paren {
+        s.push('(');
+    }
+    match &e.kind {
+        ExprKind::Num(x) => {
+            let _ = write!(s, "{x}");
+        }
+        ExprKind::Input(i) => s.push_str(&rule.inputs[*i].name),
+        ExprKind::Local(i) => s.push_str(&rule.locals[*i].name),
+        ExprKind::State => s.push('S'),
+        ExprKind::Scale => s.push_str("scale"),
+        ExprKind::Head => s.push_str("head"),
+        ExprKind::Unary(UnaryOp::Neg, a) => {
+            s.push('-');
+            print_into(rule, a, 5, s);
+        }
+        ExprKind::Unary(op, a) => call(rule, op.name(), &[a], s),
+        ExprKind::Binary(BinaryOp::Pow, a, b) => call(rule, "pow", &[a, b], s),
+        ExprKind::Binary(op, a, b) => {
+            print_into(rule, a, p, s);
+            let _ = write!(s, " {} ", op.symbol());
+            print_into(rule, b, p + 1, s);
+        }
+        ExprKind::Dot(a, b) => call(rule, "dot", &[a, b], s),
+        ExprKind::Outer(a, b) => call(rule, "outer", &[a, b], s),
+        ExprKind::Sum(a) => call(rule, "sum", &[a], s),
+        ExprKind::L2Norm(a) => call(rule, "l2norm", &[a], s),
+        ExprKind::Transpose(a) => {
+            print_into(rule, a, 5, s);
+            s.push_str("^T");
+        }
+        ExprKind::MatMul(a, b) => {
+            print_into(rule, a, p, s);
+            s.push_str(" @ ");
+            print_into(rule, b, p + 1, s);
+        }
+    }
+    if paren {
+        s.push(')');
+    }
+}
+
+fn call(rule: &Rule, name: &str, args: &[&Expr], s: &mut String) {
+    s.push_str(name);
+    s.push('(');
+    for (i, a) in args.iter().enumerate() {
+        if i > 0 {
+            s.push_str(", ");
+        }
+        print_into(rule, a, 0, s);
+    }
+    s.push(')');
+}
+
+impl Canonical {
+    /// The canonical form in readable math, one item a line.
+    pub fn describe(&self, rule: &Rule) -> String {
+        let p = |e: &Expr| print_expr(rule, e);
+        let mut s = String::new();
+        let _ = writeln!(s, "class: {}", self.class.describe());
+        let _ = writeln!(s, "update: S_t = A_t S_(t-1) + sum_j kw_j vw_j^T");
+        match &self.log_gate {
+            Some(g) => {
+                let _ = writeln!(s, "  log w   = {}   ({})", p(g), if g.ty == Ty::VecK { "[K]" } else { "scalar" });
+            }
+            None => {
+                let _ = writeln!(s, "  w       = 1");
+            }
+        }
+        for (i, (a, b)) in self.low_rank.iter().enumerate() {
+            let _ = writeln!(s, "  a_{} = {}\n  b_{} = {}", i + 1, p(a), i + 1, p(b));
+        }
+        for (j, (k, v)) in self.writes.iter().enumerate() {
+            let _ = writeln!(s, "  kw_{} = {}\n  vw_{} = {}", j + 1, p(k), j + 1, p(v));
+        }
+        let o = &self.output;
+        let which = if o.read == Read::After { "S_t" } else { "S_(t-1)" };
+        let coef = o.coef.as_ref().map(|c| format!("{} ⊙ ", p(c))).unwrap_or_default();
+        let extra = o.extra.as_ref().map(|x| format!(" + {}", p(x))).unwrap_or_default();
+        let _ = writeln!(s, "output: o_t = {coef}{which}^T q{extra}\n  q = {}", p(&o.query));
+        s
+    }
+}

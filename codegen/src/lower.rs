@@ -1,0 +1,285 @@
+//! Lowering typed rule expressions to tile ops, `rows` tokens at a time.
+//!
+//! The recurrent kernel lowers every statement with one row (one token) and the state as a
+//! K x V tile; the chunk plans lower the canonical form's state-free expressions (the
+//! prologue) with one row per token of a chunk. Types map to tiles as: scalar -> `[rows, 1]`,
+//! `[K]` -> `[rows, K]`, `[V]` -> `[rows, V]`, K x V -> `[K, V]`; per-head parameters and
+//! constants have one row and broadcast.
+
+use crate::builder::Builder;
+use crate::ir::*;
+use chunkc_dsl::ast::{BinaryOp, Expr, ExprKind, Rule, Ty, UnaryOp};
+use std::collections::HashMap;
+
+/// Static problem sizes a kernel is specialised for (T stays dynamic).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Shape {
+    pub heads: usize,
+    pub k: usize,
+    pub v: usize,
+    /// The value of `scale`.
+    pub scale: f64,
+}
+
+/// Parameter indices of a kernel built from a rule: the inputs in declaration order, then
+/// `h0`, `o`, `hT`.
+#[derive(Clone, Debug)]
+pub struct ParamLayout {
+    pub inputs: Vec<usize>,
+    pub h0: usize,
+    pub o: usize,
+    pub ht: usize,
+}
+
+impl ParamLayout {
+    pub fn declare(b: &mut Builder, rule: &Rule) -> ParamLayout {
+        let inputs = rule.inputs.iter().map(|i| b.param(i.name.clone(), Access::Read)).collect();
+        let h0 = b.param("h0", Access::Read);
+        let o = b.param("o", Access::Write);
+        let ht = b.param("hT", Access::Write);
+        ParamLayout { inputs, h0, o, ht }
+    }
+}
+
+/// Index of the first element of row `t0` of a per-token tensor `[B, T, H, width]` for this
+/// grid point, and its row stride.
+pub fn token_base(shape: &Shape, t0: Idx, width: usize) -> (Idx, i64) {
+    let h = shape.heads as i64;
+    let w = width as i64;
+    let row = Idx::var(IdxVar::Batch).mul(Idx::var(IdxVar::SeqLen)).add(t0);
+    let base = row.mul(Idx::c(h * w)).add(Idx::var(IdxVar::Head).mul(Idx::c(w)));
+    (base, h * w)
+}
+
+/// Index of this grid point's K x V state in `[B, H, K, V]`.
+pub fn state_base(shape: &Shape) -> Idx {
+    let kv = (shape.k * shape.v) as i64;
+    Idx::var(IdxVar::Batch).mul(Idx::c(shape.heads as i64)).add(Idx::var(IdxVar::Head)).mul(Idx::c(kv))
+}
+
+/// A lowered value: a tile, or a K x V tile standing for its transpose.
+#[derive(Clone, Copy, Debug)]
+pub enum LVal {
+    Tile(ValueId),
+    Transposed(ValueId),
+}
+
+/// Why an expression could not be lowered.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LowerError(pub String);
+
+/// Lowers expressions for one block of `rows` tokens starting at token `t0`.
+pub struct Lowerer<'a> {
+    pub rule: &'a Rule,
+    pub shape: Shape,
+    pub layout: &'a ParamLayout,
+    pub rows: usize,
+    pub t0: Idx,
+    /// Rows of the block that hold tokens (`min(rows, T - t0)`).
+    pub valid: Idx,
+    /// Loaded inputs, by input index.
+    loaded: HashMap<usize, ValueId>,
+    /// State-free expressions already lowered, by their printed form.
+    memo: HashMap<String, ValueId>,
+    /// The state as the current statement sees it, and the locals (recurrent kernel only).
+    pub state: Option<ValueId>,
+    pub locals: Vec<Option<LVal>>,
+}
+
+impl<'a> Lowerer<'a> {
+    pub fn new(rule: &'a Rule, shape: Shape, layout: &'a ParamLayout, rows: usize, t0: Idx, valid: Idx) -> Lowerer<'a> {
+        Lowerer {
+            rule,
+            shape,
+            layout,
+            rows,
+            t0,
+            valid,
+            loaded: HashMap::new(),
+            memo: HashMap::new(),
+            state: None,
+            locals: vec![None; rule.locals.len()],
+        }
+    }
+
+    fn input(&mut self, b: &mut Builder, i: usize) -> ValueId {
+        if let Some(v) = self.loaded.get(&i) {
+            return *v;
+        }
+        let inp = &self.rule.inputs[i];
+        let w = inp.width(self.shape.k, self.shape.v);
+        let param = self.layout.inputs[i];
+        let v = if inp.per_head {
+            let base = Idx::var(IdxVar::Head).mul(Idx::c(w as i64));
+            b.load(param, base, 0, 1, 1, w, Idx::c(1))
+        } else {
+            let (base, stride) = token_base(&self.shape, self.t0.clone(), w);
+            b.load(param, base, stride, 1, self.rows, w, self.valid.clone())
+        };
+        self.loaded.insert(i, v);
+        v
+    }
+
+    /// Lowers a state-free expression to a tile, sharing repeated subexpressions.
+    pub fn tile(&mut self, b: &mut Builder, e: &Expr) -> Result<ValueId, LowerError> {
+        let cacheable = !e.mentions_state() && !mentions_local(e);
+        let key = if cacheable { Some(chunkc_dsl::canon::print_expr(self.rule, e)) } else { None };
+        if let Some(k) = &key {
+            if let Some(v) = self.memo.get(k) {
+                return Ok(*v);
+            }
+        }
+        let v = match self.lower(b, e)? {
+            LVal::Tile(v) => v,
+            LVal::Transposed(_) => {
+                return Err(LowerError("a transposed matrix can only be the left operand of @".into()));
+            }
+        };
+        if let Some(k) = key {
+            self.memo.insert(k, v);
+        }
+        Ok(v)
+    }
+
+    /// Lowers an expression of any type.
+    pub fn lower(&mut self, b: &mut Builder, e: &Expr) -> Result<LVal, LowerError> {
+        use LVal::*;
+        Ok(match &e.kind {
+            ExprKind::Num(x) => Tile(b.scalar(*x)),
+            ExprKind::Scale => Tile(b.scalar(self.shape.scale)),
+            ExprKind::Head => Tile(b.idx_value(Idx::var(IdxVar::Head))),
+            ExprKind::Input(i) => Tile(self.input(b, *i)),
+            ExprKind::Local(i) => self.locals[*i].ok_or_else(|| LowerError("local read before it is assigned".into()))?,
+            ExprKind::State => {
+                Tile(self.state.ok_or_else(|| LowerError("the state is not available in a chunk prologue".into()))?)
+            }
+            ExprKind::Unary(op, a) => {
+                let x = self.tile(b, a)?;
+                Tile(b.unary(unop(*op), x))
+            }
+            ExprKind::Binary(op, a, c) => {
+                let (x, y) = (self.tile(b, a)?, self.tile(b, c)?);
+                let (x, y) = (self.align(b, x, a.ty, c.ty), self.align(b, y, c.ty, a.ty));
+                Tile(b.binary(binop(*op), x, y))
+            }
+            ExprKind::Dot(a, c) => {
+                let (x, y) = (self.tile(b, a)?, self.tile(b, c)?);
+                let p = b.mul(x, y);
+                Tile(b.row_sum(p))
+            }
+            ExprKind::Sum(a) => {
+                let x = self.tile(b, a)?;
+                Tile(b.row_sum(x))
+            }
+            ExprKind::L2Norm(a) => {
+                let x = self.tile(b, a)?;
+                let sq = b.mul(x, x);
+                let n2 = b.row_sum(sq);
+                let inv = b.unary(UnOp::Sqrt, n2);
+                let inv = b.unary(UnOp::Recip, inv);
+                Tile(b.mul(x, inv))
+            }
+            ExprKind::Outer(a, c) => {
+                self.need_one_row("outer(...)")?;
+                let (x, y) = (self.tile(b, a)?, self.tile(b, c)?);
+                Tile(b.dot(x, y, true, false, None))
+            }
+            ExprKind::Transpose(a) => match self.lower(b, a)? {
+                Tile(m) => Transposed(m),
+                Transposed(m) => Tile(m),
+            },
+            ExprKind::MatMul(a, c) => Tile(self.matmul(b, a, c)?),
+        })
+    }
+
+    fn need_one_row(&self, what: &str) -> Result<(), LowerError> {
+        if self.rows == 1 {
+            Ok(())
+        } else {
+            Err(LowerError(format!("{what} in a state-free term of a chunked kernel is not supported")))
+        }
+    }
+
+    /// `a @ c` for the typed combinations the checker allows.
+    fn matmul(&mut self, b: &mut Builder, a: &Expr, c: &Expr) -> Result<ValueId, LowerError> {
+        // outer(p, r)^T @ x = r (p . x) and outer(p, r) @ y = p (r . y): no matrix is formed,
+        // so these work for any number of rows.
+        let outer_parts = |e: &Expr| -> Option<(Expr, Expr, bool)> {
+            match &e.kind {
+                ExprKind::Outer(p, r) => Some(((**p).clone(), (**r).clone(), false)),
+                ExprKind::Transpose(inner) => match &inner.kind {
+                    ExprKind::Outer(p, r) => Some(((**p).clone(), (**r).clone(), true)),
+                    _ => None,
+                },
+                _ => None,
+            }
+        };
+        if let Some((p, r, transposed)) = outer_parts(a) {
+            let (near, far) = if transposed { (p, r) } else { (r, p) };
+            let (x, n, f) = (self.tile(b, c)?, self.tile(b, &near)?, self.tile(b, &far)?);
+            let prod = b.mul(n, x);
+            let d = b.row_sum(prod);
+            return Ok(b.mul(f, d));
+        }
+        let l = self.lower(b, a)?;
+        let r = self.lower(b, c)?;
+        Ok(match (a.ty, c.ty, l, r) {
+            // S @ y: [1, V] x [K, V]^T -> [1, K]
+            (Ty::Mat, Ty::VecV, LVal::Tile(m), LVal::Tile(y)) => {
+                self.need_one_row("S @ y")?;
+                b.dot(y, m, false, true, None)
+            }
+            // S^T @ x and x @ S: [1, K] x [K, V] -> [1, V]
+            (Ty::MatT, Ty::VecK, LVal::Transposed(m), LVal::Tile(x)) | (Ty::VecK, Ty::Mat, LVal::Tile(x), LVal::Tile(m)) => {
+                self.need_one_row("S^T @ x")?;
+                b.dot(x, m, false, false, None)
+            }
+            // y @ S^T: [1, V] x [K, V]^T -> [1, K]
+            (Ty::VecV, Ty::MatT, LVal::Tile(y), LVal::Transposed(m)) => {
+                self.need_one_row("y @ S^T")?;
+                b.dot(y, m, false, true, None)
+            }
+            (ta, tc, LVal::Tile(x), LVal::Tile(y)) if ta == tc && matches!(ta, Ty::VecK | Ty::VecV) => {
+                let p = b.mul(x, y);
+                b.row_sum(p)
+            }
+            (ta, tc, ..) => return Err(LowerError(format!("cannot lower {ta} @ {tc}"))),
+        })
+    }
+
+    /// A `[1, K]` vector meeting a K x V matrix scales its rows: make it a `[K, 1]` column.
+    fn align(&self, b: &mut Builder, x: ValueId, own: Ty, other: Ty) -> ValueId {
+        if own == Ty::VecK && other == Ty::Mat {
+            b.transpose(x)
+        } else {
+            x
+        }
+    }
+}
+
+fn mentions_local(e: &Expr) -> bool {
+    matches!(e.kind, ExprKind::Local(_)) || e.children().iter().any(|c| mentions_local(c))
+}
+
+pub fn unop(op: UnaryOp) -> UnOp {
+    match op {
+        UnaryOp::Neg => UnOp::Neg,
+        UnaryOp::Exp => UnOp::Exp,
+        UnaryOp::Exp2 => UnOp::Exp2,
+        UnaryOp::Log => UnOp::Log,
+        UnaryOp::Sigmoid => UnOp::Sigmoid,
+        UnaryOp::Softplus => UnOp::Softplus,
+        UnaryOp::Silu => UnOp::Silu,
+        UnaryOp::Sqrt => UnOp::Sqrt,
+    }
+}
+
+pub fn binop(op: BinaryOp) -> BinOp {
+    match op {
+        BinaryOp::Add => BinOp::Add,
+        BinaryOp::Sub => BinOp::Sub,
+        BinaryOp::Mul => BinOp::Mul,
+        BinaryOp::Div => BinOp::Div,
+        BinaryOp::Pow => BinOp::Pow,
+    }
+}

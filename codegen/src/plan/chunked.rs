@@ -1,0 +1,303 @@
+//! The chunked forward for every linear class (DESIGN.md forms (a) to (d)), written once.
+//!
+//! Per chunk of C tokens with state S0 entering it, and B the chunk-local cumulative log
+//! gate (inclusive `Bin`, exclusive `Bex`; `Bq` is `Bin` when o reads the state after the
+//! update, `Bex` when before):
+//!
+//! ```text
+//! scores(X, gX, Y, gY)[i, j] = sum_c X_ic Y_jc exp(gX_ic - gY_jc)       on j <= i (or j < i)
+//! R  = (I - scores(Bv, Bex, A, Bin))^-1 (scores(Bv, Bex, KW, Bin) VW + (Bv ⊙ e^Bex) S0)   [low rank only]
+//! O  = (Q ⊙ e^Bq) S0 + scores(Q, Bq, KW, Bin) VW + scores(Q, Bq, A, Bin) R
+//! S' = diag(e^{B_C}) S0 + (KW ⊙ e^{B_C - Bin})^T VW + (A ⊙ e^{B_C - Bin})^T R
+//! ```
+//!
+//! Every exponent used is <= 0. The gate decides how scores are formed: no gate, plain
+//! matmuls with a causal mask; a scalar gate, one matmul times a C x C decay mask, the chunk
+//! as one block; a per-channel gate, blocks of `sub_chunk` rows where an off-diagonal block
+//! is one matmul of factors re-centred on the block's first row (both <= 1) and a diagonal
+//! block is evaluated pairwise. Gate sums are carried in f64 so that differences of large
+//! sums keep their precision. The low-rank solve is blockwise forward substitution.
+
+use super::{PlanError, Schedule, Shape};
+use crate::builder::Builder;
+use crate::ir::*;
+use crate::lower::{state_base, token_base, Lowerer, ParamLayout};
+use chunkc_dsl::ast::{Expr, Rule, Ty};
+use chunkc_dsl::canon::{Canonical, Read};
+use std::collections::HashMap;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Gate {
+    None,
+    Scalar,
+    Vector,
+}
+
+/// Builds the chunked kernel of a canonical rule.
+pub fn build(rule: &Rule, canon: &Canonical, shape: Shape, sched: Schedule) -> Result<Kernel, PlanError> {
+    if canon.low_rank.len() > 1 {
+        return Err(PlanError(format!(
+            "transitions of rank {} are not chunked yet (rank 1 is); use the recurrent backend",
+            canon.low_rank.len()
+        )));
+    }
+    let c = sched.chunk;
+    if c == 0 {
+        return Err(PlanError("the chunk size must be at least 1".into()));
+    }
+    let gate = match &canon.log_gate {
+        None => Gate::None,
+        Some(g) if g.ty == Ty::VecK => Gate::Vector,
+        Some(_) => Gate::Scalar,
+    };
+    let bs = if gate == Gate::Vector { sched.sub_chunk.clamp(1, c) } else { c };
+    if c % bs != 0 {
+        return Err(PlanError(format!("the sub-chunk ({bs}) must divide the chunk ({c})")));
+    }
+    let (k, v) = (shape.k, shape.v);
+    let mut b = Builder::new(format!("{}_chunked_c{c}", rule.name));
+    let layout = ParamLayout::declare(&mut b, rule);
+    let sbase = state_base(&shape);
+    let h0 = b.load(layout.h0, sbase.clone(), v as i64, 1, k, v, Idx::c(k as i64));
+    let n_chunks = Idx::var(IdxVar::SeqLen).ceil_div(c as i64);
+    let s0 = b.begin_loop(n_chunks, &[h0])[0];
+
+    let t0 = Idx::var(IdxVar::Iter).mul(Idx::c(c as i64));
+    let valid = Idx::c(c as i64).min(Idx::var(IdxVar::SeqLen).sub(t0.clone()));
+    let mut lw = Lowerer::new(rule, shape, &layout, c, t0.clone(), valid.clone());
+    let mut pro = Prologue { lw: &mut lw, rows: c, valid: valid.clone() };
+
+    // Prologue: every canonical vector for the chunk's tokens, zero past the sequence end.
+    let g = match &canon.log_gate {
+        Some(e) => {
+            let g = pro.tile(&mut b, e, true)?;
+            Some(b.cast(g, DType::F64))
+        }
+        None => None,
+    };
+    let q = pro.tile(&mut b, &canon.output.query, true)?;
+    let writes: Vec<(ValueId, ValueId)> = canon
+        .writes
+        .iter()
+        .map(|(kw, vw)| Ok((pro.tile(&mut b, kw, true)?, pro.tile(&mut b, vw, true)?)))
+        .collect::<Result<_, PlanError>>()?;
+    let low_rank: Option<(ValueId, ValueId)> = match canon.low_rank.first() {
+        Some((a, bv)) => Some((pro.tile(&mut b, a, true)?, pro.tile(&mut b, bv, true)?)),
+        None => None,
+    };
+    let coef = canon.output.coef.as_ref().map(|e| pro.tile(&mut b, e, false)).transpose()?;
+    let extra = canon.output.extra.as_ref().map(|e| pro.tile(&mut b, e, false)).transpose()?;
+
+    // Cumulative gates (f64).
+    let read_before = canon.output.read == Read::Before;
+    let gates = g.map(|g| {
+        let bin = b.cumsum(g, false);
+        let bex = b.cumsum(g, true);
+        (bin, bex)
+    });
+    let mut sc = Scores { gate, bs, pivots: gates.map(|(_, bex)| bex), cache: HashMap::new() };
+    let (bin, bex) = (gates.map(|g| g.0), gates.map(|g| g.1));
+    let bq = if read_before { bex } else { bin };
+
+    let nb = c / bs;
+    let mut r_blocks: Vec<ValueId> = vec![];
+    for i in 0..nb {
+        let i0 = i * bs;
+        let qg = sc.decayed(&mut b, q, bq, i);
+        let mut o = b.dot(qg, s0, false, false, None);
+        if let Some((a, bv)) = low_rank {
+            let bg = sc.decayed(&mut b, bv, bex, i);
+            let mut rhs = b.dot(bg, s0, false, false, None);
+            for (j, &rj) in r_blocks.iter().enumerate() {
+                let s = sc.scores(&mut b, (bv, bex), (a, bin), i, j, true);
+                rhs = b.dot(s, rj, false, false, Some(rhs));
+            }
+            for &(kw, vw) in &writes {
+                for j in 0..=i {
+                    let s = sc.scores(&mut b, (bv, bex), (kw, bin), i, j, true);
+                    let vj = b.rows(vw, j * bs, bs);
+                    rhs = b.dot(s, vj, false, false, Some(rhs));
+                }
+            }
+            let aba = sc.scores(&mut b, (bv, bex), (a, bin), i, i, true);
+            let l = b.neg(aba);
+            r_blocks.push(b.solve_unit_lower(l, rhs));
+            for (j, &rj) in r_blocks.iter().enumerate() {
+                let s = sc.scores(&mut b, (q, bq), (a, bin), i, j, read_before);
+                o = b.dot(s, rj, false, false, Some(o));
+            }
+        }
+        for &(kw, vw) in &writes {
+            for j in 0..=i {
+                let s = sc.scores(&mut b, (q, bq), (kw, bin), i, j, read_before);
+                let vj = b.rows(vw, j * bs, bs);
+                o = b.dot(s, vj, false, false, Some(o));
+            }
+        }
+        if let Some(cf) = coef {
+            let cf = rows_of(&mut b, cf, i0, bs);
+            o = b.mul(o, cf);
+        }
+        if let Some(x) = extra {
+            let x = rows_of(&mut b, x, i0, bs);
+            o = b.add(o, x);
+        }
+        let (obase, ostride) = token_base(&shape, t0.clone().add(Idx::c(i0 as i64)), v);
+        b.store(o, layout.o, obase, ostride, 1, valid.clone().sub(Idx::c(i0 as i64)));
+    }
+
+    // State passed to the next chunk.
+    let mut s_next = s0;
+    let total = bin.map(|bin| b.rows(bin, c - 1, 1));
+    if let Some(total) = total {
+        let d = b.exp(total);
+        let d = b.cast(d, DType::F32);
+        let d = if gate == Gate::Vector { b.transpose(d) } else { d };
+        s_next = b.mul(s0, d);
+    }
+    for j in 0..nb {
+        let decay = total.map(|total| {
+            let bj = b.rows(bin.expect("gates"), j * bs, bs);
+            let e = b.sub(total, bj);
+            let e = b.exp(e);
+            b.cast(e, DType::F32)
+        });
+        let write = |b: &mut Builder, key: ValueId, val: ValueId, s: ValueId| {
+            let kj = b.rows(key, j * bs, bs);
+            let kj = match decay {
+                Some(d) => b.mul(kj, d),
+                None => kj,
+            };
+            b.dot(kj, val, true, false, Some(s))
+        };
+        for &(kw, vw) in &writes {
+            let vj = b.rows(vw, j * bs, bs);
+            s_next = write(&mut b, kw, vj, s_next);
+        }
+        if let Some((a, _)) = low_rank {
+            s_next = write(&mut b, a, r_blocks[j], s_next);
+        }
+    }
+    let last = b.end_loop(&[s_next]);
+    b.store(last[0], layout.ht, sbase, v as i64, 1, Idx::c(k as i64));
+    Ok(b.finish())
+}
+
+/// Rows `i0 .. i0 + n` of a per-token tile; a one-row (per-head) tile broadcasts as is.
+fn rows_of(b: &mut Builder, x: ValueId, i0: usize, n: usize) -> ValueId {
+    if b.ty(x).rows == 1 {
+        x
+    } else {
+        b.rows(x, i0, n)
+    }
+}
+
+/// Lowers canonical expressions to full-chunk tiles.
+struct Prologue<'l, 'a> {
+    lw: &'l mut Lowerer<'a>,
+    rows: usize,
+    valid: Idx,
+}
+
+impl Prologue<'_, '_> {
+    /// `rows x width` tile of an expression; with `mask`, rows past the sequence end are 0
+    /// (so that a NaN from, say, l2norm of a zero row cannot leak into a matmul).
+    fn tile(&mut self, b: &mut Builder, e: &Expr, mask: bool) -> Result<ValueId, PlanError> {
+        let mut x = self.lw.tile(b, e)?;
+        let t = b.ty(x);
+        if t.rows == 1 && self.rows > 1 {
+            let zeros = b.constant(0.0, TileTy { rows: self.rows, cols: t.cols, dtype: t.dtype });
+            x = b.add(zeros, x);
+        }
+        if mask {
+            x = b.mask(x, MaskKind::RowsBefore(self.valid.clone()), 0.0);
+        }
+        Ok(x)
+    }
+}
+
+/// Forms gated scores and decayed operands block by block, sharing repeated factors.
+struct Scores {
+    gate: Gate,
+    bs: usize,
+    /// Exclusive cumulative gate: row i0 of it is the pivot of the block starting at i0.
+    pivots: Option<ValueId>,
+    cache: HashMap<(ValueId, Option<ValueId>, usize, usize, bool), ValueId>,
+}
+
+impl Scores {
+    /// Rows of block `i` of `x`, scaled by exp of the same rows of the gate `g`.
+    fn decayed(&mut self, b: &mut Builder, x: ValueId, g: Option<ValueId>, i: usize) -> ValueId {
+        let xi = b.rows(x, i * self.bs, self.bs);
+        match g {
+            None => xi,
+            Some(g) => {
+                let gi = b.rows(g, i * self.bs, self.bs);
+                let e = b.exp(gi);
+                let e = b.cast(e, DType::F32);
+                b.mul(xi, e)
+            }
+        }
+    }
+
+    /// Block (i, j) of `scores(X, gX, Y, gY)`, j <= i; `strict` masks the diagonal of i == j.
+    fn scores(&mut self, b: &mut Builder, (x, gx): (ValueId, Option<ValueId>), (y, gy): (ValueId, Option<ValueId>), i: usize, j: usize, strict: bool) -> ValueId {
+        let bs = self.bs;
+        let xi = b.rows(x, i * bs, bs);
+        let yj = b.rows(y, j * bs, bs);
+        let diag = i == j;
+        match (self.gate, gx, gy) {
+            (Gate::Vector, Some(gx), Some(gy)) => {
+                if diag {
+                    let gxi = b.rows(gx, i * bs, bs);
+                    let gyi = b.rows(gy, i * bs, bs);
+                    return b.gated_dot(xi, gxi, yj, gyi, strict);
+                }
+                // Re-centre on the pivot P = B before block i's first token:
+                // x_i e^{gx_i - P} (<= 1) times y_j e^{P - gy_j} (<= 1, j in an earlier block).
+                let pivot = b.rows(self.pivots.expect("vector gates have pivots"), i * bs, 1);
+                let xt = self.factor(b, x, gx, pivot, i, i, true);
+                let yt = self.factor(b, y, gy, pivot, j, i, false);
+                b.dot(xt, yt, false, true, None)
+            }
+            (Gate::Scalar, Some(gx), Some(gy)) => {
+                let s = b.dot(xi, yj, false, true, None);
+                let gxi = b.rows(gx, i * bs, bs);
+                let gyj = b.rows(gy, j * bs, bs);
+                let gyt = b.transpose(gyj);
+                let mut e = b.sub(gxi, gyt);
+                if diag {
+                    e = b.mask(e, MaskKind::Tril { strict }, f64::NEG_INFINITY);
+                }
+                let w = b.exp(e);
+                let w = b.cast(w, DType::F32);
+                b.mul(s, w)
+            }
+            _ => {
+                let s = b.dot(xi, yj, false, true, None);
+                if diag {
+                    b.mask(s, MaskKind::Tril { strict }, 0.0)
+                } else {
+                    s
+                }
+            }
+        }
+    }
+
+    /// Block `blk` of `x` times exp(g - pivot) (`ahead`) or exp(pivot - g), for the pivot of
+    /// block `at`.
+    fn factor(&mut self, b: &mut Builder, x: ValueId, g: ValueId, pivot: ValueId, blk: usize, at: usize, ahead: bool) -> ValueId {
+        let key = (x, Some(g), blk, at, ahead);
+        if let Some(v) = self.cache.get(&key) {
+            return *v;
+        }
+        let xb = b.rows(x, blk * self.bs, self.bs);
+        let gb = b.rows(g, blk * self.bs, self.bs);
+        let e = if ahead { b.sub(gb, pivot) } else { b.sub(pivot, gb) };
+        let e = b.exp(e);
+        let e = b.cast(e, DType::F32);
+        let v = b.mul(xb, e);
+        self.cache.insert(key, v);
+        v
+    }
+}

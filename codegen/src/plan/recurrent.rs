@@ -1,0 +1,39 @@
+//! The fused recurrent kernel: the rule's statements, one token per loop iteration.
+
+use super::{PlanError, Shape};
+use crate::builder::Builder;
+use crate::ir::*;
+use crate::lower::{state_base, token_base, LVal, Lowerer, ParamLayout};
+use chunkc_dsl::ast::{Rule, Target};
+
+/// Builds the recurrent kernel of any checked rule.
+pub fn build(rule: &Rule, shape: Shape) -> Result<Kernel, PlanError> {
+    let mut b = Builder::new(format!("{}_recurrent", rule.name));
+    let layout = ParamLayout::declare(&mut b, rule);
+    let (k, v) = (shape.k, shape.v);
+    let sbase = state_base(&shape);
+    let h0 = b.load(layout.h0, sbase.clone(), v as i64, 1, k, v, Idx::c(k as i64));
+    let inner = b.begin_loop(Idx::var(IdxVar::SeqLen), &[h0]);
+    let t = Idx::var(IdxVar::Iter);
+    let mut lw = Lowerer::new(rule, shape, &layout, 1, t.clone(), Idx::c(1));
+    lw.state = Some(inner[0]);
+    let mut out = None;
+    for s in &rule.stmts {
+        let val = lw.lower(&mut b, &s.value)?;
+        let LVal::Tile(val) = val else {
+            return Err(PlanError("a statement assigns a transposed matrix".into()));
+        };
+        match &s.target {
+            Target::State => lw.state = Some(val),
+            Target::Output => out = Some(val),
+            Target::Local(i) => lw.locals[*i] = Some(LVal::Tile(val)),
+        }
+    }
+    let out = out.ok_or_else(|| PlanError("the step never assigns o".into()))?;
+    let (obase, ostride) = token_base(&shape, t, v);
+    b.store(out, layout.o, obase, ostride, 1, Idx::c(1));
+    let state = lw.state.unwrap_or(inner[0]);
+    let last = b.end_loop(&[state]);
+    b.store(last[0], layout.ht, sbase, v as i64, 1, Idx::c(k as i64));
+    Ok(b.finish())
+}
