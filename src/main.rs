@@ -1,1 +1,247 @@
-fn main() {}
+//! The `chunkc` command line: check, run, verify and compile rule files.
+
+use chunkc::backend::{self, Backend, Engine, Options};
+use chunkc::dsl::ast::{Rule, Ty};
+use chunkc::dsl::diag::Diagnostic;
+use chunkc::verify::{self, F32_TOLERANCE};
+use chunkc::{load_rule, Error};
+use clap::{Parser, Subcommand, ValueEnum};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "chunkc", version, about = "A compiler for chunked linear recurrences")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum BackendArg {
+    Reference,
+    Recurrent,
+    Chunked,
+}
+
+impl From<BackendArg> for Backend {
+    fn from(b: BackendArg) -> Backend {
+        match b {
+            BackendArg::Reference => Backend::Reference,
+            BackendArg::Recurrent => Backend::Recurrent,
+            BackendArg::Chunked => Backend::Chunked,
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum EngineArg {
+    /// Native code (Cranelift JIT).
+    Jit,
+    /// The tile-IR interpreter (slow; for debugging).
+    Interp,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Target {
+    Cpu,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check a rule file; print its class and canonical form.
+    Check { rule: PathBuf },
+    /// Run a rule on tensors from a safetensors file; write `o` and `hT`.
+    Run {
+        rule: PathBuf,
+        /// Inputs by the rule's input names; `h0` [B, H, K, V] is optional.
+        #[arg(long)]
+        inputs: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, value_enum, default_value = "chunked")]
+        backend: BackendArg,
+        #[arg(long, default_value_t = 64)]
+        chunk: usize,
+        /// Worker threads (0: all cores).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        /// Output scale (default 1/sqrt(K)).
+        #[arg(long)]
+        scale: Option<f64>,
+        #[arg(long, value_enum, default_value = "jit", hide = true)]
+        engine: EngineArg,
+    },
+    /// Run every CPU backend and chunk size on random inputs against the f64 reference.
+    Verify {
+        rule: PathBuf,
+        /// Sequence lengths (default: 1, C-1, C+1 and 1000 for each chunk size C).
+        #[arg(long = "T", value_delimiter = ',')]
+        seq_lens: Option<Vec<usize>>,
+        #[arg(long, value_delimiter = ',', default_values_t = [16, 32, 64, 128])]
+        chunk: Vec<usize>,
+        #[arg(long, value_enum, value_delimiter = ',', default_values = ["recurrent", "chunked"])]
+        backend: Vec<BackendArg>,
+        #[arg(long = "B", default_value_t = 2)]
+        batch: usize,
+        #[arg(long = "H", default_value_t = 2)]
+        heads: usize,
+        #[arg(long = "K", default_value_t = 32)]
+        k: usize,
+        #[arg(long = "V", default_value_t = 40)]
+        v: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        #[arg(long, value_enum, default_value = "jit", hide = true)]
+        engine: EngineArg,
+    },
+    /// Print the tile IR of a rule's kernel.
+    Compile {
+        rule: PathBuf,
+        #[arg(long, value_enum, default_value = "cpu")]
+        target: Target,
+        #[arg(long, value_enum, default_value = "chunked")]
+        backend: BackendArg,
+        #[arg(long, default_value_t = 64)]
+        chunk: usize,
+        #[arg(long = "H", default_value_t = 1)]
+        heads: usize,
+        #[arg(long = "K", default_value_t = 64)]
+        k: usize,
+        #[arg(long = "V", default_value_t = 64)]
+        v: usize,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match dispatch(cli.command) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn engine(e: EngineArg) -> Engine {
+    match e {
+        EngineArg::Jit => Engine::Jit,
+        EngineArg::Interp => Engine::Interp,
+    }
+}
+
+fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
+    match cmd {
+        Command::Check { rule } => check(&rule),
+        Command::Run { rule, inputs, out, backend, chunk, threads, scale, engine: e } => {
+            let loaded = load_rule(&rule)?;
+            let shown = inputs.display().to_string();
+            let (tensors, _) = chunkc::runtime::io::read_safetensors(&inputs)?;
+            for (name, t) in &tensors {
+                let bad = t.count_non_finite();
+                if bad > 0 && (name == "h0" || loaded.rule.input(name).is_some()) {
+                    eprintln!("warning: tensor `{name}` in {shown} holds {bad} NaN or infinite values");
+                }
+            }
+            let opts = Options { backend: backend.into(), engine: engine(e), chunk, threads, scale };
+            let outputs = backend::run(&loaded.rule, &tensors, &shown, &opts)?;
+            let mut written = BTreeMap::new();
+            written.insert("o".to_string(), outputs.o);
+            written.insert("hT".to_string(), outputs.ht);
+            let mut meta = BTreeMap::new();
+            meta.insert("rule".to_string(), loaded.rule.name.clone());
+            meta.insert("backend".to_string(), opts.backend.name().to_string());
+            if opts.backend == Backend::Chunked {
+                meta.insert("chunk".to_string(), chunk.to_string());
+            }
+            chunkc::runtime::io::write_safetensors(&out, &written, Some(meta))?;
+            println!("wrote o and hT to {}", out.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Verify { rule, seq_lens, chunk, backend, batch, heads, k, v, seed, threads, engine: e } => {
+            let loaded = load_rule(&rule)?;
+            let mut backends: Vec<Backend> = backend.into_iter().map(Backend::from).collect();
+            if let Err(why) = &loaded.canonical {
+                if backends.contains(&Backend::Chunked) {
+                    println!("note: not chunkable ({}); verifying the recurrent kernel only", why.reason);
+                    backends.retain(|b| *b != Backend::Chunked);
+                }
+            }
+            if chunk.contains(&0) {
+                return Err(Error::Input("--chunk sizes must be at least 1".into()));
+            }
+            let plan = verify::Plan { backends, chunks: chunk, seq_lens, batch, heads, k, v, engine: engine(e), threads, seed };
+            println!("verify {} against the f64 reference: B={batch} H={heads} K={k} V={v}, tolerance {F32_TOLERANCE:.0e} (relative RMS)", loaded.rule.name);
+            println!("{:<10} {:>5} {:>6} {:>12} {:>12}  result", "backend", "chunk", "T", "err o", "err hT");
+            let rows = verify::verify(&loaded.rule, &plan, |r| {
+                println!(
+                    "{:<10} {:>5} {:>6} {:>12.3e} {:>12.3e}  {}",
+                    r.backend.name(),
+                    r.chunk.map(|c| c.to_string()).unwrap_or_else(|| "-".into()),
+                    r.seq_len,
+                    r.err_o,
+                    r.err_ht,
+                    if r.pass { "ok" } else { "FAIL" }
+                );
+            })?;
+            let failed = rows.iter().filter(|r| !r.pass).count();
+            println!("{} passed, {} failed", rows.len() - failed, failed);
+            Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Command::Compile { rule, target: Target::Cpu, backend, chunk, heads, k, v } => {
+            let loaded = load_rule(&rule)?;
+            let be: Backend = backend.into();
+            if be == Backend::Reference {
+                return Err(Error::Input("the reference has no kernel; choose --backend recurrent or chunked".into()));
+            }
+            if heads == 0 || k == 0 || v == 0 || chunk == 0 {
+                return Err(Error::Input("--H, --K, --V and --chunk must be at least 1".into()));
+            }
+            match &loaded.canonical {
+                Ok(c) => println!("class: {}", c.class.describe()),
+                Err(why) => println!("class: not chunkable ({})", why.reason),
+            }
+            let shape = chunkc::codegen::plan::Shape { heads, k, v, scale: 1.0 / (k as f64).sqrt() };
+            let kernel = backend::build_kernel(&loaded.rule, be, shape, chunk)?;
+            print!("{kernel}");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn check(path: &std::path::Path) -> Result<ExitCode, Error> {
+    let loaded = load_rule(path)?;
+    let rule = &loaded.rule;
+    println!("rule {}: {}", rule.name, rule.summary);
+    println!("inputs:");
+    for i in &rule.inputs {
+        let shape = match i.ty {
+            Ty::Scalar => "scalar",
+            Ty::VecK => "[K]",
+            _ => "[V]",
+        };
+        let kind = if i.per_head { "per head" } else { "per token" };
+        println!("  {:<8} {:<7} {:<10} domain {}", i.name, shape, kind, i.domain.name());
+    }
+    match &loaded.canonical {
+        Ok(c) => {
+            for (span, w) in &c.warnings {
+                eprint!("{}", warning(rule, *span, w));
+            }
+            print!("{}", c.describe(rule));
+            println!("kernels: recurrent, chunked");
+        }
+        Err(why) => {
+            println!("class: not chunkable: {}", why.reason);
+            println!("kernels: recurrent only");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn warning(rule: &Rule, span: chunkc::dsl::ast::Span, msg: &str) -> String {
+    Diagnostic::warning(&rule.path, &rule.source, span, msg).to_string()
+}

@@ -1,0 +1,168 @@
+//! Running a rule on tensors with a chosen backend: the f64 reference, the recurrent kernel
+//! or the chunked kernel (JIT-compiled, or through the tile-IR interpreter for debugging).
+
+use crate::error::Error;
+use crate::problem::infer_dims;
+use chunkc_codegen::ir::Kernel;
+use chunkc_codegen::plan::{self, Schedule, Shape};
+use chunkc_dsl::ast::Rule;
+use chunkc_dsl::canon::canonicalize;
+use chunkc_dsl::reference::{self, Dims};
+use chunkc_runtime::exec::{self, Buffer, CpuKernel};
+use chunkc_runtime::io::Tensors;
+use chunkc_runtime::tensor::Tensor;
+
+/// Which implementation computes the outputs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// The rule interpreted in f64, token by token.
+    Reference,
+    /// The fused recurrent kernel (any rule).
+    Recurrent,
+    /// The chunked kernel (rules linear in the state).
+    Chunked,
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Reference => "reference",
+            Backend::Recurrent => "recurrent",
+            Backend::Chunked => "chunked",
+        }
+    }
+}
+
+/// How a kernel is executed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Engine {
+    /// Native code from the Cranelift backend.
+    Jit,
+    /// The tile-IR interpreter (slow; for debugging plans).
+    Interp,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    pub backend: Backend,
+    pub engine: Engine,
+    pub chunk: usize,
+    /// Worker threads; 0 means all available.
+    pub threads: usize,
+    /// `scale`; None means 1/sqrt(K).
+    pub scale: Option<f64>,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options { backend: Backend::Chunked, engine: Engine::Jit, chunk: 64, threads: 0, scale: None }
+    }
+}
+
+/// `o` `[B, T, H, V]` and the final state `hT` `[B, H, K, V]`.
+#[derive(Clone, Debug)]
+pub struct Outputs {
+    pub o: Tensor,
+    pub ht: Tensor,
+}
+
+/// The kernel shape for these dims.
+pub fn shape_of(dims: &Dims, scale: Option<f64>) -> Shape {
+    Shape { heads: dims.heads, k: dims.k, v: dims.v, scale: scale.unwrap_or(1.0 / (dims.k as f64).sqrt()) }
+}
+
+/// Builds the tile-IR kernel of `rule` for `backend` (recurrent or chunked).
+pub fn build_kernel(rule: &Rule, backend: Backend, shape: Shape, chunk: usize) -> Result<Kernel, Error> {
+    match backend {
+        Backend::Recurrent => plan::recurrent::build(rule, shape).map_err(|e| Error::Unsupported(e.0)),
+        Backend::Chunked => {
+            let canon = canonicalize(rule).map_err(|n| Error::from(n.to_diagnostic(rule)))?;
+            plan::chunked::build(rule, &canon, shape, Schedule::with_chunk(chunk))
+                .map_err(|e| Error::Unsupported(format!("rule `{}`: {}", rule.name, e.0)))
+        }
+        Backend::Reference => Err(Error::Internal("the reference has no kernel".into())),
+    }
+}
+
+/// Runs `rule` on `tensors` (inputs by name, `h0` optional). `source` names where the
+/// tensors came from, for messages.
+pub fn run(rule: &Rule, tensors: &Tensors, source: &str, opts: &Options) -> Result<Outputs, Error> {
+    let dims = infer_dims(rule, tensors, source)?;
+    let shape = shape_of(&dims, opts.scale);
+    if opts.backend == Backend::Reference {
+        return run_reference(rule, tensors, dims, shape.scale);
+    }
+    if opts.backend == Backend::Chunked && opts.chunk == 0 {
+        return Err(Error::Input("--chunk must be at least 1".into()));
+    }
+    let kernel = build_kernel(rule, opts.backend, shape, opts.chunk)?;
+    match opts.engine {
+        Engine::Jit => {
+            let compiled = chunkc_codegen::cpu::compile(&kernel).map_err(|e| Error::Internal(e.to_string()))?;
+            execute(&compiled, rule, tensors, dims, opts.threads)
+        }
+        Engine::Interp => execute_interp(&kernel, rule, tensors, dims),
+    }
+}
+
+fn run_reference(rule: &Rule, tensors: &Tensors, dims: Dims, scale: f64) -> Result<Outputs, Error> {
+    let as_f64 = |t: &Tensor| t.data.iter().map(|&x| x as f64).collect::<Vec<f64>>();
+    let h0 = tensors.get("h0").map(as_f64);
+    let out = reference::run(rule, dims, scale, &|name| tensors.get(name).map(as_f64), h0.as_deref())
+        .map_err(Error::Internal)?;
+    let f32s = |x: Vec<f64>| x.into_iter().map(|y| y as f32).collect::<Vec<f32>>();
+    Ok(Outputs {
+        o: Tensor::new(dims.output_shape(), f32s(out.o))?,
+        ht: Tensor::new(dims.state_shape(), f32s(out.ht))?,
+    })
+}
+
+/// Output tensors filled with NaN, so that an element a kernel fails to write shows.
+fn poisoned(dims: &Dims) -> (Tensor, Tensor) {
+    (Tensor::filled(dims.output_shape(), f32::NAN), Tensor::filled(dims.state_shape(), f32::NAN))
+}
+
+fn h0_or_zeros(tensors: &Tensors, dims: &Dims) -> Tensor {
+    tensors.get("h0").cloned().unwrap_or_else(|| Tensor::zeros(dims.state_shape()))
+}
+
+/// Runs a compiled kernel over the (batch, head) grid. The tensors must have been checked
+/// against `dims` (as [`run`] does through `infer_dims`).
+pub fn execute(kernel: &dyn CpuKernel, rule: &Rule, tensors: &Tensors, dims: Dims, threads: usize) -> Result<Outputs, Error> {
+    let h0 = h0_or_zeros(tensors, &dims);
+    let (mut o, mut ht) = poisoned(&dims);
+    let mut buffers: Vec<Buffer> = Vec::with_capacity(rule.inputs.len() + 3);
+    for inp in &rule.inputs {
+        let t = tensors.get(&inp.name).ok_or_else(|| Error::Internal(format!("input `{}` vanished", inp.name)))?;
+        buffers.push(Buffer::In(&t.data));
+    }
+    buffers.push(Buffer::In(&h0.data));
+    buffers.push(Buffer::Out(&mut o.data));
+    buffers.push(Buffer::Out(&mut ht.data));
+    let threads = if threads == 0 { exec::default_threads() } else { threads };
+    // SAFETY: every tensor was checked against `dims`, the sizes the kernel was built for,
+    // and the kernel only touches elements of its own (b, h) inside those shapes.
+    unsafe { exec::launch(kernel, &mut buffers, dims.batch, dims.heads, dims.seq_len, threads) };
+    Ok(Outputs { o, ht })
+}
+
+fn execute_interp(kernel: &Kernel, rule: &Rule, tensors: &Tensors, dims: Dims) -> Result<Outputs, Error> {
+    let mut h0 = h0_or_zeros(tensors, &dims);
+    let (mut o, mut ht) = poisoned(&dims);
+    let mut inputs: Vec<Vec<f32>> = rule
+        .inputs
+        .iter()
+        .map(|i| tensors.get(&i.name).map(|t| t.data.clone()).ok_or_else(|| Error::Internal(format!("`{}`", i.name))))
+        .collect::<Result<_, _>>()?;
+    for b in 0..dims.batch {
+        for h in 0..dims.heads {
+            let mut params: Vec<&mut [f32]> = inputs.iter_mut().map(|x| x.as_mut_slice()).collect();
+            params.push(&mut h0.data);
+            params.push(&mut o.data);
+            params.push(&mut ht.data);
+            chunkc_codegen::interp::run(kernel, &mut params, b as i64, h as i64, dims.seq_len as i64)
+                .map_err(|e| Error::Internal(e.0))?;
+        }
+    }
+    Ok(Outputs { o, ht })
+}

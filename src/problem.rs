@@ -1,0 +1,90 @@
+//! Problem sizes from input tensors, and the shape check of every tensor a rule reads.
+
+use crate::error::Error;
+use chunkc_dsl::ast::{Rule, Ty};
+use chunkc_dsl::reference::Dims;
+use chunkc_runtime::error::{expect_shape, RuntimeError};
+use chunkc_runtime::io::Tensors;
+
+/// Dimension names of an input's tensor, for messages.
+pub fn dims_label(per_head: bool, ty: Ty) -> &'static str {
+    match (per_head, ty) {
+        (true, Ty::Scalar) => "[H]",
+        (true, Ty::VecK) => "[H, K]",
+        (true, _) => "[H, V]",
+        (false, Ty::Scalar) => "[B, T, H]",
+        (false, Ty::VecK) => "[B, T, H, K]",
+        (false, _) => "[B, T, H, V]",
+    }
+}
+
+fn get<'a>(tensors: &'a Tensors, name: &str, source: &str) -> Result<&'a chunkc_runtime::tensor::Tensor, Error> {
+    tensors.get(name).ok_or_else(|| {
+        Error::Runtime(RuntimeError::MissingTensor {
+            name: name.to_string(),
+            path: source.to_string(),
+            available: tensors.keys().cloned().collect(),
+        })
+    })
+}
+
+/// Reads B, T, H, K and V off the tensors, then checks every tensor the rule reads (and
+/// `h0` when present) against them. `source` names where the tensors came from.
+pub fn infer_dims(rule: &Rule, tensors: &Tensors, source: &str) -> Result<Dims, Error> {
+    let rank_error = |name: &str, label: &str, shape: &[usize]| {
+        Error::Input(format!(
+            "tensor `{name}`: expected {} dimensions {label}, got shape {shape:?}",
+            label.split(',').count()
+        ))
+    };
+    let (mut bth, mut heads, mut k, mut v) = (None, None, None, None);
+    for inp in &rule.inputs {
+        let t = get(tensors, &inp.name, source)?;
+        let label = dims_label(inp.per_head, inp.ty);
+        let want_rank = label.split(',').count();
+        if t.shape.len() != want_rank {
+            return Err(rank_error(&inp.name, label, &t.shape));
+        }
+        let width = match (inp.per_head, inp.ty) {
+            (_, Ty::Scalar) => None,
+            (true, _) => Some(t.shape[1]),
+            (false, _) => Some(t.shape[3]),
+        };
+        if inp.per_head {
+            heads.get_or_insert(t.shape[0]);
+        } else {
+            bth.get_or_insert((t.shape[0], t.shape[1], t.shape[2]));
+        }
+        match inp.ty {
+            Ty::VecK => k = k.or(width),
+            Ty::VecV => v = v.or(width),
+            _ => {}
+        }
+    }
+    let h0 = tensors.get("h0");
+    if let Some(h0) = h0 {
+        if h0.shape.len() != 4 {
+            return Err(rank_error("h0", "[B, H, K, V]", &h0.shape));
+        }
+        k = k.or(Some(h0.shape[2]));
+        v = v.or(Some(h0.shape[3]));
+    }
+    let (batch, seq_len, h) = bth.ok_or_else(|| {
+        Error::Input(format!("rule `{}` has no per-token input, so the sequence length is unknown", rule.name))
+    })?;
+    let heads = heads.unwrap_or(h);
+    let k = k.ok_or_else(|| Error::Input("cannot tell K: the rule has no [K] input; pass h0 [B, H, K, V]".into()))?;
+    let v = v.ok_or_else(|| Error::Input("cannot tell V: the rule has no [V] input; pass h0 [B, H, K, V]".into()))?;
+    if k == 0 || v == 0 || heads == 0 {
+        return Err(Error::Input(format!("K, V and H must be at least 1 (got K={k}, V={v}, H={heads})")));
+    }
+    let dims = Dims { batch, seq_len, heads, k, v };
+    for inp in &rule.inputs {
+        let t = get(tensors, &inp.name, source)?;
+        expect_shape(&inp.name, t, &dims.input_shape(inp), dims_label(inp.per_head, inp.ty))?;
+    }
+    if let Some(h0) = h0 {
+        expect_shape("h0", h0, &dims.state_shape(), "[B, H, K, V]")?;
+    }
+    Ok(dims)
+}

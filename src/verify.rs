@@ -1,0 +1,148 @@
+//! Verification against the f64 reference: random inputs drawn from each input's domain,
+//! relative RMS errors, and the `verify` table.
+
+use crate::backend::{self, Backend, Engine, Options};
+use crate::error::Error;
+use chunkc_dsl::ast::{Domain, Rule};
+use chunkc_dsl::reference::Dims;
+use chunkc_runtime::io::Tensors;
+use chunkc_runtime::tensor::Tensor;
+
+/// Relative RMS error `||out - ref|| / ||ref||` (absolute when the reference is all zero).
+/// Any NaN or infinity in `out` gives infinity: it never passes.
+pub fn rel_rms(out: &[f32], reference: &[f32]) -> f64 {
+    if out.len() != reference.len() || out.iter().any(|x| !x.is_finite()) {
+        return f64::INFINITY;
+    }
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (&o, &r) in out.iter().zip(reference) {
+        num += (o as f64 - r as f64).powi(2);
+        den += (r as f64).powi(2);
+    }
+    if den == 0.0 {
+        num.sqrt()
+    } else {
+        (num / den).sqrt()
+    }
+}
+
+/// A small deterministic generator (xorshift64* with Box-Muller normals).
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    /// Uniform in (0, 1).
+    pub fn uniform(&mut self) -> f64 {
+        ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    }
+    pub fn normal(&mut self) -> f64 {
+        let (u, v) = (self.uniform(), self.uniform());
+        (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()
+    }
+}
+
+/// One random value of a domain.
+fn draw(rng: &mut Rng, domain: Domain) -> f64 {
+    let n = rng.normal();
+    match domain {
+        Domain::Any | Domain::UnitNorm => n,
+        // logsigmoid(n + 2): mostly mild decays, sometimes strong ones.
+        Domain::LogGate => -chunkc_dsl::ast::softplus(-(n + 2.0)),
+        Domain::Unit => chunkc_dsl::ast::sigmoid(n),
+        Domain::Positive => (0.5 * n).exp(),
+        Domain::Negative => -(0.5 * n).exp(),
+    }
+}
+
+/// Random inputs for every input of the rule, and a random `h0`, in FLA's layouts.
+pub fn random_inputs(rule: &Rule, dims: &Dims, seed: u64) -> Tensors {
+    let mut rng = Rng::new(seed);
+    let mut t = Tensors::new();
+    for inp in &rule.inputs {
+        let shape = dims.input_shape(inp);
+        let n: usize = shape.iter().product();
+        let mut data: Vec<f32> = (0..n).map(|_| draw(&mut rng, inp.domain) as f32).collect();
+        if inp.domain == Domain::UnitNorm {
+            let w = inp.width(dims.k, dims.v);
+            for row in data.chunks_mut(w) {
+                let norm = row.iter().map(|x| x * x).sum::<f32>().sqrt().max(f32::MIN_POSITIVE);
+                row.iter_mut().for_each(|x| *x /= norm);
+            }
+        }
+        t.insert(inp.name.clone(), Tensor { shape, data });
+    }
+    let n = dims.batch * dims.heads * dims.k * dims.v;
+    t.insert("h0".into(), Tensor { shape: dims.state_shape(), data: (0..n).map(|_| (0.1 * rng.normal()) as f32).collect() });
+    t
+}
+
+/// One row of a verification table.
+#[derive(Clone, Debug)]
+pub struct Row {
+    pub backend: Backend,
+    /// None for the recurrent kernel.
+    pub chunk: Option<usize>,
+    pub seq_len: usize,
+    pub err_o: f64,
+    pub err_ht: f64,
+    pub pass: bool,
+}
+
+/// The tolerance of the f32 paths (DESIGN.md).
+pub const F32_TOLERANCE: f64 = 1e-5;
+
+/// What to verify.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub backends: Vec<Backend>,
+    pub chunks: Vec<usize>,
+    /// Sequence lengths; None means {1, C-1, C+1, 1000} for each chunk C.
+    pub seq_lens: Option<Vec<usize>>,
+    pub batch: usize,
+    pub heads: usize,
+    pub k: usize,
+    pub v: usize,
+    pub engine: Engine,
+    pub threads: usize,
+    pub seed: u64,
+}
+
+/// Runs every backend and chunk size on random inputs against the reference.
+pub fn verify(rule: &Rule, plan: &Plan, mut progress: impl FnMut(&Row)) -> Result<Vec<Row>, Error> {
+    let mut rows = vec![];
+    let mut lens: Vec<usize> = match &plan.seq_lens {
+        Some(l) => l.clone(),
+        None => plan.chunks.iter().flat_map(|&c| [1, c.saturating_sub(1).max(1), c + 1, 1000]).collect(),
+    };
+    lens.sort_unstable();
+    lens.dedup();
+    for &t in &lens {
+        let dims = Dims { batch: plan.batch, seq_len: t, heads: plan.heads, k: plan.k, v: plan.v };
+        let inputs = random_inputs(rule, &dims, plan.seed ^ t as u64);
+        let reference = backend::run(rule, &inputs, "random inputs", &Options { backend: Backend::Reference, ..Default::default() })?;
+        for &be in &plan.backends {
+            let chunks: Vec<Option<usize>> = match be {
+                Backend::Chunked => plan.chunks.iter().map(|&c| Some(c)).collect(),
+                _ => vec![None],
+            };
+            for chunk in chunks {
+                let opts = Options { backend: be, engine: plan.engine, chunk: chunk.unwrap_or(64), threads: plan.threads, scale: None };
+                let out = backend::run(rule, &inputs, "random inputs", &opts)?;
+                let err_o = rel_rms(&out.o.data, &reference.o.data);
+                let err_ht = rel_rms(&out.ht.data, &reference.ht.data);
+                let row = Row { backend: be, chunk, seq_len: t, err_o, err_ht, pass: err_o <= F32_TOLERANCE && err_ht <= F32_TOLERANCE };
+                progress(&row);
+                rows.push(row);
+            }
+        }
+    }
+    Ok(rows)
+}
