@@ -1,1 +1,35 @@
-fn main() {}
+//! Forward-pass timings of the CPU kernels: recurrent and chunked, for simple_gla, gla and
+//! gated_delta_rule at B=1, T=2048, H=8, K=V=128, f32, one thread (the shape of the ggml peer
+//! numbers in docs/performance.md). Throughput is in token-heads per second.
+//!
+//! `cargo bench --bench forward` (filter with a family name, e.g. `-- gla/`). Set
+//! CHUNKC_BENCH_T to change T.
+
+use chunkc::backend::{build_kernel, execute, shape_of, Backend};
+use chunkc::dsl::reference::Dims;
+use chunkc::verify::random_inputs;
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use std::path::Path;
+use std::time::Duration;
+
+fn forward(c: &mut Criterion) {
+    let seq_len = std::env::var("CHUNKC_BENCH_T").ok().and_then(|s| s.parse().ok()).unwrap_or(2048);
+    let dims = Dims { batch: 1, seq_len, heads: 8, k: 128, v: 128 };
+    for family in ["simple_gla", "gla", "gated_delta_rule"] {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("rules").join(format!("{family}.toml"));
+        let rule = chunkc::load_rule(&path).expect("built-in rule").rule;
+        let inputs = random_inputs(&rule, &dims, 7);
+        let mut group = c.benchmark_group(family);
+        group.throughput(Throughput::Elements((dims.batch * dims.seq_len * dims.heads) as u64));
+        group.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(4));
+        for (label, backend, chunk) in [("recurrent", Backend::Recurrent, 0), ("chunked64", Backend::Chunked, 64)] {
+            let kernel = build_kernel(&rule, backend, shape_of(&dims, None), chunk).expect("kernel");
+            let compiled = chunkc::codegen::cpu::compile(&kernel).expect("compiles");
+            group.bench_function(label, |b| b.iter(|| execute(&compiled, &rule, &inputs, dims, 1).expect("runs")));
+        }
+        group.finish();
+    }
+}
+
+criterion_group!(benches, forward);
+criterion_main!(benches);

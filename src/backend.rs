@@ -128,7 +128,13 @@ fn h0_or_zeros(tensors: &Tensors, dims: &Dims) -> Tensor {
 
 /// Runs a compiled kernel over the (batch, head) grid. The tensors must have been checked
 /// against `dims` (as [`run`] does through `infer_dims`).
-pub fn execute(kernel: &dyn CpuKernel, rule: &Rule, tensors: &Tensors, dims: Dims, threads: usize) -> Result<Outputs, Error> {
+pub fn execute(
+    kernel: &dyn CpuKernel,
+    rule: &Rule,
+    tensors: &Tensors,
+    dims: Dims,
+    threads: usize,
+) -> Result<Outputs, Error> {
     let h0 = h0_or_zeros(tensors, &dims);
     let (mut o, mut ht) = poisoned(&dims);
     let mut buffers: Vec<Buffer> = Vec::with_capacity(rule.inputs.len() + 3);

@@ -119,6 +119,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match dispatch(cli.command) {
         Ok(code) => code,
+        // A rule diagnostic already starts with `file:line:col: error:`.
+        Err(Error::Rule(d)) => {
+            eprint!("{d}");
+            ExitCode::FAILURE
+        }
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE
@@ -173,7 +178,18 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
             if chunk.contains(&0) {
                 return Err(Error::Input("--chunk sizes must be at least 1".into()));
             }
-            let plan = verify::Plan { backends, chunks: chunk, seq_lens, batch, heads, k, v, engine: engine(e), threads, seed };
+            let plan = verify::Plan {
+                backends,
+                chunks: chunk,
+                seq_lens,
+                batch,
+                heads,
+                k,
+                v,
+                engine: engine(e),
+                threads,
+                seed,
+            };
             println!("verify {} against the f64 reference: B={batch} H={heads} K={k} V={v}, tolerance {F32_TOLERANCE:.0e} (relative RMS)", loaded.rule.name);
             println!("{:<10} {:>5} {:>6} {:>12} {:>12}  result", "backend", "chunk", "T", "err o", "err hT");
             let rows = verify::verify(&loaded.rule, &plan, |r| {

@@ -80,7 +80,10 @@ pub fn random_inputs(rule: &Rule, dims: &Dims, seed: u64) -> Tensors {
         t.insert(inp.name.clone(), Tensor { shape, data });
     }
     let n = dims.batch * dims.heads * dims.k * dims.v;
-    t.insert("h0".into(), Tensor { shape: dims.state_shape(), data: (0..n).map(|_| (0.1 * rng.normal()) as f32).collect() });
+    t.insert(
+        "h0".into(),
+        Tensor { shape: dims.state_shape(), data: (0..n).map(|_| (0.1 * rng.normal()) as f32).collect() },
+    );
     t
 }
 
@@ -127,18 +130,36 @@ pub fn verify(rule: &Rule, plan: &Plan, mut progress: impl FnMut(&Row)) -> Resul
     for &t in &lens {
         let dims = Dims { batch: plan.batch, seq_len: t, heads: plan.heads, k: plan.k, v: plan.v };
         let inputs = random_inputs(rule, &dims, plan.seed ^ t as u64);
-        let reference = backend::run(rule, &inputs, "random inputs", &Options { backend: Backend::Reference, ..Default::default() })?;
+        let reference = backend::run(
+            rule,
+            &inputs,
+            "random inputs",
+            &Options { backend: Backend::Reference, ..Default::default() },
+        )?;
         for &be in &plan.backends {
             let chunks: Vec<Option<usize>> = match be {
                 Backend::Chunked => plan.chunks.iter().map(|&c| Some(c)).collect(),
                 _ => vec![None],
             };
             for chunk in chunks {
-                let opts = Options { backend: be, engine: plan.engine, chunk: chunk.unwrap_or(64), threads: plan.threads, scale: None };
+                let opts = Options {
+                    backend: be,
+                    engine: plan.engine,
+                    chunk: chunk.unwrap_or(64),
+                    threads: plan.threads,
+                    scale: None,
+                };
                 let out = backend::run(rule, &inputs, "random inputs", &opts)?;
                 let err_o = rel_rms(&out.o.data, &reference.o.data);
                 let err_ht = rel_rms(&out.ht.data, &reference.ht.data);
-                let row = Row { backend: be, chunk, seq_len: t, err_o, err_ht, pass: err_o <= F32_TOLERANCE && err_ht <= F32_TOLERANCE };
+                let row = Row {
+                    backend: be,
+                    chunk,
+                    seq_len: t,
+                    err_o,
+                    err_ht,
+                    pass: err_o <= F32_TOLERANCE && err_ht <= F32_TOLERANCE,
+                };
                 progress(&row);
                 rows.push(row);
             }

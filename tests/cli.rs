@@ -1,0 +1,250 @@
+//! The `chunkc` command as a user meets it: every error is one clear message with a non-zero
+//! exit, rule errors point at file:line:col, and nothing panics.
+
+use chunkc::runtime::io::write_safetensors;
+use chunkc::runtime::tensor::Tensor;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn chunkc(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_chunkc")).current_dir(root()).args(args).output().expect("chunkc runs")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("chunkc-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir.join(name)
+}
+
+/// simple_gla inputs: q, k [1, 5, 2, 4], v [1, 5, 2, 3], g [1, 5, 2].
+fn simple_gla_inputs() -> BTreeMap<String, Tensor> {
+    let t = |shape: Vec<usize>, f: f32| {
+        let n = shape.iter().product();
+        Tensor { shape, data: (0..n).map(|i| f * ((i % 7) as f32 - 3.0) / 7.0).collect() }
+    };
+    let mut m = BTreeMap::new();
+    m.insert("q".into(), t(vec![1, 5, 2, 4], 1.0));
+    m.insert("k".into(), t(vec![1, 5, 2, 4], 0.5));
+    m.insert("v".into(), t(vec![1, 5, 2, 3], 1.0));
+    m.insert("g".into(), Tensor { shape: vec![1, 5, 2], data: vec![-0.1; 10] });
+    m
+}
+
+fn write(name: &str, t: &BTreeMap<String, Tensor>) -> PathBuf {
+    let p = tmp(name);
+    write_safetensors(&p, t, None).expect("write inputs");
+    p
+}
+
+fn run_simple_gla(inputs: &Path, extra: &[&str]) -> Output {
+    let out = tmp("out.safetensors");
+    let mut args =
+        vec!["run", "rules/simple_gla.toml", "--inputs", inputs.to_str().unwrap(), "--out", out.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    chunkc(&args)
+}
+
+#[test]
+fn run_writes_outputs_for_every_backend() {
+    let p = write("ok.safetensors", &simple_gla_inputs());
+    for backend in ["reference", "recurrent", "chunked"] {
+        let o = run_simple_gla(&p, &["--backend", backend, "--chunk", "2"]);
+        assert!(o.status.success(), "{backend}: {}", stderr(&o));
+        assert!(stdout(&o).contains("wrote o and hT"), "{}", stdout(&o));
+    }
+}
+
+#[test]
+fn missing_tensor_is_named_with_what_the_file_has() {
+    let mut t = simple_gla_inputs();
+    t.remove("g");
+    let p = write("missing.safetensors", &t);
+    let o = run_simple_gla(&p, &[]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(stderr(&o), format!("error: tensor `g` is missing from {} (it has: k, q, v)\n", p.display()));
+}
+
+#[test]
+fn wrong_shape_names_tensor_expected_and_actual() {
+    let mut t = simple_gla_inputs();
+    t.insert("v".into(), Tensor { shape: vec![1, 6, 2, 3], data: vec![0.0; 36] });
+    let p = write("shape.safetensors", &t);
+    let o = run_simple_gla(&p, &[]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(stderr(&o), "error: tensor `v`: expected shape [1, 5, 2, 3] ([B, T, H, V]), got [1, 6, 2, 3]\n");
+
+    let mut t = simple_gla_inputs();
+    t.insert("h0".into(), Tensor { shape: vec![1, 2, 4, 4], data: vec![0.0; 32] });
+    let p = write("h0.safetensors", &t);
+    let o = run_simple_gla(&p, &[]);
+    assert_eq!(stderr(&o), "error: tensor `h0`: expected shape [1, 2, 4, 3] ([B, H, K, V]), got [1, 2, 4, 4]\n");
+
+    let mut t = simple_gla_inputs();
+    t.insert("q".into(), Tensor { shape: vec![5, 8], data: vec![0.0; 40] });
+    let p = write("rank.safetensors", &t);
+    let o = run_simple_gla(&p, &[]);
+    assert_eq!(stderr(&o), "error: tensor `q`: expected 4 dimensions [B, T, H, K], got shape [5, 8]\n");
+}
+
+#[test]
+fn unreadable_and_garbage_files_are_one_line() {
+    let o = run_simple_gla(Path::new("/nonexistent/in.safetensors"), &[]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(stderr(&o), "error: cannot read /nonexistent/in.safetensors: No such file or directory (os error 2)\n");
+
+    let p = tmp("garbage.safetensors");
+    std::fs::write(&p, b"not a tensor file at all").expect("write");
+    let o = run_simple_gla(&p, &[]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(
+        e.starts_with(&format!("error: {} is not a safetensors file: ", p.display())) && e.lines().count() == 1,
+        "{e}"
+    );
+}
+
+#[test]
+fn nan_inputs_warn_but_run() {
+    let mut t = simple_gla_inputs();
+    t.get_mut("k").unwrap().data[3] = f32::NAN;
+    let p = write("nan.safetensors", &t);
+    let o = run_simple_gla(&p, &["--backend", "recurrent"]);
+    assert!(o.status.success());
+    assert_eq!(stderr(&o), format!("warning: tensor `k` in {} holds 1 NaN or infinite values\n", p.display()));
+}
+
+#[test]
+fn zero_chunk_is_refused() {
+    let p = write("ok2.safetensors", &simple_gla_inputs());
+    let o = run_simple_gla(&p, &["--chunk", "0"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(stderr(&o), "error: --chunk must be at least 1\n");
+}
+
+const NONLINEAR: &str = r#"name = "normalised"
+step = """
+S = sigmoid(S + outer(k, v))
+o = S^T @ q
+"""
+
+[inputs]
+q = "[K]"
+k = "[K]"
+v = "[V]"
+"#;
+
+#[test]
+fn nonlinear_rule_runs_recurrent_and_explains_why_not_chunked() {
+    let rule = tmp("normalised.toml");
+    std::fs::write(&rule, NONLINEAR).expect("write rule");
+    let o = chunkc(&["check", rule.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("class: not chunkable: sigmoid(...) of a value that depends on the state is not linear"),
+        "{}",
+        stdout(&o)
+    );
+    assert!(stdout(&o).contains("kernels: recurrent only"));
+
+    let mut t = BTreeMap::new();
+    t.insert("q".to_string(), Tensor { shape: vec![1, 3, 1, 2], data: vec![0.1; 6] });
+    t.insert("k".to_string(), Tensor { shape: vec![1, 3, 1, 2], data: vec![0.2; 6] });
+    t.insert("v".to_string(), Tensor { shape: vec![1, 3, 1, 2], data: vec![0.3; 6] });
+    let p = write("nl.safetensors", &t);
+    let out = tmp("nl-out.safetensors");
+    let run = |backend: &str| {
+        chunkc(&[
+            "run",
+            rule.to_str().unwrap(),
+            "--inputs",
+            p.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--backend",
+            backend,
+        ])
+    };
+    assert!(run("recurrent").status.success());
+    let o = run("chunked");
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(e.starts_with(&format!("{}:3:5: error: this rule cannot be chunked: sigmoid(...)", rule.display())), "{e}");
+    assert!(e.contains('^'), "{e}");
+
+    let o = chunkc(&["verify", rule.to_str().unwrap(), "--T", "5,40"]);
+    assert!(o.status.success(), "{}", stdout(&o));
+    assert!(stdout(&o).contains("verifying the recurrent kernel only"));
+}
+
+#[test]
+fn chunked_true_on_a_nonlinear_rule_is_an_error_with_a_caret() {
+    let rule = tmp("required.toml");
+    std::fs::write(&rule, NONLINEAR.replace("name = \"normalised\"\n", "name = \"normalised\"\nchunked = true\n"))
+        .expect("write");
+    let o = chunkc(&["check", rule.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    let want = format!(
+        "{}:4:5: error: this rule cannot be chunked: sigmoid(...) of a value that depends on the state is not linear
+  |
+4 | S = sigmoid(S + outer(k, v))
+  |     ^^^^^^^^^^^^^^^^^^^^^^^^ here
+  = help: chunked kernels need a state update of the form (diag(w) + a b^T) S + outer(k, v); the recurrent kernel and the reference run any rule (remove `chunked = true` to allow that)
+",
+        rule.display()
+    );
+    assert_eq!(stderr(&o), want);
+}
+
+#[test]
+fn broken_rule_gets_location_and_caret() {
+    let rule = tmp("broken.toml");
+    std::fs::write(&rule, "name = \"x\"\nstep = \"\"\"\nS = S + outer(k, v\no = S^T @ q\n\"\"\"\n[inputs]\nq = \"[K]\"\nk = \"[K]\"\nv = \"[V]\"\n")
+        .expect("write");
+    let o = chunkc(&["check", rule.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(e.starts_with(&format!("{}:3:", rule.display())), "{e}");
+    assert!(e.contains('^') && !e.contains("panicked"), "{e}");
+}
+
+#[test]
+fn every_builtin_rule_checks_and_compiles() {
+    for entry in std::fs::read_dir(root().join("rules")).expect("rules/") {
+        let path = entry.expect("entry").path();
+        let p = path.to_str().unwrap();
+        let o = chunkc(&["check", p]);
+        assert!(o.status.success(), "{p}: {}", stderr(&o));
+        assert!(stdout(&o).contains("kernels: recurrent, chunked"), "{p}: {}", stdout(&o));
+        for backend in ["recurrent", "chunked"] {
+            let o = chunkc(&[
+                "compile",
+                p,
+                "--target",
+                "cpu",
+                "--backend",
+                backend,
+                "--K",
+                "8",
+                "--V",
+                "8",
+                "--chunk",
+                "16",
+            ]);
+            assert!(o.status.success(), "{p}: {}", stderr(&o));
+            assert!(stdout(&o).contains("loop i in 0.."), "{p}");
+        }
+    }
+}
