@@ -35,7 +35,11 @@ fn run_case(file: &Path, family: &str, args: &[&str], out: &Path) -> (Vec<f32>, 
         .args(args)
         .output()
         .expect("chunkc runs");
-    assert!(status.status.success(), "chunkc run {family} {args:?} failed:\n{}", String::from_utf8_lossy(&status.stderr));
+    assert!(
+        status.status.success(),
+        "chunkc run {family} {args:?} failed:\n{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
     let (t, _) = read_safetensors(out).expect("output readable");
     (t["o"].data.clone(), t.get("hT").map(|x| x.data.clone()))
 }
@@ -67,7 +71,11 @@ fn every_golden_through_chunkc_run() {
                 (None, _) => 0.0,
                 (Some(_), None) => f64::INFINITY,
             };
-            println!("{:<28} {:<28} err o {err_o:.2e}  err hT {err_ht:.2e}", case["file"].as_str().unwrap_or(""), cfg.join(" "));
+            println!(
+                "{:<28} {:<28} err o {err_o:.2e}  err hT {err_ht:.2e}",
+                case["file"].as_str().unwrap_or(""),
+                cfg.join(" ")
+            );
             if !(err_o <= F32_TOLERANCE && err_ht <= F32_TOLERANCE) {
                 failures.push(format!("{} {}: o {err_o:.2e}, hT {err_ht:.2e}", family, cfg.join(" ")));
             }

@@ -149,7 +149,9 @@ impl<'a> Lowerer<'a> {
             ExprKind::Scale => Tile(b.scalar(self.shape.scale)),
             ExprKind::Head => Tile(b.idx_value(Idx::var(IdxVar::Head))),
             ExprKind::Input(i) => Tile(self.input(b, *i)),
-            ExprKind::Local(i) => self.locals[*i].ok_or_else(|| LowerError("local read before it is assigned".into()))?,
+            ExprKind::Local(i) => {
+                self.locals[*i].ok_or_else(|| LowerError("local read before it is assigned".into()))?
+            }
             ExprKind::State => {
                 Tile(self.state.ok_or_else(|| LowerError("the state is not available in a chunk prologue".into()))?)
             }
@@ -230,7 +232,8 @@ impl<'a> Lowerer<'a> {
                 b.dot(y, m, false, true, None)
             }
             // S^T @ x and x @ S: [1, K] x [K, V] -> [1, V]
-            (Ty::MatT, Ty::VecK, LVal::Transposed(m), LVal::Tile(x)) | (Ty::VecK, Ty::Mat, LVal::Tile(x), LVal::Tile(m)) => {
+            (Ty::MatT, Ty::VecK, LVal::Transposed(m), LVal::Tile(x))
+            | (Ty::VecK, Ty::Mat, LVal::Tile(x), LVal::Tile(m)) => {
                 self.need_one_row("S^T @ x")?;
                 b.dot(x, m, false, false, None)
             }

@@ -144,7 +144,8 @@ enum Sym {
 pub fn canonicalize(rule: &Rule) -> Result<Canonical, NotChunkable> {
     let mut cx = Cx { rule, locals: vec![None; rule.locals.len()], warnings: vec![] };
     let last_update = rule.stmts.iter().rposition(|s| s.target == Target::State);
-    let identity = |version| LinMat { version, w: Some(num(1.0, Span::default())), low_rank: vec![], vside: None, writes: vec![] };
+    let identity =
+        |version| LinMat { version, w: Some(num(1.0, Span::default())), low_rank: vec![], vside: None, writes: vec![] };
     let mut state = Sym::Mat(identity(Version::Old));
     let mut update = None;
     let mut output = None;
@@ -165,7 +166,8 @@ pub fn canonicalize(rule: &Rule) -> Result<Canonical, NotChunkable> {
             Target::Local(l) => cx.locals[*l] = Some(val),
         }
     }
-    let (update, update_span) = update.ok_or_else(|| NotChunkable { reason: "the step never updates S".into(), span: Span::default() })?;
+    let (update, update_span) =
+        update.ok_or_else(|| NotChunkable { reason: "the step never updates S".into(), span: Span::default() })?;
     let m = match update {
         Sym::Mat(m) => m,
         Sym::Opaque(reason, span) => return Err(NotChunkable { reason, span }),
@@ -180,7 +182,8 @@ pub fn canonicalize(rule: &Rule) -> Result<Canonical, NotChunkable> {
     if !m.has_state() {
         return Err(NotChunkable { reason: "the update discards the previous state".into(), span: update_span });
     }
-    let (out, out_span) = output.ok_or_else(|| NotChunkable { reason: "the step never assigns o".into(), span: Span::default() })?;
+    let (out, out_span) =
+        output.ok_or_else(|| NotChunkable { reason: "the step never assigns o".into(), span: Span::default() })?;
     let output = match out {
         Sym::Vec(v) => cx.output(v, out_span)?,
         Sym::Opaque(reason, span) => return Err(NotChunkable { reason, span }),
@@ -293,7 +296,11 @@ impl Cx<'_> {
             }
             (BinaryOp::Mul, Sym::Free(f), s) | (BinaryOp::Mul, s, Sym::Free(f)) => scale_sym(s, &f),
             (BinaryOp::Div, s, Sym::Free(f)) => {
-                let inv = Expr::new(ExprKind::Binary(BinaryOp::Div, Box::new(num(1.0, f.span)), Box::new(f.clone())), f.ty, f.span);
+                let inv = Expr::new(
+                    ExprKind::Binary(BinaryOp::Div, Box::new(num(1.0, f.span)), Box::new(f.clone())),
+                    f.ty,
+                    f.span,
+                );
                 scale_sym(s, &inv)
             }
             (BinaryOp::Mul, Sym::Mat(a), Sym::Mat(b)) if !a.has_state() && !b.has_state() => {
@@ -572,7 +579,9 @@ pub fn mul(a: &Expr, b: &Expr, sp: Span) -> Expr {
         (_, ExprKind::Num(y)) if *y == 1.0 => a.clone(),
         (ExprKind::Num(x), _) if *x == -1.0 => neg(b, sp),
         (_, ExprKind::Num(y)) if *y == -1.0 => neg(a, sp),
-        _ => Expr::new(ExprKind::Binary(BinaryOp::Mul, Box::new(a.clone()), Box::new(b.clone())), bcast(a.ty, b.ty), sp),
+        _ => {
+            Expr::new(ExprKind::Binary(BinaryOp::Mul, Box::new(a.clone()), Box::new(b.clone())), bcast(a.ty, b.ty), sp)
+        }
     }
 }
 
@@ -587,7 +596,9 @@ pub fn add(a: &Expr, b: &Expr, sp: Span) -> Expr {
         (_, ExprKind::Unary(UnaryOp::Neg, nb)) => {
             Expr::new(ExprKind::Binary(BinaryOp::Sub, Box::new(a.clone()), nb.clone()), bcast(a.ty, b.ty), sp)
         }
-        _ => Expr::new(ExprKind::Binary(BinaryOp::Add, Box::new(a.clone()), Box::new(b.clone())), bcast(a.ty, b.ty), sp),
+        _ => {
+            Expr::new(ExprKind::Binary(BinaryOp::Add, Box::new(a.clone()), Box::new(b.clone())), bcast(a.ty, b.ty), sp)
+        }
     }
 }
 

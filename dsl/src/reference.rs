@@ -67,7 +67,13 @@ struct Env<'a> {
 /// Runs the rule over every batch and head. `input(name)` gives each input's tensor data in
 /// the layout of [`Dims::input_shape`] (the caller has checked the shapes); `h0` is the
 /// initial state or zeros.
-pub fn run(rule: &Rule, dims: Dims, scale: f64, input: &dyn Fn(&str) -> Option<Vec<f64>>, h0: Option<&[f64]>) -> Result<Outputs, String> {
+pub fn run(
+    rule: &Rule,
+    dims: Dims,
+    scale: f64,
+    input: &dyn Fn(&str) -> Option<Vec<f64>>,
+    h0: Option<&[f64]>,
+) -> Result<Outputs, String> {
     let Dims { batch, seq_len, heads, k, v } = dims;
     let data: Vec<Vec<f64>> = rule
         .inputs
@@ -131,7 +137,9 @@ impl Env<'_> {
                 (Target::State, Val::Mat(m)) => self.state = m,
                 (Target::Output, Val::VecV(x)) => o = Some(x),
                 (Target::Local(i), val) => self.locals[*i] = Some(val),
-                (t, val) => return Err(format!("statement assigns {val:?} to {t:?}: the checker should have refused it")),
+                (t, val) => {
+                    return Err(format!("statement assigns {val:?} to {t:?}: the checker should have refused it"))
+                }
             }
         }
         o.ok_or_else(|| "the step never assigns `o`".to_string())
@@ -169,12 +177,16 @@ impl Env<'_> {
             },
             ExprKind::MatMul(a, b) => match (self.eval(a)?, self.eval(b)?) {
                 // S y -> [K]
-                (Val::Mat(m), Val::VecV(y)) => Val::VecK((0..k).map(|i| (0..v).map(|j| m[i * v + j] * y[j]).sum()).collect()),
+                (Val::Mat(m), Val::VecV(y)) => {
+                    Val::VecK((0..k).map(|i| (0..v).map(|j| m[i * v + j] * y[j]).sum()).collect())
+                }
                 // S^T x -> [V]
                 (Val::MatT(m), Val::VecK(x)) | (Val::VecK(x), Val::Mat(m)) => {
                     Val::VecV((0..v).map(|j| (0..k).map(|i| m[i * v + j] * x[i]).sum()).collect())
                 }
-                (Val::VecV(y), Val::MatT(m)) => Val::VecK((0..k).map(|i| (0..v).map(|j| m[i * v + j] * y[j]).sum()).collect()),
+                (Val::VecV(y), Val::MatT(m)) => {
+                    Val::VecK((0..k).map(|i| (0..v).map(|j| m[i * v + j] * y[j]).sum()).collect())
+                }
                 (Val::VecK(a), Val::VecK(b)) | (Val::VecV(a), Val::VecV(b)) => {
                     Val::Scalar(a.iter().zip(&b).map(|(x, y)| x * y).sum())
                 }
@@ -218,6 +230,8 @@ fn binary(op: BinaryOp, a: Val, b: Val, k: usize, v: usize) -> Result<Val, Strin
         (Mat(m), VecK(r)) => Mat((0..k * v).map(|i| f(m[i], r[i / v])).collect()),
         (VecV(c), Mat(m)) => Mat((0..k * v).map(|i| f(c[i % v], m[i])).collect()),
         (Mat(m), VecV(c)) => Mat((0..k * v).map(|i| f(m[i], c[i % v])).collect()),
-        (a, b) => return Err(format!("cannot combine {a:?} and {b:?} elementwise: the checker should have refused it")),
+        (a, b) => {
+            return Err(format!("cannot combine {a:?} and {b:?} elementwise: the checker should have refused it"))
+        }
     })
 }

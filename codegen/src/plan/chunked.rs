@@ -241,7 +241,15 @@ impl Scores {
     }
 
     /// Block (i, j) of `scores(X, gX, Y, gY)`, j <= i; `strict` masks the diagonal of i == j.
-    fn scores(&mut self, b: &mut Builder, (x, gx): (ValueId, Option<ValueId>), (y, gy): (ValueId, Option<ValueId>), i: usize, j: usize, strict: bool) -> ValueId {
+    fn scores(
+        &mut self,
+        b: &mut Builder,
+        (x, gx): (ValueId, Option<ValueId>),
+        (y, gy): (ValueId, Option<ValueId>),
+        i: usize,
+        j: usize,
+        strict: bool,
+    ) -> ValueId {
         let bs = self.bs;
         let xi = b.rows(x, i * bs, bs);
         let yj = b.rows(y, j * bs, bs);
@@ -286,7 +294,16 @@ impl Scores {
 
     /// Block `blk` of `x` times exp(g - pivot) (`ahead`) or exp(pivot - g), for the pivot of
     /// block `at`.
-    fn factor(&mut self, b: &mut Builder, x: ValueId, g: ValueId, pivot: ValueId, blk: usize, at: usize, ahead: bool) -> ValueId {
+    fn factor(
+        &mut self,
+        b: &mut Builder,
+        x: ValueId,
+        g: ValueId,
+        pivot: ValueId,
+        blk: usize,
+        at: usize,
+        ahead: bool,
+    ) -> ValueId {
         let key = (x, Some(g), blk, at, ahead);
         if let Some(v) = self.cache.get(&key) {
             return *v;
