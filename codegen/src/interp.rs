@@ -2,7 +2,9 @@
 //!
 //! Slow and simple on purpose. Backends are tested against it op by op, and chunk plans are
 //! debugged with it before any native code exists. f32 tiles hold values rounded to f32 after
-//! every op; arithmetic inside one op (a dot's sum, a cumsum) is carried in f64.
+//! every op. The sums inside Dot, GatedDot, RowSum and SolveUnitLower are carried in f64 and
+//! rounded once (backends accumulate in f32, so those agree to f32 rounding); Cumsum rounds
+//! after every add in the tile's dtype, as backends do.
 
 use crate::ir::*;
 

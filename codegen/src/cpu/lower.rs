@@ -1,0 +1,959 @@
+//! Lowering of tile-IR statements to Cranelift IR: every op becomes loop nests over the
+//! workspace regions planned in `layout.rs`.
+//!
+//! Loops are built from blocks whose parameters carry the counter and any loop-carried
+//! values (accumulators, running pointers). Elementwise ops run along rows with f32x4 /
+//! f64x2 vectors where every operand's column stride is 1 (or 0, a broadcast); `Dot` and
+//! `SolveUnitLower` use register-blocked row kernels (up to four vectors of one output row
+//! accumulated over the inner dimension).
+
+use cranelift_codegen::ir::condcodes::IntCC;
+use cranelift_codegen::ir::{types, BlockArg, FuncRef, InstBuilder, MemFlagsData, Type, Value};
+use cranelift_frontend::{FunctionBuilder, Variable};
+
+use super::layout::{Plan, Storage, YieldCopy};
+use crate::ir::*;
+
+/// The math routines the generated code calls, in the order of [`super::MATH_F32`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Math {
+    Exp = 0,
+    Exp2,
+    Log,
+    Sigmoid,
+    Softplus,
+    Silu,
+    Pow,
+}
+
+/// Imported math functions: `f32[m as usize]` / `f64[m as usize]`.
+pub(super) struct MathFns {
+    pub f32: Vec<FuncRef>,
+    pub f64: Vec<FuncRef>,
+}
+
+/// Memory access to a 2-D array of elements: element (i, j) at `ptr + (i*rs + j*cs) * size`.
+#[derive(Clone, Copy, Debug)]
+struct Acc {
+    ptr: Value,
+    rs: i64,
+    cs: i64,
+    dt: DType,
+}
+
+impl Acc {
+    fn size(&self) -> i64 {
+        self.dt.size() as i64
+    }
+}
+
+/// Rows an elementwise loop covers.
+#[derive(Clone, Copy)]
+enum RowRange {
+    /// All rows `0..n` (known statically).
+    Full(usize),
+    /// Rows `start..end` (run-time values).
+    Dyn(Value, Value),
+}
+
+fn scalar_ty(dt: DType) -> Type {
+    match dt {
+        DType::F32 => types::F32,
+        DType::F64 => types::F64,
+    }
+}
+
+fn vector_ty(dt: DType) -> Type {
+    match dt {
+        DType::F32 => types::F32X4,
+        DType::F64 => types::F64X2,
+    }
+}
+
+/// Bytes in one SIMD vector.
+const VBYTES: i64 = 16;
+
+type EwFn<'c, 'a, 'f> = dyn (FnMut(&mut Lower<'a, 'f>, Type, &[Value]) -> Value) + 'c;
+/// A loop body: gets the counter and the carried values, returns the next carried values.
+type LoopBody<'c, 'a, 'f> = dyn (FnMut(&mut Lower<'a, 'f>, Value, &[Value]) -> Vec<Value>) + 'c;
+
+pub(super) struct Lower<'a, 'f> {
+    b: &'a mut FunctionBuilder<'f>,
+    kernel: &'a Kernel,
+    plan: &'a Plan,
+    math: &'a MathFns,
+    fma: bool,
+    params: Vec<Value>,
+    ws: Value,
+    batch: Value,
+    head: Value,
+    seq_len: Value,
+    iter: Variable,
+    next_loop: usize,
+    flags: MemFlagsData,
+}
+
+impl<'a, 'f> Lower<'a, 'f> {
+    /// Emits the whole function body into `b` (whose entry block must be current, with the
+    /// five ABI parameters given here).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn run(
+        b: &'a mut FunctionBuilder<'f>,
+        kernel: &'a Kernel,
+        plan: &'a Plan,
+        math: &'a MathFns,
+        fma: bool,
+        abi: [Value; 5],
+    ) {
+        let [params_ptr, batch, head, seq_len, ws] = abi;
+        let flags = MemFlagsData::new().with_notrap();
+        let params = (0..kernel.params.len())
+            .map(|p| b.ins().load(types::I64, flags.with_readonly(), params_ptr, (p * 8) as i32))
+            .collect();
+        let iter = b.declare_var(types::I64);
+        let zero = b.ins().iconst(types::I64, 0);
+        b.def_var(iter, zero);
+        let mut l = Lower { b, kernel, plan, math, fma, params, ws, batch, head, seq_len, iter, next_loop: 0, flags };
+        l.block(&kernel.body);
+        l.b.ins().return_(&[]);
+    }
+
+    // ---- small helpers -------------------------------------------------------------------
+
+    fn iconst(&mut self, x: i64) -> Value {
+        self.b.ins().iconst(types::I64, x)
+    }
+
+    /// `p + bytes`.
+    fn offset(&mut self, p: Value, bytes: i64) -> Value {
+        if bytes == 0 {
+            p
+        } else {
+            self.b.ins().iadd_imm_s(p, bytes)
+        }
+    }
+
+    /// `p + i * bytes`.
+    fn scaled(&mut self, p: Value, i: Value, bytes: i64) -> Value {
+        if bytes == 0 {
+            return p;
+        }
+        let d = self.b.ins().imul_imm_s(i, bytes);
+        self.b.ins().iadd(p, d)
+    }
+
+    fn load(&mut self, ty: Type, p: Value, off: i64) -> Value {
+        match i32::try_from(off) {
+            Ok(o) => self.b.ins().load(ty, self.flags, p, o),
+            Err(_) => {
+                let q = self.offset(p, off);
+                self.b.ins().load(ty, self.flags, q, 0)
+            }
+        }
+    }
+
+    fn store(&mut self, v: Value, p: Value, off: i64) {
+        match i32::try_from(off) {
+            Ok(o) => {
+                self.b.ins().store(self.flags, v, p, o);
+            }
+            Err(_) => {
+                let q = self.offset(p, off);
+                self.b.ins().store(self.flags, v, q, 0);
+            }
+        }
+    }
+
+    /// A float constant of type `ty` (scalar or vector).
+    fn fconst(&mut self, ty: Type, x: f64) -> Value {
+        let lane = ty.lane_type();
+        let s = if lane == types::F32 { self.b.ins().f32const(x as f32) } else { self.b.ins().f64const(x) };
+        if ty.is_vector() {
+            self.b.ins().splat(ty, s)
+        } else {
+            s
+        }
+    }
+
+    /// `acc + x * y`, fused where the host has FMA.
+    fn madd(&mut self, x: Value, y: Value, acc: Value) -> Value {
+        if self.fma {
+            self.b.ins().fma(x, y, acc)
+        } else {
+            let p = self.b.ins().fmul(x, y);
+            self.b.ins().fadd(acc, p)
+        }
+    }
+
+    fn call(&mut self, m: Math, dt: DType, args: &[Value]) -> Value {
+        let f = match dt {
+            DType::F32 => self.math.f32[m as usize],
+            DType::F64 => self.math.f64[m as usize],
+        };
+        let inst = self.b.ins().call(f, args);
+        self.b.inst_results(inst)[0]
+    }
+
+    /// Storage of a value as an access with the workspace pointer.
+    fn val(&mut self, v: ValueId) -> Acc {
+        let s = self.plan.storage[v.0 as usize].expect("layout checked that values are defined before use");
+        self.at(s, self.kernel.ty(v).dtype)
+    }
+
+    fn at(&mut self, s: Storage, dt: DType) -> Acc {
+        let ptr = self.offset(self.ws, s.off);
+        Acc { ptr, rs: s.rs, cs: s.cs, dt }
+    }
+
+    /// Lowers an index expression to an i64 value.
+    fn idx(&mut self, e: &Idx) -> Value {
+        match e {
+            Idx::Const(c) => self.iconst(*c),
+            Idx::Var(IdxVar::Batch) => self.batch,
+            Idx::Var(IdxVar::Head) => self.head,
+            Idx::Var(IdxVar::SeqLen) => self.seq_len,
+            Idx::Var(IdxVar::Iter) => self.b.use_var(self.iter),
+            Idx::Add(x, y) | Idx::Sub(x, y) | Idx::Mul(x, y) | Idx::Min(x, y) => {
+                let (p, q) = (self.idx(x), self.idx(y));
+                match e {
+                    Idx::Add(..) => self.b.ins().iadd(p, q),
+                    Idx::Sub(..) => self.b.ins().isub(p, q),
+                    Idx::Mul(..) => self.b.ins().imul(p, q),
+                    _ => self.b.ins().smin(p, q),
+                }
+            }
+            Idx::CeilDiv(x, d) => {
+                // floor((x + d - 1) / d) for d > 0: truncating division, minus one when the
+                // dividend is negative and not a multiple of d.
+                let x = self.idx(x);
+                let n = self.b.ins().iadd_imm_s(x, d - 1);
+                let q = self.b.ins().sdiv_imm_s(n, *d);
+                let back = self.b.ins().imul_imm_s(q, *d);
+                let inexact = self.b.ins().icmp(IntCC::NotEqual, back, n);
+                let neg = self.b.ins().icmp_imm_s(IntCC::SignedLessThan, n, 0);
+                let fix = self.b.ins().band(inexact, neg);
+                let fix = self.b.ins().uextend(types::I64, fix);
+                self.b.ins().isub(q, fix)
+            }
+        }
+    }
+
+    /// `clamp(x, 0, hi)`.
+    fn clamp_rows(&mut self, x: Value, hi: usize) -> Value {
+        let zero = self.iconst(0);
+        let hi = self.iconst(hi as i64);
+        let x = self.b.ins().smax(x, zero);
+        self.b.ins().smin(x, hi)
+    }
+
+    /// `for i in start..end (step 1)`, carrying `init` through the iterations; returns the
+    /// carried values after the last iteration (`init` when there is none).
+    fn for_loop(&mut self, start: Value, end: Value, init: &[Value], body: &mut LoopBody<'_, 'a, 'f>) -> Vec<Value> {
+        let header = self.b.create_block();
+        let inner = self.b.create_block();
+        let exit = self.b.create_block();
+        let i = self.b.append_block_param(header, types::I64);
+        let mut carried = vec![];
+        let mut out = vec![];
+        for v in init {
+            let ty = self.b.func.dfg.value_type(*v);
+            carried.push(self.b.append_block_param(header, ty));
+            out.push(self.b.append_block_param(exit, ty));
+        }
+        let mut args: Vec<BlockArg> = vec![start.into()];
+        args.extend(init.iter().map(|v| BlockArg::from(*v)));
+        self.b.ins().jump(header, &args);
+
+        self.b.switch_to_block(header);
+        let more = self.b.ins().icmp(IntCC::SignedLessThan, i, end);
+        let exit_args: Vec<BlockArg> = carried.iter().map(|v| BlockArg::from(*v)).collect();
+        self.b.ins().brif(more, inner, &[], exit, &exit_args);
+
+        self.b.switch_to_block(inner);
+        let next = body(self, i, &carried);
+        assert_eq!(next.len(), carried.len(), "loop body returns one value per carried value");
+        let i1 = self.b.ins().iadd_imm_s(i, 1);
+        let mut args: Vec<BlockArg> = vec![i1.into()];
+        args.extend(next.iter().map(|v| BlockArg::from(*v)));
+        self.b.ins().jump(header, &args);
+
+        self.b.switch_to_block(exit);
+        out
+    }
+
+    /// `for i in 0..n` over a static count, without carried values.
+    fn for_n(&mut self, n: usize, body: &mut dyn FnMut(&mut Self, Value)) {
+        if n == 0 {
+            return;
+        }
+        if n == 1 {
+            let zero = self.iconst(0);
+            body(self, zero);
+            return;
+        }
+        let (s, e) = (self.iconst(0), self.iconst(n as i64));
+        self.for_loop(s, e, &[], &mut |l, i, _| {
+            body(l, i);
+            vec![]
+        });
+    }
+
+    // ---- elementwise -------------------------------------------------------------------
+
+    /// `out[i, j] = f(ins[0][i, j], ...)` for the rows in `rows` and `j < cols`. `f` gets the
+    /// operand values (scalars of each operand's dtype, or vectors when `vec_ok`, all dtypes
+    /// agree and every column stride is 0 or 1) and the type to produce.
+    fn ew(&mut self, rows: RowRange, cols: usize, ins: &[Acc], out: Acc, vec_ok: bool, f: &mut EwFn<'_, 'a, 'f>) {
+        if cols == 0 {
+            return;
+        }
+        let mut all: Vec<Acc> = ins.to_vec();
+        all.push(out);
+        // A range of full contiguous rows (in every operand) is one long row.
+        let (rows, cols) = match rows {
+            RowRange::Full(r) if r > 1 && all.iter().all(|a| a.rs == cols as i64 * a.cs) => {
+                (RowRange::Full(1), r * cols)
+            }
+            r => (r, cols),
+        };
+        let lanes = VBYTES as usize / out.dt.size();
+        let vec =
+            vec_ok && cols >= lanes && all.iter().all(|a| a.dt == out.dt && (a.cs == 0 || a.cs == 1)) && out.cs == 1;
+        let mut row = |l: &mut Self, i: Option<Value>| {
+            let ptrs: Vec<Value> = all
+                .iter()
+                .map(|a| match i {
+                    Some(i) => l.scaled(a.ptr, i, a.rs * a.size()),
+                    None => a.ptr,
+                })
+                .collect();
+            l.ew_row(&all, &ptrs, cols, vec, f);
+        };
+        match rows {
+            RowRange::Full(0) => {}
+            RowRange::Full(1) => row(self, None),
+            RowRange::Full(r) => self.for_n(r, &mut |l, i| row(l, Some(i))),
+            RowRange::Dyn(s, e) => {
+                self.for_loop(s, e, &[], &mut |l, i, _| {
+                    row(l, Some(i));
+                    vec![]
+                });
+            }
+        }
+    }
+
+    /// One row of [`Self::ew`]; `ptrs` point at the row's first element of each access.
+    fn ew_row(&mut self, all: &[Acc], ptrs: &[Value], cols: usize, vec: bool, f: &mut EwFn<'_, 'a, 'f>) {
+        let n = all.len() - 1;
+        let out = all[n];
+        let mut done = 0;
+        if vec {
+            let vty = vector_ty(out.dt);
+            let lanes = VBYTES as usize / out.dt.size();
+            let chunks = cols / lanes;
+            let mut chunk = |l: &mut Self, ptrs: &[Value], off: i64| {
+                let mut xs = vec![];
+                for (a, p) in all[..n].iter().zip(ptrs) {
+                    if a.cs == 0 {
+                        let s = l.load(scalar_ty(a.dt), *p, 0);
+                        xs.push(l.b.ins().splat(vty, s));
+                    } else {
+                        xs.push(l.load(vty, *p, off));
+                    }
+                }
+                let y = f(l, vty, &xs);
+                l.store(y, ptrs[n], off);
+            };
+            if chunks <= 8 {
+                for c in 0..chunks {
+                    chunk(self, ptrs, c as i64 * VBYTES);
+                }
+            } else {
+                let (s, e) = (self.iconst(0), self.iconst(chunks as i64));
+                self.for_loop(s, e, &[], &mut |l, c, _| {
+                    let moved: Vec<Value> = all.iter().zip(ptrs).map(|(a, p)| l.scaled(*p, c, a.cs * VBYTES)).collect();
+                    chunk(l, &moved, 0);
+                    vec![]
+                });
+            }
+            done = chunks * lanes;
+        }
+        let mut scalar = |l: &mut Self, ptrs: &[Value], j: i64| {
+            let xs: Vec<Value> =
+                all[..n].iter().zip(ptrs).map(|(a, p)| l.load(scalar_ty(a.dt), *p, j * a.cs * a.size())).collect();
+            let y = f(l, scalar_ty(out.dt), &xs);
+            l.store(y, ptrs[n], j * out.cs * out.size());
+        };
+        if vec || cols - done <= 16 {
+            for j in done..cols {
+                scalar(self, ptrs, j as i64);
+            }
+        } else {
+            let (s, e) = (self.iconst(done as i64), self.iconst(cols as i64));
+            self.for_loop(s, e, &[], &mut |l, j, _| {
+                let moved: Vec<Value> = all.iter().zip(ptrs).map(|(a, p)| l.scaled(*p, j, a.cs * a.size())).collect();
+                scalar(l, &moved, 0);
+                vec![]
+            });
+        }
+    }
+
+    /// Copies a whole tile (same dtype) from `src` to `dst`.
+    fn copy(&mut self, ty: TileTy, src: Acc, dst: Acc) {
+        self.ew(RowRange::Full(ty.rows), ty.cols, &[src], dst, true, &mut |_, _, x| x[0]);
+    }
+
+    // ---- statements ----------------------------------------------------------------------
+
+    fn block(&mut self, stmts: &[Stmt]) {
+        for s in stmts {
+            match s {
+                Stmt::Let { id, op } => self.op(*id, op),
+                Stmt::Store { value, param, base, row_stride, col_stride, valid_rows } => {
+                    let ty = self.kernel.ty(*value);
+                    let src = self.val(*value);
+                    let dst = self.global(*param, base, *row_stride, *col_stride);
+                    let valid = self.idx(valid_rows);
+                    let nv = self.clamp_rows(valid, ty.rows);
+                    let zero = self.iconst(0);
+                    let dt = ty.dtype;
+                    self.ew(RowRange::Dyn(zero, nv), ty.cols, &[src], dst, dt == DType::F32, &mut |l, _, x| {
+                        if dt == DType::F64 {
+                            l.b.ins().fdemote(types::F32, x[0])
+                        } else {
+                            x[0]
+                        }
+                    });
+                }
+                Stmt::Loop { count, carried, body, yields, results: _ } => {
+                    let plan = self.plan;
+                    let lp = &plan.loops[self.next_loop];
+                    self.next_loop += 1;
+                    let n = self.idx(count);
+                    let mut dsts = vec![];
+                    for (k, (c, init)) in carried.iter().enumerate() {
+                        let ty = self.kernel.ty(*c);
+                        let dst = self.at(lp.carried[k], ty.dtype);
+                        let src = self.val(*init);
+                        self.copy(ty, src, dst);
+                        dsts.push(lp.carried[k]);
+                    }
+                    let zero = self.iconst(0);
+                    self.for_loop(zero, n, &[], &mut |l, it, _| {
+                        l.b.def_var(l.iter, it);
+                        l.block(body);
+                        // Yields that read a carried region go through temporaries first.
+                        for (k, y) in yields.iter().enumerate() {
+                            if let YieldCopy::ViaTemp(t) = lp.yields[k] {
+                                let ty = l.kernel.ty(*y);
+                                let src = l.val(*y);
+                                let tmp = l.at(t, ty.dtype);
+                                l.copy(ty, src, tmp);
+                            }
+                        }
+                        for (k, y) in yields.iter().enumerate() {
+                            let ty = l.kernel.ty(*y);
+                            let src = match lp.yields[k] {
+                                YieldCopy::Skip => continue,
+                                YieldCopy::Direct => l.val(*y),
+                                YieldCopy::ViaTemp(t) => l.at(t, ty.dtype),
+                            };
+                            let dst = l.at(dsts[k], ty.dtype);
+                            l.copy(ty, src, dst);
+                        }
+                        vec![]
+                    });
+                    // The results alias the carried regions (see layout.rs).
+                }
+            }
+        }
+    }
+
+    /// Access to parameter `param` at element `base` with the given strides (f32).
+    fn global(&mut self, param: usize, base: &Idx, rs: i64, cs: i64) -> Acc {
+        let base = self.idx(base);
+        let ptr = self.scaled(self.params[param], base, 4);
+        Acc { ptr, rs, cs, dt: DType::F32 }
+    }
+
+    fn op(&mut self, id: ValueId, op: &Op) {
+        let ty = self.kernel.ty(id);
+        if op.is_view() {
+            return;
+        }
+        let out = self.val(id);
+        match op {
+            Op::Load { param, base, row_stride, col_stride, rows, cols, valid_rows } => {
+                let src = self.global(*param, base, *row_stride, *col_stride);
+                let valid = self.idx(valid_rows);
+                let nv = self.clamp_rows(valid, *rows);
+                let (zero, all) = (self.iconst(0), self.iconst(*rows as i64));
+                self.ew(RowRange::Dyn(zero, nv), *cols, &[src], out, true, &mut |_, _, x| x[0]);
+                self.ew(RowRange::Dyn(nv, all), *cols, &[], out, true, &mut |l, t, _| l.fconst(t, 0.0));
+            }
+            Op::Const { value, .. } => {
+                let v = *value;
+                self.ew(RowRange::Full(ty.rows), ty.cols, &[], out, true, &mut |l, t, _| l.fconst(t, v));
+            }
+            Op::IdxValue(e) => {
+                let x = self.idx(e);
+                let mut v = self.b.ins().fcvt_from_sint(types::F64, x);
+                if ty.dtype == DType::F32 {
+                    v = self.b.ins().fdemote(types::F32, v);
+                }
+                self.store(v, out.ptr, 0);
+            }
+            Op::Unary { op, x } => {
+                let src = self.val(*x);
+                let (op, dt) = (*op, ty.dtype);
+                let vec_ok = matches!(op, UnOp::Neg | UnOp::Sqrt | UnOp::Recip);
+                self.ew(RowRange::Full(ty.rows), ty.cols, &[src], out, vec_ok, &mut |l, t, x| match op {
+                    UnOp::Neg => l.b.ins().fneg(x[0]),
+                    UnOp::Sqrt => l.b.ins().sqrt(x[0]),
+                    UnOp::Recip => {
+                        let one = l.fconst(t, 1.0);
+                        l.b.ins().fdiv(one, x[0])
+                    }
+                    UnOp::Exp => l.call(Math::Exp, dt, x),
+                    UnOp::Exp2 => l.call(Math::Exp2, dt, x),
+                    UnOp::Log => l.call(Math::Log, dt, x),
+                    UnOp::Sigmoid => l.call(Math::Sigmoid, dt, x),
+                    UnOp::Softplus => l.call(Math::Softplus, dt, x),
+                    UnOp::Silu => l.call(Math::Silu, dt, x),
+                });
+            }
+            Op::Binary { op, a, b } => {
+                let bcast = |l: &mut Self, v: ValueId| {
+                    let t = l.kernel.ty(v);
+                    let mut s = l.val(v);
+                    if t.rows == 1 {
+                        s.rs = 0;
+                    }
+                    if t.cols == 1 {
+                        s.cs = 0;
+                    }
+                    s
+                };
+                let (sa, sb) = (bcast(self, *a), bcast(self, *b));
+                let (op, dt) = (*op, ty.dtype);
+                self.ew(RowRange::Full(ty.rows), ty.cols, &[sa, sb], out, op != BinOp::Pow, &mut |l, _, x| match op {
+                    BinOp::Add => l.b.ins().fadd(x[0], x[1]),
+                    BinOp::Sub => l.b.ins().fsub(x[0], x[1]),
+                    BinOp::Mul => l.b.ins().fmul(x[0], x[1]),
+                    BinOp::Div => l.b.ins().fdiv(x[0], x[1]),
+                    BinOp::Max => l.b.ins().fmax(x[0], x[1]),
+                    BinOp::Pow => l.call(Math::Pow, dt, x),
+                });
+            }
+            Op::Cast { x, dtype } => {
+                let src = self.val(*x);
+                let (from, to) = (self.kernel.ty(*x).dtype, *dtype);
+                self.ew(RowRange::Full(ty.rows), ty.cols, &[src], out, from == to, &mut |l, _, x| match (from, to) {
+                    (DType::F32, DType::F64) => l.b.ins().fpromote(types::F64, x[0]),
+                    (DType::F64, DType::F32) => l.b.ins().fdemote(types::F32, x[0]),
+                    _ => x[0],
+                });
+            }
+            Op::Dot { a, b, ta, tb, acc } => {
+                let xa = self.kernel.ty(*a);
+                let mut sa = self.val(*a);
+                let mut sb = self.val(*b);
+                if *ta {
+                    std::mem::swap(&mut sa.rs, &mut sa.cs);
+                }
+                if *tb {
+                    std::mem::swap(&mut sb.rs, &mut sb.cs);
+                }
+                let k = if *ta { xa.rows } else { xa.cols };
+                let sc = acc.map(|c| self.val(c));
+                self.dot(out, sa, sb, ty.rows, ty.cols, k, sc);
+            }
+            Op::Cumsum { x, exclusive } => {
+                let src = self.val(*x);
+                self.cumsum(ty, src, out, *exclusive);
+            }
+            Op::RowSum { x } => {
+                let src = self.val(*x);
+                let cols = self.kernel.ty(*x).cols;
+                self.row_sum(ty, cols, src, out);
+            }
+            Op::Mask { x, mask, fill } => {
+                let src = self.val(*x);
+                self.mask(ty, src, out, mask, *fill);
+            }
+            Op::GatedDot { a, ga, b, gb, strict } => {
+                let (sa, sga, sb, sgb) = (self.val(*a), self.val(*ga), self.val(*b), self.val(*gb));
+                let c = self.kernel.ty(*a).cols;
+                self.gated_dot(ty.rows, c, [sa, sga, sb, sgb], out, *strict);
+            }
+            Op::SolveUnitLower { l, b } => {
+                let (sl, sb) = (self.val(*l), self.val(*b));
+                self.solve(ty, sl, sb, out);
+            }
+            Op::Rows { .. } | Op::Transpose { .. } => unreachable!("views are handled above"),
+        }
+    }
+
+    // ---- reductions and the matrix ops ---------------------------------------------------
+
+    /// The inner kernel of `Dot` and `SolveUnitLower`: for `p in 0..count`,
+    /// `acc[q] (+|-)= a(p) * b(p)[q]`, where `a(p)` is the f32 at `a_ptr + p*a_step` (splat
+    /// when `ty` is a vector) and `b(p)[q]` is the `ty` at `b_ptr + p*b_step + q*item`.
+    #[allow(clippy::too_many_arguments)]
+    fn axpy_loop(
+        &mut self,
+        count: Value,
+        (a_ptr, a_step): (Value, i64),
+        (b_ptr, b_step): (Value, i64),
+        ty: Type,
+        item: i64,
+        neg: bool,
+        init: Vec<Value>,
+    ) -> Vec<Value> {
+        let mut carry = vec![a_ptr, b_ptr];
+        carry.extend(init);
+        let zero = self.iconst(0);
+        let out = self.for_loop(zero, count, &carry, &mut |l, _, c| {
+            let (ap, bp) = (c[0], c[1]);
+            let mut x = l.load(types::F32, ap, 0);
+            if neg {
+                x = l.b.ins().fneg(x);
+            }
+            if ty.is_vector() {
+                x = l.b.ins().splat(ty, x);
+            }
+            let mut next = vec![l.offset(ap, a_step), l.offset(bp, b_step)];
+            for (q, s) in c[2..].iter().enumerate() {
+                let y = l.load(ty, bp, q as i64 * item);
+                next.push(l.madd(x, y, *s));
+            }
+            next
+        });
+        out[2..].to_vec()
+    }
+
+    /// `out = a @ b (+ acc)`, with `a` m x k and `b` k x n already transposed as the op says.
+    #[allow(clippy::too_many_arguments)]
+    fn dot(&mut self, out: Acc, a: Acc, b: Acc, m: usize, n: usize, k: usize, acc: Option<Acc>) {
+        let kk = self.iconst(k as i64);
+        if b.cs == 1 && n >= 4 {
+            // Rows of b are contiguous: each output row is built from blocks of up to four
+            // f32x4 accumulators, a splat of a[i, p] times b[p, j..] for every p.
+            let acc_in_reg = acc.is_some_and(|c| c.cs == 1);
+            self.for_n(m, &mut |l, i| {
+                let arow = l.scaled(a.ptr, i, a.rs * 4);
+                let crow = l.scaled(out.ptr, i, out.rs * 4);
+                let accrow = acc.map(|c| l.scaled(c.ptr, i, c.rs * 4));
+                let mut j0 = 0;
+                while j0 < n {
+                    let left = n - j0;
+                    let (ty, items, width) =
+                        if left >= 4 { (types::F32X4, (left / 4).min(4), 4) } else { (types::F32, left, 1) };
+                    let init: Vec<Value> = (0..items).map(|_| l.fconst(ty, 0.0)).collect();
+                    let bp = l.offset(b.ptr, j0 as i64 * 4);
+                    let item = width as i64 * 4;
+                    let sums = l.axpy_loop(kk, (arow, a.cs * 4), (bp, b.rs * 4), ty, item, false, init);
+                    for (q, mut s) in sums.into_iter().enumerate() {
+                        let j = (j0 + q * width) as i64;
+                        if let (Some(c), Some(p)) = (acc, accrow) {
+                            if acc_in_reg || width == 1 {
+                                let x = l.load(ty, p, j * c.cs * 4);
+                                s = l.b.ins().fadd(s, x);
+                            }
+                        }
+                        l.store(s, crow, j * 4 * out.cs);
+                    }
+                    j0 += items * width;
+                }
+            });
+            if let Some(c) = acc.filter(|_| !acc_in_reg) {
+                // The vector part still lacks a strided accumulator.
+                let nv = n / 4 * 4;
+                self.ew(RowRange::Full(m), nv, &[out, c], out, false, &mut |l, _, x| l.b.ins().fadd(x[0], x[1]));
+            }
+        } else if a.cs == 1 && b.rs == 1 && k >= 4 {
+            // Both operands are contiguous along k: vector dot products of one row of a with
+            // up to four columns of b at once (a's vector is loaded once for all four), then
+            // horizontal sums.
+            let kv = k / 4;
+            self.for_n(m, &mut |l, i| {
+                let arow = l.scaled(a.ptr, i, a.rs * 4);
+                let crow = l.scaled(out.ptr, i, out.rs * 4);
+                let accrow = acc.map(|c| l.scaled(c.ptr, i, c.rs * 4));
+                let block = |l: &mut Self, j0: Value, cols: usize| {
+                    let bcol = l.scaled(b.ptr, j0, b.cs * 4);
+                    let mut carry = vec![arow, bcol];
+                    carry.extend((0..cols).map(|_| l.fconst(types::F32X4, 0.0)));
+                    let (s, e) = (l.iconst(0), l.iconst(kv as i64));
+                    let vs = l.for_loop(s, e, &carry, &mut |l, _, c| {
+                        let x = l.load(types::F32X4, c[0], 0);
+                        let mut next = vec![l.offset(c[0], 16), l.offset(c[1], 16)];
+                        for q in 0..cols {
+                            let y = l.load(types::F32X4, c[1], q as i64 * b.cs * 4);
+                            next.push(l.madd(x, y, c[2 + q]));
+                        }
+                        next
+                    });
+                    let cp = l.scaled(crow, j0, out.cs * 4);
+                    let accp = acc.zip(accrow).map(|(c, p)| (c, l.scaled(p, j0, c.cs * 4)));
+                    for (q, v) in vs[2..].iter().enumerate() {
+                        let lane = |l: &mut Self, q: u8| l.b.ins().extractlane(*v, q);
+                        let (x0, x1, x2, x3) = (lane(l, 0), lane(l, 1), lane(l, 2), lane(l, 3));
+                        let (s01, s23) = (l.b.ins().fadd(x0, x1), l.b.ins().fadd(x2, x3));
+                        let mut sum = l.b.ins().fadd(s01, s23);
+                        for p in kv * 4..k {
+                            let x = l.load(types::F32, arow, p as i64 * 4);
+                            let y = l.load(types::F32, bcol, (q as i64 * b.cs + p as i64) * 4);
+                            sum = l.madd(x, y, sum);
+                        }
+                        if let Some((c, p)) = accp {
+                            let x = l.load(types::F32, p, q as i64 * c.cs * 4);
+                            sum = l.b.ins().fadd(sum, x);
+                        }
+                        l.store(sum, cp, q as i64 * out.cs * 4);
+                    }
+                };
+                let (s, e) = (l.iconst(0), l.iconst((n / 4) as i64));
+                l.for_loop(s, e, &[], &mut |l, jb, _| {
+                    let j0 = l.b.ins().imul_imm_s(jb, 4);
+                    block(l, j0, 4);
+                    vec![]
+                });
+                let (s, e) = (l.iconst((n / 4 * 4) as i64), l.iconst(n as i64));
+                l.for_loop(s, e, &[], &mut |l, j, _| {
+                    block(l, j, 1);
+                    vec![]
+                });
+            });
+        } else if a.rs == 1 && m >= 4 {
+            // Columns of a are contiguous (a is a transposed operand): build each output
+            // column from vectors down the rows, a splat of b[p, j] times a[i.., p], and store
+            // the lanes with the output's row stride.
+            let (s, e) = (self.iconst(0), self.iconst(n as i64));
+            self.for_loop(s, e, &[], &mut |l, j, _| {
+                let bcol = l.scaled(b.ptr, j, b.cs * 4);
+                let ccol = l.scaled(out.ptr, j, out.cs * 4);
+                let acccol = acc.map(|c| (c, l.scaled(c.ptr, j, c.cs * 4)));
+                let mut i0 = 0;
+                while i0 < m {
+                    let left = m - i0;
+                    let (ty, items, width) =
+                        if left >= 4 { (types::F32X4, (left / 4).min(4), 4) } else { (types::F32, left, 1) };
+                    let init: Vec<Value> = (0..items).map(|_| l.fconst(ty, 0.0)).collect();
+                    let ap = l.offset(a.ptr, i0 as i64 * 4);
+                    let sums = l.axpy_loop(kk, (bcol, b.rs * 4), (ap, a.cs * 4), ty, width as i64 * 4, false, init);
+                    for (q, v) in sums.into_iter().enumerate() {
+                        for lane in 0..width {
+                            let i = (i0 + q * width + lane) as i64;
+                            let mut x = if width == 1 { v } else { l.b.ins().extractlane(v, lane as u8) };
+                            if let Some((c, p)) = acccol {
+                                let y = l.load(types::F32, p, i * c.rs * 4);
+                                x = l.b.ins().fadd(x, y);
+                            }
+                            l.store(x, ccol, i * out.rs * 4);
+                        }
+                    }
+                    i0 += items * width;
+                }
+                vec![]
+            });
+        } else {
+            // General strides: one scalar dot product per element.
+            self.for_n(m, &mut |l, i| {
+                let arow = l.scaled(a.ptr, i, a.rs * 4);
+                let crow = l.scaled(out.ptr, i, out.rs * 4);
+                let (s, e) = (l.iconst(0), l.iconst(n as i64));
+                l.for_loop(s, e, &[], &mut |l, j, _| {
+                    let bcol = l.scaled(b.ptr, j, b.cs * 4);
+                    let z = l.fconst(types::F32, 0.0);
+                    let mut sum = l.axpy_loop(kk, (arow, a.cs * 4), (bcol, b.rs * 4), types::F32, 0, false, vec![z])[0];
+                    if let Some(c) = acc {
+                        let cp = l.scaled(c.ptr, i, c.rs * 4);
+                        let cp = l.scaled(cp, j, c.cs * 4);
+                        let x = l.load(types::F32, cp, 0);
+                        sum = l.b.ins().fadd(sum, x);
+                    }
+                    let op = l.scaled(crow, j, out.cs * 4);
+                    l.store(sum, op, 0);
+                    vec![]
+                });
+            });
+        }
+    }
+
+    /// Forward substitution, row by row: `out[i] = b[i] - sum_{p<i} l[i, p] * out[p]`.
+    fn solve(&mut self, ty: TileTy, l: Acc, b: Acc, out: Acc) {
+        let (n, m) = (ty.rows, ty.cols);
+        self.copy(ty, b, out);
+        if n < 2 || m == 0 {
+            return;
+        }
+        let (s, e) = (self.iconst(1), self.iconst(n as i64));
+        self.for_loop(s, e, &[], &mut |lw, i, _| {
+            let lrow = lw.scaled(l.ptr, i, l.rs * 4);
+            let crow = lw.scaled(out.ptr, i, out.rs * 4);
+            let mut j0 = 0;
+            while j0 < m {
+                let left = m - j0;
+                let (vty, items, width) =
+                    if left >= 4 { (types::F32X4, (left / 4).min(4), 4) } else { (types::F32, left, 1) };
+                let item = width as i64 * 4;
+                let init: Vec<Value> =
+                    (0..items).map(|q| lw.load(vty, crow, (j0 as i64) * 4 + q as i64 * item)).collect();
+                let bp = lw.offset(out.ptr, j0 as i64 * 4);
+                let sums = lw.axpy_loop(i, (lrow, l.cs * 4), (bp, out.rs * 4), vty, item, true, init);
+                for (q, s) in sums.into_iter().enumerate() {
+                    lw.store(s, crow, (j0 as i64) * 4 + q as i64 * item);
+                }
+                j0 += items * width;
+            }
+            vec![]
+        });
+    }
+
+    fn cumsum(&mut self, ty: TileTy, x: Acc, out: Acc, exclusive: bool) {
+        let size = x.size();
+        let lanes = VBYTES as usize / ty.dtype.size();
+        let chunks = if x.cs == 1 && ty.cols >= lanes { ty.cols / lanes } else { 0 };
+        let column = |l: &mut Self, vty: Type, xp: Value, op: Value| {
+            let z = l.fconst(vty, 0.0);
+            let (s, e) = (l.iconst(0), l.iconst(ty.rows as i64));
+            l.for_loop(s, e, &[z, xp, op], &mut |l, _, c| {
+                let (s, xp, op) = (c[0], c[1], c[2]);
+                let v = l.load(vty, xp, 0);
+                let s1 = l.b.ins().fadd(s, v);
+                l.store(if exclusive { s } else { s1 }, op, 0);
+                vec![s1, l.offset(xp, x.rs * size), l.offset(op, out.rs * size)]
+            });
+        };
+        let vty = vector_ty(ty.dtype);
+        self.for_n(chunks, &mut |l, c| {
+            let xp = l.scaled(x.ptr, c, VBYTES);
+            let op = l.scaled(out.ptr, c, VBYTES);
+            column(l, vty, xp, op);
+        });
+        let (s, e) = (self.iconst((chunks * lanes) as i64), self.iconst(ty.cols as i64));
+        let sty = scalar_ty(ty.dtype);
+        self.for_loop(s, e, &[], &mut |l, j, _| {
+            let xp = l.scaled(x.ptr, j, x.cs * size);
+            let op = l.scaled(out.ptr, j, out.cs * size);
+            column(l, sty, xp, op);
+            vec![]
+        });
+    }
+
+    /// Row sums, accumulated in f64 from the first element on (as the interpreter does).
+    fn row_sum(&mut self, ty: TileTy, cols: usize, x: Acc, out: Acc) {
+        let dt = ty.dtype;
+        let size = x.size();
+        self.for_n(ty.rows, &mut |l, i| {
+            let xp = l.scaled(x.ptr, i, x.rs * size);
+            let op = l.scaled(out.ptr, i, out.rs * size);
+            let wide = |l: &mut Self, p: Value| {
+                let v = l.load(scalar_ty(dt), p, 0);
+                if dt == DType::F32 {
+                    l.b.ins().fpromote(types::F64, v)
+                } else {
+                    v
+                }
+            };
+            let first = if cols == 0 { l.fconst(types::F64, 0.0) } else { wide(l, xp) };
+            let (s, e) = (l.iconst(1), l.iconst(cols as i64));
+            let xp1 = l.offset(xp, x.cs * size);
+            let sum = l.for_loop(s, e, &[first, xp1], &mut |l, _, c| {
+                let v = wide(l, c[1]);
+                vec![l.b.ins().fadd(c[0], v), l.offset(c[1], x.cs * size)]
+            })[0];
+            let r = if dt == DType::F32 { l.b.ins().fdemote(types::F32, sum) } else { sum };
+            l.store(r, op, 0);
+        });
+    }
+
+    fn mask(&mut self, ty: TileTy, x: Acc, out: Acc, mask: &MaskKind, fill: f64) {
+        let limit = match mask {
+            MaskKind::RowsBefore(e) => Some(self.idx(e)),
+            MaskKind::Tril { .. } => None,
+        };
+        let sty = scalar_ty(ty.dtype);
+        let size = x.size();
+        self.for_n(ty.rows, &mut |l, i| {
+            let cols = l.iconst(ty.cols as i64);
+            let keep = match (mask, limit) {
+                (MaskKind::Tril { strict }, _) => {
+                    let end = if *strict { i } else { l.b.ins().iadd_imm_s(i, 1) };
+                    l.b.ins().smin(end, cols)
+                }
+                (_, Some(lim)) => {
+                    let before = l.b.ins().icmp(IntCC::SignedLessThan, i, lim);
+                    let zero = l.iconst(0);
+                    l.b.ins().select(before, cols, zero)
+                }
+                _ => unreachable!("RowsBefore has a limit"),
+            };
+            let xrow = l.scaled(x.ptr, i, x.rs * size);
+            let orow = l.scaled(out.ptr, i, out.rs * size);
+            let zero = l.iconst(0);
+            l.for_loop(zero, keep, &[], &mut |l, j, _| {
+                let xp = l.scaled(xrow, j, x.cs * size);
+                let v = l.load(sty, xp, 0);
+                let op = l.scaled(orow, j, out.cs * size);
+                l.store(v, op, 0);
+                vec![]
+            });
+            l.for_loop(keep, cols, &[], &mut |l, j, _| {
+                let f = l.fconst(sty, fill);
+                let op = l.scaled(orow, j, out.cs * size);
+                l.store(f, op, 0);
+                vec![]
+            });
+        });
+    }
+
+    fn gated_dot(&mut self, n: usize, c: usize, [a, ga, b, gb]: [Acc; 4], out: Acc, strict: bool) {
+        let gdt = ga.dt;
+        let gs = ga.size();
+        self.for_n(n, &mut |l, i| {
+            let arow = l.scaled(a.ptr, i, a.rs * 4);
+            let garow = l.scaled(ga.ptr, i, ga.rs * gs);
+            let orow = l.scaled(out.ptr, i, out.rs * 4);
+            let kept = if strict { i } else { l.b.ins().iadd_imm_s(i, 1) };
+            let zero = l.iconst(0);
+            l.for_loop(zero, kept, &[], &mut |l, j, _| {
+                let brow = l.scaled(b.ptr, j, b.rs * 4);
+                let gbrow = l.scaled(gb.ptr, j, gb.rs * gs);
+                let z = l.fconst(types::F32, 0.0);
+                let (s, e) = (l.iconst(0), l.iconst(c as i64));
+                let sum = l.for_loop(s, e, &[z, arow, garow, brow, gbrow], &mut |l, _, v| {
+                    let x = l.load(types::F32, v[1], 0);
+                    let y = l.load(types::F32, v[3], 0);
+                    let gx = l.load(scalar_ty(gdt), v[2], 0);
+                    let gy = l.load(scalar_ty(gdt), v[4], 0);
+                    let d = l.b.ins().fsub(gx, gy);
+                    let mut e = l.call(Math::Exp, gdt, &[d]);
+                    if gdt == DType::F64 {
+                        e = l.b.ins().fdemote(types::F32, e);
+                    }
+                    let xy = l.b.ins().fmul(x, y);
+                    let t = l.b.ins().fmul(xy, e);
+                    vec![
+                        l.b.ins().fadd(v[0], t),
+                        l.offset(v[1], a.cs * 4),
+                        l.offset(v[2], ga.cs * gs),
+                        l.offset(v[3], b.cs * 4),
+                        l.offset(v[4], gb.cs * gs),
+                    ]
+                })[0];
+                let op = l.scaled(orow, j, out.cs * 4);
+                l.store(sum, op, 0);
+                vec![]
+            });
+            let end = l.iconst(n as i64);
+            l.for_loop(kept, end, &[], &mut |l, j, _| {
+                let z = l.fconst(types::F32, 0.0);
+                let op = l.scaled(orow, j, out.cs * 4);
+                l.store(z, op, 0);
+                vec![]
+            });
+        });
+    }
+}

@@ -1,0 +1,102 @@
+//! The canonical form of every built-in rule: class, gate, low rank, writes and output read.
+
+use chunkc_dsl::ast::Ty;
+use chunkc_dsl::canon::{canonicalize, print_expr, Class, Read};
+use std::path::PathBuf;
+
+fn rule(name: &str) -> chunkc_dsl::ast::Rule {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../rules").join(format!("{name}.toml"));
+    chunkc_dsl::load_rule(&path).unwrap_or_else(|d| panic!("{d}"))
+}
+
+#[test]
+fn classes_of_the_builtin_rules() {
+    let expect = [
+        ("linear_attn", Class::Additive),
+        ("retention", Class::Decayed),
+        ("simple_gla", Class::GatedScalar),
+        ("mamba2", Class::GatedScalar),
+        ("gla", Class::GatedVector),
+        ("hgrn2", Class::GatedVector),
+        ("rwkv6", Class::GatedVector),
+        ("delta_rule", Class::Delta { rank: 1, vector_gate: false }),
+        ("gated_delta_rule", Class::Delta { rank: 1, vector_gate: false }),
+        ("kda", Class::Delta { rank: 1, vector_gate: true }),
+        ("dplr", Class::Delta { rank: 1, vector_gate: true }),
+    ];
+    for (name, class) in expect {
+        let r = rule(name);
+        let c = canonicalize(&r).unwrap_or_else(|e| panic!("{name}: {}", e.reason));
+        assert_eq!(c.class, class, "{name}");
+    }
+}
+
+#[test]
+fn gated_delta_rule_canonical_terms() {
+    let r = rule("gated_delta_rule");
+    let c = canonicalize(&r).expect("chunkable");
+    let p = |e| print_expr(&r, e);
+    assert_eq!(p(c.log_gate.as_ref().expect("gate")), "g");
+    assert_eq!(c.low_rank.len(), 1);
+    let (a, b) = &c.low_rank[0];
+    // (I - beta k k^T) applied after the decay: a b^T = k (-(e^g k) beta)^T.
+    assert_eq!((p(a), p(b)), ("k".to_string(), "-(exp(g) * k) * beta".to_string()));
+    assert_eq!(c.writes.len(), 1);
+    assert_eq!((p(&c.writes[0].0), p(&c.writes[0].1)), ("k".to_string(), "v * beta".to_string()));
+    assert_eq!(c.output.read, Read::After);
+    assert_eq!(p(&c.output.query), "q * scale");
+    assert!(c.output.coef.is_none() && c.output.extra.is_none());
+}
+
+#[test]
+fn rwkv6_reads_before_with_a_bonus_and_mamba2_has_a_skip() {
+    let r = rule("rwkv6");
+    let c = canonicalize(&r).expect("chunkable");
+    assert_eq!(c.output.read, Read::Before);
+    assert_eq!(print_expr(&r, c.output.extra.as_ref().expect("bonus")), "v * dot(u * k, q) * scale");
+    assert_eq!(c.log_gate.as_ref().expect("gate").ty, Ty::VecK);
+
+    let r = rule("mamba2");
+    let c = canonicalize(&r).expect("chunkable");
+    assert_eq!(c.output.read, Read::After);
+    assert_eq!(print_expr(&r, c.log_gate.as_ref().expect("gate")), "softplus(dt) * A");
+    assert_eq!(print_expr(&r, c.output.extra.as_ref().expect("skip")), "D * x");
+    assert_eq!(print_expr(&r, &c.writes[0].1), "softplus(dt) * x");
+}
+
+fn parse(step: &str, inputs: &str) -> chunkc_dsl::ast::Rule {
+    let src = format!("name = \"t\"\nstep = \"\"\"\n{step}\n\"\"\"\n\n[inputs]\n{inputs}\n");
+    chunkc_dsl::parse_rule("t.toml", &src).unwrap_or_else(|d| panic!("{d}"))
+}
+
+#[test]
+fn reasons_for_not_chunking() {
+    let io = "q = \"[K]\"\nk = \"[K]\"\nv = \"[V]\"\ngv = \"[V]\"";
+    let cases = [
+        ("S = gv * S + outer(k, v)\no = S^T @ q", "scaled along its V side"),
+        ("S = S * S + outer(k, v + gv)\no = S^T @ q", "product of two values that both depend on the state"),
+        ("S = exp(S) + outer(k, v + gv)\no = S^T @ q", "exp(...) of a value that depends on the state"),
+        ("S = S + outer(k, v + gv)\no = S^T @ q / sum(S @ v)", "S @ y gives a [K] vector"),
+        ("S = outer(k, v + gv)\no = S^T @ q", "discards the previous state"),
+        ("S = S + 1 + outer(k, v + gv)\no = S^T @ q", "adds a constant"),
+        ("o = S^T @ q\nS = S + outer(k, v) + outer(k, gv * (S^T @ q))", "scaled by different [V] vectors"),
+    ];
+    for (step, why) in cases {
+        let r = parse(step, io);
+        let e = canonicalize(&r).expect_err(step);
+        assert!(e.reason.contains(why), "{step}: got `{}`", e.reason);
+        assert!(e.span.end <= r.source.len() && e.span.start < e.span.end, "{step}: span {:?}", e.span);
+    }
+}
+
+#[test]
+fn a_decay_that_is_not_provably_positive_warns() {
+    let r = parse("S = (1 - g) * S + outer(k, v)\no = S^T @ q", "q = \"[K]\"\nk = \"[K]\"\nv = \"[V]\"\ng = \"scalar\"");
+    let c = canonicalize(&r).expect("chunkable");
+    assert_eq!(c.warnings.len(), 1);
+    assert!(c.warnings[0].1.contains("not provably positive"), "{}", c.warnings[0].1);
+    let r = parse("S = sigmoid(g) * S + outer(k, v)\no = S^T @ q", "q = \"[K]\"\nk = \"[K]\"\nv = \"[V]\"\ng = \"scalar\"");
+    let c = canonicalize(&r).expect("chunkable");
+    assert!(c.warnings.is_empty());
+    assert_eq!(print_expr(&r, c.log_gate.as_ref().expect("gate")), "-softplus(-g)");
+}
