@@ -51,7 +51,7 @@ pub fn build(rule: &Rule, canon: &Canonical, shape: Shape, sched: Schedule) -> R
         Some(_) => Gate::Scalar,
     };
     let bs = if gate == Gate::Vector { sched.sub_chunk.clamp(1, c) } else { c };
-    if c % bs != 0 {
+    if !c.is_multiple_of(bs) {
         return Err(PlanError(format!("the sub-chunk ({bs}) must divide the chunk ({c})")));
     }
     let (k, v) = (shape.k, shape.v);
@@ -174,8 +174,8 @@ pub fn build(rule: &Rule, canon: &Canonical, shape: Shape, sched: Schedule) -> R
             let vj = b.rows(vw, j * bs, bs);
             s_next = write(&mut b, kw, vj, s_next);
         }
-        if let Some((a, _)) = low_rank {
-            s_next = write(&mut b, a, r_blocks[j], s_next);
+        if let (Some((a, _)), Some(&rj)) = (low_rank, r_blocks.get(j)) {
+            s_next = write(&mut b, a, rj, s_next);
         }
     }
     let last = b.end_loop(&[s_next]);
@@ -263,9 +263,8 @@ impl Scores {
                 }
                 // Re-centre on the pivot P = B before block i's first token:
                 // x_i e^{gx_i - P} (<= 1) times y_j e^{P - gy_j} (<= 1, j in an earlier block).
-                let pivot = b.rows(self.pivots.expect("vector gates have pivots"), i * bs, 1);
-                let xt = self.factor(b, x, gx, pivot, i, i, true);
-                let yt = self.factor(b, y, gy, pivot, j, i, false);
+                let xt = self.factor(b, x, gx, i, i, true);
+                let yt = self.factor(b, y, gy, j, i, false);
                 b.dot(xt, yt, false, true, None)
             }
             (Gate::Scalar, Some(gx), Some(gy)) => {
@@ -292,14 +291,13 @@ impl Scores {
         }
     }
 
-    /// Block `blk` of `x` times exp(g - pivot) (`ahead`) or exp(pivot - g), for the pivot of
-    /// block `at`.
+    /// Block `blk` of `x` times exp(g - P) (`ahead`) or exp(P - g), where P is the pivot of
+    /// block `at` (the cumulative gate before its first token).
     fn factor(
         &mut self,
         b: &mut Builder,
         x: ValueId,
         g: ValueId,
-        pivot: ValueId,
         blk: usize,
         at: usize,
         ahead: bool,
@@ -308,6 +306,7 @@ impl Scores {
         if let Some(v) = self.cache.get(&key) {
             return *v;
         }
+        let pivot = b.rows(self.pivots.expect("vector gates have pivots"), at * self.bs, 1);
         let xb = b.rows(x, blk * self.bs, self.bs);
         let gb = b.rows(g, blk * self.bs, self.bs);
         let e = if ahead { b.sub(gb, pivot) } else { b.sub(pivot, gb) };
