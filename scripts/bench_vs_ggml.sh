@@ -11,15 +11,23 @@ echo "== chunkc (criterion, 1 thread)"
 cargo bench --bench forward 2>/dev/null | grep -E '^[a-z_]+/[a-z0-9]+|thrpt' | tee -a "$log"
 python3 - "$log" <<'PY'
 import re, sys
-text = open(sys.argv[1]).read()
-peer = {m[0]: float(m[1]) for m in re.findall(r"ggml (\w+) .*?, ([0-9.]+) M token-heads/s", text)}
-rows = re.findall(r"^(\w+)/(\w+)\s.*?\n.*?thrpt:\s+\[[0-9.]+ \w+ ([0-9.]+) (\w)elem/s", text, re.M)
-scale = {"K": 1e-3, "M": 1.0, "G": 1e3}
-print("\n| kernel | M token-heads/s | ggml peer | ratio |\n|---|---|---|---|")
-for fam, kind, val, unit in rows:
-    mt = float(val) * scale.get(unit, 1.0)
+peer, rows, name = {}, [], None
+scale = {"": 1e-6, "K": 1e-3, "M": 1.0, "G": 1e3}
+for line in open(sys.argv[1]):
+    m = re.match(r"ggml (\w+) .*?, ([0-9.]+) M token-heads/s", line)
+    if m:
+        peer[m[1]] = float(m[2])
+    m = re.match(r"^(\w+)/(\w+)", line)
+    if m:
+        name = (m[1], m[2])
+    m = re.search(r"thrpt:\s+\[\S+ \S+ ([0-9.]+) ([KMG]?)elem/s", line)
+    if m and name:
+        rows.append((*name, float(m[1]) * scale[m[2]]))
+print("\n| kernel (1 thread, f32) | M token-heads/s | ggml op | ggml M token-heads/s | ratio |")
+print("|---|---|---|---|---|")
+for fam, kind, mt in rows:
     op = "GATED_DELTA_NET" if "delta" in fam else "GATED_LINEAR_ATTN"
-    p = peer.get(op)
-    print(f"| {fam} {kind} | {mt:.3f} | {op} {p:.3f} | {mt / p:.2f}x |" if p else f"| {fam} {kind} | {mt:.3f} | - | - |")
+    p = peer.get(op, float("nan"))
+    print(f"| {fam} {kind} | {mt:.3f} | {op} | {p:.3f} | {mt / p:.2f}x |")
 PY
 rm -f "$log"
