@@ -101,39 +101,29 @@ pub fn build(rule: &Rule, canon: &Canonical, shape: Shape, sched: Schedule) -> R
     let bq = if read_before { bex } else { bin };
 
     let nb = c / bs;
+    // Values written by each write term, block by block.
+    let vw_blocks: Vec<Vec<ValueId>> =
+        writes.iter().map(|&(_, vw)| (0..nb).map(|j| b.rows(vw, j * bs, bs)).collect()).collect();
     let mut r_blocks: Vec<ValueId> = vec![];
     for i in 0..nb {
         let i0 = i * bs;
         let qg = sc.decayed(&mut b, q, bq, i);
         let mut o = b.dot(qg, s0, false, false, None);
         if let Some((a, bv)) = low_rank {
+            // R_i = (I - A_ba[i,i])^-1 (bg_i S0 + sum_{j<i} A_ba[i,j] R_j + sum_{j<=i} A_bk[i,j] VW_j)
             let bg = sc.decayed(&mut b, bv, bex, i);
             let mut rhs = b.dot(bg, s0, false, false, None);
-            for (j, &rj) in r_blocks.iter().enumerate() {
-                let s = sc.scores(&mut b, (bv, bex), (a, bin), i, j, true);
-                rhs = b.dot(s, rj, false, false, Some(rhs));
-            }
-            for &(kw, vw) in &writes {
-                for j in 0..=i {
-                    let s = sc.scores(&mut b, (bv, bex), (kw, bin), i, j, true);
-                    let vj = b.rows(vw, j * bs, bs);
-                    rhs = b.dot(s, vj, false, false, Some(rhs));
-                }
+            rhs = sc.apply(&mut b, (bv, bex), (a, bin), &r_blocks, i, true, rhs);
+            for (&(kw, _), vws) in writes.iter().zip(&vw_blocks) {
+                rhs = sc.apply(&mut b, (bv, bex), (kw, bin), vws, i, true, rhs);
             }
             let aba = sc.scores(&mut b, (bv, bex), (a, bin), i, i, true);
             let l = b.neg(aba);
             r_blocks.push(b.solve_unit_lower(l, rhs));
-            for (j, &rj) in r_blocks.iter().enumerate() {
-                let s = sc.scores(&mut b, (q, bq), (a, bin), i, j, read_before);
-                o = b.dot(s, rj, false, false, Some(o));
-            }
+            o = sc.apply(&mut b, (q, bq), (a, bin), &r_blocks, i, read_before, o);
         }
-        for &(kw, vw) in &writes {
-            for j in 0..=i {
-                let s = sc.scores(&mut b, (q, bq), (kw, bin), i, j, read_before);
-                let vj = b.rows(vw, j * bs, bs);
-                o = b.dot(s, vj, false, false, Some(o));
-            }
+        for (&(kw, _), vws) in writes.iter().zip(&vw_blocks) {
+            o = sc.apply(&mut b, (q, bq), (kw, bin), vws, i, read_before, o);
         }
         if let Some(cf) = coef {
             let cf = rows_of(&mut b, cf, i0, bs);
@@ -169,9 +159,8 @@ pub fn build(rule: &Rule, canon: &Canonical, shape: Shape, sched: Schedule) -> R
             };
             b.dot(kj, val, true, false, Some(s))
         };
-        for &(kw, vw) in &writes {
-            let vj = b.rows(vw, j * bs, bs);
-            s_next = write(&mut b, kw, vj, s_next);
+        for (&(kw, _), vws) in writes.iter().zip(&vw_blocks) {
+            s_next = write(&mut b, kw, vws[j], s_next);
         }
         if let (Some((a, _)), Some(&rj)) = (low_rank, r_blocks.get(j)) {
             s_next = write(&mut b, a, rj, s_next);
@@ -247,6 +236,25 @@ impl Scores {
         }
     }
 
+    /// `acc + sum_{j <= i} scores(x, y)[i, j] @ z[j]` over the blocks `z` holds so far.
+    #[allow(clippy::too_many_arguments)]
+    fn apply(
+        &mut self,
+        b: &mut Builder,
+        x: (ValueId, Option<ValueId>),
+        y: (ValueId, Option<ValueId>),
+        z: &[ValueId],
+        i: usize,
+        strict: bool,
+        mut acc: ValueId,
+    ) -> ValueId {
+        for (j, &zj) in z.iter().enumerate().take(i + 1) {
+            let s = self.scores(b, x, y, i, j, strict);
+            acc = b.dot(s, zj, false, false, Some(acc));
+        }
+        acc
+    }
+
     /// Block (i, j) of `scores(X, gX, Y, gY)`, j <= i; `strict` masks the diagonal of i == j.
     fn scores(
         &mut self,
@@ -299,15 +307,7 @@ impl Scores {
 
     /// Block `blk` of `x` times exp(g - P) (`ahead`) or exp(P - g), where P is the pivot of
     /// block `at` (the cumulative gate before its first token).
-    fn factor(
-        &mut self,
-        b: &mut Builder,
-        x: ValueId,
-        g: ValueId,
-        blk: usize,
-        at: usize,
-        ahead: bool,
-    ) -> ValueId {
+    fn factor(&mut self, b: &mut Builder, x: ValueId, g: ValueId, blk: usize, at: usize, ahead: bool) -> ValueId {
         let key = (x, Some(g), blk, at, ahead);
         if let Some(v) = self.cache.get(&key) {
             return *v;
