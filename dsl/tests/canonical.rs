@@ -91,11 +91,13 @@ fn reasons_for_not_chunking() {
 
 #[test]
 fn a_decay_that_is_not_provably_positive_warns() {
-    let r = parse("S = (1 - g) * S + outer(k, v)\no = S^T @ q", "q = \"[K]\"\nk = \"[K]\"\nv = \"[V]\"\ng = \"scalar\"");
+    let r =
+        parse("S = (1 - g) * S + outer(k, v)\no = S^T @ q", "q = \"[K]\"\nk = \"[K]\"\nv = \"[V]\"\ng = \"scalar\"");
     let c = canonicalize(&r).expect("chunkable");
     assert_eq!(c.warnings.len(), 1);
     assert!(c.warnings[0].1.contains("not provably positive"), "{}", c.warnings[0].1);
-    let r = parse("S = sigmoid(g) * S + outer(k, v)\no = S^T @ q", "q = \"[K]\"\nk = \"[K]\"\nv = \"[V]\"\ng = \"scalar\"");
+    let r =
+        parse("S = sigmoid(g) * S + outer(k, v)\no = S^T @ q", "q = \"[K]\"\nk = \"[K]\"\nv = \"[V]\"\ng = \"scalar\"");
     let c = canonicalize(&r).expect("chunkable");
     assert!(c.warnings.is_empty());
     assert_eq!(print_expr(&r, c.log_gate.as_ref().expect("gate")), "-softplus(-g)");
