@@ -12,6 +12,7 @@ use cranelift_codegen::ir::{types, BlockArg, FuncRef, InstBuilder, MemFlagsData,
 use cranelift_frontend::{FunctionBuilder, Variable};
 
 use super::layout::{Plan, Storage, YieldCopy};
+use super::vmath::VMath;
 use crate::ir::*;
 
 /// The math routines the generated code calls, in the order of [`super::MATH_F32`].
@@ -30,7 +31,12 @@ pub(super) enum Math {
 pub(super) struct MathFns {
     pub f32: Vec<FuncRef>,
     pub f64: Vec<FuncRef>,
+    /// The `Dot` microkernel (gemm.rs), where the host has one.
+    pub gemm: Option<FuncRef>,
 }
+
+/// `Dot`s with at least this many multiply-adds (m*n*k) call the microkernel.
+const GEMM_MIN_MACS: usize = 4096;
 
 /// Memory access to a 2-D array of elements: element (i, j) at `ptr + (i*rs + j*cs) * size`.
 #[derive(Clone, Copy, Debug)]
@@ -183,6 +189,11 @@ impl<'a, 'f> Lower<'a, 'f> {
             let p = self.b.ins().fmul(x, y);
             self.b.ins().fadd(acc, p)
         }
+    }
+
+    /// The inline f32 math emitter (vmath.rs).
+    fn vmath(&mut self) -> VMath<'_, 'f> {
+        VMath { b: &mut *self.b, fma: self.fma }
     }
 
     fn call(&mut self, m: Math, dt: DType, args: &[Value]) -> Value {
@@ -506,8 +517,14 @@ impl<'a, 'f> Lower<'a, 'f> {
             Op::Unary { op, x } => {
                 let src = self.val(*x);
                 let (op, dt) = (*op, ty.dtype);
-                let vec_ok = matches!(op, UnOp::Neg | UnOp::Sqrt | UnOp::Recip);
+                // f32 exp, exp2, sigmoid and silu are inline (vmath.rs); the rest call out.
+                let inline = dt == DType::F32 && matches!(op, UnOp::Exp | UnOp::Exp2 | UnOp::Sigmoid | UnOp::Silu);
+                let vec_ok = inline || matches!(op, UnOp::Neg | UnOp::Sqrt | UnOp::Recip);
                 self.ew(RowRange::Full(ty.rows), ty.cols, &[src], out, vec_ok, &mut |l, t, x| match op {
+                    UnOp::Exp if inline => l.vmath().exp(t, x[0]),
+                    UnOp::Exp2 if inline => l.vmath().exp2(t, x[0]),
+                    UnOp::Sigmoid if inline => l.vmath().sigmoid(t, x[0]),
+                    UnOp::Silu if inline => l.vmath().silu(t, x[0]),
                     UnOp::Neg => l.b.ins().fneg(x[0]),
                     UnOp::Sqrt => l.b.ins().sqrt(x[0]),
                     UnOp::Recip => {
@@ -635,6 +652,24 @@ impl<'a, 'f> Lower<'a, 'f> {
     /// `out = a @ b (+ acc)`, with `a` m x k and `b` k x n already transposed as the op says.
     #[allow(clippy::too_many_arguments)]
     fn dot(&mut self, out: Acc, a: Acc, b: Acc, m: usize, n: usize, k: usize, acc: Option<Acc>) {
+        // Few rows of a transposed b (the kernel would pack b for them) stay inline.
+        let big = m * n * k >= GEMM_MIN_MACS && (b.cs == 1 || m >= 8);
+        if let Some(f) = self.math.gemm.filter(|_| out.cs == 1 && big) {
+            let mut args: Vec<Value> = [m, n, k].iter().map(|&x| self.iconst(x as i64)).collect();
+            for (x, rs, cs) in [(a.ptr, a.rs, Some(a.cs)), (b.ptr, b.rs, Some(b.cs)), (out.ptr, out.rs, None)] {
+                args.push(x);
+                args.push(self.iconst(rs));
+                if let Some(cs) = cs {
+                    args.push(self.iconst(cs));
+                }
+            }
+            match acc {
+                Some(c) => args.extend([c.ptr, self.iconst(c.rs), self.iconst(c.cs)]),
+                None => args.extend([self.iconst(0), self.iconst(0), self.iconst(0)]),
+            }
+            self.b.ins().call(f, &args);
+            return;
+        }
         let kk = self.iconst(k as i64);
         if b.cs == 1 && n >= 4 {
             // Rows of b are contiguous: each output row is built from blocks of up to four
@@ -929,10 +964,12 @@ impl<'a, 'f> Lower<'a, 'f> {
                     let gx = l.load(scalar_ty(gdt), v[2], 0);
                     let gy = l.load(scalar_ty(gdt), v[4], 0);
                     let d = l.b.ins().fsub(gx, gy);
-                    let mut e = l.call(Math::Exp, gdt, &[d]);
-                    if gdt == DType::F64 {
-                        e = l.b.ins().fdemote(types::F32, e);
-                    }
+                    let e = if gdt == DType::F64 {
+                        let e = l.call(Math::Exp, gdt, &[d]);
+                        l.b.ins().fdemote(types::F32, e)
+                    } else {
+                        l.vmath().exp(types::F32, d)
+                    };
                     let xy = l.b.ins().fmul(x, y);
                     let t = l.b.ins().fmul(xy, e);
                     vec![

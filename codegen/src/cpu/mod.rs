@@ -12,10 +12,16 @@
 //! the (batch, head) grid. Results agree with the interpreter (`interp.rs`) exactly for
 //! elementwise ops, casts, masks, cumsums and row sums; `Dot`, `GatedDot` and
 //! `SolveUnitLower` accumulate in f32 (as the IR documents) where the interpreter sums in
-//! f64, so they agree to f32 rounding error.
+//! f64, so they agree to f32 rounding error. f32 `exp`, `exp2`, `sigmoid` and `silu`
+//! (elementwise and inside `GatedDot`) are inline vector code (`vmath.rs`, within 3.5 ulp
+//! of exact, so not bit-identical to the interpreter's rounded f64); the other math calls
+//! out. Large `Dot`s call rustc-compiled SIMD microkernels (`gemm.rs`) where the host has
+//! them.
 
+mod gemm;
 mod layout;
 mod lower;
+mod vmath;
 
 use std::fmt;
 
@@ -151,6 +157,9 @@ fn new_module() -> Result<JITModule, CodegenError> {
     }
     jb.symbol(POW_F32.0, POW_F32.1 as *const u8);
     jb.symbol(POW_F64.0, POW_F64.1 as *const u8);
+    if let Some(f) = gemm::select() {
+        jb.symbol(gemm::GEMM_SYMBOL, f as *const u8);
+    }
     Ok(JITModule::new(jb))
 }
 
@@ -171,7 +180,7 @@ fn build(
         let id = module.declare_function(name, Linkage::Import, &sig).map_err(merr)?;
         Ok::<_, CodegenError>(module.declare_func_in_func(id, func))
     };
-    let mut math = MathFns { f32: vec![], f64: vec![] };
+    let mut math = MathFns { f32: vec![], f64: vec![], gemm: None };
     for (name, _) in MATH_F32 {
         math.f32.push(import(module, &mut ctx.func, name, types::F32, 1)?);
     }
@@ -180,6 +189,13 @@ fn build(
         math.f64.push(import(module, &mut ctx.func, name, types::F64, 1)?);
     }
     math.f64.push(import(module, &mut ctx.func, POW_F64.0, types::F64, 2)?);
+    if gemm::select().is_some() {
+        // (m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, c_rs, acc, acc_rs, acc_cs), no result.
+        let mut sig = module.make_signature();
+        sig.params.extend([AbiParam::new(types::I64); 14]);
+        let id = module.declare_function(gemm::GEMM_SYMBOL, Linkage::Import, &sig).map_err(merr)?;
+        math.gemm = Some(module.declare_func_in_func(id, &mut ctx.func));
+    }
 
     // (params, batch, head, seq_len, workspace): pointers and indices are all 64-bit.
     let mut sig = module.make_signature();
