@@ -24,7 +24,7 @@ use crate::builder::Builder;
 use crate::ir::*;
 use crate::lower::{state_base, token_base, Lowerer, ParamLayout};
 use chunkc_dsl::ast::{Expr, Rule, Ty};
-use chunkc_dsl::canon::{Canonical, Read};
+use chunkc_dsl::canon::{same, Canonical, Read};
 use std::collections::HashMap;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,11 +77,22 @@ pub fn build(rule: &Rule, canon: &Canonical, shape: Shape, sched: Schedule) -> R
         None => None,
     };
     let q = pro.tile(&mut b, &canon.output.query, true)?;
-    let writes: Vec<(ValueId, ValueId)> = canon
-        .writes
-        .iter()
-        .map(|(kw, vw)| Ok((pro.tile(&mut b, kw, true)?, pro.tile(&mut b, vw, true)?)))
-        .collect::<Result<_, PlanError>>()?;
+    // A write whose key is the low-rank vector `a` (DeltaNet, Gated DeltaNet, KDA: both are
+    // k) is folded into the solve: with U = R + VW the system becomes
+    // (I - A_ba) U = VW + (b ⊙ e^Bex) S0 + ..., and U replaces R in the output and the state.
+    // U is the small pseudo-value beta (v - S^T k) (DESIGN form (c)); keeping R and VW apart
+    // would sum two chunk-sized terms that cancel, losing f32 precision.
+    let merged = canon.low_rank.first().and_then(|(a, _)| canon.writes.iter().position(|(kw, _)| same(kw, a)));
+    let mut merged_vw = None;
+    let mut writes: Vec<(ValueId, ValueId)> = vec![];
+    for (w, (kw, vw)) in canon.writes.iter().enumerate() {
+        let vw = pro.tile(&mut b, vw, true)?;
+        if Some(w) == merged {
+            merged_vw = Some(vw);
+        } else {
+            writes.push((pro.tile(&mut b, kw, true)?, vw));
+        }
+    }
     let low_rank: Option<(ValueId, ValueId)> = match canon.low_rank.first() {
         Some((a, bv)) => Some((pro.tile(&mut b, a, true)?, pro.tile(&mut b, bv, true)?)),
         None => None,
@@ -111,8 +122,13 @@ pub fn build(rule: &Rule, canon: &Canonical, shape: Shape, sched: Schedule) -> R
         let mut o = b.dot(qg, s0, false, false, None);
         if let Some((a, bv)) = low_rank {
             // R_i = (I - A_ba[i,i])^-1 (bg_i S0 + sum_{j<i} A_ba[i,j] R_j + sum_{j<=i} A_bk[i,j] VW_j)
+            // (R is U = R + VW_merged when a write was folded in: then VW_merged_i joins the rhs.)
             let bg = sc.decayed(&mut b, bv, bex, i);
             let mut rhs = b.dot(bg, s0, false, false, None);
+            if let Some(vw) = merged_vw {
+                let vwi = b.rows(vw, i0, bs);
+                rhs = b.add(rhs, vwi);
+            }
             rhs = sc.apply(&mut b, (bv, bex), (a, bin), &r_blocks, i, true, rhs);
             for (&(kw, _), vws) in writes.iter().zip(&vw_blocks) {
                 rhs = sc.apply(&mut b, (bv, bex), (kw, bin), vws, i, true, rhs);

@@ -20,8 +20,10 @@ pub struct Schedule {
 }
 
 impl Schedule {
+    /// The chunk with the largest sub-chunk of at most 16 tokens that divides it.
     pub fn with_chunk(chunk: usize) -> Schedule {
-        Schedule { chunk, sub_chunk: 16.min(chunk) }
+        let sub_chunk = (1..=16.min(chunk)).rev().find(|d| chunk.is_multiple_of(*d)).unwrap_or(1);
+        Schedule { chunk, sub_chunk }
     }
 }
 
