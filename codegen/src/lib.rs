@@ -11,3 +11,4 @@ pub mod ir;
 pub mod lower;
 pub mod plan;
 pub mod print;
+pub mod ptx;

@@ -1,0 +1,949 @@
+//! The SIMT lowering itself: one strided loop over output elements per op, a barrier after
+//! each (see the module doc of `ptx` for the design).
+//!
+//! Registers are virtual (fresh for every value); ptxas allocates them. `%r` are 32-bit
+//! integers (thread and element indices), `%rd` 64-bit integers (index expressions and
+//! addresses), `%f` f32, `%fd` f64 and `%p` predicates.
+
+use super::layout::{self, Plan, Storage, YieldCopy};
+use super::*;
+use crate::ir::*;
+use std::fmt::Write as _;
+
+/// Name of the dynamic shared-memory array.
+const SMEM: &str = "chunkc_smem";
+/// log2(e) and ln(2) as f32.
+const LOG2E: &str = "0f3FB8AA3B";
+const LN2: &str = "0f3F317218";
+
+fn ty(dt: DType) -> &'static str {
+    match dt {
+        DType::F32 => "f32",
+        DType::F64 => "f64",
+    }
+}
+
+/// A float immediate of `dt` (PTX hex form, exact for every value including inf and NaN).
+fn fimm(v: f64, dt: DType) -> String {
+    match dt {
+        DType::F32 => format!("0f{:08X}", (v as f32).to_bits()),
+        DType::F64 => format!("0d{:016X}", v.to_bits()),
+    }
+}
+
+/// A PTX identifier made from `s` (letters, digits and `_`; not starting with a digit).
+fn ident(s: &str) -> String {
+    let mut out: String = s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' }).collect();
+    if out.is_empty() || out.starts_with(|c: char| c.is_ascii_digit()) {
+        out.insert(0, '_');
+    }
+    out
+}
+
+/// A strided loop over `0..n` (one element per thread per iteration).
+struct ELoop {
+    e: String,
+    head: String,
+    end: String,
+}
+
+struct Em<'k> {
+    k: &'k Kernel,
+    plan: Plan,
+    space: &'static str,
+    out: String,
+    n: [u32; 5],
+    labels: u32,
+    tid: String,
+    tile_base: String,
+    params: Vec<String>,
+    batch: String,
+    head: String,
+    seq_len: String,
+    iter: String,
+    next_loop: usize,
+}
+
+const R: usize = 0;
+const RD: usize = 1;
+const F: usize = 2;
+const FD: usize = 3;
+const P: usize = 4;
+const PREFIX: [&str; 5] = ["%r", "%rd", "%f", "%fd", "%p"];
+
+pub(super) fn emit(kernel: &Kernel, target: Sm, opts: EmitOptions) -> Result<PtxKernel, PtxError> {
+    let plan = layout::plan(kernel).map_err(|e| PtxError(format!("ptx: {}", e.0)))?;
+    let shared = plan.bytes <= opts.smem_limit;
+    let bytes = plan.bytes;
+    let entry = ident(&kernel.name);
+
+    // The .param list.
+    let mut params = vec![];
+    for p in &kernel.params {
+        let access = match p.access {
+            Access::Read => ParamAccess::Read,
+            Access::Write => ParamAccess::Write,
+        };
+        params.push(ParamMeta { name: p.name.clone(), access, pointer: true, kind: ParamKind::Tensor });
+    }
+    if !shared {
+        params.push(ParamMeta {
+            name: "scratch".into(),
+            access: ParamAccess::ReadWrite,
+            pointer: true,
+            kind: ParamKind::Scratch,
+        });
+    }
+    let scalars = ["batch", "heads", "seq_len"];
+    for s in scalars {
+        params.push(ParamMeta { name: s.into(), access: ParamAccess::Read, pointer: false, kind: ParamKind::Scalar });
+    }
+    let pname = |i: usize| format!("{entry}_param_{i}");
+
+    let mut em = Em {
+        k: kernel,
+        plan,
+        space: if shared { "shared" } else { "global" },
+        out: String::new(),
+        n: [0; 5],
+        labels: 0,
+        tid: String::new(),
+        tile_base: String::new(),
+        params: vec![],
+        batch: String::new(),
+        head: String::new(),
+        seq_len: String::new(),
+        iter: String::new(),
+        next_loop: 0,
+    };
+
+    // Prologue: thread and CTA indices, scalars, pointers, the CTA's tile base.
+    em.tid = em.reg(R);
+    let tid = em.tid.clone();
+    em.ins(format!("mov.u32 {tid}, %tid.x"));
+    let cta32 = em.reg(R);
+    em.ins(format!("mov.u32 {cta32}, %ctaid.x"));
+    let cta = em.reg(RD);
+    em.ins(format!("cvt.u64.u32 {cta}, {cta32}"));
+    let np = params.len();
+    let (batch, heads, seq_len) = (em.reg(RD), em.reg(RD), em.reg(RD));
+    em.ins(format!("ld.param.u64 {batch}, [{}]", pname(np - 3)));
+    em.ins(format!("ld.param.u64 {heads}, [{}]", pname(np - 2)));
+    em.ins(format!("ld.param.u64 {seq_len}, [{}]", pname(np - 1)));
+    let grid = em.reg(RD);
+    em.ins(format!("mul.lo.s64 {grid}, {batch}, {heads}"));
+    let p = em.reg(P);
+    em.ins(format!("setp.ge.s64 {p}, {cta}, {grid}"));
+    em.comment("CTAs past batch * heads have no grid point (uniform per CTA)");
+    em.ins(format!("@{p} exit"));
+    let (b, h) = (em.reg(RD), em.reg(RD));
+    em.ins(format!("div.s64 {b}, {cta}, {heads}"));
+    em.ins(format!("rem.s64 {h}, {cta}, {heads}"));
+    for i in 0..kernel.params.len() {
+        let r = em.reg(RD);
+        em.ins(format!("ld.param.u64 {r}, [{}]", pname(i)));
+        em.ins(format!("cvta.to.global.u64 {r}, {r}"));
+        em.params.push(r);
+    }
+    em.tile_base = em.reg(RD);
+    let base = em.tile_base.clone();
+    if shared {
+        em.ins(format!("mov.u64 {base}, {SMEM}"));
+    } else {
+        let s = em.reg(RD);
+        em.ins(format!("ld.param.u64 {s}, [{}]", pname(kernel.params.len())));
+        em.ins(format!("cvta.to.global.u64 {s}, {s}"));
+        em.ins(format!("mul.lo.s64 {base}, {cta}, {bytes}"));
+        em.ins(format!("add.s64 {base}, {base}, {s}"));
+    }
+    em.iter = em.reg(RD);
+    let iter = em.iter.clone();
+    em.ins(format!("mov.s64 {iter}, 0"));
+    (em.batch, em.head, em.seq_len) = (b, h, seq_len);
+
+    em.block(&kernel.body)?;
+    em.ins("ret");
+
+    // Assemble the module text.
+    let mut s = String::new();
+    let space = em.space;
+    let _ = writeln!(s, "//");
+    let _ = writeln!(s, "// Generated by chunkc: PTX backend, simple SIMT lowering (no tensor cores).");
+    let _ = writeln!(
+        s,
+        "// kernel {entry}: {BLOCK_THREADS} threads per CTA, one CTA per (b, h), blockIdx.x = b * heads + h"
+    );
+    let _ = writeln!(s, "// tiles: {bytes} bytes per CTA in {space} memory");
+    let _ = writeln!(s, "//");
+    let _ = writeln!(s, ".version {}", target.isa_version());
+    let _ = writeln!(s, ".target {}", target.name());
+    let _ = writeln!(s, ".address_size 64");
+    let _ = writeln!(s);
+    if shared {
+        let _ = writeln!(s, ".extern .shared .align 16 .b8 {SMEM}[];");
+        let _ = writeln!(s);
+    }
+    let _ = writeln!(s, ".visible .entry {entry}(");
+    for (i, p) in params.iter().enumerate() {
+        let comma = if i + 1 < params.len() { "," } else { "" };
+        let _ = writeln!(s, "\t.param .u64 {}{comma} // {} ({:?})", pname(i), p.name, p.access);
+    }
+    let _ = writeln!(s, ")");
+    let _ = writeln!(s, ".maxntid {BLOCK_THREADS}, 1, 1");
+    let _ = writeln!(s, "{{");
+    let decl = [".b32", ".b64", ".f32", ".f64", ".pred"];
+    for k in 0..5 {
+        if em.n[k] > 0 {
+            let _ = writeln!(s, "\t.reg {} {}<{}>;", decl[k], PREFIX[k], em.n[k]);
+        }
+    }
+    let _ = writeln!(s);
+    s.push_str(&em.out);
+    let _ = writeln!(s, "}}");
+
+    let meta = LaunchMeta {
+        entry,
+        target,
+        grid: Grid::BatchHeadsX,
+        block: [BLOCK_THREADS, 1, 1],
+        tile_space: if shared { TileSpace::Shared } else { TileSpace::Global },
+        dynamic_smem_bytes: if shared { bytes } else { 0 },
+        scratch_bytes_per_cta: if shared { 0 } else { bytes },
+        params,
+        scalars: scalars.iter().map(|s| s.to_string()).collect(),
+    };
+    Ok(PtxKernel { ptx: s, meta })
+}
+
+impl Em<'_> {
+    fn reg(&mut self, kind: usize) -> String {
+        let r = format!("{}{}", PREFIX[kind], self.n[kind]);
+        self.n[kind] += 1;
+        r
+    }
+
+    fn freg(&mut self, dt: DType) -> String {
+        self.reg(if dt == DType::F32 { F } else { FD })
+    }
+
+    fn ins(&mut self, s: impl AsRef<str>) {
+        self.out.push('\t');
+        self.out.push_str(s.as_ref());
+        self.out.push_str(";\n");
+    }
+
+    fn comment(&mut self, s: impl AsRef<str>) {
+        let _ = writeln!(self.out, "\t// {}", s.as_ref());
+    }
+
+    fn label(&mut self) -> String {
+        self.labels += 1;
+        format!("$L_{}", self.labels)
+    }
+
+    fn place(&mut self, l: &str) {
+        let _ = writeln!(self.out, "{l}:");
+    }
+
+    fn barrier(&mut self) {
+        self.ins("bar.sync 0");
+    }
+
+    fn storage(&self, v: ValueId) -> Storage {
+        // layout::plan checked that every value read is defined, so it has storage.
+        self.plan.storage[v.0 as usize].unwrap_or(Storage { off: 0, rs: 0, cs: 0 })
+    }
+
+    /// Storage of operand `v` read with broadcasting (a dimension of 1 repeats).
+    fn bstorage(&self, v: ValueId) -> Storage {
+        let t = self.k.ty(v);
+        let mut s = self.storage(v);
+        if t.rows == 1 {
+            s.rs = 0;
+        }
+        if t.cols == 1 {
+            s.cs = 0;
+        }
+        s
+    }
+
+    // ---- index expressions (s64, uniform across the CTA) ----
+
+    fn idx(&mut self, e: &Idx) -> String {
+        match e {
+            Idx::Const(c) => {
+                let r = self.reg(RD);
+                self.ins(format!("mov.s64 {r}, {c}"));
+                r
+            }
+            Idx::Var(v) => match v {
+                IdxVar::Batch => self.batch.clone(),
+                IdxVar::Head => self.head.clone(),
+                IdxVar::SeqLen => self.seq_len.clone(),
+                IdxVar::Iter => self.iter.clone(),
+            },
+            Idx::Add(a, b) | Idx::Sub(a, b) | Idx::Mul(a, b) | Idx::Min(a, b) => {
+                let op = match e {
+                    Idx::Add(..) => "add.s64",
+                    Idx::Sub(..) => "sub.s64",
+                    Idx::Mul(..) => "mul.lo.s64",
+                    _ => "min.s64",
+                };
+                let (x, y) = (self.idx(a), self.idx(b));
+                let r = self.reg(RD);
+                self.ins(format!("{op} {r}, {x}, {y}"));
+                r
+            }
+            Idx::CeilDiv(a, d) => {
+                // floor((x + d - 1) / d) for d > 0; div.s64 truncates, so correct negatives.
+                let x = self.idx(a);
+                let (n, q, m, p) = (self.reg(RD), self.reg(RD), self.reg(RD), self.reg(P));
+                self.ins(format!("add.s64 {n}, {x}, {}", d - 1));
+                self.ins(format!("div.s64 {q}, {n}, {d}"));
+                self.ins(format!("rem.s64 {m}, {n}, {d}"));
+                self.ins(format!("setp.lt.s64 {p}, {m}, 0"));
+                self.ins(format!("@{p} sub.s64 {q}, {q}, 1"));
+                q
+            }
+        }
+    }
+
+    // ---- loops ----
+
+    /// Starts `for (e = tid; e < n; e += BLOCK_THREADS)`.
+    fn eloop(&mut self, n: usize) -> ELoop {
+        let (e, head, end, p) = (self.reg(R), self.label(), self.label(), self.reg(P));
+        let tid = self.tid.clone();
+        self.ins(format!("mov.u32 {e}, {tid}"));
+        self.place(&head);
+        self.ins(format!("setp.ge.u32 {p}, {e}, {n}"));
+        self.ins(format!("@{p} bra {end}"));
+        ELoop { e, head, end }
+    }
+
+    /// Closes an element loop and synchronises the CTA.
+    fn eloop_end(&mut self, l: ELoop) {
+        self.ins(format!("add.u32 {}, {}, {BLOCK_THREADS}", l.e, l.e));
+        self.ins(format!("bra {}", l.head));
+        self.place(&l.end);
+        self.barrier();
+    }
+
+    /// Row and column of element `e` of a tile with `cols` columns.
+    fn split(&mut self, e: &str, cols: usize) -> (String, String) {
+        let (i, j) = (self.reg(R), self.reg(R));
+        if cols == 1 {
+            self.ins(format!("mov.u32 {i}, {e}"));
+            self.ins(format!("mov.u32 {j}, 0"));
+        } else {
+            self.ins(format!("div.u32 {i}, {e}, {cols}"));
+            self.ins(format!("rem.u32 {j}, {e}, {cols}"));
+        }
+        (i, j)
+    }
+
+    /// Starts a per-thread counted loop `for c in 0..n` (n static, n >= 1); returns (c, head).
+    fn cloop(&mut self) -> (String, String) {
+        let (c, head) = (self.reg(R), self.label());
+        self.ins(format!("mov.u32 {c}, 0"));
+        self.place(&head);
+        (c, head)
+    }
+
+    /// Closes a counted loop started by [`Em::cloop`]: `c += 1; if c < n goto head`.
+    fn cloop_end(&mut self, c: &str, head: &str, n: &str) {
+        let p = self.reg(P);
+        self.ins(format!("add.u32 {c}, {c}, 1"));
+        self.ins(format!("setp.lt.u32 {p}, {c}, {n}"));
+        self.ins(format!("@{p} bra {head}"));
+    }
+
+    // ---- tile addresses ----
+
+    /// Address register of element (i, j) of a tile stored at `st` (i, j: u32 registers, or
+    /// None for 0), including the region offset.
+    fn taddr(&mut self, st: Storage, dt: DType, i: Option<&str>, j: Option<&str>) -> String {
+        let t = self.reg(R);
+        self.ins(format!("mov.u32 {t}, 0"));
+        for (x, s) in [(i, st.rs), (j, st.cs)] {
+            if let (Some(x), true) = (x, s != 0) {
+                self.ins(format!("mad.lo.s32 {t}, {x}, {s}, {t}"));
+            }
+        }
+        let a = self.reg(RD);
+        self.ins(format!("mul.wide.s32 {a}, {t}, {}", dt.size()));
+        let base = self.tile_base.clone();
+        self.ins(format!("add.s64 {a}, {a}, {base}"));
+        if st.off != 0 {
+            self.ins(format!("add.s64 {a}, {a}, {}", st.off));
+        }
+        a
+    }
+
+    fn ld(&mut self, dt: DType, addr: &str) -> String {
+        let r = self.freg(dt);
+        self.ins(format!("ld.{}.{} {r}, [{addr}]", self.space, ty(dt)));
+        r
+    }
+
+    fn st(&mut self, dt: DType, addr: &str, r: &str) {
+        self.ins(format!("st.{}.{} [{addr}], {r}", self.space, ty(dt)));
+    }
+
+    /// Reads element (i, j) of `v` (broadcasting).
+    fn read(&mut self, v: ValueId, i: &str, j: &str) -> String {
+        let dt = self.k.ty(v).dtype;
+        let st = self.bstorage(v);
+        let a = self.taddr(st, dt, Some(i), Some(j));
+        self.ld(dt, &a)
+    }
+
+    /// Writes element (i, j) of `v`.
+    fn write(&mut self, v: ValueId, i: &str, j: &str, r: &str) {
+        let dt = self.k.ty(v).dtype;
+        let st = self.storage(v);
+        let a = self.taddr(st, dt, Some(i), Some(j));
+        self.st(dt, &a, r);
+    }
+
+    /// Global address of element (i, j) of tensor `param` at `base + i*rs + j*cs` (f32).
+    fn gaddr(&mut self, param: usize, base: &str, rs: i64, cs: i64, i: &str, j: &str) -> String {
+        let (i64r, j64r, t) = (self.reg(RD), self.reg(RD), self.reg(RD));
+        self.ins(format!("cvt.u64.u32 {i64r}, {i}"));
+        self.ins(format!("cvt.u64.u32 {j64r}, {j}"));
+        self.ins(format!("mov.s64 {t}, {base}"));
+        self.ins(format!("mad.lo.s64 {t}, {i64r}, {rs}, {t}"));
+        self.ins(format!("mad.lo.s64 {t}, {j64r}, {cs}, {t}"));
+        let a = self.reg(RD);
+        let ptr = self.params[param].clone();
+        self.ins(format!("shl.b64 {t}, {t}, 2"));
+        self.ins(format!("add.s64 {a}, {ptr}, {t}"));
+        a
+    }
+
+    /// Predicate `i < valid` for a u32 row `i` and an s64 bound.
+    fn row_valid(&mut self, i: &str, valid: &str) -> String {
+        let (i64r, p) = (self.reg(RD), self.reg(P));
+        self.ins(format!("cvt.u64.u32 {i64r}, {i}"));
+        self.ins(format!("setp.lt.s64 {p}, {i64r}, {valid}"));
+        p
+    }
+
+    /// Copies a tile from `src` to `dst` (any strides), then synchronises.
+    fn copy(&mut self, t: TileTy, src: Storage, dst: Storage) {
+        let l = self.eloop(t.len());
+        let (i, j) = self.split(&l.e.clone(), t.cols);
+        let a = self.taddr(src, t.dtype, Some(&i), Some(&j));
+        let x = self.ld(t.dtype, &a);
+        let a = self.taddr(dst, t.dtype, Some(&i), Some(&j));
+        self.st(t.dtype, &a, &x);
+        self.eloop_end(l);
+    }
+
+    // ---- math ----
+
+    fn exp_f32(&mut self, x: &str) -> String {
+        let (t, y) = (self.reg(F), self.reg(F));
+        self.ins(format!("mul.rn.f32 {t}, {x}, {LOG2E}"));
+        self.ins(format!("ex2.approx.ftz.f32 {y}, {t}"));
+        y
+    }
+
+    fn log_f32(&mut self, x: &str) -> String {
+        let (t, y) = (self.reg(F), self.reg(F));
+        self.ins(format!("lg2.approx.ftz.f32 {t}, {x}"));
+        self.ins(format!("mul.rn.f32 {y}, {t}, {LN2}"));
+        y
+    }
+
+    fn sigmoid_f32(&mut self, x: &str) -> String {
+        // e = exp(-|x|); x >= 0: 1 / (1 + e); else e / (1 + e). Never overflows.
+        let a = self.reg(F);
+        self.ins(format!("abs.f32 {a}, {x}"));
+        self.ins(format!("neg.f32 {a}, {a}"));
+        let e = self.exp_f32(&a);
+        let (d, r, n, y, p) = (self.reg(F), self.reg(F), self.reg(F), self.reg(F), self.reg(P));
+        self.ins(format!("add.rn.f32 {d}, {e}, 0f3F800000"));
+        self.ins(format!("rcp.rn.f32 {r}, {d}"));
+        self.ins(format!("div.rn.f32 {n}, {e}, {d}"));
+        self.ins(format!("setp.ge.f32 {p}, {x}, 0f00000000"));
+        self.ins(format!("selp.f32 {y}, {r}, {n}, {p}"));
+        y
+    }
+
+    fn unary_f32(&mut self, op: UnOp, x: &str) -> String {
+        let simple = |ins: &str| Some(ins.to_string());
+        let one = match op {
+            UnOp::Neg => simple("neg.f32"),
+            UnOp::Exp2 => simple("ex2.approx.ftz.f32"),
+            UnOp::Sqrt => simple("sqrt.rn.f32"),
+            UnOp::Recip => simple("rcp.rn.f32"),
+            _ => None,
+        };
+        if let Some(ins) = one {
+            let y = self.reg(F);
+            self.ins(format!("{ins} {y}, {x}"));
+            return y;
+        }
+        match op {
+            UnOp::Exp => self.exp_f32(x),
+            UnOp::Log => self.log_f32(x),
+            UnOp::Sigmoid => self.sigmoid_f32(x),
+            UnOp::Silu => {
+                let s = self.sigmoid_f32(x);
+                let y = self.reg(F);
+                self.ins(format!("mul.rn.f32 {y}, {x}, {s}"));
+                y
+            }
+            UnOp::Softplus => {
+                // As the DSL: x > 20: x; x < -20: exp(x); else log(1 + exp(x)).
+                let e = self.exp_f32(x);
+                let d = self.reg(F);
+                self.ins(format!("add.rn.f32 {d}, {e}, 0f3F800000"));
+                let l = self.log_f32(&d);
+                let (y, hi, lo) = (self.reg(F), self.reg(P), self.reg(P));
+                self.ins(format!("setp.gt.f32 {hi}, {x}, 0f41A00000"));
+                self.ins(format!("setp.lt.f32 {lo}, {x}, 0fC1A00000"));
+                self.ins(format!("selp.f32 {y}, {e}, {l}, {lo}"));
+                self.ins(format!("selp.f32 {y}, {x}, {y}, {hi}"));
+                y
+            }
+            UnOp::Neg | UnOp::Exp2 | UnOp::Sqrt | UnOp::Recip => unreachable!("handled above"),
+        }
+    }
+
+    fn unary(&mut self, op: UnOp, dt: DType, x: &str) -> String {
+        match (dt, op) {
+            (DType::F32, _) => self.unary_f32(op, x),
+            (DType::F64, UnOp::Neg | UnOp::Sqrt | UnOp::Recip) => {
+                let ins = match op {
+                    UnOp::Neg => "neg.f64",
+                    UnOp::Sqrt => "sqrt.rn.f64",
+                    _ => "rcp.rn.f64",
+                };
+                let y = self.reg(FD);
+                self.ins(format!("{ins} {y}, {x}"));
+                y
+            }
+            (DType::F64, _) => {
+                // Transcendentals of f64 tiles go through f32 (see the module doc).
+                let xf = self.reg(F);
+                self.ins(format!("cvt.rn.f32.f64 {xf}, {x}"));
+                let yf = self.unary_f32(op, &xf);
+                let y = self.reg(FD);
+                self.ins(format!("cvt.f64.f32 {y}, {yf}"));
+                y
+            }
+        }
+    }
+
+    fn binary(&mut self, op: BinOp, dt: DType, a: &str, b: &str) -> String {
+        let t = ty(dt);
+        let y = self.freg(dt);
+        match op {
+            BinOp::Add => self.ins(format!("add.rn.{t} {y}, {a}, {b}")),
+            BinOp::Sub => self.ins(format!("sub.rn.{t} {y}, {a}, {b}")),
+            BinOp::Mul => self.ins(format!("mul.rn.{t} {y}, {a}, {b}")),
+            BinOp::Div => self.ins(format!("div.rn.{t} {y}, {a}, {b}")),
+            BinOp::Max => {
+                if dt == DType::F32 {
+                    self.ins(format!("max.NaN.f32 {y}, {a}, {b}"));
+                } else {
+                    // NaN if either operand is NaN, as the interpreter.
+                    let p = self.reg(P);
+                    self.ins(format!("max.f64 {y}, {a}, {b}"));
+                    self.ins(format!("setp.nan.f64 {p}, {a}, {b}"));
+                    self.ins(format!("selp.f64 {y}, {}, {y}, {p}", fimm(f64::NAN, DType::F64)));
+                }
+            }
+            BinOp::Pow => {
+                // a^b = 2^(b * log2 a) in f32 (approximate; NaN for a < 0, and 0^0 is NaN).
+                let (af, bf) = if dt == DType::F64 {
+                    let (af, bf) = (self.reg(F), self.reg(F));
+                    self.ins(format!("cvt.rn.f32.f64 {af}, {a}"));
+                    self.ins(format!("cvt.rn.f32.f64 {bf}, {b}"));
+                    (af, bf)
+                } else {
+                    (a.to_string(), b.to_string())
+                };
+                let (l, m, r) = (self.reg(F), self.reg(F), self.reg(F));
+                self.ins(format!("lg2.approx.ftz.f32 {l}, {af}"));
+                self.ins(format!("mul.rn.f32 {m}, {bf}, {l}"));
+                self.ins(format!("ex2.approx.ftz.f32 {r}, {m}"));
+                if dt == DType::F64 {
+                    self.ins(format!("cvt.f64.f32 {y}, {r}"));
+                } else {
+                    self.ins(format!("mov.f32 {y}, {r}"));
+                }
+            }
+        }
+        y
+    }
+
+    // ---- statements ----
+
+    fn block(&mut self, stmts: &[Stmt]) -> Result<(), PtxError> {
+        for s in stmts {
+            match s {
+                Stmt::Let { id, op } => self.op(*id, op)?,
+                Stmt::Store { value, param, base, row_stride, col_stride, valid_rows } => {
+                    self.comment(format!("store {value} -> {}", self.k.params[*param].name));
+                    let t = self.k.ty(*value);
+                    let base = self.idx(base);
+                    let valid = self.idx(valid_rows);
+                    let l = self.eloop(t.len());
+                    let (i, j) = self.split(&l.e.clone(), t.cols);
+                    let p = self.row_valid(&i, &valid);
+                    let x = self.read(*value, &i, &j);
+                    let x = if t.dtype == DType::F64 {
+                        let y = self.reg(F);
+                        self.ins(format!("cvt.rn.f32.f64 {y}, {x}"));
+                        y
+                    } else {
+                        x
+                    };
+                    let a = self.gaddr(*param, &base, *row_stride, *col_stride, &i, &j);
+                    self.ins(format!("@{p} st.global.f32 [{a}], {x}"));
+                    self.eloop_end(l);
+                }
+                Stmt::Loop { count, carried, body, yields, results: _ } => {
+                    let lp = self.plan.loops[self.next_loop].clone();
+                    self.next_loop += 1;
+                    self.comment(format!("loop carrying {}", carried.len()));
+                    let n = self.idx(count);
+                    for (k, (c, init)) in carried.iter().enumerate() {
+                        let t = self.k.ty(*c);
+                        let src = self.storage(*init);
+                        self.copy(t, src, lp.carried[k]);
+                    }
+                    let (cnt, head, end, p) = (self.reg(RD), self.label(), self.label(), self.reg(P));
+                    self.ins(format!("mov.s64 {cnt}, 0"));
+                    self.place(&head);
+                    self.ins(format!("setp.ge.s64 {p}, {cnt}, {n}"));
+                    self.ins(format!("@{p} bra.uni {end}"));
+                    let iter = self.iter.clone();
+                    self.ins(format!("mov.s64 {iter}, {cnt}"));
+                    self.block(body)?;
+                    // Yields that read a carried region go through temporaries first.
+                    for (k, y) in yields.iter().enumerate() {
+                        if let YieldCopy::ViaTemp(tmp) = lp.yields[k] {
+                            let t = self.k.ty(*y);
+                            let src = self.storage(*y);
+                            self.copy(t, src, tmp);
+                        }
+                    }
+                    for (k, y) in yields.iter().enumerate() {
+                        let t = self.k.ty(*y);
+                        let src = match lp.yields[k] {
+                            YieldCopy::Skip => continue,
+                            YieldCopy::Direct => self.storage(*y),
+                            YieldCopy::ViaTemp(tmp) => tmp,
+                        };
+                        self.copy(t, src, lp.carried[k]);
+                    }
+                    self.ins(format!("add.s64 {cnt}, {cnt}, 1"));
+                    self.ins(format!("bra.uni {head}"));
+                    self.place(&end);
+                    // The results alias the carried regions (see layout.rs).
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn op(&mut self, id: ValueId, op: &Op) -> Result<(), PtxError> {
+        if op.is_view() {
+            return Ok(());
+        }
+        let t = self.k.ty(id);
+        let dt = t.dtype;
+        self.comment(format!("{id} = {}", op_name(op)));
+        match op {
+            Op::Load { param, base, row_stride, col_stride, rows: _, cols, valid_rows } => {
+                let base = self.idx(base);
+                let valid = self.idx(valid_rows);
+                let l = self.eloop(t.len());
+                let (i, j) = self.split(&l.e.clone(), *cols);
+                let p = self.row_valid(&i, &valid);
+                let a = self.gaddr(*param, &base, *row_stride, *col_stride, &i, &j);
+                let x = self.reg(F);
+                self.ins(format!("mov.f32 {x}, 0f00000000"));
+                self.ins(format!("@{p} ld.global.f32 {x}, [{a}]"));
+                self.write(id, &i, &j, &x);
+                self.eloop_end(l);
+            }
+            Op::Const { value, .. } => {
+                let l = self.eloop(t.len());
+                let (i, j) = self.split(&l.e.clone(), t.cols);
+                let x = self.freg(dt);
+                self.ins(format!("mov.{} {x}, {}", ty(dt), fimm(*value, dt)));
+                self.write(id, &i, &j, &x);
+                self.eloop_end(l);
+            }
+            Op::IdxValue(e) => {
+                let v = self.idx(e);
+                let l = self.eloop(t.len());
+                let (i, j) = self.split(&l.e.clone(), t.cols);
+                let x = self.freg(dt);
+                self.ins(format!("cvt.rn.{}.s64 {x}, {v}", ty(dt)));
+                self.write(id, &i, &j, &x);
+                self.eloop_end(l);
+            }
+            Op::Unary { op, x } => {
+                let l = self.eloop(t.len());
+                let (i, j) = self.split(&l.e.clone(), t.cols);
+                let a = self.read(*x, &i, &j);
+                let y = self.unary(*op, dt, &a);
+                self.write(id, &i, &j, &y);
+                self.eloop_end(l);
+            }
+            Op::Binary { op, a, b } => {
+                let l = self.eloop(t.len());
+                let (i, j) = self.split(&l.e.clone(), t.cols);
+                let x = self.read(*a, &i, &j);
+                let y = self.read(*b, &i, &j);
+                let z = self.binary(*op, dt, &x, &y);
+                self.write(id, &i, &j, &z);
+                self.eloop_end(l);
+            }
+            Op::Cast { x, dtype } => {
+                let from = self.k.ty(*x).dtype;
+                let l = self.eloop(t.len());
+                let (i, j) = self.split(&l.e.clone(), t.cols);
+                let a = self.read(*x, &i, &j);
+                let y = self.freg(*dtype);
+                match (from, *dtype) {
+                    (DType::F32, DType::F64) => self.ins(format!("cvt.f64.f32 {y}, {a}")),
+                    (DType::F64, DType::F32) => self.ins(format!("cvt.rn.f32.f64 {y}, {a}")),
+                    _ => self.ins(format!("mov.{} {y}, {a}", ty(dt))),
+                }
+                self.write(id, &i, &j, &y);
+                self.eloop_end(l);
+            }
+            Op::Dot { a, b, ta, tb, acc } => self.dot(id, *a, *b, *ta, *tb, *acc),
+            Op::Cumsum { x, exclusive } => {
+                // One thread per column, down the rows.
+                let (sx, so) = (self.storage(*x), self.storage(id));
+                let l = self.eloop(t.cols);
+                let j = l.e.clone();
+                let pa = self.taddr(sx, dt, None, Some(&j));
+                let po = self.taddr(so, dt, None, Some(&j));
+                let s = self.freg(dt);
+                self.ins(format!("mov.{} {s}, {}", ty(dt), fimm(0.0, dt)));
+                if t.rows > 0 {
+                    let (c, head) = self.cloop();
+                    let v = self.ld(dt, &pa);
+                    if *exclusive {
+                        self.st(dt, &po, &s);
+                        self.ins(format!("add.rn.{} {s}, {s}, {v}", ty(dt)));
+                    } else {
+                        self.ins(format!("add.rn.{} {s}, {s}, {v}", ty(dt)));
+                        self.st(dt, &po, &s);
+                    }
+                    let sz = dt.size() as i64;
+                    self.ins(format!("add.s64 {pa}, {pa}, {}", sx.rs * sz));
+                    self.ins(format!("add.s64 {po}, {po}, {}", so.rs * sz));
+                    self.cloop_end(&c, &head, &t.rows.to_string());
+                }
+                self.eloop_end(l);
+            }
+            Op::RowSum { x } => {
+                // One thread per row, across the columns.
+                let tx = self.k.ty(*x);
+                let sx = self.storage(*x);
+                let l = self.eloop(t.rows);
+                let i = l.e.clone();
+                let pa = self.taddr(sx, dt, Some(&i), None);
+                let s = self.freg(dt);
+                self.ins(format!("mov.{} {s}, {}", ty(dt), fimm(0.0, dt)));
+                if tx.cols > 0 {
+                    let (c, head) = self.cloop();
+                    let v = self.ld(dt, &pa);
+                    self.ins(format!("add.rn.{} {s}, {s}, {v}", ty(dt)));
+                    self.ins(format!("add.s64 {pa}, {pa}, {}", sx.cs * dt.size() as i64));
+                    self.cloop_end(&c, &head, &tx.cols.to_string());
+                }
+                let zero = self.reg(R);
+                self.ins(format!("mov.u32 {zero}, 0"));
+                self.write(id, &i, &zero, &s);
+                self.eloop_end(l);
+            }
+            Op::Rows { .. } | Op::Transpose { .. } => {}
+            Op::Mask { x, mask, fill } => {
+                let limit = match mask {
+                    MaskKind::RowsBefore(e) => Some(self.idx(e)),
+                    MaskKind::Tril { .. } => None,
+                };
+                let l = self.eloop(t.len());
+                let (i, j) = self.split(&l.e.clone(), t.cols);
+                let p = match (mask, limit) {
+                    (_, Some(lim)) => self.row_valid(&i, &lim),
+                    (MaskKind::Tril { strict }, None) => {
+                        let p = self.reg(P);
+                        let cmp = if *strict { "lt" } else { "le" };
+                        self.ins(format!("setp.{cmp}.u32 {p}, {j}, {i}"));
+                        p
+                    }
+                    (MaskKind::RowsBefore(_), None) => unreachable!("limit computed above"),
+                };
+                let v = self.read(*x, &i, &j);
+                let (f, y) = (self.freg(dt), self.freg(dt));
+                self.ins(format!("mov.{} {f}, {}", ty(dt), fimm(*fill, dt)));
+                self.ins(format!("selp.{} {y}, {v}, {f}, {p}", ty(dt)));
+                self.write(id, &i, &j, &y);
+                self.eloop_end(l);
+            }
+            Op::GatedDot { a, ga, b, gb, strict } => self.gated_dot(id, [*a, *ga, *b, *gb], *strict),
+            Op::SolveUnitLower { l, b } => self.solve(id, *l, *b),
+        }
+        Ok(())
+    }
+
+    /// `op(a) @ op(b) (+ acc)`: one output element per thread iteration, a k-loop of fmas.
+    fn dot(&mut self, id: ValueId, a: ValueId, b: ValueId, ta: bool, tb: bool, acc: Option<ValueId>) {
+        let t = self.k.ty(id);
+        let xa = self.k.ty(a);
+        let k = if ta { xa.rows } else { xa.cols };
+        let (sa, sb) = (self.storage(a), self.storage(b));
+        let l = self.eloop(t.len());
+        let (i, j) = self.split(&l.e.clone(), t.cols);
+        // A(i, p): row i of a, or column i when transposed; B(p, j) likewise.
+        let (pa, step_a) = if ta {
+            (self.taddr(sa, DType::F32, None, Some(&i)), sa.rs)
+        } else {
+            (self.taddr(sa, DType::F32, Some(&i), None), sa.cs)
+        };
+        let (pb, step_b) = if tb {
+            (self.taddr(sb, DType::F32, Some(&j), None), sb.cs)
+        } else {
+            (self.taddr(sb, DType::F32, None, Some(&j)), sb.rs)
+        };
+        let s = self.reg(F);
+        self.ins(format!("mov.f32 {s}, 0f00000000"));
+        if k > 0 {
+            let (c, head) = self.cloop();
+            let x = self.ld(DType::F32, &pa);
+            let y = self.ld(DType::F32, &pb);
+            self.ins(format!("fma.rn.f32 {s}, {x}, {y}, {s}"));
+            self.ins(format!("add.s64 {pa}, {pa}, {}", step_a * 4));
+            self.ins(format!("add.s64 {pb}, {pb}, {}", step_b * 4));
+            self.cloop_end(&c, &head, &k.to_string());
+        }
+        if let Some(c) = acc {
+            let v = self.read(c, &i, &j);
+            self.ins(format!("add.rn.f32 {s}, {s}, {v}"));
+        }
+        self.write(id, &i, &j, &s);
+        self.eloop_end(l);
+    }
+
+    /// `out[i, j] = sum_c a[i,c] b[j,c] exp(ga[i,c] - gb[j,c])` on the kept triangle: one
+    /// (i, j) pair per thread iteration.
+    fn gated_dot(&mut self, id: ValueId, ops: [ValueId; 4], strict: bool) {
+        let [a, ga, b, gb] = ops;
+        let t = self.k.ty(id);
+        let width = self.k.ty(a).cols;
+        let gd = self.k.ty(ga).dtype;
+        let l = self.eloop(t.len());
+        let (i, j) = self.split(&l.e.clone(), t.cols);
+        let s = self.reg(F);
+        self.ins(format!("mov.f32 {s}, 0f00000000"));
+        let (keep, skip) = (self.reg(P), self.label());
+        let cmp = if strict { "lt" } else { "le" };
+        self.ins(format!("setp.{cmp}.u32 {keep}, {j}, {i}"));
+        self.ins(format!("@!{keep} bra {skip}"));
+        if width > 0 {
+            let mut ptrs = vec![];
+            for (v, row, dt) in [(a, &i, DType::F32), (ga, &i, gd), (b, &j, DType::F32), (gb, &j, gd)] {
+                let st = self.storage(v);
+                let p = self.taddr(st, dt, Some(row), None);
+                ptrs.push((p, st.cs * dt.size() as i64, dt));
+            }
+            let (c, head) = self.cloop();
+            let x = self.ld(DType::F32, &ptrs[0].0);
+            let g1 = self.ld(gd, &ptrs[1].0);
+            let y = self.ld(DType::F32, &ptrs[2].0);
+            let g2 = self.ld(gd, &ptrs[3].0);
+            let d = self.freg(gd);
+            self.ins(format!("sub.rn.{} {d}, {g1}, {g2}", ty(gd)));
+            let d = if gd == DType::F64 {
+                let f = self.reg(F);
+                self.ins(format!("cvt.rn.f32.f64 {f}, {d}"));
+                f
+            } else {
+                d
+            };
+            let e = self.exp_f32(&d);
+            let m = self.reg(F);
+            self.ins(format!("mul.rn.f32 {m}, {x}, {y}"));
+            self.ins(format!("fma.rn.f32 {s}, {m}, {e}, {s}"));
+            for (p, step, _) in &ptrs {
+                self.ins(format!("add.s64 {p}, {p}, {step}"));
+            }
+            self.cloop_end(&c, &head, &width.to_string());
+        }
+        self.place(&skip);
+        self.write(id, &i, &j, &s);
+        self.eloop_end(l);
+    }
+
+    /// Forward substitution `(I + strict_lower(l)) X = b`: one thread per column of X.
+    fn solve(&mut self, id: ValueId, lv: ValueId, b: ValueId) {
+        let t = self.k.ty(id);
+        let (sl, sb, so) = (self.storage(lv), self.storage(b), self.storage(id));
+        let l = self.eloop(t.cols);
+        let j = l.e.clone();
+        if t.rows > 0 {
+            let pb = self.taddr(sb, DType::F32, None, Some(&j));
+            let px0 = self.taddr(so, DType::F32, None, Some(&j));
+            let pxi = self.reg(RD);
+            self.ins(format!("mov.u64 {pxi}, {px0}"));
+            let pl_row = self.taddr(sl, DType::F32, None, None);
+            let (ri, head_i) = self.cloop();
+            let s = self.ld(DType::F32, &pb);
+            // s -= sum_{p < i} l[i, p] x[p, j]
+            let (q, pl, px, inner, done, p) =
+                (self.reg(R), self.reg(RD), self.reg(RD), self.label(), self.label(), self.reg(P));
+            self.ins(format!("mov.u32 {q}, 0"));
+            self.ins(format!("mov.u64 {pl}, {pl_row}"));
+            self.ins(format!("mov.u64 {px}, {px0}"));
+            self.place(&inner);
+            self.ins(format!("setp.ge.u32 {p}, {q}, {ri}"));
+            self.ins(format!("@{p} bra {done}"));
+            let lv_ = self.ld(DType::F32, &pl);
+            let xv = self.ld(DType::F32, &px);
+            self.ins(format!("neg.f32 {lv_}, {lv_}"));
+            self.ins(format!("fma.rn.f32 {s}, {lv_}, {xv}, {s}"));
+            self.ins(format!("add.s64 {pl}, {pl}, {}", sl.cs * 4));
+            self.ins(format!("add.s64 {px}, {px}, {}", so.rs * 4));
+            self.ins(format!("add.u32 {q}, {q}, 1"));
+            self.ins(format!("bra {inner}"));
+            self.place(&done);
+            self.st(DType::F32, &pxi, &s);
+            self.ins(format!("add.s64 {pb}, {pb}, {}", sb.rs * 4));
+            self.ins(format!("add.s64 {pxi}, {pxi}, {}", so.rs * 4));
+            self.ins(format!("add.s64 {pl_row}, {pl_row}, {}", sl.rs * 4));
+            self.cloop_end(&ri, &head_i, &t.rows.to_string());
+        }
+        self.eloop_end(l);
+    }
+}
+
+fn op_name(op: &Op) -> &'static str {
+    match op {
+        Op::Load { .. } => "load",
+        Op::Const { .. } => "const",
+        Op::IdxValue(_) => "index value",
+        Op::Unary { .. } => "unary",
+        Op::Binary { .. } => "binary",
+        Op::Cast { .. } => "cast",
+        Op::Dot { .. } => "dot",
+        Op::Cumsum { .. } => "cumsum",
+        Op::RowSum { .. } => "row sum",
+        Op::Rows { .. } => "rows (view)",
+        Op::Transpose { .. } => "transpose (view)",
+        Op::Mask { .. } => "mask",
+        Op::GatedDot { .. } => "gated dot",
+        Op::SolveUnitLower { .. } => "solve unit lower",
+    }
+}

@@ -1,0 +1,417 @@
+//! Tile placement for the PTX backend: a copy of `cpu/layout.rs` (the CPU backend's workspace
+//! planner), because its items are `pub(super)` to `cpu`. Copied verbatim except for this
+//! paragraph and the error type; to be folded with the original into one shared module.
+//! Keep the two in sync until then.
+//!
+//! (Original doc.) Workspace layout: where every tile value lives, and the checks that make
+//! lowering safe.
+//!
+//! Every non-view value gets a region of the per-call workspace (row-major, 64-byte aligned).
+//! Views (`Rows`, `Transpose`) share their operand's region with a shifted offset or swapped
+//! strides. Regions of values that are dead by the time another value is defined are reused:
+//! each region has a live interval over the statement positions of a pre-order walk, and
+//! regions whose (closed) intervals overlap never share bytes. A value used inside a loop
+//! body but defined before the loop stays live until the loop's end (it is read again by the
+//! next iteration); loop-carried regions live from the loop's start to its end and on through
+//! the loop's results, which alias them.
+//!
+//! The walk also checks what lowering relies on (operands defined before use, shapes and
+//! dtypes consistent with each op, parameter indices in range, positive `CeilDiv` divisors),
+//! so that compiling never panics and generated code never touches the workspace out of
+//! bounds.
+
+use super::PtxError as CodegenError;
+use crate::ir::*;
+
+/// Where a value's elements are: byte offset into the workspace, then row and column strides
+/// in elements. Element (i, j) is at `off + (i*rs + j*cs) * dtype.size()`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Storage {
+    pub off: i64,
+    pub rs: i64,
+    pub cs: i64,
+}
+
+/// How a loop yield reaches its carried region at the end of an iteration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum YieldCopy {
+    /// The yield is the carried value itself: nothing to copy.
+    Skip,
+    /// Copy straight into the carried region.
+    Direct,
+    /// The yield reads a carried region that another copy may overwrite first: copy it to
+    /// this temporary before any carried region is written, then from there.
+    ViaTemp(Storage),
+}
+
+/// Storage of one `Loop` statement's carried values and its yield copies.
+#[derive(Clone, Debug)]
+pub(super) struct LoopPlan {
+    pub carried: Vec<Storage>,
+    pub yields: Vec<YieldCopy>,
+}
+
+/// The layout of a whole kernel.
+#[derive(Clone, Debug)]
+pub(super) struct Plan {
+    /// Storage of every value (None for values that are never defined).
+    pub storage: Vec<Option<Storage>>,
+    /// One entry per `Loop` statement, in pre-order.
+    pub loops: Vec<LoopPlan>,
+    /// Total workspace bytes (a multiple of 64).
+    pub bytes: usize,
+}
+
+const ALIGN: usize = 64;
+
+fn align_up(x: usize) -> usize {
+    x.div_ceil(ALIGN) * ALIGN
+}
+
+/// A value's place before offsets are assigned: region plus element offset and strides.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct VRef {
+    region: usize,
+    elem: i64,
+    rs: i64,
+    cs: i64,
+}
+
+#[derive(Clone, Debug)]
+struct Region {
+    bytes: usize,
+    start: u32,
+    end: u32,
+    off: usize,
+}
+
+enum PendingYield {
+    Skip,
+    Direct,
+    Temp(VRef),
+}
+
+struct Walk<'k> {
+    kernel: &'k Kernel,
+    regions: Vec<Region>,
+    vals: Vec<Option<VRef>>,
+    pos: u32,
+    /// Open loops: start position and the regions from outside used in the body.
+    open: Vec<(u32, Vec<usize>)>,
+    loops: Vec<(Vec<VRef>, Vec<PendingYield>)>,
+}
+
+fn err<T>(msg: impl Into<String>) -> Result<T, CodegenError> {
+    Err(CodegenError(msg.into()))
+}
+
+/// Plans the workspace of `kernel`, checking it on the way.
+pub(super) fn plan(kernel: &Kernel) -> Result<Plan, CodegenError> {
+    let mut w =
+        Walk { kernel, regions: vec![], vals: vec![None; kernel.values.len()], pos: 0, open: vec![], loops: vec![] };
+    w.block(&kernel.body)?;
+    let bytes = w.assign_offsets();
+    let at = |r: &VRef, dt: DType| Storage {
+        off: (w.regions[r.region].off as i64) + r.elem * dt.size() as i64,
+        rs: r.rs,
+        cs: r.cs,
+    };
+    let storage = w.vals.iter().enumerate().map(|(v, r)| r.map(|r| at(&r, kernel.values[v].dtype))).collect();
+    let loops = w
+        .loops
+        .iter()
+        .map(|(carried, yields)| {
+            // Carried regions are fresh (element offset 0); the dtype only scales `elem`.
+            let carried = carried.iter().map(|r| at(r, DType::F32)).collect();
+            let yields = yields
+                .iter()
+                .map(|y| match y {
+                    PendingYield::Skip => YieldCopy::Skip,
+                    PendingYield::Direct => YieldCopy::Direct,
+                    PendingYield::Temp(r) => YieldCopy::ViaTemp(at(r, DType::F32)),
+                })
+                .collect();
+            LoopPlan { carried, yields }
+        })
+        .collect();
+    Ok(Plan { storage, loops, bytes })
+}
+
+fn check_idx(e: &Idx) -> Result<(), CodegenError> {
+    match e {
+        Idx::Const(_) | Idx::Var(_) => Ok(()),
+        Idx::Add(a, b) | Idx::Sub(a, b) | Idx::Mul(a, b) | Idx::Min(a, b) => {
+            check_idx(a)?;
+            check_idx(b)
+        }
+        Idx::CeilDiv(a, d) => {
+            if *d <= 0 {
+                return err(format!("ceil_div by {d}: the divisor must be a positive constant"));
+            }
+            check_idx(a)
+        }
+    }
+}
+
+impl Walk<'_> {
+    fn ty(&self, v: ValueId) -> Result<TileTy, CodegenError> {
+        match self.kernel.values.get(v.0 as usize) {
+            Some(t) => Ok(*t),
+            None => err(format!("{v} is not a value of kernel {}", self.kernel.name)),
+        }
+    }
+
+    fn check_param(&self, p: usize) -> Result<(), CodegenError> {
+        if p >= self.kernel.params.len() {
+            return err(format!("parameter {p} out of range ({} parameters)", self.kernel.params.len()));
+        }
+        Ok(())
+    }
+
+    fn new_region(&mut self, ty: TileTy) -> VRef {
+        self.regions.push(Region { bytes: ty.len() * ty.dtype.size(), start: self.pos, end: self.pos, off: 0 });
+        VRef { region: self.regions.len() - 1, elem: 0, rs: ty.cols as i64, cs: 1 }
+    }
+
+    /// Marks `v` as read at the current position.
+    fn use_val(&mut self, v: ValueId) -> Result<VRef, CodegenError> {
+        self.ty(v)?;
+        let Some(r) = self.vals[v.0 as usize] else {
+            return err(format!("{v} is used before it is defined"));
+        };
+        let reg = &mut self.regions[r.region];
+        reg.end = reg.end.max(self.pos);
+        let start = reg.start;
+        for (ls, outer) in &mut self.open {
+            if start < *ls {
+                outer.push(r.region);
+            }
+        }
+        Ok(r)
+    }
+
+    fn define(&mut self, v: ValueId, r: VRef) -> Result<(), CodegenError> {
+        self.ty(v)?;
+        let slot = &mut self.vals[v.0 as usize];
+        if slot.is_some() {
+            return err(format!("{v} is defined twice"));
+        }
+        *slot = Some(r);
+        Ok(())
+    }
+
+    fn block(&mut self, stmts: &[Stmt]) -> Result<(), CodegenError> {
+        for s in stmts {
+            self.pos += 1;
+            match s {
+                Stmt::Let { id, op } => {
+                    let ty = self.ty(*id)?;
+                    let want = self.result_ty(op)?;
+                    // An index value may be declared in either dtype (the interpreter rounds to it).
+                    let idx_ok = matches!(op, Op::IdxValue(_)) && ty.rows == 1 && ty.cols == 1;
+                    if ty != want && !idx_ok {
+                        return err(format!("{id} is declared {ty:?} but {op:?} gives {want:?}"));
+                    }
+                    let mut refs = vec![];
+                    for o in op.operands() {
+                        refs.push(self.use_val(o)?);
+                    }
+                    let r = match op {
+                        Op::Rows { start, .. } => VRef { elem: refs[0].elem + *start as i64 * refs[0].rs, ..refs[0] },
+                        Op::Transpose { .. } => VRef { rs: refs[0].cs, cs: refs[0].rs, ..refs[0] },
+                        _ => self.new_region(ty),
+                    };
+                    self.define(*id, r)?;
+                }
+                Stmt::Store { value, param, base, valid_rows, .. } => {
+                    self.check_param(*param)?;
+                    check_idx(base)?;
+                    check_idx(valid_rows)?;
+                    self.use_val(*value)?;
+                }
+                Stmt::Loop { count, carried, body, yields, results } => {
+                    check_idx(count)?;
+                    if yields.len() != carried.len() || results.len() != carried.len() {
+                        return err(format!(
+                            "loop with {} carried values, {} yields and {} results",
+                            carried.len(),
+                            yields.len(),
+                            results.len()
+                        ));
+                    }
+                    let slot = self.loops.len();
+                    self.loops.push((vec![], vec![]));
+                    let ls = self.pos;
+                    let mut inner = vec![];
+                    for (c, init) in carried {
+                        let (tc, ti) = (self.ty(*c)?, self.ty(*init)?);
+                        if tc != ti {
+                            return err(format!("carried {c} is {tc:?} but its init {init} is {ti:?}"));
+                        }
+                        self.use_val(*init)?;
+                        inner.push(self.new_region(tc));
+                    }
+                    for ((c, _), r) in carried.iter().zip(&inner) {
+                        self.define(*c, *r)?;
+                    }
+                    self.open.push((ls, vec![]));
+                    self.block(body)?;
+                    self.pos += 1;
+                    let le = self.pos;
+                    let mut ys = vec![];
+                    for ((y, (c, _)), r) in yields.iter().zip(carried).zip(results) {
+                        let (ty, tc, tr) = (self.ty(*y)?, self.ty(*c)?, self.ty(*r)?);
+                        if ty != tc || tr != tc {
+                            return err(format!("loop yield {y} ({ty:?}) or result {r} ({tr:?}) differs from {tc:?}"));
+                        }
+                        ys.push(self.use_val(*y)?);
+                    }
+                    let (_, outer) = self.open.pop().expect("loop was opened");
+                    for r in outer {
+                        self.regions[r].end = self.regions[r].end.max(le);
+                    }
+                    for r in &inner {
+                        self.regions[r.region].end = self.regions[r.region].end.max(le);
+                    }
+                    let mut copies = vec![];
+                    for (k, y) in ys.iter().enumerate() {
+                        copies.push(if *y == inner[k] {
+                            PendingYield::Skip
+                        } else if inner.iter().any(|c| c.region == y.region) {
+                            PendingYield::Temp(self.new_region(self.ty(yields[k])?))
+                        } else {
+                            PendingYield::Direct
+                        });
+                    }
+                    for (r, c) in results.iter().zip(&inner) {
+                        self.define(*r, *c)?;
+                    }
+                    self.loops[slot] = (inner, copies);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The type `op` produces, or an error if its operands do not fit it.
+    fn result_ty(&self, op: &Op) -> Result<TileTy, CodegenError> {
+        let f32_only = |v: ValueId, what: &str| -> Result<TileTy, CodegenError> {
+            let t = self.ty(v)?;
+            if t.dtype != DType::F32 {
+                return err(format!("{what}: {v} must be f32, is {t:?}"));
+            }
+            Ok(t)
+        };
+        Ok(match op {
+            Op::Load { param, base, valid_rows, rows, cols, .. } => {
+                self.check_param(*param)?;
+                check_idx(base)?;
+                check_idx(valid_rows)?;
+                TileTy::f32(*rows, *cols)
+            }
+            Op::Const { ty, .. } => *ty,
+            Op::IdxValue(e) => {
+                check_idx(e)?;
+                TileTy::f32(1, 1)
+            }
+            Op::Unary { x, .. } | Op::Cumsum { x, .. } | Op::Mask { x, .. } => {
+                if let Op::Mask { mask: MaskKind::RowsBefore(e), .. } = op {
+                    check_idx(e)?;
+                }
+                self.ty(*x)?
+            }
+            Op::Binary { a, b, .. } => {
+                let (ta, tb) = (self.ty(*a)?, self.ty(*b)?);
+                let dim = |x: usize, y: usize| {
+                    if x == y || y == 1 {
+                        Some(x)
+                    } else if x == 1 {
+                        Some(y)
+                    } else {
+                        None
+                    }
+                };
+                match (dim(ta.rows, tb.rows), dim(ta.cols, tb.cols)) {
+                    (Some(rows), Some(cols)) if ta.dtype == tb.dtype => TileTy { rows, cols, dtype: ta.dtype },
+                    _ => return err(format!("binary op on {ta:?} and {tb:?}")),
+                }
+            }
+            Op::Cast { x, dtype } => TileTy { dtype: *dtype, ..self.ty(*x)? },
+            Op::Dot { a, b, ta, tb, acc } => {
+                let (xa, xb) = (f32_only(*a, "dot")?, f32_only(*b, "dot")?);
+                let (m, k1) = if *ta { (xa.cols, xa.rows) } else { (xa.rows, xa.cols) };
+                let (k2, n) = if *tb { (xb.cols, xb.rows) } else { (xb.rows, xb.cols) };
+                if k1 != k2 {
+                    return err(format!("dot: inner dimensions differ ({xa:?}, {xb:?}, ta={ta}, tb={tb})"));
+                }
+                if let Some(c) = acc {
+                    let xc = f32_only(*c, "dot accumulator")?;
+                    if (xc.rows, xc.cols) != (m, n) {
+                        return err(format!("dot: accumulator {xc:?} is not {m}x{n}"));
+                    }
+                }
+                TileTy::f32(m, n)
+            }
+            Op::RowSum { x } => TileTy { cols: 1, ..self.ty(*x)? },
+            Op::Rows { x, start, len } => {
+                let t = self.ty(*x)?;
+                if start + len > t.rows {
+                    return err(format!("rows {start}..{} of {t:?}", start + len));
+                }
+                TileTy { rows: *len, ..t }
+            }
+            Op::Transpose { x } => {
+                let t = self.ty(*x)?;
+                TileTy { rows: t.cols, cols: t.rows, dtype: t.dtype }
+            }
+            Op::GatedDot { a, ga, b, gb, .. } => {
+                let (xa, xb) = (f32_only(*a, "gated_dot")?, f32_only(*b, "gated_dot")?);
+                let (xga, xgb) = (self.ty(*ga)?, self.ty(*gb)?);
+                let same = |x: TileTy, y: TileTy| x.rows == y.rows && x.cols == y.cols;
+                if !same(xa, xb) || !same(xa, xga) || !same(xb, xgb) || xga.dtype != xgb.dtype {
+                    return err(format!("gated_dot on {xa:?}, {xga:?}, {xb:?}, {xgb:?}"));
+                }
+                TileTy::f32(xa.rows, xb.rows)
+            }
+            Op::SolveUnitLower { l, b } => {
+                let (xl, xb) = (f32_only(*l, "solve")?, f32_only(*b, "solve")?);
+                if xl.rows != xl.cols || xl.rows != xb.rows {
+                    return err(format!("solve_unit_lower with {xl:?} and {xb:?}"));
+                }
+                xb
+            }
+        })
+    }
+
+    /// First-fit offsets for all regions; returns the total size.
+    fn assign_offsets(&mut self) -> usize {
+        let mut order: Vec<usize> = (0..self.regions.len()).collect();
+        order.sort_by_key(|&r| (self.regions[r].start, std::cmp::Reverse(self.regions[r].bytes)));
+        let mut placed: Vec<usize> = vec![];
+        let mut total = 0;
+        for r in order {
+            let (start, end, bytes) = (self.regions[r].start, self.regions[r].end, align_up(self.regions[r].bytes));
+            if bytes == 0 {
+                continue;
+            }
+            let mut busy: Vec<(usize, usize)> = placed
+                .iter()
+                .map(|&p| &self.regions[p])
+                .filter(|p| p.start <= end && start <= p.end)
+                .map(|p| (p.off, p.off + align_up(p.bytes)))
+                .collect();
+            busy.sort_unstable();
+            let mut off = 0;
+            for (lo, hi) in busy {
+                if off + bytes <= lo {
+                    break;
+                }
+                off = off.max(hi);
+            }
+            self.regions[r].off = off;
+            total = total.max(off + bytes);
+            placed.push(r);
+        }
+        total
+    }
+}

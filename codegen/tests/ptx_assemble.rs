@@ -1,0 +1,342 @@
+//! Rung 4 of the verification ladder: every kernel of every rule in rules/ assembles with
+//! ptxas for sm_80 and sm_90, and ptxas's resource report is read back. Nothing here runs
+//! the PTX (that is the simulator's and the GPU's rung).
+//!
+//! It fails on any ptxas error and on any spill (none today: the lowering keeps a few values
+//! per thread in registers).
+//!
+//! ptxas comes from `scripts/install_ptxas.sh` (or `$CHUNKC_PTXAS`, or PATH). Without it
+//! the assembly test prints one "skipped" line and passes, except when the environment
+//! variable CI is set: then it fails with the one-line message.
+//!
+//! Also unit tests of the emitter's text for tiny hand-built kernels (structure only).
+
+use chunkc_codegen::builder::Builder;
+use chunkc_codegen::ir::*;
+use chunkc_codegen::plan::{chunked, recurrent, Schedule, Shape};
+use chunkc_codegen::ptx::{
+    self, assemble, emit, emit_with, find_ptxas, EmitOptions, ParamKind, PtxKernel, Sm, TileSpace, BLOCK_THREADS,
+    PTXAS_MISSING,
+};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+const TARGETS: [Sm; 2] = [Sm::Sm80, Sm::Sm90];
+
+fn rules_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../rules")
+}
+
+/// Every (label, kernel) the rule library yields: the recurrent kernel and the chunked one
+/// for chunk 16 and 64, at K = V = 64 (and 128 for the chunk-64 kernel), H = 2.
+fn library_kernels() -> Vec<(String, Kernel)> {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(rules_dir())
+        .expect("rules/ exists")
+        .map(|e| e.expect("dir entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    paths.sort();
+    assert!(!paths.is_empty(), "no rules in {}", rules_dir().display());
+    let mut out = vec![];
+    for path in paths {
+        let rule = chunkc_dsl::load_rule(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let canon = chunkc_dsl::canon::canonicalize(&rule);
+        for kv in [64usize, 128] {
+            let shape = Shape { heads: 2, k: kv, v: kv, scale: 1.0 / (kv as f64).sqrt() };
+            if kv == 64 {
+                let k = recurrent::build(&rule, shape).unwrap_or_else(|e| panic!("{}: recurrent: {e}", rule.name));
+                out.push((format!("{} recurrent K=V={kv}", rule.name), k));
+            }
+            let Ok(canon) = &canon else { continue };
+            let chunks: &[usize] = if kv == 64 { &[16, 64] } else { &[64] };
+            for &c in chunks {
+                match chunked::build(&rule, canon, shape, Schedule::with_chunk(c)) {
+                    Ok(k) => out.push((format!("{} chunked c{c} K=V={kv}", rule.name), k)),
+                    Err(e) => eprintln!("{}: chunked c{c} not planned: {e}", rule.name),
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn every_rule_assembles_for_sm80_and_sm90() {
+    if find_ptxas().is_none() {
+        if std::env::var_os("CI").is_some() {
+            panic!("{PTXAS_MISSING}");
+        }
+        println!("skipped: {PTXAS_MISSING}");
+        return;
+    }
+    let kernels = library_kernels();
+    let jobs: Vec<(&str, &Kernel, Sm)> =
+        kernels.iter().flat_map(|(l, k)| TARGETS.map(|t| (l.as_str(), k, t))).collect();
+    // ptxas is single-threaded: assemble on every core, print in order.
+    let next = AtomicUsize::new(0);
+    let results: Mutex<Vec<Option<Result<String, String>>>> = Mutex::new(vec![None; jobs.len()]);
+    let version = Mutex::new(String::new());
+    let workers = std::thread::available_parallelism().map_or(4, |n| n.get()).min(16);
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                let Some(&(label, kernel, target)) = jobs.get(n) else { break };
+                let line = match emit(kernel, target) {
+                    Err(e) => Err(format!("{label} {target}: emit: {e}")),
+                    Ok(PtxKernel { ptx, meta }) => match dump(&ptx, &meta).and_then(|()| assemble(&ptx, target)) {
+                        Err(e) => Err(format!("{label} {target}: {e}")),
+                        Ok(r) if r.spill_stores + r.spill_loads > 0 => Err(format!("{label} {target}: spills: {r}")),
+                        Ok(r) => {
+                            version.lock().unwrap().clone_from(&r.version);
+                            let place = match meta.tile_space {
+                                TileSpace::Shared => format!("smem {} B", meta.dynamic_smem_bytes),
+                                TileSpace::Global => format!("scratch {} B/CTA", meta.scratch_bytes_per_cta),
+                            };
+                            Ok(format!("{label:<40} {r} | tiles: {place}"))
+                        }
+                    },
+                };
+                results.lock().unwrap()[n] = Some(line);
+            });
+        }
+    });
+    let mut failures = vec![];
+    for r in results.into_inner().unwrap() {
+        match r.expect("every job ran") {
+            Ok(line) => println!("{line}"),
+            Err(e) => failures.push(e),
+        }
+    }
+    let version = version.into_inner().unwrap();
+    println!("ptxas: {version}; {} kernels x {} targets", kernels.len(), TARGETS.len());
+    assert!(failures.is_empty(), "ptxas rejected:\n{}", failures.join("\n"));
+}
+
+/// With `CHUNKC_PTX_DUMP=DIR`, writes each kernel's PTX and launch metadata there.
+fn dump(ptx: &str, meta: &ptx::LaunchMeta) -> Result<(), ptx::PtxError> {
+    let Some(dir) = std::env::var_os("CHUNKC_PTX_DUMP") else { return Ok(()) };
+    let stem = PathBuf::from(dir).join(format!("{}.{}", meta.entry, meta.target));
+    let json = serde_json::to_string_pretty(meta).map_err(|e| ptx::PtxError(e.to_string()))?;
+    std::fs::write(stem.with_extension(format!("{}.ptx", meta.target)), ptx)
+        .and_then(|()| std::fs::write(stem.with_extension(format!("{}.json", meta.target)), json))
+        .map_err(|e| ptx::PtxError(format!("CHUNKC_PTX_DUMP: {e}")))
+}
+
+/// Global scratch placement assembles too (the library kernels mostly fit one or the other).
+#[test]
+fn both_tile_placements_assemble() {
+    if find_ptxas().is_none() {
+        println!("skipped: {PTXAS_MISSING}");
+        return;
+    }
+    let k = tiny_kernel();
+    for limit in [0, usize::MAX] {
+        let out = emit_with(&k, Sm::Sm90, EmitOptions { smem_limit: limit }).expect("emit");
+        let r = assemble(&out.ptx, Sm::Sm90).unwrap_or_else(|e| panic!("smem_limit {limit}: {e}"));
+        println!("tiny kernel, smem_limit {limit}: {r}");
+    }
+}
+
+/// A small kernel touching every op: load, masks, casts, unary/binary with broadcasting,
+/// cumsum, row sum, dot (transposed), gated dot, solve, index value, a loop with carry, store.
+fn tiny_kernel() -> Kernel {
+    let mut b = Builder::new("tiny.kernel");
+    let x = b.param("x", Access::Read);
+    let o = b.param("o", Access::Write);
+    let t = Idx::var(IdxVar::SeqLen);
+    let base = Idx::var(IdxVar::Batch).mul(Idx::c(2)).add(Idx::var(IdxVar::Head)).mul(Idx::c(64));
+    let s0 = b.load(x, base.clone(), 8, 1, 8, 8, t.clone().min(Idx::c(8)));
+    let it = b.begin_loop(t.clone().ceil_div(4), &[s0]);
+    let s = it[0];
+    let tr = b.mask(s, MaskKind::Tril { strict: true }, f64::NEG_INFINITY);
+    let e = b.exp(tr);
+    let g = b.cast(s, DType::F64);
+    let cs = b.cumsum(g, true);
+    let sg = b.unary(UnOp::Sigmoid, cs);
+    let rs = b.row_sum(sg);
+    let mx = b.binary(BinOp::Max, sg, rs);
+    let back = b.cast(mx, DType::F32);
+    let iv = b.idx_value(Idx::var(IdxVar::Iter));
+    let sc = b.mul(back, iv);
+    let d = b.dot(e, sc, true, false, Some(s));
+    let gd = b.gated_dot(d, g, sc, cs, false);
+    let sol = b.solve_unit_lower(gd, d);
+    let rows = b.rows(sol, 4, 4);
+    let tp = b.transpose(sol);
+    let m = b.mask(tp, MaskKind::RowsBefore(t.clone()), 0.0);
+    b.store(rows, o, base.clone(), 8, 1, Idx::c(4));
+    let last = b.end_loop(&[m]);
+    b.store(last[0], o, base.add(Idx::c(32)), 1, 8, t.min(Idx::c(8)));
+    b.finish()
+}
+
+fn emitted(target: Sm) -> PtxKernel {
+    emit(&tiny_kernel(), target).expect("emit the tiny kernel")
+}
+
+#[test]
+fn header_declares_isa_target_and_address_size() {
+    for (target, version) in [(Sm::Sm80, ".version 7.8"), (Sm::Sm90, ".version 8.0")] {
+        let ptx = emitted(target).ptx;
+        let lines: Vec<&str> = ptx.lines().filter(|l| !l.starts_with("//") && !l.trim().is_empty()).collect();
+        assert_eq!(lines[0], version);
+        assert_eq!(lines[1], format!(".target {}", target.name()));
+        assert_eq!(lines[2], ".address_size 64");
+        assert!(ptx.contains(".visible .entry tiny_kernel("), "entry name is sanitised");
+        assert!(ptx.contains(&format!(".maxntid {BLOCK_THREADS}, 1, 1")));
+    }
+}
+
+#[test]
+fn uses_the_documented_instructions() {
+    let ptx = emitted(Sm::Sm80).ptx;
+    for needle in [
+        "ex2.approx.ftz.f32",
+        "fma.rn.f32",
+        "bar.sync 0",
+        "%ctaid.x",
+        "%tid.x",
+        "max.f64",
+        "add.rn.f64",
+        "cvt.rn.f32.f64",
+        "cvt.f64.f32",
+        "cvt.rn.f32.s64",
+        "ld.global.f32",
+        "st.global.f32",
+        "div.s64",
+        "0fFF800000", // the -inf fill
+    ] {
+        assert!(ptx.contains(needle), "missing {needle}");
+    }
+    assert!(!ptx.contains("mma."), "no tensor cores in this rung");
+    // Every `{` opened by the entry is closed; the body ends with ret.
+    assert_eq!(ptx.matches('{').count(), ptx.matches('}').count());
+    assert!(ptx.trim_end().ends_with("ret;\n}") || ptx.trim_end().ends_with('}'));
+}
+
+#[test]
+fn every_label_is_defined_once_and_every_branch_hits_one() {
+    let ptx = emitted(Sm::Sm90).ptx;
+    let defined: Vec<&str> = ptx.lines().filter_map(|l| l.strip_suffix(':')).collect();
+    let mut sorted = defined.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(sorted.len(), defined.len(), "duplicate labels");
+    for l in ptx.lines() {
+        if let Some(at) = l.find("bra") {
+            let target = l[at..].split_whitespace().nth(1).expect("branch target").trim_end_matches(';');
+            assert!(defined.contains(&target), "branch to undefined {target}");
+        }
+    }
+}
+
+#[test]
+fn registers_are_declared_before_use() {
+    let ptx = emitted(Sm::Sm80).ptx;
+    for (prefix, decl) in [("%rd", ".b64"), ("%fd", ".f64"), ("%f", ".f32"), ("%p", ".pred"), ("%r", ".b32")] {
+        let needle = format!(".reg {decl} {prefix}<");
+        let at = ptx.find(&needle).unwrap_or_else(|| panic!("no {needle}"));
+        let n: usize = ptx[at + needle.len()..].split('>').next().expect(">").parse().expect("count");
+        // The highest register of this class used in the body is below the declared count.
+        let body = &ptx[at..];
+        let mut max = 0;
+        for (i, _) in body.match_indices(prefix) {
+            let digits: String = body[i + prefix.len()..].chars().take_while(|c| c.is_ascii_digit()).collect();
+            if let Ok(k) = digits.parse::<usize>() {
+                max = max.max(k + 1);
+            }
+        }
+        assert!(max <= n, "{prefix}: uses {max}, declares {n}");
+    }
+}
+
+#[test]
+fn barrier_after_every_op_and_none_for_views() {
+    let k = tiny_kernel();
+    let ptx = emit(&k, Sm::Sm80).unwrap().ptx;
+    // Non-view Lets and Stores (inside and outside the loop), plus loop copies: 1 carried init
+    // and 1 yield copy.
+    fn count(stmts: &[Stmt]) -> usize {
+        stmts
+            .iter()
+            .map(|s| match s {
+                Stmt::Let { op, .. } => usize::from(!op.is_view()),
+                Stmt::Store { .. } => 1,
+                Stmt::Loop { body, carried, .. } => count(body) + 2 * carried.len(),
+            })
+            .sum()
+    }
+    assert_eq!(ptx.matches("bar.sync 0").count(), count(&k.body));
+}
+
+#[test]
+fn launch_meta_describes_the_entry() {
+    let k = tiny_kernel();
+    let shared = emit(&k, Sm::Sm80).unwrap().meta;
+    assert_eq!(shared.entry, "tiny_kernel");
+    assert_eq!(shared.block, [BLOCK_THREADS, 1, 1]);
+    assert_eq!(shared.tile_space, TileSpace::Shared);
+    assert!(shared.dynamic_smem_bytes > 0 && shared.scratch_bytes_per_cta == 0);
+    let names: Vec<&str> = shared.params.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["x", "o", "batch", "heads", "seq_len"]);
+    assert_eq!(shared.scalars, ["batch", "heads", "seq_len"]);
+    assert_eq!(shared.grid.dims(3, 2), [6, 1, 1]);
+
+    let global = emit_with(&k, Sm::Sm90, EmitOptions { smem_limit: 0 }).unwrap();
+    assert_eq!(global.meta.tile_space, TileSpace::Global);
+    assert_eq!(global.meta.dynamic_smem_bytes, 0);
+    assert_eq!(global.meta.scratch_bytes_per_cta, shared.dynamic_smem_bytes);
+    let kinds: Vec<ParamKind> = global.meta.params.iter().map(|p| p.kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            ParamKind::Tensor,
+            ParamKind::Tensor,
+            ParamKind::Scratch,
+            ParamKind::Scalar,
+            ParamKind::Scalar,
+            ParamKind::Scalar
+        ]
+    );
+    assert!(!global.ptx.contains(".shared"), "global placement declares no shared memory");
+    assert!(global.ptx.contains(".param .u64 tiny_kernel_param_5"));
+
+    // The metadata round-trips through JSON.
+    let json = serde_json::to_string(&global.meta).unwrap();
+    assert!(json.contains("\"target\":\"sm_90\""), "{json}");
+    assert!(json.contains("\"grid\":\"batch_heads_x\""), "{json}");
+    let back: ptx::LaunchMeta = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, global.meta);
+}
+
+#[test]
+fn malformed_kernels_are_errors_not_panics() {
+    let mut k = tiny_kernel();
+    k.body.insert(0, Stmt::Let { id: ValueId(9999), op: Op::Const { value: 0.0, ty: TileTy::f32(1, 1) } });
+    let e = emit(&k, Sm::Sm80).expect_err("undeclared value");
+    assert!(!e.to_string().contains('\n'));
+}
+
+#[test]
+fn missing_ptxas_is_one_clear_line() {
+    // Only checks the message when ptxas is absent; `find_ptxas` decides.
+    if find_ptxas().is_some() {
+        return;
+    }
+    let e = assemble(".version 7.8\n", Sm::Sm80).expect_err("no ptxas");
+    assert_eq!(e.to_string(), PTXAS_MISSING);
+    assert_eq!(PTXAS_MISSING, "ptxas not found: run scripts/install_ptxas.sh or set CHUNKC_PTXAS");
+}
+
+#[test]
+fn ptxas_errors_are_one_line() {
+    if find_ptxas().is_none() {
+        println!("skipped: {PTXAS_MISSING}");
+        return;
+    }
+    let e = assemble(".version 7.8\n.target sm_80\n.address_size 64\nnot ptx;\n", Sm::Sm80).expect_err("bad PTX");
+    let msg = e.to_string();
+    assert!(msg.starts_with("ptxas -arch=sm_80 failed:") && !msg.contains('\n'), "{msg}");
+}
