@@ -42,9 +42,16 @@ enum EngineArg {
     Interp,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, PartialEq, ValueEnum)]
 enum Target {
+    /// Print the tile IR (the CPU backend's input).
     Cpu,
+    /// PTX for NVIDIA sm_80 (A100).
+    #[value(name = "sm_80")]
+    Sm80,
+    /// PTX for NVIDIA sm_90 (H100).
+    #[value(name = "sm_90")]
+    Sm90,
 }
 
 #[derive(Subcommand)]
@@ -97,11 +104,14 @@ enum Command {
         #[arg(long, value_enum, default_value = "jit", hide = true)]
         engine: EngineArg,
     },
-    /// Print the tile IR of a rule's kernel.
+    /// Print the tile IR of a rule's kernel, or write its PTX (sm_80, sm_90) and launch metadata.
     Compile {
         rule: PathBuf,
         #[arg(long, value_enum, default_value = "cpu")]
         target: Target,
+        /// Folder for .ptx and .json files (GPU targets; default: print the PTX).
+        #[arg(short = 'o', long = "out-dir")]
+        out_dir: Option<PathBuf>,
         #[arg(long, value_enum, default_value = "chunked")]
         backend: BackendArg,
         #[arg(long, default_value_t = 64)]
@@ -207,7 +217,7 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
             println!("{} passed, {} failed", rows.len() - failed, failed);
             Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
-        Command::Compile { rule, target: Target::Cpu, backend, chunk, heads, k, v } => {
+        Command::Compile { rule, target, out_dir, backend, chunk, heads, k, v } => {
             let loaded = load_rule(&rule)?;
             let be: Backend = backend.into();
             if be == Backend::Reference {
@@ -222,10 +232,46 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
             }
             let shape = chunkc::codegen::plan::Shape { heads, k, v, scale: 1.0 / (k as f64).sqrt() };
             let kernel = backend::build_kernel(&loaded.rule, be, shape, chunk)?;
-            print!("{kernel}");
-            Ok(ExitCode::SUCCESS)
+            let sm = match target {
+                Target::Cpu => {
+                    print!("{kernel}");
+                    return Ok(ExitCode::SUCCESS);
+                }
+                Target::Sm80 => ptx::Sm::Sm80,
+                Target::Sm90 => ptx::Sm::Sm90,
+            };
+            compile_ptx(&kernel, sm, out_dir.as_deref())
         }
     }
+}
+
+use chunkc::codegen::ptx;
+
+/// Writes (or prints) a kernel's PTX and launch metadata, and assembles it when ptxas is there.
+fn compile_ptx(
+    kernel: &chunkc::codegen::ir::Kernel,
+    sm: ptx::Sm,
+    out_dir: Option<&std::path::Path>,
+) -> Result<ExitCode, Error> {
+    let emitted = ptx::emit(kernel, sm).map_err(|e| Error::Internal(e.to_string()))?;
+    match out_dir {
+        Some(dir) => {
+            let io = |e: std::io::Error| Error::Input(format!("cannot write to {}: {e}", dir.display()));
+            std::fs::create_dir_all(dir).map_err(io)?;
+            let base = dir.join(format!("{}_{}", kernel.name, sm.name()));
+            std::fs::write(base.with_extension("ptx"), &emitted.ptx).map_err(io)?;
+            let meta = serde_json::to_string_pretty(&emitted.meta).map_err(|e| Error::Internal(e.to_string()))?;
+            std::fs::write(base.with_extension("json"), meta).map_err(io)?;
+            println!("wrote {}.ptx and .json", base.display());
+        }
+        None => print!("{}", emitted.ptx),
+    }
+    match ptx::assemble(&emitted.ptx, sm) {
+        Ok(report) => eprintln!("ptxas: {report}"),
+        Err(e) if ptx::find_ptxas().is_none() => eprintln!("note: {e}"),
+        Err(e) => return Err(Error::Internal(format!("ptxas rejected the generated PTX: {e}"))),
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn check(path: &std::path::Path) -> Result<ExitCode, Error> {

@@ -248,3 +248,30 @@ fn every_builtin_rule_checks_and_compiles() {
         }
     }
 }
+
+#[test]
+fn compile_for_gpu_targets_writes_ptx_and_launch_metadata() {
+    for (target, isa) in [("sm_80", ".target sm_80"), ("sm_90", ".target sm_90")] {
+        let dir = tmp(&format!("ptx-{target}"));
+        let o = chunkc(&[
+            "compile",
+            "rules/gated_delta_rule.toml",
+            "--target",
+            target,
+            "-o",
+            dir.to_str().unwrap(),
+            "--K",
+            "32",
+            "--V",
+            "32",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let ptx = std::fs::read_to_string(dir.join(format!("gated_delta_rule_chunked_c64_{target}.ptx")))
+            .expect("ptx written");
+        assert!(ptx.contains(isa) && ptx.contains(".entry"), "{target}");
+        let meta =
+            std::fs::read_to_string(dir.join(format!("gated_delta_rule_chunked_c64_{target}.json"))).expect("json");
+        let meta: serde_json::Value = serde_json::from_str(&meta).expect("metadata is JSON");
+        assert!(meta.is_object(), "{meta}");
+    }
+}
