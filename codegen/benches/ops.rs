@@ -1,13 +1,14 @@
 //! Throughput of single tile ops in the Cranelift CPU backend: `Dot` on the shapes the chunk
 //! plans use (reported as elements/s = FLOP/s) and `exp` / `exp2` on an f32 tile (elements/s).
 //!
-//! `cargo bench -p chunkc-codegen --bench ops` (filter with e.g. `-- dot/`). Each kernel runs
+//! `cargo bench -p chunkc-codegen --bench ops` (filter with e.g. `-- dot/Avx512/`); `Dot`
+//! and `GatedDot` run once per SIMD level the host has (`Portable` = Cranelift code only). Each kernel runs
 //! the op `REPS` times in a loop over tiles already in the workspace (`c = a @ b + c`, or
 //! `y = exp(x)`), so loads and stores of parameters are amortised away; the loop-carried copy
 //! of the result (m*n floats per iteration) is included.
 
 use chunkc_codegen::builder::Builder;
-use chunkc_codegen::cpu::compile;
+use chunkc_codegen::cpu::{compile_with, Simd};
 use chunkc_codegen::ir::*;
 use chunkc_runtime::exec::CpuKernel;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
@@ -36,7 +37,10 @@ struct Bench {
 
 impl Bench {
     fn new(k: &Kernel, bufs: Vec<Vec<f32>>) -> Bench {
-        let compiled = compile(k).expect("compiles");
+        Bench::with(k, bufs, Simd::best())
+    }
+    fn with(k: &Kernel, bufs: Vec<Vec<f32>>, simd: Simd) -> Bench {
+        let compiled = compile_with(k, simd).expect("compiles");
         let ws = vec![0u8; compiled.workspace_bytes() + 64];
         Bench { compiled, bufs, ws }
     }
@@ -51,6 +55,12 @@ impl Bench {
 
 fn load(b: &mut Builder, p: usize, rows: usize, cols: usize) -> ValueId {
     b.load(p, Idx::c(0), cols as i64, 1, rows, cols, Idx::c(rows as i64))
+}
+
+/// The SIMD levels this host has (each benchmark runs once per level, e.g. `dot/Avx512/...`,
+/// `dot/Portable/...` for the Cranelift code).
+fn levels() -> Vec<Simd> {
+    [Simd::Portable, Simd::Avx2, Simd::Avx512].into_iter().filter(|s| s.available()).collect()
 }
 
 /// `c = op(a) @ op(b) + c`, `REPS` times.
@@ -82,9 +92,54 @@ fn dots(c: &mut Criterion) {
     group.sample_size(20).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
     for (name, m, k, n, ta, tb) in shapes {
         let kernel = dot_kernel(m, k, n, ta, tb);
-        let mut bench = Bench::new(&kernel, vec![data(m * k, 0.01, 1), data(k * n, 0.01, 2), vec![0.0; m * n]]);
         group.throughput(Throughput::Elements(2 * (m * n * k) as u64 * REPS as u64));
-        group.bench_function(name, |b| b.iter(|| bench.run()));
+        for simd in levels() {
+            let ins = vec![data(m * k, 0.01, 1), data(k * n, 0.01, 2), vec![0.0; m * n]];
+            let mut bench = Bench::with(&kernel, ins, simd);
+            group.bench_function(format!("{simd:?}/{name}"), |b| b.iter(|| bench.run()));
+        }
+    }
+    group.finish();
+}
+
+/// `y = gated_dot(a, ga, b, gb)` on one `n x c` diagonal block (gates f32 or f64, decaying
+/// cumulative sums as in the vector-gated plans), `REPS` times; elements = kernel calls of
+/// the op (so time per element = time per GatedDot call).
+fn gated_kernel(n: usize, c: usize, gdt: DType) -> Kernel {
+    let mut b = Builder::new("gated");
+    let (pa, pb, pg, py) = (
+        b.param("a", Access::Read),
+        b.param("b", Access::Read),
+        b.param("g", Access::Read),
+        b.param("y", Access::Write),
+    );
+    let a = load(&mut b, pa, n, c);
+    let bb = load(&mut b, pb, n, c);
+    let g = load(&mut b, pg, n, c);
+    let g = b.cast(g, gdt);
+    let g = b.cumsum(g, false);
+    let y0 = b.constant(0.0, TileTy::f32(n, n));
+    let _ = b.begin_loop(Idx::c(REPS), &[y0]);
+    let y = b.gated_dot(a, g, bb, g, false);
+    let r = b.end_loop(&[y]);
+    b.store(r[0], py, Idx::c(0), n as i64, 1, Idx::c(n as i64));
+    b.finish()
+}
+
+fn gated(c: &mut Criterion) {
+    let mut group = c.benchmark_group("gated_dot");
+    group.sample_size(20).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
+    group.throughput(Throughput::Elements(REPS as u64));
+    for (n, k) in [(16, 128), (64, 128)] {
+        for gdt in [DType::F32, DType::F64] {
+            let kernel = gated_kernel(n, k, gdt);
+            for simd in levels() {
+                let gates: Vec<f32> = data(n * k, 0.5, 4).iter().map(|x| x - 0.6).collect();
+                let ins = vec![data(n * k, 0.1, 1), data(n * k, 0.1, 2), gates, vec![0.0; n * n]];
+                let mut bench = Bench::with(&kernel, ins, simd);
+                group.bench_function(format!("{simd:?}/{n}x{n}x{k}/{gdt:?}"), |b| b.iter(|| bench.run()));
+            }
+        }
     }
     group.finish();
 }
@@ -112,5 +167,5 @@ fn exps(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, dots, exps);
+criterion_group!(benches, dots, gated, exps);
 criterion_main!(benches);

@@ -3,9 +3,12 @@
 //! Every kernel runs once through `interp::run` and once as compiled code on the same inputs;
 //! output buffers are poisoned with NaN first (and the workspace with NaN bytes), so an
 //! element one side leaves unwritten or reads uninitialised shows up as a NaN mismatch.
+//! `check` compiles each kernel once per SIMD level the host has (`Simd::Portable`: all
+//! Cranelift code; `Avx2` and `Avx512`: the rustc-compiled `Dot` and `GatedDot` routines), so
+//! every path is tested on a machine that has the features.
 
 use chunkc_codegen::builder::Builder;
-use chunkc_codegen::cpu::{compile, CpuCompiled};
+use chunkc_codegen::cpu::{compile, compile_with, CpuCompiled, Simd};
 use chunkc_codegen::interp;
 use chunkc_codegen::ir::*;
 use chunkc_runtime::exec::{launch, Buffer, CpuKernel};
@@ -98,21 +101,26 @@ fn check_at(
     rtol: f32,
     atol: f32,
 ) -> Vec<Vec<f32>> {
-    let c = compile(k).unwrap_or_else(|e| panic!("{what}: {e}"));
     let mut want = inputs.to_vec();
     poison(k, &mut want);
-    let mut got = want.clone();
+    let poisoned = want.clone();
     {
         let mut slices: Vec<&mut [f32]> = want.iter_mut().map(|v| v.as_mut_slice()).collect();
         interp::run(k, &mut slices, point.0, point.1, point.2).unwrap_or_else(|e| panic!("{what}: interpreter: {e}"));
     }
-    run_jit(&c, &mut got, point.0, point.1, point.2);
-    for (p, param) in k.params.iter().enumerate() {
-        if param.access == Access::Write {
-            assert_close(&format!("{what}, param {}", param.name), &got[p], &want[p], rtol, atol);
+    let mut last = vec![];
+    for simd in [Simd::Portable, Simd::Avx2, Simd::Avx512].into_iter().filter(|s| s.available()) {
+        let c = compile_with(k, simd).unwrap_or_else(|e| panic!("{what}: {e}"));
+        let mut got = poisoned.clone();
+        run_jit(&c, &mut got, point.0, point.1, point.2);
+        for (p, param) in k.params.iter().enumerate() {
+            if param.access == Access::Write {
+                assert_close(&format!("{what} ({simd:?}), param {}", param.name), &got[p], &want[p], rtol, atol);
+            }
         }
+        last = got;
     }
-    got
+    last
 }
 
 fn check(what: &str, k: &Kernel, inputs: &[Vec<f32>], rtol: f32, atol: f32) -> Vec<Vec<f32>> {
@@ -314,7 +322,21 @@ fn broadcast_loads_with_zero_strides() {
 #[test]
 fn dot_all_transposes_with_and_without_acc() {
     let mut rng = Rng::new(6);
-    let dims = [(1, 1, 1), (3, 5, 7), (17, 33, 9), (2, 4, 3), (5, 8, 12), (64, 128, 64), (16, 64, 16), (7, 3, 21)];
+    // Also shapes for the AVX-512 kernel's partial blocks: 9 rows (8 + 1), 48 columns (32 +
+    // 16 in place), 24 (one packed 32-wide block), 40 (32 + 8).
+    let dims = [
+        (1, 1, 1),
+        (3, 5, 7),
+        (17, 33, 9),
+        (2, 4, 3),
+        (5, 8, 12),
+        (64, 128, 64),
+        (16, 64, 16),
+        (7, 3, 21),
+        (9, 20, 48),
+        (12, 17, 24),
+        (10, 9, 40),
+    ];
     for (m, kk, n) in dims {
         for ta in [false, true] {
             for tb in [false, true] {
@@ -437,7 +459,8 @@ fn masks_tril_and_rows_before() {
 #[test]
 fn gated_dot_only_evaluates_kept_elements() {
     let mut rng = Rng::new(10);
-    for (n, c) in [(1, 1), (5, 3), (17, 33), (64, 16)] {
+    // c = 128 and 64: whole vectors; 40 and 33: vector tails (AVX2 8 lanes, AVX-512 16).
+    for (n, c) in [(1, 1), (5, 3), (17, 33), (64, 16), (16, 128), (9, 40), (3, 64)] {
         for gdt in [DType::F32, DType::F64] {
             for strict in [false, true] {
                 let mut b = Builder::new("gated");
@@ -814,18 +837,21 @@ fn invalid_kernels_are_errors_not_panics() {
 /// overflow, ±0, ±inf, NaN). Error is measured in ulps of the f32 result (the subnormal ulp
 /// 2^-149 below the normal range): at most 2 ulp for exp / exp2 (the Cephes polynomial and
 /// the scaling are under 1.5 ulp over the whole range), 3 for sigmoid and 3.5 for silu (a
-/// division, an add and for silu a multiply on top of exp; measured 2.6 and 3.1). Special values must match exactly (inf, 0, NaN).
+/// division, an add and for silu a multiply on top of exp; measured 2.6 and 3.1), 2 for log
+/// (measured 0.82) and 3.5 for softplus (exp, log and a division; measured 3.2). Special values must match exactly (inf, 0, NaN).
 #[test]
 fn vector_exp_accuracy_sweep() {
     use chunkc_dsl::ast::sigmoid;
     const N: usize = 1 << 16;
     const COLS: usize = N + 3; // a scalar tail after the f32x4 chunks
     type Reference = fn(f64) -> f64;
-    let ops: [(UnOp, Reference, f64); 4] = [
+    let ops: [(UnOp, Reference, f64); 6] = [
         (UnOp::Exp, f64::exp, 2.0),
         (UnOp::Exp2, f64::exp2, 2.0),
         (UnOp::Sigmoid, sigmoid, 3.0),
         (UnOp::Silu, |x| x * sigmoid(x), 3.5),
+        (UnOp::Log, f64::ln, 2.0),
+        (UnOp::Softplus, chunkc_dsl::ast::softplus, 3.5),
     ];
     let mut inputs: Vec<f32> = (0..u32::MAX / 61).map(|i| f32::from_bits(i * 61)).collect();
     inputs.extend([0.0, -0.0, f32::INFINITY, f32::NEG_INFINITY, f32::NAN, 88.72283, 88.72284, -87.33655]);

@@ -10,7 +10,8 @@
 //! multiple of NR, else packed into a zero-padded row-major `k x NR*ceil(n/NR)` panel (per
 //! thread, reused across calls); `a` is read in place (one broadcast per element);
 //! register-blocked kernels keep an `MR x NR` block of `c` in registers over the whole `k`
-//! loop: 6 x 16 with AVX2 + FMA (12 ymm accumulators). Sums are f32, in order of `p` for each
+//! loop: 6 x 16 with AVX2 + FMA (12 ymm accumulators), 8 x 32 with AVX-512F (16 zmm
+//! accumulators; the last block of a row is 8 x 16 when at most 16 columns are left). Sums are f32, in order of `p` for each
 //! element (one FMA per product), then `acc` is added, as the IR's `Dot` contract allows.
 //!
 //! [`select`] picks the kernel for the host when the JIT module is built (None where there
@@ -40,14 +41,17 @@ pub(super) type GemmFn = unsafe extern "C" fn(
 /// Symbol name the generated code imports.
 pub(super) const GEMM_SYMBOL: &str = "chunkc_sgemm_f32";
 
-/// The best kernel for this host, or None.
-pub(super) fn select() -> Option<GemmFn> {
+/// The kernel for `simd` (which the host has), or None.
+pub(super) fn select(simd: super::Simd) -> Option<GemmFn> {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            return Some(x86::sgemm_avx2);
+        match simd {
+            super::Simd::Avx512 => return Some(x86::sgemm_avx512),
+            super::Simd::Avx2 => return Some(x86::sgemm_avx2),
+            super::Simd::Portable => {}
         }
     }
+    let _ = simd;
     None
 }
 
@@ -65,6 +69,13 @@ unsafe fn pack_b(out: &mut Vec<f32>, b: *const f32, rs: isize, cs: isize, k: usi
     let np = n.div_ceil(nr) * nr;
     out.clear();
     out.resize(k * np, 0.0);
+    #[cfg(target_arch = "x86_64")]
+    if rs == 1 && std::is_x86_feature_detected!("avx") {
+        // b is a transposed operand (contiguous along p): 8 x 8 block transposes.
+        // SAFETY: the caller's contract; the host has AVX.
+        unsafe { x86::pack_t8(out, b, cs, k, n, np) };
+        return np;
+    }
     for p in 0..k {
         let row = &mut out[p * np..p * np + n];
         if cs == 1 {
@@ -85,8 +96,71 @@ mod x86 {
     use super::{pack_b, PANEL};
     use std::arch::x86_64::*;
 
+    /// `out[p*np + j] = b[p + j*cs]` for `p < k`, `j < n` (a transpose), by 8 x 8 blocks.
+    ///
+    /// # Safety
+    /// `b` readable at those offsets, `out` at least `k * np` long, `np >= n`.
+    #[target_feature(enable = "avx")]
+    pub(super) unsafe fn pack_t8(out: &mut [f32], b: *const f32, cs: isize, k: usize, n: usize, np: usize) {
+        debug_assert!(out.len() >= k * np && np >= n);
+        let o = out.as_mut_ptr();
+        // SAFETY (whole body): reads of b[p + j*cs] and writes of out[p*np + j] with p < k,
+        // j < n, as the caller guarantees.
+        unsafe {
+            let (k8, n8) = (k / 8 * 8, n / 8 * 8);
+            for j0 in (0..n8).step_by(8) {
+                let src = |r: usize| b.offset((j0 + r) as isize * cs);
+                for p0 in (0..k8).step_by(8) {
+                    let r: [__m256; 8] = std::array::from_fn(|q| _mm256_loadu_ps(src(q).add(p0)));
+                    let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+                    let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+                    let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+                    let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+                    let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+                    let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+                    let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+                    let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+                    let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+                    let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+                    let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+                    let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+                    let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+                    let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+                    let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+                    let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+                    let rows = [
+                        _mm256_permute2f128_ps::<0x20>(u0, u4),
+                        _mm256_permute2f128_ps::<0x20>(u1, u5),
+                        _mm256_permute2f128_ps::<0x20>(u2, u6),
+                        _mm256_permute2f128_ps::<0x20>(u3, u7),
+                        _mm256_permute2f128_ps::<0x31>(u0, u4),
+                        _mm256_permute2f128_ps::<0x31>(u1, u5),
+                        _mm256_permute2f128_ps::<0x31>(u2, u6),
+                        _mm256_permute2f128_ps::<0x31>(u3, u7),
+                    ];
+                    for (q, v) in rows.iter().enumerate() {
+                        _mm256_storeu_ps(o.add((p0 + q) * np + j0), *v);
+                    }
+                }
+                for p in k8..k {
+                    for r in 0..8 {
+                        *o.add(p * np + j0 + r) = *src(r).add(p);
+                    }
+                }
+            }
+            for j in n8..n {
+                let src = b.offset(j as isize * cs);
+                for p in 0..k {
+                    *o.add(p * np + j) = *src.add(p);
+                }
+            }
+        }
+    }
+
     const NR: usize = 16;
     const MR: usize = 6;
+    /// Rows per AVX-512 block.
+    const MR512: usize = 8;
 
     /// AVX2 + FMA entry point (see the module docs for the contract).
     ///
@@ -110,20 +184,77 @@ mod x86 {
         acc_rs: i64,
         acc_cs: i64,
     ) {
+        // SAFETY: the caller's contract; the host has AVX2 and FMA (checked by `select`).
+        unsafe {
+            with_gemm(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, c_rs, acc, acc_rs, acc_cs, NR, |g, m, n| g.run(m, n))
+        }
+    }
+
+    /// AVX-512F entry point (see the module docs for the contract): 8 x 32 blocks (16 zmm
+    /// accumulators), 8 x 16 for a last block of at most 16 columns.
+    ///
+    /// # Safety
+    /// Operands valid for the strided reads and writes described by the arguments; only
+    /// registered when the host has AVX-512F.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe extern "C" fn sgemm_avx512(
+        m: i64,
+        n: i64,
+        k: i64,
+        a: *const f32,
+        a_rs: i64,
+        a_cs: i64,
+        b: *const f32,
+        b_rs: i64,
+        b_cs: i64,
+        c: *mut f32,
+        c_rs: i64,
+        acc: *const f32,
+        acc_rs: i64,
+        acc_cs: i64,
+    ) {
+        // SAFETY: the caller's contract; the host has AVX-512F (checked by `select`).
+        unsafe {
+            with_gemm(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, c_rs, acc, acc_rs, acc_cs, 16, |g, m, n| g.run512(m, n))
+        }
+    }
+
+    /// Sets up a [`Gemm`] (b in place when its rows are contiguous and a whole number of
+    /// `nr`-wide blocks, else packed to a multiple of `nr` columns) and runs `f` on it.
+    ///
+    /// # Safety
+    /// The entry points' contract.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn with_gemm(
+        m: i64,
+        n: i64,
+        k: i64,
+        a: *const f32,
+        a_rs: i64,
+        a_cs: i64,
+        b: *const f32,
+        b_rs: i64,
+        b_cs: i64,
+        c: *mut f32,
+        c_rs: i64,
+        acc: *const f32,
+        acc_rs: i64,
+        acc_cs: i64,
+        nr: usize,
+        f: impl FnOnce(&Gemm, usize, usize),
+    ) {
         let (m, n, k) = (m.max(0) as usize, n.max(0) as usize, k.max(0) as usize);
         if m == 0 || n == 0 {
             return;
         }
         PANEL.with(|panel| {
             let mut panel = panel.borrow_mut();
-            // SAFETY: the caller's contract; the host has AVX2 and FMA (checked by `select`).
+            // SAFETY: the caller's contract.
             unsafe {
-                // Rows of b that are contiguous and a whole number of blocks wide are used in
-                // place; otherwise b is packed.
-                let (bp, np) = if b_cs == 1 && n % NR == 0 && b_rs >= n as i64 {
+                let (bp, np) = if b_cs == 1 && n % nr == 0 && b_rs >= n as i64 {
                     (b, b_rs as usize)
                 } else {
-                    let np = pack_b(&mut panel, b, b_rs as isize, b_cs as isize, k, n, NR);
+                    let np = pack_b(&mut panel, b, b_rs as isize, b_cs as isize, k, n, nr);
                     (panel.as_ptr(), np)
                 };
                 let g = Gemm {
@@ -139,7 +270,7 @@ mod x86 {
                     acc_rs: acc_rs as isize,
                     acc_cs: acc_cs as isize,
                 };
-                g.run(m, n);
+                f(&g, m, n);
             }
         });
     }
@@ -227,6 +358,108 @@ mod x86 {
                         let mut t = [0.0f32; NR];
                         _mm256_storeu_ps(t.as_mut_ptr(), s0[r]);
                         _mm256_storeu_ps(t.as_mut_ptr().add(8), s1[r]);
+                        for (q, x) in t.iter().enumerate().take(w) {
+                            let mut y = *x;
+                            if let Some(ap) = accp {
+                                y += *ap.offset(q as isize * self.acc_cs);
+                            }
+                            *cp.add(q) = y;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    impl Gemm {
+        #[target_feature(enable = "avx512f")]
+        unsafe fn run512(&self, m: usize, n: usize) {
+            let mut j = 0;
+            while j < n {
+                let w = (n - j).min(32);
+                let mut i = 0;
+                while i < m {
+                    let h = (m - i).min(MR512);
+                    // SAFETY: i + h <= m, j + w <= n (the caller's contract covers those).
+                    unsafe {
+                        if w > 16 {
+                            self.block512_h::<2>(h, i, j, w);
+                        } else {
+                            self.block512_h::<1>(h, i, j, w);
+                        }
+                    }
+                    i += h;
+                }
+                j += w;
+            }
+        }
+
+        #[target_feature(enable = "avx512f")]
+        #[inline]
+        unsafe fn block512_h<const V: usize>(&self, h: usize, i: usize, j: usize, w: usize) {
+            // SAFETY: forwarded.
+            unsafe {
+                match h {
+                    8 => self.block512::<8, V>(i, j, w),
+                    7 => self.block512::<7, V>(i, j, w),
+                    6 => self.block512::<6, V>(i, j, w),
+                    5 => self.block512::<5, V>(i, j, w),
+                    4 => self.block512::<4, V>(i, j, w),
+                    3 => self.block512::<3, V>(i, j, w),
+                    2 => self.block512::<2, V>(i, j, w),
+                    _ => self.block512::<1, V>(i, j, w),
+                }
+            }
+        }
+
+        /// Rows `i..i+R`, columns `j..j+w` (w <= 16 V) of `c`, V zmm vectors per row.
+        #[target_feature(enable = "avx512f")]
+        #[inline]
+        unsafe fn block512<const R: usize, const V: usize>(&self, i: usize, j: usize, w: usize) {
+            // SAFETY (whole body): reads of a at rows i..i+R and p < k, of the panel at rows
+            // p < k and columns j..j+16V <= np (np is a multiple of 16 and w > 16(V-1)),
+            // writes of c at rows i..i+R and columns j..j+w, all within the caller's contract.
+            unsafe {
+                let mut s = [[_mm512_setzero_ps(); V]; R];
+                let mut ap = self.a.offset(i as isize * self.a_rs);
+                let mut bp = self.bp.add(j);
+                for _ in 0..self.k {
+                    let mut bv = [_mm512_setzero_ps(); V];
+                    for (v, x) in bv.iter_mut().enumerate() {
+                        *x = _mm512_loadu_ps(bp.add(16 * v));
+                    }
+                    for (r, sr) in s.iter_mut().enumerate() {
+                        let x = _mm512_set1_ps(*ap.offset(r as isize * self.a_rs));
+                        for v in 0..V {
+                            sr[v] = _mm512_fmadd_ps(x, bv[v], sr[v]);
+                        }
+                    }
+                    ap = ap.offset(self.a_cs);
+                    bp = bp.add(self.np);
+                }
+                for (r, sr) in s.iter().enumerate() {
+                    let row = (i + r) as isize;
+                    let cp = self.c.offset(row * self.c_rs).add(j);
+                    let accp = if self.acc.is_null() {
+                        None
+                    } else {
+                        Some(self.acc.offset(row * self.acc_rs + j as isize * self.acc_cs))
+                    };
+                    if accp.is_none() || self.acc_cs == 1 {
+                        for (v, x) in sr.iter().enumerate() {
+                            let left = w.saturating_sub(16 * v).min(16);
+                            let mk: __mmask16 = if left == 16 { !0 } else { ((1u32 << left) - 1) as __mmask16 };
+                            let mut y = *x;
+                            if let Some(q) = accp {
+                                y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mk, q.add(16 * v)));
+                            }
+                            _mm512_mask_storeu_ps(cp.add(16 * v), mk, y);
+                        }
+                    } else {
+                        let mut t = [0.0f32; 32];
+                        for (v, x) in sr.iter().enumerate() {
+                            _mm512_storeu_ps(t.as_mut_ptr().add(16 * v), *x);
+                        }
                         for (q, x) in t.iter().enumerate().take(w) {
                             let mut y = *x;
                             if let Some(ap) = accp {

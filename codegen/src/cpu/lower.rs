@@ -33,6 +33,8 @@ pub(super) struct MathFns {
     pub f64: Vec<FuncRef>,
     /// The `Dot` microkernel (gemm.rs), where the host has one.
     pub gemm: Option<FuncRef>,
+    /// The `GatedDot` routines for f32 and f64 gates (gated.rs), where the host has them.
+    pub gated: Option<[FuncRef; 2]>,
 }
 
 /// `Dot`s with at least this many multiply-adds (m*n*k) call the microkernel.
@@ -517,14 +519,18 @@ impl<'a, 'f> Lower<'a, 'f> {
             Op::Unary { op, x } => {
                 let src = self.val(*x);
                 let (op, dt) = (*op, ty.dtype);
-                // f32 exp, exp2, sigmoid and silu are inline (vmath.rs); the rest call out.
-                let inline = dt == DType::F32 && matches!(op, UnOp::Exp | UnOp::Exp2 | UnOp::Sigmoid | UnOp::Silu);
+                // f32 exp, exp2, sigmoid, silu, log and softplus are inline (vmath.rs); the rest
+                // call out.
+                let inline = dt == DType::F32
+                    && matches!(op, UnOp::Exp | UnOp::Exp2 | UnOp::Sigmoid | UnOp::Silu | UnOp::Log | UnOp::Softplus);
                 let vec_ok = inline || matches!(op, UnOp::Neg | UnOp::Sqrt | UnOp::Recip);
                 self.ew(RowRange::Full(ty.rows), ty.cols, &[src], out, vec_ok, &mut |l, t, x| match op {
                     UnOp::Exp if inline => l.vmath().exp(t, x[0]),
                     UnOp::Exp2 if inline => l.vmath().exp2(t, x[0]),
                     UnOp::Sigmoid if inline => l.vmath().sigmoid(t, x[0]),
                     UnOp::Silu if inline => l.vmath().silu(t, x[0]),
+                    UnOp::Log if inline => l.vmath().log(t, x[0]),
+                    UnOp::Softplus if inline => l.vmath().softplus(t, x[0]),
                     UnOp::Neg => l.b.ins().fneg(x[0]),
                     UnOp::Sqrt => l.b.ins().sqrt(x[0]),
                     UnOp::Recip => {
@@ -947,6 +953,18 @@ impl<'a, 'f> Lower<'a, 'f> {
     fn gated_dot(&mut self, n: usize, c: usize, [a, ga, b, gb]: [Acc; 4], out: Acc, strict: bool) {
         let gdt = ga.dt;
         let gs = ga.size();
+        let contiguous = [a, ga, b, gb].iter().all(|x| x.cs == 1 && x.rs >= 0);
+        if let Some(fs) = self.math.gated.filter(|_| contiguous && n > 0 && c > 0) {
+            let f = fs[(gdt == DType::F64) as usize];
+            let mut args = vec![self.iconst(n as i64), self.iconst(c as i64)];
+            for x in [a, ga, b, gb] {
+                args.push(x.ptr);
+                args.push(self.iconst(x.rs));
+            }
+            args.extend([out.ptr, self.iconst(out.rs), self.iconst(out.cs), self.iconst(strict as i64)]);
+            self.b.ins().call(f, &args);
+            return;
+        }
         self.for_n(n, &mut |l, i| {
             let arow = l.scaled(a.ptr, i, a.rs * 4);
             let garow = l.scaled(ga.ptr, i, ga.rs * gs);

@@ -12,12 +12,14 @@
 //! the (batch, head) grid. Results agree with the interpreter (`interp.rs`) exactly for
 //! elementwise ops, casts, masks, cumsums and row sums; `Dot`, `GatedDot` and
 //! `SolveUnitLower` accumulate in f32 (as the IR documents) where the interpreter sums in
-//! f64, so they agree to f32 rounding error. f32 `exp`, `exp2`, `sigmoid` and `silu`
-//! (elementwise and inside `GatedDot`) are inline vector code (`vmath.rs`, within 3.5 ulp
+//! f64, so they agree to f32 rounding error. f32 `exp`, `exp2`, `sigmoid`, `silu`, `log` and
+//! `softplus` (and the exp inside `GatedDot`) are inline vector code (`vmath.rs`, within 3.5 ulp
 //! of exact, so not bit-identical to the interpreter's rounded f64); the other math calls
-//! out. Large `Dot`s call rustc-compiled SIMD microkernels (`gemm.rs`) where the host has
-//! them.
+//! out. Large `Dot`s call rustc-compiled SIMD microkernels (`gemm.rs`: AVX-512F or AVX2 +
+//! FMA) and `GatedDot`s with operands contiguous along `c` call rustc-compiled vector
+//! routines (`gated.rs`) where the host has them ([`Simd`]; [`compile_with`] picks a level).
 
+mod gated;
 mod gemm;
 mod layout;
 mod lower;
@@ -99,12 +101,51 @@ impl CpuKernel for CpuCompiled {
     }
 }
 
+/// Which rustc-compiled SIMD routines (`gemm.rs`, `gated.rs`) the generated code may call:
+/// [`compile`] takes the best the host has, [`compile_with`] lets tests and benchmarks pick.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Simd {
+    /// None: everything is Cranelift code (the portable fallback).
+    Portable,
+    /// AVX2 + FMA routines (x86-64).
+    Avx2,
+    /// AVX-512F routines (x86-64).
+    Avx512,
+}
+
+impl Simd {
+    /// Whether this host can run the level's routines.
+    pub fn available(self) -> bool {
+        match self {
+            Simd::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx2 => std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma"),
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx512 => std::is_x86_feature_detected!("avx512f") && Simd::Avx2.available(),
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
+    /// The best level this host has.
+    pub fn best() -> Simd {
+        [Simd::Avx512, Simd::Avx2].into_iter().find(|s| s.available()).unwrap_or(Simd::Portable)
+    }
+}
+
 /// Compiles `kernel` for the host CPU.
 pub fn compile(kernel: &Kernel) -> Result<CpuCompiled, CodegenError> {
+    compile_with(kernel, Simd::best())
+}
+
+/// Compiles `kernel` calling only the SIMD routines of `simd` (or of the best level below it
+/// that the host has).
+pub fn compile_with(kernel: &Kernel, simd: Simd) -> Result<CpuCompiled, CodegenError> {
+    let simd = simd.min(Simd::best());
     let plan = layout::plan(kernel)?;
-    let mut module = new_module()?;
+    let mut module = new_module(simd)?;
     let mut ctx = module.make_context();
-    let id = build(&mut module, &mut ctx, kernel, &plan)?;
+    let id = build(&mut module, &mut ctx, kernel, &plan, simd)?;
     module.define_function(id, &mut ctx).map_err(|e| CodegenError(format!("compiling {}: {e:?}", kernel.name)))?;
     module.clear_context(&mut ctx);
     module.finalize_definitions().map_err(|e| CodegenError(format!("linking {}: {e}", kernel.name)))?;
@@ -119,9 +160,10 @@ pub fn compile(kernel: &Kernel) -> Result<CpuCompiled, CodegenError> {
 /// inspection and debugging.
 pub fn compile_to_clif(kernel: &Kernel) -> Result<String, CodegenError> {
     let plan = layout::plan(kernel)?;
-    let mut module = new_module()?;
+    let simd = Simd::best();
+    let mut module = new_module(simd)?;
     let mut ctx = module.make_context();
-    build(&mut module, &mut ctx, kernel, &plan)?;
+    build(&mut module, &mut ctx, kernel, &plan, simd)?;
     let text = ctx.func.display().to_string();
     // SAFETY: nothing was compiled into the module.
     unsafe { module.free_memory() };
@@ -134,7 +176,7 @@ pub fn workspace_bytes(kernel: &Kernel) -> Result<usize, CodegenError> {
     Ok(layout::plan(kernel)?.bytes)
 }
 
-fn new_module() -> Result<JITModule, CodegenError> {
+fn new_module(simd: Simd) -> Result<JITModule, CodegenError> {
     let e = |what: &str, m: String| CodegenError(format!("{what}: {m}"));
     let mut flags = settings::builder();
     for (k, v) in [("opt_level", "speed"), ("use_colocated_libcalls", "false"), ("is_pic", "false")] {
@@ -157,8 +199,13 @@ fn new_module() -> Result<JITModule, CodegenError> {
     }
     jb.symbol(POW_F32.0, POW_F32.1 as *const u8);
     jb.symbol(POW_F64.0, POW_F64.1 as *const u8);
-    if let Some(f) = gemm::select() {
+    if let Some(f) = gemm::select(simd) {
         jb.symbol(gemm::GEMM_SYMBOL, f as *const u8);
+    }
+    if let Some(fs) = gated::select(simd) {
+        for (name, f) in gated::GATED_SYMBOLS.iter().zip(fs) {
+            jb.symbol(*name, f as *const u8);
+        }
     }
     Ok(JITModule::new(jb))
 }
@@ -169,6 +216,7 @@ fn build(
     ctx: &mut Context,
     kernel: &Kernel,
     plan: &layout::Plan,
+    simd: Simd,
 ) -> Result<FuncId, CodegenError> {
     let merr = |e: cranelift_module::ModuleError| CodegenError(format!("declaring functions: {e}"));
     let import = |module: &mut JITModule, func: &mut cranelift_codegen::ir::Function, name: &str, ty, args| {
@@ -180,7 +228,7 @@ fn build(
         let id = module.declare_function(name, Linkage::Import, &sig).map_err(merr)?;
         Ok::<_, CodegenError>(module.declare_func_in_func(id, func))
     };
-    let mut math = MathFns { f32: vec![], f64: vec![], gemm: None };
+    let mut math = MathFns { f32: vec![], f64: vec![], gemm: None, gated: None };
     for (name, _) in MATH_F32 {
         math.f32.push(import(module, &mut ctx.func, name, types::F32, 1)?);
     }
@@ -189,12 +237,22 @@ fn build(
         math.f64.push(import(module, &mut ctx.func, name, types::F64, 1)?);
     }
     math.f64.push(import(module, &mut ctx.func, POW_F64.0, types::F64, 2)?);
-    if gemm::select().is_some() {
-        // (m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, c_rs, acc, acc_rs, acc_cs), no result.
-        let mut sig = module.make_signature();
-        sig.params.extend([AbiParam::new(types::I64); 14]);
-        let id = module.declare_function(gemm::GEMM_SYMBOL, Linkage::Import, &sig).map_err(merr)?;
+    // Both kinds of routine take 14 integer / pointer arguments and return nothing.
+    let mut sig14 = module.make_signature();
+    sig14.params.extend([AbiParam::new(types::I64); 14]);
+    if gemm::select(simd).is_some() {
+        // (m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, c_rs, acc, acc_rs, acc_cs).
+        let id = module.declare_function(gemm::GEMM_SYMBOL, Linkage::Import, &sig14).map_err(merr)?;
         math.gemm = Some(module.declare_func_in_func(id, &mut ctx.func));
+    }
+    if gated::select(simd).is_some() {
+        // (n, c, a, a_rs, ga, ga_rs, b, b_rs, gb, gb_rs, out, out_rs, out_cs, strict).
+        let mut fs = vec![];
+        for name in gated::GATED_SYMBOLS {
+            let id = module.declare_function(name, Linkage::Import, &sig14).map_err(merr)?;
+            fs.push(module.declare_func_in_func(id, &mut ctx.func));
+        }
+        math.gated = Some([fs[0], fs[1]]);
     }
 
     // (params, batch, head, seq_len, workspace): pointers and indices are all 64-bit.

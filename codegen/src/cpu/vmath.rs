@@ -1,5 +1,5 @@
-//! Inline f32 math emitted as Cranelift IR: `exp`, `exp2`, `sigmoid` and `silu` on f32 scalars
-//! or f32x4 vectors, so elementwise loops need no call per element.
+//! Inline f32 math emitted as Cranelift IR: `exp`, `exp2`, `sigmoid`, `silu`, `log` and
+//! `softplus` on f32 scalars or f32x4 vectors, so elementwise loops need no call per element.
 //!
 //! `exp(x)`: range reduction `x = n ln2 + r` with `n = round(x / ln2)` (by the 1.5 * 2^23
 //! shifter trick, which also leaves `n` in the low mantissa bits) and Cody-Waite two-constant
@@ -15,6 +15,10 @@
 //! `sigmoid(x) = (x >= 0 ? 1 : e) / (1 + e)` and `silu(x) = (x >= 0 ? x : x e) / (1 + e)`
 //! with `e = exp(-|x|)` (no overflow; subnormal results for very negative x are kept, `x e`
 //! is scaled by 2^n last so it is rounded once). Under 3.5 ulp.
+//!
+//! `log`: Cephes' logf (see [`VMath::log`]), under 1 ulp; `softplus(x) = max(x, 0) +
+//! log1p(e^-|x|)` with log1p from log by the `ln(u) t / (u - 1)` correction, under 3.5 ulp
+//! against the interpreter's branches (`x` above 20, `e^x` below -20).
 
 use cranelift_codegen::ir::condcodes::FloatCC;
 use cranelift_codegen::ir::{types, Endianness, InstBuilder, MemFlagsData, Type, Value};
@@ -190,6 +194,101 @@ impl VMath<'_, '_> {
         let pos = self.b.ins().fcmp(FloatCC::GreaterThanOrEqual, x, zero);
         let num = self.sel(ty, pos, f, fe);
         self.b.ins().fdiv(num, den)
+    }
+
+    /// `c ? a : b` lane by lane for integers (`ity(ty)`; `c` from an fcmp of `ty`).
+    fn isel(&mut self, ty: Type, c: Value, a: Value, b: Value) -> Value {
+        if ty.is_vector() {
+            self.b.ins().bitselect(c, a, b)
+        } else {
+            self.b.ins().select(c, a, b)
+        }
+    }
+
+    /// `ln x` (f32 or f32x4): Cephes' logf. `x = m 2^e` with `m` in [sqrt(1/2), sqrt(2))
+    /// (subnormal `x` scaled by 2^23 first), `ln m = f - f^2/2 + f^3 P(f)` with `f = m - 1`,
+    /// plus `e ln2` in two parts. `ln 0 = -inf`, `ln x = NaN` for `x < 0` and NaN, `ln inf =
+    /// inf`.
+    pub fn log(&mut self, ty: Type, x: Value) -> Value {
+        const Q: [f32; 9] = [
+            3.333_333e-1,
+            -2.499_999_4e-1,
+            2.000_071_4e-1,
+            -1.666_805_8e-1,
+            1.424_932_3e-1,
+            -1.242_014_1e-1,
+            1.167_699_9e-1,
+            -1.151_461e-1,
+            7.037_683_6e-2,
+        ];
+        let it = Self::ity(ty);
+        let tiny = self.f(ty, f32::MIN_POSITIVE);
+        let small = self.b.ins().fcmp(FloatCC::LessThan, x, tiny);
+        let big = self.f(ty, 8_388_608.0);
+        let xs = self.b.ins().fmul(x, big);
+        let x1 = self.sel(ty, small, xs, x);
+        let (adj, zero_i) = (self.i(ty, -23 - 127), self.i(ty, -127));
+        let bias = self.isel(ty, small, adj, zero_i);
+        let bits = self.cast(it, x1);
+        let e = self.b.ins().ushr_imm_u(bits, 23);
+        let e = self.b.ins().iadd(e, bias);
+        let (mmask, one_bits) = (self.i(ty, 0x007f_ffff), self.i(ty, 0x3f80_0000));
+        let mb = self.b.ins().band(bits, mmask);
+        let mb = self.b.ins().bor(mb, one_bits);
+        let m = self.cast(ty, mb);
+        let sqrt2 = self.f(ty, std::f32::consts::SQRT_2);
+        let hi = self.b.ins().fcmp(FloatCC::GreaterThan, m, sqrt2);
+        let half = self.f(ty, 0.5);
+        let mh = self.b.ins().fmul(m, half);
+        let m = self.sel(ty, hi, mh, m);
+        let (one_i, zi) = (self.i(ty, 1), self.i(ty, 0));
+        let inc = self.isel(ty, hi, one_i, zi);
+        let e = self.b.ins().iadd(e, inc);
+        let ef = self.b.ins().fcvt_from_sint(ty, e);
+        let one = self.f(ty, 1.0);
+        let f = self.b.ins().fsub(m, one);
+        let z = self.b.ins().fmul(f, f);
+        let mut p = self.f(ty, Q[8]);
+        for c in Q[..8].iter().rev() {
+            let c = self.f(ty, *c);
+            p = self.madd(p, f, c);
+        }
+        let fz = self.b.ins().fmul(f, z);
+        let (c2, c1) = (self.f(ty, -2.121_944_4e-4), self.f(ty, -0.5));
+        let y = self.b.ins().fmul(fz, p);
+        let y = self.madd(ef, c2, y);
+        let y = self.madd(z, c1, y);
+        let r = self.b.ins().fadd(f, y);
+        let ln2 = self.f(ty, 0.693_359_4);
+        let r = self.madd(ef, ln2, r);
+        // Special inputs.
+        let zero = self.f(ty, 0.0);
+        let (ninf, inf, nan) = (self.f(ty, f32::NEG_INFINITY), self.f(ty, f32::INFINITY), self.f(ty, f32::NAN));
+        let is_inf = self.b.ins().fcmp(FloatCC::Equal, x, inf);
+        let r = self.sel(ty, is_inf, inf, r);
+        let is_zero = self.b.ins().fcmp(FloatCC::Equal, x, zero);
+        let r = self.sel(ty, is_zero, ninf, r);
+        let bad = self.b.ins().fcmp(FloatCC::UnorderedOrLessThan, x, zero);
+        self.sel(ty, bad, nan, r)
+    }
+
+    /// `ln(1 + e^x)` (f32 or f32x4) as `max(x, 0) + log1p(exp(-|x|))`, with `log1p(t) = ln(u)
+    /// t / (u - 1)` for `u = 1 + t` (`t` where `u` rounds to 1).
+    pub fn softplus(&mut self, ty: Type, x: Value) -> Value {
+        let ax = self.b.ins().fabs(x);
+        let nx = self.b.ins().fneg(ax);
+        let t = self.exp(ty, nx);
+        let one = self.f(ty, 1.0);
+        let u = self.b.ins().fadd(one, t);
+        let lu = self.log(ty, u);
+        let um1 = self.b.ins().fsub(u, one);
+        let q = self.b.ins().fdiv(t, um1);
+        let l = self.b.ins().fmul(lu, q);
+        let is_one = self.b.ins().fcmp(FloatCC::Equal, u, one);
+        let l = self.sel(ty, is_one, t, l);
+        let zero = self.f(ty, 0.0);
+        let m = self.b.ins().fmax(x, zero);
+        self.b.ins().fadd(m, l)
     }
 
     /// `1 / (1 + e^-x)` (f32 or f32x4).

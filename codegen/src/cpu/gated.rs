@@ -1,0 +1,445 @@
+//! rustc-compiled `GatedDot` kernels that the generated code calls (`lower.rs` decides: the
+//! four operands must be contiguous along `c`):
+//!
+//! ```text
+//! out[i, j] = sum_c a[i, c] * b[j, c] * exp(ga[i, c] - gb[j, c])   j <= i (j < i if strict)
+//! out[i, j] = 0                                                     otherwise
+//! ```
+//!
+//! Vectorised over `c` (8 lanes with AVX2 + FMA, 16 with AVX-512F). The exponent is formed in
+//! the gates' dtype (f32, or f64 converted to f32 after the subtraction), the exp and the sum
+//! in f32: `exp` is the algorithm of `vmath.rs` lane for lane (same constants, same clamp to
+//! [-104, 89], same two-step scaling by `2^n`, so the same results: within 2 ulp, denormal
+//! correct, NaN propagates), each term is `fma(a * b, e, sum)` into per-lane partial sums
+//! that are added at the end. Only kept `(i, j)` are evaluated, so exponents above the
+//! diagonal may be huge without producing inf or NaN. A tail of `c` that is not a whole
+//! vector is zero-padded (`a = b = 0`, exponent 0: the term is 0).
+
+use super::Simd;
+
+/// The kernel's C signature: `(n, c, a, a_rs, ga, ga_rs, b, b_rs, gb, gb_rs, out, out_rs,
+/// out_cs, strict)`; every operand is `n x c` with column stride 1 (out `n x n`). Integers are
+/// elements (of the gates' dtype for `ga_rs`, `gb_rs`); `strict` is 0 or 1. `ga`, `gb` are
+/// f32 or f64 as the symbol says.
+pub(super) type GatedFn = unsafe extern "C" fn(
+    i64,
+    i64,
+    *const f32,
+    i64,
+    *const u8,
+    i64,
+    *const f32,
+    i64,
+    *const u8,
+    i64,
+    *mut f32,
+    i64,
+    i64,
+    i64,
+);
+
+/// Symbol names the generated code imports (f32 gates, f64 gates).
+pub(super) const GATED_SYMBOLS: [&str; 2] = ["chunkc_gated_dot_g32", "chunkc_gated_dot_g64"];
+
+/// The kernels for `simd` (f32 gates, f64 gates), or None (then `GatedDot` stays Cranelift
+/// code).
+pub(super) fn select(simd: Simd) -> Option<[GatedFn; 2]> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        match simd {
+            Simd::Avx512 => return Some([x86::gated_avx512::<false>, x86::gated_avx512::<true>]),
+            Simd::Avx2 => return Some([x86::gated_avx2::<false>, x86::gated_avx2::<true>]),
+            Simd::Portable => {}
+        }
+    }
+    let _ = simd;
+    None
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(super) mod x86 {
+    use std::arch::x86_64::*;
+
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    const SHIFTER: f32 = 12_582_912.0;
+    const P: [f32; 6] = [0.5, 1.666_666_5e-1, 4.166_579_6e-2, 8.333_452e-3, 1.398_2e-3, 1.987_569_1e-4];
+
+    /// `e^x` on 8 lanes (vmath.rs's algorithm).
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    pub(crate) fn exp8(x: __m256) -> __m256 {
+        let s = _mm256_set1_ps;
+        // max/min return their second operand when one is NaN: NaN stays NaN.
+        let x = _mm256_min_ps(s(89.0), _mm256_max_ps(s(-104.0), x));
+        let t = _mm256_fmadd_ps(x, s(LOG2E), s(SHIFTER));
+        let nf = _mm256_sub_ps(t, s(SHIFTER));
+        let ni = _mm256_sub_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(SHIFTER.to_bits() as i32));
+        let r = _mm256_fmadd_ps(nf, s(-LN2_HI), x);
+        let r = _mm256_fmadd_ps(nf, s(-LN2_LO), r);
+        let mut p = s(P[5]);
+        for c in P[..5].iter().rev() {
+            p = _mm256_fmadd_ps(p, r, s(*c));
+        }
+        let y = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, s(1.0)));
+        let n1 = _mm256_srai_epi32::<1>(ni);
+        let n2 = _mm256_sub_epi32(ni, n1);
+        let bias = _mm256_set1_epi32(127);
+        let s1 = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(n1, bias)));
+        let s2 = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(n2, bias)));
+        _mm256_mul_ps(_mm256_mul_ps(y, s1), s2)
+    }
+
+    /// `e^x` on 16 lanes (vmath.rs's algorithm).
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    pub(crate) fn exp16(x: __m512) -> __m512 {
+        let s = _mm512_set1_ps;
+        let x = _mm512_min_ps(s(89.0), _mm512_max_ps(s(-104.0), x));
+        let t = _mm512_fmadd_ps(x, s(LOG2E), s(SHIFTER));
+        let nf = _mm512_sub_ps(t, s(SHIFTER));
+        let ni = _mm512_sub_epi32(_mm512_castps_si512(t), _mm512_set1_epi32(SHIFTER.to_bits() as i32));
+        let r = _mm512_fmadd_ps(nf, s(-LN2_HI), x);
+        let r = _mm512_fmadd_ps(nf, s(-LN2_LO), r);
+        let mut p = s(P[5]);
+        for c in P[..5].iter().rev() {
+            p = _mm512_fmadd_ps(p, r, s(*c));
+        }
+        let y = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, s(1.0)));
+        let n1 = _mm512_srai_epi32::<1>(ni);
+        let n2 = _mm512_sub_epi32(ni, n1);
+        let bias = _mm512_set1_epi32(127);
+        let s1 = _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(n1, bias)));
+        let s2 = _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(n2, bias)));
+        _mm512_mul_ps(_mm512_mul_ps(y, s1), s2)
+    }
+
+    /// Operands of one call, pointers advanced by element.
+    struct Args {
+        n: usize,
+        c: usize,
+        a: *const f32,
+        a_rs: usize,
+        ga: *const u8,
+        ga_rs: usize,
+        b: *const f32,
+        b_rs: usize,
+        gb: *const u8,
+        gb_rs: usize,
+        out: *mut f32,
+        out_rs: isize,
+        out_cs: isize,
+        strict: bool,
+    }
+
+    impl Args {
+        #[allow(clippy::too_many_arguments)]
+        fn new(
+            n: i64,
+            c: i64,
+            a: *const f32,
+            a_rs: i64,
+            ga: *const u8,
+            ga_rs: i64,
+            b: *const f32,
+            b_rs: i64,
+            gb: *const u8,
+            gb_rs: i64,
+            out: *mut f32,
+            out_rs: i64,
+            out_cs: i64,
+            strict: i64,
+        ) -> Args {
+            let u = |x: i64| x.max(0) as usize;
+            Args {
+                n: u(n),
+                c: u(c),
+                a,
+                a_rs: u(a_rs),
+                ga,
+                ga_rs: u(ga_rs),
+                b,
+                b_rs: u(b_rs),
+                gb,
+                gb_rs: u(gb_rs),
+                out,
+                out_rs: out_rs as isize,
+                out_cs: out_cs as isize,
+                strict: strict != 0,
+            }
+        }
+
+        /// Runs `dot(i, j)` for the kept elements, stores zeros elsewhere.
+        ///
+        /// # Safety
+        /// `out` valid for writes at every `i*out_rs + j*out_cs`, `i, j < n`.
+        unsafe fn each(&self, mut dot: impl FnMut(usize, usize) -> f32) {
+            for i in 0..self.n {
+                let kept = if self.strict { i } else { i + 1 };
+                for j in 0..self.n {
+                    let v = if j < kept { dot(i, j) } else { 0.0 };
+                    // SAFETY: the caller's contract.
+                    unsafe { *self.out.offset(i as isize * self.out_rs + j as isize * self.out_cs) = v };
+                }
+            }
+        }
+    }
+
+    /// Gate pointer of row `i` (`rs` elements of f64 or f32 per row).
+    fn grow<const G64: bool>(g: *const u8, i: usize, rs: usize) -> *const u8 {
+        g.wrapping_add(i * rs * if G64 { 8 } else { 4 })
+    }
+
+    /// AVX2 + FMA entry point (contract: [`super::GatedFn`]).
+    ///
+    /// # Safety
+    /// Operands valid for the reads and writes the arguments describe; only registered when
+    /// the host has AVX2 and FMA.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe extern "C" fn gated_avx2<const G64: bool>(
+        n: i64,
+        c: i64,
+        a: *const f32,
+        a_rs: i64,
+        ga: *const u8,
+        ga_rs: i64,
+        b: *const f32,
+        b_rs: i64,
+        gb: *const u8,
+        gb_rs: i64,
+        out: *mut f32,
+        out_rs: i64,
+        out_cs: i64,
+        strict: i64,
+    ) {
+        let g = Args::new(n, c, a, a_rs, ga, ga_rs, b, b_rs, gb, gb_rs, out, out_rs, out_cs, strict);
+        // SAFETY: the caller's contract; the host has AVX2 and FMA (checked by `select`).
+        unsafe { g.each(|i, j| dot8::<G64>(&g, i, j)) }
+    }
+
+    /// The difference of 8 gates at `x`, `y` (f64 differences converted to f32).
+    ///
+    /// # Safety
+    /// 8 gates readable at each.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn diff8<const G64: bool>(x: *const u8, y: *const u8) -> __m256 {
+        // SAFETY: the caller's contract.
+        unsafe {
+            if G64 {
+                let (x, y) = (x as *const f64, y as *const f64);
+                let d0 = _mm256_sub_pd(_mm256_loadu_pd(x), _mm256_loadu_pd(y));
+                let d1 = _mm256_sub_pd(_mm256_loadu_pd(x.add(4)), _mm256_loadu_pd(y.add(4)));
+                _mm256_set_m128(_mm256_cvtpd_ps(d1), _mm256_cvtpd_ps(d0))
+            } else {
+                _mm256_sub_ps(_mm256_loadu_ps(x as *const f32), _mm256_loadu_ps(y as *const f32))
+            }
+        }
+    }
+
+    /// `out[i, j]` with 8 lanes.
+    ///
+    /// # Safety
+    /// Rows `i` and `j` of the operands readable over `c`.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dot8<const G64: bool>(g: &Args, i: usize, j: usize) -> f32 {
+        let gs = if G64 { 8 } else { 4 };
+        // SAFETY (whole body): reads of rows i and j at columns < c (the tail goes through
+        // zero-padded copies).
+        unsafe {
+            let (ap, bp) = (g.a.add(i * g.a_rs), g.b.add(j * g.b_rs));
+            let (gap, gbp) = (grow::<G64>(g.ga, i, g.ga_rs), grow::<G64>(g.gb, j, g.gb_rs));
+            let mut s0 = _mm256_setzero_ps();
+            let mut s1 = _mm256_setzero_ps();
+            let mut q = 0;
+            while q + 16 <= g.c {
+                let e0 = exp8(diff8::<G64>(gap.add(q * gs), gbp.add(q * gs)));
+                let e1 = exp8(diff8::<G64>(gap.add((q + 8) * gs), gbp.add((q + 8) * gs)));
+                let x0 = _mm256_mul_ps(_mm256_loadu_ps(ap.add(q)), _mm256_loadu_ps(bp.add(q)));
+                let x1 = _mm256_mul_ps(_mm256_loadu_ps(ap.add(q + 8)), _mm256_loadu_ps(bp.add(q + 8)));
+                s0 = _mm256_fmadd_ps(x0, e0, s0);
+                s1 = _mm256_fmadd_ps(x1, e1, s1);
+                q += 16;
+            }
+            while q < g.c {
+                let w = (g.c - q).min(8);
+                let (mut ta, mut tb) = ([0f32; 8], [0f32; 8]);
+                let (mut tga, mut tgb) = ([0u8; 64], [0u8; 64]);
+                std::ptr::copy_nonoverlapping(ap.add(q), ta.as_mut_ptr(), w);
+                std::ptr::copy_nonoverlapping(bp.add(q), tb.as_mut_ptr(), w);
+                std::ptr::copy_nonoverlapping(gap.add(q * gs), tga.as_mut_ptr(), w * gs);
+                std::ptr::copy_nonoverlapping(gbp.add(q * gs), tgb.as_mut_ptr(), w * gs);
+                let e = exp8(diff8::<G64>(tga.as_ptr(), tgb.as_ptr()));
+                let x = _mm256_mul_ps(_mm256_loadu_ps(ta.as_ptr()), _mm256_loadu_ps(tb.as_ptr()));
+                s0 = _mm256_fmadd_ps(x, e, s0);
+                q += w;
+            }
+            let s = _mm256_add_ps(s0, s1);
+            let h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
+            let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+            let h = _mm_add_ss(h, _mm_movehdup_ps(h));
+            _mm_cvtss_f32(h)
+        }
+    }
+
+    /// AVX-512F entry point (contract: [`super::GatedFn`]).
+    ///
+    /// # Safety
+    /// Operands valid for the reads and writes the arguments describe; only registered when
+    /// the host has AVX-512F.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe extern "C" fn gated_avx512<const G64: bool>(
+        n: i64,
+        c: i64,
+        a: *const f32,
+        a_rs: i64,
+        ga: *const u8,
+        ga_rs: i64,
+        b: *const f32,
+        b_rs: i64,
+        gb: *const u8,
+        gb_rs: i64,
+        out: *mut f32,
+        out_rs: i64,
+        out_cs: i64,
+        strict: i64,
+    ) {
+        let g = Args::new(n, c, a, a_rs, ga, ga_rs, b, b_rs, gb, gb_rs, out, out_rs, out_cs, strict);
+        // SAFETY: the caller's contract; the host has AVX-512F (checked by `select`).
+        unsafe { g.each(|i, j| dot16::<G64>(&g, i, j)) }
+    }
+
+    /// The difference of the gates at `x`, `y` in the lanes of `m` (others 0).
+    ///
+    /// # Safety
+    /// The masked lanes readable at each.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn diff16<const G64: bool>(x: *const u8, y: *const u8, m: __mmask16) -> __m512 {
+        // SAFETY: the caller's contract (masked-off lanes are not read).
+        unsafe {
+            if G64 {
+                let (x, y) = (x as *const f64, y as *const f64);
+                let (m0, m1) = (m as __mmask8, (m >> 8) as __mmask8);
+                let d0 = _mm512_sub_pd(_mm512_maskz_loadu_pd(m0, x), _mm512_maskz_loadu_pd(m0, y));
+                let d1 = _mm512_sub_pd(_mm512_maskz_loadu_pd(m1, x.add(8)), _mm512_maskz_loadu_pd(m1, y.add(8)));
+                let lo = _mm512_castps256_ps512(_mm512_cvtpd_ps(d0));
+                let hi = _mm256_castps_pd(_mm512_cvtpd_ps(d1));
+                _mm512_castpd_ps(_mm512_insertf64x4::<1>(_mm512_castps_pd(lo), hi))
+            } else {
+                let (x, y) = (x as *const f32, y as *const f32);
+                _mm512_sub_ps(_mm512_maskz_loadu_ps(m, x), _mm512_maskz_loadu_ps(m, y))
+            }
+        }
+    }
+
+    /// `out[i, j]` with 16 lanes.
+    ///
+    /// # Safety
+    /// Rows `i` and `j` of the operands readable over `c`.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn dot16<const G64: bool>(g: &Args, i: usize, j: usize) -> f32 {
+        let gs = if G64 { 8 } else { 4 };
+        // SAFETY (whole body): masked reads of rows i and j at columns < c.
+        unsafe {
+            let (ap, bp) = (g.a.add(i * g.a_rs), g.b.add(j * g.b_rs));
+            let (gap, gbp) = (grow::<G64>(g.ga, i, g.ga_rs), grow::<G64>(g.gb, j, g.gb_rs));
+            let mut s0 = _mm512_setzero_ps();
+            let mut s1 = _mm512_setzero_ps();
+            let mut q = 0;
+            while q + 32 <= g.c {
+                let e0 = exp16(diff16::<G64>(gap.add(q * gs), gbp.add(q * gs), !0));
+                let e1 = exp16(diff16::<G64>(gap.add((q + 16) * gs), gbp.add((q + 16) * gs), !0));
+                let x0 = _mm512_mul_ps(_mm512_loadu_ps(ap.add(q)), _mm512_loadu_ps(bp.add(q)));
+                let x1 = _mm512_mul_ps(_mm512_loadu_ps(ap.add(q + 16)), _mm512_loadu_ps(bp.add(q + 16)));
+                s0 = _mm512_fmadd_ps(x0, e0, s0);
+                s1 = _mm512_fmadd_ps(x1, e1, s1);
+                q += 32;
+            }
+            while q < g.c {
+                let w = (g.c - q).min(16);
+                let m: __mmask16 = if w == 16 { !0 } else { ((1u32 << w) - 1) as __mmask16 };
+                let e = exp16(diff16::<G64>(gap.add(q * gs), gbp.add(q * gs), m));
+                let x = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, ap.add(q)), _mm512_maskz_loadu_ps(m, bp.add(q)));
+                s0 = _mm512_fmadd_ps(x, e, s0);
+                q += w;
+            }
+            _mm512_reduce_add_ps(_mm512_add_ps(s0, s1))
+        }
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::x86::{exp16, exp8};
+    use std::arch::x86_64::*;
+
+    /// Max error in ulps of `exp` over every 61st f32 bit pattern plus edge cases (as
+    /// `vector_exp_accuracy_sweep` in tests/cpu_backend.rs does for vmath.rs); special values
+    /// must be exact.
+    fn sweep(f: &dyn Fn(&[f32], &mut [f32])) -> f64 {
+        let mut xs: Vec<f32> = (0..u32::MAX / 61).map(|i| f32::from_bits(i * 61)).collect();
+        xs.extend([0.0, -0.0, f32::INFINITY, f32::NEG_INFINITY, f32::NAN, 88.72283, 88.72284, -87.33655]);
+        xs.extend([-103.27893, -103.97208, -104.0, -149.0, -149.5, -150.0, -126.0]);
+        xs.resize(xs.len().div_ceil(16) * 16, 0.0);
+        let mut ys = vec![0.0f32; xs.len()];
+        f(&xs, &mut ys);
+        let mut worst = 0.0f64;
+        for (&x, &got) in xs.iter().zip(&ys) {
+            let want = (x as f64).exp();
+            let w32 = want as f32;
+            if want.is_nan() {
+                assert!(got.is_nan(), "exp({x:e}) = {got:e}");
+                continue;
+            }
+            if w32.is_infinite() {
+                assert!(got == w32 || (got as f64 - want).abs() / want.abs() < 2e-7, "exp({x:e}) = {got:e}");
+                continue;
+            }
+            if w32 == 0.0 {
+                assert!(got.abs() <= f32::from_bits(1), "exp({x:e}) = {got:e}");
+                continue;
+            }
+            let ulp = if w32.abs() < f32::MIN_POSITIVE {
+                f32::from_bits(1) as f64
+            } else {
+                f32::from_bits(w32.abs().to_bits() & 0x7f80_0000) as f64 * f32::EPSILON as f64
+            };
+            let err = (got as f64 - want).abs() / ulp;
+            assert!(!err.is_nan(), "exp({x:e}) = {got:e}");
+            worst = worst.max(err);
+        }
+        worst
+    }
+
+    #[test]
+    fn exp8_accuracy_sweep() {
+        if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")) {
+            return;
+        }
+        let worst = sweep(&|xs, ys| {
+            for (x, y) in xs.chunks(8).zip(ys.chunks_mut(8)) {
+                // SAFETY: AVX2 and FMA checked above; 8 lanes in each chunk.
+                unsafe { _mm256_storeu_ps(y.as_mut_ptr(), exp8(_mm256_loadu_ps(x.as_ptr()))) }
+            }
+        });
+        eprintln!("exp8: max error {worst:.3} ulp");
+        assert!(worst <= 2.0, "exp8: {worst} ulp");
+    }
+
+    #[test]
+    fn exp16_accuracy_sweep() {
+        if !is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        let worst = sweep(&|xs, ys| {
+            for (x, y) in xs.chunks(16).zip(ys.chunks_mut(16)) {
+                // SAFETY: AVX-512F checked above; 16 lanes in each chunk.
+                unsafe { _mm512_storeu_ps(y.as_mut_ptr(), exp16(_mm512_loadu_ps(x.as_ptr()))) }
+            }
+        });
+        eprintln!("exp16: max error {worst:.3} ulp");
+        assert!(worst <= 2.0, "exp16: {worst} ulp");
+    }
+}
