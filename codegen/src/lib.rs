@@ -8,6 +8,7 @@ pub mod builder;
 pub mod cpu;
 pub mod interp;
 pub mod ir;
+pub mod layout;
 pub mod lower;
 pub mod plan;
 pub mod print;

@@ -11,9 +11,9 @@ use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::{types, BlockArg, FuncRef, InstBuilder, MemFlagsData, Type, Value};
 use cranelift_frontend::{FunctionBuilder, Variable};
 
-use super::layout::{Plan, Storage, YieldCopy};
 use super::vmath::VMath;
 use crate::ir::*;
+use crate::layout::{Plan, Storage, YieldCopy};
 
 /// The math routines the generated code calls, in the order of [`super::MATH_F32`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

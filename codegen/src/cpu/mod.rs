@@ -21,7 +21,6 @@
 
 mod gated;
 mod gemm;
-mod layout;
 mod lower;
 mod vmath;
 
@@ -36,6 +35,7 @@ use cranelift_jit::{JITBuilder, JITModule};
 use cranelift_module::{default_libcall_names, FuncId, Linkage, Module};
 
 use crate::ir::Kernel;
+use crate::layout::{self, LayoutError};
 use lower::{Lower, MathFns};
 
 /// Why a kernel could not be compiled.
@@ -49,6 +49,12 @@ impl fmt::Display for CodegenError {
 }
 
 impl std::error::Error for CodegenError {}
+
+impl From<LayoutError> for CodegenError {
+    fn from(e: LayoutError) -> CodegenError {
+        CodegenError(e.0)
+    }
+}
 
 /// The generated function's type.
 type KernelFn = unsafe extern "C" fn(*const *mut f32, i64, i64, i64, *mut u8);

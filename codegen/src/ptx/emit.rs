@@ -5,9 +5,9 @@
 //! integers (thread and element indices), `%rd` 64-bit integers (index expressions and
 //! addresses), `%f` f32, `%fd` f64 and `%p` predicates.
 
-use super::layout::{self, Plan, Storage, YieldCopy};
 use super::*;
 use crate::ir::*;
+use crate::layout::{self, Plan, Storage, YieldCopy};
 use std::fmt::Write as _;
 
 /// Name of the dynamic shared-memory array.

@@ -48,7 +48,6 @@
 //! Schedule.
 
 mod emit;
-mod layout;
 mod ptxas;
 
 use serde::{Deserialize, Serialize};

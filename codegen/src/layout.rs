@@ -1,10 +1,6 @@
-//! Tile placement for the PTX backend: a copy of `cpu/layout.rs` (the CPU backend's workspace
-//! planner), because its items are `pub(super)` to `cpu`. Copied verbatim except for this
-//! paragraph and the error type; to be folded with the original into one shared module.
-//! Keep the two in sync until then.
-//!
-//! (Original doc.) Workspace layout: where every tile value lives, and the checks that make
-//! lowering safe.
+//! Workspace layout: where every tile value lives, and the checks that make lowering safe.
+//! Target-neutral: the CPU backend maps the regions into its workspace, the PTX backend into
+//! shared memory or per-CTA global scratch.
 //!
 //! Every non-view value gets a region of the per-call workspace (row-major, 64-byte aligned).
 //! Views (`Rows`, `Transpose`) share their operand's region with a shifted offset or swapped
@@ -20,13 +16,16 @@
 //! so that compiling never panics and generated code never touches the workspace out of
 //! bounds.
 
-use super::PtxError as CodegenError;
 use crate::ir::*;
+
+/// Why a kernel cannot be laid out: it is malformed (a bug in the plan that built it).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LayoutError(pub String);
 
 /// Where a value's elements are: byte offset into the workspace, then row and column strides
 /// in elements. Element (i, j) is at `off + (i*rs + j*cs) * dtype.size()`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) struct Storage {
+pub(crate) struct Storage {
     pub off: i64,
     pub rs: i64,
     pub cs: i64,
@@ -34,7 +33,7 @@ pub(super) struct Storage {
 
 /// How a loop yield reaches its carried region at the end of an iteration.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum YieldCopy {
+pub(crate) enum YieldCopy {
     /// The yield is the carried value itself: nothing to copy.
     Skip,
     /// Copy straight into the carried region.
@@ -46,14 +45,14 @@ pub(super) enum YieldCopy {
 
 /// Storage of one `Loop` statement's carried values and its yield copies.
 #[derive(Clone, Debug)]
-pub(super) struct LoopPlan {
+pub(crate) struct LoopPlan {
     pub carried: Vec<Storage>,
     pub yields: Vec<YieldCopy>,
 }
 
 /// The layout of a whole kernel.
 #[derive(Clone, Debug)]
-pub(super) struct Plan {
+pub(crate) struct Plan {
     /// Storage of every value (None for values that are never defined).
     pub storage: Vec<Option<Storage>>,
     /// One entry per `Loop` statement, in pre-order.
@@ -101,12 +100,12 @@ struct Walk<'k> {
     loops: Vec<(Vec<VRef>, Vec<PendingYield>)>,
 }
 
-fn err<T>(msg: impl Into<String>) -> Result<T, CodegenError> {
-    Err(CodegenError(msg.into()))
+fn err<T>(msg: impl Into<String>) -> Result<T, LayoutError> {
+    Err(LayoutError(msg.into()))
 }
 
 /// Plans the workspace of `kernel`, checking it on the way.
-pub(super) fn plan(kernel: &Kernel) -> Result<Plan, CodegenError> {
+pub(crate) fn plan(kernel: &Kernel) -> Result<Plan, LayoutError> {
     let mut w =
         Walk { kernel, regions: vec![], vals: vec![None; kernel.values.len()], pos: 0, open: vec![], loops: vec![] };
     w.block(&kernel.body)?;
@@ -137,7 +136,7 @@ pub(super) fn plan(kernel: &Kernel) -> Result<Plan, CodegenError> {
     Ok(Plan { storage, loops, bytes })
 }
 
-fn check_idx(e: &Idx) -> Result<(), CodegenError> {
+fn check_idx(e: &Idx) -> Result<(), LayoutError> {
     match e {
         Idx::Const(_) | Idx::Var(_) => Ok(()),
         Idx::Add(a, b) | Idx::Sub(a, b) | Idx::Mul(a, b) | Idx::Min(a, b) => {
@@ -154,14 +153,14 @@ fn check_idx(e: &Idx) -> Result<(), CodegenError> {
 }
 
 impl Walk<'_> {
-    fn ty(&self, v: ValueId) -> Result<TileTy, CodegenError> {
+    fn ty(&self, v: ValueId) -> Result<TileTy, LayoutError> {
         match self.kernel.values.get(v.0 as usize) {
             Some(t) => Ok(*t),
             None => err(format!("{v} is not a value of kernel {}", self.kernel.name)),
         }
     }
 
-    fn check_param(&self, p: usize) -> Result<(), CodegenError> {
+    fn check_param(&self, p: usize) -> Result<(), LayoutError> {
         if p >= self.kernel.params.len() {
             return err(format!("parameter {p} out of range ({} parameters)", self.kernel.params.len()));
         }
@@ -174,7 +173,7 @@ impl Walk<'_> {
     }
 
     /// Marks `v` as read at the current position.
-    fn use_val(&mut self, v: ValueId) -> Result<VRef, CodegenError> {
+    fn use_val(&mut self, v: ValueId) -> Result<VRef, LayoutError> {
         self.ty(v)?;
         let Some(r) = self.vals[v.0 as usize] else {
             return err(format!("{v} is used before it is defined"));
@@ -190,7 +189,7 @@ impl Walk<'_> {
         Ok(r)
     }
 
-    fn define(&mut self, v: ValueId, r: VRef) -> Result<(), CodegenError> {
+    fn define(&mut self, v: ValueId, r: VRef) -> Result<(), LayoutError> {
         self.ty(v)?;
         let slot = &mut self.vals[v.0 as usize];
         if slot.is_some() {
@@ -200,7 +199,7 @@ impl Walk<'_> {
         Ok(())
     }
 
-    fn block(&mut self, stmts: &[Stmt]) -> Result<(), CodegenError> {
+    fn block(&mut self, stmts: &[Stmt]) -> Result<(), LayoutError> {
         for s in stmts {
             self.pos += 1;
             match s {
@@ -294,8 +293,8 @@ impl Walk<'_> {
     }
 
     /// The type `op` produces, or an error if its operands do not fit it.
-    fn result_ty(&self, op: &Op) -> Result<TileTy, CodegenError> {
-        let f32_only = |v: ValueId, what: &str| -> Result<TileTy, CodegenError> {
+    fn result_ty(&self, op: &Op) -> Result<TileTy, LayoutError> {
+        let f32_only = |v: ValueId, what: &str| -> Result<TileTy, LayoutError> {
             let t = self.ty(v)?;
             if t.dtype != DType::F32 {
                 return err(format!("{what}: {v} must be f32, is {t:?}"));
