@@ -9,6 +9,7 @@ pub use chunkc_dsl as dsl;
 pub use chunkc_runtime as runtime;
 
 pub mod backend;
+pub mod bench;
 pub mod error;
 pub mod problem;
 pub mod verify;

@@ -104,6 +104,31 @@ enum Command {
         #[arg(long, value_enum, default_value = "jit", hide = true)]
         engine: EngineArg,
     },
+    /// Time a kernel on random inputs: median of repeated runs after a warm-up.
+    ///
+    /// Prints the median time, token-heads per second and GFLOP/s. FLOPs are the chunk-form
+    /// count of FLA's torch benchmark, per token and head: 2 C K + 2 C V (intra-chunk scores
+    /// and their product with the values) + 4 K V (state update and inter-chunk read); the
+    /// recurrent kernel is counted at 4 K V. Delta rules do more work than this count.
+    Bench {
+        rule: PathBuf,
+        /// B,T,H,K,V
+        #[arg(long, value_delimiter = ',', default_values_t = [1, 2048, 8, 128, 128])]
+        shape: Vec<usize>,
+        #[arg(long, value_enum, default_value = "chunked")]
+        backend: BackendArg,
+        #[arg(long, default_value_t = 64)]
+        chunk: usize,
+        /// Worker threads (0: all cores).
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+        /// At least this many timed runs.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Print one JSON line instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the tile IR of a rule's kernel, or write its PTX (sm_80, sm_90) and launch metadata.
     Compile {
         rule: PathBuf,
@@ -216,6 +241,33 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
             let failed = rows.iter().filter(|r| !r.pass).count();
             println!("{} passed, {} failed", rows.len() - failed, failed);
             Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Command::Bench { rule, shape, backend, chunk, threads, runs, json } => {
+            let loaded = load_rule(&rule)?;
+            let [batch, seq_len, heads, k, v] = shape[..] else {
+                return Err(Error::Input("--shape takes five sizes: B,T,H,K,V".into()));
+            };
+            if [batch, seq_len, heads, k, v, chunk].contains(&0) {
+                return Err(Error::Input("--shape sizes and --chunk must be at least 1".into()));
+            }
+            let dims = chunkc::dsl::reference::Dims { batch, seq_len, heads, k, v };
+            let be: Backend = backend.into();
+            let threads = if threads == 0 { chunkc::runtime::exec::default_threads() } else { threads };
+            let m =
+                chunkc::bench::bench(&loaded.rule, dims, be, chunk, threads, runs, std::time::Duration::from_secs(1))?;
+            let chunk_shown = if be == Backend::Chunked { chunk.to_string() } else { "-".into() };
+            if json {
+                println!(
+                    "{{\"rule\":\"{}\",\"backend\":\"{}\",\"chunk\":\"{chunk_shown}\",\"shape\":[{batch},{seq_len},{heads},{k},{v}],\"threads\":{threads},\"runs\":{},\"median_ms\":{:.4},\"token_heads_per_s\":{:.1},\"gflops\":{:.3}}}",
+                    loaded.rule.name, be.name(), m.runs, m.median.as_secs_f64() * 1e3, m.token_heads_per_s(), m.gflops()
+                );
+            } else {
+                println!(
+                    "{} {} chunk {chunk_shown}, B={batch} T={seq_len} H={heads} K={k} V={v}, {threads} thread(s): median {:.2} ms of {} runs, {:.3} M token-heads/s, {:.1} GFLOP/s (FLOP count: `chunkc bench --help`)",
+                    loaded.rule.name, be.name(), m.median.as_secs_f64() * 1e3, m.runs, m.token_heads_per_s() / 1e6, m.gflops()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Compile { rule, target, out_dir, backend, chunk, heads, k, v } => {
             let loaded = load_rule(&rule)?;

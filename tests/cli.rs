@@ -275,3 +275,21 @@ fn compile_for_gpu_targets_writes_ptx_and_launch_metadata() {
         assert!(meta.is_object(), "{meta}");
     }
 }
+
+#[test]
+fn bench_prints_one_json_line_and_refuses_bad_shapes() {
+    let o =
+        chunkc(&["bench", "rules/simple_gla.toml", "--shape", "1,40,2,8,8", "--chunk", "16", "--runs", "3", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert_eq!(out.lines().count(), 1, "{out}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");
+    assert_eq!(v["rule"], "simple_gla");
+    assert!(
+        v["median_ms"].as_f64().is_some_and(|t| t > 0.0) && v["token_heads_per_s"].as_f64().is_some_and(|x| x > 0.0)
+    );
+
+    let o = chunkc(&["bench", "rules/simple_gla.toml", "--shape", "1,2,3"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(stderr(&o), "error: --shape takes five sizes: B,T,H,K,V\n");
+}

@@ -901,3 +901,170 @@ fn vector_exp_accuracy_sweep() {
         assert!(worst <= max_ulp, "{op:?}: {worst} ulp at x = {at:e} (bound {max_ulp})");
     }
 }
+
+// ---- fused elementwise chains ----------------------------------------------------------------
+
+/// A long chain in the shape of the chunked gate factors: `cast(exp(cast(sub(g, pivot))))`
+/// with a broadcast row pivot, then mixed f32 ops with a broadcast column, a broadcast scalar
+/// constant and the inline vector exp / sigmoid; every intermediate has one use, so the
+/// backend evaluates the chain in one pass (the f64 part scalar, an all-f32 chain in vectors).
+#[test]
+fn fused_chains_with_broadcasting_and_mixed_dtypes() {
+    let mut rng = Rng::new(41);
+    for (rows, cols) in SHAPES {
+        for via_f64 in [true, false] {
+            let mut b = Builder::new("chain");
+            let (pg, pp, px, ps, py) =
+                (read(&mut b, "g"), read(&mut b, "pivot"), read(&mut b, "x"), read(&mut b, "s"), write(&mut b, "y"));
+            let g = ld(&mut b, pg, rows, cols);
+            let pivot = ld(&mut b, pp, 1, cols);
+            let x = ld(&mut b, px, rows, cols);
+            let s = ld(&mut b, ps, rows, 1);
+            let e = if via_f64 {
+                let (g, pivot) = (b.cast(g, DType::F64), b.cast(pivot, DType::F64));
+                let d = b.sub(g, pivot);
+                let e = b.exp(d);
+                b.cast(e, DType::F32)
+            } else {
+                let d = b.sub(g, pivot);
+                b.exp(d)
+            };
+            let y = b.mul(x, e);
+            let y = b.add(y, s);
+            let half = b.constant(0.5, TileTy::f32(1, 1));
+            let y = b.mul(y, half);
+            let y = b.unary(UnOp::Sigmoid, y);
+            let y = b.neg(y);
+            let full = b.constant(2.0, TileTy::f32(rows, cols));
+            let y = b.binary(BinOp::Max, y, full);
+            let y = b.sub(y, x);
+            st(&mut b, y, py);
+            let k = b.finish();
+            let ins = [
+                rng.vec(rows * cols, 2.0),
+                rng.vec(cols, 2.0),
+                rng.vec(rows * cols, 3.0),
+                rng.vec(rows, 1.0),
+                vec![0.0; rows * cols],
+            ];
+            check(&format!("chain {rows}x{cols} f64={via_f64}"), &k, &ins, 8.0 * EXP_RTOL, 1e-6);
+        }
+    }
+}
+
+/// A mask with an -inf fill inside a chain: `exp(mask(a - b, -inf)) * x`, for both mask kinds.
+#[test]
+fn fused_chains_around_masks_with_neg_inf_fill() {
+    let mut rng = Rng::new(42);
+    let t = || Idx::var(IdxVar::SeqLen);
+    for (rows, cols) in [(1, 1), (5, 5), (17, 17), (64, 64)] {
+        for dt in [DType::F32, DType::F64] {
+            for kind in [MaskKind::Tril { strict: true }, MaskKind::Tril { strict: false }, MaskKind::RowsBefore(t())] {
+                let mut b = Builder::new("masked_chain");
+                let (pa, pb, px, py) = (read(&mut b, "a"), read(&mut b, "b"), read(&mut b, "x"), write(&mut b, "y"));
+                let pm = write(&mut b, "m");
+                let a = ld(&mut b, pa, rows, cols);
+                let bb = ld(&mut b, pb, 1, cols);
+                let x = ld(&mut b, px, rows, cols);
+                let (a, bb) = (b.cast(a, dt), b.cast(bb, dt));
+                let d = b.sub(a, bb);
+                let m = b.mask(d, kind.clone(), f64::NEG_INFINITY);
+                let e = b.exp(m);
+                let e = b.cast(e, DType::F32);
+                let y = b.mul(e, x);
+                let y = b.neg(y);
+                st(&mut b, y, py);
+                // A mask as the root of a chain: mask(2 a - b, -inf) materialised by the mask.
+                let two = b.constant(2.0, TileTy { rows: 1, cols: 1, dtype: dt });
+                let a2 = b.mul(a, two);
+                let d2 = b.sub(a2, bb);
+                let m2 = b.mask(d2, kind.clone(), f64::NEG_INFINITY);
+                b.store(m2, pm, Idx::c(0), cols as i64, 1, Idx::c(rows as i64));
+                let k = b.finish();
+                let ins = [
+                    rng.vec(rows * cols, 1.0),
+                    rng.vec(cols, 1.0),
+                    rng.vec(rows * cols, 1.0),
+                    vec![0.0; rows * cols],
+                    vec![0.0; rows * cols],
+                ];
+                for seq in [0, 3, 100] {
+                    check_at(
+                        &format!("masked chain {dt:?} {kind:?} {rows}x{cols}"),
+                        &k,
+                        &ins,
+                        (0, 0, seq),
+                        EXP_RTOL,
+                        0.0,
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Values with two uses (twice in one op, in two ops, in an op and a store) stay
+/// materialised; the chains around them still agree with the interpreter.
+#[test]
+fn values_used_twice_are_not_fused() {
+    let mut rng = Rng::new(43);
+    for (rows, cols) in SHAPES {
+        let mut b = Builder::new("twice");
+        let (px, pq, py, pz) = (read(&mut b, "x"), read(&mut b, "q"), write(&mut b, "y"), write(&mut b, "z"));
+        let x = ld(&mut b, px, rows, cols);
+        let q = ld(&mut b, pq, rows, cols);
+        let a = b.neg(x); // used by two ops
+        let c = b.mul(a, q);
+        let d = b.add(a, c);
+        let sq = b.exp(x); // used twice by one op
+        let e = b.mul(sq, sq);
+        let f = b.sub(d, e);
+        let g = b.unary(UnOp::Sqrt, q); // stored and used
+        st(&mut b, g, pz);
+        let h = b.mul(f, g);
+        st(&mut b, h, py);
+        let k = b.finish();
+        let ins =
+            [rng.vec(rows * cols, 1.0), rng.vec(rows * cols, 2.0), vec![0.0; rows * cols], vec![0.0; rows * cols]];
+        check(&format!("twice {rows}x{cols}"), &k, &ins, 4.0 * EXP_RTOL, 1e-6);
+    }
+}
+
+/// A fused chain feeding a `Dot` (materialised for it), a chain reading the `Dot`'s result,
+/// a chain inside a loop over a carried state and a value from before the loop (which
+/// crosses the loop boundary, so it is not fused into the body).
+#[test]
+fn fused_chains_feeding_dots_and_inside_loops() {
+    let mut rng = Rng::new(44);
+    for (n, d) in [(4, 4), (16, 32), (64, 128)] {
+        let mut b = Builder::new("chain_dot");
+        let (pq, pg, pk, py, ps) =
+            (read(&mut b, "q"), read(&mut b, "g"), read(&mut b, "k"), write(&mut b, "y"), write(&mut b, "s"));
+        let q = ld(&mut b, pq, n, d);
+        let g = ld(&mut b, pg, n, d);
+        let kk = ld(&mut b, pk, n, d);
+        let gq = b.exp(g);
+        let qg = b.mul(q, gq);
+        let s = b.dot(qg, kk, false, true, None);
+        let s = b.exp(s);
+        let s = b.neg(s);
+        st(&mut b, s, py);
+        let decay = b.neg(g);
+        let decay = b.exp(decay); // defined before the loop, used inside
+        let zero = b.constant(0.0, TileTy::f32(d, d));
+        let st0 = b.begin_loop(Idx::c(3), &[zero])[0];
+        let gate = b.rows(decay, 0, 1);
+        let gate = b.transpose(gate);
+        let kv = b.dot(kk, q, true, false, None);
+        let scaled = b.mul(st0, gate);
+        let half = b.constant(0.5, TileTy::f32(1, 1));
+        let kv = b.mul(kv, half);
+        let next = b.add(scaled, kv);
+        let next = b.unary(UnOp::Neg, next);
+        let out = b.end_loop(&[next])[0];
+        st(&mut b, out, ps);
+        let k = b.finish();
+        let ins = [rng.vec(n * d, 0.5), rng.vec(n * d, 0.5), rng.vec(n * d, 0.5), vec![0.0; n * n], vec![0.0; d * d]];
+        check(&format!("chain dot {n}x{d}"), &k, &ins, 1e-4, sum_atol(d, 2.0));
+    }
+}

@@ -8,9 +8,10 @@
 //! accumulated over the inner dimension).
 
 use cranelift_codegen::ir::condcodes::IntCC;
-use cranelift_codegen::ir::{types, BlockArg, FuncRef, InstBuilder, MemFlagsData, Type, Value};
+use cranelift_codegen::ir::{types, BlockArg, Endianness, FuncRef, InstBuilder, MemFlagsData, Type, Value};
 use cranelift_frontend::{FunctionBuilder, Variable};
 
+use super::fuse::Fusion;
 use super::vmath::VMath;
 use crate::ir::*;
 use crate::layout::{Plan, Storage, YieldCopy};
@@ -78,6 +79,60 @@ fn vector_ty(dt: DType) -> Type {
     }
 }
 
+/// f32 exp, exp2, sigmoid, silu, log and softplus are inline (vmath.rs); the rest call out.
+fn inline_unary(op: UnOp, dt: DType) -> bool {
+    dt == DType::F32 && matches!(op, UnOp::Exp | UnOp::Exp2 | UnOp::Sigmoid | UnOp::Silu | UnOp::Log | UnOp::Softplus)
+}
+
+/// A fused elementwise expression (see fuse.rs): leaves index the accesses read per element;
+/// every node carries its dtype.
+enum Ex {
+    Leaf(usize),
+    Const(f64, DType),
+    Un(UnOp, DType, Box<Ex>),
+    Bin(BinOp, DType, Box<Ex>, Box<Ex>),
+    /// From, to.
+    Cast(DType, DType, Box<Ex>),
+    /// Which elements are kept, the fill of the others.
+    Mask(MaskRow, f64, DType, Box<Ex>),
+}
+
+/// A mask's rule, per element at (i, j).
+#[derive(Clone, Copy)]
+enum MaskRow {
+    /// `j < i` (strict) or `j <= i`.
+    Tril(bool),
+    /// `i <` the run-time limit.
+    Before(Value),
+}
+
+impl Ex {
+    /// Whether the tree can run on vectors of `root`'s dtype (the leaves are checked by `ew`).
+    fn vec_ok(&self, root: DType) -> bool {
+        match self {
+            Ex::Leaf(_) => true,
+            Ex::Const(_, d) => *d == root,
+            Ex::Un(op, d, x) => {
+                *d == root
+                    && (inline_unary(*op, *d) || matches!(op, UnOp::Neg | UnOp::Sqrt | UnOp::Recip))
+                    && x.vec_ok(root)
+            }
+            Ex::Bin(op, d, a, b) => *d == root && *op != BinOp::Pow && a.vec_ok(root) && b.vec_ok(root),
+            Ex::Cast(from, to, x) => from == to && x.vec_ok(root),
+            Ex::Mask(_, _, d, x) => *d == root && x.vec_ok(root),
+        }
+    }
+
+    fn has_mask(&self) -> bool {
+        match self {
+            Ex::Leaf(_) | Ex::Const(..) => false,
+            Ex::Un(_, _, x) | Ex::Cast(_, _, x) => x.has_mask(),
+            Ex::Bin(_, _, a, b) => a.has_mask() || b.has_mask(),
+            Ex::Mask(..) => true,
+        }
+    }
+}
+
 /// Bytes in one SIMD vector.
 const VBYTES: i64 = 16;
 
@@ -88,6 +143,7 @@ type LoopBody<'c, 'a, 'f> = dyn (FnMut(&mut Lower<'a, 'f>, Value, &[Value]) -> V
 pub(super) struct Lower<'a, 'f> {
     b: &'a mut FunctionBuilder<'f>,
     kernel: &'a Kernel,
+    fusion: &'a Fusion,
     plan: &'a Plan,
     math: &'a MathFns,
     fma: bool,
@@ -99,6 +155,11 @@ pub(super) struct Lower<'a, 'f> {
     iter: Variable,
     next_loop: usize,
     flags: MemFlagsData,
+    /// Set while `ew` lowers a tree with a `Mask`: rows are not merged, and `pos_row` /
+    /// `pos_col` hold the row and (first) column of the element being computed.
+    want_pos: bool,
+    pos_row: Option<Value>,
+    pos_col: Option<Value>,
 }
 
 impl<'a, 'f> Lower<'a, 'f> {
@@ -108,6 +169,7 @@ impl<'a, 'f> Lower<'a, 'f> {
     pub(super) fn run(
         b: &'a mut FunctionBuilder<'f>,
         kernel: &'a Kernel,
+        fusion: &'a Fusion,
         plan: &'a Plan,
         math: &'a MathFns,
         fma: bool,
@@ -121,7 +183,25 @@ impl<'a, 'f> Lower<'a, 'f> {
         let iter = b.declare_var(types::I64);
         let zero = b.ins().iconst(types::I64, 0);
         b.def_var(iter, zero);
-        let mut l = Lower { b, kernel, plan, math, fma, params, ws, batch, head, seq_len, iter, next_loop: 0, flags };
+        let mut l = Lower {
+            b,
+            kernel,
+            fusion,
+            plan,
+            math,
+            fma,
+            params,
+            ws,
+            batch,
+            head,
+            seq_len,
+            iter,
+            next_loop: 0,
+            flags,
+            want_pos: false,
+            pos_row: None,
+            pos_col: None,
+        };
         l.block(&kernel.body);
         l.b.ins().return_(&[]);
     }
@@ -324,7 +404,7 @@ impl<'a, 'f> Lower<'a, 'f> {
         all.push(out);
         // A range of full contiguous rows (in every operand) is one long row.
         let (rows, cols) = match rows {
-            RowRange::Full(r) if r > 1 && all.iter().all(|a| a.rs == cols as i64 * a.cs) => {
+            RowRange::Full(r) if r > 1 && !self.want_pos && all.iter().all(|a| a.rs == cols as i64 * a.cs) => {
                 (RowRange::Full(1), r * cols)
             }
             r => (r, cols),
@@ -340,6 +420,9 @@ impl<'a, 'f> Lower<'a, 'f> {
                     None => a.ptr,
                 })
                 .collect();
+            if l.want_pos {
+                l.pos_row = Some(i.unwrap_or_else(|| l.iconst(0)));
+            }
             l.ew_row(&all, &ptrs, cols, vec, f);
         };
         match rows {
@@ -352,6 +435,13 @@ impl<'a, 'f> Lower<'a, 'f> {
                     vec![]
                 });
             }
+        }
+    }
+
+    /// Where `ew` runs with `want_pos`, sets the column of the next element (or vector).
+    fn set_pos_col_const(&mut self, j: i64) {
+        if self.want_pos {
+            self.pos_col = Some(self.iconst(j));
         }
     }
 
@@ -379,12 +469,16 @@ impl<'a, 'f> Lower<'a, 'f> {
             };
             if chunks <= 8 {
                 for c in 0..chunks {
+                    self.set_pos_col_const((c * lanes) as i64);
                     chunk(self, ptrs, c as i64 * VBYTES);
                 }
             } else {
                 let (s, e) = (self.iconst(0), self.iconst(chunks as i64));
                 self.for_loop(s, e, &[], &mut |l, c, _| {
                     let moved: Vec<Value> = all.iter().zip(ptrs).map(|(a, p)| l.scaled(*p, c, a.cs * VBYTES)).collect();
+                    if l.want_pos {
+                        l.pos_col = Some(l.b.ins().imul_imm_s(c, lanes as i64));
+                    }
                     chunk(l, &moved, 0);
                     vec![]
                 });
@@ -399,12 +493,16 @@ impl<'a, 'f> Lower<'a, 'f> {
         };
         if vec || cols - done <= 16 {
             for j in done..cols {
+                self.set_pos_col_const(j as i64);
                 scalar(self, ptrs, j as i64);
             }
         } else {
             let (s, e) = (self.iconst(done as i64), self.iconst(cols as i64));
             self.for_loop(s, e, &[], &mut |l, j, _| {
                 let moved: Vec<Value> = all.iter().zip(ptrs).map(|(a, p)| l.scaled(*p, j, a.cs * a.size())).collect();
+                if l.want_pos {
+                    l.pos_col = Some(j);
+                }
                 scalar(l, &moved, 0);
                 vec![]
             });
@@ -491,7 +589,7 @@ impl<'a, 'f> Lower<'a, 'f> {
 
     fn op(&mut self, id: ValueId, op: &Op) {
         let ty = self.kernel.ty(id);
-        if op.is_view() {
+        if op.is_view() || self.fusion.fused[id.0 as usize] {
             return;
         }
         let out = self.val(id);
@@ -516,67 +614,8 @@ impl<'a, 'f> Lower<'a, 'f> {
                 }
                 self.store(v, out.ptr, 0);
             }
-            Op::Unary { op, x } => {
-                let src = self.val(*x);
-                let (op, dt) = (*op, ty.dtype);
-                // f32 exp, exp2, sigmoid, silu, log and softplus are inline (vmath.rs); the rest
-                // call out.
-                let inline = dt == DType::F32
-                    && matches!(op, UnOp::Exp | UnOp::Exp2 | UnOp::Sigmoid | UnOp::Silu | UnOp::Log | UnOp::Softplus);
-                let vec_ok = inline || matches!(op, UnOp::Neg | UnOp::Sqrt | UnOp::Recip);
-                self.ew(RowRange::Full(ty.rows), ty.cols, &[src], out, vec_ok, &mut |l, t, x| match op {
-                    UnOp::Exp if inline => l.vmath().exp(t, x[0]),
-                    UnOp::Exp2 if inline => l.vmath().exp2(t, x[0]),
-                    UnOp::Sigmoid if inline => l.vmath().sigmoid(t, x[0]),
-                    UnOp::Silu if inline => l.vmath().silu(t, x[0]),
-                    UnOp::Log if inline => l.vmath().log(t, x[0]),
-                    UnOp::Softplus if inline => l.vmath().softplus(t, x[0]),
-                    UnOp::Neg => l.b.ins().fneg(x[0]),
-                    UnOp::Sqrt => l.b.ins().sqrt(x[0]),
-                    UnOp::Recip => {
-                        let one = l.fconst(t, 1.0);
-                        l.b.ins().fdiv(one, x[0])
-                    }
-                    UnOp::Exp => l.call(Math::Exp, dt, x),
-                    UnOp::Exp2 => l.call(Math::Exp2, dt, x),
-                    UnOp::Log => l.call(Math::Log, dt, x),
-                    UnOp::Sigmoid => l.call(Math::Sigmoid, dt, x),
-                    UnOp::Softplus => l.call(Math::Softplus, dt, x),
-                    UnOp::Silu => l.call(Math::Silu, dt, x),
-                });
-            }
-            Op::Binary { op, a, b } => {
-                let bcast = |l: &mut Self, v: ValueId| {
-                    let t = l.kernel.ty(v);
-                    let mut s = l.val(v);
-                    if t.rows == 1 {
-                        s.rs = 0;
-                    }
-                    if t.cols == 1 {
-                        s.cs = 0;
-                    }
-                    s
-                };
-                let (sa, sb) = (bcast(self, *a), bcast(self, *b));
-                let (op, dt) = (*op, ty.dtype);
-                self.ew(RowRange::Full(ty.rows), ty.cols, &[sa, sb], out, op != BinOp::Pow, &mut |l, _, x| match op {
-                    BinOp::Add => l.b.ins().fadd(x[0], x[1]),
-                    BinOp::Sub => l.b.ins().fsub(x[0], x[1]),
-                    BinOp::Mul => l.b.ins().fmul(x[0], x[1]),
-                    BinOp::Div => l.b.ins().fdiv(x[0], x[1]),
-                    BinOp::Max => l.b.ins().fmax(x[0], x[1]),
-                    BinOp::Pow => l.call(Math::Pow, dt, x),
-                });
-            }
-            Op::Cast { x, dtype } => {
-                let src = self.val(*x);
-                let (from, to) = (self.kernel.ty(*x).dtype, *dtype);
-                self.ew(RowRange::Full(ty.rows), ty.cols, &[src], out, from == to, &mut |l, _, x| match (from, to) {
-                    (DType::F32, DType::F64) => l.b.ins().fpromote(types::F64, x[0]),
-                    (DType::F64, DType::F32) => l.b.ins().fdemote(types::F32, x[0]),
-                    _ => x[0],
-                });
-            }
+            Op::Unary { .. } | Op::Binary { .. } | Op::Cast { .. } => self.fused_ew(op, ty, out),
+            Op::Mask { x, .. } if self.fusion.fused[x.0 as usize] => self.fused_ew(op, ty, out),
             Op::Dot { a, b, ta, tb, acc } => {
                 let xa = self.kernel.ty(*a);
                 let mut sa = self.val(*a);
@@ -614,6 +653,165 @@ impl<'a, 'f> Lower<'a, 'f> {
                 self.solve(ty, sl, sb, out);
             }
             Op::Rows { .. } | Op::Transpose { .. } => unreachable!("views are handled above"),
+        }
+    }
+
+    // ---- fused elementwise trees --------------------------------------------------------
+
+    /// The expression tree of elementwise `op` (of dtype `dt`), descending into fused
+    /// operands; materialised operands become leaves (broadcast dimensions get stride 0).
+    fn tree(&mut self, op: &Op, dt: DType, leaves: &mut Vec<Acc>) -> Ex {
+        match op {
+            Op::Const { value, .. } => Ex::Const(*value, dt),
+            Op::Unary { op, x } => Ex::Un(*op, dt, Box::new(self.tree_arg(*x, leaves))),
+            Op::Binary { op, a, b } => {
+                let (a, b) = (self.tree_arg(*a, leaves), self.tree_arg(*b, leaves));
+                Ex::Bin(*op, dt, Box::new(a), Box::new(b))
+            }
+            Op::Cast { x, dtype } => Ex::Cast(self.kernel.ty(*x).dtype, *dtype, Box::new(self.tree_arg(*x, leaves))),
+            Op::Mask { x, mask, fill } => {
+                let keep = match mask {
+                    MaskKind::Tril { strict } => MaskRow::Tril(*strict),
+                    MaskKind::RowsBefore(e) => MaskRow::Before(self.idx(e)),
+                };
+                Ex::Mask(keep, *fill, dt, Box::new(self.tree_arg(*x, leaves)))
+            }
+            _ => unreachable!("only elementwise ops fuse"),
+        }
+    }
+
+    /// Lowers elementwise `op` and every fused operand chain below it (fuse.rs) in one pass.
+    fn fused_ew(&mut self, op: &Op, ty: TileTy, out: Acc) {
+        let mut leaves = vec![];
+        let ex = self.tree(op, ty.dtype, &mut leaves);
+        let vec_ok = ex.vec_ok(ty.dtype);
+        self.want_pos = ex.has_mask();
+        self.ew(RowRange::Full(ty.rows), ty.cols, &leaves, out, vec_ok, &mut |l, t, x| l.eval(&ex, t, x));
+        self.want_pos = false;
+    }
+
+    fn tree_arg(&mut self, v: ValueId, leaves: &mut Vec<Acc>) -> Ex {
+        let fusion: &'a Fusion = self.fusion;
+        let t = self.kernel.ty(v);
+        if fusion.fused[v.0 as usize] {
+            let op = fusion.defs[v.0 as usize].as_ref().expect("fused values are defined");
+            return self.tree(op, t.dtype, leaves);
+        }
+        let mut s = self.val(v);
+        if t.rows == 1 {
+            s.rs = 0;
+        }
+        if t.cols == 1 {
+            s.cs = 0;
+        }
+        leaves.push(s);
+        Ex::Leaf(leaves.len() - 1)
+    }
+
+    /// Evaluates `ex` for one element (scalars) or one vector of elements; `t` is the type
+    /// of the root, `xs` the leaf values.
+    fn eval(&mut self, ex: &Ex, t: Type, xs: &[Value]) -> Value {
+        let ty = |d: DType| if t.is_vector() { t } else { scalar_ty(d) };
+        match ex {
+            Ex::Leaf(k) => xs[*k],
+            Ex::Const(v, d) => self.fconst(ty(*d), *v),
+            Ex::Un(op, d, x) => {
+                let x = self.eval(x, t, xs);
+                self.unary(*op, *d, ty(*d), x)
+            }
+            Ex::Bin(op, d, a, b) => {
+                let a = self.eval(a, t, xs);
+                let b = self.eval(b, t, xs);
+                self.binary(*op, *d, a, b)
+            }
+            Ex::Mask(keep, fill, d, x) => {
+                let x = self.eval(x, t, xs);
+                let ty = ty(*d);
+                let f = self.fconst(ty, *fill);
+                let (i, j) = (self.pos_row.expect("mask trees run with positions"), self.pos_col.expect("column"));
+                match *keep {
+                    MaskRow::Before(lim) => {
+                        let c = self.b.ins().icmp(IntCC::SignedLessThan, i, lim);
+                        self.b.ins().select(c, x, f)
+                    }
+                    MaskRow::Tril(strict) => {
+                        // Keep j < i (+1 unless strict), lane by lane.
+                        let end = if strict { i } else { self.b.ins().iadd_imm_s(i, 1) };
+                        if !ty.is_vector() {
+                            let c = self.b.ins().icmp(IntCC::SignedLessThan, j, end);
+                            return self.b.ins().select(c, x, f);
+                        }
+                        let (ity, lane, lanes) = if ty == types::F32X4 {
+                            (types::I32X4, types::I32, 4)
+                        } else {
+                            (types::I64X2, types::I64, 2)
+                        };
+                        let (j, end) = if lane == types::I32 {
+                            (self.b.ins().ireduce(types::I32, j), self.b.ins().ireduce(types::I32, end))
+                        } else {
+                            (j, end)
+                        };
+                        let mut jv = self.b.ins().splat(ity, j);
+                        let zero = self.b.ins().iconst(lane, 0);
+                        let mut iota = self.b.ins().splat(ity, zero);
+                        for q in 1..lanes {
+                            let c = self.b.ins().iconst(lane, q);
+                            iota = self.b.ins().insertlane(iota, c, q as u8);
+                        }
+                        jv = self.b.ins().iadd(jv, iota);
+                        let ev = self.b.ins().splat(ity, end);
+                        let c = self.b.ins().icmp(IntCC::SignedLessThan, jv, ev);
+                        let bits = MemFlagsData::new().with_endianness(Endianness::Little);
+                        let xi = self.b.ins().bitcast(ity, bits, x);
+                        let fi = self.b.ins().bitcast(ity, bits, f);
+                        let r = self.b.ins().bitselect(c, xi, fi);
+                        self.b.ins().bitcast(ty, bits, r)
+                    }
+                }
+            }
+            Ex::Cast(from, to, x) => {
+                let x = self.eval(x, t, xs);
+                match (from, to) {
+                    (DType::F32, DType::F64) => self.b.ins().fpromote(types::F64, x),
+                    (DType::F64, DType::F32) => self.b.ins().fdemote(types::F32, x),
+                    _ => x,
+                }
+            }
+        }
+    }
+
+    fn unary(&mut self, op: UnOp, dt: DType, t: Type, x: Value) -> Value {
+        let inline = inline_unary(op, dt);
+        match op {
+            UnOp::Exp if inline => self.vmath().exp(t, x),
+            UnOp::Exp2 if inline => self.vmath().exp2(t, x),
+            UnOp::Sigmoid if inline => self.vmath().sigmoid(t, x),
+            UnOp::Silu if inline => self.vmath().silu(t, x),
+            UnOp::Log if inline => self.vmath().log(t, x),
+            UnOp::Softplus if inline => self.vmath().softplus(t, x),
+            UnOp::Neg => self.b.ins().fneg(x),
+            UnOp::Sqrt => self.b.ins().sqrt(x),
+            UnOp::Recip => {
+                let one = self.fconst(t, 1.0);
+                self.b.ins().fdiv(one, x)
+            }
+            UnOp::Exp => self.call(Math::Exp, dt, &[x]),
+            UnOp::Exp2 => self.call(Math::Exp2, dt, &[x]),
+            UnOp::Log => self.call(Math::Log, dt, &[x]),
+            UnOp::Sigmoid => self.call(Math::Sigmoid, dt, &[x]),
+            UnOp::Softplus => self.call(Math::Softplus, dt, &[x]),
+            UnOp::Silu => self.call(Math::Silu, dt, &[x]),
+        }
+    }
+
+    fn binary(&mut self, op: BinOp, dt: DType, x: Value, y: Value) -> Value {
+        match op {
+            BinOp::Add => self.b.ins().fadd(x, y),
+            BinOp::Sub => self.b.ins().fsub(x, y),
+            BinOp::Mul => self.b.ins().fmul(x, y),
+            BinOp::Div => self.b.ins().fdiv(x, y),
+            BinOp::Max => self.b.ins().fmax(x, y),
+            BinOp::Pow => self.call(Math::Pow, dt, &[x, y]),
         }
     }
 

@@ -19,6 +19,7 @@
 //! FMA) and `GatedDot`s with operands contiguous along `c` call rustc-compiled vector
 //! routines (`gated.rs`) where the host has them ([`Simd`]; [`compile_with`] picks a level).
 
+mod fuse;
 mod gated;
 mod gemm;
 mod lower;
@@ -148,10 +149,10 @@ pub fn compile(kernel: &Kernel) -> Result<CpuCompiled, CodegenError> {
 /// that the host has).
 pub fn compile_with(kernel: &Kernel, simd: Simd) -> Result<CpuCompiled, CodegenError> {
     let simd = simd.min(Simd::best());
-    let plan = layout::plan(kernel)?;
+    let (fusion, plan) = plan_fused(kernel)?;
     let mut module = new_module(simd)?;
     let mut ctx = module.make_context();
-    let id = build(&mut module, &mut ctx, kernel, &plan, simd)?;
+    let id = build(&mut module, &mut ctx, kernel, &fusion, &plan, simd)?;
     module.define_function(id, &mut ctx).map_err(|e| CodegenError(format!("compiling {}: {e:?}", kernel.name)))?;
     module.clear_context(&mut ctx);
     module.finalize_definitions().map_err(|e| CodegenError(format!("linking {}: {e}", kernel.name)))?;
@@ -165,11 +166,11 @@ pub fn compile_with(kernel: &Kernel, simd: Simd) -> Result<CpuCompiled, CodegenE
 /// The Cranelift IR `compile` would generate for `kernel` (before optimisation), for
 /// inspection and debugging.
 pub fn compile_to_clif(kernel: &Kernel) -> Result<String, CodegenError> {
-    let plan = layout::plan(kernel)?;
+    let (fusion, plan) = plan_fused(kernel)?;
     let simd = Simd::best();
     let mut module = new_module(simd)?;
     let mut ctx = module.make_context();
-    build(&mut module, &mut ctx, kernel, &plan, simd)?;
+    build(&mut module, &mut ctx, kernel, &fusion, &plan, simd)?;
     let text = ctx.func.display().to_string();
     // SAFETY: nothing was compiled into the module.
     unsafe { module.free_memory() };
@@ -179,7 +180,16 @@ pub fn compile_to_clif(kernel: &Kernel) -> Result<String, CodegenError> {
 /// Bytes of workspace `kernel` needs per call (what `compile(kernel)?.workspace_bytes()`
 /// reports), without compiling it.
 pub fn workspace_bytes(kernel: &Kernel) -> Result<usize, CodegenError> {
-    Ok(layout::plan(kernel)?.bytes)
+    Ok(plan_fused(kernel)?.1.bytes)
+}
+
+/// Checks `kernel` (with the shared planner), decides what fuses (`fuse.rs`) and plans the
+/// workspace for the fused lowering.
+fn plan_fused(kernel: &Kernel) -> Result<(fuse::Fusion, layout::Plan), CodegenError> {
+    layout::plan(kernel)?;
+    let fusion = fuse::analyse(kernel);
+    let plan = layout::plan(&fusion.planning)?;
+    Ok((fusion, plan))
 }
 
 fn new_module(simd: Simd) -> Result<JITModule, CodegenError> {
@@ -221,6 +231,7 @@ fn build(
     module: &mut JITModule,
     ctx: &mut Context,
     kernel: &Kernel,
+    fusion: &fuse::Fusion,
     plan: &layout::Plan,
     simd: Simd,
 ) -> Result<FuncId, CodegenError> {
@@ -277,7 +288,7 @@ fn build(
     b.switch_to_block(entry);
     let p = b.block_params(entry);
     let abi = [p[0], p[1], p[2], p[3], p[4]];
-    Lower::run(&mut b, kernel, plan, &math, fma, abi);
+    Lower::run(&mut b, kernel, fusion, plan, &math, fma, abi);
     b.seal_all_blocks();
     b.finalize(config);
     Ok(id)

@@ -1,0 +1,266 @@
+//! Fusion of elementwise chains for the Cranelift backend.
+//!
+//! An elementwise value (`Unary`, `Binary`, `Cast`, `Mask`, `Const`) is *fused* when its only
+//! use is as an operand of one later elementwise op (`Unary`, `Binary`, `Cast`, `Mask`) of the same statement
+//! list (no loop boundary in between) with the same shape (a `Const` fuses at any shape: it
+//! broadcasts). A fused value is never written: the op that finally materialises the chain
+//! (its *root*) evaluates the whole expression tree per element, reading the tree's leaves
+//! (materialised values) with their own strides and broadcasting, so a chain is one pass over
+//! memory. Values with several uses, views' sources, operands of non-elementwise ops, stores,
+//! loop inits and yields, and values crossing a loop boundary stay materialised.
+//!
+//! The shared workspace planner (`layout.rs`) still reserves regions for fused values. Since
+//! a root now reads its leaves at its own position rather than where the fused ops stood, the
+//! CPU backend plans a copy of the kernel in which every root is followed by a dead
+//! `Transpose` view of each of its leaves: that keeps the leaves live through the root (a
+//! view takes no region), and nothing else about the plan changes.
+
+use crate::ir::*;
+
+/// What the fusion analysis decided for a kernel.
+pub(super) struct Fusion {
+    /// `fused[v]`: `v` is computed inside its consumer and never materialised.
+    pub fused: Vec<bool>,
+    /// The defining op of every `Let` value.
+    pub defs: Vec<Option<Op>>,
+    /// The kernel the workspace is planned for (the original plus dead views; same values
+    /// and loops in the same order, extra values appended).
+    pub planning: Kernel,
+}
+
+fn is_elementwise(op: &Op) -> bool {
+    matches!(op, Op::Unary { .. } | Op::Binary { .. } | Op::Cast { .. } | Op::Const { .. } | Op::Mask { .. })
+}
+
+/// Ops that can evaluate a fused operand inline.
+fn is_consumer(op: &Op) -> bool {
+    matches!(op, Op::Unary { .. } | Op::Binary { .. } | Op::Cast { .. } | Op::Mask { .. })
+}
+
+struct Scan {
+    uses: Vec<u32>,
+    /// A use that needs the value materialised.
+    hard: Vec<bool>,
+    /// Block of the definition, and of the single soft consumer.
+    def_block: Vec<usize>,
+    use_block: Vec<usize>,
+    /// Shape of the consumer's result.
+    use_shape: Vec<(usize, usize)>,
+    defs: Vec<Option<Op>>,
+    /// The op using the value (the last one seen; only read for single-use values).
+    consumer: Vec<Option<ValueId>>,
+    blocks: usize,
+}
+
+/// Whether the elementwise op `op` (result dtype `dt`) runs on vectors in the lowering
+/// (`lower.rs`: `Ex::vec_ok`).
+fn node_vec(kernel: &Kernel, op: &Op, dt: DType) -> bool {
+    match op {
+        Op::Unary { op, .. } => {
+            matches!(op, UnOp::Neg | UnOp::Sqrt | UnOp::Recip)
+                || (dt == DType::F32
+                    && matches!(op, UnOp::Exp | UnOp::Exp2 | UnOp::Sigmoid | UnOp::Silu | UnOp::Log | UnOp::Softplus))
+        }
+        Op::Binary { op, .. } => *op != BinOp::Pow,
+        Op::Cast { x, dtype } => kernel.ty(*x).dtype == *dtype,
+        _ => true,
+    }
+}
+
+/// A candidate fuses unless that would turn a vectorised consumer into a scalar loop (a
+/// chain through a dtype change or a math call fuses only into consumers that are scalar
+/// anyway): an extra pass over a tile costs less than losing the vectors.
+struct Decide<'k> {
+    kernel: &'k Kernel,
+    defs: &'k [Option<Op>],
+    consumer: &'k [Option<ValueId>],
+    candidate: Vec<bool>,
+    /// (fused, the tree rooted here runs on vectors).
+    memo: Vec<Option<(bool, bool)>>,
+}
+
+impl Decide<'_> {
+    fn fused(&mut self, v: ValueId) -> (bool, bool) {
+        let i = v.0 as usize;
+        if let Some(m) = self.memo[i] {
+            return m;
+        }
+        let r = match &self.defs[i] {
+            Some(op) if is_elementwise(op) => {
+                let mut vec = node_vec(self.kernel, op, self.kernel.ty(v).dtype);
+                for o in op.operands() {
+                    let (f, ov) = self.fused(o);
+                    vec &= !f || ov;
+                }
+                let fuse = self.candidate[i]
+                    && (vec || {
+                        let c = self.consumer[i].expect("a candidate has a consumer");
+                        let cop = self.defs[c.0 as usize].as_ref().expect("consumers are defined");
+                        !node_vec(self.kernel, cop, self.kernel.ty(c).dtype)
+                    });
+                (fuse, vec)
+            }
+            _ => (false, false),
+        };
+        self.memo[i] = Some(r);
+        r
+    }
+}
+
+impl Scan {
+    fn block(&mut self, k: &Kernel, stmts: &[Stmt]) {
+        let blk = self.blocks;
+        self.blocks += 1;
+        for s in stmts {
+            match s {
+                Stmt::Let { id, op } => {
+                    let t = k.ty(*id);
+                    for o in op.operands() {
+                        let i = o.0 as usize;
+                        self.uses[i] += 1;
+                        self.consumer[i] = Some(*id);
+                        if is_consumer(op) {
+                            self.use_block[i] = blk;
+                            self.use_shape[i] = (t.rows, t.cols);
+                        } else {
+                            self.hard[i] = true;
+                        }
+                    }
+                    self.def_block[id.0 as usize] = blk;
+                    self.defs[id.0 as usize] = Some(op.clone());
+                }
+                Stmt::Store { value, .. } => self.hard[value.0 as usize] = true,
+                Stmt::Loop { carried, body, yields, .. } => {
+                    for (_, init) in carried {
+                        self.hard[init.0 as usize] = true;
+                    }
+                    self.block(k, body);
+                    for y in yields {
+                        self.hard[y.0 as usize] = true;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Decides which values fuse and builds the kernel to plan the workspace for.
+pub(super) fn analyse(kernel: &Kernel) -> Fusion {
+    let n = kernel.values.len();
+    let mut s = Scan {
+        uses: vec![0; n],
+        hard: vec![false; n],
+        def_block: vec![usize::MAX; n],
+        use_block: vec![usize::MAX - 1; n],
+        use_shape: vec![(0, 0); n],
+        defs: vec![None; n],
+        consumer: vec![None; n],
+        blocks: 0,
+    };
+    s.block(kernel, &kernel.body);
+    let candidate: Vec<bool> = (0..n)
+        .map(|v| {
+            let Some(op) = &s.defs[v] else { return false };
+            let t = kernel.values[v];
+            let shape_ok = matches!(op, Op::Const { .. }) || s.use_shape[v] == (t.rows, t.cols);
+            is_elementwise(op) && s.uses[v] == 1 && !s.hard[v] && s.def_block[v] == s.use_block[v] && shape_ok
+        })
+        .collect();
+    let mut d = Decide { kernel, defs: &s.defs, consumer: &s.consumer, candidate, memo: vec![None; n] };
+    let fused: Vec<bool> = (0..n).map(|v| d.fused(ValueId(v as u32)).0).collect();
+    let mut planning = kernel.clone();
+    planning.body = with_leaf_uses(&mut planning.values, &kernel.body, &fused, &s.defs);
+    Fusion { fused, defs: s.defs, planning }
+}
+
+/// The materialised values a root reads through its fused operands (with repeats).
+pub(super) fn leaves(op: &Op, fused: &[bool], defs: &[Option<Op>], out: &mut Vec<ValueId>) {
+    for o in op.operands() {
+        if fused[o.0 as usize] {
+            leaves(defs[o.0 as usize].as_ref().expect("fused values are defined"), fused, defs, out);
+        } else {
+            out.push(o);
+        }
+    }
+}
+
+fn with_leaf_uses(values: &mut Vec<TileTy>, stmts: &[Stmt], fused: &[bool], defs: &[Option<Op>]) -> Vec<Stmt> {
+    let mut out = vec![];
+    for s in stmts {
+        match s {
+            Stmt::Let { id, op } => {
+                out.push(s.clone());
+                if fused[id.0 as usize] || !op.operands().iter().any(|o| fused[o.0 as usize]) {
+                    continue;
+                }
+                let mut ls = vec![];
+                leaves(op, fused, defs, &mut ls);
+                ls.sort();
+                ls.dedup();
+                for x in ls {
+                    let t = values[x.0 as usize];
+                    values.push(TileTy { rows: t.cols, cols: t.rows, dtype: t.dtype });
+                    let id = ValueId((values.len() - 1) as u32);
+                    out.push(Stmt::Let { id, op: Op::Transpose { x } });
+                }
+            }
+            Stmt::Store { .. } => out.push(s.clone()),
+            Stmt::Loop { count, carried, body, yields, results } => out.push(Stmt::Loop {
+                count: count.clone(),
+                carried: carried.clone(),
+                body: with_leaf_uses(values, body, fused, defs),
+                yields: yields.clone(),
+                results: results.clone(),
+            }),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::builder::Builder;
+
+    #[test]
+    fn single_use_elementwise_chains_fuse_and_the_rest_stays() {
+        let mut b = Builder::new("f");
+        let (px, pp, py, pz) = (
+            b.param("x", Access::Read),
+            b.param("p", Access::Read),
+            b.param("y", Access::Write),
+            b.param("z", Access::Write),
+        );
+        let x = b.load(px, Idx::c(0), 8, 1, 4, 8, Idx::c(4));
+        let p = b.load(pp, Idx::c(0), 8, 1, 1, 8, Idx::c(1));
+        let p64 = b.cast(p, DType::F64); // broadcast operand of a bigger op: materialised
+        let x64 = b.cast(x, DType::F64); // scalar, into a vector op: materialised
+        let d = b.sub(x64, p64); // fused (a vector tree)
+        let m = b.mask(d, MaskKind::Tril { strict: true }, f64::NEG_INFINITY); // fused
+        let e = b.exp(m); // fused (an f64 exp is a call: scalar)
+        let e32 = b.cast(e, DType::F32); // scalar tree, into a vector op: materialised
+        let c = b.constant(2.0, TileTy::f32(1, 1)); // fused (a constant broadcasts)
+        let twice = b.mul(e32, c); // used twice: materialised
+        let y = b.add(twice, twice); // stored: materialised
+        b.store(y, py, Idx::c(0), 8, 1, Idx::c(4));
+        let n = b.neg(x); // feeds a dot: materialised
+        let dot = b.dot(n, x, false, true, None);
+        let s = b.exp(dot);
+        let outer = b.neg(s); // crosses the loop boundary: materialised
+        let st = b.begin_loop(Idx::c(2), &[outer])[0];
+        let inner = b.exp(outer); // fused into the body op (its leaf is from outside)
+        let next = b.mul(st, inner);
+        let out = b.end_loop(&[next])[0];
+        b.store(out, pz, Idx::c(0), 4, 1, Idx::c(4));
+        let k = b.finish();
+        let f = analyse(&k);
+        let fused = |v: ValueId| f.fused[v.0 as usize];
+        for v in [d, m, e, c, s, inner] {
+            assert!(fused(v), "{v} should fuse");
+        }
+        for v in [x, p, p64, x64, e32, twice, y, n, dot, outer, next] {
+            assert!(!fused(v), "{v} should not fuse");
+        }
+        crate::layout::plan(&f.planning).expect("the planning kernel is valid");
+    }
+}

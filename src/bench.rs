@@ -1,0 +1,78 @@
+//! `chunkc bench`: the median time of a kernel on random inputs, as throughput and GFLOP/s.
+//!
+//! FLOPs are counted as FLA's torch reference benchmark counts the chunked form, per token and
+//! head: intra-chunk scores 2 C K and their product with the values 2 C V, the state update
+//! 2 K V and the inter-chunk read 2 K V. The recurrent kernel is counted at 4 K V per token
+//! and head (the decay and the write on the K x V state; the read-out is 2 K V more but is
+//! left out so that the two kernels' rates compare on one count). Delta rules do more work
+//! than either count (the UT solve): their GFLOP/s understate the machine's work.
+
+use crate::backend::{build_kernel, execute, shape_of, Backend};
+use crate::error::Error;
+use crate::verify::random_inputs;
+use chunkc_dsl::ast::Rule;
+use chunkc_dsl::reference::Dims;
+use std::time::{Duration, Instant};
+
+/// One benchmark result.
+#[derive(Clone, Debug)]
+pub struct Measurement {
+    pub median: Duration,
+    pub runs: usize,
+    pub flops_per_call: f64,
+    pub token_heads: usize,
+}
+
+impl Measurement {
+    pub fn token_heads_per_s(&self) -> f64 {
+        self.token_heads as f64 / self.median.as_secs_f64()
+    }
+    pub fn gflops(&self) -> f64 {
+        self.flops_per_call / self.median.as_secs_f64() / 1e9
+    }
+}
+
+/// FLOPs of one call by the counting rule in the module doc.
+pub fn flops(dims: &Dims, backend: Backend, chunk: usize) -> f64 {
+    let (t, k, v) = (dims.seq_len as f64, dims.k as f64, dims.v as f64);
+    let per_token = match backend {
+        Backend::Chunked => 2.0 * chunk as f64 * (k + v) + 4.0 * k * v,
+        _ => 4.0 * k * v,
+    };
+    (dims.batch * dims.heads) as f64 * t * per_token
+}
+
+/// Runs the kernel once to warm up, then at least `min_runs` times and for at least `min_time`;
+/// returns the median.
+pub fn bench(
+    rule: &Rule,
+    dims: Dims,
+    backend: Backend,
+    chunk: usize,
+    threads: usize,
+    min_runs: usize,
+    min_time: Duration,
+) -> Result<Measurement, Error> {
+    if backend == Backend::Reference {
+        return Err(Error::Input("bench times compiled kernels: choose --backend recurrent or chunked".into()));
+    }
+    let inputs = random_inputs(rule, &dims, 7);
+    let kernel = build_kernel(rule, backend, shape_of(&dims, None), chunk)?;
+    let compiled = chunkc_codegen::cpu::compile(&kernel).map_err(|e| Error::Internal(e.to_string()))?;
+    execute(&compiled, rule, &inputs, dims, threads)?;
+    let mut times = vec![];
+    let start = Instant::now();
+    while times.len() < min_runs.max(1) || start.elapsed() < min_time {
+        let t = Instant::now();
+        let out = execute(&compiled, rule, &inputs, dims, threads)?;
+        times.push(t.elapsed());
+        std::hint::black_box(out);
+    }
+    times.sort();
+    Ok(Measurement {
+        median: times[times.len() / 2],
+        runs: times.len(),
+        flops_per_call: flops(&dims, backend, chunk),
+        token_heads: dims.batch * dims.seq_len * dims.heads,
+    })
+}
