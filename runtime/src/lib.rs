@@ -4,4 +4,5 @@
 pub mod error;
 pub mod exec;
 pub mod io;
+pub mod ptxsim;
 pub mod tensor;

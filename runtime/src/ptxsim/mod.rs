@@ -1,0 +1,216 @@
+//! A PTX interpreter (verification ladder, rung 5): runs the PTX text chunkc emits, parsed
+//! from the text (not from the IR), on the CPU, and reports the bugs a GPU would hide.
+//!
+//! # Model
+//! - [`launch`] parses the module, picks the `.entry`, and runs the CTAs of the grid one after
+//!   another. Inside a CTA the threads run one at a time from one barrier to the next (a
+//!   legal schedule of the PTX memory model for race-free code; the race detector rejects
+//!   every program whose result could depend on the schedule through shared memory).
+//! - Global memory is a set of buffers ([`GlobalMemory`]) at distinct base addresses; pointer
+//!   parameters are plain `u64` values pointing into them. Generic addresses equal global
+//!   addresses, except a shared window at [`SHARED_WINDOW`] (`cvta.shared` / `cvta.to.shared`).
+//! - Shared memory is per CTA: the static `.shared` declarations followed by the dynamic
+//!   (`.extern .shared ... []`) part, at shared addresses starting at 0.
+//!
+//! # What it reports ([`SimError`], naming the PTX line, thread and address)
+//! 1. out-of-bounds global, shared and parameter accesses (and misaligned ones);
+//! 2. reads of uninitialised shared memory (a written bit per byte, cleared per CTA);
+//! 3. a `bar.sync` reached by only part of the CTA (some threads exited, or wait at a
+//!    different `bar.sync` instruction or barrier id);
+//! 4. shared-memory races: two different threads touching one byte between two barriers,
+//!    at least one of them writing;
+//! 5. a `bra.uni` whose decision differs between the threads of one warp (the emitter
+//!    promised a uniform branch);
+//! 6. integer division by zero, unknown registers/labels/instructions, runaway threads
+//!    (more than [`LaunchLimits::max_steps_per_thread`] instructions between barriers).
+//!
+//! # Precision
+//! Arithmetic is IEEE in f32/f64 with round-to-nearest-even (`.rn`); `fma` is fused.
+//! `ex2.approx` and `lg2.approx` (and `sin`/`cos`/`rsqrt`/`rcp`/`sqrt`/`div` `.approx`) are
+//! computed in f64 and rounded to f32 once: the hardware's `ex2.approx.f32` has a maximum
+//! error of 2 ulp (PTX ISA), so the simulator is within 2 ulp of a GPU there; callers'
+//! tolerances must allow that. `.ftz` flushes f32 subnormal inputs and results to zero.
+//! Directed rounding modes (`.rz`, `.rm`, `.rp`) of arithmetic are not supported (an error);
+//! `cvt` supports all integer roundings (`.rni`, `.rzi`, `.rmi`, `.rpi`).
+//!
+//! # Missing
+//! Tensor-core and asynchronous instructions (`mma.sync`, `ldmatrix`, `cp.async`), `shfl.sync`,
+//! vector operands (`{a, b}`), `.local` memory, `.func` calls, atomics, 8/16-bit types.
+//! They are errors naming the line.
+
+mod exec;
+mod parse;
+
+use std::fmt;
+
+pub use parse::{parse_module, Module};
+
+/// Generic addresses in `[SHARED_WINDOW, SHARED_WINDOW + shared size)` map to shared memory.
+pub const SHARED_WINDOW: u64 = 0xFFFF_0000_0000;
+
+/// An error of parsing or running PTX. One line when displayed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SimError {
+    /// 1-based line of the PTX text (0 when not tied to a line).
+    pub line: usize,
+    /// What went wrong, including the thread/CTA where that applies.
+    pub message: String,
+}
+
+impl SimError {
+    pub(crate) fn new(line: usize, message: impl Into<String>) -> SimError {
+        SimError { line, message: message.into() }
+    }
+}
+
+impl fmt::Display for SimError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.line > 0 {
+            write!(f, "ptx line {}: {}", self.line, self.message)
+        } else {
+            f.write_str(&self.message)
+        }
+    }
+}
+
+impl std::error::Error for SimError {}
+
+/// A kernel parameter value, in `.param` order.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum SimParam {
+    /// A 64-bit value (`.u64`/`.s64`/`.b64`): scalars and pointers ([`GlobalMemory::alloc`]).
+    U64(u64),
+    /// A 32-bit value (`.u32`/`.s32`/`.b32`).
+    U32(u32),
+    F32(f32),
+    F64(f64),
+}
+
+/// Global memory: buffers at distinct, 256-byte aligned base addresses with gaps between
+/// them, so that running off the end of one buffer is out of bounds.
+#[derive(Clone, Debug, Default)]
+pub struct GlobalMemory {
+    buffers: Vec<(u64, Vec<u8>)>,
+    next: u64,
+}
+
+impl GlobalMemory {
+    pub fn new() -> GlobalMemory {
+        GlobalMemory { buffers: vec![], next: 0x1000_0000 }
+    }
+
+    /// Allocates `bytes` zeroed bytes; returns the base address.
+    pub fn alloc(&mut self, bytes: usize) -> u64 {
+        if self.next == 0 {
+            self.next = 0x1000_0000;
+        }
+        let base = self.next;
+        self.buffers.push((base, vec![0; bytes]));
+        self.next = (base + bytes as u64 + 4096 + 255) & !255;
+        base
+    }
+
+    /// Allocates a buffer holding `data`; returns the base address.
+    pub fn alloc_f32(&mut self, data: &[f32]) -> u64 {
+        let base = self.alloc(data.len() * 4);
+        self.write_f32(base, data).expect("fresh buffer");
+        base
+    }
+
+    fn find(&self, addr: u64, len: usize) -> Option<(usize, usize)> {
+        self.buffers.iter().enumerate().find_map(|(i, (b, d))| {
+            (addr >= *b && addr - b <= d.len() as u64 && addr - b + len as u64 <= d.len() as u64)
+                .then_some((i, (addr - b) as usize))
+        })
+    }
+
+    /// The bytes at `[addr, addr + len)` when they lie in one buffer.
+    pub fn bytes(&self, addr: u64, len: usize) -> Option<&[u8]> {
+        self.find(addr, len).map(|(i, o)| &self.buffers[i].1[o..o + len])
+    }
+
+    /// Mutable bytes at `[addr, addr + len)` when they lie in one buffer.
+    pub fn bytes_mut(&mut self, addr: u64, len: usize) -> Option<&mut [u8]> {
+        self.find(addr, len).map(move |(i, o)| &mut self.buffers[i].1[o..o + len])
+    }
+
+    /// Writes f32 values (little endian) at `addr`.
+    pub fn write_f32(&mut self, addr: u64, data: &[f32]) -> Result<(), SimError> {
+        let dst = self.bytes_mut(addr, data.len() * 4).ok_or_else(|| {
+            SimError::new(0, format!("write_f32: {addr:#x}+{} is outside every buffer", data.len() * 4))
+        })?;
+        for (c, x) in dst.chunks_exact_mut(4).zip(data) {
+            c.copy_from_slice(&x.to_le_bytes());
+        }
+        Ok(())
+    }
+
+    /// Reads `n` f32 values at `addr`.
+    pub fn read_f32(&self, addr: u64, n: usize) -> Result<Vec<f32>, SimError> {
+        let src = self
+            .bytes(addr, n * 4)
+            .ok_or_else(|| SimError::new(0, format!("read_f32: {addr:#x}+{} is outside every buffer", n * 4)))?;
+        Ok(src.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+    }
+}
+
+/// Safety limits of a launch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LaunchLimits {
+    /// Instructions one thread may execute between two barriers before it is reported as
+    /// running away.
+    pub max_steps_per_thread: u64,
+}
+
+impl Default for LaunchLimits {
+    fn default() -> Self {
+        LaunchLimits { max_steps_per_thread: 50_000_000 }
+    }
+}
+
+/// What a successful launch did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SimReport {
+    /// Instructions executed, summed over all threads (predicated-off ones included).
+    pub instructions: u64,
+    /// Barriers completed, summed over CTAs.
+    pub barriers: u64,
+    pub ctas: u64,
+    /// Shared memory per CTA (static + dynamic bytes).
+    pub shared_bytes: usize,
+}
+
+/// Runs `entry` of the PTX module `ptx` over `grid` x `block` threads with `dynamic_smem`
+/// bytes of dynamic shared memory per CTA. `params` are the `.param` values in order.
+pub fn launch(
+    ptx: &str,
+    entry: &str,
+    grid: [u32; 3],
+    block: [u32; 3],
+    dynamic_smem: usize,
+    params: &[SimParam],
+    memory: &mut GlobalMemory,
+) -> Result<SimReport, SimError> {
+    launch_with(ptx, entry, grid, block, dynamic_smem, params, memory, LaunchLimits::default())
+}
+
+/// [`launch`] with explicit [`LaunchLimits`].
+#[allow(clippy::too_many_arguments)]
+pub fn launch_with(
+    ptx: &str,
+    entry: &str,
+    grid: [u32; 3],
+    block: [u32; 3],
+    dynamic_smem: usize,
+    params: &[SimParam],
+    memory: &mut GlobalMemory,
+    limits: LaunchLimits,
+) -> Result<SimReport, SimError> {
+    let module = parse_module(ptx)?;
+    let kernel = module
+        .entries
+        .iter()
+        .find(|k| k.name == entry)
+        .ok_or_else(|| SimError::new(0, format!("no .entry `{entry}` in the module")))?;
+    exec::run(&module, kernel, grid, block, dynamic_smem, params, memory, limits)
+}
