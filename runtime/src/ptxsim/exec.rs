@@ -453,59 +453,32 @@ fn cvt(dty: Ty, sty: Ty, rnd: Rnd, ftz: bool, x: u64) -> u64 {
     }
 }
 
+/// The float ops of `binary`, in f64; the op back when it is not a float op.
+fn float_binary(op: BinOp, x: f64, y: f64) -> Result<f64, BinOp> {
+    Ok(match op {
+        BinOp::Add => x + y,
+        BinOp::Sub => x - y,
+        BinOp::MulLo => x * y,
+        BinOp::Div => x / y,
+        BinOp::Min => x.min(y),
+        BinOp::Max => x.max(y),
+        BinOp::MinNaN | BinOp::MaxNaN if x.is_nan() || y.is_nan() => f64::NAN,
+        BinOp::MinNaN => x.min(y),
+        BinOp::MaxNaN => x.max(y),
+        _ => return Err(op),
+    })
+}
+
 fn binary(op: BinOp, ty: Ty, ftz: bool, a: u64, b: u64) -> Result<u64, String> {
     if ty == Ty::F32 {
-        let (x, y) = (ftz32(f32v(a), ftz), ftz32(f32v(b), ftz));
-        let r = match op {
-            BinOp::Add => x + y,
-            BinOp::Sub => x - y,
-            BinOp::MulLo => x * y,
-            BinOp::Div => x / y,
-            BinOp::Min => x.min(y),
-            BinOp::Max => x.max(y),
-            BinOp::MinNaN => {
-                if x.is_nan() || y.is_nan() {
-                    f32::NAN
-                } else {
-                    x.min(y)
-                }
-            }
-            BinOp::MaxNaN => {
-                if x.is_nan() || y.is_nan() {
-                    f32::NAN
-                } else {
-                    x.max(y)
-                }
-            }
-            _ => return Err(format!("{op:?} is not defined on f32")),
-        };
+        // Widening to f64, one f64 op and one rounding to f32 gives exactly the f32 result
+        // for + - * / (f64 carries more than 2*24+2 bits) and for min/max.
+        let (x, y) = (ftz32(f32v(a), ftz) as f64, ftz32(f32v(b), ftz) as f64);
+        let r = float_binary(op, x, y).map_err(|op| format!("{op:?} is not defined on f32"))? as f32;
         return Ok(ftz32(r, ftz).to_bits() as u64);
     }
     if ty == Ty::F64 {
-        let (x, y) = (f64v(a), f64v(b));
-        let r = match op {
-            BinOp::Add => x + y,
-            BinOp::Sub => x - y,
-            BinOp::MulLo => x * y,
-            BinOp::Div => x / y,
-            BinOp::Min => x.min(y),
-            BinOp::Max => x.max(y),
-            BinOp::MinNaN => {
-                if x.is_nan() || y.is_nan() {
-                    f64::NAN
-                } else {
-                    x.min(y)
-                }
-            }
-            BinOp::MaxNaN => {
-                if x.is_nan() || y.is_nan() {
-                    f64::NAN
-                } else {
-                    x.max(y)
-                }
-            }
-            _ => return Err(format!("{op:?} is not defined on f64")),
-        };
+        let r = float_binary(op, f64v(a), f64v(b)).map_err(|op| format!("{op:?} is not defined on f64"))?;
         return Ok(r.to_bits());
     }
     let w = ty.bits();
