@@ -962,6 +962,8 @@ fn ptxas_accepts_every_snippet() {
         (ptx(WARP_SYNC), "sm_80"),
         (ptx(&WARP_SYNC.replace("//SYNC", "bar.warp.sync 0xffffffff;")), "sm_80"),
         (ptx(SIXTEEN), "sm_80"),
+        (ptx(LEAK), "sm_80"),
+        (ptx(MIXED), "sm_80"),
         (format!("{}{}", head("sm_90"), CVT.replace("cvt.rna.tf32.f32", "cvt.rn.tf32.f32")), "sm_90"),
     ];
     for v in ["x1", "x2", "x4", "x1.trans", "x2.trans", "x4.trans"] {
@@ -997,4 +999,75 @@ fn ptxas_accepts_every_snippet() {
         assert!(out.status.success(), "snippet {i} ({sm}):\n{src}\n{}", String::from_utf8_lossy(&out.stderr));
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// CTA 0 writes a shared word; CTA 1 only reads it. Shared memory (and its written bits)
+/// must not carry over from one CTA to the next.
+const LEAK: &str = r#"
+.visible .entry k(
+	.param .u64 k_out
+)
+{
+	.reg .b32 %r<4>;
+	.reg .b64 %rd<2>;
+	.reg .pred %p<2>;
+	.shared .align 4 .b32 word;
+	ld.param.u64 %rd0, [k_out];
+	mov.u32 %r0, %ctaid.x;
+	setp.ne.u32 %p0, %r0, 0;
+	@%p0 bra $L_read;
+	st.shared.u32 [word], %r0;
+$L_read:
+	bar.sync 0;
+	ld.shared.u32 %r1, [word];
+	st.global.u32 [%rd0], %r1;
+	ret;
+}
+"#;
+
+#[test]
+fn shared_memory_does_not_leak_between_ctas() {
+    let src = ptx(LEAK);
+    let mut mem = GlobalMemory::new();
+    let po = mem.alloc(4);
+    launch(&src, "k", [1, 1, 1], [1, 1, 1], 0, &[SimParam::U64(po)], &mut mem).expect("one CTA");
+    let e = launch(&src, "k", [2, 1, 1], [1, 1, 1], 0, &[SimParam::U64(po)], &mut mem).expect_err("CTA 1");
+    assert!(e.message.contains("uninitialised shared memory") && e.message.contains("CTA (1,0,0)"), "{e}");
+    assert_eq!(e.line, line_of(&src, "ld.shared.u32"));
+}
+
+/// Lanes 16-31 first run a shfl of their own half; then the whole warp meets at a
+/// full-mask shfl. Legal: the scheduler must run the half's shfl first, not report lanes
+/// 0-15 as divergent.
+const MIXED: &str = r#"
+.visible .entry k(
+	.param .u64 k_out
+)
+{
+	.reg .b32 %r<4>;
+	.reg .b64 %rd<4>;
+	.reg .pred %p<2>;
+	ld.param.u64 %rd0, [k_out];
+	mov.u32 %r0, %laneid;
+	mov.u32 %r1, 0;
+	setp.lt.u32 %p0, %r0, 16;
+	@%p0 bra $L_join;
+	shfl.sync.idx.b32 %r1, %r0, 17, 31, 0xffff0000;
+$L_join:
+	shfl.sync.idx.b32 %r2, %r0, 5, 31, 0xffffffff;
+	add.u32 %r3, %r1, %r2;
+	mul.wide.u32 %rd1, %r0, 4;
+	add.s64 %rd2, %rd0, %rd1;
+	st.global.u32 [%rd2], %r3;
+	ret;
+}
+"#;
+
+#[test]
+fn a_partial_mask_collective_runs_before_a_full_one_waiting_on_it() {
+    let mut mem = GlobalMemory::new();
+    let po = mem.alloc(128);
+    run_warp(&ptx(MIXED), &[po], 32, 0, &mut mem).expect("legal");
+    let want: Vec<u32> = (0..32).map(|l| if l < 16 { 5 } else { 17 + 5 }).collect();
+    assert_eq!(read_u32(&mem, po, 32), want);
 }

@@ -127,16 +127,19 @@ pub fn run(
     let mut report = SimReport { shared_bytes, ..SimReport::default() };
     let nwarps = nthreads.div_ceil(32) as usize;
     let mut regs = vec![0u64; e.nregs * nthreads as usize];
+    // One shared memory (and checker state) for all CTAs, reset between them.
+    let mut shared = Shared::new(shared_bytes, nwarps, Who { block, ctaid: [0; 3] });
     for z in 0..grid[2] {
         for y in 0..grid[1] {
             for x in 0..grid[0] {
+                shared.reset(Who { block, ctaid: [x, y, z] });
                 let mut cta = Cta {
                     e,
                     ctaid: [x, y, z],
                     grid,
                     block,
                     params: &pbytes,
-                    sh: Shared::new(shared_bytes, nwarps, Who { block, ctaid: [x, y, z] }),
+                    sh: shared,
                     uni: vec![(NONE, vec![]); nwarps],
                     uni_seq: vec![0; nthreads as usize],
                     steps: vec![0; nthreads as usize],
@@ -215,6 +218,7 @@ pub fn run(
                 }
                 report.instructions += cta.instructions;
                 report.ctas += 1;
+                shared = cta.sh;
             }
         }
     }
@@ -242,11 +246,29 @@ fn run_warp(
                 states[t as usize] = run_thread(cta, t, r, &mut pcs[t as usize], memory, limits)?;
             }
         }
-        let Some(t0) = (lo..hi).find(|&t| matches!(states[t as usize], State::AtCollective(_))) else {
-            return Ok(());
+        // Run the first collective whose participants are all there; if none is ready, the
+        // lowest waiting lane's one is divergent.
+        let mut ready = None;
+        let mut first_err = None;
+        for t0 in lo..hi {
+            let State::AtCollective(pc) = states[t0 as usize] else { continue };
+            match participants(cta, pc, t0, lo, hi, regs, states) {
+                Ok(m) => {
+                    ready = Some((pc, m));
+                    break;
+                }
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        let Some((pc, members)) = ready else {
+            return match first_err {
+                Some(e) => Err(e),
+                None => Ok(()),
+            };
         };
-        let State::AtCollective(pc) = states[t0 as usize] else { unreachable!() };
-        let members = collective(cta, pc, t0, lo, hi, regs, states)?;
+        collective(cta, pc, members, lo, hi, regs)?;
         for t in lo..hi {
             if members & (1 << (t - lo)) != 0 {
                 states[t as usize] = State::Ready;
@@ -266,33 +288,36 @@ fn whereabouts(cta: &Cta, st: State) -> String {
     }
 }
 
-/// Executes the collective instruction `pc` that lane `t0` (the lowest waiting one) reached,
-/// for its participants (the membermask for shfl/bar.warp.sync, the full warp for the
-/// `.aligned` mma/ldmatrix); returns them as a lane mask. Every participant must wait at
-/// this very instruction.
-fn collective(
-    cta: &mut Cta,
+fn collective_name(op: &Op) -> &'static str {
+    match op {
+        Op::Shfl { .. } => "shfl.sync",
+        Op::Mma(_) => "mma.sync",
+        Op::Ldmatrix { .. } => "ldmatrix",
+        _ => "bar.warp.sync",
+    }
+}
+
+/// The participants (as a lane mask) of the collective instruction `pc` that lane `t0`
+/// waits at: the membermask for shfl/bar.warp.sync, the full warp for the `.aligned`
+/// mma/ldmatrix. An error unless every participant waits at this very instruction with the
+/// same membermask.
+fn participants(
+    cta: &Cta,
     pc: usize,
     t0: u32,
     lo: u32,
     hi: u32,
-    regs: &mut [u64],
+    regs: &[u64],
     states: &[State],
 ) -> Result<u32, SimError> {
     let e = cta.e;
     let ins = &e.instrs[pc];
     let nregs = e.nregs;
-    let line = ins.line;
-    let err = |m: String| SimError::new(line, m);
+    let err = |m: String| SimError::new(ins.line, m);
     let lane_regs = |t: u32| t as usize * nregs..(t as usize + 1) * nregs;
     let warp_lanes = hi - lo;
     let full: u32 = if warp_lanes == 32 { u32::MAX } else { (1 << warp_lanes) - 1 };
-    let name = match ins.op {
-        Op::Shfl { .. } => "shfl.sync",
-        Op::Mma(_) => "mma.sync",
-        Op::Ldmatrix { .. } => "ldmatrix",
-        _ => "bar.warp.sync",
-    };
+    let name = collective_name(&ins.op);
     let members = match ins.op {
         Op::Shfl { mask, .. } | Op::WarpSync { mask } => {
             let m = src(cta, t0, &regs[lane_regs(t0)], mask) as u32;
@@ -340,6 +365,18 @@ fn collective(
             }
         }
     }
+    Ok(members)
+}
+
+/// Executes the collective instruction `pc` for the lanes in `members`.
+fn collective(cta: &mut Cta, pc: usize, members: u32, lo: u32, hi: u32, regs: &mut [u64]) -> Result<(), SimError> {
+    let e = cta.e;
+    let ins = &e.instrs[pc];
+    let nregs = e.nregs;
+    let line = ins.line;
+    let err = |m: String| SimError::new(line, m);
+    let lane_regs = |t: u32| t as usize * nregs..(t as usize + 1) * nregs;
+    let full: u32 = if hi - lo == 32 { u32::MAX } else { (1 << (hi - lo)) - 1 };
     cta.instructions += members.count_ones() as u64;
     match &ins.op {
         Op::Shfl { mode, d, p, a, b, c, .. } => {
@@ -409,7 +446,7 @@ fn collective(
         }
         _ => unreachable!("not a collective"),
     }
-    Ok(members)
+    Ok(())
 }
 
 fn run_thread(

@@ -67,6 +67,22 @@ impl Shared {
         }
     }
 
+    /// Ready for the next CTA, reusing the allocations: only what the checks read is reset
+    /// (the data of unwritten bytes is never read, the epochs only matter next to a writer
+    /// or reader).
+    pub fn reset(&mut self, who: Who) {
+        self.who = who;
+        self.init.fill(false);
+        self.writer.fill(NONE);
+        self.reader.fill(NONE);
+        self.warp_ep.fill(0);
+        if self.npending > 0 {
+            // A thread exited with copies in flight; they never land in the next CTA.
+            self.pending.fill(NONE);
+            self.npending = 0;
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.data.len()
     }
