@@ -120,24 +120,26 @@ impl Shared {
         Ok(a as usize)
     }
 
-    fn check_pending(&self, t: u32, i: usize, what: &str) -> Result<(), String> {
-        if self.npending > 0 && self.pending[i] != NONE {
-            return Err(format!(
-                "{} {what} shared byte {i:#x} before the cp.async (line {}) of {} that writes it was \
-                 waited for (cp.async.wait_group/wait_all)",
-                self.who.who(t),
-                self.pending_line[i],
-                self.who.who(self.pending[i])
-            ));
+    /// No byte of `[o, o + n)` may belong to an unfinished `cp.async`.
+    fn check_pending(&self, t: u32, o: usize, n: usize, what: &str) -> Result<(), String> {
+        if self.npending == 0 {
+            return Ok(());
         }
-        Ok(())
+        let Some(i) = (o..o + n).find(|&i| self.pending[i] != NONE) else { return Ok(()) };
+        Err(format!(
+            "{} {what} shared byte {i:#x} before the cp.async (line {}) of {} that writes it was \
+             waited for (cp.async.wait_group/wait_all)",
+            self.who.who(t),
+            self.pending_line[i],
+            self.who.who(self.pending[i])
+        ))
     }
 
     /// Reads `out.len()` bytes at offset `o` (already range-checked) for thread `t`.
     pub fn read(&mut self, t: u32, o: usize, out: &mut [u8]) -> Result<(), String> {
         let ep = self.warp_ep[(t / 32) as usize];
+        self.check_pending(t, o, out.len(), "reads")?;
         for i in o..o + out.len() {
-            self.check_pending(t, i, "reads")?;
             if !self.init[i] {
                 return Err(format!("read of uninitialised shared memory at {o:#x} (byte {i}) by {}", self.who.who(t)));
             }
@@ -208,9 +210,7 @@ impl Shared {
 
     /// Writes `x` at offset `o` (already range-checked) for thread `t`.
     pub fn write(&mut self, t: u32, o: usize, x: &[u8]) -> Result<(), String> {
-        for i in o..o + x.len() {
-            self.check_pending(t, i, "writes")?;
-        }
+        self.check_pending(t, o, x.len(), "writes")?;
         self.claim(t, o, x.len())?;
         self.init[o..o + x.len()].fill(true);
         self.data[o..o + x.len()].copy_from_slice(x);
