@@ -53,10 +53,38 @@ impl Queue {
     /// `all`, `cp.async.wait_all` (everything, uncommitted copies included). Returns the
     /// completed copies in issue order.
     pub fn wait(&mut self, n: u32, all: bool) -> Vec<Copy> {
+        if self.copies.is_empty() {
+            return Vec::new(); // the common case in a loop: no allocation
+        }
         let limit = self.committed.saturating_sub(n);
         let (done, keep): (Vec<Copy>, Vec<Copy>) =
             self.copies.drain(..).partition(|c| all || (c.group != UNCOMMITTED && c.group < limit));
         self.copies = keep;
         done
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dsts(v: &[Copy]) -> Vec<usize> {
+        v.iter().map(|c| c.dst).collect()
+    }
+
+    #[test]
+    fn wait_group_keeps_the_newest_groups_and_uncommitted_copies() {
+        let mut q = Queue::default();
+        q.issue(Copy::new(0, [0; 16], 4));
+        q.commit(); // group 0
+        q.commit(); // group 1, empty
+        q.issue(Copy::new(16, [0; 16], 4));
+        q.commit(); // group 2
+        q.issue(Copy::new(32, [0; 16], 4)); // uncommitted
+        assert_eq!(dsts(&q.wait(2, false)), [0]);
+        assert!(q.wait(1, false).is_empty()); // group 1 is empty; group 2 is the newest
+        assert_eq!(dsts(&q.wait(0, false)), [16]);
+        assert!(q.wait(0, false).is_empty()); // uncommitted: not covered by wait_group
+        assert_eq!(dsts(&q.wait(0, true)), [32]);
     }
 }

@@ -243,3 +243,91 @@ impl Shared {
         self.write(t, o, data)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mem() -> Shared {
+        let mut s = Shared::new(64, 2, Who { block: [64, 1, 1], ctaid: [0; 3] });
+        s.write(0, 0, &[0; 64]).unwrap();
+        s.barrier();
+        s
+    }
+
+    fn read(s: &mut Shared, t: u32) -> Result<(), String> {
+        s.read(t, 0, &mut [0u8; 4])
+    }
+
+    fn write(s: &mut Shared, t: u32) -> Result<(), String> {
+        s.write(t, 0, &[1; 4])
+    }
+
+    #[test]
+    fn lanes_of_one_warp_are_ordered_by_a_warp_sync_only() {
+        let mut s = mem();
+        write(&mut s, 3).unwrap();
+        assert!(read(&mut s, 5).is_err(), "no sync: race");
+        let mut s = mem();
+        write(&mut s, 3).unwrap();
+        s.warp_sync(0);
+        read(&mut s, 5).unwrap();
+        assert!(read(&mut s, 40).is_err(), "other warp: still a race");
+    }
+
+    #[test]
+    fn several_readers_of_one_warp_then_a_writer() {
+        // Two lanes read in one epoch; after a warp sync a third lane may write.
+        let mut s = mem();
+        read(&mut s, 1).unwrap();
+        read(&mut s, 2).unwrap();
+        assert!(write(&mut s, 1).is_err(), "lane 2's read is unordered with lane 1's write");
+        let mut s = mem();
+        read(&mut s, 1).unwrap();
+        read(&mut s, 2).unwrap();
+        s.warp_sync(0);
+        write(&mut s, 7).unwrap();
+        // Readers from two warps: no write before the barrier.
+        let mut s = mem();
+        read(&mut s, 1).unwrap();
+        read(&mut s, 33).unwrap();
+        s.warp_sync(0);
+        s.warp_sync(1);
+        assert!(write(&mut s, 1).is_err());
+        s.barrier();
+        write(&mut s, 1).unwrap();
+    }
+
+    #[test]
+    fn an_ordered_earlier_read_is_replaced_by_the_later_one() {
+        // Lane 1 reads, warp sync, lane 2 reads: lane 2's read is the one a write by
+        // lane 1 conflicts with, and a write by lane 2 itself is fine.
+        let mut s = mem();
+        read(&mut s, 1).unwrap();
+        s.warp_sync(0);
+        read(&mut s, 2).unwrap();
+        write(&mut s, 2).unwrap();
+        let mut s = mem();
+        read(&mut s, 1).unwrap();
+        s.warp_sync(0);
+        read(&mut s, 2).unwrap();
+        assert!(write(&mut s, 1).is_err());
+    }
+
+    #[test]
+    fn pending_async_bytes_block_every_access_until_the_end() {
+        let mut s = mem();
+        s.begin_async(4, 16, 16, 99).unwrap();
+        s.barrier(); // does not complete it
+        let e = s.read(9, 16, &mut [0u8; 4]).unwrap_err();
+        assert!(e.contains("line 99"), "{e}");
+        assert!(s.read(4, 28, &mut [0u8; 4]).is_err(), "the issuing thread too");
+        assert!(s.write(4, 20, &[0; 4]).is_err());
+        assert!(s.begin_async(5, 24, 8, 100).is_err(), "overlapping copy");
+        s.end_async(4, 16, &[7; 16]).unwrap();
+        let mut got = [0u8; 4];
+        s.read(4, 16, &mut got).unwrap();
+        assert_eq!(got, [7; 4]);
+        assert!(s.read(9, 16, &mut got).is_err(), "landed by thread 4: a race without a barrier");
+    }
+}
