@@ -367,6 +367,43 @@ fn ldmatrix_x1_x2_x4_and_trans() {
     }
 }
 
+/// The same with a generic address (no `.shared`): `cvta.shared` of the tile plus the row.
+fn ldmatrix_generic_kernel() -> String {
+    ldmatrix_kernel("x4", 4)
+        .replace(".shared.b16", ".b16")
+        .replace(
+            "\tadd.u32 %r7, %r6, %r5;\n",
+            "\tcvta.shared.u64 %rd10, %rd5;\n\tcvt.u64.u32 %rd11, %r5;\n\tadd.s64 %rd10, %rd10, %rd11;\n",
+        )
+        .replace("[%r7];", "[%rd10];")
+}
+
+#[test]
+fn ldmatrix_with_a_generic_address() {
+    let src = ldmatrix_generic_kernel();
+    assert!(src.contains("cvta.shared.u64") && !src.contains(".shared.b16"));
+    let words: Vec<u32> = (0..128u32).map(|i| (2 * i) | (2 * i + 1) << 16).collect();
+    let rows: Vec<u32> = (0..32).map(|l| l * 16).collect();
+    let mut mem = GlobalMemory::new();
+    let ps = alloc_u32(&mut mem, &words);
+    let pr = alloc_u32(&mut mem, &rows);
+    let po = mem.alloc(512);
+    run_warp(&src, &[ps, pr, po], 32, 0, &mut mem).expect("generic ldmatrix runs");
+    let out = read_u32(&mem, po, 128);
+    // Element (m, r, c) is tile[(8 m + r) * 8 + c] = (8 m + r) * 8 + c.
+    for lane in 0..32 {
+        for m in 0..4 {
+            let e = ((8 * m + lane / 4) * 8 + 2 * (lane % 4)) as u32;
+            assert_eq!(out[lane * 4 + m], e | (e + 1) << 16, "lane {lane} matrix {m}");
+        }
+    }
+    // A global address is not in shared memory: an error naming the line.
+    let bad = src.replace("cvta.shared.u64 %rd10, %rd5;", "mov.u64 %rd10, %rd0;");
+    let e = run_warp(&bad, &[ps, pr, po], 32, 0, &mut mem).expect_err("global address");
+    assert!(e.message.contains("not in shared memory"), "{e}");
+    assert_eq!(e.line, line_of(&bad, "ldmatrix"));
+}
+
 #[test]
 fn ldmatrix_misaligned_and_uninitialised_rows_are_errors() {
     let src = ldmatrix_kernel("x2", 2);
@@ -970,6 +1007,7 @@ fn ptxas_accepts_every_snippet() {
         let n = v[1..2].parse().unwrap();
         snippets.push((ldmatrix_kernel(v, n), "sm_80"));
     }
+    snippets.push((ldmatrix_generic_kernel(), "sm_80"));
     for mode in ["up", "down", "bfly", "idx"] {
         snippets.push((shfl_kernel(mode, "3", "31"), "sm_80"));
     }
