@@ -962,6 +962,9 @@ const SIXTEEN: &str = r#"
 	st.global.v4.b32 [%rd0], {%r0, %r1, %r4, %r5};
 	st.global.u16 [%rd0+16], %rs0;
 	st.global.b16 [%rd0+18], %h0;
+	ld.global.s16 %r6, [%rd0+18];  // sign-extends to 0xFFFFFFFE
+	ld.global.u16 %r7, [%rd0+18];  // zero-extends to 0xFFFE
+	st.global.v2.b32 [%rd0+24], {%r6, %r7};
 	ret;
 }
 "#;
@@ -969,11 +972,12 @@ const SIXTEEN: &str = r#"
 #[test]
 fn sixteen_bit_integers_and_bit_ops() {
     let mut mem = GlobalMemory::new();
-    let po = mem.alloc(20);
+    let po = mem.alloc(32);
     run_warp(&ptx(SIXTEEN), &[po], 1, 0, &mut mem).expect("runs");
-    let w = read_u32(&mem, po, 5);
+    let w = read_u32(&mem, po, 8);
     assert_eq!(&w[..4], &[65534, (-2i32) as u32, 0xFFEF, 0xFFFE_0001]);
     assert_eq!(read_u16(&mem, po + 16, 2), [1, 0xFFFE]);
+    assert_eq!(&w[6..], &[0xFFFF_FFFE, 0xFFFE]);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -219,7 +219,8 @@ pub(super) fn cvt_narrow(c: &Ctx, ri: &RawInstr, mods: &[&str], types: &[Ty]) ->
         ([Ty::F16, Ty::F32], true, false) => (HalfConv::F32ToF16, 16, 32, 1),
         ([Ty::BF16, Ty::F32], true, false) => (HalfConv::F32ToBf16, 16, 32, 1),
         ([Ty::F32, Ty::F16], false, false) => (HalfConv::F16ToF32, 32, 16, 1),
-        ([Ty::F32, Ty::BF16], false, false) => (HalfConv::Bf16ToF32, 32, 16, 1),
+        // ptxas accepts (and ignores) `.rn` on the bf16 widening, not on the f16 one.
+        ([Ty::F32, Ty::BF16], _, false) => (HalfConv::Bf16ToF32, 32, 16, 1),
         ([Ty::F16x2, Ty::F32], true, false) => (HalfConv::F32x2ToF16x2, 32, 32, 2),
         ([Ty::BF16x2, Ty::F32], true, false) => (HalfConv::F32x2ToBf16x2, 32, 32, 2),
         ([Ty::Tf32, Ty::F32], false, true) => (HalfConv::F32ToTf32 { ties_away: true }, 32, 32, 1),

@@ -637,6 +637,13 @@ fn step(cta: &mut Cta, t: u32, ins: &Instr, regs: &mut [u64], memory: &mut Globa
         &Op::Bra { target, .. } => return Ok(Flow::Jump(target)),
         Op::Exit => return Ok(Flow::Exit),
         &Op::Bar { id } => return Ok(Flow::Barrier(v(id))),
+        &Op::LdSext { space, d, addr, bits } => {
+            let a = eff(&addr, regs);
+            let mut buf = [0u8; 2];
+            load(cta, t, space, a, &mut buf, memory)?;
+            let x = i16::from_le_bytes(buf) as i64 as u64;
+            regs[d as usize] = if bits == 32 { x & 0xFFFF_FFFF } else { x };
+        }
         &Op::LdV { space, ty, n, d, addr } => {
             let a = eff(&addr, regs);
             let size = ty.bytes();

@@ -78,8 +78,7 @@
 //! Other `mma` shapes and types (f16 accumulators, integer, f64, sparse), `wgmma`, `ldmatrix`
 //! of 8-bit/other shapes, `stmatrix`, `cp.async.bulk`/TMA, mbarriers, `.local` memory,
 //! `.func` calls, atomics, `vote`/`redux`/`match`, 8-bit types, arithmetic on `.f16`/`.bf16`
-//! (`add.f16`, `fma.rn.f16x2`, ...), `ld.s16` into a wider register (sign extension), the
-//! `cp.async` ignore-src predicate, and `cvt` `.relu`/`.satfinite`. They are errors naming
+//! (`add.f16`, `fma.rn.f16x2`, ...), the `cp.async` ignore-src predicate, and `cvt` `.relu`/`.satfinite`. They are errors naming
 //! the line. `%warpid` is supported but (as on hardware) should not be relied on; the
 //! simulator gives `tid / 32`.
 

@@ -300,6 +300,13 @@ pub enum Op {
     Bar {
         id: Src,
     },
+    /// `ld.s16` into a wider register of `bits` bits: sign-extended.
+    LdSext {
+        space: Space,
+        d: u32,
+        addr: Addr,
+        bits: u32,
+    },
     /// `ld.v2/.v4`: one access of `n` elements into `d[..n]`.
     LdV {
         space: Space,
@@ -1176,8 +1183,12 @@ fn decode(c: &Ctx, ri: &RawInstr) -> Result<Op, SimError> {
             if vn > 1 {
                 return super::decode_tc::ld_st_vector(c, base == "ld", sp, ty, vn, &o[0], &o[1]);
             }
-            if base == "ld" && ty == Ty::S16 && c.reg(&o[0]).is_ok_and(|r| c.reg_tys[r as usize].bits() > 16) {
-                return Err(c.err("ld.s16 into a wider register (sign extension) is not supported"));
+            if base == "ld" && ty == Ty::S16 {
+                let d = c.reg(&o[0])?;
+                let bits = c.reg_tys[d as usize].bits();
+                if bits > 16 {
+                    return Ok(Op::LdSext { space: sp, d, addr: c.addr(&o[1], sp)?, bits });
+                }
             }
             if base == "ld" {
                 Op::Ld { space: sp, ty, d: c.reg(&o[0])?, addr: c.addr(&o[1], sp)? }
