@@ -231,3 +231,17 @@ fn ptxas_accepts_the_gemm() {
     let _ = std::fs::remove_dir_all(&dir);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[test]
+fn truncated_or_garbled_tensor_core_ptx_never_panics() {
+    // The GEMM exercises the new syntax: `{..}` operands, `::`, cp.async, ldmatrix, mma;
+    // plus a shfl with a `|p` destination.
+    let shfl = "\tshfl.sync.bfly.b32 %r1|%p1, %r2, 1, 31, 0xffffffff;\n";
+    let src = GEMM.replace("\t//PLANT\n", shfl);
+    for cut in (0..src.len()).filter(|&i| src.is_char_boundary(i)) {
+        let _ = chunkc_runtime::ptxsim::parse_module(&src[..cut]);
+        let mut garbled = src.clone();
+        garbled.replace_range(cut..(cut + 1).min(src.len()), if cut % 2 == 0 { "}" } else { "|" });
+        let _ = chunkc_runtime::ptxsim::parse_module(&garbled);
+    }
+}
