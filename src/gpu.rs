@@ -122,12 +122,12 @@ pub struct Bound<'a> {
 /// - Scalars are `batch`, `heads` and `seq_len`, as u64.
 pub fn bind<'a>(emitted: &'a PtxKernel, rule: &Rule, tensors: &Tensors, dims: &Dims) -> Result<Bound<'a>, Error> {
     let meta = &emitted.meta;
-    let fits = |what: &str, n: usize| {
-        u32::try_from(n).map_err(|_| Error::Input(format!("{what} = {n} is too large for one GPU launch")))
-    };
-    let grid = meta.grid.dims(fits("B", dims.batch)?, fits("H", dims.heads)?);
-    let ctas = grid.iter().try_fold(1u32, |n, &d| n.checked_mul(d));
-    let ctas = fits("B*H", ctas.map_or(usize::MAX, |n| n as usize))?;
+    // One CTA per (b, h): B*H must fit the grid's u32 (checked here, so that the grid
+    // arithmetic below cannot overflow).
+    let too_big = || Error::Input(format!("B*H = {}*{} is too large for one GPU launch", dims.batch, dims.heads));
+    dims.batch.checked_mul(dims.heads).and_then(|n| u32::try_from(n).ok()).ok_or_else(too_big)?;
+    let grid = meta.grid.dims(dims.batch as u32, dims.heads as u32);
+    let ctas = grid.iter().try_fold(1usize, |n, &d| n.checked_mul(d as usize)).ok_or_else(too_big)?;
     let h0 = h0_or_zeros(tensors, dims);
     let mut args = Vec::with_capacity(meta.params.len());
     let mut read_back = vec![];
@@ -164,7 +164,7 @@ pub fn bind<'a>(emitted: &'a PtxKernel, rule: &Rule, tensors: &Tensors, dims: &D
                 Arg::Buffer { bytes, read_back: back }
             }
             ParamKind::Scratch => {
-                let bytes = meta.scratch_bytes_per_cta.checked_mul(ctas as usize).ok_or_else(|| {
+                let bytes = meta.scratch_bytes_per_cta.checked_mul(ctas).ok_or_else(|| {
                     Error::Input(format!("the kernel's scratch for {ctas} CTAs overflows this machine's memory"))
                 })?;
                 Arg::Buffer {
