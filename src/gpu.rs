@@ -227,3 +227,102 @@ impl Bound<'_> {
 fn f32_bytes(x: &[f32]) -> Vec<u8> {
     x.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{build_kernel, shape_of, Backend};
+    use crate::verify::random_inputs;
+    use chunkc_codegen::ptx::TileSpace;
+
+    fn simple_gla() -> Rule {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/rules/simple_gla.toml");
+        chunkc_dsl::load_rule(std::path::Path::new(path)).expect("rule loads")
+    }
+
+    fn f32s(bytes: &[u8]) -> Vec<f32> {
+        bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    }
+
+    /// Every parameter gets what the ABI says: inputs as their f32 bytes, outputs and
+    /// scratch NaN-filled and sized for the problem, scalars from the dims, in `.param` order.
+    #[test]
+    fn bind_follows_the_launch_metadata() {
+        let rule = simple_gla();
+        let dims = Dims { batch: 2, seq_len: 7, heads: 3, k: 4, v: 5 };
+        let tensors = random_inputs(&rule, &dims, 3);
+        let kernel = build_kernel(&rule, Backend::Chunked, shape_of(&dims, None), 4).expect("kernel");
+        let emitted = ptx::emit_with(&kernel, Sm::Sm80, EmitOptions { smem_limit: 0 }).expect("emit");
+        assert_eq!(emitted.meta.tile_space, TileSpace::Global);
+        let bound = bind(&emitted, &rule, &tensors, &dims).expect("bind");
+        assert_eq!(bound.launch.grid, [6, 1, 1]);
+        assert_eq!(bound.launch.sm, 80);
+        assert_eq!(bound.args.len(), emitted.meta.params.len());
+        let mut outputs = 0;
+        for (p, arg) in emitted.meta.params.iter().zip(&bound.args) {
+            match (p.kind, arg) {
+                (ParamKind::Tensor, Arg::Buffer { bytes, read_back }) => {
+                    let data = f32s(bytes);
+                    match p.name.as_str() {
+                        "o" | "hT" => {
+                            let want = if p.name == "o" { dims.output_shape() } else { dims.state_shape() };
+                            assert!(*read_back);
+                            assert_eq!(data.len(), want.iter().product::<usize>());
+                            assert!(data.iter().all(|x| x.is_nan()), "{} is poisoned", p.name);
+                            outputs += 1;
+                        }
+                        name => {
+                            assert!(!*read_back);
+                            assert_eq!(data, tensors[name].data, "{name}");
+                        }
+                    }
+                }
+                (ParamKind::Scratch, Arg::Buffer { bytes, read_back }) => {
+                    assert!(!*read_back);
+                    assert_eq!(bytes.len(), emitted.meta.scratch_bytes_per_cta * 6);
+                    assert!(f32s(bytes).iter().all(|x| x.is_nan()));
+                }
+                (ParamKind::Scalar, Arg::U64(x)) => {
+                    let want = match p.name.as_str() {
+                        "batch" => 2,
+                        "heads" => 3,
+                        "seq_len" => 7,
+                        other => panic!("unexpected scalar {other}"),
+                    };
+                    assert_eq!(*x, want, "{}", p.name);
+                }
+                (kind, arg) => panic!("{}: {kind:?} bound as {arg:?}", p.name),
+            }
+        }
+        assert_eq!(outputs, 2);
+    }
+
+    /// A launch the simulator rejects (here: the dynamic shared memory withheld, so the first
+    /// shared access is out of bounds) is one line naming the kernel and the PTX line.
+    #[test]
+    fn a_simulator_error_is_one_line_naming_kernel_and_ptx_line() {
+        let rule = simple_gla();
+        let dims = Dims { batch: 1, seq_len: 3, heads: 1, k: 4, v: 4 };
+        let tensors = random_inputs(&rule, &dims, 5);
+        let kernel = build_kernel(&rule, Backend::Recurrent, shape_of(&dims, None), 64).expect("kernel");
+        let emitted = emit(&kernel, Sm::Sm90).expect("emit");
+        assert_eq!(emitted.meta.tile_space, TileSpace::Shared);
+        let mut bound = bind(&emitted, &rule, &tensors, &dims).expect("bind");
+        bound.launch.dynamic_smem_bytes = 0;
+        let err = launch::simulate(&bound.launch, &bound.args).expect_err("no shared memory");
+        let msg = sim_error(&emitted.meta, &err).to_string();
+        let prefix = format!("--backend ptx-sim: kernel {} (sm_90): ptx line ", emitted.meta.entry);
+        assert!(msg.starts_with(&prefix), "{msg}");
+        assert_eq!(msg.lines().count(), 1, "{msg}");
+    }
+
+    #[test]
+    fn the_simulator_limit_is_checked_without_overflow() {
+        let ok = Dims { batch: 1, seq_len: 1024, heads: 1, k: 64, v: 64 };
+        assert!(check_ready(Device::Sim, &ok).is_ok());
+        let big = Dims { seq_len: 1025, ..ok };
+        assert!(check_ready(Device::Sim, &big).unwrap_err().to_string().contains("over the simulator's limit"));
+        let huge = Dims { batch: usize::MAX, ..ok };
+        assert!(check_ready(Device::Sim, &huge).is_err());
+    }
+}
