@@ -18,16 +18,25 @@ fn every_golden_through_chunkc_run() {
     check_every_golden(&dir, "cpu", &configs);
 }
 
-#[test]
-fn every_golden_through_the_ptx_simulator() {
+/// `--backend ptx-sim --target TARGET` plus `kernel` on every golden; one test per
+/// configuration, so that the test harness runs them on separate cores.
+fn goldens_in_the_simulator(tag: &str, target: &'static str, kernel: &[&'static str]) {
     let Some(dir) = goldens_dir() else { return };
-    let sim = |target: &'static str, kernel: &[&'static str]| {
-        [&["--backend", "ptx-sim", "--target", target][..], kernel].concat()
-    };
-    let configs = vec![
-        sim("sm_90", &["--kernel", "recurrent"]),
-        sim("sm_80", &["--kernel", "chunked", "--chunk", "16"]),
-        sim("sm_90", &["--kernel", "chunked", "--chunk", "64"]),
-    ];
-    check_every_golden(&dir, "ptx-sim", &configs);
+    let config = [&["--backend", "ptx-sim", "--target", target][..], kernel].concat();
+    check_every_golden(&dir, tag, &[config]);
+}
+
+#[test]
+fn every_golden_through_the_ptx_simulator_recurrent_sm90() {
+    goldens_in_the_simulator("sim-rec", "sm_90", &["--kernel", "recurrent"]);
+}
+
+#[test]
+fn every_golden_through_the_ptx_simulator_chunked_c16_sm80() {
+    goldens_in_the_simulator("sim-c16", "sm_80", &["--kernel", "chunked", "--chunk", "16"]);
+}
+
+#[test]
+fn every_golden_through_the_ptx_simulator_chunked_c64_sm90() {
+    goldens_in_the_simulator("sim-c64", "sm_90", &["--kernel", "chunked", "--chunk", "64"]);
 }
