@@ -144,8 +144,12 @@ fn run_on_device_0(launch: &Launch, args: &[Arg]) -> Result<ReadBack, CudaError>
             launch.sm, dev.name, dev.sm
         )));
     }
-    let smem = u32::try_from(launch.dynamic_smem_bytes)
-        .map_err(|_| CudaError::Unsuitable(format!("{} bytes of shared memory", launch.dynamic_smem_bytes)))?;
+    let smem = u32::try_from(launch.dynamic_smem_bytes).map_err(|_| {
+        CudaError::Unsuitable(format!(
+            "the kernel asks for {} bytes of dynamic shared memory, more than any launch takes",
+            launch.dynamic_smem_bytes
+        ))
+    })?;
     let stream = ctx.default_stream();
     let mut buffers = Vec::with_capacity(args.len());
     let mut scalars = Vec::with_capacity(args.len());
@@ -199,11 +203,13 @@ fn run_on_device_0(launch: &Launch, args: &[Arg]) -> Result<ReadBack, CudaError>
         let [bx, by, bz] = launch.block;
         let cfg = LaunchConfig { grid_dim: (gx, gy, gz), block_dim: (bx, by, bz), shared_mem_bytes: smem };
         // SAFETY: the arguments are in the entry's `.param` order, each a device pointer or a
-        // u64 as the PTX declares them; the buffers outlive the launch (they are dropped after
-        // the synchronisation below), and the caller sized them for the grid.
+        // u64 as the PTX declares them; the buffers outlive the launch (they drop after the
+        // synchronisation below), and the caller sized them for the grid.
         unsafe { builder.launch(cfg) }.map_err(during("launching the kernel"))?;
+        // Wait here, while the module is still loaded: it is unloaded when `module` drops at
+        // the end of this block. Faults inside the kernel surface at this point.
+        stream.synchronize().map_err(during("running the kernel"))?;
     }
-    stream.synchronize().map_err(during("running the kernel"))?;
     let mut back = vec![];
     for (arg, buf) in args.iter().filter(|a| matches!(a, Arg::Buffer { .. })).zip(&buffers) {
         if let Arg::Buffer { bytes, read_back: true } = arg {
