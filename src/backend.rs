@@ -1,10 +1,13 @@
 //! Running a rule on tensors with a chosen backend: the f64 reference, the recurrent kernel
-//! or the chunked kernel (JIT-compiled, or through the tile-IR interpreter for debugging).
+//! or the chunked kernel, executed as native code (JIT), through the tile-IR interpreter (for
+//! debugging), or as emitted PTX in the PTX simulator or on a CUDA device ([`crate::gpu`]).
 
 use crate::error::Error;
+use crate::gpu::{self, Device};
 use crate::problem::infer_dims;
 use chunkc_codegen::ir::Kernel;
 use chunkc_codegen::plan::{self, Schedule, Shape};
+use chunkc_codegen::ptx::Sm;
 use chunkc_dsl::ast::Rule;
 use chunkc_dsl::canon::canonicalize;
 use chunkc_dsl::reference::{self, Dims};
@@ -40,6 +43,19 @@ pub enum Engine {
     Jit,
     /// The tile-IR interpreter (slow; for debugging plans).
     Interp,
+    /// The kernel's PTX for `target`, run on `device`.
+    Ptx { device: Device, target: Sm },
+}
+
+impl Engine {
+    /// How a row of `verify` or a `run` names this backend and engine: the kernel
+    /// (`recurrent`, `chunked`) for the CPU engines, the device (`ptx-sim`, `cuda`) for PTX.
+    pub fn label(self, backend: Backend) -> &'static str {
+        match self {
+            Engine::Ptx { device, .. } if backend != Backend::Reference => device.name(),
+            _ => backend.name(),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -102,6 +118,7 @@ pub fn run(rule: &Rule, tensors: &Tensors, source: &str, opts: &Options) -> Resu
             execute(&compiled, rule, tensors, dims, opts.threads)
         }
         Engine::Interp => execute_interp(&kernel, rule, tensors, dims),
+        Engine::Ptx { device, target } => gpu::execute(&kernel, rule, tensors, dims, device, target),
     }
 }
 
@@ -122,7 +139,8 @@ fn poisoned(dims: &Dims) -> (Tensor, Tensor) {
     (Tensor::filled(dims.output_shape(), f32::NAN), Tensor::filled(dims.state_shape(), f32::NAN))
 }
 
-fn h0_or_zeros(tensors: &Tensors, dims: &Dims) -> Tensor {
+/// `h0` from the tensors, or a zero state.
+pub(crate) fn h0_or_zeros(tensors: &Tensors, dims: &Dims) -> Tensor {
     tensors.get("h0").cloned().unwrap_or_else(|| Tensor::zeros(dims.state_shape()))
 }
 

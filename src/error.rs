@@ -12,6 +12,8 @@ pub enum Error {
     Input(String),
     /// The rule is valid but this backend cannot run it (one line).
     Unsupported(String),
+    /// The PTX simulator or the CUDA device failed to run a kernel (one line, naming it).
+    Device(String),
     /// Reading or writing tensors failed.
     Runtime(RuntimeError),
     /// A bug in chunkc: the message says what broke.
@@ -22,7 +24,7 @@ impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Error::Rule(d) => write!(f, "{}", d.to_string().trim_end()),
-            Error::Input(s) | Error::Unsupported(s) => f.write_str(s),
+            Error::Input(s) | Error::Unsupported(s) | Error::Device(s) => f.write_str(s),
             Error::Runtime(e) => write!(f, "{e}"),
             Error::Internal(s) => write!(f, "internal error (a bug in chunkc): {s}"),
         }

@@ -11,6 +11,7 @@ pub use chunkc_runtime as runtime;
 pub mod backend;
 pub mod bench;
 pub mod error;
+pub mod gpu;
 pub mod problem;
 pub mod verify;
 

@@ -3,6 +3,7 @@
 use chunkc::backend::{self, Backend, Engine, Options};
 use chunkc::dsl::ast::{Rule, Ty};
 use chunkc::dsl::diag::Diagnostic;
+use chunkc::gpu::Device;
 use chunkc::verify::{self, F32_TOLERANCE};
 use chunkc::{load_rule, Error};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -32,6 +33,90 @@ impl From<BackendArg> for Backend {
             BackendArg::Chunked => Backend::Chunked,
         }
     }
+}
+
+/// `run` and `verify` backends: the CPU ones name the kernel; the PTX ones name where the
+/// kernel's PTX runs (the kernel is `--kernel` for `run`; `verify` checks both).
+#[derive(Clone, Copy, PartialEq, ValueEnum)]
+enum RunBackend {
+    /// The rule interpreted in f64.
+    Reference,
+    /// The fused recurrent kernel, native code.
+    Recurrent,
+    /// The chunked kernel, native code.
+    Chunked,
+    /// The kernel's PTX in the PTX simulator (small shapes; every access checked).
+    #[value(name = "ptx-sim")]
+    PtxSim,
+    /// The kernel's PTX on CUDA device 0.
+    Cuda,
+}
+
+/// The kernel a PTX backend runs.
+#[derive(Clone, Copy, ValueEnum)]
+enum KernelArg {
+    Recurrent,
+    Chunked,
+}
+
+/// GPU targets of the PTX backends.
+#[derive(Clone, Copy, ValueEnum)]
+enum GpuTarget {
+    /// NVIDIA sm_80 (A100).
+    #[value(name = "sm_80")]
+    Sm80,
+    /// NVIDIA sm_90 (H100).
+    #[value(name = "sm_90")]
+    Sm90,
+}
+
+impl GpuTarget {
+    fn sm(self) -> ptx::Sm {
+        match self {
+            GpuTarget::Sm80 => ptx::Sm::Sm80,
+            GpuTarget::Sm90 => ptx::Sm::Sm90,
+        }
+    }
+}
+
+impl RunBackend {
+    fn device(self) -> Option<Device> {
+        match self {
+            RunBackend::PtxSim => Some(Device::Sim),
+            RunBackend::Cuda => Some(Device::Cuda),
+            _ => None,
+        }
+    }
+
+    /// The kernels this backend runs, each with its engine: a PTX backend runs `kernels`
+    /// on its device for `target` (sm_90 when not given); a CPU backend runs its own kernel on
+    /// `cpu`.
+    fn runs(self, kernels: &[Backend], target: Option<GpuTarget>, cpu: Engine) -> Vec<(Backend, Engine)> {
+        match (self, self.device()) {
+            (_, Some(device)) => {
+                let target = target.map_or(ptx::Sm::Sm90, GpuTarget::sm);
+                kernels.iter().map(|&k| (k, Engine::Ptx { device, target })).collect()
+            }
+            (RunBackend::Reference, None) => vec![(Backend::Reference, cpu)],
+            (RunBackend::Recurrent, None) => vec![(Backend::Recurrent, cpu)],
+            (_, None) => vec![(Backend::Chunked, cpu)],
+        }
+    }
+}
+
+/// `--target` and `--kernel` only mean something for the PTX backends.
+fn check_ptx_flags(backends: &[RunBackend], target: bool, kernel: bool) -> Result<(), Error> {
+    if backends.iter().any(|b| b.device().is_some()) {
+        return Ok(());
+    }
+    let flag = match (target, kernel) {
+        (true, _) => "--target",
+        (_, true) => "--kernel",
+        _ => return Ok(()),
+    };
+    Err(Error::Input(format!(
+        "{flag} goes with --backend ptx-sim or cuda (the CPU backends are named by their kernel)"
+    )))
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -67,7 +152,13 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
         #[arg(long, value_enum, default_value = "chunked")]
-        backend: BackendArg,
+        backend: RunBackend,
+        /// The kernel --backend ptx-sim or cuda runs (default: chunked).
+        #[arg(long, value_enum)]
+        kernel: Option<KernelArg>,
+        /// The GPU target of --backend ptx-sim or cuda (default: sm_90).
+        #[arg(long, value_enum)]
+        target: Option<GpuTarget>,
         #[arg(long, default_value_t = 64)]
         chunk: usize,
         /// Worker threads (0: all cores).
@@ -79,16 +170,23 @@ enum Command {
         #[arg(long, value_enum, default_value = "jit", hide = true)]
         engine: EngineArg,
     },
-    /// Run every CPU backend and chunk size on random inputs against the f64 reference.
+    /// Run backends and chunk sizes on random inputs against the f64 reference.
+    ///
+    /// --backend ptx-sim and cuda check the recurrent kernel (chunk `-` in the table) and the
+    /// chunked kernel at every chunk size, as PTX for --target.
     Verify {
         rule: PathBuf,
-        /// Sequence lengths (default: 1, C-1, C+1 and 1000 for each chunk size C).
+        /// Sequence lengths (default: 1, C-1, C+1 and 1000 for each chunk size C; 200
+        /// instead of 1000 for ptx-sim).
         #[arg(long = "T", value_delimiter = ',')]
         seq_lens: Option<Vec<usize>>,
         #[arg(long, value_delimiter = ',', default_values_t = [16, 32, 64, 128])]
         chunk: Vec<usize>,
         #[arg(long, value_enum, value_delimiter = ',', default_values = ["recurrent", "chunked"])]
-        backend: Vec<BackendArg>,
+        backend: Vec<RunBackend>,
+        /// The GPU target of --backend ptx-sim or cuda (default: sm_90).
+        #[arg(long, value_enum)]
+        target: Option<GpuTarget>,
         #[arg(long = "B", default_value_t = 2)]
         batch: usize,
         #[arg(long = "H", default_value_t = 2)]
@@ -176,7 +274,8 @@ fn engine(e: EngineArg) -> Engine {
 fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
     match cmd {
         Command::Check { rule } => check(&rule),
-        Command::Run { rule, inputs, out, backend, chunk, threads, scale, engine: e } => {
+        Command::Run { rule, inputs, out, backend, kernel, target, chunk, threads, scale, engine: e } => {
+            check_ptx_flags(&[backend], target.is_some(), kernel.is_some())?;
             let loaded = load_rule(&rule)?;
             let shown = inputs.display().to_string();
             let (tensors, _) = chunkc::runtime::io::read_safetensors(&inputs)?;
@@ -186,51 +285,65 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
                     eprintln!("warning: tensor `{name}` in {shown} holds {bad} NaN or infinite values");
                 }
             }
-            let opts = Options { backend: backend.into(), engine: engine(e), chunk, threads, scale };
+            let kernel = match kernel {
+                Some(KernelArg::Recurrent) => Backend::Recurrent,
+                _ => Backend::Chunked,
+            };
+            let [(be, eng)] = backend.runs(&[kernel], target, engine(e))[..] else {
+                return Err(Error::Internal("one backend must give one run".into()));
+            };
+            let opts = Options { backend: be, engine: eng, chunk, threads, scale };
             let outputs = backend::run(&loaded.rule, &tensors, &shown, &opts)?;
             let mut written = BTreeMap::new();
             written.insert("o".to_string(), outputs.o);
             written.insert("hT".to_string(), outputs.ht);
             let mut meta = BTreeMap::new();
             meta.insert("rule".to_string(), loaded.rule.name.clone());
-            meta.insert("backend".to_string(), opts.backend.name().to_string());
-            if opts.backend == Backend::Chunked {
+            meta.insert("backend".to_string(), eng.label(be).to_string());
+            if let Engine::Ptx { target, .. } = eng {
+                meta.insert("kernel".to_string(), be.name().to_string());
+                meta.insert("target".to_string(), target.name().to_string());
+            }
+            if be == Backend::Chunked {
                 meta.insert("chunk".to_string(), chunk.to_string());
             }
             chunkc::runtime::io::write_safetensors(&out, &written, Some(meta))?;
             println!("wrote o and hT to {}", out.display());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Verify { rule, seq_lens, chunk, backend, batch, heads, k, v, seed, threads, engine: e } => {
+        Command::Verify { rule, seq_lens, chunk, backend, target, batch, heads, k, v, seed, threads, engine: e } => {
+            check_ptx_flags(&backend, target.is_some(), false)?;
             let loaded = load_rule(&rule)?;
-            let mut backends: Vec<Backend> = backend.into_iter().map(Backend::from).collect();
+            let mut runs: Vec<(Backend, Engine)> = vec![];
+            for b in &backend {
+                for run in b.runs(&[Backend::Recurrent, Backend::Chunked], target, engine(e)) {
+                    if !runs.contains(&run) {
+                        runs.push(run);
+                    }
+                }
+            }
             if let Err(why) = &loaded.canonical {
-                if backends.contains(&Backend::Chunked) {
+                if runs.iter().any(|(b, _)| *b == Backend::Chunked) {
                     println!("note: not chunkable ({}); verifying the recurrent kernel only", why.reason);
-                    backends.retain(|b| *b != Backend::Chunked);
+                    runs.retain(|(b, _)| *b != Backend::Chunked);
                 }
             }
             if chunk.contains(&0) {
                 return Err(Error::Input("--chunk sizes must be at least 1".into()));
             }
-            let plan = verify::Plan {
-                backends,
-                chunks: chunk,
-                seq_lens,
-                batch,
-                heads,
-                k,
-                v,
-                engine: engine(e),
-                threads,
-                seed,
-            };
-            println!("verify {} against the f64 reference: B={batch} H={heads} K={k} V={v}, tolerance {F32_TOLERANCE:.0e} (relative RMS)", loaded.rule.name);
+            let ptx_target = runs.iter().find_map(|(_, e)| match e {
+                Engine::Ptx { target, .. } => Some(*target),
+                _ => None,
+            });
+            let plan = verify::Plan { runs, chunks: chunk, seq_lens, batch, heads, k, v, threads, seed };
+            plan.check_ready()?;
+            let on_target = ptx_target.map(|t| format!(", PTX for {t}")).unwrap_or_default();
+            println!("verify {} against the f64 reference: B={batch} H={heads} K={k} V={v}{on_target}, tolerance {F32_TOLERANCE:.0e} (relative RMS)", loaded.rule.name);
             println!("{:<10} {:>5} {:>6} {:>12} {:>12}  result", "backend", "chunk", "T", "err o", "err hT");
             let rows = verify::verify(&loaded.rule, &plan, |r| {
                 println!(
                     "{:<10} {:>5} {:>6} {:>12.3e} {:>12.3e}  {}",
-                    r.backend.name(),
+                    r.label(),
                     r.chunk.map(|c| c.to_string()).unwrap_or_else(|| "-".into()),
                     r.seq_len,
                     r.err_o,

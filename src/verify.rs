@@ -3,6 +3,7 @@
 
 use crate::backend::{self, Backend, Engine, Options};
 use crate::error::Error;
+use crate::gpu::{self, Device};
 use chunkc_dsl::ast::{Domain, Rule};
 use chunkc_dsl::reference::Dims;
 use chunkc_runtime::io::Tensors;
@@ -91,6 +92,7 @@ pub fn random_inputs(rule: &Rule, dims: &Dims, seed: u64) -> Tensors {
 #[derive(Clone, Debug)]
 pub struct Row {
     pub backend: Backend,
+    pub engine: Engine,
     /// None for the recurrent kernel.
     pub chunk: Option<usize>,
     pub seq_len: usize,
@@ -99,34 +101,82 @@ pub struct Row {
     pub pass: bool,
 }
 
+impl Row {
+    /// The backend as the table shows it: `recurrent`, `chunked`, `ptx-sim` or `cuda` (for the
+    /// PTX engines the chunk column tells the kernel: `-` is the recurrent one).
+    pub fn label(&self) -> &'static str {
+        self.engine.label(self.backend)
+    }
+}
+
 /// The tolerance of the f32 paths (DESIGN.md).
 pub const F32_TOLERANCE: f64 = 1e-5;
+
+/// The long sequence of the default sweep on the CPU engines.
+pub const LONG_T: usize = 1000;
+
+/// The long sequence of the default sweep in the PTX simulator: several chunks at every
+/// default chunk size, with a tail (200 = 12 x 16 + 8 = 3 x 64 + 8 = 128 + 72), short
+/// enough for the simulator (see [`crate::gpu::SIM_MAX_ELEMENTS`]).
+pub const SIM_LONG_T: usize = 200;
 
 /// What to verify.
 #[derive(Clone, Debug)]
 pub struct Plan {
-    pub backends: Vec<Backend>,
+    /// Each kernel (`Recurrent` or `Chunked`) with the engine that runs it; a chunked kernel
+    /// runs once per chunk size.
+    pub runs: Vec<(Backend, Engine)>,
     pub chunks: Vec<usize>,
-    /// Sequence lengths; None means {1, C-1, C+1, 1000} for each chunk C.
+    /// Sequence lengths; None means {1, C-1, C+1, [`LONG_T`]} for each chunk C
+    /// ([`SIM_LONG_T`] instead of `LONG_T` for runs in the PTX simulator).
     pub seq_lens: Option<Vec<usize>>,
     pub batch: usize,
     pub heads: usize,
     pub k: usize,
     pub v: usize,
-    pub engine: Engine,
     pub threads: usize,
     pub seed: u64,
 }
 
-/// Runs every backend and chunk size on random inputs against the reference.
+impl Plan {
+    /// Fails, before anything runs, when a PTX device cannot take the plan: no CUDA device,
+    /// or a shape too large for the simulator.
+    pub fn check_ready(&self) -> Result<(), Error> {
+        for &(_, engine) in &self.runs {
+            if let (Engine::Ptx { device, .. }, Some(&t)) = (engine, self.lens_for(engine).iter().max()) {
+                gpu::check_ready(
+                    device,
+                    &Dims { batch: self.batch, seq_len: t, heads: self.heads, k: self.k, v: self.v },
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The sequence lengths `engine` runs at.
+    fn lens_for(&self, engine: Engine) -> Vec<usize> {
+        let long = match engine {
+            Engine::Ptx { device: Device::Sim, .. } => SIM_LONG_T,
+            _ => LONG_T,
+        };
+        let mut lens: Vec<usize> = match &self.seq_lens {
+            Some(l) => l.clone(),
+            None => self.chunks.iter().flat_map(|&c| [1, c.saturating_sub(1).max(1), c + 1, long]).collect(),
+        };
+        lens.sort_unstable();
+        lens.dedup();
+        lens
+    }
+}
+
+/// Runs every kernel, engine and chunk size on random inputs against the reference.
 pub fn verify(rule: &Rule, plan: &Plan, mut progress: impl FnMut(&Row)) -> Result<Vec<Row>, Error> {
     let mut rows = vec![];
-    let mut lens: Vec<usize> = match &plan.seq_lens {
-        Some(l) => l.clone(),
-        None => plan.chunks.iter().flat_map(|&c| [1, c.saturating_sub(1).max(1), c + 1, 1000]).collect(),
-    };
+    let per_run: Vec<Vec<usize>> = plan.runs.iter().map(|&(_, e)| plan.lens_for(e)).collect();
+    let mut lens: Vec<usize> = per_run.iter().flatten().copied().collect();
     lens.sort_unstable();
     lens.dedup();
+    plan.check_ready()?;
     for &t in &lens {
         let dims = Dims { batch: plan.batch, seq_len: t, heads: plan.heads, k: plan.k, v: plan.v };
         let inputs = random_inputs(rule, &dims, plan.seed ^ t as u64);
@@ -136,24 +186,23 @@ pub fn verify(rule: &Rule, plan: &Plan, mut progress: impl FnMut(&Row)) -> Resul
             "random inputs",
             &Options { backend: Backend::Reference, ..Default::default() },
         )?;
-        for &be in &plan.backends {
+        for (&(be, engine), run_lens) in plan.runs.iter().zip(&per_run) {
+            if !run_lens.contains(&t) {
+                continue;
+            }
             let chunks: Vec<Option<usize>> = match be {
                 Backend::Chunked => plan.chunks.iter().map(|&c| Some(c)).collect(),
                 _ => vec![None],
             };
             for chunk in chunks {
-                let opts = Options {
-                    backend: be,
-                    engine: plan.engine,
-                    chunk: chunk.unwrap_or(64),
-                    threads: plan.threads,
-                    scale: None,
-                };
+                let opts =
+                    Options { backend: be, engine, chunk: chunk.unwrap_or(64), threads: plan.threads, scale: None };
                 let out = backend::run(rule, &inputs, "random inputs", &opts)?;
                 let err_o = rel_rms(&out.o.data, &reference.o.data);
                 let err_ht = rel_rms(&out.ht.data, &reference.ht.data);
                 let row = Row {
                     backend: be,
+                    engine,
                     chunk,
                     seq_len: t,
                     err_o,

@@ -3,6 +3,7 @@
 
 use chunkc::runtime::io::write_safetensors;
 use chunkc::runtime::tensor::Tensor;
+use chunkc::verify::{rel_rms, F32_TOLERANCE};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -292,4 +293,96 @@ fn bench_prints_one_json_line_and_refuses_bad_shapes() {
     let o = chunkc(&["bench", "rules/simple_gla.toml", "--shape", "1,2,3"]);
     assert_eq!(o.status.code(), Some(1));
     assert_eq!(stderr(&o), "error: --shape takes five sizes: B,T,H,K,V\n");
+}
+
+// ---------------------------------------------------------------------------------------
+// The PTX backends.
+
+/// `chunkc run` on the simple_gla inputs into its own output file; returns (o, hT).
+fn run_simple_gla_to(name: &str, extra: &[&str]) -> (Vec<f32>, Vec<f32>) {
+    let inputs = write(&format!("{name}-in.safetensors"), &simple_gla_inputs());
+    let out = tmp(&format!("{name}-out.safetensors"));
+    let mut args =
+        vec!["run", "rules/simple_gla.toml", "--inputs", inputs.to_str().unwrap(), "--out", out.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let o = chunkc(&args);
+    assert!(o.status.success(), "{extra:?}: {}", stderr(&o));
+    let (t, meta) = chunkc::runtime::io::read_safetensors(&out).expect("outputs readable");
+    let backend = extra.iter().skip_while(|a| **a != "--backend").nth(1).copied().unwrap_or("chunked");
+    assert_eq!(meta.get("backend").map(String::as_str), Some(backend), "{meta:?}");
+    (t["o"].data.clone(), t["hT"].data.clone())
+}
+
+#[test]
+fn ptx_sim_run_matches_the_reference() {
+    let (want_o, want_ht) = run_simple_gla_to("sim-ref", &["--backend", "reference"]);
+    for (name, extra) in [
+        ("sim-rec", vec!["--backend", "ptx-sim", "--kernel", "recurrent"]),
+        ("sim-c2", vec!["--backend", "ptx-sim", "--chunk", "2", "--target", "sm_80"]),
+        ("sim-c16", vec!["--backend", "ptx-sim", "--kernel", "chunked", "--chunk", "16", "--target", "sm_90"]),
+    ] {
+        let (o, ht) = run_simple_gla_to(name, &extra);
+        let (eo, eh) = (rel_rms(&o, &want_o), rel_rms(&ht, &want_ht));
+        assert!(eo <= F32_TOLERANCE && eh <= F32_TOLERANCE, "{extra:?}: o {eo:.2e}, hT {eh:.2e}");
+    }
+}
+
+#[test]
+fn ptx_sim_verify_passes_and_refuses_shapes_too_large_for_the_simulator() {
+    let o = chunkc(&["verify", "rules/gated_delta_rule.toml", "--backend", "ptx-sim", "--chunk", "16", "--T", "1,17"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("PTX for sm_90") && stdout(&o).contains("4 passed, 0 failed"), "{}", stdout(&o));
+
+    let o =
+        chunkc(&["verify", "rules/simple_gla.toml", "--backend", "ptx-sim", "--T", "1000", "--K", "64", "--V", "64"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(
+        stderr(&o),
+        format!(
+            "error: --backend ptx-sim: B*H*T*K*V = 2*2*1000*64*64 is over the simulator's limit of {} (it interprets \
+             every GPU thread on the CPU); use a smaller shape, or --backend cuda on a GPU\n",
+            chunkc::gpu::SIM_MAX_ELEMENTS
+        )
+    );
+    assert!(stdout(&o).is_empty(), "nothing runs before the error: {}", stdout(&o));
+}
+
+#[test]
+fn cuda_without_a_gpu_is_one_line_and_a_failure() {
+    let Err(why) = chunkc::runtime::cuda::device_count() else {
+        println!("a CUDA device is present: tests/gpu.rs covers --backend cuda");
+        return;
+    };
+    let want = format!("error: --backend cuda: {why}\n");
+    let p = write("cuda.safetensors", &simple_gla_inputs());
+    let o = run_simple_gla(&p, &["--backend", "cuda"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(stderr(&o), want);
+    let o = chunkc(&["verify", "rules/simple_gla.toml", "--backend", "cuda", "--T", "5"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(stderr(&o), want);
+    assert!(stdout(&o).is_empty(), "{}", stdout(&o));
+}
+
+#[test]
+fn bad_target_and_misplaced_ptx_flags_are_clear_errors() {
+    let p = write("target.safetensors", &simple_gla_inputs());
+    let o = run_simple_gla(&p, &["--backend", "ptx-sim", "--target", "sm_70"]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = stderr(&o);
+    assert!(err.starts_with("error: invalid value 'sm_70' for '--target <TARGET>'"), "{err}");
+    assert!(err.contains("[possible values: sm_80, sm_90]"), "{err}");
+
+    let o = run_simple_gla(&p, &["--backend", "chunked", "--target", "sm_80"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(
+        stderr(&o),
+        "error: --target goes with --backend ptx-sim or cuda (the CPU backends are named by their kernel)\n"
+    );
+    let o = run_simple_gla(&p, &["--kernel", "recurrent"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(
+        stderr(&o),
+        "error: --kernel goes with --backend ptx-sim or cuda (the CPU backends are named by their kernel)\n"
+    );
 }

@@ -1,87 +1,42 @@
 //! Outside truth: every case in ../shared/goldens (flash-linear-attention's own naive
-//! references) through `chunkc run`, with the recurrent and the chunked CPU kernels at chunk
-//! 16, 32, 64 and 128, within 1e-5 relative RMS error on `o` and `hT`.
+//! references) through `chunkc run`, within 1e-5 relative RMS error on `o` and `hT`:
+//! - on the CPU, the recurrent and the chunked kernels at chunk 16, 32, 64 and 128;
+//! - as PTX in the simulator (`--backend ptx-sim`), the recurrent kernel and the chunked one
+//!   at chunk 16 and 64, for sm_90 and sm_80 (the simulator runs the PTX text, so both
+//!   targets' output is executed).
 
-use chunkc::runtime::io::read_safetensors;
-use chunkc::verify::{rel_rms, F32_TOLERANCE};
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// The goldens folder: $CHUNKC_GOLDENS, else ../shared/goldens beside the checkout.
-fn goldens_dir() -> Option<PathBuf> {
-    let dir = std::env::var_os("CHUNKC_GOLDENS").map(PathBuf::from).unwrap_or_else(|| root().join("../shared/goldens"));
-    if dir.join("index.json").is_file() {
-        return Some(dir);
-    }
-    // In CI the goldens must be there: a missing folder fails rather than passing silently.
-    assert!(std::env::var_os("CI").is_none(), "goldens not found at {} (set CHUNKC_GOLDENS)", dir.display());
-    eprintln!("skipped: no goldens at {} (set CHUNKC_GOLDENS)", dir.display());
-    None
-}
-
-fn run_case(file: &Path, family: &str, args: &[&str], out: &Path) -> (Vec<f32>, Option<Vec<f32>>) {
-    let rule = root().join("rules").join(format!("{family}.toml"));
-    let status = Command::new(env!("CARGO_BIN_EXE_chunkc"))
-        .arg("run")
-        .arg(&rule)
-        .arg("--inputs")
-        .arg(file)
-        .arg("--out")
-        .arg(out)
-        .args(args)
-        .output()
-        .expect("chunkc runs");
-    assert!(
-        status.status.success(),
-        "chunkc run {family} {args:?} failed:\n{}",
-        String::from_utf8_lossy(&status.stderr)
-    );
-    let (t, _) = read_safetensors(out).expect("output readable");
-    (t["o"].data.clone(), t.get("hT").map(|x| x.data.clone()))
-}
+use common::{check_every_golden, goldens_dir};
 
 #[test]
 fn every_golden_through_chunkc_run() {
     let Some(dir) = goldens_dir() else { return };
-    let index: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("index.json")).expect("index.json")).expect("json");
-    let cases = index.as_array().expect("index is a list");
-    assert!(cases.len() >= 18, "expected the 18 golden cases, found {}", cases.len());
-    let tmp = std::env::temp_dir().join(format!("chunkc-goldens-{}", std::process::id()));
-    std::fs::create_dir_all(&tmp).expect("temp dir");
-    let mut failures = vec![];
-    let mut checked = 0;
-    for case in cases {
-        let file = dir.join(case["file"].as_str().expect("file"));
-        let family = case["family"].as_str().expect("family");
-        let (want, _) = read_safetensors(&file).expect("golden readable");
-        let configs: Vec<Vec<&str>> = std::iter::once(vec!["--backend", "recurrent"])
-            .chain(["16", "32", "64", "128"].iter().map(|c| vec!["--backend", "chunked", "--chunk", c]))
-            .collect();
-        for cfg in configs {
-            let out = tmp.join("out.safetensors");
-            let (o, ht) = run_case(&file, family, &cfg, &out);
-            let err_o = rel_rms(&o, &want["o"].data);
-            let err_ht = match (want.get("hT"), ht) {
-                (Some(w), Some(h)) => rel_rms(&h, &w.data),
-                (None, _) => 0.0,
-                (Some(_), None) => f64::INFINITY,
-            };
-            println!(
-                "{:<28} {:<28} err o {err_o:.2e}  err hT {err_ht:.2e}",
-                case["file"].as_str().unwrap_or(""),
-                cfg.join(" ")
-            );
-            if !(err_o <= F32_TOLERANCE && err_ht <= F32_TOLERANCE) {
-                failures.push(format!("{} {}: o {err_o:.2e}, hT {err_ht:.2e}", family, cfg.join(" ")));
-            }
-            checked += 1;
-        }
-    }
-    let _ = std::fs::remove_dir_all(&tmp);
-    assert!(failures.is_empty(), "{} of {checked} golden runs failed:\n{}", failures.len(), failures.join("\n"));
+    let configs: Vec<Vec<&str>> = std::iter::once(vec!["--backend", "recurrent"])
+        .chain(["16", "32", "64", "128"].iter().map(|c| vec!["--backend", "chunked", "--chunk", c]))
+        .collect();
+    check_every_golden(&dir, "cpu", &configs);
+}
+
+/// `--backend ptx-sim --target TARGET` plus `kernel` on every golden; one test per
+/// configuration, so that the test harness runs them on separate cores.
+fn goldens_in_the_simulator(tag: &str, target: &'static str, kernel: &[&'static str]) {
+    let Some(dir) = goldens_dir() else { return };
+    let config = [&["--backend", "ptx-sim", "--target", target][..], kernel].concat();
+    check_every_golden(&dir, tag, &[config]);
+}
+
+#[test]
+fn every_golden_through_the_ptx_simulator_recurrent_sm90() {
+    goldens_in_the_simulator("sim-rec", "sm_90", &["--kernel", "recurrent"]);
+}
+
+#[test]
+fn every_golden_through_the_ptx_simulator_chunked_c16_sm80() {
+    goldens_in_the_simulator("sim-c16", "sm_80", &["--kernel", "chunked", "--chunk", "16"]);
+}
+
+#[test]
+fn every_golden_through_the_ptx_simulator_chunked_c64_sm90() {
+    goldens_in_the_simulator("sim-c64", "sm_90", &["--kernel", "chunked", "--chunk", "64"]);
 }

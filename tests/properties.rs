@@ -15,13 +15,19 @@
 //! so that their state stays bounded and the non-linearity well conditioned in f32 (see the
 //! comments in `render_nonlinear` for the forms that were tried and why they were changed).
 //!
-//! Runs are deterministic (fixed RNG seed): 48 linear and 16 non-linear cases, a few seconds
-//! in a debug build. Deeper or different runs: `PROPTEST_CASES=3000`, `PROPTEST_RNG_SEED=n`;
+//! The same generator also runs through the PTX simulator (`Engine::Ptx`, `Device::Sim`):
+//! every kernel's emitted PTX executed on the CPU, on smaller shapes ([`sim_shape`]: the
+//! simulator interprets every GPU thread), against the same reference and tolerance.
+//!
+//! Runs are deterministic (fixed RNG seed): 48 linear and 16 non-linear cases on the CPU, 24
+//! and 8 in the simulator, a few seconds each in a release build. Deeper or different runs: `PROPTEST_CASES=3000`, `PROPTEST_RNG_SEED=n`;
 //! `CHUNKC_PROPTEST_SHOW=1` prints every generated rule and shape (with `--nocapture`).
 
-use chunkc::backend::{run, Backend, Options};
+use chunkc::backend::{run, Backend, Engine, Options};
+use chunkc::codegen::ptx::Sm;
 use chunkc::dsl::canon::canonicalize;
 use chunkc::dsl::reference::Dims;
+use chunkc::gpu::Device;
 use chunkc::runtime::io::Tensors;
 use chunkc::runtime::tensor::Tensor;
 use chunkc::verify::{random_inputs, rel_rms, Rng, F32_TOLERANCE};
@@ -512,11 +518,26 @@ fn shape() -> impl Strategy<Value = Shape> {
         .prop_map(|(batch, heads, seq_len, k, v, chunk, seed)| Shape { batch, heads, seq_len, k, v, chunk, seed })
 }
 
+/// Shapes for the PTX simulator: B, H <= 2, T <= 70, K, V <= 16 (at most 72k token-state
+/// elements, a fraction of a second per run), chunks mostly 16/32/64 with odd ones mixed in,
+/// T rarely a multiple of the chunk.
+fn sim_shape() -> impl Strategy<Value = Shape> {
+    let chunk = prop_oneof![4 => select(vec![16usize, 32, 64]), 1 => select(vec![1usize, 3, 5, 8, 24, 40])];
+    let seq_len = prop_oneof![1 => 1usize..=4, 4 => 1usize..=70];
+    (1usize..=2, 1usize..=2, seq_len, 1usize..=16, 1usize..=16, chunk, any::<u64>())
+        .prop_map(|(batch, heads, seq_len, k, v, chunk, seed)| Shape { batch, heads, seq_len, k, v, chunk, seed })
+}
+
 // ---------------------------------------------------------------------------------------
 // Checking.
 
 fn opts(backend: Backend, chunk: usize) -> Options {
     Options { backend, chunk, ..Options::default() }
+}
+
+/// The simulator running PTX for `target`.
+fn sim(target: Sm) -> Engine {
+    Engine::Ptx { device: Device::Sim, target }
 }
 
 /// Runs `backend` and compares `o` and `hT` with the reference outputs.
@@ -525,19 +546,24 @@ fn compare(
     inputs: &Tensors,
     reference: &chunkc::Outputs,
     backend: Backend,
+    engine: Engine,
     chunk: usize,
 ) -> Result<(f64, f64), String> {
-    let out = run(rule, inputs, "random inputs", &opts(backend, chunk))
-        .map_err(|e| format!("{} failed: {e}", backend.name()))?;
+    let label = engine.label(backend);
+    let out = run(rule, inputs, "random inputs", &Options { engine, ..opts(backend, chunk) })
+        .map_err(|e| format!("{label} {} failed: {e}", backend.name()))?;
     let (eo, eh) = (rel_rms(&out.o.data, &reference.o.data), rel_rms(&out.ht.data, &reference.ht.data));
     if eo <= F32_TOLERANCE && eh <= F32_TOLERANCE {
         Ok((eo, eh))
     } else {
-        Err(format!("{} (chunk {chunk}): rel RMS error o {eo:.3e}, hT {eh:.3e} > {F32_TOLERANCE:e}", backend.name()))
+        Err(format!(
+            "{label} {} (chunk {chunk}): rel RMS error o {eo:.3e}, hT {eh:.3e} > {F32_TOLERANCE:e}",
+            backend.name()
+        ))
     }
 }
 
-fn check(text: &str, shape: &Shape, chunkable: bool) -> Result<(), TestCaseError> {
+fn check(text: &str, shape: &Shape, chunkable: bool, engine: Engine) -> Result<(), TestCaseError> {
     let rule = chunkc::dsl::parse_rule("generated.toml", text)
         .map_err(|d| TestCaseError::fail(format!("generated rule does not parse:\n{d}\n{text}")))?;
     let canon = canonicalize(&rule);
@@ -559,7 +585,7 @@ fn check(text: &str, shape: &Shape, chunkable: bool) -> Result<(), TestCaseError
         backends.push((Backend::Chunked, shape.chunk));
     }
     for (be, chunk) in backends {
-        compare(&rule, &inputs, &reference, be, chunk)
+        compare(&rule, &inputs, &reference, be, engine, chunk)
             .map_err(|m| TestCaseError::fail(format!("{m}\nshape {shape:?}\nrule:\n{text}")))?;
     }
     Ok(())
@@ -580,7 +606,7 @@ proptest! {
     #![proptest_config(config(48))]
     #[test]
     fn random_linear_rules_agree_with_the_reference(spec in linear_spec(), shape in shape()) {
-        check(&render_linear(&spec), &shape, true)?;
+        check(&render_linear(&spec), &shape, true, Engine::Jit)?;
     }
 }
 
@@ -588,7 +614,23 @@ proptest! {
     #![proptest_config(config(16))]
     #[test]
     fn random_nonlinear_rules_run_recurrent_and_are_not_chunkable(spec in nonlinear_spec(), shape in shape()) {
-        check(&render_nonlinear(&spec), &shape, false)?;
+        check(&render_nonlinear(&spec), &shape, false, Engine::Jit)?;
+    }
+}
+
+proptest! {
+    #![proptest_config(config(24))]
+    #[test]
+    fn random_linear_rules_agree_with_the_reference_in_the_ptx_simulator(spec in linear_spec(), shape in sim_shape()) {
+        check(&render_linear(&spec), &shape, true, sim(Sm::Sm90))?;
+    }
+}
+
+proptest! {
+    #![proptest_config(config(8))]
+    #[test]
+    fn random_nonlinear_rules_run_recurrent_in_the_ptx_simulator(spec in nonlinear_spec(), shape in sim_shape()) {
+        check(&render_nonlinear(&spec), &shape, false, sim(Sm::Sm80))?;
     }
 }
 
@@ -645,15 +687,13 @@ fn stress_gates(shape: Vec<usize>, seq_len: usize, spike: usize, rng: &mut Rng) 
     Tensor { shape, data }
 }
 
-#[test]
-fn strong_decay_spike_among_near_zero_gates() {
+/// The spike test on `engine` at `chunks`: a -20 log gate at each token of `spikes`.
+fn strong_decay_spike(engine: Engine, chunks: &[usize], spikes: &[usize]) {
     let (batch, heads, seq_len, k, v) = (1, 2, 200, 24, 20);
     let mut failures = vec![];
     for (src, gate_name, per_channel) in [(SIMPLE_GLA, "g", false), (GLA, "gk", true)] {
         let rule = chunkc::dsl::parse_rule("stress.toml", src).expect("stress rule parses");
-        // The spike at a chunk's first token (the longest run of near-zero gates after it
-        // inside the chunk), in the middle of a chunk, and at a chunk's last token.
-        for spike in [0usize, 3, 63, 64, 100, 127, 128, 199] {
+        for &spike in spikes {
             let mut rng = Rng::new(1000 + spike as u64);
             let mut inputs = Tensors::new();
             inputs.insert("q".into(), normal_tensor(&mut rng, vec![batch, seq_len, heads, k], 1.0));
@@ -663,17 +703,32 @@ fn strong_decay_spike_among_near_zero_gates() {
             let gshape = if per_channel { vec![batch, seq_len, heads, k] } else { vec![batch, seq_len, heads] };
             inputs.insert(gate_name.into(), stress_gates(gshape, seq_len, spike, &mut rng));
             let reference = run(&rule, &inputs, "stress", &opts(Backend::Reference, 64)).expect("reference runs");
-            for chunk in [64, 128] {
-                match compare(&rule, &inputs, &reference, Backend::Chunked, chunk) {
-                    Ok((eo, eh)) => {
-                        println!("{} spike at {spike:>3} chunk {chunk:>3}: o {eo:.2e} hT {eh:.2e}", rule.name)
-                    }
+            for &chunk in chunks {
+                match compare(&rule, &inputs, &reference, Backend::Chunked, engine, chunk) {
+                    Ok((eo, eh)) => println!(
+                        "{} {} spike at {spike:>3} chunk {chunk:>3}: o {eo:.2e} hT {eh:.2e}",
+                        engine.label(Backend::Chunked),
+                        rule.name
+                    ),
                     Err(m) => failures.push(format!("{} spike at {spike}: {m}", rule.name)),
                 }
             }
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The spike at a chunk's first token (the longest run of near-zero gates after it inside the
+/// chunk), in the middle of a chunk, and at a chunk's last token.
+#[test]
+fn strong_decay_spike_among_near_zero_gates() {
+    strong_decay_spike(Engine::Jit, &[64, 128], &[0, 3, 63, 64, 100, 127, 128, 199]);
+}
+
+/// The same in the PTX simulator (its `ex2.approx` stands in for the GPU's), at chunk 64.
+#[test]
+fn strong_decay_spike_among_near_zero_gates_in_the_ptx_simulator() {
+    strong_decay_spike(sim(Sm::Sm90), &[64], &[0, 63, 64, 127]);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -690,7 +745,7 @@ fn regression_vector_gate_chunk_not_a_multiple_of_16() {
         let shape = Shape { batch: 1, heads: 1, seq_len: 130, k: 4, v: 4, chunk, seed: 1 };
         let inputs = random_inputs(&rule, &shape.dims(), shape.seed);
         let reference = run(&rule, &inputs, "random inputs", &opts(Backend::Reference, 64)).expect("reference runs");
-        if let Err(m) = compare(&rule, &inputs, &reference, Backend::Chunked, chunk) {
+        if let Err(m) = compare(&rule, &inputs, &reference, Backend::Chunked, Engine::Jit, chunk) {
             failures.push(format!("per-channel gate at chunk {chunk}: {m}"));
         }
     }
@@ -736,7 +791,7 @@ beta = { shape = "scalar", domain = "unit" }
         let inputs = random_inputs(&rule, &shape.dims(), shape.seed);
         let reference = run(&rule, &inputs, "random inputs", &opts(Backend::Reference, 64)).expect("reference runs");
         for (be, chunk) in [(Backend::Recurrent, 64), (Backend::Chunked, shape.chunk)] {
-            if let Err(m) = compare(&rule, &inputs, &reference, be, chunk) {
+            if let Err(m) = compare(&rule, &inputs, &reference, be, Engine::Jit, chunk) {
                 failures.push(format!("{}: {shape:?}: {m}", rule.name));
             }
         }

@@ -18,14 +18,13 @@ fn every_rule_passes_the_default_verify_sweep() {
         let loaded = chunkc::load_rule(&path).unwrap_or_else(|e| panic!("{e}"));
         assert!(loaded.canonical.is_ok(), "{}: every built-in rule is chunkable", path.display());
         let plan = Plan {
-            backends: vec![Backend::Recurrent, Backend::Chunked],
+            runs: vec![(Backend::Recurrent, Engine::Jit), (Backend::Chunked, Engine::Jit)],
             chunks: vec![16, 32, 64, 128],
             seq_lens: None,
             batch: 2,
             heads: 2,
             k: 32,
             v: 40,
-            engine: Engine::Jit,
             threads: 0,
             seed: 1,
         };
@@ -37,7 +36,7 @@ fn every_rule_passes_the_default_verify_sweep() {
             failures.push(format!(
                 "{} {} chunk {:?} T={}: o {:.2e}, hT {:.2e}",
                 loaded.rule.name,
-                r.backend.name(),
+                r.label(),
                 r.chunk,
                 r.seq_len,
                 r.err_o,

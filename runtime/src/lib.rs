@@ -1,8 +1,11 @@
-//! chunkc's runtime: tensors, safetensors I/O and the CPU executor. A program that embeds
-//! kernels generated ahead of time needs this crate, not the compiler.
+//! chunkc's runtime: tensors, safetensors I/O and the executors (CPU threads, the PTX
+//! simulator, CUDA). A program that embeds kernels generated ahead of time needs this
+//! crate, not the compiler.
 
+pub mod cuda;
 pub mod error;
 pub mod exec;
 pub mod io;
+pub mod launch;
 pub mod ptxsim;
 pub mod tensor;

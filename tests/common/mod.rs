@@ -1,0 +1,86 @@
+//! What the goldens tests share (tests/goldens.rs, tests/gpu.rs): finding the goldens,
+//! running `chunkc run` on a case, and checking every case under a list of configurations.
+
+#![allow(dead_code)] // each test binary uses part of it
+
+use chunkc::runtime::io::read_safetensors;
+use chunkc::verify::{rel_rms, F32_TOLERANCE};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The goldens folder: $CHUNKC_GOLDENS, else ../shared/goldens beside the checkout.
+pub fn goldens_dir() -> Option<PathBuf> {
+    let dir = std::env::var_os("CHUNKC_GOLDENS").map(PathBuf::from).unwrap_or_else(|| root().join("../shared/goldens"));
+    if dir.join("index.json").is_file() {
+        return Some(dir);
+    }
+    // In CI the goldens must be there: a missing folder fails rather than passing silently.
+    assert!(std::env::var_os("CI").is_none(), "goldens not found at {} (set CHUNKC_GOLDENS)", dir.display());
+    eprintln!("skipped: no goldens at {} (set CHUNKC_GOLDENS)", dir.display());
+    None
+}
+
+/// `chunkc run` on one golden file; returns `o` and `hT` (when written).
+pub fn run_case(file: &Path, family: &str, args: &[&str], out: &Path) -> (Vec<f32>, Option<Vec<f32>>) {
+    let rule = root().join("rules").join(format!("{family}.toml"));
+    let status = Command::new(env!("CARGO_BIN_EXE_chunkc"))
+        .arg("run")
+        .arg(&rule)
+        .arg("--inputs")
+        .arg(file)
+        .arg("--out")
+        .arg(out)
+        .args(args)
+        .output()
+        .expect("chunkc runs");
+    assert!(
+        status.status.success(),
+        "chunkc run {family} {args:?} failed:\n{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let (t, _) = read_safetensors(out).expect("output readable");
+    (t["o"].data.clone(), t.get("hT").map(|x| x.data.clone()))
+}
+
+/// Every golden case under every configuration (extra `chunkc run` arguments), each held to
+/// the f32 tolerance on `o` and `hT`; prints one line per run. `tag` names the temp folder.
+pub fn check_every_golden(dir: &Path, tag: &str, configs: &[Vec<&str>]) {
+    let index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("index.json")).expect("index.json")).expect("json");
+    let cases = index.as_array().expect("index is a list");
+    assert!(cases.len() >= 18, "expected the 18 golden cases, found {}", cases.len());
+    let tmp = std::env::temp_dir().join(format!("chunkc-goldens-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).expect("temp dir");
+    let mut failures = vec![];
+    let mut checked = 0;
+    for case in cases {
+        let file = dir.join(case["file"].as_str().expect("file"));
+        let family = case["family"].as_str().expect("family");
+        let (want, _) = read_safetensors(&file).expect("golden readable");
+        for cfg in configs {
+            let out = tmp.join("out.safetensors");
+            let (o, ht) = run_case(&file, family, cfg, &out);
+            let err_o = rel_rms(&o, &want["o"].data);
+            let err_ht = match (want.get("hT"), ht) {
+                (Some(w), Some(h)) => rel_rms(&h, &w.data),
+                (None, _) => 0.0,
+                (Some(_), None) => f64::INFINITY,
+            };
+            println!(
+                "{:<28} {:<44} err o {err_o:.2e}  err hT {err_ht:.2e}",
+                case["file"].as_str().unwrap_or(""),
+                cfg.join(" ")
+            );
+            if !(err_o <= F32_TOLERANCE && err_ht <= F32_TOLERANCE) {
+                failures.push(format!("{} {}: o {err_o:.2e}, hT {err_ht:.2e}", family, cfg.join(" ")));
+            }
+            checked += 1;
+        }
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+    assert!(failures.is_empty(), "{} of {checked} golden runs failed:\n{}", failures.len(), failures.join("\n"));
+}

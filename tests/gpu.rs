@@ -1,0 +1,98 @@
+//! Rung 6 of the verification ladder: with a CUDA device, every golden case through
+//! `chunkc run --backend cuda` (recurrent, chunked at 16/32/64/128) and a property-style
+//! sweep (every rule in rules/, random shapes with T not a multiple of the chunk, recurrent and
+//! chunked kernels) through the CUDA engine against the f64 reference, within 1e-5 relative
+//! RMS. Without a driver or a device it prints `skipped: no CUDA device` and passes: CI has
+//! no GPU, so this file only means something on a machine that has one.
+
+mod common;
+
+use chunkc::backend::{run, Backend, Engine, Options};
+use chunkc::codegen::ptx::Sm;
+use chunkc::dsl::reference::Dims;
+use chunkc::gpu::Device;
+use chunkc::runtime::cuda;
+use chunkc::verify::{random_inputs, rel_rms, Rng, F32_TOLERANCE};
+use common::{check_every_golden, goldens_dir, root};
+
+#[test]
+fn cuda_backend_matches_the_goldens_and_the_reference() {
+    // No driver, no device, or a driver that cannot count its devices: nothing to test here.
+    if cuda::device_count().is_err() {
+        println!("skipped: no CUDA device");
+        return;
+    }
+    let dev = cuda::device_info().unwrap_or_else(|e| panic!("the driver reports a device, but it is unusable: {e}"));
+    let (target, name) = match dev.sm {
+        90.. => (Sm::Sm90, "sm_90"),
+        80.. => (Sm::Sm80, "sm_80"),
+        _ => {
+            println!("skipped: CUDA device 0 ({}) is sm_{}; the PTX targets need sm_80 or newer", dev.name, dev.sm);
+            return;
+        }
+    };
+    println!("CUDA device 0: {} (sm_{}), PTX for {name}", dev.name, dev.sm);
+    if let Some(dir) = goldens_dir() {
+        let cuda = |extra: &[&'static str]| [&["--backend", "cuda", "--target", name][..], extra].concat();
+        let mut configs = vec![cuda(&["--kernel", "recurrent"])];
+        for c in ["16", "32", "64", "128"] {
+            configs.push(cuda(&["--kernel", "chunked", "--chunk", c]));
+        }
+        check_every_golden(&dir, "cuda", &configs);
+    }
+    random_shapes_agree_with_the_reference(target);
+}
+
+/// Four random shapes per rule; each runs the recurrent kernel and the chunked one at a
+/// random chunk on the device.
+fn random_shapes_agree_with_the_reference(target: Sm) {
+    let mut paths: Vec<_> = std::fs::read_dir(root().join("rules"))
+        .expect("rules/")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    paths.sort();
+    let mut rng = Rng::new(0x6b75_6461);
+    let mut pick = |lo: usize, hi: usize| lo + (rng.next_u64() % (hi - lo + 1) as u64) as usize;
+    let engine = Engine::Ptx { device: Device::Cuda, target };
+    let mut failures = vec![];
+    let mut runs = 0;
+    for path in paths {
+        let loaded = chunkc::load_rule(&path).unwrap_or_else(|e| panic!("{e}"));
+        let rule = &loaded.rule;
+        for _ in 0..4 {
+            let chunk = [16, 32, 64, 128][pick(0, 3)];
+            let mut seq_len = pick(1, 600);
+            if seq_len % chunk == 0 {
+                seq_len += pick(1, chunk - 1);
+            }
+            let dims = Dims { batch: pick(1, 2), seq_len, heads: pick(1, 4), k: pick(1, 128), v: pick(1, 128) };
+            let seed = pick(0, 1 << 30) as u64;
+            let inputs = random_inputs(rule, &dims, seed);
+            let reference =
+                run(rule, &inputs, "random inputs", &Options { backend: Backend::Reference, ..Default::default() })
+                    .expect("reference runs");
+            let mut kernels = vec![Backend::Recurrent];
+            if loaded.canonical.is_ok() {
+                kernels.push(Backend::Chunked);
+            }
+            for backend in kernels {
+                let opts = Options { backend, engine, chunk, ..Default::default() };
+                let what = format!("{} {} chunk {chunk} {dims:?} seed {seed}", rule.name, backend.name());
+                runs += 1;
+                match run(rule, &inputs, "random inputs", &opts) {
+                    Ok(out) => {
+                        let (eo, eh) =
+                            (rel_rms(&out.o.data, &reference.o.data), rel_rms(&out.ht.data, &reference.ht.data));
+                        println!("{what}: o {eo:.2e}, hT {eh:.2e}");
+                        if !(eo <= F32_TOLERANCE && eh <= F32_TOLERANCE) {
+                            failures.push(format!("{what}: o {eo:.2e}, hT {eh:.2e}"));
+                        }
+                    }
+                    Err(e) => failures.push(format!("{what}: {e}")),
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{} of {runs} CUDA runs failed:\n{}", failures.len(), failures.join("\n"));
+}
