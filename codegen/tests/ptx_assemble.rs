@@ -15,8 +15,8 @@ use chunkc_codegen::builder::Builder;
 use chunkc_codegen::ir::*;
 use chunkc_codegen::plan::{chunked, recurrent, Schedule, Shape};
 use chunkc_codegen::ptx::{
-    self, assemble, emit, emit_with, find_ptxas, EmitOptions, ParamKind, PtxKernel, Sm, TileSpace, BLOCK_THREADS,
-    PTXAS_MISSING,
+    self, assemble, emit, emit_scheduled, emit_with, find_ptxas, DotPrecision, EmitOptions, ParamKind, PtxKernel,
+    PtxSchedule, Sm, TileSpace, BLOCK_THREADS, PTXAS_MISSING,
 };
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -61,6 +61,8 @@ fn library_kernels() -> Vec<(String, Kernel)> {
     out
 }
 
+/// Every library kernel under every default schedule (f32 fma, tf32, bf16) for both targets:
+/// no ptxas error, no spill; a chunked kernel under a tensor-core schedule must contain mma.
 #[test]
 fn every_rule_assembles_for_sm80_and_sm90() {
     if find_ptxas().is_none() {
@@ -71,8 +73,11 @@ fn every_rule_assembles_for_sm80_and_sm90() {
         return;
     }
     let kernels = library_kernels();
-    let jobs: Vec<(&str, &Kernel, Sm)> =
-        kernels.iter().flat_map(|(l, k)| TARGETS.map(|t| (l.as_str(), k, t))).collect();
+    let schedules = PtxSchedule::defaults();
+    let jobs: Vec<(&str, &Kernel, Sm, PtxSchedule)> = kernels
+        .iter()
+        .flat_map(|(l, k)| schedules.iter().flat_map(move |s| TARGETS.map(|t| (l.as_str(), k, t, *s))))
+        .collect();
     // ptxas is single-threaded: assemble on every core, print in order.
     let next = AtomicUsize::new(0);
     let results: Mutex<Vec<Option<Result<String, String>>>> = Mutex::new(vec![None; jobs.len()]);
@@ -82,19 +87,26 @@ fn every_rule_assembles_for_sm80_and_sm90() {
         for _ in 0..workers {
             s.spawn(|| loop {
                 let n = next.fetch_add(1, Ordering::Relaxed);
-                let Some(&(label, kernel, target)) = jobs.get(n) else { break };
-                let line = match emit(kernel, target) {
-                    Err(e) => Err(format!("{label} {target}: emit: {e}")),
+                let Some(&(label, kernel, target, sched)) = jobs.get(n) else { break };
+                let dot = sched.dot.name();
+                let line = match emit_scheduled(kernel, target, EmitOptions::default(), &sched) {
+                    Err(e) => Err(format!("{label} {dot} {target}: emit: {e}")),
                     Ok(PtxKernel { ptx, meta }) => match dump(&ptx, &meta).and_then(|()| assemble(&ptx, target)) {
-                        Err(e) => Err(format!("{label} {target}: {e}")),
-                        Ok(r) if r.spill_stores + r.spill_loads > 0 => Err(format!("{label} {target}: spills: {r}")),
+                        Err(e) => Err(format!("{label} {dot} {target}: {e}")),
+                        Ok(r) if r.spill_stores + r.spill_loads > 0 => {
+                            Err(format!("{label} {dot} {target}: spills: {r}"))
+                        }
+                        Ok(_) if label.contains("chunked") && sched.dot.tensor_cores() && !ptx.contains("mma.sync") => {
+                            Err(format!("{label} {dot} {target}: no dot ran on tensor cores"))
+                        }
                         Ok(r) => {
                             version.lock().unwrap().clone_from(&r.version);
                             let place = match meta.tile_space {
                                 TileSpace::Shared => format!("smem {} B", meta.dynamic_smem_bytes),
                                 TileSpace::Global => format!("scratch {} B/CTA", meta.scratch_bytes_per_cta),
                             };
-                            Ok(format!("{label:<40} {r} | tiles: {place}"))
+                            let stage = meta.static_smem_bytes;
+                            Ok(format!("{label:<40} {dot:<4} {r} | tiles: {place}, staging {stage} B"))
                         }
                     },
                 };
@@ -110,7 +122,7 @@ fn every_rule_assembles_for_sm80_and_sm90() {
         }
     }
     let version = version.into_inner().unwrap();
-    println!("ptxas: {version}; {} kernels x {} targets", kernels.len(), TARGETS.len());
+    println!("ptxas: {version}; {} kernels x {} schedules x {} targets", kernels.len(), schedules.len(), TARGETS.len());
     assert!(failures.is_empty(), "ptxas rejected:\n{}", failures.join("\n"));
 }
 

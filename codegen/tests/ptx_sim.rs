@@ -193,3 +193,71 @@ fn every_rule_runs_cleanly_in_the_simulator() {
     }
     assert!(failures.is_empty(), "over the f32 budget:\n{}", failures.join("\n"));
 }
+
+/// The tensor-core rung: every rule's chunked kernel (c16; GLA-style rules in sub-chunks of
+/// 16) under each tensor-core schedule, and the f32 schedule with `cp.async` loads, runs in
+/// the simulator against the f64 reference at T = 37 (not a multiple of the chunk), K = V =
+/// 16 and 24 (24: m, n and k padded to the instruction shapes), with outputs NaN-poisoned.
+/// Each is held to its precision's budget (f32 1e-5, tf32 1e-3, bf16/f16 1e-2), and a
+/// tensor-core schedule must have put at least one dot on tensor cores.
+#[test]
+fn tensor_core_kernels_match_the_reference_in_the_simulator() {
+    use chunkc_codegen::ptx::{emit_scheduled, DotPrecision, PtxSchedule};
+    let rules = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../rules");
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(&rules)
+        .expect("rules/")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    paths.sort();
+    let schedules = [
+        PtxSchedule { async_copy: true, ..PtxSchedule::default() },
+        PtxSchedule::with_dot(DotPrecision::Tf32),
+        PtxSchedule::with_dot(DotPrecision::Bf16),
+        PtxSchedule::with_dot(DotPrecision::F16),
+    ];
+    let mut failures = vec![];
+    let mut ran = 0;
+    for kv in [16usize, 24] {
+        let dims = Dims { batch: 1, seq_len: 37, heads: 2, k: kv, v: kv };
+        let scale = 1.0 / (dims.k as f64).sqrt();
+        let shape = Shape { heads: dims.heads, k: dims.k, v: dims.v, scale };
+        for path in &paths {
+            let rule = chunkc_dsl::load_rule(path).expect("rule loads");
+            let Ok(canon) = chunkc_dsl::canon::canonicalize(&rule) else { continue };
+            let Ok(kernel) = chunked::build(&rule, &canon, shape, Schedule::with_chunk(16)) else { continue };
+            let tensors = inputs(&rule, &dims, 23);
+            let get =
+                |n: &str| tensors.iter().find(|(k, _)| k == n).map(|(_, d)| d.iter().map(|&x| x as f64).collect());
+            let h0: Vec<f64> = get("h0").expect("h0");
+            let want = reference::run(&rule, dims, scale, &get, Some(&h0)).expect("reference");
+            for sched in &schedules {
+                let ptx = emit_scheduled(&kernel, Sm::Sm80, EmitOptions::default(), sched).expect("emit");
+                let label = format!(
+                    "{} c16 K=V={kv} {}{}",
+                    rule.name,
+                    sched.dot.name(),
+                    if sched.async_copy { " cp.async" } else { "" }
+                );
+                if sched.dot.tensor_cores() && !ptx.ptx.contains("mma.sync") {
+                    failures.push(format!("{label}: no dot on tensor cores"));
+                    continue;
+                }
+                if sched.async_copy && !ptx.ptx.contains("cp.async") {
+                    failures.push(format!("{label}: no cp.async"));
+                    continue;
+                }
+                let (o, ht) = simulate(&ptx, &dims, &tensors);
+                let (eo, eh) = (rel_rms(&o, &want.o), rel_rms(&ht, &want.ht));
+                let tol = sched.dot.tolerance();
+                println!("{label}: rel RMS o {eo:.3e}, hT {eh:.3e} (budget {tol:.0e})");
+                ran += 1;
+                if !(eo <= tol && eh <= tol) {
+                    failures.push(format!("{label}: o {eo:.3e}, hT {eh:.3e} over {tol:.0e}"));
+                }
+            }
+        }
+    }
+    assert!(ran > 0, "no kernel ran");
+    assert!(failures.is_empty(), "tensor-core kernels:\n{}", failures.join("\n"));
+}

@@ -47,17 +47,21 @@
 //! the tensor-core path. Grid, block and placement are fixed here rather than taken from a
 //! Schedule.
 
+mod async_copy;
 mod emit;
+pub mod mma;
 mod ptxas;
+mod schedule;
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
 pub use ptxas::{assemble, find_ptxas, PtxasReport, PTXAS_MISSING};
+pub use schedule::{DotPrecision, PtxSchedule};
 
 use crate::ir::Kernel;
 
-/// Threads per CTA.
+/// Threads per CTA of the default schedule ([`PtxSchedule::threads`] in general).
 pub const BLOCK_THREADS: u32 = 256;
 
 /// Default limit for placing the tile workspace in dynamic shared memory (bytes).
@@ -191,6 +195,13 @@ pub struct LaunchMeta {
     pub dynamic_smem_bytes: usize,
     /// Global scratch per CTA (0 when the tiles are in shared memory).
     pub scratch_bytes_per_cta: usize,
+    /// Static shared memory per CTA (the 16-bit staging buffer of tensor-core dots; 0 without).
+    /// A launch needs `dynamic_smem_bytes + static_smem_bytes` of shared memory per CTA.
+    #[serde(default)]
+    pub static_smem_bytes: usize,
+    /// The schedule the kernel was emitted with.
+    #[serde(default)]
+    pub schedule: PtxSchedule,
     /// All `.param`s in order: the tensors, `scratch` (global placement only), then the scalars.
     pub params: Vec<ParamMeta>,
     /// Names of the scalar parameters, in order (`batch`, `heads`, `seq_len`).
@@ -223,7 +234,17 @@ pub fn emit(kernel: &Kernel, target: Sm) -> Result<PtxKernel, PtxError> {
     emit_with(kernel, target, EmitOptions::default())
 }
 
-/// Emits `kernel` as PTX for `target`.
+/// Emits `kernel` as PTX for `target` with the default schedule.
 pub fn emit_with(kernel: &Kernel, target: Sm, opts: EmitOptions) -> Result<PtxKernel, PtxError> {
-    emit::emit(kernel, target, opts)
+    emit::emit(kernel, target, opts, PtxSchedule::default())
+}
+
+/// Emits `kernel` as PTX for `target` under `schedule` (an invalid schedule is an error).
+pub fn emit_scheduled(
+    kernel: &Kernel,
+    target: Sm,
+    opts: EmitOptions,
+    schedule: &PtxSchedule,
+) -> Result<PtxKernel, PtxError> {
+    emit::emit(kernel, target, opts, *schedule)
 }
