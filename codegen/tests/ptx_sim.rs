@@ -261,3 +261,72 @@ fn tensor_core_kernels_match_the_reference_in_the_simulator() {
     assert!(ran > 0, "no kernel ran");
     assert!(failures.is_empty(), "tensor-core kernels:\n{}", failures.join("\n"));
 }
+
+/// One tensor-core dot with every awkward case at once: m, n, k (37, 45, 29) padded in every
+/// dimension, the four transpose combinations, an accumulator, 2 warps (15 warp tiles: two
+/// passes) and, for bf16/f16, a staging buffer so small that k is staged in 16-wide slices.
+/// The kernel stores `op(a) @ op(b) + c`; the result is compared with the f64 product.
+#[test]
+fn tensor_core_dot_edge_cases_in_the_simulator() {
+    use chunkc_codegen::builder::Builder;
+    use chunkc_codegen::ir::{Access, Idx};
+    use chunkc_codegen::ptx::{emit_scheduled, mma, DotPrecision, PtxSchedule};
+    let (m, n, k) = (37usize, 45usize, 29usize);
+    let mut rng = Rng(99);
+    let mut failures = vec![];
+    for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+        let (ar, ac) = if ta { (k, m) } else { (m, k) };
+        let (br, bc) = if tb { (n, k) } else { (k, n) };
+        let a: Vec<f32> = (0..ar * ac).map(|_| rng.normal() as f32).collect();
+        let bm: Vec<f32> = (0..br * bc).map(|_| rng.normal() as f32).collect();
+        let c: Vec<f32> = (0..m * n).map(|_| rng.normal() as f32).collect();
+        let mut bld = Builder::new("dot_edge");
+        let (pa, pb, pc, po) = (
+            bld.param("a", Access::Read),
+            bld.param("b", Access::Read),
+            bld.param("c", Access::Read),
+            bld.param("o", Access::Write),
+        );
+        let va = bld.load(pa, Idx::c(0), ac as i64, 1, ar, ac, Idx::c(ar as i64));
+        let vb = bld.load(pb, Idx::c(0), bc as i64, 1, br, bc, Idx::c(br as i64));
+        let vc = bld.load(pc, Idx::c(0), n as i64, 1, m, n, Idx::c(m as i64));
+        let d = bld.dot(va, vb, ta, tb, Some(vc));
+        bld.store(d, po, Idx::c(0), n as i64, 1, Idx::c(m as i64));
+        let kernel = bld.finish();
+        let want: Vec<f64> = (0..m * n)
+            .map(|e| {
+                let (i, j) = (e / n, e % n);
+                let s: f64 = (0..k)
+                    .map(|p| {
+                        let x = if ta { a[p * ac + i] } else { a[i * ac + p] };
+                        let y = if tb { bm[j * bc + p] } else { bm[p * bc + j] };
+                        x as f64 * y as f64
+                    })
+                    .sum();
+                s + c[e] as f64
+            })
+            .collect();
+        for dot in [DotPrecision::Tf32, DotPrecision::Bf16, DotPrecision::F16] {
+            let sched =
+                PtxSchedule { warps: 2, staging_bytes: mma::stage_bytes(m, n, 16), ..PtxSchedule::with_dot(dot) };
+            let ptx = emit_scheduled(&kernel, Sm::Sm90, EmitOptions::default(), &sched).expect("emit");
+            assert!(ptx.ptx.contains("mma.sync"), "{dot:?}: the dot runs on tensor cores");
+            let mut mem = GlobalMemory::new();
+            let bufs =
+                [mem.alloc_f32(&a), mem.alloc_f32(&bm), mem.alloc_f32(&c), mem.alloc_f32(&vec![f32::NAN; m * n])];
+            let mut params: Vec<SimParam> = bufs.iter().map(|&x| SimParam::U64(x)).collect();
+            params.extend([SimParam::U64(1), SimParam::U64(1), SimParam::U64(1)]);
+            let meta = &ptx.meta;
+            launch(&ptx.ptx, &meta.entry, [1, 1, 1], meta.block, meta.dynamic_smem_bytes, &params, &mut mem)
+                .unwrap_or_else(|e| panic!("{dot:?} ta={ta} tb={tb}: {e}"));
+            let out = mem.read_f32(bufs[3], m * n).expect("o");
+            let err = rel_rms(&out, &want);
+            let tol = dot.tolerance();
+            println!("dot {m}x{n}x{k} ta={ta} tb={tb} {}: rel RMS {err:.3e} (budget {tol:.0e})", dot.name());
+            if !(err <= tol) {
+                failures.push(format!("{dot:?} ta={ta} tb={tb}: {err:.3e}"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

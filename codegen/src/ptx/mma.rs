@@ -430,19 +430,26 @@ impl Em<'_> {
     }
 
     /// Stages op(x) rows `0..rows_p` (zero past `rows`), k `k0 .. k0 + kb` (zero past `k`) as
-    /// 16-bit pairs into the staging buffer at byte `at`, row stride `kb + STAGE_PAD`.
+    /// 16-bit pairs into the staging buffer at byte `at`, row stride `stride` elements (the
+    /// slice's column c - k0 goes to column c - k0 of the staged row).
     #[allow(clippy::too_many_arguments)]
-    fn stage(&mut self, x: Operand, rows: usize, rows_p: usize, k: usize, k0: usize, kb: usize, at: usize, cvt: &str) {
+    fn stage(
+        &mut self,
+        x: Operand,
+        (rows, rows_p): (usize, usize),
+        (k, k0, kb): (usize, usize, usize),
+        stride: usize,
+        at: usize,
+        cvt: &str,
+    ) {
         let pairs = kb / 2;
         let l = self.eloop(rows_p * pairs);
         let e = l.e.clone();
         let (i, pp) = self.split(&e, pairs);
         // Column c = k0 + 2 pp of op(x) row i, and c + 1.
-        let c = self.reg(R);
-        self.ins(format!("shl.b32 {c}, {pp}, 1"));
-        if k0 > 0 {
-            self.ins(format!("add.u32 {c}, {c}, {k0}"));
-        }
+        let (cs, c) = (self.reg(R), self.reg(R));
+        self.ins(format!("shl.b32 {cs}, {pp}, 1"));
+        self.ins(format!("add.u32 {c}, {cs}, {k0}"));
         let row_ok = if rows < rows_p {
             let p = self.reg(P);
             self.ins(format!("setp.lt.u32 {p}, {i}, {rows}"));
@@ -478,7 +485,7 @@ impl Em<'_> {
         let d = self.reg(R);
         self.ins(format!("cvt.rn.{cvt}x2.f32 {d}, {}, {}", vals[1], vals[0]));
         let off = self.reg(R);
-        self.ins(format!("mad.lo.u32 {off}, {i}, {}, {c}", kb + STAGE_PAD));
+        self.ins(format!("mad.lo.u32 {off}, {i}, {stride}, {cs}"));
         let addr = self.reg(RD);
         self.ins(format!("mul.wide.u32 {addr}, {off}, 2"));
         self.ins(format!("add.s64 {addr}, {addr}, {}", self.stage_base()));
@@ -523,8 +530,8 @@ impl Em<'_> {
         while k0 < kp {
             let kbl = kb.min(kp - k0);
             self.comment(format!("stage k {k0}..{} as {ty}", k0 + kbl));
-            self.stage(opa, m, mp, k, k0, kbl, 0, ty);
-            self.stage(opb, n, np, k, k0, kbl, b_at, ty);
+            self.stage(opa, (m, mp), (k, k0, kbl), stride, 0, ty);
+            self.stage(opb, (n, np), (k, k0, kbl), stride, b_at, ty);
             self.barrier();
             for (wt, (pa, pb)) in tiles.iter().zip(&addrs) {
                 let skip = self.label();
