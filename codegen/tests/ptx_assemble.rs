@@ -352,3 +352,57 @@ fn ptxas_errors_are_one_line() {
     let msg = e.to_string();
     assert!(msg.starts_with("ptxas -arch=sm_80 failed:") && !msg.contains('\n'), "{msg}");
 }
+
+/// A chunked kernel under the tensor-core schedules: the instructions of each path are
+/// there, the launch metadata records the schedule, block size and staging, and the kernel
+/// assembles without spills (when ptxas is installed).
+#[test]
+fn tensor_core_schedules_emit_their_instructions() {
+    let rule = chunkc_dsl::load_rule(&rules_dir().join("gated_delta_rule.toml")).expect("rule");
+    let canon = chunkc_dsl::canon::canonicalize(&rule).expect("canonical");
+    let shape = Shape { heads: 2, k: 32, v: 32, scale: 32f64.sqrt().recip() };
+    // K = V = 32, chunk 16: the tiles fit in shared memory next to the staging, so loads use
+    // cp.async.
+    let kernel = chunked::build(&rule, &canon, shape, Schedule::with_chunk(16)).expect("plan");
+    for (dot, needles) in [
+        (DotPrecision::Tf32, &["mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32", "cvt.rna.tf32.f32"][..]),
+        (
+            DotPrecision::Bf16,
+            &[
+                "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32",
+                "ldmatrix.sync.aligned.m8n8.x4.shared.b16",
+                "cvt.rn.bf16x2.f32",
+            ],
+        ),
+        (DotPrecision::F16, &["mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32", "cvt.rn.f16x2.f32"]),
+    ] {
+        let sched = PtxSchedule { warps: 4, ..PtxSchedule::with_dot(dot) };
+        let out = emit_scheduled(&kernel, Sm::Sm80, EmitOptions::default(), &sched).expect("emit");
+        assert_eq!(out.meta.tile_space, TileSpace::Shared, "{dot:?}");
+        for n in needles.iter().chain(&["cp.async.ca.shared.global", "cp.async.commit_group", "cp.async.wait_group 0"])
+        {
+            assert!(out.ptx.contains(n), "{dot:?}: missing {n}");
+        }
+        assert!(out.ptx.contains(".maxntid 128, 1, 1"), "{dot:?}: 4 warps");
+        assert_eq!(out.meta.block, [128, 1, 1]);
+        assert_eq!(out.meta.schedule, sched);
+        let half = matches!(dot, DotPrecision::Bf16 | DotPrecision::F16);
+        assert_eq!(out.meta.static_smem_bytes > 0, half, "{dot:?}: staging only for 16-bit operands");
+        assert!(out.meta.static_smem_bytes <= sched.staging_bytes);
+        if find_ptxas().is_some() {
+            let r = assemble(&out.ptx, Sm::Sm80).unwrap_or_else(|e| panic!("{dot:?}: {e}"));
+            assert_eq!(r.spill_stores + r.spill_loads, 0, "{dot:?}: {r}");
+            assert_eq!(r.shared_bytes as usize, out.meta.static_smem_bytes, "{dot:?}: ptxas sees the staging");
+            println!("gated_delta_rule c16 K=V=32 {}: {r}", dot.name());
+        }
+    }
+    // The default schedule is the fma lowering: no tensor cores, no staging, no cp.async.
+    let plain = emit(&kernel, Sm::Sm80).expect("emit");
+    assert!(!plain.ptx.contains("mma.") && !plain.ptx.contains("cp.async"));
+    assert_eq!(plain.meta.static_smem_bytes, 0);
+    assert_eq!(plain.meta.schedule, PtxSchedule::default());
+    // An invalid schedule is a one-line error.
+    let bad = PtxSchedule { warps: 0, ..PtxSchedule::default() };
+    let e = emit_scheduled(&kernel, Sm::Sm80, EmitOptions::default(), &bad).expect_err("invalid");
+    assert!(!e.to_string().contains('\n'), "{e}");
+}

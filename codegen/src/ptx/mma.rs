@@ -603,9 +603,10 @@ impl Em<'_> {
                 }
                 for half in 0..2 {
                     let mut fb = vec![];
-                    for i in 0..2 {
+                    // b_i: k offset 4 i.
+                    for (i, ki) in kok.iter().enumerate() {
                         let imm = (kk + 4 * i) as i64 * opb.sk * 4;
-                        let guard = self.guard2(ok_b[half].clone(), kok[i].clone());
+                        let guard = self.guard2(ok_b[half].clone(), ki.clone());
                         fb.push(self.tf32_load(&base_b[half], imm, guard));
                     }
                     let d = wt.acc[half].join(", ");
