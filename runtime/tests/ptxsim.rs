@@ -286,11 +286,14 @@ $L_skip:
 #[test]
 fn unsupported_and_malformed_ptx_are_errors_naming_the_line() {
     let cases = [
-        ("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 %f0, %f0, %f0, %f0;", "unsupported instruction"),
+        ("atom.global.add.f32 %f0, [%rd0], %f0;", "unsupported instruction"),
+        ("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 %f0, %f0, %f0, %f0;", "expected a vector"),
+        ("mma.sync.aligned.m16n8k16.row.col.f16.f16.f16.f16 {%f0}, {%f0}, {%f0}, {%f0};", "unsupported mma form"),
         ("add.rz.f32 %f0, %f0, %f0;", "rounding mode"),
         ("mov.f32 %f9, %f0;", "unknown register"),
         ("bra $nowhere;", "undefined label"),
-        ("ld.global.v2.f32 {%f0, %f0}, [%rd0];", "not supported"),
+        ("ld.global.v3.f32 {%f0, %f0, %f0}, [%rd0];", "unsupported modifier"),
+        ("add.f16 %f0, %f0, %f0;", "arithmetic on `.f16`"),
         ("add.f32 %f0, %f0;", "expects 3 operands"),
     ];
     for (ins, want) in cases {

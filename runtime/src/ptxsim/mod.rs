@@ -3,25 +3,40 @@
 //!
 //! # Model
 //! - [`launch`] parses the module, picks the `.entry`, and runs the CTAs of the grid one after
-//!   another. Inside a CTA the threads run one at a time from one barrier to the next (a
-//!   legal schedule of the PTX memory model for race-free code; the race detector rejects
-//!   every program whose result could depend on the schedule through shared memory).
+//!   another. Inside a CTA the warps run one after another from one barrier to the next, and
+//!   inside a warp the lanes run one at a time until each reaches a barrier, exits, or
+//!   reaches a warp-collective instruction (`shfl.sync`, `mma.sync`, `ldmatrix`,
+//!   `bar.warp.sync`); a collective then executes once for all its participants (the
+//!   membermask; the whole warp for the `.aligned` ones) and they go on. This is a legal
+//!   schedule of the PTX memory model for race-free code; the race detector rejects every
+//!   program whose result could depend on the schedule through shared memory.
 //! - Global memory is a set of buffers ([`GlobalMemory`]) at distinct base addresses; pointer
 //!   parameters are plain `u64` values pointing into them. Generic addresses equal global
 //!   addresses, except a shared window at [`SHARED_WINDOW`] (`cvta.shared` / `cvta.to.shared`).
 //! - Shared memory is per CTA: the static `.shared` declarations followed by the dynamic
 //!   (`.extern .shared ... []`) part, at shared addresses starting at 0.
+//! - `cp.async` reads its global source when issued and lands in shared memory only when a
+//!   `cp.async.wait_group`/`wait_all` of the issuing thread covers its commit group; a
+//!   `bar.sync` does not complete it. Its destination counts as written by the issuing thread.
 //!
 //! # What it reports ([`SimError`], naming the PTX line, thread and address)
-//! 1. out-of-bounds global, shared and parameter accesses (and misaligned ones);
+//! 1. out-of-bounds global, shared and parameter accesses (and misaligned ones: every
+//!    access, vector accesses, `ldmatrix` rows (16 bytes) and `cp.async` both ends must be
+//!    aligned to their size);
 //! 2. reads of uninitialised shared memory (a written bit per byte, cleared per CTA);
 //! 3. a `bar.sync` reached by only part of the CTA (some threads exited, or wait at a
 //!    different `bar.sync` instruction or barrier id);
 //! 4. shared-memory races: two different threads touching one byte between two barriers,
-//!    at least one of them writing;
+//!    at least one of them writing, unless both are lanes of one warp separated by a
+//!    full-warp `bar.warp.sync` (a partial-mask one orders nothing here: conservative);
 //! 5. a `bra.uni` whose decision differs between the threads of one warp (the emitter
 //!    promised a uniform branch);
-//! 6. integer division by zero, unknown registers/labels/instructions, runaway threads
+//! 6. divergent collectives: a participant of a collective waits elsewhere, has exited, or
+//!    uses another membermask; `mma`/`ldmatrix` in a warp of fewer than 32 threads; a
+//!    `shfl` source lane outside the membermask;
+//! 7. any access (read or write, by any thread) to the destination of a `cp.async` before
+//!    the issuing thread's wait covers it;
+//! 8. integer division by zero, unknown registers/labels/instructions, runaway threads
 //!    (more than [`LaunchLimits::max_steps_per_thread`] instructions between barriers).
 //!
 //! # Precision
@@ -33,13 +48,47 @@
 //! Directed rounding modes (`.rz`, `.rm`, `.rp`) of arithmetic are not supported (an error);
 //! `cvt` supports all integer roundings (`.rni`, `.rzi`, `.rmi`, `.rpi`).
 //!
+//! Narrow formats: `cvt.rn.{f16,bf16}.f32`, `cvt.rn.{f16x2,bf16x2}.f32` (first source to the
+//! upper half) and `cvt.rn.tf32.f32` round to nearest even, `cvt.rna.tf32.f32` ties away
+//! from zero, all exactly (subnormals kept, overflow to infinity, NaN to a canonical NaN);
+//! `cvt.f32.{f16,bf16}` is exact.
+//!
+//! `mma`: every product of two bf16/f16/tf32 values is exact; the K products and C are
+//! summed in f64 (k order, C last) and rounded once to f32, which is the exactly rounded
+//! result except under extreme cancellation. Real tensor cores accumulate differently
+//! (internal truncation, partial sums), so a GPU may differ from the simulator by a few
+//! ulp per mma, more after cancellation: callers' tolerances must allow it. A `.tf32`
+//! operand's low 13 bits are ignored (truncated), as the hardware reads only 19 bits.
+//!
+//! # Supported beyond scalar arithmetic
+//! - `ld`/`st` `.v2`/`.v4` (one access of the whole vector), 16-bit types `.b16 .u16 .s16`
+//!   (integer arithmetic too) and `.f16 .bf16` (mov/ld/st/cvt only), `mov.b32`/`mov.b64`
+//!   packing `{a, b}` and unpacking;
+//! - `mma.sync.aligned.m16n8k16.row.col.f32.{bf16.bf16,f16.f16}.f32`,
+//!   `mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32` (fragments as the PTX ISA's
+//!   "Matrix Fragments for mma.m16n8k16 / mma.m16n8k8");
+//! - `ldmatrix.sync.aligned.m8n8.{x1,x2,x4}{.trans}{.shared{::cta}}.b16`;
+//! - `shfl.sync.{up,down,bfly,idx}.b32 d{|p}, a, b, c, membermask` (clamp and segment mask
+//!   of `c` as the ISA's pseudocode), `bar.warp.sync membermask`, `%laneid`;
+//! - `cp.async.ca.shared{::cta}.global [d], [s], 4|8|16{, src-size}`, `cp.async.cg` (16),
+//!   the zero-filling src-size form (src-size 0 reads nothing), `cp.async.commit_group`,
+//!   `cp.async.wait_group N`, `cp.async.wait_all`.
+//!
 //! # Missing
-//! Tensor-core and asynchronous instructions (`mma.sync`, `ldmatrix`, `cp.async`), `shfl.sync`,
-//! vector operands (`{a, b}`), `.local` memory, `.func` calls, atomics, 8/16-bit types.
-//! They are errors naming the line.
+//! Other `mma` shapes and types (f16 accumulators, integer, f64, sparse), `wgmma`, `ldmatrix`
+//! of 8-bit/other shapes, `stmatrix`, `cp.async.bulk`/TMA, mbarriers, `.local` memory,
+//! `.func` calls, atomics, `vote`/`redux`/`match`, 8-bit types, arithmetic on `.f16`/`.bf16`
+//! (`add.f16`, `fma.rn.f16x2`, ...), the `cp.async` ignore-src predicate, and `cvt` `.relu`/`.satfinite`. They are errors naming
+//! the line. `%warpid` is supported but (as on hardware) should not be relied on; the
+//! simulator gives `tid / 32`.
 
+mod cpasync;
+mod decode_tc;
 mod exec;
+mod half;
 mod parse;
+mod shared;
+mod warp;
 
 use std::fmt;
 

@@ -34,6 +34,16 @@ pub struct ParamDecl {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Ty {
+    B16,
+    U16,
+    S16,
+    /// `.f16` / `.bf16`: 16-bit storage only (mov, ld, st, cvt and mma operands).
+    F16,
+    BF16,
+    /// Two halves in 32 bits (`.f16x2`, `.bf16x2`), and `.tf32` in its 32-bit container.
+    F16x2,
+    BF16x2,
+    Tf32,
     B32,
     U32,
     S32,
@@ -48,6 +58,8 @@ pub enum Ty {
 impl Ty {
     pub fn bytes(self) -> usize {
         match self {
+            Ty::B16 | Ty::U16 | Ty::S16 | Ty::F16 | Ty::BF16 => 2,
+            Ty::F16x2 | Ty::BF16x2 | Ty::Tf32 => 4,
             Ty::B32 | Ty::U32 | Ty::S32 | Ty::F32 => 4,
             Ty::B64 | Ty::U64 | Ty::S64 | Ty::F64 => 8,
             Ty::Pred => 1,
@@ -56,14 +68,27 @@ impl Ty {
     pub fn bits(self) -> u32 {
         self.bytes() as u32 * 8
     }
+    /// f32 or f64 (the types of the scalar float arithmetic; the narrow formats are not).
     pub fn is_float(self) -> bool {
         matches!(self, Ty::F32 | Ty::F64)
     }
-    pub fn is_signed(self) -> bool {
-        matches!(self, Ty::S32 | Ty::S64)
+    /// The narrow float formats, which only move, convert and feed mma.
+    pub fn is_narrow_float(self) -> bool {
+        matches!(self, Ty::F16 | Ty::BF16 | Ty::F16x2 | Ty::BF16x2 | Ty::Tf32)
     }
-    fn parse(s: &str) -> Option<Ty> {
+    pub fn is_signed(self) -> bool {
+        matches!(self, Ty::S16 | Ty::S32 | Ty::S64)
+    }
+    pub(super) fn parse(s: &str) -> Option<Ty> {
         Some(match s {
+            "b16" => Ty::B16,
+            "u16" => Ty::U16,
+            "s16" => Ty::S16,
+            "f16" => Ty::F16,
+            "bf16" => Ty::BF16,
+            "f16x2" => Ty::F16x2,
+            "bf16x2" => Ty::BF16x2,
+            "tf32" => Ty::Tf32,
             "b32" => Ty::B32,
             "u32" => Ty::U32,
             "s32" => Ty::S32,
@@ -195,19 +220,216 @@ pub enum BoolOp {
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Op {
-    Mov { ty: Ty, d: u32, a: Src },
-    Cvt { dty: Ty, sty: Ty, rnd: Rnd, ftz: bool, d: u32, a: Src },
-    Cvta { to: bool, space: Space, ty: Ty, d: u32, a: Src },
-    Ld { space: Space, ty: Ty, d: u32, addr: Addr },
-    St { space: Space, ty: Ty, addr: Addr, a: Src },
-    Bin { op: BinOp, ty: Ty, ftz: bool, d: u32, a: Src, b: Src },
-    Mad { mode: MadMode, ty: Ty, ftz: bool, d: u32, a: Src, b: Src, c: Src },
-    Un { op: UnOp, ty: Ty, ftz: bool, d: u32, a: Src },
-    Setp { cmp: Cmp, ty: Ty, ftz: bool, p: u32, a: Src, b: Src, combine: Option<(BoolOp, Src)> },
-    Selp { ty: Ty, d: u32, a: Src, b: Src, p: Src },
-    Bra { target: usize, uni: bool },
+    Mov {
+        ty: Ty,
+        d: u32,
+        a: Src,
+    },
+    Cvt {
+        dty: Ty,
+        sty: Ty,
+        rnd: Rnd,
+        ftz: bool,
+        d: u32,
+        a: Src,
+    },
+    Cvta {
+        to: bool,
+        space: Space,
+        ty: Ty,
+        d: u32,
+        a: Src,
+    },
+    Ld {
+        space: Space,
+        ty: Ty,
+        d: u32,
+        addr: Addr,
+    },
+    St {
+        space: Space,
+        ty: Ty,
+        addr: Addr,
+        a: Src,
+    },
+    Bin {
+        op: BinOp,
+        ty: Ty,
+        ftz: bool,
+        d: u32,
+        a: Src,
+        b: Src,
+    },
+    Mad {
+        mode: MadMode,
+        ty: Ty,
+        ftz: bool,
+        d: u32,
+        a: Src,
+        b: Src,
+        c: Src,
+    },
+    Un {
+        op: UnOp,
+        ty: Ty,
+        ftz: bool,
+        d: u32,
+        a: Src,
+    },
+    Setp {
+        cmp: Cmp,
+        ty: Ty,
+        ftz: bool,
+        p: u32,
+        a: Src,
+        b: Src,
+        combine: Option<(BoolOp, Src)>,
+    },
+    Selp {
+        ty: Ty,
+        d: u32,
+        a: Src,
+        b: Src,
+        p: Src,
+    },
+    Bra {
+        target: usize,
+        uni: bool,
+    },
     Exit,
-    Bar { id: Src },
+    Bar {
+        id: Src,
+    },
+    /// `ld.s16` into a wider register of `bits` bits: sign-extended.
+    LdSext {
+        space: Space,
+        d: u32,
+        addr: Addr,
+        bits: u32,
+    },
+    /// `ld.v2/.v4`: one access of `n` elements into `d[..n]`.
+    LdV {
+        space: Space,
+        ty: Ty,
+        n: u8,
+        d: [u32; 4],
+        addr: Addr,
+    },
+    StV(Box<StV>),
+    /// `mov.bN d, {a0, a1, ..}`: `n` parts of N/n bits, `a0` in the low bits.
+    Pack {
+        bits: u32,
+        n: u8,
+        d: u32,
+        a: [u32; 4],
+    },
+    /// `mov.bN {d0, d1, ..}, a`: the inverse of `Pack`.
+    Unpack {
+        bits: u32,
+        n: u8,
+        d: [u32; 4],
+        a: Src,
+    },
+    /// Conversions to and from the narrow float formats (`b` is the second source of the
+    /// packing forms).
+    Half {
+        conv: HalfConv,
+        d: u32,
+        a: Src,
+        b: Src,
+    },
+    /// Warp-collective (see [`Op::is_collective`]).
+    Shfl {
+        mode: ShflMode,
+        d: u32,
+        p: Option<u32>,
+        a: Src,
+        b: Src,
+        c: Src,
+        mask: Src,
+    },
+    Mma(Box<Mma>),
+    Ldmatrix {
+        num: u8,
+        trans: bool,
+        d: [u32; 4],
+        addr: Addr,
+        space: Space,
+    },
+    WarpSync {
+        mask: Src,
+    },
+    /// `cp.async.{ca,cg}.shared.global [dst], [src], size{, src_size}`.
+    CpAsync {
+        dst: Addr,
+        src: Addr,
+        size: u8,
+        src_size: Option<Src>,
+    },
+    CpCommit,
+    /// `cp.async.wait_group n`; `all` for `cp.async.wait_all` (which also covers copies
+    /// not yet committed).
+    CpWait {
+        n: u32,
+        all: bool,
+    },
+}
+
+impl Op {
+    /// Instructions that all lanes of a warp (or of the membermask) execute together.
+    pub fn is_collective(&self) -> bool {
+        matches!(self, Op::Shfl { .. } | Op::Mma(_) | Op::Ldmatrix { .. } | Op::WarpSync { .. })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct StV {
+    pub space: Space,
+    pub ty: Ty,
+    pub n: u8,
+    pub addr: Addr,
+    pub a: [Src; 4],
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HalfConv {
+    F32ToF16,
+    F32ToBf16,
+    F16ToF32,
+    Bf16ToF32,
+    /// `cvt.rn.f16x2.f32 d, a, b`: `a` to the upper half, `b` to the lower.
+    F32x2ToF16x2,
+    F32x2ToBf16x2,
+    F32ToTf32 {
+        ties_away: bool,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ShflMode {
+    Up,
+    Down,
+    Bfly,
+    Idx,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MmaKind {
+    /// m16n8k16, bf16 inputs, f32 accumulators.
+    Bf16,
+    /// m16n8k16, f16 inputs, f32 accumulators.
+    F16,
+    /// m16n8k8, tf32 inputs, f32 accumulators.
+    Tf32,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Mma {
+    pub kind: MmaKind,
+    pub d: [u32; 4],
+    pub a: [u32; 4],
+    pub b: [u32; 2],
+    pub c: [Src; 4],
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -258,8 +480,10 @@ fn tokenize(src: &str) -> Result<Vec<Tok>, SimError> {
             i += 2;
         } else if is_word(c) {
             let s = i;
-            while i < chars.len() && is_word(chars[i]) {
-                i += 1;
+            // `::` belongs to the word (`.shared::cta`); a single `:` ends a label.
+            while i < chars.len() && (is_word(chars[i]) || (chars[i] == ':' && chars.get(i + 1) == Some(&':') && i > s))
+            {
+                i += if chars[i] == ':' { 2 } else { 1 };
             }
             out.push(Tok { text: chars[s..i].iter().collect(), line });
         } else if "(),;:[]{}<>@!+-|=".contains(c) {
@@ -276,20 +500,27 @@ fn tokenize(src: &str) -> Result<Vec<Tok>, SimError> {
 // Raw statements
 
 #[derive(Clone, Debug)]
-enum ROp {
+pub(super) enum ROp {
     Word(String),
     Int(i64),
     F32(u32),
     F64(u64),
-    Mem { base: Option<String>, off: i64 },
+    Mem {
+        base: Option<String>,
+        off: i64,
+    },
+    /// `{a, b, ...}`
+    Vec(Vec<ROp>),
+    /// `d|p` (shfl's value and predicate destinations)
+    Pipe(Box<ROp>, Box<ROp>),
 }
 
 #[derive(Clone, Debug)]
-struct RawInstr {
-    line: usize,
+pub(super) struct RawInstr {
+    pub(super) line: usize,
     guard: Option<(String, bool)>,
-    opcode: String,
-    ops: Vec<ROp>,
+    pub(super) opcode: String,
+    pub(super) ops: Vec<ROp>,
 }
 
 #[derive(Clone, Debug)]
@@ -402,8 +633,19 @@ impl Parser {
             self.expect("]")?;
             return Ok(ROp::Mem { base, off });
         }
-        if self.peek() == Some("{") {
-            return Err(SimError::new(line, "vector operands `{...}` are not supported"));
+        if self.eat("{") {
+            let mut elems = vec![];
+            loop {
+                elems.push(self.operand()?);
+                if self.eat("}") {
+                    break;
+                }
+                self.expect(",")?;
+            }
+            if elems.iter().any(|e| matches!(e, ROp::Vec(_) | ROp::Mem { .. })) {
+                return Err(SimError::new(line, "nested or memory operand inside `{...}`"));
+            }
+            return Ok(ROp::Vec(elems));
         }
         if self.peek() == Some("-") {
             self.i += 1;
@@ -464,7 +706,7 @@ struct RawEntry {
     line: usize,
     params: Vec<ParamDecl>,
     param_bytes: usize,
-    regs: Vec<(String, Option<usize>)>,
+    regs: Vec<(String, Option<usize>, Ty)>,
     shared: Vec<SharedDecl>,
     labels: HashMap<String, usize>,
     body: Vec<RawInstr>,
@@ -550,7 +792,8 @@ fn parse_entry(p: &mut Parser, line: usize) -> Result<RawEntry, SimError> {
             "}" => depth -= 1,
             ".reg" => {
                 let tt = p.next()?;
-                tt.text
+                let rty = tt
+                    .text
                     .strip_prefix('.')
                     .and_then(Ty::parse)
                     .ok_or_else(|| SimError::new(line, format!("unsupported register type `{}`", tt.text)))?;
@@ -563,7 +806,7 @@ fn parse_entry(p: &mut Parser, line: usize) -> Result<RawEntry, SimError> {
                     } else {
                         None
                     };
-                    e.regs.push((n, count));
+                    e.regs.push((n, count, rty));
                     if p.eat(";") {
                         break;
                     }
@@ -601,7 +844,13 @@ fn parse_instr(p: &mut Parser) -> Result<RawInstr, SimError> {
     let mut ops = vec![];
     if !p.eat(";") {
         loop {
-            ops.push(p.operand()?);
+            let first = p.operand()?;
+            if p.eat("|") {
+                let second = p.operand()?;
+                ops.push(ROp::Pipe(Box::new(first), Box::new(second)));
+            } else {
+                ops.push(first);
+            }
             if p.eat(";") {
                 break;
             }
@@ -618,8 +867,10 @@ fn parse_instr(p: &mut Parser) -> Result<RawInstr, SimError> {
 // ---------------------------------------------------------------------------------------
 // Decoding
 
-struct Ctx<'a> {
+pub(super) struct Ctx<'a> {
     regs: HashMap<String, u32>,
+    /// The declared type of each register, by index.
+    pub(super) reg_tys: Vec<Ty>,
     labels: &'a HashMap<String, usize>,
     shared: HashMap<String, usize>,
     params: &'a [ParamDecl],
@@ -628,17 +879,21 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    fn err(&self, msg: impl std::fmt::Display) -> SimError {
+    pub(super) fn err(&self, msg: impl std::fmt::Display) -> SimError {
         SimError::new(self.line, format!("`{}`: {msg}", self.opcode))
     }
-    fn reg(&self, o: &ROp) -> Result<u32, SimError> {
+    pub(super) fn reg(&self, o: &ROp) -> Result<u32, SimError> {
         match o {
             ROp::Word(w) => self.regs.get(w).copied().ok_or_else(|| self.err(format!("unknown register `{w}`"))),
             _ => Err(self.err("expected a register")),
         }
     }
-    fn src(&self, o: &ROp, ty: Ty) -> Result<Src, SimError> {
-        let int_bits = |v: i64| if ty.bits() == 32 { v as u64 & 0xFFFF_FFFF } else { v as u64 };
+    pub(super) fn src(&self, o: &ROp, ty: Ty) -> Result<Src, SimError> {
+        let int_bits = |v: i64| match ty.bits() {
+            16 => v as u64 & 0xFFFF,
+            32 => v as u64 & 0xFFFF_FFFF,
+            _ => v as u64,
+        };
         Ok(match (o, ty) {
             (ROp::Word(w), _) => {
                 if let Some(r) = self.regs.get(w) {
@@ -661,9 +916,22 @@ impl Ctx<'_> {
             (ROp::F64(b), Ty::F32) => Src::Imm((f64::from_bits(*b) as f32).to_bits() as u64),
             (ROp::F32(_) | ROp::F64(_), _) => return Err(self.err("float immediate for an integer operand")),
             (ROp::Mem { .. }, _) => return Err(self.err("unexpected memory operand")),
+            (ROp::Vec(_) | ROp::Pipe(..), _) => return Err(self.err("unexpected vector or `|` operand")),
         })
     }
-    fn addr(&self, o: &ROp, space: Space) -> Result<Addr, SimError> {
+    /// The registers of a `{...}` operand with `n` elements.
+    pub(super) fn regs(&self, o: &ROp, n: usize) -> Result<[u32; 4], SimError> {
+        let ROp::Vec(v) = o else { return Err(self.err(format!("expected a vector of {n} registers `{{...}}`"))) };
+        if v.len() != n || n > 4 {
+            return Err(self.err(format!("expected a vector of {n} registers, found {}", v.len())));
+        }
+        let mut out = [0u32; 4];
+        for (slot, e) in out.iter_mut().zip(v) {
+            *slot = self.reg(e)?;
+        }
+        Ok(out)
+    }
+    pub(super) fn addr(&self, o: &ROp, space: Space) -> Result<Addr, SimError> {
         let ROp::Mem { base, off } = o else { return Err(self.err("expected a memory operand `[...]`")) };
         let Some(b) = base else { return Ok(Addr { base: None, off: *off }) };
         if let Some(r) = self.regs.get(b) {
@@ -702,17 +970,20 @@ fn special(w: &str) -> Option<Special> {
 
 fn decode_entry(raw: RawEntry, module_shared: &[SharedDecl]) -> Result<Entry, SimError> {
     let mut regs = HashMap::new();
+    let mut reg_tys = vec![];
     let mut n = 0u32;
-    for (name, count) in &raw.regs {
+    for (name, count, ty) in &raw.regs {
         match count {
             Some(c) => {
                 for i in 0..*c {
                     regs.insert(format!("{name}{i}"), n);
+                    reg_tys.push(*ty);
                     n += 1;
                 }
             }
             None => {
                 regs.insert(name.clone(), n);
+                reg_tys.push(*ty);
                 n += 1;
             }
         }
@@ -740,7 +1011,7 @@ fn decode_entry(raw: RawEntry, module_shared: &[SharedDecl]) -> Result<Entry, Si
     for d in dynamic {
         shared.insert(d, dynamic_base);
     }
-    let mut ctx = Ctx { regs, labels: &raw.labels, shared, params: &raw.params, line: 0, opcode: "" };
+    let mut ctx = Ctx { regs, reg_tys, labels: &raw.labels, shared, params: &raw.params, line: 0, opcode: "" };
     let mut instrs = vec![];
     for ri in &raw.body {
         ctx.line = ri.line;
@@ -768,9 +1039,21 @@ const IGNORED_MODS: &[&str] =
     &["ca", "cg", "cs", "lu", "cv", "wb", "wt", "nc", "volatile", "relaxed", "weak", "cta", "sync", "aligned"];
 
 fn decode(c: &Ctx, ri: &RawInstr) -> Result<Op, SimError> {
-    let parts: Vec<&str> = ri.opcode.split('.').collect();
+    let mut parts: Vec<&str> = ri.opcode.split('.').collect();
+    for p in parts.iter_mut() {
+        // `.shared::cta` is `.shared` for a CTA without clusters; other `::` scopes are not.
+        if let Some((space, scope)) = p.split_once("::").filter(|(s, _)| *s != "L2") {
+            if scope != "cta" {
+                return Err(c.err(format!("`.{p}` is not supported (only `::cta`)")));
+            }
+            *p = space;
+        }
+    }
     let base = parts[0];
     let mods = &parts[1..];
+    if let Some(op) = super::decode_tc::decode_tc(c, ri, base, mods) {
+        return op;
+    }
     let has = |m: &str| mods.contains(&m);
     let types: Vec<Ty> = mods.iter().filter_map(|m| Ty::parse(m)).collect();
     let nops = |n: usize| {
@@ -804,8 +1087,12 @@ fn decode(c: &Ctx, ri: &RawInstr) -> Result<Op, SimError> {
         if *m == "sat" {
             return Err(c.err("`.sat` is not supported"));
         }
-        if matches!(*m, "b8" | "u8" | "s8" | "b16" | "u16" | "s16" | "f16" | "bf16" | "f16x2" | "bf16x2" | "tf32") {
+        if matches!(*m, "b8" | "u8" | "s8") {
             return Err(c.err(format!("type `.{m}` is not supported")));
+        }
+        let moves = matches!(base, "mov" | "ld" | "st" | "cvt");
+        if !moves && Ty::parse(m).is_some_and(Ty::is_narrow_float) {
+            return Err(c.err(format!("arithmetic on `.{m}` is not supported (only mov, ld, st, cvt and mma)")));
         }
     }
     let ftz = has("ftz");
@@ -822,11 +1109,16 @@ fn decode(c: &Ctx, ri: &RawInstr) -> Result<Op, SimError> {
     };
     let o = &ri.ops;
     Ok(match base {
+        "mov" if o.iter().any(|x| matches!(x, ROp::Vec(_))) => {
+            nops(2)?;
+            super::decode_tc::pack(c, one_ty()?, &o[0], &o[1])?
+        }
         "mov" => {
             nops(2)?;
             let ty = one_ty()?;
             Op::Mov { ty, d: c.reg(&o[0])?, a: c.src(&o[1], ty)? }
         }
+        "cvt" if types.iter().any(|t| t.is_narrow_float()) => super::decode_tc::cvt_narrow(c, ri, mods, &types)?,
         "cvt" => {
             nops(2)?;
             let [dty, sty] = types.as_slice() else { return Err(c.err("expects a destination and a source type")) };
@@ -869,7 +1161,9 @@ fn decode(c: &Ctx, ri: &RawInstr) -> Result<Op, SimError> {
         "ld" | "st" => {
             nops(2)?;
             for m in mods {
-                if !(IGNORED_MODS.contains(m) || Ty::parse(m).is_some() || matches!(*m, "global" | "shared" | "param"))
+                if !(IGNORED_MODS.contains(m)
+                    || Ty::parse(m).is_some()
+                    || matches!(*m, "global" | "shared" | "param" | "v2" | "v4"))
                 {
                     return Err(c.err(format!("unsupported modifier `.{m}`")));
                 }
@@ -879,6 +1173,23 @@ fn decode(c: &Ctx, ri: &RawInstr) -> Result<Op, SimError> {
                 return Err(c.err("predicate loads/stores"));
             }
             let sp = space();
+            let vn = if has("v4") {
+                4
+            } else if has("v2") {
+                2
+            } else {
+                1
+            };
+            if vn > 1 {
+                return super::decode_tc::ld_st_vector(c, base == "ld", sp, ty, vn, &o[0], &o[1]);
+            }
+            if base == "ld" && ty == Ty::S16 {
+                let d = c.reg(&o[0])?;
+                let bits = c.reg_tys[d as usize].bits();
+                if bits > 16 {
+                    return Ok(Op::LdSext { space: sp, d, addr: c.addr(&o[1], sp)?, bits });
+                }
+            }
             if base == "ld" {
                 Op::Ld { space: sp, ty, d: c.reg(&o[0])?, addr: c.addr(&o[1], sp)? }
             } else {
