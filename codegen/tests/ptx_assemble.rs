@@ -379,13 +379,21 @@ fn tensor_core_schedules_emit_their_instructions() {
         let sched = PtxSchedule { warps: 4, ..PtxSchedule::with_dot(dot) };
         let out = emit_scheduled(&kernel, Sm::Sm80, EmitOptions::default(), &sched).expect("emit");
         assert_eq!(out.meta.tile_space, TileSpace::Shared, "{dot:?}");
-        for n in needles.iter().chain(&["cp.async.ca.shared.global", "cp.async.commit_group", "cp.async.wait_group 0"])
-        {
+        for n in needles.iter().chain(&[
+            "cp.async.ca.shared.global",
+            "cp.async.cg.shared.global",
+            "cp.async.commit_group",
+            "cp.async.wait_group 0",
+        ]) {
             assert!(out.ptx.contains(n), "{dot:?}: missing {n}");
         }
         assert!(out.ptx.contains(".maxntid 128, 1, 1"), "{dot:?}: 4 warps");
         assert_eq!(out.meta.block, [128, 1, 1]);
         assert_eq!(out.meta.schedule, sched);
+        // q, k, v rows are 16-byte chunks: those tensors must be 16-byte aligned; h0 too.
+        let align = |n: &str| out.meta.params.iter().find(|p| p.name == n).map(|p| p.align);
+        assert_eq!(align("q"), Some(16), "{dot:?}");
+        assert_eq!(align("o"), Some(4), "{dot:?}: stores assume the element size");
         let half = matches!(dot, DotPrecision::Bf16 | DotPrecision::F16);
         assert_eq!(out.meta.static_smem_bytes > 0, half, "{dot:?}: staging only for 16-bit operands");
         assert!(out.meta.static_smem_bytes <= sched.staging_bytes);

@@ -73,6 +73,7 @@ impl Em<'_> {
             self.flush_async();
         }
         let w = vector_width(base, row_stride, col_stride, cols, dst.off);
+        self.param_align[param] = self.param_align[param].max(4 * w);
         self.comment(format!("{id} = load (cp.async, {} bytes each)", 4 * w));
         let b = self.idx(base);
         let valid = self.idx(valid_rows);

@@ -68,6 +68,8 @@ pub(super) struct Em<'k> {
     pub(super) stage_used: usize,
     /// Byte ranges of the tile workspace with `cp.async` copies in flight.
     pub(super) pending_async: Vec<(i64, i64)>,
+    /// Per tensor parameter, the alignment its loads assume (16 for 16-byte `cp.async`).
+    pub(super) param_align: Vec<usize>,
     params: Vec<String>,
     batch: String,
     head: String,
@@ -102,7 +104,7 @@ pub(super) fn emit(kernel: &Kernel, target: Sm, opts: EmitOptions, sched: PtxSch
             Access::Read => ParamAccess::Read,
             Access::Write => ParamAccess::Write,
         };
-        params.push(ParamMeta { name: p.name.clone(), access, pointer: true, kind: ParamKind::Tensor });
+        params.push(ParamMeta { name: p.name.clone(), access, pointer: true, kind: ParamKind::Tensor, align: 4 });
     }
     if !shared {
         params.push(ParamMeta {
@@ -110,11 +112,18 @@ pub(super) fn emit(kernel: &Kernel, target: Sm, opts: EmitOptions, sched: PtxSch
             access: ParamAccess::ReadWrite,
             pointer: true,
             kind: ParamKind::Scratch,
+            align: 64,
         });
     }
     let scalars = ["batch", "heads", "seq_len"];
     for s in scalars {
-        params.push(ParamMeta { name: s.into(), access: ParamAccess::Read, pointer: false, kind: ParamKind::Scalar });
+        params.push(ParamMeta {
+            name: s.into(),
+            access: ParamAccess::Read,
+            pointer: false,
+            kind: ParamKind::Scalar,
+            align: 0,
+        });
     }
     let pname = |i: usize| format!("{entry}_param_{i}");
 
@@ -138,6 +147,7 @@ pub(super) fn emit(kernel: &Kernel, target: Sm, opts: EmitOptions, sched: PtxSch
         stage_reg: String::new(),
         stage_used: 0,
         pending_async: vec![],
+        param_align: vec![4; kernel.params.len()],
     };
 
     // Prologue: thread and CTA indices, scalars, pointers, the CTA's tile base.
@@ -237,6 +247,9 @@ pub(super) fn emit(kernel: &Kernel, target: Sm, opts: EmitOptions, sched: PtxSch
     s.push_str(&em.out);
     let _ = writeln!(s, "}}");
 
+    for (p, &w) in em.param_align.iter().enumerate() {
+        params[p].align = params[p].align.max(w);
+    }
     let meta = LaunchMeta {
         entry,
         target,

@@ -205,6 +205,10 @@ pub struct ParamMeta {
     /// True for pointers (global addresses), false for scalars.
     pub pointer: bool,
     pub kind: ParamKind,
+    /// The alignment (bytes) the kernel assumes of this pointer: 16 where 16-byte `cp.async`
+    /// copies read the tensor (`cudaMalloc` gives 256), else the element size (0 for scalars).
+    #[serde(default)]
+    pub align: usize,
 }
 
 /// Everything a launcher needs besides the PTX text.
