@@ -55,7 +55,7 @@ pub(super) struct Em<'k> {
     plan: Plan,
     pub(super) space: &'static str,
     out: String,
-    n: [u32; 5],
+    n: [u32; 6],
     labels: u32,
     pub(super) tid: String,
     tile_base: String,
@@ -83,7 +83,9 @@ pub(super) const RD: usize = 1;
 pub(super) const F: usize = 2;
 pub(super) const FD: usize = 3;
 pub(super) const P: usize = 4;
-const PREFIX: [&str; 5] = ["%r", "%rd", "%f", "%fd", "%p"];
+/// 16-bit registers (loads of bf16/f16 tensor elements).
+pub(super) const H: usize = 5;
+const PREFIX: [&str; 6] = ["%r", "%rd", "%f", "%fd", "%p", "%h"];
 
 pub(super) fn emit(kernel: &Kernel, target: Sm, opts: EmitOptions, sched: PtxSchedule) -> Result<PtxKernel, PtxError> {
     sched.validate().map_err(PtxError)?;
@@ -98,13 +100,15 @@ pub(super) fn emit(kernel: &Kernel, target: Sm, opts: EmitOptions, sched: PtxSch
     let entry = ident(&kernel.name);
 
     // The .param list.
+    let elems = param_elems(kernel)?;
     let mut params = vec![];
-    for p in &kernel.params {
+    for (p, &elem) in kernel.params.iter().zip(&elems) {
         let access = match p.access {
             Access::Read => ParamAccess::Read,
             Access::Write => ParamAccess::Write,
         };
-        params.push(ParamMeta { name: p.name.clone(), access, pointer: true, kind: ParamKind::Tensor, align: 4 });
+        let align = elem.size();
+        params.push(ParamMeta { name: p.name.clone(), access, pointer: true, kind: ParamKind::Tensor, align, elem });
     }
     if !shared {
         params.push(ParamMeta {
@@ -113,6 +117,7 @@ pub(super) fn emit(kernel: &Kernel, target: Sm, opts: EmitOptions, sched: PtxSch
             pointer: true,
             kind: ParamKind::Scratch,
             align: 64,
+            elem: ElemType::F32,
         });
     }
     let scalars = ["batch", "heads", "seq_len"];
@@ -123,6 +128,7 @@ pub(super) fn emit(kernel: &Kernel, target: Sm, opts: EmitOptions, sched: PtxSch
             pointer: false,
             kind: ParamKind::Scalar,
             align: 0,
+            elem: ElemType::F32,
         });
     }
     let pname = |i: usize| format!("{entry}_param_{i}");
@@ -132,7 +138,7 @@ pub(super) fn emit(kernel: &Kernel, target: Sm, opts: EmitOptions, sched: PtxSch
         plan,
         space: if shared { "shared" } else { "global" },
         out: String::new(),
-        n: [0; 5],
+        n: [0; 6],
         labels: 0,
         tid: String::new(),
         tile_base: String::new(),
@@ -147,7 +153,7 @@ pub(super) fn emit(kernel: &Kernel, target: Sm, opts: EmitOptions, sched: PtxSch
         stage_reg: String::new(),
         stage_used: 0,
         pending_async: vec![],
-        param_align: vec![4; kernel.params.len()],
+        param_align: elems.iter().map(|e| e.size()).collect(),
     };
 
     // Prologue: thread and CTA indices, scalars, pointers, the CTA's tile base.
@@ -237,8 +243,8 @@ pub(super) fn emit(kernel: &Kernel, target: Sm, opts: EmitOptions, sched: PtxSch
     let _ = writeln!(s, ")");
     let _ = writeln!(s, ".maxntid {threads}, 1, 1");
     let _ = writeln!(s, "{{");
-    let decl = [".b32", ".b64", ".f32", ".f64", ".pred"];
-    for k in 0..5 {
+    let decl = [".b32", ".b64", ".f32", ".f64", ".pred", ".b16"];
+    for k in 0..6 {
         if em.n[k] > 0 {
             let _ = writeln!(s, "\t.reg {} {}<{}>;", decl[k], PREFIX[k], em.n[k]);
         }
@@ -475,6 +481,11 @@ impl Em<'_> {
 
     /// Global address of element (i, j) of tensor `param` at `base + i*rs + j*cs` (f32).
     pub(super) fn gaddr(&mut self, param: usize, base: &str, rs: i64, cs: i64, i: &str, j: &str) -> String {
+        self.gaddr_sized(param, base, rs, cs, (i, j), 4)
+    }
+
+    /// [`Em::gaddr`] for elements of `size` bytes (2 or 4).
+    fn gaddr_sized(&mut self, param: usize, base: &str, rs: i64, cs: i64, (i, j): (&str, &str), size: usize) -> String {
         let (i64r, j64r, t) = (self.reg(RD), self.reg(RD), self.reg(RD));
         self.ins(format!("cvt.u64.u32 {i64r}, {i}"));
         self.ins(format!("cvt.u64.u32 {j64r}, {j}"));
@@ -483,7 +494,7 @@ impl Em<'_> {
         self.ins(format!("mad.lo.s64 {t}, {j64r}, {cs}, {t}"));
         let a = self.reg(RD);
         let ptr = self.params[param].clone();
-        self.ins(format!("shl.b64 {t}, {t}, 2"));
+        self.ins(format!("shl.b64 {t}, {t}, {}", size.trailing_zeros()));
         self.ins(format!("add.s64 {a}, {ptr}, {t}"));
         a
     }
@@ -651,7 +662,11 @@ impl Em<'_> {
 
     fn block(&mut self, stmts: &[Stmt]) -> Result<(), PtxError> {
         for s in stmts {
-            if let Stmt::Let { id, op: Op::Load { param, base, row_stride, col_stride, cols, valid_rows, .. } } = s {
+            if let Stmt::Let {
+                id,
+                op: Op::Load { elem: ElemType::F32, param, base, row_stride, col_stride, cols, valid_rows, .. },
+            } = s
+            {
                 if self.async_loads() {
                     self.async_load(*id, *param, base, *row_stride, *col_stride, *cols, valid_rows);
                     continue;
@@ -734,16 +749,33 @@ impl Em<'_> {
         let dt = t.dtype;
         self.comment(format!("{id} = {}", op_name(op)));
         match op {
-            Op::Load { param, base, row_stride, col_stride, rows: _, cols, valid_rows } => {
+            Op::Load { elem, param, base, row_stride, col_stride, rows: _, cols, valid_rows } => {
                 let base = self.idx(base);
                 let valid = self.idx(valid_rows);
                 let l = self.eloop(t.len());
                 let (i, j) = self.split(&l.e.clone(), *cols);
                 let p = self.row_valid(&i, &valid);
-                let a = self.gaddr(*param, &base, *row_stride, *col_stride, &i, &j);
+                let a = self.gaddr_sized(*param, &base, *row_stride, *col_stride, (&i, &j), elem.size());
                 let x = self.reg(F);
                 self.ins(format!("mov.f32 {x}, 0f00000000"));
-                self.ins(format!("@{p} ld.global.f32 {x}, [{a}]"));
+                match elem {
+                    ElemType::F32 => self.ins(format!("@{p} ld.global.f32 {x}, [{a}]")),
+                    ElemType::Bf16 => {
+                        // A bf16 is the high half of the f32 with the same bits: exact.
+                        let r = self.reg(R);
+                        self.ins(format!("mov.u32 {r}, 0"));
+                        self.ins(format!("@{p} ld.global.u16 {r}, [{a}]"));
+                        self.ins(format!("shl.b32 {r}, {r}, 16"));
+                        self.ins(format!("mov.b32 {x}, {r}"));
+                    }
+                    ElemType::F16 => {
+                        // cvt.f32.f16 is exact (subnormals, inf and NaN included).
+                        let h = self.reg(H);
+                        self.ins(format!("mov.b16 {h}, 0"));
+                        self.ins(format!("@{p} ld.global.b16 {h}, [{a}]"));
+                        self.ins(format!("cvt.f32.f16 {x}, {h}"));
+                    }
+                }
                 self.write(id, &i, &j, &x);
                 self.eloop_end(l);
             }
@@ -1028,4 +1060,33 @@ fn op_name(op: &Op) -> &'static str {
         Op::GatedDot { .. } => "gated dot",
         Op::SolveUnitLower { .. } => "solve unit lower",
     }
+}
+
+/// The element type of every tensor parameter, from the loads that read it (f32 for tensors
+/// that are only written). Two loads reading one tensor as different types are an error.
+fn param_elems(kernel: &Kernel) -> Result<Vec<ElemType>, PtxError> {
+    fn walk(stmts: &[Stmt], seen: &mut [Option<ElemType>], names: &[Param]) -> Result<(), PtxError> {
+        for s in stmts {
+            match s {
+                Stmt::Let { op: Op::Load { elem, param, .. }, .. } => match seen.get_mut(*param) {
+                    Some(Some(e)) if e != elem => {
+                        return Err(PtxError(format!(
+                            "ptx: tensor `{}` is loaded as both {} and {}",
+                            names[*param].name,
+                            e.name(),
+                            elem.name()
+                        )))
+                    }
+                    Some(slot) => *slot = Some(*elem),
+                    None => return Err(PtxError(format!("ptx: load of parameter {param}, which does not exist"))),
+                },
+                Stmt::Loop { body, .. } => walk(body, seen, names)?,
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+    let mut seen = vec![None; kernel.params.len()];
+    walk(&kernel.body, &mut seen, &kernel.params)?;
+    Ok(seen.into_iter().map(|e| e.unwrap_or_default()).collect())
 }

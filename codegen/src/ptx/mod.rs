@@ -189,7 +189,8 @@ pub enum ParamAccess {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ParamKind {
-    /// A pointer to the f32 elements of a tensor (the kernel's IR parameters, in order).
+    /// A pointer to the elements of a tensor, of type [`ParamMeta::elem`] (the kernel's IR
+    /// parameters, in order).
     Tensor,
     /// A pointer to the global scratch buffer (`grid size * scratch_bytes_per_cta` bytes).
     Scratch,
@@ -209,6 +210,9 @@ pub struct ParamMeta {
     /// copies read the tensor (`cudaMalloc` gives 256), else the element size (0 for scalars).
     #[serde(default)]
     pub align: usize,
+    /// Element type of a tensor (f32 for scratch and scalars).
+    #[serde(default)]
+    pub elem: crate::ir::ElemType,
 }
 
 /// Everything a launcher needs besides the PTX text.
