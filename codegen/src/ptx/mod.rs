@@ -36,6 +36,9 @@
 //!   k-slices when the budget is small; tf32: fragments are loaded from the tiles and rounded
 //!   with `cvt.rna.tf32.f32`. Fragment index formulas cite the PTX ISA tables and are
 //!   unit-tested by emulating ldmatrix + mma from those tables.
+//! - **Input dtypes**: a `Load` of a bf16 tensor reads 16 bits and shifts them into the high
+//!   half of an f32; an f16 one converts with `cvt.f32.f16`; both are exact, so the f32
+//!   budget still holds. [`ParamMeta::elem`] records each tensor's type.
 //! - **Loads** (`async_copy.rs`): with `async_copy` and tiles in shared memory, a run of
 //!   consecutive loads is one batch of `cp.async` (4 bytes, or 16 when contiguity and
 //!   alignment are provable from the index expression), zero-filling the sequence tail via
@@ -65,12 +68,15 @@
 //!   a 64-bit address computation per element access; no fusion of elementwise ops.
 //! - Tensor cores: the 16-bit operands are re-staged for every dot (and every pass of a dot
 //!   with more than `4 * warps` warp tiles), A fragments are reloaded for each warp tile (no
-//!   register blocking across tiles), and tf32 fragments are plain scalar loads. Most library
-//!   kernels at K = V = 64 have a workspace above 48 KiB, so their tiles (and the tf32
-//!   fragment loads) are in global scratch and `cp.async` is not used for them.
+//!   register blocking across tiles), and tf32 fragments are plain scalar loads.
+//! - Every library kernel at K = V = 64 (recurrent ones included) has a workspace above
+//!   48 KiB, so its tiles are in global scratch (see the ptxas test's table): there the tf32
+//!   fragments and the 16-bit staging read global memory and `cp.async` is not used. No
+//!   opt-in to larger shared memory yet.
 //! - `cp.async` is single-stage: no double buffering across the chunk loop.
-//! - Input dtypes are f32 only: the IR's loads read f32 tensors (bf16/f16 inputs are not
-//!   implemented in the IR, the interpreter, the CPU backend or here).
+//! - 16-bit input tensors (`ir::ElemType`) are read with one scalar `ld.global.u16`/`.b16`
+//!   per element (no `cp.async`, no vector loads); the Cranelift backend does not read them
+//!   yet (a one-line error).
 //! - No `wgmma`/TMA for sm_90 (the sm_90 kernels use the sm_80 instructions).
 
 mod async_copy;
