@@ -56,7 +56,24 @@ impl Builder {
         cols: usize,
         valid_rows: Idx,
     ) -> ValueId {
-        self.emit(Op::Load { param, base, row_stride, col_stride, rows, cols, valid_rows }, TileTy::f32(rows, cols))
+        self.load_typed(ElemType::F32, param, base, row_stride, col_stride, rows, cols, valid_rows)
+    }
+
+    /// A load of a tensor whose elements are `elem` (widened to an f32 tile).
+    #[allow(clippy::too_many_arguments)]
+    pub fn load_typed(
+        &mut self,
+        elem: ElemType,
+        param: usize,
+        base: Idx,
+        row_stride: i64,
+        col_stride: i64,
+        rows: usize,
+        cols: usize,
+        valid_rows: Idx,
+    ) -> ValueId {
+        let op = Op::Load { elem, param, base, row_stride, col_stride, rows, cols, valid_rows };
+        self.emit(op, TileTy::f32(rows, cols))
     }
 
     pub fn store(

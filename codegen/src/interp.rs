@@ -176,7 +176,7 @@ impl Machine<'_, '_, '_> {
         let ty = self.kernel.ty(id);
         let mut out = Tile::zeros(ty);
         match op {
-            Op::Load { param, base, row_stride, col_stride, rows, cols, valid_rows } => {
+            Op::Load { elem, param, base, row_stride, col_stride, rows, cols, valid_rows } => {
                 let base = self.idx(base);
                 let valid = self.idx(valid_rows);
                 let mem = &self.params[*param];
@@ -186,13 +186,21 @@ impl Machine<'_, '_, '_> {
                     }
                     for j in 0..*cols {
                         let at = base + i as i64 * row_stride + j as i64 * col_stride;
-                        let x = usize::try_from(at).ok().and_then(|a| mem.get(a)).ok_or_else(|| {
-                            InterpError(format!(
-                                "load out of bounds: element {at} of param {param} (len {})",
-                                mem.len()
-                            ))
-                        })?;
-                        out.data[i * cols + j] = *x as f64;
+                        // 16-bit elements: slot at / 2, low half for even at (see ElemType).
+                        let slot = if *elem == ElemType::F32 { at } else { at.div_euclid(2) };
+                        let x = usize::try_from(slot).ok().filter(|_| at >= 0).and_then(|a| mem.get(a)).ok_or_else(
+                            || {
+                                InterpError(format!(
+                                    "load out of bounds: element {at} of param {param} (len {} {})",
+                                    mem.len() * 4 / elem.size(),
+                                    elem.name()
+                                ))
+                            },
+                        )?;
+                        out.data[i * cols + j] = match elem {
+                            ElemType::F32 => *x as f64,
+                            e => e.widen16((x.to_bits() >> (16 * (at & 1))) as u16) as f64,
+                        };
                     }
                 }
             }

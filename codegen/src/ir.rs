@@ -29,6 +29,102 @@ impl DType {
     }
 }
 
+/// Element type of a tensor in memory (tiles are f32 or f64 whatever the tensor holds).
+///
+/// A bf16 or f16 tensor's memory is its little-endian 16-bit elements. Where a backend takes
+/// tensors as `f32` slices (the interpreter, the CPU backend), the slice is a container for
+/// those bytes: element e is the low (e even) or high (e odd) half of slot e / 2.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ElemType {
+    #[default]
+    F32,
+    Bf16,
+    F16,
+}
+
+impl ElemType {
+    pub fn size(self) -> usize {
+        match self {
+            ElemType::F32 => 4,
+            ElemType::Bf16 | ElemType::F16 => 2,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ElemType::F32 => "f32",
+            ElemType::Bf16 => "bf16",
+            ElemType::F16 => "f16",
+        }
+    }
+
+    /// The f32 value of 16-bit element `bits` (exact: every bf16 and f16 value is an f32).
+    pub fn widen16(self, bits: u16) -> f32 {
+        match self {
+            ElemType::Bf16 | ElemType::F32 => f32::from_bits((bits as u32) << 16),
+            ElemType::F16 => f16_to_f32(bits),
+        }
+    }
+
+    /// Rounds `x` to this type (to nearest even; NaN stays NaN), as 16 bits (F32: the high half).
+    pub fn narrow16(self, x: f32) -> u16 {
+        match self {
+            ElemType::F16 => f32_to_f16(x),
+            _ => {
+                let b = x.to_bits();
+                if x.is_nan() {
+                    return ((b >> 16) | 0x40) as u16;
+                }
+                let round = 0x7FFF + ((b >> 16) & 1);
+                (b.wrapping_add(round) >> 16) as u16
+            }
+        }
+    }
+}
+
+/// IEEE binary16 to f32: normals rebias the exponent (15 -> 127), subnormals (exponent 0)
+/// are m * 2^-24, and exponent 31 is inf (m = 0) or NaN (payload kept).
+fn f16_to_f32(h: u16) -> f32 {
+    let sign = ((h as u32) & 0x8000) << 16;
+    let exp = ((h >> 10) & 0x1F) as u32;
+    let man = (h & 0x3FF) as u32;
+    let mag = match exp {
+        0 => return f32::from_bits(sign) + if sign != 0 { -(man as f32) } else { man as f32 } * 2f32.powi(-24),
+        31 => 0x7F80_0000 | (man << 13),
+        _ => ((exp + 127 - 15) << 23) | (man << 13),
+    };
+    f32::from_bits(sign | mag)
+}
+
+/// f32 to IEEE binary16, rounding to nearest even (overflow to inf, underflow to subnormals
+/// and zero).
+fn f32_to_f16(x: f32) -> u16 {
+    let sign = ((x.to_bits() >> 16) & 0x8000) as u16;
+    if x.is_nan() {
+        return sign | 0x7E00;
+    }
+    let a = x.abs() as f64;
+    if a >= 65520.0 {
+        return sign | 0x7C00;
+    }
+    // Scale to units of the smallest subnormal (2^-24) or of the value's ulp, round to even.
+    let e = if a < 2f64.powi(-14) { -24 } else { a.log2().floor() as i32 - 10 };
+    let q = a / 2f64.powi(e);
+    let r = q.round_ties_even();
+    let v = r * 2f64.powi(e);
+    // Re-encode v (exact in f16 by construction).
+    if v == 0.0 {
+        return sign;
+    }
+    if v < 2f64.powi(-14) {
+        return sign | (v / 2f64.powi(-24)) as u16;
+    }
+    let ev = v.log2().floor() as i32;
+    let man = (v / 2f64.powi(ev) - 1.0) * 1024.0;
+    sign | (((ev + 15) as u16) << 10) | man as u16
+}
+
 /// Static shape and dtype of a tile.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct TileTy {
@@ -163,10 +259,11 @@ pub enum MaskKind {
 /// The operations that define a tile. Each names its operands by [`ValueId`].
 #[derive(Clone, Debug, PartialEq)]
 pub enum Op {
-    /// Reads `rows x cols` f32 elements: element (i, j) is at `base + i*row_stride +
-    /// j*col_stride` (in elements) of parameter `param`. Rows at or past `valid_rows` are not
-    /// read and are 0 in the tile.
+    /// Reads `rows x cols` elements of type `elem` into an f32 tile (16-bit types widen
+    /// exactly): element (i, j) is at `base + i*row_stride + j*col_stride` (in elements) of
+    /// parameter `param`. Rows at or past `valid_rows` are not read and are 0 in the tile.
     Load {
+        elem: ElemType,
         param: usize,
         base: Idx,
         row_stride: i64,
@@ -343,5 +440,41 @@ impl Kernel {
 impl fmt::Display for ValueId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "%{}", self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sixteen_bit_conversions_are_exact_and_round_to_even() {
+        // Every f16 bit pattern widens to the value IEEE defines, and narrows back.
+        for h in 0..=u16::MAX {
+            let x = ElemType::F16.widen16(h);
+            let (exp, man) = ((h >> 10) & 31, (h & 1023) as f64);
+            let sign = if h & 0x8000 != 0 { -1.0 } else { 1.0 };
+            let want = match exp {
+                0 => sign * man * 2f64.powi(-24),
+                31 if man == 0.0 => sign * f64::INFINITY,
+                31 => f64::NAN,
+                e => sign * (1.0 + man / 1024.0) * 2f64.powi(e as i32 - 15),
+            };
+            if want.is_nan() {
+                assert!(x.is_nan(), "{h:#06x}");
+                continue;
+            }
+            assert_eq!(x as f64, want, "{h:#06x}");
+            assert_eq!(ElemType::F16.narrow16(x), h, "{h:#06x} round trip");
+        }
+        assert_eq!(ElemType::Bf16.widen16(0x3F80), 1.0);
+        assert_eq!(ElemType::Bf16.widen16(0xFF80), f32::NEG_INFINITY);
+        // Ties go to even; halfway above 1 + 2^-7 in bf16.
+        assert_eq!(ElemType::Bf16.narrow16(1.0 + 2f32.powi(-8)), 0x3F80);
+        assert_eq!(ElemType::Bf16.narrow16(1.0 + 3.0 * 2f32.powi(-8)), 0x3F82);
+        assert_eq!(ElemType::F16.narrow16(1.0 + 2f32.powi(-11)), 0x3C00);
+        assert_eq!(ElemType::F16.narrow16(65520.0), 0x7C00);
+        assert_eq!(ElemType::F16.narrow16(2f32.powi(-25)), 0, "halfway to the smallest subnormal: even");
+        assert!(ElemType::Bf16.widen16(ElemType::Bf16.narrow16(f32::NAN)).is_nan());
     }
 }

@@ -84,6 +84,8 @@ pub struct Lowerer<'a> {
     /// The state as the current statement sees it, and the locals (recurrent kernel only).
     pub state: Option<ValueId>,
     pub locals: Vec<Option<LVal>>,
+    /// Element type of the per-token input tensors (f32 unless a plan says otherwise).
+    pub input_elem: ElemType,
 }
 
 impl<'a> Lowerer<'a> {
@@ -99,6 +101,7 @@ impl<'a> Lowerer<'a> {
             memo: HashMap::new(),
             state: None,
             locals: vec![None; rule.locals.len()],
+            input_elem: ElemType::F32,
         }
     }
 
@@ -109,12 +112,13 @@ impl<'a> Lowerer<'a> {
         let inp = &self.rule.inputs[i];
         let w = inp.width(self.shape.k, self.shape.v);
         let param = self.layout.inputs[i];
+        // Per-token inputs are in the input dtype; per-head parameters stay f32 (as in FLA).
         let v = if inp.per_head {
             let base = Idx::var(IdxVar::Head).mul(Idx::c(w as i64));
             b.load(param, base, 0, 1, 1, w, Idx::c(1))
         } else {
             let (base, stride) = token_base(&self.shape, self.t0.clone(), w);
-            b.load(param, base, stride, 1, self.rows, w, self.valid.clone())
+            b.load_typed(self.input_elem, param, base, stride, 1, self.rows, w, self.valid.clone())
         };
         self.loaded.insert(i, v);
         v

@@ -35,8 +35,9 @@ impl fmt::Display for TileTy {
 fn op_text(k: &Kernel, op: &Op) -> String {
     let p = |i: usize| k.params[i].name.clone();
     match op {
-        Op::Load { param, base, row_stride, col_stride, valid_rows, .. } => {
-            format!("load {}[{base} + r*{row_stride} + c*{col_stride}] rows<{valid_rows}", p(*param))
+        Op::Load { elem, param, base, row_stride, col_stride, valid_rows, .. } => {
+            let ty = if *elem == ElemType::F32 { String::new() } else { format!(".{}", elem.name()) };
+            format!("load{ty} {}[{base} + r*{row_stride} + c*{col_stride}] rows<{valid_rows}", p(*param))
         }
         Op::Const { value, .. } => format!("const {value}"),
         Op::IdxValue(i) => format!("index {i}"),

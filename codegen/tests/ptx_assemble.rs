@@ -15,8 +15,8 @@ use chunkc_codegen::builder::Builder;
 use chunkc_codegen::ir::*;
 use chunkc_codegen::plan::{chunked, recurrent, Schedule, Shape};
 use chunkc_codegen::ptx::{
-    self, assemble, emit, emit_with, find_ptxas, EmitOptions, ParamKind, PtxKernel, Sm, TileSpace, BLOCK_THREADS,
-    PTXAS_MISSING,
+    self, assemble, emit, emit_scheduled, emit_with, find_ptxas, DotPrecision, EmitOptions, ParamKind, PtxKernel,
+    PtxSchedule, Sm, TileSpace, BLOCK_THREADS, PTXAS_MISSING,
 };
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -61,6 +61,8 @@ fn library_kernels() -> Vec<(String, Kernel)> {
     out
 }
 
+/// Every library kernel under every default schedule (f32 fma, tf32, bf16) for both targets:
+/// no ptxas error, no spill; a chunked kernel under a tensor-core schedule must contain mma.
 #[test]
 fn every_rule_assembles_for_sm80_and_sm90() {
     if find_ptxas().is_none() {
@@ -71,8 +73,11 @@ fn every_rule_assembles_for_sm80_and_sm90() {
         return;
     }
     let kernels = library_kernels();
-    let jobs: Vec<(&str, &Kernel, Sm)> =
-        kernels.iter().flat_map(|(l, k)| TARGETS.map(|t| (l.as_str(), k, t))).collect();
+    let schedules = PtxSchedule::defaults();
+    let jobs: Vec<(&str, &Kernel, Sm, PtxSchedule)> = kernels
+        .iter()
+        .flat_map(|(l, k)| schedules.iter().flat_map(move |s| TARGETS.map(|t| (l.as_str(), k, t, *s))))
+        .collect();
     // ptxas is single-threaded: assemble on every core, print in order.
     let next = AtomicUsize::new(0);
     let results: Mutex<Vec<Option<Result<String, String>>>> = Mutex::new(vec![None; jobs.len()]);
@@ -82,19 +87,26 @@ fn every_rule_assembles_for_sm80_and_sm90() {
         for _ in 0..workers {
             s.spawn(|| loop {
                 let n = next.fetch_add(1, Ordering::Relaxed);
-                let Some(&(label, kernel, target)) = jobs.get(n) else { break };
-                let line = match emit(kernel, target) {
-                    Err(e) => Err(format!("{label} {target}: emit: {e}")),
+                let Some(&(label, kernel, target, sched)) = jobs.get(n) else { break };
+                let dot = sched.dot.name();
+                let line = match emit_scheduled(kernel, target, EmitOptions::default(), &sched) {
+                    Err(e) => Err(format!("{label} {dot} {target}: emit: {e}")),
                     Ok(PtxKernel { ptx, meta }) => match dump(&ptx, &meta).and_then(|()| assemble(&ptx, target)) {
-                        Err(e) => Err(format!("{label} {target}: {e}")),
-                        Ok(r) if r.spill_stores + r.spill_loads > 0 => Err(format!("{label} {target}: spills: {r}")),
+                        Err(e) => Err(format!("{label} {dot} {target}: {e}")),
+                        Ok(r) if r.spill_stores + r.spill_loads > 0 => {
+                            Err(format!("{label} {dot} {target}: spills: {r}"))
+                        }
+                        Ok(_) if label.contains("chunked") && sched.dot.tensor_cores() && !ptx.contains("mma.sync") => {
+                            Err(format!("{label} {dot} {target}: no dot ran on tensor cores"))
+                        }
                         Ok(r) => {
                             version.lock().unwrap().clone_from(&r.version);
                             let place = match meta.tile_space {
                                 TileSpace::Shared => format!("smem {} B", meta.dynamic_smem_bytes),
                                 TileSpace::Global => format!("scratch {} B/CTA", meta.scratch_bytes_per_cta),
                             };
-                            Ok(format!("{label:<40} {r} | tiles: {place}"))
+                            let stage = meta.static_smem_bytes;
+                            Ok(format!("{label:<40} {dot:<4} {r} | tiles: {place}, staging {stage} B"))
                         }
                     },
                 };
@@ -110,7 +122,7 @@ fn every_rule_assembles_for_sm80_and_sm90() {
         }
     }
     let version = version.into_inner().unwrap();
-    println!("ptxas: {version}; {} kernels x {} targets", kernels.len(), TARGETS.len());
+    println!("ptxas: {version}; {} kernels x {} schedules x {} targets", kernels.len(), schedules.len(), TARGETS.len());
     assert!(failures.is_empty(), "ptxas rejected:\n{}", failures.join("\n"));
 }
 
@@ -339,4 +351,66 @@ fn ptxas_errors_are_one_line() {
     let e = assemble(".version 7.8\n.target sm_80\n.address_size 64\nnot ptx;\n", Sm::Sm80).expect_err("bad PTX");
     let msg = e.to_string();
     assert!(msg.starts_with("ptxas -arch=sm_80 failed:") && !msg.contains('\n'), "{msg}");
+}
+
+/// A chunked kernel under the tensor-core schedules: the instructions of each path are
+/// there, the launch metadata records the schedule, block size and staging, and the kernel
+/// assembles without spills (when ptxas is installed).
+#[test]
+fn tensor_core_schedules_emit_their_instructions() {
+    let rule = chunkc_dsl::load_rule(&rules_dir().join("gated_delta_rule.toml")).expect("rule");
+    let canon = chunkc_dsl::canon::canonicalize(&rule).expect("canonical");
+    let shape = Shape { heads: 2, k: 32, v: 32, scale: 32f64.sqrt().recip() };
+    // K = V = 32, chunk 16: the tiles fit in shared memory next to the staging, so loads use
+    // cp.async.
+    let kernel = chunked::build(&rule, &canon, shape, Schedule::with_chunk(16)).expect("plan");
+    for (dot, needles) in [
+        (DotPrecision::Tf32, &["mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32", "cvt.rna.tf32.f32"][..]),
+        (
+            DotPrecision::Bf16,
+            &[
+                "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32",
+                "ldmatrix.sync.aligned.m8n8.x4.shared.b16",
+                "cvt.rn.bf16x2.f32",
+            ],
+        ),
+        (DotPrecision::F16, &["mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32", "cvt.rn.f16x2.f32"]),
+    ] {
+        let sched = PtxSchedule { warps: 4, ..PtxSchedule::with_dot(dot) };
+        let out = emit_scheduled(&kernel, Sm::Sm80, EmitOptions::default(), &sched).expect("emit");
+        assert_eq!(out.meta.tile_space, TileSpace::Shared, "{dot:?}");
+        for n in needles.iter().chain(&[
+            "cp.async.ca.shared.global",
+            "cp.async.cg.shared.global",
+            "cp.async.commit_group",
+            "cp.async.wait_group 0",
+        ]) {
+            assert!(out.ptx.contains(n), "{dot:?}: missing {n}");
+        }
+        assert!(out.ptx.contains(".maxntid 128, 1, 1"), "{dot:?}: 4 warps");
+        assert_eq!(out.meta.block, [128, 1, 1]);
+        assert_eq!(out.meta.schedule, sched);
+        // q, k, v rows are 16-byte chunks: those tensors must be 16-byte aligned; h0 too.
+        let align = |n: &str| out.meta.params.iter().find(|p| p.name == n).map(|p| p.align);
+        assert_eq!(align("q"), Some(16), "{dot:?}");
+        assert_eq!(align("o"), Some(4), "{dot:?}: stores assume the element size");
+        let half = matches!(dot, DotPrecision::Bf16 | DotPrecision::F16);
+        assert_eq!(out.meta.static_smem_bytes > 0, half, "{dot:?}: staging only for 16-bit operands");
+        assert!(out.meta.static_smem_bytes <= sched.staging_bytes);
+        if find_ptxas().is_some() {
+            let r = assemble(&out.ptx, Sm::Sm80).unwrap_or_else(|e| panic!("{dot:?}: {e}"));
+            assert_eq!(r.spill_stores + r.spill_loads, 0, "{dot:?}: {r}");
+            assert_eq!(r.shared_bytes as usize, out.meta.static_smem_bytes, "{dot:?}: ptxas sees the staging");
+            println!("gated_delta_rule c16 K=V=32 {}: {r}", dot.name());
+        }
+    }
+    // The default schedule is the fma lowering: no tensor cores, no staging, no cp.async.
+    let plain = emit(&kernel, Sm::Sm80).expect("emit");
+    assert!(!plain.ptx.contains("mma.") && !plain.ptx.contains("cp.async"));
+    assert_eq!(plain.meta.static_smem_bytes, 0);
+    assert_eq!(plain.meta.schedule, PtxSchedule::default());
+    // An invalid schedule is a one-line error.
+    let bad = PtxSchedule { warps: 0, ..PtxSchedule::default() };
+    let e = emit_scheduled(&kernel, Sm::Sm80, EmitOptions::default(), &bad).expect_err("invalid");
+    assert!(!e.to_string().contains('\n'), "{e}");
 }

@@ -594,7 +594,7 @@ impl<'a, 'f> Lower<'a, 'f> {
         }
         let out = self.val(id);
         match op {
-            Op::Load { param, base, row_stride, col_stride, rows, cols, valid_rows } => {
+            Op::Load { param, base, row_stride, col_stride, rows, cols, valid_rows, .. } => {
                 let src = self.global(*param, base, *row_stride, *col_stride);
                 let valid = self.idx(valid_rows);
                 let nv = self.clamp_rows(valid, *rows);

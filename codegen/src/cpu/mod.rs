@@ -187,6 +187,7 @@ pub fn workspace_bytes(kernel: &Kernel) -> Result<usize, CodegenError> {
 /// workspace for the fused lowering.
 fn plan_fused(kernel: &Kernel) -> Result<(fuse::Fusion, layout::Plan), CodegenError> {
     layout::plan(kernel)?;
+    reject_16bit_inputs(&kernel.body)?;
     let fusion = fuse::analyse(kernel);
     let plan = layout::plan(&fusion.planning)?;
     Ok((fusion, plan))
@@ -368,3 +369,19 @@ const MATH_F64: [(&str, Un64); 6] = [
 ];
 const POW_F32: (&str, extern "C" fn(f32, f32) -> f32) = ("chunkc_pow_f32", chunkc_pow_f32);
 const POW_F64: (&str, extern "C" fn(f64, f64) -> f64) = ("chunkc_pow_f64", chunkc_pow_f64);
+
+/// The Cranelift backend reads f32 tensors only (bf16/f16 inputs run in the interpreter and
+/// the PTX backend); a kernel with a 16-bit load is a one-line error, not a miscompile.
+fn reject_16bit_inputs(stmts: &[crate::ir::Stmt]) -> Result<(), CodegenError> {
+    use crate::ir::{ElemType, Op, Stmt};
+    for s in stmts {
+        match s {
+            Stmt::Let { op: Op::Load { elem, .. }, .. } if *elem != ElemType::F32 => {
+                return Err(CodegenError(format!("cpu backend: {} input tensors are not supported yet", elem.name())));
+            }
+            Stmt::Loop { body, .. } => reject_16bit_inputs(body)?,
+            _ => {}
+        }
+    }
+    Ok(())
+}

@@ -66,6 +66,7 @@ pub fn build(rule: &Rule, canon: &Canonical, shape: Shape, sched: Schedule) -> R
     let t0 = Idx::var(IdxVar::Iter).mul(Idx::c(c as i64));
     let valid = Idx::c(c as i64).min(Idx::var(IdxVar::SeqLen).sub(t0.clone()));
     let mut lw = Lowerer::new(rule, shape, &layout, c, t0.clone(), valid.clone());
+    lw.input_elem = sched.input;
     let mut pro = Prologue { lw: &mut lw, rows: c, valid: valid.clone() };
 
     // Prologue: every canonical vector for the chunk's tokens, zero past the sequence end.

@@ -17,13 +17,20 @@ pub struct Schedule {
     pub chunk: usize,
     /// Tokens per sub-chunk for per-channel gates (the chunk is used whole otherwise).
     pub sub_chunk: usize,
+    /// Element type of the per-token input tensors (q, k, v, gates...); states stay f32.
+    pub input: crate::ir::ElemType,
 }
 
 impl Schedule {
+    /// This schedule with per-token inputs of type `input`.
+    pub fn with_input(self, input: crate::ir::ElemType) -> Schedule {
+        Schedule { input, ..self }
+    }
+
     /// The chunk with the largest sub-chunk of at most 16 tokens that divides it.
     pub fn with_chunk(chunk: usize) -> Schedule {
         let sub_chunk = (1..=16.min(chunk)).rev().find(|d| chunk.is_multiple_of(*d)).unwrap_or(1);
-        Schedule { chunk, sub_chunk }
+        Schedule { chunk, sub_chunk, input: crate::ir::ElemType::F32 }
     }
 }
 

@@ -8,6 +8,11 @@ use chunkc_dsl::ast::{Rule, Target};
 
 /// Builds the recurrent kernel of any checked rule.
 pub fn build(rule: &Rule, shape: Shape) -> Result<Kernel, PlanError> {
+    build_typed(rule, shape, ElemType::F32)
+}
+
+/// [`build`] for per-token inputs of type `input` (the state stays f32).
+pub fn build_typed(rule: &Rule, shape: Shape, input: ElemType) -> Result<Kernel, PlanError> {
     let mut b = Builder::new(format!("{}_recurrent", rule.name));
     let layout = ParamLayout::declare(&mut b, rule);
     let (k, v) = (shape.k, shape.v);
@@ -16,6 +21,7 @@ pub fn build(rule: &Rule, shape: Shape) -> Result<Kernel, PlanError> {
     let inner = b.begin_loop(Idx::var(IdxVar::SeqLen), &[h0]);
     let t = Idx::var(IdxVar::Iter);
     let mut lw = Lowerer::new(rule, shape, &layout, 1, t.clone(), Idx::c(1));
+    lw.input_elem = input;
     lw.state = Some(inner[0]);
     let mut out = None;
     for s in &rule.stmts {

@@ -5,6 +5,7 @@
 //! integers (thread and element indices), `%rd` 64-bit integers (index expressions and
 //! addresses), `%f` f32, `%fd` f64 and `%p` predicates.
 
+use super::mma::{self, DotPlan, LaneRegs};
 use super::*;
 use crate::ir::*;
 use crate::layout::{self, Plan, Storage, YieldCopy};
@@ -12,6 +13,8 @@ use std::fmt::Write as _;
 
 /// Name of the dynamic shared-memory array.
 const SMEM: &str = "chunkc_smem";
+/// Name of the static shared array holding the 16-bit operands of tensor-core dots.
+const STAGE: &str = "chunkc_stage";
 /// log2(e) and ln(2) as f32.
 const LOG2E: &str = "0f3FB8AA3B";
 const LN2: &str = "0f3F317218";
@@ -41,21 +44,32 @@ fn ident(s: &str) -> String {
 }
 
 /// A strided loop over `0..n` (one element per thread per iteration).
-struct ELoop {
-    e: String,
+pub(super) struct ELoop {
+    pub(super) e: String,
     head: String,
     end: String,
 }
 
-struct Em<'k> {
-    k: &'k Kernel,
+pub(super) struct Em<'k> {
+    pub(super) k: &'k Kernel,
     plan: Plan,
-    space: &'static str,
+    pub(super) space: &'static str,
     out: String,
-    n: [u32; 5],
+    n: [u32; 6],
     labels: u32,
-    tid: String,
+    pub(super) tid: String,
     tile_base: String,
+    pub(super) sched: PtxSchedule,
+    /// Per-lane registers of the tensor-core dots (computed in the prologue when needed).
+    pub(super) lanes: Option<LaneRegs>,
+    /// Address of the 16-bit staging buffer (a static `.shared` array), when there is one.
+    stage_reg: String,
+    /// Staging bytes the emitted dots use (at most what the prologue reserved).
+    pub(super) stage_used: usize,
+    /// Byte ranges of the tile workspace with `cp.async` copies in flight.
+    pub(super) pending_async: Vec<(i64, i64)>,
+    /// Per tensor parameter, the alignment its loads assume (16 for 16-byte `cp.async`).
+    pub(super) param_align: Vec<usize>,
     params: Vec<String>,
     batch: String,
     head: String,
@@ -64,27 +78,37 @@ struct Em<'k> {
     next_loop: usize,
 }
 
-const R: usize = 0;
-const RD: usize = 1;
-const F: usize = 2;
-const FD: usize = 3;
-const P: usize = 4;
-const PREFIX: [&str; 5] = ["%r", "%rd", "%f", "%fd", "%p"];
+pub(super) const R: usize = 0;
+pub(super) const RD: usize = 1;
+pub(super) const F: usize = 2;
+pub(super) const FD: usize = 3;
+pub(super) const P: usize = 4;
+/// 16-bit registers (loads of bf16/f16 tensor elements).
+pub(super) const H: usize = 5;
+const PREFIX: [&str; 6] = ["%r", "%rd", "%f", "%fd", "%p", "%h"];
 
-pub(super) fn emit(kernel: &Kernel, target: Sm, opts: EmitOptions) -> Result<PtxKernel, PtxError> {
+pub(super) fn emit(kernel: &Kernel, target: Sm, opts: EmitOptions, sched: PtxSchedule) -> Result<PtxKernel, PtxError> {
+    sched.validate().map_err(PtxError)?;
     let plan = layout::plan(kernel).map_err(|e| PtxError(format!("ptx: {}", e.0)))?;
-    let shared = plan.bytes <= opts.smem_limit;
+    // The staging buffer of the 16-bit tensor-core dots is always in shared memory (ldmatrix
+    // reads only shared memory); the tiles join it there when both fit the limit.
+    let stage = mma::staging_need(kernel, sched.dot, sched.min_mma_dim, sched.staging_bytes);
+    let shared = plan.bytes + stage <= opts.smem_limit;
     let bytes = plan.bytes;
+    let threads = sched.threads();
+    let uses_mma = mma::uses_tensor_cores(kernel, &sched);
     let entry = ident(&kernel.name);
 
     // The .param list.
+    let elems = param_elems(kernel)?;
     let mut params = vec![];
-    for p in &kernel.params {
+    for (p, &elem) in kernel.params.iter().zip(&elems) {
         let access = match p.access {
             Access::Read => ParamAccess::Read,
             Access::Write => ParamAccess::Write,
         };
-        params.push(ParamMeta { name: p.name.clone(), access, pointer: true, kind: ParamKind::Tensor });
+        let align = elem.size();
+        params.push(ParamMeta { name: p.name.clone(), access, pointer: true, kind: ParamKind::Tensor, align, elem });
     }
     if !shared {
         params.push(ParamMeta {
@@ -92,11 +116,20 @@ pub(super) fn emit(kernel: &Kernel, target: Sm, opts: EmitOptions) -> Result<Ptx
             access: ParamAccess::ReadWrite,
             pointer: true,
             kind: ParamKind::Scratch,
+            align: 64,
+            elem: ElemType::F32,
         });
     }
     let scalars = ["batch", "heads", "seq_len"];
     for s in scalars {
-        params.push(ParamMeta { name: s.into(), access: ParamAccess::Read, pointer: false, kind: ParamKind::Scalar });
+        params.push(ParamMeta {
+            name: s.into(),
+            access: ParamAccess::Read,
+            pointer: false,
+            kind: ParamKind::Scalar,
+            align: 0,
+            elem: ElemType::F32,
+        });
     }
     let pname = |i: usize| format!("{entry}_param_{i}");
 
@@ -105,7 +138,7 @@ pub(super) fn emit(kernel: &Kernel, target: Sm, opts: EmitOptions) -> Result<Ptx
         plan,
         space: if shared { "shared" } else { "global" },
         out: String::new(),
-        n: [0; 5],
+        n: [0; 6],
         labels: 0,
         tid: String::new(),
         tile_base: String::new(),
@@ -115,6 +148,12 @@ pub(super) fn emit(kernel: &Kernel, target: Sm, opts: EmitOptions) -> Result<Ptx
         seq_len: String::new(),
         iter: String::new(),
         next_loop: 0,
+        sched,
+        lanes: None,
+        stage_reg: String::new(),
+        stage_used: 0,
+        pending_async: vec![],
+        param_align: elems.iter().map(|e| e.size()).collect(),
     };
 
     // Prologue: thread and CTA indices, scalars, pointers, the CTA's tile base.
@@ -159,28 +198,41 @@ pub(super) fn emit(kernel: &Kernel, target: Sm, opts: EmitOptions) -> Result<Ptx
     em.iter = em.reg(RD);
     let iter = em.iter.clone();
     em.ins(format!("mov.s64 {iter}, 0"));
+    if stage > 0 {
+        em.stage_reg = em.reg(RD);
+        let r = em.stage_reg.clone();
+        em.ins(format!("mov.u64 {r}, {STAGE}"));
+    }
+    if uses_mma {
+        em.lane_regs();
+    }
     (em.batch, em.head, em.seq_len) = (b, h, seq_len);
 
     em.block(&kernel.body)?;
+    em.flush_async();
     em.ins("ret");
+    debug_assert!(em.stage_used <= stage, "staging {} > reserved {stage}", em.stage_used);
 
     // Assemble the module text.
     let mut s = String::new();
     let space = em.space;
     let _ = writeln!(s, "//");
-    let _ = writeln!(s, "// Generated by chunkc: PTX backend, simple SIMT lowering (no tensor cores).");
-    let _ = writeln!(
-        s,
-        "// kernel {entry}: {BLOCK_THREADS} threads per CTA, one CTA per (b, h), blockIdx.x = b * heads + h"
-    );
-    let _ = writeln!(s, "// tiles: {bytes} bytes per CTA in {space} memory");
+    let _ = writeln!(s, "// Generated by chunkc: PTX backend (SIMT lowering; dots: {:?}).", sched.dot);
+    let _ = writeln!(s, "// kernel {entry}: {threads} threads per CTA, one CTA per (b, h), blockIdx.x = b * heads + h");
+    let _ = writeln!(s, "// tiles: {bytes} bytes per CTA in {space} memory; 16-bit staging: {stage} bytes");
+    let _ = writeln!(s, "// schedule: {}", serde_json::to_string(&sched).unwrap_or_default());
     let _ = writeln!(s, "//");
     let _ = writeln!(s, ".version {}", target.isa_version());
     let _ = writeln!(s, ".target {}", target.name());
     let _ = writeln!(s, ".address_size 64");
     let _ = writeln!(s);
+    if stage > 0 {
+        let _ = writeln!(s, ".shared .align 16 .b8 {STAGE}[{stage}];");
+    }
     if shared {
         let _ = writeln!(s, ".extern .shared .align 16 .b8 {SMEM}[];");
+    }
+    if shared || stage > 0 {
         let _ = writeln!(s);
     }
     let _ = writeln!(s, ".visible .entry {entry}(");
@@ -189,10 +241,10 @@ pub(super) fn emit(kernel: &Kernel, target: Sm, opts: EmitOptions) -> Result<Ptx
         let _ = writeln!(s, "\t.param .u64 {}{comma} // {} ({:?})", pname(i), p.name, p.access);
     }
     let _ = writeln!(s, ")");
-    let _ = writeln!(s, ".maxntid {BLOCK_THREADS}, 1, 1");
+    let _ = writeln!(s, ".maxntid {threads}, 1, 1");
     let _ = writeln!(s, "{{");
-    let decl = [".b32", ".b64", ".f32", ".f64", ".pred"];
-    for k in 0..5 {
+    let decl = [".b32", ".b64", ".f32", ".f64", ".pred", ".b16"];
+    for k in 0..6 {
         if em.n[k] > 0 {
             let _ = writeln!(s, "\t.reg {} {}<{}>;", decl[k], PREFIX[k], em.n[k]);
         }
@@ -201,14 +253,19 @@ pub(super) fn emit(kernel: &Kernel, target: Sm, opts: EmitOptions) -> Result<Ptx
     s.push_str(&em.out);
     let _ = writeln!(s, "}}");
 
+    for (p, &w) in em.param_align.iter().enumerate() {
+        params[p].align = params[p].align.max(w);
+    }
     let meta = LaunchMeta {
         entry,
         target,
         grid: Grid::BatchHeadsX,
-        block: [BLOCK_THREADS, 1, 1],
+        block: [threads, 1, 1],
         tile_space: if shared { TileSpace::Shared } else { TileSpace::Global },
         dynamic_smem_bytes: if shared { bytes } else { 0 },
         scratch_bytes_per_cta: if shared { 0 } else { bytes },
+        static_smem_bytes: stage,
+        schedule: sched,
         params,
         scalars: scalars.iter().map(|s| s.to_string()).collect(),
     };
@@ -216,7 +273,7 @@ pub(super) fn emit(kernel: &Kernel, target: Sm, opts: EmitOptions) -> Result<Ptx
 }
 
 impl Em<'_> {
-    fn reg(&mut self, kind: usize) -> String {
+    pub(super) fn reg(&mut self, kind: usize) -> String {
         let r = format!("{}{}", PREFIX[kind], self.n[kind]);
         self.n[kind] += 1;
         r
@@ -226,30 +283,30 @@ impl Em<'_> {
         self.reg(if dt == DType::F32 { F } else { FD })
     }
 
-    fn ins(&mut self, s: impl AsRef<str>) {
+    pub(super) fn ins(&mut self, s: impl AsRef<str>) {
         self.out.push('\t');
         self.out.push_str(s.as_ref());
         self.out.push_str(";\n");
     }
 
-    fn comment(&mut self, s: impl AsRef<str>) {
+    pub(super) fn comment(&mut self, s: impl AsRef<str>) {
         let _ = writeln!(self.out, "\t// {}", s.as_ref());
     }
 
-    fn label(&mut self) -> String {
+    pub(super) fn label(&mut self) -> String {
         self.labels += 1;
         format!("$L_{}", self.labels)
     }
 
-    fn place(&mut self, l: &str) {
+    pub(super) fn place(&mut self, l: &str) {
         let _ = writeln!(self.out, "{l}:");
     }
 
-    fn barrier(&mut self) {
+    pub(super) fn barrier(&mut self) {
         self.ins("bar.sync 0");
     }
 
-    fn storage(&self, v: ValueId) -> Storage {
+    pub(super) fn storage(&self, v: ValueId) -> Storage {
         // layout::plan checked that every value read is defined, so it has storage.
         self.plan.storage[v.0 as usize].unwrap_or(Storage { off: 0, rs: 0, cs: 0 })
     }
@@ -269,7 +326,7 @@ impl Em<'_> {
 
     // ---- index expressions (s64, uniform across the CTA) ----
 
-    fn idx(&mut self, e: &Idx) -> String {
+    pub(super) fn idx(&mut self, e: &Idx) -> String {
         match e {
             Idx::Const(c) => {
                 let r = self.reg(RD);
@@ -310,8 +367,8 @@ impl Em<'_> {
 
     // ---- loops ----
 
-    /// Starts `for (e = tid; e < n; e += BLOCK_THREADS)`.
-    fn eloop(&mut self, n: usize) -> ELoop {
+    /// Starts `for (e = tid; e < n; e += threads)`.
+    pub(super) fn eloop(&mut self, n: usize) -> ELoop {
         let (e, head, end, p) = (self.reg(R), self.label(), self.label(), self.reg(P));
         let tid = self.tid.clone();
         self.ins(format!("mov.u32 {e}, {tid}"));
@@ -322,15 +379,31 @@ impl Em<'_> {
     }
 
     /// Closes an element loop and synchronises the CTA.
-    fn eloop_end(&mut self, l: ELoop) {
-        self.ins(format!("add.u32 {}, {}, {BLOCK_THREADS}", l.e, l.e));
-        self.ins(format!("bra {}", l.head));
-        self.place(&l.end);
+    pub(super) fn eloop_end(&mut self, l: ELoop) {
+        self.eloop_end_no_barrier(l);
         self.barrier();
     }
 
+    /// Closes an element loop without synchronising (the caller does, after more loops).
+    pub(super) fn eloop_end_no_barrier(&mut self, l: ELoop) {
+        let threads = self.sched.threads();
+        self.ins(format!("add.u32 {}, {}, {threads}", l.e, l.e));
+        self.ins(format!("bra {}", l.head));
+        self.place(&l.end);
+    }
+
+    /// The register holding the global address of tensor parameter `param`.
+    pub(super) fn param_ptr(&self, param: usize) -> String {
+        self.params[param].clone()
+    }
+
+    /// The register holding the staging buffer's shared address.
+    pub(super) fn stage_base(&self) -> String {
+        self.stage_reg.clone()
+    }
+
     /// Row and column of element `e` of a tile with `cols` columns.
-    fn split(&mut self, e: &str, cols: usize) -> (String, String) {
+    pub(super) fn split(&mut self, e: &str, cols: usize) -> (String, String) {
         let (i, j) = (self.reg(R), self.reg(R));
         if cols == 1 {
             self.ins(format!("mov.u32 {i}, {e}"));
@@ -362,7 +435,7 @@ impl Em<'_> {
 
     /// Address register of element (i, j) of a tile stored at `st` (i, j: u32 registers, or
     /// None for 0), including the region offset.
-    fn taddr(&mut self, st: Storage, dt: DType, i: Option<&str>, j: Option<&str>) -> String {
+    pub(super) fn taddr(&mut self, st: Storage, dt: DType, i: Option<&str>, j: Option<&str>) -> String {
         let t = self.reg(R);
         self.ins(format!("mov.u32 {t}, 0"));
         for (x, s) in [(i, st.rs), (j, st.cs)] {
@@ -407,7 +480,12 @@ impl Em<'_> {
     }
 
     /// Global address of element (i, j) of tensor `param` at `base + i*rs + j*cs` (f32).
-    fn gaddr(&mut self, param: usize, base: &str, rs: i64, cs: i64, i: &str, j: &str) -> String {
+    pub(super) fn gaddr(&mut self, param: usize, base: &str, rs: i64, cs: i64, i: &str, j: &str) -> String {
+        self.gaddr_sized(param, base, rs, cs, (i, j), 4)
+    }
+
+    /// [`Em::gaddr`] for elements of `size` bytes (2 or 4).
+    fn gaddr_sized(&mut self, param: usize, base: &str, rs: i64, cs: i64, (i, j): (&str, &str), size: usize) -> String {
         let (i64r, j64r, t) = (self.reg(RD), self.reg(RD), self.reg(RD));
         self.ins(format!("cvt.u64.u32 {i64r}, {i}"));
         self.ins(format!("cvt.u64.u32 {j64r}, {j}"));
@@ -416,13 +494,13 @@ impl Em<'_> {
         self.ins(format!("mad.lo.s64 {t}, {j64r}, {cs}, {t}"));
         let a = self.reg(RD);
         let ptr = self.params[param].clone();
-        self.ins(format!("shl.b64 {t}, {t}, 2"));
+        self.ins(format!("shl.b64 {t}, {t}, {}", size.trailing_zeros()));
         self.ins(format!("add.s64 {a}, {ptr}, {t}"));
         a
     }
 
     /// Predicate `i < valid` for a u32 row `i` and an s64 bound.
-    fn row_valid(&mut self, i: &str, valid: &str) -> String {
+    pub(super) fn row_valid(&mut self, i: &str, valid: &str) -> String {
         let (i64r, p) = (self.reg(RD), self.reg(P));
         self.ins(format!("cvt.u64.u32 {i64r}, {i}"));
         self.ins(format!("setp.lt.s64 {p}, {i64r}, {valid}"));
@@ -584,6 +662,17 @@ impl Em<'_> {
 
     fn block(&mut self, stmts: &[Stmt]) -> Result<(), PtxError> {
         for s in stmts {
+            if let Stmt::Let {
+                id,
+                op: Op::Load { elem: ElemType::F32, param, base, row_stride, col_stride, cols, valid_rows, .. },
+            } = s
+            {
+                if self.async_loads() {
+                    self.async_load(*id, *param, base, *row_stride, *col_stride, *cols, valid_rows);
+                    continue;
+                }
+            }
+            self.flush_async();
             match s {
                 Stmt::Let { id, op } => self.op(*id, op)?,
                 Stmt::Store { value, param, base, row_stride, col_stride, valid_rows } => {
@@ -648,6 +737,7 @@ impl Em<'_> {
                 }
             }
         }
+        self.flush_async();
         Ok(())
     }
 
@@ -659,16 +749,33 @@ impl Em<'_> {
         let dt = t.dtype;
         self.comment(format!("{id} = {}", op_name(op)));
         match op {
-            Op::Load { param, base, row_stride, col_stride, rows: _, cols, valid_rows } => {
+            Op::Load { elem, param, base, row_stride, col_stride, rows: _, cols, valid_rows } => {
                 let base = self.idx(base);
                 let valid = self.idx(valid_rows);
                 let l = self.eloop(t.len());
                 let (i, j) = self.split(&l.e.clone(), *cols);
                 let p = self.row_valid(&i, &valid);
-                let a = self.gaddr(*param, &base, *row_stride, *col_stride, &i, &j);
+                let a = self.gaddr_sized(*param, &base, *row_stride, *col_stride, (&i, &j), elem.size());
                 let x = self.reg(F);
                 self.ins(format!("mov.f32 {x}, 0f00000000"));
-                self.ins(format!("@{p} ld.global.f32 {x}, [{a}]"));
+                match elem {
+                    ElemType::F32 => self.ins(format!("@{p} ld.global.f32 {x}, [{a}]")),
+                    ElemType::Bf16 => {
+                        // A bf16 is the high half of the f32 with the same bits: exact.
+                        let r = self.reg(R);
+                        self.ins(format!("mov.u32 {r}, 0"));
+                        self.ins(format!("@{p} ld.global.u16 {r}, [{a}]"));
+                        self.ins(format!("shl.b32 {r}, {r}, 16"));
+                        self.ins(format!("mov.b32 {x}, {r}"));
+                    }
+                    ElemType::F16 => {
+                        // cvt.f32.f16 is exact (subnormals, inf and NaN included).
+                        let h = self.reg(H);
+                        self.ins(format!("mov.b16 {h}, 0"));
+                        self.ins(format!("@{p} ld.global.b16 {h}, [{a}]"));
+                        self.ins(format!("cvt.f32.f16 {x}, {h}"));
+                    }
+                }
                 self.write(id, &i, &j, &x);
                 self.eloop_end(l);
             }
@@ -720,7 +827,14 @@ impl Em<'_> {
                 self.write(id, &i, &j, &y);
                 self.eloop_end(l);
             }
-            Op::Dot { a, b, ta, tb, acc } => self.dot(id, *a, *b, *ta, *tb, *acc),
+            Op::Dot { a, b, ta, tb, acc } => {
+                let (m, n, k) = mma::dot_dims(self.k, *a, *b, *ta, *tb);
+                let s = self.sched;
+                match mma::plan_dot(s.dot, m, n, k, s.min_mma_dim, s.staging_bytes) {
+                    DotPlan::Fma => self.dot(id, *a, *b, *ta, *tb, *acc),
+                    plan => self.mma_dot(id, *a, *b, *ta, *tb, *acc, plan),
+                }
+            }
             Op::Cumsum { x, exclusive } => {
                 // One thread per column, down the rows.
                 let (sx, so) = (self.storage(*x), self.storage(id));
@@ -946,4 +1060,33 @@ fn op_name(op: &Op) -> &'static str {
         Op::GatedDot { .. } => "gated dot",
         Op::SolveUnitLower { .. } => "solve unit lower",
     }
+}
+
+/// The element type of every tensor parameter, from the loads that read it (f32 for tensors
+/// that are only written). Two loads reading one tensor as different types are an error.
+fn param_elems(kernel: &Kernel) -> Result<Vec<ElemType>, PtxError> {
+    fn walk(stmts: &[Stmt], seen: &mut [Option<ElemType>], names: &[Param]) -> Result<(), PtxError> {
+        for s in stmts {
+            match s {
+                Stmt::Let { op: Op::Load { elem, param, .. }, .. } => match seen.get_mut(*param) {
+                    Some(Some(e)) if e != elem => {
+                        return Err(PtxError(format!(
+                            "ptx: tensor `{}` is loaded as both {} and {}",
+                            names[*param].name,
+                            e.name(),
+                            elem.name()
+                        )))
+                    }
+                    Some(slot) => *slot = Some(*elem),
+                    None => return Err(PtxError(format!("ptx: load of parameter {param}, which does not exist"))),
+                },
+                Stmt::Loop { body, .. } => walk(body, seen, names)?,
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+    let mut seen = vec![None; kernel.params.len()];
+    walk(&kernel.body, &mut seen, &kernel.params)?;
+    Ok(seen.into_iter().map(|e| e.unwrap_or_default()).collect())
 }

@@ -1,31 +1,55 @@
-//! PTX backend, first rung: a simple SIMT lowering of the tile IR to PTX text for sm_80 and
-//! sm_90, written directly as text (pure Rust: no LLVM, no CUDA toolkit), plus [`assemble`],
-//! which runs NVIDIA's `ptxas` (when installed) and reads back its resource report.
+//! PTX backend: a SIMT lowering of the tile IR to PTX text for sm_80 and sm_90, written
+//! directly as text (pure Rust: no LLVM, no CUDA toolkit), with tensor-core dots and
+//! `cp.async` loads when the [`PtxSchedule`] asks for them, plus [`assemble`], which runs
+//! NVIDIA's `ptxas` (when installed) and reads back its resource report.
 //!
-//! Status: the emitted PTX assembles with ptxas for every rule in `rules/` (see
-//! `codegen/tests/ptx_assemble.rs`); nothing executes it yet. The PTX simulator and the GPU
-//! run are later rungs of the verification ladder (DESIGN.md, rungs 5 and 6), so no numerical
-//! claim is made here.
+//! Status: every kernel of every rule in `rules/` assembles with ptxas for sm_80 and sm_90
+//! under the default schedules (f32 fma, tf32, bf16) with no spills
+//! (`codegen/tests/ptx_assemble.rs`). The PTX simulator (`chunkc_runtime::ptxsim`) runs the
+//! default-schedule kernels against the f64 reference (`codegen/tests/ptx_sim.rs`); the
+//! tensor-core and `cp.async` kernels run there too once the simulator executes `mma.sync`,
+//! `ldmatrix` and `cp.async` (the tests probe for it). No real GPU has run any of it.
 //!
-//! # Design (simple on purpose)
+//! # Design
+//! - **Schedule** ([`PtxSchedule`], `schedule.rs`): warps per CTA, the dot precision
+//!   ([`DotPrecision`]: f32 fma, tf32, bf16, f16), the smallest dot dimension worth a tensor
+//!   core, the 16-bit staging budget, and whether loads use `cp.async`. Block size and shared
+//!   memory follow from it; [`LaunchMeta`] records it. The default is the plain fma lowering.
 //! - **Grid**: one CTA per grid point (b, h): `gridDim = (batch * heads, 1, 1)`,
 //!   `blockIdx.x = b * heads + h` (see [`Grid`]). CTAs past `batch * heads` exit at once.
-//! - **Block**: [`BLOCK_THREADS`] threads (one dimension). Every op is a loop over its output
-//!   elements strided by the thread index, followed by `bar.sync 0`, so each op sees its
+//! - **Block**: `32 * warps` threads (one dimension). Every op is a loop over its output
+//!   elements strided by the block size, followed by `bar.sync 0`, so each op sees its
 //!   operands complete. `Rows` and `Transpose` are views: no code, no barrier.
-//! - **Tiles** live where `layout.rs` (a copy of the CPU backend's workspace planner) puts
-//!   them: one region per non-view value, reused once dead. The whole workspace goes in
-//!   dynamic shared memory when it fits in [`EmitOptions::smem_limit`] (48 KiB by default, the
-//!   size that needs no opt-in attribute at launch), otherwise in a per-CTA slice of a global
-//!   scratch buffer passed as the `scratch` parameter (`scratch + blockIdx.x * bytes`).
-//! - **Ops**: `Dot` computes one output element per thread iteration with a k-loop of
-//!   `fma.rn.f32`; `Cumsum` and `SolveUnitLower` run one thread per column, `RowSum` one per
+//! - **Tiles** live where `layout.rs` puts them: one region per non-view value, reused once
+//!   dead. The whole workspace goes in dynamic shared memory when it fits, together with the
+//!   16-bit staging buffer, in [`EmitOptions::smem_limit`] (48 KiB by default, the size that
+//!   needs no opt-in attribute at launch), otherwise in a per-CTA slice of a global scratch
+//!   buffer passed as the `scratch` parameter (`scratch + blockIdx.x * bytes`). The staging
+//!   buffer is a static `.shared` array (`LaunchMeta::static_smem_bytes`).
+//! - **Dots** (`mma.rs`): per dot, tensor cores when the schedule asks for them and m, n, k
+//!   are all at least `min_mma_dim` (else the fma loop: the recurrent kernels' 1-row
+//!   products). Warps own 16 x 16 output tiles (two m16n8 products) and keep the f32
+//!   accumulators in registers over all of k; m, n, k are padded with zeros to the
+//!   instruction shape. bf16/f16: operands are rounded (`cvt.rn.{bf16,f16}x2.f32`) into a
+//!   padded, bank-conflict-free staging layout (A as m x k, B as n x k: transposes are
+//!   absorbed there, so `ldmatrix.x4` without `.trans` yields the fragments), staged in
+//!   k-slices when the budget is small; tf32: fragments are loaded from the tiles and rounded
+//!   with `cvt.rna.tf32.f32`. Fragment index formulas cite the PTX ISA tables and are
+//!   unit-tested by emulating ldmatrix + mma from those tables.
+//! - **Input dtypes**: a `Load` of a bf16 tensor reads 16 bits and shifts them into the high
+//!   half of an f32; an f16 one converts with `cvt.f32.f16`; both are exact, so the f32
+//!   budget still holds. [`ParamMeta::elem`] records each tensor's type.
+//! - **Loads** (`async_copy.rs`): with `async_copy` and tiles in shared memory, a run of
+//!   consecutive loads is one batch of `cp.async` (4 bytes, or 16 when contiguity and
+//!   alignment are provable from the index expression), zero-filling the sequence tail via
+//!   `src-size`, closed by `commit_group`, `wait_group 0`, `bar.sync` before the next op.
+//! - **Other ops**: `Cumsum` and `SolveUnitLower` run one thread per column, `RowSum` one per
 //!   row; `GatedDot` one thread per (i, j) pair; elementwise ops (`Unary`, `Binary` with
-//!   broadcasting, `Mask`, `Cast`, `Const`) one thread per element. Loads and stores to the
-//!   tensors honour the `valid_rows` masks with predicates. Index expressions are 64-bit
-//!   integer arithmetic on `%ctaid.x` and the scalar parameters `batch`, `heads`, `seq_len`.
-//!   The `Loop` copies its carried values like the CPU backend (yields that read a carried
-//!   region go through a temporary first); every branch around a loop is uniform.
+//!   broadcasting, `Mask`, `Cast`, `Const`) one thread per element. Loads and stores honour
+//!   the `valid_rows` masks with predicates. Index expressions are 64-bit integer arithmetic
+//!   on `%ctaid.x` and the scalar parameters `batch`, `heads`, `seq_len`. The `Loop` copies
+//!   its carried values like the CPU backend (yields that read a carried region go through a
+//!   temporary first); every branch around a loop or a warp's mma is uniform.
 //! - **Math precision**: `exp` is `ex2.approx.ftz.f32` of `x * log2(e)` (about 2 ulp of ex2
 //!   plus the rounding of the product, which grows with |x|: the plans only exponentiate
 //!   values <= 0 of moderate size); `log` is `lg2.approx.ftz.f32` times ln 2; `sigmoid`,
@@ -35,29 +59,41 @@
 //!   keeps ptxas from contracting them into fmas, so elementwise ops round like the
 //!   interpreter. Denormals are flushed inside ex2/lg2 only. f64 tiles use f64 instructions
 //!   (add, sub, mul, div, sqrt, rcp, max, cumsum); their transcendental functions go through
-//!   f32 (`cvt.rn.f32.f64`, f32 math, `cvt.f64.f32`): the plans only take exp of f32 today.
-//!   `Dot`, `GatedDot`, `RowSum` and `SolveUnitLower` accumulate in f32 (f64 for an f64
-//!   `RowSum`), as the IR documents.
+//!   f32. `Dot` accumulates in f32 on every path (tensor cores included); tf32 operands carry
+//!   10 mantissa bits, bf16 7, f16 10 (and f16 overflows past 65504: nothing clamps it), so
+//!   tensor-core kernels meet the tf32 (1e-3) and 16-bit (1e-2) budgets, not the f32 one.
 //!
-//! # What is slow on purpose, and what is missing
-//! No tensor cores yet (`mma.sync`, `ldmatrix`, `cp.async` come in a later rung), no register
-//! tiling, no shared-memory staging of global tiles, element indices recomputed with integer
-//! division per element, a barrier after every op, and a 64-bit address computation per
-//! element access. Input dtypes are f32 only (the IR's loads are f32); bf16/f16 come with
-//! the tensor-core path. Grid, block and placement are fixed here rather than taken from a
-//! Schedule.
+//! # What is slow, and what is missing
+//! - A barrier after every op; element indices recomputed with integer division per element;
+//!   a 64-bit address computation per element access; no fusion of elementwise ops.
+//! - Tensor cores: the 16-bit operands are re-staged for every dot (and every pass of a dot
+//!   with more than `4 * warps` warp tiles), A fragments are reloaded for each warp tile (no
+//!   register blocking across tiles), and tf32 fragments are plain scalar loads.
+//! - Every library kernel at K = V = 64 (recurrent ones included) has a workspace above
+//!   48 KiB, so its tiles are in global scratch (see the ptxas test's table): there the tf32
+//!   fragments and the 16-bit staging read global memory and `cp.async` is not used. No
+//!   opt-in to larger shared memory yet.
+//! - `cp.async` is single-stage: no double buffering across the chunk loop.
+//! - 16-bit input tensors (`ir::ElemType`) are read with one scalar `ld.global.u16`/`.b16`
+//!   per element (no `cp.async`, no vector loads); the Cranelift backend does not read them
+//!   yet (a one-line error).
+//! - No `wgmma`/TMA for sm_90 (the sm_90 kernels use the sm_80 instructions).
 
+mod async_copy;
 mod emit;
+pub mod mma;
 mod ptxas;
+mod schedule;
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
 pub use ptxas::{assemble, find_ptxas, PtxasReport, PTXAS_MISSING};
+pub use schedule::{DotPrecision, PtxSchedule};
 
 use crate::ir::Kernel;
 
-/// Threads per CTA.
+/// Threads per CTA of the default schedule ([`PtxSchedule::threads`] in general).
 pub const BLOCK_THREADS: u32 = 256;
 
 /// Default limit for placing the tile workspace in dynamic shared memory (bytes).
@@ -159,7 +195,8 @@ pub enum ParamAccess {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ParamKind {
-    /// A pointer to the f32 elements of a tensor (the kernel's IR parameters, in order).
+    /// A pointer to the elements of a tensor, of type [`ParamMeta::elem`] (the kernel's IR
+    /// parameters, in order).
     Tensor,
     /// A pointer to the global scratch buffer (`grid size * scratch_bytes_per_cta` bytes).
     Scratch,
@@ -175,6 +212,13 @@ pub struct ParamMeta {
     /// True for pointers (global addresses), false for scalars.
     pub pointer: bool,
     pub kind: ParamKind,
+    /// The alignment (bytes) the kernel assumes of this pointer: 16 where 16-byte `cp.async`
+    /// copies read the tensor (`cudaMalloc` gives 256), else the element size (0 for scalars).
+    #[serde(default)]
+    pub align: usize,
+    /// Element type of a tensor (f32 for scratch and scalars).
+    #[serde(default)]
+    pub elem: crate::ir::ElemType,
 }
 
 /// Everything a launcher needs besides the PTX text.
@@ -191,6 +235,13 @@ pub struct LaunchMeta {
     pub dynamic_smem_bytes: usize,
     /// Global scratch per CTA (0 when the tiles are in shared memory).
     pub scratch_bytes_per_cta: usize,
+    /// Static shared memory per CTA (the 16-bit staging buffer of tensor-core dots; 0 without).
+    /// A launch needs `dynamic_smem_bytes + static_smem_bytes` of shared memory per CTA.
+    #[serde(default)]
+    pub static_smem_bytes: usize,
+    /// The schedule the kernel was emitted with.
+    #[serde(default)]
+    pub schedule: PtxSchedule,
     /// All `.param`s in order: the tensors, `scratch` (global placement only), then the scalars.
     pub params: Vec<ParamMeta>,
     /// Names of the scalar parameters, in order (`batch`, `heads`, `seq_len`).
@@ -223,7 +274,17 @@ pub fn emit(kernel: &Kernel, target: Sm) -> Result<PtxKernel, PtxError> {
     emit_with(kernel, target, EmitOptions::default())
 }
 
-/// Emits `kernel` as PTX for `target`.
+/// Emits `kernel` as PTX for `target` with the default schedule.
 pub fn emit_with(kernel: &Kernel, target: Sm, opts: EmitOptions) -> Result<PtxKernel, PtxError> {
-    emit::emit(kernel, target, opts)
+    emit::emit(kernel, target, opts, PtxSchedule::default())
+}
+
+/// Emits `kernel` as PTX for `target` under `schedule` (an invalid schedule is an error).
+pub fn emit_scheduled(
+    kernel: &Kernel,
+    target: Sm,
+    opts: EmitOptions,
+    schedule: &PtxSchedule,
+) -> Result<PtxKernel, PtxError> {
+    emit::emit(kernel, target, opts, *schedule)
 }
