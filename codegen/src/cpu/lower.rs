@@ -36,6 +36,8 @@ pub(super) struct MathFns {
     pub gemm: Option<FuncRef>,
     /// The `GatedDot` routines for f32 and f64 gates (gated.rs), where the host has them.
     pub gated: Option<[FuncRef; 2]>,
+    /// The gate-factor routine (decay.rs), where the host has it.
+    pub decay: Option<FuncRef>,
     /// `prefetch.rs`: hints the next iteration's input rows into cache.
     pub prefetch: FuncRef,
 }
@@ -776,6 +778,9 @@ impl<'a, 'f> Lower<'a, 'f> {
     fn fused_ew(&mut self, op: &Op, ty: TileTy, out: Acc) {
         let mut leaves = vec![];
         let ex = self.tree(op, ty.dtype, &mut leaves);
+        if self.decay_call(&ex, &leaves, ty, out) {
+            return;
+        }
         let same = ex.vec_ok(ty.dtype);
         let mixed = !same && ex.mixed_ok();
         self.want_pos = ex.has_mask();
@@ -783,6 +788,53 @@ impl<'a, 'f> Lower<'a, 'f> {
         self.ew(RowRange::Full(ty.rows), ty.cols, &leaves, out, same || mixed, &mut |l, t, x| l.eval(&ex, t, x));
         self.want_pos = false;
         self.mixed = false;
+    }
+
+    /// Calls decay.rs for `mul(a, exp(cast_f32(x [- y])))` (optionally with a `Tril` mask
+    /// filling -inf around the subtraction) when the accesses fit; false if it did not.
+    fn decay_call(&mut self, ex: &Ex, leaves: &[Acc], ty: TileTy, out: Acc) -> bool {
+        let Some(f) = self.math.decay else { return false };
+        let Ex::Bin(BinOp::Mul, DType::F32, p, q) = ex else { return false };
+        let (a, e) = match (&**p, &**q) {
+            (Ex::Leaf(a), e) | (e, Ex::Leaf(a)) => (*a, e),
+            _ => return false,
+        };
+        let Ex::Un(UnOp::Exp, DType::F32, c) = e else { return false };
+        let Ex::Cast(DType::F64, DType::F32, g) = &**c else { return false };
+        let (g, tril) = match &**g {
+            Ex::Mask(MaskRow::Tril(strict), fill, DType::F64, g) if *fill == f64::NEG_INFINITY => {
+                (&**g, if *strict { 2 } else { 1 })
+            }
+            g => (g, 0),
+        };
+        let (x, y) = match g {
+            Ex::Leaf(x) => (*x, None),
+            Ex::Bin(BinOp::Sub, DType::F64, x, y) => match (&**x, &**y) {
+                (Ex::Leaf(x), Ex::Leaf(y)) => (*x, Some(*y)),
+                _ => return false,
+            },
+            _ => return false,
+        };
+        let (a, x, y) = (leaves[a], leaves[x], y.map(|y| leaves[y]));
+        let fits = a.dt == DType::F32
+            && a.cs == 1
+            && out.cs == 1
+            && x.dt == DType::F64
+            && (x.cs == 0 || x.cs == 1)
+            && y.is_none_or(|y| y.dt == DType::F64 && (y.cs == 0 || y.cs == 1));
+        if !fits {
+            return false;
+        }
+        let mut args = vec![self.iconst(ty.rows as i64), self.iconst(ty.cols as i64), a.ptr, self.iconst(a.rs)];
+        for acc in [Some(x), y] {
+            match acc {
+                Some(v) => args.extend([v.ptr, self.iconst(v.rs), self.iconst(v.cs)]),
+                None => args.extend([self.iconst(0), self.iconst(0), self.iconst(0)]),
+            }
+        }
+        args.extend([out.ptr, self.iconst(out.rs), self.iconst(tril)]);
+        self.b.ins().call(f, &args);
+        true
     }
 
     fn tree_arg(&mut self, v: ValueId, leaves: &mut Vec<Acc>) -> Ex {
