@@ -38,6 +38,8 @@ pub(super) struct MathFns {
     pub gated: Option<[FuncRef; 2]>,
     /// The gate-factor routine (decay.rs), where the host has it.
     pub decay: Option<FuncRef>,
+    /// The forward substitution routine (solve.rs), where the host has it.
+    pub solve: Option<FuncRef>,
     /// `prefetch.rs`: hints the next iteration's input rows into cache.
     pub prefetch: FuncRef,
 }
@@ -1176,6 +1178,12 @@ impl<'a, 'f> Lower<'a, 'f> {
         let (n, m) = (ty.rows, ty.cols);
         self.copy(ty, b, out);
         if n < 2 || m == 0 {
+            return;
+        }
+        if let Some(f) = self.math.solve.filter(|_| out.cs == 1) {
+            let args = [n as i64, m as i64].map(|x| self.iconst(x));
+            let (lrs, lcs, ors) = (self.iconst(l.rs), self.iconst(l.cs), self.iconst(out.rs));
+            self.b.ins().call(f, &[args[0], args[1], l.ptr, lrs, lcs, out.ptr, ors]);
             return;
         }
         let (s, e) = (self.iconst(1), self.iconst(n as i64));

@@ -28,6 +28,7 @@ pub mod peak;
 mod prefetch;
 mod profile;
 mod rewrite;
+mod solve;
 mod vmath;
 
 use std::fmt;
@@ -237,6 +238,9 @@ fn new_module(simd: Simd) -> Result<JITModule, CodegenError> {
     if let Some(f) = gemm::select(simd) {
         jb.symbol(gemm::GEMM_SYMBOL, f as *const u8);
     }
+    if let Some(f) = solve::select(simd) {
+        jb.symbol(solve::SOLVE_SYMBOL, f as *const u8);
+    }
     if let Some(f) = decay::select(simd) {
         jb.symbol(decay::DECAY_SYMBOL, f as *const u8);
     }
@@ -272,7 +276,7 @@ fn build(
     psig.params.extend([AbiParam::new(types::I64); 4]);
     let pid = module.declare_function(prefetch::PREFETCH_SYMBOL, Linkage::Import, &psig).map_err(merr)?;
     let prefetch = module.declare_func_in_func(pid, &mut ctx.func);
-    let mut math = MathFns { f32: vec![], f64: vec![], gemm: None, gated: None, decay: None, prefetch };
+    let mut math = MathFns { f32: vec![], f64: vec![], gemm: None, gated: None, decay: None, solve: None, prefetch };
     for (name, _) in MATH_F32 {
         math.f32.push(import(module, &mut ctx.func, name, types::F32, 1)?);
     }
@@ -288,6 +292,13 @@ fn build(
         // (m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, c_rs, acc, acc_rs, acc_cs).
         let id = module.declare_function(gemm::GEMM_SYMBOL, Linkage::Import, &sig14).map_err(merr)?;
         math.gemm = Some(module.declare_func_in_func(id, &mut ctx.func));
+    }
+    if solve::select(simd).is_some() {
+        // (n, m, l, l_rs, l_cs, x, x_rs).
+        let mut ssig = module.make_signature();
+        ssig.params.extend([AbiParam::new(types::I64); 7]);
+        let id = module.declare_function(solve::SOLVE_SYMBOL, Linkage::Import, &ssig).map_err(merr)?;
+        math.solve = Some(module.declare_func_in_func(id, &mut ctx.func));
     }
     if decay::select(simd).is_some() {
         // (rows, cols, a, a_rs, x, x_rs, x_cs, y, y_rs, y_cs, out, out_rs, tril).
