@@ -33,21 +33,22 @@ pub(super) fn select(simd: Simd) -> Option<SolveFn> {
 mod x86 {
     use std::arch::x86_64::*;
 
-    /// Columns `c0 .. c0 + 16 V` (masked past `m`) of row `i`.
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    unsafe fn row_block<const V: usize>(
-        i: i64,
-        c0: i64,
+    /// The system: `l` with its strides, `x` with its row stride, `m` columns.
+    struct System {
         m: i64,
         l: *const f32,
         l_rs: i64,
         l_cs: i64,
         x: *mut f32,
         x_rs: i64,
-    ) {
+    }
+
+    /// Columns `c0 .. c0 + 16 V` (masked past `m`) of row `i`.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn row_block<const V: usize>(s: &System, i: i64, c0: i64) {
         let mask = |q: usize| -> u16 {
-            let left = m - c0 - 16 * q as i64;
+            let left = s.m - c0 - 16 * q as i64;
             if left >= 16 {
                 u16::MAX
             } else if left <= 0 {
@@ -56,14 +57,14 @@ mod x86 {
                 ((1u32 << left) - 1) as u16
             }
         };
-        let xi = x.offset((i * x_rs + c0) as isize);
+        let xi = s.x.offset((i * s.x_rs + c0) as isize);
         let mut acc = [_mm512_setzero_ps(); V];
         for (q, a) in acc.iter_mut().enumerate() {
             *a = _mm512_maskz_loadu_ps(mask(q), xi.add(16 * q));
         }
         for j in 0..i {
-            let w = _mm512_set1_ps(*l.offset((i * l_rs + j * l_cs) as isize));
-            let xj = x.offset((j * x_rs + c0) as isize);
+            let w = _mm512_set1_ps(*s.l.offset((i * s.l_rs + j * s.l_cs) as isize));
+            let xj = s.x.offset((j * s.x_rs + c0) as isize);
             for (q, a) in acc.iter_mut().enumerate() {
                 *a = _mm512_fnmadd_ps(w, _mm512_maskz_loadu_ps(mask(q), xj.add(16 * q)), *a);
             }
@@ -86,18 +87,19 @@ mod x86 {
         x: *mut f32,
         x_rs: i64,
     ) {
+        let s = System { m, l, l_rs, l_cs, x, x_rs };
         for i in 1..n {
             let mut c0 = 0;
             while c0 < m {
                 let left = m - c0;
                 if left > 64 {
-                    row_block::<8>(i, c0, m, l, l_rs, l_cs, x, x_rs);
+                    row_block::<8>(&s, i, c0);
                     c0 += 128;
                 } else if left > 32 {
-                    row_block::<4>(i, c0, m, l, l_rs, l_cs, x, x_rs);
+                    row_block::<4>(&s, i, c0);
                     c0 += 64;
                 } else {
-                    row_block::<2>(i, c0, m, l, l_rs, l_cs, x, x_rs);
+                    row_block::<2>(&s, i, c0);
                     c0 += 32;
                 }
             }
