@@ -40,13 +40,17 @@ for line in sys.stdin:
         count[parts[1].strip() if len(parts) > 1 else "?"] += 1
 for name, c in count.most_common(int(sys.argv[2])):
     print(f"{100 * c / total:6.2f}%  {name}")
+# By kind: JIT ops by their op name, every other symbol as itself.
+jit = {r[2] for r in ops}
 kinds = collections.Counter()
 for name, c in count.items():
-    if "::" in name:
+    if name in jit:
         op = name.split("::", 1)[1]
         kinds[op.split("=", 1)[1].split("[")[0] if "=" in op else op.split(" %")[0]] += c
-print("by op kind (JIT code only):")
-for name, c in kinds.most_common():
+    else:
+        kinds[name] += c
+print("by op kind (JIT ops by kind, other code by symbol):")
+for name, c in kinds.most_common(int(sys.argv[2]) or 25):
     print(f"{100 * c / total:6.2f}%  {name}")
 print(f"{total} samples")
 ' "/tmp/chunkc-ops-$pid.map" "${CHUNKC_PERF_TOP:-30}"
