@@ -1,5 +1,5 @@
-//! Forward-pass timings of the CPU kernels: recurrent and chunked, for simple_gla, gla and
-//! gated_delta_rule at B=1, T=2048, H=8, K=V=128, f32, one thread (the shape of the ggml peer
+//! Forward-pass timings of the CPU kernels: recurrent and chunked, for simple_gla, gla,
+//! mamba2, gated_delta_rule and kda at B=1, T=2048, H=8, K=V=128, f32, one thread (the shape of the ggml peer
 //! numbers in docs/performance.md). Throughput is in token-heads per second.
 //!
 //! `cargo bench --bench forward` (filter with a family name, e.g. `-- gla/`). Set
@@ -15,7 +15,7 @@ use std::time::Duration;
 fn forward(c: &mut Criterion) {
     let seq_len = std::env::var("CHUNKC_BENCH_T").ok().and_then(|s| s.parse().ok()).unwrap_or(2048);
     let dims = Dims { batch: 1, seq_len, heads: 8, k: 128, v: 128 };
-    for family in ["simple_gla", "gla", "gated_delta_rule"] {
+    for family in ["simple_gla", "gla", "mamba2", "gated_delta_rule", "kda"] {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("rules").join(format!("{family}.toml"));
         let rule = chunkc::load_rule(&path).expect("built-in rule").rule;
         let inputs = random_inputs(&rule, &dims, 7);

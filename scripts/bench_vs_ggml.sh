@@ -26,7 +26,7 @@ for line in open(sys.argv[1]):
 print("\n| kernel (1 thread, f32) | M token-heads/s | ggml op | ggml M token-heads/s | ratio |")
 print("|---|---|---|---|---|")
 for fam, kind, mt in rows:
-    op = "GATED_DELTA_NET" if "delta" in fam else "GATED_LINEAR_ATTN"
+    op = "GATED_DELTA_NET" if "delta" in fam or fam == "kda" else "GATED_LINEAR_ATTN"
     p = peer.get(op, float("nan"))
     print(f"| {fam} {kind} | {mt:.3f} | {op} | {p:.3f} | {mt / p:.2f}x |")
 PY

@@ -75,6 +75,9 @@ struct Decide<'k> {
     defs: &'k [Option<Op>],
     consumer: &'k [Option<ValueId>],
     candidate: Vec<bool>,
+    /// Fuse whatever the vector rule says: the exp and the cast of a gate-factor tree that
+    /// `decay.rs` evaluates in one call (see [`decay_chains`]).
+    forced: Vec<bool>,
     /// (fused, the tree rooted here runs on vectors).
     memo: Vec<Option<(bool, bool)>>,
 }
@@ -93,7 +96,7 @@ impl Decide<'_> {
                     vec &= !f || ov;
                 }
                 let fuse = self.candidate[i]
-                    && (vec || {
+                    && (self.forced[i] || vec || {
                         let c = self.consumer[i].expect("a candidate has a consumer");
                         let cop = self.defs[c.0 as usize].as_ref().expect("consumers are defined");
                         !node_vec(self.kernel, cop, self.kernel.ty(c).dtype)
@@ -144,8 +147,37 @@ impl Scan {
     }
 }
 
-/// Decides which values fuse and builds the kernel to plan the workspace for.
-pub(super) fn analyse(kernel: &Kernel) -> Fusion {
+/// Marks the `Exp` and the f64 -> f32 `Cast` of every `mul(x, exp(cast_f32(e)))` whose inner
+/// values are single-use candidates: with the decay routine (`decay.rs`) the whole tree is one
+/// 16-lane pass, better than the two passes the vector rule would make of it.
+fn decay_chains(kernel: &Kernel, s: &Scan, candidate: &[bool]) -> Vec<bool> {
+    let n = kernel.values.len();
+    let mut forced = vec![false; n];
+    let def = |v: ValueId| s.defs[v.0 as usize].as_ref();
+    for (m, op) in s.defs.iter().enumerate() {
+        let Some(Op::Binary { op: BinOp::Mul, a, b }) = op else { continue };
+        if kernel.values[m].dtype != DType::F32 {
+            continue;
+        }
+        for e in [*a, *b] {
+            let (ei, owned) = (e.0 as usize, |v: ValueId, by: usize| {
+                candidate[v.0 as usize] && s.consumer[v.0 as usize] == Some(ValueId(by as u32))
+            });
+            let Some(Op::Unary { op: UnOp::Exp, x: c }) = def(e) else { continue };
+            let Some(Op::Cast { x: g, dtype: DType::F32 }) = def(*c) else { continue };
+            if kernel.ty(*g).dtype == DType::F64 && owned(e, m) && owned(*c, ei) {
+                forced[ei] = true;
+                forced[c.0 as usize] = true;
+                break;
+            }
+        }
+    }
+    forced
+}
+
+/// Decides which values fuse and builds the kernel to plan the workspace for; `decay`: the
+/// backend has the decay routine (`decay.rs`).
+pub(super) fn analyse(kernel: &Kernel, decay: bool) -> Fusion {
     let n = kernel.values.len();
     let mut s = Scan {
         uses: vec![0; n],
@@ -166,7 +198,8 @@ pub(super) fn analyse(kernel: &Kernel) -> Fusion {
             is_elementwise(op) && s.uses[v] == 1 && !s.hard[v] && s.def_block[v] == s.use_block[v] && shape_ok
         })
         .collect();
-    let mut d = Decide { kernel, defs: &s.defs, consumer: &s.consumer, candidate, memo: vec![None; n] };
+    let forced = if decay { decay_chains(kernel, &s, &candidate) } else { vec![false; n] };
+    let mut d = Decide { kernel, defs: &s.defs, consumer: &s.consumer, candidate, forced, memo: vec![None; n] };
     let fused: Vec<bool> = (0..n).map(|v| d.fused(ValueId(v as u32)).0).collect();
     let mut planning = kernel.clone();
     planning.body = with_leaf_uses(&mut planning.values, &kernel.body, &fused, &s.defs);
@@ -253,7 +286,7 @@ mod tests {
         let out = b.end_loop(&[next])[0];
         b.store(out, pz, Idx::c(0), 4, 1, Idx::c(4));
         let k = b.finish();
-        let f = analyse(&k);
+        let f = analyse(&k, false);
         let fused = |v: ValueId| f.fused[v.0 as usize];
         for v in [d, m, e, c, s, inner] {
             assert!(fused(v), "{v} should fuse");

@@ -8,7 +8,7 @@
 //! accumulated over the inner dimension).
 
 use cranelift_codegen::ir::condcodes::IntCC;
-use cranelift_codegen::ir::{types, BlockArg, Endianness, FuncRef, InstBuilder, MemFlagsData, Type, Value};
+use cranelift_codegen::ir::{types, BlockArg, Endianness, FuncRef, InstBuilder, MemFlagsData, SourceLoc, Type, Value};
 use cranelift_frontend::{FunctionBuilder, Variable};
 
 use super::fuse::Fusion;
@@ -36,7 +36,18 @@ pub(super) struct MathFns {
     pub gemm: Option<FuncRef>,
     /// The `GatedDot` routines for f32 and f64 gates (gated.rs), where the host has them.
     pub gated: Option<[FuncRef; 2]>,
+    /// The gate-factor routine (decay.rs), where the host has it.
+    pub decay: Option<FuncRef>,
+    /// The forward substitution routine (solve.rs), where the host has it.
+    pub solve: Option<FuncRef>,
+    /// `prefetch.rs`: hints the next iteration's input rows into cache.
+    pub prefetch: FuncRef,
 }
+
+/// Source location of a `Store` of value v: `STORE_LOC + v` (see `Lower::block`).
+pub(super) const STORE_LOC: u32 = 1 << 30;
+/// Source location of a loop's carried-value copies and control.
+pub(super) const LOOP_LOC: u32 = (1 << 31) - 1;
 
 /// `Dot`s with at least this many multiply-adds (m*n*k) call the microkernel.
 const GEMM_MIN_MACS: usize = 4096;
@@ -123,6 +134,19 @@ impl Ex {
         }
     }
 
+    /// Whether the tree can run on vectors with two elements per step where its dtypes differ
+    /// (`Lower::mixed`): f64 nodes as f64x2, f32 nodes in the low half of f32x4.
+    fn mixed_ok(&self) -> bool {
+        match self {
+            Ex::Leaf(_) | Ex::Const(..) => true,
+            Ex::Un(op, d, x) => {
+                (inline_unary(*op, *d) || matches!(op, UnOp::Neg | UnOp::Sqrt | UnOp::Recip)) && x.mixed_ok()
+            }
+            Ex::Bin(op, _, a, b) => *op != BinOp::Pow && a.mixed_ok() && b.mixed_ok(),
+            Ex::Cast(_, _, x) | Ex::Mask(_, _, _, x) => x.mixed_ok(),
+        }
+    }
+
     fn has_mask(&self) -> bool {
         match self {
             Ex::Leaf(_) | Ex::Const(..) => false,
@@ -130,6 +154,16 @@ impl Ex {
             Ex::Bin(_, _, a, b) => a.has_mask() || b.has_mask(),
             Ex::Mask(..) => true,
         }
+    }
+}
+
+/// Whether an index expression reads the loop counter.
+fn uses_iter(e: &Idx) -> bool {
+    match e {
+        Idx::Var(v) => *v == IdxVar::Iter,
+        Idx::Const(_) => false,
+        Idx::Add(a, b) | Idx::Sub(a, b) | Idx::Mul(a, b) | Idx::Min(a, b) => uses_iter(a) || uses_iter(b),
+        Idx::CeilDiv(a, _) => uses_iter(a),
     }
 }
 
@@ -153,11 +187,17 @@ pub(super) struct Lower<'a, 'f> {
     head: Value,
     seq_len: Value,
     iter: Variable,
+    /// Whether a `Loop` body is being lowered (loads there prefetch one iteration ahead).
+    in_loop: bool,
     next_loop: usize,
     flags: MemFlagsData,
     /// Set while `ew` lowers a tree with a `Mask`: rows are not merged, and `pos_row` /
     /// `pos_col` hold the row and (first) column of the element being computed.
     want_pos: bool,
+    /// Set while `ew` lowers a vectorisable tree whose nodes mix f32 and f64: vectors then
+    /// cover two elements (f64x2, and the low half of f32x4), casts are `fvpromote_low` /
+    /// `fvdemote`. Two lanes of f64 at a time beat the scalar loop such trees had.
+    mixed: bool,
     pos_row: Option<Value>,
     pos_col: Option<Value>,
 }
@@ -196,9 +236,11 @@ impl<'a, 'f> Lower<'a, 'f> {
             head,
             seq_len,
             iter,
+            in_loop: false,
             next_loop: 0,
             flags,
             want_pos: false,
+            mixed: false,
             pos_row: None,
             pos_col: None,
         };
@@ -409,9 +451,11 @@ impl<'a, 'f> Lower<'a, 'f> {
             }
             r => (r, cols),
         };
-        let lanes = VBYTES as usize / out.dt.size();
-        let vec =
-            vec_ok && cols >= lanes && all.iter().all(|a| a.dt == out.dt && (a.cs == 0 || a.cs == 1)) && out.cs == 1;
+        let lanes = if self.mixed { 2 } else { VBYTES as usize / out.dt.size() };
+        let vec = vec_ok
+            && cols >= lanes
+            && all.iter().all(|a| (self.mixed || a.dt == out.dt) && (a.cs == 0 || a.cs == 1))
+            && out.cs == 1;
         let mut row = |l: &mut Self, i: Option<Value>| {
             let ptrs: Vec<Value> = all
                 .iter()
@@ -452,30 +496,47 @@ impl<'a, 'f> Lower<'a, 'f> {
         let mut done = 0;
         if vec {
             let vty = vector_ty(out.dt);
-            let lanes = VBYTES as usize / out.dt.size();
+            let mixed = self.mixed;
+            let lanes = if mixed { 2 } else { VBYTES as usize / out.dt.size() };
             let chunks = cols / lanes;
-            let mut chunk = |l: &mut Self, ptrs: &[Value], off: i64| {
+            // Bytes one step covers in an access of dtype `dt` (a whole vector unless mixed).
+            let step = |dt: DType| lanes as i64 * dt.size() as i64;
+            let bits = MemFlagsData::new().with_endianness(Endianness::Little);
+            let mut chunk = |l: &mut Self, ptrs: &[Value], c: i64| {
                 let mut xs = vec![];
                 for (a, p) in all[..n].iter().zip(ptrs) {
+                    let aty = vector_ty(a.dt);
                     if a.cs == 0 {
                         let s = l.load(scalar_ty(a.dt), *p, 0);
-                        xs.push(l.b.ins().splat(vty, s));
+                        xs.push(l.b.ins().splat(aty, s));
+                    } else if mixed && a.dt == DType::F32 {
+                        // Two f32 (8 bytes) into the low half of a vector.
+                        let s = l.load(types::F64, *p, c * step(a.dt));
+                        let v = l.b.ins().scalar_to_vector(types::F64X2, s);
+                        xs.push(l.b.ins().bitcast(types::F32X4, bits, v));
                     } else {
-                        xs.push(l.load(vty, *p, off));
+                        xs.push(l.load(aty, *p, c * step(a.dt)));
                     }
                 }
                 let y = f(l, vty, &xs);
-                l.store(y, ptrs[n], off);
+                if mixed && out.dt == DType::F32 {
+                    let v = l.b.ins().bitcast(types::F64X2, bits, y);
+                    let s = l.b.ins().extractlane(v, 0);
+                    l.store(s, ptrs[n], c * step(out.dt));
+                } else {
+                    l.store(y, ptrs[n], c * step(out.dt));
+                }
             };
             if chunks <= 8 {
                 for c in 0..chunks {
                     self.set_pos_col_const((c * lanes) as i64);
-                    chunk(self, ptrs, c as i64 * VBYTES);
+                    chunk(self, ptrs, c as i64);
                 }
             } else {
                 let (s, e) = (self.iconst(0), self.iconst(chunks as i64));
                 self.for_loop(s, e, &[], &mut |l, c, _| {
-                    let moved: Vec<Value> = all.iter().zip(ptrs).map(|(a, p)| l.scaled(*p, c, a.cs * VBYTES)).collect();
+                    let moved: Vec<Value> =
+                        all.iter().zip(ptrs).map(|(a, p)| l.scaled(*p, c, a.cs * step(a.dt))).collect();
                     if l.want_pos {
                         l.pos_col = Some(l.b.ins().imul_imm_s(c, lanes as i64));
                     }
@@ -518,10 +579,24 @@ impl<'a, 'f> Lower<'a, 'f> {
 
     fn block(&mut self, stmts: &[Stmt]) {
         for s in stmts {
+            // Source locations tag the machine code with the statement it came from, for the
+            // per-op profile map (mod.rs, `CHUNKC_PERF_MAP`): a `Let` with its value id + 1,
+            // a store with `STORE_LOC` plus its value id, loop copies with `LOOP_LOC`.
+            let loc = match s {
+                Stmt::Let { id, .. } => id.0 + 1,
+                Stmt::Store { value, .. } => STORE_LOC + value.0,
+                Stmt::Loop { .. } => LOOP_LOC,
+            };
+            self.b.set_srcloc(SourceLoc::new(loc));
             match s {
                 Stmt::Let { id, op } => self.op(*id, op),
                 Stmt::Store { value, param, base, row_stride, col_stride, valid_rows } => {
                     let ty = self.kernel.ty(*value);
+                    if self.in_loop && *col_stride == 1 && uses_iter(base) {
+                        // The same rows one chunk ahead: their lines then come in (and their
+                        // pages are walked) while this chunk computes, not at the store.
+                        self.prefetch_next(*param, base, *row_stride, ty.rows, ty.cols, valid_rows);
+                    }
                     let src = self.val(*value);
                     let dst = self.global(*param, base, *row_stride, *col_stride);
                     let valid = self.idx(valid_rows);
@@ -552,7 +627,10 @@ impl<'a, 'f> Lower<'a, 'f> {
                     let zero = self.iconst(0);
                     self.for_loop(zero, n, &[], &mut |l, it, _| {
                         l.b.def_var(l.iter, it);
+                        l.in_loop = true;
                         l.block(body);
+                        l.in_loop = false;
+                        l.b.set_srcloc(SourceLoc::new(LOOP_LOC));
                         // Yields that read a carried region go through temporaries first.
                         for (k, y) in yields.iter().enumerate() {
                             if let YieldCopy::ViaTemp(t) = lp.yields[k] {
@@ -580,6 +658,21 @@ impl<'a, 'f> Lower<'a, 'f> {
         }
     }
 
+    /// Prefetches what a load (or store) of contiguous rows will touch in the next loop iteration (the
+    /// same index expressions with `Iter + 1`; past the last iteration no rows are valid).
+    fn prefetch_next(&mut self, param: usize, base: &Idx, rs: i64, rows: usize, cols: usize, valid: &Idx) {
+        let it = self.b.use_var(self.iter);
+        let next = self.b.ins().iadd_imm_s(it, 1);
+        self.b.def_var(self.iter, next);
+        let src = self.global(param, base, rs, 1);
+        let valid = self.idx(valid);
+        self.b.def_var(self.iter, it);
+        let nv = self.clamp_rows(valid, rows);
+        let stride = self.iconst(rs * 4);
+        let bytes = self.iconst(cols as i64 * 4);
+        self.b.ins().call(self.math.prefetch, &[src.ptr, nv, stride, bytes]);
+    }
+
     /// Access to parameter `param` at element `base` with the given strides (f32).
     fn global(&mut self, param: usize, base: &Idx, rs: i64, cs: i64) -> Acc {
         let base = self.idx(base);
@@ -595,6 +688,9 @@ impl<'a, 'f> Lower<'a, 'f> {
         let out = self.val(id);
         match op {
             Op::Load { param, base, row_stride, col_stride, rows, cols, valid_rows, .. } => {
+                if self.in_loop && *col_stride == 1 && uses_iter(base) {
+                    self.prefetch_next(*param, base, *row_stride, *rows, *cols, valid_rows);
+                }
                 let src = self.global(*param, base, *row_stride, *col_stride);
                 let valid = self.idx(valid_rows);
                 let nv = self.clamp_rows(valid, *rows);
@@ -684,10 +780,63 @@ impl<'a, 'f> Lower<'a, 'f> {
     fn fused_ew(&mut self, op: &Op, ty: TileTy, out: Acc) {
         let mut leaves = vec![];
         let ex = self.tree(op, ty.dtype, &mut leaves);
-        let vec_ok = ex.vec_ok(ty.dtype);
+        if self.decay_call(&ex, &leaves, ty, out) {
+            return;
+        }
+        let same = ex.vec_ok(ty.dtype);
+        let mixed = !same && ex.mixed_ok();
         self.want_pos = ex.has_mask();
-        self.ew(RowRange::Full(ty.rows), ty.cols, &leaves, out, vec_ok, &mut |l, t, x| l.eval(&ex, t, x));
+        self.mixed = mixed;
+        self.ew(RowRange::Full(ty.rows), ty.cols, &leaves, out, same || mixed, &mut |l, t, x| l.eval(&ex, t, x));
         self.want_pos = false;
+        self.mixed = false;
+    }
+
+    /// Calls decay.rs for `mul(a, exp(cast_f32(x [- y])))` (optionally with a `Tril` mask
+    /// filling -inf around the subtraction) when the accesses fit; false if it did not.
+    fn decay_call(&mut self, ex: &Ex, leaves: &[Acc], ty: TileTy, out: Acc) -> bool {
+        let Some(f) = self.math.decay else { return false };
+        let Ex::Bin(BinOp::Mul, DType::F32, p, q) = ex else { return false };
+        let (a, e) = match (&**p, &**q) {
+            (Ex::Leaf(a), e) | (e, Ex::Leaf(a)) => (*a, e),
+            _ => return false,
+        };
+        let Ex::Un(UnOp::Exp, DType::F32, c) = e else { return false };
+        let Ex::Cast(DType::F64, DType::F32, g) = &**c else { return false };
+        let (g, tril) = match &**g {
+            Ex::Mask(MaskRow::Tril(strict), fill, DType::F64, g) if *fill == f64::NEG_INFINITY => {
+                (&**g, if *strict { 2 } else { 1 })
+            }
+            g => (g, 0),
+        };
+        let (x, y) = match g {
+            Ex::Leaf(x) => (*x, None),
+            Ex::Bin(BinOp::Sub, DType::F64, x, y) => match (&**x, &**y) {
+                (Ex::Leaf(x), Ex::Leaf(y)) => (*x, Some(*y)),
+                _ => return false,
+            },
+            _ => return false,
+        };
+        let (a, x, y) = (leaves[a], leaves[x], y.map(|y| leaves[y]));
+        let fits = a.dt == DType::F32
+            && a.cs == 1
+            && out.cs == 1
+            && x.dt == DType::F64
+            && (x.cs == 0 || x.cs == 1)
+            && y.is_none_or(|y| y.dt == DType::F64 && (y.cs == 0 || y.cs == 1));
+        if !fits {
+            return false;
+        }
+        let mut args = vec![self.iconst(ty.rows as i64), self.iconst(ty.cols as i64), a.ptr, self.iconst(a.rs)];
+        for acc in [Some(x), y] {
+            match acc {
+                Some(v) => args.extend([v.ptr, self.iconst(v.rs), self.iconst(v.cs)]),
+                None => args.extend([self.iconst(0), self.iconst(0), self.iconst(0)]),
+            }
+        }
+        args.extend([out.ptr, self.iconst(out.rs), self.iconst(tril)]);
+        self.b.ins().call(f, &args);
+        true
     }
 
     fn tree_arg(&mut self, v: ValueId, leaves: &mut Vec<Acc>) -> Ex {
@@ -711,7 +860,8 @@ impl<'a, 'f> Lower<'a, 'f> {
     /// Evaluates `ex` for one element (scalars) or one vector of elements; `t` is the type
     /// of the root, `xs` the leaf values.
     fn eval(&mut self, ex: &Ex, t: Type, xs: &[Value]) -> Value {
-        let ty = |d: DType| if t.is_vector() { t } else { scalar_ty(d) };
+        // Vectors of one dtype, or of each node's own dtype in mixed mode (`Lower::mixed`).
+        let ty = |d: DType| if t.is_vector() { vector_ty(d) } else { scalar_ty(d) };
         match ex {
             Ex::Leaf(k) => xs[*k],
             Ex::Const(v, d) => self.fconst(ty(*d), *v),
@@ -771,7 +921,10 @@ impl<'a, 'f> Lower<'a, 'f> {
             }
             Ex::Cast(from, to, x) => {
                 let x = self.eval(x, t, xs);
+                let vector = t.is_vector();
                 match (from, to) {
+                    (DType::F32, DType::F64) if vector => self.b.ins().fvpromote_low(x),
+                    (DType::F64, DType::F32) if vector => self.b.ins().fvdemote(x),
                     (DType::F32, DType::F64) => self.b.ins().fpromote(types::F64, x),
                     (DType::F64, DType::F32) => self.b.ins().fdemote(types::F32, x),
                     _ => x,
@@ -1027,6 +1180,12 @@ impl<'a, 'f> Lower<'a, 'f> {
         if n < 2 || m == 0 {
             return;
         }
+        if let Some(f) = self.math.solve.filter(|_| out.cs == 1) {
+            let args = [n as i64, m as i64].map(|x| self.iconst(x));
+            let (lrs, lcs, ors) = (self.iconst(l.rs), self.iconst(l.cs), self.iconst(out.rs));
+            self.b.ins().call(f, &[args[0], args[1], l.ptr, lrs, lcs, out.ptr, ors]);
+            return;
+        }
         let (s, e) = (self.iconst(1), self.iconst(n as i64));
         self.for_loop(s, e, &[], &mut |lw, i, _| {
             let lrow = lw.scaled(l.ptr, i, l.rs * 4);
@@ -1053,24 +1212,41 @@ impl<'a, 'f> Lower<'a, 'f> {
     fn cumsum(&mut self, ty: TileTy, x: Acc, out: Acc, exclusive: bool) {
         let size = x.size();
         let lanes = VBYTES as usize / ty.dtype.size();
-        let chunks = if x.cs == 1 && ty.cols >= lanes { ty.cols / lanes } else { 0 };
-        let column = |l: &mut Self, vty: Type, xp: Value, op: Value| {
-            let z = l.fconst(vty, 0.0);
+        let chunks = if x.cs == 1 && out.cs == 1 && ty.cols >= lanes { ty.cols / lanes } else { 0 };
+        // `width` adjacent vectors (or scalars) of columns summed down the rows together:
+        // independent running sums hide the latency of the add chain.
+        let columns = |l: &mut Self, vty: Type, width: usize, xp: Value, op: Value| {
+            let item = vty.bytes() as i64;
+            let mut init = vec![l.fconst(vty, 0.0); width];
+            init.extend([xp, op]);
             let (s, e) = (l.iconst(0), l.iconst(ty.rows as i64));
-            l.for_loop(s, e, &[z, xp, op], &mut |l, _, c| {
-                let (s, xp, op) = (c[0], c[1], c[2]);
-                let v = l.load(vty, xp, 0);
-                let s1 = l.b.ins().fadd(s, v);
-                l.store(if exclusive { s } else { s1 }, op, 0);
-                vec![s1, l.offset(xp, x.rs * size), l.offset(op, out.rs * size)]
+            l.for_loop(s, e, &init, &mut |l, _, c| {
+                let (xp, op) = (c[width], c[width + 1]);
+                let mut next = vec![];
+                for (q, &s) in c[..width].iter().enumerate() {
+                    let v = l.load(vty, xp, q as i64 * item);
+                    let s1 = l.b.ins().fadd(s, v);
+                    l.store(if exclusive { s } else { s1 }, op, q as i64 * item);
+                    next.push(s1);
+                }
+                next.extend([l.offset(xp, x.rs * size), l.offset(op, out.rs * size)]);
+                next
             });
         };
+        let column = |l: &mut Self, vty: Type, xp: Value, op: Value| columns(l, vty, 1, xp, op);
         let vty = vector_ty(ty.dtype);
-        self.for_n(chunks, &mut |l, c| {
-            let xp = l.scaled(x.ptr, c, VBYTES);
-            let op = l.scaled(out.ptr, c, VBYTES);
-            column(l, vty, xp, op);
+        const GROUP: usize = 4;
+        self.for_n(chunks / GROUP, &mut |l, g| {
+            let xp = l.scaled(x.ptr, g, VBYTES * GROUP as i64);
+            let op = l.scaled(out.ptr, g, VBYTES * GROUP as i64);
+            columns(l, vty, GROUP, xp, op);
         });
+        let rest = chunks - chunks % GROUP;
+        if rest < chunks {
+            let xp = self.offset(x.ptr, rest as i64 * VBYTES);
+            let op = self.offset(out.ptr, rest as i64 * VBYTES);
+            columns(self, vty, chunks % GROUP, xp, op);
+        }
         let (s, e) = (self.iconst((chunks * lanes) as i64), self.iconst(ty.cols as i64));
         let sty = scalar_ty(ty.dtype);
         self.for_loop(s, e, &[], &mut |l, j, _| {

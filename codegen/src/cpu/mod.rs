@@ -19,10 +19,16 @@
 //! FMA) and `GatedDot`s with operands contiguous along `c` call rustc-compiled vector
 //! routines (`gated.rs`) where the host has them ([`Simd`]; [`compile_with`] picks a level).
 
+mod decay;
 mod fuse;
 mod gated;
 mod gemm;
 mod lower;
+pub mod peak;
+mod prefetch;
+mod profile;
+mod rewrite;
+mod solve;
 mod vmath;
 
 use std::fmt;
@@ -149,14 +155,24 @@ pub fn compile(kernel: &Kernel) -> Result<CpuCompiled, CodegenError> {
 /// that the host has).
 pub fn compile_with(kernel: &Kernel, simd: Simd) -> Result<CpuCompiled, CodegenError> {
     let simd = simd.min(Simd::best());
-    let (fusion, plan) = plan_fused(kernel)?;
+    let (kernel, fusion, plan) = plan_fused(kernel, simd)?;
+    let kernel = &kernel;
     let mut module = new_module(simd)?;
     let mut ctx = module.make_context();
     let id = build(&mut module, &mut ctx, kernel, &fusion, &plan, simd)?;
     module.define_function(id, &mut ctx).map_err(|e| CodegenError(format!("compiling {}: {e:?}", kernel.name)))?;
+    let ranges = profile::enabled().then(|| {
+        let code = ctx.compiled_code().expect("define_function compiled the function");
+        let len = code.code_buffer().len();
+        let locs = code.buffer.get_srclocs_sorted().iter().map(|l| (l.start, l.end, l.loc)).collect::<Vec<_>>();
+        (len, locs)
+    });
     module.clear_context(&mut ctx);
     module.finalize_definitions().map_err(|e| CodegenError(format!("linking {}: {e}", kernel.name)))?;
     let code = module.get_finalized_function(id);
+    if let Some((len, locs)) = ranges {
+        profile::write(kernel, code, len, &locs);
+    }
     // SAFETY: `build` gave the function exactly this signature (host default call
     // convention, which is the C one).
     let func = unsafe { std::mem::transmute::<*const u8, KernelFn>(code) };
@@ -166,8 +182,9 @@ pub fn compile_with(kernel: &Kernel, simd: Simd) -> Result<CpuCompiled, CodegenE
 /// The Cranelift IR `compile` would generate for `kernel` (before optimisation), for
 /// inspection and debugging.
 pub fn compile_to_clif(kernel: &Kernel) -> Result<String, CodegenError> {
-    let (fusion, plan) = plan_fused(kernel)?;
     let simd = Simd::best();
+    let (kernel, fusion, plan) = plan_fused(kernel, simd)?;
+    let kernel = &kernel;
     let mut module = new_module(simd)?;
     let mut ctx = module.make_context();
     build(&mut module, &mut ctx, kernel, &fusion, &plan, simd)?;
@@ -180,17 +197,19 @@ pub fn compile_to_clif(kernel: &Kernel) -> Result<String, CodegenError> {
 /// Bytes of workspace `kernel` needs per call (what `compile(kernel)?.workspace_bytes()`
 /// reports), without compiling it.
 pub fn workspace_bytes(kernel: &Kernel) -> Result<usize, CodegenError> {
-    Ok(plan_fused(kernel)?.1.bytes)
+    Ok(plan_fused(kernel, Simd::best())?.2.bytes)
 }
 
-/// Checks `kernel` (with the shared planner), decides what fuses (`fuse.rs`) and plans the
-/// workspace for the fused lowering.
-fn plan_fused(kernel: &Kernel) -> Result<(fuse::Fusion, layout::Plan), CodegenError> {
+/// Checks `kernel` (with the shared planner), drops redundant masks (`rewrite.rs`), decides
+/// what fuses (`fuse.rs`) and plans the workspace for the fused lowering; returns the kernel
+/// to lower.
+fn plan_fused(kernel: &Kernel, simd: Simd) -> Result<(Kernel, fuse::Fusion, layout::Plan), CodegenError> {
     layout::plan(kernel)?;
     reject_16bit_inputs(&kernel.body)?;
-    let fusion = fuse::analyse(kernel);
+    let kernel = rewrite::drop_redundant_masks(kernel);
+    let fusion = fuse::analyse(&kernel, decay::select(simd).is_some());
     let plan = layout::plan(&fusion.planning)?;
-    Ok((fusion, plan))
+    Ok((kernel, fusion, plan))
 }
 
 fn new_module(simd: Simd) -> Result<JITModule, CodegenError> {
@@ -216,8 +235,15 @@ fn new_module(simd: Simd) -> Result<JITModule, CodegenError> {
     }
     jb.symbol(POW_F32.0, POW_F32.1 as *const u8);
     jb.symbol(POW_F64.0, POW_F64.1 as *const u8);
+    jb.symbol(prefetch::PREFETCH_SYMBOL, prefetch::prefetch_rows as *const u8);
     if let Some(f) = gemm::select(simd) {
         jb.symbol(gemm::GEMM_SYMBOL, f as *const u8);
+    }
+    if let Some(f) = solve::select(simd) {
+        jb.symbol(solve::SOLVE_SYMBOL, f as *const u8);
+    }
+    if let Some(f) = decay::select(simd) {
+        jb.symbol(decay::DECAY_SYMBOL, f as *const u8);
     }
     if let Some(fs) = gated::select(simd) {
         for (name, f) in gated::GATED_SYMBOLS.iter().zip(fs) {
@@ -246,7 +272,12 @@ fn build(
         let id = module.declare_function(name, Linkage::Import, &sig).map_err(merr)?;
         Ok::<_, CodegenError>(module.declare_func_in_func(id, func))
     };
-    let mut math = MathFns { f32: vec![], f64: vec![], gemm: None, gated: None };
+    // (p, rows, stride, bytes), nothing returned.
+    let mut psig = module.make_signature();
+    psig.params.extend([AbiParam::new(types::I64); 4]);
+    let pid = module.declare_function(prefetch::PREFETCH_SYMBOL, Linkage::Import, &psig).map_err(merr)?;
+    let prefetch = module.declare_func_in_func(pid, &mut ctx.func);
+    let mut math = MathFns { f32: vec![], f64: vec![], gemm: None, gated: None, decay: None, solve: None, prefetch };
     for (name, _) in MATH_F32 {
         math.f32.push(import(module, &mut ctx.func, name, types::F32, 1)?);
     }
@@ -262,6 +293,20 @@ fn build(
         // (m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, c_rs, acc, acc_rs, acc_cs).
         let id = module.declare_function(gemm::GEMM_SYMBOL, Linkage::Import, &sig14).map_err(merr)?;
         math.gemm = Some(module.declare_func_in_func(id, &mut ctx.func));
+    }
+    if solve::select(simd).is_some() {
+        // (n, m, l, l_rs, l_cs, x, x_rs).
+        let mut ssig = module.make_signature();
+        ssig.params.extend([AbiParam::new(types::I64); 7]);
+        let id = module.declare_function(solve::SOLVE_SYMBOL, Linkage::Import, &ssig).map_err(merr)?;
+        math.solve = Some(module.declare_func_in_func(id, &mut ctx.func));
+    }
+    if decay::select(simd).is_some() {
+        // (rows, cols, a, a_rs, x, x_rs, x_cs, y, y_rs, y_cs, out, out_rs, tril).
+        let mut dsig = module.make_signature();
+        dsig.params.extend([AbiParam::new(types::I64); 13]);
+        let id = module.declare_function(decay::DECAY_SYMBOL, Linkage::Import, &dsig).map_err(merr)?;
+        math.decay = Some(module.declare_func_in_func(id, &mut ctx.func));
     }
     if gated::select(simd).is_some() {
         // (n, c, a, a_rs, ga, ga_rs, b, b_rs, gb, gb_rs, out, out_rs, out_cs, strict).

@@ -130,17 +130,17 @@ pub fn build(rule: &Rule, canon: &Canonical, shape: Shape, sched: Schedule) -> R
                 let vwi = b.rows(vw, i0, bs);
                 rhs = b.add(rhs, vwi);
             }
-            rhs = sc.apply(&mut b, (bv, bex), (a, bin), &r_blocks, i, true, rhs);
-            for (&(kw, _), vws) in writes.iter().zip(&vw_blocks) {
-                rhs = sc.apply(&mut b, (bv, bex), (kw, bin), vws, i, true, rhs);
+            rhs = sc.apply(&mut b, (bv, bex), (a, bin), (&r_blocks, None), i, true, rhs);
+            for (&(kw, vw), vws) in writes.iter().zip(&vw_blocks) {
+                rhs = sc.apply(&mut b, (bv, bex), (kw, bin), (vws, Some(vw)), i, true, rhs);
             }
             let aba = sc.scores(&mut b, (bv, bex), (a, bin), i, i, true);
             let l = b.neg(aba);
             r_blocks.push(b.solve_unit_lower(l, rhs));
-            o = sc.apply(&mut b, (q, bq), (a, bin), &r_blocks, i, read_before, o);
+            o = sc.apply(&mut b, (q, bq), (a, bin), (&r_blocks, None), i, read_before, o);
         }
-        for (&(kw, _), vws) in writes.iter().zip(&vw_blocks) {
-            o = sc.apply(&mut b, (q, bq), (kw, bin), vws, i, read_before, o);
+        for (&(kw, vw), vws) in writes.iter().zip(&vw_blocks) {
+            o = sc.apply(&mut b, (q, bq), (kw, bin), (vws, Some(vw)), i, read_before, o);
         }
         if let Some(cf) = coef {
             let cf = rows_of(&mut b, cf, i0, bs);
@@ -254,17 +254,32 @@ impl Scores {
     }
 
     /// `acc + sum_{j <= i} scores(x, y)[i, j] @ z[j]` over the blocks `z` holds so far.
+    /// `whole`: the tile whose row blocks `z` are. With per-channel gates the blocks before
+    /// `i` then go as one product each way (the re-centred factors of rows `0 .. i bs` against
+    /// block `i`, times those rows of `whole`) instead of two small matmuls per block: the
+    /// same terms, in fewer and larger matmuls.
     #[allow(clippy::too_many_arguments)]
     fn apply(
         &mut self,
         b: &mut Builder,
         x: (ValueId, Option<ValueId>),
         y: (ValueId, Option<ValueId>),
-        z: &[ValueId],
+        (z, whole): (&[ValueId], Option<ValueId>),
         i: usize,
         strict: bool,
         mut acc: ValueId,
     ) -> ValueId {
+        if let (Gate::Vector, Some(whole), (xv, Some(gx)), (yv, Some(gy))) = (self.gate, whole, x, y) {
+            if i >= 2 && z.len() > i {
+                let xt = self.factor(b, xv, gx, i, i, true);
+                let yt = self.factor_span(b, yv, gy, i * self.bs, i);
+                let s = b.dot(xt, yt, false, true, None);
+                let zs = b.rows(whole, 0, i * self.bs);
+                acc = b.dot(s, zs, false, false, Some(acc));
+                let s = self.scores(b, x, y, i, i, strict);
+                return b.dot(s, z[i], false, false, Some(acc));
+            }
+        }
         for (j, &zj) in z.iter().enumerate().take(i + 1) {
             let s = self.scores(b, x, y, i, j, strict);
             acc = b.dot(s, zj, false, false, Some(acc));
@@ -320,6 +335,16 @@ impl Scores {
                 }
             }
         }
+    }
+
+    /// Rows `0 .. n` of `x` times exp(P - g), P the pivot of block `at` (rows before it).
+    fn factor_span(&mut self, b: &mut Builder, x: ValueId, g: ValueId, n: usize, at: usize) -> ValueId {
+        let pivot = b.rows(self.pivots.expect("vector gates have pivots"), at * self.bs, 1);
+        let xb = b.rows(x, 0, n);
+        let gb = b.rows(g, 0, n);
+        let e = b.sub(pivot, gb);
+        let e = exp_f32(b, e);
+        b.mul(xb, e)
     }
 
     /// Block `blk` of `x` times exp(g - P) (`ahead`) or exp(P - g), where P is the pivot of
