@@ -13,6 +13,7 @@ use chunkc::dsl::reference::Dims;
 use chunkc::gpu::Device;
 use chunkc::runtime::cuda;
 use chunkc::verify::{random_inputs, rel_rms, Rng, F32_TOLERANCE};
+use chunkc::Precision;
 use common::{check_every_golden, goldens_dir, root};
 
 #[test]
@@ -38,7 +39,7 @@ fn cuda_backend_matches_the_goldens_and_the_reference() {
         for c in ["16", "32", "64", "128"] {
             configs.push(cuda(&["--kernel", "chunked", "--chunk", c]));
         }
-        check_every_golden(&dir, "cuda", &configs);
+        check_every_golden(&dir, "cuda", &configs, F32_TOLERANCE);
     }
     random_shapes_agree_with_the_reference(target);
 }
@@ -54,7 +55,7 @@ fn random_shapes_agree_with_the_reference(target: Sm) {
     paths.sort();
     let mut rng = Rng::new(0x6b75_6461);
     let mut pick = |lo: usize, hi: usize| lo + (rng.next_u64() % (hi - lo + 1) as u64) as usize;
-    let engine = Engine::Ptx { device: Device::Cuda, target };
+    let engine = Engine::Ptx { device: Device::Cuda, target, precision: Precision::default() };
     let mut failures = vec![];
     let mut runs = 0;
     for path in paths {
