@@ -42,11 +42,6 @@ impl ElemType {
         }
     }
 
-    /// Parses `f32`, `bf16` or `f16`.
-    pub fn parse(s: &str) -> Option<ElemType> {
-        [ElemType::F32, ElemType::Bf16, ElemType::F16].into_iter().find(|e| e.name() == s)
-    }
-
     /// The f32 value of 16-bit element `bits` (exact: every bf16 and f16 value is an f32).
     pub fn widen16(self, bits: u16) -> f32 {
         match self {
