@@ -2,7 +2,7 @@
 //! `chunkc run --backend cuda` (recurrent, chunked at 16/32/64/128) and a property-style
 //! sweep (every rule in rules/, random shapes with T not a multiple of the chunk, recurrent and
 //! chunked kernels) through the CUDA engine against the f64 reference, within 1e-5 relative
-//! RMS. Without a driver or a device it prints `skipped: no CUDA device` and passes: CI has
+//! RMS; the goldens also with tf32 dots (1e-3) and bf16 inputs and dots (1e-2). Without a driver or a device it prints `skipped: no CUDA device` and passes: CI has
 //! no GPU, so this file only means something on a machine that has one.
 
 mod common;
@@ -40,6 +40,15 @@ fn cuda_backend_matches_the_goldens_and_the_reference() {
             configs.push(cuda(&["--kernel", "chunked", "--chunk", c]));
         }
         check_every_golden(&dir, "cuda", &configs, F32_TOLERANCE);
+        // The tensor-core schedules at their own budgets, as tests/goldens.rs runs them in
+        // the simulator.
+        let tf32 = [cuda(&["--chunk", "64", "--dot", "tf32"])];
+        check_every_golden(&dir, "cuda-tf32", &tf32, 1e-3);
+        let bf16 = [
+            cuda(&["--chunk", "64", "--dtype", "bf16", "--dot", "bf16"]),
+            cuda(&["--kernel", "recurrent", "--dtype", "bf16", "--dot", "bf16"]),
+        ];
+        check_every_golden(&dir, "cuda-bf16", &bf16, chunkc::precision::SIXTEEN_BIT_TOLERANCE);
     }
     random_shapes_agree_with_the_reference(target);
 }
