@@ -43,7 +43,7 @@ fn cuda_backend_matches_the_goldens_and_the_reference() {
         // The tensor-core schedules at their own budgets, as tests/goldens.rs runs them in
         // the simulator.
         let tf32 = [cuda(&["--chunk", "64", "--dot", "tf32"])];
-        check_every_golden(&dir, "cuda-tf32", &tf32, 1e-3);
+        check_every_golden(&dir, "cuda-tf32", &tf32, chunkc::codegen::ptx::DotPrecision::Tf32.tolerance());
         let bf16 = [
             cuda(&["--chunk", "64", "--dtype", "bf16", "--dot", "bf16"]),
             cuda(&["--kernel", "recurrent", "--dtype", "bf16", "--dot", "bf16"]),
