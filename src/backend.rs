@@ -4,8 +4,9 @@
 
 use crate::error::Error;
 use crate::gpu::{self, Device};
+use crate::precision::Precision;
 use crate::problem::infer_dims;
-use chunkc_codegen::ir::Kernel;
+use chunkc_codegen::ir::{ElemType, Kernel};
 use chunkc_codegen::plan::{self, Schedule, Shape};
 use chunkc_codegen::ptx::Sm;
 use chunkc_dsl::ast::Rule;
@@ -43,8 +44,9 @@ pub enum Engine {
     Jit,
     /// The tile-IR interpreter (slow; for debugging plans).
     Interp,
-    /// The kernel's PTX for `target`, run on `device`.
-    Ptx { device: Device, target: Sm },
+    /// The kernel's PTX for `target`, run on `device`, reading its inputs and computing its
+    /// dots at `precision`.
+    Ptx { device: Device, target: Sm, precision: Precision },
 }
 
 impl Engine {
@@ -87,13 +89,25 @@ pub fn shape_of(dims: &Dims, scale: Option<f64>) -> Shape {
     Shape { heads: dims.heads, k: dims.k, v: dims.v, scale: scale.unwrap_or(1.0 / (dims.k as f64).sqrt()) }
 }
 
-/// Builds the tile-IR kernel of `rule` for `backend` (recurrent or chunked).
+/// Builds the tile-IR kernel of `rule` for `backend` (recurrent or chunked), reading f32 inputs.
 pub fn build_kernel(rule: &Rule, backend: Backend, shape: Shape, chunk: usize) -> Result<Kernel, Error> {
+    build_kernel_typed(rule, backend, shape, chunk, ElemType::F32)
+}
+
+/// Builds the tile-IR kernel of `rule` for `backend`, reading its per-token inputs as
+/// `input` (per-head parameters and the states stay f32).
+pub fn build_kernel_typed(
+    rule: &Rule,
+    backend: Backend,
+    shape: Shape,
+    chunk: usize,
+    input: ElemType,
+) -> Result<Kernel, Error> {
     match backend {
-        Backend::Recurrent => plan::recurrent::build(rule, shape).map_err(|e| Error::Unsupported(e.0)),
+        Backend::Recurrent => plan::recurrent::build_typed(rule, shape, input).map_err(|e| Error::Unsupported(e.0)),
         Backend::Chunked => {
             let canon = canonicalize(rule).map_err(|n| Error::from(n.to_diagnostic(rule)))?;
-            plan::chunked::build(rule, &canon, shape, Schedule::with_chunk(chunk))
+            plan::chunked::build(rule, &canon, shape, Schedule::with_chunk(chunk).with_input(input))
                 .map_err(|e| Error::Unsupported(format!("rule `{}`: {}", rule.name, e.0)))
         }
         Backend::Reference => Err(Error::Internal("the reference has no kernel".into())),
@@ -111,14 +125,20 @@ pub fn run(rule: &Rule, tensors: &Tensors, source: &str, opts: &Options) -> Resu
     if opts.backend == Backend::Chunked && opts.chunk == 0 {
         return Err(Error::Input("--chunk must be at least 1".into()));
     }
-    let kernel = build_kernel(rule, opts.backend, shape, opts.chunk)?;
+    let input = match opts.engine {
+        Engine::Ptx { precision, .. } => precision.input,
+        _ => ElemType::F32,
+    };
+    let kernel = build_kernel_typed(rule, opts.backend, shape, opts.chunk, input)?;
     match opts.engine {
         Engine::Jit => {
             let compiled = chunkc_codegen::cpu::compile(&kernel).map_err(|e| Error::Internal(e.to_string()))?;
             execute(&compiled, rule, tensors, dims, opts.threads)
         }
         Engine::Interp => execute_interp(&kernel, rule, tensors, dims),
-        Engine::Ptx { device, target } => gpu::execute(&kernel, rule, tensors, dims, device, target),
+        Engine::Ptx { device, target, precision } => {
+            gpu::execute(&kernel, rule, tensors, dims, device, target, &precision.schedule)
+        }
     }
 }
 

@@ -12,11 +12,13 @@ pub mod backend;
 pub mod bench;
 pub mod error;
 pub mod gpu;
+pub mod precision;
 pub mod problem;
 pub mod verify;
 
 pub use backend::{run, Backend, Engine, Options, Outputs};
 pub use error::Error;
+pub use precision::Precision;
 
 use chunkc_dsl::ast::Rule;
 use chunkc_dsl::canon::{canonicalize, Canonical, NotChunkable};

@@ -386,3 +386,87 @@ fn bad_target_and_misplaced_ptx_flags_are_clear_errors() {
         "error: --kernel goes with --backend ptx-sim or cuda (the CPU backends are named by their kernel)\n"
     );
 }
+
+/// `--dtype` and `--dot` on `run`: the outputs stay within the precision's tolerance of the
+/// reference on the f32 inputs, and the output file records the precision.
+#[test]
+fn ptx_sim_run_at_16_bit_and_tf32_precision_matches_the_reference() {
+    let (want_o, want_ht) = run_simple_gla_to("prec-ref", &["--backend", "reference"]);
+    for (name, extra, tol) in [
+        ("prec-bf16", vec!["--backend", "ptx-sim", "--chunk", "4", "--dtype", "bf16", "--dot", "bf16"], 1e-2),
+        ("prec-f16", vec!["--backend", "ptx-sim", "--kernel", "recurrent", "--dtype", "f16"], 1e-2),
+        ("prec-tf32", vec!["--backend", "ptx-sim", "--dot", "tf32", "--warps", "2"], 1e-3),
+    ] {
+        let (o, ht) = run_simple_gla_to(name, &extra);
+        let (eo, eh) = (rel_rms(&o, &want_o), rel_rms(&ht, &want_ht));
+        assert!(eo <= tol && eh <= tol, "{extra:?}: o {eo:.2e}, hT {eh:.2e}");
+        let (_, meta) =
+            chunkc::runtime::io::read_safetensors(tmp(&format!("{name}-out.safetensors"))).expect("outputs readable");
+        let dtype = extra.iter().skip_while(|a| **a != "--dtype").nth(1).copied().unwrap_or("f32");
+        assert_eq!(meta.get("dtype").map(String::as_str), Some(dtype), "{meta:?}");
+    }
+    // bf16 inputs are rounded: the result differs from the f32-input kernel's.
+    let (o32, _) = run_simple_gla_to("prec-f32", &["--backend", "ptx-sim", "--chunk", "4"]);
+    let (o16, _) = run_simple_gla_to("prec-bf16b", &["--backend", "ptx-sim", "--chunk", "4", "--dtype", "bf16"]);
+    assert_ne!(o32, o16, "--dtype bf16 reached the kernel");
+}
+
+/// `verify` with tensor-core dots and 16-bit inputs: every row shows its precision and its
+/// tolerance, and passes.
+#[test]
+fn ptx_sim_verify_shows_precision_and_tolerance() {
+    let args = ["verify", "rules/gated_delta_rule.toml", "--backend", "ptx-sim", "--chunk", "16", "--T", "19"];
+    let shape = ["--K", "16", "--V", "16", "--B", "1"];
+    for (extra, precision, tol) in [
+        (vec!["--dot", "tf32"], "f32 in, tf32 dots", "1e-3"),
+        (vec!["--dtype", "bf16", "--dot", "bf16"], "bf16 in, bf16 dots", "1e-2"),
+        (vec!["--dtype", "f16", "--dot", "f16"], "f16 in, f16 dots", "1e-2"),
+    ] {
+        let o = chunkc(&[&args[..], &shape[..], &extra[..]].concat());
+        let out = stdout(&o);
+        assert!(o.status.success(), "{extra:?}: {out}{}", stderr(&o));
+        assert!(out.contains("2 passed, 0 failed"), "{out}");
+        let rows: Vec<&str> = out.lines().filter(|l| l.starts_with("ptx-sim")).collect();
+        assert_eq!(rows.len(), 2, "{out}");
+        assert!(rows.iter().all(|r| r.contains(precision) && r.contains(tol) && r.ends_with("ok")), "{out}");
+    }
+    let o = chunkc(&["verify", "rules/simple_gla.toml", "--backend", "ptx-sim", "--T", "3", "--chunk", "16"]);
+    assert!(stdout(&o).lines().any(|l| l.contains("f32 in, f32 dots") && l.contains("1e-5")), "{}", stdout(&o));
+    let help = stdout(&chunkc(&["verify", "--help"])).split_whitespace().collect::<Vec<_>>().join(" ");
+    assert!(help.contains("in f64 on the original f32 inputs, also when the kernel reads them rounded"), "{help}");
+}
+
+/// The precision flags with a CPU backend, an invalid schedule or an unknown value: one line
+/// and a failure, before anything runs.
+#[test]
+fn precision_flags_refuse_cpu_backends_and_invalid_values() {
+    let p = write("precision.safetensors", &simple_gla_inputs());
+    for (flag, value) in [("--dtype", "bf16"), ("--dot", "tf32"), ("--warps", "4")] {
+        let o = run_simple_gla(&p, &["--backend", "chunked", flag, value]);
+        assert_eq!(o.status.code(), Some(1));
+        assert_eq!(
+            stderr(&o),
+            format!(
+                "error: {flag} goes with --backend ptx-sim or cuda (the CPU backends read f32 inputs and compute \
+                 f32 dots)\n"
+            )
+        );
+    }
+    let o = chunkc(&["verify", "rules/simple_gla.toml", "--backend", "recurrent", "--dtype", "f16"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).starts_with("error: --dtype goes with --backend ptx-sim or cuda"), "{}", stderr(&o));
+    assert!(stdout(&o).is_empty(), "{}", stdout(&o));
+
+    for warps in ["0", "33"] {
+        let o = run_simple_gla(&p, &["--backend", "ptx-sim", "--warps", warps]);
+        assert_eq!(o.status.code(), Some(1));
+        assert_eq!(stderr(&o), format!("error: --warps: ptx schedule: warps must be 1 to 32, not {warps}\n"));
+    }
+    let o = run_simple_gla(&p, &["--backend", "ptx-sim", "--dtype", "f64"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).starts_with("error: invalid value 'f64' for '--dtype <DTYPE>'"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("[possible values: f32, bf16, f16]"), "{}", stderr(&o));
+    let o = run_simple_gla(&p, &["--backend", "ptx-sim", "--dot", "fp8"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("[possible values: f32, tf32, bf16, f16]"), "{}", stderr(&o));
+}

@@ -3,11 +3,19 @@
 //! - on the CPU, the recurrent and the chunked kernels at chunk 16, 32, 64 and 128;
 //! - as PTX in the simulator (`--backend ptx-sim`), the recurrent kernel and the chunked one
 //!   at chunk 16 and 64, for sm_90 and sm_80 (the simulator runs the PTX text, so both
-//!   targets' output is executed).
+//!   targets' output is executed);
+//! - in the simulator with tensor-core schedules: tf32 dots (within 1e-3) on the chunked
+//!   kernel at chunk 16 and 64, and bf16 inputs with bf16 dots (within 1e-2, against the
+//!   goldens computed from the f32 inputs) on the chunked kernel at 16 and 64 and on the
+//!   recurrent one.
 
 mod common;
 
+use chunkc::precision::{F32_TOLERANCE, SIXTEEN_BIT_TOLERANCE};
 use common::{check_every_golden, goldens_dir};
+
+/// DESIGN.md's budget for tf32 dots.
+const TF32_TOLERANCE: f64 = 1e-3;
 
 #[test]
 fn every_golden_through_chunkc_run() {
@@ -15,15 +23,20 @@ fn every_golden_through_chunkc_run() {
     let configs: Vec<Vec<&str>> = std::iter::once(vec!["--backend", "recurrent"])
         .chain(["16", "32", "64", "128"].iter().map(|c| vec!["--backend", "chunked", "--chunk", c]))
         .collect();
-    check_every_golden(&dir, "cpu", &configs);
+    check_every_golden(&dir, "cpu", &configs, F32_TOLERANCE);
 }
 
-/// `--backend ptx-sim --target TARGET` plus `kernel` on every golden; one test per
-/// configuration, so that the test harness runs them on separate cores.
-fn goldens_in_the_simulator(tag: &str, target: &'static str, kernel: &[&'static str]) {
+/// `--backend ptx-sim --target TARGET` plus `kernel` on every golden, held to `tolerance`;
+/// one test per configuration, so that the test harness runs them on separate cores.
+fn goldens_in_the_simulator_within(tag: &str, target: &'static str, kernel: &[&'static str], tolerance: f64) {
     let Some(dir) = goldens_dir() else { return };
     let config = [&["--backend", "ptx-sim", "--target", target][..], kernel].concat();
-    check_every_golden(&dir, tag, &[config]);
+    check_every_golden(&dir, tag, &[config], tolerance);
+}
+
+/// The f32 paths (fma dots, f32 inputs) in the simulator, held to the f32 tolerance.
+fn goldens_in_the_simulator(tag: &str, target: &'static str, kernel: &[&'static str]) {
+    goldens_in_the_simulator_within(tag, target, kernel, F32_TOLERANCE);
 }
 
 #[test]
@@ -39,4 +52,32 @@ fn every_golden_through_the_ptx_simulator_chunked_c16_sm80() {
 #[test]
 fn every_golden_through_the_ptx_simulator_chunked_c64_sm90() {
     goldens_in_the_simulator("sim-c64", "sm_90", &["--kernel", "chunked", "--chunk", "64"]);
+}
+
+#[test]
+fn every_golden_through_the_ptx_simulator_tf32_dots_c16_sm80() {
+    goldens_in_the_simulator_within("sim-tf32-c16", "sm_80", &["--chunk", "16", "--dot", "tf32"], TF32_TOLERANCE);
+}
+
+#[test]
+fn every_golden_through_the_ptx_simulator_tf32_dots_c64_sm90() {
+    goldens_in_the_simulator_within("sim-tf32-c64", "sm_90", &["--chunk", "64", "--dot", "tf32"], TF32_TOLERANCE);
+}
+
+#[test]
+fn every_golden_through_the_ptx_simulator_bf16_c16_sm80() {
+    let bf16 = ["--chunk", "16", "--dtype", "bf16", "--dot", "bf16"];
+    goldens_in_the_simulator_within("sim-bf16-c16", "sm_80", &bf16, SIXTEEN_BIT_TOLERANCE);
+}
+
+#[test]
+fn every_golden_through_the_ptx_simulator_bf16_c64_sm90() {
+    let bf16 = ["--chunk", "64", "--dtype", "bf16", "--dot", "bf16"];
+    goldens_in_the_simulator_within("sim-bf16-c64", "sm_90", &bf16, SIXTEEN_BIT_TOLERANCE);
+}
+
+#[test]
+fn every_golden_through_the_ptx_simulator_bf16_recurrent_sm90() {
+    let bf16 = ["--kernel", "recurrent", "--dtype", "bf16", "--dot", "bf16"];
+    goldens_in_the_simulator_within("sim-bf16-rec", "sm_90", &bf16, SIXTEEN_BIT_TOLERANCE);
 }

@@ -2,7 +2,7 @@
 //! `chunkc run --backend cuda` (recurrent, chunked at 16/32/64/128) and a property-style
 //! sweep (every rule in rules/, random shapes with T not a multiple of the chunk, recurrent and
 //! chunked kernels) through the CUDA engine against the f64 reference, within 1e-5 relative
-//! RMS. Without a driver or a device it prints `skipped: no CUDA device` and passes: CI has
+//! RMS; the goldens also with tf32 dots (1e-3) and bf16 inputs and dots (1e-2). Without a driver or a device it prints `skipped: no CUDA device` and passes: CI has
 //! no GPU, so this file only means something on a machine that has one.
 
 mod common;
@@ -13,6 +13,7 @@ use chunkc::dsl::reference::Dims;
 use chunkc::gpu::Device;
 use chunkc::runtime::cuda;
 use chunkc::verify::{random_inputs, rel_rms, Rng, F32_TOLERANCE};
+use chunkc::Precision;
 use common::{check_every_golden, goldens_dir, root};
 
 #[test]
@@ -38,7 +39,16 @@ fn cuda_backend_matches_the_goldens_and_the_reference() {
         for c in ["16", "32", "64", "128"] {
             configs.push(cuda(&["--kernel", "chunked", "--chunk", c]));
         }
-        check_every_golden(&dir, "cuda", &configs);
+        check_every_golden(&dir, "cuda", &configs, F32_TOLERANCE);
+        // The tensor-core schedules at their own budgets, as tests/goldens.rs runs them in
+        // the simulator.
+        let tf32 = [cuda(&["--chunk", "64", "--dot", "tf32"])];
+        check_every_golden(&dir, "cuda-tf32", &tf32, chunkc::codegen::ptx::DotPrecision::Tf32.tolerance());
+        let bf16 = [
+            cuda(&["--chunk", "64", "--dtype", "bf16", "--dot", "bf16"]),
+            cuda(&["--kernel", "recurrent", "--dtype", "bf16", "--dot", "bf16"]),
+        ];
+        check_every_golden(&dir, "cuda-bf16", &bf16, chunkc::precision::SIXTEEN_BIT_TOLERANCE);
     }
     random_shapes_agree_with_the_reference(target);
 }
@@ -54,7 +64,7 @@ fn random_shapes_agree_with_the_reference(target: Sm) {
     paths.sort();
     let mut rng = Rng::new(0x6b75_6461);
     let mut pick = |lo: usize, hi: usize| lo + (rng.next_u64() % (hi - lo + 1) as u64) as usize;
-    let engine = Engine::Ptx { device: Device::Cuda, target };
+    let engine = Engine::Ptx { device: Device::Cuda, target, precision: Precision::default() };
     let mut failures = vec![];
     let mut runs = 0;
     for path in paths {

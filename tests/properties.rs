@@ -17,20 +17,24 @@
 //!
 //! The same generator also runs through the PTX simulator (`Engine::Ptx`, `Device::Sim`):
 //! every kernel's emitted PTX executed on the CPU, on smaller shapes ([`sim_shape`]: the
-//! simulator interprets every GPU thread), against the same reference and tolerance.
+//! simulator interprets every GPU thread), against the same reference and tolerance; and
+//! with tensor-core schedules (sm_80): tf32 dots within 1e-3, and bf16 inputs with bf16 dots
+//! within 1e-2, both against the reference on the f32 inputs (`verify::tolerance`).
 //!
 //! Runs are deterministic (fixed RNG seed): 48 linear and 16 non-linear cases on the CPU, 24
-//! and 8 in the simulator, a few seconds each in a release build. Deeper or different runs: `PROPTEST_CASES=3000`, `PROPTEST_RNG_SEED=n`;
+//! and 8 in the simulator, 24 per tensor-core schedule, a few seconds each in a release build. Deeper or different runs: `PROPTEST_CASES=3000`, `PROPTEST_RNG_SEED=n`;
 //! `CHUNKC_PROPTEST_SHOW=1` prints every generated rule and shape (with `--nocapture`).
 
 use chunkc::backend::{run, Backend, Engine, Options};
-use chunkc::codegen::ptx::Sm;
+use chunkc::codegen::ir::ElemType;
+use chunkc::codegen::ptx::{DotPrecision, Sm};
 use chunkc::dsl::canon::canonicalize;
 use chunkc::dsl::reference::Dims;
 use chunkc::gpu::Device;
 use chunkc::runtime::io::Tensors;
 use chunkc::runtime::tensor::Tensor;
-use chunkc::verify::{random_inputs, rel_rms, Rng, F32_TOLERANCE};
+use chunkc::verify::{random_inputs, rel_rms, tolerance, Rng};
+use chunkc::Precision;
 use proptest::prelude::*;
 use proptest::sample::select;
 use proptest::test_runner::{RngSeed, TestCaseError};
@@ -537,7 +541,12 @@ fn opts(backend: Backend, chunk: usize) -> Options {
 
 /// The simulator running PTX for `target`.
 fn sim(target: Sm) -> Engine {
-    Engine::Ptx { device: Device::Sim, target }
+    Engine::Ptx { device: Device::Sim, target, precision: Precision::default() }
+}
+
+/// The simulator running PTX for sm_80 with `input` tensors and `dot` dots on tensor cores.
+fn sim_tensor_cores(input: ElemType, dot: DotPrecision) -> Engine {
+    Engine::Ptx { device: Device::Sim, target: Sm::Sm80, precision: Precision::with_dot(input, dot) }
 }
 
 /// Runs `backend` and compares `o` and `hT` with the reference outputs.
@@ -553,13 +562,16 @@ fn compare(
     let out = run(rule, inputs, "random inputs", &Options { engine, ..opts(backend, chunk) })
         .map_err(|e| format!("{label} {} failed: {e}", backend.name()))?;
     let (eo, eh) = (rel_rms(&out.o.data, &reference.o.data), rel_rms(&out.ht.data, &reference.ht.data));
-    if eo <= F32_TOLERANCE && eh <= F32_TOLERANCE {
+    let tol = tolerance(engine);
+    if let Engine::Ptx { precision, .. } = engine {
+        if !precision.is_f32() {
+            println!("{label} {} {}: rel RMS o {eo:.3e}, hT {eh:.3e}", backend.name(), precision.describe());
+        }
+    }
+    if eo <= tol && eh <= tol {
         Ok((eo, eh))
     } else {
-        Err(format!(
-            "{label} {} (chunk {chunk}): rel RMS error o {eo:.3e}, hT {eh:.3e} > {F32_TOLERANCE:e}",
-            backend.name()
-        ))
+        Err(format!("{label} {} (chunk {chunk}): rel RMS error o {eo:.3e}, hT {eh:.3e} > {tol:e}", backend.name()))
     }
 }
 
@@ -623,6 +635,25 @@ proptest! {
     #[test]
     fn random_linear_rules_agree_with_the_reference_in_the_ptx_simulator(spec in linear_spec(), shape in sim_shape()) {
         check(&render_linear(&spec), &shape, true, sim(Sm::Sm90))?;
+    }
+}
+
+// Tensor-core schedules on the same small shapes: tf32 dots within 1e-3, bf16 inputs with
+// bf16 dots within 1e-2 (against the reference on the f32 inputs). Dots below the schedule's
+// smallest mma dimension (odd chunks, K or V under 8) keep the fma loop, so both paths mix.
+proptest! {
+    #![proptest_config(config(24))]
+    #[test]
+    fn random_linear_rules_agree_with_the_reference_with_tf32_dots(spec in linear_spec(), shape in sim_shape()) {
+        check(&render_linear(&spec), &shape, true, sim_tensor_cores(ElemType::F32, DotPrecision::Tf32))?;
+    }
+}
+
+proptest! {
+    #![proptest_config(config(24))]
+    #[test]
+    fn random_linear_rules_agree_with_the_reference_with_bf16_inputs_and_dots(spec in linear_spec(), shape in sim_shape()) {
+        check(&render_linear(&spec), &shape, true, sim_tensor_cores(ElemType::Bf16, DotPrecision::Bf16))?;
     }
 }
 

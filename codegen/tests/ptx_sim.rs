@@ -5,9 +5,11 @@
 //! access (bounds, uninitialised shared reads, races, partial barriers, uniform branches).
 
 use chunkc_codegen::plan::{chunked, recurrent, Schedule, Shape};
-use chunkc_codegen::ptx::{emit, emit_with, EmitOptions, ParamKind, PtxKernel, Sm, TileSpace};
+use chunkc_codegen::ptx::{emit, emit_with, EmitOptions, PtxKernel, Sm, TileSpace};
 use chunkc_dsl::ast::{Domain, Rule};
 use chunkc_dsl::reference::{self, Dims};
+use chunkc_runtime::abi::{bind, Problem};
+use chunkc_runtime::launch::simulate as simulate_launch;
 use chunkc_runtime::ptxsim::{launch, GlobalMemory, SimParam};
 use std::path::PathBuf;
 
@@ -99,46 +101,16 @@ fn rel_rms(out: &[f32], reference: &[f64]) -> f64 {
     }
 }
 
-/// Runs the emitted kernel in the simulator; returns (o, hT).
+/// Runs the emitted kernel in the simulator through the runtime's launch ABI
+/// (`chunkc_runtime::abi::bind`, which converts each input to its parameter's element
+/// type); returns (o, hT).
 fn simulate(k: &PtxKernel, dims: &Dims, tensors: &[(String, Vec<f32>)]) -> (Vec<f32>, Vec<f32>) {
-    let meta = &k.meta;
-    let mut mem = GlobalMemory::new();
-    let grid = meta.grid.dims(dims.batch as u32, dims.heads as u32);
-    let n_o = dims.batch * dims.seq_len * dims.heads * dims.v;
-    let n_ht = dims.batch * dims.heads * dims.k * dims.v;
-    let mut params = vec![];
-    let (mut o_at, mut ht_at) = (None, None);
-    for p in &meta.params {
-        let v = match (p.kind, p.name.as_str()) {
-            (ParamKind::Tensor, "o") => {
-                let a = mem.alloc_f32(&vec![f32::NAN; n_o]);
-                o_at = Some(a);
-                a
-            }
-            (ParamKind::Tensor, "hT") => {
-                let a = mem.alloc_f32(&vec![f32::NAN; n_ht]);
-                ht_at = Some(a);
-                a
-            }
-            (ParamKind::Tensor, name) => {
-                let (_, data) = tensors.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("no tensor `{name}`"));
-                mem.alloc_f32(data)
-            }
-            (ParamKind::Scratch, _) => mem.alloc(meta.scratch_bytes_per_cta * grid.iter().product::<u32>() as usize),
-            (ParamKind::Scalar, "batch") => dims.batch as u64,
-            (ParamKind::Scalar, "heads") => dims.heads as u64,
-            (ParamKind::Scalar, "seq_len") => dims.seq_len as u64,
-            (ParamKind::Scalar, other) => panic!("unknown scalar `{other}`"),
-        };
-        params.push(SimParam::U64(v));
-    }
-    let r = launch(&k.ptx, &meta.entry, grid, meta.block, meta.dynamic_smem_bytes, &params, &mut mem)
-        .unwrap_or_else(|e| panic!("{}: {e}", meta.entry));
-    println!(
-        "  {}: {} instructions, {} barriers, {} shared bytes",
-        meta.entry, r.instructions, r.barriers, r.shared_bytes
-    );
-    (mem.read_f32(o_at.expect("o"), n_o).unwrap(), mem.read_f32(ht_at.expect("hT"), n_ht).unwrap())
+    let problem = Problem { batch: dims.batch, heads: dims.heads, seq_len: dims.seq_len, k: dims.k, v: dims.v };
+    let input = |name: &str| tensors.iter().find(|(n, _)| n == name).map(|(_, d)| d.as_slice());
+    let bound = bind(&k.ptx, &k.meta, &problem, input).unwrap_or_else(|e| panic!("{}: {e}", k.meta.entry));
+    let back = simulate_launch(&bound.launch, &bound.args).unwrap_or_else(|e| panic!("{}: {e}", k.meta.entry));
+    let (o, ht) = bound.outputs(back).unwrap_or_else(|e| panic!("{}: {e}", k.meta.entry));
+    (o.data, ht.data)
 }
 
 #[test]
@@ -360,11 +332,12 @@ fn tensor_core_dot_edge_cases_in_the_simulator() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
-/// Packs 16-bit elements two per f32 slot (element e in the low half of slot e / 2 for even
-/// e): the byte layout of a bf16/f16 tensor, in the f32 containers the interpreter and the
-/// simulator's buffers take (see `ir::ElemType`).
-fn pack16(bits: &[u16]) -> Vec<f32> {
-    bits.chunks(2).map(|c| f32::from_bits(c[0] as u32 | (*c.get(1).unwrap_or(&0) as u32) << 16)).collect()
+/// A bf16/f16 tensor's bytes (`ElemType::encode`) in the f32 containers the interpreter
+/// takes: element e in the low half of slot e / 2 for even e (see `ir::ElemType`).
+fn pack16(elem: chunkc_codegen::ir::ElemType, values: &[f32]) -> Vec<f32> {
+    let mut bytes = elem.encode(values);
+    bytes.resize(bytes.len().next_multiple_of(4), 0);
+    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
 }
 
 /// bf16 and f16 input tensors (q, k, v, gates, betas in the input dtype; per-head
@@ -391,9 +364,8 @@ fn sixteen_bit_inputs_match_the_reference() {
             let mut containers = values.clone();
             for ((n, v), (_, c)) in values.iter_mut().zip(containers.iter_mut()) {
                 if rule.inputs.iter().any(|i| &i.name == n && !i.per_head) {
-                    let bits: Vec<u16> = v.iter().map(|&x| elem.narrow16(x)).collect();
-                    *v = bits.iter().map(|&b| elem.widen16(b)).collect();
-                    *c = pack16(&bits);
+                    *v = v.iter().map(|&x| elem.widen16(elem.narrow16(x))).collect();
+                    *c = pack16(elem, v);
                 }
             }
             let get = |n: &str| values.iter().find(|(k, _)| k == n).map(|(_, d)| d.iter().map(|&x| x as f64).collect());
@@ -440,7 +412,8 @@ fn sixteen_bit_inputs_match_the_reference() {
                 let q = ptx.meta.params.iter().find(|p| p.name == "q").expect("q");
                 assert_eq!(q.elem, elem, "launch metadata records the element type");
                 assert!(ptx.ptx.contains(if elem == ElemType::F16 { "cvt.f32.f16" } else { "ld.global.u16" }));
-                let (o, ht) = simulate(&ptx, &dims, &containers);
+                // The launch ABI rounds the (already rounded, so unchanged) values itself.
+                let (o, ht) = simulate(&ptx, &dims, &values);
                 results.push((format!("ptx {label}"), o, ht, sched.dot.tolerance()));
             }
             for (label, o, ht, tol) in results {

@@ -3,7 +3,7 @@
 //!
 //! The executors ([`simulate`] here, `cuda::run`) know nothing about tensors, dtypes or the
 //! names of parameters: turning launch metadata and tensors into [`Arg`]s, and read-back
-//! bytes into tensors, is the caller's job (in chunkc, `src/launch_abi.rs`), so that a new
+//! bytes into tensors, is [`crate::abi`]'s job, so that a new
 //! element type or parameter changes one place and no executor.
 
 use crate::ptxsim::{self, GlobalMemory, SimError, SimParam};

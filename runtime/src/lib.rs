@@ -2,6 +2,8 @@
 //! simulator, CUDA). A program that embeds kernels generated ahead of time needs this
 //! crate, not the compiler.
 
+pub mod abi;
+pub mod artifact;
 pub mod cuda;
 pub mod error;
 pub mod exec;

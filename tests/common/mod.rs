@@ -4,7 +4,7 @@
 #![allow(dead_code)] // each test binary uses part of it
 
 use chunkc::runtime::io::read_safetensors;
-use chunkc::verify::{rel_rms, F32_TOLERANCE};
+use chunkc::verify::rel_rms;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -47,8 +47,9 @@ pub fn run_case(file: &Path, family: &str, args: &[&str], out: &Path) -> (Vec<f3
 }
 
 /// Every golden case under every configuration (extra `chunkc run` arguments), each held to
-/// the f32 tolerance on `o` and `hT`; prints one line per run. `tag` names the temp folder.
-pub fn check_every_golden(dir: &Path, tag: &str, configs: &[Vec<&str>]) {
+/// `tolerance` on `o` and `hT`; prints one line per run and the worst errors. `tag` names
+/// the temp folder.
+pub fn check_every_golden(dir: &Path, tag: &str, configs: &[Vec<&str>], tolerance: f64) {
     let index: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("index.json")).expect("index.json")).expect("json");
     let cases = index.as_array().expect("index is a list");
@@ -57,6 +58,7 @@ pub fn check_every_golden(dir: &Path, tag: &str, configs: &[Vec<&str>]) {
     std::fs::create_dir_all(&tmp).expect("temp dir");
     let mut failures = vec![];
     let mut checked = 0;
+    let mut worst = 0.0f64;
     for case in cases {
         let file = dir.join(case["file"].as_str().expect("file"));
         let family = case["family"].as_str().expect("family");
@@ -75,12 +77,14 @@ pub fn check_every_golden(dir: &Path, tag: &str, configs: &[Vec<&str>]) {
                 case["file"].as_str().unwrap_or(""),
                 cfg.join(" ")
             );
-            if !(err_o <= F32_TOLERANCE && err_ht <= F32_TOLERANCE) {
+            worst = worst.max(err_o).max(err_ht);
+            if !(err_o <= tolerance && err_ht <= tolerance) {
                 failures.push(format!("{} {}: o {err_o:.2e}, hT {err_ht:.2e}", family, cfg.join(" ")));
             }
             checked += 1;
         }
     }
     let _ = std::fs::remove_dir_all(&tmp);
+    println!("{tag}: worst rel RMS error {worst:.2e} over {checked} runs (tolerance {tolerance:.0e})");
     assert!(failures.is_empty(), "{} of {checked} golden runs failed:\n{}", failures.len(), failures.join("\n"));
 }

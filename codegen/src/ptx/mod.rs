@@ -85,9 +85,9 @@ pub mod mma;
 mod ptxas;
 mod schedule;
 
-use serde::{Deserialize, Serialize};
 use std::fmt;
 
+pub use chunkc_runtime::artifact::{Grid, ParamAccess, ParamKind, ParamMeta, Sm, TileSpace};
 pub use ptxas::{assemble, find_ptxas, PtxasReport, PTXAS_MISSING};
 pub use schedule::{DotPrecision, PtxSchedule};
 
@@ -98,50 +98,6 @@ pub const BLOCK_THREADS: u32 = 256;
 
 /// Default limit for placing the tile workspace in dynamic shared memory (bytes).
 pub const DEFAULT_SMEM_LIMIT: usize = 48 * 1024;
-
-/// The GPU architecture a kernel is emitted for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum Sm {
-    /// Ampere (A100): PTX ISA 7.8.
-    #[serde(rename = "sm_80")]
-    Sm80,
-    /// Hopper (H100): PTX ISA 8.0.
-    #[serde(rename = "sm_90")]
-    Sm90,
-}
-
-impl Sm {
-    /// The `.target` name, also ptxas's `-arch`.
-    pub fn name(self) -> &'static str {
-        match self {
-            Sm::Sm80 => "sm_80",
-            Sm::Sm90 => "sm_90",
-        }
-    }
-
-    /// The `.version` the emitted PTX declares.
-    pub fn isa_version(self) -> &'static str {
-        match self {
-            Sm::Sm80 => "7.8",
-            Sm::Sm90 => "8.0",
-        }
-    }
-
-    /// Parses `sm_80` / `sm_90` (also `80`, `90`).
-    pub fn parse(s: &str) -> Option<Sm> {
-        match s.trim().trim_start_matches("sm_") {
-            "80" => Some(Sm::Sm80),
-            "90" => Some(Sm::Sm90),
-            _ => None,
-        }
-    }
-}
-
-impl fmt::Display for Sm {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
 
 /// Why PTX could not be emitted or assembled. The message is one line.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -155,98 +111,9 @@ impl fmt::Display for PtxError {
 
 impl std::error::Error for PtxError {}
 
-/// How the grid maps to the kernel's (b, h) grid points.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Grid {
-    /// `gridDim = (batch * heads, 1, 1)`; `blockIdx.x = b * heads + h`.
-    BatchHeadsX,
-}
-
-impl Grid {
-    /// The launch's grid dimensions for a problem of `batch` x `heads` grid points.
-    pub fn dims(self, batch: u32, heads: u32) -> [u32; 3] {
-        match self {
-            Grid::BatchHeadsX => [batch * heads, 1, 1],
-        }
-    }
-}
-
-/// Where the tiles of one CTA live.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TileSpace {
-    /// Dynamic shared memory (`dynamic_smem_bytes` per CTA).
-    Shared,
-    /// A global scratch buffer parameter, `scratch_bytes_per_cta` per CTA.
-    Global,
-}
-
-/// How a kernel parameter is used.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ParamAccess {
-    Read,
-    Write,
-    ReadWrite,
-}
-
-/// What a parameter is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ParamKind {
-    /// A pointer to the elements of a tensor, of type [`ParamMeta::elem`] (the kernel's IR
-    /// parameters, in order).
-    Tensor,
-    /// A pointer to the global scratch buffer (`grid size * scratch_bytes_per_cta` bytes).
-    Scratch,
-    /// A 64-bit integer: `batch`, `heads` or `seq_len`.
-    Scalar,
-}
-
-/// One `.param` of the entry, in declaration order. Every parameter is 8 bytes (`.u64`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ParamMeta {
-    pub name: String,
-    pub access: ParamAccess,
-    /// True for pointers (global addresses), false for scalars.
-    pub pointer: bool,
-    pub kind: ParamKind,
-    /// The alignment (bytes) the kernel assumes of this pointer: 16 where 16-byte `cp.async`
-    /// copies read the tensor (`cudaMalloc` gives 256), else the element size (0 for scalars).
-    #[serde(default)]
-    pub align: usize,
-    /// Element type of a tensor (f32 for scratch and scalars).
-    #[serde(default)]
-    pub elem: crate::ir::ElemType,
-}
-
-/// Everything a launcher needs besides the PTX text.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LaunchMeta {
-    /// The `.entry` name.
-    pub entry: String,
-    pub target: Sm,
-    pub grid: Grid,
-    /// Threads per CTA (`blockDim`).
-    pub block: [u32; 3],
-    pub tile_space: TileSpace,
-    /// Dynamic shared memory per CTA (0 when the tiles are in global scratch).
-    pub dynamic_smem_bytes: usize,
-    /// Global scratch per CTA (0 when the tiles are in shared memory).
-    pub scratch_bytes_per_cta: usize,
-    /// Static shared memory per CTA (the 16-bit staging buffer of tensor-core dots; 0 without).
-    /// A launch needs `dynamic_smem_bytes + static_smem_bytes` of shared memory per CTA.
-    #[serde(default)]
-    pub static_smem_bytes: usize,
-    /// The schedule the kernel was emitted with.
-    #[serde(default)]
-    pub schedule: PtxSchedule,
-    /// All `.param`s in order: the tensors, `scratch` (global placement only), then the scalars.
-    pub params: Vec<ParamMeta>,
-    /// Names of the scalar parameters, in order (`batch`, `heads`, `seq_len`).
-    pub scalars: Vec<String>,
-}
+/// Everything a launcher needs besides the PTX text, with the schedule the kernel was
+/// emitted with (the format is the runtime's: [`chunkc_runtime::artifact`]).
+pub type LaunchMeta = chunkc_runtime::artifact::LaunchMeta<PtxSchedule>;
 
 /// An emitted kernel: PTX text and its launch metadata.
 #[derive(Clone, Debug, PartialEq, Eq)]
