@@ -59,6 +59,8 @@ pub(super) struct Em<'k> {
     labels: u32,
     pub(super) tid: String,
     tile_base: String,
+    /// `tile_base` plus the current iteration's double-buffer offset (see `async_copy.rs`).
+    pub(super) phase_base: String,
     pub(super) sched: PtxSchedule,
     /// Per-lane registers of the tensor-core dots (computed in the prologue when needed).
     pub(super) lanes: Option<LaneRegs>,
@@ -74,7 +76,7 @@ pub(super) struct Em<'k> {
     batch: String,
     head: String,
     seq_len: String,
-    iter: String,
+    pub(super) iter: String,
     next_loop: usize,
 }
 
@@ -89,11 +91,21 @@ const PREFIX: [&str; 6] = ["%r", "%rd", "%f", "%fd", "%p", "%h"];
 
 pub(super) fn emit(kernel: &Kernel, target: Sm, opts: EmitOptions, sched: PtxSchedule) -> Result<PtxKernel, PtxError> {
     sched.validate().map_err(PtxError)?;
-    let plan = layout::plan(kernel).map_err(|e| PtxError(format!("ptx: {}", e.0)))?;
+    let layout_err = |e: layout::LayoutError| PtxError(format!("ptx: {}", e.0));
+    let mut plan = layout::plan(kernel).map_err(layout_err)?;
     // The staging buffer of the 16-bit tensor-core dots is always in shared memory (ldmatrix
     // reads only shared memory); the tiles join it there when both fit the limit.
     let stage = mma::staging_need(kernel, sched.dot, sched.min_mma_dim, sched.staging_bytes);
-    let shared = plan.bytes + stage <= opts.smem_limit;
+    let limit = sched.smem_limit(target, opts.smem_limit);
+    let mut shared = plan.bytes + stage <= limit;
+    if sched.stages == 2 && sched.async_copy {
+        // Double buffers for the f32 loads of the chunk loop (the ones cp.async issues), when
+        // the larger workspace still fits; else the single-stage placement above stands.
+        let piped = layout::plan_with(kernel, &super::async_copy::pipelinable).map_err(layout_err)?;
+        if piped.bytes + stage <= limit {
+            (plan, shared) = (piped, true);
+        }
+    }
     let bytes = plan.bytes;
     let threads = sched.threads();
     let uses_mma = mma::uses_tensor_cores(kernel, &sched);
@@ -142,6 +154,7 @@ pub(super) fn emit(kernel: &Kernel, target: Sm, opts: EmitOptions, sched: PtxSch
         labels: 0,
         tid: String::new(),
         tile_base: String::new(),
+        phase_base: String::new(),
         params: vec![],
         batch: String::new(),
         head: String::new(),
@@ -185,6 +198,7 @@ pub(super) fn emit(kernel: &Kernel, target: Sm, opts: EmitOptions, sched: PtxSch
         em.params.push(r);
     }
     em.tile_base = em.reg(RD);
+    em.phase_base = em.reg(RD);
     let base = em.tile_base.clone();
     if shared {
         em.ins(format!("mov.u64 {base}, {SMEM}"));
@@ -308,7 +322,7 @@ impl Em<'_> {
 
     pub(super) fn storage(&self, v: ValueId) -> Storage {
         // layout::plan checked that every value read is defined, so it has storage.
-        self.plan.storage[v.0 as usize].unwrap_or(Storage { off: 0, rs: 0, cs: 0 })
+        self.plan.storage[v.0 as usize].unwrap_or(Storage { off: 0, rs: 0, cs: 0, phase: false })
     }
 
     /// Storage of operand `v` read with broadcasting (a dimension of 1 repeats).
@@ -397,6 +411,11 @@ impl Em<'_> {
         self.params[param].clone()
     }
 
+    /// The register holding the CTA's tile workspace address.
+    pub(super) fn tile_base(&self) -> String {
+        self.tile_base.clone()
+    }
+
     /// The register holding the staging buffer's shared address.
     pub(super) fn stage_base(&self) -> String {
         self.stage_reg.clone()
@@ -445,7 +464,7 @@ impl Em<'_> {
         }
         let a = self.reg(RD);
         self.ins(format!("mul.wide.s32 {a}, {t}, {}", dt.size()));
-        let base = self.tile_base.clone();
+        let base = if st.phase { self.phase_base.clone() } else { self.tile_base.clone() };
         self.ins(format!("add.s64 {a}, {a}, {base}"));
         if st.off != 0 {
             self.ins(format!("add.s64 {a}, {a}, {}", st.off));
@@ -667,6 +686,11 @@ impl Em<'_> {
                 op: Op::Load { elem: ElemType::F32, param, base, row_stride, col_stride, cols, valid_rows, .. },
             } = s
             {
+                if self.storage(*id).phase {
+                    // Double-buffered: issued one iteration ahead, complete at the loop's top.
+                    self.comment(format!("{id} = load (prefetched by the previous iteration)"));
+                    continue;
+                }
                 if self.async_loads() {
                     self.async_load(*id, *param, base, *row_stride, *col_stride, *cols, valid_rows);
                     continue;
@@ -705,6 +729,9 @@ impl Em<'_> {
                         let src = self.storage(*init);
                         self.copy(t, src, lp.carried[k]);
                     }
+                    if let Some(pipe) = &lp.pipeline {
+                        self.prefetch_first(body, pipe, &n);
+                    }
                     let (cnt, head, end, p) = (self.reg(RD), self.label(), self.label(), self.reg(P));
                     self.ins(format!("mov.s64 {cnt}, 0"));
                     self.place(&head);
@@ -712,6 +739,9 @@ impl Em<'_> {
                     self.ins(format!("@{p} bra.uni {end}"));
                     let iter = self.iter.clone();
                     self.ins(format!("mov.s64 {iter}, {cnt}"));
+                    if let Some(pipe) = &lp.pipeline {
+                        self.prefetch_next(body, pipe, &cnt, &n);
+                    }
                     self.block(body)?;
                     // Yields that read a carried region go through temporaries first.
                     for (k, y) in yields.iter().enumerate() {
@@ -733,6 +763,9 @@ impl Em<'_> {
                     self.ins(format!("add.s64 {cnt}, {cnt}, 1"));
                     self.ins(format!("bra.uni {head}"));
                     self.place(&end);
+                    if lp.pipeline.is_some() {
+                        self.pipeline_drain();
+                    }
                     // The results alias the carried regions (see layout.rs).
                 }
             }

@@ -89,7 +89,7 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 
 pub use ptxas::{assemble, find_ptxas, PtxasReport, PTXAS_MISSING};
-pub use schedule::{DotPrecision, PtxSchedule};
+pub use schedule::{max_smem_per_block, DotPrecision, PtxSchedule};
 
 use crate::ir::Kernel;
 
