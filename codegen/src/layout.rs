@@ -495,3 +495,54 @@ impl Walk<'_> {
         total
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::builder::Builder;
+
+    /// A loop that loads two tiles per iteration and adds them into the carried state.
+    fn looped() -> (Kernel, ValueId, ValueId) {
+        let mut b = Builder::new("piped");
+        let x = b.param("x", Access::Read);
+        let o = b.param("o", Access::Write);
+        let zero = b.constant(0.0, TileTy::f32(4, 8));
+        let it = b.begin_loop(Idx::c(3), &[zero]);
+        let base = Idx::var(IdxVar::Iter).mul(Idx::c(32));
+        let l1 = b.load(x, base.clone(), 8, 1, 4, 8, Idx::c(4));
+        let l2 = b.load(x, base.add(Idx::c(96)), 8, 1, 4, 8, Idx::c(4));
+        let s = b.add(l1, l2);
+        let y = b.add(it[0], s);
+        let res = b.end_loop(&[y]);
+        b.store(res[0], o, Idx::c(0), 8, 1, Idx::c(4));
+        (b.finish(), l1, l2)
+    }
+
+    #[test]
+    fn double_buffered_loads_get_two_parity_copies() {
+        let (k, l1, l2) = looped();
+        let single = plan(&k).expect("plan");
+        assert!(single.loops[0].pipeline.is_none());
+        assert!(single.storage.iter().flatten().all(|s| !s.phase));
+        let piped = plan_with(&k, &|op| matches!(op, Op::Load { .. })).expect("plan");
+        let pipe = piped.loops[0].pipeline.clone().expect("a pipeline");
+        assert_eq!(pipe.loads, [l1, l2]);
+        // Two 128-byte tiles, each 64-byte aligned: the odd copies start 256 bytes later.
+        assert_eq!(pipe.stride, 256);
+        let (s1, s2) = (piped.storage[l1.0 as usize].expect("l1"), piped.storage[l2.0 as usize].expect("l2"));
+        assert!(s1.phase && s2.phase);
+        assert_eq!(s2.off - s1.off, 128);
+        // Both parities of both loads are disjoint from every other value live in the loop.
+        let lo = s1.off.min(s2.off);
+        let hi = lo + 2 * pipe.stride;
+        for (v, st) in piped.storage.iter().enumerate() {
+            let Some(st) = st else { continue };
+            if st.phase {
+                continue;
+            }
+            let bytes = (k.values[v].len() * k.values[v].dtype.size()) as i64;
+            assert!(st.off + bytes <= lo || st.off >= hi, "%{v} at {} overlaps the buffers {lo}..{hi}", st.off);
+        }
+        assert!(piped.bytes >= single.bytes + 256, "the odd copies cost their bytes once more");
+    }
+}
