@@ -15,10 +15,11 @@
 //! iteration ahead:
 //! - before the loop (when it runs at all), iteration 0's copies into the even buffers, one
 //!   commit group;
-//! - at the top of iteration i: the phase register (`tile_base + (i & 1) * stride`, which
-//!   every access to a double-buffered value adds instead of `tile_base`) is set; unless i is
-//!   the last iteration, iteration i + 1's copies are issued into the other parity's buffers
-//!   (their index expressions evaluated with `Iter = i + 1`); then `commit_group` (an empty
+//! - every access to a double-buffered value adds `(Iter & 1) * stride` to its address
+//!   (computed from the counter register at the access);
+//! - at the top of iteration i: unless i is the last iteration, iteration i + 1's copies are
+//!   issued into the other parity's buffers (their index expressions and parity evaluated
+//!   with the counter register standing for `Iter = i + 1`); then `commit_group` (an empty
 //!   group on the last iteration, so the count stays regular), `wait_group 1` (everything
 //!   but the group just committed: exactly iteration i's copies) and `bar.sync`;
 //! - at the load's own place in the body nothing is emitted;
@@ -100,7 +101,7 @@ impl Em<'_> {
         w
     }
 
-    /// The `cp.async`s of one load into its storage (at `phase_base` when double-buffered):
+    /// The `cp.async`s of one load into its storage (its parity's copy when double-buffered):
     /// no commit, no wait, no barrier. Returns the element width used (1 or 4).
     fn issue_copies(
         &mut self,
@@ -144,9 +145,10 @@ impl Em<'_> {
     }
 
     /// Issues the copies of every double-buffered load of `body` for the iteration whose
-    /// counter is in `iter`, into the buffers at `phase` (both registers set by the caller).
-    fn issue_pipeline(&mut self, body: &[Stmt], pipe: &Pipeline, iter: String, phase: String) {
-        let saved = (std::mem::replace(&mut self.iter, iter), std::mem::replace(&mut self.phase_base, phase));
+    /// counter is in `iter` (into that iteration's parity).
+    fn issue_pipeline(&mut self, body: &[Stmt], pipe: &Pipeline, iter: String) {
+        self.phase_stride = pipe.stride;
+        let saved = std::mem::replace(&mut self.iter, iter);
         for s in body {
             if let Stmt::Let { id, op: Op::Load { param, base, row_stride, col_stride, cols, valid_rows, .. } } = s {
                 if pipe.loads.contains(id) {
@@ -154,16 +156,7 @@ impl Em<'_> {
                 }
             }
         }
-        (self.iter, self.phase_base) = saved;
-    }
-
-    /// `tile_base + (counter & 1) * stride` into a fresh register.
-    fn phase_of(&mut self, counter: &str, stride: i64) -> String {
-        let (t, r) = (self.reg(RD), self.reg(RD));
-        self.ins(format!("and.b64 {t}, {counter}, 1"));
-        self.ins(format!("mul.lo.s64 {t}, {t}, {stride}"));
-        self.ins(format!("add.s64 {r}, {t}, {}", self.tile_base()));
-        r
+        self.iter = saved;
     }
 
     /// Before a double-buffered loop of `count` iterations: iteration 0's copies (when the
@@ -175,26 +168,21 @@ impl Em<'_> {
         self.ins(format!("@{p} bra.uni {skip}"));
         let zero = self.reg(RD);
         self.ins(format!("mov.s64 {zero}, 0"));
-        let phase = self.phase_of(&zero, pipe.stride);
-        self.issue_pipeline(body, pipe, zero, phase);
+        self.issue_pipeline(body, pipe, zero);
         self.place(&skip);
         self.ins("cp.async.commit_group");
     }
 
-    /// At the top of iteration `counter` (of `count`): sets the phase register, issues
-    /// iteration counter + 1's copies unless this is the last one, and waits for this
-    /// iteration's copies.
+    /// At the top of iteration `counter` (of `count`): issues iteration counter + 1's copies
+    /// unless this is the last one, and waits for this iteration's copies.
     pub(super) fn prefetch_next(&mut self, body: &[Stmt], pipe: &Pipeline, counter: &str, count: &str) {
-        self.comment("double buffering: this iteration's parity; prefetch the next iteration");
-        let phase = self.phase_of(counter, pipe.stride);
-        let pb = self.phase_base.clone();
-        self.ins(format!("mov.u64 {pb}, {phase}"));
+        self.comment("double buffering: prefetch the next iteration, wait for this one");
+        self.phase_stride = pipe.stride;
         let (next, p, skip) = (self.reg(RD), self.reg(P), self.label());
         self.ins(format!("add.s64 {next}, {counter}, 1"));
         self.ins(format!("setp.ge.s64 {p}, {next}, {count}"));
         self.ins(format!("@{p} bra.uni {skip}"));
-        let other = self.phase_of(&next, pipe.stride);
-        self.issue_pipeline(body, pipe, next, other);
+        self.issue_pipeline(body, pipe, next);
         self.place(&skip);
         self.ins("cp.async.commit_group");
         self.ins("cp.async.wait_group 1");

@@ -59,8 +59,9 @@ pub(super) struct Em<'k> {
     labels: u32,
     pub(super) tid: String,
     tile_base: String,
-    /// `tile_base` plus the current iteration's double-buffer offset (see `async_copy.rs`).
-    pub(super) phase_base: String,
+    /// Bytes from a double-buffered load's even copy to its odd copy, in the current loop
+    /// (see `async_copy.rs`).
+    pub(super) phase_stride: i64,
     pub(super) sched: PtxSchedule,
     /// Per-lane registers of the tensor-core dots (computed in the prologue when needed).
     pub(super) lanes: Option<LaneRegs>,
@@ -154,7 +155,7 @@ pub(super) fn emit(kernel: &Kernel, target: Sm, opts: EmitOptions, sched: PtxSch
         labels: 0,
         tid: String::new(),
         tile_base: String::new(),
-        phase_base: String::new(),
+        phase_stride: 0,
         params: vec![],
         batch: String::new(),
         head: String::new(),
@@ -198,7 +199,6 @@ pub(super) fn emit(kernel: &Kernel, target: Sm, opts: EmitOptions, sched: PtxSch
         em.params.push(r);
     }
     em.tile_base = em.reg(RD);
-    em.phase_base = em.reg(RD);
     let base = em.tile_base.clone();
     if shared {
         em.ins(format!("mov.u64 {base}, {SMEM}"));
@@ -411,11 +411,6 @@ impl Em<'_> {
         self.params[param].clone()
     }
 
-    /// The register holding the CTA's tile workspace address.
-    pub(super) fn tile_base(&self) -> String {
-        self.tile_base.clone()
-    }
-
     /// The register holding the staging buffer's shared address.
     pub(super) fn stage_base(&self) -> String {
         self.stage_reg.clone()
@@ -464,8 +459,16 @@ impl Em<'_> {
         }
         let a = self.reg(RD);
         self.ins(format!("mul.wide.s32 {a}, {t}, {}", dt.size()));
-        let base = if st.phase { self.phase_base.clone() } else { self.tile_base.clone() };
+        let base = self.tile_base.clone();
         self.ins(format!("add.s64 {a}, {a}, {base}"));
+        if st.phase {
+            // The odd iterations' copy: recomputed from the counter at each access rather
+            // than held in a register across the loop (one fewer long-lived 64-bit value).
+            let (t, iter) = (self.reg(RD), self.iter.clone());
+            self.ins(format!("and.b64 {t}, {iter}, 1"));
+            self.ins(format!("mul.lo.s64 {t}, {t}, {}", self.phase_stride));
+            self.ins(format!("add.s64 {a}, {a}, {t}"));
+        }
         if st.off != 0 {
             self.ins(format!("add.s64 {a}, {a}, {}", st.off));
         }

@@ -87,11 +87,12 @@
 //!   with more than `4 * warps` warp tiles), A fragments are reloaded for each warp tile (no
 //!   register blocking across tiles), and tf32 fragments are plain scalar loads.
 //! - Shared memory: the plain (fma) schedule keeps the 48 KiB limit, so at K = V = 64 its
-//!   tiles are in global scratch. Under the tensor-core schedules (opt-in maximum) the
-//!   chunked kernels at K = V = 64 fit in shared memory on both targets, at K = V = 128 (c64)
-//!   only some do (see the ptxas tests' tables, `tiles:` column); those that do not still use
-//!   global scratch, where the tf32 fragments and the 16-bit staging read global memory and
-//!   `cp.async` is not used. A workspace of 100+ KiB allows one CTA per SM: the workspace is
+//!   tiles are mostly in global scratch. Under the tensor-core schedules (opt-in maximum),
+//!   at K = V = 64 every recurrent and c16 kernel fits in shared memory on both targets; c64
+//!   fits on sm_90 (up to 224 KiB) but on sm_80 only delta_rule and linear_attn do; at
+//!   K = V = 128 (c64) only linear_attn on sm_90 does (the ptxas tests' tables, `tiles:`
+//!   column). The rest still use global scratch, where the tf32 fragments and the 16-bit
+//!   staging read global memory and `cp.async` is not used. A workspace of 100+ KiB allows one CTA per SM: the workspace is
 //!   not trimmed (every non-view value has its own region while live) and no occupancy model
 //!   chooses between shared and global placement.
 //! - Double buffering (`stages = 2`) prefetches only the f32 loads directly in the loop body
