@@ -219,6 +219,10 @@ impl Walk<'_> {
         let Some(r) = self.vals[v.0 as usize] else {
             return err(format!("{v} is used before it is defined"));
         };
+        if r.phase && !self.piped.iter().any(|(_, p)| p.region == r.region) {
+            // Its parity is that of an iteration of its own loop only.
+            return err(format!("{v} is double-buffered but read outside its loop"));
+        }
         let reg = &mut self.regions[r.region];
         reg.end = reg.end.max(self.pos);
         let start = reg.start;
@@ -544,5 +548,23 @@ mod tests {
             assert!(st.off + bytes <= lo || st.off >= hi, "%{v} at {} overlaps the buffers {lo}..{hi}", st.off);
         }
         assert!(piped.bytes >= single.bytes + 256, "the odd copies cost their bytes once more");
+    }
+
+    #[test]
+    fn a_double_buffered_load_read_after_its_loop_is_refused() {
+        let mut b = Builder::new("escape");
+        let x = b.param("x", Access::Read);
+        let o = b.param("o", Access::Write);
+        let zero = b.constant(0.0, TileTy::f32(4, 8));
+        let it = b.begin_loop(Idx::c(3), &[zero]);
+        let l = b.load(x, Idx::var(IdxVar::Iter).mul(Idx::c(32)), 8, 1, 4, 8, Idx::c(4));
+        let y = b.add(it[0], l);
+        let res = b.end_loop(&[y]);
+        let z = b.add(res[0], l);
+        b.store(z, o, Idx::c(0), 8, 1, Idx::c(4));
+        let k = b.finish();
+        plan(&k).expect("single stage lays it out");
+        let e = plan_with(&k, &|op| matches!(op, Op::Load { .. })).expect_err("no parity after the loop");
+        assert!(e.0.contains("outside its loop"), "{}", e.0);
     }
 }

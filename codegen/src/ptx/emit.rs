@@ -101,10 +101,12 @@ pub(super) fn emit(kernel: &Kernel, target: Sm, opts: EmitOptions, sched: PtxSch
     let mut shared = plan.bytes + stage <= limit;
     if sched.stages == 2 && sched.async_copy {
         // Double buffers for the f32 loads of the chunk loop (the ones cp.async issues), when
-        // the larger workspace still fits; else the single-stage placement above stands.
-        let piped = layout::plan_with(kernel, &super::async_copy::pipelinable).map_err(layout_err)?;
-        if piped.bytes + stage <= limit {
-            (plan, shared) = (piped, true);
+        // the larger workspace still fits; else (or when a loaded tile is read after its
+        // loop, where no parity applies) the single-stage placement above stands.
+        if let Ok(piped) = layout::plan_with(kernel, &super::async_copy::pipelinable) {
+            if piped.bytes + stage <= limit {
+                (plan, shared) = (piped, true);
+            }
         }
     }
     let bytes = plan.bytes;
