@@ -4,8 +4,8 @@
 //! NVIDIA's `ptxas` (when installed) and reads back its resource report.
 //!
 //! Status: every kernel of every rule in `rules/` assembles with ptxas for sm_80 and sm_90
-//! under the default schedules (f32 fma, tf32, bf16) with no spills
-//! (`codegen/tests/ptx_assemble.rs`). The PTX simulator (`chunkc_runtime::ptxsim`) runs the
+//! under the default schedules (f32 fma, tf32, bf16) with no spills, and every chunked
+//! kernel under the double-buffered tf32 and bf16 schedules (`codegen/tests/ptx_assemble.rs`). The PTX simulator (`chunkc_runtime::ptxsim`) runs the
 //! default-schedule kernels against the f64 reference (`codegen/tests/ptx_sim.rs`); the
 //! tensor-core and `cp.async` kernels run there too once the simulator executes `mma.sync`,
 //! `ldmatrix` and `cp.async` (the tests probe for it), and every rule's kernels under the
