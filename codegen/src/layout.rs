@@ -11,6 +11,13 @@
 //! next iteration); loop-carried regions live from the loop's start to its end and on through
 //! the loop's results, which alias them.
 //!
+//! Double buffering ([`plan_with`], for a backend that prefetches the next iteration's loads):
+//! the loads of a loop body that the caller picks get two copies, one per iteration parity, in
+//! one region of the loop (live from the loop's start to its end, so no other value reuses it
+//! while the copies of either parity may be in flight). The even copies come first, the odd
+//! ones [`Pipeline::stride`] bytes later; such a value's [`Storage::phase`] is set, meaning
+//! "in an odd iteration, add the stride". Everything else is laid out (and reused) as before.
+//!
 //! The walk also checks what lowering relies on (operands defined before use, shapes and
 //! dtypes consistent with each op, parameter indices in range, positive `CeilDiv` divisors),
 //! so that compiling never panics and generated code never touches the workspace out of
@@ -23,12 +30,14 @@ use crate::ir::*;
 pub struct LayoutError(pub String);
 
 /// Where a value's elements are: byte offset into the workspace, then row and column strides
-/// in elements. Element (i, j) is at `off + (i*rs + j*cs) * dtype.size()`.
+/// in elements. Element (i, j) is at `off + (i*rs + j*cs) * dtype.size()`, plus the loop's
+/// [`Pipeline::stride`] in odd iterations when `phase` is set (double-buffered loads only).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Storage {
     pub off: i64,
     pub rs: i64,
     pub cs: i64,
+    pub phase: bool,
 }
 
 /// How a loop yield reaches its carried region at the end of an iteration.
@@ -43,11 +52,23 @@ pub(crate) enum YieldCopy {
     ViaTemp(Storage),
 }
 
+/// The double-buffered loads of one loop.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Pipeline {
+    /// The loads (`Let` ids in body order); their storage has `phase` set and gives the even
+    /// copy.
+    pub loads: Vec<ValueId>,
+    /// Bytes from a load's even copy to its odd copy (a multiple of 64).
+    pub stride: i64,
+}
+
 /// Storage of one `Loop` statement's carried values and its yield copies.
 #[derive(Clone, Debug)]
 pub(crate) struct LoopPlan {
     pub carried: Vec<Storage>,
     pub yields: Vec<YieldCopy>,
+    /// The double-buffered loads of the body (None without any).
+    pub pipeline: Option<Pipeline>,
 }
 
 /// The layout of a whole kernel.
@@ -74,6 +95,7 @@ struct VRef {
     elem: i64,
     rs: i64,
     cs: i64,
+    phase: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -97,7 +119,11 @@ struct Walk<'k> {
     pos: u32,
     /// Open loops: start position and the regions from outside used in the body.
     open: Vec<(u32, Vec<usize>)>,
-    loops: Vec<(Vec<VRef>, Vec<PendingYield>)>,
+    loops: Vec<(Vec<VRef>, Vec<PendingYield>, Option<Pipeline>)>,
+    /// Which loads of a loop body are double-buffered.
+    double_buffer: &'k dyn Fn(&Op) -> bool,
+    /// The current loop's double-buffered loads: their places in the loop's pipeline region.
+    piped: Vec<(ValueId, VRef)>,
 }
 
 fn err<T>(msg: impl Into<String>) -> Result<T, LayoutError> {
@@ -106,20 +132,35 @@ fn err<T>(msg: impl Into<String>) -> Result<T, LayoutError> {
 
 /// Plans the workspace of `kernel`, checking it on the way.
 pub(crate) fn plan(kernel: &Kernel) -> Result<Plan, LayoutError> {
-    let mut w =
-        Walk { kernel, regions: vec![], vals: vec![None; kernel.values.len()], pos: 0, open: vec![], loops: vec![] };
+    plan_with(kernel, &|_| false)
+}
+
+/// [`plan`], with double buffers for the loads directly in a loop body for which
+/// `double_buffer` holds (see the module doc).
+pub(crate) fn plan_with(kernel: &Kernel, double_buffer: &dyn Fn(&Op) -> bool) -> Result<Plan, LayoutError> {
+    let mut w = Walk {
+        kernel,
+        regions: vec![],
+        vals: vec![None; kernel.values.len()],
+        pos: 0,
+        open: vec![],
+        loops: vec![],
+        double_buffer,
+        piped: vec![],
+    };
     w.block(&kernel.body)?;
     let bytes = w.assign_offsets();
     let at = |r: &VRef, dt: DType| Storage {
         off: (w.regions[r.region].off as i64) + r.elem * dt.size() as i64,
         rs: r.rs,
         cs: r.cs,
+        phase: r.phase,
     };
     let storage = w.vals.iter().enumerate().map(|(v, r)| r.map(|r| at(&r, kernel.values[v].dtype))).collect();
     let loops = w
         .loops
         .iter()
-        .map(|(carried, yields)| {
+        .map(|(carried, yields, pipeline)| {
             // Carried regions are fresh (element offset 0); the dtype only scales `elem`.
             let carried = carried.iter().map(|r| at(r, DType::F32)).collect();
             let yields = yields
@@ -130,7 +171,7 @@ pub(crate) fn plan(kernel: &Kernel) -> Result<Plan, LayoutError> {
                     PendingYield::Temp(r) => YieldCopy::ViaTemp(at(r, DType::F32)),
                 })
                 .collect();
-            LoopPlan { carried, yields }
+            LoopPlan { carried, yields, pipeline: pipeline.clone() }
         })
         .collect();
     Ok(Plan { storage, loops, bytes })
@@ -169,7 +210,7 @@ impl Walk<'_> {
 
     fn new_region(&mut self, ty: TileTy) -> VRef {
         self.regions.push(Region { bytes: ty.len() * ty.dtype.size(), start: self.pos, end: self.pos, off: 0 });
-        VRef { region: self.regions.len() - 1, elem: 0, rs: ty.cols as i64, cs: 1 }
+        VRef { region: self.regions.len() - 1, elem: 0, rs: ty.cols as i64, cs: 1, phase: false }
     }
 
     /// Marks `v` as read at the current position.
@@ -178,6 +219,10 @@ impl Walk<'_> {
         let Some(r) = self.vals[v.0 as usize] else {
             return err(format!("{v} is used before it is defined"));
         };
+        if r.phase && !self.piped.iter().any(|(_, p)| p.region == r.region) {
+            // Its parity is that of an iteration of its own loop only.
+            return err(format!("{v} is double-buffered but read outside its loop"));
+        }
         let reg = &mut self.regions[r.region];
         reg.end = reg.end.max(self.pos);
         let start = reg.start;
@@ -218,7 +263,10 @@ impl Walk<'_> {
                     let r = match op {
                         Op::Rows { start, .. } => VRef { elem: refs[0].elem + *start as i64 * refs[0].rs, ..refs[0] },
                         Op::Transpose { .. } => VRef { rs: refs[0].cs, cs: refs[0].rs, ..refs[0] },
-                        _ => self.new_region(ty),
+                        _ => match self.piped.iter().find(|(v, _)| v == id) {
+                            Some((_, r)) => *r,
+                            None => self.new_region(ty),
+                        },
                     };
                     self.define(*id, r)?;
                 }
@@ -238,8 +286,11 @@ impl Walk<'_> {
                             results.len()
                         ));
                     }
+                    if !self.piped.is_empty() {
+                        return err("loops do not nest");
+                    }
                     let slot = self.loops.len();
-                    self.loops.push((vec![], vec![]));
+                    self.loops.push((vec![], vec![], None));
                     let ls = self.pos;
                     let mut inner = vec![];
                     for (c, init) in carried {
@@ -253,6 +304,7 @@ impl Walk<'_> {
                     for ((c, _), r) in carried.iter().zip(&inner) {
                         self.define(*c, *r)?;
                     }
+                    let pipeline = self.pipeline_region(body)?;
                     self.open.push((ls, vec![]));
                     self.block(body)?;
                     self.pos += 1;
@@ -272,6 +324,10 @@ impl Walk<'_> {
                     for r in &inner {
                         self.regions[r.region].end = self.regions[r.region].end.max(le);
                     }
+                    if let Some((_, r)) = self.piped.first() {
+                        self.regions[r.region].end = self.regions[r.region].end.max(le);
+                    }
+                    self.piped.clear();
                     let mut copies = vec![];
                     for (k, y) in ys.iter().enumerate() {
                         copies.push(if *y == inner[k] {
@@ -285,11 +341,40 @@ impl Walk<'_> {
                     for (r, c) in results.iter().zip(&inner) {
                         self.define(*r, *c)?;
                     }
-                    self.loops[slot] = (inner, copies);
+                    self.loops[slot] = (inner, copies, pipeline);
                 }
             }
         }
         Ok(())
+    }
+
+    /// Opens the region of a loop's double-buffered loads (at the loop's start): each load's
+    /// even copy at a 64-byte aligned offset, all odd copies `stride` bytes later. Fills
+    /// `self.piped`; None when the body has no such load.
+    fn pipeline_region(&mut self, body: &[Stmt]) -> Result<Option<Pipeline>, LayoutError> {
+        let mut loads = vec![];
+        let mut at = 0usize;
+        for s in body {
+            if let Stmt::Let { id, op } = s {
+                if matches!(op, Op::Load { .. }) && (self.double_buffer)(op) {
+                    let ty = self.ty(*id)?;
+                    loads.push((*id, at, ty.cols));
+                    at += align_up(ty.len() * ty.dtype.size());
+                }
+            }
+        }
+        if loads.is_empty() {
+            return Ok(None);
+        }
+        let stride = at;
+        self.regions.push(Region { bytes: 2 * stride, start: self.pos, end: self.pos, off: 0 });
+        let region = self.regions.len() - 1;
+        for &(id, off, cols) in &loads {
+            // Loads are f32 tiles: the element offset is the byte offset / 4.
+            let r = VRef { region, elem: (off / 4) as i64, rs: cols as i64, cs: 1, phase: true };
+            self.piped.push((id, r));
+        }
+        Ok(Some(Pipeline { loads: loads.iter().map(|l| l.0).collect(), stride: stride as i64 }))
     }
 
     /// The type `op` produces, or an error if its operands do not fit it.
@@ -412,5 +497,74 @@ impl Walk<'_> {
             placed.push(r);
         }
         total
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::builder::Builder;
+
+    /// A loop that loads two tiles per iteration and adds them into the carried state.
+    fn looped() -> (Kernel, ValueId, ValueId) {
+        let mut b = Builder::new("piped");
+        let x = b.param("x", Access::Read);
+        let o = b.param("o", Access::Write);
+        let zero = b.constant(0.0, TileTy::f32(4, 8));
+        let it = b.begin_loop(Idx::c(3), &[zero]);
+        let base = Idx::var(IdxVar::Iter).mul(Idx::c(32));
+        let l1 = b.load(x, base.clone(), 8, 1, 4, 8, Idx::c(4));
+        let l2 = b.load(x, base.add(Idx::c(96)), 8, 1, 4, 8, Idx::c(4));
+        let s = b.add(l1, l2);
+        let y = b.add(it[0], s);
+        let res = b.end_loop(&[y]);
+        b.store(res[0], o, Idx::c(0), 8, 1, Idx::c(4));
+        (b.finish(), l1, l2)
+    }
+
+    #[test]
+    fn double_buffered_loads_get_two_parity_copies() {
+        let (k, l1, l2) = looped();
+        let single = plan(&k).expect("plan");
+        assert!(single.loops[0].pipeline.is_none());
+        assert!(single.storage.iter().flatten().all(|s| !s.phase));
+        let piped = plan_with(&k, &|op| matches!(op, Op::Load { .. })).expect("plan");
+        let pipe = piped.loops[0].pipeline.clone().expect("a pipeline");
+        assert_eq!(pipe.loads, [l1, l2]);
+        // Two 128-byte tiles, each 64-byte aligned: the odd copies start 256 bytes later.
+        assert_eq!(pipe.stride, 256);
+        let (s1, s2) = (piped.storage[l1.0 as usize].expect("l1"), piped.storage[l2.0 as usize].expect("l2"));
+        assert!(s1.phase && s2.phase);
+        assert_eq!(s2.off - s1.off, 128);
+        // Both parities of both loads are disjoint from every other value live in the loop.
+        let lo = s1.off.min(s2.off);
+        let hi = lo + 2 * pipe.stride;
+        for (v, st) in piped.storage.iter().enumerate() {
+            let Some(st) = st else { continue };
+            if st.phase {
+                continue;
+            }
+            let bytes = (k.values[v].len() * k.values[v].dtype.size()) as i64;
+            assert!(st.off + bytes <= lo || st.off >= hi, "%{v} at {} overlaps the buffers {lo}..{hi}", st.off);
+        }
+        assert!(piped.bytes >= single.bytes + 256, "the odd copies cost their bytes once more");
+    }
+
+    #[test]
+    fn a_double_buffered_load_read_after_its_loop_is_refused() {
+        let mut b = Builder::new("escape");
+        let x = b.param("x", Access::Read);
+        let o = b.param("o", Access::Write);
+        let zero = b.constant(0.0, TileTy::f32(4, 8));
+        let it = b.begin_loop(Idx::c(3), &[zero]);
+        let l = b.load(x, Idx::var(IdxVar::Iter).mul(Idx::c(32)), 8, 1, 4, 8, Idx::c(4));
+        let y = b.add(it[0], l);
+        let res = b.end_loop(&[y]);
+        let z = b.add(res[0], l);
+        b.store(z, o, Idx::c(0), 8, 1, Idx::c(4));
+        let k = b.finish();
+        plan(&k).expect("single stage lays it out");
+        let e = plan_with(&k, &|op| matches!(op, Op::Load { .. })).expect_err("no parity after the loop");
+        assert!(e.0.contains("outside its loop"), "{}", e.0);
     }
 }

@@ -78,7 +78,38 @@ fn every_rule_assembles_for_sm80_and_sm90() {
         .iter()
         .flat_map(|(l, k)| schedules.iter().flat_map(move |s| TARGETS.map(|t| (l.as_str(), k, t, *s))))
         .collect();
-    // ptxas is single-threaded: assemble on every core, print in order.
+    let version = assemble_all(&jobs);
+    println!("ptxas: {version}; {} kernels x {} schedules x {} targets", kernels.len(), schedules.len(), TARGETS.len());
+}
+
+/// The double-buffered schedules (`stages = 2`, opt-in shared memory) with tf32 and bf16
+/// dots, for both targets, on the kernels where they matter: the chunked ones (the recurrent
+/// kernels' loads are single rows), at K = V = 64 (c16, c64) and 128 (c64), whose workspaces
+/// exceed 48 KiB. No ptxas error, no spill, tensor cores used, shared memory within the
+/// target's limit; the table shows which kernels got two stages (the others' doubled
+/// workspace is over the limit). Half as many ptxas runs as the default-schedule test.
+#[test]
+fn pipelined_schedules_assemble_for_sm80_and_sm90() {
+    if find_ptxas().is_none() {
+        if std::env::var_os("CI").is_some() {
+            panic!("{PTXAS_MISSING}");
+        }
+        println!("skipped: {PTXAS_MISSING}");
+        return;
+    }
+    let kernels: Vec<(String, Kernel)> = library_kernels().into_iter().filter(|(l, _)| l.contains("chunked")).collect();
+    let schedules = [DotPrecision::Tf32, DotPrecision::Bf16].map(PtxSchedule::pipelined);
+    let jobs: Vec<(&str, &Kernel, Sm, PtxSchedule)> = kernels
+        .iter()
+        .flat_map(|(l, k)| schedules.iter().flat_map(move |s| TARGETS.map(|t| (l.as_str(), k, t, *s))))
+        .collect();
+    let version = assemble_all(&jobs);
+    println!("ptxas: {version}; {} kernels x {} schedules x {} targets", kernels.len(), schedules.len(), TARGETS.len());
+}
+
+/// Emits and assembles every job on all cores (ptxas is single-threaded), prints one line per
+/// job in order, and panics listing every failure; returns ptxas's version.
+fn assemble_all(jobs: &[(&str, &Kernel, Sm, PtxSchedule)]) -> String {
     let next = AtomicUsize::new(0);
     let results: Mutex<Vec<Option<Result<String, String>>>> = Mutex::new(vec![None; jobs.len()]);
     let version = Mutex::new(String::new());
@@ -99,6 +130,13 @@ fn every_rule_assembles_for_sm80_and_sm90() {
                         Ok(_) if label.contains("chunked") && sched.dot.tensor_cores() && !ptx.contains("mma.sync") => {
                             Err(format!("{label} {dot} {target}: no dot ran on tensor cores"))
                         }
+                        Ok(_)
+                            if meta.tile_space == TileSpace::Shared
+                                && meta.dynamic_smem_bytes + meta.static_smem_bytes
+                                    > sched.smem_limit(target, EmitOptions::default().smem_limit) =>
+                        {
+                            Err(format!("{label} {dot} {target}: shared memory over the schedule's limit"))
+                        }
                         Ok(r) => {
                             version.lock().unwrap().clone_from(&r.version);
                             let place = match meta.tile_space {
@@ -106,7 +144,10 @@ fn every_rule_assembles_for_sm80_and_sm90() {
                                 TileSpace::Global => format!("scratch {} B/CTA", meta.scratch_bytes_per_cta),
                             };
                             let stage = meta.static_smem_bytes;
-                            Ok(format!("{label:<40} {dot:<4} {r} | tiles: {place}, staging {stage} B"))
+                            // The stages the kernel got: a double-buffered workspace over the
+                            // limit falls back to one stage.
+                            let st = if ptx.contains("cp.async.wait_group 1") { 2 } else { 1 };
+                            Ok(format!("{label:<40} {dot:<4} stages {st} {r} | tiles: {place}, staging {stage} B"))
                         }
                     },
                 };
@@ -121,9 +162,8 @@ fn every_rule_assembles_for_sm80_and_sm90() {
             Err(e) => failures.push(e),
         }
     }
-    let version = version.into_inner().unwrap();
-    println!("ptxas: {version}; {} kernels x {} schedules x {} targets", kernels.len(), schedules.len(), TARGETS.len());
     assert!(failures.is_empty(), "ptxas rejected:\n{}", failures.join("\n"));
+    version.into_inner().unwrap()
 }
 
 /// With `CHUNKC_PTX_DUMP=DIR`, writes each kernel's PTX and launch metadata there.

@@ -10,11 +10,35 @@
 //! reads them. Two loads of one batch never write overlapping bytes (the batch is closed
 //! first when they would).
 //!
-//! Single stage only: the copies of chunk i + 1 are not yet issued while chunk i computes
-//! (double buffering would need the layout planner to keep two copies of each input tile).
+//! With `stages = 2` (double buffering) the f32 loads of a loop body ([`pipelinable`]) get two
+//! copies in the workspace, one per iteration parity (`layout::plan_with`), and are issued one
+//! iteration ahead:
+//! - before the loop (when it runs at all), iteration 0's copies into the even buffers, one
+//!   commit group;
+//! - every access to a double-buffered value adds `(Iter & 1) * stride` to its address
+//!   (computed from the counter register at the access);
+//! - at the top of iteration i: unless i is the last iteration, iteration i + 1's copies are
+//!   issued into the other parity's buffers (their index expressions and parity evaluated
+//!   with the counter register standing for `Iter = i + 1`); then `commit_group` (an empty
+//!   group on the last iteration, so the count stays regular), `wait_group 1` (everything
+//!   but the group just committed: exactly iteration i's copies) and `bar.sync`;
+//! - at the load's own place in the body nothing is emitted;
+//! - after the loop, `wait_group 0` and `bar.sync`, so that nothing is in flight when the
+//!   pipeline region's bytes are reused (only a loop that ran no iteration leaves a group).
+//!
+//! The buffers written at the top of iteration i were last read in iteration i - 1, whose
+//! every op ended with `bar.sync`; the compute of iteration i reads only its own parity.
+//! Copies read their source when issued, and the inputs are never written by the kernel.
 
-use super::emit::{Em, R, RD};
+use super::emit::{Em, P, R, RD};
 use crate::ir::*;
+use crate::layout::Pipeline;
+
+/// Loads that double buffering prefetches: the f32 ones, which `cp.async` copies verbatim
+/// (16-bit tensors are widened through registers).
+pub fn pipelinable(op: &Op) -> bool {
+    matches!(op, Op::Load { elem: ElemType::F32, .. })
+}
 
 /// A factor every value of `e` is known to be a multiple of (0 stands for "any": the value
 /// is the constant 0).
@@ -72,6 +96,24 @@ impl Em<'_> {
         if self.pending_async.iter().any(|&(lo, hi)| dst.off < hi && lo < dst.off + bytes) {
             self.flush_async();
         }
+        let w = self.issue_copies(id, param, base, (row_stride, col_stride), cols, valid_rows);
+        self.pending_async.push((dst.off, dst.off + bytes));
+        w
+    }
+
+    /// The `cp.async`s of one load into its storage (its parity's copy when double-buffered):
+    /// no commit, no wait, no barrier. Returns the element width used (1 or 4).
+    fn issue_copies(
+        &mut self,
+        id: ValueId,
+        param: usize,
+        base: &Idx,
+        (row_stride, col_stride): (i64, i64),
+        cols: usize,
+        valid_rows: &Idx,
+    ) -> usize {
+        let t = self.k.ty(id);
+        let dst = self.storage(id);
         let w = vector_width(base, row_stride, col_stride, cols, dst.off);
         self.param_align[param] = self.param_align[param].max(4 * w);
         self.comment(format!("{id} = load (cp.async, {} bytes each)", 4 * w));
@@ -99,8 +141,58 @@ impl Em<'_> {
         let cache = if w == 4 { "cg" } else { "ca" };
         self.ins(format!("cp.async.{cache}.shared.global [{d}], [{src}], {}, {size}", 4 * w));
         self.eloop_end_no_barrier(l);
-        self.pending_async.push((dst.off, dst.off + bytes));
         w
+    }
+
+    /// Issues the copies of every double-buffered load of `body` for the iteration whose
+    /// counter is in `iter` (into that iteration's parity).
+    fn issue_pipeline(&mut self, body: &[Stmt], pipe: &Pipeline, iter: String) {
+        self.phase_stride = pipe.stride;
+        let saved = std::mem::replace(&mut self.iter, iter);
+        for s in body {
+            if let Stmt::Let { id, op: Op::Load { param, base, row_stride, col_stride, cols, valid_rows, .. } } = s {
+                if pipe.loads.contains(id) {
+                    self.issue_copies(*id, *param, base, (*row_stride, *col_stride), *cols, valid_rows);
+                }
+            }
+        }
+        self.iter = saved;
+    }
+
+    /// Before a double-buffered loop of `count` iterations: iteration 0's copies (when the
+    /// loop runs), as one commit group.
+    pub(super) fn prefetch_first(&mut self, body: &[Stmt], pipe: &Pipeline, count: &str) {
+        self.comment("double buffering: iteration 0's loads into the even buffers");
+        let (p, skip) = (self.reg(P), self.label());
+        self.ins(format!("setp.le.s64 {p}, {count}, 0"));
+        self.ins(format!("@{p} bra.uni {skip}"));
+        let zero = self.reg(RD);
+        self.ins(format!("mov.s64 {zero}, 0"));
+        self.issue_pipeline(body, pipe, zero);
+        self.place(&skip);
+        self.ins("cp.async.commit_group");
+    }
+
+    /// At the top of iteration `counter` (of `count`): issues iteration counter + 1's copies
+    /// unless this is the last one, and waits for this iteration's copies.
+    pub(super) fn prefetch_next(&mut self, body: &[Stmt], pipe: &Pipeline, counter: &str, count: &str) {
+        self.comment("double buffering: prefetch the next iteration, wait for this one");
+        self.phase_stride = pipe.stride;
+        let (next, p, skip) = (self.reg(RD), self.reg(P), self.label());
+        self.ins(format!("add.s64 {next}, {counter}, 1"));
+        self.ins(format!("setp.ge.s64 {p}, {next}, {count}"));
+        self.ins(format!("@{p} bra.uni {skip}"));
+        self.issue_pipeline(body, pipe, next);
+        self.place(&skip);
+        self.ins("cp.async.commit_group");
+        self.ins("cp.async.wait_group 1");
+        self.barrier();
+    }
+
+    /// After a double-buffered loop: nothing stays in flight.
+    pub(super) fn pipeline_drain(&mut self) {
+        self.ins("cp.async.wait_group 0");
+        self.barrier();
     }
 
     /// Completes the pending `cp.async`s and synchronises the CTA.

@@ -59,6 +59,9 @@ pub(super) struct Em<'k> {
     labels: u32,
     pub(super) tid: String,
     tile_base: String,
+    /// Bytes from a double-buffered load's even copy to its odd copy, in the current loop
+    /// (see `async_copy.rs`).
+    pub(super) phase_stride: i64,
     pub(super) sched: PtxSchedule,
     /// Per-lane registers of the tensor-core dots (computed in the prologue when needed).
     pub(super) lanes: Option<LaneRegs>,
@@ -74,7 +77,7 @@ pub(super) struct Em<'k> {
     batch: String,
     head: String,
     seq_len: String,
-    iter: String,
+    pub(super) iter: String,
     next_loop: usize,
 }
 
@@ -89,11 +92,23 @@ const PREFIX: [&str; 6] = ["%r", "%rd", "%f", "%fd", "%p", "%h"];
 
 pub(super) fn emit(kernel: &Kernel, target: Sm, opts: EmitOptions, sched: PtxSchedule) -> Result<PtxKernel, PtxError> {
     sched.validate().map_err(PtxError)?;
-    let plan = layout::plan(kernel).map_err(|e| PtxError(format!("ptx: {}", e.0)))?;
+    let layout_err = |e: layout::LayoutError| PtxError(format!("ptx: {}", e.0));
+    let mut plan = layout::plan(kernel).map_err(layout_err)?;
     // The staging buffer of the 16-bit tensor-core dots is always in shared memory (ldmatrix
     // reads only shared memory); the tiles join it there when both fit the limit.
     let stage = mma::staging_need(kernel, sched.dot, sched.min_mma_dim, sched.staging_bytes);
-    let shared = plan.bytes + stage <= opts.smem_limit;
+    let limit = sched.smem_limit(target, opts.smem_limit);
+    let mut shared = plan.bytes + stage <= limit;
+    if sched.stages == 2 && sched.async_copy {
+        // Double buffers for the f32 loads of the chunk loop (the ones cp.async issues), when
+        // the larger workspace still fits; else (or when a loaded tile is read after its
+        // loop, where no parity applies) the single-stage placement above stands.
+        if let Ok(piped) = layout::plan_with(kernel, &super::async_copy::pipelinable) {
+            if piped.bytes + stage <= limit {
+                (plan, shared) = (piped, true);
+            }
+        }
+    }
     let bytes = plan.bytes;
     let threads = sched.threads();
     let uses_mma = mma::uses_tensor_cores(kernel, &sched);
@@ -142,6 +157,7 @@ pub(super) fn emit(kernel: &Kernel, target: Sm, opts: EmitOptions, sched: PtxSch
         labels: 0,
         tid: String::new(),
         tile_base: String::new(),
+        phase_stride: 0,
         params: vec![],
         batch: String::new(),
         head: String::new(),
@@ -308,7 +324,7 @@ impl Em<'_> {
 
     pub(super) fn storage(&self, v: ValueId) -> Storage {
         // layout::plan checked that every value read is defined, so it has storage.
-        self.plan.storage[v.0 as usize].unwrap_or(Storage { off: 0, rs: 0, cs: 0 })
+        self.plan.storage[v.0 as usize].unwrap_or(Storage { off: 0, rs: 0, cs: 0, phase: false })
     }
 
     /// Storage of operand `v` read with broadcasting (a dimension of 1 repeats).
@@ -447,6 +463,14 @@ impl Em<'_> {
         self.ins(format!("mul.wide.s32 {a}, {t}, {}", dt.size()));
         let base = self.tile_base.clone();
         self.ins(format!("add.s64 {a}, {a}, {base}"));
+        if st.phase {
+            // The odd iterations' copy: recomputed from the counter at each access rather
+            // than held in a register across the loop (one fewer long-lived 64-bit value).
+            let (t, iter) = (self.reg(RD), self.iter.clone());
+            self.ins(format!("and.b64 {t}, {iter}, 1"));
+            self.ins(format!("mul.lo.s64 {t}, {t}, {}", self.phase_stride));
+            self.ins(format!("add.s64 {a}, {a}, {t}"));
+        }
         if st.off != 0 {
             self.ins(format!("add.s64 {a}, {a}, {}", st.off));
         }
@@ -667,6 +691,11 @@ impl Em<'_> {
                 op: Op::Load { elem: ElemType::F32, param, base, row_stride, col_stride, cols, valid_rows, .. },
             } = s
             {
+                if self.storage(*id).phase {
+                    // Double-buffered: issued one iteration ahead, complete at the loop's top.
+                    self.comment(format!("{id} = load (prefetched by the previous iteration)"));
+                    continue;
+                }
                 if self.async_loads() {
                     self.async_load(*id, *param, base, *row_stride, *col_stride, *cols, valid_rows);
                     continue;
@@ -705,6 +734,9 @@ impl Em<'_> {
                         let src = self.storage(*init);
                         self.copy(t, src, lp.carried[k]);
                     }
+                    if let Some(pipe) = &lp.pipeline {
+                        self.prefetch_first(body, pipe, &n);
+                    }
                     let (cnt, head, end, p) = (self.reg(RD), self.label(), self.label(), self.reg(P));
                     self.ins(format!("mov.s64 {cnt}, 0"));
                     self.place(&head);
@@ -712,6 +744,9 @@ impl Em<'_> {
                     self.ins(format!("@{p} bra.uni {end}"));
                     let iter = self.iter.clone();
                     self.ins(format!("mov.s64 {iter}, {cnt}"));
+                    if let Some(pipe) = &lp.pipeline {
+                        self.prefetch_next(body, pipe, &cnt, &n);
+                    }
                     self.block(body)?;
                     // Yields that read a carried region go through temporaries first.
                     for (k, y) in yields.iter().enumerate() {
@@ -733,6 +768,9 @@ impl Em<'_> {
                     self.ins(format!("add.s64 {cnt}, {cnt}, 1"));
                     self.ins(format!("bra.uni {head}"));
                     self.place(&end);
+                    if lp.pipeline.is_some() {
+                        self.pipeline_drain();
+                    }
                     // The results alias the carried regions (see layout.rs).
                 }
             }

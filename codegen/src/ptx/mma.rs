@@ -224,6 +224,8 @@ struct Operand {
     so: i64,
     /// Stride along k.
     sk: i64,
+    /// In a double-buffered region (see `layout::Storage::phase`).
+    phase: bool,
 }
 
 /// Per-lane index registers shared by every tensor-core dot of a kernel.
@@ -296,14 +298,14 @@ impl Em<'_> {
         let (m, n, k) = dot_dims(self.k, a, b, ta, tb);
         let (sa, sb) = (self.storage(a), self.storage(b));
         let opa = if ta {
-            Operand { off: sa.off, so: sa.cs, sk: sa.rs }
+            Operand { off: sa.off, so: sa.cs, sk: sa.rs, phase: sa.phase }
         } else {
-            Operand { off: sa.off, so: sa.rs, sk: sa.cs }
+            Operand { off: sa.off, so: sa.rs, sk: sa.cs, phase: sa.phase }
         };
         let opb = if tb {
-            Operand { off: sb.off, so: sb.rs, sk: sb.cs }
+            Operand { off: sb.off, so: sb.rs, sk: sb.cs, phase: sb.phase }
         } else {
-            Operand { off: sb.off, so: sb.cs, sk: sb.rs }
+            Operand { off: sb.off, so: sb.cs, sk: sb.rs, phase: sb.phase }
         };
         let (mp, np) = (round_up(m, 16), round_up(n, 16));
         let (tiles_n, n_tiles) = (np / 16, (mp / 16) * (np / 16));
@@ -468,7 +470,7 @@ impl Em<'_> {
                 preds.push(p);
             }
             let guard = self.and_preds(preds);
-            let st = crate::layout::Storage { off: x.off + h as i64 * x.sk * 4, rs: x.so, cs: x.sk };
+            let st = crate::layout::Storage { off: x.off + h as i64 * x.sk * 4, rs: x.so, cs: x.sk, phase: x.phase };
             let addr = self.taddr(st, DType::F32, Some(&i), Some(&c));
             let v = self.reg(F);
             match guard {
@@ -644,7 +646,7 @@ impl Em<'_> {
 
     /// Address of op(x)(row, t) (k = t), without the k-step offset.
     fn frag_ptr(&mut self, x: Operand, row: &str, t: &str) -> String {
-        let st = crate::layout::Storage { off: x.off, rs: x.so, cs: x.sk };
+        let st = crate::layout::Storage { off: x.off, rs: x.so, cs: x.sk, phase: x.phase };
         self.taddr(st, DType::F32, Some(row), Some(t))
     }
 

@@ -4,17 +4,23 @@
 //! NVIDIA's `ptxas` (when installed) and reads back its resource report.
 //!
 //! Status: every kernel of every rule in `rules/` assembles with ptxas for sm_80 and sm_90
-//! under the default schedules (f32 fma, tf32, bf16) with no spills
-//! (`codegen/tests/ptx_assemble.rs`). The PTX simulator (`chunkc_runtime::ptxsim`) runs the
+//! under the default schedules (f32 fma, tf32, bf16) with no spills, and every chunked
+//! kernel under the double-buffered tf32 and bf16 schedules (`codegen/tests/ptx_assemble.rs`). The PTX simulator (`chunkc_runtime::ptxsim`) runs the
 //! default-schedule kernels against the f64 reference (`codegen/tests/ptx_sim.rs`); the
 //! tensor-core and `cp.async` kernels run there too once the simulator executes `mma.sync`,
-//! `ldmatrix` and `cp.async` (the tests probe for it). No real GPU has run any of it.
+//! `ldmatrix` and `cp.async` (the tests probe for it), and every rule's kernels under the
+//! double-buffered, opt-in shared-memory schedules (`codegen/tests/ptx_pipeline.rs`). No real
+//! GPU has run any of it.
 //!
 //! # Design
 //! - **Schedule** ([`PtxSchedule`], `schedule.rs`): warps per CTA, the dot precision
 //!   ([`DotPrecision`]: f32 fma, tf32, bf16, f16), the smallest dot dimension worth a tensor
-//!   core, the 16-bit staging budget, and whether loads use `cp.async`. Block size and shared
-//!   memory follow from it; [`LaunchMeta`] records it. The default is the plain fma lowering.
+//!   core, the 16-bit staging budget, whether loads use `cp.async`, whether the tiles may use
+//!   the target's opt-in shared memory (`opt_in_smem`) and the `cp.async` pipeline depth of
+//!   the chunk loop (`stages`, 1 or 2). Block size and shared memory follow from it;
+//!   [`LaunchMeta`] records it. The default is the plain fma lowering (48 KiB, one stage);
+//!   [`PtxSchedule::with_dot`] for a tensor-core precision opts in to the large shared memory;
+//!   [`PtxSchedule::pipelined`] also double-buffers.
 //! - **Grid**: one CTA per grid point (b, h): `gridDim = (batch * heads, 1, 1)`,
 //!   `blockIdx.x = b * heads + h` (see [`Grid`]). CTAs past `batch * heads` exit at once.
 //! - **Block**: `32 * warps` threads (one dimension). Every op is a loop over its output
@@ -23,9 +29,13 @@
 //! - **Tiles** live where `layout.rs` puts them: one region per non-view value, reused once
 //!   dead. The whole workspace goes in dynamic shared memory when it fits, together with the
 //!   16-bit staging buffer, in [`EmitOptions::smem_limit`] (48 KiB by default, the size that
-//!   needs no opt-in attribute at launch), otherwise in a per-CTA slice of a global scratch
-//!   buffer passed as the `scratch` parameter (`scratch + blockIdx.x * bytes`). The staging
-//!   buffer is a static `.shared` array (`LaunchMeta::static_smem_bytes`).
+//!   needs no opt-in attribute at launch) or, under a schedule with `opt_in_smem`, in the
+//!   target's opt-in maximum per block ([`max_smem_per_block`]: 163 KiB on sm_80, 227 KiB on
+//!   sm_90; the CUDA launcher raises the kernel's dynamic shared-memory attribute past
+//!   48 KiB), otherwise in a per-CTA slice of a global scratch buffer passed as the `scratch`
+//!   parameter (`scratch + blockIdx.x * bytes`). An `smem_limit` of 0 forces global scratch
+//!   under every schedule. The staging buffer is a static `.shared` array
+//!   (`LaunchMeta::static_smem_bytes`).
 //! - **Dots** (`mma.rs`): per dot, tensor cores when the schedule asks for them and m, n, k
 //!   are all at least `min_mma_dim` (else the fma loop: the recurrent kernels' 1-row
 //!   products). Warps own 16 x 16 output tiles (two m16n8 products) and keep the f32
@@ -43,6 +53,13 @@
 //!   consecutive loads is one batch of `cp.async` (4 bytes, or 16 when contiguity and
 //!   alignment are provable from the index expression), zero-filling the sequence tail via
 //!   `src-size`, closed by `commit_group`, `wait_group 0`, `bar.sync` before the next op.
+//!   With `stages = 2` the f32 loads of a loop body are double-buffered: the layout planner
+//!   (`layout::plan_with`) gives them an even and an odd copy in one region live over the
+//!   loop, every access to them adds a per-iteration phase register, and the copies of
+//!   iteration i + 1 are issued at the top of iteration i, before its compute (none on the
+//!   last iteration; `commit_group`, `wait_group 1`, `bar.sync`: exactly iteration i's group
+//!   is complete). When the doubled workspace does not fit the limit, the kernel falls back
+//!   to one stage.
 //! - **Other ops**: `Cumsum` and `SolveUnitLower` run one thread per column, `RowSum` one per
 //!   row; `GatedDot` one thread per (i, j) pair; elementwise ops (`Unary`, `Binary` with
 //!   broadcasting, `Mask`, `Cast`, `Const`) one thread per element. Loads and stores honour
@@ -69,11 +86,20 @@
 //! - Tensor cores: the 16-bit operands are re-staged for every dot (and every pass of a dot
 //!   with more than `4 * warps` warp tiles), A fragments are reloaded for each warp tile (no
 //!   register blocking across tiles), and tf32 fragments are plain scalar loads.
-//! - Every library kernel at K = V = 64 (recurrent ones included) has a workspace above
-//!   48 KiB, so its tiles are in global scratch (see the ptxas test's table): there the tf32
-//!   fragments and the 16-bit staging read global memory and `cp.async` is not used. No
-//!   opt-in to larger shared memory yet.
-//! - `cp.async` is single-stage: no double buffering across the chunk loop.
+//! - Shared memory: the plain (fma) schedule keeps the 48 KiB limit, so at K = V = 64 its
+//!   tiles are mostly in global scratch. Under the tensor-core schedules (opt-in maximum),
+//!   at K = V = 64 every recurrent and c16 kernel fits in shared memory on both targets; c64
+//!   fits on sm_90 (up to 224 KiB) but on sm_80 only delta_rule and linear_attn do; at
+//!   K = V = 128 (c64) only linear_attn on sm_90 does (the ptxas tests' tables, `tiles:`
+//!   column). The rest still use global scratch, where the tf32 fragments and the 16-bit
+//!   staging read global memory and `cp.async` is not used. A workspace of 100+ KiB allows one CTA per SM: the workspace is
+//!   not trimmed (every non-view value has its own region while live) and no occupancy model
+//!   chooses between shared and global placement.
+//! - Double buffering (`stages = 2`) prefetches only the f32 loads directly in the loop body
+//!   (16-bit tensors still go through registers), waits for all of an iteration's loads at
+//!   its top (not for each load just before its first use), and doubles those tiles' bytes,
+//!   which pushes some kernels over the limit (they fall back to one stage). Deeper pipelines
+//!   (`stages > 2`) are not implemented. Nothing has measured the overlap on a GPU.
 //! - 16-bit input tensors (`ir::ElemType`) are read with one scalar `ld.global.u16`/`.b16`
 //!   per element (no `cp.async`, no vector loads); the Cranelift backend does not read them
 //!   yet (a one-line error).
@@ -89,7 +115,7 @@ use std::fmt;
 
 pub use chunkc_runtime::artifact::{Grid, ParamAccess, ParamKind, ParamMeta, Sm, TileSpace};
 pub use ptxas::{assemble, find_ptxas, PtxasReport, PTXAS_MISSING};
-pub use schedule::{DotPrecision, PtxSchedule};
+pub use schedule::{max_smem_per_block, DotPrecision, PtxSchedule};
 
 use crate::ir::Kernel;
 

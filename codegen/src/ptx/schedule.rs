@@ -2,10 +2,30 @@
 //! per kernel. Block size and the shared-memory staging area follow from it; the emitted
 //! kernel records the schedule it was built with in its [`super::LaunchMeta`].
 //!
-//! The default is the simple SIMT lowering (f32 fma dots, plain loads, 8 warps), so code that
-//! does not ask for tensor cores gets exactly the kernels it got before schedules existed.
+//! The default is the simple SIMT lowering (f32 fma dots, plain loads, 8 warps, tiles in
+//! shared memory only up to [`super::EmitOptions::smem_limit`]), so code that does not ask for
+//! tensor cores gets exactly the kernels it got before schedules existed.
+//!
+//! Shared memory: a launch may use more than 48 KiB of dynamic shared memory per block only
+//! after raising the kernel's `CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES` (the CUDA
+//! launcher does), up to the device's opt-in maximum ([`max_smem_per_block`]). With
+//! [`PtxSchedule::opt_in_smem`] the tile workspace goes to shared memory whenever it fits
+//! that maximum.
 
+use super::Sm;
 use serde::{Deserialize, Serialize};
+
+/// The most shared memory (static + dynamic, bytes) one block of `target` can opt in to:
+/// the SM's shared-memory capacity less the 1 KiB CUDA reserves per block (CUDA programming
+/// guide, compute capabilities: 8.0 has up to 164 KiB per SM, so 163 KiB per block; 9.0 has
+/// 228 KiB per SM, so 227 KiB per block). Lesser parts of an architecture (sm_86, sm_89) have
+/// less; the kernels are emitted for sm_80 / sm_90 proper.
+pub fn max_smem_per_block(target: Sm) -> usize {
+    match target {
+        Sm::Sm80 => 163 * 1024,
+        Sm::Sm90 => 227 * 1024,
+    }
+}
 
 /// How `Dot` ops are computed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -67,19 +87,54 @@ pub struct PtxSchedule {
     /// Load input tiles from global memory with `cp.async` (sm_80+) when the tiles live in
     /// shared memory, instead of a register round trip.
     pub async_copy: bool,
+    /// Let the tiles use shared memory up to the target's opt-in maximum
+    /// ([`max_smem_per_block`]) instead of [`super::EmitOptions::smem_limit`] (an
+    /// `smem_limit` of 0 still forces global scratch).
+    pub opt_in_smem: bool,
+    /// `cp.async` pipeline depth of the loads in a chunk loop: 1 loads each chunk's tiles when
+    /// the iteration reaches them; 2 double-buffers them (the copies of chunk i + 1 are in
+    /// flight while chunk i computes). Only with `async_copy` and tiles in shared memory.
+    pub stages: u32,
 }
 
 impl Default for PtxSchedule {
     fn default() -> Self {
-        PtxSchedule { warps: 8, dot: DotPrecision::F32Fma, min_mma_dim: 8, staging_bytes: 16 * 1024, async_copy: false }
+        PtxSchedule {
+            warps: 8,
+            dot: DotPrecision::F32Fma,
+            min_mma_dim: 8,
+            staging_bytes: 16 * 1024,
+            async_copy: false,
+            opt_in_smem: false,
+            stages: 1,
+        }
     }
 }
 
 impl PtxSchedule {
-    /// The default schedule with dots at `dot` precision (and `cp.async` loads when tensor
-    /// cores are used: both need sm_80, which every target has).
+    /// The default schedule with dots at `dot` precision (and, when tensor cores are used,
+    /// `cp.async` loads and the opt-in shared-memory maximum: tensor-core kernels are the
+    /// ones worth the occupancy a large workspace costs, and both need sm_80, which every
+    /// target has).
     pub fn with_dot(dot: DotPrecision) -> PtxSchedule {
-        PtxSchedule { dot, async_copy: dot.tensor_cores(), ..PtxSchedule::default() }
+        let tc = dot.tensor_cores();
+        PtxSchedule { dot, async_copy: tc, opt_in_smem: tc, ..PtxSchedule::default() }
+    }
+
+    /// [`PtxSchedule::with_dot`] with `cp.async` loads double-buffered across the chunk
+    /// loop and the opt-in shared-memory maximum (for any `dot`, fma included).
+    pub fn pipelined(dot: DotPrecision) -> PtxSchedule {
+        PtxSchedule { async_copy: true, opt_in_smem: true, stages: 2, ..PtxSchedule::with_dot(dot) }
+    }
+
+    /// The shared-memory limit for the tile workspace (plus staging) on `target`, given
+    /// [`super::EmitOptions::smem_limit`].
+    pub fn smem_limit(&self, target: Sm, opts_limit: usize) -> usize {
+        if self.opt_in_smem && opts_limit != 0 {
+            max_smem_per_block(target)
+        } else {
+            opts_limit
+        }
     }
 
     /// The schedules the tests and the autotuner start from: f32 fma, tf32 and bf16 dots.
@@ -96,6 +151,9 @@ impl PtxSchedule {
     pub fn validate(&self) -> Result<(), String> {
         if !(1..=32).contains(&self.warps) {
             return Err(format!("ptx schedule: warps must be 1 to 32, not {}", self.warps));
+        }
+        if !(1..=2).contains(&self.stages) {
+            return Err(format!("ptx schedule: stages must be 1 or 2, not {}", self.stages));
         }
         if self.dot == DotPrecision::Bf16 || self.dot == DotPrecision::F16 {
             // The smallest staging is one 16 x 16 slice of each operand (with its padding).
@@ -133,6 +191,8 @@ mod tests {
         for bad in [
             PtxSchedule { warps: 0, ..PtxSchedule::default() },
             PtxSchedule { warps: 33, ..PtxSchedule::default() },
+            PtxSchedule { stages: 0, ..PtxSchedule::default() },
+            PtxSchedule { stages: 3, ..PtxSchedule::pipelined(DotPrecision::Tf32) },
             PtxSchedule { staging_bytes: 64, ..PtxSchedule::with_dot(DotPrecision::Bf16) },
         ] {
             let e = bad.validate().expect_err("invalid");
@@ -140,6 +200,20 @@ mod tests {
         }
         for s in PtxSchedule::defaults() {
             s.validate().expect("defaults are valid");
+            PtxSchedule::pipelined(s.dot).validate().expect("pipelined schedules are valid");
         }
+    }
+
+    #[test]
+    fn shared_memory_limits() {
+        let plain = PtxSchedule::default();
+        assert_eq!(plain.smem_limit(Sm::Sm80, 48 * 1024), 48 * 1024, "the plain schedule keeps the option");
+        let tc = PtxSchedule::with_dot(DotPrecision::Tf32);
+        assert!(tc.opt_in_smem && tc.stages == 1);
+        assert_eq!(tc.smem_limit(Sm::Sm80, 48 * 1024), 166_912);
+        assert_eq!(tc.smem_limit(Sm::Sm90, 48 * 1024), 232_448);
+        assert_eq!(tc.smem_limit(Sm::Sm90, 0), 0, "0 still forces global scratch");
+        let p = PtxSchedule::pipelined(DotPrecision::F32Fma);
+        assert!(p.async_copy && p.opt_in_smem && p.stages == 2);
     }
 }
