@@ -2,7 +2,7 @@
 
 use chunkc::backend::{self, Backend, Engine, Options};
 use chunkc::codegen::ir::ElemType;
-use chunkc::codegen::ptx::DotPrecision;
+use chunkc::codegen::ptx::{DotPrecision, PtxSchedule};
 use chunkc::dsl::ast::{Rule, Ty};
 use chunkc::dsl::diag::Diagnostic;
 use chunkc::gpu::Device;
@@ -173,15 +173,25 @@ struct PrecisionArgs {
     /// Warps per CTA of the PTX schedule (ptx-sim, cuda; 1 to 32) [default: 8]
     #[arg(long)]
     warps: Option<u32>,
+    /// Pipeline stages of the PTX schedule's chunk loop (ptx-sim, cuda): 1, or 2 to
+    /// double-buffer the per-chunk input tiles with cp.async in (opt-in) shared memory;
+    /// a kernel whose doubled workspace does not fit keeps one stage [default: 1]
+    #[arg(long)]
+    stages: Option<u32>,
 }
 
 impl PrecisionArgs {
     /// The flags given, by name (each goes with a PTX backend only).
     fn given(&self) -> Vec<&'static str> {
-        [(self.dtype.is_some(), "--dtype"), (self.dot.is_some(), "--dot"), (self.warps.is_some(), "--warps")]
-            .into_iter()
-            .filter_map(|(given, flag)| given.then_some(flag))
-            .collect()
+        [
+            (self.dtype.is_some(), "--dtype"),
+            (self.dot.is_some(), "--dot"),
+            (self.warps.is_some(), "--warps"),
+            (self.stages.is_some(), "--stages"),
+        ]
+        .into_iter()
+        .filter_map(|(given, flag)| given.then_some(flag))
+        .collect()
     }
 
     /// The precision the flags ask for; an invalid schedule is a one-line error.
@@ -198,6 +208,11 @@ impl PrecisionArgs {
             Some(DotArg::F16) => DotPrecision::F16,
         };
         let mut p = Precision::with_dot(input, dot);
+        match self.stages {
+            None | Some(1) => {}
+            Some(2) => p.schedule = PtxSchedule { warps: p.schedule.warps, ..PtxSchedule::pipelined(dot) },
+            Some(n) => return Err(Error::Input(format!("--stages must be 1 or 2, not {n}"))),
+        }
         if let Some(w) = self.warps {
             p.schedule.warps = w;
         }
@@ -340,6 +355,8 @@ enum Command {
         k: usize,
         #[arg(long = "V", default_value_t = 64)]
         v: usize,
+        #[command(flatten)]
+        precision: PrecisionArgs,
     },
 }
 
@@ -504,7 +521,15 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Compile { rule, target, out_dir, backend, chunk, heads, k, v } => {
+        Command::Compile { rule, target, out_dir, backend, chunk, heads, k, v, precision } => {
+            if matches!(target, Target::Cpu) {
+                if let Some(flag) = precision.given().first() {
+                    return Err(Error::Unsupported(format!(
+                        "{flag} goes with --target sm_80 or sm_90 (the CPU backend reads f32 inputs and computes f32 dots)"
+                    )));
+                }
+            }
+            let precision = precision.precision()?;
             let loaded = load_rule(&rule)?;
             let be: Backend = backend.into();
             if be == Backend::Reference {
@@ -518,7 +543,7 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
                 Err(why) => println!("class: not chunkable ({})", why.reason),
             }
             let shape = chunkc::codegen::plan::Shape { heads, k, v, scale: 1.0 / (k as f64).sqrt() };
-            let kernel = backend::build_kernel(&loaded.rule, be, shape, chunk)?;
+            let kernel = backend::build_kernel_typed(&loaded.rule, be, shape, chunk, precision.input)?;
             let sm = match target {
                 Target::Cpu => {
                     print!("{kernel}");
@@ -527,7 +552,7 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
                 Target::Sm80 => ptx::Sm::Sm80,
                 Target::Sm90 => ptx::Sm::Sm90,
             };
-            compile_ptx(&kernel, sm, out_dir.as_deref())
+            compile_ptx(&kernel, sm, &precision.schedule, out_dir.as_deref())
         }
     }
 }
@@ -538,9 +563,10 @@ use chunkc::codegen::ptx;
 fn compile_ptx(
     kernel: &chunkc::codegen::ir::Kernel,
     sm: ptx::Sm,
+    schedule: &PtxSchedule,
     out_dir: Option<&std::path::Path>,
 ) -> Result<ExitCode, Error> {
-    let emitted = ptx::emit(kernel, sm).map_err(|e| Error::Internal(e.to_string()))?;
+    let emitted = chunkc::gpu::emit(kernel, sm, schedule)?;
     match out_dir {
         Some(dir) => {
             let io = |e: std::io::Error| Error::Input(format!("cannot write to {}: {e}", dir.display()));

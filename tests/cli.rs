@@ -470,3 +470,47 @@ fn precision_flags_refuse_cpu_backends_and_invalid_values() {
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("[possible values: f32, tf32, bf16, f16]"), "{}", stderr(&o));
 }
+
+#[test]
+fn compile_takes_the_ptx_schedule_flags() {
+    let dir = tmp("ptx-bf16-pipelined");
+    let o = chunkc(&[
+        "compile",
+        "rules/gla.toml",
+        "--target",
+        "sm_90",
+        "-o",
+        dir.to_str().unwrap(),
+        "--K",
+        "64",
+        "--V",
+        "64",
+        "--chunk",
+        "16",
+        "--dtype",
+        "bf16",
+        "--dot",
+        "bf16",
+        "--stages",
+        "2",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let ptx = std::fs::read_to_string(dir.join("gla_chunked_c16_sm_90.ptx")).expect("ptx written");
+    for instruction in ["mma.sync.aligned.m16n8k16", "ldmatrix.sync.aligned", "cp.async", "cvt.rn.bf16x2.f32"] {
+        assert!(ptx.contains(instruction), "no {instruction} in the bf16 pipelined kernel");
+    }
+    let meta = std::fs::read_to_string(dir.join("gla_chunked_c16_sm_90.json")).expect("json");
+    let meta: serde_json::Value = serde_json::from_str(&meta).expect("metadata is JSON");
+    assert_eq!(meta["schedule"]["dot"], "bf16", "{meta}");
+    assert_eq!(meta["schedule"]["stages"], 2, "{meta}");
+
+    let o = chunkc(&["compile", "rules/gla.toml", "--dot", "tf32"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(
+        stderr(&o),
+        "error: --dot goes with --target sm_80 or sm_90 (the CPU backend reads f32 inputs and computes f32 dots)\n"
+    );
+    let o = chunkc(&["compile", "rules/gla.toml", "--target", "sm_80", "--stages", "3"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(stderr(&o), "error: --stages must be 1 or 2, not 3\n");
+}
