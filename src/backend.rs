@@ -164,8 +164,9 @@ pub(crate) fn h0_or_zeros(tensors: &Tensors, dims: &Dims) -> Tensor {
     tensors.get("h0").cloned().unwrap_or_else(|| Tensor::zeros(dims.state_shape()))
 }
 
-/// Runs a compiled kernel over the (batch, head) grid. The tensors must have been checked
-/// against `dims` (as [`run`] does through `infer_dims`).
+/// Runs a compiled kernel over the (batch, head) grid into freshly allocated, poisoned
+/// outputs. The tensors must have been checked against `dims` (as [`run`] does through
+/// `infer_dims`).
 pub fn execute(
     kernel: &dyn CpuKernel,
     rule: &Rule,
@@ -174,20 +175,55 @@ pub fn execute(
     threads: usize,
 ) -> Result<Outputs, Error> {
     let h0 = h0_or_zeros(tensors, &dims);
-    let (mut o, mut ht) = poisoned(&dims);
+    let (o, ht) = poisoned(&dims);
+    let mut out = Outputs { o, ht };
+    execute_into(kernel, rule, tensors, &h0, &mut out, dims, threads)?;
+    Ok(out)
+}
+
+/// Runs a compiled kernel over the (batch, head) grid, writing into `out`, which the caller
+/// allocated (and poisons, when the run checks correctness). This is only the launch: no
+/// allocation of outputs, no fill, no input conversion, so that `chunkc bench` can time it
+/// alone. The tensors, `h0` and `out` must have been checked against `dims`.
+pub fn execute_into(
+    kernel: &dyn CpuKernel,
+    rule: &Rule,
+    tensors: &Tensors,
+    h0: &Tensor,
+    out: &mut Outputs,
+    dims: Dims,
+    threads: usize,
+) -> Result<(), Error> {
+    // The kernel indexes these buffers by `dims` without bounds checks: refuse any buffer
+    // smaller than the shapes it was built for rather than trust the caller.
+    let state = dims.batch * dims.heads * dims.k * dims.v;
+    if h0.data.len() < state
+        || out.ht.data.len() < state
+        || out.o.data.len() < dims.batch * dims.seq_len * dims.heads * dims.v
+    {
+        return Err(Error::Internal("execute_into: an output or h0 buffer is smaller than dims".into()));
+    }
     let mut buffers: Vec<Buffer> = Vec::with_capacity(rule.inputs.len() + 3);
     for inp in &rule.inputs {
         let t = tensors.get(&inp.name).ok_or_else(|| Error::Internal(format!("input `{}` vanished", inp.name)))?;
         buffers.push(Buffer::In(&t.data));
     }
     buffers.push(Buffer::In(&h0.data));
-    buffers.push(Buffer::Out(&mut o.data));
-    buffers.push(Buffer::Out(&mut ht.data));
+    buffers.push(Buffer::Out(&mut out.o.data));
+    buffers.push(Buffer::Out(&mut out.ht.data));
     let threads = if threads == 0 { exec::default_threads() } else { threads };
-    // SAFETY: every tensor was checked against `dims`, the sizes the kernel was built for,
-    // and the kernel only touches elements of its own (b, h) inside those shapes.
+    // SAFETY: every tensor was checked against `dims`, the sizes the kernel was built for
+    // (the outputs and h0 just above), and the kernel only touches elements of its own
+    // (b, h) inside those shapes.
     unsafe { exec::launch(kernel, &mut buffers, dims.batch, dims.heads, dims.seq_len, threads) };
-    Ok(Outputs { o, ht })
+    Ok(())
+}
+
+/// Output tensors filled with NaN for `dims` (what [`execute`] writes into), for callers of
+/// [`execute_into`].
+pub fn poisoned_outputs(dims: &Dims) -> Outputs {
+    let (o, ht) = poisoned(dims);
+    Outputs { o, ht }
 }
 
 fn execute_interp(kernel: &Kernel, rule: &Rule, tensors: &Tensors, dims: Dims) -> Result<Outputs, Error> {

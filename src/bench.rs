@@ -6,8 +6,15 @@
 //! and head (the decay and the write on the K x V state; the read-out is 2 K V more but is
 //! left out so that the two kernels' rates compare on one count). Delta rules do more work
 //! than either count (the UT solve): their GFLOP/s understate the machine's work.
+//!
+//! What is timed: one kernel launch over the (batch, head) grid ([`execute_into`]): the
+//! executor's per-worker scratch allocation, thread start-up when more than one thread, and
+//! the kernel calls. The inputs, `h0` and the outputs are allocated once before the timing;
+//! the outputs are NaN-poisoned once, before the warm-up run, which must then have written
+//! every element. Poisoning before every run is what `run` and `verify` do (correctness);
+//! here it would time an 8 MB fill and fresh page faults that are not the kernel's.
 
-use crate::backend::{build_kernel, execute, shape_of, Backend};
+use crate::backend::{build_kernel, execute_into, h0_or_zeros, poisoned_outputs, shape_of, Backend};
 use crate::error::Error;
 use crate::verify::random_inputs;
 use chunkc_dsl::ast::Rule;
@@ -59,14 +66,21 @@ pub fn bench(
     let inputs = random_inputs(rule, &dims, 7);
     let kernel = build_kernel(rule, backend, shape_of(&dims, None), chunk)?;
     let compiled = chunkc_codegen::cpu::compile(&kernel).map_err(|e| Error::Internal(e.to_string()))?;
-    execute(&compiled, rule, &inputs, dims, threads)?;
+    let h0 = h0_or_zeros(&inputs, &dims);
+    let mut out = poisoned_outputs(&dims);
+    execute_into(&compiled, rule, &inputs, &h0, &mut out, dims, threads)?;
+    // The only poisoned run: an element it left unwritten (NaN) or overflowed would make
+    // the timings below those of a broken kernel.
+    if out.o.data.iter().chain(&out.ht.data).any(|x| !x.is_finite()) {
+        return Err(Error::Internal("bench: the warm-up run left a NaN or Inf in the outputs".into()));
+    }
     let mut times = vec![];
     let start = Instant::now();
     while times.len() < min_runs.max(1) || start.elapsed() < min_time {
         let t = Instant::now();
-        let out = execute(&compiled, rule, &inputs, dims, threads)?;
+        execute_into(&compiled, rule, &inputs, &h0, &mut out, dims, threads)?;
         times.push(t.elapsed());
-        std::hint::black_box(out);
+        std::hint::black_box(&mut out);
     }
     times.sort();
     Ok(Measurement {

@@ -318,6 +318,11 @@ enum Command {
     /// count of FLA's torch benchmark, per token and head: 2 C K + 2 C V (intra-chunk scores
     /// and their product with the values) + 4 K V (state update and inter-chunk read); the
     /// recurrent kernel is counted at 4 K V. Delta rules do more work than this count.
+    ///
+    /// Timed: one kernel launch over the (batch, head) grid (the workers' scratch allocation,
+    /// thread start-up and the kernel calls). Not timed: generating the random inputs, the
+    /// compile, and allocating the outputs, which are NaN-poisoned once before an untimed
+    /// warm-up run that must write every element; later runs overwrite the same buffers.
     Bench {
         rule: PathBuf,
         /// B,T,H,K,V
