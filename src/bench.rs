@@ -7,9 +7,10 @@
 //! left out so that the two kernels' rates compare on one count). Delta rules do more work
 //! than either count (the UT solve): their GFLOP/s understate the machine's work.
 
-use crate::backend::{build_kernel, execute, shape_of, Backend};
+use crate::backend::{build_kernel_tiled, execute, shape_of, Backend};
 use crate::error::Error;
 use crate::verify::random_inputs;
+use chunkc_codegen::ir::ElemType;
 use chunkc_dsl::ast::Rule;
 use chunkc_dsl::reference::Dims;
 use std::time::{Duration, Instant};
@@ -53,11 +54,26 @@ pub fn bench(
     min_runs: usize,
     min_time: Duration,
 ) -> Result<Measurement, Error> {
+    bench_tiled(rule, dims, backend, chunk, None, threads, min_runs, min_time)
+}
+
+/// [`bench`] of the kernel with V split into tiles of `bv` columns (None: the whole V).
+#[allow(clippy::too_many_arguments)]
+pub fn bench_tiled(
+    rule: &Rule,
+    dims: Dims,
+    backend: Backend,
+    chunk: usize,
+    bv: Option<usize>,
+    threads: usize,
+    min_runs: usize,
+    min_time: Duration,
+) -> Result<Measurement, Error> {
     if backend == Backend::Reference {
         return Err(Error::Input("bench times compiled kernels: choose --backend recurrent or chunked".into()));
     }
     let inputs = random_inputs(rule, &dims, 7);
-    let kernel = build_kernel(rule, backend, shape_of(&dims, None), chunk)?;
+    let kernel = build_kernel_tiled(rule, backend, shape_of(&dims, None), chunk, ElemType::F32, bv)?;
     let compiled = chunkc_codegen::cpu::compile(&kernel).map_err(|e| Error::Internal(e.to_string()))?;
     execute(&compiled, rule, &inputs, dims, threads)?;
     let mut times = vec![];
