@@ -69,11 +69,13 @@ pub struct Options {
     pub threads: usize,
     /// `scale`; None means 1/sqrt(K).
     pub scale: Option<f64>,
+    /// Columns of V per grid point (`--bv`); None means the whole V.
+    pub bv: Option<usize>,
 }
 
 impl Default for Options {
     fn default() -> Options {
-        Options { backend: Backend::Chunked, engine: Engine::Jit, chunk: 64, threads: 0, scale: None }
+        Options { backend: Backend::Chunked, engine: Engine::Jit, chunk: 64, threads: 0, scale: None, bv: None }
     }
 }
 
@@ -103,12 +105,29 @@ pub fn build_kernel_typed(
     chunk: usize,
     input: ElemType,
 ) -> Result<Kernel, Error> {
+    build_kernel_tiled(rule, backend, shape, chunk, input, None)
+}
+
+/// [`build_kernel_typed`] with V split into tiles of `bv` columns (None: the whole V), one
+/// grid point (b, h, V-tile) each.
+pub fn build_kernel_tiled(
+    rule: &Rule,
+    backend: Backend,
+    shape: Shape,
+    chunk: usize,
+    input: ElemType,
+    bv: Option<usize>,
+) -> Result<Kernel, Error> {
+    let refused = |e: plan::PlanError| Error::Unsupported(format!("rule `{}`: {}", rule.name, e.0));
     match backend {
-        Backend::Recurrent => plan::recurrent::build_typed(rule, shape, input).map_err(|e| Error::Unsupported(e.0)),
+        Backend::Recurrent => match bv {
+            None => plan::recurrent::build_typed(rule, shape, input).map_err(|e| Error::Unsupported(e.0)),
+            Some(_) => plan::recurrent::build_tiled(rule, shape, input, bv).map_err(refused),
+        },
         Backend::Chunked => {
             let canon = canonicalize(rule).map_err(|n| Error::from(n.to_diagnostic(rule)))?;
-            plan::chunked::build(rule, &canon, shape, Schedule::with_chunk(chunk).with_input(input))
-                .map_err(|e| Error::Unsupported(format!("rule `{}`: {}", rule.name, e.0)))
+            plan::chunked::build(rule, &canon, shape, Schedule::with_chunk(chunk).with_input(input).with_bv(bv))
+                .map_err(refused)
         }
         Backend::Reference => Err(Error::Internal("the reference has no kernel".into())),
     }
@@ -129,7 +148,7 @@ pub fn run(rule: &Rule, tensors: &Tensors, source: &str, opts: &Options) -> Resu
         Engine::Ptx { precision, .. } => precision.input,
         _ => ElemType::F32,
     };
-    let kernel = build_kernel_typed(rule, opts.backend, shape, opts.chunk, input)?;
+    let kernel = build_kernel_tiled(rule, opts.backend, shape, opts.chunk, input, opts.bv)?;
     match opts.engine {
         Engine::Jit => {
             let compiled = chunkc_codegen::cpu::compile(&kernel).map_err(|e| Error::Internal(e.to_string()))?;
@@ -164,9 +183,9 @@ pub(crate) fn h0_or_zeros(tensors: &Tensors, dims: &Dims) -> Tensor {
     tensors.get("h0").cloned().unwrap_or_else(|| Tensor::zeros(dims.state_shape()))
 }
 
-/// Runs a compiled kernel over the (batch, head) grid into freshly allocated, poisoned
-/// outputs. The tensors must have been checked against `dims` (as [`run`] does through
-/// `infer_dims`).
+/// Runs a compiled kernel over the (batch, head, V-tile) grid into freshly allocated,
+/// poisoned outputs. The tensors must have been checked against `dims` (as [`run`] does
+/// through `infer_dims`).
 pub fn execute(
     kernel: &dyn CpuKernel,
     rule: &Rule,
@@ -236,12 +255,14 @@ fn execute_interp(kernel: &Kernel, rule: &Rule, tensors: &Tensors, dims: Dims) -
         .collect::<Result<_, _>>()?;
     for b in 0..dims.batch {
         for h in 0..dims.heads {
-            let mut params: Vec<&mut [f32]> = inputs.iter_mut().map(|x| x.as_mut_slice()).collect();
-            params.push(&mut h0.data);
-            params.push(&mut o.data);
-            params.push(&mut ht.data);
-            chunkc_codegen::interp::run(kernel, &mut params, b as i64, h as i64, dims.seq_len as i64)
-                .map_err(|e| Error::Internal(e.0))?;
+            for vt in 0..kernel.vtiles.max(1) {
+                let mut params: Vec<&mut [f32]> = inputs.iter_mut().map(|x| x.as_mut_slice()).collect();
+                params.push(&mut h0.data);
+                params.push(&mut o.data);
+                params.push(&mut ht.data);
+                let (b, h, vt, t) = (b as i64, h as i64, vt as i64, dims.seq_len as i64);
+                chunkc_codegen::interp::run_tile(kernel, &mut params, b, h, vt, t).map_err(|e| Error::Internal(e.0))?;
+            }
         }
     }
     Ok(Outputs { o, ht })

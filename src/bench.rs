@@ -7,16 +7,17 @@
 //! left out so that the two kernels' rates compare on one count). Delta rules do more work
 //! than either count (the UT solve): their GFLOP/s understate the machine's work.
 //!
-//! What is timed: one kernel launch over the (batch, head) grid ([`execute_into`]): the
+//! What is timed: one kernel launch over the (batch, head, V-tile) grid ([`execute_into`]): the
 //! executor's per-worker scratch allocation, thread start-up when more than one thread, and
 //! the kernel calls. The inputs, `h0` and the outputs are allocated once before the timing;
 //! the outputs are NaN-poisoned once, before the warm-up run, which must then have written
 //! every element. Poisoning before every run is what `run` and `verify` do (correctness);
 //! here it would time an 8 MB fill and fresh page faults that are not the kernel's.
 
-use crate::backend::{build_kernel, execute_into, h0_or_zeros, poisoned_outputs, shape_of, Backend};
+use crate::backend::{build_kernel_tiled, execute_into, h0_or_zeros, poisoned_outputs, shape_of, Backend};
 use crate::error::Error;
 use crate::verify::random_inputs;
+use chunkc_codegen::ir::ElemType;
 use chunkc_dsl::ast::Rule;
 use chunkc_dsl::reference::Dims;
 use std::time::{Duration, Instant};
@@ -60,11 +61,26 @@ pub fn bench(
     min_runs: usize,
     min_time: Duration,
 ) -> Result<Measurement, Error> {
+    bench_tiled(rule, dims, backend, chunk, None, threads, min_runs, min_time)
+}
+
+/// [`bench`] of the kernel with V split into tiles of `bv` columns (None: the whole V).
+#[allow(clippy::too_many_arguments)]
+pub fn bench_tiled(
+    rule: &Rule,
+    dims: Dims,
+    backend: Backend,
+    chunk: usize,
+    bv: Option<usize>,
+    threads: usize,
+    min_runs: usize,
+    min_time: Duration,
+) -> Result<Measurement, Error> {
     if backend == Backend::Reference {
         return Err(Error::Input("bench times compiled kernels: choose --backend recurrent or chunked".into()));
     }
     let inputs = random_inputs(rule, &dims, 7);
-    let kernel = build_kernel(rule, backend, shape_of(&dims, None), chunk)?;
+    let kernel = build_kernel_tiled(rule, backend, shape_of(&dims, None), chunk, ElemType::F32, bv)?;
     let compiled = chunkc_codegen::cpu::compile(&kernel).map_err(|e| Error::Internal(e.to_string()))?;
     let h0 = h0_or_zeros(&inputs, &dims);
     let mut out = poisoned_outputs(&dims);

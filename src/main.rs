@@ -268,6 +268,10 @@ enum Command {
         /// Output scale (default 1/sqrt(K)).
         #[arg(long)]
         scale: Option<f64>,
+        /// Columns of V per grid point (a V-tile dimension of the grid, as FLA's BV); must
+        /// divide V. Default: the whole V.
+        #[arg(long)]
+        bv: Option<usize>,
         #[command(flatten)]
         precision: PrecisionArgs,
         #[arg(long, value_enum, default_value = "jit", hide = true)]
@@ -305,6 +309,10 @@ enum Command {
         v: usize,
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Columns of V per grid point (a V-tile dimension of the grid, as FLA's BV); must
+        /// divide V. Default: the whole V.
+        #[arg(long)]
+        bv: Option<usize>,
         #[arg(long, default_value_t = 0)]
         threads: usize,
         #[command(flatten)]
@@ -341,6 +349,10 @@ enum Command {
         /// Print one JSON line instead of text.
         #[arg(long)]
         json: bool,
+        /// Columns of V per grid point (a V-tile dimension of the grid, as FLA's BV); must
+        /// divide V. Default: the whole V.
+        #[arg(long)]
+        bv: Option<usize>,
     },
     /// Print the tile IR of a rule's kernel, or write its PTX (sm_80, sm_90) and launch metadata.
     Compile {
@@ -360,6 +372,10 @@ enum Command {
         k: usize,
         #[arg(long = "V", default_value_t = 64)]
         v: usize,
+        /// Columns of V per grid point (a V-tile dimension of the grid, as FLA's BV); must
+        /// divide V. Default: the whole V.
+        #[arg(long)]
+        bv: Option<usize>,
         #[command(flatten)]
         precision: PrecisionArgs,
     },
@@ -391,7 +407,21 @@ fn engine(e: EngineArg) -> Engine {
 fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
     match cmd {
         Command::Check { rule } => check(&rule),
-        Command::Run { rule, inputs, out, backend, kernel, target, chunk, threads, scale, precision, engine: e } => {
+        Command::Run {
+            rule,
+            inputs,
+            out,
+            backend,
+            kernel,
+            target,
+            chunk,
+            threads,
+            scale,
+            bv,
+            precision,
+            engine: e,
+        } => {
+            check_bv(bv)?;
             check_ptx_flags(&[backend], target.is_some(), kernel.is_some(), &precision)?;
             let precision = precision.precision()?;
             let loaded = load_rule(&rule)?;
@@ -410,7 +440,7 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
             let [(be, eng)] = backend.runs(&[kernel], target, precision, engine(e))[..] else {
                 return Err(Error::Internal("one backend must give one run".into()));
             };
-            let opts = Options { backend: be, engine: eng, chunk, threads, scale };
+            let opts = Options { backend: be, engine: eng, chunk, threads, scale, bv };
             let outputs = backend::run(&loaded.rule, &tensors, &shown, &opts)?;
             let mut written = BTreeMap::new();
             written.insert("o".to_string(), outputs.o);
@@ -443,9 +473,11 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
             v,
             seed,
             threads,
+            bv,
             precision,
             engine: e,
         } => {
+            check_bv(bv)?;
             check_ptx_flags(&backend, target.is_some(), false, &precision)?;
             let precision = precision.precision()?;
             let loaded = load_rule(&rule)?;
@@ -470,7 +502,7 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
                 Engine::Ptx { target, .. } => Some(*target),
                 _ => None,
             });
-            let plan = verify::Plan { runs, chunks: chunk, seq_lens, batch, heads, k, v, threads, seed };
+            let plan = verify::Plan { runs, chunks: chunk, seq_lens, batch, heads, k, v, threads, seed, bv };
             plan.check_ready()?;
             let on_target = ptx_target.map(|t| format!(", PTX for {t}")).unwrap_or_default();
             println!(
@@ -499,7 +531,8 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
             println!("{} passed, {} failed", rows.len() - failed, failed);
             Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
-        Command::Bench { rule, shape, backend, chunk, threads, runs, json } => {
+        Command::Bench { rule, shape, backend, chunk, threads, runs, json, bv } => {
+            check_bv(bv)?;
             let loaded = load_rule(&rule)?;
             let [batch, seq_len, heads, k, v] = shape[..] else {
                 return Err(Error::Input("--shape takes five sizes: B,T,H,K,V".into()));
@@ -510,8 +543,16 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
             let dims = chunkc::dsl::reference::Dims { batch, seq_len, heads, k, v };
             let be: Backend = backend.into();
             let threads = if threads == 0 { chunkc::runtime::exec::default_threads() } else { threads };
-            let m =
-                chunkc::bench::bench(&loaded.rule, dims, be, chunk, threads, runs, std::time::Duration::from_secs(1))?;
+            let m = chunkc::bench::bench_tiled(
+                &loaded.rule,
+                dims,
+                be,
+                chunk,
+                bv,
+                threads,
+                runs,
+                std::time::Duration::from_secs(1),
+            )?;
             let chunk_shown = if be == Backend::Chunked { chunk.to_string() } else { "-".into() };
             if json {
                 println!(
@@ -526,7 +567,8 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Compile { rule, target, out_dir, backend, chunk, heads, k, v, precision } => {
+        Command::Compile { rule, target, out_dir, backend, chunk, heads, k, v, bv, precision } => {
+            check_bv(bv)?;
             if matches!(target, Target::Cpu) {
                 if let Some(flag) = precision.given().first() {
                     return Err(Error::Unsupported(format!(
@@ -548,7 +590,7 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
                 Err(why) => println!("class: not chunkable ({})", why.reason),
             }
             let shape = chunkc::codegen::plan::Shape { heads, k, v, scale: 1.0 / (k as f64).sqrt() };
-            let kernel = backend::build_kernel_typed(&loaded.rule, be, shape, chunk, precision.input)?;
+            let kernel = backend::build_kernel_tiled(&loaded.rule, be, shape, chunk, precision.input, bv)?;
             let sm = match target {
                 Target::Cpu => {
                     print!("{kernel}");
@@ -563,6 +605,15 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
 }
 
 use chunkc::codegen::ptx;
+
+/// `--bv 0` is refused here, in one line; whether BV divides V and the rule allows V-tiles is
+/// the planner's to say (it knows V and the rule).
+fn check_bv(bv: Option<usize>) -> Result<(), Error> {
+    match bv {
+        Some(0) => Err(Error::Input("--bv must be at least 1".into())),
+        _ => Ok(()),
+    }
+}
 
 /// Writes (or prints) a kernel's PTX and launch metadata, and assembles it when ptxas is there.
 fn compile_ptx(

@@ -155,6 +155,8 @@ pub struct Plan {
     pub v: usize,
     pub threads: usize,
     pub seed: u64,
+    /// Columns of V per grid point of every kernel (`--bv`); None means the whole V.
+    pub bv: Option<usize>,
 }
 
 impl Plan {
@@ -217,8 +219,14 @@ pub fn verify(rule: &Rule, plan: &Plan, mut progress: impl FnMut(&Row)) -> Resul
                 _ => vec![None],
             };
             for chunk in chunks {
-                let opts =
-                    Options { backend: be, engine, chunk: chunk.unwrap_or(64), threads: plan.threads, scale: None };
+                let opts = Options {
+                    backend: be,
+                    engine,
+                    chunk: chunk.unwrap_or(64),
+                    threads: plan.threads,
+                    scale: None,
+                    bv: plan.bv,
+                };
                 let out = backend::run(rule, &inputs, "random inputs", &opts)?;
                 let err_o = rel_rms(&out.o.data, &reference.o.data);
                 let err_ht = rel_rms(&out.ht.data, &reference.ht.data);

@@ -1,6 +1,7 @@
 //! Outside truth: every case in ../shared/goldens (flash-linear-attention's own naive
 //! references) through `chunkc run`, within 1e-5 relative RMS error on `o` and `hT`:
-//! - on the CPU, the recurrent and the chunked kernels at chunk 16, 32, 64 and 128;
+//! - on the CPU, the recurrent and the chunked kernels at chunk 16, 32, 64 and 128, and at
+//!   chunk 16 and 64 with V-tiles of 8 columns (`--bv 8`);
 //! - as PTX in the simulator (`--backend ptx-sim`), the recurrent kernel and the chunked one
 //!   at chunk 16 and 64, for sm_90 and sm_80 (the simulator runs the PTX text, so both
 //!   targets' output is executed);
@@ -24,6 +25,17 @@ fn every_golden_through_chunkc_run() {
         .chain(["16", "32", "64", "128"].iter().map(|c| vec!["--backend", "chunked", "--chunk", c]))
         .collect();
     check_every_golden(&dir, "cpu", &configs, F32_TOLERANCE);
+}
+
+/// The same on the CPU with V split into tiles of 8 columns (`--bv 8`: V is 24 or 32 in the
+/// goldens, so 3 or 4 V-tiles per head).
+#[test]
+fn every_golden_through_chunkc_run_with_v_tiles() {
+    let Some(dir) = goldens_dir() else { return };
+    let configs: Vec<Vec<&str>> = std::iter::once(vec!["--backend", "recurrent", "--bv", "8"])
+        .chain(["16", "64"].iter().map(|c| vec!["--backend", "chunked", "--chunk", c, "--bv", "8"]))
+        .collect();
+    check_every_golden(&dir, "cpu-bv8", &configs, F32_TOLERANCE);
 }
 
 /// `--backend ptx-sim --target TARGET` plus `kernel` on every golden, held to `tolerance`;

@@ -27,6 +27,7 @@ fn every_rule_passes_the_default_verify_sweep() {
             v: 40,
             threads: 0,
             seed: 1,
+            bv: None,
         };
         let rows = verify(&loaded.rule, &plan, |_| {}).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         runs += rows.len();

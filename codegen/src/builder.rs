@@ -14,11 +14,18 @@ pub struct Builder {
     blocks: Vec<Vec<Stmt>>,
     /// Open loops: (count, carried pairs).
     loops: Vec<(Idx, Vec<(ValueId, ValueId)>)>,
+    /// V-tiles per head of the kernel being built (1: the whole V).
+    vtiles: usize,
 }
 
 impl Builder {
     pub fn new(name: impl Into<String>) -> Builder {
-        Builder { name: name.into(), params: vec![], values: vec![], blocks: vec![vec![]], loops: vec![] }
+        Builder { name: name.into(), params: vec![], values: vec![], blocks: vec![vec![]], loops: vec![], vtiles: 1 }
+    }
+
+    /// Marks the kernel as split into `n` V-tiles per head (its grid is (batch, head, V-tile)).
+    pub fn set_vtiles(&mut self, n: usize) {
+        self.vtiles = n.max(1);
     }
 
     pub fn param(&mut self, name: impl Into<String>, access: Access) -> usize {
@@ -239,6 +246,7 @@ impl Builder {
             params: self.params,
             values: self.values,
             body: self.blocks.pop().unwrap_or_default(),
+            vtiles: self.vtiles,
         }
     }
 }

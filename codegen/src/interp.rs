@@ -84,6 +84,7 @@ struct Machine<'k, 'p, 'm> {
     params: &'p mut [&'m mut [f32]],
     batch: i64,
     head: i64,
+    vtile: i64,
     seq_len: i64,
     iter: i64,
 }
@@ -101,16 +102,30 @@ impl std::fmt::Display for InterpError {
 /// Runs `kernel` for grid point (`batch`, `head`) with sequence length `seq_len`.
 /// `params[i]` is the memory of parameter i.
 pub fn run(kernel: &Kernel, params: &mut [&mut [f32]], batch: i64, head: i64, seq_len: i64) -> Result<(), InterpError> {
-    let mut m = Machine { kernel, tiles: vec![None; kernel.values.len()], params, batch, head, seq_len, iter: 0 };
+    run_tile(kernel, params, batch, head, 0, seq_len)
+}
+
+/// [`run`] for grid point (`batch`, `head`, `vtile`) of a kernel split into V-tiles.
+pub fn run_tile(
+    kernel: &Kernel,
+    params: &mut [&mut [f32]],
+    batch: i64,
+    head: i64,
+    vtile: i64,
+    seq_len: i64,
+) -> Result<(), InterpError> {
+    let mut m =
+        Machine { kernel, tiles: vec![None; kernel.values.len()], params, batch, head, vtile, seq_len, iter: 0 };
     m.block(&kernel.body)
 }
 
 impl Machine<'_, '_, '_> {
     fn idx(&self, i: &Idx) -> i64 {
-        let (b, h, t, it) = (self.batch, self.head, self.seq_len, self.iter);
+        let (b, h, t, it, vt) = (self.batch, self.head, self.seq_len, self.iter, self.vtile);
         i.eval(&|v| match v {
             IdxVar::Batch => b,
             IdxVar::Head => h,
+            IdxVar::VTile => vt,
             IdxVar::SeqLen => t,
             IdxVar::Iter => it,
         })

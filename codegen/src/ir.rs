@@ -71,6 +71,8 @@ pub enum IdxVar {
     SeqLen,
     /// Iteration counter of the enclosing `Loop` (0-based). Loops do not nest.
     Iter,
+    /// V-tile of this grid point (0 unless the kernel splits V: see [`Kernel::vtiles`]).
+    VTile,
 }
 
 /// Integer index expressions (i64 arithmetic), evaluated at run time.
@@ -337,6 +339,9 @@ pub struct Kernel {
     /// Type of every value, indexed by `ValueId`.
     pub values: Vec<TileTy>,
     pub body: Vec<Stmt>,
+    /// V-tiles per head: the grid is (batch, head, V-tile), and a kernel with more than one
+    /// covers `V / vtiles` columns of the state per grid point (`IdxVar::VTile` says which).
+    pub vtiles: usize,
 }
 
 impl Kernel {

@@ -57,6 +57,33 @@ pub fn state_base(shape: &Shape) -> Idx {
     Idx::var(IdxVar::Batch).mul(Idx::c(shape.heads as i64)).add(Idx::var(IdxVar::Head)).mul(Idx::c(kv))
 }
 
+/// Offset of this grid point's first V column: `VTile * BV` when V is split into tiles of BV
+/// columns. V-side tensors keep their full-V strides; only the base moves.
+pub fn v_offset(bv: Option<usize>) -> Idx {
+    match bv {
+        Some(bv) => Idx::var(IdxVar::VTile).mul(Idx::c(bv as i64)),
+        None => Idx::c(0),
+    }
+}
+
+/// [`state_base`] moved to this grid point's first V column.
+pub fn state_base_tiled(shape: &Shape, bv: Option<usize>) -> Idx {
+    match bv {
+        Some(_) => state_base(shape).add(v_offset(bv)),
+        None => state_base(shape),
+    }
+}
+
+/// [`token_base`] of a `[V]` tensor (`o`, per-token `[V]` inputs), moved to this grid
+/// point's first V column; the row stride stays the full `H * V`.
+pub fn v_token_base(shape: &Shape, t0: Idx, bv: Option<usize>) -> (Idx, i64) {
+    let (base, stride) = token_base(shape, t0, shape.v);
+    match bv {
+        Some(_) => (base.add(v_offset(bv)), stride),
+        None => (base, stride),
+    }
+}
+
 /// A lowered value: a tile, or a K x V tile standing for its transpose.
 #[derive(Clone, Copy, Debug)]
 pub enum LVal {
@@ -86,6 +113,9 @@ pub struct Lowerer<'a> {
     pub locals: Vec<Option<LVal>>,
     /// Element type of the per-token input tensors (f32 unless a plan says otherwise).
     pub input_elem: ElemType,
+    /// Columns of V per grid point (None: all): `[V]` inputs are loaded BV wide at the
+    /// grid point's column offset.
+    pub bv: Option<usize>,
 }
 
 impl<'a> Lowerer<'a> {
@@ -102,6 +132,7 @@ impl<'a> Lowerer<'a> {
             state: None,
             locals: vec![None; rule.locals.len()],
             input_elem: ElemType::F32,
+            bv: None,
         }
     }
 
@@ -113,12 +144,23 @@ impl<'a> Lowerer<'a> {
         let w = inp.width(self.shape.k, self.shape.v);
         let param = self.layout.inputs[i];
         // Per-token inputs are in the input dtype; per-head parameters stay f32 (as in FLA).
+        // A `[V]` input of a kernel split into V-tiles: BV columns at the tile's offset.
+        let (cols, off) = match self.bv {
+            Some(bv) if inp.ty == Ty::VecV => (bv, Some(v_offset(self.bv))),
+            _ => (w, None),
+        };
         let v = if inp.per_head {
-            let base = Idx::var(IdxVar::Head).mul(Idx::c(w as i64));
-            b.load(param, base, 0, 1, 1, w, Idx::c(1))
+            let mut base = Idx::var(IdxVar::Head).mul(Idx::c(w as i64));
+            if let Some(off) = off {
+                base = base.add(off);
+            }
+            b.load(param, base, 0, 1, 1, cols, Idx::c(1))
         } else {
-            let (base, stride) = token_base(&self.shape, self.t0.clone(), w);
-            b.load_typed(self.input_elem, param, base, stride, 1, self.rows, w, self.valid.clone())
+            let (mut base, stride) = token_base(&self.shape, self.t0.clone(), w);
+            if let Some(off) = off {
+                base = base.add(off);
+            }
+            b.load_typed(self.input_elem, param, base, stride, 1, self.rows, cols, self.valid.clone())
         };
         self.loaded.insert(i, v);
         v

@@ -12,6 +12,7 @@ impl fmt::Display for Idx {
                 IdxVar::Head => "h",
                 IdxVar::SeqLen => "T",
                 IdxVar::Iter => "i",
+                IdxVar::VTile => "vt",
             }),
             Idx::Add(a, b) => write!(f, "({a} + {b})"),
             Idx::Sub(a, b) => write!(f, "({a} - {b})"),

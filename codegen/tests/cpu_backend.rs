@@ -813,6 +813,7 @@ fn invalid_kernels_are_errors_not_panics() {
             Stmt::Let { id: ValueId(1), op: Op::Unary { op: UnOp::Neg, x: ValueId(0) } },
             Stmt::Let { id: ValueId(0), op: Op::Const { value: 1.0, ty: TileTy::f32(1, 1) } },
         ],
+        vtiles: 1,
     };
     let e = compile(&k).unwrap_err();
     assert!(e.to_string().contains("before it is defined"), "{e}");

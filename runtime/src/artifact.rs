@@ -157,19 +157,33 @@ impl fmt::Display for Sm {
     }
 }
 
-/// How the grid maps to the kernel's (b, h) grid points.
+/// How the grid maps to the kernel's (b, h) or (b, h, V-tile) grid points.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Grid {
     /// `gridDim = (batch * heads, 1, 1)`; `blockIdx.x = b * heads + h`.
     BatchHeadsX,
+    /// V split into `vtiles` tiles of V / vtiles columns (as FLA's grid):
+    /// `gridDim = (vtiles, batch * heads, 1)`; `blockIdx.x` = the V-tile,
+    /// `blockIdx.y = b * heads + h`.
+    BatchHeadsVTiles { vtiles: u32 },
 }
 
 impl Grid {
-    /// The launch's grid dimensions for a problem of `batch` x `heads` grid points.
+    /// The launch's grid dimensions for a problem of `batch` x `heads` grid points (the
+    /// V-tile count, when there is one, is part of the grid itself).
     pub fn dims(self, batch: u32, heads: u32) -> [u32; 3] {
         match self {
             Grid::BatchHeadsX => [batch * heads, 1, 1],
+            Grid::BatchHeadsVTiles { vtiles } => [vtiles, batch * heads, 1],
+        }
+    }
+
+    /// V-tiles per head (1 for [`Grid::BatchHeadsX`]).
+    pub fn vtiles(self) -> u32 {
+        match self {
+            Grid::BatchHeadsX => 1,
+            Grid::BatchHeadsVTiles { vtiles } => vtiles,
         }
     }
 }

@@ -1,4 +1,6 @@
-//! The CPU executor: runs a compiled kernel over the (batch, head) grid on worker threads.
+//! The CPU executor: runs a compiled kernel over the (batch, head, V-tile) grid on worker
+//! threads, which take grid points one at a time from a shared counter (so T threads never
+//! run more than T points at once, whatever the split).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -16,6 +18,27 @@ pub trait CpuKernel: Send + Sync {
     /// for every element the kernel touches for this grid point and `seq_len`, and
     /// `workspace` must point to `workspace_bytes()` writable bytes, aligned to 64.
     unsafe fn call(&self, params: *const *mut f32, batch: i64, head: i64, seq_len: i64, workspace: *mut u8);
+    /// V-tiles per head: the grid is (batch, head, V-tile). 1 for a kernel over the whole V.
+    fn vtiles(&self) -> usize {
+        1
+    }
+    /// Runs grid point (`batch`, `head`, `vtile`) of a kernel split into V-tiles.
+    ///
+    /// # Safety
+    /// As [`CpuKernel::call`], with `vtile < vtiles()`.
+    unsafe fn call_tile(
+        &self,
+        params: *const *mut f32,
+        batch: i64,
+        head: i64,
+        vtile: i64,
+        seq_len: i64,
+        workspace: *mut u8,
+    ) {
+        debug_assert_eq!(vtile, 0, "a kernel without V-tiles has only V-tile 0");
+        // SAFETY: the caller upholds `call`'s contract.
+        unsafe { self.call(params, batch, head, seq_len, workspace) }
+    }
 }
 
 /// A buffer of f32 the executor hands to a kernel.
@@ -44,7 +67,8 @@ pub fn default_threads() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
 
-/// Runs `kernel` for every (b, h) in `batch x heads` on up to `threads` threads.
+/// Runs `kernel` for every (b, h, vt) in `batch x heads x kernel.vtiles()` on up to `threads`
+/// threads.
 ///
 /// # Safety
 /// The buffers must be large enough for every access the kernel makes for these grid
@@ -58,7 +82,8 @@ pub unsafe fn launch(
     threads: usize,
 ) {
     let ptrs = SendPtrs(buffers.iter_mut().map(|b| b.ptr()).collect());
-    let points = batch * heads;
+    let vtiles = kernel.vtiles().max(1);
+    let points = batch * heads * vtiles;
     let threads = threads.max(1).min(points.max(1));
     let next = AtomicUsize::new(0);
     let bytes = kernel.workspace_bytes().max(64);
@@ -73,8 +98,10 @@ pub unsafe fn launch(
             if p >= points {
                 break;
             }
-            let (b, h) = (p / heads, p % heads);
-            unsafe { kernel.call(ptrs.0.as_ptr(), b as i64, h as i64, seq_len as i64, ws) };
+            // V-tiles of one head are adjacent, so neighbouring points share K-side loads.
+            let (bh, vt) = (p / vtiles, p % vtiles);
+            let (b, h) = (bh / heads, bh % heads);
+            unsafe { kernel.call_tile(ptrs.0.as_ptr(), b as i64, h as i64, vt as i64, seq_len as i64, ws) };
         }
     };
     if threads == 1 {

@@ -186,6 +186,8 @@ pub(super) struct Lower<'a, 'f> {
     batch: Value,
     head: Value,
     seq_len: Value,
+    /// V-tile of the grid point (0 for a kernel over the whole V).
+    vtile: Value,
     iter: Variable,
     /// Whether a `Loop` body is being lowered (loads there prefetch one iteration ahead).
     in_loop: bool,
@@ -204,7 +206,7 @@ pub(super) struct Lower<'a, 'f> {
 
 impl<'a, 'f> Lower<'a, 'f> {
     /// Emits the whole function body into `b` (whose entry block must be current, with the
-    /// five ABI parameters given here).
+    /// six ABI parameters given here).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn run(
         b: &'a mut FunctionBuilder<'f>,
@@ -213,9 +215,9 @@ impl<'a, 'f> Lower<'a, 'f> {
         plan: &'a Plan,
         math: &'a MathFns,
         fma: bool,
-        abi: [Value; 5],
+        abi: [Value; 6],
     ) {
-        let [params_ptr, batch, head, seq_len, ws] = abi;
+        let [params_ptr, batch, head, seq_len, ws, vtile] = abi;
         let flags = MemFlagsData::new().with_notrap();
         let params = (0..kernel.params.len())
             .map(|p| b.ins().load(types::I64, flags.with_readonly(), params_ptr, (p * 8) as i32))
@@ -235,6 +237,7 @@ impl<'a, 'f> Lower<'a, 'f> {
             batch,
             head,
             seq_len,
+            vtile,
             iter,
             in_loop: false,
             next_loop: 0,
@@ -347,6 +350,7 @@ impl<'a, 'f> Lower<'a, 'f> {
             Idx::Var(IdxVar::Batch) => self.batch,
             Idx::Var(IdxVar::Head) => self.head,
             Idx::Var(IdxVar::SeqLen) => self.seq_len,
+            Idx::Var(IdxVar::VTile) => self.vtile,
             Idx::Var(IdxVar::Iter) => self.b.use_var(self.iter),
             Idx::Add(x, y) | Idx::Sub(x, y) | Idx::Mul(x, y) | Idx::Min(x, y) => {
                 let (p, q) = (self.idx(x), self.idx(y));

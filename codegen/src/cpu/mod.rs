@@ -5,11 +5,12 @@
 //! lowers every statement to loop nests (`lower.rs`) and JIT-compiles the function
 //!
 //! ```text
-//! extern "C" fn(params: *const *mut f32, batch: i64, head: i64, seq_len: i64, workspace: *mut u8)
+//! extern "C" fn(params: *const *mut f32, batch: i64, head: i64, seq_len: i64, workspace: *mut u8,
+//!                vtile: i64)
 //! ```
 //!
 //! The result implements [`CpuKernel`], so `chunkc_runtime::exec::launch` can run it over
-//! the (batch, head) grid. Results agree with the interpreter (`interp.rs`) exactly for
+//! the (batch, head, V-tile) grid. Results agree with the interpreter (`interp.rs`) exactly for
 //! elementwise ops, casts, masks, cumsums and row sums; `Dot`, `GatedDot` and
 //! `SolveUnitLower` accumulate in f32 (as the IR documents) where the interpreter sums in
 //! f64, so they agree to f32 rounding error. f32 `exp`, `exp2`, `sigmoid`, `silu`, `log` and
@@ -64,13 +65,15 @@ impl From<LayoutError> for CodegenError {
 }
 
 /// The generated function's type.
-type KernelFn = unsafe extern "C" fn(*const *mut f32, i64, i64, i64, *mut u8);
+type KernelFn = unsafe extern "C" fn(*const *mut f32, i64, i64, i64, *mut u8, i64);
 
 /// A kernel compiled to native code. Owns the JIT memory, which lives as long as this value.
 pub struct CpuCompiled {
     module: Option<JITModule>,
     func: KernelFn,
     workspace: usize,
+    /// V-tiles per head of the kernel (1 unless it splits V).
+    vtiles: usize,
     name: String,
 }
 
@@ -108,9 +111,26 @@ impl CpuKernel for CpuCompiled {
     }
 
     unsafe fn call(&self, params: *const *mut f32, batch: i64, head: i64, seq_len: i64, workspace: *mut u8) {
-        // SAFETY: the caller upholds `CpuKernel::call`'s contract, which is exactly what the
-        // generated code needs.
-        unsafe { (self.func)(params, batch, head, seq_len, workspace) }
+        // SAFETY: as `call_tile`, whose contract `call`'s is for V-tile 0.
+        unsafe { self.call_tile(params, batch, head, 0, seq_len, workspace) }
+    }
+
+    fn vtiles(&self) -> usize {
+        self.vtiles
+    }
+
+    unsafe fn call_tile(
+        &self,
+        params: *const *mut f32,
+        batch: i64,
+        head: i64,
+        vtile: i64,
+        seq_len: i64,
+        workspace: *mut u8,
+    ) {
+        // SAFETY: the caller upholds `CpuKernel::call_tile`'s contract, which is exactly what
+        // the generated code needs.
+        unsafe { (self.func)(params, batch, head, seq_len, workspace, vtile) }
     }
 }
 
@@ -176,7 +196,13 @@ pub fn compile_with(kernel: &Kernel, simd: Simd) -> Result<CpuCompiled, CodegenE
     // SAFETY: `build` gave the function exactly this signature (host default call
     // convention, which is the C one).
     let func = unsafe { std::mem::transmute::<*const u8, KernelFn>(code) };
-    Ok(CpuCompiled { module: Some(module), func, workspace: plan.bytes, name: kernel.name.clone() })
+    Ok(CpuCompiled {
+        module: Some(module),
+        func,
+        workspace: plan.bytes,
+        vtiles: kernel.vtiles,
+        name: kernel.name.clone(),
+    })
 }
 
 /// The Cranelift IR `compile` would generate for `kernel` (before optimisation), for
@@ -318,9 +344,9 @@ fn build(
         math.gated = Some([fs[0], fs[1]]);
     }
 
-    // (params, batch, head, seq_len, workspace): pointers and indices are all 64-bit.
+    // (params, batch, head, seq_len, workspace, vtile): pointers and indices are all 64-bit.
     let mut sig = module.make_signature();
-    sig.params.extend([AbiParam::new(types::I64); 5]);
+    sig.params.extend([AbiParam::new(types::I64); 6]);
     let id = module.declare_function(&format!("chunkc_{}", kernel.name), Linkage::Local, &sig).map_err(merr)?;
     ctx.func.signature = sig;
     ctx.func.name = UserFuncName::user(0, id.as_u32());
@@ -333,7 +359,7 @@ fn build(
     b.append_block_params_for_function_params(entry);
     b.switch_to_block(entry);
     let p = b.block_params(entry);
-    let abi = [p[0], p[1], p[2], p[3], p[4]];
+    let abi = [p[0], p[1], p[2], p[3], p[4], p[5]];
     Lower::run(&mut b, kernel, fusion, plan, &math, fma, abi);
     b.seal_all_blocks();
     b.finalize(config);

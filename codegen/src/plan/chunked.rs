@@ -22,7 +22,7 @@
 use super::{PlanError, Schedule, Shape};
 use crate::builder::Builder;
 use crate::ir::*;
-use crate::lower::{state_base, token_base, Lowerer, ParamLayout};
+use crate::lower::{state_base_tiled, v_token_base, Lowerer, ParamLayout};
 use chunkc_dsl::ast::{Expr, Rule, Ty};
 use chunkc_dsl::canon::{same, Canonical, Read};
 use std::collections::HashMap;
@@ -56,10 +56,14 @@ pub fn build(rule: &Rule, canon: &Canonical, shape: Shape, sched: Schedule) -> R
         return Err(PlanError(format!("the sub-chunk ({bs}) must divide the chunk ({c})")));
     }
     let (k, v) = (shape.k, shape.v);
-    let mut b = Builder::new(format!("{}_chunked_c{c}", rule.name));
+    // V-tiles (the schedule's BV): only the V-side addressing changes ([`super::vtile`]).
+    let vtiles = super::vtile::vtiles(rule, &shape, sched.bv, false)?;
+    let suffix = sched.bv.map(|bv| format!("_bv{bv}")).unwrap_or_default();
+    let mut b = Builder::new(format!("{}_chunked_c{c}{suffix}", rule.name));
+    b.set_vtiles(vtiles);
     let layout = ParamLayout::declare(&mut b, rule);
-    let sbase = state_base(&shape);
-    let h0 = b.load(layout.h0, sbase.clone(), v as i64, 1, k, v, Idx::c(k as i64));
+    let sbase = state_base_tiled(&shape, sched.bv);
+    let h0 = b.load(layout.h0, sbase.clone(), v as i64, 1, k, sched.bv.unwrap_or(v), Idx::c(k as i64));
     let n_chunks = Idx::var(IdxVar::SeqLen).ceil_div(c as i64);
     let s0 = b.begin_loop(n_chunks, &[h0])[0];
 
@@ -67,6 +71,7 @@ pub fn build(rule: &Rule, canon: &Canonical, shape: Shape, sched: Schedule) -> R
     let valid = Idx::c(c as i64).min(Idx::var(IdxVar::SeqLen).sub(t0.clone()));
     let mut lw = Lowerer::new(rule, shape, &layout, c, t0.clone(), valid.clone());
     lw.input_elem = sched.input;
+    lw.bv = sched.bv;
     let mut pro = Prologue { lw: &mut lw, rows: c, valid: valid.clone() };
 
     // Prologue: every canonical vector for the chunk's tokens, zero past the sequence end.
@@ -150,7 +155,7 @@ pub fn build(rule: &Rule, canon: &Canonical, shape: Shape, sched: Schedule) -> R
             let x = rows_of(&mut b, x, i0, bs);
             o = b.add(o, x);
         }
-        let (obase, ostride) = token_base(&shape, t0.clone().add(Idx::c(i0 as i64)), v);
+        let (obase, ostride) = v_token_base(&shape, t0.clone().add(Idx::c(i0 as i64)), sched.bv);
         b.store(o, layout.o, obase, ostride, 1, valid.clone().sub(Idx::c(i0 as i64)));
     }
 

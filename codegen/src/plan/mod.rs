@@ -7,6 +7,7 @@
 
 pub mod chunked;
 pub mod recurrent;
+pub mod vtile;
 
 pub use crate::lower::Shape;
 
@@ -19,6 +20,9 @@ pub struct Schedule {
     pub sub_chunk: usize,
     /// Element type of the per-token input tensors (q, k, v, gates...); states stay f32.
     pub input: crate::ir::ElemType,
+    /// Columns of V per grid point (None: the whole V). With `Some(BV)` the grid is
+    /// (batch, head, V / BV) and BV must divide V (see [`vtile`]).
+    pub bv: Option<usize>,
 }
 
 impl Schedule {
@@ -27,10 +31,15 @@ impl Schedule {
         Schedule { input, ..self }
     }
 
+    /// This schedule with V split into tiles of `bv` columns (None: the whole V).
+    pub fn with_bv(self, bv: Option<usize>) -> Schedule {
+        Schedule { bv, ..self }
+    }
+
     /// The chunk with the largest sub-chunk of at most 16 tokens that divides it.
     pub fn with_chunk(chunk: usize) -> Schedule {
         let sub_chunk = (1..=16.min(chunk)).rev().find(|d| chunk.is_multiple_of(*d)).unwrap_or(1);
-        Schedule { chunk, sub_chunk, input: crate::ir::ElemType::F32 }
+        Schedule { chunk, sub_chunk, input: crate::ir::ElemType::F32, bv: None }
     }
 }
 

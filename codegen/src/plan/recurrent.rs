@@ -3,7 +3,7 @@
 use super::{PlanError, Shape};
 use crate::builder::Builder;
 use crate::ir::*;
-use crate::lower::{state_base, token_base, LVal, Lowerer, ParamLayout};
+use crate::lower::{state_base_tiled, v_token_base, LVal, Lowerer, ParamLayout};
 use chunkc_dsl::ast::{Rule, Target};
 
 /// Builds the recurrent kernel of any checked rule.
@@ -13,15 +13,26 @@ pub fn build(rule: &Rule, shape: Shape) -> Result<Kernel, PlanError> {
 
 /// [`build`] for per-token inputs of type `input` (the state stays f32).
 pub fn build_typed(rule: &Rule, shape: Shape, input: ElemType) -> Result<Kernel, PlanError> {
-    let mut b = Builder::new(format!("{}_recurrent", rule.name));
+    build_tiled(rule, shape, input, None)
+}
+
+/// [`build_typed`] with V split into tiles of `bv` columns, one per grid point (b, h, vt);
+/// only for rules linear in S whose step never mixes V columns ([`super::vtile`]).
+pub fn build_tiled(rule: &Rule, shape: Shape, input: ElemType, bv: Option<usize>) -> Result<Kernel, PlanError> {
+    let vtiles = super::vtile::vtiles(rule, &shape, bv, true)?;
+    let suffix = bv.map(|bv| format!("_bv{bv}")).unwrap_or_default();
+    let mut b = Builder::new(format!("{}_recurrent{suffix}", rule.name));
+    b.set_vtiles(vtiles);
     let layout = ParamLayout::declare(&mut b, rule);
     let (k, v) = (shape.k, shape.v);
-    let sbase = state_base(&shape);
-    let h0 = b.load(layout.h0, sbase.clone(), v as i64, 1, k, v, Idx::c(k as i64));
+    let cols = bv.unwrap_or(v);
+    let sbase = state_base_tiled(&shape, bv);
+    let h0 = b.load(layout.h0, sbase.clone(), v as i64, 1, k, cols, Idx::c(k as i64));
     let inner = b.begin_loop(Idx::var(IdxVar::SeqLen), &[h0]);
     let t = Idx::var(IdxVar::Iter);
     let mut lw = Lowerer::new(rule, shape, &layout, 1, t.clone(), Idx::c(1));
     lw.input_elem = input;
+    lw.bv = bv;
     lw.state = Some(inner[0]);
     let mut out = None;
     for s in &rule.stmts {
@@ -36,7 +47,7 @@ pub fn build_typed(rule: &Rule, shape: Shape, input: ElemType) -> Result<Kernel,
         }
     }
     let out = out.ok_or_else(|| PlanError("the step never assigns o".into()))?;
-    let (obase, ostride) = token_base(&shape, t, v);
+    let (obase, ostride) = v_token_base(&shape, t, bv);
     b.store(out, layout.o, obase, ostride, 1, Idx::c(1));
     let state = lw.state.unwrap_or(inner[0]);
     let last = b.end_loop(&[state]);

@@ -76,6 +76,8 @@ pub(super) struct Em<'k> {
     params: Vec<String>,
     batch: String,
     head: String,
+    /// The V-tile of this CTA (`%ctaid.x` under Grid::BatchHeadsVTiles, else 0).
+    vtile: String,
     seq_len: String,
     pub(super) iter: String,
     next_loop: usize,
@@ -161,6 +163,7 @@ pub(super) fn emit(kernel: &Kernel, target: Sm, opts: EmitOptions, sched: PtxSch
         params: vec![],
         batch: String::new(),
         head: String::new(),
+        vtile: String::new(),
         seq_len: String::new(),
         iter: String::new(),
         next_loop: 0,
@@ -180,6 +183,18 @@ pub(super) fn emit(kernel: &Kernel, target: Sm, opts: EmitOptions, sched: PtxSch
     em.ins(format!("mov.u32 {cta32}, %ctaid.x"));
     let cta = em.reg(RD);
     em.ins(format!("cvt.u64.u32 {cta}, {cta32}"));
+    // With V-tiles (Grid::BatchHeadsVTiles) %ctaid.x is the V-tile and %ctaid.y is b*H + h;
+    // `cta` becomes (b*H + h) * vtiles + vt, the flat grid point (for the scratch base).
+    let vtiles = kernel.vtiles.max(1);
+    let mut vt = None;
+    if vtiles > 1 {
+        let (y32, y, v) = (em.reg(R), em.reg(RD), em.reg(RD));
+        em.ins(format!("mov.u32 {y32}, %ctaid.y"));
+        em.ins(format!("cvt.u64.u32 {y}, {y32}"));
+        em.ins(format!("mov.u64 {v}, {cta}"));
+        em.ins(format!("mad.lo.s64 {cta}, {y}, {vtiles}, {v}"));
+        vt = Some((y, v));
+    }
     let np = params.len();
     let (batch, heads, seq_len) = (em.reg(RD), em.reg(RD), em.reg(RD));
     em.ins(format!("ld.param.u64 {batch}, [{}]", pname(np - 3)));
@@ -187,13 +202,26 @@ pub(super) fn emit(kernel: &Kernel, target: Sm, opts: EmitOptions, sched: PtxSch
     em.ins(format!("ld.param.u64 {seq_len}, [{}]", pname(np - 1)));
     let grid = em.reg(RD);
     em.ins(format!("mul.lo.s64 {grid}, {batch}, {heads}"));
+    if vtiles > 1 {
+        em.ins(format!("mul.lo.s64 {grid}, {grid}, {vtiles}"));
+    }
     let p = em.reg(P);
     em.ins(format!("setp.ge.s64 {p}, {cta}, {grid}"));
-    em.comment("CTAs past batch * heads have no grid point (uniform per CTA)");
+    em.comment("CTAs past batch * heads (* vtiles) have no grid point (uniform per CTA)");
     em.ins(format!("@{p} exit"));
     let (b, h) = (em.reg(RD), em.reg(RD));
-    em.ins(format!("div.s64 {b}, {cta}, {heads}"));
-    em.ins(format!("rem.s64 {h}, {cta}, {heads}"));
+    let bh = vt.as_ref().map(|(y, _)| y.clone()).unwrap_or_else(|| cta.clone());
+    em.ins(format!("div.s64 {b}, {bh}, {heads}"));
+    em.ins(format!("rem.s64 {h}, {bh}, {heads}"));
+    // Kernels without V-tiles never read IdxVar::VTile; 0 keeps `idx` total.
+    let vtile = match vt {
+        Some((_, v)) => v,
+        None => {
+            let z = em.reg(RD);
+            em.ins(format!("mov.s64 {z}, 0"));
+            z
+        }
+    };
     for i in 0..kernel.params.len() {
         let r = em.reg(RD);
         em.ins(format!("ld.param.u64 {r}, [{}]", pname(i)));
@@ -222,7 +250,7 @@ pub(super) fn emit(kernel: &Kernel, target: Sm, opts: EmitOptions, sched: PtxSch
     if uses_mma {
         em.lane_regs();
     }
-    (em.batch, em.head, em.seq_len) = (b, h, seq_len);
+    (em.batch, em.head, em.seq_len, em.vtile) = (b, h, seq_len, vtile);
 
     em.block(&kernel.body)?;
     em.flush_async();
@@ -275,7 +303,7 @@ pub(super) fn emit(kernel: &Kernel, target: Sm, opts: EmitOptions, sched: PtxSch
     let meta = LaunchMeta {
         entry,
         target,
-        grid: Grid::BatchHeadsX,
+        grid: if vtiles > 1 { Grid::BatchHeadsVTiles { vtiles: vtiles as u32 } } else { Grid::BatchHeadsX },
         block: [threads, 1, 1],
         tile_space: if shared { TileSpace::Shared } else { TileSpace::Global },
         dynamic_smem_bytes: if shared { bytes } else { 0 },
@@ -354,6 +382,7 @@ impl Em<'_> {
                 IdxVar::Head => self.head.clone(),
                 IdxVar::SeqLen => self.seq_len.clone(),
                 IdxVar::Iter => self.iter.clone(),
+                IdxVar::VTile => self.vtile.clone(),
             },
             Idx::Add(a, b) | Idx::Sub(a, b) | Idx::Mul(a, b) | Idx::Min(a, b) => {
                 let op = match e {

@@ -23,6 +23,8 @@
 //!   [`PtxSchedule::pipelined`] also double-buffers.
 //! - **Grid**: one CTA per grid point (b, h): `gridDim = (batch * heads, 1, 1)`,
 //!   `blockIdx.x = b * heads + h` (see [`Grid`]). CTAs past `batch * heads` exit at once.
+//!   A kernel split into V-tiles (the Schedule's `bv`) has one CTA per (b, h, V-tile):
+//!   `gridDim = (vtiles, batch * heads, 1)`, `Grid::BatchHeadsVTiles` in the metadata.
 //! - **Block**: `32 * warps` threads (one dimension). Every op is a loop over its output
 //!   elements strided by the block size, followed by `bar.sync 0`, so each op sees its
 //!   operands complete. `Rows` and `Transpose` are views: no code, no barrier.

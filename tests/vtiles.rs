@@ -1,0 +1,210 @@
+//! V-tiles (the Schedule's BV, `--bv`): a head split into V / BV grid points of BV columns.
+//!
+//! Every rule in rules/ (all are column-separable) runs its chunked and recurrent kernels
+//! with BV = V/2 and V/4 on the CPU JIT, the tile-IR interpreter and the PTX simulator, in
+//! f32 and with one tensor-core schedule, against the f64 reference; T is not a multiple of
+//! the chunk and outputs are NaN-poisoned by `backend::run`. The planner's refusals (BV not
+//! dividing V, a reduction over V, a rule not linear in S) are one-line errors; the PTX of
+//! a few BV kernels assembles for sm_80 and sm_90 without spills.
+
+use chunkc::backend::{build_kernel_tiled, run, shape_of, Backend, Engine, Options};
+use chunkc::codegen::ir::ElemType;
+use chunkc::codegen::ptx::{self, DotPrecision, Grid, PtxSchedule, Sm};
+use chunkc::dsl::reference::Dims;
+use chunkc::gpu::Device;
+use chunkc::verify::{random_inputs, rel_rms, tolerance};
+use chunkc::Precision;
+use std::path::PathBuf;
+
+/// Small enough for the simulator; T = 37 is 2 x 16 + 5.
+const DIMS: Dims = Dims { batch: 2, seq_len: 37, heads: 2, k: 16, v: 16 };
+const CHUNK: usize = 16;
+
+fn rules() -> Vec<PathBuf> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("rules");
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .expect("rules/")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    paths.sort();
+    assert!(paths.len() >= 11, "expected the 11 built-in rules");
+    paths
+}
+
+fn sim(precision: Precision) -> Engine {
+    Engine::Ptx { device: Device::Sim, target: Sm::Sm90, precision }
+}
+
+/// Runs every rule, both kernels, BV = V/2 and V/4 on `engine`; returns the worst error.
+fn every_rule_split(engine: Engine) -> f64 {
+    let tol = tolerance(engine);
+    let mut worst = 0.0f64;
+    let mut failures = vec![];
+    for path in rules() {
+        let loaded = chunkc::load_rule(&path).unwrap_or_else(|e| panic!("{e}"));
+        let rule = &loaded.rule;
+        let inputs = random_inputs(rule, &DIMS, 11);
+        let reference = run(rule, &inputs, "random", &Options { backend: Backend::Reference, ..Default::default() })
+            .expect("reference");
+        for backend in [Backend::Recurrent, Backend::Chunked] {
+            for bv in [DIMS.v / 2, DIMS.v / 4] {
+                // The kernel really is split (a planner that ignored bv would pass the rest).
+                let input = match engine {
+                    Engine::Ptx { precision, .. } => precision.input,
+                    _ => ElemType::F32,
+                };
+                let k = build_kernel_tiled(rule, backend, shape_of(&DIMS, None), CHUNK, input, Some(bv))
+                    .unwrap_or_else(|e| panic!("{} {}: {e}", rule.name, backend.name()));
+                assert_eq!(k.vtiles, DIMS.v / bv, "{}", k.name);
+                let opts = Options { backend, engine, chunk: CHUNK, bv: Some(bv), threads: 2, ..Default::default() };
+                let out = run(rule, &inputs, "random", &opts).unwrap_or_else(|e| panic!("{}: {e}", rule.name));
+                let (eo, eh) = (rel_rms(&out.o.data, &reference.o.data), rel_rms(&out.ht.data, &reference.ht.data));
+                println!("{:<18} {:<9} bv {bv:>2}: err o {eo:.2e}, err hT {eh:.2e}", rule.name, backend.name());
+                worst = worst.max(eo).max(eh);
+                if !(eo <= tol && eh <= tol) {
+                    failures.push(format!("{} {} bv {bv}: o {eo:.2e} hT {eh:.2e}", rule.name, backend.name()));
+                }
+            }
+        }
+    }
+    println!("worst rel RMS error {worst:.2e} (tolerance {tol:.0e})");
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    worst
+}
+
+#[test]
+fn every_rule_split_into_v_tiles_on_the_cpu_jit() {
+    every_rule_split(Engine::Jit);
+}
+
+#[test]
+fn every_rule_split_into_v_tiles_in_the_interpreter() {
+    every_rule_split(Engine::Interp);
+}
+
+#[test]
+fn every_rule_split_into_v_tiles_in_the_ptx_simulator() {
+    every_rule_split(sim(Precision::default()));
+}
+
+#[test]
+fn every_rule_split_into_v_tiles_in_the_ptx_simulator_with_tf32_dots() {
+    every_rule_split(sim(Precision::with_dot(ElemType::F32, DotPrecision::Tf32)));
+}
+
+/// A rule from text, through a temporary file (rules are loaded from paths).
+fn rule_from(name: &str, text: &str) -> chunkc::Loaded {
+    let path = std::env::temp_dir().join(format!("chunkc-vtiles-{name}-{}.toml", std::process::id()));
+    std::fs::write(&path, text).expect("write rule");
+    let loaded = chunkc::load_rule(&path).unwrap_or_else(|e| panic!("{e}"));
+    let _ = std::fs::remove_file(&path);
+    loaded
+}
+
+fn refusal(loaded: &chunkc::Loaded, backend: Backend, bv: usize) -> String {
+    let shape = shape_of(&DIMS, None);
+    match build_kernel_tiled(&loaded.rule, backend, shape, CHUNK, ElemType::F32, Some(bv)) {
+        Ok(k) => panic!("{}: planned with bv {bv}", k.name),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn a_reduction_over_v_is_refused_for_both_kernels() {
+    // Linear in S (chunkable), but the write's value is normalised over V's columns.
+    let loaded = rule_from(
+        "vsum",
+        r#"
+name = "vsum"
+step = """
+S = S + outer(k, v / (1 + sum(v * v)))
+o = S^T @ q
+"""
+[inputs]
+q = "[K]"
+k = "[K]"
+v = "[V]"
+"#,
+    );
+    assert!(loaded.canonical.is_ok(), "the rule is chunkable without V-tiles");
+    build_kernel_tiled(&loaded.rule, Backend::Chunked, shape_of(&DIMS, None), CHUNK, ElemType::F32, None)
+        .expect("whole V is fine");
+    for backend in [Backend::Recurrent, Backend::Chunked] {
+        let e = refusal(&loaded, backend, 8);
+        assert!(e.contains("mixes the columns of V") && e.contains("sum"), "{e}");
+        assert!(!e.contains('\n'), "one line: {e}");
+    }
+}
+
+#[test]
+fn a_rule_not_linear_in_the_state_is_refused_recurrent() {
+    // No reduction over V anywhere, but S enters nonlinearly.
+    let loaded = rule_from(
+        "nonlin",
+        r#"
+name = "nonlin"
+step = """
+S = sigmoid(S) + outer(k, v)
+o = S^T @ q
+"""
+[inputs]
+q = "[K]"
+k = "[K]"
+v = "[V]"
+"#,
+    );
+    assert!(loaded.canonical.is_err());
+    let e = refusal(&loaded, Backend::Recurrent, 8);
+    assert!(e.contains("not linear in S"), "{e}");
+    assert!(!e.contains('\n'), "one line: {e}");
+}
+
+#[test]
+fn bv_must_divide_v() {
+    let loaded = chunkc::load_rule(&rules()[0]).expect("rule");
+    for backend in [Backend::Recurrent, Backend::Chunked] {
+        let e = refusal(&loaded, backend, 5);
+        assert!(e.contains("BV (5) must be a positive divisor of V (16)"), "{e}");
+    }
+}
+
+#[test]
+fn a_few_v_tile_kernels_assemble_without_spills() {
+    if ptx::find_ptxas().is_none() {
+        assert!(std::env::var_os("CI").is_none(), "{}", ptx::PTXAS_MISSING);
+        println!("skipped: {}", ptx::PTXAS_MISSING);
+        return;
+    }
+    let dims = Dims { batch: 1, seq_len: 1, heads: 2, k: 64, v: 64 };
+    let schedules = [PtxSchedule::default(), PtxSchedule::with_dot(DotPrecision::Bf16)];
+    for name in ["gated_delta_rule", "gla", "kda"] {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("rules/{name}.toml"));
+        let loaded = chunkc::load_rule(&path).expect("rule");
+        for (backend, chunk) in [(Backend::Recurrent, 64), (Backend::Chunked, 64)] {
+            let k = build_kernel_tiled(&loaded.rule, backend, shape_of(&dims, None), chunk, ElemType::F32, Some(32))
+                .expect("kernel");
+            for sched in &schedules {
+                for sm in [Sm::Sm80, Sm::Sm90] {
+                    let emitted = chunkc::gpu::emit(&k, sm, sched).expect("emit");
+                    assert_eq!(emitted.meta.grid, Grid::BatchHeadsVTiles { vtiles: 2 });
+                    assert_eq!(emitted.meta.grid.dims(3, 2), [2, 6, 1]);
+                    let r = ptx::assemble(&emitted.ptx, sm).unwrap_or_else(|e| panic!("{}: {e}", k.name));
+                    println!("{} {:?}: {r}", k.name, sched.dot);
+                    assert_eq!((r.spill_stores, r.spill_loads), (0, 0), "{}: {r}", k.name);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn the_v_tile_grid_keeps_its_serde_names() {
+    let old: Grid = serde_json::from_str("\"batch_heads_x\"").expect("old name");
+    assert_eq!(old, Grid::BatchHeadsX);
+    let g = Grid::BatchHeadsVTiles { vtiles: 4 };
+    let text = serde_json::to_string(&g).expect("json");
+    assert_eq!(text, r#"{"batch_heads_v_tiles":{"vtiles":4}}"#);
+    assert_eq!(serde_json::from_str::<Grid>(&text).expect("back"), g);
+    assert_eq!((g.vtiles(), Grid::BatchHeadsX.vtiles()), (4, 1));
+}
