@@ -5,129 +5,14 @@
 //! shared-memory race and any read of unwritten shared memory, so a wrong wait or a buffer
 //! reused too early fails here, not only a wrong number.
 
+mod common;
+
 use chunkc_codegen::ir::Kernel;
 use chunkc_codegen::plan::{chunked, recurrent, Schedule, Shape};
-use chunkc_codegen::ptx::{
-    emit_scheduled, max_smem_per_block, DotPrecision, EmitOptions, ParamKind, PtxKernel, PtxSchedule, Sm, TileSpace,
-};
-use chunkc_dsl::ast::{Domain, Rule};
+use chunkc_codegen::ptx::{emit_scheduled, max_smem_per_block, DotPrecision, EmitOptions, PtxSchedule, Sm, TileSpace};
 use chunkc_dsl::reference::{self, Dims};
-use chunkc_runtime::ptxsim::{launch, GlobalMemory, SimParam};
+use common::*;
 use std::path::PathBuf;
-
-fn rule_paths() -> Vec<PathBuf> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../rules");
-    let mut paths: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .expect("rules/")
-        .map(|e| e.expect("entry").path())
-        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
-        .collect();
-    paths.sort();
-    assert!(!paths.is_empty(), "no rules");
-    paths
-}
-
-/// xorshift64* with Box-Muller normals: deterministic inputs.
-struct Rng(u64);
-
-impl Rng {
-    fn uniform(&mut self) -> f64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        ((self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    }
-    fn normal(&mut self) -> f64 {
-        let (u, v) = (self.uniform(), self.uniform());
-        (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()
-    }
-}
-
-/// Random inputs in each input's domain (unit-norm rows where asked) and a random h0.
-fn inputs(rule: &Rule, dims: &Dims, seed: u64) -> Vec<(String, Vec<f32>)> {
-    let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
-    let mut out = vec![];
-    for inp in &rule.inputs {
-        let n: usize = dims.input_shape(inp).iter().product();
-        let mut data: Vec<f32> = (0..n)
-            .map(|_| {
-                let x = rng.normal();
-                (match inp.domain {
-                    Domain::LogGate => -chunkc_dsl::ast::softplus(-(x + 2.0)),
-                    Domain::Unit => chunkc_dsl::ast::sigmoid(x),
-                    Domain::Positive => (0.5 * x).exp(),
-                    Domain::Negative => -(0.5 * x).exp(),
-                    _ => x,
-                }) as f32
-            })
-            .collect();
-        if inp.domain == Domain::UnitNorm {
-            for row in data.chunks_mut(inp.width(dims.k, dims.v)) {
-                let norm = row.iter().map(|x| x * x).sum::<f32>().sqrt().max(f32::MIN_POSITIVE);
-                row.iter_mut().for_each(|x| *x /= norm);
-            }
-        }
-        out.push((inp.name.clone(), data));
-    }
-    let n = dims.batch * dims.heads * dims.k * dims.v;
-    out.push(("h0".into(), (0..n).map(|_| (0.1 * rng.normal()) as f32).collect()));
-    out
-}
-
-/// Relative RMS error against the reference rounded to f32; infinite for any NaN/Inf.
-fn rel_rms(out: &[f32], reference: &[f64]) -> f64 {
-    if out.len() != reference.len() || out.iter().any(|x| !x.is_finite()) {
-        return f64::INFINITY;
-    }
-    let (mut num, mut den) = (0.0f64, 0.0f64);
-    for (&o, &r) in out.iter().zip(reference) {
-        let r = r as f32 as f64;
-        num += (o as f64 - r).powi(2);
-        den += r * r;
-    }
-    if den == 0.0 {
-        num.sqrt()
-    } else {
-        (num / den).sqrt()
-    }
-}
-
-/// Runs a kernel in the simulator with o and hT NaN-poisoned; returns (o, hT).
-fn simulate(k: &PtxKernel, dims: &Dims, tensors: &[(String, Vec<f32>)]) -> Result<(Vec<f32>, Vec<f32>), String> {
-    let meta = &k.meta;
-    let mut mem = GlobalMemory::new();
-    let grid = meta.grid.dims(dims.batch as u32, dims.heads as u32);
-    let n_o = dims.batch * dims.seq_len * dims.heads * dims.v;
-    let n_ht = dims.batch * dims.heads * dims.k * dims.v;
-    let (mut o_at, mut ht_at, mut params) = (0, 0, vec![]);
-    for p in &meta.params {
-        let v = match (p.kind, p.name.as_str()) {
-            (ParamKind::Tensor, "o") => {
-                o_at = mem.alloc_f32(&vec![f32::NAN; n_o]);
-                o_at
-            }
-            (ParamKind::Tensor, "hT") => {
-                ht_at = mem.alloc_f32(&vec![f32::NAN; n_ht]);
-                ht_at
-            }
-            (ParamKind::Tensor, name) => {
-                let (_, data) = tensors.iter().find(|(n, _)| n == name).ok_or(format!("no tensor `{name}`"))?;
-                mem.alloc_f32(data)
-            }
-            (ParamKind::Scratch, _) => mem.alloc(meta.scratch_bytes_per_cta * grid.iter().product::<u32>() as usize),
-            (ParamKind::Scalar, "batch") => dims.batch as u64,
-            (ParamKind::Scalar, "heads") => dims.heads as u64,
-            (ParamKind::Scalar, "seq_len") => dims.seq_len as u64,
-            (ParamKind::Scalar, other) => return Err(format!("unknown scalar `{other}`")),
-        };
-        params.push(SimParam::U64(v));
-    }
-    launch(&k.ptx, &meta.entry, grid, meta.block, meta.dynamic_smem_bytes, &params, &mut mem)
-        .map_err(|e| format!("simulator: {e}"))?;
-    let o = mem.read_f32(o_at, n_o).map_err(|e| e.to_string())?;
-    let ht = mem.read_f32(ht_at, n_ht).map_err(|e| e.to_string())?;
-    Ok((o, ht))
-}
 
 /// Emits, checks the pipeline is there, simulates and compares; returns the failure if any.
 fn check(
@@ -152,7 +37,7 @@ fn check(
     if sched.dot.tensor_cores() && label.contains("chunked") && !ptx.ptx.contains("mma.sync") {
         return Some(format!("{label}: no dot on tensor cores"));
     }
-    let (o, ht) = match simulate(&ptx, dims, tensors) {
+    let (o, ht) = match try_simulate(&ptx, dims, tensors) {
         Ok(r) => r,
         Err(e) => return Some(format!("{label}: {e}")),
     };

@@ -4,13 +4,13 @@
 //! within the f32 budget, 1e-5 relative RMS, on o and hT. The simulator also checks every
 //! access (bounds, uninitialised shared reads, races, partial barriers, uniform branches).
 
+mod common;
+
 use chunkc_codegen::plan::{chunked, recurrent, Schedule, Shape};
-use chunkc_codegen::ptx::{emit, emit_with, EmitOptions, PtxKernel, Sm, TileSpace};
-use chunkc_dsl::ast::{Domain, Rule};
+use chunkc_codegen::ptx::{emit, emit_with, EmitOptions, Sm, TileSpace};
 use chunkc_dsl::reference::{self, Dims};
-use chunkc_runtime::abi::{bind, Problem};
-use chunkc_runtime::launch::simulate as simulate_launch;
 use chunkc_runtime::ptxsim::{launch, GlobalMemory, SimParam};
+use common::*;
 use std::path::PathBuf;
 
 const TOLERANCE: f64 = 1e-5;
@@ -36,81 +36,6 @@ fn simulator_runs_mma(test: &str) -> bool {
             false
         }
     }
-}
-
-struct Rng(u64);
-
-impl Rng {
-    fn uniform(&mut self) -> f64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        ((self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    }
-    fn normal(&mut self) -> f64 {
-        let (u, v) = (self.uniform(), self.uniform());
-        (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()
-    }
-}
-
-fn draw(rng: &mut Rng, domain: Domain) -> f64 {
-    let n = rng.normal();
-    match domain {
-        Domain::LogGate => -chunkc_dsl::ast::softplus(-(n + 2.0)),
-        Domain::Unit => chunkc_dsl::ast::sigmoid(n),
-        Domain::Positive => (0.5 * n).exp(),
-        Domain::Negative => -(0.5 * n).exp(),
-        _ => n,
-    }
-}
-
-/// Random inputs in FLA's layouts (unit-norm rows where the rule asks) and a random h0.
-fn inputs(rule: &Rule, dims: &Dims, seed: u64) -> Vec<(String, Vec<f32>)> {
-    let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
-    let mut out = vec![];
-    for inp in &rule.inputs {
-        let n: usize = dims.input_shape(inp).iter().product();
-        let mut data: Vec<f32> = (0..n).map(|_| draw(&mut rng, inp.domain) as f32).collect();
-        if inp.domain == Domain::UnitNorm {
-            for row in data.chunks_mut(inp.width(dims.k, dims.v)) {
-                let norm = row.iter().map(|x| x * x).sum::<f32>().sqrt().max(f32::MIN_POSITIVE);
-                row.iter_mut().for_each(|x| *x /= norm);
-            }
-        }
-        out.push((inp.name.clone(), data));
-    }
-    let n = dims.batch * dims.heads * dims.k * dims.v;
-    out.push(("h0".into(), (0..n).map(|_| (0.1 * rng.normal()) as f32).collect()));
-    out
-}
-
-fn rel_rms(out: &[f32], reference: &[f64]) -> f64 {
-    if out.len() != reference.len() || out.iter().any(|x| !x.is_finite()) {
-        return f64::INFINITY;
-    }
-    let (mut num, mut den) = (0.0f64, 0.0f64);
-    for (&o, &r) in out.iter().zip(reference) {
-        let r = r as f32 as f64; // the reference as the f32 tensor a user would compare with
-        num += (o as f64 - r).powi(2);
-        den += r.powi(2);
-    }
-    if den == 0.0 {
-        num.sqrt()
-    } else {
-        (num / den).sqrt()
-    }
-}
-
-/// Runs the emitted kernel in the simulator through the runtime's launch ABI
-/// (`chunkc_runtime::abi::bind`, which converts each input to its parameter's element
-/// type); returns (o, hT).
-fn simulate(k: &PtxKernel, dims: &Dims, tensors: &[(String, Vec<f32>)]) -> (Vec<f32>, Vec<f32>) {
-    let problem = Problem { batch: dims.batch, heads: dims.heads, seq_len: dims.seq_len, k: dims.k, v: dims.v };
-    let input = |name: &str| tensors.iter().find(|(n, _)| n == name).map(|(_, d)| d.as_slice());
-    let bound = bind(&k.ptx, &k.meta, &problem, input).unwrap_or_else(|e| panic!("{}: {e}", k.meta.entry));
-    let back = simulate_launch(&bound.launch, &bound.args).unwrap_or_else(|e| panic!("{}: {e}", k.meta.entry));
-    let (o, ht) = bound.outputs(back).unwrap_or_else(|e| panic!("{}: {e}", k.meta.entry));
-    (o.data, ht.data)
 }
 
 #[test]
