@@ -399,23 +399,27 @@ impl Em<'_> {
             }
         }
         let Some(c) = acc else { return };
-        let skip = self.label();
-        self.ins(format!("@!{} bra.uni {skip}", wt.active));
-        let st = self.storage(c);
-        for half in 0..2 {
-            for i in 0..4 {
-                let (row, col) = self.acc_pos(wt, l, half, i);
-                let p = self.in_bounds(&row, &col, m, n);
-                let addr = self.taddr(st, DType::F32, Some(&row), Some(&col));
-                let guard = p.map(|p| format!("@{p} ")).unwrap_or_default();
-                self.ins(format!("{guard}ld.{}.f32 {}, [{addr}]", self.space, wt.acc[half][i]));
-            }
-        }
-        self.place(&skip);
+        let space = self.space;
+        self.each_acc(wt, l, c, m, n, |addr, reg| format!("ld.{space}.f32 {reg}, [{addr}]"));
     }
 
     /// Writes the accumulators of a warp tile to the output tile.
     fn store_acc(&mut self, wt: &WarpTile, l: &LaneRegs, id: ValueId, m: usize, n: usize) {
+        let space = self.space;
+        self.each_acc(wt, l, id, m, n, |addr, reg| format!("st.{space}.f32 [{addr}], {reg}"));
+    }
+
+    /// Emits `access(address, register)` for each accumulator register of an active warp
+    /// tile and its element of tile `id` (m x n), skipping elements of the padding.
+    fn each_acc(
+        &mut self,
+        wt: &WarpTile,
+        l: &LaneRegs,
+        id: ValueId,
+        m: usize,
+        n: usize,
+        access: impl Fn(&str, &str) -> String,
+    ) {
         let skip = self.label();
         self.ins(format!("@!{} bra.uni {skip}", wt.active));
         let st = self.storage(id);
@@ -425,7 +429,7 @@ impl Em<'_> {
                 let p = self.in_bounds(&row, &col, m, n);
                 let addr = self.taddr(st, DType::F32, Some(&row), Some(&col));
                 let guard = p.map(|p| format!("@{p} ")).unwrap_or_default();
-                self.ins(format!("{guard}st.{}.f32 [{addr}], {}", self.space, wt.acc[half][i]));
+                self.ins(format!("{guard}{}", access(&addr, &wt.acc[half][i])));
             }
         }
         self.place(&skip);
