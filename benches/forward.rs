@@ -7,6 +7,7 @@
 
 use chunkc::backend::{build_kernel, execute, shape_of, Backend};
 use chunkc::dsl::reference::Dims;
+use chunkc::runtime::exec::Order;
 use chunkc::verify::random_inputs;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use std::path::Path;
@@ -25,7 +26,9 @@ fn forward(c: &mut Criterion) {
         for (label, backend, chunk) in [("recurrent", Backend::Recurrent, 0), ("chunked64", Backend::Chunked, 64)] {
             let kernel = build_kernel(&rule, backend, shape_of(&dims, None), chunk).expect("kernel");
             let compiled = chunkc::codegen::cpu::compile(&kernel).expect("compiles");
-            group.bench_function(label, |b| b.iter(|| execute(&compiled, &rule, &inputs, dims, 1).expect("runs")));
+            group.bench_function(label, |b| {
+                b.iter(|| execute(&compiled, &rule, &inputs, dims, Order::threads(1)).expect("runs"))
+            });
         }
         group.finish();
     }

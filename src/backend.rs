@@ -12,7 +12,7 @@ use chunkc_codegen::ptx::Sm;
 use chunkc_dsl::ast::Rule;
 use chunkc_dsl::canon::canonicalize;
 use chunkc_dsl::reference::{self, Dims};
-use chunkc_runtime::exec::{self, Buffer, CpuKernel};
+use chunkc_runtime::exec::{self, Buffer, CpuKernel, Order};
 use chunkc_runtime::io::Tensors;
 use chunkc_runtime::tensor::Tensor;
 
@@ -67,6 +67,8 @@ pub struct Options {
     pub chunk: usize,
     /// Worker threads; 0 means all available.
     pub threads: usize,
+    /// Tokens per time block of the CPU executor (`--time-block`; 0: head by head).
+    pub time_block: usize,
     /// `scale`; None means 1/sqrt(K).
     pub scale: Option<f64>,
     /// Columns of V per grid point (`--bv`); None means the whole V.
@@ -75,7 +77,15 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Options {
-        Options { backend: Backend::Chunked, engine: Engine::Jit, chunk: 64, threads: 0, scale: None, bv: None }
+        Options {
+            backend: Backend::Chunked,
+            engine: Engine::Jit,
+            chunk: 64,
+            threads: 0,
+            time_block: exec::DEFAULT_TIME_BLOCK,
+            scale: None,
+            bv: None,
+        }
     }
 }
 
@@ -152,7 +162,7 @@ pub fn run(rule: &Rule, tensors: &Tensors, source: &str, opts: &Options) -> Resu
     match opts.engine {
         Engine::Jit => {
             let compiled = chunkc_codegen::cpu::compile(&kernel).map_err(|e| Error::Internal(e.to_string()))?;
-            execute(&compiled, rule, tensors, dims, opts.threads)
+            execute(&compiled, rule, tensors, dims, Order { threads: opts.threads, time_block: opts.time_block })
         }
         Engine::Interp => execute_interp(&kernel, rule, tensors, dims),
         Engine::Ptx { device, target, precision } => {
@@ -191,12 +201,12 @@ pub fn execute(
     rule: &Rule,
     tensors: &Tensors,
     dims: Dims,
-    threads: usize,
+    order: Order,
 ) -> Result<Outputs, Error> {
     let h0 = h0_or_zeros(tensors, &dims);
     let (o, ht) = poisoned(&dims);
     let mut out = Outputs { o, ht };
-    execute_into(kernel, rule, tensors, &h0, &mut out, dims, threads)?;
+    execute_into(kernel, rule, tensors, &h0, &mut out, dims, order)?;
     Ok(out)
 }
 
@@ -211,7 +221,7 @@ pub fn execute_into(
     h0: &Tensor,
     out: &mut Outputs,
     dims: Dims,
-    threads: usize,
+    order: Order,
 ) -> Result<(), Error> {
     // The kernel indexes these buffers by `dims` without bounds checks: refuse any buffer
     // smaller than the shapes it was built for rather than trust the caller.
@@ -230,11 +240,12 @@ pub fn execute_into(
     buffers.push(Buffer::In(&h0.data));
     buffers.push(Buffer::Out(&mut out.o.data));
     buffers.push(Buffer::Out(&mut out.ht.data));
-    let threads = if threads == 0 { exec::default_threads() } else { threads };
+    let threads = if order.threads == 0 { exec::default_threads() } else { order.threads };
+    let order = Order { threads, ..order };
     // SAFETY: every tensor was checked against `dims`, the sizes the kernel was built for
     // (the outputs and h0 just above), and the kernel only touches elements of its own
     // (b, h) inside those shapes.
-    unsafe { exec::launch(kernel, &mut buffers, dims.batch, dims.heads, dims.seq_len, threads) };
+    unsafe { exec::launch(kernel, &mut buffers, dims.batch, dims.heads, dims.seq_len, order) };
     Ok(())
 }
 

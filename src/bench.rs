@@ -20,12 +20,16 @@ use crate::verify::random_inputs;
 use chunkc_codegen::ir::ElemType;
 use chunkc_dsl::ast::Rule;
 use chunkc_dsl::reference::Dims;
+use chunkc_runtime::exec::Order;
 use std::time::{Duration, Instant};
 
 /// One benchmark result.
 #[derive(Clone, Debug)]
 pub struct Measurement {
     pub median: Duration,
+    /// The fastest run: on a shared machine the least disturbed one, so A/B comparisons of
+    /// two kernels read it alongside the median.
+    pub best: Duration,
     pub runs: usize,
     pub flops_per_call: f64,
     pub token_heads: usize,
@@ -57,11 +61,11 @@ pub fn bench(
     dims: Dims,
     backend: Backend,
     chunk: usize,
-    threads: usize,
+    order: Order,
     min_runs: usize,
     min_time: Duration,
 ) -> Result<Measurement, Error> {
-    bench_tiled(rule, dims, backend, chunk, None, threads, min_runs, min_time)
+    bench_tiled(rule, dims, backend, chunk, None, order, min_runs, min_time)
 }
 
 /// [`bench`] of the kernel with V split into tiles of `bv` columns (None: the whole V).
@@ -72,7 +76,7 @@ pub fn bench_tiled(
     backend: Backend,
     chunk: usize,
     bv: Option<usize>,
-    threads: usize,
+    order: Order,
     min_runs: usize,
     min_time: Duration,
 ) -> Result<Measurement, Error> {
@@ -84,7 +88,7 @@ pub fn bench_tiled(
     let compiled = chunkc_codegen::cpu::compile(&kernel).map_err(|e| Error::Internal(e.to_string()))?;
     let h0 = h0_or_zeros(&inputs, &dims);
     let mut out = poisoned_outputs(&dims);
-    execute_into(&compiled, rule, &inputs, &h0, &mut out, dims, threads)?;
+    execute_into(&compiled, rule, &inputs, &h0, &mut out, dims, order)?;
     // The only poisoned run: an element it left unwritten (NaN) or overflowed would make
     // the timings below those of a broken kernel.
     if out.o.data.iter().chain(&out.ht.data).any(|x| !x.is_finite()) {
@@ -94,13 +98,14 @@ pub fn bench_tiled(
     let start = Instant::now();
     while times.len() < min_runs.max(1) || start.elapsed() < min_time {
         let t = Instant::now();
-        execute_into(&compiled, rule, &inputs, &h0, &mut out, dims, threads)?;
+        execute_into(&compiled, rule, &inputs, &h0, &mut out, dims, order)?;
         times.push(t.elapsed());
         std::hint::black_box(&mut out);
     }
     times.sort();
     Ok(Measurement {
         median: times[times.len() / 2],
+        best: times[0],
         runs: times.len(),
         flops_per_call: flops(&dims, backend, chunk),
         token_heads: dims.batch * dims.seq_len * dims.heads,

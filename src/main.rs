@@ -265,6 +265,10 @@ enum Command {
         /// Worker threads (0: all cores).
         #[arg(long, default_value_t = 0)]
         threads: usize,
+        /// CPU executor: tokens per time block (every head's first block, then every head's
+        /// next block, ...: rows of all heads at a token share a page); 0: head by head.
+        #[arg(long, default_value_t = chunkc::runtime::exec::DEFAULT_TIME_BLOCK)]
+        time_block: usize,
         /// Output scale (default 1/sqrt(K)).
         #[arg(long)]
         scale: Option<f64>,
@@ -315,6 +319,10 @@ enum Command {
         bv: Option<usize>,
         #[arg(long, default_value_t = 0)]
         threads: usize,
+        /// CPU executor: tokens per time block (every head's first block, then every head's
+        /// next block, ...: rows of all heads at a token share a page); 0: head by head.
+        #[arg(long, default_value_t = chunkc::runtime::exec::DEFAULT_TIME_BLOCK)]
+        time_block: usize,
         #[command(flatten)]
         precision: PrecisionArgs,
         #[arg(long, value_enum, default_value = "jit", hide = true)]
@@ -343,6 +351,10 @@ enum Command {
         /// Worker threads (0: all cores).
         #[arg(long, default_value_t = 1)]
         threads: usize,
+        /// CPU executor: tokens per time block (every head's first block, then every head's
+        /// next block, ...: rows of all heads at a token share a page); 0: head by head.
+        #[arg(long, default_value_t = chunkc::runtime::exec::DEFAULT_TIME_BLOCK)]
+        time_block: usize,
         /// At least this many timed runs.
         #[arg(long, default_value_t = 5)]
         runs: usize,
@@ -416,6 +428,7 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
             target,
             chunk,
             threads,
+            time_block,
             scale,
             bv,
             precision,
@@ -440,7 +453,7 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
             let [(be, eng)] = backend.runs(&[kernel], target, precision, engine(e))[..] else {
                 return Err(Error::Internal("one backend must give one run".into()));
             };
-            let opts = Options { backend: be, engine: eng, chunk, threads, scale, bv };
+            let opts = Options { backend: be, engine: eng, chunk, threads, time_block, scale, bv };
             let outputs = backend::run(&loaded.rule, &tensors, &shown, &opts)?;
             let mut written = BTreeMap::new();
             written.insert("o".to_string(), outputs.o);
@@ -473,6 +486,7 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
             v,
             seed,
             threads,
+            time_block,
             bv,
             precision,
             engine: e,
@@ -502,7 +516,8 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
                 Engine::Ptx { target, .. } => Some(*target),
                 _ => None,
             });
-            let plan = verify::Plan { runs, chunks: chunk, seq_lens, batch, heads, k, v, threads, seed, bv };
+            let plan =
+                verify::Plan { runs, chunks: chunk, seq_lens, batch, heads, k, v, threads, time_block, seed, bv };
             plan.check_ready()?;
             let on_target = ptx_target.map(|t| format!(", PTX for {t}")).unwrap_or_default();
             println!(
@@ -531,7 +546,7 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
             println!("{} passed, {} failed", rows.len() - failed, failed);
             Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
-        Command::Bench { rule, shape, backend, chunk, threads, runs, json, bv } => {
+        Command::Bench { rule, shape, backend, chunk, threads, time_block, runs, json, bv } => {
             check_bv(bv)?;
             let loaded = load_rule(&rule)?;
             let [batch, seq_len, heads, k, v] = shape[..] else {
@@ -549,20 +564,20 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
                 be,
                 chunk,
                 bv,
-                threads,
+                chunkc::runtime::exec::Order { threads, time_block },
                 runs,
                 std::time::Duration::from_secs(1),
             )?;
             let chunk_shown = if be == Backend::Chunked { chunk.to_string() } else { "-".into() };
             if json {
                 println!(
-                    "{{\"rule\":\"{}\",\"backend\":\"{}\",\"chunk\":\"{chunk_shown}\",\"shape\":[{batch},{seq_len},{heads},{k},{v}],\"threads\":{threads},\"runs\":{},\"median_ms\":{:.4},\"token_heads_per_s\":{:.1},\"gflops\":{:.3}}}",
-                    loaded.rule.name, be.name(), m.runs, m.median.as_secs_f64() * 1e3, m.token_heads_per_s(), m.gflops()
+                    "{{\"rule\":\"{}\",\"backend\":\"{}\",\"chunk\":\"{chunk_shown}\",\"shape\":[{batch},{seq_len},{heads},{k},{v}],\"threads\":{threads},\"time_block\":{time_block},\"runs\":{},\"median_ms\":{:.4},\"best_ms\":{:.4},\"token_heads_per_s\":{:.1},\"gflops\":{:.3}}}",
+                    loaded.rule.name, be.name(), m.runs, m.median.as_secs_f64() * 1e3, m.best.as_secs_f64() * 1e3, m.token_heads_per_s(), m.gflops()
                 );
             } else {
                 println!(
-                    "{} {} chunk {chunk_shown}, B={batch} T={seq_len} H={heads} K={k} V={v}, {threads} thread(s): median {:.2} ms of {} runs, {:.3} M token-heads/s, {:.1} GFLOP/s (FLOP count: `chunkc bench --help`)",
-                    loaded.rule.name, be.name(), m.median.as_secs_f64() * 1e3, m.runs, m.token_heads_per_s() / 1e6, m.gflops()
+                    "{} {} chunk {chunk_shown}, B={batch} T={seq_len} H={heads} K={k} V={v}, {threads} thread(s): median {:.2} ms (best {:.2}) of {} runs, {:.3} M token-heads/s, {:.1} GFLOP/s (FLOP count: `chunkc bench --help`)",
+                    loaded.rule.name, be.name(), m.median.as_secs_f64() * 1e3, m.best.as_secs_f64() * 1e3, m.runs, m.token_heads_per_s() / 1e6, m.gflops()
                 );
             }
             Ok(ExitCode::SUCCESS)

@@ -154,6 +154,8 @@ pub struct Plan {
     pub k: usize,
     pub v: usize,
     pub threads: usize,
+    /// Tokens per time block of the CPU executor (0: head by head).
+    pub time_block: usize,
     pub seed: u64,
     /// Columns of V per grid point of every kernel (`--bv`); None means the whole V.
     pub bv: Option<usize>,
@@ -224,6 +226,7 @@ pub fn verify(rule: &Rule, plan: &Plan, mut progress: impl FnMut(&Row)) -> Resul
                     engine,
                     chunk: chunk.unwrap_or(64),
                     threads: plan.threads,
+                    time_block: plan.time_block,
                     scale: None,
                     bv: plan.bv,
                 };

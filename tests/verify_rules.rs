@@ -26,6 +26,7 @@ fn every_rule_passes_the_default_verify_sweep() {
             k: 32,
             v: 40,
             threads: 0,
+            time_block: chunkc::runtime::exec::DEFAULT_TIME_BLOCK,
             seed: 1,
             bv: None,
         };

@@ -14,23 +14,13 @@ use chunkc::dsl::reference::Dims;
 use chunkc::gpu::Device;
 use chunkc::verify::{random_inputs, rel_rms, tolerance};
 use chunkc::Precision;
-use std::path::PathBuf;
+mod common;
+
+use common::rule_paths as rules;
 
 /// Small enough for the simulator; T = 37 is 2 x 16 + 5.
 const DIMS: Dims = Dims { batch: 2, seq_len: 37, heads: 2, k: 16, v: 16 };
 const CHUNK: usize = 16;
-
-fn rules() -> Vec<PathBuf> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("rules");
-    let mut paths: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .expect("rules/")
-        .map(|e| e.expect("entry").path())
-        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
-        .collect();
-    paths.sort();
-    assert!(paths.len() >= 11, "expected the 11 built-in rules");
-    paths
-}
 
 fn sim(precision: Precision) -> Engine {
     Engine::Ptx { device: Device::Sim, target: Sm::Sm90, precision }
@@ -179,7 +169,7 @@ fn a_few_v_tile_kernels_assemble_without_spills() {
     let dims = Dims { batch: 1, seq_len: 1, heads: 2, k: 64, v: 64 };
     let schedules = [PtxSchedule::default(), PtxSchedule::with_dot(DotPrecision::Bf16)];
     for name in ["gated_delta_rule", "gla", "kda"] {
-        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("rules/{name}.toml"));
+        let path = common::root().join(format!("rules/{name}.toml"));
         let loaded = chunkc::load_rule(&path).expect("rule");
         for (backend, chunk) in [(Backend::Recurrent, 64), (Backend::Chunked, 64)] {
             let k = build_kernel_tiled(&loaded.rule, backend, shape_of(&dims, None), chunk, ElemType::F32, Some(32))

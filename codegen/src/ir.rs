@@ -114,6 +114,16 @@ impl Idx {
         Idx::CeilDiv(Box::new(self), d)
     }
 
+    /// Whether the expression reads variable `v`.
+    pub fn uses(&self, v: IdxVar) -> bool {
+        match self {
+            Idx::Var(x) => *x == v,
+            Idx::Const(_) => false,
+            Idx::Add(a, b) | Idx::Sub(a, b) | Idx::Mul(a, b) | Idx::Min(a, b) => a.uses(v) || b.uses(v),
+            Idx::CeilDiv(a, _) => a.uses(v),
+        }
+    }
+
     /// Evaluates with the given variable values.
     pub fn eval(&self, var: &dyn Fn(IdxVar) -> i64) -> i64 {
         match self {

@@ -13,3 +13,4 @@ pub mod lower;
 pub mod plan;
 pub mod print;
 pub mod ptx;
+pub mod resume;

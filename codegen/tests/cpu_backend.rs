@@ -11,7 +11,7 @@ use chunkc_codegen::builder::Builder;
 use chunkc_codegen::cpu::{compile, compile_with, CpuCompiled, Simd};
 use chunkc_codegen::interp;
 use chunkc_codegen::ir::*;
-use chunkc_runtime::exec::{launch, Buffer, CpuKernel};
+use chunkc_runtime::exec::{launch, Buffer, CpuKernel, Order};
 
 // ---- harness ---------------------------------------------------------------------------------
 
@@ -746,7 +746,16 @@ fn launch_over_a_grid_on_three_threads() {
     let c = compile(&k).unwrap();
     let xs = Rng::new(16).vec(batch * heads * per, 0.5);
     let mut got = vec![f32::NAN; batch * heads * per];
-    unsafe { launch(&c, &mut [Buffer::In(&xs), Buffer::Out(&mut got)], batch, heads, seq as usize, 3) };
+    unsafe {
+        launch(
+            &c,
+            &mut [Buffer::In(&xs), Buffer::Out(&mut got)],
+            batch,
+            heads,
+            seq as usize,
+            Order { threads: 3, time_block: 0 },
+        )
+    };
     let mut want = vec![f32::NAN; batch * heads * per];
     for bi in 0..batch as i64 {
         for hi in 0..heads as i64 {

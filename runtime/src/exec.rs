@@ -1,6 +1,14 @@
 //! The CPU executor: runs a compiled kernel over the (batch, head, V-tile) grid on worker
-//! threads, which take grid points one at a time from a shared counter (so T threads never
-//! run more than T points at once, whatever the split).
+//! threads, never more threads than grid points.
+//!
+//! Two orders. Head by head: workers take grid points one at a time from a shared counter
+//! and run each point's whole sequence. Time blocks (for a [`Resume`]-able kernel and a
+//! sequence longer than the block): each worker owns a fixed share of the points and runs
+//! the first block of tokens of each of them, then the next block of each, and so on, the
+//! state going from one call to the next through the state-out buffer. The inputs are
+//! `[B, T, H, K]`, so one token's rows of all heads share a page: walking the heads inside a
+//! block uses each page (and its TLB entry) while it is still cached, where the head-by-head
+//! order comes back to it only after the whole sequence of a head.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -39,6 +47,62 @@ pub trait CpuKernel: Send + Sync {
         // SAFETY: the caller upholds `call`'s contract.
         unsafe { self.call(params, batch, head, seq_len, workspace) }
     }
+    /// How the kernel's sequence loop may run in pieces, or None when it must run whole.
+    fn resume(&self) -> Option<&Resume> {
+        None
+    }
+    /// Runs iterations `range` = `[begin, end)` (clamped to the loop's count) of grid point
+    /// `[batch, head, vtile]`.
+    ///
+    /// # Safety
+    /// As [`CpuKernel::call_tile`]; a call with `begin > 0` must get, in place of every
+    /// state-in parameter of [`CpuKernel::resume`], the state-out buffer that the call for
+    /// the iterations before `begin` wrote. Only meaningful when `resume` is Some.
+    unsafe fn call_range(
+        &self,
+        params: *const *mut f32,
+        [batch, head, vtile]: [i64; 3],
+        seq_len: i64,
+        range: (i64, i64),
+        workspace: *mut u8,
+    ) {
+        debug_assert!(range.0 == 0 && range.1 == i64::MAX, "a kernel without `resume` runs whole");
+        // SAFETY: the caller upholds `call_tile`'s contract.
+        unsafe { self.call_tile(params, batch, head, vtile, seq_len, workspace) }
+    }
+}
+
+/// How a kernel's sequence loop can run in pieces (the compiler proves it exact: chunkc-codegen's
+/// `resume` module).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Resume {
+    /// (state-in parameter, state-out parameter) per carried value: a call that resumes at
+    /// iteration `m > 0` gets the state-out buffer in place of the state-in one.
+    pub state: Vec<(usize, usize)>,
+    /// Tokens one loop iteration covers (the chunk size; 1 for a token-by-token loop).
+    pub tokens_per_iteration: usize,
+}
+
+/// Tokens per time block of [`launch`]'s blocked order when the caller has no preference:
+/// 4 chunks of 64. Measured on gla and simple_gla at B1 T2048 H8 K=V=128 (docs/performance.md):
+/// 2 to 8 chunks of 64 are within a few percent of each other; 1 chunk and 16 lose most of
+/// the gain.
+pub const DEFAULT_TIME_BLOCK: usize = 256;
+
+/// How [`launch`] walks the grid.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Order {
+    /// Worker threads (at least 1 is used; never more than grid points).
+    pub threads: usize,
+    /// Tokens per time block; 0 runs each grid point's whole sequence at once (head by head).
+    pub time_block: usize,
+}
+
+impl Order {
+    /// `threads` workers in time blocks of [`DEFAULT_TIME_BLOCK`] tokens.
+    pub fn threads(threads: usize) -> Order {
+        Order { threads, time_block: DEFAULT_TIME_BLOCK }
+    }
 }
 
 /// A buffer of f32 the executor hands to a kernel.
@@ -68,7 +132,7 @@ pub fn default_threads() -> usize {
 }
 
 /// Runs `kernel` for every (b, h, vt) in `batch x heads x kernel.vtiles()` on up to `threads`
-/// threads.
+/// threads, in time blocks where the kernel allows it (see the module doc).
 ///
 /// # Safety
 /// The buffers must be large enough for every access the kernel makes for these grid
@@ -79,8 +143,9 @@ pub unsafe fn launch(
     batch: usize,
     heads: usize,
     seq_len: usize,
-    threads: usize,
+    order: Order,
 ) {
+    let Order { threads, time_block } = order;
     let ptrs = SendPtrs(buffers.iter_mut().map(|b| b.ptr()).collect());
     let vtiles = kernel.vtiles().max(1);
     let points = batch * heads * vtiles;
@@ -88,20 +153,44 @@ pub unsafe fn launch(
     let next = AtomicUsize::new(0);
     let bytes = kernel.workspace_bytes().max(64);
     let ptrs = &ptrs;
-    let work = |_: usize| {
+    // V-tiles of one head are adjacent, so neighbouring points share K-side loads.
+    let point = |p: usize| {
+        let (bh, vt) = (p / vtiles, p % vtiles);
+        ((bh / heads) as i64, (bh % heads) as i64, vt as i64)
+    };
+    let blocked = kernel.resume().filter(|r| time_block > 0 && seq_len > time_block && r.tokens_per_iteration > 0);
+    let work = |worker: usize| {
         // u128-aligned scratch, rounded up; 64-byte alignment from over-allocation.
         let mut scratch = vec![0u8; bytes + 64];
         let off = scratch.as_ptr().align_offset(64);
         let ws = unsafe { scratch.as_mut_ptr().add(off) };
+        if let Some(resume) = blocked {
+            let per_block = (time_block / resume.tokens_per_iteration).max(1) as i64;
+            let iterations = seq_len.div_ceil(resume.tokens_per_iteration) as i64;
+            let mine = worker * points / threads..(worker + 1) * points / threads;
+            let mut resumed = ptrs.0.clone();
+            for &(state_in, state_out) in &resume.state {
+                resumed[state_in] = ptrs.0[state_out];
+            }
+            let mut begin = 0;
+            while begin < iterations {
+                let params = if begin == 0 { &ptrs.0 } else { &resumed };
+                for p in mine.clone() {
+                    let (b, h, vt) = point(p);
+                    let range = (begin, begin + per_block);
+                    unsafe { kernel.call_range(params.as_ptr(), [b, h, vt], seq_len as i64, range, ws) };
+                }
+                begin += per_block;
+            }
+            return;
+        }
         loop {
             let p = next.fetch_add(1, Ordering::Relaxed);
             if p >= points {
                 break;
             }
-            // V-tiles of one head are adjacent, so neighbouring points share K-side loads.
-            let (bh, vt) = (p / vtiles, p % vtiles);
-            let (b, h) = (bh / heads, bh % heads);
-            unsafe { kernel.call_tile(ptrs.0.as_ptr(), b as i64, h as i64, vt as i64, seq_len as i64, ws) };
+            let (b, h, vt) = point(p);
+            unsafe { kernel.call_tile(ptrs.0.as_ptr(), b, h, vt, seq_len as i64, ws) };
         }
     };
     if threads == 1 {

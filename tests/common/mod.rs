@@ -88,3 +88,15 @@ pub fn check_every_golden(dir: &Path, tag: &str, configs: &[Vec<&str>], toleranc
     println!("{tag}: worst rel RMS error {worst:.2e} over {checked} runs (tolerance {tolerance:.0e})");
     assert!(failures.is_empty(), "{} of {checked} golden runs failed:\n{}", failures.len(), failures.join("\n"));
 }
+
+/// The rule files in rules/, sorted (all 11 built-in ones at least).
+pub fn rule_paths() -> Vec<PathBuf> {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(root().join("rules"))
+        .expect("rules/")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    paths.sort();
+    assert!(paths.len() >= 11, "expected the 11 built-in rules");
+    paths
+}

@@ -157,16 +157,6 @@ impl Ex {
     }
 }
 
-/// Whether an index expression reads the loop counter.
-fn uses_iter(e: &Idx) -> bool {
-    match e {
-        Idx::Var(v) => *v == IdxVar::Iter,
-        Idx::Const(_) => false,
-        Idx::Add(a, b) | Idx::Sub(a, b) | Idx::Mul(a, b) | Idx::Min(a, b) => uses_iter(a) || uses_iter(b),
-        Idx::CeilDiv(a, _) => uses_iter(a),
-    }
-}
-
 /// Bytes in one SIMD vector.
 const VBYTES: i64 = 16;
 
@@ -188,6 +178,8 @@ pub(super) struct Lower<'a, 'f> {
     seq_len: Value,
     /// V-tile of the grid point (0 for a kernel over the whole V).
     vtile: Value,
+    /// `[first, end)` of the loop's iterations for this call (clamped to `[0, count)`).
+    iters: (Value, Value),
     iter: Variable,
     /// Whether a `Loop` body is being lowered (loads there prefetch one iteration ahead).
     in_loop: bool,
@@ -215,9 +207,9 @@ impl<'a, 'f> Lower<'a, 'f> {
         plan: &'a Plan,
         math: &'a MathFns,
         fma: bool,
-        abi: [Value; 6],
+        abi: [Value; 8],
     ) {
-        let [params_ptr, batch, head, seq_len, ws, vtile] = abi;
+        let [params_ptr, batch, head, seq_len, ws, vtile, first_iter, end_iter] = abi;
         let flags = MemFlagsData::new().with_notrap();
         let params = (0..kernel.params.len())
             .map(|p| b.ins().load(types::I64, flags.with_readonly(), params_ptr, (p * 8) as i32))
@@ -238,6 +230,7 @@ impl<'a, 'f> Lower<'a, 'f> {
             head,
             seq_len,
             vtile,
+            iters: (first_iter, end_iter),
             iter,
             in_loop: false,
             next_loop: 0,
@@ -596,7 +589,7 @@ impl<'a, 'f> Lower<'a, 'f> {
                 Stmt::Let { id, op } => self.op(*id, op),
                 Stmt::Store { value, param, base, row_stride, col_stride, valid_rows } => {
                     let ty = self.kernel.ty(*value);
-                    if self.in_loop && *col_stride == 1 && uses_iter(base) {
+                    if self.in_loop && *col_stride == 1 && base.uses(IdxVar::Iter) {
                         // The same rows one chunk ahead: their lines then come in (and their
                         // pages are walked) while this chunk computes, not at the store.
                         self.prefetch_next(*param, base, *row_stride, ty.rows, ty.cols, valid_rows);
@@ -628,8 +621,12 @@ impl<'a, 'f> Lower<'a, 'f> {
                         self.copy(ty, src, dst);
                         dsts.push(lp.carried[k]);
                     }
+                    // The iterations this call runs (all of them unless the executor resumes).
+                    let (first, end) = self.iters;
                     let zero = self.iconst(0);
-                    self.for_loop(zero, n, &[], &mut |l, it, _| {
+                    let first = self.b.ins().smax(first, zero);
+                    let end = self.b.ins().smin(end, n);
+                    self.for_loop(first, end, &[], &mut |l, it, _| {
                         l.b.def_var(l.iter, it);
                         l.in_loop = true;
                         l.block(body);
@@ -692,7 +689,7 @@ impl<'a, 'f> Lower<'a, 'f> {
         let out = self.val(id);
         match op {
             Op::Load { param, base, row_stride, col_stride, rows, cols, valid_rows, .. } => {
-                if self.in_loop && *col_stride == 1 && uses_iter(base) {
+                if self.in_loop && *col_stride == 1 && base.uses(IdxVar::Iter) {
                     self.prefetch_next(*param, base, *row_stride, *rows, *cols, valid_rows);
                 }
                 let src = self.global(*param, base, *row_stride, *col_stride);

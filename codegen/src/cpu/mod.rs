@@ -6,8 +6,11 @@
 //!
 //! ```text
 //! extern "C" fn(params: *const *mut f32, batch: i64, head: i64, seq_len: i64, workspace: *mut u8,
-//!                vtile: i64)
+//!                vtile: i64, first_iter: i64, end_iter: i64)
 //! ```
+//!
+//! where the kernel's loop runs iterations `[first_iter, min(end_iter, count))` (the whole
+//! loop is `(0, i64::MAX)`; a kernel that `resume.rs` proves resumable may run in pieces).
 //!
 //! The result implements [`CpuKernel`], so `chunkc_runtime::exec::launch` can run it over
 //! the (batch, head, V-tile) grid. Results agree with the interpreter (`interp.rs`) exactly for
@@ -34,7 +37,7 @@ mod vmath;
 
 use std::fmt;
 
-use chunkc_runtime::exec::CpuKernel;
+use chunkc_runtime::exec::{CpuKernel, Resume};
 use cranelift_codegen::ir::{types, AbiParam, UserFuncName};
 use cranelift_codegen::settings::{self, Configurable};
 use cranelift_codegen::Context;
@@ -65,7 +68,7 @@ impl From<LayoutError> for CodegenError {
 }
 
 /// The generated function's type.
-type KernelFn = unsafe extern "C" fn(*const *mut f32, i64, i64, i64, *mut u8, i64);
+type KernelFn = unsafe extern "C" fn(*const *mut f32, i64, i64, i64, *mut u8, i64, i64, i64);
 
 /// A kernel compiled to native code. Owns the JIT memory, which lives as long as this value.
 pub struct CpuCompiled {
@@ -74,6 +77,8 @@ pub struct CpuCompiled {
     workspace: usize,
     /// V-tiles per head of the kernel (1 unless it splits V).
     vtiles: usize,
+    /// Whether and how the loop may run in pieces (`resume.rs`).
+    resume: Option<Resume>,
     name: String,
 }
 
@@ -129,8 +134,25 @@ impl CpuKernel for CpuCompiled {
         workspace: *mut u8,
     ) {
         // SAFETY: the caller upholds `CpuKernel::call_tile`'s contract, which is exactly what
-        // the generated code needs.
-        unsafe { (self.func)(params, batch, head, seq_len, workspace, vtile) }
+        // the generated code needs for the whole loop.
+        unsafe { (self.func)(params, batch, head, seq_len, workspace, vtile, 0, i64::MAX) }
+    }
+
+    fn resume(&self) -> Option<&Resume> {
+        self.resume.as_ref()
+    }
+
+    unsafe fn call_range(
+        &self,
+        params: *const *mut f32,
+        [batch, head, vtile]: [i64; 3],
+        seq_len: i64,
+        range: (i64, i64),
+        workspace: *mut u8,
+    ) {
+        // SAFETY: `call_range`'s contract: `call_tile`'s, plus the resumed state in place of
+        // the state-in buffers, which is what makes a partial range exact (`resume.rs`).
+        unsafe { (self.func)(params, batch, head, seq_len, workspace, vtile, range.0, range.1) }
     }
 }
 
@@ -201,6 +223,7 @@ pub fn compile_with(kernel: &Kernel, simd: Simd) -> Result<CpuCompiled, CodegenE
         func,
         workspace: plan.bytes,
         vtiles: kernel.vtiles,
+        resume: crate::resume::analyse(kernel),
         name: kernel.name.clone(),
     })
 }
@@ -344,9 +367,10 @@ fn build(
         math.gated = Some([fs[0], fs[1]]);
     }
 
-    // (params, batch, head, seq_len, workspace, vtile): pointers and indices are all 64-bit.
+    // (params, batch, head, seq_len, workspace, vtile, first_iter, end_iter): pointers and
+    // indices are all 64-bit.
     let mut sig = module.make_signature();
-    sig.params.extend([AbiParam::new(types::I64); 6]);
+    sig.params.extend([AbiParam::new(types::I64); 8]);
     let id = module.declare_function(&format!("chunkc_{}", kernel.name), Linkage::Local, &sig).map_err(merr)?;
     ctx.func.signature = sig;
     ctx.func.name = UserFuncName::user(0, id.as_u32());
@@ -359,7 +383,7 @@ fn build(
     b.append_block_params_for_function_params(entry);
     b.switch_to_block(entry);
     let p = b.block_params(entry);
-    let abi = [p[0], p[1], p[2], p[3], p[4], p[5]];
+    let abi = [p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]];
     Lower::run(&mut b, kernel, fusion, plan, &math, fma, abi);
     b.seal_all_blocks();
     b.finalize(config);

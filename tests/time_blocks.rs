@@ -1,0 +1,65 @@
+//! The CPU executor's time-block order (`--time-block`, runtime/src/exec.rs): every head's
+//! first block of tokens, then every head's next block, with the state handed from call to
+//! call through hT. Resuming is exact by construction (codegen/src/resume.rs), so the
+//! outputs must be bit-identical to the head-by-head order, for every rule, both kernels,
+//! block sizes that do and do not divide T or match the chunk, V-tiles and 1 or 2 threads.
+//! The block order must also really be taken: every built-in kernel is resumable.
+
+mod common;
+
+use chunkc::backend::{build_kernel_tiled, run, shape_of, Backend, Options};
+use chunkc::codegen::ir::ElemType;
+use chunkc::codegen::resume;
+use chunkc::dsl::reference::Dims;
+use chunkc::verify::random_inputs;
+
+/// T = 300 is not a multiple of any chunk below, and longer than every block but the last.
+const DIMS: Dims = Dims { batch: 2, seq_len: 300, heads: 3, k: 16, v: 24 };
+
+#[test]
+fn every_built_in_kernel_can_run_in_time_blocks() {
+    for path in common::rule_paths() {
+        let rule = chunkc::load_rule(&path).unwrap_or_else(|e| panic!("{e}")).rule;
+        for (backend, chunk, tokens) in
+            [(Backend::Recurrent, 64, 1), (Backend::Chunked, 16, 16), (Backend::Chunked, 64, 64)]
+        {
+            let k = build_kernel_tiled(&rule, backend, shape_of(&DIMS, None), chunk, ElemType::F32, None)
+                .unwrap_or_else(|e| panic!("{}: {e}", rule.name));
+            let r = resume::analyse(&k).unwrap_or_else(|| panic!("{} is not resumable", k.name));
+            assert_eq!(r.tokens_per_iteration, tokens, "{}", k.name);
+            let names: Vec<(&str, &str)> =
+                r.state.iter().map(|&(i, o)| (k.params[i].name.as_str(), k.params[o].name.as_str())).collect();
+            assert_eq!(names, [("h0", "hT")], "{}", k.name);
+        }
+    }
+}
+
+#[test]
+fn time_blocks_give_the_same_bits_as_head_by_head() {
+    let mut compared = 0;
+    for path in common::rule_paths() {
+        let rule = chunkc::load_rule(&path).unwrap_or_else(|e| panic!("{e}")).rule;
+        let inputs = random_inputs(&rule, &DIMS, 5);
+        for (backend, chunk) in [(Backend::Recurrent, 64), (Backend::Chunked, 16), (Backend::Chunked, 64)] {
+            for bv in [None, Some(DIMS.v / 3)] {
+                let opts =
+                    |time_block, threads| Options { backend, chunk, bv, time_block, threads, ..Default::default() };
+                let whole = run(&rule, &inputs, "random", &opts(0, 1)).unwrap_or_else(|e| panic!("{}: {e}", rule.name));
+                assert!(whole.o.data.iter().chain(&whole.ht.data).all(|x| x.is_finite()), "{}", rule.name);
+                for (time_block, threads) in [(1, 1), (chunk, 2), (3 * chunk, 1), (100, 2), (256, 1), (299, 2)] {
+                    let got = run(&rule, &inputs, "random", &opts(time_block, threads))
+                        .unwrap_or_else(|e| panic!("{}: {e}", rule.name));
+                    let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+                    assert!(
+                        same(&got.o.data, &whole.o.data) && same(&got.ht.data, &whole.ht.data),
+                        "{} {} chunk {chunk} bv {bv:?}: time block {time_block} on {threads} thread(s) differs",
+                        rule.name,
+                        backend.name()
+                    );
+                    compared += 1;
+                }
+            }
+        }
+    }
+    println!("{compared} runs bit-identical to the head-by-head order");
+}
