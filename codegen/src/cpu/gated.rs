@@ -307,7 +307,122 @@ pub(super) mod x86 {
     ) {
         let g = Args::new(n, c, a, a_rs, ga, ga_rs, b, b_rs, gb, gb_rs, out, out_rs, out_cs, strict);
         // SAFETY: the caller's contract; the host has AVX-512F (checked by `select`).
-        unsafe { g.each(|i, j| dot16::<G64>(&g, i, j)) }
+        unsafe {
+            if !factored16::<G64>(&g) {
+                g.each(|i, j| dot16::<G64>(&g, i, j))
+            }
+        }
+    }
+
+    /// Largest `|gate - reference|` for which [`factored16`] splits the exponent: the factors
+    /// then lie in `[e^-12, e^12]` (no overflow, no denormals for any `a`, `b` within 1e25 of
+    /// 1), and rounding each exponent to f32 costs at most `12 * 2^-24` relative (7e-7) per
+    /// factor.
+    const SPLIT_RANGE: f32 = 12.0;
+    /// Columns of `c` per pass of [`factored16`] (its scaled operands live on the stack).
+    const SPLIT_COLS: usize = 64;
+
+    /// `out` as one small matrix product when the exponents allow it (else false, `out` not
+    /// written): with `r[c]` the gate of row `n / 2` of `ga`,
+    /// `e^(ga[i,c] - gb[j,c]) = e^(ga[i,c] - r[c]) * e^(r[c] - gb[j,c])`, so
+    /// `out = (a * e^(ga - r)) (b * e^(r - gb))^T`, masked to the kept `(i, j)`: 2 n c
+    /// exponentials instead of about n^2 c / 2. Taken only for `n <= 16` and when every
+    /// `|ga - r|` and `|r - gb|` (as the f32 exponents the factors use) is at most
+    /// [`SPLIT_RANGE`] (a NaN gate fails the test);
+    /// otherwise the pairwise form, which never forms a factor above 1 for the kept elements,
+    /// is the one that cannot overflow.
+    ///
+    /// # Safety
+    /// As [`gated_avx512`]'s operands.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn factored16<const G64: bool>(g: &Args) -> bool {
+        let (n, c) = (g.n, g.c);
+        if n == 0 || n > 16 || c == 0 {
+            return false;
+        }
+        let mid = n / 2;
+        let gs = if G64 { 8 } else { 4 };
+        // SAFETY (whole body): reads of rows < n at columns < c of the operands (masked at
+        // the tail), writes to the stack buffers in bounds, and `out` at kept and dropped
+        // (i, j) < n (the caller's contract).
+        unsafe {
+            let mut acc = [_mm512_setzero_ps(); 16];
+            // a and b scaled, row-major [i][c] (rows past n stay zero); b transposed, [c][j]
+            // with 16 lanes of j.
+            let mut sa = [0f32; 16 * SPLIT_COLS];
+            let mut sb = [0f32; 16 * SPLIT_COLS];
+            let mut sbt = [0f32; SPLIT_COLS * 16];
+            let rrow = grow::<G64>(g.ga, mid, g.ga_rs);
+            let range = _mm512_set1_ps(SPLIT_RANGE);
+            let mut q0 = 0;
+            while q0 < c {
+                let w = (c - q0).min(SPLIT_COLS);
+                for i in 0..n {
+                    let (ap, gap) = (g.a.add(i * g.a_rs), grow::<G64>(g.ga, i, g.ga_rs));
+                    let (bp, gbp) = (g.b.add(i * g.b_rs), grow::<G64>(g.gb, i, g.gb_rs));
+                    let mut q = 0;
+                    while q < w {
+                        let m: __mmask16 = if w - q >= 16 { !0 } else { ((1u32 << (w - q)) - 1) as __mmask16 };
+                        let at = (q0 + q) * gs;
+                        let (xa, xb) =
+                            (diff16::<G64>(gap.add(at), rrow.add(at), m), diff16::<G64>(rrow.add(at), gbp.add(at), m));
+                        // |x| <= range, false for NaN; masked-off lanes are 0 and pass.
+                        let ok = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(_mm512_abs_ps(xa), range)
+                            & _mm512_cmp_ps_mask::<_CMP_LE_OQ>(_mm512_abs_ps(xb), range);
+                        if ok != !0 {
+                            return false;
+                        }
+                        let (ea, eb) = (exp16(xa), exp16(xb));
+                        let va = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, ap.add(q0 + q)), ea);
+                        let vb = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, bp.add(q0 + q)), eb);
+                        _mm512_storeu_ps(sa.as_mut_ptr().add(i * SPLIT_COLS + q), va);
+                        _mm512_storeu_ps(sb.as_mut_ptr().add(i * SPLIT_COLS + q), vb);
+                        q += 16;
+                    }
+                }
+                crate::cpu::gemm::x86::pack_t8(&mut sbt, sb.as_ptr(), SPLIT_COLS as isize, w, 16, 16);
+                // All 16 rows (those past n are zero in `sa`), so the accumulators stay in
+                // registers.
+                for q in 0..w {
+                    let bt = _mm512_loadu_ps(sbt.as_ptr().add(q * 16));
+                    for (i, acc) in acc.iter_mut().enumerate() {
+                        *acc = _mm512_fmadd_ps(_mm512_set1_ps(sa[i * SPLIT_COLS + q]), bt, *acc);
+                    }
+                }
+                q0 += w;
+            }
+            let mut row = [0f32; 16];
+            for (i, acc) in acc.iter().enumerate().take(n) {
+                _mm512_storeu_ps(row.as_mut_ptr(), *acc);
+                let kept = if g.strict { i } else { i + 1 };
+                for (j, v) in row.iter().enumerate().take(n) {
+                    let v = if j < kept { *v } else { 0.0 };
+                    *g.out.offset(i as isize * g.out_rs + j as isize * g.out_cs) = v;
+                }
+            }
+        }
+        true
+    }
+
+    /// Whether [`gated_avx512`] takes the factored form for these operands (f64 gates,
+    /// contiguous rows of `c`); writes `out` as it would. For tests.
+    ///
+    /// # Safety
+    /// The host has AVX-512F; the slices hold `n x c` (`out` `n x n`).
+    #[cfg(test)]
+    pub(super) unsafe fn split_taken(
+        n: usize,
+        c: usize,
+        [a, b]: [&[f32]; 2],
+        [ga, gb]: [&[f64]; 2],
+        out: &mut [f32],
+        strict: bool,
+    ) -> bool {
+        let (ga, gb) = (ga.as_ptr() as *const u8, gb.as_ptr() as *const u8);
+        let (n, c) = (n as i64, c as i64);
+        let g = Args::new(n, c, a.as_ptr(), c, ga, c, b.as_ptr(), c, gb, c, out.as_mut_ptr(), n, 1, strict as i64);
+        // SAFETY: the caller's contract.
+        unsafe { factored16::<true>(&g) }
     }
 
     /// The difference of the gates at `x`, `y` in the lanes of `m` (others 0).
@@ -372,7 +487,7 @@ pub(super) mod x86 {
 
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
-    use super::x86::{exp16, exp8};
+    use super::x86::{exp16, exp8, gated_avx512, split_taken};
     use std::arch::x86_64::*;
 
     /// Max error in ulps of `exp` over every 61st f32 bit pattern plus edge cases (as
@@ -441,5 +556,114 @@ mod tests {
         });
         eprintln!("exp16: max error {worst:.3} ulp");
         assert!(worst <= 2.0, "exp16: {worst} ulp");
+    }
+
+    /// a, ga, b, gb.
+    type Operands = (Vec<f32>, Vec<f64>, Vec<f32>, Vec<f64>);
+
+    /// Random operands: gates a cumulative sum of log-gates whose steps are `-step * u`.
+    fn operands(n: usize, c: usize, step: f64, seed: u64) -> Operands {
+        let mut x = seed | 1;
+        let mut u = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 11) as f64 / (1u64 << 53) as f64
+        };
+        let a: Vec<f32> = (0..n * c).map(|_| (2.0 * u() - 1.0) as f32).collect();
+        let b: Vec<f32> = (0..n * c).map(|_| (2.0 * u() - 1.0) as f32).collect();
+        let mut g = vec![0.0f64; n * c];
+        for i in 0..n {
+            for q in 0..c {
+                let prev = if i == 0 { 0.0 } else { g[(i - 1) * c + q] };
+                g[i * c + q] = prev - step * u();
+            }
+        }
+        (a, g.clone(), b, g)
+    }
+
+    /// Worst |got - want| / sum |terms| over the kept elements, and whether the others are 0.
+    fn check(n: usize, c: usize, (a, ga, b, gb): &Operands, out: &[f32], strict: bool) -> f64 {
+        let mut worst = 0.0f64;
+        for i in 0..n {
+            for j in 0..n {
+                let kept = if strict { j < i } else { j <= i };
+                let got = out[i * n + j] as f64;
+                if !kept {
+                    assert_eq!(got, 0.0, "({i}, {j}) is not kept");
+                    continue;
+                }
+                let terms =
+                    (0..c).map(|q| a[i * c + q] as f64 * b[j * c + q] as f64 * (ga[i * c + q] - gb[j * c + q]).exp());
+                let (want, mag) = terms.fold((0.0, 0.0), |(s, m), t| (s + t, m + t.abs()));
+                worst = worst.max((got - want).abs() / mag.max(1e-30));
+            }
+        }
+        worst
+    }
+
+    #[test]
+    fn the_factored_form_is_taken_when_the_exponents_are_small_and_matches_f64() {
+        if !is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        for (n, c) in [(1, 1), (5, 17), (16, 64), (16, 130), (12, 128)] {
+            for strict in [false, true] {
+                // Steps up to 1.4 keep every exponent within 12 of row n/2's for n <= 16.
+                let ops = operands(n, c, 1.4, (n * 1000 + c) as u64);
+                let (a, ga, b, gb) = &ops;
+                let mut out = vec![f32::NAN; n * n];
+                // SAFETY: AVX-512F checked; the slices have the sizes passed.
+                assert!(unsafe { split_taken(n, c, [a, b], [ga, gb], &mut out, strict) }, "n {n} c {c}");
+                let worst = check(n, c, &ops, &out, strict);
+                assert!(worst < 2e-6, "n {n} c {c} strict {strict}: {worst:e}");
+                // The entry point gives the same bits.
+                let mut via = vec![f32::NAN; n * n];
+                let (pa, pb) = (ga.as_ptr() as *const u8, gb.as_ptr() as *const u8);
+                let (ni, ci) = (n as i64, c as i64);
+                // SAFETY: as above.
+                unsafe {
+                    gated_avx512::<true>(
+                        ni,
+                        ci,
+                        a.as_ptr(),
+                        ci,
+                        pa,
+                        ci,
+                        b.as_ptr(),
+                        ci,
+                        pb,
+                        ci,
+                        via.as_mut_ptr(),
+                        ni,
+                        1,
+                        strict as i64,
+                    )
+                };
+                assert_eq!(
+                    via.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                    out.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn large_exponents_nan_gates_and_big_blocks_take_the_pairwise_form() {
+        if !is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        let n = 16;
+        let (a, mut ga, b, gb) = operands(n, 32, 3.0, 9);
+        let mut out = vec![f32::NAN; n * n];
+        // SAFETY (all three): AVX-512F checked; the slices have the sizes passed.
+        assert!(!unsafe { split_taken(n, 32, [&a, &b], [&ga, &gb], &mut out, false) }, "exponents up to 24 from row 8");
+        assert!(out.iter().all(|x| x.is_nan()), "a refused split writes nothing");
+        ga[3] = f64::NAN;
+        let (a1, _, b1, gb1) = operands(n, 32, 0.1, 9);
+        assert!(!unsafe { split_taken(n, 32, [&a1, &b1], [&ga, &gb1], &mut out, false) }, "a NaN gate");
+        let (a2, ga2, b2, gb2) = operands(17, 8, 0.1, 9);
+        let mut out2 = vec![f32::NAN; 17 * 17];
+        assert!(!unsafe { split_taken(17, 8, [&a2, &b2], [&ga2, &gb2], &mut out2, false) }, "n = 17");
     }
 }

@@ -92,7 +92,7 @@ unsafe fn pack_b(out: &mut Vec<f32>, b: *const f32, rs: isize, cs: isize, k: usi
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(super) mod x86 {
     use super::{pack_b, PANEL};
     use std::arch::x86_64::*;
 
@@ -101,7 +101,7 @@ mod x86 {
     /// # Safety
     /// `b` readable at those offsets, `out` at least `k * np` long, `np >= n`.
     #[target_feature(enable = "avx")]
-    pub(super) unsafe fn pack_t8(out: &mut [f32], b: *const f32, cs: isize, k: usize, n: usize, np: usize) {
+    pub(in crate::cpu) unsafe fn pack_t8(out: &mut [f32], b: *const f32, cs: isize, k: usize, n: usize, np: usize) {
         debug_assert!(out.len() >= k * np && np >= n);
         let o = out.as_mut_ptr();
         // SAFETY (whole body): reads of b[p + j*cs] and writes of out[p*np + j] with p < k,
