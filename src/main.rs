@@ -335,10 +335,12 @@ enum Command {
     /// and their product with the values) + 4 K V (state update and inter-chunk read); the
     /// recurrent kernel is counted at 4 K V. Delta rules do more work than this count.
     ///
-    /// Timed: one kernel launch over the (batch, head) grid (the workers' scratch allocation,
-    /// thread start-up and the kernel calls). Not timed: generating the random inputs, the
-    /// compile, and allocating the outputs, which are NaN-poisoned once before an untimed
-    /// warm-up run that must write every element; later runs overwrite the same buffers.
+    /// Timed: one kernel launch over the (batch, head, V-tile) grid in the --time-block order
+    /// (the workers' scratch allocation, thread start-up and the kernel calls). Not timed:
+    /// generating the random inputs, the compile, and allocating the outputs, which are
+    /// NaN-poisoned once before an untimed warm-up run that must write every element; later
+    /// runs overwrite the same buffers. The best run is printed beside the median: on a
+    /// shared machine it is the least disturbed one.
     Bench {
         rule: PathBuf,
         /// B,T,H,K,V
