@@ -14,7 +14,7 @@ use chunkc::gpu::Device;
 use chunkc::runtime::cuda;
 use chunkc::verify::{random_inputs, rel_rms, Rng, F32_TOLERANCE};
 use chunkc::Precision;
-use common::{check_every_golden, goldens_dir, root};
+use common::{check_every_golden, goldens_dir};
 
 #[test]
 fn cuda_backend_matches_the_goldens_and_the_reference() {
@@ -56,12 +56,7 @@ fn cuda_backend_matches_the_goldens_and_the_reference() {
 /// Four random shapes per rule; each runs the recurrent kernel and the chunked one at a
 /// random chunk on the device.
 fn random_shapes_agree_with_the_reference(target: Sm) {
-    let mut paths: Vec<_> = std::fs::read_dir(root().join("rules"))
-        .expect("rules/")
-        .map(|e| e.expect("entry").path())
-        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
-        .collect();
-    paths.sort();
+    let paths = common::rule_paths();
     let mut rng = Rng::new(0x6b75_6461);
     let mut pick = |lo: usize, hi: usize| lo + (rng.next_u64() % (hi - lo + 1) as u64) as usize;
     let engine = Engine::Ptx { device: Device::Cuda, target, precision: Precision::default() };
