@@ -3,9 +3,10 @@
 //!
 //! Two orders. Head by head: workers take grid points one at a time from a shared counter
 //! and run each point's whole sequence. Time blocks (for a [`Resume`]-able kernel and a
-//! sequence longer than the block): each worker owns a fixed share of the points and runs
-//! the first block of tokens of each of them, then the next block of each, and so on, the
-//! state going from one call to the next through the state-out buffer. The inputs are
+//! sequence longer than the block): the workers take (block, point) items from the counter,
+//! the first block of tokens of every point, then the next block of every point, and so on,
+//! the state going from one call to the next through the state-out buffer (a block waits for
+//! its point's previous block, which was taken earlier). The inputs are
 //! `[B, T, H, K]`, so one token's rows of all heads share a page: walking the heads inside a
 //! block uses each page (and its TLB entry) while it is still cached, where the head-by-head
 //! order comes back to it only after the whole sequence of a head.
@@ -159,28 +160,40 @@ pub unsafe fn launch(
         ((bh / heads) as i64, (bh % heads) as i64, vt as i64)
     };
     let blocked = kernel.resume().filter(|r| time_block > 0 && seq_len > time_block && r.tokens_per_iteration > 0);
-    let work = |worker: usize| {
+    let done: Vec<AtomicUsize> = (0..if blocked.is_some() { points } else { 0 }).map(|_| AtomicUsize::new(0)).collect();
+    let done = &done;
+    let work = |_: usize| {
         // u128-aligned scratch, rounded up; 64-byte alignment from over-allocation.
         let mut scratch = vec![0u8; bytes + 64];
         let off = scratch.as_ptr().align_offset(64);
         let ws = unsafe { scratch.as_mut_ptr().add(off) };
         if let Some(resume) = blocked {
-            let per_block = (time_block / resume.tokens_per_iteration).max(1) as i64;
-            let iterations = seq_len.div_ceil(resume.tokens_per_iteration) as i64;
-            let mine = worker * points / threads..(worker + 1) * points / threads;
+            let per_block = (time_block / resume.tokens_per_iteration).max(1);
+            let blocks = seq_len.div_ceil(resume.tokens_per_iteration).div_ceil(per_block);
             let mut resumed = ptrs.0.clone();
             for &(state_in, state_out) in &resume.state {
                 resumed[state_in] = ptrs.0[state_out];
             }
-            let mut begin = 0;
-            while begin < iterations {
-                let params = if begin == 0 { &ptrs.0 } else { &resumed };
-                for p in mine.clone() {
-                    let (b, h, vt) = point(p);
-                    let range = (begin, begin + per_block);
-                    unsafe { kernel.call_range(params.as_ptr(), [b, h, vt], seq_len as i64, range, ws) };
+            // Item k is block k / points of point k % points, taken in order from `next`, so a
+            // block's predecessor (item k - points) was taken earlier: waiting for it to
+            // finish (`done[p]` counts a point's finished blocks) cannot deadlock, and a slow
+            // worker just takes fewer items.
+            loop {
+                let k = next.fetch_add(1, Ordering::Relaxed);
+                if k >= blocks * points {
+                    break;
                 }
-                begin += per_block;
+                let (block, p) = (k / points, k % points);
+                while done[p].load(Ordering::Acquire) < block {
+                    std::hint::spin_loop();
+                }
+                let params = if block == 0 { &ptrs.0 } else { &resumed };
+                let (b, h, vt) = point(p);
+                let first = (block * per_block) as i64;
+                let range = (first, first + per_block as i64);
+                unsafe { kernel.call_range(params.as_ptr(), [b, h, vt], seq_len as i64, range, ws) };
+                // Release: the next block of p, on any worker, reads the state this one stored.
+                done[p].store(block + 1, Ordering::Release);
             }
             return;
         }
