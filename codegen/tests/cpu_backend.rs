@@ -646,6 +646,65 @@ fn loop_carrying_two_tiles_over_chunks_with_a_tail() {
     }
 }
 
+/// A decayed state scan as the chunked plans build it: `O = K S` (the old state) first, then
+/// `S' = K^T V + d * S` as the yield. The CPU backend computes `S'` straight into the carried
+/// region (cpu/inplace.rs) when nothing after the dot reads `S`; `read_old_state_late` adds a
+/// read of `S` after the dot (its row sums, stored), which must make it keep the copy. Both
+/// must match the interpreter, whose every value has its own storage.
+fn decayed_scan(read_old_state_late: bool) -> Kernel {
+    use IdxVar::*;
+    let (chunk, dk, dv) = (8usize, 16usize, 12usize);
+    let mut b = Builder::new("decayed");
+    let (pk, pv, ps0, po, ps, pz) = (
+        read(&mut b, "k"),
+        read(&mut b, "v"),
+        read(&mut b, "s0"),
+        write(&mut b, "o"),
+        write(&mut b, "s"),
+        write(&mut b, "z"),
+    );
+    let t = || Idx::var(SeqLen);
+    let start = || Idx::var(Iter).mul(Idx::c(chunk as i64));
+    let s0 = ld(&mut b, ps0, dk, dv);
+    let inner = b.begin_loop(t().ceil_div(chunk as i64), &[s0]);
+    let s = inner[0];
+    let valid = t().sub(start()).min(Idx::c(chunk as i64));
+    let kc = b.load(pk, start().mul(Idx::c(dk as i64)), dk as i64, 1, chunk, dk, valid.clone());
+    let vc = b.load(pv, start().mul(Idx::c(dv as i64)), dv as i64, 1, chunk, dv, valid.clone());
+    let o = b.dot(kc, s, false, false, None);
+    b.store(o, po, start().mul(Idx::c(dv as i64)), dv as i64, 1, valid);
+    let d = b.scalar(0.9);
+    let decayed = b.mul(s, d);
+    let s2 = b.dot(kc, vc, true, false, Some(decayed));
+    if read_old_state_late {
+        let z = b.row_sum(s);
+        b.store(z, pz, start().mul(Idx::c(dk as i64)), 1, 1, Idx::c(dk as i64));
+    }
+    let out = b.end_loop(&[s2]);
+    st(&mut b, out[0], ps);
+    b.finish()
+}
+
+#[test]
+fn a_state_update_in_place_matches_the_interpreter() {
+    let mut rng = Rng::new(21);
+    let (dk, dv, tmax) = (16, 12, 40);
+    for late in [false, true] {
+        let k = decayed_scan(late);
+        let ins = [
+            rng.vec(tmax * dk, 1.0),
+            rng.vec(tmax * dv, 1.0),
+            rng.vec(dk * dv, 1.0),
+            vec![0.0; tmax * dv],
+            vec![0.0; dk * dv],
+            vec![0.0; tmax * dk],
+        ];
+        for seq in [37, 8, 1] {
+            check_at(&format!("decayed late={late} T={seq}"), &k, &ins, (0, 0, seq), RTOL, sum_atol(tmax, 4.0));
+        }
+    }
+}
+
 #[test]
 fn loop_yields_that_alias_carried_values() {
     let mut rng = Rng::new(15);

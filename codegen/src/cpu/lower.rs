@@ -12,6 +12,7 @@ use cranelift_codegen::ir::{types, BlockArg, Endianness, FuncRef, InstBuilder, M
 use cranelift_frontend::{FunctionBuilder, Variable};
 
 use super::fuse::Fusion;
+use super::inplace;
 use super::vmath::VMath;
 use crate::ir::*;
 use crate::layout::{Plan, Storage, YieldCopy};
@@ -180,6 +181,9 @@ pub(super) struct Lower<'a, 'f> {
     vtile: Value,
     /// `[first, end)` of the loop's iterations for this call (clamped to `[0, count)`).
     iters: (Value, Value),
+    /// A loop's state update computed straight into its carried region (`inplace.rs`):
+    /// (the value, the region it is written to instead of its own).
+    in_place: Option<(ValueId, Storage)>,
     iter: Variable,
     /// Whether a `Loop` body is being lowered (loads there prefetch one iteration ahead).
     in_loop: bool,
@@ -231,6 +235,7 @@ impl<'a, 'f> Lower<'a, 'f> {
             seq_len,
             vtile,
             iters: (first_iter, end_iter),
+            in_place: None,
             iter,
             in_loop: false,
             next_loop: 0,
@@ -327,7 +332,10 @@ impl<'a, 'f> Lower<'a, 'f> {
 
     /// Storage of a value as an access with the workspace pointer.
     fn val(&mut self, v: ValueId) -> Acc {
-        let s = self.plan.storage[v.0 as usize].expect("layout checked that values are defined before use");
+        let s = match self.in_place {
+            Some((x, s)) if x == v => s,
+            _ => self.plan.storage[v.0 as usize].expect("layout checked that values are defined before use"),
+        };
         self.at(s, self.kernel.ty(v).dtype)
     }
 
@@ -613,6 +621,9 @@ impl<'a, 'f> Lower<'a, 'f> {
                     let lp = &plan.loops[self.next_loop];
                     self.next_loop += 1;
                     let n = self.idx(count);
+                    let in_place = inplace::state_dot(carried, body, yields, self.fusion)
+                        .filter(|_| lp.yields.first() == Some(&YieldCopy::Direct));
+                    self.in_place = in_place.map(|y| (y, lp.carried[0]));
                     let mut dsts = vec![];
                     for (k, (c, init)) in carried.iter().enumerate() {
                         let ty = self.kernel.ty(*c);
@@ -643,6 +654,9 @@ impl<'a, 'f> Lower<'a, 'f> {
                         }
                         for (k, y) in yields.iter().enumerate() {
                             let ty = l.kernel.ty(*y);
+                            if in_place == Some(*y) {
+                                continue;
+                            }
                             let src = match lp.yields[k] {
                                 YieldCopy::Skip => continue,
                                 YieldCopy::Direct => l.val(*y),
@@ -653,6 +667,7 @@ impl<'a, 'f> Lower<'a, 'f> {
                         }
                         vec![]
                     });
+                    self.in_place = None;
                     // The results alias the carried regions (see layout.rs).
                 }
             }

@@ -27,6 +27,7 @@ mod decay;
 mod fuse;
 mod gated;
 mod gemm;
+mod inplace;
 mod lower;
 pub mod peak;
 mod prefetch;
