@@ -215,7 +215,104 @@ pub(super) mod x86 {
     ) {
         let g = Args::new(n, c, a, a_rs, ga, ga_rs, b, b_rs, gb, gb_rs, out, out_rs, out_cs, strict);
         // SAFETY: the caller's contract; the host has AVX2 and FMA (checked by `select`).
-        unsafe { g.each(|i, j| dot8::<G64>(&g, i, j)) }
+        unsafe {
+            if !factored8::<G64>(&g) {
+                g.each(|i, j| dot8::<G64>(&g, i, j))
+            }
+        }
+    }
+
+    /// [`factored16`] with 8 lanes: the same factors (to the bit: `exp8` is `exp16`'s
+    /// algorithm) and the same test, the 16 x 16 product as four 8 x 8 register blocks.
+    ///
+    /// # Safety
+    /// As [`gated_avx2`]'s operands.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn factored8<const G64: bool>(g: &Args) -> bool {
+        let (n, c) = (g.n, g.c);
+        if n == 0 || n > 16 || c == 0 {
+            return false;
+        }
+        let (mid, gs) = (n / 2, if G64 { 8 } else { 4 });
+        // SAFETY (whole body): reads of rows < n at columns < c of the operands (the tail of
+        // c through zero-padded copies), writes to the stack buffers in bounds, and `out` at
+        // (i, j) < n (the caller's contract).
+        unsafe {
+            let mut out = [0f32; 256];
+            let mut sa = [0f32; 16 * SPLIT_COLS];
+            let mut sb = [0f32; 16 * SPLIT_COLS];
+            let mut sbt = [0f32; SPLIT_COLS * 16];
+            let rrow = grow::<G64>(g.ga, mid, g.ga_rs);
+            let range = _mm256_set1_ps(SPLIT_RANGE);
+            let abs = |x: __m256| _mm256_andnot_ps(_mm256_set1_ps(-0.0), x);
+            let mut q0 = 0;
+            while q0 < c {
+                let w = (c - q0).min(SPLIT_COLS);
+                for i in 0..n {
+                    let (ap, gap) = (g.a.add(i * g.a_rs), grow::<G64>(g.ga, i, g.ga_rs));
+                    let (bp, gbp) = (g.b.add(i * g.b_rs), grow::<G64>(g.gb, i, g.gb_rs));
+                    let mut q = 0;
+                    while q < w {
+                        let at = q0 + q;
+                        let lanes = (w - q).min(8);
+                        let (xa, xb, va, vb) = if lanes == 8 {
+                            let xa = diff8::<G64>(gap.add(at * gs), rrow.add(at * gs));
+                            let xb = diff8::<G64>(rrow.add(at * gs), gbp.add(at * gs));
+                            (xa, xb, _mm256_loadu_ps(ap.add(at)), _mm256_loadu_ps(bp.add(at)))
+                        } else {
+                            let (mut ta, mut tb) = ([0f32; 8], [0f32; 8]);
+                            let (mut tga, mut tgr, mut tgb) = ([0u8; 64], [0u8; 64], [0u8; 64]);
+                            std::ptr::copy_nonoverlapping(ap.add(at), ta.as_mut_ptr(), lanes);
+                            std::ptr::copy_nonoverlapping(bp.add(at), tb.as_mut_ptr(), lanes);
+                            std::ptr::copy_nonoverlapping(gap.add(at * gs), tga.as_mut_ptr(), lanes * gs);
+                            std::ptr::copy_nonoverlapping(rrow.add(at * gs), tgr.as_mut_ptr(), lanes * gs);
+                            std::ptr::copy_nonoverlapping(gbp.add(at * gs), tgb.as_mut_ptr(), lanes * gs);
+                            let xa = diff8::<G64>(tga.as_ptr(), tgr.as_ptr());
+                            let xb = diff8::<G64>(tgr.as_ptr(), tgb.as_ptr());
+                            (xa, xb, _mm256_loadu_ps(ta.as_ptr()), _mm256_loadu_ps(tb.as_ptr()))
+                        };
+                        // |x| <= range, false for NaN; zero-padded lanes are 0 and pass.
+                        let ok = _mm256_and_ps(
+                            _mm256_cmp_ps::<_CMP_LE_OQ>(abs(xa), range),
+                            _mm256_cmp_ps::<_CMP_LE_OQ>(abs(xb), range),
+                        );
+                        if _mm256_movemask_ps(ok) != 0xff {
+                            return false;
+                        }
+                        _mm256_storeu_ps(sa.as_mut_ptr().add(i * SPLIT_COLS + q), _mm256_mul_ps(va, exp8(xa)));
+                        _mm256_storeu_ps(sb.as_mut_ptr().add(i * SPLIT_COLS + q), _mm256_mul_ps(vb, exp8(xb)));
+                        q += 8;
+                    }
+                }
+                crate::cpu::gemm::x86::pack_t8(&mut sbt, sb.as_ptr(), SPLIT_COLS as isize, w, 16, 16);
+                // Four 8 x 8 blocks (rows ih..ih+8, columns jh..jh+8) of the 16 x 16 product.
+                for ih in [0, 8] {
+                    for jh in [0, 8] {
+                        let mut acc = [_mm256_setzero_ps(); 8];
+                        for q in 0..w {
+                            let bt = _mm256_loadu_ps(sbt.as_ptr().add(q * 16 + jh));
+                            for (r, acc) in acc.iter_mut().enumerate() {
+                                let x = _mm256_set1_ps(sa[(ih + r) * SPLIT_COLS + q]);
+                                *acc = _mm256_fmadd_ps(x, bt, *acc);
+                            }
+                        }
+                        for (r, acc) in acc.iter().enumerate() {
+                            let o = out.as_mut_ptr().add((ih + r) * 16 + jh);
+                            _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), *acc));
+                        }
+                    }
+                }
+                q0 += w;
+            }
+            for i in 0..n {
+                let kept = if g.strict { i } else { i + 1 };
+                for j in 0..n {
+                    let v = if j < kept { out[i * 16 + j] } else { 0.0 };
+                    *g.out.offset(i as isize * g.out_rs + j as isize * g.out_cs) = v;
+                }
+            }
+        }
+        true
     }
 
     /// The difference of 8 gates at `x`, `y` (f64 differences converted to f32).
@@ -404,13 +501,14 @@ pub(super) mod x86 {
         true
     }
 
-    /// Whether [`gated_avx512`] takes the factored form for these operands (f64 gates,
-    /// contiguous rows of `c`); writes `out` as it would. For tests.
+    /// Whether [`gated_avx512`] (`wide`) or [`gated_avx2`] takes the factored form for these
+    /// operands (f64 gates, contiguous rows of `c`); writes `out` as it would. For tests.
     ///
     /// # Safety
-    /// The host has AVX-512F; the slices hold `n x c` (`out` `n x n`).
+    /// The host has AVX-512F (`wide`) or AVX2 and FMA; the slices hold `n x c` (`out` `n x n`).
     #[cfg(test)]
     pub(super) unsafe fn split_taken(
+        wide: bool,
         n: usize,
         c: usize,
         [a, b]: [&[f32]; 2],
@@ -422,7 +520,13 @@ pub(super) mod x86 {
         let (n, c) = (n as i64, c as i64);
         let g = Args::new(n, c, a.as_ptr(), c, ga, c, b.as_ptr(), c, gb, c, out.as_mut_ptr(), n, 1, strict as i64);
         // SAFETY: the caller's contract.
-        unsafe { factored16::<true>(&g) }
+        unsafe {
+            if wide {
+                factored16::<true>(&g)
+            } else {
+                factored8::<true>(&g)
+            }
+        }
     }
 
     /// The difference of the gates at `x`, `y` in the lanes of `m` (others 0).
@@ -487,7 +591,7 @@ pub(super) mod x86 {
 
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
-    use super::x86::{exp16, exp8, gated_avx512, split_taken};
+    use super::x86::{exp16, exp8, gated_avx2, gated_avx512, split_taken};
     use std::arch::x86_64::*;
 
     /// Max error in ulps of `exp` over every 61st f32 bit pattern plus edge cases (as
@@ -602,68 +706,62 @@ mod tests {
         worst
     }
 
+    /// The SIMD levels this host has: true for AVX-512F, false for AVX2 + FMA.
+    fn levels() -> Vec<bool> {
+        let mut v = vec![];
+        if is_x86_feature_detected!("avx512f") {
+            v.push(true);
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            v.push(false);
+        }
+        v
+    }
+
     #[test]
     fn the_factored_form_is_taken_when_the_exponents_are_small_and_matches_f64() {
-        if !is_x86_feature_detected!("avx512f") {
-            return;
-        }
-        for (n, c) in [(1, 1), (5, 17), (16, 64), (16, 130), (12, 128)] {
-            for strict in [false, true] {
-                // Steps up to 1.4 keep every exponent within 12 of row n/2's for n <= 16.
-                let ops = operands(n, c, 1.4, (n * 1000 + c) as u64);
-                let (a, ga, b, gb) = &ops;
-                let mut out = vec![f32::NAN; n * n];
-                // SAFETY: AVX-512F checked; the slices have the sizes passed.
-                assert!(unsafe { split_taken(n, c, [a, b], [ga, gb], &mut out, strict) }, "n {n} c {c}");
-                let worst = check(n, c, &ops, &out, strict);
-                assert!(worst < 2e-6, "n {n} c {c} strict {strict}: {worst:e}");
-                // The entry point gives the same bits.
-                let mut via = vec![f32::NAN; n * n];
-                let (pa, pb) = (ga.as_ptr() as *const u8, gb.as_ptr() as *const u8);
-                let (ni, ci) = (n as i64, c as i64);
-                // SAFETY: as above.
-                unsafe {
-                    gated_avx512::<true>(
-                        ni,
-                        ci,
-                        a.as_ptr(),
-                        ci,
-                        pa,
-                        ci,
-                        b.as_ptr(),
-                        ci,
-                        pb,
-                        ci,
-                        via.as_mut_ptr(),
-                        ni,
-                        1,
-                        strict as i64,
-                    )
-                };
-                assert_eq!(
-                    via.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
-                    out.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
-                );
+        for wide in levels() {
+            for (n, c) in [(1, 1), (5, 17), (16, 64), (16, 130), (12, 128)] {
+                for strict in [false, true] {
+                    // Steps up to 1.4 keep every exponent within 12 of row n/2's for n <= 16.
+                    let ops = operands(n, c, 1.4, (n * 1000 + c) as u64);
+                    let (a, ga, b, gb) = &ops;
+                    let mut out = vec![f32::NAN; n * n];
+                    // SAFETY: the level is the host's; the slices have the sizes passed.
+                    assert!(unsafe { split_taken(wide, n, c, [a, b], [ga, gb], &mut out, strict) }, "n {n} c {c}");
+                    let worst = check(n, c, &ops, &out, strict);
+                    assert!(worst < 2e-6, "wide {wide} n {n} c {c} strict {strict}: {worst:e}");
+                    // The entry point gives the same bits.
+                    let mut via = vec![f32::NAN; n * n];
+                    let (pa, pb) = (ga.as_ptr() as *const u8, gb.as_ptr() as *const u8);
+                    let (ni, ci, st) = (n as i64, c as i64, strict as i64);
+                    let entry = if wide { gated_avx512::<true> } else { gated_avx2::<true> };
+                    let (ap, bp, op) = (a.as_ptr(), b.as_ptr(), via.as_mut_ptr());
+                    // SAFETY: as above.
+                    unsafe { entry(ni, ci, ap, ci, pa, ci, bp, ci, pb, ci, op, ni, 1, st) };
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&via), bits(&out), "wide {wide} n {n} c {c}");
+                }
             }
         }
     }
 
     #[test]
     fn large_exponents_nan_gates_and_big_blocks_take_the_pairwise_form() {
-        if !is_x86_feature_detected!("avx512f") {
-            return;
+        for wide in levels() {
+            let n = 16;
+            let (a, mut ga, b, gb) = operands(n, 32, 3.0, 9);
+            let mut out = vec![f32::NAN; n * n];
+            // SAFETY (all three): the level is the host's; the slices have the sizes passed.
+            let big = unsafe { split_taken(wide, n, 32, [&a, &b], [&ga, &gb], &mut out, false) };
+            assert!(!big, "exponents up to 24 from row 8");
+            assert!(out.iter().all(|x| x.is_nan()), "a refused split writes nothing");
+            ga[3] = f64::NAN;
+            let (a1, _, b1, gb1) = operands(n, 32, 0.1, 9);
+            assert!(!unsafe { split_taken(wide, n, 32, [&a1, &b1], [&ga, &gb1], &mut out, false) }, "a NaN gate");
+            let (a2, ga2, b2, gb2) = operands(17, 8, 0.1, 9);
+            let mut out2 = vec![f32::NAN; 17 * 17];
+            assert!(!unsafe { split_taken(wide, 17, 8, [&a2, &b2], [&ga2, &gb2], &mut out2, false) }, "n = 17");
         }
-        let n = 16;
-        let (a, mut ga, b, gb) = operands(n, 32, 3.0, 9);
-        let mut out = vec![f32::NAN; n * n];
-        // SAFETY (all three): AVX-512F checked; the slices have the sizes passed.
-        assert!(!unsafe { split_taken(n, 32, [&a, &b], [&ga, &gb], &mut out, false) }, "exponents up to 24 from row 8");
-        assert!(out.iter().all(|x| x.is_nan()), "a refused split writes nothing");
-        ga[3] = f64::NAN;
-        let (a1, _, b1, gb1) = operands(n, 32, 0.1, 9);
-        assert!(!unsafe { split_taken(n, 32, [&a1, &b1], [&ga, &gb1], &mut out, false) }, "a NaN gate");
-        let (a2, ga2, b2, gb2) = operands(17, 8, 0.1, 9);
-        let mut out2 = vec![f32::NAN; 17 * 17];
-        assert!(!unsafe { split_taken(17, 8, [&a2, &b2], [&ga2, &gb2], &mut out2, false) }, "n = 17");
     }
 }
