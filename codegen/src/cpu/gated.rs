@@ -6,12 +6,19 @@
 //! out[i, j] = 0                                                     otherwise
 //! ```
 //!
-//! Vectorised over `c` (8 lanes with AVX2 + FMA, 16 with AVX-512F). The exponent is formed in
-//! the gates' dtype (f32, or f64 converted to f32 after the subtraction), the exp and the sum
-//! in f32: `exp` is the algorithm of `vmath.rs` lane for lane (same constants, same clamp to
-//! [-104, 89], same two-step scaling by `2^n`, so the same results: within 2 ulp, denormal
-//! correct, NaN propagates), each term is `fma(a * b, e, sum)` into per-lane partial sums
-//! that are added at the end. Only kept `(i, j)` are evaluated, so exponents above the
+//! Two forms, at both SIMD levels. When `n <= 16` and every exponent is within
+//! `SPLIT_RANGE` of row `n / 2`'s (the usual case: a sub-chunk's gates move little), the
+//! exponential splits, `e^(ga - gb) = e^(ga - r) e^(r - gb)`, and the block is one small
+//! product of the two scaled operands (`factored16` / `factored8`: 2nc exponentials).
+//! Otherwise the pairwise form below runs, which never forms a factor above 1 for a kept
+//! element.
+//!
+//! Pairwise: vectorised over `c` (8 lanes with AVX2 + FMA, 16 with AVX-512F). The exponent
+//! is formed in the gates' dtype (f32, or f64 converted to f32 after the subtraction), the
+//! exp and the sum in f32: `exp` is the algorithm of `vmath.rs` lane for lane (same
+//! constants, same clamp to [-104, 89], same two-step scaling by `2^n`, so the same results:
+//! within 2 ulp, denormal correct, NaN propagates), each term is `fma(a * b, e, sum)` into
+//! per-lane partial sums that are added at the end. Only kept `(i, j)` are evaluated, so exponents above the
 //! diagonal may be huge without producing inf or NaN. A tail of `c` that is not a whole
 //! vector is zero-padded (`a = b = 0`, exponent 0: the term is 0).
 
