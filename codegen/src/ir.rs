@@ -271,6 +271,11 @@ pub enum Op {
 impl Op {
     /// Operand values, in order.
     pub fn operands(&self) -> Vec<ValueId> {
+        self.clone().operands_mut().into_iter().map(|v| *v).collect()
+    }
+
+    /// The operand fields, in the order of [`Op::operands`], for renaming them.
+    pub fn operands_mut(&mut self) -> Vec<&mut ValueId> {
         match self {
             Op::Load { .. } | Op::Const { .. } | Op::IdxValue(_) => vec![],
             Op::Unary { x, .. }
@@ -279,15 +284,15 @@ impl Op {
             | Op::RowSum { x }
             | Op::Rows { x, .. }
             | Op::Transpose { x }
-            | Op::Mask { x, .. } => vec![*x],
-            Op::Binary { a, b, .. } => vec![*a, *b],
+            | Op::Mask { x, .. } => vec![x],
+            Op::Binary { a, b, .. } => vec![a, b],
             Op::Dot { a, b, acc, .. } => {
-                let mut v = vec![*a, *b];
-                v.extend(acc);
+                let mut v = vec![a, b];
+                v.extend(acc.as_mut());
                 v
             }
-            Op::GatedDot { a, ga, b, gb, .. } => vec![*a, *ga, *b, *gb],
-            Op::SolveUnitLower { l, b } => vec![*l, *b],
+            Op::GatedDot { a, ga, b, gb, .. } => vec![a, ga, b, gb],
+            Op::SolveUnitLower { l, b } => vec![l, b],
         }
     }
 

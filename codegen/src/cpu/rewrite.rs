@@ -92,36 +92,8 @@ fn get(subst: &HashMap<ValueId, ValueId>, v: ValueId) -> ValueId {
 
 /// Renames the operands of `op` by `subst`.
 fn map_operands(op: &mut Op, subst: &HashMap<ValueId, ValueId>) {
-    let m = |v: &mut ValueId| *v = get(subst, *v);
-    match op {
-        Op::Load { .. } | Op::Const { .. } | Op::IdxValue(_) => {}
-        Op::Unary { x, .. }
-        | Op::Cast { x, .. }
-        | Op::Cumsum { x, .. }
-        | Op::RowSum { x }
-        | Op::Rows { x, .. }
-        | Op::Transpose { x }
-        | Op::Mask { x, .. } => m(x),
-        Op::Binary { a, b, .. } => {
-            m(a);
-            m(b);
-        }
-        Op::Dot { a, b, acc, .. } => {
-            m(a);
-            m(b);
-            if let Some(c) = acc {
-                m(c);
-            }
-        }
-        Op::GatedDot { a, ga, b, gb, .. } => {
-            for v in [a, ga, b, gb] {
-                m(v);
-            }
-        }
-        Op::SolveUnitLower { l, b } => {
-            m(l);
-            m(b);
-        }
+    for v in op.operands_mut() {
+        *v = get(subst, *v);
     }
 }
 
