@@ -15,6 +15,8 @@
 # CHUNKC_SHARED      directory holding tools/ggml_peer.py and tools/torch_cpu_peer.py
 #                    (default <repo>/../shared)
 # CHUNKC_CHUNK       chunkc's chunk size (default 64; the FLOP count follows it)
+# CHUNKC_TUNED=1     run `chunkc tune` for each rule and thread count first (into a temporary
+#                    cache) and bench the schedule it picks (`--tuned`) instead of CHUNKC_CHUNK
 set -euo pipefail
 cd "$(dirname "$0")/.."
 threads=("$@")
@@ -23,8 +25,10 @@ shared="${CHUNKC_SHARED:-$PWD/../shared}"
 torch_venv="${CHUNKC_TORCH_VENV:-/work/venv-torch}"
 rules=(simple_gla gla mamba2 gated_delta_rule kda)
 chunk="${CHUNKC_CHUNK:-64}"
+tuned="${CHUNKC_TUNED:-0}"
 log=$(mktemp)
-trap 'rm -f "$log"' EXIT
+tune_cache="$log.tune.toml"
+trap 'rm -f "$log" "$tune_cache"' EXIT
 
 echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$log"
 cargo build --release --quiet
@@ -34,7 +38,13 @@ cargo bench --quiet -p chunkc-codegen --bench peak 2>/dev/null | grep -E '^fma_p
 for n in "${threads[@]}"; do
     echo "== chunkc, $n thread(s)"
     for r in "${rules[@]}"; do
-        target/release/chunkc bench "rules/$r.toml" --shape 1,2048,8,128,128 --chunk "$chunk" --threads "$n" --runs 5 --json | tee -a "$log"
+        if [[ "$tuned" == 1 ]]; then
+            target/release/chunkc tune "rules/$r.toml" --shape 1,2048,8,128,128 --threads "$n" --cache "$tune_cache" | grep -E '^(winner|confirm)'
+            schedule=(--tuned --cache "$tune_cache")
+        else
+            schedule=(--chunk "$chunk")
+        fi
+        target/release/chunkc bench "rules/$r.toml" --shape 1,2048,8,128,128 "${schedule[@]}" --threads "$n" --runs 5 --json | tee -a "$log"
     done
     echo "== ggml, $n thread(s)"
     scripts/ggml_peer.sh 2048 8 128 "$n" 2>&1 | tee -a "$log" || echo "ggml peer failed" >&2
@@ -67,7 +77,9 @@ for line in open(sys.argv[1]):
     if line.startswith("{"):
         j = json.loads(line)
         best = j["token_heads_per_s"] / 1e6 * j["median_ms"] / j["best_ms"]
-        chunkc[(j["rule"], j["threads"])] = (j["token_heads_per_s"] / 1e6, j["gflops"], best, j["chunk"])
+        kernel = j["backend"] + (j["chunk"] if j["backend"] == "chunked" else "")
+        schedule = f"{kernel} tb{j['time_block']}" + (f" bv{j['bv']}" if j.get("bv") else "")
+        chunkc[(j["rule"], j["threads"])] = (j["token_heads_per_s"] / 1e6, j["gflops"], best, schedule)
     m = re.match(r"ggml (\w+) .*threads(\d+): .*?, ([0-9.]+) M token-heads/s", line)
     if m:
         ggml[(m[1], int(m[2]))] = float(m[3])
@@ -80,14 +92,14 @@ ratio = lambda a, b: a / b if b > 0 else nan
 print(f"\nFMA peak, one core: {peak:.0f} GFLOP/s" if peak else "\nFMA peak: not measured")
 print("\n| kernel (f32, B1 T2048 H8 K=V=128) | threads | chunkc M tok-heads/s (best run) | chunk-form GFLOP/s | % of peak | ggml op | ggml M | vs ggml | torch FLA M | vs torch |")
 print("|---|---|---|---|---|---|---|---|---|---|")
-for (rule, n), (mt, gf, best, chunk) in sorted(chunkc.items(), key=lambda x: (x[0][1], x[0][0])):
+for (rule, n), (mt, gf, best, schedule) in sorted(chunkc.items(), key=lambda x: (x[0][1], x[0][0])):
     delta = "delta" in rule or rule == "kda"
     op = "GATED_DELTA_NET" if delta else "GATED_LINEAR_ATTN"
     g = ggml.get((op, n), nan)
     peer = "kda" if rule == "kda" else ("gated_delta" if delta else "simple_gla")
     t = torch.get((peer, n), nan)
     pct = 100 * gf / (peak * n) if peak else nan
-    print(f"| {rule} chunked{chunk} | {n} | {mt:.3f} ({best:.3f}) | {gf:.1f} | {pct:.0f}% | {op} | {g:.3f} | {ratio(mt, g):.2f}x | {t:.3f} | {ratio(mt, t):.2f}x |")
+    print(f"| {rule} {schedule} | {n} | {mt:.3f} ({best:.3f}) | {gf:.1f} | {pct:.0f}% | {op} | {g:.3f} | {ratio(mt, g):.2f}x | {t:.3f} | {ratio(mt, t):.2f}x |")
 print("\ntorch FLA peers: naive_chunk_simple_gla for simple_gla, mamba2 and gla (FLA has no pure-torch chunked GLA;"
       " the scalar-gated form is cheaper, so the gla ratio flatters torch), naive_chunk_gated_delta_rule, naive_chunk_kda.")
 PY

@@ -1,9 +1,11 @@
 //! chunkc: a compiler for chunked linear recurrences.
 //!
 //! A rule file describes one token's state update; chunkc checks and classifies it
-//! ([`dsl`]), builds kernels for it ([`codegen`]) and runs them ([`runtime`]). This crate is
-//! the facade that ties the stages together, and the `chunkc` command line.
+//! ([`dsl`]), builds kernels for it ([`codegen`]) and runs them ([`runtime`]); [`autotune`]
+//! searches the schedules of those kernels ([`tune`] is its CPU evaluator). This crate is the
+//! facade that ties the stages together, and the `chunkc` command line.
 
+pub use chunkc_autotune as autotune;
 pub use chunkc_codegen as codegen;
 pub use chunkc_dsl as dsl;
 pub use chunkc_runtime as runtime;
@@ -14,6 +16,7 @@ pub mod error;
 pub mod gpu;
 pub mod precision;
 pub mod problem;
+pub mod tune;
 pub mod verify;
 
 pub use backend::{run, Backend, Engine, Options, Outputs};

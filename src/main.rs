@@ -1,4 +1,4 @@
-//! The `chunkc` command line: check, run, verify and compile rule files.
+//! The `chunkc` command line: check, run, verify, bench, tune and compile rule files.
 
 use chunkc::backend::{self, Backend, Engine, Options};
 use chunkc::codegen::ir::ElemType;
@@ -6,6 +6,7 @@ use chunkc::codegen::ptx::{DotPrecision, PtxSchedule};
 use chunkc::dsl::ast::{Rule, Ty};
 use chunkc::dsl::diag::Diagnostic;
 use chunkc::gpu::Device;
+use chunkc::tune;
 use chunkc::verify;
 use chunkc::{load_rule, Error, Precision};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -278,6 +279,14 @@ enum Command {
         bv: Option<usize>,
         #[command(flatten)]
         precision: PrecisionArgs,
+        /// Use the schedule `chunkc tune` found for this rule, these inputs' shape and
+        /// --threads on this CPU (kernel, chunk, time block, V-tile).
+        #[arg(long, conflicts_with_all = ["backend", "kernel", "chunk", "time_block", "bv"])]
+        tuned: bool,
+        /// The tuning cache --tuned reads (default: $CHUNKC_TUNE_CACHE, else
+        /// ~/.cache/chunkc/tune.toml).
+        #[arg(long, requires = "tuned")]
+        cache: Option<PathBuf>,
         #[arg(long, value_enum, default_value = "jit", hide = true)]
         engine: EngineArg,
     },
@@ -367,6 +376,47 @@ enum Command {
         /// divide V. Default: the whole V.
         #[arg(long)]
         bv: Option<usize>,
+        /// Use the schedule `chunkc tune` found for this rule, --shape and --threads on this
+        /// CPU (kernel, chunk, time block, V-tile).
+        #[arg(long, conflicts_with_all = ["backend", "chunk", "time_block", "bv"])]
+        tuned: bool,
+        /// The tuning cache --tuned reads (default: $CHUNKC_TUNE_CACHE, else
+        /// ~/.cache/chunkc/tune.toml).
+        #[arg(long, requires = "tuned")]
+        cache: Option<PathBuf>,
+    },
+    /// Find the fastest verified CPU schedule of a rule for one shape and thread count, and
+    /// keep it in the tuning cache for --tuned.
+    ///
+    /// A staged search: first the kernel and chunk size (recurrent; chunked at 16, 32, 64,
+    /// 128), then the executor's time block, then the V-tile, each stage from the last one's
+    /// winner. Every candidate is compiled and run once on random inputs and held to the f64
+    /// reference of those inputs (1e-5 relative RMS) before it is timed; a stage's
+    /// candidates are timed in interleaved rounds and scored by their best run. The winner
+    /// then races the default schedule (chunked C=64, time block 256, the whole V) once more
+    /// and is kept only if it beats it there. A candidate with wrong outputs is a bug: it is
+    /// printed, nothing is saved and the command fails.
+    Tune {
+        rule: PathBuf,
+        /// B,T,H,K,V
+        #[arg(long, value_delimiter = ',', default_values_t = [1, 2048, 8, 128, 128])]
+        shape: Vec<usize>,
+        /// Worker threads (0: all cores).
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+        /// Rounds of each stage's race (the confirming race runs about twice as many).
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// The tuning cache to update (default: $CHUNKC_TUNE_CACHE, else
+        /// ~/.cache/chunkc/tune.toml).
+        #[arg(long)]
+        cache: Option<PathBuf>,
+        /// Seed of the random tuning inputs.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Print one JSON line (the winner) after the table.
+        #[arg(long)]
+        json: bool,
     },
     /// Print the tile IR of a rule's kernel, or write its PTX (sm_80, sm_90) and launch metadata.
     Compile {
@@ -434,6 +484,8 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
             scale,
             bv,
             precision,
+            tuned,
+            cache,
             engine: e,
         } => {
             check_bv(bv)?;
@@ -455,7 +507,14 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
             let [(be, eng)] = backend.runs(&[kernel], target, precision, engine(e))[..] else {
                 return Err(Error::Internal("one backend must give one run".into()));
             };
-            let opts = Options { backend: be, engine: eng, chunk, threads, time_block, scale, bv };
+            let mut opts = Options { backend: be, engine: eng, chunk, threads, time_block, scale, bv };
+            if tuned {
+                let dims = chunkc::problem::infer_dims(&loaded.rule, &tensors, &shown)?;
+                let config = tuned_schedule(&loaded.rule, &dims, threads, cache.as_deref())?;
+                let (be, chunk) = tune::backend_of(&config);
+                opts = Options { backend: be, chunk, time_block: config.time_block, bv: config.bv, ..opts };
+            }
+            let (be, chunk) = (opts.backend, opts.chunk);
             let outputs = backend::run(&loaded.rule, &tensors, &shown, &opts)?;
             let mut written = BTreeMap::new();
             written.insert("o".to_string(), outputs.o);
@@ -548,17 +607,20 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
             println!("{} passed, {} failed", rows.len() - failed, failed);
             Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
-        Command::Bench { rule, shape, backend, chunk, threads, time_block, runs, json, bv } => {
+        Command::Bench { rule, shape, backend, chunk, threads, time_block, runs, json, bv, tuned, cache } => {
             check_bv(bv)?;
             let loaded = load_rule(&rule)?;
-            let [batch, seq_len, heads, k, v] = shape[..] else {
-                return Err(Error::Input("--shape takes five sizes: B,T,H,K,V".into()));
-            };
-            if [batch, seq_len, heads, k, v, chunk].contains(&0) {
-                return Err(Error::Input("--shape sizes and --chunk must be at least 1".into()));
+            let dims = dims_of(&shape)?;
+            if chunk == 0 {
+                return Err(Error::Input("--chunk must be at least 1".into()));
             }
-            let dims = chunkc::dsl::reference::Dims { batch, seq_len, heads, k, v };
-            let be: Backend = backend.into();
+            let chunkc::dsl::reference::Dims { batch, seq_len, heads, k, v } = dims;
+            let (mut be, mut chunk, mut time_block, mut bv) = (Backend::from(backend), chunk, time_block, bv);
+            if tuned {
+                let config = tuned_schedule(&loaded.rule, &dims, threads, cache.as_deref())?;
+                (be, chunk) = tune::backend_of(&config);
+                (time_block, bv) = (config.time_block, config.bv);
+            }
             let threads = if threads == 0 { chunkc::runtime::exec::default_threads() } else { threads };
             let m = chunkc::bench::bench_tiled(
                 &loaded.rule,
@@ -573,16 +635,21 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
             let chunk_shown = if be == Backend::Chunked { chunk.to_string() } else { "-".into() };
             if json {
                 println!(
-                    "{{\"rule\":\"{}\",\"backend\":\"{}\",\"chunk\":\"{chunk_shown}\",\"shape\":[{batch},{seq_len},{heads},{k},{v}],\"threads\":{threads},\"time_block\":{time_block},\"runs\":{},\"median_ms\":{:.4},\"best_ms\":{:.4},\"token_heads_per_s\":{:.1},\"gflops\":{:.3}}}",
-                    loaded.rule.name, be.name(), m.runs, m.median.as_secs_f64() * 1e3, m.best.as_secs_f64() * 1e3, m.token_heads_per_s(), m.gflops()
+                    "{{\"rule\":\"{}\",\"backend\":\"{}\",\"chunk\":\"{chunk_shown}\",\"shape\":[{batch},{seq_len},{heads},{k},{v}],\"threads\":{threads},\"time_block\":{time_block},\"bv\":{},\"runs\":{},\"median_ms\":{:.4},\"best_ms\":{:.4},\"token_heads_per_s\":{:.1},\"gflops\":{:.3}}}",
+                    loaded.rule.name, be.name(), bv.map_or("null".to_string(), |b| b.to_string()), m.runs, m.median.as_secs_f64() * 1e3, m.best.as_secs_f64() * 1e3, m.token_heads_per_s(), m.gflops()
                 );
             } else {
                 println!(
-                    "{} {} chunk {chunk_shown}, B={batch} T={seq_len} H={heads} K={k} V={v}, {threads} thread(s): median {:.2} ms (best {:.2}) of {} runs, {:.3} M token-heads/s, {:.1} GFLOP/s (FLOP count: `chunkc bench --help`)",
-                    loaded.rule.name, be.name(), m.median.as_secs_f64() * 1e3, m.best.as_secs_f64() * 1e3, m.runs, m.token_heads_per_s() / 1e6, m.gflops()
+                    "{} {} chunk {chunk_shown}, time block {time_block}{}, B={batch} T={seq_len} H={heads} K={k} V={v}, {threads} thread(s): median {:.2} ms (best {:.2}) of {} runs, {:.3} M token-heads/s, {:.1} GFLOP/s (FLOP count: `chunkc bench --help`)",
+                    loaded.rule.name, be.name(), bv.map_or(String::new(), |b| format!(", bv {b}")), m.median.as_secs_f64() * 1e3, m.best.as_secs_f64() * 1e3, m.runs, m.token_heads_per_s() / 1e6, m.gflops()
                 );
             }
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Tune { rule, shape, threads, rounds, cache, seed, json } => {
+            let loaded = load_rule(&rule)?;
+            let dims = dims_of(&shape)?;
+            tune_rule(&loaded, dims, threads, rounds, cache.as_deref(), seed, json)
         }
         Command::Compile { rule, target, out_dir, backend, chunk, heads, k, v, bv, precision } => {
             check_bv(bv)?;
@@ -625,6 +692,102 @@ use chunkc::codegen::ptx;
 
 /// `--bv 0` is refused here, in one line; whether BV divides V and the rule allows V-tiles is
 /// the planner's to say (it knows V and the rule).
+/// `--shape B,T,H,K,V`.
+fn dims_of(shape: &[usize]) -> Result<chunkc::dsl::reference::Dims, Error> {
+    let [batch, seq_len, heads, k, v] = shape[..] else {
+        return Err(Error::Input("--shape takes five sizes: B,T,H,K,V".into()));
+    };
+    if [batch, seq_len, heads, k, v].contains(&0) {
+        return Err(Error::Input("--shape sizes must be at least 1".into()));
+    }
+    Ok(chunkc::dsl::reference::Dims { batch, seq_len, heads, k, v })
+}
+
+/// `--tuned`: the cached schedule for the rule, shape and threads (0: all cores), announced
+/// on stderr so that a run's output says which schedule made it.
+fn tuned_schedule(
+    rule: &Rule,
+    dims: &chunkc::dsl::reference::Dims,
+    threads: usize,
+    cache: Option<&std::path::Path>,
+) -> Result<chunkc::autotune::Config, Error> {
+    let threads = if threads == 0 { chunkc::runtime::exec::default_threads() } else { threads };
+    let path = tune::cache_path(cache)?;
+    let config = tune::tuned_config(rule, dims, threads, &path)?;
+    eprintln!("tuned schedule: {config} (from {})", path.display());
+    Ok(config)
+}
+
+/// `chunkc tune`: the search, its table as it goes, and the cache update.
+fn tune_rule(
+    loaded: &chunkc::Loaded,
+    dims: chunkc::dsl::reference::Dims,
+    threads: usize,
+    rounds: usize,
+    cache: Option<&std::path::Path>,
+    seed: u64,
+    json: bool,
+) -> Result<ExitCode, Error> {
+    use chunkc::autotune::{self as at, Outcome};
+    let threads = if threads == 0 { chunkc::runtime::exec::default_threads() } else { threads };
+    let path = tune::cache_path(cache)?;
+    let mut store = at::Cache::open(&path).map_err(|e| Error::Input(e.to_string()))?;
+    let rule = &loaded.rule;
+    let chunkable = loaded.canonical.is_ok();
+    let chunkc::dsl::reference::Dims { batch, seq_len, heads, k, v } = dims;
+    println!(
+        "tuning {} at B={batch} T={seq_len} H={heads} K={k} V={v}, {threads} thread(s), on {}",
+        rule.name,
+        at::device::cpu()
+    );
+    let eval = tune::CpuEvaluator::new(rule, dims, threads, seed)?;
+    let space = at::Space::new(at::Problem { seq_len, v, chunkable });
+    let default = tune::default_config(chunkable);
+    let settings = at::Settings { rounds, confirm_rounds: 2 * rounds.max(1) - 1 };
+    println!("{:<11} {:<34} {:>9} {:>10}", "stage", "schedule", "best ms", "median ms");
+    let report = at::tune(&eval, &space, default, settings, &mut |row| match &row.outcome {
+        Outcome::Timed(t) => println!(
+            "{:<11} {:<34} {:>9.3} {:>10.3}",
+            row.stage,
+            row.config.to_string(),
+            t.best.as_secs_f64() * 1e3,
+            t.median.as_secs_f64() * 1e3
+        ),
+        Outcome::Rejected(why) => println!("{:<11} {:<34} {why}", row.stage, row.config.to_string()),
+    })
+    .map_err(|e| Error::Internal(e.to_string()))?;
+    let wrong = report.wrong();
+    if !wrong.is_empty() {
+        return Err(Error::Internal(format!(
+            "{} candidate schedule(s) gave wrong outputs or failed (listed above); nothing was saved",
+            wrong.len()
+        )));
+    }
+    let speedup = report.speedup();
+    let versus = match speedup {
+        Some(x) if report.winner != report.default => format!("{x:.3}x the default ({})", report.default),
+        _ => "the default".to_string(),
+    };
+    println!("winner: {} (best {:.3} ms, {versus})", report.winner, report.winner_timing.best.as_secs_f64() * 1e3);
+    store.insert(tune::entry(tune::key(rule, &dims, threads), &report));
+    store.save().map_err(|e| Error::Input(e.to_string()))?;
+    println!("saved to {}", path.display());
+    if json {
+        let w = report.winner;
+        println!(
+            "{{\"rule\":\"{}\",\"shape\":[{batch},{seq_len},{heads},{k},{v}],\"threads\":{threads},\"kernel\":\"{}\",\"chunk\":{},\"time_block\":{},\"bv\":{},\"best_ms\":{:.4},\"speedup_vs_default\":{}}}",
+            rule.name,
+            w.kernel.name(),
+            w.chunk,
+            w.time_block,
+            w.bv.map_or("null".to_string(), |b| b.to_string()),
+            report.winner_timing.best.as_secs_f64() * 1e3,
+            speedup.map_or("null".to_string(), |x| format!("{x:.4}"))
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn check_bv(bv: Option<usize>) -> Result<(), Error> {
     match bv {
         Some(0) => Err(Error::Input("--bv must be at least 1".into())),

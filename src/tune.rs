@@ -1,0 +1,216 @@
+//! `chunkc tune`: the autotuner's evaluator for the CPU kernels, and the lookup of a tuned
+//! schedule for `--tuned`.
+//!
+//! Every candidate is compiled, run once into NaN-poisoned outputs on the tuning inputs and
+//! held to the f64 reference of those same inputs (the f32 tolerance, 1e-5 relative RMS)
+//! before the search may time it; what a timed run includes is what `chunkc bench` times
+//! (one launch over the grid into preallocated outputs, [`execute_into`]).
+
+use crate::backend::{
+    self, build_kernel_tiled, execute_into, h0_or_zeros, poisoned_outputs, shape_of, Backend, Outputs,
+};
+use crate::error::Error;
+use crate::precision::F32_TOLERANCE;
+use crate::verify::{random_inputs, rel_rms};
+use chunkc_autotune::cache::{self, Cache, Entry, Key, Lookup};
+use chunkc_autotune::{Config, Evaluator, KernelKind, Rejection, Report, Trial};
+use chunkc_codegen::cpu::CpuCompiled;
+use chunkc_codegen::ir::ElemType;
+use chunkc_dsl::ast::Rule;
+use chunkc_dsl::reference::Dims;
+use chunkc_runtime::exec::Order;
+use chunkc_runtime::io::Tensors;
+use chunkc_runtime::tensor::Tensor;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// The schedule `chunkc run` and `bench` use without flags: the chunked kernel at chunk 64
+/// (the recurrent kernel for a rule that has no chunked one), the default time block, the
+/// whole V.
+pub fn default_config(chunkable: bool) -> Config {
+    let tb = chunkc_runtime::exec::DEFAULT_TIME_BLOCK;
+    if chunkable {
+        Config::chunked(64, tb, None)
+    } else {
+        Config::recurrent(tb, None)
+    }
+}
+
+/// The backend and chunk a configuration runs.
+pub fn backend_of(config: &Config) -> (Backend, usize) {
+    match config.kernel {
+        KernelKind::Chunked => (Backend::Chunked, config.chunk),
+        KernelKind::Recurrent => (Backend::Recurrent, 0),
+    }
+}
+
+/// Builds and verifies CPU kernels of one rule on one problem.
+pub struct CpuEvaluator<'a> {
+    rule: &'a Rule,
+    dims: Dims,
+    threads: usize,
+    inputs: Tensors,
+    h0: Tensor,
+    reference: Outputs,
+}
+
+impl<'a> CpuEvaluator<'a> {
+    /// Draws the tuning inputs (from each input's domain, with `seed`) and runs the f64
+    /// reference on them: for T=2048 H=8 K=V=128 a few seconds, once per tuning.
+    pub fn new(rule: &'a Rule, dims: Dims, threads: usize, seed: u64) -> Result<CpuEvaluator<'a>, Error> {
+        let inputs = random_inputs(rule, &dims, seed);
+        let opts = backend::Options { backend: Backend::Reference, ..Default::default() };
+        let reference = backend::run(rule, &inputs, "the tuning inputs", &opts)?;
+        let h0 = h0_or_zeros(&inputs, &dims);
+        Ok(CpuEvaluator { rule, dims, threads, inputs, h0, reference })
+    }
+
+    fn order(&self, config: &Config) -> Order {
+        Order { threads: self.threads, time_block: config.time_block }
+    }
+
+    fn launch(&self, compiled: &CpuCompiled, config: &Config, out: &mut Outputs) -> Result<(), Error> {
+        execute_into(compiled, self.rule, &self.inputs, &self.h0, out, self.dims, self.order(config))
+    }
+}
+
+struct CpuTrial<'e> {
+    eval: &'e CpuEvaluator<'e>,
+    config: Config,
+    compiled: CpuCompiled,
+    out: Outputs,
+}
+
+impl Trial for CpuTrial<'_> {
+    fn run(&mut self) -> Result<Duration, String> {
+        let start = Instant::now();
+        self.eval.launch(&self.compiled, &self.config, &mut self.out).map_err(|e| e.to_string())?;
+        let took = start.elapsed();
+        std::hint::black_box(&mut self.out);
+        Ok(took)
+    }
+}
+
+impl Evaluator for CpuEvaluator<'_> {
+    fn prepare(&self, config: &Config) -> Result<Box<dyn Trial + '_>, Rejection> {
+        let (backend, chunk) = backend_of(config);
+        let shape = shape_of(&self.dims, None);
+        let kernel =
+            build_kernel_tiled(self.rule, backend, shape, chunk, ElemType::F32, config.bv).map_err(|e| match e {
+                Error::Unsupported(why) => Rejection::Unsupported(why),
+                other => Rejection::Failed(other.to_string()),
+            })?;
+        let compiled = chunkc_codegen::cpu::compile(&kernel).map_err(|e| Rejection::Failed(e.to_string()))?;
+        let mut out = poisoned_outputs(&self.dims);
+        self.launch(&compiled, config, &mut out).map_err(|e| Rejection::Failed(e.to_string()))?;
+        let error = rel_rms(&out.o.data, &self.reference.o.data).max(rel_rms(&out.ht.data, &self.reference.ht.data));
+        if error.is_nan() || error > F32_TOLERANCE {
+            return Err(Rejection::Wrong { error, tolerance: F32_TOLERANCE });
+        }
+        Ok(Box::new(CpuTrial { eval: self, config: *config, compiled, out }))
+    }
+}
+
+/// The cache file: `--cache`, else [`cache::default_path`].
+pub fn cache_path(given: Option<&Path>) -> Result<PathBuf, Error> {
+    given.map(Path::to_path_buf).or_else(cache::default_path).ok_or_else(|| {
+        Error::Input("no tuning cache: pass --cache FILE or set CHUNKC_TUNE_CACHE (HOME is not set)".into())
+    })
+}
+
+/// The key a rule's schedule for `dims` and `threads` is kept under on this machine.
+pub fn key(rule: &Rule, dims: &Dims, threads: usize) -> Key {
+    Key {
+        device: chunkc_autotune::device::cpu(),
+        rule: rule.name.clone(),
+        rule_hash: cache::rule_hash(&rule.source),
+        shape: [dims.batch, dims.seq_len, dims.heads, dims.k, dims.v],
+        threads,
+    }
+}
+
+/// The cache entry for a finished search.
+pub fn entry(key: Key, report: &Report) -> Entry {
+    let tuned_unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    // Microseconds are all the timings resolve; more digits would only clutter the file.
+    let ms = |d: Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
+    Entry {
+        device: key.device,
+        rule: key.rule,
+        rule_hash: key.rule_hash,
+        shape: key.shape,
+        threads: key.threads,
+        kernel: report.winner.kernel,
+        chunk: report.winner.chunk,
+        time_block: report.winner.time_block,
+        bv: report.winner.bv,
+        best_ms: ms(report.winner_timing.best),
+        default_best_ms: report.default_timing.map(|t| ms(t.best)),
+        tuned_unix,
+    }
+}
+
+/// The tuned schedule of `rule` for `dims` and `threads` on this machine, from the cache at
+/// `path`; one clear line when there is none or it is stale.
+pub fn tuned_config(rule: &Rule, dims: &Dims, threads: usize, path: &Path) -> Result<Config, Error> {
+    let cache = Cache::open(path).map_err(|e| Error::Input(e.to_string()))?;
+    let key = key(rule, dims, threads);
+    let [b, t, h, k, v] = key.shape;
+    let retune = format!("run `chunkc tune {} --shape {b},{t},{h},{k},{v} --threads {threads}`", rule.path);
+    match cache.lookup(&key) {
+        Lookup::Found(e) => Ok(e.config()),
+        Lookup::Stale(_) => Err(Error::Input(format!(
+            "--tuned: {} holds a schedule for rule `{}` at B={b} T={t} H={h} K={k} V={v}, {threads} thread(s), \
+             but the rule file has changed since; {retune}",
+            path.display(),
+            rule.name
+        ))),
+        Lookup::Missing => Err(Error::Input(format!(
+            "--tuned: {} has no schedule for rule `{}` at B={b} T={t} H={h} K={k} V={v}, {threads} thread(s) on this \
+             CPU ({}); {retune}",
+            path.display(),
+            rule.name,
+            key.device
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn simple_gla() -> Rule {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("rules/simple_gla.toml");
+        crate::load_rule(&path).expect("the built-in rule loads").rule
+    }
+
+    const DIMS: Dims = Dims { batch: 1, seq_len: 70, heads: 2, k: 16, v: 32 };
+
+    #[test]
+    fn candidates_are_verified_against_the_reference_before_they_are_timed() {
+        let rule = simple_gla();
+        let mut eval = CpuEvaluator::new(&rule, DIMS, 1, 3).expect("reference");
+        for config in [Config::chunked(16, 32, Some(16)), Config::chunked(64, 0, None), Config::recurrent(256, None)] {
+            let mut trial = eval.prepare(&config).unwrap_or_else(|why| panic!("{config}: {why}"));
+            assert!(trial.run().expect("a timed run") > Duration::ZERO);
+        }
+        // A reference one element off: every kernel now disagrees with it, and none may be timed.
+        eval.reference.o.data[5] += 1.0;
+        match eval.prepare(&Config::chunked(32, 256, None)) {
+            Err(Rejection::Wrong { error, tolerance }) => assert!(error > tolerance, "{error}"),
+            Err(other) => panic!("{other}"),
+            Ok(_) => panic!("a kernel that disagrees with the reference was accepted"),
+        };
+    }
+
+    #[test]
+    fn a_schedule_the_planner_refuses_is_unsupported_not_a_failure() {
+        let rule = simple_gla();
+        let eval = CpuEvaluator::new(&rule, DIMS, 1, 3).expect("reference");
+        match eval.prepare(&Config::chunked(16, 0, Some(5))) {
+            Err(Rejection::Unsupported(why)) => assert!(why.contains("divisor of V"), "{why}"),
+            Err(other) => panic!("{other}"),
+            Ok(_) => panic!("bv 5 of V 32 was accepted"),
+        };
+    }
+}
