@@ -392,9 +392,10 @@ enum Command {
     /// 128), then the executor's time block, then the V-tile, each stage from the last one's
     /// winner. Every candidate is compiled and run once on random inputs and held to the f64
     /// reference of those inputs (1e-5 relative RMS) before it is timed; a stage's
-    /// candidates are timed in interleaved rounds and scored by their best run. The winner
-    /// then races the default schedule (chunked C=64, time block 256, the whole V) once more
-    /// and is kept only if it beats it there. A candidate with wrong outputs is a bug: it is
+    /// candidates are timed in interleaved rounds and scored by their best run, and replace
+    /// the stage's incumbent only when more than 2% faster. The winner then races the default
+    /// schedule (chunked C=64, time block 256, the whole V) once more and is kept only if it
+    /// beats it by 2% there too. A candidate with wrong outputs is a bug: it is
     /// printed, nothing is saved and the command fails.
     Tune {
         rule: PathBuf,
@@ -743,7 +744,7 @@ fn tune_rule(
     let eval = tune::CpuEvaluator::new(rule, dims, threads, seed)?;
     let space = at::Space::new(at::Problem { seq_len, v, chunkable });
     let default = tune::default_config(chunkable);
-    let settings = at::Settings { rounds, confirm_rounds: 2 * rounds.max(1) - 1 };
+    let settings = at::Settings { rounds, confirm_rounds: 2 * rounds.max(1) - 1, ..Default::default() };
     println!("{:<11} {:<34} {:>9} {:>10}", "stage", "schedule", "best ms", "median ms");
     let report = at::tune(&eval, &space, default, settings, &mut |row| match &row.outcome {
         Outcome::Timed(t) => println!(
