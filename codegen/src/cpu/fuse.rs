@@ -9,6 +9,12 @@
 //! memory. Values with several uses, views' sources, operands of non-elementwise ops, stores,
 //! loop inits and yields, and values crossing a loop boundary stay materialised.
 //!
+//! One fusion crosses into a non-elementwise op: a `mul(x, s)` whose only use is the
+//! accumulator of a `Dot` that the gemm routine takes, with `s` a row scale (`[R x 1]` or a
+//! scalar), is applied in the gemm's epilogue (`c = a @ b + diag(s) x`, [`scaled_acc`]): the
+//! chunk plans' state update `S' = diag(decay) S + K^T V` then makes one pass over the state
+//! instead of two.
+//!
 //! The shared workspace planner (`layout.rs`) still reserves regions for fused values. Since
 //! a root now reads its leaves at its own position rather than where the fused ops stood, the
 //! CPU backend plans a copy of the kernel in which every root is followed by a dead
@@ -26,6 +32,8 @@ pub(super) struct Fusion {
     /// The kernel the workspace is planned for (the original plus dead views; same values
     /// and loops in the same order, extra values appended).
     pub planning: Kernel,
+    /// `scaled[m]`: `m` is a fused row-scaled accumulator `mul(x, s)` of a dot, as `(x, s)`.
+    pub scaled: Vec<Option<(ValueId, ValueId)>>,
 }
 
 fn is_elementwise(op: &Op) -> bool {
@@ -111,6 +119,12 @@ impl Decide<'_> {
 }
 
 impl Scan {
+    /// A use by a statement rather than an op (a store, a loop init or yield).
+    fn hard_use(&mut self, v: ValueId) {
+        self.uses[v.0 as usize] += 1;
+        self.hard[v.0 as usize] = true;
+    }
+
     fn block(&mut self, k: &Kernel, stmts: &[Stmt]) {
         let blk = self.blocks;
         self.blocks += 1;
@@ -132,14 +146,14 @@ impl Scan {
                     self.def_block[id.0 as usize] = blk;
                     self.defs[id.0 as usize] = Some(op.clone());
                 }
-                Stmt::Store { value, .. } => self.hard[value.0 as usize] = true,
+                Stmt::Store { value, .. } => self.hard_use(*value),
                 Stmt::Loop { carried, body, yields, .. } => {
                     for (_, init) in carried {
-                        self.hard[init.0 as usize] = true;
+                        self.hard_use(*init);
                     }
                     self.block(k, body);
                     for y in yields {
-                        self.hard[y.0 as usize] = true;
+                        self.hard_use(*y);
                     }
                 }
             }
@@ -175,9 +189,41 @@ fn decay_chains(kernel: &Kernel, s: &Scan, candidate: &[bool]) -> Vec<bool> {
     forced
 }
 
+/// The accumulator `x` and row scale `s` of `mul(x, s)` (either operand order) when the
+/// product `m` has that form: `x` the product's shape, `s` `[rows x 1]` or `[1 x 1]`, all f32.
+fn scaled_acc(kernel: &Kernel, defs: &[Option<Op>], m: ValueId) -> Option<(ValueId, ValueId)> {
+    let Some(Op::Binary { op: BinOp::Mul, a, b }) = &defs[m.0 as usize] else { return None };
+    let t = kernel.ty(m);
+    let f32s = [m, *a, *b].iter().all(|v| kernel.ty(*v).dtype == DType::F32);
+    let is_scale = |v: ValueId| {
+        let s = kernel.ty(v);
+        s.cols == 1 && (s.rows == t.rows || s.rows == 1)
+    };
+    let is_acc = |v: ValueId| kernel.ty(v).rows == t.rows && kernel.ty(v).cols == t.cols;
+    [(*a, *b), (*b, *a)].into_iter().find(|&(x, s)| f32s && t.cols > 1 && is_acc(x) && is_scale(s))
+}
+
+/// Marks the `mul(x, s)` accumulators the gemm applies itself (module doc): single-use, in the
+/// dot's block, of a dot the gemm takes whatever its strides, with both leaves materialised.
+fn scaled_accumulators(kernel: &Kernel, s: &Scan, fused: &[bool]) -> Vec<Option<(ValueId, ValueId)>> {
+    let mut out = vec![None; kernel.values.len()];
+    for (d, op) in s.defs.iter().enumerate() {
+        let Some(Op::Dot { a, b, ta, acc: Some(m), .. }) = op else { continue };
+        let mi = m.0 as usize;
+        let k = if *ta { kernel.ty(*a).rows } else { kernel.ty(*a).cols };
+        let t = kernel.ty(*m);
+        let Some((x, sc)) = scaled_acc(kernel, &s.defs, *m) else { continue };
+        let single = s.uses[mi] == 1 && s.def_block[mi] == s.def_block[d] && m != a && m != b;
+        if single && !fused[x.0 as usize] && !fused[sc.0 as usize] && super::gemm::takes_any_layout(t.rows, t.cols, k) {
+            out[mi] = Some((x, sc));
+        }
+    }
+    out
+}
+
 /// Decides which values fuse and builds the kernel to plan the workspace for; `decay`: the
-/// backend has the decay routine (`decay.rs`).
-pub(super) fn analyse(kernel: &Kernel, decay: bool) -> Fusion {
+/// backend has the decay routine (`decay.rs`); `gemm`: it has the gemm routine (`gemm.rs`).
+pub(super) fn analyse(kernel: &Kernel, decay: bool, gemm: bool) -> Fusion {
     let n = kernel.values.len();
     let mut s = Scan {
         uses: vec![0; n],
@@ -200,10 +246,12 @@ pub(super) fn analyse(kernel: &Kernel, decay: bool) -> Fusion {
         .collect();
     let forced = if decay { decay_chains(kernel, &s, &candidate) } else { vec![false; n] };
     let mut d = Decide { kernel, defs: &s.defs, consumer: &s.consumer, candidate, forced, memo: vec![None; n] };
-    let fused: Vec<bool> = (0..n).map(|v| d.fused(ValueId(v as u32)).0).collect();
+    let mut fused: Vec<bool> = (0..n).map(|v| d.fused(ValueId(v as u32)).0).collect();
+    let scaled = if gemm { scaled_accumulators(kernel, &s, &fused) } else { vec![None; n] };
+    fused.iter_mut().zip(&scaled).for_each(|(f, s)| *f |= s.is_some());
     let mut planning = kernel.clone();
     planning.body = with_leaf_uses(&mut planning.values, &kernel.body, &fused, &s.defs);
-    Fusion { fused, defs: s.defs, planning }
+    Fusion { fused, defs: s.defs, planning, scaled }
 }
 
 /// The materialised values a root reads through its fused operands (with repeats).
@@ -286,7 +334,7 @@ mod tests {
         let out = b.end_loop(&[next])[0];
         b.store(out, pz, Idx::c(0), 4, 1, Idx::c(4));
         let k = b.finish();
-        let f = analyse(&k, false);
+        let f = analyse(&k, false, false);
         let fused = |v: ValueId| f.fused[v.0 as usize];
         for v in [d, m, e, c, s, inner] {
             assert!(fused(v), "{v} should fuse");
@@ -295,5 +343,37 @@ mod tests {
             assert!(!fused(v), "{v} should not fuse");
         }
         crate::layout::plan(&f.planning).expect("the planning kernel is valid");
+    }
+
+    #[test]
+    fn a_row_scaled_accumulator_fuses_into_a_large_dot_only() {
+        // acc = mul(x, s) for an m x 16 product over 16: with m = 16 the gemm takes it
+        // (4096 multiply-adds), with m = 4 it stays inline and the scaling stays a pass.
+        for (m, fuses) in [(16, true), (4, false)] {
+            let mut b = Builder::new("scaled");
+            let (pa, px, ps, po) = (
+                b.param("a", Access::Read),
+                b.param("x", Access::Read),
+                b.param("s", Access::Read),
+                b.param("o", Access::Write),
+            );
+            let a = b.load(pa, Idx::c(0), 16, 1, m, 16, Idx::c(m as i64));
+            let w = b.load(pa, Idx::c(0), 16, 1, 16, 16, Idx::c(16));
+            let x = b.load(px, Idx::c(0), 16, 1, m, 16, Idx::c(m as i64));
+            let s = b.load(ps, Idx::c(0), 1, 1, m, 1, Idx::c(m as i64));
+            let scaled = b.mul(s, x); // the scale first: either order is recognised
+            let twice = b.mul(x, s); // used by the dot and a store: stays
+            let y = b.dot(a, w, false, false, Some(scaled));
+            b.store(y, po, Idx::c(0), 16, 1, Idx::c(m as i64));
+            let z = b.dot(a, w, false, false, Some(twice));
+            b.store(z, po, Idx::c(0), 16, 1, Idx::c(m as i64));
+            b.store(twice, po, Idx::c(0), 16, 1, Idx::c(m as i64));
+            let k = b.finish();
+            let f = analyse(&k, false, true);
+            assert_eq!(f.fused[scaled.0 as usize], fuses, "m = {m}");
+            assert_eq!(f.scaled[scaled.0 as usize], fuses.then_some((x, s)));
+            assert!(!f.fused[twice.0 as usize]);
+            crate::layout::plan(&f.planning).expect("the planning kernel is valid");
+        }
     }
 }

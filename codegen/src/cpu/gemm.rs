@@ -14,13 +14,19 @@
 //! accumulators; the last block of a row is 8 x 16 when at most 16 columns are left). Sums are f32, in order of `p` for each
 //! element (one FMA per product), then `acc` is added, as the IR's `Dot` contract allows.
 //!
+//! `acc` may come with a row scale `s` (`c = a @ b + diag(s) acc`, one FMA per element):
+//! the chunk plans' state update `S' = diag(decay) S + K^T V` then reads the state once, in
+//! the product's epilogue, instead of in a separate scaling pass over the 64 KB state first
+//! (`fuse.rs` decides; [`scale_row`] is the product it computes).
+//!
 //! [`select`] picks the kernel for the host when the JIT module is built (None where there
 //! is none: then `Dot` stays Cranelift code).
 
 use std::cell::RefCell;
 
 /// The kernel's C signature: `(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, c_rs, acc, acc_rs,
-/// acc_cs)`; `c`'s column stride is 1; `acc` may be null. All integers are elements.
+/// acc_cs, s, s_rs)`; `c`'s column stride is 1; `acc` may be null, and so may `s` (no scale;
+/// `s_rs` 0 broadcasts one scale to every row). All integers are elements.
 pub(super) type GemmFn = unsafe extern "C" fn(
     i64,
     i64,
@@ -36,7 +42,42 @@ pub(super) type GemmFn = unsafe extern "C" fn(
     *const f32,
     i64,
     i64,
+    *const f32,
+    i64,
 );
+
+/// Arguments the generated code passes the kernel.
+pub(super) const GEMM_ARGS: usize = 16;
+
+/// Products below this many multiply-adds stay inline Cranelift code: the call and the
+/// packing of `b` cost more than the gemm saves.
+pub(super) const GEMM_MIN_MACS: usize = 4096;
+
+/// Whether the lowering calls the gemm for an `m x n` product over `k` (when the backend has
+/// one): large enough, and either `b`'s rows are contiguous or there are enough rows of `a`
+/// to pay for packing a transposed `b`.
+pub(super) fn takes(m: usize, n: usize, k: usize, b_cs: i64) -> bool {
+    m * n * k >= GEMM_MIN_MACS && (b_cs == 1 || m >= 8)
+}
+
+/// Whether [`takes`] holds for every layout of `b`.
+pub(super) fn takes_any_layout(m: usize, n: usize, k: usize) -> bool {
+    m * n * k >= GEMM_MIN_MACS && m >= 8
+}
+
+/// The scale of `acc`'s row `row`: 1 without a scale.
+///
+/// # Safety
+/// `s`, when not null, readable at `row * s_rs`.
+#[inline(always)]
+unsafe fn scale_row(s: *const f32, s_rs: isize, row: isize) -> f32 {
+    if s.is_null() {
+        1.0
+    } else {
+        // SAFETY: the caller's contract.
+        unsafe { *s.offset(row * s_rs) }
+    }
+}
 
 /// Symbol name the generated code imports.
 pub(super) const GEMM_SYMBOL: &str = "chunkc_sgemm_f32";
@@ -93,7 +134,7 @@ unsafe fn pack_b(out: &mut Vec<f32>, b: *const f32, rs: isize, cs: isize, k: usi
 
 #[cfg(target_arch = "x86_64")]
 pub(super) mod x86 {
-    use super::{pack_b, PANEL};
+    use super::{pack_b, scale_row, PANEL};
     use std::arch::x86_64::*;
 
     /// `out[p*np + j] = b[p + j*cs]` for `p < k`, `j < n` (a transpose), by 8 x 8 blocks.
@@ -183,10 +224,13 @@ pub(super) mod x86 {
         acc: *const f32,
         acc_rs: i64,
         acc_cs: i64,
+        s: *const f32,
+        s_rs: i64,
     ) {
         // SAFETY: the caller's contract; the host has AVX2 and FMA (checked by `select`).
         unsafe {
-            with_gemm(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, c_rs, acc, acc_rs, acc_cs, NR, |g, m, n| g.run(m, n))
+            let acc = (acc, acc_rs, acc_cs, s, s_rs);
+            with_gemm(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, c_rs, acc, NR, |g, m, n| g.run(m, n))
         }
     }
 
@@ -212,10 +256,13 @@ pub(super) mod x86 {
         acc: *const f32,
         acc_rs: i64,
         acc_cs: i64,
+        s: *const f32,
+        s_rs: i64,
     ) {
         // SAFETY: the caller's contract; the host has AVX-512F (checked by `select`).
         unsafe {
-            with_gemm(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, c_rs, acc, acc_rs, acc_cs, 16, |g, m, n| g.run512(m, n))
+            let acc = (acc, acc_rs, acc_cs, s, s_rs);
+            with_gemm(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, c_rs, acc, 16, |g, m, n| g.run512(m, n))
         }
     }
 
@@ -237,9 +284,7 @@ pub(super) mod x86 {
         b_cs: i64,
         c: *mut f32,
         c_rs: i64,
-        acc: *const f32,
-        acc_rs: i64,
-        acc_cs: i64,
+        (acc, acc_rs, acc_cs, s, s_rs): (*const f32, i64, i64, *const f32, i64),
         nr: usize,
         f: impl FnOnce(&Gemm, usize, usize),
     ) {
@@ -269,6 +314,8 @@ pub(super) mod x86 {
                     acc,
                     acc_rs: acc_rs as isize,
                     acc_cs: acc_cs as isize,
+                    s,
+                    s_rs: s_rs as isize,
                 };
                 f(&g, m, n);
             }
@@ -287,6 +334,9 @@ pub(super) mod x86 {
         acc: *const f32,
         acc_rs: isize,
         acc_cs: isize,
+        /// Row scale of `acc` (null: none).
+        s: *const f32,
+        s_rs: isize,
     }
 
     impl Gemm {
@@ -346,11 +396,13 @@ pub(super) mod x86 {
                     } else {
                         Some(self.acc.offset(row * self.acc_rs + j as isize * self.acc_cs))
                     };
+                    let scale = scale_row(self.s, self.s_rs, row);
                     if w == NR && (accp.is_none() || self.acc_cs == 1) {
                         let (mut v0, mut v1) = (s0[r], s1[r]);
                         if let Some(q) = accp {
-                            v0 = _mm256_add_ps(v0, _mm256_loadu_ps(q));
-                            v1 = _mm256_add_ps(v1, _mm256_loadu_ps(q.add(8)));
+                            let x = _mm256_set1_ps(scale);
+                            v0 = _mm256_fmadd_ps(_mm256_loadu_ps(q), x, v0);
+                            v1 = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(8)), x, v1);
                         }
                         _mm256_storeu_ps(cp, v0);
                         _mm256_storeu_ps(cp.add(8), v1);
@@ -361,7 +413,7 @@ pub(super) mod x86 {
                         for (q, x) in t.iter().enumerate().take(w) {
                             let mut y = *x;
                             if let Some(ap) = accp {
-                                y += *ap.offset(q as isize * self.acc_cs);
+                                y = (*ap.offset(q as isize * self.acc_cs)).mul_add(scale, y);
                             }
                             *cp.add(q) = y;
                         }
@@ -445,13 +497,15 @@ pub(super) mod x86 {
                     } else {
                         Some(self.acc.offset(row * self.acc_rs + j as isize * self.acc_cs))
                     };
+                    let scale = scale_row(self.s, self.s_rs, row);
                     if accp.is_none() || self.acc_cs == 1 {
-                        for (v, x) in sr.iter().enumerate() {
+                        let x = _mm512_set1_ps(scale);
+                        for (v, sum) in sr.iter().enumerate() {
                             let left = w.saturating_sub(16 * v).min(16);
                             let mk: __mmask16 = if left == 16 { !0 } else { ((1u32 << left) - 1) as __mmask16 };
-                            let mut y = *x;
+                            let mut y = *sum;
                             if let Some(q) = accp {
-                                y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mk, q.add(16 * v)));
+                                y = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, q.add(16 * v)), x, y);
                             }
                             _mm512_mask_storeu_ps(cp.add(16 * v), mk, y);
                         }
@@ -463,9 +517,127 @@ pub(super) mod x86 {
                         for (q, x) in t.iter().enumerate().take(w) {
                             let mut y = *x;
                             if let Some(ap) = accp {
-                                y += *ap.offset(q as isize * self.acc_cs);
+                                y = (*ap.offset(q as isize * self.acc_cs)).mul_add(scale, y);
                             }
                             *cp.add(q) = y;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic values in [-1, 1).
+    fn data(n: usize, seed: u64) -> Vec<f32> {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    /// Every level's kernel against f64 for `c = a @ b + diag(s) acc`: shapes with partial
+    /// register blocks, a strided and a contiguous accumulator, a per-row, a broadcast and
+    /// no scale, and `c` written over its own accumulator.
+    #[test]
+    fn the_row_scaled_accumulator_matches_f64() {
+        let levels: Vec<super::super::Simd> =
+            [super::super::Simd::Avx512, super::super::Simd::Avx2].into_iter().filter(|s| s.available()).collect();
+        for simd in levels {
+            let f = select(simd).expect("a gemm for an available level");
+            for (m, n, k) in [(128, 128, 16), (37, 45, 9), (8, 16, 32), (3, 70, 5)] {
+                let (a, b) = (data(m * k, 1), data(k * n, 2));
+                for acc_transposed in [false, true] {
+                    for scale in [Some(1i64), Some(0), None] {
+                        let acc = data(m * n, 3);
+                        let s = data(m, 4);
+                        // acc[i, j] at i*acc_rs + j*acc_cs.
+                        let (acc_rs, acc_cs) = if acc_transposed { (1, m as i64) } else { (n as i64, 1) };
+                        let want: Vec<f64> = (0..m * n)
+                            .map(|e| {
+                                let (i, j) = (e / n, e % n);
+                                let dot: f64 = (0..k).map(|p| a[i * k + p] as f64 * b[p * n + j] as f64).sum();
+                                let x = acc[(i as i64 * acc_rs + j as i64 * acc_cs) as usize] as f64;
+                                let sc = match scale {
+                                    Some(rs) => s[i * rs as usize] as f64,
+                                    None => 1.0,
+                                };
+                                dot + sc * x
+                            })
+                            .collect();
+                        let mut c = vec![f32::NAN; m * n];
+                        let (sp, s_rs) = match scale {
+                            Some(rs) => (s.as_ptr(), rs),
+                            None => (std::ptr::null(), 0),
+                        };
+                        // SAFETY: every operand is allocated at the sizes its strides address.
+                        unsafe {
+                            f(
+                                m as i64,
+                                n as i64,
+                                k as i64,
+                                a.as_ptr(),
+                                k as i64,
+                                1,
+                                b.as_ptr(),
+                                n as i64,
+                                1,
+                                c.as_mut_ptr(),
+                                n as i64,
+                                acc.as_ptr(),
+                                acc_rs,
+                                acc_cs,
+                                sp,
+                                s_rs,
+                            )
+                        };
+                        for (e, (&got, &w)) in c.iter().zip(&want).enumerate() {
+                            assert!(
+                                (got as f64 - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                                "{simd:?} {m}x{n}x{k} {acc_transposed} {scale:?} [{e}]: {got} vs {w}"
+                            );
+                        }
+                        // In place: c is its own (contiguous) accumulator.
+                        if !acc_transposed {
+                            let mut c = acc.clone();
+                            let cp = c.as_mut_ptr();
+                            // SAFETY: as above; c and acc alias with the same layout, which the
+                            // kernel allows (it reads an acc element before writing it).
+                            unsafe {
+                                f(
+                                    m as i64,
+                                    n as i64,
+                                    k as i64,
+                                    a.as_ptr(),
+                                    k as i64,
+                                    1,
+                                    b.as_ptr(),
+                                    n as i64,
+                                    1,
+                                    cp,
+                                    n as i64,
+                                    cp,
+                                    n as i64,
+                                    1,
+                                    sp,
+                                    s_rs,
+                                )
+                            };
+                            for (e, (&got, &w)) in c.iter().zip(&want).enumerate() {
+                                assert!(
+                                    (got as f64 - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                                    "in place {simd:?} {m}x{n}x{k} {scale:?} [{e}]"
+                                );
+                            }
                         }
                     }
                 }

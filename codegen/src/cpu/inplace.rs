@@ -8,6 +8,12 @@
 //! elementwise operands too), and nothing after the dot reads the dot's result except the
 //! yield itself. The dot then never reads the bytes it writes, and everything after it that
 //! would have read the old state reads nothing of it.
+//!
+//! One read of the old state is allowed: the dot's accumulator may be the carried value
+//! itself (not a view), or a row-scaled accumulator of it that the gemm applies (`fuse.rs`).
+//! Every product reads an accumulator element just before it writes the same element of
+//! the result (`lower.rs`, `gemm.rs`), and the two have the same layout, so `S' = diag(d) S +
+//! K^T V` can overwrite `S` as it goes.
 
 use super::fuse::Fusion;
 use crate::ir::*;
@@ -34,11 +40,26 @@ pub(super) fn state_dot(
         }
     }
     let reads = |v: ValueId, what: &[ValueId]| read_closure(v, fusion).iter().any(|x| what.contains(x));
-    let Stmt::Let { op: dot, .. } = &body[at] else {
+    let Stmt::Let { op: Op::Dot { a, b, acc, .. }, .. } = &body[at] else {
         return None;
     };
-    if dot.operands().into_iter().any(|v| reads(v, &aliases)) {
+    if [a, b].iter().any(|&&v| reads(v, &aliases)) {
         return None;
+    }
+    if let Some(c) = acc {
+        let ok = if c == state {
+            true
+        } else if fusion.fused[c.0 as usize] {
+            match fusion.scaled.get(c.0 as usize).copied().flatten() {
+                Some((x, s)) => x == *state && !reads(s, &aliases),
+                None => false,
+            }
+        } else {
+            !reads(*c, &aliases)
+        };
+        if !ok {
+            return None;
+        }
     }
     let mut later_reads_old_state_or_result = false;
     for s in &body[at + 1..] {
@@ -108,7 +129,7 @@ mod tests {
     }
 
     fn analyse(k: &Kernel) -> Option<ValueId> {
-        let fusion = super::super::fuse::analyse(k, false);
+        let fusion = super::super::fuse::analyse(k, false, true);
         let Some(Stmt::Loop { carried, body, yields, .. }) = k.body.iter().find(|s| matches!(s, Stmt::Loop { .. }))
         else {
             panic!("no loop");
@@ -125,5 +146,44 @@ mod tests {
         assert_eq!(analyse(&k), Some(yields[0]));
         assert_eq!(analyse(&body(Some(true))), None, "a view of the old state is read (through a fused exp) later");
         assert_eq!(analyse(&body(Some(false))), None, "the new state is read before the yield");
+    }
+
+    /// `S' = k^T k + diag(d) X` on a 16 x 16 state (a product the gemm takes), with X the
+    /// state itself or its transpose.
+    fn scaled_update(transposed: bool) -> (Kernel, ValueId, ValueId) {
+        let mut b = Builder::new("scaled");
+        let (pk, pd, ps0, po) = (
+            b.param("k", Access::Read),
+            b.param("d", Access::Read),
+            b.param("s0", Access::Read),
+            b.param("o", Access::Write),
+        );
+        let s0 = b.load(ps0, Idx::c(0), 16, 1, 16, 16, Idx::c(16));
+        let s = b.begin_loop(Idx::var(IdxVar::SeqLen), &[s0])[0];
+        let k = b.load(pk, Idx::c(0), 16, 1, 16, 16, Idx::c(16));
+        let d = b.load(pd, Idx::c(0), 16, 1, 1, 16, Idx::c(1));
+        let scale = b.transpose(d);
+        let x = if transposed { b.transpose(s) } else { s };
+        let decayed = b.mul(x, scale);
+        let next = b.dot(k, k, true, false, Some(decayed));
+        let out = b.end_loop(&[next])[0];
+        b.store(out, po, Idx::c(0), 16, 1, Idx::c(16));
+        (b.finish(), decayed, next)
+    }
+
+    #[test]
+    fn a_row_scaled_update_of_the_state_itself_goes_in_place() {
+        let (k, decayed, next) = scaled_update(false);
+        let fusion = super::super::fuse::analyse(&k, false, true);
+        assert!(fusion.fused[decayed.0 as usize], "the scaling fuses into the gemm");
+        assert_eq!(analyse(&k), Some(next));
+        // Of the transposed state the accumulator reads other elements than the product
+        // writes: the update must not overwrite the state it reads.
+        let (k, decayed, _) = scaled_update(true);
+        assert!(super::super::fuse::analyse(&k, false, true).fused[decayed.0 as usize]);
+        assert_eq!(analyse(&k), None);
+        // Without a gemm nothing fuses into the product.
+        let (k, decayed, _) = scaled_update(false);
+        assert!(!super::super::fuse::analyse(&k, false, false).fused[decayed.0 as usize]);
     }
 }

@@ -12,6 +12,7 @@ use cranelift_codegen::ir::{types, BlockArg, Endianness, FuncRef, InstBuilder, M
 use cranelift_frontend::{FunctionBuilder, Variable};
 
 use super::fuse::Fusion;
+use super::gemm;
 use super::inplace;
 use super::vmath::VMath;
 use crate::ir::*;
@@ -49,9 +50,6 @@ pub(super) struct MathFns {
 pub(super) const STORE_LOC: u32 = 1 << 30;
 /// Source location of a loop's carried-value copies and control.
 pub(super) const LOOP_LOC: u32 = (1 << 31) - 1;
-
-/// `Dot`s with at least this many multiply-adds (m*n*k) call the microkernel.
-const GEMM_MIN_MACS: usize = 4096;
 
 /// Memory access to a 2-D array of elements: element (i, j) at `ptr + (i*rs + j*cs) * size`.
 #[derive(Clone, Copy, Debug)]
@@ -739,7 +737,18 @@ impl<'a, 'f> Lower<'a, 'f> {
                     std::mem::swap(&mut sb.rs, &mut sb.cs);
                 }
                 let k = if *ta { xa.rows } else { xa.cols };
-                let sc = acc.map(|c| self.val(c));
+                let sc = match acc {
+                    // A row-scaled accumulator the gemm applies (`fuse.rs`).
+                    Some(c) if self.fusion.fused[c.0 as usize] => {
+                        let (x, s) =
+                            self.fusion.scaled[c.0 as usize].expect("only scaled accumulators fuse into a dot");
+                        let sa = self.val(s);
+                        let s_rs = if self.kernel.ty(s).rows == 1 { 0 } else { sa.rs };
+                        Some((self.val(x), Some((sa.ptr, s_rs))))
+                    }
+                    Some(c) => Some((self.val(*c), None)),
+                    None => None,
+                };
                 self.dot(out, sa, sb, ty.rows, ty.cols, k, sc);
             }
             Op::Cumsum { x, exclusive } => {
@@ -1023,11 +1032,20 @@ impl<'a, 'f> Lower<'a, 'f> {
     }
 
     /// `out = a @ b (+ acc)`, with `a` m x k and `b` k x n already transposed as the op says.
+    /// `out = a @ b (+ diag(s) acc)`; `acc` comes with its row scale `s` (a pointer and its row
+    /// stride, 0 for one scale) when the scaling was fused into the product.
     #[allow(clippy::too_many_arguments)]
-    fn dot(&mut self, out: Acc, a: Acc, b: Acc, m: usize, n: usize, k: usize, acc: Option<Acc>) {
-        // Few rows of a transposed b (the kernel would pack b for them) stay inline.
-        let big = m * n * k >= GEMM_MIN_MACS && (b.cs == 1 || m >= 8);
-        if let Some(f) = self.math.gemm.filter(|_| out.cs == 1 && big) {
+    fn dot(
+        &mut self,
+        out: Acc,
+        a: Acc,
+        b: Acc,
+        m: usize,
+        n: usize,
+        k: usize,
+        acc: Option<(Acc, Option<(Value, i64)>)>,
+    ) {
+        if let Some(f) = self.math.gemm.filter(|_| out.cs == 1 && gemm::takes(m, n, k, b.cs)) {
             let mut args: Vec<Value> = [m, n, k].iter().map(|&x| self.iconst(x as i64)).collect();
             for (x, rs, cs) in [(a.ptr, a.rs, Some(a.cs)), (b.ptr, b.rs, Some(b.cs)), (out.ptr, out.rs, None)] {
                 args.push(x);
@@ -1037,12 +1055,28 @@ impl<'a, 'f> Lower<'a, 'f> {
                 }
             }
             match acc {
-                Some(c) => args.extend([c.ptr, self.iconst(c.rs), self.iconst(c.cs)]),
+                Some((c, _)) => args.extend([c.ptr, self.iconst(c.rs), self.iconst(c.cs)]),
                 None => args.extend([self.iconst(0), self.iconst(0), self.iconst(0)]),
+            }
+            match acc.and_then(|(_, s)| s) {
+                Some((s, s_rs)) => args.extend([s, self.iconst(s_rs)]),
+                None => args.extend([self.iconst(0), self.iconst(0)]),
             }
             self.b.ins().call(f, &args);
             return;
         }
+        // The inline products below take a plain accumulator. A scaled one (fused only where
+        // the gemm takes the product, so this is a fallback) is scaled into `out` first:
+        // every inline path reads an element of a contiguous accumulator just before it writes
+        // the same element of `out`, so `out` may be the accumulator.
+        let acc = match acc {
+            Some((c, Some((s, s_rs)))) => {
+                let scale = Acc { ptr: s, rs: s_rs, cs: 0, dt: DType::F32 };
+                self.ew(RowRange::Full(m), n, &[c, scale], out, true, &mut |l, _, x| l.b.ins().fmul(x[0], x[1]));
+                Some(out)
+            }
+            other => other.map(|(c, _)| c),
+        };
         let kk = self.iconst(k as i64);
         if b.cs == 1 && n >= 4 {
             // Rows of b are contiguous: each output row is built from blocks of up to four

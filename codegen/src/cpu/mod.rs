@@ -257,7 +257,7 @@ fn plan_fused(kernel: &Kernel, simd: Simd) -> Result<(Kernel, fuse::Fusion, layo
     layout::plan(kernel)?;
     reject_16bit_inputs(&kernel.body)?;
     let kernel = rewrite::drop_redundant_masks(kernel);
-    let fusion = fuse::analyse(&kernel, decay::select(simd).is_some());
+    let fusion = fuse::analyse(&kernel, decay::select(simd).is_some(), gemm::select(simd).is_some());
     let plan = layout::plan(&fusion.planning)?;
     Ok((kernel, fusion, plan))
 }
@@ -336,12 +336,14 @@ fn build(
         math.f64.push(import(module, &mut ctx.func, name, types::F64, 1)?);
     }
     math.f64.push(import(module, &mut ctx.func, POW_F64.0, types::F64, 2)?);
-    // Both kinds of routine take 14 integer / pointer arguments and return nothing.
+    // The gated routines take 14 integer / pointer arguments and return nothing.
     let mut sig14 = module.make_signature();
     sig14.params.extend([AbiParam::new(types::I64); 14]);
     if gemm::select(simd).is_some() {
-        // (m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, c_rs, acc, acc_rs, acc_cs).
-        let id = module.declare_function(gemm::GEMM_SYMBOL, Linkage::Import, &sig14).map_err(merr)?;
+        // (m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, c_rs, acc, acc_rs, acc_cs, s, s_rs).
+        let mut gsig = module.make_signature();
+        gsig.params.extend([AbiParam::new(types::I64); gemm::GEMM_ARGS]);
+        let id = module.declare_function(gemm::GEMM_SYMBOL, Linkage::Import, &gsig).map_err(merr)?;
         math.gemm = Some(module.declare_func_in_func(id, &mut ctx.func));
     }
     if solve::select(simd).is_some() {
