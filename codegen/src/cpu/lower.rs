@@ -12,9 +12,9 @@ use cranelift_codegen::ir::{types, BlockArg, Endianness, FuncRef, InstBuilder, M
 use cranelift_frontend::{FunctionBuilder, Variable};
 
 use super::fuse::Fusion;
-use super::gemm;
 use super::inplace;
 use super::vmath::VMath;
+use super::{gemm, rows};
 use crate::ir::*;
 use crate::layout::{Plan, Storage, YieldCopy};
 
@@ -42,6 +42,8 @@ pub(super) struct MathFns {
     pub decay: Option<FuncRef>,
     /// The forward substitution routine (solve.rs), where the host has it.
     pub solve: Option<FuncRef>,
+    /// `rows.rs`: bulk row copies for loads and stores (not at the portable level).
+    pub copy_rows: Option<FuncRef>,
     /// `prefetch.rs`: hints the next iteration's input rows into cache.
     pub prefetch: FuncRef,
 }
@@ -604,6 +606,13 @@ impl<'a, 'f> Lower<'a, 'f> {
                     let dst = self.global(*param, base, *row_stride, *col_stride);
                     let valid = self.idx(valid_rows);
                     let nv = self.clamp_rows(valid, ty.rows);
+                    let f32_rows = *col_stride == 1 && src.cs == 1 && ty.dtype == DType::F32 && src.dt == DType::F32;
+                    if let Some(f) = self.math.copy_rows.filter(|_| f32_rows && ty.cols >= rows::MIN_COLS) {
+                        let (srs, drs, cols) =
+                            (self.iconst(src.rs), self.iconst(*row_stride), self.iconst(ty.cols as i64));
+                        self.b.ins().call(f, &[src.ptr, srs, dst.ptr, drs, nv, cols, nv]);
+                        continue;
+                    }
                     let zero = self.iconst(0);
                     let dt = ty.dtype;
                     self.ew(RowRange::Dyn(zero, nv), ty.cols, &[src], dst, dt == DType::F32, &mut |l, _, x| {
@@ -701,13 +710,20 @@ impl<'a, 'f> Lower<'a, 'f> {
         }
         let out = self.val(id);
         match op {
-            Op::Load { param, base, row_stride, col_stride, rows, cols, valid_rows, .. } => {
+            Op::Load { elem, param, base, row_stride, col_stride, rows, cols, valid_rows } => {
                 if self.in_loop && *col_stride == 1 && base.uses(IdxVar::Iter) {
                     self.prefetch_next(*param, base, *row_stride, *rows, *cols, valid_rows);
                 }
                 let src = self.global(*param, base, *row_stride, *col_stride);
                 let valid = self.idx(valid_rows);
                 let nv = self.clamp_rows(valid, *rows);
+                let f32_rows = *elem == ElemType::F32 && *col_stride == 1 && out.cs == 1 && out.dt == DType::F32;
+                if let Some(f) = self.math.copy_rows.filter(|_| f32_rows && *cols >= rows::MIN_COLS) {
+                    let args = [src.ptr, self.iconst(*row_stride), out.ptr, self.iconst(out.rs), nv];
+                    let args = [&args[..], &[self.iconst(*cols as i64), self.iconst(*rows as i64)]].concat();
+                    self.b.ins().call(f, &args);
+                    return;
+                }
                 let (zero, all) = (self.iconst(0), self.iconst(*rows as i64));
                 self.ew(RowRange::Dyn(zero, nv), *cols, &[src], out, true, &mut |_, _, x| x[0]);
                 self.ew(RowRange::Dyn(nv, all), *cols, &[], out, true, &mut |l, t, _| l.fconst(t, 0.0));

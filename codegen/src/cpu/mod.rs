@@ -33,6 +33,7 @@ pub mod peak;
 mod prefetch;
 mod profile;
 mod rewrite;
+mod rows;
 mod solve;
 mod vmath;
 
@@ -286,6 +287,7 @@ fn new_module(simd: Simd) -> Result<JITModule, CodegenError> {
     jb.symbol(POW_F32.0, POW_F32.1 as *const u8);
     jb.symbol(POW_F64.0, POW_F64.1 as *const u8);
     jb.symbol(prefetch::PREFETCH_SYMBOL, prefetch::prefetch_rows as *const u8);
+    jb.symbol(rows::ROWS_SYMBOL, rows::copy_rows as *const u8);
     if let Some(f) = gemm::select(simd) {
         jb.symbol(gemm::GEMM_SYMBOL, f as *const u8);
     }
@@ -327,7 +329,24 @@ fn build(
     psig.params.extend([AbiParam::new(types::I64); 4]);
     let pid = module.declare_function(prefetch::PREFETCH_SYMBOL, Linkage::Import, &psig).map_err(merr)?;
     let prefetch = module.declare_func_in_func(pid, &mut ctx.func);
-    let mut math = MathFns { f32: vec![], f64: vec![], gemm: None, gated: None, decay: None, solve: None, prefetch };
+    let mut math = MathFns {
+        f32: vec![],
+        f64: vec![],
+        gemm: None,
+        gated: None,
+        decay: None,
+        solve: None,
+        copy_rows: None,
+        prefetch,
+    };
+    if simd != Simd::Portable {
+        // (src, src_rs, dst, dst_rs, rows, cols, fill_to); the portable level stays all
+        // Cranelift code, so that tests of it test the generated loops.
+        let mut rsig = module.make_signature();
+        rsig.params.extend([AbiParam::new(types::I64); 7]);
+        let id = module.declare_function(rows::ROWS_SYMBOL, Linkage::Import, &rsig).map_err(merr)?;
+        math.copy_rows = Some(module.declare_func_in_func(id, &mut ctx.func));
+    }
     for (name, _) in MATH_F32 {
         math.f32.push(import(module, &mut ctx.func, name, types::F32, 1)?);
     }
