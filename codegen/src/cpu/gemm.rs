@@ -574,44 +574,36 @@ mod tests {
                                 dot + sc * x
                             })
                             .collect();
-                        let mut c = vec![f32::NAN; m * n];
                         let (sp, s_rs) = match scale {
                             Some(rs) => (s.as_ptr(), rs),
                             None => (std::ptr::null(), 0),
                         };
-                        // SAFETY: every operand is allocated at the sizes its strides address.
-                        unsafe {
-                            f(
-                                m as i64,
-                                n as i64,
-                                k as i64,
-                                a.as_ptr(),
-                                k as i64,
-                                1,
-                                b.as_ptr(),
-                                n as i64,
-                                1,
-                                c.as_mut_ptr(),
-                                n as i64,
-                                acc.as_ptr(),
-                                acc_rs,
-                                acc_cs,
-                                sp,
-                                s_rs,
-                            )
+                        let check = |c: &[f32], what: &str| {
+                            for (e, (&got, &w)) in c.iter().zip(&want).enumerate() {
+                                assert!(
+                                    (got as f64 - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                                    "{what} {simd:?} {m}x{n}x{k} {acc_transposed} {scale:?} [{e}]: {got} vs {w}"
+                                );
+                            }
                         };
-                        for (e, (&got, &w)) in c.iter().zip(&want).enumerate() {
-                            assert!(
-                                (got as f64 - w).abs() <= 1e-5 * (1.0 + w.abs()),
-                                "{simd:?} {m}x{n}x{k} {acc_transposed} {scale:?} [{e}]: {got} vs {w}"
-                            );
-                        }
-                        // In place: c is its own (contiguous) accumulator.
-                        if !acc_transposed {
-                            let mut c = acc.clone();
+                        // Into fresh NaNs, then (for a contiguous accumulator) in place: c as
+                        // its own accumulator, which the kernel allows since it reads an
+                        // accumulator element before it writes that element.
+                        let mut fresh = vec![f32::NAN; m * n];
+                        let mut own = acc.clone();
+                        let runs: &mut [(&mut Vec<f32>, bool, &str)] =
+                            &mut [(&mut fresh, false, "fresh"), (&mut own, true, "in place")];
+                        for (c, in_place, what) in runs.iter_mut() {
+                            if *in_place && acc_transposed {
+                                continue;
+                            }
                             let cp = c.as_mut_ptr();
-                            // SAFETY: as above; c and acc alias with the same layout, which the
-                            // kernel allows (it reads an acc element before writing it).
+                            let (accp, acc_rs, acc_cs) = if *in_place {
+                                (cp as *const f32, n as i64, 1)
+                            } else {
+                                (acc.as_ptr(), acc_rs, acc_cs)
+                            };
+                            // SAFETY: every operand is allocated at the sizes its strides address.
                             unsafe {
                                 f(
                                     m as i64,
@@ -625,19 +617,14 @@ mod tests {
                                     1,
                                     cp,
                                     n as i64,
-                                    cp,
-                                    n as i64,
-                                    1,
+                                    accp,
+                                    acc_rs,
+                                    acc_cs,
                                     sp,
                                     s_rs,
                                 )
                             };
-                            for (e, (&got, &w)) in c.iter().zip(&want).enumerate() {
-                                assert!(
-                                    (got as f64 - w).abs() <= 1e-5 * (1.0 + w.abs()),
-                                    "in place {simd:?} {m}x{n}x{k} {scale:?} [{e}]"
-                                );
-                            }
+                            check(c, what);
                         }
                     }
                 }
