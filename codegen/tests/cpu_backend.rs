@@ -705,6 +705,71 @@ fn a_state_update_in_place_matches_the_interpreter() {
     }
 }
 
+/// `S' = K^T V + diag(d) S` with `d` per row of the state (a `[K x 1]` view of a loaded
+/// `[1 x K]`) or one scalar, on a product large enough for the gemm: at the AVX levels the
+/// scaling fuses into the gemm's epilogue and the update goes in place (cpu/fuse.rs), at the
+/// portable level it stays a pass; every level must match the interpreter.
+fn row_scaled_scan(per_row: bool) -> Kernel {
+    use IdxVar::*;
+    let (chunk, dk, dv) = (32usize, 16usize, 16usize);
+    let mut b = Builder::new("row_scaled");
+    let (pk, pv, pd, ps0, po, ps) = (
+        read(&mut b, "k"),
+        read(&mut b, "v"),
+        read(&mut b, "d"),
+        read(&mut b, "s0"),
+        write(&mut b, "o"),
+        write(&mut b, "s"),
+    );
+    let t = || Idx::var(SeqLen);
+    let start = || Idx::var(Iter).mul(Idx::c(chunk as i64));
+    let s0 = ld(&mut b, ps0, dk, dv);
+    let s = b.begin_loop(t().ceil_div(chunk as i64), &[s0])[0];
+    let valid = t().sub(start()).min(Idx::c(chunk as i64));
+    let kc = b.load(pk, start().mul(Idx::c(dk as i64)), dk as i64, 1, chunk, dk, valid.clone());
+    let vc = b.load(pv, start().mul(Idx::c(dv as i64)), dv as i64, 1, chunk, dv, valid.clone());
+    let o = b.dot(kc, s, false, false, None);
+    b.store(o, po, start().mul(Idx::c(dv as i64)), dv as i64, 1, valid);
+    let d = if per_row {
+        let row = b.load(pd, Idx::var(Iter).mul(Idx::c(dk as i64)), dk as i64, 1, 1, dk, Idx::c(1));
+        b.transpose(row)
+    } else {
+        b.load(pd, Idx::var(Iter), 1, 1, 1, 1, Idx::c(1))
+    };
+    let decayed = b.mul(s, d);
+    let s2 = b.dot(kc, vc, true, false, Some(decayed));
+    let out = b.end_loop(&[s2]);
+    st(&mut b, out[0], ps);
+    b.finish()
+}
+
+#[test]
+fn a_row_scaled_state_update_matches_the_interpreter_at_every_level() {
+    let mut rng = Rng::new(33);
+    let (dk, dv, tmax) = (16, 16, 100);
+    for per_row in [true, false] {
+        let k = row_scaled_scan(per_row);
+        let ins = [
+            rng.vec(tmax * dk, 1.0),
+            rng.vec(tmax * dv, 1.0),
+            rng.vec(4 * dk, 1.0),
+            rng.vec(dk * dv, 1.0),
+            vec![0.0; tmax * dv],
+            vec![0.0; dk * dv],
+        ];
+        for seq in [100, 33, 1] {
+            check_at(
+                &format!("row scaled per_row={per_row} T={seq}"),
+                &k,
+                &ins,
+                (0, 0, seq),
+                RTOL,
+                sum_atol(tmax, 8.0),
+            );
+        }
+    }
+}
+
 #[test]
 fn loop_yields_that_alias_carried_values() {
     let mut rng = Rng::new(15);
