@@ -73,6 +73,11 @@ pub struct Canonical {
     pub log_gate: Option<Expr>,
     /// Low-rank transition terms (a, b), both `[K]`: A = diag(w) + sum a b^T.
     pub low_rank: Vec<(Expr, Expr)>,
+    /// For each low-rank term, `b'` when `b = w * b'` (the decay is a factor of `b`, as in
+    /// every gated delta rule: `b^T S = b'^T (diag(w) S)`), so that a chunked form can gate
+    /// `b'` by the inclusive cumulative decay instead of `b` by the exclusive one: the same
+    /// terms without an exponential per element of `b`.
+    pub low_rank_decayed: Vec<Option<Expr>>,
     /// Writes (kw `[K]`, vw `[V]`).
     pub writes: Vec<(Expr, Expr)>,
     pub output: Output,
@@ -215,7 +220,19 @@ pub fn canonicalize(rule: &Rule) -> Result<Canonical, NotChunkable> {
             span: update_span,
         });
     }
-    Ok(Canonical { class, log_gate, low_rank: m.low_rank, writes: m.writes, output, warnings: cx.warnings })
+    let low_rank_decayed = match &w {
+        Some(w) => m.low_rank.iter().map(|(_, b)| without_factor(b, w)).collect(),
+        None => vec![None; m.low_rank.len()],
+    };
+    Ok(Canonical {
+        class,
+        log_gate,
+        low_rank: m.low_rank,
+        low_rank_decayed,
+        writes: m.writes,
+        output,
+        warnings: cx.warnings,
+    })
 }
 
 /// True when `e` reads a per-token input (as opposed to per-head parameters and constants).
@@ -552,6 +569,31 @@ pub fn same(a: &Expr, b: &Expr) -> bool {
             }
             _ => false,
         }
+}
+
+/// `e'` with `e = f * e'` (through negations, products and numerators) and `e'` of `e`'s
+/// type; None when `f` is not such a factor.
+pub fn without_factor(e: &Expr, f: &Expr) -> Option<Expr> {
+    let kept = |x: Expr| (x.ty == e.ty).then_some(x);
+    match &e.kind {
+        ExprKind::Unary(UnaryOp::Neg, x) => without_factor(x, f).and_then(kept).map(|x| neg(&x, e.span)),
+        ExprKind::Binary(BinaryOp::Mul, x, y) => {
+            if same(x, f) && y.ty == e.ty {
+                return Some((**y).clone());
+            }
+            if same(y, f) && x.ty == e.ty {
+                return Some((**x).clone());
+            }
+            if let Some(x2) = without_factor(x, f).filter(|x2| x2.ty == x.ty) {
+                return Some(rebuild2(e, x2, (**y).clone()));
+            }
+            without_factor(y, f).filter(|y2| y2.ty == y.ty).map(|y2| rebuild2(e, (**x).clone(), y2))
+        }
+        ExprKind::Binary(BinaryOp::Div, x, y) => {
+            without_factor(x, f).filter(|x2| x2.ty == x.ty).map(|x2| rebuild2(e, x2, (**y).clone()))
+        }
+        _ => None,
+    }
 }
 
 fn is_one(e: &Expr) -> bool {

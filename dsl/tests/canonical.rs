@@ -102,3 +102,52 @@ fn a_decay_that_is_not_provably_positive_warns() {
     assert!(c.warnings.is_empty());
     assert_eq!(print_expr(&r, c.log_gate.as_ref().expect("gate")), "-softplus(-g)");
 }
+
+#[test]
+fn the_decay_factor_of_a_low_rank_b_is_found_only_where_it_is_one() {
+    let shown = |name: &str| {
+        let r = rule(name);
+        let c = canonicalize(&r).expect("chunkable");
+        assert_eq!(c.low_rank_decayed.len(), c.low_rank.len(), "{name}");
+        c.low_rank_decayed.iter().map(|b| b.as_ref().map(|b| print_expr(&r, b))).collect::<Vec<_>>()
+    };
+    // b = -(e^g k) beta: the decay is a factor, b' = -k beta.
+    assert_eq!(shown("gated_delta_rule"), [Some("-k * beta".to_string())]);
+    assert_eq!(shown("kda"), [Some("-k * beta".to_string())]);
+    // RWKV-7's alpha reads the state before the decay: no factor.
+    assert_eq!(shown("dplr"), [None]);
+    assert!(shown("gla").is_empty());
+    // The factor is found in either operand of a product: here b = -(e^gk (e^gk beta)).
+    let io = "q = \"[K]\"\nk = \"[K]\"\nv = \"[V]\"\ngk = \"[K]\"\nbeta = \"scalar\"";
+    let r = parse("S = exp(gk) * S\nS = S + outer(k, v - S^T @ (exp(gk) * beta))\no = S^T @ q", io);
+    let c = canonicalize(&r).expect("chunkable");
+    assert_eq!(c.low_rank.len(), 1);
+    let decayed = c.low_rank_decayed[0].as_ref().map(|b| print_expr(&r, b));
+    assert_eq!(decayed.as_deref(), Some("-(exp(gk) * beta)"), "b = {}", print_expr(&r, &c.low_rank[0].1));
+}
+
+#[test]
+fn a_factor_that_would_change_the_type_is_not_taken_out() {
+    use chunkc_dsl::ast::{BinaryOp, Expr, ExprKind, Span, UnaryOp};
+    use chunkc_dsl::canon::without_factor;
+    let sp = Span::default();
+    let leaf = |i, ty| Expr::new(ExprKind::Input(i), ty, sp);
+    let w = Expr::new(ExprKind::Unary(UnaryOp::Exp, Box::new(leaf(0, Ty::VecK))), Ty::VecK, sp);
+    let prod = |x: &Expr, y: &Expr, ty| {
+        Expr::new(ExprKind::Binary(BinaryOp::Mul, Box::new(x.clone()), Box::new(y.clone())), ty, sp)
+    };
+    // w * beta ([K] * scalar): taking w out would leave a scalar.
+    assert_eq!(without_factor(&prod(&w, &leaf(1, Ty::Scalar), Ty::VecK), &w), None);
+    // (w * k) / beta: the numerator's factor is taken out.
+    let k = leaf(2, Ty::VecK);
+    let div = Expr::new(
+        ExprKind::Binary(BinaryOp::Div, Box::new(prod(&w, &k, Ty::VecK)), Box::new(leaf(1, Ty::Scalar))),
+        Ty::VecK,
+        sp,
+    );
+    let got = without_factor(&div, &w).expect("a factor of the numerator");
+    assert!(matches!(&got.kind, ExprKind::Binary(BinaryOp::Div, x, _) if x.kind == k.kind));
+    // Not a factor of a sum.
+    let sum = Expr::new(ExprKind::Binary(BinaryOp::Add, Box::new(w.clone()), Box::new(k.clone())), Ty::VecK, sp);
+    assert_eq!(without_factor(&sum, &w), None);
+}

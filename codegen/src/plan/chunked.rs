@@ -11,7 +11,8 @@
 //! S' = diag(e^{B_C}) S0 + (KW ⊙ e^{B_C - Bin})^T VW + (A ⊙ e^{B_C - Bin})^T R
 //! ```
 //!
-//! Every exponent used is <= 0. The gate decides how scores are formed: no gate, plain
+//! When the decay is a factor of the low-rank `b` (`Bv = w ⊙ Bv'`), `(Bv, Bex)` is formed as
+//! `(Bv', Bin)`: `Bv ⊙ e^Bex = Bv' ⊙ e^Bin` term by term. Every exponent used is <= 0. The gate decides how scores are formed: no gate, plain
 //! matmuls with a causal mask; a scalar gate, one matmul times a C x C decay mask, the chunk
 //! as one block; a per-channel gate, blocks of `sub_chunk` rows where an off-diagonal block
 //! is one matmul of factors re-centred on the block's first row (both <= 1) and a diagonal
@@ -99,8 +100,19 @@ pub fn build(rule: &Rule, canon: &Canonical, shape: Shape, sched: Schedule) -> R
             writes.push((pro.tile(&mut b, kw, true)?, vw));
         }
     }
-    let low_rank: Option<(ValueId, ValueId)> = match canon.low_rank.first() {
-        Some((a, bv)) => Some((pro.tile(&mut b, a, true)?, pro.tile(&mut b, bv, true)?)),
+    // `b` reads the state after the token's own decay. When the decay is a factor of it
+    // (b = w b', every gated delta rule), b' is gated inclusively, `b' e^Bin` for `b e^Bex`:
+    // the same terms, without a tile of exponentials for b and with the other operands'
+    // gate, whose factors the backends then share.
+    let decayed_b = canon.low_rank_decayed.first().and_then(|b| b.as_ref());
+    let low_rank: Option<(ValueId, (ValueId, bool))> = match canon.low_rank.first() {
+        Some((a, bv)) => {
+            let (bv, inclusive) = match decayed_b {
+                Some(b2) if canon.log_gate.is_some() => (b2, true),
+                _ => (bv, false),
+            };
+            Some((pro.tile(&mut b, a, true)?, (pro.tile(&mut b, bv, true)?, inclusive)))
+        }
         None => None,
     };
     let coef = canon.output.coef.as_ref().map(|e| pro.tile(&mut b, e, false)).transpose()?;
@@ -126,20 +138,21 @@ pub fn build(rule: &Rule, canon: &Canonical, shape: Shape, sched: Schedule) -> R
         let i0 = i * bs;
         let qg = sc.decayed(&mut b, q, bq, i);
         let mut o = b.dot(qg, s0, false, false, None);
-        if let Some((a, bv)) = low_rank {
+        if let Some((a, (bv, inclusive))) = low_rank {
+            let bv_gate = if inclusive { bin } else { bex };
             // R_i = (I - A_ba[i,i])^-1 (bg_i S0 + sum_{j<i} A_ba[i,j] R_j + sum_{j<=i} A_bk[i,j] VW_j)
             // (R is U = R + VW_merged when a write was folded in: then VW_merged_i joins the rhs.)
-            let bg = sc.decayed(&mut b, bv, bex, i);
+            let bg = sc.decayed(&mut b, bv, bv_gate, i);
             let mut rhs = b.dot(bg, s0, false, false, None);
             if let Some(vw) = merged_vw {
                 let vwi = b.rows(vw, i0, bs);
                 rhs = b.add(rhs, vwi);
             }
-            rhs = sc.apply(&mut b, (bv, bex), (a, bin), (&r_blocks, None), i, true, rhs);
+            rhs = sc.apply(&mut b, (bv, bv_gate), (a, bin), (&r_blocks, None), i, true, rhs);
             for (&(kw, vw), vws) in writes.iter().zip(&vw_blocks) {
-                rhs = sc.apply(&mut b, (bv, bex), (kw, bin), (vws, Some(vw)), i, true, rhs);
+                rhs = sc.apply(&mut b, (bv, bv_gate), (kw, bin), (vws, Some(vw)), i, true, rhs);
             }
-            let aba = sc.scores(&mut b, (bv, bex), (a, bin), i, i, true);
+            let aba = sc.scores(&mut b, (bv, bv_gate), (a, bin), i, i, true);
             let l = b.neg(aba);
             r_blocks.push(b.solve_unit_lower(l, rhs));
             o = sc.apply(&mut b, (q, bq), (a, bin), (&r_blocks, None), i, read_before, o);
