@@ -122,6 +122,24 @@ pub(super) mod x86 {
         _mm512_mul_ps(_mm512_mul_ps(y, s1), s2)
     }
 
+    /// `1 / x` on 16 lanes for `x` in `[e^-12, e^12]`: the 14-bit estimate and one Newton
+    /// step, within 1 ulp.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    pub(super) fn recip16(x: __m512) -> __m512 {
+        let r = _mm512_rcp14_ps(x);
+        _mm512_fmadd_ps(r, _mm512_fnmadd_ps(x, r, _mm512_set1_ps(1.0)), r)
+    }
+
+    /// `1 / x` on 8 lanes for `x` in `[e^-12, e^12]`: the 12-bit estimate and one Newton
+    /// step, within 2 ulp.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    pub(super) fn recip8(x: __m256) -> __m256 {
+        let r = _mm256_rcp_ps(x);
+        _mm256_fmadd_ps(r, _mm256_fnmadd_ps(x, r, _mm256_set1_ps(1.0)), r)
+    }
+
     /// Operands of one call, pointers advanced by element.
     struct Args {
         n: usize,
@@ -175,6 +193,13 @@ pub(super) mod x86 {
                 out_cs: out_cs as isize,
                 strict: strict != 0,
             }
+        }
+
+        /// Whether both sides read one gate tile (`ga == gb`, as the chunked plan's diagonal
+        /// blocks do): then `e^(r - gb)` is the reciprocal of `e^(ga - r)`, which costs a
+        /// third of an exponential and is within 2 ulp of it for factors in `[e^-12, e^12]`.
+        fn shared_gates(&self) -> bool {
+            self.ga == self.gb && self.ga_rs == self.gb_rs
         }
 
         /// Runs `dot(i, j)` for the kept elements, stores zeros elsewhere.
@@ -250,6 +275,7 @@ pub(super) mod x86 {
             let mut sb = [0f32; 16 * SPLIT_COLS];
             let mut sbt = [0f32; SPLIT_COLS * 16];
             let rrow = grow::<G64>(g.ga, mid, g.ga_rs);
+            let shared = g.shared_gates();
             let range = _mm256_set1_ps(SPLIT_RANGE);
             let abs = |x: __m256| _mm256_andnot_ps(_mm256_set1_ps(-0.0), x);
             let mut q0 = 0;
@@ -264,7 +290,7 @@ pub(super) mod x86 {
                         let lanes = (w - q).min(8);
                         let (xa, xb, va, vb) = if lanes == 8 {
                             let xa = diff8::<G64>(gap.add(at * gs), rrow.add(at * gs));
-                            let xb = diff8::<G64>(rrow.add(at * gs), gbp.add(at * gs));
+                            let xb = if shared { xa } else { diff8::<G64>(rrow.add(at * gs), gbp.add(at * gs)) };
                             (xa, xb, _mm256_loadu_ps(ap.add(at)), _mm256_loadu_ps(bp.add(at)))
                         } else {
                             let (mut ta, mut tb) = ([0f32; 8], [0f32; 8]);
@@ -286,8 +312,10 @@ pub(super) mod x86 {
                         if _mm256_movemask_ps(ok) != 0xff {
                             return false;
                         }
-                        _mm256_storeu_ps(sa.as_mut_ptr().add(i * SPLIT_COLS + q), _mm256_mul_ps(va, exp8(xa)));
-                        _mm256_storeu_ps(sb.as_mut_ptr().add(i * SPLIT_COLS + q), _mm256_mul_ps(vb, exp8(xb)));
+                        let ea = exp8(xa);
+                        let eb = if shared { recip8(ea) } else { exp8(xb) };
+                        _mm256_storeu_ps(sa.as_mut_ptr().add(i * SPLIT_COLS + q), _mm256_mul_ps(va, ea));
+                        _mm256_storeu_ps(sb.as_mut_ptr().add(i * SPLIT_COLS + q), _mm256_mul_ps(vb, eb));
                         q += 8;
                     }
                 }
@@ -457,6 +485,7 @@ pub(super) mod x86 {
             let mut sb = [0f32; 16 * SPLIT_COLS];
             let mut sbt = [0f32; SPLIT_COLS * 16];
             let rrow = grow::<G64>(g.ga, mid, g.ga_rs);
+            let shared = g.shared_gates();
             let range = _mm512_set1_ps(SPLIT_RANGE);
             let mut q0 = 0;
             while q0 < c {
@@ -468,15 +497,17 @@ pub(super) mod x86 {
                     while q < w {
                         let m: __mmask16 = if w - q >= 16 { !0 } else { ((1u32 << (w - q)) - 1) as __mmask16 };
                         let at = (q0 + q) * gs;
-                        let (xa, xb) =
-                            (diff16::<G64>(gap.add(at), rrow.add(at), m), diff16::<G64>(rrow.add(at), gbp.add(at), m));
+                        let xa = diff16::<G64>(gap.add(at), rrow.add(at), m);
+                        // With one gate for both sides, r - gb is -(ga - r) exactly.
+                        let xb = if shared { xa } else { diff16::<G64>(rrow.add(at), gbp.add(at), m) };
                         // |x| <= range, false for NaN; masked-off lanes are 0 and pass.
                         let ok = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(_mm512_abs_ps(xa), range)
                             & _mm512_cmp_ps_mask::<_CMP_LE_OQ>(_mm512_abs_ps(xb), range);
                         if ok != !0 {
                             return false;
                         }
-                        let (ea, eb) = (exp16(xa), exp16(xb));
+                        let ea = exp16(xa);
+                        let eb = if shared { recip16(ea) } else { exp16(xb) };
                         let va = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, ap.add(q0 + q)), ea);
                         let vb = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, bp.add(q0 + q)), eb);
                         _mm512_storeu_ps(sa.as_mut_ptr().add(i * SPLIT_COLS + q), va);
@@ -598,7 +629,7 @@ pub(super) mod x86 {
 
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
-    use super::x86::{exp16, exp8, gated_avx2, gated_avx512, split_taken};
+    use super::x86::{exp16, exp8, gated_avx2, gated_avx512, recip16, recip8, split_taken};
     use std::arch::x86_64::*;
 
     /// Max error in ulps of `exp` over every 61st f32 bit pattern plus edge cases (as
@@ -652,6 +683,47 @@ mod tests {
         });
         eprintln!("exp8: max error {worst:.3} ulp");
         assert!(worst <= 2.0, "exp8: {worst} ulp");
+    }
+
+    /// Max error in ulps of a reciprocal over every 7th f32 in `[e^-12, e^12]`, the factors'
+    /// range.
+    fn recip_sweep(lanes: usize, f: &dyn Fn(&[f32], &mut [f32])) -> f64 {
+        let (lo, hi) = ((-12.0f32).exp().to_bits(), 12.0f32.exp().to_bits());
+        let mut xs: Vec<f32> = (lo..=hi).step_by(7).map(f32::from_bits).collect();
+        xs.resize(xs.len().div_ceil(lanes) * lanes, 1.0);
+        let mut ys = vec![0.0f32; xs.len()];
+        f(&xs, &mut ys);
+        let mut worst = 0.0f64;
+        for (&x, &got) in xs.iter().zip(&ys) {
+            let want = 1.0 / x as f64;
+            let ulp = f32::from_bits((want as f32).to_bits() & 0x7f80_0000) as f64 * f32::EPSILON as f64;
+            worst = worst.max((got as f64 - want).abs() / ulp);
+        }
+        worst
+    }
+
+    #[test]
+    fn reciprocal_accuracy_over_the_factor_range() {
+        if is_x86_feature_detected!("avx512f") {
+            let worst = recip_sweep(16, &|xs, ys| {
+                for (x, y) in xs.chunks(16).zip(ys.chunks_mut(16)) {
+                    // SAFETY: AVX-512F checked above; 16 lanes in each chunk.
+                    unsafe { _mm512_storeu_ps(y.as_mut_ptr(), recip16(_mm512_loadu_ps(x.as_ptr()))) }
+                }
+            });
+            eprintln!("recip16: max error {worst:.3} ulp");
+            assert!(worst <= 1.0, "recip16: {worst} ulp");
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            let worst = recip_sweep(8, &|xs, ys| {
+                for (x, y) in xs.chunks(8).zip(ys.chunks_mut(8)) {
+                    // SAFETY: AVX2 and FMA checked above; 8 lanes in each chunk.
+                    unsafe { _mm256_storeu_ps(y.as_mut_ptr(), recip8(_mm256_loadu_ps(x.as_ptr()))) }
+                }
+            });
+            eprintln!("recip8: max error {worst:.3} ulp");
+            assert!(worst <= 2.5, "recip8: {worst} ulp");
+        }
     }
 
     #[test]
@@ -750,6 +822,32 @@ mod tests {
                     assert_eq!(bits(&via), bits(&out), "wide {wide} n {n} c {c}");
                 }
             }
+        }
+    }
+
+    #[test]
+    fn one_gate_tile_for_both_sides_takes_the_reciprocal_and_matches_f64() {
+        for wide in levels() {
+            for (n, c) in [(1, 3), (7, 40), (16, 128), (16, 130)] {
+                for strict in [false, true] {
+                    let (a, ga, b, _) = operands(n, c, 1.4, (n * 77 + c) as u64);
+                    let ops = (a, ga.clone(), b, ga);
+                    let (a, g, b, _) = &ops;
+                    let mut out = vec![f32::NAN; n * n];
+                    // SAFETY: the level is the host's; the slices have the sizes passed (one
+                    // gate slice for both sides, as the plan's diagonal blocks pass it).
+                    assert!(unsafe { split_taken(wide, n, c, [a, b], [g, g], &mut out, strict) }, "n {n} c {c}");
+                    let worst = check(n, c, &ops, &out, strict);
+                    assert!(worst < 2e-6, "wide {wide} n {n} c {c} strict {strict}: {worst:e}");
+                }
+            }
+            // Out of range on the shared side still refuses.
+            let n = 16;
+            let (a, g, b, _) = operands(n, 32, 3.0, 5);
+            let mut out = vec![f32::NAN; n * n];
+            // SAFETY: as above.
+            assert!(!unsafe { split_taken(wide, n, 32, [&a, &b], [&g, &g], &mut out, false) });
+            assert!(out.iter().all(|x| x.is_nan()));
         }
     }
 
