@@ -239,14 +239,88 @@ impl Builder {
         results
     }
 
+    /// The kernel, without the values nothing reads: a plan may form terms that a rule's
+    /// shape leaves unused (the exclusive gate of a chunk that is one block), and every op is
+    /// free of side effects, so a backend should not run them.
     pub fn finish(mut self) -> Kernel {
         assert!(self.loops.is_empty(), "unclosed loop");
-        Kernel {
-            name: self.name,
-            params: self.params,
-            values: self.values,
-            body: self.blocks.pop().unwrap_or_default(),
-            vtiles: self.vtiles,
+        let mut body = self.blocks.pop().unwrap_or_default();
+        drop_dead(&mut body);
+        Kernel { name: self.name, params: self.params, values: self.values, body, vtiles: self.vtiles }
+    }
+}
+
+/// Removes `Let`s whose value no statement reads, until none is left.
+fn drop_dead(body: &mut Vec<Stmt>) {
+    fn reads(stmts: &[Stmt], used: &mut std::collections::HashSet<ValueId>) {
+        for s in stmts {
+            match s {
+                Stmt::Let { op, .. } => used.extend(op.operands()),
+                Stmt::Store { value, .. } => {
+                    used.insert(*value);
+                }
+                Stmt::Loop { carried, body, yields, .. } => {
+                    used.extend(carried.iter().map(|&(_, init)| init));
+                    used.extend(yields.iter().copied());
+                    reads(body, used);
+                }
+            }
         }
+    }
+    fn retain(stmts: &mut Vec<Stmt>, used: &std::collections::HashSet<ValueId>) -> bool {
+        let before = stmts.len();
+        stmts.retain(|s| !matches!(s, Stmt::Let { id, .. } if !used.contains(id)));
+        let mut removed = stmts.len() != before;
+        for s in stmts.iter_mut() {
+            if let Stmt::Loop { body, .. } = s {
+                removed |= retain(body, used);
+            }
+        }
+        removed
+    }
+    loop {
+        let mut used = std::collections::HashSet::new();
+        reads(body, &mut used);
+        if !retain(body, &used) {
+            break;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_nothing_reads_are_dropped_in_loops_and_outside() {
+        let mut b = Builder::new("t");
+        let x = b.param("x", Access::Read);
+        let o = b.param("o", Access::Write);
+        let ty = TileTy::f32(2, 2);
+        let init = b.constant(0.0, ty);
+        let unused_outside = b.constant(1.0, ty);
+        let s = b.begin_loop(Idx::c(3), &[init])[0];
+        let l = b.load(x, Idx::c(0), 2, 1, 2, 2, Idx::c(2));
+        let dead = b.exp(l);
+        let _dead_too = b.add(dead, dead);
+        let kept = b.add(s, l);
+        b.store(kept, o, Idx::c(0), 2, 1, Idx::c(2));
+        let out = b.end_loop(&[kept]);
+        b.store(out[0], o, Idx::c(0), 2, 1, Idx::c(2));
+        let k = b.finish();
+        let mut ids = vec![];
+        fn lets(stmts: &[Stmt], ids: &mut Vec<ValueId>) {
+            for s in stmts {
+                match s {
+                    Stmt::Let { id, .. } => ids.push(*id),
+                    Stmt::Loop { body, .. } => lets(body, ids),
+                    Stmt::Store { .. } => {}
+                }
+            }
+        }
+        lets(&k.body, &mut ids);
+        // The exp only feeds an add nothing reads: both go, and so does the unused constant.
+        assert_eq!(ids, [init, l, kept], "{:?}", k.body);
+        let _ = unused_outside;
     }
 }
