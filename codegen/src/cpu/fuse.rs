@@ -221,9 +221,21 @@ fn scaled_accumulators(kernel: &Kernel, s: &Scan, fused: &[bool]) -> Vec<Option<
     out
 }
 
-/// Decides which values fuse and builds the kernel to plan the workspace for; `decay`: the
-/// backend has the decay routine (`decay.rs`); `gemm`: it has the gemm routine (`gemm.rs`).
-pub(super) fn analyse(kernel: &Kernel, decay: bool, gemm: bool) -> Fusion {
+/// The rustc-compiled routines the backend has for the SIMD level, where a fusion depends on
+/// one.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct Routines {
+    /// `decay.rs`.
+    pub decay: bool,
+    /// `gemm.rs`.
+    pub gemm: bool,
+    /// `sums.rs`.
+    pub sums: bool,
+}
+
+/// Decides which values fuse and builds the kernel to plan the workspace for.
+pub(super) fn analyse(kernel: &Kernel, routines: Routines) -> Fusion {
+    let Routines { decay, gemm, sums } = routines;
     let n = kernel.values.len();
     let mut s = Scan {
         uses: vec![0; n],
@@ -249,9 +261,35 @@ pub(super) fn analyse(kernel: &Kernel, decay: bool, gemm: bool) -> Fusion {
     let mut fused: Vec<bool> = (0..n).map(|v| d.fused(ValueId(v as u32)).0).collect();
     let scaled = if gemm { scaled_accumulators(kernel, &s, &fused) } else { vec![None; n] };
     fused.iter_mut().zip(&scaled).for_each(|(f, s)| *f |= s.is_some());
+    if sums {
+        for c in summed_casts(kernel, &s, &fused) {
+            fused[c.0 as usize] = true;
+        }
+    }
     let mut planning = kernel.clone();
     planning.body = with_leaf_uses(&mut planning.values, &kernel.body, &fused, &s.defs);
     Fusion { fused, defs: s.defs, planning, scaled }
+}
+
+/// The casts `cast_f64(x)` of f32 values that only a `Cumsum` reads (in the same statement
+/// list): `sums.rs` takes the cast into the running sum. `x` must be materialised and not a
+/// transposed view (the routine reads rows of it).
+fn summed_casts(kernel: &Kernel, s: &Scan, fused: &[bool]) -> Vec<ValueId> {
+    let mut out = vec![];
+    for (u, op) in s.defs.iter().enumerate() {
+        let Some(Op::Cumsum { x: c, .. }) = op else { continue };
+        let ci = c.0 as usize;
+        let Some(Op::Cast { x, dtype: DType::F64 }) = &s.defs[ci] else { continue };
+        let xi = x.0 as usize;
+        let readable = kernel.ty(*x).dtype == DType::F32
+            && !fused[xi]
+            && !matches!(s.defs[xi], Some(Op::Transpose { .. }))
+            && !fused[ci];
+        if readable && s.uses[ci] == 1 && s.def_block[ci] == s.def_block[u] {
+            out.push(*c);
+        }
+    }
+    out
 }
 
 /// The materialised values a root reads through its fused operands (with repeats).
@@ -334,7 +372,7 @@ mod tests {
         let out = b.end_loop(&[next])[0];
         b.store(out, pz, Idx::c(0), 4, 1, Idx::c(4));
         let k = b.finish();
-        let f = analyse(&k, false, false);
+        let f = analyse(&k, Routines::default());
         let fused = |v: ValueId| f.fused[v.0 as usize];
         for v in [d, m, e, c, s, inner] {
             assert!(fused(v), "{v} should fuse");
@@ -343,6 +381,29 @@ mod tests {
             assert!(!fused(v), "{v} should not fuse");
         }
         crate::layout::plan(&f.planning).expect("the planning kernel is valid");
+    }
+
+    #[test]
+    fn a_cast_only_a_cumsum_reads_fuses_where_the_sums_routine_is() {
+        let mut b = Builder::new("sums");
+        let (pg, po, pp) = (b.param("g", Access::Read), b.param("o", Access::Write), b.param("p", Access::Write));
+        let g = b.load(pg, Idx::c(0), 8, 1, 4, 8, Idx::c(4));
+        let g64 = b.cast(g, DType::F64); // only the cumsum reads it
+        let sum = b.cumsum(g64, false);
+        let h = b.exp(g);
+        let h64 = b.cast(h, DType::F64); // read by a cumsum and a store
+        let sum2 = b.cumsum(h64, true);
+        b.store(sum, po, Idx::c(0), 8, 1, Idx::c(4));
+        b.store(sum2, po, Idx::c(32), 8, 1, Idx::c(4));
+        b.store(h64, pp, Idx::c(0), 8, 1, Idx::c(4));
+        let k = b.finish();
+        let with = analyse(&k, Routines { sums: true, ..Routines::default() });
+        assert!(with.fused[g64.0 as usize]);
+        assert!(!with.fused[h64.0 as usize], "a cast with another use stays");
+        assert!(!with.fused[g.0 as usize]);
+        crate::layout::plan(&with.planning).expect("the planning kernel is valid");
+        let without = analyse(&k, Routines::default());
+        assert!(!without.fused[g64.0 as usize], "no routine: the cast is a pass of its own");
     }
 
     #[test]
@@ -369,7 +430,7 @@ mod tests {
             b.store(z, po, Idx::c(0), 16, 1, Idx::c(m as i64));
             b.store(twice, po, Idx::c(0), 16, 1, Idx::c(m as i64));
             let k = b.finish();
-            let f = analyse(&k, false, true);
+            let f = analyse(&k, Routines { gemm: true, ..Routines::default() });
             assert_eq!(f.fused[scaled.0 as usize], fuses, "m = {m}");
             assert_eq!(f.scaled[scaled.0 as usize], fuses.then_some((x, s)));
             assert!(!f.fused[twice.0 as usize]);

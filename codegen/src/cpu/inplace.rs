@@ -98,8 +98,11 @@ fn read_closure(v: ValueId, fusion: &Fusion) -> Vec<ValueId> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::fuse::Routines;
     use super::*;
     use crate::builder::Builder;
+
+    const GEMM_ONLY: Routines = Routines { decay: false, gemm: true, sums: false };
 
     /// `O = K S` then `S' = K^T V + 0.9 S`; with `late`, `S` (or the dot's result) is read
     /// once more after the dot.
@@ -129,7 +132,7 @@ mod tests {
     }
 
     fn analyse(k: &Kernel) -> Option<ValueId> {
-        let fusion = super::super::fuse::analyse(k, false, true);
+        let fusion = super::super::fuse::analyse(k, GEMM_ONLY);
         let Some(Stmt::Loop { carried, body, yields, .. }) = k.body.iter().find(|s| matches!(s, Stmt::Loop { .. }))
         else {
             panic!("no loop");
@@ -174,16 +177,16 @@ mod tests {
     #[test]
     fn a_row_scaled_update_of_the_state_itself_goes_in_place() {
         let (k, decayed, next) = scaled_update(false);
-        let fusion = super::super::fuse::analyse(&k, false, true);
+        let fusion = super::super::fuse::analyse(&k, GEMM_ONLY);
         assert!(fusion.fused[decayed.0 as usize], "the scaling fuses into the gemm");
         assert_eq!(analyse(&k), Some(next));
         // Of the transposed state the accumulator reads other elements than the product
         // writes: the update must not overwrite the state it reads.
         let (k, decayed, _) = scaled_update(true);
-        assert!(super::super::fuse::analyse(&k, false, true).fused[decayed.0 as usize]);
+        assert!(super::super::fuse::analyse(&k, GEMM_ONLY).fused[decayed.0 as usize]);
         assert_eq!(analyse(&k), None);
         // Without a gemm nothing fuses into the product.
         let (k, decayed, _) = scaled_update(false);
-        assert!(!super::super::fuse::analyse(&k, false, false).fused[decayed.0 as usize]);
+        assert!(!super::super::fuse::analyse(&k, Default::default()).fused[decayed.0 as usize]);
     }
 }

@@ -40,6 +40,8 @@ pub(super) struct MathFns {
     pub gated: Option<[FuncRef; 2]>,
     /// The gate-factor routine (decay.rs), where the host has it.
     pub decay: Option<FuncRef>,
+    /// The cumulative-gate routine (sums.rs), where the host has it.
+    pub sums: Option<FuncRef>,
     /// The forward substitution routine (solve.rs), where the host has it.
     pub solve: Option<FuncRef>,
     /// `rows.rs`: bulk row copies for loads and stores (not at the portable level).
@@ -767,10 +769,20 @@ impl<'a, 'f> Lower<'a, 'f> {
                 };
                 self.dot(out, sa, sb, ty.rows, ty.cols, k, sc);
             }
-            Op::Cumsum { x, exclusive } => {
-                let src = self.val(*x);
-                self.cumsum(ty, src, out, *exclusive);
-            }
+            Op::Cumsum { x, exclusive } => match (&self.fusion.defs[x.0 as usize], self.math.sums) {
+                // The cast is fused into the running sum (fuse.rs `summed_casts`).
+                (Some(Op::Cast { x: g, .. }), Some(f)) if self.fusion.fused[x.0 as usize] => {
+                    let src = self.val(*g);
+                    assert!(src.cs == 1 && out.cs == 1, "the gate sums read and write rows");
+                    let args = [ty.rows as i64, ty.cols as i64].map(|v| self.iconst(v));
+                    let (xrs, ors, ex) = (self.iconst(src.rs), self.iconst(out.rs), self.iconst(*exclusive as i64));
+                    self.b.ins().call(f, &[args[0], args[1], src.ptr, xrs, out.ptr, ors, ex]);
+                }
+                _ => {
+                    let src = self.val(*x);
+                    self.cumsum(ty, src, out, *exclusive);
+                }
+            },
             Op::RowSum { x } => {
                 let src = self.val(*x);
                 let cols = self.kernel.ty(*x).cols;

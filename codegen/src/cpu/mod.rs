@@ -35,6 +35,7 @@ mod profile;
 mod rewrite;
 mod rows;
 mod solve;
+mod sums;
 mod vmath;
 
 use std::fmt;
@@ -258,7 +259,12 @@ fn plan_fused(kernel: &Kernel, simd: Simd) -> Result<(Kernel, fuse::Fusion, layo
     layout::plan(kernel)?;
     reject_16bit_inputs(&kernel.body)?;
     let kernel = rewrite::drop_redundant_masks(kernel);
-    let fusion = fuse::analyse(&kernel, decay::select(simd).is_some(), gemm::select(simd).is_some());
+    let routines = fuse::Routines {
+        decay: decay::select(simd).is_some(),
+        gemm: gemm::select(simd).is_some(),
+        sums: sums::select(simd).is_some(),
+    };
+    let fusion = fuse::analyse(&kernel, routines);
     let plan = layout::plan(&fusion.planning)?;
     Ok((kernel, fusion, plan))
 }
@@ -296,6 +302,9 @@ fn new_module(simd: Simd) -> Result<JITModule, CodegenError> {
     }
     if let Some(f) = decay::select(simd) {
         jb.symbol(decay::DECAY_SYMBOL, f as *const u8);
+    }
+    if let Some(f) = sums::select(simd) {
+        jb.symbol(sums::SUMS_SYMBOL, f as *const u8);
     }
     if let Some(fs) = gated::select(simd) {
         for (name, f) in gated::GATED_SYMBOLS.iter().zip(fs) {
@@ -335,6 +344,7 @@ fn build(
         gemm: None,
         gated: None,
         decay: None,
+        sums: None,
         solve: None,
         copy_rows: None,
         prefetch,
@@ -378,6 +388,13 @@ fn build(
         dsig.params.extend([AbiParam::new(types::I64); 13]);
         let id = module.declare_function(decay::DECAY_SYMBOL, Linkage::Import, &dsig).map_err(merr)?;
         math.decay = Some(module.declare_func_in_func(id, &mut ctx.func));
+    }
+    if sums::select(simd).is_some() {
+        // (rows, cols, x, x_rs, out, out_rs, exclusive).
+        let mut ssig = module.make_signature();
+        ssig.params.extend([AbiParam::new(types::I64); 7]);
+        let id = module.declare_function(sums::SUMS_SYMBOL, Linkage::Import, &ssig).map_err(merr)?;
+        math.sums = Some(module.declare_func_in_func(id, &mut ctx.func));
     }
     if gated::select(simd).is_some() {
         // (n, c, a, a_rs, ga, ga_rs, b, b_rs, gb, gb_rs, out, out_rs, out_cs, strict).
