@@ -34,6 +34,9 @@ pub(super) struct Fusion {
     pub planning: Kernel,
     /// `scaled[m]`: `m` is a fused row-scaled accumulator `mul(x, s)` of a dot, as `(x, s)`.
     pub scaled: Vec<Option<(ValueId, ValueId)>>,
+    /// `scaled_a[m]`: `m` is a fused row-scaled left operand `mul(x, s)` of a dot, as `(x, s)`:
+    /// the gemm scales the product's rows instead.
+    pub scaled_a: Vec<Option<(ValueId, ValueId)>>,
 }
 
 fn is_elementwise(op: &Op) -> bool {
@@ -233,6 +236,25 @@ pub(super) struct Routines {
     pub sums: bool,
 }
 
+/// Marks the `mul(x, s)` left operands (row-scaled, untransposed, single-use, in the dot's
+/// statement list) of accumulator-free dots the gemm takes: `(diag(s) x) b = diag(s) (x b)`,
+/// one multiply per element of the product instead of a pass over `x`.
+fn scaled_left_operands(kernel: &Kernel, s: &Scan, fused: &[bool]) -> Vec<Option<(ValueId, ValueId)>> {
+    let mut out = vec![None; kernel.values.len()];
+    for (d, op) in s.defs.iter().enumerate() {
+        let Some(Op::Dot { a, b, ta: false, acc: None, .. }) = op else { continue };
+        let ai = a.0 as usize;
+        let Some((x, sc)) = scaled_acc(kernel, &s.defs, *a) else { continue };
+        let (t, k) = (kernel.ty(ValueId(d as u32)), kernel.ty(*a).cols);
+        let single = s.uses[ai] == 1 && s.def_block[ai] == s.def_block[d] && a != b;
+        let operands_kept = !fused[x.0 as usize] && !fused[sc.0 as usize] && !fused[ai];
+        if single && operands_kept && super::gemm::takes_any_layout(t.rows, t.cols, k) {
+            out[ai] = Some((x, sc));
+        }
+    }
+    out
+}
+
 /// Decides which values fuse and builds the kernel to plan the workspace for.
 pub(super) fn analyse(kernel: &Kernel, routines: Routines) -> Fusion {
     let Routines { decay, gemm, sums } = routines;
@@ -261,6 +283,8 @@ pub(super) fn analyse(kernel: &Kernel, routines: Routines) -> Fusion {
     let mut fused: Vec<bool> = (0..n).map(|v| d.fused(ValueId(v as u32)).0).collect();
     let scaled = if gemm { scaled_accumulators(kernel, &s, &fused) } else { vec![None; n] };
     fused.iter_mut().zip(&scaled).for_each(|(f, s)| *f |= s.is_some());
+    let scaled_a = if gemm { scaled_left_operands(kernel, &s, &fused) } else { vec![None; n] };
+    fused.iter_mut().zip(&scaled_a).for_each(|(f, s)| *f |= s.is_some());
     if sums {
         for c in summed_casts(kernel, &s, &fused) {
             fused[c.0 as usize] = true;
@@ -268,7 +292,7 @@ pub(super) fn analyse(kernel: &Kernel, routines: Routines) -> Fusion {
     }
     let mut planning = kernel.clone();
     planning.body = with_leaf_uses(&mut planning.values, &kernel.body, &fused, &s.defs);
-    Fusion { fused, defs: s.defs, planning, scaled }
+    Fusion { fused, defs: s.defs, planning, scaled, scaled_a }
 }
 
 /// The casts `cast_f64(x)` of f32 values that only a `Cumsum` reads (in the same statement
@@ -404,6 +428,31 @@ mod tests {
         crate::layout::plan(&with.planning).expect("the planning kernel is valid");
         let without = analyse(&k, Routines::default());
         assert!(!without.fused[g64.0 as usize], "no routine: the cast is a pass of its own");
+    }
+
+    #[test]
+    fn a_row_scaled_left_operand_fuses_only_into_a_large_accumulator_free_dot() {
+        for (m, fuses) in [(16, true), (4, false)] {
+            let mut b = Builder::new("scaled_a");
+            let (pa, ps, po) = (b.param("a", Access::Read), b.param("s", Access::Read), b.param("o", Access::Write));
+            let x = b.load(pa, Idx::c(0), 16, 1, m, 16, Idx::c(m as i64));
+            let w = b.load(pa, Idx::c(0), 16, 1, 16, 16, Idx::c(16));
+            let s = b.load(ps, Idx::c(0), 1, 1, m, 1, Idx::c(m as i64));
+            let q = b.mul(x, s); // the left operand of a dot without an accumulator
+            let y = b.dot(q, w, false, false, None);
+            b.store(y, po, Idx::c(0), 16, 1, Idx::c(m as i64));
+            let q2 = b.mul(x, s); // the same, but the dot has an accumulator: stays
+            let z = b.dot(q2, w, false, false, Some(y));
+            b.store(z, po, Idx::c(0), 16, 1, Idx::c(m as i64));
+            let k = b.finish();
+            let f = analyse(&k, Routines { gemm: true, ..Routines::default() });
+            assert_eq!(f.scaled_a[q.0 as usize], fuses.then_some((x, s)), "m = {m}");
+            assert_eq!(f.fused[q.0 as usize], fuses);
+            assert!(!f.fused[q2.0 as usize] && f.scaled_a[q2.0 as usize].is_none());
+            crate::layout::plan(&f.planning).expect("the planning kernel is valid");
+            let without = analyse(&k, Routines::default());
+            assert!(!without.fused[q.0 as usize], "no gemm: the scaling is a pass");
+        }
     }
 
     #[test]

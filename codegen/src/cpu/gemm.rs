@@ -14,6 +14,10 @@
 //! accumulators; the last block of a row is 8 x 16 when at most 16 columns are left). Sums are f32, in order of `p` for each
 //! element (one FMA per product), then `acc` is added, as the IR's `Dot` contract allows.
 //!
+//! The rows of the product may be scaled too, `c = diag(os) (a @ b) + ...` (one multiply per
+//! element in the epilogue): a row-scaled `a` (`(diag(e^g) Q) S`, a scalar gate's decayed
+//! query) then needs no scaled copy of itself (`fuse.rs` decides).
+//!
 //! `acc` may come with a row scale `s` (`c = a @ b + diag(s) acc`, one FMA per element):
 //! the chunk plans' state update `S' = diag(decay) S + K^T V` then reads the state once, in
 //! the product's epilogue, instead of in a separate scaling pass over the 64 KB state first
@@ -25,8 +29,9 @@
 use std::cell::RefCell;
 
 /// The kernel's C signature: `(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, c_rs, acc, acc_rs,
-/// acc_cs, s, s_rs)`; `c`'s column stride is 1; `acc` may be null, and so may `s` (no scale;
-/// `s_rs` 0 broadcasts one scale to every row). All integers are elements.
+/// acc_cs, s, s_rs, os, os_rs)`; `c`'s column stride is 1; `acc` may be null, and so may `s`
+/// and `os` (no scale; a row stride of 0 broadcasts one scale to every row). All integers
+/// are elements.
 pub(super) type GemmFn = unsafe extern "C" fn(
     i64,
     i64,
@@ -44,10 +49,12 @@ pub(super) type GemmFn = unsafe extern "C" fn(
     i64,
     *const f32,
     i64,
+    *const f32,
+    i64,
 );
 
 /// Arguments the generated code passes the kernel.
-pub(super) const GEMM_ARGS: usize = 16;
+pub(super) const GEMM_ARGS: usize = 18;
 
 /// Products below this many multiply-adds stay inline Cranelift code: the call and the
 /// packing of `b` cost more than the gemm saves.
@@ -65,7 +72,7 @@ pub(super) fn takes_any_layout(m: usize, n: usize, k: usize) -> bool {
     m * n * k >= GEMM_MIN_MACS && m >= 8
 }
 
-/// The scale of `acc`'s row `row`: 1 without a scale.
+/// The scale of row `row` (of `acc` or of the product): 1 without a scale.
 ///
 /// # Safety
 /// `s`, when not null, readable at `row * s_rs`.
@@ -226,10 +233,12 @@ pub(super) mod x86 {
         acc_cs: i64,
         s: *const f32,
         s_rs: i64,
+        os: *const f32,
+        os_rs: i64,
     ) {
         // SAFETY: the caller's contract; the host has AVX2 and FMA (checked by `select`).
         unsafe {
-            let acc = (acc, acc_rs, acc_cs, s, s_rs);
+            let acc = (acc, acc_rs, acc_cs, s, s_rs, os, os_rs);
             with_gemm(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, c_rs, acc, NR, |g, m, n| g.run(m, n))
         }
     }
@@ -258,10 +267,12 @@ pub(super) mod x86 {
         acc_cs: i64,
         s: *const f32,
         s_rs: i64,
+        os: *const f32,
+        os_rs: i64,
     ) {
         // SAFETY: the caller's contract; the host has AVX-512F (checked by `select`).
         unsafe {
-            let acc = (acc, acc_rs, acc_cs, s, s_rs);
+            let acc = (acc, acc_rs, acc_cs, s, s_rs, os, os_rs);
             with_gemm(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, c_rs, acc, 16, |g, m, n| g.run512(m, n))
         }
     }
@@ -284,7 +295,7 @@ pub(super) mod x86 {
         b_cs: i64,
         c: *mut f32,
         c_rs: i64,
-        (acc, acc_rs, acc_cs, s, s_rs): (*const f32, i64, i64, *const f32, i64),
+        (acc, acc_rs, acc_cs, s, s_rs, os, os_rs): (*const f32, i64, i64, *const f32, i64, *const f32, i64),
         nr: usize,
         f: impl FnOnce(&Gemm, usize, usize),
     ) {
@@ -316,6 +327,8 @@ pub(super) mod x86 {
                     acc_cs: acc_cs as isize,
                     s,
                     s_rs: s_rs as isize,
+                    os,
+                    os_rs: os_rs as isize,
                 };
                 f(&g, m, n);
             }
@@ -337,6 +350,9 @@ pub(super) mod x86 {
         /// Row scale of `acc` (null: none).
         s: *const f32,
         s_rs: isize,
+        /// Row scale of the product (null: none).
+        os: *const f32,
+        os_rs: isize,
     }
 
     impl Gemm {
@@ -397,8 +413,13 @@ pub(super) mod x86 {
                         Some(self.acc.offset(row * self.acc_rs + j as isize * self.acc_cs))
                     };
                     let scale = scale_row(self.s, self.s_rs, row);
+                    let (mut s0r, mut s1r) = (s0[r], s1[r]);
+                    if !self.os.is_null() {
+                        let o = _mm256_set1_ps(scale_row(self.os, self.os_rs, row));
+                        (s0r, s1r) = (_mm256_mul_ps(s0r, o), _mm256_mul_ps(s1r, o));
+                    }
                     if w == NR && (accp.is_none() || self.acc_cs == 1) {
-                        let (mut v0, mut v1) = (s0[r], s1[r]);
+                        let (mut v0, mut v1) = (s0r, s1r);
                         if let Some(q) = accp {
                             let x = _mm256_set1_ps(scale);
                             v0 = _mm256_fmadd_ps(_mm256_loadu_ps(q), x, v0);
@@ -408,8 +429,8 @@ pub(super) mod x86 {
                         _mm256_storeu_ps(cp.add(8), v1);
                     } else {
                         let mut t = [0.0f32; NR];
-                        _mm256_storeu_ps(t.as_mut_ptr(), s0[r]);
-                        _mm256_storeu_ps(t.as_mut_ptr().add(8), s1[r]);
+                        _mm256_storeu_ps(t.as_mut_ptr(), s0r);
+                        _mm256_storeu_ps(t.as_mut_ptr().add(8), s1r);
                         for (q, x) in t.iter().enumerate().take(w) {
                             let mut y = *x;
                             if let Some(ap) = accp {
@@ -489,8 +510,12 @@ pub(super) mod x86 {
                     ap = ap.offset(self.a_cs);
                     bp = bp.add(self.np);
                 }
-                for (r, sr) in s.iter().enumerate() {
+                for (r, sr) in s.iter_mut().enumerate() {
                     let row = (i + r) as isize;
+                    if !self.os.is_null() {
+                        let o = _mm512_set1_ps(scale_row(self.os, self.os_rs, row));
+                        sr.iter_mut().for_each(|v| *v = _mm512_mul_ps(*v, o));
+                    }
                     let cp = self.c.offset(row * self.c_rs).add(j);
                     let accp = if self.acc.is_null() {
                         None
@@ -545,11 +570,11 @@ mod tests {
             .collect()
     }
 
-    /// Every level's kernel against f64 for `c = a @ b + diag(s) acc`: shapes with partial
-    /// register blocks, a strided and a contiguous accumulator, a per-row, a broadcast and
-    /// no scale, and `c` written over its own accumulator.
+    /// Every level's kernel against f64 for `c = diag(os) (a @ b) + diag(s) acc`: shapes with
+    /// partial register blocks, a strided and a contiguous accumulator, a per-row, a
+    /// broadcast and no scale of each kind, and `c` written over its own accumulator.
     #[test]
-    fn the_row_scaled_accumulator_matches_f64() {
+    fn the_row_scaled_product_and_accumulator_match_f64() {
         let levels: Vec<super::super::Simd> =
             [super::super::Simd::Avx512, super::super::Simd::Avx2].into_iter().filter(|s| s.available()).collect();
         for simd in levels {
@@ -557,9 +582,12 @@ mod tests {
             for (m, n, k) in [(128, 128, 16), (37, 45, 9), (8, 16, 32), (3, 70, 5)] {
                 let (a, b) = (data(m * k, 1), data(k * n, 2));
                 for acc_transposed in [false, true] {
-                    for scale in [Some(1i64), Some(0), None] {
+                    for (scale, out_scale) in
+                        [(Some(1i64), None), (Some(0), Some(1i64)), (None, Some(0)), (None, None), (Some(1), Some(1))]
+                    {
                         let acc = data(m * n, 3);
                         let s = data(m, 4);
+                        let os = data(m, 5);
                         // acc[i, j] at i*acc_rs + j*acc_cs.
                         let (acc_rs, acc_cs) = if acc_transposed { (1, m as i64) } else { (n as i64, 1) };
                         let want: Vec<f64> = (0..m * n)
@@ -571,18 +599,23 @@ mod tests {
                                     Some(rs) => s[i * rs as usize] as f64,
                                     None => 1.0,
                                 };
-                                dot + sc * x
+                                let osc = out_scale.map_or(1.0, |rs| os[i * rs as usize] as f64);
+                                osc * dot + sc * x
                             })
                             .collect();
                         let (sp, s_rs) = match scale {
                             Some(rs) => (s.as_ptr(), rs),
                             None => (std::ptr::null(), 0),
                         };
+                        let (osp, os_rs) = match out_scale {
+                            Some(rs) => (os.as_ptr(), rs),
+                            None => (std::ptr::null(), 0),
+                        };
                         let check = |c: &[f32], what: &str| {
                             for (e, (&got, &w)) in c.iter().zip(&want).enumerate() {
                                 assert!(
                                     (got as f64 - w).abs() <= 1e-5 * (1.0 + w.abs()),
-                                    "{what} {simd:?} {m}x{n}x{k} {acc_transposed} {scale:?} [{e}]: {got} vs {w}"
+                                    "{what} {simd:?} {m}x{n}x{k} {acc_transposed} {scale:?} {out_scale:?} [{e}]: {got} vs {w}"
                                 );
                             }
                         };
@@ -622,6 +655,8 @@ mod tests {
                                     acc_cs,
                                     sp,
                                     s_rs,
+                                    osp,
+                                    os_rs,
                                 )
                             };
                             check(c, what);

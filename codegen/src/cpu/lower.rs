@@ -746,7 +746,15 @@ impl<'a, 'f> Lower<'a, 'f> {
             Op::Mask { x, .. } if self.fusion.fused[x.0 as usize] => self.fused_ew(op, ty, out),
             Op::Dot { a, b, ta, tb, acc } => {
                 let xa = self.kernel.ty(*a);
-                let mut sa = self.val(*a);
+                // A row-scaled left operand the gemm applies to the product's rows (fuse.rs).
+                let (mut sa, row_scale) = match self.fusion.scaled_a[a.0 as usize] {
+                    Some((x, s)) => {
+                        let acc = self.val(s);
+                        let s_rs = if self.kernel.ty(s).rows == 1 { 0 } else { acc.rs };
+                        (self.val(x), Some((acc.ptr, s_rs)))
+                    }
+                    None => (self.val(*a), None),
+                };
                 let mut sb = self.val(*b);
                 if *ta {
                     std::mem::swap(&mut sa.rs, &mut sa.cs);
@@ -767,7 +775,7 @@ impl<'a, 'f> Lower<'a, 'f> {
                     Some(c) => Some((self.val(*c), None)),
                     None => None,
                 };
-                self.dot(out, sa, sb, ty.rows, ty.cols, k, sc);
+                self.dot(out, sa, sb, (ty.rows, ty.cols, k), sc, row_scale);
             }
             Op::Cumsum { x, exclusive } => match (&self.fusion.defs[x.0 as usize], self.math.sums) {
                 // The cast is fused into the running sum (fuse.rs `summed_casts`).
@@ -1063,15 +1071,16 @@ impl<'a, 'f> Lower<'a, 'f> {
     /// `out = a @ b (+ diag(s) acc)`; `acc` comes with its row scale `s` (a pointer and its row
     /// stride, 0 for one scale) when the scaling was fused into the product.
     #[allow(clippy::too_many_arguments)]
+    /// `out = diag(row_scale) (a @ b) + acc`, the accumulator possibly row-scaled itself; a
+    /// row scale is (pointer, row stride).
     fn dot(
         &mut self,
         out: Acc,
         a: Acc,
         b: Acc,
-        m: usize,
-        n: usize,
-        k: usize,
+        (m, n, k): (usize, usize, usize),
         acc: Option<(Acc, Option<(Value, i64)>)>,
+        row_scale: Option<(Value, i64)>,
     ) {
         if let Some(f) = self.math.gemm.filter(|_| out.cs == 1 && gemm::takes(m, n, k, b.cs)) {
             let mut args: Vec<Value> = [m, n, k].iter().map(|&x| self.iconst(x as i64)).collect();
@@ -1086,11 +1095,22 @@ impl<'a, 'f> Lower<'a, 'f> {
                 Some((c, _)) => args.extend([c.ptr, self.iconst(c.rs), self.iconst(c.cs)]),
                 None => args.extend([self.iconst(0), self.iconst(0), self.iconst(0)]),
             }
-            match acc.and_then(|(_, s)| s) {
-                Some((s, s_rs)) => args.extend([s, self.iconst(s_rs)]),
-                None => args.extend([self.iconst(0), self.iconst(0)]),
+            for scale in [acc.and_then(|(_, s)| s), row_scale] {
+                match scale {
+                    Some((s, s_rs)) => args.extend([s, self.iconst(s_rs)]),
+                    None => args.extend([self.iconst(0), self.iconst(0)]),
+                }
             }
             self.b.ins().call(f, &args);
+            return;
+        }
+        if let Some((s, s_rs)) = row_scale {
+            // Fused only for accumulator-free products (fuse.rs), so the inline product can
+            // be scaled afterwards, in place.
+            assert!(acc.is_none(), "a row-scaled left operand fuses only without an accumulator");
+            self.dot(out, a, b, (m, n, k), None, None);
+            let scale = Acc { ptr: s, rs: s_rs, cs: 0, dt: DType::F32 };
+            self.ew(RowRange::Full(m), n, &[out, scale], out, true, &mut |l, _, x| l.b.ins().fmul(x[0], x[1]));
             return;
         }
         // The inline products below take a plain accumulator. A scaled one (fused only where
