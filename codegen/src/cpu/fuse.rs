@@ -237,16 +237,16 @@ pub(super) struct Routines {
 }
 
 /// Marks the `mul(x, s)` left operands (row-scaled, untransposed, single-use, in the dot's
-/// statement list) of accumulator-free dots the gemm takes: `(diag(s) x) b = diag(s) (x b)`,
-/// one multiply per element of the product instead of a pass over `x`.
+/// statement list) of dots the gemm takes: `(diag(s) x) b = diag(s) (x b)`, one multiply per
+/// element of the product instead of a pass over `x`.
 fn scaled_left_operands(kernel: &Kernel, s: &Scan, fused: &[bool]) -> Vec<Option<(ValueId, ValueId)>> {
     let mut out = vec![None; kernel.values.len()];
     for (d, op) in s.defs.iter().enumerate() {
-        let Some(Op::Dot { a, b, ta: false, acc: None, .. }) = op else { continue };
+        let Some(Op::Dot { a, b, ta: false, acc, .. }) = op else { continue };
         let ai = a.0 as usize;
         let Some((x, sc)) = scaled_acc(kernel, &s.defs, *a) else { continue };
         let (t, k) = (kernel.ty(ValueId(d as u32)), kernel.ty(*a).cols);
-        let single = s.uses[ai] == 1 && s.def_block[ai] == s.def_block[d] && a != b;
+        let single = s.uses[ai] == 1 && s.def_block[ai] == s.def_block[d] && a != b && *acc != Some(*a);
         let operands_kept = !fused[x.0 as usize] && !fused[sc.0 as usize] && !fused[ai];
         if single && operands_kept && super::gemm::takes_any_layout(t.rows, t.cols, k) {
             out[ai] = Some((x, sc));
@@ -431,7 +431,7 @@ mod tests {
     }
 
     #[test]
-    fn a_row_scaled_left_operand_fuses_only_into_a_large_accumulator_free_dot() {
+    fn a_row_scaled_left_operand_fuses_only_into_a_large_dot() {
         for (m, fuses) in [(16, true), (4, false)] {
             let mut b = Builder::new("scaled_a");
             let (pa, ps, po) = (b.param("a", Access::Read), b.param("s", Access::Read), b.param("o", Access::Write));
@@ -441,14 +441,19 @@ mod tests {
             let q = b.mul(x, s); // the left operand of a dot without an accumulator
             let y = b.dot(q, w, false, false, None);
             b.store(y, po, Idx::c(0), 16, 1, Idx::c(m as i64));
-            let q2 = b.mul(x, s); // the same, but the dot has an accumulator: stays
+            let q2 = b.mul(x, s); // the same with an accumulator
             let z = b.dot(q2, w, false, false, Some(y));
+            let q3 = b.mul(x, s); // also stored: stays
+            let z3 = b.dot(q3, w, false, false, None);
+            b.store(z3, po, Idx::c(0), 16, 1, Idx::c(m as i64));
+            b.store(q3, po, Idx::c(0), 16, 1, Idx::c(m as i64));
             b.store(z, po, Idx::c(0), 16, 1, Idx::c(m as i64));
             let k = b.finish();
             let f = analyse(&k, Routines { gemm: true, ..Routines::default() });
             assert_eq!(f.scaled_a[q.0 as usize], fuses.then_some((x, s)), "m = {m}");
             assert_eq!(f.fused[q.0 as usize], fuses);
-            assert!(!f.fused[q2.0 as usize] && f.scaled_a[q2.0 as usize].is_none());
+            assert_eq!(f.scaled_a[q2.0 as usize], fuses.then_some((x, s)), "m = {m}, with an accumulator");
+            assert!(!f.fused[q3.0 as usize] && f.scaled_a[q3.0 as usize].is_none());
             crate::layout::plan(&f.planning).expect("the planning kernel is valid");
             let without = analyse(&k, Routines::default());
             assert!(!without.fused[q.0 as usize], "no gemm: the scaling is a pass");

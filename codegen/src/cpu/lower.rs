@@ -746,23 +746,32 @@ impl<'a, 'f> Lower<'a, 'f> {
             Op::Mask { x, .. } if self.fusion.fused[x.0 as usize] => self.fused_ew(op, ty, out),
             Op::Dot { a, b, ta, tb, acc } => {
                 let xa = self.kernel.ty(*a);
-                // A row-scaled left operand the gemm applies to the product's rows (fuse.rs).
-                let (mut sa, row_scale) = match self.fusion.scaled_a[a.0 as usize] {
-                    Some((x, s)) => {
-                        let acc = self.val(s);
-                        let s_rs = if self.kernel.ty(s).rows == 1 { 0 } else { acc.rs };
-                        (self.val(x), Some((acc.ptr, s_rs)))
-                    }
-                    None => (self.val(*a), None),
-                };
                 let mut sb = self.val(*b);
-                if *ta {
-                    std::mem::swap(&mut sa.rs, &mut sa.cs);
-                }
                 if *tb {
                     std::mem::swap(&mut sb.rs, &mut sb.cs);
                 }
                 let k = if *ta { xa.rows } else { xa.cols };
+                let gemm_takes = self.math.gemm.is_some() && out.cs == 1 && gemm::takes(ty.rows, ty.cols, k, sb.cs);
+                // A row-scaled left operand the gemm applies to the product's rows (fuse.rs).
+                // Should the gemm not take the product after all, the operand is computed
+                // into the region the planner keeps for it.
+                let (mut sa, row_scale) = match self.fusion.scaled_a[a.0 as usize] {
+                    Some((x, s)) if gemm_takes => {
+                        let acc = self.val(s);
+                        let s_rs = if self.kernel.ty(s).rows == 1 { 0 } else { acc.rs };
+                        (self.val(x), Some((acc.ptr, s_rs)))
+                    }
+                    Some(_) => {
+                        let def = self.fusion.defs[a.0 as usize].clone().expect("fused values are defined");
+                        let at = self.val(*a);
+                        self.fused_ew(&def, xa, at);
+                        (at, None)
+                    }
+                    None => (self.val(*a), None),
+                };
+                if *ta {
+                    std::mem::swap(&mut sa.rs, &mut sa.cs);
+                }
                 let sc = match acc {
                     // A row-scaled accumulator the gemm applies (`fuse.rs`).
                     Some(c) if self.fusion.fused[c.0 as usize] => {
@@ -1104,15 +1113,7 @@ impl<'a, 'f> Lower<'a, 'f> {
             self.b.ins().call(f, &args);
             return;
         }
-        if let Some((s, s_rs)) = row_scale {
-            // Fused only for accumulator-free products (fuse.rs), so the inline product can
-            // be scaled afterwards, in place.
-            assert!(acc.is_none(), "a row-scaled left operand fuses only without an accumulator");
-            self.dot(out, a, b, (m, n, k), None, None);
-            let scale = Acc { ptr: s, rs: s_rs, cs: 0, dt: DType::F32 };
-            self.ew(RowRange::Full(m), n, &[out, scale], out, true, &mut |l, _, x| l.b.ins().fmul(x[0], x[1]));
-            return;
-        }
+        assert!(row_scale.is_none(), "a product row scale is passed only where the gemm takes the product");
         // The inline products below take a plain accumulator. A scaled one (fused only where
         // the gemm takes the product, so this is a fallback) is scaled into `out` first:
         // every inline path reads an element of a contiguous accumulator just before it writes

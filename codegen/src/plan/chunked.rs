@@ -143,11 +143,8 @@ pub fn build(rule: &Rule, canon: &Canonical, shape: Shape, sched: Schedule) -> R
             // R_i = (I - A_ba[i,i])^-1 (bg_i S0 + sum_{j<i} A_ba[i,j] R_j + sum_{j<=i} A_bk[i,j] VW_j)
             // (R is U = R + VW_merged when a write was folded in: then VW_merged_i joins the rhs.)
             let bg = sc.decayed(&mut b, bv, bv_gate, i);
-            let mut rhs = b.dot(bg, s0, false, false, None);
-            if let Some(vw) = merged_vw {
-                let vwi = b.rows(vw, i0, bs);
-                rhs = b.add(rhs, vwi);
-            }
+            let merged_i = merged_vw.map(|vw| b.rows(vw, i0, bs));
+            let mut rhs = b.dot(bg, s0, false, false, merged_i);
             rhs = sc.apply(&mut b, (bv, bv_gate), (a, bin), (&r_blocks, None), i, true, rhs);
             for (&(kw, vw), vws) in writes.iter().zip(&vw_blocks) {
                 rhs = sc.apply(&mut b, (bv, bv_gate), (kw, bin), (vws, Some(vw)), i, true, rhs);
