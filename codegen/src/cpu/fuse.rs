@@ -11,7 +11,7 @@
 //!
 //! One fusion crosses into a non-elementwise op: a `mul(x, s)` whose only use is the
 //! accumulator of a `Dot` that the gemm routine takes, with `s` a row scale (`[R x 1]` or a
-//! scalar), is applied in the gemm's epilogue (`c = a @ b + diag(s) x`, [`scaled_acc`]): the
+//! scalar), is applied in the gemm's epilogue (`c = a @ b + diag(s) x`, [`row_scaled`]): the
 //! chunk plans' state update `S' = diag(decay) S + K^T V` then makes one pass over the state
 //! instead of two.
 //!
@@ -192,9 +192,9 @@ fn decay_chains(kernel: &Kernel, s: &Scan, candidate: &[bool]) -> Vec<bool> {
     forced
 }
 
-/// The accumulator `x` and row scale `s` of `mul(x, s)` (either operand order) when the
+/// The scaled tile `x` and row scale `s` of `mul(x, s)` (either operand order) when the
 /// product `m` has that form: `x` the product's shape, `s` `[rows x 1]` or `[1 x 1]`, all f32.
-fn scaled_acc(kernel: &Kernel, defs: &[Option<Op>], m: ValueId) -> Option<(ValueId, ValueId)> {
+fn row_scaled(kernel: &Kernel, defs: &[Option<Op>], m: ValueId) -> Option<(ValueId, ValueId)> {
     let Some(Op::Binary { op: BinOp::Mul, a, b }) = &defs[m.0 as usize] else { return None };
     let t = kernel.ty(m);
     let f32s = [m, *a, *b].iter().all(|v| kernel.ty(*v).dtype == DType::F32);
@@ -215,7 +215,7 @@ fn scaled_accumulators(kernel: &Kernel, s: &Scan, fused: &[bool]) -> Vec<Option<
         let mi = m.0 as usize;
         let k = if *ta { kernel.ty(*a).rows } else { kernel.ty(*a).cols };
         let t = kernel.ty(*m);
-        let Some((x, sc)) = scaled_acc(kernel, &s.defs, *m) else { continue };
+        let Some((x, sc)) = row_scaled(kernel, &s.defs, *m) else { continue };
         let single = s.uses[mi] == 1 && s.def_block[mi] == s.def_block[d] && m != a && m != b;
         if single && !fused[x.0 as usize] && !fused[sc.0 as usize] && super::gemm::takes_any_layout(t.rows, t.cols, k) {
             out[mi] = Some((x, sc));
@@ -244,7 +244,7 @@ fn scaled_left_operands(kernel: &Kernel, s: &Scan, fused: &[bool]) -> Vec<Option
     for (d, op) in s.defs.iter().enumerate() {
         let Some(Op::Dot { a, b, ta: false, acc, .. }) = op else { continue };
         let ai = a.0 as usize;
-        let Some((x, sc)) = scaled_acc(kernel, &s.defs, *a) else { continue };
+        let Some((x, sc)) = row_scaled(kernel, &s.defs, *a) else { continue };
         let (t, k) = (kernel.ty(ValueId(d as u32)), kernel.ty(*a).cols);
         let single = s.uses[ai] == 1 && s.def_block[ai] == s.def_block[d] && a != b && *acc != Some(*a);
         let operands_kept = !fused[x.0 as usize] && !fused[sc.0 as usize] && !fused[ai];

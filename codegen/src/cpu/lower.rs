@@ -751,16 +751,12 @@ impl<'a, 'f> Lower<'a, 'f> {
                     std::mem::swap(&mut sb.rs, &mut sb.cs);
                 }
                 let k = if *ta { xa.rows } else { xa.cols };
-                let gemm_takes = self.math.gemm.is_some() && out.cs == 1 && gemm::takes(ty.rows, ty.cols, k, sb.cs);
+                let gemm_takes = self.math.gemm.is_some() && Self::gemm_takes(out, (ty.rows, ty.cols, k), sb);
                 // A row-scaled left operand the gemm applies to the product's rows (fuse.rs).
                 // Should the gemm not take the product after all, the operand is computed
                 // into the region the planner keeps for it.
                 let (mut sa, row_scale) = match self.fusion.scaled_a[a.0 as usize] {
-                    Some((x, s)) if gemm_takes => {
-                        let acc = self.val(s);
-                        let s_rs = if self.kernel.ty(s).rows == 1 { 0 } else { acc.rs };
-                        (self.val(x), Some((acc.ptr, s_rs)))
-                    }
+                    Some((x, s)) if gemm_takes => (self.val(x), Some(self.row_scale(s))),
                     Some(_) => {
                         let def = self.fusion.defs[a.0 as usize].clone().expect("fused values are defined");
                         let at = self.val(*a);
@@ -777,9 +773,7 @@ impl<'a, 'f> Lower<'a, 'f> {
                     Some(c) if self.fusion.fused[c.0 as usize] => {
                         let (x, s) =
                             self.fusion.scaled[c.0 as usize].expect("only scaled accumulators fuse into a dot");
-                        let sa = self.val(s);
-                        let s_rs = if self.kernel.ty(s).rows == 1 { 0 } else { sa.rs };
-                        Some((self.val(x), Some((sa.ptr, s_rs))))
+                        Some((self.val(x), Some(self.row_scale(s))))
                     }
                     Some(c) => Some((self.val(*c), None)),
                     None => None,
@@ -1077,11 +1071,21 @@ impl<'a, 'f> Lower<'a, 'f> {
     }
 
     /// `out = a @ b (+ acc)`, with `a` m x k and `b` k x n already transposed as the op says.
-    /// `out = a @ b (+ diag(s) acc)`; `acc` comes with its row scale `s` (a pointer and its row
-    /// stride, 0 for one scale) when the scaling was fused into the product.
-    #[allow(clippy::too_many_arguments)]
-    /// `out = diag(row_scale) (a @ b) + acc`, the accumulator possibly row-scaled itself; a
-    /// row scale is (pointer, row stride).
+    /// `out = diag(os) (a @ b) + diag(s) acc`. Both scales are optional (a pointer and its row
+    /// stride, 0 for one scale) and present only where the scaling was fused into the product
+    /// (`row_scale`: `os`, which only the gemm applies; `acc`'s own: `s`).
+    /// Whether the gemm routine (where there is one) takes an `m x n` product over `k`.
+    fn gemm_takes(out: Acc, (m, n, k): (usize, usize, usize), b: Acc) -> bool {
+        out.cs == 1 && gemm::takes(m, n, k, b.cs)
+    }
+
+    /// A row-scale tile `s` (`[R x 1]`, or `[1 x 1]` for one scale) as the gemm takes it:
+    /// (pointer, row stride, 0 to broadcast).
+    fn row_scale(&mut self, s: ValueId) -> (Value, i64) {
+        let acc = self.val(s);
+        (acc.ptr, if self.kernel.ty(s).rows == 1 { 0 } else { acc.rs })
+    }
+
     fn dot(
         &mut self,
         out: Acc,
@@ -1091,7 +1095,7 @@ impl<'a, 'f> Lower<'a, 'f> {
         acc: Option<(Acc, Option<(Value, i64)>)>,
         row_scale: Option<(Value, i64)>,
     ) {
-        if let Some(f) = self.math.gemm.filter(|_| out.cs == 1 && gemm::takes(m, n, k, b.cs)) {
+        if let Some(f) = self.math.gemm.filter(|_| Self::gemm_takes(out, (m, n, k), b)) {
             let mut args: Vec<Value> = [m, n, k].iter().map(|&x| self.iconst(x as i64)).collect();
             for (x, rs, cs) in [(a.ptr, a.rs, Some(a.cs)), (b.ptr, b.rs, Some(b.cs)), (out.ptr, out.rs, None)] {
                 args.push(x);

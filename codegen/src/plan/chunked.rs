@@ -12,7 +12,9 @@
 //! ```
 //!
 //! When the decay is a factor of the low-rank `b` (`Bv = w ⊙ Bv'`), `(Bv, Bex)` is formed as
-//! `(Bv', Bin)`: `Bv ⊙ e^Bex = Bv' ⊙ e^Bin` term by term. Every exponent used is <= 0. The gate decides how scores are formed: no gate, plain
+//! `(Bv', Bin)`: `Bv ⊙ e^Bex = Bv' ⊙ e^Bin` term by term.
+//!
+//! Every exponent used is <= 0. The gate decides how scores are formed: no gate, plain
 //! matmuls with a causal mask; a scalar gate, one matmul times a C x C decay mask, the chunk
 //! as one block; a per-channel gate, blocks of `sub_chunk` rows where an off-diagonal block
 //! is one matmul of factors re-centred on the block's first row (both <= 1) and a diagonal
@@ -107,9 +109,9 @@ pub fn build(rule: &Rule, canon: &Canonical, shape: Shape, sched: Schedule) -> R
     let decayed_b = canon.low_rank_decayed.first().and_then(|b| b.as_ref());
     let low_rank: Option<(ValueId, (ValueId, bool))> = match canon.low_rank.first() {
         Some((a, bv)) => {
-            let (bv, inclusive) = match decayed_b {
-                Some(b2) if canon.log_gate.is_some() => (b2, true),
-                _ => (bv, false),
+            let (bv, inclusive) = match decayed_b.filter(|_| canon.log_gate.is_some()) {
+                Some(b2) => (b2, true),
+                None => (bv, false),
             };
             Some((pro.tile(&mut b, a, true)?, (pro.tile(&mut b, bv, true)?, inclusive)))
         }
