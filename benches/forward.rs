@@ -1,11 +1,13 @@
-//! Forward-pass timings of the CPU kernels: recurrent and chunked, for simple_gla, gla,
+//! Forward-pass timings of the CPU programs: recurrent, chunked fused and split, for simple_gla, gla,
 //! mamba2, gated_delta_rule and kda at B=1, T=2048, H=8, K=V=128, f32, one thread (the shape of the ggml peer
 //! numbers in docs/performance.md). Throughput is in token-heads per second.
 //!
 //! `cargo bench --bench forward` (filter with a family name, e.g. `-- gla/`). Set
 //! CHUNKC_BENCH_T to change T.
 
-use chunkc::backend::{build_kernel, execute, shape_of, Backend};
+use chunkc::backend::{build_program, shape_of, Backend, CpuRunner};
+use chunkc::codegen::ir::ElemType;
+use chunkc::codegen::plan::ProgramShape;
 use chunkc::dsl::reference::Dims;
 use chunkc::runtime::exec::Order;
 use chunkc::verify::random_inputs;
@@ -23,12 +25,17 @@ fn forward(c: &mut Criterion) {
         let mut group = c.benchmark_group(family);
         group.throughput(Throughput::Elements((dims.batch * dims.seq_len * dims.heads) as u64));
         group.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(4));
-        for (label, backend, chunk) in [("recurrent", Backend::Recurrent, 0), ("chunked64", Backend::Chunked, 64)] {
-            let kernel = build_kernel(&rule, backend, shape_of(&dims, None), chunk).expect("kernel");
-            let compiled = chunkc::codegen::cpu::compile(&kernel).expect("compiles");
-            group.bench_function(label, |b| {
-                b.iter(|| execute(&compiled, &rule, &inputs, dims, Order::threads(1)).expect("runs"))
-            });
+        let programs = [
+            ("recurrent", Backend::Recurrent, 0, ProgramShape::Fused),
+            ("chunked64", Backend::Chunked, 64, ProgramShape::Fused),
+            ("chunked64_split", Backend::Chunked, 64, ProgramShape::Split),
+        ];
+        for (label, backend, chunk, shape) in programs {
+            let program = build_program(&rule, backend, shape_of(&dims, None), chunk, ElemType::F32, None, shape)
+                .expect("program");
+            let mut runner = CpuRunner::new(&program, &dims).expect("compiles");
+            let order = Order { poison_scratch: false, ..Order::threads(1) };
+            group.bench_function(label, |b| b.iter(|| runner.run(&inputs, order).expect("runs")));
         }
         group.finish();
     }

@@ -7,17 +7,18 @@
 //! left out so that the two kernels' rates compare on one count). Delta rules do more work
 //! than either count (the UT solve): their GFLOP/s understate the machine's work.
 //!
-//! What is timed: one kernel launch over the (batch, head, V-tile) grid ([`execute_into`]): the
-//! executor's per-worker scratch allocation, thread start-up when more than one thread, and
-//! the kernel calls. The inputs, `h0` and the outputs are allocated once before the timing;
-//! the outputs are NaN-poisoned once, before the warm-up run, which must then have written
-//! every element. Poisoning before every run is what `run` and `verify` do (correctness);
+//! What is timed: one run of the program ([`CpuRunner::run`]): each phase's launch over its
+//! grid, with the executor's per-worker scratch allocation, thread start-up when more than
+//! one thread, and the kernel calls. The inputs, the outputs and the intermediates are
+//! allocated once before the timing; the outputs are NaN-poisoned once, before the warm-up
+//! run (which poisons the scratch too), and that run must have written every element. Poisoning before every run is what `run` and `verify` do (correctness);
 //! here it would time an 8 MB fill and fresh page faults that are not the kernel's.
 
-use crate::backend::{build_kernel_tiled, execute_into, h0_or_zeros, poisoned_outputs, shape_of, Backend};
+use crate::backend::{build_program, shape_of, Backend, CpuRunner};
 use crate::error::Error;
 use crate::verify::random_inputs;
 use chunkc_codegen::ir::ElemType;
+use chunkc_codegen::plan::ProgramShape;
 use chunkc_dsl::ast::Rule;
 use chunkc_dsl::reference::Dims;
 use chunkc_runtime::exec::Order;
@@ -54,8 +55,8 @@ pub fn flops(dims: &Dims, backend: Backend, chunk: usize) -> f64 {
     (dims.batch * dims.heads) as f64 * t * per_token
 }
 
-/// Runs the kernel once to warm up, then at least `min_runs` times and for at least `min_time`;
-/// returns the median.
+/// Runs the fused program once to warm up, then at least `min_runs` times and for at least
+/// `min_time`; returns the median.
 pub fn bench(
     rule: &Rule,
     dims: Dims,
@@ -65,10 +66,11 @@ pub fn bench(
     min_runs: usize,
     min_time: Duration,
 ) -> Result<Measurement, Error> {
-    bench_tiled(rule, dims, backend, chunk, None, order, min_runs, min_time)
+    bench_tiled(rule, dims, backend, chunk, None, ProgramShape::Fused, order, min_runs, min_time)
 }
 
-/// [`bench`] of the kernel with V split into tiles of `bv` columns (None: the whole V).
+/// [`bench`] of the `program` (fused or split) with V split into tiles of `bv` columns (None:
+/// the whole V).
 #[allow(clippy::too_many_arguments)]
 pub fn bench_tiled(
     rule: &Rule,
@@ -76,6 +78,7 @@ pub fn bench_tiled(
     backend: Backend,
     chunk: usize,
     bv: Option<usize>,
+    program: ProgramShape,
     order: Order,
     min_runs: usize,
     min_time: Duration,
@@ -84,23 +87,23 @@ pub fn bench_tiled(
         return Err(Error::Input("bench times compiled kernels: choose --backend recurrent or chunked".into()));
     }
     let inputs = random_inputs(rule, &dims, 7);
-    let kernel = build_kernel_tiled(rule, backend, shape_of(&dims, None), chunk, ElemType::F32, bv)?;
-    let compiled = chunkc_codegen::cpu::compile(&kernel).map_err(|e| Error::Internal(e.to_string()))?;
-    let h0 = h0_or_zeros(&inputs, &dims);
-    let mut out = poisoned_outputs(&dims);
-    execute_into(&compiled, rule, &inputs, &h0, &mut out, dims, order)?;
+    let program = build_program(rule, backend, shape_of(&dims, None), chunk, ElemType::F32, bv, program)?;
+    let mut runner = CpuRunner::new(&program, &dims)?;
+    runner.run(&inputs, Order { poison_scratch: true, ..order })?;
     // The only poisoned run: an element it left unwritten (NaN) or overflowed would make
     // the timings below those of a broken kernel.
-    if out.o.data.iter().chain(&out.ht.data).any(|x| !x.is_finite()) {
-        return Err(Error::Internal("bench: the warm-up run left a NaN or Inf in the outputs".into()));
+    for name in ["o", "hT"] {
+        if runner.tensor(name)?.iter().any(|x| !x.is_finite()) {
+            return Err(Error::Internal(format!("bench: the warm-up run left a NaN or Inf in `{name}`")));
+        }
     }
     let mut times = vec![];
     let start = Instant::now();
     while times.len() < min_runs.max(1) || start.elapsed() < min_time {
         let t = Instant::now();
-        execute_into(&compiled, rule, &inputs, &h0, &mut out, dims, order)?;
+        runner.run(&inputs, Order { poison_scratch: false, ..order })?;
         times.push(t.elapsed());
-        std::hint::black_box(&mut out);
+        std::hint::black_box(&mut runner);
     }
     times.sort();
     Ok(Measurement {

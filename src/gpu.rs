@@ -1,19 +1,17 @@
-//! Running a kernel's emitted PTX: in the PTX simulator (`--backend ptx-sim`) or on a CUDA
+//! Running a program's emitted PTX: in the PTX simulator (`--backend ptx-sim`) or on a CUDA
 //! device (`--backend cuda`).
 //!
 //! The launch ABI itself (which tensor goes to which `.param`, in what element type, the
-//! outputs, the scratch and the grid) is `chunkc_runtime::abi`; [`bind`] feeds it a rule's
-//! tensors, and both executors take the device-neutral launch it builds.
+//! outputs, intermediates, scratch and grids) is `chunkc_runtime::abi`; [`bind`] feeds it the
+//! tensors, and both executors take the device-neutral run it builds.
 
-use crate::backend::{h0_or_zeros, Outputs};
+use crate::backend::{sizes_of, Outputs};
 use crate::error::Error;
-use chunkc_codegen::ir::Kernel;
-use chunkc_codegen::ptx::{self, EmitOptions, LaunchMeta, PtxKernel, PtxSchedule, Sm};
-use chunkc_dsl::ast::Rule;
+use chunkc_codegen::program::Program;
+use chunkc_codegen::ptx::{self, EmitOptions, PtxProgram, PtxSchedule, Sm};
 use chunkc_dsl::reference::Dims;
-use chunkc_runtime::abi::{self, BindError, Bound, Problem};
+use chunkc_runtime::abi::{self, BindError, BoundProgram};
 use chunkc_runtime::io::Tensors;
-use chunkc_runtime::launch;
 use chunkc_runtime::{cuda, ptxsim};
 
 /// Where emitted PTX runs.
@@ -69,18 +67,17 @@ fn cuda_error(e: cuda::CudaError) -> Error {
     Error::Device(format!("--backend cuda: {e}"))
 }
 
-/// The PTX of `kernel` for `target` under `schedule`, as the executors run it.
-pub fn emit(kernel: &Kernel, target: Sm, schedule: &PtxSchedule) -> Result<PtxKernel, Error> {
+/// The PTX of every phase of `program` for `target` under `schedule`, as the executors run it.
+pub fn emit(program: &Program, target: Sm, schedule: &PtxSchedule) -> Result<PtxProgram, Error> {
     schedule.validate().map_err(Error::Input)?;
-    ptx::emit_scheduled(kernel, target, EmitOptions::default(), schedule)
-        .map_err(|e| Error::Internal(format!("emitting PTX for {}: {e}", kernel.name)))
+    ptx::emit_program(program, target, EmitOptions::default(), schedule)
+        .map_err(|e| Error::Internal(format!("emitting PTX for {}: {e}", program.spec.name)))
 }
 
-/// Emits `kernel` for `target` under `schedule` and runs it on `device` over the (batch,
-/// head) grid. The tensors must have been checked against `dims` (as `backend::run` does).
+/// Emits `program` for `target` under `schedule` and runs its phases on `device`. The
+/// tensors must have been checked against `dims` (as `backend::run` does).
 pub fn execute(
-    kernel: &Kernel,
-    rule: &Rule,
+    program: &Program,
     tensors: &Tensors,
     dims: Dims,
     device: Device,
@@ -88,19 +85,20 @@ pub fn execute(
     schedule: &PtxSchedule,
 ) -> Result<Outputs, Error> {
     check_ready(device, &dims)?;
-    let emitted = emit(kernel, target, schedule)?;
-    let bound = bind(&emitted, rule, tensors, &dims)?;
+    let emitted = emit(program, target, schedule)?;
+    let bound = bind(&emitted, tensors, &dims)?;
     let back = match device {
-        Device::Sim => launch::simulate(&bound.launch, &bound.args).map_err(|e| sim_error(&emitted.meta, &e))?,
-        Device::Cuda => cuda::run(&bound.launch, &bound.args).map_err(cuda_error)?,
+        Device::Sim => ptxsim::run(&bound.run).map_err(|e| sim_error(&emitted, &e))?,
+        Device::Cuda => cuda::run(&bound.run).map_err(cuda_error)?,
     };
-    let (o, ht) = bound.outputs(back).map_err(bind_error)?;
-    Ok(Outputs { o, ht })
+    Ok(Outputs(bound.outputs(back).map_err(bind_error)?))
 }
 
-fn sim_error(meta: &LaunchMeta, e: &ptxsim::SimError) -> Error {
-    let one_line = e.to_string().replace('\n', "; ");
-    Error::Device(format!("--backend ptx-sim: kernel {} ({}): {one_line}", meta.entry, meta.target))
+fn sim_error(emitted: &PtxProgram, e: &ptxsim::RunError) -> Error {
+    let one_line = e.error.to_string().replace('\n', "; ");
+    let entry = emitted.phases.get(e.launch).map_or("?", |p| p.meta.entry.as_str());
+    let target = emitted.phases.first().map_or("?", |p| p.meta.target.name());
+    Error::Device(format!("--backend ptx-sim: kernel {entry} ({target}): {one_line}"))
 }
 
 fn bind_error(e: BindError) -> Error {
@@ -110,26 +108,24 @@ fn bind_error(e: BindError) -> Error {
     }
 }
 
-/// The launch of `emitted` on the rule's tensors (`chunkc_runtime::abi::bind`, where the ABI
-/// is documented): the kernel's tensor parameters are the rule's inputs, `h0` (zeros when
-/// absent), `o` and `hT`; each input is converted to its parameter's element type there.
-pub fn bind<'a>(emitted: &'a PtxKernel, rule: &Rule, tensors: &Tensors, dims: &Dims) -> Result<Bound<'a>, Error> {
-    let h0 = h0_or_zeros(tensors, dims);
-    let problem = Problem { batch: dims.batch, heads: dims.heads, seq_len: dims.seq_len, k: dims.k, v: dims.v };
-    let input = |name: &str| match name {
-        "h0" => Some(h0.data.as_slice()),
-        _ => tensors.get(name).filter(|_| rule.input(name).is_some()).map(|t| t.data.as_slice()),
-    };
-    abi::bind(&emitted.ptx, &emitted.meta, &problem, input).map_err(bind_error)
+/// The launches of `emitted` on the tensors (`chunkc_runtime::abi::bind_program`, where the
+/// ABI is documented): each phase's parameters are the program's tensors by name, each input
+/// converted to its tensor's element type there, `h0` zeros when absent.
+pub fn bind<'a>(emitted: &'a PtxProgram, tensors: &'a Tensors, dims: &Dims) -> Result<BoundProgram<'a>, Error> {
+    let phases: Vec<_> = emitted.phases.iter().map(|p| (p.ptx.as_str(), &p.meta)).collect();
+    let input = |name: &str| tensors.get(name).map(|t| t.data.as_slice());
+    abi::bind_program(&emitted.spec, &phases, &sizes_of(dims), input).map_err(bind_error)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::{build_kernel, build_kernel_typed, shape_of, Backend};
+    use crate::backend::{build_program, shape_of, Backend};
     use crate::verify::random_inputs;
     use chunkc_codegen::ir::ElemType;
-    use chunkc_codegen::ptx::{ParamKind, TileSpace};
+    use chunkc_codegen::plan::ProgramShape;
+    use chunkc_codegen::ptx::{Grid, ParamKind, TileSpace};
+    use chunkc_dsl::ast::Rule;
     use chunkc_runtime::launch::Arg;
 
     fn simple_gla() -> Rule {
@@ -141,63 +137,85 @@ mod tests {
         bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
     }
 
-    /// Every parameter gets what the ABI says: inputs as their bytes in the kernel's input
-    /// type (f32, bf16; h0 always f32), outputs and scratch NaN-filled and sized for the
-    /// problem, scalars from the dims, in `.param` order.
+    /// Every parameter of every phase gets what the ABI says: inputs as their bytes in the
+    /// program's input type (f32, bf16; h0 always f32), outputs, the boundary states and the
+    /// scratch NaN-filled and sized for the problem, scalars from the dims, in `.param` order;
+    /// the output pass's grid has a CTA per chunk.
     #[test]
-    fn bind_follows_the_launch_metadata() {
+    fn bind_follows_the_program_and_the_launch_metadata() {
         for elem in [ElemType::F32, ElemType::Bf16] {
-            bind_follows_the_launch_metadata_for(elem);
+            bind_follows_the_program_for(elem);
         }
     }
 
-    fn bind_follows_the_launch_metadata_for(elem: ElemType) {
+    fn bind_follows_the_program_for(elem: ElemType) {
         let rule = simple_gla();
         let dims = Dims { batch: 2, seq_len: 7, heads: 3, k: 4, v: 5 };
         let tensors = random_inputs(&rule, &dims, 3);
-        let kernel = build_kernel_typed(&rule, Backend::Chunked, shape_of(&dims, None), 4, elem).expect("kernel");
-        let emitted = ptx::emit_with(&kernel, Sm::Sm80, EmitOptions { smem_limit: 0 }).expect("emit");
-        assert_eq!(emitted.meta.tile_space, TileSpace::Global);
-        let bound = bind(&emitted, &rule, &tensors, &dims).expect("bind");
-        assert_eq!(bound.launch.grid, [6, 1, 1]);
-        assert_eq!(bound.launch.sm, 80);
-        assert_eq!(bound.args.len(), emitted.meta.params.len());
-        let mut outputs = 0;
-        for (p, arg) in emitted.meta.params.iter().zip(&bound.args) {
-            match (p.kind, arg) {
-                (ParamKind::Tensor, Arg::Buffer { bytes, read_back }) => match p.name.as_str() {
-                    "o" | "hT" => {
-                        let data = f32s(bytes);
-                        let want = if p.name == "o" { dims.output_shape() } else { dims.state_shape() };
-                        assert!(*read_back);
-                        assert_eq!(data.len(), want.iter().product::<usize>());
-                        assert!(data.iter().all(|x| x.is_nan()), "{} is poisoned", p.name);
-                        outputs += 1;
+        let shape = shape_of(&dims, None);
+        let program =
+            build_program(&rule, Backend::Chunked, shape, 4, elem, None, ProgramShape::Split).expect("program");
+        let emitted = ptx::emit_program(&program, Sm::Sm80, EmitOptions { smem_limit: 0 }, &PtxSchedule::default())
+            .expect("emit");
+        let bound = bind(&emitted, &tensors, &dims).expect("bind");
+        let [states, outputs] = &bound.run.launches[..] else { panic!("two phases") };
+        assert_eq!(states.launch.grid, [6, 1, 1]);
+        assert_eq!(outputs.launch.grid, [1, 2, 6], "(V-tiles, ceil(7 / 4) chunks, B*H)");
+        assert!(matches!(emitted.phases[1].meta.grid, Grid::VTilesChunksBatchHeads { vtiles: 1, chunk: 4 }));
+        let mut seen = vec![];
+        for (phase, launch) in emitted.phases.iter().zip(&bound.run.launches) {
+            assert_eq!(phase.meta.tile_space, TileSpace::Global);
+            assert_eq!(launch.args.len(), phase.meta.params.len());
+            let ctas: usize = launch.launch.grid.iter().map(|&d| d as usize).product();
+            for (p, arg) in phase.meta.params.iter().zip(&launch.args) {
+                let buffer = |a: &Arg| match a {
+                    Arg::Buffer(i) => &bound.run.buffers[*i],
+                    Arg::U64(_) => panic!("{} bound as a scalar", p.name),
+                };
+                match p.kind {
+                    ParamKind::Tensor => {
+                        let b = buffer(arg);
+                        seen.push(p.name.clone());
+                        match p.name.as_str() {
+                            "o" | "hT" | "chunk.h" => {
+                                let want = match p.name.as_str() {
+                                    "o" => dims.output_shape(),
+                                    "hT" => dims.state_shape(),
+                                    _ => vec![2, 2, 3, 4, 5],
+                                };
+                                assert_eq!(b.read_back, p.name != "chunk.h", "outputs come back, intermediates stay");
+                                let data = f32s(&b.bytes);
+                                assert_eq!(data.len(), want.iter().product::<usize>(), "{}", p.name);
+                                assert!(data.iter().all(|x| x.is_nan()), "{} is poisoned", p.name);
+                            }
+                            name => {
+                                assert!(!b.read_back);
+                                assert_eq!(p.elem, if name == "h0" { ElemType::F32 } else { elem }, "{name}");
+                                assert_eq!(b.bytes, p.elem.encode(&tensors[name].data), "{name}");
+                            }
+                        }
                     }
-                    name => {
-                        assert!(!*read_back);
-                        assert_eq!(p.elem, if name == "h0" { ElemType::F32 } else { elem }, "{name}");
-                        assert_eq!(*bytes, p.elem.encode(&tensors[name].data), "{name}");
+                    ParamKind::Scratch => {
+                        let b = buffer(arg);
+                        assert!(!b.read_back);
+                        assert_eq!(b.bytes.len(), phase.meta.scratch_bytes_per_cta * ctas);
+                        assert!(f32s(&b.bytes).iter().all(|x| x.is_nan()));
                     }
-                },
-                (ParamKind::Scratch, Arg::Buffer { bytes, read_back }) => {
-                    assert!(!*read_back);
-                    assert_eq!(bytes.len(), emitted.meta.scratch_bytes_per_cta * 6);
-                    assert!(f32s(bytes).iter().all(|x| x.is_nan()));
+                    ParamKind::Scalar => {
+                        let want = match p.name.as_str() {
+                            "batch" => 2,
+                            "heads" => 3,
+                            "seq_len" => 7,
+                            other => panic!("unexpected scalar {other}"),
+                        };
+                        assert_eq!(*arg, Arg::U64(want), "{}", p.name);
+                    }
                 }
-                (ParamKind::Scalar, Arg::U64(x)) => {
-                    let want = match p.name.as_str() {
-                        "batch" => 2,
-                        "heads" => 3,
-                        "seq_len" => 7,
-                        other => panic!("unexpected scalar {other}"),
-                    };
-                    assert_eq!(*x, want, "{}", p.name);
-                }
-                (kind, arg) => panic!("{}: {kind:?} bound as {arg:?}", p.name),
             }
         }
-        assert_eq!(outputs, 2);
+        for name in ["q", "k", "v", "g", "h0", "chunk.h", "o", "hT"] {
+            assert!(seen.iter().any(|s| s == name), "no phase takes {name}: {seen:?}");
+        }
     }
 
     /// A launch the simulator rejects (here: the dynamic shared memory withheld, so the first
@@ -207,14 +225,16 @@ mod tests {
         let rule = simple_gla();
         let dims = Dims { batch: 1, seq_len: 3, heads: 1, k: 4, v: 4 };
         let tensors = random_inputs(&rule, &dims, 5);
-        let kernel = build_kernel(&rule, Backend::Recurrent, shape_of(&dims, None), 64).expect("kernel");
-        let emitted = emit(&kernel, Sm::Sm90, &PtxSchedule::default()).expect("emit");
-        assert_eq!(emitted.meta.tile_space, TileSpace::Shared);
-        let mut bound = bind(&emitted, &rule, &tensors, &dims).expect("bind");
-        bound.launch.dynamic_smem_bytes = 0;
-        let err = launch::simulate(&bound.launch, &bound.args).expect_err("no shared memory");
-        let msg = sim_error(&emitted.meta, &err).to_string();
-        let prefix = format!("--backend ptx-sim: kernel {} (sm_90): ptx line ", emitted.meta.entry);
+        let shape = shape_of(&dims, None);
+        let program = build_program(&rule, Backend::Recurrent, shape, 64, ElemType::F32, None, ProgramShape::Fused)
+            .expect("program");
+        let emitted = emit(&program, Sm::Sm90, &PtxSchedule::default()).expect("emit");
+        assert_eq!(emitted.phases[0].meta.tile_space, TileSpace::Shared);
+        let mut bound = bind(&emitted, &tensors, &dims).expect("bind");
+        bound.run.launches[0].launch.dynamic_smem_bytes = 0;
+        let err = ptxsim::run(&bound.run).expect_err("no shared memory");
+        let msg = sim_error(&emitted, &err).to_string();
+        let prefix = format!("--backend ptx-sim: kernel {} (sm_90): ptx line ", emitted.phases[0].meta.entry);
         assert!(msg.starts_with(&prefix), "{msg}");
         assert_eq!(msg.lines().count(), 1, "{msg}");
     }

@@ -2,6 +2,7 @@
 
 use chunkc::backend::{self, Backend, Engine, Options};
 use chunkc::codegen::ir::ElemType;
+use chunkc::codegen::plan::ProgramShape;
 use chunkc::codegen::ptx::{DotPrecision, PtxSchedule};
 use chunkc::dsl::ast::{Rule, Ty};
 use chunkc::dsl::diag::Diagnostic;
@@ -221,6 +222,26 @@ impl PrecisionArgs {
     }
 }
 
+/// `--program`: how the chunked forward is organised.
+#[derive(Clone, Copy, Default, ValueEnum)]
+enum ProgramArg {
+    /// One sequential phase: the state carried over the chunks, `o` written as it goes.
+    #[default]
+    Fused,
+    /// A sequential state pass writing every chunk's entering state, then a chunk-parallel
+    /// output pass (FLA's decomposition).
+    Split,
+}
+
+impl From<ProgramArg> for ProgramShape {
+    fn from(p: ProgramArg) -> ProgramShape {
+        match p {
+            ProgramArg::Fused => ProgramShape::Fused,
+            ProgramArg::Split => ProgramShape::Split,
+        }
+    }
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum EngineArg {
     /// Native code (Cranelift JIT).
@@ -277,6 +298,10 @@ enum Command {
         /// divide V. Default: the whole V.
         #[arg(long)]
         bv: Option<usize>,
+        /// The chunked program: fused (one sequential phase) or split (a state pass, then a
+        /// chunk-parallel output pass).
+        #[arg(long, value_enum, default_value = "fused")]
+        program: ProgramArg,
         #[command(flatten)]
         precision: PrecisionArgs,
         /// Use the schedule `chunkc tune` found for this rule, these inputs' shape and
@@ -307,8 +332,10 @@ enum Command {
         seq_lens: Option<Vec<usize>>,
         #[arg(long, value_delimiter = ',', default_values_t = [16, 32, 64, 128])]
         chunk: Vec<usize>,
-        #[arg(long, value_enum, value_delimiter = ',', default_values = ["recurrent", "chunked"])]
-        backend: Vec<RunBackend>,
+        /// Backends to verify [default: recurrent,chunked]. Naming `chunked` for a rule that
+        /// cannot be chunked is an error; by default such a rule verifies its recurrent kernel.
+        #[arg(long, value_enum, value_delimiter = ',')]
+        backend: Option<Vec<RunBackend>>,
         /// The GPU target of --backend ptx-sim or cuda (default: sm_90).
         #[arg(long, value_enum)]
         target: Option<GpuTarget>,
@@ -326,6 +353,10 @@ enum Command {
         /// divide V. Default: the whole V.
         #[arg(long)]
         bv: Option<usize>,
+        /// The chunked program: fused (one sequential phase) or split (a state pass, then a
+        /// chunk-parallel output pass).
+        #[arg(long, value_enum, default_value = "fused")]
+        program: ProgramArg,
         #[arg(long, default_value_t = 0)]
         threads: usize,
         /// CPU executor: tokens per time block (every head's first block, then every head's
@@ -376,6 +407,10 @@ enum Command {
         /// divide V. Default: the whole V.
         #[arg(long)]
         bv: Option<usize>,
+        /// The chunked program: fused (one sequential phase) or split (a state pass, then a
+        /// chunk-parallel output pass).
+        #[arg(long, value_enum, default_value = "fused")]
+        program: ProgramArg,
         /// Use the schedule `chunkc tune` found for this rule, --shape and --threads on this
         /// CPU (kernel, chunk, time block, V-tile).
         #[arg(long, conflicts_with_all = ["backend", "chunk", "time_block", "bv"])]
@@ -441,6 +476,10 @@ enum Command {
         /// divide V. Default: the whole V.
         #[arg(long)]
         bv: Option<usize>,
+        /// The chunked program: fused (one sequential phase) or split (a state pass, then a
+        /// chunk-parallel output pass).
+        #[arg(long, value_enum, default_value = "fused")]
+        program: ProgramArg,
         #[command(flatten)]
         precision: PrecisionArgs,
     },
@@ -484,6 +523,7 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
             time_block,
             scale,
             bv,
+            program,
             precision,
             tuned,
             cache,
@@ -508,7 +548,8 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
             let [(be, eng)] = backend.runs(&[kernel], target, precision, engine(e))[..] else {
                 return Err(Error::Internal("one backend must give one run".into()));
             };
-            let mut opts = Options { backend: be, engine: eng, chunk, threads, time_block, scale, bv };
+            let program = ProgramShape::from(program);
+            let mut opts = Options { backend: be, engine: eng, chunk, threads, time_block, scale, bv, program };
             if tuned {
                 let dims = chunkc::problem::infer_dims(&loaded.rule, &tensors, &shown)?;
                 let config = tuned_schedule(&loaded.rule, &dims, threads, cache.as_deref())?;
@@ -516,10 +557,7 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
                 opts = Options { backend: be, chunk, time_block: config.time_block, bv: config.bv, ..opts };
             }
             let (be, chunk) = (opts.backend, opts.chunk);
-            let outputs = backend::run(&loaded.rule, &tensors, &shown, &opts)?;
-            let mut written = BTreeMap::new();
-            written.insert("o".to_string(), outputs.o);
-            written.insert("hT".to_string(), outputs.ht);
+            let written = backend::run(&loaded.rule, &tensors, &shown, &opts)?.0;
             let mut meta = BTreeMap::new();
             meta.insert("rule".to_string(), loaded.rule.name.clone());
             meta.insert("backend".to_string(), eng.label(be).to_string());
@@ -531,9 +569,12 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
             }
             if be == Backend::Chunked {
                 meta.insert("chunk".to_string(), chunk.to_string());
+                meta.insert("program".to_string(), opts.program.name().to_string());
             }
+            let mut names: Vec<&str> = written.keys().map(String::as_str).collect();
+            names.sort_by_key(|n| (*n != "o", *n));
             chunkc::runtime::io::write_safetensors(&out, &written, Some(meta))?;
-            println!("wrote o and hT to {}", out.display());
+            println!("wrote {} to {}", names.join(" and "), out.display());
             Ok(ExitCode::SUCCESS)
         }
         Command::Verify {
@@ -550,13 +591,27 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
             threads,
             time_block,
             bv,
+            program,
             precision,
             engine: e,
         } => {
             check_bv(bv)?;
+            let named = backend.is_some();
+            let backend = backend.unwrap_or_else(|| vec![RunBackend::Recurrent, RunBackend::Chunked]);
             check_ptx_flags(&backend, target.is_some(), false, &precision)?;
             let precision = precision.precision()?;
+            if [batch, heads, k, v].contains(&0) || seq_lens.as_ref().is_some_and(|t| t.contains(&0)) {
+                return Err(Error::Input(
+                    "--B, --H, --K, --V and --T must be at least 1: an empty problem verifies nothing".into(),
+                ));
+            }
             let loaded = load_rule(&rule)?;
+            if let (Err(why), true) = (&loaded.canonical, named && backend.contains(&RunBackend::Chunked)) {
+                return Err(Error::Unsupported(format!(
+                    "--backend chunked: rule `{}` cannot be chunked ({}); verify its recurrent kernel with --backend recurrent",
+                    loaded.rule.name, why.reason
+                )));
+            }
             let mut runs: Vec<(Backend, Engine)> = vec![];
             for b in &backend {
                 for run in b.runs(&[Backend::Recurrent, Backend::Chunked], target, precision, engine(e)) {
@@ -578,14 +633,28 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
                 Engine::Ptx { target, .. } => Some(*target),
                 _ => None,
             });
-            let plan =
-                verify::Plan { runs, chunks: chunk, seq_lens, batch, heads, k, v, threads, time_block, seed, bv };
+            let program = ProgramShape::from(program);
+            let plan = verify::Plan {
+                runs,
+                chunks: chunk,
+                seq_lens,
+                batch,
+                heads,
+                k,
+                v,
+                threads,
+                time_block,
+                seed,
+                bv,
+                program,
+            };
             plan.check_ready()?;
             let on_target = ptx_target.map(|t| format!(", PTX for {t}")).unwrap_or_default();
             println!(
                 "verify {} against the f64 reference on the f32 inputs: B={batch} H={heads} K={k} V={v}{on_target}, \
-                 relative RMS within each row's tolerance",
-                loaded.rule.name
+                 {} chunked program, relative RMS within each row's tolerance",
+                loaded.rule.name,
+                program.name()
             );
             println!(
                 "{:<10} {:>5} {:>6} {:<20} {:>12} {:>12} {:>6}  result",
@@ -606,9 +675,12 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
             })?;
             let failed = rows.iter().filter(|r| !r.pass).count();
             println!("{} passed, {} failed", rows.len() - failed, failed);
+            if rows.is_empty() {
+                return Err(Error::Internal("verify ran no rows: nothing was checked".into()));
+            }
             Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
-        Command::Bench { rule, shape, backend, chunk, threads, time_block, runs, json, bv, tuned, cache } => {
+        Command::Bench { rule, shape, backend, chunk, threads, time_block, runs, json, bv, program, tuned, cache } => {
             check_bv(bv)?;
             let loaded = load_rule(&rule)?;
             let dims = dims_of(&shape)?;
@@ -629,7 +701,8 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
                 be,
                 chunk,
                 bv,
-                chunkc::runtime::exec::Order { threads, time_block },
+                program.into(),
+                chunkc::runtime::exec::Order { threads, time_block, poison_scratch: false },
                 runs,
                 std::time::Duration::from_secs(1),
             )?;
@@ -652,7 +725,7 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
             let dims = dims_of(&shape)?;
             tune_rule(&loaded, dims, threads, rounds, cache.as_deref(), seed, json)
         }
-        Command::Compile { rule, target, out_dir, backend, chunk, heads, k, v, bv, precision } => {
+        Command::Compile { rule, target, out_dir, backend, chunk, heads, k, v, bv, program, precision } => {
             check_bv(bv)?;
             if matches!(target, Target::Cpu) {
                 if let Some(flag) = precision.given().first() {
@@ -675,16 +748,16 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
                 Err(why) => println!("class: not chunkable ({})", why.reason),
             }
             let shape = chunkc::codegen::plan::Shape { heads, k, v, scale: 1.0 / (k as f64).sqrt() };
-            let kernel = backend::build_kernel_tiled(&loaded.rule, be, shape, chunk, precision.input, bv)?;
+            let program = backend::build_program(&loaded.rule, be, shape, chunk, precision.input, bv, program.into())?;
             let sm = match target {
                 Target::Cpu => {
-                    print!("{kernel}");
+                    print_all(&program.to_string())?;
                     return Ok(ExitCode::SUCCESS);
                 }
                 Target::Sm80 => ptx::Sm::Sm80,
                 Target::Sm90 => ptx::Sm::Sm90,
             };
-            compile_ptx(&kernel, sm, &precision.schedule, out_dir.as_deref())
+            compile_ptx(&program, sm, &precision.schedule, out_dir.as_deref())
         }
     }
 }
@@ -739,7 +812,7 @@ fn tune_rule(
     println!(
         "tuning {} at B={batch} T={seq_len} H={heads} K={k} V={v}, {threads} thread(s), on {}",
         rule.name,
-        at::device::cpu()
+        tune::device()
     );
     let eval = tune::CpuEvaluator::new(rule, dims, threads, seed)?;
     let space = at::Space::new(at::Problem { seq_len, v, chunkable });
@@ -796,32 +869,59 @@ fn check_bv(bv: Option<usize>) -> Result<(), Error> {
     }
 }
 
-/// Writes (or prints) a kernel's PTX and launch metadata, and assembles it when ptxas is there.
+/// Writes (or prints) every phase's PTX and launch metadata, and the program's description;
+/// assembles each phase when ptxas is there.
 fn compile_ptx(
-    kernel: &chunkc::codegen::ir::Kernel,
+    program: &chunkc::codegen::program::Program,
     sm: ptx::Sm,
     schedule: &PtxSchedule,
     out_dir: Option<&std::path::Path>,
 ) -> Result<ExitCode, Error> {
-    let emitted = chunkc::gpu::emit(kernel, sm, schedule)?;
+    let emitted = chunkc::gpu::emit(program, sm, schedule)?;
+    let json = |r: serde_json::Result<String>| r.map_err(|e| Error::Internal(e.to_string()));
     match out_dir {
         Some(dir) => {
             let io = |e: std::io::Error| Error::Input(format!("cannot write to {}: {e}", dir.display()));
             std::fs::create_dir_all(dir).map_err(io)?;
-            let base = dir.join(format!("{}_{}", kernel.name, sm.name()));
-            std::fs::write(base.with_extension("ptx"), &emitted.ptx).map_err(io)?;
-            let meta = serde_json::to_string_pretty(&emitted.meta).map_err(|e| Error::Internal(e.to_string()))?;
-            std::fs::write(base.with_extension("json"), meta).map_err(io)?;
-            println!("wrote {}.ptx and .json", base.display());
+            for phase in &emitted.phases {
+                let base = dir.join(format!("{}_{}", phase.meta.entry, sm.name()));
+                std::fs::write(base.with_extension("ptx"), &phase.ptx).map_err(io)?;
+                std::fs::write(base.with_extension("json"), json(serde_json::to_string_pretty(&phase.meta))?)
+                    .map_err(io)?;
+                println!("wrote {}.ptx and .json", base.display());
+            }
+            let path = dir.join(format!("{}_{}.program.json", emitted.spec.name, sm.name()));
+            std::fs::write(&path, json(serde_json::to_string_pretty(&emitted.spec))?).map_err(io)?;
+            println!("wrote {} ({} phase(s))", path.display(), emitted.phases.len());
         }
-        None => print!("{}", emitted.ptx),
+        None => {
+            let text: String =
+                std::iter::once(emitted.spec.describe()).chain(emitted.phases.iter().map(|p| p.ptx.clone())).collect();
+            print_all(&text)?;
+        }
     }
-    match ptx::assemble(&emitted.ptx, sm) {
-        Ok(report) => eprintln!("ptxas: {report}"),
-        Err(e) if ptx::find_ptxas().is_none() => eprintln!("note: {e}"),
-        Err(e) => return Err(Error::Internal(format!("ptxas rejected the generated PTX: {e}"))),
+    for phase in &emitted.phases {
+        match ptx::assemble(&phase.ptx, sm) {
+            Ok(report) => eprintln!("ptxas: {report}"),
+            Err(e) if ptx::find_ptxas().is_none() => {
+                eprintln!("note: {e}");
+                break;
+            }
+            Err(e) => {
+                return Err(Error::Internal(format!("ptxas rejected the PTX of {}: {e}", phase.meta.entry)));
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Writes `text` to stdout; a reader that stops early (`| head`) ends the output quietly.
+fn print_all(text: &str) -> Result<(), Error> {
+    use std::io::Write;
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(Error::Input(format!("writing to stdout: {e}"))),
+        _ => Ok(()),
+    }
 }
 
 fn check(path: &std::path::Path) -> Result<ExitCode, Error> {
@@ -845,6 +945,12 @@ fn check(path: &std::path::Path) -> Result<ExitCode, Error> {
             }
             print!("{}", c.describe(rule));
             println!("kernels: recurrent, chunked");
+            let phases: Vec<&str> = chunkc::codegen::plan::chunked::split_phases(c).iter().map(|p| p.name()).collect();
+            println!(
+                "chunked programs: fused (1 sequential phase), split ({} phases: {})",
+                phases.len(),
+                phases.join(", ")
+            );
         }
         Err(why) => {
             println!("class: not chunkable: {}", why.reason);

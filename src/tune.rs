@@ -4,23 +4,20 @@
 //! Every candidate is compiled, run once into NaN-poisoned outputs on the tuning inputs and
 //! held to the f64 reference of those same inputs (the f32 tolerance, 1e-5 relative RMS)
 //! before the search may time it; what a timed run includes is what `chunkc bench` times
-//! (one launch over the grid into preallocated outputs, [`execute_into`]).
+//! (one run of the program into preallocated outputs, [`CpuRunner::run`]).
 
-use crate::backend::{
-    self, build_kernel_tiled, execute_into, h0_or_zeros, poisoned_outputs, shape_of, Backend, Outputs,
-};
+use crate::backend::{self, build_program, shape_of, Backend, CpuRunner, Outputs};
 use crate::error::Error;
 use crate::precision::F32_TOLERANCE;
 use crate::verify::{random_inputs, rel_rms};
 use chunkc_autotune::cache::{self, Cache, Entry, Key, Lookup};
 use chunkc_autotune::{Config, Evaluator, KernelKind, Rejection, Report, Trial};
-use chunkc_codegen::cpu::CpuCompiled;
 use chunkc_codegen::ir::ElemType;
+use chunkc_codegen::plan::ProgramShape;
 use chunkc_dsl::ast::Rule;
 use chunkc_dsl::reference::Dims;
 use chunkc_runtime::exec::Order;
 use chunkc_runtime::io::Tensors;
-use chunkc_runtime::tensor::Tensor;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -50,7 +47,6 @@ pub struct CpuEvaluator<'a> {
     dims: Dims,
     threads: usize,
     inputs: Tensors,
-    h0: Tensor,
     reference: Outputs,
 }
 
@@ -61,32 +57,32 @@ impl<'a> CpuEvaluator<'a> {
         let inputs = random_inputs(rule, &dims, seed);
         let opts = backend::Options { backend: Backend::Reference, ..Default::default() };
         let reference = backend::run(rule, &inputs, "the tuning inputs", &opts)?;
-        let h0 = h0_or_zeros(&inputs, &dims);
-        Ok(CpuEvaluator { rule, dims, threads, inputs, h0, reference })
+        Ok(CpuEvaluator { rule, dims, threads, inputs, reference })
     }
 
-    fn order(&self, config: &Config) -> Order {
-        Order { threads: self.threads, time_block: config.time_block }
+    /// `checking`: the run whose outputs are held to the reference poisons the scratch;
+    /// timed runs do not pay for the fill.
+    fn order(&self, config: &Config, checking: bool) -> Order {
+        Order { threads: self.threads, time_block: config.time_block, poison_scratch: checking }
     }
 
-    fn launch(&self, compiled: &CpuCompiled, config: &Config, out: &mut Outputs) -> Result<(), Error> {
-        execute_into(compiled, self.rule, &self.inputs, &self.h0, out, self.dims, self.order(config))
+    fn launch(&self, runner: &mut CpuRunner, config: &Config, checking: bool) -> Result<(), Error> {
+        runner.run(&self.inputs, self.order(config, checking))
     }
 }
 
 struct CpuTrial<'e> {
     eval: &'e CpuEvaluator<'e>,
     config: Config,
-    compiled: CpuCompiled,
-    out: Outputs,
+    runner: CpuRunner,
 }
 
 impl Trial for CpuTrial<'_> {
     fn run(&mut self) -> Result<Duration, String> {
         let start = Instant::now();
-        self.eval.launch(&self.compiled, &self.config, &mut self.out).map_err(|e| e.to_string())?;
+        self.eval.launch(&mut self.runner, &self.config, false).map_err(|e| e.to_string())?;
         let took = start.elapsed();
-        std::hint::black_box(&mut self.out);
+        std::hint::black_box(&mut self.runner);
         Ok(took)
     }
 }
@@ -95,19 +91,23 @@ impl Evaluator for CpuEvaluator<'_> {
     fn prepare(&self, config: &Config) -> Result<Box<dyn Trial + '_>, Rejection> {
         let (backend, chunk) = backend_of(config);
         let shape = shape_of(&self.dims, None);
-        let kernel =
-            build_kernel_tiled(self.rule, backend, shape, chunk, ElemType::F32, config.bv).map_err(|e| match e {
+        let program = build_program(self.rule, backend, shape, chunk, ElemType::F32, config.bv, ProgramShape::Fused)
+            .map_err(|e| match e {
                 Error::Unsupported(why) => Rejection::Unsupported(why),
                 other => Rejection::Failed(other.to_string()),
             })?;
-        let compiled = chunkc_codegen::cpu::compile(&kernel).map_err(|e| Rejection::Failed(e.to_string()))?;
-        let mut out = poisoned_outputs(&self.dims);
-        self.launch(&compiled, config, &mut out).map_err(|e| Rejection::Failed(e.to_string()))?;
-        let error = rel_rms(&out.o.data, &self.reference.o.data).max(rel_rms(&out.ht.data, &self.reference.ht.data));
+        let failed = |e: Error| Rejection::Failed(e.to_string());
+        let mut runner = CpuRunner::new(&program, &self.dims).map_err(failed)?;
+        runner.poison();
+        self.launch(&mut runner, config, true).map_err(failed)?;
+        let error = |name: &str| -> Result<f64, Rejection> {
+            Ok(rel_rms(runner.tensor(name).map_err(failed)?, &self.reference.get(name).map_err(failed)?.data))
+        };
+        let error = error("o")?.max(error("hT")?);
         if error.is_nan() || error > F32_TOLERANCE {
             return Err(Rejection::Wrong { error, tolerance: F32_TOLERANCE });
         }
-        Ok(Box::new(CpuTrial { eval: self, config: *config, compiled, out }))
+        Ok(Box::new(CpuTrial { eval: self, config: *config, runner }))
     }
 }
 
@@ -118,10 +118,16 @@ pub fn cache_path(given: Option<&Path>) -> Result<PathBuf, Error> {
     })
 }
 
+/// This machine as the tuning cache knows it: the CPU model and the SIMD level the generated
+/// code calls.
+pub fn device() -> String {
+    chunkc_autotune::device::cpu(chunkc_codegen::cpu::Simd::best().name())
+}
+
 /// The key a rule's schedule for `dims` and `threads` is kept under on this machine.
 pub fn key(rule: &Rule, dims: &Dims, threads: usize) -> Key {
     Key {
-        device: chunkc_autotune::device::cpu(),
+        device: device(),
         rule: rule.name.clone(),
         rule_hash: cache::rule_hash(&rule.source),
         shape: [dims.batch, dims.seq_len, dims.heads, dims.k, dims.v],
@@ -195,7 +201,9 @@ mod tests {
             assert!(trial.run().expect("a timed run") > Duration::ZERO);
         }
         // A reference one element off: every kernel now disagrees with it, and none may be timed.
-        eval.reference.o.data[5] += 1.0;
+        if let Some(o) = eval.reference.0.get_mut("o") {
+            o.data[5] += 1.0;
+        }
         match eval.prepare(&Config::chunked(32, 256, None)) {
             Err(Rejection::Wrong { error, tolerance }) => assert!(error > tolerance, "{error}"),
             Err(other) => panic!("{other}"),

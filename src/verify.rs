@@ -5,6 +5,7 @@ use crate::backend::{self, Backend, Engine, Options};
 use crate::error::Error;
 use crate::gpu::{self, Device};
 use crate::precision::Precision;
+use chunkc_codegen::plan::ProgramShape;
 use chunkc_dsl::ast::{Domain, Rule};
 use chunkc_dsl::reference::Dims;
 use chunkc_runtime::io::Tensors;
@@ -159,6 +160,8 @@ pub struct Plan {
     pub seed: u64,
     /// Columns of V per grid point of every kernel (`--bv`); None means the whole V.
     pub bv: Option<usize>,
+    /// The chunked program the chunked rows run (fused or split).
+    pub program: ProgramShape,
 }
 
 impl Plan {
@@ -229,10 +232,11 @@ pub fn verify(rule: &Rule, plan: &Plan, mut progress: impl FnMut(&Row)) -> Resul
                     time_block: plan.time_block,
                     scale: None,
                     bv: plan.bv,
+                    program: if be == Backend::Chunked { plan.program } else { ProgramShape::Fused },
                 };
                 let out = backend::run(rule, &inputs, "random inputs", &opts)?;
-                let err_o = rel_rms(&out.o.data, &reference.o.data);
-                let err_ht = rel_rms(&out.ht.data, &reference.ht.data);
+                let err_o = rel_rms(&out.o().data, &reference.o().data);
+                let err_ht = rel_rms(&out.ht().data, &reference.ht().data);
                 let tolerance = tolerance(engine);
                 let row = Row {
                     backend: be,

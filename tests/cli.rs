@@ -188,6 +188,46 @@ fn nonlinear_rule_runs_recurrent_and_explains_why_not_chunked() {
     let o = chunkc(&["verify", rule.to_str().unwrap(), "--T", "5,40"]);
     assert!(o.status.success(), "{}", stdout(&o));
     assert!(stdout(&o).contains("verifying the recurrent kernel only"));
+
+    // Asking for the chunked kernel by name verifies nothing: an error, not "0 passed".
+    let o = chunkc(&["verify", rule.to_str().unwrap(), "--backend", "chunked"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    assert!(
+        stderr(&o).contains("--backend chunked: rule `normalised` cannot be chunked (sigmoid(...)"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+/// An empty problem verifies nothing: every size must be at least 1.
+#[test]
+fn verify_refuses_empty_problems() {
+    for (flag, value) in [("--B", "0"), ("--H", "0"), ("--K", "0"), ("--V", "0"), ("--T", "0,5")] {
+        let o = chunkc(&["verify", "rules/simple_gla.toml", flag, value]);
+        assert_eq!(o.status.code(), Some(1), "{flag} {value}: {}", stdout(&o));
+        assert!(stderr(&o).contains("must be at least 1"), "{flag} {value}: {}", stderr(&o));
+    }
+}
+
+/// A state that doubles every token overflows f32 after 128 tokens while the f64 reference
+/// stays finite: the kernels' rows fail (an infinity never passes), and verify exits 1.
+#[test]
+fn a_failing_verify_row_exits_1() {
+    let rule = tmp("doubling.toml");
+    std::fs::write(
+        &rule,
+        "name = \"doubling\"\nstep = \"\"\"\nS = 2 * S + outer(k, v)\no = S^T @ q\n\"\"\"\n\n[inputs]\nq = \"[K]\"\nk = \"[K]\"\nv = \"[V]\"\n",
+    )
+    .expect("write rule");
+    let o = chunkc(&["verify", rule.to_str().unwrap(), "--T", "3,200", "--chunk", "16"]);
+    let out = stdout(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}{}", stderr(&o));
+    let row = |backend: &str, t: &str| {
+        out.lines().any(|l| l.starts_with(backend) && l.contains(&format!(" {t} ")) && l.ends_with("ok"))
+    };
+    assert!(row("recurrent", "3") && row("chunked", "3"), "short sequences stay finite and pass:\n{out}");
+    assert!(out.lines().any(|l| l.starts_with("recurrent") && l.ends_with("FAIL")), "{out}");
+    assert!(out.contains("2 failed"), "{out}");
 }
 
 #[test]
@@ -275,6 +315,45 @@ fn compile_for_gpu_targets_writes_ptx_and_launch_metadata() {
         let meta: serde_json::Value = serde_json::from_str(&meta).expect("metadata is JSON");
         assert!(meta.is_object(), "{meta}");
     }
+}
+
+/// The split program of a delta rule: three phases, each with its PTX and launch metadata,
+/// and the program's description naming them with their tensors and roles.
+#[test]
+fn compile_writes_every_phase_and_the_program() {
+    let dir = tmp("ptx-split");
+    let d = dir.to_str().unwrap();
+    let args = ["compile", "rules/gated_delta_rule.toml", "--target", "sm_90", "-o", d, "--program", "split"];
+    let o = chunkc(&[&args[..], &["--K", "32", "--V", "32", "--chunk", "16"]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let name = "gated_delta_rule_chunked_c16";
+    let spec = std::fs::read_to_string(dir.join(format!("{name}_split_sm_90.program.json"))).expect("program");
+    let spec: serde_json::Value = serde_json::from_str(&spec).expect("program is JSON");
+    let phases: Vec<&str> =
+        spec["phases"].as_array().expect("phases").iter().map(|p| p["entry"].as_str().unwrap()).collect();
+    assert_eq!(phases, [format!("{name}_factors"), format!("{name}_states"), format!("{name}_outputs")]);
+    let kinds: Vec<&str> = spec["phases"].as_array().unwrap().iter().map(|p| p["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["chunk_parallel", "sequential", "chunk_parallel"]);
+    let role = |t: &str| spec["tensors"].as_array().unwrap().iter().find(|x| x["name"] == t).map(|x| x["role"].clone());
+    assert_eq!(role("chunk.h"), Some("intermediate".into()));
+    assert_eq!(role("o"), Some("output".into()));
+    assert_eq!(role("h0"), Some("input".into()));
+    for phase in phases {
+        let ptx = std::fs::read_to_string(dir.join(format!("{phase}_sm_90.ptx"))).expect("ptx written");
+        assert!(ptx.contains(&format!(".entry {phase}(")), "{phase}");
+        let meta = std::fs::read_to_string(dir.join(format!("{phase}_sm_90.json"))).expect("json");
+        let meta: serde_json::Value = serde_json::from_str(&meta).expect("metadata is JSON");
+        let chunk_grid = meta["grid"].get("v_tiles_chunks_batch_heads").is_some();
+        assert_eq!(chunk_grid, !phase.ends_with("_states"), "{phase}: {}", meta["grid"]);
+    }
+    // The CPU target prints the same program.
+    let o = chunkc(&["compile", "rules/gated_delta_rule.toml", "--program", "split", "--chunk", "16"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("intermediate  chunk.w  [B, T, H, K]"), "{}", stdout(&o));
+    // A recurrent kernel has one phase.
+    let o = chunkc(&["compile", "rules/gated_delta_rule.toml", "--backend", "recurrent", "--program", "split"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("the recurrent kernel is one phase"), "{}", stderr(&o));
 }
 
 #[test]

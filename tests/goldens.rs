@@ -1,14 +1,17 @@
 //! Outside truth: every case in ../shared/goldens (flash-linear-attention's own naive
 //! references) through `chunkc run`, within 1e-5 relative RMS error on `o` and `hT`:
-//! - on the CPU, the recurrent and the chunked kernels at chunk 16, 32, 64 and 128, and at
-//!   chunk 16 and 64 with V-tiles of 8 columns (`--bv 8`);
+//! - on the CPU, the recurrent and the chunked kernels at chunk 16, 32, 64 and 128, the
+//!   split program (a state pass, then a chunk-parallel output pass) at the same chunks, and
+//!   chunk 16 and 64 with V-tiles of 8 columns (`--bv 8`, fused and split);
 //! - as PTX in the simulator (`--backend ptx-sim`), the recurrent kernel and the chunked one
 //!   at chunk 16 and 64, for sm_90 and sm_80 (the simulator runs the PTX text, so both
 //!   targets' output is executed);
 //! - in the simulator with tensor-core schedules: tf32 dots (within 1e-3) on the chunked
 //!   kernel at chunk 16 and 64, and bf16 inputs with bf16 dots (within 1e-2, against the
 //!   goldens computed from the f32 inputs) on the chunked kernel at 16 and 64 and on the
-//!   recurrent one.
+//!   recurrent one;
+//! - the split program in the simulator: f32 at chunk 16 (sm_80), tf32 dots at 64 (sm_90),
+//!   bf16 inputs and dots at 16 (sm_80), its boundary states NaN-filled before the run.
 
 mod common;
 
@@ -21,8 +24,10 @@ const TF32_TOLERANCE: f64 = 1e-3;
 #[test]
 fn every_golden_through_chunkc_run() {
     let Some(dir) = goldens_dir() else { return };
+    let chunks = ["16", "32", "64", "128"];
     let configs: Vec<Vec<&str>> = std::iter::once(vec!["--backend", "recurrent"])
-        .chain(["16", "32", "64", "128"].iter().map(|c| vec!["--backend", "chunked", "--chunk", c]))
+        .chain(chunks.iter().map(|c| vec!["--backend", "chunked", "--chunk", c]))
+        .chain(chunks.iter().map(|c| vec!["--backend", "chunked", "--chunk", c, "--program", "split"]))
         .collect();
     check_every_golden(&dir, "cpu", &configs, F32_TOLERANCE);
 }
@@ -34,6 +39,7 @@ fn every_golden_through_chunkc_run_with_v_tiles() {
     let Some(dir) = goldens_dir() else { return };
     let configs: Vec<Vec<&str>> = std::iter::once(vec!["--backend", "recurrent", "--bv", "8"])
         .chain(["16", "64"].iter().map(|c| vec!["--backend", "chunked", "--chunk", c, "--bv", "8"]))
+        .chain(std::iter::once(vec!["--backend", "chunked", "--chunk", "16", "--bv", "8", "--program", "split"]))
         .collect();
     check_every_golden(&dir, "cpu-bv8", &configs, F32_TOLERANCE);
 }
@@ -92,4 +98,21 @@ fn every_golden_through_the_ptx_simulator_bf16_c64_sm90() {
 fn every_golden_through_the_ptx_simulator_bf16_recurrent_sm90() {
     let bf16 = ["--kernel", "recurrent", "--dtype", "bf16", "--dot", "bf16"];
     goldens_in_the_simulator_within("sim-bf16-rec", "sm_90", &bf16, SIXTEEN_BIT_TOLERANCE);
+}
+
+#[test]
+fn every_golden_through_the_ptx_simulator_split_c16_sm80() {
+    goldens_in_the_simulator("sim-split-c16", "sm_80", &["--chunk", "16", "--program", "split"]);
+}
+
+#[test]
+fn every_golden_through_the_ptx_simulator_split_tf32_dots_c64_sm90() {
+    let tf32 = ["--chunk", "64", "--dot", "tf32", "--program", "split"];
+    goldens_in_the_simulator_within("sim-split-tf32-c64", "sm_90", &tf32, TF32_TOLERANCE);
+}
+
+#[test]
+fn every_golden_through_the_ptx_simulator_split_bf16_c16_sm80() {
+    let bf16 = ["--chunk", "16", "--dtype", "bf16", "--dot", "bf16", "--program", "split"];
+    goldens_in_the_simulator_within("sim-split-bf16-c16", "sm_80", &bf16, SIXTEEN_BIT_TOLERANCE);
 }

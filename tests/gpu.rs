@@ -87,8 +87,10 @@ fn random_shapes_agree_with_the_reference(target: Sm) {
                 runs += 1;
                 match run(rule, &inputs, "random inputs", &opts) {
                     Ok(out) => {
-                        let (eo, eh) =
-                            (rel_rms(&out.o.data, &reference.o.data), rel_rms(&out.ht.data, &reference.ht.data));
+                        let (eo, eh) = (
+                            rel_rms(&out.o().data, &reference.o().data),
+                            rel_rms(&out.ht().data, &reference.ht().data),
+                        );
                         println!("{what}: o {eo:.2e}, hT {eh:.2e}");
                         if !(eo <= F32_TOLERANCE && eh <= F32_TOLERANCE) {
                             failures.push(format!("{what}: o {eo:.2e}, hT {eh:.2e}"));

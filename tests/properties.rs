@@ -21,9 +21,12 @@
 //! with tensor-core schedules (sm_80): tf32 dots within 1e-3, and bf16 inputs with bf16 dots
 //! within 1e-2, both against the reference on the f32 inputs (`verify::tolerance`).
 //!
-//! Runs are deterministic (fixed RNG seed): 48 linear and 16 non-linear cases on the CPU, 24
-//! and 8 in the simulator, 24 per tensor-core schedule, a few seconds each in a release build. Deeper or different runs: `PROPTEST_CASES=3000`, `PROPTEST_RNG_SEED=n`;
-//! `CHUNKC_PROPTEST_SHOW=1` prints every generated rule and shape (with `--nocapture`).
+//! Every run draws 48 linear and 16 non-linear cases on the CPU, 24 and 8 in the simulator,
+//! 24 per tensor-core schedule (a few seconds each in a release build) from a fixed regression
+//! seed; with `CHUNKC_PROPTEST_FRESH=1` (`.ci/run` sets it) each property then runs again on a
+//! fresh seed, printed so that a failure can be replayed with `CHUNKC_PROPTEST_SEED=n`. Deeper
+//! runs: `PROPTEST_CASES=3000`; `CHUNKC_PROPTEST_SHOW=1` prints every generated rule and shape
+//! (with `--nocapture`).
 
 use chunkc::backend::{run, Backend, Engine, Options};
 use chunkc::codegen::ir::ElemType;
@@ -37,7 +40,7 @@ use chunkc::verify::{random_inputs, rel_rms, tolerance, Rng};
 use chunkc::Precision;
 use proptest::prelude::*;
 use proptest::sample::select;
-use proptest::test_runner::{RngSeed, TestCaseError};
+use proptest::test_runner::{RngSeed, TestCaseError, TestRunner};
 
 // ---------------------------------------------------------------------------------------
 // The generator's choices.
@@ -561,7 +564,7 @@ fn compare(
     let label = engine.label(backend);
     let out = run(rule, inputs, "random inputs", &Options { engine, ..opts(backend, chunk) })
         .map_err(|e| format!("{label} {} failed: {e}", backend.name()))?;
-    let (eo, eh) = (rel_rms(&out.o.data, &reference.o.data), rel_rms(&out.ht.data, &reference.ht.data));
+    let (eo, eh) = (rel_rms(&out.o().data, &reference.o().data), rel_rms(&out.ht().data, &reference.ht().data));
     let tol = tolerance(engine);
     if let Engine::Ptx { precision, .. } = engine {
         if !precision.is_f32() {
@@ -603,66 +606,91 @@ fn check(text: &str, shape: &Shape, chunkable: bool, engine: Engine) -> Result<(
     Ok(())
 }
 
-/// `cases` per run (kept small: the whole file runs in seconds in a debug build); setting
-/// `PROPTEST_CASES` overrides it for a deeper run. The runs are deterministic (a fixed RNG seed, so that CI neither flakes nor passes by
-/// luck); `PROPTEST_RNG_SEED` draws other rules and shapes.
-fn config(cases: u32) -> ProptestConfig {
+/// The regression seed: every run draws these cases first, so a case that once failed (and
+/// was fixed) stays covered.
+const REGRESSION_SEED: u64 = 0x0c4a_4e6b;
+
+/// A fresh seed for this run: `CHUNKC_PROPTEST_SEED=n` replays one; `CHUNKC_PROPTEST_FRESH=1`
+/// (as `.ci/run` sets) draws one from the clock; otherwise None (the regression seed alone).
+fn fresh_seed() -> Option<u64> {
+    if let Some(s) = std::env::var("CHUNKC_PROPTEST_SEED").ok().filter(|s| !s.is_empty()) {
+        return Some(s.parse().unwrap_or_else(|_| panic!("CHUNKC_PROPTEST_SEED={s} is not a u64")));
+    }
+    let fresh = std::env::var_os("CHUNKC_PROPTEST_FRESH").is_some_and(|v| v == "1");
+    fresh.then(|| {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        (now as u64) ^ (u64::from(std::process::id()) << 32)
+    })
+}
+
+/// Runs `test` on `cases` draws of `strategy` (kept small: a few seconds each in a release
+/// build; `PROPTEST_CASES` overrides the count), first with [`REGRESSION_SEED`], then with
+/// [`fresh_seed`] when there is one. The fresh seed is printed before it runs, and a failure
+/// names it with the line that replays it.
+fn property<S: Strategy>(name: &str, cases: u32, strategy: S, test: impl Fn(S::Value) -> Result<(), TestCaseError>)
+where
+    S::Value: std::fmt::Debug,
+{
     let base = ProptestConfig::default();
     let cases = if std::env::var_os("PROPTEST_CASES").is_some() { base.cases } else { cases };
-    let rng_seed =
-        if std::env::var_os("PROPTEST_RNG_SEED").is_some() { base.rng_seed } else { RngSeed::Fixed(0x0c4a_4e6b) };
-    ProptestConfig { cases, rng_seed, failure_persistence: None, ..base }
-}
-
-proptest! {
-    #![proptest_config(config(48))]
-    #[test]
-    fn random_linear_rules_agree_with_the_reference(spec in linear_spec(), shape in shape()) {
-        check(&render_linear(&spec), &shape, true, Engine::Jit)?;
+    let mut seeds = vec![(REGRESSION_SEED, "regression")];
+    seeds.extend(fresh_seed().map(|s| (s, "fresh")));
+    for (seed, kind) in seeds {
+        if kind == "fresh" {
+            eprintln!("{name}: fresh proptest seed {seed} (replay: CHUNKC_PROPTEST_SEED={seed})");
+        }
+        let config =
+            ProptestConfig { cases, rng_seed: RngSeed::Fixed(seed), failure_persistence: None, ..base.clone() };
+        let mut runner = TestRunner::new(config);
+        if let Err(e) = runner.run(&strategy, &test) {
+            panic!("{name} failed with the {kind} seed {seed} (replay: CHUNKC_PROPTEST_SEED={seed}): {e}");
+        }
     }
 }
 
-proptest! {
-    #![proptest_config(config(16))]
-    #[test]
-    fn random_nonlinear_rules_run_recurrent_and_are_not_chunkable(spec in nonlinear_spec(), shape in shape()) {
-        check(&render_nonlinear(&spec), &shape, false, Engine::Jit)?;
-    }
+#[test]
+fn random_linear_rules_agree_with_the_reference() {
+    property("linear rules, CPU", 48, (linear_spec(), shape()), |(spec, shape)| {
+        check(&render_linear(&spec), &shape, true, Engine::Jit)
+    });
 }
 
-proptest! {
-    #![proptest_config(config(24))]
-    #[test]
-    fn random_linear_rules_agree_with_the_reference_in_the_ptx_simulator(spec in linear_spec(), shape in sim_shape()) {
-        check(&render_linear(&spec), &shape, true, sim(Sm::Sm90))?;
-    }
+#[test]
+fn random_nonlinear_rules_run_recurrent_and_are_not_chunkable() {
+    property("non-linear rules, CPU", 16, (nonlinear_spec(), shape()), |(spec, shape)| {
+        check(&render_nonlinear(&spec), &shape, false, Engine::Jit)
+    });
+}
+
+#[test]
+fn random_linear_rules_agree_with_the_reference_in_the_ptx_simulator() {
+    property("linear rules, PTX simulator", 24, (linear_spec(), sim_shape()), |(spec, shape)| {
+        check(&render_linear(&spec), &shape, true, sim(Sm::Sm90))
+    });
 }
 
 // Tensor-core schedules on the same small shapes: tf32 dots within 1e-3, bf16 inputs with
 // bf16 dots within 1e-2 (against the reference on the f32 inputs). Dots below the schedule's
 // smallest mma dimension (odd chunks, K or V under 8) keep the fma loop, so both paths mix.
-proptest! {
-    #![proptest_config(config(24))]
-    #[test]
-    fn random_linear_rules_agree_with_the_reference_with_tf32_dots(spec in linear_spec(), shape in sim_shape()) {
-        check(&render_linear(&spec), &shape, true, sim_tensor_cores(ElemType::F32, DotPrecision::Tf32))?;
-    }
+#[test]
+fn random_linear_rules_agree_with_the_reference_with_tf32_dots() {
+    property("linear rules, tf32 dots", 24, (linear_spec(), sim_shape()), |(spec, shape)| {
+        check(&render_linear(&spec), &shape, true, sim_tensor_cores(ElemType::F32, DotPrecision::Tf32))
+    });
 }
 
-proptest! {
-    #![proptest_config(config(24))]
-    #[test]
-    fn random_linear_rules_agree_with_the_reference_with_bf16_inputs_and_dots(spec in linear_spec(), shape in sim_shape()) {
-        check(&render_linear(&spec), &shape, true, sim_tensor_cores(ElemType::Bf16, DotPrecision::Bf16))?;
-    }
+#[test]
+fn random_linear_rules_agree_with_the_reference_with_bf16_inputs_and_dots() {
+    property("linear rules, bf16", 24, (linear_spec(), sim_shape()), |(spec, shape)| {
+        check(&render_linear(&spec), &shape, true, sim_tensor_cores(ElemType::Bf16, DotPrecision::Bf16))
+    });
 }
 
-proptest! {
-    #![proptest_config(config(8))]
-    #[test]
-    fn random_nonlinear_rules_run_recurrent_in_the_ptx_simulator(spec in nonlinear_spec(), shape in sim_shape()) {
-        check(&render_nonlinear(&spec), &shape, false, sim(Sm::Sm80))?;
-    }
+#[test]
+fn random_nonlinear_rules_run_recurrent_in_the_ptx_simulator() {
+    property("non-linear rules, PTX simulator", 8, (nonlinear_spec(), sim_shape()), |(spec, shape)| {
+        check(&render_nonlinear(&spec), &shape, false, sim(Sm::Sm80))
+    });
 }
 
 // ---------------------------------------------------------------------------------------

@@ -45,13 +45,13 @@ fn time_blocks_give_the_same_bits_as_head_by_head() {
                 let opts =
                     |time_block, threads| Options { backend, chunk, bv, time_block, threads, ..Default::default() };
                 let whole = run(&rule, &inputs, "random", &opts(0, 1)).unwrap_or_else(|e| panic!("{}: {e}", rule.name));
-                assert!(whole.o.data.iter().chain(&whole.ht.data).all(|x| x.is_finite()), "{}", rule.name);
+                assert!(whole.o().data.iter().chain(&whole.ht().data).all(|x| x.is_finite()), "{}", rule.name);
                 for (time_block, threads) in [(1, 1), (chunk, 2), (3 * chunk, 1), (100, 2), (256, 1), (299, 2)] {
                     let got = run(&rule, &inputs, "random", &opts(time_block, threads))
                         .unwrap_or_else(|e| panic!("{}: {e}", rule.name));
                     let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
                     assert!(
-                        same(&got.o.data, &whole.o.data) && same(&got.ht.data, &whole.ht.data),
+                        same(&got.o().data, &whole.o().data) && same(&got.ht().data, &whole.ht().data),
                         "{} {} chunk {chunk} bv {bv:?}: time block {time_block} on {threads} thread(s) differs",
                         rule.name,
                         backend.name()

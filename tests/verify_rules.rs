@@ -1,8 +1,11 @@
 //! `chunkc verify`'s default sweep for every rule in rules/: the recurrent kernel and the
 //! chunked kernel at chunk 16, 32, 64 and 128, with T in {1, C-1, C+1, 1000}, on random
-//! inputs from each input's domain, against the f64 reference (relative RMS <= 1e-5).
+//! inputs from each input's domain, against the f64 reference (relative RMS <= 1e-5); and
+//! the same chunked sweep through the split program (a state pass, then a chunk-parallel
+//! output pass), whose boundary states start NaN-filled.
 
 use chunkc::backend::{Backend, Engine};
+use chunkc::codegen::plan::ProgramShape;
 use chunkc::verify::{verify, Plan};
 use std::path::PathBuf;
 
@@ -17,33 +20,45 @@ fn every_rule_passes_the_default_verify_sweep() {
     for path in rules {
         let loaded = chunkc::load_rule(&path).unwrap_or_else(|e| panic!("{e}"));
         assert!(loaded.canonical.is_ok(), "{}: every built-in rule is chunkable", path.display());
-        let plan = Plan {
-            runs: vec![(Backend::Recurrent, Engine::Jit), (Backend::Chunked, Engine::Jit)],
-            chunks: vec![16, 32, 64, 128],
-            seq_lens: None,
-            batch: 2,
-            heads: 2,
-            k: 32,
-            v: 40,
-            threads: 0,
-            time_block: chunkc::runtime::exec::DEFAULT_TIME_BLOCK,
-            seed: 1,
-            bv: None,
-        };
-        let rows = verify(&loaded.rule, &plan, |_| {}).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        runs += rows.len();
-        let worst = rows.iter().map(|r| r.err_o.max(r.err_ht)).fold(0.0, f64::max);
-        println!("{:<20} {} runs, worst relative error {worst:.2e}", loaded.rule.name, rows.len());
-        for r in rows.iter().filter(|r| !r.pass) {
-            failures.push(format!(
-                "{} {} chunk {:?} T={}: o {:.2e}, hT {:.2e}",
+        for (program, runs_of) in [
+            (ProgramShape::Fused, vec![(Backend::Recurrent, Engine::Jit), (Backend::Chunked, Engine::Jit)]),
+            (ProgramShape::Split, vec![(Backend::Chunked, Engine::Jit)]),
+        ] {
+            let plan = Plan {
+                runs: runs_of,
+                chunks: vec![16, 32, 64, 128],
+                seq_lens: None,
+                batch: 2,
+                heads: 2,
+                k: 32,
+                v: 40,
+                threads: 0,
+                time_block: chunkc::runtime::exec::DEFAULT_TIME_BLOCK,
+                seed: 1,
+                bv: None,
+                program,
+            };
+            let rows = verify(&loaded.rule, &plan, |_| {}).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            runs += rows.len();
+            let worst = rows.iter().map(|r| r.err_o.max(r.err_ht)).fold(0.0, f64::max);
+            println!(
+                "{:<20} {:<5} {} runs, worst relative error {worst:.2e}",
                 loaded.rule.name,
-                r.label(),
-                r.chunk,
-                r.seq_len,
-                r.err_o,
-                r.err_ht
-            ));
+                program.name(),
+                rows.len()
+            );
+            for r in rows.iter().filter(|r| !r.pass) {
+                failures.push(format!(
+                    "{} {} {} chunk {:?} T={}: o {:.2e}, hT {:.2e}",
+                    loaded.rule.name,
+                    program.name(),
+                    r.label(),
+                    r.chunk,
+                    r.seq_len,
+                    r.err_o,
+                    r.err_ht
+                ));
+            }
         }
     }
     assert!(failures.is_empty(), "{} of {runs} runs failed:\n{}", failures.len(), failures.join("\n"));

@@ -7,8 +7,9 @@
 //! dividing V, a reduction over V, a rule not linear in S) are one-line errors; the PTX of
 //! a few BV kernels assembles for sm_80 and sm_90 without spills.
 
-use chunkc::backend::{build_kernel_tiled, run, shape_of, Backend, Engine, Options};
+use chunkc::backend::{build_kernel_tiled, build_program, run, shape_of, Backend, Engine, Options};
 use chunkc::codegen::ir::ElemType;
+use chunkc::codegen::plan::ProgramShape;
 use chunkc::codegen::ptx::{self, DotPrecision, Grid, PtxSchedule, Sm};
 use chunkc::dsl::reference::Dims;
 use chunkc::gpu::Device;
@@ -49,7 +50,8 @@ fn every_rule_split(engine: Engine) -> f64 {
                 assert_eq!(k.vtiles, DIMS.v / bv, "{}", k.name);
                 let opts = Options { backend, engine, chunk: CHUNK, bv: Some(bv), threads: 2, ..Default::default() };
                 let out = run(rule, &inputs, "random", &opts).unwrap_or_else(|e| panic!("{}: {e}", rule.name));
-                let (eo, eh) = (rel_rms(&out.o.data, &reference.o.data), rel_rms(&out.ht.data, &reference.ht.data));
+                let (eo, eh) =
+                    (rel_rms(&out.o().data, &reference.o().data), rel_rms(&out.ht().data, &reference.ht().data));
                 println!("{:<18} {:<9} bv {bv:>2}: err o {eo:.2e}, err hT {eh:.2e}", rule.name, backend.name());
                 worst = worst.max(eo).max(eh);
                 if !(eo <= tol && eh <= tol) {
@@ -171,17 +173,35 @@ fn a_few_v_tile_kernels_assemble_without_spills() {
     for name in ["gated_delta_rule", "gla", "kda"] {
         let path = common::root().join(format!("rules/{name}.toml"));
         let loaded = chunkc::load_rule(&path).expect("rule");
-        for (backend, chunk) in [(Backend::Recurrent, 64), (Backend::Chunked, 64)] {
-            let k = build_kernel_tiled(&loaded.rule, backend, shape_of(&dims, None), chunk, ElemType::F32, Some(32))
-                .expect("kernel");
+        let programs = [
+            (Backend::Recurrent, ProgramShape::Fused),
+            (Backend::Chunked, ProgramShape::Fused),
+            (Backend::Chunked, ProgramShape::Split),
+        ];
+        for (backend, shape) in programs {
+            let program =
+                build_program(&loaded.rule, backend, shape_of(&dims, None), 64, ElemType::F32, Some(32), shape)
+                    .expect("program");
             for sched in &schedules {
                 for sm in [Sm::Sm80, Sm::Sm90] {
-                    let emitted = chunkc::gpu::emit(&k, sm, sched).expect("emit");
-                    assert_eq!(emitted.meta.grid, Grid::BatchHeadsVTiles { vtiles: 2 });
-                    assert_eq!(emitted.meta.grid.dims(3, 2), [2, 6, 1]);
-                    let r = ptx::assemble(&emitted.ptx, sm).unwrap_or_else(|e| panic!("{}: {e}", k.name));
-                    println!("{} {:?}: {r}", k.name, sched.dot);
-                    assert_eq!((r.spill_stores, r.spill_loads), (0, 0), "{}: {r}", k.name);
+                    let emitted = chunkc::gpu::emit(&program, sm, sched).expect("emit");
+                    for phase in &emitted.phases {
+                        let name = &phase.meta.entry;
+                        if name.ends_with("_factors") {
+                            // The UT factors do not depend on V's split: one CTA per chunk.
+                            assert_eq!(phase.meta.grid, Grid::VTilesChunksBatchHeads { vtiles: 1, chunk: 64 });
+                            assert_eq!(phase.meta.grid.dims(3, 2, 130), Some([1, 3, 6]));
+                        } else if name.ends_with("_outputs") {
+                            assert_eq!(phase.meta.grid, Grid::VTilesChunksBatchHeads { vtiles: 2, chunk: 64 });
+                            assert_eq!(phase.meta.grid.dims(3, 2, 130), Some([2, 3, 6]));
+                        } else {
+                            assert_eq!(phase.meta.grid, Grid::BatchHeadsVTiles { vtiles: 2 });
+                            assert_eq!(phase.meta.grid.dims(3, 2, 130), Some([2, 6, 1]));
+                        }
+                        let r = ptx::assemble(&phase.ptx, sm).unwrap_or_else(|e| panic!("{name}: {e}"));
+                        println!("{name} {:?}: {r}", sched.dot);
+                        assert_eq!((r.spill_stores, r.spill_loads), (0, 0), "{name}: {r}");
+                    }
                 }
             }
         }

@@ -10,7 +10,7 @@
 use chunkc_codegen::builder::Builder;
 use chunkc_codegen::cpu::{compile_with, Simd};
 use chunkc_codegen::ir::*;
-use chunkc_runtime::exec::CpuKernel;
+use chunkc_runtime::cpu_kernel::CpuKernel;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use std::time::Duration;
 

@@ -16,11 +16,27 @@ pub struct Builder {
     loops: Vec<(Idx, Vec<(ValueId, ValueId)>)>,
     /// V-tiles per head of the kernel being built (1: the whole V).
     vtiles: usize,
+    /// Whether the loop's iterations are independent ([`Kernel::chunk_parallel`]).
+    chunk_parallel: bool,
 }
 
 impl Builder {
     pub fn new(name: impl Into<String>) -> Builder {
-        Builder { name: name.into(), params: vec![], values: vec![], blocks: vec![vec![]], loops: vec![], vtiles: 1 }
+        Builder {
+            name: name.into(),
+            params: vec![],
+            values: vec![],
+            blocks: vec![vec![]],
+            loops: vec![],
+            vtiles: 1,
+            chunk_parallel: false,
+        }
+    }
+
+    /// Marks the kernel's loop as chunk-parallel: it must carry nothing (checked when the
+    /// kernel is laid out).
+    pub fn set_chunk_parallel(&mut self) {
+        self.chunk_parallel = true;
     }
 
     /// Marks the kernel as split into `n` V-tiles per head (its grid is (batch, head, V-tile)).
@@ -239,15 +255,50 @@ impl Builder {
         results
     }
 
-    /// The kernel, without the values nothing reads: a plan may form terms that a rule's
-    /// shape leaves unused (the exclusive gate of a chunk that is one block), and every op is
-    /// free of side effects, so a backend should not run them.
+    /// The kernel, without the values nothing reads and the parameters nothing loads or
+    /// stores: a plan may form terms that a rule's shape leaves unused (the exclusive gate of
+    /// a chunk that is one block), and a phase of a program computes only part of what the
+    /// chunk's algebra forms (a state pass no output); every op is free of side effects, so
+    /// a backend should not run them, and a launch should not pass tensors nothing touches.
     pub fn finish(mut self) -> Kernel {
         assert!(self.loops.is_empty(), "unclosed loop");
         let mut body = self.blocks.pop().unwrap_or_default();
         drop_dead(&mut body);
-        Kernel { name: self.name, params: self.params, values: self.values, body, vtiles: self.vtiles }
+        let params = drop_untouched_params(&mut body, self.params);
+        Kernel {
+            name: self.name,
+            params,
+            values: self.values,
+            body,
+            vtiles: self.vtiles,
+            chunk_parallel: self.chunk_parallel,
+        }
     }
+}
+
+/// Drops the parameters no `Load` or `Store` names, renumbering the rest in order.
+fn drop_untouched_params(body: &mut [Stmt], params: Vec<Param>) -> Vec<Param> {
+    fn visit(stmts: &mut [Stmt], f: &mut dyn FnMut(&mut usize)) {
+        for s in stmts {
+            match s {
+                Stmt::Let { op: Op::Load { param, .. }, .. } | Stmt::Store { param, .. } => f(param),
+                Stmt::Loop { body, .. } => visit(body, f),
+                Stmt::Let { .. } => {}
+            }
+        }
+    }
+    let mut touched = vec![false; params.len()];
+    visit(body, &mut |p| touched[*p] = true);
+    let mut renumber = vec![0; params.len()];
+    let mut kept = vec![];
+    for (i, p) in params.into_iter().enumerate() {
+        if touched[i] {
+            renumber[i] = kept.len();
+            kept.push(p);
+        }
+    }
+    visit(body, &mut |p| *p = renumber[*p]);
+    kept
 }
 
 /// Removes `Let`s whose value no statement reads, until none is left.

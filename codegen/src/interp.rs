@@ -46,21 +46,6 @@ fn rnd(x: f64, dtype: DType) -> f64 {
     }
 }
 
-pub fn apply_unary(op: UnOp, x: f64) -> f64 {
-    use chunkc_dsl::ast::{sigmoid, softplus};
-    match op {
-        UnOp::Neg => -x,
-        UnOp::Exp => x.exp(),
-        UnOp::Exp2 => x.exp2(),
-        UnOp::Log => x.ln(),
-        UnOp::Sigmoid => sigmoid(x),
-        UnOp::Softplus => softplus(x),
-        UnOp::Silu => x * sigmoid(x),
-        UnOp::Sqrt => x.sqrt(),
-        UnOp::Recip => 1.0 / x,
-    }
-}
-
 pub fn apply_binary(op: BinOp, a: f64, b: f64) -> f64 {
     match op {
         BinOp::Add => a + b,
@@ -224,7 +209,7 @@ impl Machine<'_, '_, '_> {
             Op::Unary { op, x } => {
                 let x = self.get(*x)?;
                 for (o, v) in out.data.iter_mut().zip(&x.data) {
-                    *o = apply_unary(*op, *v);
+                    *o = op.eval(*v);
                 }
             }
             Op::Binary { op, a, b } => {

@@ -155,6 +155,34 @@ pub enum UnOp {
     Recip,
 }
 
+impl UnOp {
+    /// The function in f64: the definition every backend's version is held to. Sigmoid and
+    /// softplus take their stable branches (no overflow for large |x|); softplus is x above
+    /// 20 and e^x below -20, as the rule language defines it.
+    pub fn eval(self, x: f64) -> f64 {
+        let sigmoid = |x: f64| {
+            if x >= 0.0 {
+                1.0 / (1.0 + (-x).exp())
+            } else {
+                x.exp() / (1.0 + x.exp())
+            }
+        };
+        match self {
+            UnOp::Neg => -x,
+            UnOp::Exp => x.exp(),
+            UnOp::Exp2 => x.exp2(),
+            UnOp::Log => x.ln(),
+            UnOp::Sigmoid => sigmoid(x),
+            UnOp::Softplus if x > 20.0 => x,
+            UnOp::Softplus if x < -20.0 => x.exp(),
+            UnOp::Softplus => x.exp().ln_1p(),
+            UnOp::Silu => x * sigmoid(x),
+            UnOp::Sqrt => x.sqrt(),
+            UnOp::Recip => 1.0 / x,
+        }
+    }
+}
+
 /// Elementwise binary functions with broadcasting: each dimension of the two operands is
 /// equal or 1, and a dimension of 1 repeats. Both operands have the same dtype.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -357,6 +385,10 @@ pub struct Kernel {
     /// V-tiles per head: the grid is (batch, head, V-tile), and a kernel with more than one
     /// covers `V / vtiles` columns of the state per grid point (`IdxVar::VTile` says which).
     pub vtiles: usize,
+    /// The iterations of the kernel's loop are independent (it carries nothing): the chunk is
+    /// a grid axis, and an executor may run the iterations in any order, each on any worker
+    /// or CTA (a chunk-parallel phase). Otherwise the loop runs in order on one grid point.
+    pub chunk_parallel: bool,
 }
 
 impl Kernel {

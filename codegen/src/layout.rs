@@ -148,6 +148,7 @@ pub(crate) fn plan_with(kernel: &Kernel, double_buffer: &dyn Fn(&Op) -> bool) ->
         double_buffer,
         piped: vec![],
     };
+    check_chunk_parallel(kernel)?;
     w.block(&kernel.body)?;
     let bytes = w.assign_offsets();
     let at = |r: &VRef, dt: DType| Storage {
@@ -175,6 +176,21 @@ pub(crate) fn plan_with(kernel: &Kernel, double_buffer: &dyn Fn(&Op) -> bool) ->
         })
         .collect();
     Ok(Plan { storage, loops, bytes })
+}
+
+/// A chunk-parallel kernel's loop must be its only one and carry nothing, and nothing
+/// outside it may read what an iteration computes: its iterations run in any order, on any
+/// worker.
+fn check_chunk_parallel(kernel: &Kernel) -> Result<(), LayoutError> {
+    if !kernel.chunk_parallel {
+        return Ok(());
+    }
+    let loops: Vec<&Stmt> = kernel.body.iter().filter(|s| matches!(s, Stmt::Loop { .. })).collect();
+    match loops[..] {
+        [Stmt::Loop { carried, .. }] if carried.is_empty() => Ok(()),
+        [_] => err(format!("chunk-parallel kernel {} carries values from one iteration to the next", kernel.name)),
+        _ => err(format!("chunk-parallel kernel {} has {} loops; it needs exactly one", kernel.name, loops.len())),
+    }
 }
 
 fn check_idx(e: &Idx) -> Result<(), LayoutError> {

@@ -12,5 +12,6 @@ pub mod layout;
 pub mod lower;
 pub mod plan;
 pub mod print;
+pub mod program;
 pub mod ptx;
 pub mod resume;

@@ -22,7 +22,7 @@
 //! every call.
 
 use crate::ir::*;
-pub use chunkc_runtime::exec::Resume;
+pub use chunkc_runtime::cpu_kernel::Resume;
 
 /// `Some` when `kernel`'s loop can be split exactly (see the module doc).
 pub fn analyse(kernel: &Kernel) -> Option<Resume> {

@@ -11,7 +11,8 @@ use chunkc_codegen::builder::Builder;
 use chunkc_codegen::cpu::{compile, compile_with, CpuCompiled, Simd};
 use chunkc_codegen::interp;
 use chunkc_codegen::ir::*;
-use chunkc_runtime::exec::{launch, Buffer, CpuKernel, Order};
+use chunkc_runtime::cpu_kernel::CpuKernel;
+use chunkc_runtime::exec::{launch, Buffer, Order};
 
 // ---- harness ---------------------------------------------------------------------------------
 
@@ -877,7 +878,7 @@ fn launch_over_a_grid_on_three_threads() {
             batch,
             heads,
             seq as usize,
-            Order { threads: 3, time_block: 0 },
+            Order { threads: 3, time_block: 0, poison_scratch: true },
         )
     };
     let mut want = vec![f32::NAN; batch * heads * per];
@@ -947,6 +948,7 @@ fn invalid_kernels_are_errors_not_panics() {
             Stmt::Let { id: ValueId(0), op: Op::Const { value: 1.0, ty: TileTy::f32(1, 1) } },
         ],
         vtiles: 1,
+        chunk_parallel: false,
     };
     let e = compile(&k).unwrap_err();
     assert!(e.to_string().contains("before it is defined"), "{e}");

@@ -24,22 +24,34 @@ use std::sync::Mutex;
 
 const TARGETS: [Sm; 2] = [Sm::Sm80, Sm::Sm90];
 
-fn rules_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../rules")
-}
-
-/// Every (label, kernel) the rule library yields: the recurrent kernel and the chunked one
-/// for chunk 16 and 64, at K = V = 64 (and 128 for the chunk-64 kernel), H = 2.
-fn library_kernels() -> Vec<(String, Kernel)> {
-    let mut paths: Vec<PathBuf> = std::fs::read_dir(rules_dir())
+/// The rule files in rules/, sorted.
+fn rule_paths() -> Vec<PathBuf> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../rules");
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(&dir)
         .expect("rules/ exists")
         .map(|e| e.expect("dir entry").path())
         .filter(|p| p.extension().is_some_and(|e| e == "toml"))
         .collect();
     paths.sort();
-    assert!(!paths.is_empty(), "no rules in {}", rules_dir().display());
+    assert!(!paths.is_empty(), "no rules in {}", dir.display());
+    paths
+}
+
+/// True when ptxas is installed; otherwise prints one "skipped" line, or fails when CI is set.
+fn have_ptxas() -> bool {
+    if find_ptxas().is_some() {
+        return true;
+    }
+    assert!(std::env::var_os("CI").is_none(), "{PTXAS_MISSING}");
+    println!("skipped: {PTXAS_MISSING}");
+    false
+}
+
+/// Every (label, kernel) the rule library yields: the recurrent kernel and the chunked one
+/// for chunk 16 and 64, at K = V = 64 (and 128 for the chunk-64 kernel), H = 2.
+fn library_kernels() -> Vec<(String, Kernel)> {
     let mut out = vec![];
-    for path in paths {
+    for path in rule_paths() {
         let rule = chunkc_dsl::load_rule(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let canon = chunkc_dsl::canon::canonicalize(&rule);
         for kv in [64usize, 128] {
@@ -51,10 +63,10 @@ fn library_kernels() -> Vec<(String, Kernel)> {
             let Ok(canon) = &canon else { continue };
             let chunks: &[usize] = if kv == 64 { &[16, 64] } else { &[64] };
             for &c in chunks {
-                match chunked::build(&rule, canon, shape, Schedule::with_chunk(c)) {
-                    Ok(k) => out.push((format!("{} chunked c{c} K=V={kv}", rule.name), k)),
-                    Err(e) => eprintln!("{}: chunked c{c} not planned: {e}", rule.name),
-                }
+                // `check` promises a chunked kernel for every canonical rule: a refusal fails.
+                let k = chunked::build(&rule, canon, shape, Schedule::with_chunk(c))
+                    .unwrap_or_else(|e| panic!("{}: chunked c{c} refused: {e}", rule.name));
+                out.push((format!("{} chunked c{c} K=V={kv}", rule.name), k));
             }
         }
     }
@@ -65,11 +77,7 @@ fn library_kernels() -> Vec<(String, Kernel)> {
 /// no ptxas error, no spill; a chunked kernel under a tensor-core schedule must contain mma.
 #[test]
 fn every_rule_assembles_for_sm80_and_sm90() {
-    if find_ptxas().is_none() {
-        if std::env::var_os("CI").is_some() {
-            panic!("{PTXAS_MISSING}");
-        }
-        println!("skipped: {PTXAS_MISSING}");
+    if !have_ptxas() {
         return;
     }
     let kernels = library_kernels();
@@ -90,11 +98,7 @@ fn every_rule_assembles_for_sm80_and_sm90() {
 /// workspace is over the limit). Half as many ptxas runs as the default-schedule test.
 #[test]
 fn pipelined_schedules_assemble_for_sm80_and_sm90() {
-    if find_ptxas().is_none() {
-        if std::env::var_os("CI").is_some() {
-            panic!("{PTXAS_MISSING}");
-        }
-        println!("skipped: {PTXAS_MISSING}");
+    if !have_ptxas() {
         return;
     }
     let kernels: Vec<(String, Kernel)> = library_kernels().into_iter().filter(|(l, _)| l.contains("chunked")).collect();
@@ -105,6 +109,36 @@ fn pipelined_schedules_assemble_for_sm80_and_sm90() {
         .collect();
     let version = assemble_all(&jobs);
     println!("ptxas: {version}; {} kernels x {} schedules x {} targets", kernels.len(), schedules.len(), TARGETS.len());
+}
+
+/// The split programs' phases (the delta rules' UT factors, the state pass and the
+/// chunk-parallel output pass) of every rule at c64, K = V = 64: the plain schedule for sm_80 and bf16 dots for sm_90 (one each,
+/// to keep the ptxas time small). No ptxas error, no spill.
+#[test]
+fn split_program_phases_assemble() {
+    if !have_ptxas() {
+        return;
+    }
+    let mut kernels = vec![];
+    for path in rule_paths() {
+        let rule = chunkc_dsl::load_rule(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let Ok(canon) = chunkc_dsl::canon::canonicalize(&rule) else { continue };
+        let shape = Shape { heads: 2, k: 64, v: 64, scale: 0.125 };
+        let sched = Schedule::with_chunk(64).with_program(chunkc_codegen::plan::ProgramShape::Split);
+        let p = chunkc_codegen::plan::program::chunked(&rule, &canon, shape, sched)
+            .unwrap_or_else(|e| panic!("{}: split c64 refused: {e}", rule.name));
+        assert_eq!(p.kernels.len(), chunkc_codegen::plan::chunked::split_phases(&canon).len());
+        kernels.extend(p.kernels.into_iter().map(|k| (format!("{} chunked split c64 K=V=64", k.name), k)));
+    }
+    let jobs: Vec<(&str, &Kernel, Sm, PtxSchedule)> = kernels
+        .iter()
+        .flat_map(|(l, k)| {
+            [(Sm::Sm80, PtxSchedule::default()), (Sm::Sm90, PtxSchedule::with_dot(DotPrecision::Bf16))]
+                .map(|(t, s)| (l.as_str(), k, t, s))
+        })
+        .collect();
+    let version = assemble_all(&jobs);
+    println!("ptxas: {version}; {} split-program phases x 2 (target, schedule)", kernels.len());
 }
 
 /// Emits and assembles every job on all cores (ptxas is single-threaded), prints one line per
@@ -334,7 +368,7 @@ fn launch_meta_describes_the_entry() {
     let names: Vec<&str> = shared.params.iter().map(|p| p.name.as_str()).collect();
     assert_eq!(names, ["x", "o", "batch", "heads", "seq_len"]);
     assert_eq!(shared.scalars, ["batch", "heads", "seq_len"]);
-    assert_eq!(shared.grid.dims(3, 2), [6, 1, 1]);
+    assert_eq!(shared.grid.dims(3, 2, 100), Some([6, 1, 1]));
 
     let global = emit_with(&k, Sm::Sm90, EmitOptions { smem_limit: 0 }).unwrap();
     assert_eq!(global.meta.tile_space, TileSpace::Global);
@@ -398,7 +432,8 @@ fn ptxas_errors_are_one_line() {
 /// assembles without spills (when ptxas is installed).
 #[test]
 fn tensor_core_schedules_emit_their_instructions() {
-    let rule = chunkc_dsl::load_rule(&rules_dir().join("gated_delta_rule.toml")).expect("rule");
+    let rule = chunkc_dsl::load_rule(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../rules/gated_delta_rule.toml"))
+        .expect("rule");
     let canon = chunkc_dsl::canon::canonicalize(&rule).expect("canonical");
     let shape = Shape { heads: 2, k: 32, v: 32, scale: 32f64.sqrt().recip() };
     // K = V = 32, chunk 16: the tiles fit in shared memory next to the staging, so loads use

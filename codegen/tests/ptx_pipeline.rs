@@ -7,9 +7,12 @@
 
 mod common;
 
-use chunkc_codegen::ir::Kernel;
-use chunkc_codegen::plan::{chunked, recurrent, Schedule, Shape};
-use chunkc_codegen::ptx::{emit_scheduled, max_smem_per_block, DotPrecision, EmitOptions, PtxSchedule, Sm, TileSpace};
+use chunkc_codegen::ir::ElemType;
+use chunkc_codegen::plan::{program, Schedule, Shape};
+use chunkc_codegen::program::Program;
+use chunkc_codegen::ptx::{
+    emit_program, emit_scheduled, max_smem_per_block, DotPrecision, EmitOptions, PtxSchedule, Sm, TileSpace,
+};
 use chunkc_dsl::reference::{self, Dims};
 use common::*;
 use std::path::PathBuf;
@@ -18,23 +21,24 @@ use std::path::PathBuf;
 fn check(
     target: Sm,
     label: &str,
-    kernel: &Kernel,
+    program: &Program,
     sched: &PtxSchedule,
     dims: &Dims,
     tensors: &[(String, Vec<f32>)],
     want: &reference::Outputs,
 ) -> Option<String> {
-    let ptx = match emit_scheduled(kernel, target, EmitOptions::default(), sched) {
+    let ptx = match emit_program(program, target, EmitOptions::default(), sched) {
         Ok(p) => p,
         Err(e) => return Some(format!("{label}: emit: {e}")),
     };
-    if ptx.meta.tile_space != TileSpace::Shared {
+    let [phase] = &ptx.phases[..] else { return Some(format!("{label}: not a one-phase program")) };
+    if phase.meta.tile_space != TileSpace::Shared {
         return Some(format!("{label}: tiles not in shared memory"));
     }
-    if !ptx.ptx.contains("cp.async.wait_group 1") {
+    if !phase.ptx.contains("cp.async.wait_group 1") {
         return Some(format!("{label}: no double-buffered load"));
     }
-    if sched.dot.tensor_cores() && label.contains("chunked") && !ptx.ptx.contains("mma.sync") {
+    if sched.dot.tensor_cores() && label.contains("chunked") && !phase.ptx.contains("mma.sync") {
         return Some(format!("{label}: no dot on tensor cores"));
     }
     let (o, ht) = match try_simulate(&ptx, dims, tensors) {
@@ -45,7 +49,7 @@ fn check(
     let tol = sched.dot.tolerance();
     println!(
         "{label}: smem {} B + staging {} B: rel RMS o {eo:.3e}, hT {eh:.3e} (budget {tol:.0e})",
-        ptx.meta.dynamic_smem_bytes, ptx.meta.static_smem_bytes
+        phase.meta.dynamic_smem_bytes, phase.meta.static_smem_bytes
     );
     (!(eo <= tol && eh <= tol)).then(|| format!("{label}: o {eo:.3e}, hT {eh:.3e} over {tol:.0e}"))
 }
@@ -65,13 +69,13 @@ fn every_rule_double_buffered_matches_the_reference() {
         let get = |n: &str| tensors.iter().find(|(k, _)| k == n).map(|(_, d)| d.iter().map(|&x| x as f64).collect());
         let h0: Vec<f64> = get("h0").expect("h0");
         let want = reference::run(&rule, dims, scale, &get, Some(&h0)).expect("reference");
-        let rec = recurrent::build(&rule, shape).expect("recurrent plan");
+        let rec = program::recurrent(&rule, shape, ElemType::F32, None).expect("recurrent plan");
         let mut jobs = vec![("recurrent".to_string(), rec, PtxSchedule::pipelined(DotPrecision::F32Fma))];
         if let Ok(canon) = chunkc_dsl::canon::canonicalize(&rule) {
-            if let Ok(k) = chunked::build(&rule, &canon, shape, Schedule::with_chunk(16)) {
-                for dot in [DotPrecision::F32Fma, DotPrecision::Tf32, DotPrecision::Bf16] {
-                    jobs.push(("chunked c16".to_string(), k.clone(), PtxSchedule::pipelined(dot)));
-                }
+            let k = program::chunked(&rule, &canon, shape, Schedule::with_chunk(16))
+                .unwrap_or_else(|e| panic!("{}: chunked c16 refused: {e}", rule.name));
+            for dot in [DotPrecision::F32Fma, DotPrecision::Tf32, DotPrecision::Bf16] {
+                jobs.push(("chunked c16".to_string(), k.clone(), PtxSchedule::pipelined(dot)));
             }
         }
         for (what, kernel, sched) in &jobs {
@@ -102,7 +106,7 @@ fn double_buffering_edges_of_the_sequence() {
                 |n: &str| tensors.iter().find(|(k, _)| k == n).map(|(_, d)| d.iter().map(|&x| x as f64).collect());
             let h0: Vec<f64> = get("h0").expect("h0");
             let want = reference::run(&rule, dims, scale, &get, Some(&h0)).expect("reference");
-            let k = chunked::build(&rule, &canon, shape, Schedule::with_chunk(16)).expect("plan");
+            let k = program::chunked(&rule, &canon, shape, Schedule::with_chunk(16)).expect("plan");
             let sched = PtxSchedule::pipelined(DotPrecision::Tf32);
             failures.extend(check(
                 Sm::Sm80,
@@ -132,14 +136,15 @@ fn large_shared_memory_kernels_run_in_the_simulator() {
     let dims = Dims { batch: 1, seq_len: 70, heads: 1, k: 32, v: 32 };
     let scale = 1.0 / (dims.k as f64).sqrt();
     let shape = Shape { heads: dims.heads, k: dims.k, v: dims.v, scale };
-    let kernel = chunked::build(&rule, &canon, shape, Schedule::with_chunk(64)).expect("plan");
+    let program = program::chunked(&rule, &canon, shape, Schedule::with_chunk(64)).expect("plan");
+    let kernel = program.only_kernel().expect("one phase");
     let opts = EmitOptions::default();
-    let plain = emit_scheduled(&kernel, Sm::Sm80, opts, &PtxSchedule::default()).expect("emit");
+    let plain = emit_scheduled(kernel, Sm::Sm80, opts, &PtxSchedule::default()).expect("emit");
     assert_eq!(plain.meta.tile_space, TileSpace::Global, "the plain schedule keeps the 48 KiB limit");
     let sched = PtxSchedule::pipelined(DotPrecision::Tf32);
-    let single = emit_scheduled(&kernel, Sm::Sm80, opts, &PtxSchedule::with_dot(DotPrecision::Tf32)).expect("emit");
-    let fallback = emit_scheduled(&kernel, Sm::Sm80, opts, &sched).expect("emit");
-    let piped = emit_scheduled(&kernel, Sm::Sm90, opts, &sched).expect("emit");
+    let single = emit_scheduled(kernel, Sm::Sm80, opts, &PtxSchedule::with_dot(DotPrecision::Tf32)).expect("emit");
+    let fallback = emit_scheduled(kernel, Sm::Sm80, opts, &sched).expect("emit");
+    let piped = emit_scheduled(kernel, Sm::Sm90, opts, &sched).expect("emit");
     for (target, k) in [(Sm::Sm80, &single), (Sm::Sm80, &fallback), (Sm::Sm90, &piped)] {
         assert_eq!(k.meta.tile_space, TileSpace::Shared);
         assert!(k.meta.dynamic_smem_bytes > 48 * 1024, "{} B", k.meta.dynamic_smem_bytes);
@@ -157,6 +162,6 @@ fn large_shared_memory_kernels_run_in_the_simulator() {
     let h0: Vec<f64> = get("h0").expect("h0");
     let want = reference::run(&rule, dims, scale, &get, Some(&h0)).expect("reference");
     let label = "simple_gla chunked c64 K=V=32 T=70 tf32 stages 2 sm_90";
-    let failure = check(Sm::Sm90, label, &kernel, &sched, &dims, &tensors, &want);
+    let failure = check(Sm::Sm90, label, &program, &sched, &dims, &tensors, &want);
     assert!(failure.is_none(), "{}", failure.unwrap_or_default());
 }

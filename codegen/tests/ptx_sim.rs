@@ -6,37 +6,15 @@
 
 mod common;
 
-use chunkc_codegen::plan::{chunked, recurrent, Schedule, Shape};
-use chunkc_codegen::ptx::{emit, emit_with, EmitOptions, Sm, TileSpace};
+use chunkc_codegen::ir::ElemType;
+use chunkc_codegen::plan::{program, ProgramShape, Schedule, Shape};
+use chunkc_codegen::ptx::{emit_program, EmitOptions, PtxSchedule, Sm, TileSpace};
 use chunkc_dsl::reference::{self, Dims};
 use chunkc_runtime::ptxsim::{launch, GlobalMemory, SimParam};
 use common::*;
 use std::path::PathBuf;
 
 const TOLERANCE: f64 = 1e-5;
-
-/// True when the simulator executes `mma.sync` (the tensor-core support comes from the
-/// simulator's own branch). Without it the tensor-core tests print one "skipped" line and
-/// pass, except when CI is set: then they fail, as the ptxas tests do without ptxas.
-fn simulator_runs_mma(test: &str) -> bool {
-    let probe = ".version 7.8\n.target sm_80\n.address_size 64\n.visible .entry probe()\n{\n\
-        .reg .b32 %r<6>;\n.reg .f32 %f<4>;\n\
-        mov.b32 %r0, 0;\nmov.b32 %r1, 0;\nmov.b32 %r2, 0;\nmov.b32 %r3, 0;\nmov.b32 %r4, 0;\nmov.b32 %r5, 0;\n\
-        mov.f32 %f0, 0f00000000;\nmov.f32 %f1, 0f00000000;\nmov.f32 %f2, 0f00000000;\nmov.f32 %f3, 0f00000000;\n\
-        mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%f0, %f1, %f2, %f3}, {%r0, %r1, %r2, %r3}, {%r4, %r5}, {%f0, %f1, %f2, %f3};\n\
-        ret;\n}\n";
-    match launch(probe, "probe", [1, 1, 1], [32, 1, 1], 0, &[], &mut GlobalMemory::new()) {
-        Ok(_) => true,
-        Err(e) => {
-            let msg = format!("{test}: the PTX simulator does not execute mma.sync yet ({e})");
-            if std::env::var_os("CI").is_some() {
-                panic!("{msg}");
-            }
-            println!("skipped: {msg}");
-            false
-        }
-    }
-}
 
 #[test]
 fn emitted_ptx_matches_the_reference_in_the_simulator() {
@@ -52,14 +30,21 @@ fn emitted_ptx_matches_the_reference_in_the_simulator() {
         let get = |n: &str| tensors.iter().find(|(k, _)| k == n).map(|(_, d)| d.iter().map(|&x| x as f64).collect());
         let h0: Vec<f64> = get("h0").expect("h0");
         let want = reference::run(&rule, dims, scale, &get, Some(&h0)).expect("reference");
-        let rec = recurrent::build(&rule, shape).expect("recurrent plan");
-        let chunk = chunked::build(&rule, &canon, shape, Schedule::with_chunk(16)).expect("chunked plan");
-        let scratch = emit_with(&chunk, Sm::Sm80, EmitOptions { smem_limit: 0 }).expect("emit");
-        assert_eq!(scratch.meta.tile_space, TileSpace::Global);
+        let rec = program::recurrent(&rule, shape, ElemType::F32, None).expect("recurrent plan");
+        let chunk = program::chunked(&rule, &canon, shape, Schedule::with_chunk(16)).expect("chunked plan");
+        let split = Schedule::with_chunk(16).with_program(ProgramShape::Split);
+        let split = program::chunked(&rule, &canon, shape, split).expect("split plan");
+        let plain = PtxSchedule::default();
+        let emit = |p, opts| emit_program(p, Sm::Sm80, opts, &plain).expect("emit");
+        let scratch = emit(&chunk, EmitOptions { smem_limit: 0 });
+        assert_eq!(scratch.phases[0].meta.tile_space, TileSpace::Global);
+        let split_scratch = emit(&split, EmitOptions { smem_limit: 0 });
         let kernels = [
-            ("recurrent", emit(&rec, Sm::Sm80).expect("emit")),
-            ("chunked c16", emit(&chunk, Sm::Sm80).expect("emit")),
+            ("recurrent", emit(&rec, EmitOptions::default())),
+            ("chunked c16", emit(&chunk, EmitOptions::default())),
             ("chunked c16, tiles in global scratch", scratch),
+            ("chunked c16 split", emit(&split, EmitOptions::default())),
+            ("chunked c16 split, tiles in global scratch", split_scratch),
         ];
         for (label, ptx) in kernels {
             let (o, ht) = simulate(&ptx, &dims, &tensors);
@@ -73,7 +58,7 @@ fn emitted_ptx_matches_the_reference_in_the_simulator() {
     assert!(failures.is_empty(), "over the f32 budget:\n{}", failures.join("\n"));
 }
 
-/// Every rule in rules/ (recurrent and, where planned, chunked c16): the simulator runs the
+/// Every rule in rules/ (recurrent, and chunked c16 fused and split): the simulator runs the
 /// emitted PTX without reporting anything, and the errors against the reference are printed.
 /// Every one is held to the same f32 budget.
 #[test]
@@ -95,14 +80,20 @@ fn every_rule_runs_cleanly_in_the_simulator() {
         let get = |n: &str| tensors.iter().find(|(k, _)| k == n).map(|(_, d)| d.iter().map(|&x| x as f64).collect());
         let h0: Vec<f64> = get("h0").expect("h0");
         let want = reference::run(&rule, dims, scale, &get, Some(&h0)).expect("reference");
-        let mut kernels = vec![("recurrent", recurrent::build(&rule, shape).expect("recurrent plan"))];
+        let mut programs =
+            vec![("recurrent", program::recurrent(&rule, shape, ElemType::F32, None).expect("recurrent plan"))];
         if let Ok(canon) = chunkc_dsl::canon::canonicalize(&rule) {
-            if let Ok(k) = chunked::build(&rule, &canon, shape, Schedule::with_chunk(16)) {
-                kernels.push(("chunked c16", k));
+            // `check` promises a chunked kernel for every canonical rule: a refusal fails.
+            for (label, shape_of_program) in [("chunked c16", ProgramShape::Fused), ("split c16", ProgramShape::Split)]
+            {
+                let sched = Schedule::with_chunk(16).with_program(shape_of_program);
+                let p = program::chunked(&rule, &canon, shape, sched)
+                    .unwrap_or_else(|e| panic!("{}: {label} refused: {e}", rule.name));
+                programs.push((label, p));
             }
         }
-        for (label, kernel) in kernels {
-            let ptx = emit(&kernel, Sm::Sm90).expect("emit");
+        for (label, p) in programs {
+            let ptx = emit_program(&p, Sm::Sm90, EmitOptions::default(), &PtxSchedule::default()).expect("emit");
             let (o, ht) = simulate(&ptx, &dims, &tensors);
             let (eo, eh) = (rel_rms(&o, &want.o), rel_rms(&ht, &want.ht));
             println!("{} {label}: rel RMS o {eo:.3e}, hT {eh:.3e}", rule.name);
@@ -122,10 +113,7 @@ fn every_rule_runs_cleanly_in_the_simulator() {
 /// tensor-core schedule must have put at least one dot on tensor cores.
 #[test]
 fn tensor_core_kernels_match_the_reference_in_the_simulator() {
-    if !simulator_runs_mma("tensor_core_kernels_match_the_reference_in_the_simulator") {
-        return;
-    }
-    use chunkc_codegen::ptx::{emit_scheduled, DotPrecision, PtxSchedule};
+    use chunkc_codegen::ptx::DotPrecision;
     let rules = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../rules");
     let mut paths: Vec<PathBuf> = std::fs::read_dir(&rules)
         .expect("rules/")
@@ -148,25 +136,32 @@ fn tensor_core_kernels_match_the_reference_in_the_simulator() {
         for path in &paths {
             let rule = chunkc_dsl::load_rule(path).expect("rule loads");
             let Ok(canon) = chunkc_dsl::canon::canonicalize(&rule) else { continue };
-            let Ok(kernel) = chunked::build(&rule, &canon, shape, Schedule::with_chunk(16)) else { continue };
+            // `check` promises a chunked kernel for every canonical rule: a refusal is a failure.
+            let programs = [ProgramShape::Fused, ProgramShape::Split].map(|form| {
+                let sched = Schedule::with_chunk(16).with_program(form);
+                program::chunked(&rule, &canon, shape, sched)
+                    .unwrap_or_else(|e| panic!("{}: chunked c16 {} refused: {e}", rule.name, form.name()))
+            });
             let tensors = inputs(&rule, &dims, 23);
             let get =
                 |n: &str| tensors.iter().find(|(k, _)| k == n).map(|(_, d)| d.iter().map(|&x| x as f64).collect());
             let h0: Vec<f64> = get("h0").expect("h0");
             let want = reference::run(&rule, dims, scale, &get, Some(&h0)).expect("reference");
-            for sched in &schedules {
-                let ptx = emit_scheduled(&kernel, Sm::Sm80, EmitOptions::default(), sched).expect("emit");
+            for (sched, p) in schedules.iter().flat_map(|s| programs.iter().map(move |p| (s, p))) {
+                let ptx = emit_program(p, Sm::Sm80, EmitOptions::default(), sched).expect("emit");
                 let label = format!(
-                    "{} c16 K=V={kv} {}{}",
+                    "{} c16 K=V={kv} {} {}{}",
                     rule.name,
+                    if p.kernels.len() > 1 { "split" } else { "fused" },
                     sched.dot.name(),
                     if sched.async_copy { " cp.async" } else { "" }
                 );
-                if sched.dot.tensor_cores() && !ptx.ptx.contains("mma.sync") {
+                let text: String = ptx.phases.iter().map(|k| k.ptx.as_str()).collect();
+                if sched.dot.tensor_cores() && !text.contains("mma.sync") {
                     failures.push(format!("{label}: no dot on tensor cores"));
                     continue;
                 }
-                if sched.async_copy && !ptx.ptx.contains("cp.async") {
+                if sched.async_copy && !text.contains("cp.async") {
                     failures.push(format!("{label}: no cp.async"));
                     continue;
                 }
@@ -191,9 +186,6 @@ fn tensor_core_kernels_match_the_reference_in_the_simulator() {
 /// The kernel stores `op(a) @ op(b) + c`; the result is compared with the f64 product.
 #[test]
 fn tensor_core_dot_edge_cases_in_the_simulator() {
-    if !simulator_runs_mma("tensor_core_dot_edge_cases_in_the_simulator") {
-        return;
-    }
     use chunkc_codegen::builder::Builder;
     use chunkc_codegen::ir::{Access, Idx};
     use chunkc_codegen::ptx::{emit_scheduled, mma, DotPrecision, PtxSchedule};
@@ -272,9 +264,7 @@ fn pack16(elem: chunkc_codegen::ir::ElemType, values: &[f32]) -> Vec<f32> {
 #[test]
 fn sixteen_bit_inputs_match_the_reference() {
     use chunkc_codegen::interp;
-    use chunkc_codegen::ir::ElemType;
-    use chunkc_codegen::ptx::{emit_scheduled, DotPrecision, PtxSchedule};
-    let tc = simulator_runs_mma("sixteen_bit_inputs_match_the_reference");
+    use chunkc_codegen::ptx::DotPrecision;
     let rules = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../rules");
     let dims = Dims { batch: 2, seq_len: 37, heads: 2, k: 16, v: 16 };
     let scale = 1.0 / (dims.k as f64).sqrt();
@@ -296,9 +286,10 @@ fn sixteen_bit_inputs_match_the_reference() {
             let get = |n: &str| values.iter().find(|(k, _)| k == n).map(|(_, d)| d.iter().map(|&x| x as f64).collect());
             let h0: Vec<f64> = get("h0").expect("h0");
             let want = reference::run(&rule, dims, scale, &get, Some(&h0)).expect("reference");
-            let rec = recurrent::build_typed(&rule, shape, elem).expect("recurrent plan");
-            let chunk =
-                chunked::build(&rule, &canon, shape, Schedule::with_chunk(16).with_input(elem)).expect("chunked plan");
+            let rec = program::recurrent(&rule, shape, elem, None).expect("recurrent plan");
+            let chunked = program::chunked(&rule, &canon, shape, Schedule::with_chunk(16).with_input(elem))
+                .expect("chunked plan");
+            let chunk = chunked.only_kernel().expect("one phase").clone();
             assert!(format!("{chunk}").contains(&format!("load.{}", elem.name())), "the printer shows the type");
             // The Cranelift backend does not read 16-bit tensors yet: a one-line error.
             let e = match chunkc_codegen::cpu::compile(&chunk) {
@@ -327,16 +318,20 @@ fn sixteen_bit_inputs_match_the_reference() {
             let at = |n: &str| chunk.params.iter().position(|p| p.name == n).expect("param");
             let mut results =
                 vec![("interpreter chunked c16".to_string(), bufs[at("o")].clone(), bufs[at("hT")].clone(), 1e-5)];
-            let mut kernels =
-                vec![("recurrent", &rec, PtxSchedule::default()), ("chunked c16", &chunk, PtxSchedule::default())];
-            if tc {
-                kernels.push(("chunked c16 bf16 dots", &chunk, PtxSchedule::with_dot(DotPrecision::Bf16)));
-            }
-            for (label, k, sched) in kernels {
-                let ptx = emit_scheduled(k, Sm::Sm80, EmitOptions::default(), &sched).expect("emit");
-                let q = ptx.meta.params.iter().find(|p| p.name == "q").expect("q");
+            let kernels = [
+                ("recurrent", &rec, PtxSchedule::default()),
+                ("chunked c16", &chunked, PtxSchedule::default()),
+                ("chunked c16 bf16 dots", &chunked, PtxSchedule::with_dot(DotPrecision::Bf16)),
+            ];
+            for (label, p, sched) in kernels {
+                let ptx = emit_program(p, Sm::Sm80, EmitOptions::default(), &sched).expect("emit");
+                let q = ptx.phases[0].meta.params.iter().find(|p| p.name == "q").expect("q");
                 assert_eq!(q.elem, elem, "launch metadata records the element type");
-                assert!(ptx.ptx.contains(if elem == ElemType::F16 { "cvt.f32.f16" } else { "ld.global.u16" }));
+                assert!(ptx.phases[0].ptx.contains(if elem == ElemType::F16 {
+                    "cvt.f32.f16"
+                } else {
+                    "ld.global.u16"
+                }));
                 // The launch ABI rounds the (already rounded, so unchanged) values itself.
                 let (o, ht) = simulate(&ptx, &dims, &values);
                 results.push((format!("ptx {label}"), o, ht, sched.dot.tolerance()));

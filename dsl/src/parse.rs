@@ -25,6 +25,9 @@ pub const INPUT_KEYS: [&str; 3] = ["shape", "domain", "per_head"];
 /// Functions of the step language, in the order help texts list them.
 pub const FUNCTIONS: [&str; 12] =
     ["exp", "exp2", "log", "sigmoid", "softplus", "silu", "sqrt", "pow", "l2norm", "sum", "dot", "outer"];
+/// The tensors of the state entering and leaving a sequence: a kernel's inputs and outputs
+/// beside the rule's inputs, so no input may take their names.
+pub const STATE_TENSORS: [&str; 2] = ["h0", "hT"];
 /// Names with a fixed meaning in the step (besides the functions).
 pub const BUILTIN_NAMES: [&str; 4] = ["S", "o", "scale", "head"];
 
@@ -421,6 +424,15 @@ fn read_input(
             format!("invalid input name `{}`", name.escape_debug()),
             "not an identifier",
             "input names are a letter or `_` followed by letters, digits or `_`",
+        ));
+    }
+    if STATE_TENSORS.contains(&name) {
+        let which = if name == "h0" { "initial" } else { "final" };
+        return Err(r.error(
+            name_span,
+            format!("`{name}` names the {which} state tensor and cannot name an input"),
+            "state tensor name",
+            format!("rename the input; {} are the states' tensors", STATE_TENSORS.join(" and ")),
         ));
     }
     if is_reserved(name) {

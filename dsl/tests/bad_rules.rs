@@ -423,6 +423,28 @@ scale = "scalar"
 }
 
 #[test]
+fn state_tensor_as_input_name() {
+    check(
+        "state_tensor_as_input_name",
+        r#"name = "r"
+step = '''
+S = S + outer(k, h0)
+o = S^T @ k
+'''
+[inputs]
+k = "[K]"
+h0 = "[V]"
+"#,
+        r#"bad/state_tensor_as_input_name.toml:8:1: error: `h0` names the initial state tensor and cannot name an input
+  |
+8 | h0 = "[V]"
+  | ^^ state tensor name
+  = help: rename the input; h0 and hT are the states' tensors
+"#,
+    );
+}
+
+#[test]
 fn statement_without_eq() {
     check(
         "statement_without_eq",

@@ -1,8 +1,9 @@
 //! The artifact format: the launch metadata that travels with an emitted kernel's PTX text
 //! (entry, grid, block, memory, and each `.param` with its element type), serialised as
-//! JSON next to the `.ptx` file. It lives in the runtime, not the compiler, so that a
+//! JSON next to the `.ptx` file, one per phase of a program (whose tensors and phases
+//! `crate::program` describes). It lives in the runtime, not the compiler, so that a
 //! program embedding kernels generated ahead of time can load and launch them
-//! ([`crate::abi::bind`]) without the compiler.
+//! ([`crate::abi::bind_program`]) without the compiler.
 //!
 //! The compiler re-exports these types (`chunkc_codegen::ptx`, `chunkc_codegen::ir::ElemType`)
 //! and fixes the schedule type parameter of [`LaunchMeta`] to its own `PtxSchedule`; here the
@@ -157,7 +158,8 @@ impl fmt::Display for Sm {
     }
 }
 
-/// How the grid maps to the kernel's (b, h) or (b, h, V-tile) grid points.
+/// How the grid maps to the kernel's (b, h) or (b, h, V-tile) grid points, and the chunks of
+/// a chunk-parallel phase.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Grid {
@@ -167,23 +169,31 @@ pub enum Grid {
     /// `gridDim = (vtiles, batch * heads, 1)`; `blockIdx.x` = the V-tile,
     /// `blockIdx.y = b * heads + h`.
     BatchHeadsVTiles { vtiles: u32 },
+    /// A chunk-parallel phase, one CTA per (V-tile, chunk, b, h), as FLA's `chunk_fwd_o`:
+    /// `gridDim = (vtiles, ceil(T / chunk), batch * heads)`; `blockIdx.x` = the V-tile,
+    /// `blockIdx.y` = the chunk, `blockIdx.z = b * heads + h`.
+    VTilesChunksBatchHeads { vtiles: u32, chunk: u32 },
 }
 
 impl Grid {
-    /// The launch's grid dimensions for a problem of `batch` x `heads` grid points (the
-    /// V-tile count, when there is one, is part of the grid itself).
-    pub fn dims(self, batch: u32, heads: u32) -> [u32; 3] {
-        match self {
-            Grid::BatchHeadsX => [batch * heads, 1, 1],
-            Grid::BatchHeadsVTiles { vtiles } => [vtiles, batch * heads, 1],
-        }
+    /// The launch's grid dimensions for a problem of `batch` x `heads` grid points and
+    /// `seq_len` tokens; None when a dimension does not fit the grid's u32.
+    pub fn dims(self, batch: usize, heads: usize, seq_len: usize) -> Option<[u32; 3]> {
+        let bh = u32::try_from(batch.checked_mul(heads)?).ok()?;
+        Some(match self {
+            Grid::BatchHeadsX => [bh, 1, 1],
+            Grid::BatchHeadsVTiles { vtiles } => [vtiles, bh, 1],
+            Grid::VTilesChunksBatchHeads { vtiles, chunk } => {
+                [vtiles, u32::try_from(seq_len.div_ceil(chunk.max(1) as usize)).ok()?, bh]
+            }
+        })
     }
 
     /// V-tiles per head (1 for [`Grid::BatchHeadsX`]).
     pub fn vtiles(self) -> u32 {
         match self {
             Grid::BatchHeadsX => 1,
-            Grid::BatchHeadsVTiles { vtiles } => vtiles,
+            Grid::BatchHeadsVTiles { vtiles } | Grid::VTilesChunksBatchHeads { vtiles, .. } => vtiles,
         }
     }
 }

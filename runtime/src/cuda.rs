@@ -1,5 +1,6 @@
-//! The CUDA executor (verification ladder, rung 6): runs a [`Launch`] on device 0 through
-//! the driver API (cudarc), with buffers copied in and the read-back ones copied out.
+//! The CUDA executor (verification ladder, rung 6): runs a [`Run`] (a program's launches) on
+//! device 0 through the driver API (cudarc), with buffers copied in and the read-back ones
+//! copied out.
 //!
 //! libcuda is loaded at run time (cudarc's `dynamic-loading`), so this module builds and
 //! links everywhere; a machine without a driver or a device gets [`CudaError::NoDriver`] or
@@ -8,7 +9,7 @@
 //! turns such a panic into [`CudaError::Panicked`] and keeps the panic message off stderr,
 //! so that callers can print one line.
 
-use crate::launch::{Arg, Launch, ReadBack};
+use crate::launch::{Arg, KernelLaunch, ReadBack, Run};
 use cudarc::driver::{sys, CudaContext, DriverError, LaunchConfig, PushKernelArg};
 use cudarc::nvrtc::Ptx;
 use std::cell::Cell;
@@ -128,46 +129,53 @@ fn info(ctx: &CudaContext) -> Result<DeviceInfo, CudaError> {
     Ok(DeviceInfo { name, sm: (major * 10 + minor).max(0) as u32 })
 }
 
-/// Runs `launch` on device 0: each [`Arg::Buffer`] is copied to a fresh device buffer, the
-/// kernel runs to completion, and the `read_back` buffers are copied back in argument order.
-pub fn run(launch: &Launch, args: &[Arg]) -> Result<ReadBack, CudaError> {
-    guarded(|| run_on_device_0(launch, args))
+/// Runs a [`Run`] on device 0: every buffer is copied to the device once, the launches run
+/// in order on the default stream (so each sees what the ones before it wrote), and the
+/// `read_back` buffers are copied back in buffer order after the last.
+pub fn run(run: &Run) -> Result<ReadBack, CudaError> {
+    guarded(|| run_on_device_0(run))
 }
 
-fn run_on_device_0(launch: &Launch, args: &[Arg]) -> Result<ReadBack, CudaError> {
+fn run_on_device_0(run: &Run) -> Result<ReadBack, CudaError> {
+    run.check().map_err(CudaError::Unsuitable)?;
     probe()?;
     let ctx = CudaContext::new(0).map_err(during("creating a context on device 0"))?;
     let dev = info(&ctx)?;
-    if dev.sm < launch.sm {
-        return Err(CudaError::Unsuitable(format!(
-            "the kernel targets sm_{} but device 0 ({}) is sm_{}",
-            launch.sm, dev.name, dev.sm
-        )));
-    }
-    let smem = u32::try_from(launch.dynamic_smem_bytes).map_err(|_| {
-        CudaError::Unsuitable(format!(
-            "the kernel asks for {} bytes of dynamic shared memory, more than any launch takes",
-            launch.dynamic_smem_bytes
-        ))
-    })?;
     let stream = ctx.default_stream();
-    let mut buffers = Vec::with_capacity(args.len());
-    let mut scalars = Vec::with_capacity(args.len());
-    for arg in args {
-        match arg {
-            // A zero-byte allocation is an error in the driver; one byte stands in.
-            Arg::Buffer { bytes, .. } if bytes.is_empty() => {
-                buffers.push(stream.alloc_zeros::<u8>(1).map_err(during("allocating device memory"))?)
-            }
-            Arg::Buffer { bytes, .. } => {
-                buffers.push(stream.clone_htod(bytes.as_slice()).map_err(during("copying inputs to the device"))?)
-            }
-            Arg::U64(x) => scalars.push(*x),
-        }
+    let mut buffers = Vec::with_capacity(run.buffers.len());
+    for b in &run.buffers {
+        buffers.push(if b.bytes.is_empty() {
+            stream.alloc_zeros::<u8>(1).map_err(during("allocating device memory"))?
+        } else {
+            stream.clone_htod(b.bytes.as_slice()).map_err(during("copying inputs to the device"))?
+        });
     }
-    // A grid with no blocks does nothing (and the driver refuses to launch it).
-    if !launch.grid.contains(&0) {
-        let module = ctx.load_module(Ptx::from_src(launch.ptx)).map_err(during("loading the PTX module"))?;
+    // One module per distinct PTX text (a program's phases usually share none).
+    let mut modules: Vec<(&str, std::sync::Arc<cudarc::driver::CudaModule>)> = vec![];
+    for KernelLaunch { launch, args } in &run.launches {
+        if dev.sm < launch.sm {
+            return Err(CudaError::Unsuitable(format!(
+                "kernel {} targets sm_{} but device 0 ({}) is sm_{}",
+                launch.entry, launch.sm, dev.name, dev.sm
+            )));
+        }
+        let smem = u32::try_from(launch.dynamic_smem_bytes).map_err(|_| {
+            CudaError::Unsuitable(format!(
+                "kernel {} asks for {} bytes of dynamic shared memory, more than any launch takes",
+                launch.entry, launch.dynamic_smem_bytes
+            ))
+        })?;
+        if launch.grid.contains(&0) {
+            continue;
+        }
+        let module = match modules.iter().find(|(p, _)| *p == launch.ptx) {
+            Some((_, m)) => m.clone(),
+            None => {
+                let m = ctx.load_module(Ptx::from_src(launch.ptx)).map_err(during("loading the PTX module"))?;
+                modules.push((launch.ptx, m.clone()));
+                m
+            }
+        };
         let func = module.load_function(launch.entry).map_err(during("finding the kernel's entry"))?;
         if smem > SMEM_WITHOUT_OPT_IN {
             let most = ctx
@@ -175,22 +183,26 @@ fn run_on_device_0(launch: &Launch, args: &[Arg]) -> Result<ReadBack, CudaError>
                 .map_err(during("reading the shared-memory limit"))?;
             if i64::from(smem) > i64::from(most) {
                 return Err(CudaError::Unsuitable(format!(
-                    "the kernel needs {smem} bytes of shared memory per block; device 0 ({}) allows {most}",
-                    dev.name
+                    "kernel {} needs {smem} bytes of shared memory per block; device 0 ({}) allows {most}",
+                    launch.entry, dev.name
                 )));
             }
             func.set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
                 .map_err(during("raising the kernel's dynamic shared-memory limit"))?;
         }
         let mut builder = stream.launch_builder(&func);
-        let (mut next_buffer, mut next_scalar) = (buffers.iter(), scalars.iter());
+        let scalars: Vec<u64> = args
+            .iter()
+            .filter_map(|a| match a {
+                Arg::U64(x) => Some(*x),
+                Arg::Buffer(_) => None,
+            })
+            .collect();
+        let mut next_scalar = scalars.iter();
         for arg in args {
-            // Both iterators hold exactly one entry per argument of their kind (built above).
             match arg {
-                Arg::Buffer { .. } => {
-                    if let Some(b) = next_buffer.next() {
-                        builder.arg(b);
-                    }
+                Arg::Buffer(i) => {
+                    builder.arg(&buffers[*i]);
                 }
                 Arg::U64(_) => {
                     if let Some(x) = next_scalar.next() {
@@ -202,19 +214,17 @@ fn run_on_device_0(launch: &Launch, args: &[Arg]) -> Result<ReadBack, CudaError>
         let [gx, gy, gz] = launch.grid;
         let [bx, by, bz] = launch.block;
         let cfg = LaunchConfig { grid_dim: (gx, gy, gz), block_dim: (bx, by, bz), shared_mem_bytes: smem };
-        // SAFETY: the arguments are in the entry's `.param` order, each a device pointer or a
-        // u64 as the PTX declares them; the buffers outlive the launch (they drop after the
-        // synchronisation below), and the caller sized them for the grid.
+        // SAFETY: the arguments follow the entry's `.param` list in order (the launch ABI,
+        // `crate::abi`), every buffer is as large as the problem the kernel indexes, and the
+        // stream is synchronised below before any buffer is read or freed.
         unsafe { builder.launch(cfg) }.map_err(during("launching the kernel"))?;
-        // Wait here, while the module is still loaded: it is unloaded when `module` drops at
-        // the end of this block. Faults inside the kernel surface at this point.
-        stream.synchronize().map_err(during("running the kernel"))?;
     }
+    stream.synchronize().map_err(during("running the kernels"))?;
     let mut back = vec![];
-    for (arg, buf) in args.iter().filter(|a| matches!(a, Arg::Buffer { .. })).zip(&buffers) {
-        if let Arg::Buffer { bytes, read_back: true } = arg {
+    for (b, buf) in run.buffers.iter().zip(&buffers) {
+        if b.read_back {
             let mut data = stream.clone_dtoh(buf).map_err(during("copying outputs to the host"))?;
-            data.truncate(bytes.len());
+            data.truncate(b.bytes.len());
             back.push(data);
         }
     }
@@ -259,9 +269,16 @@ mod tests {
         if !present {
             assert_eq!(count, Err(CudaError::NoDriver));
             assert_eq!(device_info(), Err(CudaError::NoDriver));
-            let launch =
-                Launch { ptx: "", entry: "none", grid: [1, 1, 1], block: [1, 1, 1], dynamic_smem_bytes: 0, sm: 80 };
-            assert_eq!(run(&launch, &[]), Err(CudaError::NoDriver));
+            let launch = crate::launch::Launch {
+                ptx: "",
+                entry: "none",
+                grid: [1, 1, 1],
+                block: [1, 1, 1],
+                dynamic_smem_bytes: 0,
+                sm: 80,
+            };
+            let one = Run { buffers: vec![], launches: vec![KernelLaunch { launch, args: vec![] }] };
+            assert_eq!(run(&one), Err(CudaError::NoDriver));
         } else if let Ok(n) = count {
             assert!(n > 0);
             assert!(device_info().is_ok());

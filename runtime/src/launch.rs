@@ -1,14 +1,16 @@
-//! A kernel launch as an executor sees it: PTX text, the entry, grid and block, dynamic
-//! shared memory, and the `.param` values in order, each a byte buffer or a 64-bit scalar.
+//! Kernel launches as an executor sees them: a [`Run`] is a set of device buffers and the
+//! launches that use them, in order (the phases of a program), each with its PTX text, entry,
+//! grid and block, dynamic shared memory, and its `.param` values: a buffer of the run, or a
+//! 64-bit scalar. Buffers live for the whole run, so one launch reads what an earlier one
+//! wrote (a program's intermediate tensors).
 //!
-//! The executors ([`simulate`] here, `cuda::run`) know nothing about tensors, dtypes or the
-//! names of parameters: turning launch metadata and tensors into [`Arg`]s, and read-back
-//! bytes into tensors, is [`crate::abi`]'s job, so that a new
-//! element type or parameter changes one place and no executor.
+//! This is a format, not an executor: the executors (`ptxsim::run`, `cuda::run`) take a
+//! [`Run`] and know nothing about tensors, dtypes or the names of parameters. Turning a
+//! program's description and tensors into a run, and read-back bytes into tensors, is
+//! [`crate::abi`]'s job, so that a new element type or tensor changes one place and no
+//! executor.
 
-use crate::ptxsim::{self, GlobalMemory, SimError, SimParam};
-
-/// Everything but the arguments.
+/// Everything about one launch but its arguments.
 #[derive(Clone, Copy, Debug)]
 pub struct Launch<'a> {
     pub ptx: &'a str,
@@ -22,60 +24,59 @@ pub struct Launch<'a> {
 }
 
 /// One `.param`, in declaration order.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Arg {
-    /// A pointer to a fresh device buffer holding `bytes`; when `read_back` is set, the
-    /// buffer's bytes after the launch are returned.
-    Buffer { bytes: Vec<u8>, read_back: bool },
+    /// A pointer to buffer `i` of the run.
+    Buffer(usize),
     /// A 64-bit scalar (`.u64`/`.s64`).
     U64(u64),
 }
 
-/// The bytes of every `read_back` buffer after the launch, in argument order.
-pub type ReadBack = Vec<Vec<u8>>;
-
-/// Runs the launch in the PTX simulator ([`ptxsim`]), which checks every access as it goes.
-pub fn simulate(launch: &Launch, args: &[Arg]) -> Result<ReadBack, SimError> {
-    let mut memory = GlobalMemory::new();
-    let mut params = Vec::with_capacity(args.len());
-    let mut back = vec![];
-    for arg in args {
-        match arg {
-            Arg::Buffer { bytes, read_back } => {
-                let base = memory.alloc(bytes.len());
-                if let Some(dst) = memory.bytes_mut(base, bytes.len()) {
-                    dst.copy_from_slice(bytes);
-                }
-                if *read_back {
-                    back.push((base, bytes.len()));
-                }
-                params.push(SimParam::U64(base));
-            }
-            Arg::U64(x) => params.push(SimParam::U64(*x)),
-        }
-    }
-    ptxsim::launch(
-        launch.ptx,
-        launch.entry,
-        launch.grid,
-        launch.block,
-        launch.dynamic_smem_bytes,
-        &params,
-        &mut memory,
-    )?;
-    back.into_iter()
-        .map(|(base, len)| {
-            memory
-                .bytes(base, len)
-                .map(<[u8]>::to_vec)
-                .ok_or_else(|| SimError { line: 0, message: format!("buffer at {base:#x} vanished") })
-        })
-        .collect()
+/// A device buffer of a run: its initial bytes, and whether its bytes after the last launch
+/// are returned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceBuffer {
+    pub bytes: Vec<u8>,
+    pub read_back: bool,
 }
+
+/// One launch with its arguments.
+#[derive(Clone, Debug)]
+pub struct KernelLaunch<'a> {
+    pub launch: Launch<'a>,
+    pub args: Vec<Arg>,
+}
+
+/// Buffers, then launches that run in order on them.
+#[derive(Clone, Debug, Default)]
+pub struct Run<'a> {
+    pub buffers: Vec<DeviceBuffer>,
+    pub launches: Vec<KernelLaunch<'a>>,
+}
+
+impl Run<'_> {
+    /// Checks that every argument names a buffer of the run (an executor relies on it).
+    pub fn check(&self) -> Result<(), String> {
+        for l in &self.launches {
+            for a in &l.args {
+                if let Arg::Buffer(i) = a {
+                    if *i >= self.buffers.len() {
+                        return Err(format!("launch {} names buffer {i} of {}", l.launch.entry, self.buffers.len()));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The bytes of every `read_back` buffer after the last launch, in buffer order.
+pub type ReadBack = Vec<Vec<u8>>;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ptxsim;
 
     /// out[i] = in[i] * 2 for i < n: one buffer in, one read back, one scalar.
     const DOUBLE: &str = r#"
@@ -114,16 +115,41 @@ DONE:
     fn buffers_and_scalars_reach_the_kernel_and_outputs_come_back() {
         let launch =
             Launch { ptx: DOUBLE, entry: "double", grid: [1, 1, 1], block: [32, 1, 1], dynamic_smem_bytes: 0, sm: 80 };
-        let args = [
-            Arg::Buffer { bytes: f32_bytes(&[1.0, 2.5, -3.0]), read_back: false },
-            Arg::Buffer { bytes: f32_bytes(&[f32::NAN; 4]), read_back: true },
-            Arg::U64(3),
-        ];
-        let back = simulate(&launch, &args).expect("runs");
+        let run = Run {
+            buffers: vec![
+                DeviceBuffer { bytes: f32_bytes(&[1.0, 2.5, -3.0]), read_back: false },
+                DeviceBuffer { bytes: f32_bytes(&[f32::NAN; 4]), read_back: true },
+            ],
+            launches: vec![KernelLaunch { launch, args: vec![Arg::Buffer(0), Arg::Buffer(1), Arg::U64(3)] }],
+        };
+        let back = ptxsim::run(&run).expect("runs");
         assert_eq!(back.len(), 1);
         let out: Vec<f32> = back[0].chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
         assert_eq!(&out[..3], &[2.0, 5.0, -6.0]);
         assert!(out[3].is_nan(), "the element past n stays poisoned");
+    }
+
+    /// A second launch reads what the first wrote: buffers live for the whole run.
+    #[test]
+    fn launches_share_the_runs_buffers() {
+        let launch =
+            Launch { ptx: DOUBLE, entry: "double", grid: [1, 1, 1], block: [32, 1, 1], dynamic_smem_bytes: 0, sm: 80 };
+        let run = Run {
+            buffers: vec![
+                DeviceBuffer { bytes: f32_bytes(&[1.0, 2.0]), read_back: false },
+                DeviceBuffer { bytes: f32_bytes(&[f32::NAN; 2]), read_back: false },
+                DeviceBuffer { bytes: f32_bytes(&[f32::NAN; 2]), read_back: true },
+            ],
+            launches: vec![
+                KernelLaunch { launch, args: vec![Arg::Buffer(0), Arg::Buffer(1), Arg::U64(2)] },
+                KernelLaunch { launch, args: vec![Arg::Buffer(1), Arg::Buffer(2), Arg::U64(2)] },
+            ],
+        };
+        let back = ptxsim::run(&run).expect("runs");
+        let out: Vec<f32> = back[0].chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        assert_eq!(out, [4.0, 8.0]);
+        let bad = Run { launches: vec![KernelLaunch { launch, args: vec![Arg::Buffer(7)] }], ..run };
+        assert!(bad.check().is_err());
     }
 
     #[test]
@@ -131,12 +157,15 @@ DONE:
         let launch =
             Launch { ptx: DOUBLE, entry: "double", grid: [1, 1, 1], block: [32, 1, 1], dynamic_smem_bytes: 0, sm: 80 };
         // n = 8 but the buffers hold 3 and 4 elements.
-        let args = [
-            Arg::Buffer { bytes: f32_bytes(&[1.0; 3]), read_back: false },
-            Arg::Buffer { bytes: f32_bytes(&[0.0; 4]), read_back: true },
-            Arg::U64(8),
-        ];
-        let err = simulate(&launch, &args).expect_err("out of bounds");
-        assert!(err.line > 0, "{err}");
+        let run = Run {
+            buffers: vec![
+                DeviceBuffer { bytes: f32_bytes(&[1.0; 3]), read_back: false },
+                DeviceBuffer { bytes: f32_bytes(&[0.0; 4]), read_back: true },
+            ],
+            launches: vec![KernelLaunch { launch, args: vec![Arg::Buffer(0), Arg::Buffer(1), Arg::U64(8)] }],
+        };
+        let err = ptxsim::run(&run).expect_err("out of bounds");
+        assert_eq!(err.launch, 0);
+        assert!(err.error.line > 0, "{}", err.error);
     }
 }

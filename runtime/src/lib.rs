@@ -4,10 +4,12 @@
 
 pub mod abi;
 pub mod artifact;
+pub mod cpu_kernel;
 pub mod cuda;
 pub mod error;
 pub mod exec;
 pub mod io;
 pub mod launch;
+pub mod program;
 pub mod ptxsim;
 pub mod tensor;

@@ -13,14 +13,17 @@ pub fn root() -> PathBuf {
 }
 
 /// The goldens folder: $CHUNKC_GOLDENS, else ../shared/goldens beside the checkout.
+///
+/// A missing golden set fails the test: a goldens test that passes without goldens would say
+/// nothing. `CHUNKC_SKIP_GOLDENS=1` skips it instead, loudly (`.ci/run` refuses that variable).
 pub fn goldens_dir() -> Option<PathBuf> {
     let dir = std::env::var_os("CHUNKC_GOLDENS").map(PathBuf::from).unwrap_or_else(|| root().join("../shared/goldens"));
     if dir.join("index.json").is_file() {
         return Some(dir);
     }
-    // In CI the goldens must be there: a missing folder fails rather than passing silently.
-    assert!(std::env::var_os("CI").is_none(), "goldens not found at {} (set CHUNKC_GOLDENS)", dir.display());
-    eprintln!("skipped: no goldens at {} (set CHUNKC_GOLDENS)", dir.display());
+    let skip = std::env::var_os("CHUNKC_SKIP_GOLDENS").is_some_and(|v| v == "1");
+    assert!(skip, "goldens not found at {} (set CHUNKC_GOLDENS, or CHUNKC_SKIP_GOLDENS=1 to skip)", dir.display());
+    eprintln!("SKIPPED (CHUNKC_SKIP_GOLDENS=1): no goldens at {}", dir.display());
     None
 }
 

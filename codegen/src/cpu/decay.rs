@@ -110,7 +110,7 @@ mod tests {
     use crate::builder::Builder;
     use crate::cpu::{compile_with, Simd};
     use crate::ir::*;
-    use chunkc_runtime::exec::CpuKernel;
+    use chunkc_runtime::cpu_kernel::CpuKernel;
 
     /// `y = x * exp(f32(g - p))` on a `rows x cols` tile, `p` one broadcast row, with the
     /// optional tril mask; `sub`: false drops `- p`.

@@ -40,7 +40,7 @@ mod vmath;
 
 use std::fmt;
 
-use chunkc_runtime::exec::{CpuKernel, Resume};
+use chunkc_runtime::cpu_kernel::{CpuKernel, Resume};
 use cranelift_codegen::ir::{types, AbiParam, UserFuncName};
 use cranelift_codegen::settings::{self, Configurable};
 use cranelift_codegen::Context;
@@ -48,8 +48,9 @@ use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
 use cranelift_jit::{JITBuilder, JITModule};
 use cranelift_module::{default_libcall_names, FuncId, Linkage, Module};
 
-use crate::ir::Kernel;
+use crate::ir::{Kernel, UnOp};
 use crate::layout::{self, LayoutError};
+use crate::program::{Program, ProgramSpec};
 use lower::{Lower, MathFns};
 
 /// Why a kernel could not be compiled.
@@ -114,6 +115,10 @@ impl CpuCompiled {
 }
 
 impl CpuKernel for CpuCompiled {
+    fn entry(&self) -> &str {
+        &self.name
+    }
+
     fn workspace_bytes(&self) -> usize {
         self.workspace
     }
@@ -185,10 +190,45 @@ impl Simd {
         }
     }
 
+    /// The level's name: `portable`, `avx2` or `avx512`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Simd::Portable => "portable",
+            Simd::Avx2 => "avx2",
+            Simd::Avx512 => "avx512",
+        }
+    }
+
     /// The best level this host has.
     pub fn best() -> Simd {
         [Simd::Avx512, Simd::Avx2].into_iter().find(|s| s.available()).unwrap_or(Simd::Portable)
     }
+}
+
+/// A program compiled for the host CPU: one native kernel per phase, in order, with the ABI
+/// description that an executor binds them through.
+#[derive(Debug)]
+pub struct CpuProgram {
+    pub spec: ProgramSpec,
+    kernels: Vec<CpuCompiled>,
+}
+
+impl CpuProgram {
+    /// The phases' kernels, in order.
+    pub fn kernels(&self) -> Vec<&dyn CpuKernel> {
+        self.kernels.iter().map(|k| k as &dyn CpuKernel).collect()
+    }
+}
+
+/// Compiles every phase of `program` for the host CPU.
+pub fn compile_program(program: &Program) -> Result<CpuProgram, CodegenError> {
+    compile_program_with(program, Simd::best())
+}
+
+/// [`compile_program`] calling only the SIMD routines of `simd` (see [`compile_with`]).
+pub fn compile_program_with(program: &Program, simd: Simd) -> Result<CpuProgram, CodegenError> {
+    let kernels = program.kernels.iter().map(|k| compile_with(k, simd)).collect::<Result<Vec<_>, _>>()?;
+    Ok(CpuProgram { spec: program.spec.clone(), kernels })
 }
 
 /// Compiles `kernel` for the host CPU.
@@ -431,51 +471,47 @@ fn build(
 
 // ---- math routines the generated code calls -----------------------------------------------
 //
-// Each f32 routine computes in f64 and rounds once, exactly as the interpreter does, so the
-// compiled results are bit-identical to it. Sigmoid and softplus use the stable branches of
-// `chunkc_dsl::ast`.
-
-use chunkc_dsl::ast::{sigmoid, softplus};
+// Each f32 routine computes in f64 and rounds once, exactly as the interpreter does (both
+// through `UnOp::eval`, the IR's definition), so the compiled results are bit-identical to it.
 
 extern "C" fn chunkc_exp_f32(x: f32) -> f32 {
-    (x as f64).exp() as f32
+    UnOp::Exp.eval(x as f64) as f32
 }
 extern "C" fn chunkc_exp2_f32(x: f32) -> f32 {
-    (x as f64).exp2() as f32
+    UnOp::Exp2.eval(x as f64) as f32
 }
 extern "C" fn chunkc_log_f32(x: f32) -> f32 {
-    (x as f64).ln() as f32
+    UnOp::Log.eval(x as f64) as f32
 }
 extern "C" fn chunkc_sigmoid_f32(x: f32) -> f32 {
-    sigmoid(x as f64) as f32
+    UnOp::Sigmoid.eval(x as f64) as f32
 }
 extern "C" fn chunkc_softplus_f32(x: f32) -> f32 {
-    softplus(x as f64) as f32
+    UnOp::Softplus.eval(x as f64) as f32
 }
 extern "C" fn chunkc_silu_f32(x: f32) -> f32 {
-    let x = x as f64;
-    (x * sigmoid(x)) as f32
+    UnOp::Silu.eval(x as f64) as f32
 }
 extern "C" fn chunkc_pow_f32(x: f32, y: f32) -> f32 {
     (x as f64).powf(y as f64) as f32
 }
 extern "C" fn chunkc_exp_f64(x: f64) -> f64 {
-    x.exp()
+    UnOp::Exp.eval(x)
 }
 extern "C" fn chunkc_exp2_f64(x: f64) -> f64 {
-    x.exp2()
+    UnOp::Exp2.eval(x)
 }
 extern "C" fn chunkc_log_f64(x: f64) -> f64 {
-    x.ln()
+    UnOp::Log.eval(x)
 }
 extern "C" fn chunkc_sigmoid_f64(x: f64) -> f64 {
-    sigmoid(x)
+    UnOp::Sigmoid.eval(x)
 }
 extern "C" fn chunkc_softplus_f64(x: f64) -> f64 {
-    softplus(x)
+    UnOp::Softplus.eval(x)
 }
 extern "C" fn chunkc_silu_f64(x: f64) -> f64 {
-    x * sigmoid(x)
+    UnOp::Silu.eval(x)
 }
 extern "C" fn chunkc_pow_f64(x: f64, y: f64) -> f64 {
     x.powf(y)

@@ -112,7 +112,7 @@ mod tests {
     use crate::builder::Builder;
     use crate::cpu::{compile_with, Simd};
     use crate::ir::*;
-    use chunkc_runtime::exec::CpuKernel;
+    use chunkc_runtime::cpu_kernel::CpuKernel;
 
     fn run(n: usize, m: usize, simd: Simd, l: &[f32], b: &[f32]) -> Vec<f32> {
         let mut k = Builder::new("solve");

@@ -25,7 +25,7 @@
 use super::{PlanError, Schedule, Shape};
 use crate::builder::Builder;
 use crate::ir::*;
-use crate::lower::{state_base_tiled, v_token_base, Lowerer, ParamLayout};
+use crate::lower::{state_base_tiled, token_base, v_offset, v_token_base, Lowerer, ParamLayout};
 use chunkc_dsl::ast::{Expr, Rule, Ty};
 use chunkc_dsl::canon::{same, Canonical, Read};
 use std::collections::HashMap;
@@ -37,8 +37,77 @@ enum Gate {
     Vector,
 }
 
-/// Builds the chunked kernel of a canonical rule.
+/// Builds the chunked kernel of a canonical rule: the fused program's single phase.
 pub fn build(rule: &Rule, canon: &Canonical, shape: Shape, sched: Schedule) -> Result<Kernel, PlanError> {
+    build_phase(rule, canon, shape, sched, Phase::Fused)
+}
+
+/// Which part of the chunked forward a kernel computes. Every phase runs the same chunk
+/// algebra ([`ChunkTerms`]); where its entering state and its low-rank values come from, and
+/// what it stores, decide what survives `Builder::finish`'s removal of unread values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// One sequential pass: the state carried over the chunks, `o` stored, `hT` at the end.
+    Fused,
+    /// The split program's chunk-parallel prep for a low-rank transition (the delta class):
+    /// the UT factors of every chunk, which do not depend on the state entering it. With
+    /// `R = Ũ + W S0` (the solve is linear in S0), it stores W's rows into `chunk.w`
+    /// `[B, T, H, K]` and Ũ's into `chunk.u` `[B, T, H, V]` (FLA's `w` and `u`).
+    Factors,
+    /// The split program's sequential state pass: stores the state entering every chunk
+    /// into `chunk.h` `[B, NT, H, K, V]` and `hT` at the end; forms no output. A low-rank
+    /// rule's R comes from the factors.
+    States,
+    /// The split program's chunk-parallel output pass: each chunk reads its entering state
+    /// from `chunk.h` (and a low-rank rule's factors) and stores its rows of `o`; no state
+    /// leaves the chunk.
+    Outputs,
+}
+
+impl Phase {
+    /// The phase's name, with its kind: `factors (chunk-parallel)`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Fused => "fused (sequential)",
+            Phase::Factors => "factors (chunk-parallel)",
+            Phase::States => "states (sequential)",
+            Phase::Outputs => "outputs (chunk-parallel)",
+        }
+    }
+
+    fn suffix(self) -> &'static str {
+        match self {
+            Phase::Fused => "",
+            Phase::Factors => "_factors",
+            Phase::States => "_states",
+            Phase::Outputs => "_outputs",
+        }
+    }
+}
+
+/// The split program's phases for `canon`: the UT factors first when the transition has a
+/// low-rank part.
+pub fn split_phases(canon: &Canonical) -> Vec<Phase> {
+    let factors = (!canon.low_rank.is_empty()).then_some(Phase::Factors);
+    factors.into_iter().chain([Phase::States, Phase::Outputs]).collect()
+}
+
+/// Name of the chunk-boundary states tensor of the split program (`h` in FLA). Not an
+/// identifier, so no rule input can take it.
+pub const BOUNDARY_STATES: &str = "chunk.h";
+/// The UT factors of the split program's low-rank rules, per token: W `[B, T, H, K]` and Ũ
+/// `[B, T, H, V]` (FLA's `w` and `u`).
+pub const FACTOR_W: &str = "chunk.w";
+pub const FACTOR_U: &str = "chunk.u";
+
+/// Builds one phase of the chunked forward.
+pub fn build_phase(
+    rule: &Rule,
+    canon: &Canonical,
+    shape: Shape,
+    sched: Schedule,
+    phase: Phase,
+) -> Result<Kernel, PlanError> {
     if canon.low_rank.len() > 1 {
         return Err(PlanError(format!(
             "transitions of rank {} are not chunked yet (rank 1 is); use the recurrent backend",
@@ -49,160 +118,367 @@ pub fn build(rule: &Rule, canon: &Canonical, shape: Shape, sched: Schedule) -> R
     if c == 0 {
         return Err(PlanError("the chunk size must be at least 1".into()));
     }
-    let gate = match &canon.log_gate {
-        None => Gate::None,
-        Some(g) if g.ty == Ty::VecK => Gate::Vector,
-        Some(_) => Gate::Scalar,
-    };
-    let bs = if gate == Gate::Vector { sched.sub_chunk.clamp(1, c) } else { c };
-    if !c.is_multiple_of(bs) {
-        return Err(PlanError(format!("the sub-chunk ({bs}) must divide the chunk ({c})")));
+    if phase == Phase::Factors && canon.low_rank.is_empty() {
+        return Err(PlanError("internal error: UT factors of a rule without a low-rank transition".into()));
     }
-    let (k, v) = (shape.k, shape.v);
-    // V-tiles (the schedule's BV): only the V-side addressing changes ([`super::vtile`]).
+    // V-tiles (the schedule's BV): only the V-side addressing changes ([`super::vtile`]). The
+    // factors do not depend on the state, so their phase covers the whole V: W is K-wide and
+    // would otherwise be computed (and written) once per V-tile.
+    let sched = if phase == Phase::Factors { sched.with_bv(None) } else { sched };
     let vtiles = super::vtile::vtiles(rule, &shape, sched.bv, false)?;
     let suffix = sched.bv.map(|bv| format!("_bv{bv}")).unwrap_or_default();
-    let mut b = Builder::new(format!("{}_chunked_c{c}{suffix}", rule.name));
+    let mut b = Builder::new(format!("{}_chunked_c{c}{suffix}{}", rule.name, phase.suffix()));
     b.set_vtiles(vtiles);
     let layout = ParamLayout::declare(&mut b, rule);
+    let (k, v) = (shape.k, shape.v);
+    let cols = sched.bv.unwrap_or(v);
     let sbase = state_base_tiled(&shape, sched.bv);
-    let h0 = b.load(layout.h0, sbase.clone(), v as i64, 1, k, sched.bv.unwrap_or(v), Idx::c(k as i64));
     let n_chunks = Idx::var(IdxVar::SeqLen).ceil_div(c as i64);
-    let s0 = b.begin_loop(n_chunks, &[h0])[0];
-
-    let t0 = Idx::var(IdxVar::Iter).mul(Idx::c(c as i64));
-    let valid = Idx::c(c as i64).min(Idx::var(IdxVar::SeqLen).sub(t0.clone()));
-    let mut lw = Lowerer::new(rule, shape, &layout, c, t0.clone(), valid.clone());
-    lw.input_elem = sched.input;
-    lw.bv = sched.bv;
-    let mut pro = Prologue { lw: &mut lw, rows: c, valid: valid.clone() };
-
-    // Prologue: every canonical vector for the chunk's tokens, zero past the sequence end.
-    let g = match &canon.log_gate {
-        Some(e) => {
-            let g = pro.tile(&mut b, e, true)?;
-            Some(b.cast(g, DType::F64))
-        }
-        None => None,
-    };
-    let q = pro.tile(&mut b, &canon.output.query, true)?;
-    // A write whose key is the low-rank vector `a` (DeltaNet, Gated DeltaNet, KDA: both are
-    // k) is folded into the solve: with U = R + VW the system becomes
-    // (I - A_ba) U = VW + (b ⊙ e^Bex) S0 + ..., and U replaces R in the output and the state.
-    // U is the small pseudo-value beta (v - S^T k) (DESIGN form (c)); keeping R and VW apart
-    // would sum two chunk-sized terms that cancel, losing f32 precision.
-    let merged = canon.low_rank.first().and_then(|(a, _)| canon.writes.iter().position(|(kw, _)| same(kw, a)));
-    let mut merged_vw = None;
-    let mut writes: Vec<(ValueId, ValueId)> = vec![];
-    for (w, (kw, vw)) in canon.writes.iter().enumerate() {
-        let vw = pro.tile(&mut b, vw, true)?;
-        if Some(w) == merged {
-            merged_vw = Some(vw);
-        } else {
-            writes.push((pro.tile(&mut b, kw, true)?, vw));
-        }
-    }
-    // `b` reads the state after the token's own decay. When the decay is a factor of it
-    // (b = w b', every gated delta rule), b' is gated inclusively, `b' e^Bin` for `b e^Bex`:
-    // the same terms, without a tile of exponentials for b and with the other operands'
-    // gate, whose factors the backends then share.
-    let decayed_b = canon.low_rank_decayed.first().and_then(|b| b.as_ref());
-    let low_rank: Option<(ValueId, (ValueId, bool))> = match canon.low_rank.first() {
-        Some((a, bv)) => {
-            let (bv, inclusive) = match decayed_b.filter(|_| canon.log_gate.is_some()) {
-                Some(b2) => (b2, true),
-                None => (bv, false),
-            };
-            Some((pro.tile(&mut b, a, true)?, (pro.tile(&mut b, bv, true)?, inclusive)))
-        }
-        None => None,
-    };
-    let coef = canon.output.coef.as_ref().map(|e| pro.tile(&mut b, e, false)).transpose()?;
-    let extra = canon.output.extra.as_ref().map(|e| pro.tile(&mut b, e, false)).transpose()?;
-
-    // Cumulative gates (f64).
-    let read_before = canon.output.read == Read::Before;
-    let gates = g.map(|g| {
-        let bin = b.cumsum(g, false);
-        let bex = b.cumsum(g, true);
-        (bin, bex)
-    });
-    let mut sc = Scores { gate, bs, pivots: gates.map(|(_, bex)| bex), cache: HashMap::new() };
-    let (bin, bex) = (gates.map(|g| g.0), gates.map(|g| g.1));
-    let bq = if read_before { bex } else { bin };
-
-    let nb = c / bs;
-    // Values written by each write term, block by block.
-    let vw_blocks: Vec<Vec<ValueId>> =
-        writes.iter().map(|&(_, vw)| (0..nb).map(|j| b.rows(vw, j * bs, bs)).collect()).collect();
-    let mut r_blocks: Vec<ValueId> = vec![];
-    for i in 0..nb {
-        let i0 = i * bs;
-        let qg = sc.decayed(&mut b, q, bq, i);
-        let mut o = b.dot(qg, s0, false, false, None);
-        if let Some((a, (bv, inclusive))) = low_rank {
-            let bv_gate = if inclusive { bin } else { bex };
-            // R_i = (I - A_ba[i,i])^-1 (bg_i S0 + sum_{j<i} A_ba[i,j] R_j + sum_{j<=i} A_bk[i,j] VW_j)
-            // (R is U = R + VW_merged when a write was folded in: then VW_merged_i joins the rhs.)
-            let bg = sc.decayed(&mut b, bv, bv_gate, i);
-            let merged_i = merged_vw.map(|vw| b.rows(vw, i0, bs));
-            let mut rhs = b.dot(bg, s0, false, false, merged_i);
-            rhs = sc.apply(&mut b, (bv, bv_gate), (a, bin), (&r_blocks, None), i, true, rhs);
-            for (&(kw, vw), vws) in writes.iter().zip(&vw_blocks) {
-                rhs = sc.apply(&mut b, (bv, bv_gate), (kw, bin), (vws, Some(vw)), i, true, rhs);
+    let split = phase != Phase::Fused;
+    match phase {
+        Phase::Fused | Phase::States => {
+            let h0 = b.load(layout.h0, sbase.clone(), v as i64, 1, k, cols, Idx::c(k as i64));
+            let s0 = b.begin_loop(n_chunks, &[h0])[0];
+            if phase == Phase::States {
+                let h = b.param(BOUNDARY_STATES, Access::Write);
+                b.store(s0, h, boundary_base(&shape, c, sched.bv), v as i64, 1, Idx::c(k as i64));
             }
-            let aba = sc.scores(&mut b, (bv, bv_gate), (a, bin), i, i, true);
-            let l = b.neg(aba);
-            r_blocks.push(b.solve_unit_lower(l, rhs));
-            o = sc.apply(&mut b, (q, bq), (a, bin), (&r_blocks, None), i, read_before, o);
+            let mut terms = ChunkTerms::new(&mut b, &layout, rule, canon, shape, sched)?;
+            let r = terms.low_rank_values(&mut b, s0, split);
+            if phase == Phase::Fused {
+                terms.store_outputs(&mut b, layout.o, s0, &r);
+            }
+            let s_next = terms.next_state(&mut b, s0, &r);
+            let last = b.end_loop(&[s_next]);
+            b.store(last[0], layout.ht, sbase, v as i64, 1, Idx::c(k as i64));
         }
-        for (&(kw, vw), vws) in writes.iter().zip(&vw_blocks) {
-            o = sc.apply(&mut b, (q, bq), (kw, bin), (vws, Some(vw)), i, read_before, o);
+        Phase::Outputs => {
+            b.set_chunk_parallel();
+            b.begin_loop(n_chunks, &[]);
+            let h = b.param(BOUNDARY_STATES, Access::Read);
+            let s0 = b.load(h, boundary_base(&shape, c, sched.bv), v as i64, 1, k, cols, Idx::c(k as i64));
+            let mut terms = ChunkTerms::new(&mut b, &layout, rule, canon, shape, sched)?;
+            let r = terms.low_rank_values(&mut b, s0, true);
+            // The state leaving the chunk is the next chunk's business (read from `chunk.h`).
+            terms.store_outputs(&mut b, layout.o, s0, &r);
+            b.end_loop(&[]);
         }
-        if let Some(cf) = coef {
-            let cf = rows_of(&mut b, cf, i0, bs);
-            o = b.mul(o, cf);
+        Phase::Factors => {
+            b.set_chunk_parallel();
+            b.begin_loop(n_chunks, &[]);
+            let mut terms = ChunkTerms::new(&mut b, &layout, rule, canon, shape, sched)?;
+            terms.store_factors(&mut b);
+            b.end_loop(&[]);
         }
-        if let Some(x) = extra {
-            let x = rows_of(&mut b, x, i0, bs);
-            o = b.add(o, x);
+    }
+    Ok(b.finish())
+}
+
+/// Index of this grid point's state entering chunk `Iter` in `chunk.h` `[B, NT, H, K, V]`, at
+/// its first V column.
+fn boundary_base(shape: &Shape, chunk: usize, bv: Option<usize>) -> Idx {
+    let n_chunks = Idx::var(IdxVar::SeqLen).ceil_div(chunk as i64);
+    let kv = (shape.k * shape.v) as i64;
+    let slot = Idx::var(IdxVar::Batch).mul(n_chunks).add(Idx::var(IdxVar::Iter));
+    let base = slot.mul(Idx::c(shape.heads as i64)).add(Idx::var(IdxVar::Head)).mul(Idx::c(kv));
+    match bv {
+        Some(_) => base.add(v_offset(bv)),
+        None => base,
+    }
+}
+
+/// One chunk's canonical vectors and gates (iteration `Iter` of the chunk loop), and the
+/// pieces of the chunk algebra built from them: the low-rank values R, the output rows, the
+/// state leaving the chunk, the UT factors.
+struct ChunkTerms {
+    shape: Shape,
+    sched: Schedule,
+    gate: Gate,
+    bs: usize,
+    nb: usize,
+    t0: Idx,
+    valid: Idx,
+    q: ValueId,
+    /// Write terms (key, value) other than the one folded into the solve.
+    writes: Vec<(ValueId, ValueId)>,
+    /// Their values, block by block.
+    vw_blocks: Vec<Vec<ValueId>>,
+    /// The value of the write folded into the solve (its key is `a`).
+    merged_vw: Option<ValueId>,
+    /// The low-rank pair: `a`, and `b` with whether it is gated inclusively.
+    low_rank: Option<(ValueId, (ValueId, bool))>,
+    coef: Option<ValueId>,
+    extra: Option<ValueId>,
+    read_before: bool,
+    bin: Option<ValueId>,
+    bex: Option<ValueId>,
+    sc: Scores,
+}
+
+impl ChunkTerms {
+    /// The prologue: every canonical vector for the chunk's tokens (zero past the sequence
+    /// end) and the cumulative gates (f64).
+    fn new(
+        b: &mut Builder,
+        layout: &ParamLayout,
+        rule: &Rule,
+        canon: &Canonical,
+        shape: Shape,
+        sched: Schedule,
+    ) -> Result<ChunkTerms, PlanError> {
+        let c = sched.chunk;
+        let gate = match &canon.log_gate {
+            None => Gate::None,
+            Some(g) if g.ty == Ty::VecK => Gate::Vector,
+            Some(_) => Gate::Scalar,
+        };
+        let bs = if gate == Gate::Vector { sched.sub_chunk.clamp(1, c) } else { c };
+        if !c.is_multiple_of(bs) {
+            return Err(PlanError(format!("the sub-chunk ({bs}) must divide the chunk ({c})")));
         }
-        let (obase, ostride) = v_token_base(&shape, t0.clone().add(Idx::c(i0 as i64)), sched.bv);
-        b.store(o, layout.o, obase, ostride, 1, valid.clone().sub(Idx::c(i0 as i64)));
+        let t0 = Idx::var(IdxVar::Iter).mul(Idx::c(c as i64));
+        let valid = Idx::c(c as i64).min(Idx::var(IdxVar::SeqLen).sub(t0.clone()));
+        let mut lw = Lowerer::new(rule, shape, layout, c, t0.clone(), valid.clone());
+        lw.input_elem = sched.input;
+        lw.bv = sched.bv;
+        let mut pro = Prologue { lw: &mut lw, rows: c, valid: valid.clone() };
+
+        let g = match &canon.log_gate {
+            Some(e) => {
+                let g = pro.tile(b, e, true)?;
+                Some(b.cast(g, DType::F64))
+            }
+            None => None,
+        };
+        let q = pro.tile(b, &canon.output.query, true)?;
+        // A write whose key is the low-rank vector `a` (DeltaNet, Gated DeltaNet, KDA: both
+        // are k) is folded into the solve: with U = R + VW the system becomes
+        // (I - A_ba) U = VW + (b ⊙ e^Bex) S0 + ..., and U replaces R in the output and the
+        // state. U is the small pseudo-value beta (v - S^T k) (DESIGN form (c)); keeping R and
+        // VW apart would sum two chunk-sized terms that cancel, losing f32 precision.
+        let merged = canon.low_rank.first().and_then(|(a, _)| canon.writes.iter().position(|(kw, _)| same(kw, a)));
+        let mut merged_vw = None;
+        let mut writes: Vec<(ValueId, ValueId)> = vec![];
+        for (w, (kw, vw)) in canon.writes.iter().enumerate() {
+            let vw = pro.tile(b, vw, true)?;
+            if Some(w) == merged {
+                merged_vw = Some(vw);
+            } else {
+                writes.push((pro.tile(b, kw, true)?, vw));
+            }
+        }
+        // `b` reads the state after the token's own decay. When the decay is a factor of it
+        // (b = w b', every gated delta rule), b' is gated inclusively, `b' e^Bin` for `b e^Bex`:
+        // the same terms, without a tile of exponentials for b and with the other operands'
+        // gate, whose factors the backends then share.
+        let decayed_b = canon.low_rank_decayed.first().and_then(|b| b.as_ref());
+        let low_rank = match canon.low_rank.first() {
+            Some((a, bv)) => {
+                let (bv, inclusive) = match decayed_b.filter(|_| canon.log_gate.is_some()) {
+                    Some(b2) => (b2, true),
+                    None => (bv, false),
+                };
+                Some((pro.tile(b, a, true)?, (pro.tile(b, bv, true)?, inclusive)))
+            }
+            None => None,
+        };
+        let coef = canon.output.coef.as_ref().map(|e| pro.tile(b, e, false)).transpose()?;
+        let extra = canon.output.extra.as_ref().map(|e| pro.tile(b, e, false)).transpose()?;
+
+        let gates = g.map(|g| (b.cumsum(g, false), b.cumsum(g, true)));
+        let (bin, bex) = (gates.map(|g| g.0), gates.map(|g| g.1));
+        let sc = Scores { gate, bs, pivots: bex, cache: HashMap::new() };
+        let nb = c / bs;
+        let vw_blocks = writes.iter().map(|&(_, vw)| (0..nb).map(|j| b.rows(vw, j * bs, bs)).collect()).collect();
+        Ok(ChunkTerms {
+            shape,
+            sched,
+            gate,
+            bs,
+            nb,
+            t0,
+            valid,
+            q,
+            writes,
+            vw_blocks,
+            merged_vw,
+            low_rank,
+            coef,
+            extra,
+            read_before: canon.output.read == Read::Before,
+            bin,
+            bex,
+            sc,
+        })
     }
 
-    // State passed to the next chunk.
-    let mut s_next = s0;
-    let total = bin.map(|bin| b.rows(bin, c - 1, 1));
-    if let Some(total) = total {
-        let d = exp_f32(&mut b, total);
-        let d = if gate == Gate::Vector { b.transpose(d) } else { d };
-        s_next = b.mul(s0, d);
+    /// `b`'s gate: inclusive when the decay is a factor of `b`, else exclusive.
+    fn bv_gate(&self, inclusive: bool) -> Option<ValueId> {
+        if inclusive {
+            self.bin
+        } else {
+            self.bex
+        }
     }
-    for j in 0..nb {
-        let decay = total.map(|total| {
-            let bj = b.rows(bin.expect("gates"), j * bs, bs);
-            let e = b.sub(total, bj);
-            exp_f32(&mut b, e)
-        });
-        let write = |b: &mut Builder, key: ValueId, val: ValueId, s: ValueId| {
-            let kj = b.rows(key, j * bs, bs);
-            let kj = match decay {
-                Some(d) => b.mul(kj, d),
-                None => kj,
+
+    /// Forward substitution for block `i` of X in `(I - A_ba) X = RHS`: given the blocks of X
+    /// before `i` and block `i` of RHS, `X_i = (I - A_ba[i,i])^-1 (rhs_i + sum_{j<i} A_ba[i,j] X_j)`.
+    fn solve_block(&mut self, b: &mut Builder, x_blocks: &[ValueId], i: usize, rhs: ValueId) -> ValueId {
+        let (a, (bv, inclusive)) = self.low_rank.expect("a low-rank transition");
+        let bv_gate = self.bv_gate(inclusive);
+        let rhs = self.sc.apply(b, (bv, bv_gate), (a, self.bin), (x_blocks, None), i, true, rhs);
+        let aba = self.sc.scores(b, (bv, bv_gate), (a, self.bin), i, i, true);
+        let l = b.neg(aba);
+        b.solve_unit_lower(l, rhs)
+    }
+
+    /// `acc + sum_{j<=i} A_bk[i,j] VW_j` over the writes not folded into the solve: block `i`
+    /// of the part of the solve's right side that comes from the chunk's own values.
+    fn add_writes_rhs(&mut self, b: &mut Builder, i: usize, acc: ValueId) -> ValueId {
+        let (_, (bv, inclusive)) = self.low_rank.expect("a low-rank transition");
+        let bg = (bv, self.bv_gate(inclusive));
+        let mut rhs = acc;
+        for (&(kw, vw), vws) in self.writes.iter().zip(&self.vw_blocks) {
+            rhs = self.sc.apply(b, bg, (kw, self.bin), (vws, Some(vw)), i, true, rhs);
+        }
+        rhs
+    }
+
+    /// The low-rank values R of the chunk's tokens, block by block (empty without a low-rank
+    /// transition; the pseudo-values U = R + VW when a write is folded in): solved here with
+    /// `s0`, or, with `from_factors`, formed as `Ũ + W S0` from the factors the split
+    /// program's prep stored.
+    fn low_rank_values(&mut self, b: &mut Builder, s0: ValueId, from_factors: bool) -> Vec<ValueId> {
+        let Some((_, (bv, inclusive))) = self.low_rank else { return vec![] };
+        let (bs, c) = (self.bs, self.sched.chunk);
+        if from_factors {
+            let (w, u) = self.load_factors(b);
+            return (0..self.nb)
+                .map(|i| {
+                    let (wi, ui) = (b.rows(w, i * bs, bs), b.rows(u, i * bs, bs));
+                    b.dot(wi, s0, false, false, Some(ui))
+                })
+                .collect();
+        }
+        let mut r_blocks = vec![];
+        for i in 0..self.nb {
+            // rhs_i = bg_i S0 + (the folded values) + sum_{j<=i} A_bk[i,j] VW_j
+            let bg = self.sc.decayed(b, bv, self.bv_gate(inclusive), i);
+            let merged_i = self.merged_vw.map(|vw| b.rows(vw, i * bs, bs));
+            let with_s0 = b.dot(bg, s0, false, false, merged_i);
+            let rhs = self.add_writes_rhs(b, i, with_s0);
+            let r = self.solve_block(b, &r_blocks, i, rhs);
+            r_blocks.push(r);
+        }
+        debug_assert!(r_blocks.len() * bs == c);
+        r_blocks
+    }
+
+    /// The UT factors, stored row by row: W solves `(I - A_ba) W = Bv ⊙ e^Bg` (the coefficient
+    /// of S0) and Ũ the S0-free right side, so that R = Ũ + W S0.
+    fn store_factors(&mut self, b: &mut Builder) {
+        let (_, (bv, inclusive)) = self.low_rank.expect("a low-rank transition");
+        let bs = self.bs;
+        let (mut w_blocks, mut u_blocks) = (vec![], vec![]);
+        for i in 0..self.nb {
+            let bg = self.sc.decayed(b, bv, self.bv_gate(inclusive), i);
+            let w = self.solve_block(b, &w_blocks, i, bg);
+            w_blocks.push(w);
+            let start = match self.merged_vw {
+                Some(vw) => b.rows(vw, i * bs, bs),
+                None => b.constant(0.0, TileTy::f32(bs, self.shape.v)),
             };
-            b.dot(kj, val, true, false, Some(s))
-        };
-        for (&(kw, _), vws) in writes.iter().zip(&vw_blocks) {
-            s_next = write(&mut b, kw, vws[j], s_next);
+            let rhs = self.add_writes_rhs(b, i, start);
+            let u = self.solve_block(b, &u_blocks, i, rhs);
+            u_blocks.push(u);
         }
-        if let (Some((a, _)), Some(&rj)) = (low_rank, r_blocks.get(j)) {
-            s_next = write(&mut b, a, rj, s_next);
+        let pw = b.param(FACTOR_W, Access::Write);
+        let pu = b.param(FACTOR_U, Access::Write);
+        for i in 0..self.nb {
+            let i0 = i * bs;
+            let at = self.t0.clone().add(Idx::c(i0 as i64));
+            let valid = self.valid.clone().sub(Idx::c(i0 as i64));
+            let (wbase, wstride) = token_base(&self.shape, at.clone(), self.shape.k);
+            b.store(w_blocks[i], pw, wbase, wstride, 1, valid.clone());
+            let (ubase, ustride) = v_token_base(&self.shape, at, self.sched.bv);
+            b.store(u_blocks[i], pu, ubase, ustride, 1, valid);
         }
     }
-    let last = b.end_loop(&[s_next]);
-    b.store(last[0], layout.ht, sbase, v as i64, 1, Idx::c(k as i64));
-    Ok(b.finish())
+
+    /// The chunk's rows of W and Ũ as the prep stored them (Ũ's columns of this V-tile).
+    fn load_factors(&self, b: &mut Builder) -> (ValueId, ValueId) {
+        let (c, k) = (self.sched.chunk, self.shape.k);
+        let cols = self.sched.bv.unwrap_or(self.shape.v);
+        let pw = b.param(FACTOR_W, Access::Read);
+        let pu = b.param(FACTOR_U, Access::Read);
+        let (wbase, wstride) = token_base(&self.shape, self.t0.clone(), k);
+        let w = b.load(pw, wbase, wstride, 1, c, k, self.valid.clone());
+        let (ubase, ustride) = v_token_base(&self.shape, self.t0.clone(), self.sched.bv);
+        let u = b.load(pu, ubase, ustride, 1, c, cols, self.valid.clone());
+        (w, u)
+    }
+
+    /// Stores the chunk's rows of `o`, given the entering state and the low-rank values.
+    fn store_outputs(&mut self, b: &mut Builder, o_param: usize, s0: ValueId, r_blocks: &[ValueId]) {
+        let bs = self.bs;
+        let bq = if self.read_before { self.bex } else { self.bin };
+        let sc = &mut self.sc;
+        for i in 0..self.nb {
+            let i0 = i * bs;
+            let qg = sc.decayed(b, self.q, bq, i);
+            let mut o = b.dot(qg, s0, false, false, None);
+            if let Some((a, _)) = self.low_rank {
+                o = sc.apply(b, (self.q, bq), (a, self.bin), (&r_blocks[..=i], None), i, self.read_before, o);
+            }
+            for (&(kw, vw), vws) in self.writes.iter().zip(&self.vw_blocks) {
+                o = sc.apply(b, (self.q, bq), (kw, self.bin), (vws, Some(vw)), i, self.read_before, o);
+            }
+            if let Some(cf) = self.coef {
+                let cf = rows_of(b, cf, i0, bs);
+                o = b.mul(o, cf);
+            }
+            if let Some(x) = self.extra {
+                let x = rows_of(b, x, i0, bs);
+                o = b.add(o, x);
+            }
+            let (obase, ostride) = v_token_base(&self.shape, self.t0.clone().add(Idx::c(i0 as i64)), self.sched.bv);
+            b.store(o, o_param, obase, ostride, 1, self.valid.clone().sub(Idx::c(i0 as i64)));
+        }
+    }
+
+    /// The state leaving the chunk.
+    fn next_state(&self, b: &mut Builder, s0: ValueId, r_blocks: &[ValueId]) -> ValueId {
+        let (bs, c) = (self.bs, self.sched.chunk);
+        let mut s_next = s0;
+        let total = self.bin.map(|bin| b.rows(bin, c - 1, 1));
+        if let Some(total) = total {
+            let d = exp_f32(b, total);
+            let d = if self.gate == Gate::Vector { b.transpose(d) } else { d };
+            s_next = b.mul(s0, d);
+        }
+        for j in 0..self.nb {
+            let decay = total.map(|total| {
+                let bj = b.rows(self.bin.expect("gates"), j * bs, bs);
+                let e = b.sub(total, bj);
+                exp_f32(b, e)
+            });
+            let write = |b: &mut Builder, key: ValueId, val: ValueId, s: ValueId| {
+                let kj = b.rows(key, j * bs, bs);
+                let kj = match decay {
+                    Some(d) => b.mul(kj, d),
+                    None => kj,
+                };
+                b.dot(kj, val, true, false, Some(s))
+            };
+            for (&(kw, _), vws) in self.writes.iter().zip(&self.vw_blocks) {
+                s_next = write(b, kw, vws[j], s_next);
+            }
+            if let (Some((a, _)), Some(&rj)) = (self.low_rank, r_blocks.get(j)) {
+                s_next = write(b, a, rj, s_next);
+            }
+        }
+        s_next
+    }
 }
 
 /// Rows `i0 .. i0 + n` of a per-token tile; a one-row (per-head) tile broadcasts as is.

@@ -80,6 +80,9 @@ pub(super) struct Em<'k> {
     vtile: String,
     seq_len: String,
     pub(super) iter: String,
+    /// The chunk of this CTA in a chunk-parallel kernel (`%ctaid.y`): its loop runs that one
+    /// iteration.
+    chunk: Option<String>,
     next_loop: usize,
 }
 
@@ -101,7 +104,8 @@ pub(super) fn emit(kernel: &Kernel, target: Sm, opts: EmitOptions, sched: PtxSch
     let stage = mma::staging_need(kernel, sched.dot, sched.min_mma_dim, sched.staging_bytes);
     let limit = sched.smem_limit(target, opts.smem_limit);
     let mut shared = plan.bytes + stage <= limit;
-    if sched.stages == 2 && sched.async_copy {
+    // A chunk-parallel kernel runs one iteration per CTA: there is no next one to prefetch.
+    if sched.stages == 2 && sched.async_copy && !kernel.chunk_parallel {
         // Double buffers for the f32 loads of the chunk loop (the ones cp.async issues), when
         // the larger workspace still fits; else (or when a loaded tile is read after its
         // loop, where no parity applies) the single-stage placement above stands.
@@ -166,6 +170,7 @@ pub(super) fn emit(kernel: &Kernel, target: Sm, opts: EmitOptions, sched: PtxSch
         vtile: String::new(),
         seq_len: String::new(),
         iter: String::new(),
+        chunk: None,
         next_loop: 0,
         sched,
         lanes: None,
@@ -183,14 +188,34 @@ pub(super) fn emit(kernel: &Kernel, target: Sm, opts: EmitOptions, sched: PtxSch
     em.ins(format!("mov.u32 {cta32}, %ctaid.x"));
     let cta = em.reg(RD);
     em.ins(format!("cvt.u64.u32 {cta}, {cta32}"));
-    // With V-tiles (Grid::BatchHeadsVTiles) %ctaid.x is the V-tile and %ctaid.y is b*H + h;
-    // `cta` becomes (b*H + h) * vtiles + vt, the flat grid point (for the scratch base).
+    let u64_of = |em: &mut Em, special: &str| {
+        let (r32, r) = (em.reg(R), em.reg(RD));
+        em.ins(format!("mov.u32 {r32}, {special}"));
+        em.ins(format!("cvt.u64.u32 {r}, {r32}"));
+        r
+    };
     let vtiles = kernel.vtiles.max(1);
+    // `vt`: (b*H + h, the V-tile) when they are not `cta` itself; `chunk`: the chunk of a
+    // chunk-parallel kernel. `cta` becomes the flat grid point (for the scratch base).
     let mut vt = None;
-    if vtiles > 1 {
-        let (y32, y, v) = (em.reg(R), em.reg(RD), em.reg(RD));
-        em.ins(format!("mov.u32 {y32}, %ctaid.y"));
-        em.ins(format!("cvt.u64.u32 {y}, {y32}"));
+    let mut chunk_reg = None;
+    if kernel.chunk_parallel {
+        // Grid::VTilesChunksBatchHeads: %ctaid.x the V-tile, .y the chunk, .z b*H + h;
+        // cta = ((b*H + h) * chunks + chunk) * vtiles + vt.
+        let (x, v) = (cta.clone(), em.reg(RD));
+        em.ins(format!("mov.u64 {v}, {x}"));
+        let y = u64_of(&mut em, "%ctaid.y");
+        let z = u64_of(&mut em, "%ctaid.z");
+        let ny = u64_of(&mut em, "%nctaid.y");
+        em.ins(format!("mad.lo.s64 {cta}, {z}, {ny}, {y}"));
+        em.ins(format!("mad.lo.s64 {cta}, {cta}, {vtiles}, {v}"));
+        vt = Some((z, v));
+        chunk_reg = Some(y);
+    } else if vtiles > 1 {
+        // Grid::BatchHeadsVTiles: %ctaid.x is the V-tile and %ctaid.y is b*H + h;
+        // cta = (b*H + h) * vtiles + vt.
+        let y = u64_of(&mut em, "%ctaid.y");
+        let v = em.reg(RD);
         em.ins(format!("mov.u64 {v}, {cta}"));
         em.ins(format!("mad.lo.s64 {cta}, {y}, {vtiles}, {v}"));
         vt = Some((y, v));
@@ -202,12 +227,17 @@ pub(super) fn emit(kernel: &Kernel, target: Sm, opts: EmitOptions, sched: PtxSch
     em.ins(format!("ld.param.u64 {seq_len}, [{}]", pname(np - 1)));
     let grid = em.reg(RD);
     em.ins(format!("mul.lo.s64 {grid}, {batch}, {heads}"));
-    if vtiles > 1 {
-        em.ins(format!("mul.lo.s64 {grid}, {grid}, {vtiles}"));
-    }
+    let past = if kernel.chunk_parallel {
+        vt.as_ref().map(|(z, _)| z.clone()).unwrap_or_else(|| cta.clone())
+    } else {
+        if vtiles > 1 {
+            em.ins(format!("mul.lo.s64 {grid}, {grid}, {vtiles}"));
+        }
+        cta.clone()
+    };
     let p = em.reg(P);
-    em.ins(format!("setp.ge.s64 {p}, {cta}, {grid}"));
-    em.comment("CTAs past batch * heads (* vtiles) have no grid point (uniform per CTA)");
+    em.ins(format!("setp.ge.s64 {p}, {past}, {grid}"));
+    em.comment("CTAs past the grid points have no work (uniform per CTA)");
     em.ins(format!("@{p} exit"));
     let (b, h) = (em.reg(RD), em.reg(RD));
     let bh = vt.as_ref().map(|(y, _)| y.clone()).unwrap_or_else(|| cta.clone());
@@ -251,6 +281,7 @@ pub(super) fn emit(kernel: &Kernel, target: Sm, opts: EmitOptions, sched: PtxSch
         em.lane_regs();
     }
     (em.batch, em.head, em.seq_len, em.vtile) = (b, h, seq_len, vtile);
+    em.chunk = chunk_reg;
 
     em.block(&kernel.body)?;
     em.flush_async();
@@ -262,7 +293,14 @@ pub(super) fn emit(kernel: &Kernel, target: Sm, opts: EmitOptions, sched: PtxSch
     let space = em.space;
     let _ = writeln!(s, "//");
     let _ = writeln!(s, "// Generated by chunkc: PTX backend (SIMT lowering; dots: {:?}).", sched.dot);
-    let _ = writeln!(s, "// kernel {entry}: {threads} threads per CTA, one CTA per (b, h), blockIdx.x = b * heads + h");
+    let cta_is = if kernel.chunk_parallel {
+        "one CTA per (V-tile, chunk, b, h): blockIdx = (vt, chunk, b * heads + h)"
+    } else if vtiles > 1 {
+        "one CTA per (V-tile, b, h): blockIdx = (vt, b * heads + h)"
+    } else {
+        "one CTA per (b, h): blockIdx.x = b * heads + h"
+    };
+    let _ = writeln!(s, "// kernel {entry}: {threads} threads per CTA, {cta_is}");
     let _ = writeln!(s, "// tiles: {bytes} bytes per CTA in {space} memory; 16-bit staging: {stage} bytes");
     let _ = writeln!(s, "// schedule: {}", serde_json::to_string(&sched).unwrap_or_default());
     let _ = writeln!(s, "//");
@@ -300,10 +338,20 @@ pub(super) fn emit(kernel: &Kernel, target: Sm, opts: EmitOptions, sched: PtxSch
     for (p, &w) in em.param_align.iter().enumerate() {
         params[p].align = params[p].align.max(w);
     }
+    let grid = match (kernel.chunk_parallel, vtiles > 1) {
+        (true, _) => {
+            let chunk = loop_tokens(kernel).ok_or_else(|| {
+                PtxError(format!("ptx: chunk-parallel kernel {} has no loop over ceil(T / C) chunks", kernel.name))
+            })?;
+            Grid::VTilesChunksBatchHeads { vtiles: vtiles as u32, chunk: chunk as u32 }
+        }
+        (false, true) => Grid::BatchHeadsVTiles { vtiles: vtiles as u32 },
+        (false, false) => Grid::BatchHeadsX,
+    };
     let meta = LaunchMeta {
         entry,
         target,
-        grid: if vtiles > 1 { Grid::BatchHeadsVTiles { vtiles: vtiles as u32 } } else { Grid::BatchHeadsX },
+        grid,
         block: [threads, 1, 1],
         tile_space: if shared { TileSpace::Shared } else { TileSpace::Global },
         dynamic_smem_bytes: if shared { bytes } else { 0 },
@@ -314,6 +362,14 @@ pub(super) fn emit(kernel: &Kernel, target: Sm, opts: EmitOptions, sched: PtxSch
         scalars: scalars.iter().map(|s| s.to_string()).collect(),
     };
     Ok(PtxKernel { ptx: s, meta })
+}
+
+/// Tokens per iteration of a kernel's top-level loop, when it runs over `ceil(T / C)` chunks.
+fn loop_tokens(kernel: &Kernel) -> Option<usize> {
+    kernel.body.iter().find_map(|s| match s {
+        Stmt::Loop { count: Idx::CeilDiv(t, c), .. } if **t == Idx::Var(IdxVar::SeqLen) => usize::try_from(*c).ok(),
+        _ => None,
+    })
 }
 
 impl Em<'_> {
@@ -767,7 +823,20 @@ impl Em<'_> {
                         self.prefetch_first(body, pipe, &n);
                     }
                     let (cnt, head, end, p) = (self.reg(RD), self.label(), self.label(), self.reg(P));
-                    self.ins(format!("mov.s64 {cnt}, 0"));
+                    let n = match self.chunk.clone() {
+                        // A chunk-parallel loop runs its CTA's chunk alone: [chunk, min(chunk + 1, n)).
+                        Some(chunk) => {
+                            let (one_past, hi) = (self.reg(RD), self.reg(RD));
+                            self.ins(format!("add.s64 {one_past}, {chunk}, 1"));
+                            self.ins(format!("min.s64 {hi}, {n}, {one_past}"));
+                            self.ins(format!("mov.s64 {cnt}, {chunk}"));
+                            hi
+                        }
+                        None => {
+                            self.ins(format!("mov.s64 {cnt}, 0"));
+                            n
+                        }
+                    };
                     self.place(&head);
                     self.ins(format!("setp.ge.s64 {p}, {cnt}, {n}"));
                     self.ins(format!("@{p} bra.uni {end}"));

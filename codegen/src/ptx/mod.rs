@@ -24,7 +24,10 @@
 //! - **Grid**: one CTA per grid point (b, h): `gridDim = (batch * heads, 1, 1)`,
 //!   `blockIdx.x = b * heads + h` (see [`Grid`]). CTAs past `batch * heads` exit at once.
 //!   A kernel split into V-tiles (the Schedule's `bv`) has one CTA per (b, h, V-tile):
-//!   `gridDim = (vtiles, batch * heads, 1)`, `Grid::BatchHeadsVTiles` in the metadata.
+//!   `gridDim = (vtiles, batch * heads, 1)`, `Grid::BatchHeadsVTiles` in the metadata. A
+//!   chunk-parallel kernel (a program's output pass) has one CTA per (V-tile, chunk, b, h):
+//!   `gridDim = (vtiles, ceil(T / C), batch * heads)`, `Grid::VTilesChunksBatchHeads`, and its
+//!   loop runs the CTA's chunk alone. [`emit_program`] emits every phase of a program.
 //! - **Block**: `32 * warps` threads (one dimension). Every op is a loop over its output
 //!   elements strided by the block size, followed by `bar.sync 0`, so each op sees its
 //!   operands complete. `Rows` and `Transpose` are views: no code, no barrier.
@@ -120,6 +123,7 @@ pub use ptxas::{assemble, find_ptxas, PtxasReport, PTXAS_MISSING};
 pub use schedule::{max_smem_per_block, DotPrecision, PtxSchedule};
 
 use crate::ir::Kernel;
+use crate::program::{Program, ProgramSpec};
 
 /// Threads per CTA of the default schedule ([`PtxSchedule::threads`] in general).
 pub const BLOCK_THREADS: u32 = 256;
@@ -162,6 +166,25 @@ impl Default for EmitOptions {
     fn default() -> Self {
         EmitOptions { smem_limit: DEFAULT_SMEM_LIMIT }
     }
+}
+
+/// A program emitted as PTX: one kernel per phase, in order, and the program's description,
+/// which the runtime binds them through (`chunkc_runtime::abi::bind_program`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PtxProgram {
+    pub spec: ProgramSpec,
+    pub phases: Vec<PtxKernel>,
+}
+
+/// Emits every phase of `program` for `target` under `schedule`.
+pub fn emit_program(
+    program: &Program,
+    target: Sm,
+    opts: EmitOptions,
+    schedule: &PtxSchedule,
+) -> Result<PtxProgram, PtxError> {
+    let phases = program.kernels.iter().map(|k| emit_scheduled(k, target, opts, schedule)).collect::<Result<_, _>>()?;
+    Ok(PtxProgram { spec: program.spec.clone(), phases })
 }
 
 /// Emits `kernel` as PTX for `target` with the default options.

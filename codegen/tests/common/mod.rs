@@ -4,11 +4,11 @@
 
 #![allow(dead_code)]
 
-use chunkc_codegen::ptx::PtxKernel;
+use chunkc_codegen::ptx::PtxProgram;
 use chunkc_dsl::ast::{Domain, Rule};
 use chunkc_dsl::reference::Dims;
-use chunkc_runtime::abi::{bind, Problem};
-use chunkc_runtime::launch::simulate as simulate_launch;
+use chunkc_runtime::abi::bind_program;
+use chunkc_runtime::program::Sizes;
 use std::path::PathBuf;
 
 /// The rule files in `rules/`, sorted.
@@ -91,24 +91,26 @@ pub fn rel_rms(out: &[f32], reference: &[f64]) -> f64 {
     }
 }
 
-/// Runs the emitted kernel in the simulator through the runtime's launch ABI
-/// (`chunkc_runtime::abi::bind`: outputs NaN-poisoned, each input converted to its
-/// parameter's element type); returns (o, hT) or the failure as one line.
+/// Runs an emitted program in the simulator through the runtime's launch ABI
+/// (`chunkc_runtime::abi::bind_program`: outputs and intermediates NaN-poisoned, each input
+/// converted to its tensor's element type); returns (o, hT) or the failure as one line.
 pub fn try_simulate(
-    k: &PtxKernel,
+    p: &PtxProgram,
     dims: &Dims,
     tensors: &[(String, Vec<f32>)],
 ) -> Result<(Vec<f32>, Vec<f32>), String> {
-    let problem = Problem { batch: dims.batch, heads: dims.heads, seq_len: dims.seq_len, k: dims.k, v: dims.v };
+    let sizes = Sizes { batch: dims.batch, heads: dims.heads, seq_len: dims.seq_len, k: dims.k, v: dims.v };
     let input = |name: &str| tensors.iter().find(|(n, _)| n == name).map(|(_, d)| d.as_slice());
-    let entry = &k.meta.entry;
-    let bound = bind(&k.ptx, &k.meta, &problem, input).map_err(|e| format!("{entry}: {e}"))?;
-    let back = simulate_launch(&bound.launch, &bound.args).map_err(|e| format!("{entry}: simulator: {e}"))?;
-    let (o, ht) = bound.outputs(back).map_err(|e| format!("{entry}: {e}"))?;
-    Ok((o.data, ht.data))
+    let name = &p.spec.name;
+    let phases: Vec<_> = p.phases.iter().map(|k| (k.ptx.as_str(), &k.meta)).collect();
+    let bound = bind_program(&p.spec, &phases, &sizes, input).map_err(|e| format!("{name}: {e}"))?;
+    let back = chunkc_runtime::ptxsim::run(&bound.run).map_err(|e| format!("{name}: simulator: {e}"))?;
+    let mut out = bound.outputs(back).map_err(|e| format!("{name}: {e}"))?;
+    let mut take = |n: &str| out.remove(n).map(|t| t.data).ok_or_else(|| format!("{name}: no output `{n}`"));
+    Ok((take("o")?, take("hT")?))
 }
 
 /// [`try_simulate`], panicking on a failure.
-pub fn simulate(k: &PtxKernel, dims: &Dims, tensors: &[(String, Vec<f32>)]) -> (Vec<f32>, Vec<f32>) {
-    try_simulate(k, dims, tensors).unwrap_or_else(|e| panic!("{e}"))
+pub fn simulate(p: &PtxProgram, dims: &Dims, tensors: &[(String, Vec<f32>)]) -> (Vec<f32>, Vec<f32>) {
+    try_simulate(p, dims, tensors).unwrap_or_else(|e| panic!("{e}"))
 }

@@ -3,7 +3,8 @@
 //!
 //! # Model
 //! - [`launch`] parses the module, picks the `.entry`, and runs the CTAs of the grid one after
-//!   another. Inside a CTA the warps run one after another from one barrier to the next, and
+//!   another; [`run`] runs the launches of a [`Run`] in order on one global memory. Inside a
+//!   CTA the warps run one after another from one barrier to the next, and
 //!   inside a warp the lanes run one at a time until each reaches a barrier, exits, or
 //!   reaches a warp-collective instruction (`shfl.sync`, `mma.sync`, `ldmatrix`,
 //!   `bar.warp.sync`); a collective then executes once for all its participants (the
@@ -90,6 +91,7 @@ mod parse;
 mod shared;
 mod warp;
 
+use crate::launch::{Arg, ReadBack, Run};
 use std::fmt;
 
 pub use parse::{parse_module, Module};
@@ -241,6 +243,60 @@ pub fn launch(
     memory: &mut GlobalMemory,
 ) -> Result<SimReport, SimError> {
     launch_with(ptx, entry, grid, block, dynamic_smem, params, memory, LaunchLimits::default())
+}
+
+/// A launch of a [`Run`] that the simulator stopped, and why.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RunError {
+    /// Which launch of the run (its index).
+    pub launch: usize,
+    pub error: SimError,
+}
+
+impl fmt::Display for RunError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "launch {}: {}", self.launch, self.error)
+    }
+}
+
+/// Runs a [`Run`]'s launches in order on one global memory holding its buffers, checking
+/// every access as it goes; returns the read-back buffers' bytes.
+pub fn run(run: &Run) -> Result<ReadBack, RunError> {
+    let at = |launch: usize| move |error: SimError| RunError { launch, error };
+    run.check().map_err(|m| RunError { launch: 0, error: SimError::new(0, m) })?;
+    let mut memory = GlobalMemory::new();
+    let mut bases = Vec::with_capacity(run.buffers.len());
+    for b in &run.buffers {
+        let base = memory.alloc(b.bytes.len());
+        if let Some(dst) = memory.bytes_mut(base, b.bytes.len()) {
+            dst.copy_from_slice(&b.bytes);
+        }
+        bases.push(base);
+    }
+    for (i, l) in run.launches.iter().enumerate() {
+        let params: Vec<SimParam> = l
+            .args
+            .iter()
+            .map(|a| match a {
+                Arg::Buffer(b) => SimParam::U64(bases[*b]),
+                Arg::U64(x) => SimParam::U64(*x),
+            })
+            .collect();
+        let k = &l.launch;
+        launch(k.ptx, k.entry, k.grid, k.block, k.dynamic_smem_bytes, &params, &mut memory).map_err(at(i))?;
+    }
+    let last = run.launches.len().saturating_sub(1);
+    run.buffers
+        .iter()
+        .zip(&bases)
+        .filter(|(b, _)| b.read_back)
+        .map(|(b, &base)| {
+            memory
+                .bytes(base, b.bytes.len())
+                .map(<[u8]>::to_vec)
+                .ok_or_else(|| at(last)(SimError::new(0, format!("buffer at {base:#x} vanished"))))
+        })
+        .collect()
 }
 
 /// [`launch`] with explicit [`LaunchLimits`].

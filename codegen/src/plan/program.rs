@@ -1,0 +1,120 @@
+//! The forward programs of a rule: which phases run, over which tensors.
+//!
+//! - recurrent: one sequential phase, token by token (any rule);
+//! - chunked, fused ([`ProgramShape::Fused`]): one sequential phase over the chunks that
+//!   carries the state and writes `o` as it goes (right on a CPU: one core walks a head's
+//!   chunks with its state in cache);
+//! - chunked, split ([`ProgramShape::Split`], FLA's decomposition on GPUs): for a low-rank
+//!   transition (the delta class) a chunk-parallel prep of the UT factors (`chunk.w`,
+//!   `chunk.u`: the solve's parts with and without the entering state); a sequential state
+//!   pass that writes the state entering every chunk into `chunk.h` `[B, NT, H, K, V]` and
+//!   `hT`; then a chunk-parallel output pass that reads them.
+//!
+//! Both chunked programs come from the same chunk algebra (`chunked::chunk_step`); a phase
+//! differs only in where its entering state comes from and what it stores.
+
+use super::chunked::{self, Phase, BOUNDARY_STATES, FACTOR_U, FACTOR_W};
+use super::{recurrent, PlanError, Schedule, Shape};
+use crate::ir::ElemType;
+use crate::program::{Dim, Program, Role, StaticSizes, TensorSpec};
+use chunkc_dsl::ast::{Rule, Ty};
+use chunkc_dsl::canon::Canonical;
+use serde::{Deserialize, Serialize};
+
+/// Which chunked program the schedule asks for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProgramShape {
+    /// One sequential phase.
+    #[default]
+    Fused,
+    /// A sequential state pass, then a chunk-parallel output pass.
+    Split,
+}
+
+impl ProgramShape {
+    pub fn name(self) -> &'static str {
+        match self {
+            ProgramShape::Fused => "fused",
+            ProgramShape::Split => "split",
+        }
+    }
+}
+
+/// The forward's tensors: the rule's inputs (per-token ones in `input`, per-head ones f32),
+/// the optional initial state `h0`, and the outputs `o` and `hT` (f32).
+pub fn forward_tensors(rule: &Rule, input: ElemType) -> Vec<TensorSpec> {
+    use Dim::*;
+    let mut tensors: Vec<TensorSpec> = rule
+        .inputs
+        .iter()
+        .map(|i| {
+            let width = match i.ty {
+                Ty::VecK => Some(K),
+                Ty::VecV => Some(V),
+                _ => None,
+            };
+            let lead: &[Dim] = if i.per_head { &[Heads] } else { &[Batch, SeqLen, Heads] };
+            let elem = if i.per_head { ElemType::F32 } else { input };
+            let dims = lead.iter().copied().chain(width).collect();
+            TensorSpec { name: i.name.clone(), dims, elem, role: Role::Input, optional: false }
+        })
+        .collect();
+    let state = vec![Batch, Heads, K, V];
+    let f32_tensor = |name: &str, dims: Vec<Dim>, role| TensorSpec {
+        name: name.into(),
+        dims,
+        elem: ElemType::F32,
+        role,
+        optional: false,
+    };
+    tensors.push(TensorSpec { optional: true, ..f32_tensor("h0", state.clone(), Role::Input) });
+    tensors.push(f32_tensor("o", vec![Batch, SeqLen, Heads, V], Role::Output));
+    tensors.push(f32_tensor("hT", state, Role::Output));
+    tensors
+}
+
+fn compiled_for(shape: &Shape) -> StaticSizes {
+    StaticSizes { heads: shape.heads, k: shape.k, v: shape.v }
+}
+
+fn spec_error(e: crate::program::SpecError) -> PlanError {
+    PlanError(format!("internal error: {e}"))
+}
+
+/// The recurrent program: one sequential phase, one token per iteration.
+pub fn recurrent(rule: &Rule, shape: Shape, input: ElemType, bv: Option<usize>) -> Result<Program, PlanError> {
+    let kernel = recurrent::build_tiled(rule, shape, input, bv)?;
+    let tensors = forward_tensors(rule, input);
+    Program::new(kernel.name.clone(), 1, compiled_for(&shape), tensors, vec![kernel]).map_err(spec_error)
+}
+
+/// The chunked program the schedule asks for (fused or split).
+pub fn chunked(rule: &Rule, canon: &Canonical, shape: Shape, sched: Schedule) -> Result<Program, PlanError> {
+    let mut tensors = forward_tensors(rule, sched.input);
+    let phases = match sched.program {
+        ProgramShape::Fused => vec![Phase::Fused],
+        ProgramShape::Split => {
+            let intermediate = |name: &str, dims: Vec<Dim>| TensorSpec {
+                name: name.into(),
+                dims,
+                elem: ElemType::F32,
+                role: Role::Intermediate,
+                optional: false,
+            };
+            let phases = chunked::split_phases(canon);
+            if phases.contains(&Phase::Factors) {
+                tensors.push(intermediate(FACTOR_W, vec![Dim::Batch, Dim::SeqLen, Dim::Heads, Dim::K]));
+                tensors.push(intermediate(FACTOR_U, vec![Dim::Batch, Dim::SeqLen, Dim::Heads, Dim::V]));
+            }
+            tensors.push(intermediate(BOUNDARY_STATES, vec![Dim::Batch, Dim::Chunks, Dim::Heads, Dim::K, Dim::V]));
+            phases
+        }
+    };
+    let kernels = phases
+        .into_iter()
+        .map(|p| chunked::build_phase(rule, canon, shape, sched, p))
+        .collect::<Result<Vec<_>, _>>()?;
+    let name = format!("{}_chunked_c{}_{}", rule.name, sched.chunk, sched.program.name());
+    Program::new(name, sched.chunk, compiled_for(&shape), tensors, kernels).map_err(spec_error)
+}
