@@ -1,15 +1,17 @@
 //! chunkc's code generator: the tile IR, the chunk plans per recurrence class, and backends.
 //!
 //! Data flows one way: a checked rule (and its canonical form) from `chunkc-dsl` becomes a
-//! tile-IR [`ir::Kernel`] through a plan in [`plan`], and a backend ([`cpu`]) turns the kernel
+//! tile-IR [`program::Program`] (one [`ir::Kernel`] per phase) through a plan in [`plan`];
+//! the [`midend`] prepares each kernel for a backend (fusion, masks, workspace layout, in-place
+//! updates, given the backend's abilities as data), and a backend ([`cpu`], [`ptx`]) turns it
 //! into code the runtime executes.
 
 pub mod builder;
 pub mod cpu;
 pub mod interp;
 pub mod ir;
-pub mod layout;
 pub mod lower;
+pub mod midend;
 pub mod plan;
 pub mod print;
 pub mod program;

@@ -8,7 +8,7 @@
 //! would). This is the tree `mul(a, exp(cast_f32(sub(x, y))))` the chunked plan builds for
 //! every decayed operand (`q e^B`, `k e^(B_C - B)`, re-centred sub-chunk factors, the scalar
 //! gate's decay mask). Cranelift's vectors are 128 bits and the f64 -> f32 cast splits such a
-//! tree into two passes (fuse.rs); here it is one pass at 16 lanes. The exp is `gated.rs`'s
+//! tree into two passes (`midend::fuse`); here it is one pass at 16 lanes. The exp is `gated.rs`'s
 //! (the vmath.rs algorithm lane for lane), the cast rounds to nearest and the subtraction is
 //! in f64, so the results are bit-identical to the Cranelift lowering of the same tree.
 //! `lower.rs` calls it when the tree has exactly this form and the accesses fit (column stride

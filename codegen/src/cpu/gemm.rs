@@ -16,12 +16,12 @@
 //!
 //! The rows of the product may be scaled too, `c = diag(os) (a @ b) + ...` (one multiply per
 //! element in the epilogue): a row-scaled `a` (`(diag(e^g) Q) S`, a scalar gate's decayed
-//! query) then needs no scaled copy of itself (`fuse.rs` decides).
+//! query) then needs no scaled copy of itself (`midend::fuse` decides).
 //!
 //! `acc` may come with a row scale `s` (`c = a @ b + diag(s) acc`, one FMA per element):
 //! the chunk plans' state update `S' = diag(decay) S + K^T V` then reads the state once, in
 //! the product's epilogue, instead of in a separate scaling pass over the 64 KB state first
-//! (`fuse.rs` decides; [`scale_row`] is the product it computes).
+//! (`midend::fuse` decides; [`scale_row`] is the product it computes).
 //!
 //! [`select`] picks the kernel for the host when the JIT module is built (None where there
 //! is none: then `Dot` stays Cranelift code).

@@ -1,5 +1,5 @@
 //! Lowering of tile-IR statements to Cranelift IR: every op becomes loop nests over the
-//! workspace regions planned in `layout.rs`.
+//! workspace regions planned by `midend::layout`.
 //!
 //! Loops are built from blocks whose parameters carry the counter and any loop-carried
 //! values (accumulators, running pointers). Elementwise ops run along rows with f32x4 /
@@ -11,12 +11,11 @@ use cranelift_codegen::ir::condcodes::IntCC;
 use cranelift_codegen::ir::{types, BlockArg, Endianness, FuncRef, InstBuilder, MemFlagsData, SourceLoc, Type, Value};
 use cranelift_frontend::{FunctionBuilder, Variable};
 
-use super::fuse::Fusion;
-use super::inplace;
 use super::vmath::VMath;
 use super::{gemm, rows};
 use crate::ir::*;
-use crate::layout::{Plan, Storage, YieldCopy};
+use crate::midend::layout::{Plan, Storage, YieldCopy};
+use crate::midend::{Fusion, Prepared};
 
 /// The math routines the generated code calls, in the order of [`super::MATH_F32`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -98,7 +97,7 @@ fn inline_unary(op: UnOp, dt: DType) -> bool {
     dt == DType::F32 && matches!(op, UnOp::Exp | UnOp::Exp2 | UnOp::Sigmoid | UnOp::Silu | UnOp::Log | UnOp::Softplus)
 }
 
-/// A fused elementwise expression (see fuse.rs): leaves index the accesses read per element;
+/// A fused elementwise expression (see `midend::fuse`): leaves index the accesses read per element;
 /// every node carries its dtype.
 enum Ex {
     Leaf(usize),
@@ -183,8 +182,10 @@ pub(super) struct Lower<'a, 'f> {
     vtile: Value,
     /// `[first, end)` of the loop's iterations for this call (clamped to `[0, count)`).
     iters: (Value, Value),
-    /// A loop's state update computed straight into its carried region (`inplace.rs`):
-    /// (the value, the region it is written to instead of its own).
+    /// Per loop (pre-order), the state update the mid-end writes in place (`midend::inplace`).
+    in_place_dots: &'a [Option<ValueId>],
+    /// The current loop's state update computed straight into its carried region: (the
+    /// value, the region it is written to instead of its own).
     in_place: Option<(ValueId, Storage)>,
     iter: Variable,
     /// Whether a `Loop` body is being lowered (loads there prefetch one iteration ahead).
@@ -208,13 +209,12 @@ impl<'a, 'f> Lower<'a, 'f> {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn run(
         b: &'a mut FunctionBuilder<'f>,
-        kernel: &'a Kernel,
-        fusion: &'a Fusion,
-        plan: &'a Plan,
+        prepared: &'a Prepared,
         math: &'a MathFns,
         fma: bool,
         abi: [Value; 8],
     ) {
+        let Prepared { kernel, fusion, plan, in_place } = prepared;
         let [params_ptr, batch, head, seq_len, ws, vtile, first_iter, end_iter] = abi;
         let flags = MemFlagsData::new().with_notrap();
         let params = (0..kernel.params.len())
@@ -228,6 +228,7 @@ impl<'a, 'f> Lower<'a, 'f> {
             kernel,
             fusion,
             plan,
+            in_place_dots: in_place,
             math,
             fma,
             params,
@@ -630,8 +631,7 @@ impl<'a, 'f> Lower<'a, 'f> {
                     let lp = &plan.loops[self.next_loop];
                     self.next_loop += 1;
                     let n = self.idx(count);
-                    let in_place = inplace::state_dot(carried, body, yields, self.fusion)
-                        .filter(|_| lp.yields.first() == Some(&YieldCopy::Direct));
+                    let in_place = self.in_place_dots.get(self.next_loop - 1).copied().flatten();
                     self.in_place = in_place.map(|y| (y, lp.carried[0]));
                     let mut dsts = vec![];
                     for (k, (c, init)) in carried.iter().enumerate() {
@@ -677,7 +677,7 @@ impl<'a, 'f> Lower<'a, 'f> {
                         vec![]
                     });
                     self.in_place = None;
-                    // The results alias the carried regions (see layout.rs).
+                    // The results alias the carried regions (see `midend::layout`).
                 }
             }
         }
@@ -752,7 +752,7 @@ impl<'a, 'f> Lower<'a, 'f> {
                 }
                 let k = if *ta { xa.rows } else { xa.cols };
                 let gemm_takes = self.math.gemm.is_some() && Self::gemm_takes(out, (ty.rows, ty.cols, k), sb);
-                // A row-scaled left operand the gemm applies to the product's rows (fuse.rs).
+                // A row-scaled left operand the gemm applies to the product's rows (`midend::fuse`).
                 // Should the gemm not take the product after all, the operand is computed
                 // into the region the planner keeps for it.
                 let (mut sa, row_scale) = match self.fusion.scaled_a[a.0 as usize] {
@@ -769,7 +769,7 @@ impl<'a, 'f> Lower<'a, 'f> {
                     std::mem::swap(&mut sa.rs, &mut sa.cs);
                 }
                 let sc = match acc {
-                    // A row-scaled accumulator the gemm applies (`fuse.rs`).
+                    // A row-scaled accumulator the gemm applies (`midend::fuse`).
                     Some(c) if self.fusion.fused[c.0 as usize] => {
                         let (x, s) =
                             self.fusion.scaled[c.0 as usize].expect("only scaled accumulators fuse into a dot");
@@ -781,7 +781,7 @@ impl<'a, 'f> Lower<'a, 'f> {
                 self.dot(out, sa, sb, (ty.rows, ty.cols, k), sc, row_scale);
             }
             Op::Cumsum { x, exclusive } => match (&self.fusion.defs[x.0 as usize], self.math.sums) {
-                // The cast is fused into the running sum (fuse.rs `summed_casts`).
+                // The cast is fused into the running sum (`midend::fuse::summed_casts`).
                 (Some(Op::Cast { x: g, .. }), Some(f)) if self.fusion.fused[x.0 as usize] => {
                     let src = self.val(*g);
                     assert!(src.cs == 1 && out.cs == 1, "the gate sums read and write rows");
@@ -840,7 +840,7 @@ impl<'a, 'f> Lower<'a, 'f> {
         }
     }
 
-    /// Lowers elementwise `op` and every fused operand chain below it (fuse.rs) in one pass.
+    /// Lowers elementwise `op` and every fused operand chain below it (`midend::fuse`) in one pass.
     fn fused_ew(&mut self, op: &Op, ty: TileTy, out: Acc) {
         let mut leaves = vec![];
         let ex = self.tree(op, ty.dtype, &mut leaves);

@@ -1,8 +1,10 @@
 //! Cranelift CPU backend: compiles a tile-IR [`Kernel`] to native code for this machine.
 //!
-//! [`compile`] plans a workspace layout (`layout.rs`: one 64-byte aligned region per
-//! non-view value, reused once the value is dead; views share their operand's region),
-//! lowers every statement to loop nests (`lower.rs`) and JIT-compiles the function
+//! [`compile`] runs the mid-end for this backend's [`abilities`] (`crate::midend`: fusion of
+//! elementwise chains and of row scales into the gemm, redundant masks dropped, the workspace
+//! layout with one 64-byte aligned region per non-view value, reused once the value is dead,
+//! and the in-place state update), lowers every statement to loop nests (`lower.rs`) and
+//! JIT-compiles the function
 //!
 //! ```text
 //! extern "C" fn(params: *const *mut f32, batch: i64, head: i64, seq_len: i64, workspace: *mut u8,
@@ -24,15 +26,12 @@
 //! routines (`gated.rs`) where the host has them ([`Simd`]; [`compile_with`] picks a level).
 
 mod decay;
-mod fuse;
 mod gated;
 mod gemm;
-mod inplace;
 mod lower;
 pub mod peak;
 mod prefetch;
 mod profile;
-mod rewrite;
 mod rows;
 mod solve;
 mod sums;
@@ -48,8 +47,8 @@ use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
 use cranelift_jit::{JITBuilder, JITModule};
 use cranelift_module::{default_libcall_names, FuncId, Linkage, Module};
 
-use crate::ir::{Kernel, UnOp};
-use crate::layout::{self, LayoutError};
+use crate::ir::{BinOp, DType, Kernel, Op, UnOp};
+use crate::midend::{self, Abilities, LayoutError, Prepared};
 use crate::program::{Program, ProgramSpec};
 use lower::{Lower, MathFns};
 
@@ -240,11 +239,11 @@ pub fn compile(kernel: &Kernel) -> Result<CpuCompiled, CodegenError> {
 /// that the host has).
 pub fn compile_with(kernel: &Kernel, simd: Simd) -> Result<CpuCompiled, CodegenError> {
     let simd = simd.min(Simd::best());
-    let (kernel, fusion, plan) = plan_fused(kernel, simd)?;
-    let kernel = &kernel;
+    let prepared = plan_fused(kernel, simd)?;
+    let kernel = &prepared.kernel;
     let mut module = new_module(simd)?;
     let mut ctx = module.make_context();
-    let id = build(&mut module, &mut ctx, kernel, &fusion, &plan, simd)?;
+    let id = build(&mut module, &mut ctx, &prepared, simd)?;
     module.define_function(id, &mut ctx).map_err(|e| CodegenError(format!("compiling {}: {e:?}", kernel.name)))?;
     let ranges = profile::enabled().then(|| {
         let code = ctx.compiled_code().expect("define_function compiled the function");
@@ -264,7 +263,7 @@ pub fn compile_with(kernel: &Kernel, simd: Simd) -> Result<CpuCompiled, CodegenE
     Ok(CpuCompiled {
         module: Some(module),
         func,
-        workspace: plan.bytes,
+        workspace: prepared.plan.bytes,
         vtiles: kernel.vtiles,
         resume: crate::resume::analyse(kernel),
         name: kernel.name.clone(),
@@ -275,11 +274,10 @@ pub fn compile_with(kernel: &Kernel, simd: Simd) -> Result<CpuCompiled, CodegenE
 /// inspection and debugging.
 pub fn compile_to_clif(kernel: &Kernel) -> Result<String, CodegenError> {
     let simd = Simd::best();
-    let (kernel, fusion, plan) = plan_fused(kernel, simd)?;
-    let kernel = &kernel;
+    let prepared = plan_fused(kernel, simd)?;
     let mut module = new_module(simd)?;
     let mut ctx = module.make_context();
-    build(&mut module, &mut ctx, kernel, &fusion, &plan, simd)?;
+    build(&mut module, &mut ctx, &prepared, simd)?;
     let text = ctx.func.display().to_string();
     // SAFETY: nothing was compiled into the module.
     unsafe { module.free_memory() };
@@ -289,24 +287,41 @@ pub fn compile_to_clif(kernel: &Kernel) -> Result<String, CodegenError> {
 /// Bytes of workspace `kernel` needs per call (what `compile(kernel)?.workspace_bytes()`
 /// reports), without compiling it.
 pub fn workspace_bytes(kernel: &Kernel) -> Result<usize, CodegenError> {
-    Ok(plan_fused(kernel, Simd::best())?.2.bytes)
+    Ok(plan_fused(kernel, Simd::best())?.plan.bytes)
 }
 
-/// Checks `kernel` (with the shared planner), drops redundant masks (`rewrite.rs`), decides
-/// what fuses (`fuse.rs`) and plans the workspace for the fused lowering; returns the kernel
-/// to lower.
-fn plan_fused(kernel: &Kernel, simd: Simd) -> Result<(Kernel, fuse::Fusion, layout::Plan), CodegenError> {
-    layout::plan(kernel)?;
+/// What the mid-end may assume of this backend at SIMD level `simd`: its vector rule, the
+/// gemm that applies row scales in its epilogue, and its fused routines.
+pub fn abilities(simd: Simd) -> Abilities {
+    Abilities {
+        vectorises,
+        scaled_gemm: gemm::select(simd).map(|_| gemm::takes_any_layout as fn(usize, usize, usize) -> bool),
+        decay_routine: decay::select(simd).is_some(),
+        sums_routine: sums::select(simd).is_some(),
+    }
+}
+
+/// Whether the elementwise op `op` (result dtype `dt`) runs on vectors in the lowering
+/// (`lower.rs`: `Ex::vec_ok`): f32 math has inline vector code, f64 math and `pow` call out,
+/// and a cast between dtypes is scalar.
+fn vectorises(kernel: &Kernel, op: &Op, dt: DType) -> bool {
+    match op {
+        Op::Unary { op, .. } => {
+            matches!(op, UnOp::Neg | UnOp::Sqrt | UnOp::Recip)
+                || (dt == DType::F32
+                    && matches!(op, UnOp::Exp | UnOp::Exp2 | UnOp::Sigmoid | UnOp::Silu | UnOp::Log | UnOp::Softplus))
+        }
+        Op::Binary { op, .. } => *op != BinOp::Pow,
+        Op::Cast { x, dtype } => kernel.ty(*x).dtype == *dtype,
+        _ => true,
+    }
+}
+
+/// Runs the mid-end for this backend at `simd`, after refusing what it cannot lower.
+fn plan_fused(kernel: &Kernel, simd: Simd) -> Result<Prepared, CodegenError> {
+    midend::layout::plan(kernel)?;
     reject_16bit_inputs(&kernel.body)?;
-    let kernel = rewrite::drop_redundant_masks(kernel);
-    let routines = fuse::Routines {
-        decay: decay::select(simd).is_some(),
-        gemm: gemm::select(simd).is_some(),
-        sums: sums::select(simd).is_some(),
-    };
-    let fusion = fuse::analyse(&kernel, routines);
-    let plan = layout::plan(&fusion.planning)?;
-    Ok((kernel, fusion, plan))
+    Ok(midend::prepare(kernel, &abilities(simd))?)
 }
 
 fn new_module(simd: Simd) -> Result<JITModule, CodegenError> {
@@ -355,14 +370,8 @@ fn new_module(simd: Simd) -> Result<JITModule, CodegenError> {
 }
 
 /// Declares the math imports and the kernel function, and fills `ctx.func` with its body.
-fn build(
-    module: &mut JITModule,
-    ctx: &mut Context,
-    kernel: &Kernel,
-    fusion: &fuse::Fusion,
-    plan: &layout::Plan,
-    simd: Simd,
-) -> Result<FuncId, CodegenError> {
+fn build(module: &mut JITModule, ctx: &mut Context, prepared: &Prepared, simd: Simd) -> Result<FuncId, CodegenError> {
+    let kernel = &prepared.kernel;
     let merr = |e: cranelift_module::ModuleError| CodegenError(format!("declaring functions: {e}"));
     let import = |module: &mut JITModule, func: &mut cranelift_codegen::ir::Function, name: &str, ty, args| {
         let mut sig = module.make_signature();
@@ -463,7 +472,7 @@ fn build(
     b.switch_to_block(entry);
     let p = b.block_params(entry);
     let abi = [p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]];
-    Lower::run(&mut b, kernel, fusion, plan, &math, fma, abi);
+    Lower::run(&mut b, prepared, &math, fma, abi);
     b.seal_all_blocks();
     b.finalize(config);
     Ok(id)

@@ -7,7 +7,7 @@
 //! the tree `cumsum(cast_f64(g))` every per-channel gate starts with. Cranelift runs the
 //! cast and the sum as two passes of two-lane f64 vectors; here it is one pass at eight. The
 //! sums are taken in the same order (row by row, in f64), so the results are bit-identical
-//! to the Cranelift lowering. `fuse.rs` marks the cast fused into its cumsum when the backend
+//! to the Cranelift lowering. `midend::fuse` marks the cast fused into its cumsum when the backend
 //! has this routine and `lower.rs` calls it.
 
 use super::Simd;

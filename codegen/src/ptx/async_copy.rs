@@ -32,7 +32,7 @@
 
 use super::emit::{Em, P, R, RD};
 use crate::ir::*;
-use crate::layout::Pipeline;
+use crate::midend::layout::Pipeline;
 
 /// Loads that double buffering prefetches: the f32 ones, which `cp.async` copies verbatim
 /// (16-bit tensors are widened through registers).

@@ -8,7 +8,8 @@
 use super::mma::{self, DotPlan, LaneRegs};
 use super::*;
 use crate::ir::*;
-use crate::layout::{self, Plan, Storage, YieldCopy};
+use crate::midend::layout::{self, Plan, Storage, YieldCopy};
+use crate::midend::{self, Abilities};
 use std::fmt::Write as _;
 
 /// Name of the dynamic shared-memory array.
@@ -83,6 +84,14 @@ pub(super) struct Em<'k> {
     /// The chunk of this CTA in a chunk-parallel kernel (`%ctaid.y`): its loop runs that one
     /// iteration.
     chunk: Option<String>,
+    /// `fused[v]`: `v` is computed inside its consumer, element by element, and never written
+    /// (`midend::fuse`); `defs` holds every value's defining op.
+    fused: Vec<bool>,
+    defs: Vec<Option<Op>>,
+    /// Per loop (pre-order), the state update written straight into the carried region.
+    in_place_dots: Vec<Option<ValueId>>,
+    /// The current loop's in-place update and the region it is written to.
+    in_place: Option<(ValueId, Storage)>,
     next_loop: usize,
 }
 
@@ -98,23 +107,28 @@ const PREFIX: [&str; 6] = ["%r", "%rd", "%f", "%fd", "%p", "%h"];
 pub(super) fn emit(kernel: &Kernel, target: Sm, opts: EmitOptions, sched: PtxSchedule) -> Result<PtxKernel, PtxError> {
     sched.validate().map_err(PtxError)?;
     let layout_err = |e: layout::LayoutError| PtxError(format!("ptx: {}", e.0));
-    let mut plan = layout::plan(kernel).map_err(layout_err)?;
+    // The mid-end for a SIMT target: every single-use elementwise chain fuses into its root
+    // (one pass, one barrier), and a state update that may is written in place.
+    let mut prepared = midend::prepare(kernel, &Abilities::simt()).map_err(layout_err)?;
+    let kernel = &prepared.kernel;
     // The staging buffer of the 16-bit tensor-core dots is always in shared memory (ldmatrix
     // reads only shared memory); the tiles join it there when both fit the limit.
     let stage = mma::staging_need(kernel, sched.dot, sched.min_mma_dim, sched.staging_bytes);
     let limit = sched.smem_limit(target, opts.smem_limit);
-    let mut shared = plan.bytes + stage <= limit;
+    let mut shared = prepared.plan.bytes + stage <= limit;
     // A chunk-parallel kernel runs one iteration per CTA: there is no next one to prefetch.
     if sched.stages == 2 && sched.async_copy && !kernel.chunk_parallel {
         // Double buffers for the f32 loads of the chunk loop (the ones cp.async issues), when
         // the larger workspace still fits; else (or when a loaded tile is read after its
         // loop, where no parity applies) the single-stage placement above stands.
-        if let Ok(piped) = layout::plan_with(kernel, &super::async_copy::pipelinable) {
-            if piped.bytes + stage <= limit {
-                (plan, shared) = (piped, true);
-            }
+        let single = (prepared.plan.clone(), prepared.in_place.clone());
+        match prepared.replan(&super::async_copy::pipelinable) {
+            Ok(()) if prepared.plan.bytes + stage <= limit => shared = true,
+            _ => (prepared.plan, prepared.in_place) = single,
         }
     }
+    let kernel = &prepared.kernel;
+    let plan = prepared.plan.clone();
     let bytes = plan.bytes;
     let threads = sched.threads();
     let uses_mma = mma::uses_tensor_cores(kernel, &sched);
@@ -171,6 +185,10 @@ pub(super) fn emit(kernel: &Kernel, target: Sm, opts: EmitOptions, sched: PtxSch
         seq_len: String::new(),
         iter: String::new(),
         chunk: None,
+        fused: prepared.fusion.fused.clone(),
+        defs: prepared.fusion.defs.clone(),
+        in_place_dots: prepared.in_place.clone(),
+        in_place: None,
         next_loop: 0,
         sched,
         lanes: None,
@@ -407,6 +425,11 @@ impl Em<'_> {
     }
 
     pub(super) fn storage(&self, v: ValueId) -> Storage {
+        if let Some((dot, region)) = self.in_place {
+            if dot == v {
+                return region;
+            }
+        }
         // layout::plan checked that every value read is defined, so it has storage.
         self.plan.storage[v.0 as usize].unwrap_or(Storage { off: 0, rs: 0, cs: 0, phase: false })
     }
@@ -574,10 +597,67 @@ impl Em<'_> {
 
     /// Reads element (i, j) of `v` (broadcasting).
     fn read(&mut self, v: ValueId, i: &str, j: &str) -> String {
+        if self.fused[v.0 as usize] {
+            return self.eval(v, i, j);
+        }
         let dt = self.k.ty(v).dtype;
         let st = self.bstorage(v);
         let a = self.taddr(st, dt, Some(i), Some(j));
         self.ld(dt, &a)
+    }
+
+    /// Element (i, j) of the elementwise value `v` in a register, computed from its operands
+    /// (read, or evaluated the same way when fused).
+    fn eval(&mut self, v: ValueId, i: &str, j: &str) -> String {
+        let dt = self.k.ty(v).dtype;
+        let op = self.defs[v.0 as usize].clone().expect("an elementwise value is defined");
+        match op {
+            Op::Const { value, .. } => {
+                let x = self.freg(dt);
+                self.ins(format!("mov.{} {x}, {}", ty(dt), fimm(value, dt)));
+                x
+            }
+            Op::Unary { op, x } => {
+                let a = self.read(x, i, j);
+                self.unary(op, dt, &a)
+            }
+            Op::Binary { op, a, b } => {
+                let x = self.read(a, i, j);
+                let y = self.read(b, i, j);
+                self.binary(op, dt, &x, &y)
+            }
+            Op::Cast { x, dtype } => {
+                let from = self.k.ty(x).dtype;
+                let a = self.read(x, i, j);
+                let y = self.freg(dtype);
+                match (from, dtype) {
+                    (DType::F32, DType::F64) => self.ins(format!("cvt.f64.f32 {y}, {a}")),
+                    (DType::F64, DType::F32) => self.ins(format!("cvt.rn.f32.f64 {y}, {a}")),
+                    _ => self.ins(format!("mov.{} {y}, {a}", ty(dt))),
+                }
+                y
+            }
+            Op::Mask { x, mask, fill } => {
+                let p = match &mask {
+                    MaskKind::RowsBefore(e) => {
+                        let lim = self.idx(e);
+                        self.row_valid(i, &lim)
+                    }
+                    MaskKind::Tril { strict } => {
+                        let p = self.reg(P);
+                        let cmp = if *strict { "lt" } else { "le" };
+                        self.ins(format!("setp.{cmp}.u32 {p}, {j}, {i}"));
+                        p
+                    }
+                };
+                let a = self.read(x, i, j);
+                let (f, y) = (self.freg(dt), self.freg(dt));
+                self.ins(format!("mov.{} {f}, {}", ty(dt), fimm(fill, dt)));
+                self.ins(format!("selp.{} {y}, {a}, {f}, {p}", ty(dt)));
+                y
+            }
+            other => unreachable!("{v} = {} is not elementwise", op_name(&other)),
+        }
     }
 
     /// Writes element (i, j) of `v`.
@@ -771,6 +851,12 @@ impl Em<'_> {
 
     fn block(&mut self, stmts: &[Stmt]) -> Result<(), PtxError> {
         for s in stmts {
+            if let Stmt::Let { id, .. } = s {
+                if self.fused[id.0 as usize] {
+                    self.comment(format!("{id}: fused into its consumer"));
+                    continue;
+                }
+            }
             if let Stmt::Let {
                 id,
                 op: Op::Load { elem: ElemType::F32, param, base, row_stride, col_stride, cols, valid_rows, .. },
@@ -811,6 +897,8 @@ impl Em<'_> {
                 }
                 Stmt::Loop { count, carried, body, yields, results: _ } => {
                     let lp = self.plan.loops[self.next_loop].clone();
+                    let in_place = self.in_place_dots.get(self.next_loop).copied().flatten();
+                    self.in_place = in_place.map(|y| (y, lp.carried[0]));
                     self.next_loop += 1;
                     self.comment(format!("loop carrying {}", carried.len()));
                     let n = self.idx(count);
@@ -855,6 +943,9 @@ impl Em<'_> {
                         }
                     }
                     for (k, y) in yields.iter().enumerate() {
+                        if in_place == Some(*y) {
+                            continue; // computed in the carried region already
+                        }
                         let t = self.k.ty(*y);
                         let src = match lp.yields[k] {
                             YieldCopy::Skip => continue,
@@ -869,7 +960,8 @@ impl Em<'_> {
                     if lp.pipeline.is_some() {
                         self.pipeline_drain();
                     }
-                    // The results alias the carried regions (see layout.rs).
+                    self.in_place = None;
+                    // The results alias the carried regions (see `midend::layout`).
                 }
             }
         }
@@ -915,12 +1007,12 @@ impl Em<'_> {
                 self.write(id, &i, &j, &x);
                 self.eloop_end(l);
             }
-            Op::Const { value, .. } => {
+            Op::Const { .. } | Op::Unary { .. } | Op::Binary { .. } | Op::Cast { .. } | Op::Mask { .. } => {
+                // One element per thread: the op, and every fused operand below it, in registers.
                 let l = self.eloop(t.len());
                 let (i, j) = self.split(&l.e.clone(), t.cols);
-                let x = self.freg(dt);
-                self.ins(format!("mov.{} {x}, {}", ty(dt), fimm(*value, dt)));
-                self.write(id, &i, &j, &x);
+                let y = self.eval(id, &i, &j);
+                self.write(id, &i, &j, &y);
                 self.eloop_end(l);
             }
             Op::IdxValue(e) => {
@@ -930,37 +1022,6 @@ impl Em<'_> {
                 let x = self.freg(dt);
                 self.ins(format!("cvt.rn.{}.s64 {x}, {v}", ty(dt)));
                 self.write(id, &i, &j, &x);
-                self.eloop_end(l);
-            }
-            Op::Unary { op, x } => {
-                let l = self.eloop(t.len());
-                let (i, j) = self.split(&l.e.clone(), t.cols);
-                let a = self.read(*x, &i, &j);
-                let y = self.unary(*op, dt, &a);
-                self.write(id, &i, &j, &y);
-                self.eloop_end(l);
-            }
-            Op::Binary { op, a, b } => {
-                let l = self.eloop(t.len());
-                let (i, j) = self.split(&l.e.clone(), t.cols);
-                let x = self.read(*a, &i, &j);
-                let y = self.read(*b, &i, &j);
-                let z = self.binary(*op, dt, &x, &y);
-                self.write(id, &i, &j, &z);
-                self.eloop_end(l);
-            }
-            Op::Cast { x, dtype } => {
-                let from = self.k.ty(*x).dtype;
-                let l = self.eloop(t.len());
-                let (i, j) = self.split(&l.e.clone(), t.cols);
-                let a = self.read(*x, &i, &j);
-                let y = self.freg(*dtype);
-                match (from, *dtype) {
-                    (DType::F32, DType::F64) => self.ins(format!("cvt.f64.f32 {y}, {a}")),
-                    (DType::F64, DType::F32) => self.ins(format!("cvt.rn.f32.f64 {y}, {a}")),
-                    _ => self.ins(format!("mov.{} {y}, {a}", ty(dt))),
-                }
-                self.write(id, &i, &j, &y);
                 self.eloop_end(l);
             }
             Op::Dot { a, b, ta, tb, acc } => {
@@ -1019,30 +1080,6 @@ impl Em<'_> {
                 self.eloop_end(l);
             }
             Op::Rows { .. } | Op::Transpose { .. } => {}
-            Op::Mask { x, mask, fill } => {
-                let limit = match mask {
-                    MaskKind::RowsBefore(e) => Some(self.idx(e)),
-                    MaskKind::Tril { .. } => None,
-                };
-                let l = self.eloop(t.len());
-                let (i, j) = self.split(&l.e.clone(), t.cols);
-                let p = match (mask, limit) {
-                    (_, Some(lim)) => self.row_valid(&i, &lim),
-                    (MaskKind::Tril { strict }, None) => {
-                        let p = self.reg(P);
-                        let cmp = if *strict { "lt" } else { "le" };
-                        self.ins(format!("setp.{cmp}.u32 {p}, {j}, {i}"));
-                        p
-                    }
-                    (MaskKind::RowsBefore(_), None) => unreachable!("limit computed above"),
-                };
-                let v = self.read(*x, &i, &j);
-                let (f, y) = (self.freg(dt), self.freg(dt));
-                self.ins(format!("mov.{} {f}, {}", ty(dt), fimm(*fill, dt)));
-                self.ins(format!("selp.{} {y}, {v}, {f}, {p}", ty(dt)));
-                self.write(id, &i, &j, &y);
-                self.eloop_end(l);
-            }
             Op::GatedDot { a, ga, b, gb, strict } => self.gated_dot(id, [*a, *ga, *b, *gb], *strict),
             Op::SolveUnitLower { l, b } => self.solve(id, *l, *b),
         }

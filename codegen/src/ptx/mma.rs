@@ -474,7 +474,8 @@ impl Em<'_> {
                 preds.push(p);
             }
             let guard = self.and_preds(preds);
-            let st = crate::layout::Storage { off: x.off + h as i64 * x.sk * 4, rs: x.so, cs: x.sk, phase: x.phase };
+            let st =
+                crate::midend::layout::Storage { off: x.off + h as i64 * x.sk * 4, rs: x.so, cs: x.sk, phase: x.phase };
             let addr = self.taddr(st, DType::F32, Some(&i), Some(&c));
             let v = self.reg(F);
             match guard {
@@ -650,7 +651,7 @@ impl Em<'_> {
 
     /// Address of op(x)(row, t) (k = t), without the k-step offset.
     fn frag_ptr(&mut self, x: Operand, row: &str, t: &str) -> String {
-        let st = crate::layout::Storage { off: x.off, rs: x.so, cs: x.sk, phase: x.phase };
+        let st = crate::midend::layout::Storage { off: x.off, rs: x.so, cs: x.sk, phase: x.phase };
         self.taddr(st, DType::F32, Some(row), Some(t))
     }
 

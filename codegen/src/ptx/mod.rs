@@ -13,6 +13,11 @@
 //! GPU has run any of it.
 //!
 //! # Design
+//! - **Mid-end** (`crate::midend`, with [`crate::midend::Abilities::simt`]): every single-use
+//!   elementwise chain is fused into the op that consumes it (computed element by element in
+//!   registers there: no tile, no loop, no barrier of its own), redundant rows masks are
+//!   dropped, and a loop's state update that may is written straight into its carried region
+//!   (no copy at the end of an iteration); the workspace layout is the mid-end's too.
 //! - **Schedule** ([`PtxSchedule`], `schedule.rs`): warps per CTA, the dot precision
 //!   ([`DotPrecision`]: f32 fma, tf32, bf16, f16), the smallest dot dimension worth a tensor
 //!   core, the 16-bit staging budget, whether loads use `cp.async`, whether the tiles may use
@@ -28,10 +33,10 @@
 //!   chunk-parallel kernel (a program's output pass) has one CTA per (V-tile, chunk, b, h):
 //!   `gridDim = (vtiles, ceil(T / C), batch * heads)`, `Grid::VTilesChunksBatchHeads`, and its
 //!   loop runs the CTA's chunk alone. [`emit_program`] emits every phase of a program.
-//! - **Block**: `32 * warps` threads (one dimension). Every op is a loop over its output
-//!   elements strided by the block size, followed by `bar.sync 0`, so each op sees its
-//!   operands complete. `Rows` and `Transpose` are views: no code, no barrier.
-//! - **Tiles** live where `layout.rs` puts them: one region per non-view value, reused once
+//! - **Block**: `32 * warps` threads (one dimension). Every op that is not fused is a loop over
+//!   its output elements strided by the block size, followed by `bar.sync 0`, so each op sees
+//!   its operands complete. `Rows` and `Transpose` are views: no code, no barrier.
+//! - **Tiles** live where `midend::layout` puts them: one region per non-view value, reused once
 //!   dead. The whole workspace goes in dynamic shared memory when it fits, together with the
 //!   16-bit staging buffer, in [`EmitOptions::smem_limit`] (48 KiB by default, the size that
 //!   needs no opt-in attribute at launch) or, under a schedule with `opt_in_smem`, in the
@@ -86,8 +91,8 @@
 //!   tensor-core kernels meet the tf32 (1e-3) and 16-bit (1e-2) budgets, not the f32 one.
 //!
 //! # What is slow, and what is missing
-//! - A barrier after every op; element indices recomputed with integer division per element;
-//!   a 64-bit address computation per element access; no fusion of elementwise ops.
+//! - A barrier after every op that is not fused; element indices recomputed with integer
+//!   division per element; a 64-bit address computation per element access.
 //! - Tensor cores: the 16-bit operands are re-staged for every dot (and every pass of a dot
 //!   with more than `4 * warps` warp tiles), A fragments are reloaded for each warp tile (no
 //!   register blocking across tiles), and tf32 fragments are plain scalar loads.

@@ -1,4 +1,4 @@
-//! Kernel-to-kernel clean-ups the CPU backend applies before fusion and layout.
+//! Kernel-to-kernel clean-ups every backend gets before fusion and layout.
 //!
 //! The chunked plan zeroes the rows past the sequence end of every per-token tile with a
 //! `Mask RowsBefore(valid)` (so that, say, a NaN from an l2norm of a zero row cannot leak
@@ -132,7 +132,7 @@ mod tests {
         assert_eq!(count_masks(&k.body), 3);
         let r = drop_redundant_masks(&k);
         assert_eq!(count_masks(&r.body), 2);
-        crate::layout::plan(&r).expect("the rewritten kernel is valid");
+        crate::midend::layout::plan(&r).expect("the rewritten kernel is valid");
         let uses_xs =
             r.body.iter().any(|s| matches!(s, Stmt::Let { op: Op::Binary { op: BinOp::Add, a, .. }, .. } if *a == xs));
         assert!(uses_xs, "the sum reads the unmasked product");

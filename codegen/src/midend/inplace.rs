@@ -1,5 +1,5 @@
-//! The state update written in place: which loop yield the CPU lowering may compute straight
-//! into its carried region, so that the end of every iteration has no copy of the state (a
+//! The state update written in place: which loop yield a backend may compute straight into
+//! its carried region, so that the end of every iteration has no copy of the state (a
 //! 64 KB copy per chunk at K=V=128, about 3% of a chunked kernel).
 //!
 //! The yield must be a `Dot` at the top level of the body, and the carried value it replaces
@@ -10,7 +10,7 @@
 //! would have read the old state reads nothing of it.
 //!
 //! One read of the old state is allowed: the dot's accumulator may be the carried value
-//! itself (not a view), or a row-scaled accumulator of it that the gemm applies (`fuse.rs`).
+//! itself (not a view), or a row-scaled accumulator of it that the gemm applies (`midend::fuse`).
 //! Every product reads an accumulator element just before it writes the same element of
 //! the result (`lower.rs`, `gemm.rs`), and the two have the same layout, so `S' = diag(d) S +
 //! K^T V` can overwrite `S` as it goes.
@@ -20,7 +20,7 @@ use crate::ir::*;
 
 /// The dot in `body` whose result may be stored in the region of the loop's one carried
 /// value, or None.
-pub(super) fn state_dot(
+pub fn state_dot(
     carried: &[(ValueId, ValueId)],
     body: &[Stmt],
     yields: &[ValueId],
@@ -98,11 +98,17 @@ fn read_closure(v: ValueId, fusion: &Fusion) -> Vec<ValueId> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::fuse::Routines;
     use super::*;
     use crate::builder::Builder;
+    use crate::midend::Abilities;
 
-    const GEMM_ONLY: Routines = Routines { decay: false, gemm: true, sums: false };
+    /// A backend whose gemm takes products of at least 16 x 16 x 16 with a scaled epilogue.
+    const GEMM_ONLY: Abilities = Abilities {
+        vectorises: |_, _, _| true,
+        scaled_gemm: Some(|m, n, k| m >= 16 && n >= 16 && k >= 16),
+        decay_routine: false,
+        sums_routine: false,
+    };
 
     /// `O = K S` then `S' = K^T V + 0.9 S`; with `late`, `S` (or the dot's result) is read
     /// once more after the dot.
@@ -132,7 +138,7 @@ mod tests {
     }
 
     fn analyse(k: &Kernel) -> Option<ValueId> {
-        let fusion = super::super::fuse::analyse(k, GEMM_ONLY);
+        let fusion = super::super::fuse::analyse(k, &GEMM_ONLY);
         let Some(Stmt::Loop { carried, body, yields, .. }) = k.body.iter().find(|s| matches!(s, Stmt::Loop { .. }))
         else {
             panic!("no loop");
@@ -177,16 +183,18 @@ mod tests {
     #[test]
     fn a_row_scaled_update_of_the_state_itself_goes_in_place() {
         let (k, decayed, next) = scaled_update(false);
-        let fusion = super::super::fuse::analyse(&k, GEMM_ONLY);
+        let fusion = super::super::fuse::analyse(&k, &GEMM_ONLY);
         assert!(fusion.fused[decayed.0 as usize], "the scaling fuses into the gemm");
         assert_eq!(analyse(&k), Some(next));
         // Of the transposed state the accumulator reads other elements than the product
         // writes: the update must not overwrite the state it reads.
         let (k, decayed, _) = scaled_update(true);
-        assert!(super::super::fuse::analyse(&k, GEMM_ONLY).fused[decayed.0 as usize]);
+        assert!(super::super::fuse::analyse(&k, &GEMM_ONLY).fused[decayed.0 as usize]);
         assert_eq!(analyse(&k), None);
         // Without a gemm nothing fuses into the product.
         let (k, decayed, _) = scaled_update(false);
-        assert!(!super::super::fuse::analyse(&k, Default::default()).fused[decayed.0 as usize]);
+        assert!(
+            !super::super::fuse::analyse(&k, &Abilities { scaled_gemm: None, ..GEMM_ONLY }).fused[decayed.0 as usize]
+        );
     }
 }

@@ -1,4 +1,5 @@
-//! Fusion of elementwise chains for the Cranelift backend.
+//! Fusion of elementwise chains, for any backend: what fuses depends on the backend's
+//! abilities (its vector rule, its gemm, its fused routines), given as data.
 //!
 //! An elementwise value (`Unary`, `Binary`, `Cast`, `Mask`, `Const`) is *fused* when its only
 //! use is as an operand of one later elementwise op (`Unary`, `Binary`, `Cast`, `Mask`) of the same statement
@@ -17,14 +18,15 @@
 //!
 //! The shared workspace planner (`layout.rs`) still reserves regions for fused values. Since
 //! a root now reads its leaves at its own position rather than where the fused ops stood, the
-//! CPU backend plans a copy of the kernel in which every root is followed by a dead
-//! `Transpose` view of each of its leaves: that keeps the leaves live through the root (a
-//! view takes no region), and nothing else about the plan changes.
+//! backends plan a copy of the kernel in which every root is followed by a dead `Transpose`
+//! view of each of its leaves: that keeps the leaves live through the root (a view takes no
+//! region), and nothing else about the plan changes.
 
+use super::Abilities;
 use crate::ir::*;
 
 /// What the fusion analysis decided for a kernel.
-pub(super) struct Fusion {
+pub struct Fusion {
     /// `fused[v]`: `v` is computed inside its consumer and never materialised.
     pub fused: Vec<bool>,
     /// The defining op of every `Let` value.
@@ -63,26 +65,12 @@ struct Scan {
     blocks: usize,
 }
 
-/// Whether the elementwise op `op` (result dtype `dt`) runs on vectors in the lowering
-/// (`lower.rs`: `Ex::vec_ok`).
-fn node_vec(kernel: &Kernel, op: &Op, dt: DType) -> bool {
-    match op {
-        Op::Unary { op, .. } => {
-            matches!(op, UnOp::Neg | UnOp::Sqrt | UnOp::Recip)
-                || (dt == DType::F32
-                    && matches!(op, UnOp::Exp | UnOp::Exp2 | UnOp::Sigmoid | UnOp::Silu | UnOp::Log | UnOp::Softplus))
-        }
-        Op::Binary { op, .. } => *op != BinOp::Pow,
-        Op::Cast { x, dtype } => kernel.ty(*x).dtype == *dtype,
-        _ => true,
-    }
-}
-
 /// A candidate fuses unless that would turn a vectorised consumer into a scalar loop (a
 /// chain through a dtype change or a math call fuses only into consumers that are scalar
 /// anyway): an extra pass over a tile costs less than losing the vectors.
 struct Decide<'k> {
     kernel: &'k Kernel,
+    vectorises: fn(&Kernel, &Op, DType) -> bool,
     defs: &'k [Option<Op>],
     consumer: &'k [Option<ValueId>],
     candidate: Vec<bool>,
@@ -101,7 +89,7 @@ impl Decide<'_> {
         }
         let r = match &self.defs[i] {
             Some(op) if is_elementwise(op) => {
-                let mut vec = node_vec(self.kernel, op, self.kernel.ty(v).dtype);
+                let mut vec = (self.vectorises)(self.kernel, op, self.kernel.ty(v).dtype);
                 for o in op.operands() {
                     let (f, ov) = self.fused(o);
                     vec &= !f || ov;
@@ -110,7 +98,7 @@ impl Decide<'_> {
                     && (self.forced[i] || vec || {
                         let c = self.consumer[i].expect("a candidate has a consumer");
                         let cop = self.defs[c.0 as usize].as_ref().expect("consumers are defined");
-                        !node_vec(self.kernel, cop, self.kernel.ty(c).dtype)
+                        !(self.vectorises)(self.kernel, cop, self.kernel.ty(c).dtype)
                     });
                 (fuse, vec)
             }
@@ -208,7 +196,12 @@ fn row_scaled(kernel: &Kernel, defs: &[Option<Op>], m: ValueId) -> Option<(Value
 
 /// Marks the `mul(x, s)` accumulators the gemm applies itself (module doc): single-use, in the
 /// dot's block, of a dot the gemm takes whatever its strides, with both leaves materialised.
-fn scaled_accumulators(kernel: &Kernel, s: &Scan, fused: &[bool]) -> Vec<Option<(ValueId, ValueId)>> {
+fn scaled_accumulators(
+    kernel: &Kernel,
+    s: &Scan,
+    fused: &[bool],
+    takes: fn(usize, usize, usize) -> bool,
+) -> Vec<Option<(ValueId, ValueId)>> {
     let mut out = vec![None; kernel.values.len()];
     for (d, op) in s.defs.iter().enumerate() {
         let Some(Op::Dot { a, b, ta, acc: Some(m), .. }) = op else { continue };
@@ -217,29 +210,22 @@ fn scaled_accumulators(kernel: &Kernel, s: &Scan, fused: &[bool]) -> Vec<Option<
         let t = kernel.ty(*m);
         let Some((x, sc)) = row_scaled(kernel, &s.defs, *m) else { continue };
         let single = s.uses[mi] == 1 && s.def_block[mi] == s.def_block[d] && m != a && m != b;
-        if single && !fused[x.0 as usize] && !fused[sc.0 as usize] && super::gemm::takes_any_layout(t.rows, t.cols, k) {
+        if single && !fused[x.0 as usize] && !fused[sc.0 as usize] && takes(t.rows, t.cols, k) {
             out[mi] = Some((x, sc));
         }
     }
     out
 }
 
-/// The rustc-compiled routines the backend has for the SIMD level, where a fusion depends on
-/// one.
-#[derive(Clone, Copy, Debug, Default)]
-pub(super) struct Routines {
-    /// `decay.rs`.
-    pub decay: bool,
-    /// `gemm.rs`.
-    pub gemm: bool,
-    /// `sums.rs`.
-    pub sums: bool,
-}
-
 /// Marks the `mul(x, s)` left operands (row-scaled, untransposed, single-use, in the dot's
 /// statement list) of dots the gemm takes: `(diag(s) x) b = diag(s) (x b)`, one multiply per
 /// element of the product instead of a pass over `x`.
-fn scaled_left_operands(kernel: &Kernel, s: &Scan, fused: &[bool]) -> Vec<Option<(ValueId, ValueId)>> {
+fn scaled_left_operands(
+    kernel: &Kernel,
+    s: &Scan,
+    fused: &[bool],
+    takes: fn(usize, usize, usize) -> bool,
+) -> Vec<Option<(ValueId, ValueId)>> {
     let mut out = vec![None; kernel.values.len()];
     for (d, op) in s.defs.iter().enumerate() {
         let Some(Op::Dot { a, b, ta: false, acc, .. }) = op else { continue };
@@ -248,16 +234,17 @@ fn scaled_left_operands(kernel: &Kernel, s: &Scan, fused: &[bool]) -> Vec<Option
         let (t, k) = (kernel.ty(ValueId(d as u32)), kernel.ty(*a).cols);
         let single = s.uses[ai] == 1 && s.def_block[ai] == s.def_block[d] && a != b && *acc != Some(*a);
         let operands_kept = !fused[x.0 as usize] && !fused[sc.0 as usize] && !fused[ai];
-        if single && operands_kept && super::gemm::takes_any_layout(t.rows, t.cols, k) {
+        if single && operands_kept && takes(t.rows, t.cols, k) {
             out[ai] = Some((x, sc));
         }
     }
     out
 }
 
-/// Decides which values fuse and builds the kernel to plan the workspace for.
-pub(super) fn analyse(kernel: &Kernel, routines: Routines) -> Fusion {
-    let Routines { decay, gemm, sums } = routines;
+/// Decides which values fuse for a backend with `abilities`, and builds the kernel to plan the
+/// workspace for.
+pub fn analyse(kernel: &Kernel, abilities: &Abilities) -> Fusion {
+    let &Abilities { vectorises, scaled_gemm, decay_routine: decay, sums_routine: sums } = abilities;
     let n = kernel.values.len();
     let mut s = Scan {
         uses: vec![0; n],
@@ -279,11 +266,18 @@ pub(super) fn analyse(kernel: &Kernel, routines: Routines) -> Fusion {
         })
         .collect();
     let forced = if decay { decay_chains(kernel, &s, &candidate) } else { vec![false; n] };
-    let mut d = Decide { kernel, defs: &s.defs, consumer: &s.consumer, candidate, forced, memo: vec![None; n] };
+    let mut d =
+        Decide { kernel, vectorises, defs: &s.defs, consumer: &s.consumer, candidate, forced, memo: vec![None; n] };
     let mut fused: Vec<bool> = (0..n).map(|v| d.fused(ValueId(v as u32)).0).collect();
-    let scaled = if gemm { scaled_accumulators(kernel, &s, &fused) } else { vec![None; n] };
+    let scaled = match scaled_gemm {
+        Some(takes) => scaled_accumulators(kernel, &s, &fused, takes),
+        None => vec![None; n],
+    };
     fused.iter_mut().zip(&scaled).for_each(|(f, s)| *f |= s.is_some());
-    let scaled_a = if gemm { scaled_left_operands(kernel, &s, &fused) } else { vec![None; n] };
+    let scaled_a = match scaled_gemm {
+        Some(takes) => scaled_left_operands(kernel, &s, &fused, takes),
+        None => vec![None; n],
+    };
     fused.iter_mut().zip(&scaled_a).for_each(|(f, s)| *f |= s.is_some());
     if sums {
         for c in summed_casts(kernel, &s, &fused) {
@@ -317,7 +311,7 @@ fn summed_casts(kernel: &Kernel, s: &Scan, fused: &[bool]) -> Vec<ValueId> {
 }
 
 /// The materialised values a root reads through its fused operands (with repeats).
-pub(super) fn leaves(op: &Op, fused: &[bool], defs: &[Option<Op>], out: &mut Vec<ValueId>) {
+pub fn leaves(op: &Op, fused: &[bool], defs: &[Option<Op>], out: &mut Vec<ValueId>) {
     for o in op.operands() {
         if fused[o.0 as usize] {
             leaves(defs[o.0 as usize].as_ref().expect("fused values are defined"), fused, defs, out);
@@ -365,6 +359,25 @@ mod tests {
     use super::*;
     use crate::builder::Builder;
 
+    /// The CPU backend's vector rule, as its tests assume: f32 math vectorises, f64 math and
+    /// casts between dtypes do not.
+    fn cpu_like(k: &Kernel, op: &Op, dt: DType) -> bool {
+        match op {
+            Op::Unary { op, .. } => matches!(op, UnOp::Neg | UnOp::Sqrt | UnOp::Recip) || dt == DType::F32,
+            Op::Cast { x, dtype } => k.ty(*x).dtype == *dtype,
+            _ => true,
+        }
+    }
+
+    /// A gemm that takes products of at least 16 x 16 x 16.
+    fn large(m: usize, n: usize, k: usize) -> bool {
+        m >= 16 && n >= 16 && k >= 16
+    }
+
+    fn abilities(gemm: bool, sums: bool) -> Abilities {
+        Abilities { vectorises: cpu_like, scaled_gemm: gemm.then_some(large), decay_routine: false, sums_routine: sums }
+    }
+
     #[test]
     fn single_use_elementwise_chains_fuse_and_the_rest_stays() {
         let mut b = Builder::new("f");
@@ -396,7 +409,7 @@ mod tests {
         let out = b.end_loop(&[next])[0];
         b.store(out, pz, Idx::c(0), 4, 1, Idx::c(4));
         let k = b.finish();
-        let f = analyse(&k, Routines::default());
+        let f = analyse(&k, &abilities(false, false));
         let fused = |v: ValueId| f.fused[v.0 as usize];
         for v in [d, m, e, c, s, inner] {
             assert!(fused(v), "{v} should fuse");
@@ -404,7 +417,7 @@ mod tests {
         for v in [x, p, p64, x64, e32, twice, y, n, dot, outer, next] {
             assert!(!fused(v), "{v} should not fuse");
         }
-        crate::layout::plan(&f.planning).expect("the planning kernel is valid");
+        crate::midend::layout::plan(&f.planning).expect("the planning kernel is valid");
     }
 
     #[test]
@@ -421,12 +434,12 @@ mod tests {
         b.store(sum2, po, Idx::c(32), 8, 1, Idx::c(4));
         b.store(h64, pp, Idx::c(0), 8, 1, Idx::c(4));
         let k = b.finish();
-        let with = analyse(&k, Routines { sums: true, ..Routines::default() });
+        let with = analyse(&k, &abilities(false, true));
         assert!(with.fused[g64.0 as usize]);
         assert!(!with.fused[h64.0 as usize], "a cast with another use stays");
         assert!(!with.fused[g.0 as usize]);
-        crate::layout::plan(&with.planning).expect("the planning kernel is valid");
-        let without = analyse(&k, Routines::default());
+        crate::midend::layout::plan(&with.planning).expect("the planning kernel is valid");
+        let without = analyse(&k, &abilities(false, false));
         assert!(!without.fused[g64.0 as usize], "no routine: the cast is a pass of its own");
     }
 
@@ -449,13 +462,13 @@ mod tests {
             b.store(q3, po, Idx::c(0), 16, 1, Idx::c(m as i64));
             b.store(z, po, Idx::c(0), 16, 1, Idx::c(m as i64));
             let k = b.finish();
-            let f = analyse(&k, Routines { gemm: true, ..Routines::default() });
+            let f = analyse(&k, &abilities(true, false));
             assert_eq!(f.scaled_a[q.0 as usize], fuses.then_some((x, s)), "m = {m}");
             assert_eq!(f.fused[q.0 as usize], fuses);
             assert_eq!(f.scaled_a[q2.0 as usize], fuses.then_some((x, s)), "m = {m}, with an accumulator");
             assert!(!f.fused[q3.0 as usize] && f.scaled_a[q3.0 as usize].is_none());
-            crate::layout::plan(&f.planning).expect("the planning kernel is valid");
-            let without = analyse(&k, Routines::default());
+            crate::midend::layout::plan(&f.planning).expect("the planning kernel is valid");
+            let without = analyse(&k, &abilities(false, false));
             assert!(!without.fused[q.0 as usize], "no gemm: the scaling is a pass");
         }
     }
@@ -484,11 +497,11 @@ mod tests {
             b.store(z, po, Idx::c(0), 16, 1, Idx::c(m as i64));
             b.store(twice, po, Idx::c(0), 16, 1, Idx::c(m as i64));
             let k = b.finish();
-            let f = analyse(&k, Routines { gemm: true, ..Routines::default() });
+            let f = analyse(&k, &abilities(true, false));
             assert_eq!(f.fused[scaled.0 as usize], fuses, "m = {m}");
             assert_eq!(f.scaled[scaled.0 as usize], fuses.then_some((x, s)));
             assert!(!f.fused[twice.0 as usize]);
-            crate::layout::plan(&f.planning).expect("the planning kernel is valid");
+            crate::midend::layout::plan(&f.planning).expect("the planning kernel is valid");
         }
     }
 }

@@ -33,7 +33,7 @@ pub struct LayoutError(pub String);
 /// in elements. Element (i, j) is at `off + (i*rs + j*cs) * dtype.size()`, plus the loop's
 /// [`Pipeline::stride`] in odd iterations when `phase` is set (double-buffered loads only).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Storage {
+pub struct Storage {
     pub off: i64,
     pub rs: i64,
     pub cs: i64,
@@ -42,7 +42,7 @@ pub(crate) struct Storage {
 
 /// How a loop yield reaches its carried region at the end of an iteration.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum YieldCopy {
+pub enum YieldCopy {
     /// The yield is the carried value itself: nothing to copy.
     Skip,
     /// Copy straight into the carried region.
@@ -54,7 +54,7 @@ pub(crate) enum YieldCopy {
 
 /// The double-buffered loads of one loop.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct Pipeline {
+pub struct Pipeline {
     /// The loads (`Let` ids in body order); their storage has `phase` set and gives the even
     /// copy.
     pub loads: Vec<ValueId>,
@@ -64,7 +64,7 @@ pub(crate) struct Pipeline {
 
 /// Storage of one `Loop` statement's carried values and its yield copies.
 #[derive(Clone, Debug)]
-pub(crate) struct LoopPlan {
+pub struct LoopPlan {
     pub carried: Vec<Storage>,
     pub yields: Vec<YieldCopy>,
     /// The double-buffered loads of the body (None without any).
@@ -73,7 +73,7 @@ pub(crate) struct LoopPlan {
 
 /// The layout of a whole kernel.
 #[derive(Clone, Debug)]
-pub(crate) struct Plan {
+pub struct Plan {
     /// Storage of every value (None for values that are never defined).
     pub storage: Vec<Option<Storage>>,
     /// One entry per `Loop` statement, in pre-order.
@@ -131,13 +131,13 @@ fn err<T>(msg: impl Into<String>) -> Result<T, LayoutError> {
 }
 
 /// Plans the workspace of `kernel`, checking it on the way.
-pub(crate) fn plan(kernel: &Kernel) -> Result<Plan, LayoutError> {
+pub fn plan(kernel: &Kernel) -> Result<Plan, LayoutError> {
     plan_with(kernel, &|_| false)
 }
 
 /// [`plan`], with double buffers for the loads directly in a loop body for which
 /// `double_buffer` holds (see the module doc).
-pub(crate) fn plan_with(kernel: &Kernel, double_buffer: &dyn Fn(&Op) -> bool) -> Result<Plan, LayoutError> {
+pub fn plan_with(kernel: &Kernel, double_buffer: &dyn Fn(&Op) -> bool) -> Result<Plan, LayoutError> {
     let mut w = Walk {
         kernel,
         regions: vec![],
