@@ -5,12 +5,12 @@
 //! `cargo bench --bench forward` (filter with a family name, e.g. `-- gla/`). Set
 //! CHUNKC_BENCH_T to change T.
 
-use chunkc::backend::{build_program, shape_of, Backend, CpuRunner};
-use chunkc::codegen::ir::ElemType;
-use chunkc::codegen::plan::ProgramShape;
+use chunkc::backend::{build_program, shape_of, CpuRunner};
+use chunkc::codegen::schedule::ProgramShape;
 use chunkc::dsl::reference::Dims;
 use chunkc::runtime::exec::Order;
 use chunkc::verify::random_inputs;
+use chunkc::Schedule;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use std::path::Path;
 use std::time::Duration;
@@ -25,16 +25,15 @@ fn forward(c: &mut Criterion) {
         let mut group = c.benchmark_group(family);
         group.throughput(Throughput::Elements((dims.batch * dims.seq_len * dims.heads) as u64));
         group.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(4));
-        let programs = [
-            ("recurrent", Backend::Recurrent, 0, ProgramShape::Fused),
-            ("chunked64", Backend::Chunked, 64, ProgramShape::Fused),
-            ("chunked64_split", Backend::Chunked, 64, ProgramShape::Split),
+        let schedules = [
+            ("recurrent", Schedule::recurrent()),
+            ("chunked64", Schedule::chunked(64)),
+            ("chunked64_split", Schedule::chunked(64).with_program(ProgramShape::Split)),
         ];
-        for (label, backend, chunk, shape) in programs {
-            let program = build_program(&rule, backend, shape_of(&dims, None), chunk, ElemType::F32, None, shape)
-                .expect("program");
+        for (label, schedule) in schedules {
+            let program = build_program(&rule, shape_of(&dims, None), &schedule).expect("program");
             let mut runner = CpuRunner::new(&program, &dims).expect("compiles");
-            let order = Order { poison_scratch: false, ..Order::threads(1) };
+            let order = Order { threads: 1, time_block: schedule.time_block, poison_scratch: false };
             group.bench_function(label, |b| b.iter(|| runner.run(&inputs, order).expect("runs")));
         }
         group.finish();

@@ -5,13 +5,13 @@
 
 use crate::error::Error;
 use crate::gpu::{self, Device};
-use crate::precision::Precision;
 use crate::problem::infer_dims;
 use chunkc_codegen::cpu::CpuProgram;
-use chunkc_codegen::ir::{ElemType, Kernel};
-use chunkc_codegen::plan::{self, ProgramShape, Schedule, Shape};
+use chunkc_codegen::ir::Kernel;
+use chunkc_codegen::plan::{self, Shape};
 use chunkc_codegen::program::{Program, Role, Sizes, SpecError};
 use chunkc_codegen::ptx::Sm;
+use chunkc_codegen::schedule::{KernelKind, Schedule};
 use chunkc_dsl::ast::Rule;
 use chunkc_dsl::canon::canonicalize;
 use chunkc_dsl::reference::{self, Dims};
@@ -39,6 +39,15 @@ impl Backend {
             Backend::Chunked => "chunked",
         }
     }
+
+    /// The kernel a compiled backend runs (None for the reference).
+    pub fn kernel(self) -> Option<KernelKind> {
+        match self {
+            Backend::Reference => None,
+            Backend::Recurrent => Some(KernelKind::Recurrent),
+            Backend::Chunked => Some(KernelKind::Chunked),
+        }
+    }
 }
 
 /// How a kernel is executed.
@@ -48,9 +57,9 @@ pub enum Engine {
     Jit,
     /// The tile-IR interpreter (slow; for debugging plans).
     Interp,
-    /// The kernel's PTX for `target`, run on `device`, reading its inputs and computing its
-    /// dots at `precision`.
-    Ptx { device: Device, target: Sm, precision: Precision },
+    /// The program's PTX for `target`, run on `device` (its input type and PTX knobs are the
+    /// schedule's).
+    Ptx { device: Device, target: Sm },
 }
 
 impl Engine {
@@ -68,18 +77,13 @@ impl Engine {
 pub struct Options {
     pub backend: Backend,
     pub engine: Engine,
-    pub chunk: usize,
+    /// How the program is built and run: chunk, program shape, V-tile, input type, time
+    /// block, PTX knobs (its kernel follows `backend`).
+    pub schedule: Schedule,
     /// Worker threads; 0 means all available.
     pub threads: usize,
-    /// Tokens per time block of the CPU executor (`--time-block`; 0: head by head).
-    pub time_block: usize,
     /// `scale`; None means 1/sqrt(K).
     pub scale: Option<f64>,
-    /// Columns of V per grid point (`--bv`); None means the whole V.
-    pub bv: Option<usize>,
-    /// The chunked program: fused (one sequential phase) or split (a state pass, then a
-    /// chunk-parallel output pass).
-    pub program: ProgramShape,
 }
 
 impl Default for Options {
@@ -87,13 +91,17 @@ impl Default for Options {
         Options {
             backend: Backend::Chunked,
             engine: Engine::Jit,
-            chunk: 64,
+            schedule: Schedule::default(),
             threads: 0,
-            time_block: exec::DEFAULT_TIME_BLOCK,
             scale: None,
-            bv: None,
-            program: ProgramShape::Fused,
         }
+    }
+}
+
+impl Options {
+    /// The schedule with the backend's kernel (the chunk kept for the chunked one).
+    pub fn kernel_schedule(&self) -> Option<Schedule> {
+        self.backend.kernel().map(|k| self.schedule.with_kernel(k, self.schedule.chunk))
     }
 }
 
@@ -135,65 +143,26 @@ pub fn sizes_of(dims: &Dims) -> Sizes {
     Sizes { batch: dims.batch, seq_len: dims.seq_len, heads: dims.heads, k: dims.k, v: dims.v }
 }
 
-/// Builds the forward program of `rule` for `backend` (recurrent, or chunked as `program`
-/// asks), reading its per-token inputs as `input` (per-head parameters and the states stay
-/// f32), with V split into tiles of `bv` columns (None: the whole V).
-pub fn build_program(
-    rule: &Rule,
-    backend: Backend,
-    shape: Shape,
-    chunk: usize,
-    input: ElemType,
-    bv: Option<usize>,
-    program: ProgramShape,
-) -> Result<Program, Error> {
-    let refused = |e: plan::PlanError| Error::Unsupported(format!("rule `{}`: {}", rule.name, e.0));
-    match backend {
-        Backend::Recurrent if program != ProgramShape::Fused => Err(Error::Input(format!(
-            "--program {}: the recurrent kernel is one phase; programs of several phases are chunked",
-            program.name()
-        ))),
-        Backend::Recurrent => match bv {
-            None => plan::program::recurrent(rule, shape, input, bv).map_err(|e| Error::Unsupported(e.0)),
-            Some(_) => plan::program::recurrent(rule, shape, input, bv).map_err(refused),
-        },
-        Backend::Chunked => {
-            let canon = canonicalize(rule).map_err(|n| Error::from(n.to_diagnostic(rule)))?;
-            let sched = Schedule::with_chunk(chunk).with_input(input).with_bv(bv).with_program(program);
-            plan::program::chunked(rule, &canon, shape, sched).map_err(refused)
-        }
-        Backend::Reference => Err(Error::Internal("the reference has no kernel".into())),
-    }
+/// Builds the forward program `schedule` asks for: the recurrent kernel, or the chunked one
+/// (fused or split), reading its per-token inputs as the schedule's input type (per-head
+/// parameters and the states stay f32), with the schedule's V-tiles.
+pub fn build_program(rule: &Rule, shape: Shape, schedule: &Schedule) -> Result<Program, Error> {
+    schedule.validate().map_err(|e| Error::Input(format!("schedule: {e}")))?;
+    let refused = |e: plan::PlanError| match (schedule.kernel, schedule.bv) {
+        (KernelKind::Recurrent, None) => Error::Unsupported(e.0),
+        _ => Error::Unsupported(format!("rule `{}`: {}", rule.name, e.0)),
+    };
+    let canon = match schedule.kernel {
+        KernelKind::Chunked => Ok(canonicalize(rule).map_err(|n| Error::from(n.to_diagnostic(rule)))?),
+        KernelKind::Recurrent => canonicalize(rule).map_err(|n| plan::PlanError(n.reason)),
+    };
+    plan::program::forward(rule, canon.as_ref().map_err(Clone::clone), shape, schedule).map_err(refused)
 }
 
-/// Builds the tile-IR kernel of `rule` for `backend` (recurrent or chunked), reading f32 inputs.
-pub fn build_kernel(rule: &Rule, backend: Backend, shape: Shape, chunk: usize) -> Result<Kernel, Error> {
-    build_kernel_typed(rule, backend, shape, chunk, ElemType::F32)
-}
-
-/// Builds the tile-IR kernel of `rule` for `backend`, reading its per-token inputs as
-/// `input` (per-head parameters and the states stay f32).
-pub fn build_kernel_typed(
-    rule: &Rule,
-    backend: Backend,
-    shape: Shape,
-    chunk: usize,
-    input: ElemType,
-) -> Result<Kernel, Error> {
-    build_kernel_tiled(rule, backend, shape, chunk, input, None)
-}
-
-/// The single kernel of the fused program ([`build_program`]), with V split into tiles of
-/// `bv` columns (None: the whole V), one grid point (b, h, V-tile) each.
-pub fn build_kernel_tiled(
-    rule: &Rule,
-    backend: Backend,
-    shape: Shape,
-    chunk: usize,
-    input: ElemType,
-    bv: Option<usize>,
-) -> Result<Kernel, Error> {
-    let program = build_program(rule, backend, shape, chunk, input, bv, ProgramShape::Fused)?;
+/// The single kernel of the fused program `schedule` asks for (its program shape is ignored).
+pub fn build_kernel(rule: &Rule, shape: Shape, schedule: &Schedule) -> Result<Kernel, Error> {
+    let fused = schedule.with_program(plan::ProgramShape::Fused);
+    let program = build_program(rule, shape, &fused)?;
     program.kernels.into_iter().next().ok_or_else(|| Error::Internal("a fused program without a kernel".into()))
 }
 
@@ -205,25 +174,20 @@ pub fn run(rule: &Rule, tensors: &Tensors, source: &str, opts: &Options) -> Resu
     if opts.backend == Backend::Reference {
         return run_reference(rule, tensors, dims, shape.scale);
     }
-    if opts.backend == Backend::Chunked && opts.chunk == 0 {
+    if opts.backend == Backend::Chunked && opts.schedule.chunk == 0 {
         return Err(Error::Input("--chunk must be at least 1".into()));
     }
-    let input = match opts.engine {
-        Engine::Ptx { precision, .. } => precision.input,
-        _ => ElemType::F32,
-    };
-    let program = build_program(rule, opts.backend, shape, opts.chunk, input, opts.bv, opts.program)?;
+    let schedule = opts.kernel_schedule().ok_or_else(|| Error::Internal("the reference has no schedule".into()))?;
+    let program = build_program(rule, shape, &schedule)?;
     match opts.engine {
         Engine::Jit => {
             let mut runner = CpuRunner::new(&program, &dims)?;
-            let order = Order { threads: opts.threads, time_block: opts.time_block, poison_scratch: true };
+            let order = Order { threads: opts.threads, time_block: schedule.time_block, poison_scratch: true };
             runner.run(tensors, order)?;
             runner.into_outputs()
         }
         Engine::Interp => execute_interp(&program, tensors, &dims),
-        Engine::Ptx { device, target, precision } => {
-            gpu::execute(&program, tensors, dims, device, target, &precision.schedule)
-        }
+        Engine::Ptx { device, target } => gpu::execute(&program, tensors, dims, device, target, &schedule.ptx),
     }
 }
 

@@ -14,11 +14,10 @@
 //! run (which poisons the scratch too), and that run must have written every element. Poisoning before every run is what `run` and `verify` do (correctness);
 //! here it would time an 8 MB fill and fresh page faults that are not the kernel's.
 
-use crate::backend::{build_program, shape_of, Backend, CpuRunner};
+use crate::backend::{build_program, shape_of, CpuRunner};
 use crate::error::Error;
 use crate::verify::random_inputs;
-use chunkc_codegen::ir::ElemType;
-use chunkc_codegen::plan::ProgramShape;
+use chunkc_codegen::schedule::{KernelKind, Schedule};
 use chunkc_dsl::ast::Rule;
 use chunkc_dsl::reference::Dims;
 use chunkc_runtime::exec::Order;
@@ -46,49 +45,29 @@ impl Measurement {
 }
 
 /// FLOPs of one call by the counting rule in the module doc.
-pub fn flops(dims: &Dims, backend: Backend, chunk: usize) -> f64 {
+pub fn flops(dims: &Dims, schedule: &Schedule) -> f64 {
     let (t, k, v) = (dims.seq_len as f64, dims.k as f64, dims.v as f64);
-    let per_token = match backend {
-        Backend::Chunked => 2.0 * chunk as f64 * (k + v) + 4.0 * k * v,
-        _ => 4.0 * k * v,
+    let per_token = match schedule.kernel {
+        KernelKind::Chunked => 2.0 * schedule.chunk as f64 * (k + v) + 4.0 * k * v,
+        KernelKind::Recurrent => 4.0 * k * v,
     };
     (dims.batch * dims.heads) as f64 * t * per_token
 }
 
-/// Runs the fused program once to warm up, then at least `min_runs` times and for at least
-/// `min_time`; returns the median.
+/// Runs the program `schedule` asks for once to warm up, then at least `min_runs` times and
+/// for at least `min_time`, on `threads` workers (0: all cores); returns the median.
 pub fn bench(
     rule: &Rule,
     dims: Dims,
-    backend: Backend,
-    chunk: usize,
-    order: Order,
+    schedule: &Schedule,
+    threads: usize,
     min_runs: usize,
     min_time: Duration,
 ) -> Result<Measurement, Error> {
-    bench_tiled(rule, dims, backend, chunk, None, ProgramShape::Fused, order, min_runs, min_time)
-}
-
-/// [`bench`] of the `program` (fused or split) with V split into tiles of `bv` columns (None:
-/// the whole V).
-#[allow(clippy::too_many_arguments)]
-pub fn bench_tiled(
-    rule: &Rule,
-    dims: Dims,
-    backend: Backend,
-    chunk: usize,
-    bv: Option<usize>,
-    program: ProgramShape,
-    order: Order,
-    min_runs: usize,
-    min_time: Duration,
-) -> Result<Measurement, Error> {
-    if backend == Backend::Reference {
-        return Err(Error::Input("bench times compiled kernels: choose --backend recurrent or chunked".into()));
-    }
     let inputs = random_inputs(rule, &dims, 7);
-    let program = build_program(rule, backend, shape_of(&dims, None), chunk, ElemType::F32, bv, program)?;
+    let program = build_program(rule, shape_of(&dims, None), schedule)?;
     let mut runner = CpuRunner::new(&program, &dims)?;
+    let order = Order { threads, time_block: schedule.time_block, poison_scratch: false };
     runner.run(&inputs, Order { poison_scratch: true, ..order })?;
     // The only poisoned run: an element it left unwritten (NaN) or overflowed would make
     // the timings below those of a broken kernel.
@@ -101,7 +80,7 @@ pub fn bench_tiled(
     let start = Instant::now();
     while times.len() < min_runs.max(1) || start.elapsed() < min_time {
         let t = Instant::now();
-        runner.run(&inputs, Order { poison_scratch: false, ..order })?;
+        runner.run(&inputs, order)?;
         times.push(t.elapsed());
         std::hint::black_box(&mut runner);
     }
@@ -110,7 +89,7 @@ pub fn bench_tiled(
         median: times[times.len() / 2],
         best: times[0],
         runs: times.len(),
-        flops_per_call: flops(&dims, backend, chunk),
+        flops_per_call: flops(&dims, schedule),
         token_heads: dims.batch * dims.seq_len * dims.heads,
     })
 }

@@ -120,11 +120,11 @@ pub fn bind<'a>(emitted: &'a PtxProgram, tensors: &'a Tensors, dims: &Dims) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::{build_program, shape_of, Backend};
+    use crate::backend::{build_program, shape_of};
     use crate::verify::random_inputs;
     use chunkc_codegen::ir::ElemType;
-    use chunkc_codegen::plan::ProgramShape;
     use chunkc_codegen::ptx::{Grid, ParamKind, TileSpace};
+    use chunkc_codegen::schedule::{ProgramShape, Schedule};
     use chunkc_dsl::ast::Rule;
     use chunkc_runtime::launch::Arg;
 
@@ -154,7 +154,8 @@ mod tests {
         let tensors = random_inputs(&rule, &dims, 3);
         let shape = shape_of(&dims, None);
         let program =
-            build_program(&rule, Backend::Chunked, shape, 4, elem, None, ProgramShape::Split).expect("program");
+            build_program(&rule, shape, &Schedule::chunked(4).with_input(elem).with_program(ProgramShape::Split))
+                .expect("program");
         let emitted = ptx::emit_program(&program, Sm::Sm80, EmitOptions { smem_limit: 0 }, &PtxSchedule::default())
             .expect("emit");
         let bound = bind(&emitted, &tensors, &dims).expect("bind");
@@ -226,8 +227,7 @@ mod tests {
         let dims = Dims { batch: 1, seq_len: 3, heads: 1, k: 4, v: 4 };
         let tensors = random_inputs(&rule, &dims, 5);
         let shape = shape_of(&dims, None);
-        let program = build_program(&rule, Backend::Recurrent, shape, 64, ElemType::F32, None, ProgramShape::Fused)
-            .expect("program");
+        let program = build_program(&rule, shape, &Schedule::recurrent()).expect("program");
         let emitted = emit(&program, Sm::Sm90, &PtxSchedule::default()).expect("emit");
         assert_eq!(emitted.phases[0].meta.tile_space, TileSpace::Shared);
         let mut bound = bind(&emitted, &tensors, &dims).expect("bind");

@@ -14,14 +14,13 @@ pub mod backend;
 pub mod bench;
 pub mod error;
 pub mod gpu;
-pub mod precision;
 pub mod problem;
 pub mod tune;
 pub mod verify;
 
 pub use backend::{run, Backend, Engine, Options, Outputs};
+pub use chunkc_codegen::schedule::{Schedule, F32_TOLERANCE, SIXTEEN_BIT_TOLERANCE};
 pub use error::Error;
-pub use precision::Precision;
 
 use chunkc_dsl::ast::Rule;
 use chunkc_dsl::canon::{canonicalize, Canonical, NotChunkable};

@@ -4,12 +4,13 @@ use chunkc::backend::{self, Backend, Engine, Options};
 use chunkc::codegen::ir::ElemType;
 use chunkc::codegen::plan::ProgramShape;
 use chunkc::codegen::ptx::{DotPrecision, PtxSchedule};
+use chunkc::codegen::schedule::{KernelKind, Schedule};
 use chunkc::dsl::ast::{Rule, Ty};
 use chunkc::dsl::diag::Diagnostic;
 use chunkc::gpu::Device;
 use chunkc::tune;
 use chunkc::verify;
-use chunkc::{load_rule, Error, Precision};
+use chunkc::{load_rule, Error};
 use clap::{Parser, Subcommand, ValueEnum};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -93,19 +94,13 @@ impl RunBackend {
     }
 
     /// The kernels this backend runs, each with its engine: a PTX backend runs `kernels`
-    /// on its device for `target` (sm_90 when not given) at `precision`; a CPU backend runs
-    /// its own kernel on `cpu`.
-    fn runs(
-        self,
-        kernels: &[Backend],
-        target: Option<GpuTarget>,
-        precision: Precision,
-        cpu: Engine,
-    ) -> Vec<(Backend, Engine)> {
+    /// on its device for `target` (sm_90 when not given); a CPU backend runs its own kernel
+    /// on `cpu`.
+    fn runs(self, kernels: &[Backend], target: Option<GpuTarget>, cpu: Engine) -> Vec<(Backend, Engine)> {
         match (self, self.device()) {
             (_, Some(device)) => {
                 let target = target.map_or(ptx::Sm::Sm90, GpuTarget::sm);
-                kernels.iter().map(|&k| (k, Engine::Ptx { device, target, precision })).collect()
+                kernels.iter().map(|&k| (k, Engine::Ptx { device, target })).collect()
             }
             (RunBackend::Reference, None) => vec![(Backend::Reference, cpu)],
             (RunBackend::Recurrent, None) => vec![(Backend::Recurrent, cpu)],
@@ -196,8 +191,9 @@ impl PrecisionArgs {
         .collect()
     }
 
-    /// The precision the flags ask for; an invalid schedule is a one-line error.
-    fn precision(&self) -> Result<Precision, Error> {
+    /// `schedule` with the input type and PTX knobs the flags ask for; an invalid schedule
+    /// is a one-line error.
+    fn apply(&self, schedule: Schedule) -> Result<Schedule, Error> {
         let input = match self.dtype {
             None | Some(DtypeArg::F32) => ElemType::F32,
             Some(DtypeArg::Bf16) => ElemType::Bf16,
@@ -209,16 +205,16 @@ impl PrecisionArgs {
             Some(DotArg::Bf16) => DotPrecision::Bf16,
             Some(DotArg::F16) => DotPrecision::F16,
         };
-        let mut p = Precision::with_dot(input, dot);
-        match self.stages {
-            None | Some(1) => {}
-            Some(2) => p.schedule = PtxSchedule { warps: p.schedule.warps, ..PtxSchedule::pipelined(dot) },
+        let mut ptx = match self.stages {
+            None | Some(1) => PtxSchedule::with_dot(dot),
+            Some(2) => PtxSchedule::pipelined(dot),
             Some(n) => return Err(Error::Input(format!("--stages must be 1 or 2, not {n}"))),
-        }
+        };
         if let Some(w) = self.warps {
-            p.schedule.warps = w;
+            ptx.warps = w;
         }
-        p.validate().map(|()| p).map_err(|e| Error::Input(format!("--warps: {e}")))
+        ptx.validate().map_err(|e| Error::Input(format!("--warps: {e}")))?;
+        Ok(schedule.with_input(input).with_ptx(ptx))
     }
 }
 
@@ -229,7 +225,7 @@ enum ProgramArg {
     #[default]
     Fused,
     /// A sequential state pass writing every chunk's entering state, then a chunk-parallel
-    /// output pass (FLA's decomposition).
+    /// output pass (FLA's decomposition; the delta rules' UT factors first).
     Split,
 }
 
@@ -289,7 +285,7 @@ enum Command {
         threads: usize,
         /// CPU executor: tokens per time block (every head's first block, then every head's
         /// next block, ...: rows of all heads at a token share a page); 0: head by head.
-        #[arg(long, default_value_t = chunkc::runtime::exec::DEFAULT_TIME_BLOCK)]
+        #[arg(long, default_value_t = chunkc::codegen::schedule::DEFAULT_TIME_BLOCK)]
         time_block: usize,
         /// Output scale (default 1/sqrt(K)).
         #[arg(long)]
@@ -361,7 +357,7 @@ enum Command {
         threads: usize,
         /// CPU executor: tokens per time block (every head's first block, then every head's
         /// next block, ...: rows of all heads at a token share a page); 0: head by head.
-        #[arg(long, default_value_t = chunkc::runtime::exec::DEFAULT_TIME_BLOCK)]
+        #[arg(long, default_value_t = chunkc::codegen::schedule::DEFAULT_TIME_BLOCK)]
         time_block: usize,
         #[command(flatten)]
         precision: PrecisionArgs,
@@ -395,7 +391,7 @@ enum Command {
         threads: usize,
         /// CPU executor: tokens per time block (every head's first block, then every head's
         /// next block, ...: rows of all heads at a token share a page); 0: head by head.
-        #[arg(long, default_value_t = chunkc::runtime::exec::DEFAULT_TIME_BLOCK)]
+        #[arg(long, default_value_t = chunkc::codegen::schedule::DEFAULT_TIME_BLOCK)]
         time_block: usize,
         /// At least this many timed runs.
         #[arg(long, default_value_t = 5)]
@@ -424,8 +420,8 @@ enum Command {
     /// keep it in the tuning cache for --tuned.
     ///
     /// A staged search: first the kernel and chunk size (recurrent; chunked at 16, 32, 64,
-    /// 128), then the executor's time block, then the V-tile, each stage from the last one's
-    /// winner. Every candidate is compiled and run once on random inputs and held to the f64
+    /// 128), then the chunked program (fused or split), then the executor's time block, then
+    /// the V-tile, each stage from the last one's winner. Every candidate is compiled and run once on random inputs and held to the f64
     /// reference of those inputs (1e-5 relative RMS) before it is timed; a stage's
     /// candidates are timed in interleaved rounds and scored by their best run, and replace
     /// the stage's incumbent only when more than 2% faster. The winner then races the default
@@ -531,7 +527,11 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
         } => {
             check_bv(bv)?;
             check_ptx_flags(&[backend], target.is_some(), kernel.is_some(), &precision)?;
-            let precision = precision.precision()?;
+            let schedule = Schedule::chunked(chunk)
+                .with_time_block(time_block)
+                .with_bv(bv)
+                .with_program(ProgramShape::from(program));
+            let mut schedule = precision.apply(schedule)?;
             let loaded = load_rule(&rule)?;
             let shown = inputs.display().to_string();
             let (tensors, _) = chunkc::runtime::io::read_safetensors(&inputs)?;
@@ -545,31 +545,28 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
                 Some(KernelArg::Recurrent) => Backend::Recurrent,
                 _ => Backend::Chunked,
             };
-            let [(be, eng)] = backend.runs(&[kernel], target, precision, engine(e))[..] else {
+            let [(mut be, eng)] = backend.runs(&[kernel], target, engine(e))[..] else {
                 return Err(Error::Internal("one backend must give one run".into()));
             };
-            let program = ProgramShape::from(program);
-            let mut opts = Options { backend: be, engine: eng, chunk, threads, time_block, scale, bv, program };
             if tuned {
                 let dims = chunkc::problem::infer_dims(&loaded.rule, &tensors, &shown)?;
-                let config = tuned_schedule(&loaded.rule, &dims, threads, cache.as_deref())?;
-                let (be, chunk) = tune::backend_of(&config);
-                opts = Options { backend: be, chunk, time_block: config.time_block, bv: config.bv, ..opts };
+                schedule = tuned_schedule(&loaded.rule, &dims, threads, cache.as_deref())?;
+                be = backend_of(&schedule);
             }
-            let (be, chunk) = (opts.backend, opts.chunk);
+            let opts = Options { backend: be, engine: eng, schedule, threads, scale };
             let written = backend::run(&loaded.rule, &tensors, &shown, &opts)?.0;
             let mut meta = BTreeMap::new();
             meta.insert("rule".to_string(), loaded.rule.name.clone());
             meta.insert("backend".to_string(), eng.label(be).to_string());
-            if let Engine::Ptx { target, precision, .. } = eng {
+            if let Engine::Ptx { target, .. } = eng {
                 meta.insert("kernel".to_string(), be.name().to_string());
                 meta.insert("target".to_string(), target.name().to_string());
-                meta.insert("dtype".to_string(), precision.input.name().to_string());
-                meta.insert("dot".to_string(), precision.schedule.dot.name().to_string());
+                meta.insert("dtype".to_string(), schedule.input.name().to_string());
+                meta.insert("dot".to_string(), schedule.ptx.dot.name().to_string());
             }
             if be == Backend::Chunked {
-                meta.insert("chunk".to_string(), chunk.to_string());
-                meta.insert("program".to_string(), opts.program.name().to_string());
+                meta.insert("chunk".to_string(), schedule.chunk.to_string());
+                meta.insert("program".to_string(), schedule.program.name().to_string());
             }
             let mut names: Vec<&str> = written.keys().map(String::as_str).collect();
             names.sort_by_key(|n| (*n != "o", *n));
@@ -599,7 +596,9 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
             let named = backend.is_some();
             let backend = backend.unwrap_or_else(|| vec![RunBackend::Recurrent, RunBackend::Chunked]);
             check_ptx_flags(&backend, target.is_some(), false, &precision)?;
-            let precision = precision.precision()?;
+            let schedule =
+                Schedule::chunked(64).with_time_block(time_block).with_bv(bv).with_program(ProgramShape::from(program));
+            let schedule = precision.apply(schedule)?;
             if [batch, heads, k, v].contains(&0) || seq_lens.as_ref().is_some_and(|t| t.contains(&0)) {
                 return Err(Error::Input(
                     "--B, --H, --K, --V and --T must be at least 1: an empty problem verifies nothing".into(),
@@ -614,7 +613,7 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
             }
             let mut runs: Vec<(Backend, Engine)> = vec![];
             for b in &backend {
-                for run in b.runs(&[Backend::Recurrent, Backend::Chunked], target, precision, engine(e)) {
+                for run in b.runs(&[Backend::Recurrent, Backend::Chunked], target, engine(e)) {
                     if !runs.contains(&run) {
                         runs.push(run);
                     }
@@ -633,28 +632,14 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
                 Engine::Ptx { target, .. } => Some(*target),
                 _ => None,
             });
-            let program = ProgramShape::from(program);
-            let plan = verify::Plan {
-                runs,
-                chunks: chunk,
-                seq_lens,
-                batch,
-                heads,
-                k,
-                v,
-                threads,
-                time_block,
-                seed,
-                bv,
-                program,
-            };
+            let plan = verify::Plan { runs, chunks: chunk, seq_lens, batch, heads, k, v, threads, seed, schedule };
             plan.check_ready()?;
             let on_target = ptx_target.map(|t| format!(", PTX for {t}")).unwrap_or_default();
             println!(
                 "verify {} against the f64 reference on the f32 inputs: B={batch} H={heads} K={k} V={v}{on_target}, \
                  {} chunked program, relative RMS within each row's tolerance",
                 loaded.rule.name,
-                program.name()
+                schedule.program.name()
             );
             println!(
                 "{:<10} {:>5} {:>6} {:<20} {:>12} {:>12} {:>6}  result",
@@ -666,7 +651,7 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
                     r.label(),
                     r.chunk.map(|c| c.to_string()).unwrap_or_else(|| "-".into()),
                     r.seq_len,
-                    r.precision(),
+                    r.precision,
                     r.err_o,
                     r.err_ht,
                     r.tolerance,
@@ -688,24 +673,22 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
                 return Err(Error::Input("--chunk must be at least 1".into()));
             }
             let chunkc::dsl::reference::Dims { batch, seq_len, heads, k, v } = dims;
-            let (mut be, mut chunk, mut time_block, mut bv) = (Backend::from(backend), chunk, time_block, bv);
+            let kernel = Backend::from(backend).kernel().ok_or_else(|| {
+                Error::Input("bench times compiled kernels: choose --backend recurrent or chunked".into())
+            })?;
+            let mut schedule = Schedule::chunked(chunk)
+                .with_kernel(kernel, chunk)
+                .with_time_block(time_block)
+                .with_bv(bv)
+                .with_program(ProgramShape::from(program));
             if tuned {
-                let config = tuned_schedule(&loaded.rule, &dims, threads, cache.as_deref())?;
-                (be, chunk) = tune::backend_of(&config);
-                (time_block, bv) = (config.time_block, config.bv);
+                schedule = tuned_schedule(&loaded.rule, &dims, threads, cache.as_deref())?;
             }
+            let be = backend_of(&schedule);
+            let (chunk, time_block, bv) = (schedule.chunk, schedule.time_block, schedule.bv);
             let threads = if threads == 0 { chunkc::runtime::exec::default_threads() } else { threads };
-            let m = chunkc::bench::bench_tiled(
-                &loaded.rule,
-                dims,
-                be,
-                chunk,
-                bv,
-                program.into(),
-                chunkc::runtime::exec::Order { threads, time_block, poison_scratch: false },
-                runs,
-                std::time::Duration::from_secs(1),
-            )?;
+            let m =
+                chunkc::bench::bench(&loaded.rule, dims, &schedule, threads, runs, std::time::Duration::from_secs(1))?;
             let chunk_shown = if be == Backend::Chunked { chunk.to_string() } else { "-".into() };
             if json {
                 println!(
@@ -734,12 +717,10 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
                     )));
                 }
             }
-            let precision = precision.precision()?;
             let loaded = load_rule(&rule)?;
-            let be: Backend = backend.into();
-            if be == Backend::Reference {
+            let Some(kernel) = Backend::from(backend).kernel() else {
                 return Err(Error::Input("the reference has no kernel; choose --backend recurrent or chunked".into()));
-            }
+            };
             if heads == 0 || k == 0 || v == 0 || chunk == 0 {
                 return Err(Error::Input("--H, --K, --V and --chunk must be at least 1".into()));
             }
@@ -748,7 +729,12 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
                 Err(why) => println!("class: not chunkable ({})", why.reason),
             }
             let shape = chunkc::codegen::plan::Shape { heads, k, v, scale: 1.0 / (k as f64).sqrt() };
-            let program = backend::build_program(&loaded.rule, be, shape, chunk, precision.input, bv, program.into())?;
+            let schedule = Schedule::chunked(chunk)
+                .with_kernel(kernel, chunk)
+                .with_bv(bv)
+                .with_program(ProgramShape::from(program));
+            let schedule = precision.apply(schedule)?;
+            let program = backend::build_program(&loaded.rule, shape, &schedule)?;
             let sm = match target {
                 Target::Cpu => {
                     print_all(&program.to_string())?;
@@ -757,7 +743,7 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
                 Target::Sm80 => ptx::Sm::Sm80,
                 Target::Sm90 => ptx::Sm::Sm90,
             };
-            compile_ptx(&program, sm, &precision.schedule, out_dir.as_deref())
+            compile_ptx(&program, sm, &schedule.ptx, out_dir.as_deref())
         }
     }
 }
@@ -784,12 +770,20 @@ fn tuned_schedule(
     dims: &chunkc::dsl::reference::Dims,
     threads: usize,
     cache: Option<&std::path::Path>,
-) -> Result<chunkc::autotune::Config, Error> {
+) -> Result<Schedule, Error> {
     let threads = if threads == 0 { chunkc::runtime::exec::default_threads() } else { threads };
     let path = tune::cache_path(cache)?;
-    let config = tune::tuned_config(rule, dims, threads, &path)?;
-    eprintln!("tuned schedule: {config} (from {})", path.display());
-    Ok(config)
+    let schedule = tune::tuned_schedule(rule, dims, threads, &path)?;
+    eprintln!("tuned schedule: {schedule} (from {})", path.display());
+    Ok(schedule)
+}
+
+/// The backend that runs a schedule's kernel.
+fn backend_of(schedule: &Schedule) -> Backend {
+    match schedule.kernel {
+        KernelKind::Chunked => Backend::Chunked,
+        KernelKind::Recurrent => Backend::Recurrent,
+    }
 }
 
 /// `chunkc tune`: the search, its table as it goes, and the cache update.
@@ -816,7 +810,7 @@ fn tune_rule(
     );
     let eval = tune::CpuEvaluator::new(rule, dims, threads, seed)?;
     let space = at::Space::new(at::Problem { seq_len, v, chunkable });
-    let default = tune::default_config(chunkable);
+    let default = tune::default_schedule(chunkable);
     let settings = at::Settings { rounds, confirm_rounds: 2 * rounds.max(1) - 1, ..Default::default() };
     println!("{:<11} {:<34} {:>9} {:>10}", "stage", "schedule", "best ms", "median ms");
     let report = at::tune(&eval, &space, default, settings, &mut |row| match &row.outcome {
@@ -849,10 +843,11 @@ fn tune_rule(
     if json {
         let w = report.winner;
         println!(
-            "{{\"rule\":\"{}\",\"shape\":[{batch},{seq_len},{heads},{k},{v}],\"threads\":{threads},\"kernel\":\"{}\",\"chunk\":{},\"time_block\":{},\"bv\":{},\"best_ms\":{:.4},\"speedup_vs_default\":{}}}",
+            "{{\"rule\":\"{}\",\"shape\":[{batch},{seq_len},{heads},{k},{v}],\"threads\":{threads},\"kernel\":\"{}\",\"chunk\":{},\"program\":\"{}\",\"time_block\":{},\"bv\":{},\"best_ms\":{:.4},\"speedup_vs_default\":{}}}",
             rule.name,
             w.kernel.name(),
             w.chunk,
+            w.program.name(),
             w.time_block,
             w.bv.map_or("null".to_string(), |b| b.to_string()),
             report.winner_timing.best.as_secs_f64() * 1e3,

@@ -8,12 +8,9 @@
 
 use crate::backend::{self, build_program, shape_of, Backend, CpuRunner, Outputs};
 use crate::error::Error;
-use crate::precision::F32_TOLERANCE;
-use crate::verify::{random_inputs, rel_rms};
+use crate::verify::{random_inputs, rel_rms, F32_TOLERANCE};
 use chunkc_autotune::cache::{self, Cache, Entry, Key, Lookup};
-use chunkc_autotune::{Config, Evaluator, KernelKind, Rejection, Report, Trial};
-use chunkc_codegen::ir::ElemType;
-use chunkc_codegen::plan::ProgramShape;
+use chunkc_autotune::{Evaluator, Rejection, Report, Schedule, Trial};
 use chunkc_dsl::ast::Rule;
 use chunkc_dsl::reference::Dims;
 use chunkc_runtime::exec::Order;
@@ -23,21 +20,12 @@ use std::time::{Duration, Instant};
 
 /// The schedule `chunkc run` and `bench` use without flags: the chunked kernel at chunk 64
 /// (the recurrent kernel for a rule that has no chunked one), the default time block, the
-/// whole V.
-pub fn default_config(chunkable: bool) -> Config {
-    let tb = chunkc_runtime::exec::DEFAULT_TIME_BLOCK;
+/// whole V, fused.
+pub fn default_schedule(chunkable: bool) -> Schedule {
     if chunkable {
-        Config::chunked(64, tb, None)
+        Schedule::chunked(64)
     } else {
-        Config::recurrent(tb, None)
-    }
-}
-
-/// The backend and chunk a configuration runs.
-pub fn backend_of(config: &Config) -> (Backend, usize) {
-    match config.kernel {
-        KernelKind::Chunked => (Backend::Chunked, config.chunk),
-        KernelKind::Recurrent => (Backend::Recurrent, 0),
+        Schedule::recurrent()
     }
 }
 
@@ -62,18 +50,18 @@ impl<'a> CpuEvaluator<'a> {
 
     /// `checking`: the run whose outputs are held to the reference poisons the scratch;
     /// timed runs do not pay for the fill.
-    fn order(&self, config: &Config, checking: bool) -> Order {
+    fn order(&self, config: &Schedule, checking: bool) -> Order {
         Order { threads: self.threads, time_block: config.time_block, poison_scratch: checking }
     }
 
-    fn launch(&self, runner: &mut CpuRunner, config: &Config, checking: bool) -> Result<(), Error> {
+    fn launch(&self, runner: &mut CpuRunner, config: &Schedule, checking: bool) -> Result<(), Error> {
         runner.run(&self.inputs, self.order(config, checking))
     }
 }
 
 struct CpuTrial<'e> {
     eval: &'e CpuEvaluator<'e>,
-    config: Config,
+    config: Schedule,
     runner: CpuRunner,
 }
 
@@ -88,14 +76,12 @@ impl Trial for CpuTrial<'_> {
 }
 
 impl Evaluator for CpuEvaluator<'_> {
-    fn prepare(&self, config: &Config) -> Result<Box<dyn Trial + '_>, Rejection> {
-        let (backend, chunk) = backend_of(config);
+    fn prepare(&self, config: &Schedule) -> Result<Box<dyn Trial + '_>, Rejection> {
         let shape = shape_of(&self.dims, None);
-        let program = build_program(self.rule, backend, shape, chunk, ElemType::F32, config.bv, ProgramShape::Fused)
-            .map_err(|e| match e {
-                Error::Unsupported(why) => Rejection::Unsupported(why),
-                other => Rejection::Failed(other.to_string()),
-            })?;
+        let program = build_program(self.rule, shape, config).map_err(|e| match e {
+            Error::Unsupported(why) => Rejection::Unsupported(why),
+            other => Rejection::Failed(other.to_string()),
+        })?;
         let failed = |e: Error| Rejection::Failed(e.to_string());
         let mut runner = CpuRunner::new(&program, &self.dims).map_err(failed)?;
         runner.poison();
@@ -150,6 +136,7 @@ pub fn entry(key: Key, report: &Report) -> Entry {
         chunk: report.winner.chunk,
         time_block: report.winner.time_block,
         bv: report.winner.bv,
+        program: report.winner.program,
         best_ms: ms(report.winner_timing.best),
         default_best_ms: report.default_timing.map(|t| ms(t.best)),
         tuned_unix,
@@ -158,13 +145,13 @@ pub fn entry(key: Key, report: &Report) -> Entry {
 
 /// The tuned schedule of `rule` for `dims` and `threads` on this machine, from the cache at
 /// `path`; one clear line when there is none or it is stale.
-pub fn tuned_config(rule: &Rule, dims: &Dims, threads: usize, path: &Path) -> Result<Config, Error> {
+pub fn tuned_schedule(rule: &Rule, dims: &Dims, threads: usize, path: &Path) -> Result<Schedule, Error> {
     let cache = Cache::open(path).map_err(|e| Error::Input(e.to_string()))?;
     let key = key(rule, dims, threads);
     let [b, t, h, k, v] = key.shape;
     let retune = format!("run `chunkc tune {} --shape {b},{t},{h},{k},{v} --threads {threads}`", rule.path);
     match cache.lookup(&key) {
-        Lookup::Found(e) => Ok(e.config()),
+        Lookup::Found(e) => Ok(e.schedule()),
         Lookup::Stale(_) => Err(Error::Input(format!(
             "--tuned: {} holds a schedule for rule `{}` at B={b} T={t} H={h} K={k} V={v}, {threads} thread(s), \
              but the rule file has changed since; {retune}",
@@ -192,11 +179,15 @@ mod tests {
 
     const DIMS: Dims = Dims { batch: 1, seq_len: 70, heads: 2, k: 16, v: 32 };
 
+    fn chunked(chunk: usize, tb: usize, bv: Option<usize>) -> Schedule {
+        Schedule::chunked(chunk).with_time_block(tb).with_bv(bv)
+    }
+
     #[test]
     fn candidates_are_verified_against_the_reference_before_they_are_timed() {
         let rule = simple_gla();
         let mut eval = CpuEvaluator::new(&rule, DIMS, 1, 3).expect("reference");
-        for config in [Config::chunked(16, 32, Some(16)), Config::chunked(64, 0, None), Config::recurrent(256, None)] {
+        for config in [chunked(16, 32, Some(16)), chunked(64, 0, None), Schedule::recurrent()] {
             let mut trial = eval.prepare(&config).unwrap_or_else(|why| panic!("{config}: {why}"));
             assert!(trial.run().expect("a timed run") > Duration::ZERO);
         }
@@ -204,7 +195,7 @@ mod tests {
         if let Some(o) = eval.reference.0.get_mut("o") {
             o.data[5] += 1.0;
         }
-        match eval.prepare(&Config::chunked(32, 256, None)) {
+        match eval.prepare(&chunked(32, 256, None)) {
             Err(Rejection::Wrong { error, tolerance }) => assert!(error > tolerance, "{error}"),
             Err(other) => panic!("{other}"),
             Ok(_) => panic!("a kernel that disagrees with the reference was accepted"),
@@ -215,7 +206,7 @@ mod tests {
     fn a_schedule_the_planner_refuses_is_unsupported_not_a_failure() {
         let rule = simple_gla();
         let eval = CpuEvaluator::new(&rule, DIMS, 1, 3).expect("reference");
-        match eval.prepare(&Config::chunked(16, 0, Some(5))) {
+        match eval.prepare(&chunked(16, 0, Some(5))) {
             Err(Rejection::Unsupported(why)) => assert!(why.contains("divisor of V"), "{why}"),
             Err(other) => panic!("{other}"),
             Ok(_) => panic!("bv 5 of V 32 was accepted"),

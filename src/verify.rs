@@ -4,8 +4,8 @@
 use crate::backend::{self, Backend, Engine, Options};
 use crate::error::Error;
 use crate::gpu::{self, Device};
-use crate::precision::Precision;
-use chunkc_codegen::plan::ProgramShape;
+use chunkc_codegen::ir::ElemType;
+use chunkc_codegen::schedule::{KernelKind, ProgramShape, PtxSchedule, Schedule};
 use chunkc_dsl::ast::{Domain, Rule};
 use chunkc_dsl::reference::Dims;
 use chunkc_runtime::io::Tensors;
@@ -100,7 +100,10 @@ pub struct Row {
     pub seq_len: usize,
     pub err_o: f64,
     pub err_ht: f64,
-    /// The budget this row is held to (its engine's precision).
+    /// The precision as the table shows it: `f32 in, f32 dots` for the CPU engines, else the
+    /// schedule's inputs and dots (`bf16 in, bf16 dots`).
+    pub precision: String,
+    /// The budget this row is held to (its precision's).
     pub tolerance: f64,
     pub pass: bool,
 }
@@ -111,26 +114,23 @@ impl Row {
     pub fn label(&self) -> &'static str {
         self.engine.label(self.backend)
     }
-
-    /// The precision as the table shows it: `f32` for the CPU engines, else the inputs' and
-    /// the dots' (`bf16 in, bf16 dots`).
-    pub fn precision(&self) -> String {
-        match self.engine {
-            Engine::Ptx { precision, .. } => precision.describe(),
-            _ => Precision::default().describe(),
-        }
-    }
 }
 
-/// The budget of a run on `engine`: its precision's for the PTX engines, else f32's.
-pub fn tolerance(engine: Engine) -> f64 {
+/// The schedule a run on `engine` computes at: `schedule` for the PTX engines, which read
+/// inputs and compute dots at its precision; f32 inputs and dots for the CPU engines.
+pub fn precision_of(engine: Engine, schedule: &Schedule) -> Schedule {
     match engine {
-        Engine::Ptx { precision, .. } => precision.tolerance(),
-        _ => F32_TOLERANCE,
+        Engine::Ptx { .. } => *schedule,
+        _ => schedule.with_input(ElemType::F32).with_ptx(PtxSchedule::default()),
     }
 }
 
-pub use crate::precision::F32_TOLERANCE;
+/// The budget of a run on `engine` under `schedule` (DESIGN.md): its precision's.
+pub fn tolerance(engine: Engine, schedule: &Schedule) -> f64 {
+    precision_of(engine, schedule).tolerance()
+}
+
+pub use chunkc_codegen::schedule::F32_TOLERANCE;
 
 /// The long sequence of the default sweep on the CPU engines.
 pub const LONG_T: usize = 1000;
@@ -155,13 +155,11 @@ pub struct Plan {
     pub k: usize,
     pub v: usize,
     pub threads: usize,
-    /// Tokens per time block of the CPU executor (0: head by head).
-    pub time_block: usize,
     pub seed: u64,
-    /// Columns of V per grid point of every kernel (`--bv`); None means the whole V.
-    pub bv: Option<usize>,
-    /// The chunked program the chunked rows run (fused or split).
-    pub program: ProgramShape,
+    /// Everything else about how the kernels are built and run (time block, V-tile, the
+    /// chunked program, and for the PTX engines the input type and PTX knobs); the chunk comes
+    /// from `chunks`, the kernel from each run.
+    pub schedule: Schedule,
 }
 
 impl Plan {
@@ -224,20 +222,16 @@ pub fn verify(rule: &Rule, plan: &Plan, mut progress: impl FnMut(&Row)) -> Resul
                 _ => vec![None],
             };
             for chunk in chunks {
-                let opts = Options {
-                    backend: be,
-                    engine,
-                    chunk: chunk.unwrap_or(64),
-                    threads: plan.threads,
-                    time_block: plan.time_block,
-                    scale: None,
-                    bv: plan.bv,
-                    program: if be == Backend::Chunked { plan.program } else { ProgramShape::Fused },
+                let schedule = precision_of(engine, &plan.schedule);
+                let schedule = match be {
+                    Backend::Chunked => schedule.with_kernel(KernelKind::Chunked, chunk.unwrap_or(64)),
+                    _ => schedule.with_kernel(KernelKind::Recurrent, 0).with_program(ProgramShape::Fused),
                 };
+                let opts = Options { backend: be, engine, schedule, threads: plan.threads, scale: None };
                 let out = backend::run(rule, &inputs, "random inputs", &opts)?;
                 let err_o = rel_rms(&out.o().data, &reference.o().data);
                 let err_ht = rel_rms(&out.ht().data, &reference.ht().data);
-                let tolerance = tolerance(engine);
+                let tolerance = schedule.tolerance();
                 let row = Row {
                     backend: be,
                     engine,
@@ -245,6 +239,7 @@ pub fn verify(rule: &Rule, plan: &Plan, mut progress: impl FnMut(&Row)) -> Resul
                     seq_len: t,
                     err_o,
                     err_ht,
+                    precision: schedule.precision(),
                     tolerance,
                     pass: err_o <= tolerance && err_ht <= tolerance,
                 };

@@ -15,7 +15,7 @@
 
 mod common;
 
-use chunkc::precision::{F32_TOLERANCE, SIXTEEN_BIT_TOLERANCE};
+use chunkc::{F32_TOLERANCE, SIXTEEN_BIT_TOLERANCE};
 use common::{check_every_golden, goldens_dir};
 
 /// DESIGN.md's budget for tf32 dots.
@@ -115,4 +115,30 @@ fn every_golden_through_the_ptx_simulator_split_tf32_dots_c64_sm90() {
 fn every_golden_through_the_ptx_simulator_split_bf16_c16_sm80() {
     let bf16 = ["--chunk", "16", "--dtype", "bf16", "--dot", "bf16", "--program", "split"];
     goldens_in_the_simulator_within("sim-split-bf16-c16", "sm_80", &bf16, SIXTEEN_BIT_TOLERANCE);
+}
+
+/// tests/goldens is a copy of ../shared/goldens (for checkouts without ../shared): where both
+/// exist, every case file and the index must be byte-identical, so the copy cannot drift from
+/// the outside truth unnoticed.
+#[test]
+fn the_copy_of_the_goldens_matches_the_shared_set() {
+    let (shared, copy) = (common::root().join("../shared/goldens"), common::root().join("tests/goldens"));
+    assert!(copy.join("index.json").is_file(), "tests/goldens is missing from the checkout");
+    if !shared.join("index.json").is_file() {
+        println!("no ../shared/goldens beside this checkout: the copy is the only set");
+        return;
+    }
+    let mut compared = 0;
+    for entry in std::fs::read_dir(&shared).expect("read ../shared/goldens") {
+        let name = entry.expect("entry").file_name();
+        let name = name.to_string_lossy();
+        if !(name.ends_with(".safetensors") || name == "index.json") {
+            continue;
+        }
+        let want = std::fs::read(shared.join(&*name)).expect("shared file");
+        let got = std::fs::read(copy.join(&*name)).unwrap_or_else(|_| panic!("tests/goldens lacks {name}"));
+        assert!(got == want, "tests/goldens/{name} differs from ../shared/goldens/{name}: copy it again");
+        compared += 1;
+    }
+    assert!(compared >= 19, "expected the 18 cases and the index, compared {compared}");
 }

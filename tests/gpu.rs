@@ -1,7 +1,7 @@
 //! Rung 6 of the verification ladder: with a CUDA device, every golden case through
 //! `chunkc run --backend cuda` (recurrent, chunked at 16/32/64/128) and a property-style
-//! sweep (every rule in rules/, random shapes with T not a multiple of the chunk, recurrent and
-//! chunked kernels) through the CUDA engine against the f64 reference, within 1e-5 relative
+//! sweep (every rule in rules/, random shapes with T not a multiple of the chunk, recurrent
+//! and chunked kernels, fused and split) through the CUDA engine against the f64 reference, within 1e-5 relative
 //! RMS; the goldens also with tf32 dots (1e-3) and bf16 inputs and dots (1e-2). Without a driver or a device it prints `skipped: no CUDA device` and passes: CI has
 //! no GPU, so this file only means something on a machine that has one.
 
@@ -9,11 +9,12 @@ mod common;
 
 use chunkc::backend::{run, Backend, Engine, Options};
 use chunkc::codegen::ptx::Sm;
+use chunkc::codegen::schedule::ProgramShape;
 use chunkc::dsl::reference::Dims;
 use chunkc::gpu::Device;
 use chunkc::runtime::cuda;
 use chunkc::verify::{random_inputs, rel_rms, Rng, F32_TOLERANCE};
-use chunkc::Precision;
+use chunkc::{Schedule, SIXTEEN_BIT_TOLERANCE};
 use common::{check_every_golden, goldens_dir};
 
 #[test]
@@ -39,6 +40,7 @@ fn cuda_backend_matches_the_goldens_and_the_reference() {
         for c in ["16", "32", "64", "128"] {
             configs.push(cuda(&["--kernel", "chunked", "--chunk", c]));
         }
+        configs.push(cuda(&["--chunk", "64", "--program", "split"]));
         check_every_golden(&dir, "cuda", &configs, F32_TOLERANCE);
         // The tensor-core schedules at their own budgets, as tests/goldens.rs runs them in
         // the simulator.
@@ -48,7 +50,7 @@ fn cuda_backend_matches_the_goldens_and_the_reference() {
             cuda(&["--chunk", "64", "--dtype", "bf16", "--dot", "bf16"]),
             cuda(&["--kernel", "recurrent", "--dtype", "bf16", "--dot", "bf16"]),
         ];
-        check_every_golden(&dir, "cuda-bf16", &bf16, chunkc::precision::SIXTEEN_BIT_TOLERANCE);
+        check_every_golden(&dir, "cuda-bf16", &bf16, SIXTEEN_BIT_TOLERANCE);
     }
     random_shapes_agree_with_the_reference(target);
 }
@@ -59,7 +61,7 @@ fn random_shapes_agree_with_the_reference(target: Sm) {
     let paths = common::rule_paths();
     let mut rng = Rng::new(0x6b75_6461);
     let mut pick = |lo: usize, hi: usize| lo + (rng.next_u64() % (hi - lo + 1) as u64) as usize;
-    let engine = Engine::Ptx { device: Device::Cuda, target, precision: Precision::default() };
+    let engine = Engine::Ptx { device: Device::Cuda, target };
     let mut failures = vec![];
     let mut runs = 0;
     for path in paths {
@@ -77,13 +79,14 @@ fn random_shapes_agree_with_the_reference(target: Sm) {
             let reference =
                 run(rule, &inputs, "random inputs", &Options { backend: Backend::Reference, ..Default::default() })
                     .expect("reference runs");
-            let mut kernels = vec![Backend::Recurrent];
+            let mut kernels = vec![(Backend::Recurrent, Schedule::recurrent())];
             if loaded.canonical.is_ok() {
-                kernels.push(Backend::Chunked);
+                kernels.push((Backend::Chunked, Schedule::chunked(chunk)));
+                kernels.push((Backend::Chunked, Schedule::chunked(chunk).with_program(ProgramShape::Split)));
             }
-            for backend in kernels {
-                let opts = Options { backend, engine, chunk, ..Default::default() };
-                let what = format!("{} {} chunk {chunk} {dims:?} seed {seed}", rule.name, backend.name());
+            for (backend, schedule) in kernels {
+                let opts = Options { backend, engine, schedule, ..Default::default() };
+                let what = format!("{} {schedule} {dims:?} seed {seed}", rule.name);
                 runs += 1;
                 match run(rule, &inputs, "random inputs", &opts) {
                     Ok(out) => {

@@ -30,14 +30,16 @@
 
 use chunkc::backend::{run, Backend, Engine, Options};
 use chunkc::codegen::ir::ElemType;
+use chunkc::codegen::ptx::PtxSchedule;
 use chunkc::codegen::ptx::{DotPrecision, Sm};
+use chunkc::codegen::schedule::ProgramShape;
 use chunkc::dsl::canon::canonicalize;
 use chunkc::dsl::reference::Dims;
 use chunkc::gpu::Device;
 use chunkc::runtime::io::Tensors;
 use chunkc::runtime::tensor::Tensor;
 use chunkc::verify::{random_inputs, rel_rms, tolerance, Rng};
-use chunkc::Precision;
+use chunkc::Schedule;
 use proptest::prelude::*;
 use proptest::sample::select;
 use proptest::test_runner::{RngSeed, TestCaseError, TestRunner};
@@ -170,6 +172,9 @@ struct Shape {
     v: usize,
     chunk: usize,
     seed: u64,
+    /// The chunked kernel runs in the split program (factors, states, outputs) instead of
+    /// the fused one.
+    split: bool,
 }
 
 impl Shape {
@@ -521,8 +526,9 @@ fn shape() -> impl Strategy<Value = Shape> {
     let chunk =
         prop_oneof![6 => select(vec![16usize, 32, 64, 128]), 1 => select(vec![1usize, 3, 5, 8, 24, 40, 48, 100])];
     let seq_len = prop_oneof![1 => 1usize..=4, 4 => 1usize..=300];
-    (1usize..=2, 1usize..=3, seq_len, 1usize..=40, 1usize..=40, chunk, any::<u64>())
-        .prop_map(|(batch, heads, seq_len, k, v, chunk, seed)| Shape { batch, heads, seq_len, k, v, chunk, seed })
+    (1usize..=2, 1usize..=3, seq_len, 1usize..=40, 1usize..=40, chunk, any::<u64>(), any::<bool>()).prop_map(
+        |(batch, heads, seq_len, k, v, chunk, seed, split)| Shape { batch, heads, seq_len, k, v, chunk, seed, split },
+    )
 }
 
 /// Shapes for the PTX simulator: B, H <= 2, T <= 70, K, V <= 16 (at most 72k token-state
@@ -531,54 +537,78 @@ fn shape() -> impl Strategy<Value = Shape> {
 fn sim_shape() -> impl Strategy<Value = Shape> {
     let chunk = prop_oneof![4 => select(vec![16usize, 32, 64]), 1 => select(vec![1usize, 3, 5, 8, 24, 40])];
     let seq_len = prop_oneof![1 => 1usize..=4, 4 => 1usize..=70];
-    (1usize..=2, 1usize..=2, seq_len, 1usize..=16, 1usize..=16, chunk, any::<u64>())
-        .prop_map(|(batch, heads, seq_len, k, v, chunk, seed)| Shape { batch, heads, seq_len, k, v, chunk, seed })
+    (1usize..=2, 1usize..=2, seq_len, 1usize..=16, 1usize..=16, chunk, any::<u64>(), any::<bool>()).prop_map(
+        |(batch, heads, seq_len, k, v, chunk, seed, split)| Shape { batch, heads, seq_len, k, v, chunk, seed, split },
+    )
 }
 
 // ---------------------------------------------------------------------------------------
 // Checking.
 
 fn opts(backend: Backend, chunk: usize) -> Options {
-    Options { backend, chunk, ..Options::default() }
+    let schedule = match backend {
+        Backend::Recurrent => Schedule::recurrent(),
+        _ => Schedule::chunked(chunk),
+    };
+    Options { backend, schedule, ..Options::default() }
+}
+
+/// Where a check runs: the engine, and the input type and PTX knobs of its schedule.
+#[derive(Clone, Copy)]
+struct On {
+    engine: Engine,
+    precision: Schedule,
+}
+
+/// The CPU JIT (f32).
+fn jit() -> On {
+    On { engine: Engine::Jit, precision: Schedule::default() }
 }
 
 /// The simulator running PTX for `target`.
-fn sim(target: Sm) -> Engine {
-    Engine::Ptx { device: Device::Sim, target, precision: Precision::default() }
+fn sim(target: Sm) -> On {
+    On { engine: Engine::Ptx { device: Device::Sim, target }, precision: Schedule::default() }
 }
 
 /// The simulator running PTX for sm_80 with `input` tensors and `dot` dots on tensor cores.
-fn sim_tensor_cores(input: ElemType, dot: DotPrecision) -> Engine {
-    Engine::Ptx { device: Device::Sim, target: Sm::Sm80, precision: Precision::with_dot(input, dot) }
+fn sim_tensor_cores(input: ElemType, dot: DotPrecision) -> On {
+    let precision = Schedule::default().with_input(input).with_ptx(PtxSchedule::with_dot(dot));
+    On { engine: Engine::Ptx { device: Device::Sim, target: Sm::Sm80 }, precision }
 }
 
-/// Runs `backend` and compares `o` and `hT` with the reference outputs.
+/// Runs `backend` (the chunked kernel in the split program with `split`) and compares `o`
+/// and `hT` with the reference outputs.
 fn compare(
     rule: &chunkc::dsl::ast::Rule,
     inputs: &Tensors,
     reference: &chunkc::Outputs,
     backend: Backend,
-    engine: Engine,
+    on: On,
     chunk: usize,
+    split: bool,
 ) -> Result<(f64, f64), String> {
-    let label = engine.label(backend);
-    let out = run(rule, inputs, "random inputs", &Options { engine, ..opts(backend, chunk) })
-        .map_err(|e| format!("{label} {} failed: {e}", backend.name()))?;
+    let label = on.engine.label(backend);
+    let mut o = opts(backend, chunk);
+    o.schedule = o.schedule.with_input(on.precision.input).with_ptx(on.precision.ptx);
+    if split && backend == Backend::Chunked {
+        o.schedule = o.schedule.with_program(ProgramShape::Split);
+    }
+    let schedule = o.schedule;
+    let out = run(rule, inputs, "random inputs", &Options { engine: on.engine, ..o })
+        .map_err(|e| format!("{label} {schedule} failed: {e}"))?;
     let (eo, eh) = (rel_rms(&out.o().data, &reference.o().data), rel_rms(&out.ht().data, &reference.ht().data));
-    let tol = tolerance(engine);
-    if let Engine::Ptx { precision, .. } = engine {
-        if !precision.is_f32() {
-            println!("{label} {} {}: rel RMS o {eo:.3e}, hT {eh:.3e}", backend.name(), precision.describe());
-        }
+    let tol = tolerance(on.engine, &schedule);
+    if !schedule.is_f32() {
+        println!("{label} {schedule} {}: rel RMS o {eo:.3e}, hT {eh:.3e}", schedule.precision());
     }
     if eo <= tol && eh <= tol {
         Ok((eo, eh))
     } else {
-        Err(format!("{label} {} (chunk {chunk}): rel RMS error o {eo:.3e}, hT {eh:.3e} > {tol:e}", backend.name()))
+        Err(format!("{label} {schedule}: rel RMS error o {eo:.3e}, hT {eh:.3e} > {tol:e}"))
     }
 }
 
-fn check(text: &str, shape: &Shape, chunkable: bool, engine: Engine) -> Result<(), TestCaseError> {
+fn check(text: &str, shape: &Shape, chunkable: bool, on: On) -> Result<(), TestCaseError> {
     let rule = chunkc::dsl::parse_rule("generated.toml", text)
         .map_err(|d| TestCaseError::fail(format!("generated rule does not parse:\n{d}\n{text}")))?;
     let canon = canonicalize(&rule);
@@ -600,7 +630,7 @@ fn check(text: &str, shape: &Shape, chunkable: bool, engine: Engine) -> Result<(
         backends.push((Backend::Chunked, shape.chunk));
     }
     for (be, chunk) in backends {
-        compare(&rule, &inputs, &reference, be, engine, chunk)
+        compare(&rule, &inputs, &reference, be, on, chunk, shape.split)
             .map_err(|m| TestCaseError::fail(format!("{m}\nshape {shape:?}\nrule:\n{text}")))?;
     }
     Ok(())
@@ -651,14 +681,14 @@ where
 #[test]
 fn random_linear_rules_agree_with_the_reference() {
     property("linear rules, CPU", 48, (linear_spec(), shape()), |(spec, shape)| {
-        check(&render_linear(&spec), &shape, true, Engine::Jit)
+        check(&render_linear(&spec), &shape, true, jit())
     });
 }
 
 #[test]
 fn random_nonlinear_rules_run_recurrent_and_are_not_chunkable() {
     property("non-linear rules, CPU", 16, (nonlinear_spec(), shape()), |(spec, shape)| {
-        check(&render_nonlinear(&spec), &shape, false, Engine::Jit)
+        check(&render_nonlinear(&spec), &shape, false, jit())
     });
 }
 
@@ -746,8 +776,9 @@ fn stress_gates(shape: Vec<usize>, seq_len: usize, spike: usize, rng: &mut Rng) 
     Tensor { shape, data }
 }
 
-/// The spike test on `engine` at `chunks`: a -20 log gate at each token of `spikes`.
-fn strong_decay_spike(engine: Engine, chunks: &[usize], spikes: &[usize]) {
+/// The spike test on `on` at `chunks`: a -20 log gate at each token of `spikes`, in the
+/// fused and the split program.
+fn strong_decay_spike(on: On, chunks: &[usize], spikes: &[usize]) {
     let (batch, heads, seq_len, k, v) = (1, 2, 200, 24, 20);
     let mut failures = vec![];
     for (src, gate_name, per_channel) in [(SIMPLE_GLA, "g", false), (GLA, "gk", true)] {
@@ -762,11 +793,11 @@ fn strong_decay_spike(engine: Engine, chunks: &[usize], spikes: &[usize]) {
             let gshape = if per_channel { vec![batch, seq_len, heads, k] } else { vec![batch, seq_len, heads] };
             inputs.insert(gate_name.into(), stress_gates(gshape, seq_len, spike, &mut rng));
             let reference = run(&rule, &inputs, "stress", &opts(Backend::Reference, 64)).expect("reference runs");
-            for &chunk in chunks {
-                match compare(&rule, &inputs, &reference, Backend::Chunked, engine, chunk) {
+            for (&chunk, split) in chunks.iter().flat_map(|c| [(c, false), (c, true)]) {
+                match compare(&rule, &inputs, &reference, Backend::Chunked, on, chunk, split) {
                     Ok((eo, eh)) => println!(
-                        "{} {} spike at {spike:>3} chunk {chunk:>3}: o {eo:.2e} hT {eh:.2e}",
-                        engine.label(Backend::Chunked),
+                        "{} {} spike at {spike:>3} chunk {chunk:>3} split {split}: o {eo:.2e} hT {eh:.2e}",
+                        on.engine.label(Backend::Chunked),
                         rule.name
                     ),
                     Err(m) => failures.push(format!("{} spike at {spike}: {m}", rule.name)),
@@ -781,7 +812,7 @@ fn strong_decay_spike(engine: Engine, chunks: &[usize], spikes: &[usize]) {
 /// chunk), in the middle of a chunk, and at a chunk's last token.
 #[test]
 fn strong_decay_spike_among_near_zero_gates() {
-    strong_decay_spike(Engine::Jit, &[64, 128], &[0, 3, 63, 64, 100, 127, 128, 199]);
+    strong_decay_spike(jit(), &[64, 128], &[0, 3, 63, 64, 100, 127, 128, 199]);
 }
 
 /// The same in the PTX simulator (its `ex2.approx` stands in for the GPU's), at chunk 64.
@@ -801,10 +832,10 @@ fn regression_vector_gate_chunk_not_a_multiple_of_16() {
     let rule = chunkc::dsl::parse_rule("gla.toml", GLA).expect("gla parses");
     let mut failures = vec![];
     for chunk in [24, 40, 100] {
-        let shape = Shape { batch: 1, heads: 1, seq_len: 130, k: 4, v: 4, chunk, seed: 1 };
+        let shape = Shape { batch: 1, heads: 1, seq_len: 130, k: 4, v: 4, chunk, seed: 1, split: false };
         let inputs = random_inputs(&rule, &shape.dims(), shape.seed);
         let reference = run(&rule, &inputs, "random inputs", &opts(Backend::Reference, 64)).expect("reference runs");
-        if let Err(m) = compare(&rule, &inputs, &reference, Backend::Chunked, Engine::Jit, chunk) {
+        if let Err(m) = compare(&rule, &inputs, &reference, Backend::Chunked, jit(), chunk, false) {
             failures.push(format!("per-channel gate at chunk {chunk}: {m}"));
         }
     }
@@ -839,10 +870,16 @@ beta = { shape = "scalar", domain = "unit" }
     let delta_rule =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/rules/delta_rule.toml")).expect("rule file");
     let cases = [
-        (POSITIVE_DELTA, Shape { batch: 1, heads: 1, seq_len: 128, k: 4, v: 4, chunk: 128, seed: 0 }),
-        (POSITIVE_DELTA, Shape { batch: 1, heads: 2, seq_len: 256, k: 16, v: 16, chunk: 128, seed: 26 }),
-        (delta_rule.as_str(), Shape { batch: 1, heads: 1, seq_len: 64, k: 1, v: 1, chunk: 64, seed: 541 }),
-        (delta_rule.as_str(), Shape { batch: 1, heads: 1, seq_len: 128, k: 1, v: 1, chunk: 128, seed: 0 }),
+        (POSITIVE_DELTA, Shape { batch: 1, heads: 1, seq_len: 128, k: 4, v: 4, chunk: 128, seed: 0, split: false }),
+        (POSITIVE_DELTA, Shape { batch: 1, heads: 2, seq_len: 256, k: 16, v: 16, chunk: 128, seed: 26, split: false }),
+        (
+            delta_rule.as_str(),
+            Shape { batch: 1, heads: 1, seq_len: 64, k: 1, v: 1, chunk: 64, seed: 541, split: false },
+        ),
+        (
+            delta_rule.as_str(),
+            Shape { batch: 1, heads: 1, seq_len: 128, k: 1, v: 1, chunk: 128, seed: 0, split: false },
+        ),
     ];
     let mut failures = vec![];
     for (text, shape) in cases {
@@ -850,7 +887,7 @@ beta = { shape = "scalar", domain = "unit" }
         let inputs = random_inputs(&rule, &shape.dims(), shape.seed);
         let reference = run(&rule, &inputs, "random inputs", &opts(Backend::Reference, 64)).expect("reference runs");
         for (be, chunk) in [(Backend::Recurrent, 64), (Backend::Chunked, shape.chunk)] {
-            if let Err(m) = compare(&rule, &inputs, &reference, be, Engine::Jit, chunk) {
+            if let Err(m) = compare(&rule, &inputs, &reference, be, jit(), chunk, false) {
                 failures.push(format!("{}: {shape:?}: {m}", rule.name));
             }
         }

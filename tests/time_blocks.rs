@@ -3,15 +3,17 @@
 //! call through hT. Resuming is exact by construction (codegen/src/resume.rs), so the
 //! outputs must be bit-identical to the head-by-head order, for every rule, both kernels,
 //! block sizes that do and do not divide T or match the chunk, V-tiles and 1 or 2 threads.
-//! The block order must also really be taken: every built-in kernel is resumable.
+//! The block order must also really be taken: every built-in kernel is resumable, the split
+//! program's phases too (its chunk-parallel ones carry no state at all).
 
 mod common;
 
-use chunkc::backend::{build_kernel_tiled, run, shape_of, Backend, Options};
-use chunkc::codegen::ir::ElemType;
+use chunkc::backend::{build_program, run, shape_of, Backend, Options};
 use chunkc::codegen::resume;
+use chunkc::codegen::schedule::{KernelKind, ProgramShape};
 use chunkc::dsl::reference::Dims;
 use chunkc::verify::random_inputs;
+use chunkc::Schedule;
 
 /// T = 300 is not a multiple of any chunk below, and longer than every block but the last.
 const DIMS: Dims = Dims { batch: 2, seq_len: 300, heads: 3, k: 16, v: 24 };
@@ -20,16 +22,23 @@ const DIMS: Dims = Dims { batch: 2, seq_len: 300, heads: 3, k: 16, v: 24 };
 fn every_built_in_kernel_can_run_in_time_blocks() {
     for path in common::rule_paths() {
         let rule = chunkc::load_rule(&path).unwrap_or_else(|e| panic!("{e}")).rule;
-        for (backend, chunk, tokens) in
-            [(Backend::Recurrent, 64, 1), (Backend::Chunked, 16, 16), (Backend::Chunked, 64, 64)]
-        {
-            let k = build_kernel_tiled(&rule, backend, shape_of(&DIMS, None), chunk, ElemType::F32, None)
-                .unwrap_or_else(|e| panic!("{}: {e}", rule.name));
-            let r = resume::analyse(&k).unwrap_or_else(|| panic!("{} is not resumable", k.name));
-            assert_eq!(r.tokens_per_iteration, tokens, "{}", k.name);
-            let names: Vec<(&str, &str)> =
-                r.state.iter().map(|&(i, o)| (k.params[i].name.as_str(), k.params[o].name.as_str())).collect();
-            assert_eq!(names, [("h0", "hT")], "{}", k.name);
+        let schedules = [
+            Schedule::recurrent(),
+            Schedule::chunked(16),
+            Schedule::chunked(64),
+            Schedule::chunked(16).with_program(ProgramShape::Split),
+        ];
+        for schedule in schedules {
+            let program =
+                build_program(&rule, shape_of(&DIMS, None), &schedule).unwrap_or_else(|e| panic!("{}: {e}", rule.name));
+            for k in &program.kernels {
+                let r = resume::analyse(k).unwrap_or_else(|| panic!("{} is not resumable", k.name));
+                assert_eq!(r.tokens_per_iteration, schedule.tokens_per_step(), "{}", k.name);
+                let names: Vec<(&str, &str)> =
+                    r.state.iter().map(|&(i, o)| (k.params[i].name.as_str(), k.params[o].name.as_str())).collect();
+                let want: &[(&str, &str)] = if k.chunk_parallel { &[] } else { &[("h0", "hT")] };
+                assert_eq!(names, want, "{}", k.name);
+            }
         }
     }
 }
@@ -40,10 +49,23 @@ fn time_blocks_give_the_same_bits_as_head_by_head() {
     for path in common::rule_paths() {
         let rule = chunkc::load_rule(&path).unwrap_or_else(|e| panic!("{e}")).rule;
         let inputs = random_inputs(&rule, &DIMS, 5);
-        for (backend, chunk) in [(Backend::Recurrent, 64), (Backend::Chunked, 16), (Backend::Chunked, 64)] {
+        let runs = [
+            (Backend::Recurrent, 64, ProgramShape::Fused),
+            (Backend::Chunked, 16, ProgramShape::Fused),
+            (Backend::Chunked, 64, ProgramShape::Fused),
+            (Backend::Chunked, 16, ProgramShape::Split),
+        ];
+        for (backend, chunk, program) in runs {
             for bv in [None, Some(DIMS.v / 3)] {
-                let opts =
-                    |time_block, threads| Options { backend, chunk, bv, time_block, threads, ..Default::default() };
+                let kernel = backend.kernel().unwrap_or(KernelKind::Chunked);
+                let opts = |time_block, threads| {
+                    let schedule = Schedule::chunked(chunk)
+                        .with_kernel(kernel, chunk)
+                        .with_bv(bv)
+                        .with_program(program)
+                        .with_time_block(time_block);
+                    Options { backend, schedule, threads, ..Default::default() }
+                };
                 let whole = run(&rule, &inputs, "random", &opts(0, 1)).unwrap_or_else(|e| panic!("{}: {e}", rule.name));
                 assert!(whole.o().data.iter().chain(&whole.ht().data).all(|x| x.is_finite()), "{}", rule.name);
                 for (time_block, threads) in [(1, 1), (chunk, 2), (3 * chunk, 1), (100, 2), (256, 1), (299, 2)] {
@@ -52,9 +74,10 @@ fn time_blocks_give_the_same_bits_as_head_by_head() {
                     let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
                     assert!(
                         same(&got.o().data, &whole.o().data) && same(&got.ht().data, &whole.ht().data),
-                        "{} {} chunk {chunk} bv {bv:?}: time block {time_block} on {threads} thread(s) differs",
+                        "{} {} {} chunk {chunk} bv {bv:?}: time block {time_block} on {threads} thread(s) differs",
                         rule.name,
-                        backend.name()
+                        backend.name(),
+                        program.name()
                     );
                     compared += 1;
                 }

@@ -5,7 +5,7 @@
 //! output pass), whose boundary states start NaN-filled.
 
 use chunkc::backend::{Backend, Engine};
-use chunkc::codegen::plan::ProgramShape;
+use chunkc::codegen::schedule::ProgramShape;
 use chunkc::verify::{verify, Plan};
 use std::path::PathBuf;
 
@@ -33,10 +33,8 @@ fn every_rule_passes_the_default_verify_sweep() {
                 k: 32,
                 v: 40,
                 threads: 0,
-                time_block: chunkc::runtime::exec::DEFAULT_TIME_BLOCK,
                 seed: 1,
-                bv: None,
-                program,
+                schedule: chunkc::Schedule::default().with_program(program),
             };
             let rows = verify(&loaded.rule, &plan, |_| {}).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             runs += rows.len();

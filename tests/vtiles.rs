@@ -7,14 +7,13 @@
 //! dividing V, a reduction over V, a rule not linear in S) are one-line errors; the PTX of
 //! a few BV kernels assembles for sm_80 and sm_90 without spills.
 
-use chunkc::backend::{build_kernel_tiled, build_program, run, shape_of, Backend, Engine, Options};
-use chunkc::codegen::ir::ElemType;
-use chunkc::codegen::plan::ProgramShape;
+use chunkc::backend::{build_kernel, build_program, run, shape_of, Backend, Engine, Options};
 use chunkc::codegen::ptx::{self, DotPrecision, Grid, PtxSchedule, Sm};
+use chunkc::codegen::schedule::ProgramShape;
 use chunkc::dsl::reference::Dims;
 use chunkc::gpu::Device;
-use chunkc::verify::{random_inputs, rel_rms, tolerance};
-use chunkc::Precision;
+use chunkc::verify::{precision_of, random_inputs, rel_rms};
+use chunkc::Schedule;
 mod common;
 
 use common::rule_paths as rules;
@@ -23,13 +22,20 @@ use common::rule_paths as rules;
 const DIMS: Dims = Dims { batch: 2, seq_len: 37, heads: 2, k: 16, v: 16 };
 const CHUNK: usize = 16;
 
-fn sim(precision: Precision) -> Engine {
-    Engine::Ptx { device: Device::Sim, target: Sm::Sm90, precision }
+const SIM: Engine = Engine::Ptx { device: Device::Sim, target: Sm::Sm90 };
+
+/// The schedule of `backend`'s kernel at [`CHUNK`] with V-tiles of `bv` columns, at the
+/// precision of `base`.
+fn tiled(base: Schedule, backend: Backend, bv: Option<usize>) -> Schedule {
+    let kernel = backend.kernel().expect("a compiled backend");
+    base.with_kernel(kernel, CHUNK).with_bv(bv)
 }
 
-/// Runs every rule, both kernels, BV = V/2 and V/4 on `engine`; returns the worst error.
-fn every_rule_split(engine: Engine) -> f64 {
-    let tol = tolerance(engine);
+/// Runs every rule, both kernels, BV = V/2 and V/4 on `engine` at the precision of
+/// `precision`; returns the worst error.
+fn every_rule_split(engine: Engine, precision: Schedule) -> f64 {
+    let precision = precision_of(engine, &precision);
+    let tol = precision.tolerance();
     let mut worst = 0.0f64;
     let mut failures = vec![];
     for path in rules() {
@@ -41,14 +47,11 @@ fn every_rule_split(engine: Engine) -> f64 {
         for backend in [Backend::Recurrent, Backend::Chunked] {
             for bv in [DIMS.v / 2, DIMS.v / 4] {
                 // The kernel really is split (a planner that ignored bv would pass the rest).
-                let input = match engine {
-                    Engine::Ptx { precision, .. } => precision.input,
-                    _ => ElemType::F32,
-                };
-                let k = build_kernel_tiled(rule, backend, shape_of(&DIMS, None), CHUNK, input, Some(bv))
+                let schedule = tiled(precision, backend, Some(bv));
+                let k = build_kernel(rule, shape_of(&DIMS, None), &schedule)
                     .unwrap_or_else(|e| panic!("{} {}: {e}", rule.name, backend.name()));
                 assert_eq!(k.vtiles, DIMS.v / bv, "{}", k.name);
-                let opts = Options { backend, engine, chunk: CHUNK, bv: Some(bv), threads: 2, ..Default::default() };
+                let opts = Options { backend, engine, schedule, threads: 2, scale: None };
                 let out = run(rule, &inputs, "random", &opts).unwrap_or_else(|e| panic!("{}: {e}", rule.name));
                 let (eo, eh) =
                     (rel_rms(&out.o().data, &reference.o().data), rel_rms(&out.ht().data, &reference.ht().data));
@@ -67,22 +70,22 @@ fn every_rule_split(engine: Engine) -> f64 {
 
 #[test]
 fn every_rule_split_into_v_tiles_on_the_cpu_jit() {
-    every_rule_split(Engine::Jit);
+    every_rule_split(Engine::Jit, Schedule::default());
 }
 
 #[test]
 fn every_rule_split_into_v_tiles_in_the_interpreter() {
-    every_rule_split(Engine::Interp);
+    every_rule_split(Engine::Interp, Schedule::default());
 }
 
 #[test]
 fn every_rule_split_into_v_tiles_in_the_ptx_simulator() {
-    every_rule_split(sim(Precision::default()));
+    every_rule_split(SIM, Schedule::default());
 }
 
 #[test]
 fn every_rule_split_into_v_tiles_in_the_ptx_simulator_with_tf32_dots() {
-    every_rule_split(sim(Precision::with_dot(ElemType::F32, DotPrecision::Tf32)));
+    every_rule_split(SIM, Schedule::default().with_ptx(PtxSchedule::with_dot(DotPrecision::Tf32)));
 }
 
 /// A rule from text, through a temporary file (rules are loaded from paths).
@@ -96,7 +99,7 @@ fn rule_from(name: &str, text: &str) -> chunkc::Loaded {
 
 fn refusal(loaded: &chunkc::Loaded, backend: Backend, bv: usize) -> String {
     let shape = shape_of(&DIMS, None);
-    match build_kernel_tiled(&loaded.rule, backend, shape, CHUNK, ElemType::F32, Some(bv)) {
+    match build_kernel(&loaded.rule, shape, &tiled(Schedule::default(), backend, Some(bv))) {
         Ok(k) => panic!("{}: planned with bv {bv}", k.name),
         Err(e) => e.to_string(),
     }
@@ -120,7 +123,7 @@ v = "[V]"
 "#,
     );
     assert!(loaded.canonical.is_ok(), "the rule is chunkable without V-tiles");
-    build_kernel_tiled(&loaded.rule, Backend::Chunked, shape_of(&DIMS, None), CHUNK, ElemType::F32, None)
+    build_kernel(&loaded.rule, shape_of(&DIMS, None), &tiled(Schedule::default(), Backend::Chunked, None))
         .expect("whole V is fine");
     for backend in [Backend::Recurrent, Backend::Chunked] {
         let e = refusal(&loaded, backend, 8);
@@ -179,9 +182,9 @@ fn a_few_v_tile_kernels_assemble_without_spills() {
             (Backend::Chunked, ProgramShape::Split),
         ];
         for (backend, shape) in programs {
-            let program =
-                build_program(&loaded.rule, backend, shape_of(&dims, None), 64, ElemType::F32, Some(32), shape)
-                    .expect("program");
+            let kernel = backend.kernel().expect("compiled");
+            let schedule = Schedule::chunked(64).with_kernel(kernel, 64).with_bv(Some(32)).with_program(shape);
+            let program = build_program(&loaded.rule, shape_of(&dims, None), &schedule).expect("program");
             for sched in &schedules {
                 for sm in [Sm::Sm80, Sm::Sm90] {
                     let emitted = chunkc::gpu::emit(&program, sm, sched).expect("emit");

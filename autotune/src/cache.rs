@@ -4,7 +4,7 @@
 //! An entry also records a hash of the rule file's text: editing the rule makes its entries
 //! stale (found, but not used) rather than silently applied to a different kernel.
 
-use crate::config::{Config, KernelKind};
+use crate::{KernelKind, ProgramShape, Schedule};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -38,6 +38,9 @@ pub struct Entry {
     /// Absent: the whole V.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bv: Option<usize>,
+    /// The chunked program (absent: fused, as in caches written before programs existed).
+    #[serde(default)]
+    pub program: ProgramShape,
     /// The winner's best run in its last race.
     pub best_ms: f64,
     /// The default schedule's best run in the same race (absent when the default won).
@@ -58,13 +61,13 @@ impl Entry {
         }
     }
 
-    pub fn config(&self) -> Config {
-        Config {
-            kernel: self.kernel,
-            chunk: if self.kernel == KernelKind::Chunked { self.chunk } else { 0 },
-            time_block: self.time_block,
-            bv: self.bv,
-        }
+    /// The tuned schedule.
+    pub fn schedule(&self) -> Schedule {
+        let base = match self.kernel {
+            KernelKind::Chunked => Schedule::chunked(self.chunk),
+            KernelKind::Recurrent => Schedule::recurrent(),
+        };
+        base.with_time_block(self.time_block).with_bv(self.bv).with_program(self.program)
     }
 }
 
@@ -189,6 +192,11 @@ pub fn rule_hash(source: &str) -> String {
 mod tests {
     use super::*;
 
+    /// The chunked kernel at `chunk` with time block `tb` and V-tile `bv`.
+    fn chunked(chunk: usize, tb: usize, bv: Option<usize>) -> Schedule {
+        Schedule::chunked(chunk).with_time_block(tb).with_bv(bv)
+    }
+
     fn entry(rule_hash: &str, chunk: usize) -> Entry {
         Entry {
             device: "cpu / avx512".into(),
@@ -200,6 +208,7 @@ mod tests {
             chunk,
             time_block: 256,
             bv: None,
+            program: ProgramShape::Fused,
             best_ms: 30.5,
             default_best_ms: Some(33.0),
             tuned_unix: 1_790_000_000,
@@ -222,7 +231,7 @@ mod tests {
         cache.save().unwrap();
         let back = Cache::open(&path).unwrap();
         assert_eq!(back.entries(), cache.entries());
-        assert_eq!(back.entries()[1].config(), Config::chunked(16, 256, Some(64)));
+        assert_eq!(back.entries()[1].schedule(), chunked(16, 256, Some(64)));
         assert!(std::fs::read_to_string(&path).unwrap().starts_with("# chunkc tune"));
     }
 

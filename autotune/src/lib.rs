@@ -2,12 +2,12 @@
 //! problem shape and thread count.
 //!
 //! The tuner owns the search and nothing that compiles or runs a kernel: the caller supplies
-//! an [`Evaluator`] that turns a [`Config`] into a verified, ready-to-time [`Trial`] (the
+//! an [`Evaluator`] that turns a [`Schedule`] (the compiler's one schedule type, which the
+//! cache stores too) into a verified, ready-to-time [`Trial`] (the
 //! `chunkc` crate's builds the CPU kernel, runs it once on random inputs and holds it to the
 //! f64 reference). So data still flows one way: the tuner drives codegen and the runtime
 //! through that interface, and its tests drive it with scripted timings.
 //!
-//! - [`config`]: one point of the search (kernel, chunk, time block, V-tile).
 //! - [`space`]: the candidates of each stage of the search for a problem.
 //! - [`race`]: the timing protocol (round-robin runs, best and median).
 //! - [`search`]: the staged search and its report.
@@ -15,13 +15,12 @@
 //! - [`cache`]: the TOML file of winners per (device, rule, shape, threads).
 
 pub mod cache;
-pub mod config;
 pub mod device;
 pub mod race;
 pub mod search;
 pub mod space;
 
 pub use cache::{Cache, CacheError, Entry, Key, Lookup};
-pub use config::{Config, KernelKind};
+pub use chunkc_codegen::schedule::{KernelKind, ProgramShape, Schedule};
 pub use search::{tune, Evaluator, Outcome, Rejection, Report, Row, Settings, Trial, TuneError};
 pub use space::{Problem, Space};

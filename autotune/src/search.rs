@@ -6,9 +6,9 @@
 //! rejects never wins. A wrong kernel is a bug in chunkc, never a tuning outcome: the report
 //! keeps it visible ([`Report::wrong`]) so that the caller can fail loudly.
 
-use crate::config::Config;
 use crate::race::{self, Timing};
 use crate::space::{Space, Stage};
+use crate::Schedule;
 use std::fmt;
 use std::time::Duration;
 
@@ -22,7 +22,7 @@ pub trait Trial {
 pub trait Evaluator {
     /// Compiles `config`, runs it once on the tuning inputs and checks the outputs against
     /// the reference: a trial ready to time, or why `config` cannot be one.
-    fn prepare(&self, config: &Config) -> Result<Box<dyn Trial + '_>, Rejection>;
+    fn prepare(&self, config: &Schedule) -> Result<Box<dyn Trial + '_>, Rejection>;
 }
 
 /// Why a candidate is not timed.
@@ -60,7 +60,7 @@ pub enum Outcome {
 pub struct Row {
     /// The stage's name, or `confirm`.
     pub stage: &'static str,
-    pub config: Config,
+    pub config: Schedule,
     pub outcome: Outcome,
 }
 
@@ -93,10 +93,10 @@ fn beats(challenger: &Timing, incumbent: &Timing, min_gain: f64) -> bool {
 #[derive(Clone, Debug)]
 pub struct Report {
     pub rows: Vec<Row>,
-    pub winner: Config,
+    pub winner: Schedule,
     /// The winner's timing in the last race it ran.
     pub winner_timing: Timing,
-    pub default: Config,
+    pub default: Schedule,
     /// The default's timing in the confirming race (None when the winner is the default or
     /// the default was rejected).
     pub default_timing: Option<Timing>,
@@ -125,7 +125,7 @@ pub enum TuneError {
     /// The first stage rejected every candidate; each reason is listed.
     NoCandidate(Vec<String>),
     /// A verified trial failed in a later run.
-    Run { config: Config, why: String },
+    Run { config: Schedule, why: String },
 }
 
 impl fmt::Display for TuneError {
@@ -143,7 +143,7 @@ impl std::error::Error for TuneError {}
 pub fn tune(
     eval: &dyn Evaluator,
     space: &Space,
-    default: Config,
+    default: Schedule,
     settings: Settings,
     on_row: &mut dyn FnMut(&Row),
 ) -> Result<Report, TuneError> {
@@ -152,7 +152,7 @@ pub fn tune(
         on_row(&row);
         rows.push(row);
     };
-    let mut incumbent: Option<(Config, Timing)> = None;
+    let mut incumbent: Option<(Schedule, Timing)> = None;
     for stage in Stage::ALL {
         let from = incumbent.map(|(c, _)| c).unwrap_or(default);
         let candidates = space.candidates(stage, from);
@@ -209,7 +209,7 @@ pub fn tune(
     Ok(Report { rows, winner, winner_timing, default, default_timing })
 }
 
-fn race_trials(trials: &mut [(Config, Box<dyn Trial + '_>)], rounds: usize) -> Result<Vec<Timing>, TuneError> {
+fn race_trials(trials: &mut [(Schedule, Box<dyn Trial + '_>)], rounds: usize) -> Result<Vec<Timing>, TuneError> {
     let mut failed = None;
     race::race(trials.len(), rounds, |i| trials[i].1.run().inspect_err(|_| failed = Some(trials[i].0)))
         .map_err(|why| TuneError::Run { config: failed.unwrap_or(trials[0].0), why })
@@ -218,18 +218,23 @@ fn race_trials(trials: &mut [(Config, Box<dyn Trial + '_>)], rounds: usize) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::KernelKind;
     use crate::space::Problem;
+    use crate::KernelKind;
     use std::cell::RefCell;
+
+    /// The chunked kernel at `chunk` with time block `tb` and V-tile `bv`.
+    fn chunked(chunk: usize, tb: usize, bv: Option<usize>) -> Schedule {
+        Schedule::chunked(chunk).with_time_block(tb).with_bv(bv)
+    }
 
     /// A scripted machine: a configuration's run time is a function of it, plus a drift that
     /// makes every run 10 us slower than the one before (a machine warming up), and some
     /// configurations are unsupported or wrong. The first trial of `lucky` has one outlier
     /// run of 1 ms, as a quiet moment of a shared machine gives.
     struct Scripted {
-        cost: fn(&Config) -> Result<f64, Rejection>,
+        cost: fn(&Schedule) -> Result<f64, Rejection>,
         clock: RefCell<u64>,
-        lucky: RefCell<Option<Config>>,
+        lucky: RefCell<Option<Schedule>>,
     }
 
     struct ScriptedTrial<'a> {
@@ -248,7 +253,7 @@ mod tests {
     }
 
     impl Evaluator for Scripted {
-        fn prepare(&self, config: &Config) -> Result<Box<dyn Trial + '_>, Rejection> {
+        fn prepare(&self, config: &Schedule) -> Result<Box<dyn Trial + '_>, Rejection> {
             let ms = (self.cost)(config)?;
             let mut lucky = self.lucky.borrow_mut();
             let outlier = *lucky == Some(*config);
@@ -259,7 +264,7 @@ mod tests {
         }
     }
 
-    fn scripted(cost: fn(&Config) -> Result<f64, Rejection>) -> Scripted {
+    fn scripted(cost: fn(&Schedule) -> Result<f64, Rejection>) -> Scripted {
         Scripted { cost, clock: RefCell::new(0), lucky: RefCell::new(None) }
     }
 
@@ -268,7 +273,7 @@ mod tests {
     }
 
     fn run(eval: &Scripted) -> Result<Report, TuneError> {
-        tune(eval, &space(), Config::chunked(64, 256, None), Settings::default(), &mut |_| {})
+        tune(eval, &space(), chunked(64, 256, None), Settings::default(), &mut |_| {})
     }
 
     #[test]
@@ -287,7 +292,7 @@ mod tests {
             Ok(ms)
         });
         let report = run(&eval).unwrap();
-        assert_eq!(report.winner, Config::chunked(32, 512, Some(64)));
+        assert_eq!(report.winner, chunked(32, 512, Some(64)));
         let speedup = report.speedup().unwrap();
         assert!((speedup - 36.0 / 30.0).abs() < 0.02, "{speedup}");
         assert!(report.wrong().is_empty());
@@ -321,12 +326,12 @@ mod tests {
         // Chunk 32 is 1 ms slower than the default, but one outlier run wins it the first
         // stage; the confirming race, with fresh trials, must hand the win back.
         let eval = scripted(|c| Ok(if c.chunk == 32 { 21.0 } else { 20.0 }));
-        *eval.lucky.borrow_mut() = Some(Config::chunked(32, 256, None));
+        *eval.lucky.borrow_mut() = Some(chunked(32, 256, None));
         let report = run(&eval).unwrap();
         let kernel_stage: Vec<&Row> = report.rows.iter().filter(|r| r.stage == "kernel").collect();
         assert!(matches!(&kernel_stage[..], [_, _, _, _, _]));
         assert!(report.rows.iter().any(|r| r.stage == "confirm" && r.config.chunk == 32));
-        assert_eq!(report.winner, Config::chunked(64, 256, None));
+        assert_eq!(report.winner, chunked(64, 256, None));
         assert_eq!(report.speedup(), Some(1.0));
         assert_eq!(report.default_timing, None);
     }
@@ -336,16 +341,16 @@ mod tests {
         // Chunk 32 is 1% faster (30 ms against 30.3): within the 2% margin, so the default
         // stays; chunk 16 is 5% faster in the second search and wins.
         let eval = scripted(|c| Ok(if c.chunk == 32 { 30.0 } else { 30.3 }));
-        assert_eq!(run(&eval).unwrap().winner, Config::chunked(64, 256, None));
+        assert_eq!(run(&eval).unwrap().winner, chunked(64, 256, None));
         let eval = scripted(|c| Ok(if c.chunk == 16 { 28.7 } else { 30.3 }));
-        assert_eq!(run(&eval).unwrap().winner, Config::chunked(16, 256, None));
+        assert_eq!(run(&eval).unwrap().winner, chunked(16, 256, None));
     }
 
     #[test]
     fn equal_schedules_keep_the_default_without_a_confirming_race() {
         let eval = scripted(|_| Ok(20.0));
         let report = run(&eval).unwrap();
-        assert_eq!(report.winner, Config::chunked(64, 256, None));
+        assert_eq!(report.winner, chunked(64, 256, None));
         assert!(report.rows.iter().all(|r| r.stage != "confirm"));
     }
 
@@ -368,7 +373,7 @@ mod tests {
         }
         struct E;
         impl Evaluator for E {
-            fn prepare(&self, c: &Config) -> Result<Box<dyn Trial + '_>, Rejection> {
+            fn prepare(&self, c: &Schedule) -> Result<Box<dyn Trial + '_>, Rejection> {
                 if c.chunk == 32 {
                     Ok(Box::new(Failing))
                 } else {
@@ -376,7 +381,7 @@ mod tests {
                 }
             }
         }
-        match tune(&E, &space(), Config::chunked(64, 256, None), Settings::default(), &mut |_| {}) {
+        match tune(&E, &space(), chunked(64, 256, None), Settings::default(), &mut |_| {}) {
             Err(TuneError::Run { config, .. }) => assert_eq!(config.chunk, 32),
             other => panic!("{other:?}"),
         }

@@ -1,12 +1,12 @@
 //! The candidates the search tries for one problem, stage by stage.
 //!
-//! A full grid over kernel × chunk × time block × V-tile is about 150 points, each compiled,
-//! verified and timed; the parameters interact little (the chunk sets the work, the time
-//! block the cache reuse of input pages, the V-tile the parallelism), so the search varies one
-//! at a time, each stage starting from the previous stage's winner (coordinate descent):
-//! about a dozen points.
+//! A full grid over kernel × chunk × program × time block × V-tile is about 300 points, each
+//! compiled, verified and timed; the parameters interact little (the chunk sets the work, the
+//! program and the V-tile the parallelism, the time block the cache reuse of input pages), so
+//! the search varies one at a time, each stage starting from the previous stage's winner
+//! (coordinate descent): about a dozen points.
 
-use crate::config::{Config, KernelKind};
+use crate::{KernelKind, ProgramShape, Schedule};
 
 /// What the space depends on.
 #[derive(Clone, Copy, Debug)]
@@ -24,6 +24,9 @@ pub struct Problem {
 pub enum Stage {
     /// The kernel and its chunk size.
     Kernel,
+    /// The chunked program: fused, or split (a state pass between chunk-parallel passes,
+    /// which spread the chunks over the workers when there are fewer grid points than them).
+    Program,
     /// The executor's time block.
     TimeBlock,
     /// The V-tile of the grid.
@@ -31,11 +34,12 @@ pub enum Stage {
 }
 
 impl Stage {
-    pub const ALL: [Stage; 3] = [Stage::Kernel, Stage::TimeBlock, Stage::VTile];
+    pub const ALL: [Stage; 4] = [Stage::Kernel, Stage::Program, Stage::TimeBlock, Stage::VTile];
 
     pub fn name(self) -> &'static str {
         match self {
             Stage::Kernel => "kernel",
+            Stage::Program => "program",
             Stage::TimeBlock => "time block",
             Stage::VTile => "V tile",
         }
@@ -74,9 +78,9 @@ impl Space {
 
     /// The configurations stage `stage` tries from `incumbent`, the incumbent first: each
     /// differs from it in the stage's parameter only.
-    pub fn candidates(&self, stage: Stage, incumbent: Config) -> Vec<Config> {
+    pub fn candidates(&self, stage: Stage, incumbent: Schedule) -> Vec<Schedule> {
         let mut out = vec![incumbent];
-        let mut push = |c: Config| {
+        let mut push = |c: Schedule| {
             if !out.contains(&c) {
                 out.push(c);
             }
@@ -84,12 +88,19 @@ impl Space {
         let seq_len = self.problem.seq_len;
         match stage {
             Stage::Kernel => {
-                push(Config { kernel: KernelKind::Recurrent, chunk: 0, ..incumbent });
+                push(incumbent.with_kernel(KernelKind::Recurrent, 0));
                 // A chunk longer than the sequence is one partial chunk: the same work as
                 // the smallest chunk that covers it, so only chunks up to that one are tried.
                 let cover = self.chunks.iter().copied().find(|&c| c >= seq_len);
                 for &c in self.chunks.iter().filter(|&&c| c < seq_len || Some(c) == cover) {
-                    push(Config { kernel: KernelKind::Chunked, chunk: c, ..incumbent });
+                    push(incumbent.with_kernel(KernelKind::Chunked, c));
+                }
+            }
+            Stage::Program => {
+                if incumbent.kernel == KernelKind::Chunked {
+                    for program in [ProgramShape::Fused, ProgramShape::Split] {
+                        push(incumbent.with_program(program));
+                    }
                 }
             }
             Stage::TimeBlock => {
@@ -98,14 +109,14 @@ impl Space {
                 // the sequence are the same schedule as another candidate.
                 for &tb in &self.time_blocks {
                     if tb == 0 || (tb >= incumbent.tokens_per_step() && tb < seq_len) {
-                        push(Config { time_block: tb, ..incumbent });
+                        push(incumbent.with_time_block(tb));
                     }
                 }
             }
             Stage::VTile => {
-                push(Config { bv: None, ..incumbent });
+                push(incumbent.with_bv(None));
                 for &bv in &self.bvs {
-                    push(Config { bv: Some(bv), ..incumbent });
+                    push(incumbent.with_bv(Some(bv)));
                 }
             }
         }
@@ -117,6 +128,16 @@ impl Space {
 mod tests {
     use super::*;
 
+    /// The chunked kernel at `chunk` with time block `tb` and V-tile `bv`.
+    fn chunked(chunk: usize, tb: usize, bv: Option<usize>) -> Schedule {
+        Schedule::chunked(chunk).with_time_block(tb).with_bv(bv)
+    }
+
+    /// The recurrent kernel with time block `tb` and V-tile `bv`.
+    fn recurrent(tb: usize, bv: Option<usize>) -> Schedule {
+        Schedule::recurrent().with_time_block(tb).with_bv(bv)
+    }
+
     fn space(seq_len: usize, v: usize, chunkable: bool) -> Space {
         Space::new(Problem { seq_len, v, chunkable })
     }
@@ -124,7 +145,7 @@ mod tests {
     #[test]
     fn the_kernel_stage_tries_recurrent_and_every_chunk_below_the_sequence() {
         let s = space(2048, 128, true);
-        let c = s.candidates(Stage::Kernel, Config::chunked(64, 256, None));
+        let c = s.candidates(Stage::Kernel, chunked(64, 256, None));
         let names: Vec<String> = c.iter().map(|c| c.to_string()).collect();
         assert_eq!(
             names,
@@ -137,24 +158,33 @@ mod tests {
             ]
         );
         // A 40-token sequence: 64 covers it, 128 is the same one partial chunk.
-        let c = space(40, 128, true).candidates(Stage::Kernel, Config::chunked(16, 0, None));
+        let c = space(40, 128, true).candidates(Stage::Kernel, chunked(16, 0, None));
         let chunks: Vec<usize> = c.iter().map(|c| c.chunk).collect();
         assert_eq!(chunks, [16, 0, 32, 64]);
     }
 
     #[test]
     fn a_rule_without_a_chunked_kernel_tries_only_the_recurrent_one() {
-        let c = space(2048, 128, false).candidates(Stage::Kernel, Config::recurrent(256, None));
-        assert_eq!(c, [Config::recurrent(256, None)]);
+        let c = space(2048, 128, false).candidates(Stage::Kernel, recurrent(256, None));
+        assert_eq!(c, [recurrent(256, None)]);
+    }
+
+    #[test]
+    fn the_program_stage_races_fused_and_split_for_the_chunked_kernel_only() {
+        let s = space(2048, 128, true);
+        let c = s.candidates(Stage::Program, chunked(32, 256, None));
+        let programs: Vec<ProgramShape> = c.iter().map(|c| c.program).collect();
+        assert_eq!(programs, [ProgramShape::Fused, ProgramShape::Split]);
+        assert_eq!(s.candidates(Stage::Program, recurrent(256, None)), [recurrent(256, None)]);
     }
 
     #[test]
     fn time_blocks_are_whole_steps_shorter_than_the_sequence() {
         let s = space(300, 64, true);
-        let c = s.candidates(Stage::TimeBlock, Config::chunked(128, 256, None));
+        let c = s.candidates(Stage::TimeBlock, chunked(128, 256, None));
         let tbs: Vec<usize> = c.iter().map(|c| c.time_block).collect();
         assert_eq!(tbs, [256, 0, 128]);
-        let c = s.candidates(Stage::TimeBlock, Config::recurrent(0, None));
+        let c = s.candidates(Stage::TimeBlock, recurrent(0, None));
         let tbs: Vec<usize> = c.iter().map(|c| c.time_block).collect();
         assert_eq!(tbs, [0, 64, 128, 256]);
     }
@@ -164,7 +194,7 @@ mod tests {
         assert_eq!(space(100, 128, true).bvs, [64, 32, 16]);
         assert_eq!(space(100, 40, true).bvs, [20]);
         assert!(space(100, 24, true).bvs.is_empty());
-        let c = space(100, 128, true).candidates(Stage::VTile, Config::chunked(32, 0, Some(32)));
+        let c = space(100, 128, true).candidates(Stage::VTile, chunked(32, 0, Some(32)));
         let bvs: Vec<Option<usize>> = c.iter().map(|c| c.bv).collect();
         assert_eq!(bvs, [Some(32), None, Some(64), Some(16)]);
     }

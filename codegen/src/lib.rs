@@ -17,3 +17,4 @@ pub mod print;
 pub mod program;
 pub mod ptx;
 pub mod resume;
+pub mod schedule;

@@ -19,7 +19,8 @@
 //!   tokens.
 //!
 //! Everything before the loop is a pure function of the inputs and is simply recomputed by
-//! every call.
+//! every call. A loop that carries nothing (a chunk-parallel phase) qualifies with no state:
+//! its iterations are independent, so any range of them runs alone.
 
 use crate::ir::*;
 pub use chunkc_runtime::cpu_kernel::Resume;
@@ -100,7 +101,9 @@ pub fn analyse(kernel: &Kernel) -> Option<Resume> {
     let mut conflict = false;
     visit_accesses(before, &mut |p, write| conflict |= (!write && outs.contains(&p)) || (write && ins.contains(&p)));
     visit_accesses(body, &mut |p, write| conflict |= (!write && outs.contains(&p)) || (write && ins.contains(&p)));
-    if conflict || state.is_empty() {
+    // A loop that carries nothing (a chunk-parallel phase) resumes trivially: its iterations
+    // are independent, and `state` is empty.
+    if conflict {
         return None;
     }
     Some(Resume { state, tokens_per_iteration })

@@ -57,7 +57,8 @@ fn library_kernels() -> Vec<(String, Kernel)> {
         for kv in [64usize, 128] {
             let shape = Shape { heads: 2, k: kv, v: kv, scale: 1.0 / (kv as f64).sqrt() };
             if kv == 64 {
-                let k = recurrent::build(&rule, shape).unwrap_or_else(|e| panic!("{}: recurrent: {e}", rule.name));
+                let k = recurrent::build(&rule, shape, ElemType::F32, None)
+                    .unwrap_or_else(|e| panic!("{}: recurrent: {e}", rule.name));
                 out.push((format!("{} recurrent K=V={kv}", rule.name), k));
             }
             let Ok(canon) = &canon else { continue };
@@ -167,7 +168,7 @@ fn assemble_all(jobs: &[(&str, &Kernel, Sm, PtxSchedule)]) -> String {
                         Ok(_)
                             if meta.tile_space == TileSpace::Shared
                                 && meta.dynamic_smem_bytes + meta.static_smem_bytes
-                                    > sched.smem_limit(target, EmitOptions::default().smem_limit) =>
+                                    > ptx::smem_limit(&sched, target, EmitOptions::default().smem_limit) =>
                         {
                             Err(format!("{label} {dot} {target}: shared memory over the schedule's limit"))
                         }

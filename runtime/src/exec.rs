@@ -17,12 +17,6 @@ use crate::tensor::Tensor;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-/// Tokens per time block of [`launch`]'s blocked order when the caller has no preference:
-/// 4 chunks of 64. Measured on gla and simple_gla at B1 T2048 H8 K=V=128 (docs/performance.md):
-/// 2 to 8 chunks of 64 are within a few percent of each other; 1 chunk and 16 lose most of
-/// the gain.
-pub const DEFAULT_TIME_BLOCK: usize = 256;
-
 /// How [`launch`] walks the grid.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Order {
@@ -34,13 +28,6 @@ pub struct Order {
     /// it never wrote poisons its outputs instead of reading zeros. Runs that check results
     /// want it; a benchmark, timing the launch alone, turns it off.
     pub poison_scratch: bool,
-}
-
-impl Order {
-    /// `threads` workers in time blocks of [`DEFAULT_TIME_BLOCK`] tokens, scratch poisoned.
-    pub fn threads(threads: usize) -> Order {
-        Order { threads, time_block: DEFAULT_TIME_BLOCK, poison_scratch: true }
-    }
 }
 
 /// A buffer of f32 the executor hands to a kernel.

@@ -177,20 +177,22 @@ fn bf16_known_values() {
 
 // ---- the shared golden files -------------------------------------------------------------
 
-/// `$CHUNKC_GOLDENS`, else `<workspace>/../shared/goldens`. A missing folder fails the test
-/// (a test that passes without its files says nothing), unless `CHUNKC_SKIP_GOLDENS=1` asks
-/// for a loud skip (`.ci/run` refuses that variable).
+/// `$CHUNKC_GOLDENS`, else `<workspace>/../shared/goldens`, else the copy in the workspace's
+/// tests/goldens. A missing folder fails the test (a test that passes without its files says
+/// nothing), unless `CHUNKC_SKIP_GOLDENS=1` asks for a loud skip (`.ci/run` refuses that
+/// variable).
 fn goldens_dir() -> Option<PathBuf> {
-    let dir = match std::env::var_os("CHUNKC_GOLDENS") {
-        Some(dir) => PathBuf::from(dir),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/goldens"),
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let candidates = match std::env::var_os("CHUNKC_GOLDENS") {
+        Some(dir) => vec![PathBuf::from(dir)],
+        None => vec![workspace.join("../shared/goldens"), workspace.join("tests/goldens")],
     };
-    if dir.join("index.json").is_file() {
-        return Some(dir);
+    if let Some(dir) = candidates.iter().find(|d| d.join("index.json").is_file()) {
+        return Some(dir.clone());
     }
     let skip = std::env::var_os("CHUNKC_SKIP_GOLDENS").is_some_and(|v| v == "1");
-    assert!(skip, "no golden files at {} (set CHUNKC_GOLDENS, or CHUNKC_SKIP_GOLDENS=1 to skip)", dir.display());
-    eprintln!("SKIPPED (CHUNKC_SKIP_GOLDENS=1): no golden files at {}", dir.display());
+    assert!(skip, "no golden files at {candidates:?} (set CHUNKC_GOLDENS, or CHUNKC_SKIP_GOLDENS=1 to skip)");
+    eprintln!("SKIPPED (CHUNKC_SKIP_GOLDENS=1): no golden files at {candidates:?}");
     None
 }
 

@@ -12,18 +12,22 @@ pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// The goldens folder: $CHUNKC_GOLDENS, else ../shared/goldens beside the checkout.
+/// The goldens folder: $CHUNKC_GOLDENS, else ../shared/goldens beside the checkout (the
+/// outside truth), else the copy of it in tests/goldens.
 ///
 /// A missing golden set fails the test: a goldens test that passes without goldens would say
 /// nothing. `CHUNKC_SKIP_GOLDENS=1` skips it instead, loudly (`.ci/run` refuses that variable).
 pub fn goldens_dir() -> Option<PathBuf> {
-    let dir = std::env::var_os("CHUNKC_GOLDENS").map(PathBuf::from).unwrap_or_else(|| root().join("../shared/goldens"));
-    if dir.join("index.json").is_file() {
-        return Some(dir);
+    let candidates = match std::env::var_os("CHUNKC_GOLDENS") {
+        Some(dir) => vec![PathBuf::from(dir)],
+        None => vec![root().join("../shared/goldens"), root().join("tests/goldens")],
+    };
+    if let Some(dir) = candidates.iter().find(|d| d.join("index.json").is_file()) {
+        return Some(dir.clone());
     }
     let skip = std::env::var_os("CHUNKC_SKIP_GOLDENS").is_some_and(|v| v == "1");
-    assert!(skip, "goldens not found at {} (set CHUNKC_GOLDENS, or CHUNKC_SKIP_GOLDENS=1 to skip)", dir.display());
-    eprintln!("SKIPPED (CHUNKC_SKIP_GOLDENS=1): no goldens at {}", dir.display());
+    assert!(skip, "no goldens at {candidates:?} (set CHUNKC_GOLDENS, or CHUNKC_SKIP_GOLDENS=1 to skip)");
+    eprintln!("SKIPPED (CHUNKC_SKIP_GOLDENS=1): no goldens at {candidates:?}");
     None
 }
 

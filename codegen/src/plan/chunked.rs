@@ -213,6 +213,8 @@ struct ChunkTerms {
     bin: Option<ValueId>,
     bex: Option<ValueId>,
     sc: Scores,
+    /// `I - A_ba` of each diagonal block, formed once (the factors' two solves share it).
+    diagonal: HashMap<usize, ValueId>,
 }
 
 impl ChunkTerms {
@@ -309,6 +311,7 @@ impl ChunkTerms {
             bin,
             bex,
             sc,
+            diagonal: HashMap::new(),
         })
     }
 
@@ -327,8 +330,15 @@ impl ChunkTerms {
         let (a, (bv, inclusive)) = self.low_rank.expect("a low-rank transition");
         let bv_gate = self.bv_gate(inclusive);
         let rhs = self.sc.apply(b, (bv, bv_gate), (a, self.bin), (x_blocks, None), i, true, rhs);
-        let aba = self.sc.scores(b, (bv, bv_gate), (a, self.bin), i, i, true);
-        let l = b.neg(aba);
+        let l = match self.diagonal.get(&i) {
+            Some(&l) => l,
+            None => {
+                let aba = self.sc.scores(b, (bv, bv_gate), (a, self.bin), i, i, true);
+                let l = b.neg(aba);
+                self.diagonal.insert(i, l);
+                l
+            }
+        };
         b.solve_unit_lower(l, rhs)
     }
 

@@ -14,32 +14,11 @@
 //! differs only in where its entering state comes from and what it stores.
 
 use super::chunked::{self, Phase, BOUNDARY_STATES, FACTOR_U, FACTOR_W};
-use super::{recurrent, PlanError, Schedule, Shape};
+use super::{recurrent, PlanError, ProgramShape, Schedule, Shape};
 use crate::ir::ElemType;
 use crate::program::{Dim, Program, Role, StaticSizes, TensorSpec};
 use chunkc_dsl::ast::{Rule, Ty};
 use chunkc_dsl::canon::Canonical;
-use serde::{Deserialize, Serialize};
-
-/// Which chunked program the schedule asks for.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ProgramShape {
-    /// One sequential phase.
-    #[default]
-    Fused,
-    /// A sequential state pass, then a chunk-parallel output pass.
-    Split,
-}
-
-impl ProgramShape {
-    pub fn name(self) -> &'static str {
-        match self {
-            ProgramShape::Fused => "fused",
-            ProgramShape::Split => "split",
-        }
-    }
-}
 
 /// The forward's tensors: the rule's inputs (per-token ones in `input`, per-head ones f32),
 /// the optional initial state `h0`, and the outputs `o` and `hT` (f32).
@@ -82,9 +61,24 @@ fn spec_error(e: crate::program::SpecError) -> PlanError {
     PlanError(format!("internal error: {e}"))
 }
 
+/// The forward program `sched` asks for: the recurrent one, or the chunked one (fused or
+/// split) of a canonical rule (`canon`: the rule's canonical form, or why it has none).
+pub fn forward(
+    rule: &Rule,
+    canon: Result<&Canonical, PlanError>,
+    shape: Shape,
+    sched: &Schedule,
+) -> Result<Program, PlanError> {
+    sched.validate().map_err(PlanError)?;
+    match sched.kernel {
+        crate::schedule::KernelKind::Recurrent => recurrent(rule, shape, sched.input, sched.bv),
+        crate::schedule::KernelKind::Chunked => chunked(rule, canon?, shape, *sched),
+    }
+}
+
 /// The recurrent program: one sequential phase, one token per iteration.
 pub fn recurrent(rule: &Rule, shape: Shape, input: ElemType, bv: Option<usize>) -> Result<Program, PlanError> {
-    let kernel = recurrent::build_tiled(rule, shape, input, bv)?;
+    let kernel = recurrent::build(rule, shape, input, bv)?;
     let tensors = forward_tensors(rule, input);
     Program::new(kernel.name.clone(), 1, compiled_for(&shape), tensors, vec![kernel]).map_err(spec_error)
 }

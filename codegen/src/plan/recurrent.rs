@@ -6,19 +6,11 @@ use crate::ir::*;
 use crate::lower::{state_base_tiled, v_token_base, LVal, Lowerer, ParamLayout};
 use chunkc_dsl::ast::{Rule, Target};
 
-/// Builds the recurrent kernel of any checked rule.
-pub fn build(rule: &Rule, shape: Shape) -> Result<Kernel, PlanError> {
-    build_typed(rule, shape, ElemType::F32)
-}
-
-/// [`build`] for per-token inputs of type `input` (the state stays f32).
-pub fn build_typed(rule: &Rule, shape: Shape, input: ElemType) -> Result<Kernel, PlanError> {
-    build_tiled(rule, shape, input, None)
-}
-
-/// [`build_typed`] with V split into tiles of `bv` columns, one per grid point (b, h, vt);
-/// only for rules linear in S whose step never mixes V columns ([`super::vtile`]).
-pub fn build_tiled(rule: &Rule, shape: Shape, input: ElemType, bv: Option<usize>) -> Result<Kernel, PlanError> {
+/// Builds the recurrent kernel of any checked rule, reading per-token inputs of type `input`
+/// (the state stays f32), with V split into tiles of `bv` columns, one per grid point (b, h,
+/// vt) when `bv` is given: only for rules linear in S whose step never mixes V columns
+/// ([`super::vtile`]).
+pub fn build(rule: &Rule, shape: Shape, input: ElemType, bv: Option<usize>) -> Result<Kernel, PlanError> {
     let vtiles = super::vtile::vtiles(rule, &shape, bv, true)?;
     let suffix = bv.map(|bv| format!("_bv{bv}")).unwrap_or_default();
     let mut b = Builder::new(format!("{}_recurrent{suffix}", rule.name));

@@ -114,7 +114,7 @@ pub(super) fn emit(kernel: &Kernel, target: Sm, opts: EmitOptions, sched: PtxSch
     // The staging buffer of the 16-bit tensor-core dots is always in shared memory (ldmatrix
     // reads only shared memory); the tiles join it there when both fit the limit.
     let stage = mma::staging_need(kernel, sched.dot, sched.min_mma_dim, sched.staging_bytes);
-    let limit = sched.smem_limit(target, opts.smem_limit);
+    let limit = schedule::smem_limit(&sched, target, opts.smem_limit);
     let mut shared = prepared.plan.bytes + stage <= limit;
     // A chunk-parallel kernel runs one iteration per CTA: there is no next one to prefetch.
     if sched.stages == 2 && sched.async_copy && !kernel.chunk_parallel {

@@ -125,7 +125,7 @@ use std::fmt;
 
 pub use chunkc_runtime::artifact::{Grid, ParamAccess, ParamKind, ParamMeta, Sm, TileSpace};
 pub use ptxas::{assemble, find_ptxas, PtxasReport, PTXAS_MISSING};
-pub use schedule::{max_smem_per_block, DotPrecision, PtxSchedule};
+pub use schedule::{max_smem_per_block, smem_limit, DotPrecision, PtxSchedule};
 
 use crate::ir::Kernel;
 use crate::program::{Program, ProgramSpec};
