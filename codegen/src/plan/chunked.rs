@@ -144,10 +144,8 @@ pub fn build_phase(
                 b.store(s0, h, boundary_base(&shape, c, sched.bv), v as i64, 1, Idx::c(k as i64));
             }
             let mut terms = ChunkTerms::new(&mut b, &layout, rule, canon, shape, sched)?;
-            let r = terms.low_rank_values(&mut b, s0, split);
-            if phase == Phase::Fused {
-                terms.store_outputs(&mut b, layout.o, s0, &r);
-            }
+            let o = (phase == Phase::Fused).then_some(layout.o);
+            let r = terms.blocks(&mut b, s0, split, o);
             let s_next = terms.next_state(&mut b, s0, &r);
             let last = b.end_loop(&[s_next]);
             b.store(last[0], layout.ht, sbase, v as i64, 1, Idx::c(k as i64));
@@ -158,9 +156,8 @@ pub fn build_phase(
             let h = b.param(BOUNDARY_STATES, Access::Read);
             let s0 = b.load(h, boundary_base(&shape, c, sched.bv), v as i64, 1, k, cols, Idx::c(k as i64));
             let mut terms = ChunkTerms::new(&mut b, &layout, rule, canon, shape, sched)?;
-            let r = terms.low_rank_values(&mut b, s0, true);
             // The state leaving the chunk is the next chunk's business (read from `chunk.h`).
-            terms.store_outputs(&mut b, layout.o, s0, &r);
+            terms.blocks(&mut b, s0, true, Some(layout.o));
             b.end_loop(&[]);
         }
         Phase::Factors => {
@@ -325,11 +322,22 @@ impl ChunkTerms {
     }
 
     /// Forward substitution for block `i` of X in `(I - A_ba) X = RHS`: given the blocks of X
-    /// before `i` and block `i` of RHS, `X_i = (I - A_ba[i,i])^-1 (rhs_i + sum_{j<i} A_ba[i,j] X_j)`.
-    fn solve_block(&mut self, b: &mut Builder, x_blocks: &[ValueId], i: usize, rhs: ValueId) -> ValueId {
+    /// before `i` and the start of block `i` of RHS, `X_i = (I - A_ba[i,i])^-1 (start +
+    /// sum_{j<i} A_ba[i,j] X_j [+ sum_{j<=i} A_bk[i,j] VW_j with `writes`])`.
+    fn solve_block(
+        &mut self,
+        b: &mut Builder,
+        x_blocks: &[ValueId],
+        i: usize,
+        start: ValueId,
+        writes: bool,
+    ) -> ValueId {
         let (a, (bv, inclusive)) = self.low_rank.expect("a low-rank transition");
         let bv_gate = self.bv_gate(inclusive);
-        let rhs = self.sc.apply(b, (bv, bv_gate), (a, self.bin), (x_blocks, None), i, true, rhs);
+        let mut rhs = self.sc.apply(b, (bv, bv_gate), (a, self.bin), (x_blocks, None), i, true, start);
+        if writes {
+            rhs = self.add_writes_rhs(b, i, rhs);
+        }
         let l = match self.diagonal.get(&i) {
             Some(&l) => l,
             None => {
@@ -354,33 +362,43 @@ impl ChunkTerms {
         rhs
     }
 
-    /// The low-rank values R of the chunk's tokens, block by block (empty without a low-rank
-    /// transition; the pseudo-values U = R + VW when a write is folded in): solved here with
-    /// `s0`, or, with `from_factors`, formed as `Ũ + W S0` from the factors the split
-    /// program's prep stored.
-    fn low_rank_values(&mut self, b: &mut Builder, s0: ValueId, from_factors: bool) -> Vec<ValueId> {
-        let Some((_, (bv, inclusive))) = self.low_rank else { return vec![] };
-        let (bs, c) = (self.bs, self.sched.chunk);
-        if from_factors {
-            let (w, u) = self.load_factors(b);
-            return (0..self.nb)
-                .map(|i| {
-                    let (wi, ui) = (b.rows(w, i * bs, bs), b.rows(u, i * bs, bs));
-                    b.dot(wi, s0, false, false, Some(ui))
-                })
-                .collect();
-        }
+    /// The chunk's blocks in order, each in the order the fused kernel forms it: the
+    /// output's term from `s0`, the block's low-rank values R (solved here with `s0`, or, with
+    /// `from_factors`, formed as `U~ + W S0` from the factors the split program's prep
+    /// stored), then the rest of the output, stored to `o_param` when given. Returns R's
+    /// blocks (empty without a low-rank transition; the pseudo-values U = R + VW when a write
+    /// is folded in) for the state update.
+    fn blocks(&mut self, b: &mut Builder, s0: ValueId, from_factors: bool, o_param: Option<usize>) -> Vec<ValueId> {
+        let bs = self.bs;
+        let bq = if self.read_before { self.bex } else { self.bin };
+        let factors = (from_factors && self.low_rank.is_some()).then(|| self.load_factors(b));
         let mut r_blocks = vec![];
         for i in 0..self.nb {
-            // rhs_i = bg_i S0 + (the folded values) + sum_{j<=i} A_bk[i,j] VW_j
-            let bg = self.sc.decayed(b, bv, self.bv_gate(inclusive), i);
-            let merged_i = self.merged_vw.map(|vw| b.rows(vw, i * bs, bs));
-            let with_s0 = b.dot(bg, s0, false, false, merged_i);
-            let rhs = self.add_writes_rhs(b, i, with_s0);
-            let r = self.solve_block(b, &r_blocks, i, rhs);
-            r_blocks.push(r);
+            let i0 = i * bs;
+            let o = o_param.map(|_| {
+                let qg = self.sc.decayed(b, self.q, bq, i);
+                b.dot(qg, s0, false, false, None)
+            });
+            if let Some((_, (bv, inclusive))) = self.low_rank {
+                let r = match factors {
+                    Some((w, u)) => {
+                        let (wi, ui) = (b.rows(w, i0, bs), b.rows(u, i0, bs));
+                        b.dot(wi, s0, false, false, Some(ui))
+                    }
+                    None => {
+                        // rhs_i = bg_i S0 + (the folded values) + sum_{j<=i} A_bk[i,j] VW_j
+                        let bg = self.sc.decayed(b, bv, self.bv_gate(inclusive), i);
+                        let merged_i = self.merged_vw.map(|vw| b.rows(vw, i0, bs));
+                        let with_s0 = b.dot(bg, s0, false, false, merged_i);
+                        self.solve_block(b, &r_blocks, i, with_s0, true)
+                    }
+                };
+                r_blocks.push(r);
+            }
+            if let (Some(o), Some(o_param)) = (o, o_param) {
+                self.finish_output(b, o_param, o, i, &r_blocks);
+            }
         }
-        debug_assert!(r_blocks.len() * bs == c);
         r_blocks
     }
 
@@ -392,14 +410,13 @@ impl ChunkTerms {
         let (mut w_blocks, mut u_blocks) = (vec![], vec![]);
         for i in 0..self.nb {
             let bg = self.sc.decayed(b, bv, self.bv_gate(inclusive), i);
-            let w = self.solve_block(b, &w_blocks, i, bg);
+            let w = self.solve_block(b, &w_blocks, i, bg, false);
             w_blocks.push(w);
             let start = match self.merged_vw {
                 Some(vw) => b.rows(vw, i * bs, bs),
                 None => b.constant(0.0, TileTy::f32(bs, self.shape.v)),
             };
-            let rhs = self.add_writes_rhs(b, i, start);
-            let u = self.solve_block(b, &u_blocks, i, rhs);
+            let u = self.solve_block(b, &u_blocks, i, start, true);
             u_blocks.push(u);
         }
         let pw = b.param(FACTOR_W, Access::Write);
@@ -428,32 +445,28 @@ impl ChunkTerms {
         (w, u)
     }
 
-    /// Stores the chunk's rows of `o`, given the entering state and the low-rank values.
-    fn store_outputs(&mut self, b: &mut Builder, o_param: usize, s0: ValueId, r_blocks: &[ValueId]) {
-        let bs = self.bs;
+    /// Adds block `i`'s intra-chunk terms to its output `o` (which holds the term from the
+    /// entering state) and stores it.
+    fn finish_output(&mut self, b: &mut Builder, o_param: usize, mut o: ValueId, i: usize, r_blocks: &[ValueId]) {
+        let (bs, i0) = (self.bs, i * self.bs);
         let bq = if self.read_before { self.bex } else { self.bin };
         let sc = &mut self.sc;
-        for i in 0..self.nb {
-            let i0 = i * bs;
-            let qg = sc.decayed(b, self.q, bq, i);
-            let mut o = b.dot(qg, s0, false, false, None);
-            if let Some((a, _)) = self.low_rank {
-                o = sc.apply(b, (self.q, bq), (a, self.bin), (&r_blocks[..=i], None), i, self.read_before, o);
-            }
-            for (&(kw, vw), vws) in self.writes.iter().zip(&self.vw_blocks) {
-                o = sc.apply(b, (self.q, bq), (kw, self.bin), (vws, Some(vw)), i, self.read_before, o);
-            }
-            if let Some(cf) = self.coef {
-                let cf = rows_of(b, cf, i0, bs);
-                o = b.mul(o, cf);
-            }
-            if let Some(x) = self.extra {
-                let x = rows_of(b, x, i0, bs);
-                o = b.add(o, x);
-            }
-            let (obase, ostride) = v_token_base(&self.shape, self.t0.clone().add(Idx::c(i0 as i64)), self.sched.bv);
-            b.store(o, o_param, obase, ostride, 1, self.valid.clone().sub(Idx::c(i0 as i64)));
+        if let Some((a, _)) = self.low_rank {
+            o = sc.apply(b, (self.q, bq), (a, self.bin), (&r_blocks[..=i], None), i, self.read_before, o);
         }
+        for (&(kw, vw), vws) in self.writes.iter().zip(&self.vw_blocks) {
+            o = sc.apply(b, (self.q, bq), (kw, self.bin), (vws, Some(vw)), i, self.read_before, o);
+        }
+        if let Some(cf) = self.coef {
+            let cf = rows_of(b, cf, i0, bs);
+            o = b.mul(o, cf);
+        }
+        if let Some(x) = self.extra {
+            let x = rows_of(b, x, i0, bs);
+            o = b.add(o, x);
+        }
+        let (obase, ostride) = v_token_base(&self.shape, self.t0.clone().add(Idx::c(i0 as i64)), self.sched.bv);
+        b.store(o, o_param, obase, ostride, 1, self.valid.clone().sub(Idx::c(i0 as i64)));
     }
 
     /// The state leaving the chunk.
