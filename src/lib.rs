@@ -14,6 +14,7 @@ pub mod backend;
 pub mod bench;
 pub mod error;
 pub mod gpu;
+pub mod grad;
 pub mod problem;
 pub mod tune;
 pub mod verify;

@@ -1,4 +1,4 @@
-//! The `chunkc` command line: check, run, verify, bench, tune and compile rule files.
+//! The `chunkc` command line: check, run, grad, verify, bench, tune and compile rule files.
 
 use chunkc::backend::{self, Backend, Engine, Options};
 use chunkc::codegen::ir::ElemType;
@@ -55,6 +55,13 @@ enum RunBackend {
     PtxSim,
     /// The kernel's PTX on CUDA device 0.
     Cuda,
+}
+
+/// Backends of `grad`.
+#[derive(Clone, Copy, ValueEnum)]
+enum GradBackend {
+    /// The rule interpreted in f64 and differentiated in reverse mode.
+    Reference,
 }
 
 /// The kernel a PTX backend runs.
@@ -310,6 +317,28 @@ enum Command {
         cache: Option<PathBuf>,
         #[arg(long, value_enum, default_value = "jit", hide = true)]
         engine: EngineArg,
+    },
+    /// Gradients of L = sum(o * do) + sum(hT * dhT) with respect to every input and h0.
+    ///
+    /// IN holds the rule's inputs, optional h0, the cotangent do [B, T, H, V] (required) and
+    /// optional dhT [B, H, K, V]; OUT gets o, hT, d<name> for every input (in its shape; a
+    /// per-head parameter's gradient summed over batch and time) and dh0 when h0 was given.
+    /// The backend is the f64 reference differentiated in reverse mode (the truth the
+    /// compiled backward programs will be held to).
+    Grad {
+        rule: PathBuf,
+        #[arg(long)]
+        inputs: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, value_enum, default_value = "reference")]
+        backend: GradBackend,
+        /// Output scale (default 1/sqrt(K)).
+        #[arg(long)]
+        scale: Option<f64>,
+        /// Ignore tensors in IN that the rule does not take (by default each is an error).
+        #[arg(long)]
+        allow_extra: bool,
     },
     /// Run backends and chunk sizes on random inputs against the f64 reference.
     ///
@@ -572,6 +601,20 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
             names.sort_by_key(|n| (*n != "o", *n));
             chunkc::runtime::io::write_safetensors(&out, &written, Some(meta))?;
             println!("wrote {} to {}", names.join(" and "), out.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Grad { rule, inputs, out, backend: GradBackend::Reference, scale, allow_extra } => {
+            let loaded = load_rule(&rule)?;
+            let shown = inputs.display().to_string();
+            let (tensors, _) = chunkc::runtime::io::read_safetensors(&inputs)?;
+            let written = chunkc::grad::grad(&loaded.rule, &tensors, &shown, scale, allow_extra)?;
+            let mut meta = BTreeMap::new();
+            meta.insert("rule".to_string(), loaded.rule.name.clone());
+            meta.insert("backend".to_string(), "reference".to_string());
+            meta.insert("loss".to_string(), "sum(o*do) + sum(hT*dhT)".to_string());
+            chunkc::runtime::io::write_safetensors(&out, &written, Some(meta))?;
+            let names: Vec<&str> = written.keys().map(String::as_str).collect();
+            println!("wrote {} to {}", names.join(", "), out.display());
             Ok(ExitCode::SUCCESS)
         }
         Command::Verify {

@@ -122,23 +122,6 @@ fn every_golden_through_the_ptx_simulator_split_bf16_c16_sm80() {
 /// the outside truth unnoticed.
 #[test]
 fn the_copy_of_the_goldens_matches_the_shared_set() {
-    let (shared, copy) = (common::root().join("../shared/goldens"), common::root().join("tests/goldens"));
-    assert!(copy.join("index.json").is_file(), "tests/goldens is missing from the checkout");
-    if !shared.join("index.json").is_file() {
-        println!("no ../shared/goldens beside this checkout: the copy is the only set");
-        return;
-    }
-    let mut compared = 0;
-    for entry in std::fs::read_dir(&shared).expect("read ../shared/goldens") {
-        let name = entry.expect("entry").file_name();
-        let name = name.to_string_lossy();
-        if !(name.ends_with(".safetensors") || name == "index.json") {
-            continue;
-        }
-        let want = std::fs::read(shared.join(&*name)).expect("shared file");
-        let got = std::fs::read(copy.join(&*name)).unwrap_or_else(|_| panic!("tests/goldens lacks {name}"));
-        assert!(got == want, "tests/goldens/{name} differs from ../shared/goldens/{name}: copy it again");
-        compared += 1;
-    }
-    assert!(compared >= 19, "expected the 18 cases and the index, compared {compared}");
+    let compared = common::check_golden_copy("goldens");
+    assert!(compared == 0 || compared >= 19, "expected the 18 cases and the index, compared {compared}");
 }

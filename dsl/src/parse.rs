@@ -25,9 +25,10 @@ pub const INPUT_KEYS: [&str; 3] = ["shape", "domain", "per_head"];
 /// Functions of the step language, in the order help texts list them.
 pub const FUNCTIONS: [&str; 12] =
     ["exp", "exp2", "log", "sigmoid", "softplus", "silu", "sqrt", "pow", "l2norm", "sum", "dot", "outer"];
-/// The tensors of the state entering and leaving a sequence: a kernel's inputs and outputs
-/// beside the rule's inputs, so no input may take their names.
-pub const STATE_TENSORS: [&str; 2] = ["h0", "hT"];
+/// The tensors a program takes and gives beside the rule's inputs: the state entering and
+/// leaving a sequence, and the loss' cotangents of `o` and `hT` for the gradient. No input
+/// may take their names.
+pub const STATE_TENSORS: [&str; 4] = ["h0", "hT", "do", "dhT"];
 /// Names with a fixed meaning in the step (besides the functions).
 pub const BUILTIN_NAMES: [&str; 4] = ["S", "o", "scale", "head"];
 
@@ -427,12 +428,17 @@ fn read_input(
         ));
     }
     if STATE_TENSORS.contains(&name) {
-        let which = if name == "h0" { "initial" } else { "final" };
+        let which = match name {
+            "h0" => "the initial state",
+            "hT" => "the final state",
+            "do" => "the output's cotangent",
+            _ => "the final state's cotangent",
+        };
         return Err(r.error(
             name_span,
-            format!("`{name}` names the {which} state tensor and cannot name an input"),
-            "state tensor name",
-            format!("rename the input; {} are the states' tensors", STATE_TENSORS.join(" and ")),
+            format!("`{name}` names {which} tensor and cannot name an input"),
+            "reserved tensor name",
+            format!("rename the input; {} name the states and their cotangents", STATE_TENSORS.join(", ")),
         ));
     }
     if is_reserved(name) {

@@ -1,7 +1,12 @@
-//! The reference: the checked rule interpreted token by token in f64.
+//! The reference: the checked rule interpreted token by token in f64, and its gradient.
 //!
 //! It reads the typed statements directly and never the canonical form, so that it can check
 //! both the canonical form and every kernel generated from it.
+//!
+//! Every value a step computes is a node of a [`Tape`] (its operation, its operands, its
+//! value). The forward run keeps one token's nodes at a time; [`grad`] keeps a whole
+//! sequence's and walks them backwards (`gradient.rs`: reverse mode over this interpreter,
+//! never over the canonical form).
 
 use crate::ast::*;
 
@@ -44,7 +49,7 @@ pub struct Outputs {
 
 /// One value of the step. Matrices are K x V row-major; `MatT` shares that storage.
 #[derive(Clone, Debug)]
-enum Val {
+pub(crate) enum Val {
     Scalar(f64),
     VecK(Vec<f64>),
     VecV(Vec<f64>),
@@ -52,16 +57,95 @@ enum Val {
     MatT(Vec<f64>),
 }
 
-struct Env<'a> {
+impl Val {
+    /// The elements, in the value's storage order.
+    pub(crate) fn data(&self) -> &[f64] {
+        match self {
+            Val::Scalar(x) => std::slice::from_ref(x),
+            Val::VecK(a) | Val::VecV(a) | Val::Mat(a) | Val::MatT(a) => a,
+        }
+    }
+}
+
+/// Where a leaf of the tape comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Leaf {
+    /// Input `input` at token `token` (a per-head parameter: every token reads the same).
+    Input { input: usize, token: usize },
+    /// The state entering the sequence.
+    State,
+    /// A number, `scale` or `head`: nothing to differentiate.
+    Constant,
+}
+
+/// How a node was computed, from earlier nodes (by index).
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Op {
+    Leaf(Leaf),
+    Unary(UnaryOp, usize),
+    Binary(BinaryOp, usize, usize),
+    Dot(usize, usize),
+    Sum(usize),
+    L2Norm(usize),
+    Outer(usize, usize),
+    Transpose(usize),
+    MatMul(usize, usize),
+}
+
+/// The nodes computed so far, in order.
+#[derive(Default)]
+pub(crate) struct Tape {
+    pub(crate) nodes: Vec<(Op, Val)>,
+}
+
+impl Tape {
+    fn push(&mut self, op: Op, val: Val) -> usize {
+        self.nodes.push((op, val));
+        self.nodes.len() - 1
+    }
+
+    pub(crate) fn val(&self, n: usize) -> &Val {
+        &self.nodes[n].1
+    }
+}
+
+/// One (batch, head) sequence being interpreted.
+pub(crate) struct Env<'a> {
     rule: &'a Rule,
     k: usize,
     v: usize,
     scale: f64,
     head: usize,
-    /// Input values of the current token, by input index.
-    inputs: Vec<Val>,
-    locals: Vec<Option<Val>>,
-    state: Vec<f64>,
+    pub(crate) tape: Tape,
+    /// The current token's input nodes, by input index.
+    inputs: Vec<usize>,
+    locals: Vec<Option<usize>>,
+    /// The state's node.
+    pub(crate) state: usize,
+    /// Keep every token's nodes (for the gradient), or only the current token's.
+    keep: bool,
+    /// The per-head parameters' nodes (one leaf each for the whole sequence when kept).
+    per_head: Vec<Option<usize>>,
+}
+
+/// The input tensors of a rule, checked against `dims`.
+pub(crate) fn input_data(
+    rule: &Rule,
+    dims: &Dims,
+    input: &dyn Fn(&str) -> Option<Vec<f64>>,
+) -> Result<Vec<Vec<f64>>, String> {
+    let data: Vec<Vec<f64>> = rule
+        .inputs
+        .iter()
+        .map(|i| input(&i.name).ok_or_else(|| format!("input `{}` is missing", i.name)))
+        .collect::<Result<_, _>>()?;
+    for (inp, d) in rule.inputs.iter().zip(&data) {
+        let want: usize = dims.input_shape(inp).iter().product();
+        if d.len() != want {
+            return Err(format!("input `{}` has {} elements, expected {}", inp.name, d.len(), want));
+        }
+    }
+    Ok(data)
 }
 
 /// Runs the rule over every batch and head. `input(name)` gives each input's tensor data in
@@ -75,68 +159,93 @@ pub fn run(
     h0: Option<&[f64]>,
 ) -> Result<Outputs, String> {
     let Dims { batch, seq_len, heads, k, v } = dims;
-    let data: Vec<Vec<f64>> = rule
-        .inputs
-        .iter()
-        .map(|i| input(&i.name).ok_or_else(|| format!("input `{}` is missing", i.name)))
-        .collect::<Result<_, _>>()?;
-    for (inp, d) in rule.inputs.iter().zip(&data) {
-        let want: usize = dims.input_shape(inp).iter().product();
-        if d.len() != want {
-            return Err(format!("input `{}` has {} elements, expected {}", inp.name, d.len(), want));
-        }
-    }
+    let data = input_data(rule, &dims, input)?;
     let mut out = Outputs { o: vec![0.0; batch * seq_len * heads * v], ht: vec![0.0; batch * heads * k * v] };
     for b in 0..batch {
         for h in 0..heads {
-            let mut env = Env {
-                rule,
-                k,
-                v,
-                scale,
-                head: h,
-                inputs: vec![],
-                locals: vec![None; rule.locals.len()],
-                state: match h0 {
-                    Some(s) => s[(b * heads + h) * k * v..][..k * v].to_vec(),
-                    None => vec![0.0; k * v],
-                },
-            };
+            let mut env = Env::new(rule, &dims, scale, (b, h), h0, false);
             for t in 0..seq_len {
-                env.inputs = rule
-                    .inputs
-                    .iter()
-                    .zip(&data)
-                    .map(|(inp, d)| {
-                        let w = inp.width(k, v);
-                        let row = if inp.per_head { h } else { (b * seq_len + t) * heads + h };
-                        let x = d[row * w..(row + 1) * w].to_vec();
-                        match inp.ty {
-                            Ty::VecK => Val::VecK(x),
-                            Ty::VecV => Val::VecV(x),
-                            _ => Val::Scalar(x[0]),
-                        }
-                    })
-                    .collect();
-                let o = env.step()?;
-                out.o[((b * seq_len + t) * heads + h) * v..][..v].copy_from_slice(&o);
+                let o = env.token(&data, &dims, b, t)?;
+                out.o[((b * seq_len + t) * heads + h) * v..][..v].copy_from_slice(env.tape.val(o).data());
             }
-            out.ht[(b * heads + h) * k * v..][..k * v].copy_from_slice(&env.state);
+            out.ht[(b * heads + h) * k * v..][..k * v].copy_from_slice(env.tape.val(env.state).data());
         }
     }
     Ok(out)
 }
 
-impl Env<'_> {
-    /// Executes the statements for one token; returns `o`.
-    fn step(&mut self) -> Result<Vec<f64>, String> {
+impl<'a> Env<'a> {
+    /// A sequence of batch `b`, head `h` starting from `h0` (or zeros); with `keep` the tape
+    /// keeps every token's nodes.
+    pub(crate) fn new(
+        rule: &'a Rule,
+        dims: &Dims,
+        scale: f64,
+        (b, h): (usize, usize),
+        h0: Option<&[f64]>,
+        keep: bool,
+    ) -> Env<'a> {
+        let kv = dims.k * dims.v;
+        let state = match h0 {
+            Some(s) => s[(b * dims.heads + h) * kv..][..kv].to_vec(),
+            None => vec![0.0; kv],
+        };
+        let mut tape = Tape::default();
+        let state = tape.push(Op::Leaf(Leaf::State), Val::Mat(state));
+        Env {
+            rule,
+            k: dims.k,
+            v: dims.v,
+            scale,
+            head: h,
+            tape,
+            inputs: vec![],
+            locals: vec![None; rule.locals.len()],
+            state,
+            keep,
+            per_head: vec![None; rule.inputs.len()],
+        }
+    }
+
+    /// Interprets token `t` of batch `b` (inputs from `data`, in the layout of
+    /// [`Dims::input_shape`]); returns the node of `o`.
+    pub(crate) fn token(&mut self, data: &[Vec<f64>], dims: &Dims, b: usize, t: usize) -> Result<usize, String> {
+        if !self.keep {
+            // Only the state carries over: start the token's tape from its value.
+            let state = std::mem::replace(&mut self.tape.nodes[self.state].1, Val::Scalar(0.0));
+            self.tape.nodes.clear();
+            self.state = self.tape.push(Op::Leaf(Leaf::State), state);
+            self.per_head.iter_mut().for_each(|p| *p = None);
+        }
+        let (k, v, h) = (self.k, self.v, self.head);
+        let mut inputs = Vec::with_capacity(self.rule.inputs.len());
+        for (i, (inp, d)) in self.rule.inputs.iter().zip(data).enumerate() {
+            if let Some(n) = self.per_head[i] {
+                inputs.push(n);
+                continue;
+            }
+            let w = inp.width(k, v);
+            let row = if inp.per_head { h } else { (b * dims.seq_len + t) * dims.heads + h };
+            let x = d[row * w..(row + 1) * w].to_vec();
+            let val = match inp.ty {
+                Ty::VecK => Val::VecK(x),
+                Ty::VecV => Val::VecV(x),
+                _ => Val::Scalar(x[0]),
+            };
+            let n = self.tape.push(Op::Leaf(Leaf::Input { input: i, token: t }), val);
+            if inp.per_head {
+                self.per_head[i] = Some(n);
+            }
+            inputs.push(n);
+        }
+        self.inputs = inputs;
         let mut o = None;
         for s in &self.rule.stmts {
-            let val = self.eval(&s.value)?;
-            match (&s.target, val) {
-                (Target::State, Val::Mat(m)) => self.state = m,
-                (Target::Output, Val::VecV(x)) => o = Some(x),
-                (Target::Local(i), val) => self.locals[*i] = Some(val),
+            let n = self.eval(&s.value)?;
+            match (&s.target, self.tape.val(n)) {
+                (Target::State, Val::Mat(_)) => self.state = n,
+                (Target::Output, Val::VecV(_)) => o = Some(n),
+                (Target::Local(i), _) => self.locals[*i] = Some(n),
                 (t, val) => {
                     return Err(format!("statement assigns {val:?} to {t:?}: the checker should have refused it"))
                 }
@@ -145,58 +254,86 @@ impl Env<'_> {
         o.ok_or_else(|| "the step never assigns `o`".to_string())
     }
 
-    fn eval(&self, e: &Expr) -> Result<Val, String> {
+    fn eval(&mut self, e: &Expr) -> Result<usize, String> {
         let (k, v) = (self.k, self.v);
-        Ok(match &e.kind {
-            ExprKind::Num(x) => Val::Scalar(*x),
-            ExprKind::Input(i) => self.inputs[*i].clone(),
-            ExprKind::Local(i) => self.locals[*i].clone().ok_or("local read before it is assigned")?,
-            ExprKind::State => Val::Mat(self.state.clone()),
-            ExprKind::Scale => Val::Scalar(self.scale),
-            ExprKind::Head => Val::Scalar(self.head as f64),
-            ExprKind::Unary(op, a) => map(self.eval(a)?, |x| op.apply(x)),
-            ExprKind::Binary(op, a, b) => binary(*op, self.eval(a)?, self.eval(b)?, k, v)?,
-            ExprKind::Dot(a, b) => {
-                let (a, b) = (vector(self.eval(a)?)?, vector(self.eval(b)?)?);
-                Val::Scalar(a.iter().zip(&b).map(|(x, y)| x * y).sum())
+        let n = match &e.kind {
+            ExprKind::Num(x) => self.tape.push(Op::Leaf(Leaf::Constant), Val::Scalar(*x)),
+            ExprKind::Input(i) => self.inputs[*i],
+            ExprKind::Local(i) => self.locals[*i].ok_or("local read before it is assigned")?,
+            ExprKind::State => self.state,
+            ExprKind::Scale => self.tape.push(Op::Leaf(Leaf::Constant), Val::Scalar(self.scale)),
+            ExprKind::Head => self.tape.push(Op::Leaf(Leaf::Constant), Val::Scalar(self.head as f64)),
+            ExprKind::Unary(op, a) => {
+                let a = self.eval(a)?;
+                let val = map(self.tape.val(a).clone(), |x| op.apply(x));
+                self.tape.push(Op::Unary(*op, a), val)
             }
-            ExprKind::Sum(a) => Val::Scalar(vector(self.eval(a)?)?.iter().sum()),
+            ExprKind::Binary(op, a, b) => {
+                let (a, b) = (self.eval(a)?, self.eval(b)?);
+                let val = binary(*op, self.tape.val(a).clone(), self.tape.val(b).clone(), k, v)?;
+                self.tape.push(Op::Binary(*op, a, b), val)
+            }
+            ExprKind::Dot(a, b) => {
+                let (a, b) = (self.eval(a)?, self.eval(b)?);
+                let (x, y) = (vector(self.tape.val(a))?, vector(self.tape.val(b))?);
+                let val = Val::Scalar(x.iter().zip(y).map(|(p, q)| p * q).sum());
+                self.tape.push(Op::Dot(a, b), val)
+            }
+            ExprKind::Sum(a) => {
+                let a = self.eval(a)?;
+                let val = Val::Scalar(vector(self.tape.val(a))?.iter().sum());
+                self.tape.push(Op::Sum(a), val)
+            }
             ExprKind::L2Norm(a) => {
-                let x = self.eval(a)?;
-                let n = vector(x.clone())?.iter().map(|y| y * y).sum::<f64>().sqrt();
-                map(x, |y| y / n)
+                let a = self.eval(a)?;
+                let x = self.tape.val(a).clone();
+                let n = vector(&x)?.iter().map(|y| y * y).sum::<f64>().sqrt();
+                self.tape.push(Op::L2Norm(a), map(x, |y| y / n))
             }
             ExprKind::Outer(a, b) => {
-                let (a, b) = (vector(self.eval(a)?)?, vector(self.eval(b)?)?);
-                Val::Mat(a.iter().flat_map(|x| b.iter().map(move |y| x * y)).collect())
+                let (a, b) = (self.eval(a)?, self.eval(b)?);
+                let (x, y) = (vector(self.tape.val(a))?, vector(self.tape.val(b))?);
+                let val = Val::Mat(x.iter().flat_map(|p| y.iter().map(move |q| p * q)).collect());
+                self.tape.push(Op::Outer(a, b), val)
             }
-            ExprKind::Transpose(a) => match self.eval(a)? {
-                Val::Mat(m) => Val::MatT(m),
-                Val::MatT(m) => Val::Mat(m),
-                x => x,
-            },
-            ExprKind::MatMul(a, b) => match (self.eval(a)?, self.eval(b)?) {
-                // S y -> [K]
-                (Val::Mat(m), Val::VecV(y)) => {
-                    Val::VecK((0..k).map(|i| (0..v).map(|j| m[i * v + j] * y[j]).sum()).collect())
-                }
-                // S^T x -> [V]
-                (Val::MatT(m), Val::VecK(x)) | (Val::VecK(x), Val::Mat(m)) => {
-                    Val::VecV((0..v).map(|j| (0..k).map(|i| m[i * v + j] * x[i]).sum()).collect())
-                }
-                (Val::VecV(y), Val::MatT(m)) => {
-                    Val::VecK((0..k).map(|i| (0..v).map(|j| m[i * v + j] * y[j]).sum()).collect())
-                }
-                (Val::VecK(a), Val::VecK(b)) | (Val::VecV(a), Val::VecV(b)) => {
-                    Val::Scalar(a.iter().zip(&b).map(|(x, y)| x * y).sum())
-                }
-                (a, b) => return Err(format!("cannot multiply {a:?} @ {b:?}: the checker should have refused it")),
-            },
-        })
+            ExprKind::Transpose(a) => {
+                let a = self.eval(a)?;
+                let val = match self.tape.val(a).clone() {
+                    Val::Mat(m) => Val::MatT(m),
+                    Val::MatT(m) => Val::Mat(m),
+                    x => x,
+                };
+                self.tape.push(Op::Transpose(a), val)
+            }
+            ExprKind::MatMul(a, b) => {
+                let (a, b) = (self.eval(a)?, self.eval(b)?);
+                let val = matmul(self.tape.val(a), self.tape.val(b), k, v)?;
+                self.tape.push(Op::MatMul(a, b), val)
+            }
+        };
+        Ok(n)
     }
 }
 
-fn map(x: Val, f: impl Fn(f64) -> f64) -> Val {
+/// `a @ b` for the typed combinations the checker allows.
+fn matmul(a: &Val, b: &Val, k: usize, v: usize) -> Result<Val, String> {
+    Ok(match (a, b) {
+        // S y and y S^T -> [K]
+        (Val::Mat(m), Val::VecV(y)) | (Val::VecV(y), Val::MatT(m)) => {
+            Val::VecK((0..k).map(|i| (0..v).map(|j| m[i * v + j] * y[j]).sum()).collect())
+        }
+        // S^T x and x S -> [V]
+        (Val::MatT(m), Val::VecK(x)) | (Val::VecK(x), Val::Mat(m)) => {
+            Val::VecV((0..v).map(|j| (0..k).map(|i| m[i * v + j] * x[i]).sum()).collect())
+        }
+        (Val::VecK(a), Val::VecK(b)) | (Val::VecV(a), Val::VecV(b)) => {
+            Val::Scalar(a.iter().zip(b).map(|(x, y)| x * y).sum())
+        }
+        (a, b) => return Err(format!("cannot multiply {a:?} @ {b:?}: the checker should have refused it")),
+    })
+}
+
+pub(crate) fn map(x: Val, f: impl Fn(f64) -> f64) -> Val {
     match x {
         Val::Scalar(a) => Val::Scalar(f(a)),
         Val::VecK(a) => Val::VecK(a.into_iter().map(f).collect()),
@@ -206,7 +343,7 @@ fn map(x: Val, f: impl Fn(f64) -> f64) -> Val {
     }
 }
 
-fn vector(x: Val) -> Result<Vec<f64>, String> {
+pub(crate) fn vector(x: &Val) -> Result<&[f64], String> {
     match x {
         Val::VecK(a) | Val::VecV(a) => Ok(a),
         x => Err(format!("expected a vector, got {x:?}")),

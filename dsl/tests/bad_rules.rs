@@ -438,8 +438,8 @@ h0 = "[V]"
         r#"bad/state_tensor_as_input_name.toml:8:1: error: `h0` names the initial state tensor and cannot name an input
   |
 8 | h0 = "[V]"
-  | ^^ state tensor name
-  = help: rename the input; h0 and hT are the states' tensors
+  | ^^ reserved tensor name
+  = help: rename the input; h0, hT, do, dhT name the states and their cotangents
 "#,
     );
 }

@@ -18,17 +18,52 @@ pub fn root() -> PathBuf {
 /// A missing golden set fails the test: a goldens test that passes without goldens would say
 /// nothing. `CHUNKC_SKIP_GOLDENS=1` skips it instead, loudly (`.ci/run` refuses that variable).
 pub fn goldens_dir() -> Option<PathBuf> {
-    let candidates = match std::env::var_os("CHUNKC_GOLDENS") {
+    golden_set("goldens", "CHUNKC_GOLDENS")
+}
+
+/// The gradient goldens: $CHUNKC_GOLDENS_BWD, else ../shared/goldens-bwd, else the copy in
+/// tests/goldens-bwd; missing, as [`goldens_dir`].
+pub fn goldens_bwd_dir() -> Option<PathBuf> {
+    golden_set("goldens-bwd", "CHUNKC_GOLDENS_BWD")
+}
+
+fn golden_set(name: &str, var: &str) -> Option<PathBuf> {
+    let candidates = match std::env::var_os(var) {
         Some(dir) => vec![PathBuf::from(dir)],
-        None => vec![root().join("../shared/goldens"), root().join("tests/goldens")],
+        None => vec![root().join("../shared").join(name), root().join("tests").join(name)],
     };
     if let Some(dir) = candidates.iter().find(|d| d.join("index.json").is_file()) {
         return Some(dir.clone());
     }
     let skip = std::env::var_os("CHUNKC_SKIP_GOLDENS").is_some_and(|v| v == "1");
-    assert!(skip, "no goldens at {candidates:?} (set CHUNKC_GOLDENS, or CHUNKC_SKIP_GOLDENS=1 to skip)");
-    eprintln!("SKIPPED (CHUNKC_SKIP_GOLDENS=1): no goldens at {candidates:?}");
+    assert!(skip, "no {name} at {candidates:?} (set {var}, or CHUNKC_SKIP_GOLDENS=1 to skip)");
+    eprintln!("SKIPPED (CHUNKC_SKIP_GOLDENS=1): no {name} at {candidates:?}");
     None
+}
+
+/// Where both exist, the copy in tests/`name` must be byte-identical to ../shared/`name` (the
+/// outside truth): every case file and the index. Returns how many files were compared (0
+/// when ../shared/`name` is not beside this checkout).
+pub fn check_golden_copy(name: &str) -> usize {
+    let (shared, copy) = (root().join("../shared").join(name), root().join("tests").join(name));
+    assert!(copy.join("index.json").is_file(), "tests/{name} is missing from the checkout");
+    if !shared.join("index.json").is_file() {
+        println!("no ../shared/{name} beside this checkout: the copy is the only set");
+        return 0;
+    }
+    let mut compared = 0;
+    for entry in std::fs::read_dir(&shared).expect("read the shared set") {
+        let file = entry.expect("entry").file_name();
+        let file = file.to_string_lossy();
+        if !(file.ends_with(".safetensors") || file == "index.json") {
+            continue;
+        }
+        let want = std::fs::read(shared.join(&*file)).expect("shared file");
+        let got = std::fs::read(copy.join(&*file)).unwrap_or_else(|_| panic!("tests/{name} lacks {file}"));
+        assert!(got == want, "tests/{name}/{file} differs from ../shared/{name}/{file}: copy it again");
+        compared += 1;
+    }
+    compared
 }
 
 /// `chunkc run` on one golden file; returns `o` and `hT` (when written).
