@@ -6,15 +6,11 @@ use chunkc::runtime::tensor::Tensor;
 use chunkc::verify::{rel_rms, F32_TOLERANCE};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+mod common;
 
-fn chunkc(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_chunkc")).current_dir(root()).args(args).output().expect("chunkc runs")
-}
+use common::{chunkc, root};
 
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
@@ -25,9 +21,7 @@ fn stdout(o: &Output) -> String {
 }
 
 fn tmp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("chunkc-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir.join(name)
+    common::tmp("cli", name)
 }
 
 /// simple_gla inputs: q, k [1, 5, 2, 4], v [1, 5, 2, 3], g [1, 5, 2].

@@ -10,19 +10,13 @@ mod common;
 use chunkc::runtime::io::{read_safetensors, write_safetensors};
 use chunkc::runtime::tensor::Tensor;
 use chunkc::verify::rel_rms;
-use common::{goldens_bwd_dir, root};
+use common::{chunkc, goldens_bwd_dir, root};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::process::{Command, Output};
-
-fn chunkc(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_chunkc")).current_dir(root()).args(args).output().expect("chunkc runs")
-}
+use std::process::Output;
 
 fn tmp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("chunkc-grad-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir.join(name)
+    common::tmp("grad", name)
 }
 
 /// The budget of a tensor: 1e-5 for the outputs and the gradients of q, k, v, h0; 1e-4 for

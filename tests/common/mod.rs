@@ -66,6 +66,18 @@ pub fn check_golden_copy(name: &str) -> usize {
     compared
 }
 
+/// Runs the `chunkc` binary from the checkout's root.
+pub fn chunkc(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_chunkc")).current_dir(root()).args(args).output().expect("chunkc runs")
+}
+
+/// A path in this test process's own temporary folder (`tag` keeps test files apart).
+pub fn tmp(tag: &str, name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("chunkc-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir.join(name)
+}
+
 /// `chunkc run` on one golden file; returns `o` and `hT` (when written).
 pub fn run_case(file: &Path, family: &str, args: &[&str], out: &Path) -> (Vec<f32>, Option<Vec<f32>>) {
     let rule = root().join("rules").join(format!("{family}.toml"));
