@@ -5,7 +5,7 @@
 //! (`chunkc_dsl::gradient`): the truth the compiled backward programs are to be held to.
 
 use crate::error::Error;
-use crate::problem::infer_dims;
+use crate::problem::{check_known_tensors, infer_dims};
 use chunkc_dsl::ast::Rule;
 use chunkc_dsl::gradient;
 use chunkc_runtime::error::{expect_shape, RuntimeError};
@@ -29,16 +29,7 @@ pub fn grad(
     scale: Option<f64>,
     allow_extra: bool,
 ) -> Result<BTreeMap<String, Tensor>, Error> {
-    let known = |n: &str| rule.input(n).is_some() || STATE_AND_COTANGENTS.contains(&n);
-    if let Some(extra) = tensors.keys().find(|n| !known(n) && !allow_extra) {
-        let mut takes: Vec<&str> = rule.inputs.iter().map(|i| i.name.as_str()).collect();
-        takes.extend(STATE_AND_COTANGENTS);
-        return Err(Error::Input(format!(
-            "tensor `{extra}` in {source} is not one rule `{}` takes for grad (it takes: {}; --allow-extra ignores the others)",
-            rule.name,
-            takes.join(", ")
-        )));
-    }
+    check_known_tensors(rule, tensors, source, "grad", &STATE_AND_COTANGENTS, allow_extra)?;
     let dims = infer_dims(rule, tensors, source)?;
     let d_o = tensors.get("do").ok_or_else(|| {
         Error::Runtime(RuntimeError::MissingTensor {

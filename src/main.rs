@@ -315,6 +315,9 @@ enum Command {
         /// ~/.cache/chunkc/tune.toml).
         #[arg(long, requires = "tuned")]
         cache: Option<PathBuf>,
+        /// Ignore tensors in IN that the rule does not take (by default each is an error).
+        #[arg(long)]
+        allow_extra: bool,
         #[arg(long, value_enum, default_value = "jit", hide = true)]
         engine: EngineArg,
     },
@@ -552,6 +555,7 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
             precision,
             tuned,
             cache,
+            allow_extra,
             engine: e,
         } => {
             check_bv(bv)?;
@@ -564,6 +568,7 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
             let loaded = load_rule(&rule)?;
             let shown = inputs.display().to_string();
             let (tensors, _) = chunkc::runtime::io::read_safetensors(&inputs)?;
+            chunkc::problem::check_known_tensors(&loaded.rule, &tensors, &shown, "run", &["h0"], allow_extra)?;
             for (name, t) in &tensors {
                 let bad = t.count_non_finite();
                 if bad > 0 && (name == "h0" || loaded.rule.input(name).is_some()) {

@@ -28,6 +28,36 @@ fn get<'a>(tensors: &'a Tensors, name: &str, source: &str) -> Result<&'a chunkc_
     })
 }
 
+/// Refuses a tensor that is neither an input of `rule` nor one of `also` (the state and
+/// cotangent tensors the command takes): a misnamed `h0` (FLA's `initial_state`, say) would
+/// otherwise be ignored and the run start from zeros without a word. One line, listing the
+/// names the command takes; `allow_extra` lets the others through.
+pub fn check_known_tensors(
+    rule: &Rule,
+    tensors: &Tensors,
+    source: &str,
+    command: &str,
+    also: &[&str],
+    allow_extra: bool,
+) -> Result<(), Error> {
+    if allow_extra {
+        return Ok(());
+    }
+    let known = |n: &str| rule.input(n).is_some() || also.contains(&n);
+    match tensors.keys().find(|n| !known(n)) {
+        None => Ok(()),
+        Some(extra) => {
+            let mut takes: Vec<&str> = rule.inputs.iter().map(|i| i.name.as_str()).collect();
+            takes.extend(also);
+            Err(Error::Input(format!(
+                "tensor `{extra}` in {source} is not one rule `{}` takes for {command} (it takes: {}; --allow-extra ignores the others)",
+                rule.name,
+                takes.join(", ")
+            )))
+        }
+    }
+}
+
 /// Reads B, T, H, K and V off the tensors, then checks every tensor the rule reads (and
 /// `h0` when present) against them. `source` names where the tensors came from.
 pub fn infer_dims(rule: &Rule, tensors: &Tensors, source: &str) -> Result<Dims, Error> {

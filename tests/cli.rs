@@ -62,6 +62,26 @@ fn run_writes_outputs_for_every_backend() {
     }
 }
 
+/// A tensor the rule does not take (FLA's `initial_state` for `h0`) is an error naming the
+/// ones it does, rather than a run from a zero state; `--allow-extra` lets it through.
+#[test]
+fn an_unknown_tensor_is_refused_unless_allowed() {
+    let mut t = simple_gla_inputs();
+    t.insert("initial_state".into(), Tensor { shape: vec![1, 2, 4, 3], data: vec![0.5; 24] });
+    let p = write("extra.safetensors", &t);
+    let o = run_simple_gla(&p, &[]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(
+        e.contains("tensor `initial_state` in")
+            && e.contains("it takes: q, k, v, g, h0; --allow-extra ignores the others"),
+        "{e}"
+    );
+    assert_eq!(e.trim_end().lines().count(), 1, "{e}");
+    let o = run_simple_gla(&p, &["--allow-extra"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
 #[test]
 fn missing_tensor_is_named_with_what_the_file_has() {
     let mut t = simple_gla_inputs();
