@@ -26,16 +26,7 @@ fn tmp(name: &str) -> PathBuf {
 
 /// simple_gla inputs: q, k [1, 5, 2, 4], v [1, 5, 2, 3], g [1, 5, 2].
 fn simple_gla_inputs() -> BTreeMap<String, Tensor> {
-    let t = |shape: Vec<usize>, f: f32| {
-        let n = shape.iter().product();
-        Tensor { shape, data: (0..n).map(|i| f * ((i % 7) as f32 - 3.0) / 7.0).collect() }
-    };
-    let mut m = BTreeMap::new();
-    m.insert("q".into(), t(vec![1, 5, 2, 4], 1.0));
-    m.insert("k".into(), t(vec![1, 5, 2, 4], 0.5));
-    m.insert("v".into(), t(vec![1, 5, 2, 3], 1.0));
-    m.insert("g".into(), Tensor { shape: vec![1, 5, 2], data: vec![-0.1; 10] });
-    m
+    common::simple_gla_inputs(5)
 }
 
 fn write(name: &str, t: &BTreeMap<String, Tensor>) -> PathBuf {

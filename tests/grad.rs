@@ -84,18 +84,10 @@ fn the_copy_of_the_gradient_goldens_matches_the_shared_set() {
     assert!(compared == 0 || compared >= 19, "expected the 18 cases and the index, compared {compared}");
 }
 
-/// simple_gla inputs with `do`, and what each error case changes.
+/// simple_gla inputs of 3 tokens with `do` `[1, 3, 2, 3]`.
 fn simple_gla_grad_inputs() -> BTreeMap<String, Tensor> {
-    let t = |shape: Vec<usize>, f: f32| {
-        let n = shape.iter().product();
-        Tensor { shape, data: (0..n).map(|i| f * ((i % 5) as f32 - 2.0) / 5.0).collect() }
-    };
-    let mut m = BTreeMap::new();
-    m.insert("q".into(), t(vec![1, 3, 2, 4], 1.0));
-    m.insert("k".into(), t(vec![1, 3, 2, 4], 0.5));
-    m.insert("v".into(), t(vec![1, 3, 2, 3], 1.0));
-    m.insert("g".into(), Tensor { shape: vec![1, 3, 2], data: vec![-0.1; 6] });
-    m.insert("do".into(), t(vec![1, 3, 2, 3], 1.0));
+    let mut m = common::simple_gla_inputs(3);
+    m.insert("do".into(), Tensor { shape: vec![1, 3, 2, 3], data: (0..18).map(|i| (i % 5) as f32 - 2.0).collect() });
     m
 }
 

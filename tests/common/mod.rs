@@ -66,6 +66,22 @@ pub fn check_golden_copy(name: &str) -> usize {
     compared
 }
 
+/// Deterministic simple_gla inputs of `seq_len` tokens: q, k `[1, T, 2, 4]`, v `[1, T, 2, 3]`,
+/// g `[1, T, 2]` (-0.1 everywhere).
+pub fn simple_gla_inputs(seq_len: usize) -> std::collections::BTreeMap<String, chunkc::runtime::tensor::Tensor> {
+    use chunkc::runtime::tensor::Tensor;
+    let t = |shape: Vec<usize>, f: f32| {
+        let n = shape.iter().product();
+        Tensor { shape, data: (0..n).map(|i| f * ((i % 7) as f32 - 3.0) / 7.0).collect() }
+    };
+    let mut m = std::collections::BTreeMap::new();
+    m.insert("q".into(), t(vec![1, seq_len, 2, 4], 1.0));
+    m.insert("k".into(), t(vec![1, seq_len, 2, 4], 0.5));
+    m.insert("v".into(), t(vec![1, seq_len, 2, 3], 1.0));
+    m.insert("g".into(), Tensor { shape: vec![1, seq_len, 2], data: vec![-0.1; 2 * seq_len] });
+    m
+}
+
 /// Runs the `chunkc` binary from the checkout's root.
 pub fn chunkc(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_chunkc")).current_dir(root()).args(args).output().expect("chunkc runs")
