@@ -253,7 +253,7 @@ impl CpuRunner {
 /// Runs every phase through the tile-IR interpreter (a debugging engine): each phase over its
 /// grid points in turn, its loop whole (a chunk-parallel loop in order, which is one of the
 /// orders it allows), with NaN-filled outputs and intermediates.
-fn execute_interp(program: &Program, tensors: &Tensors, dims: &Dims) -> Result<Outputs, Error> {
+pub fn execute_interp(program: &Program, tensors: &Tensors, dims: &Dims) -> Result<Outputs, Error> {
     let spec = &program.spec;
     let sizes = sizes_of(dims);
     spec.check_sizes(&sizes).map_err(spec_error)?;

@@ -1,14 +1,23 @@
 //! `chunkc grad`: the gradient of the loss `L = sum(o * do) + sum(hT * dhT)` with respect to
 //! every input of a rule and `h0`, from tensors by name.
 //!
-//! The backend today is the f64 reference differentiated in reverse mode
-//! (`chunkc_dsl::gradient`): the truth the compiled backward programs are to be held to.
+//! Backends: the f64 reference differentiated in reverse mode (`chunkc_dsl::gradient`, the
+//! truth the compiled backward is held to), and the compiled recurrent backward program
+//! (`plan::backward`: checkpointed reverse mode through the token step, any rule), run as
+//! native code, in the tile-IR interpreter or as PTX.
 
+use crate::backend::{self, shape_of, Backend, CpuRunner, Engine};
 use crate::error::Error;
+use crate::gpu;
 use crate::problem::{check_known_tensors, infer_dims};
+use chunkc_codegen::plan::backward;
+use chunkc_codegen::program::Program;
+use chunkc_codegen::schedule::{PtxSchedule, DEFAULT_TIME_BLOCK};
 use chunkc_dsl::ast::Rule;
 use chunkc_dsl::gradient;
+use chunkc_dsl::reference::Dims;
 use chunkc_runtime::error::{expect_shape, RuntimeError};
+use chunkc_runtime::exec::Order;
 use chunkc_runtime::io::Tensors;
 use chunkc_runtime::tensor::Tensor;
 use std::collections::BTreeMap;
@@ -16,6 +25,27 @@ use std::collections::BTreeMap;
 /// The tensors `chunkc grad` takes besides the rule's inputs (the rule checker keeps inputs
 /// from taking these names).
 const STATE_AND_COTANGENTS: [&str; 3] = ["h0", "do", "dhT"];
+
+/// How the gradient is computed.
+#[derive(Clone, Copy, Debug)]
+pub struct GradOptions {
+    /// The reference, or the recurrent backward program (the chunked one is not built yet).
+    pub backend: Backend,
+    /// How a compiled program runs (native code, the interpreter, PTX).
+    pub engine: Engine,
+    /// Worker threads for native code; 0 means all.
+    pub threads: usize,
+    /// `scale`; None means 1/sqrt(K).
+    pub scale: Option<f64>,
+    /// Tokens between the recurrent backward's checkpoints (None: chosen from T).
+    pub checkpoint: Option<usize>,
+}
+
+impl Default for GradOptions {
+    fn default() -> GradOptions {
+        GradOptions { backend: Backend::Reference, engine: Engine::Jit, threads: 0, scale: None, checkpoint: None }
+    }
+}
 
 /// Runs the rule forward and backward on `tensors` (the rule's inputs, optional `h0`, the
 /// required `do` and optional `dhT`); returns `o`, `hT`, `d<input>` for every input (the
@@ -26,7 +56,7 @@ pub fn grad(
     rule: &Rule,
     tensors: &Tensors,
     source: &str,
-    scale: Option<f64>,
+    opts: &GradOptions,
     allow_extra: bool,
 ) -> Result<BTreeMap<String, Tensor>, Error> {
     check_known_tensors(rule, tensors, source, "grad", &STATE_AND_COTANGENTS, allow_extra)?;
@@ -39,24 +69,34 @@ pub fn grad(
         })
     })?;
     expect_shape("do", d_o, &dims.output_shape(), "[B, T, H, V]")?;
-    let d_ht = tensors.get("dhT");
-    if let Some(d) = d_ht {
+    if let Some(d) = tensors.get("dhT") {
         expect_shape("dhT", d, &dims.state_shape(), "[B, H, K, V]")?;
     }
+    let mut out = match opts.backend {
+        Backend::Reference => reference(rule, tensors, dims, opts.scale)?,
+        Backend::Recurrent => compiled(rule, tensors, dims, opts)?,
+        Backend::Chunked => {
+            return Err(Error::Unsupported(
+                "the chunked backward is not built yet; --backend recurrent differentiates any rule through its \
+                 recurrent kernel"
+                    .into(),
+            ))
+        }
+    };
+    if !tensors.contains_key("h0") {
+        out.remove("dh0");
+    }
+    Ok(out)
+}
+
+fn reference(rule: &Rule, tensors: &Tensors, dims: Dims, scale: Option<f64>) -> Result<BTreeMap<String, Tensor>, Error> {
     let f64s = |t: &Tensor| t.data.iter().map(|&x| x as f64).collect::<Vec<f64>>();
     let h0 = tensors.get("h0").map(f64s);
-    let d_ht = d_ht.map(f64s);
+    let d_o = tensors.get("do").map(f64s).unwrap_or_default();
+    let d_ht = tensors.get("dhT").map(f64s);
     let scale = scale.unwrap_or(1.0 / (dims.k as f64).sqrt());
-    let g = gradient::grad(
-        rule,
-        dims,
-        scale,
-        &|name| tensors.get(name).map(f64s),
-        h0.as_deref(),
-        &f64s(d_o),
-        d_ht.as_deref(),
-    )
-    .map_err(Error::Internal)?;
+    let g = gradient::grad(rule, dims, scale, &|name| tensors.get(name).map(f64s), h0.as_deref(), &d_o, d_ht.as_deref())
+        .map_err(Error::Internal)?;
     let f32s = |x: Vec<f64>| x.into_iter().map(|y| y as f32).collect::<Vec<f32>>();
     let mut out = BTreeMap::new();
     out.insert("o".to_string(), Tensor::new(dims.output_shape(), f32s(g.outputs.o))?);
@@ -64,8 +104,47 @@ pub fn grad(
     for (inp, d) in rule.inputs.iter().zip(g.inputs) {
         out.insert(format!("d{}", inp.name), Tensor::new(dims.input_shape(inp), f32s(d))?);
     }
-    if h0.is_some() {
-        out.insert("dh0".to_string(), Tensor::new(dims.state_shape(), f32s(g.dh0))?);
+    out.insert("dh0".to_string(), Tensor::new(dims.state_shape(), f32s(g.dh0))?);
+    Ok(out)
+}
+
+/// The recurrent backward program for these sizes.
+pub fn build_program(rule: &Rule, dims: &Dims, opts: &GradOptions) -> Result<Program, Error> {
+    let every = opts.checkpoint.unwrap_or_else(|| backward::checkpoint_interval(dims.seq_len));
+    if every == 0 {
+        return Err(Error::Input("--checkpoint must be at least 1".into()));
+    }
+    let shape = shape_of(dims, opts.scale);
+    backward::recurrent(rule, shape, chunkc_codegen::ir::ElemType::F32, every)
+        .map_err(|e| Error::Unsupported(format!("rule `{}`: {}", rule.name, e.0)))
+}
+
+fn compiled(rule: &Rule, tensors: &Tensors, dims: Dims, opts: &GradOptions) -> Result<BTreeMap<String, Tensor>, Error> {
+    let program = build_program(rule, &dims, opts)?;
+    let mut out = match opts.engine {
+        Engine::Jit => {
+            let mut runner = CpuRunner::new(&program, &dims)?;
+            runner.poison();
+            let order = Order { threads: opts.threads, time_block: DEFAULT_TIME_BLOCK, poison_scratch: true };
+            runner.run(tensors, order)?;
+            runner.into_outputs()?.0
+        }
+        Engine::Interp => backend::execute_interp(&program, tensors, &dims)?.0,
+        Engine::Ptx { device, target } => {
+            gpu::execute(&program, tensors, dims, device, target, &PtxSchedule::default())?.0
+        }
+    };
+    // A per-head parameter's gradient comes per batch row: sum it over B.
+    for (i, inp) in rule.inputs.iter().enumerate().filter(|(_, inp)| inp.per_head) {
+        let by_batch = out
+            .remove(&backward::gradient_name(rule, i))
+            .ok_or_else(|| Error::Internal(format!("the backward produced no gradient for `{}`", inp.name)))?;
+        let per_batch = by_batch.data.len() / dims.batch.max(1);
+        let mut sum = vec![0f32; per_batch];
+        for row in by_batch.data.chunks(per_batch.max(1)) {
+            sum.iter_mut().zip(row).for_each(|(s, x)| *s += x);
+        }
+        out.insert(format!("d{}", inp.name), Tensor::new(dims.input_shape(inp), sum)?);
     }
     Ok(out)
 }

@@ -57,13 +57,6 @@ enum RunBackend {
     Cuda,
 }
 
-/// Backends of `grad`.
-#[derive(Clone, Copy, ValueEnum)]
-enum GradBackend {
-    /// The rule interpreted in f64 and differentiated in reverse mode.
-    Reference,
-}
-
 /// The kernel a PTX backend runs.
 #[derive(Clone, Copy, ValueEnum)]
 enum KernelArg {
@@ -326,22 +319,36 @@ enum Command {
     /// IN holds the rule's inputs, optional h0, the cotangent do [B, T, H, V] (required) and
     /// optional dhT [B, H, K, V]; OUT gets o, hT, d<name> for every input (in its shape; a
     /// per-head parameter's gradient summed over batch and time) and dh0 when h0 was given.
-    /// The backend is the f64 reference differentiated in reverse mode (the truth the
-    /// compiled backward programs will be held to).
+    ///
+    /// --backend reference differentiates the f64 interpreter in reverse mode (the truth);
+    /// recurrent runs the compiled backward program (any rule: reverse mode through the token
+    /// step, the state checkpointed every --checkpoint tokens and recomputed in between) as
+    /// native code; ptx-sim and cuda run the same program as PTX (f32).
     Grad {
         rule: PathBuf,
         #[arg(long)]
         inputs: PathBuf,
         #[arg(long)]
         out: PathBuf,
-        #[arg(long, value_enum, default_value = "reference")]
-        backend: GradBackend,
+        #[arg(long, value_enum, default_value = "recurrent")]
+        backend: RunBackend,
+        /// GPU target of the PTX backends (default sm_90).
+        #[arg(long, value_enum)]
+        target: Option<GpuTarget>,
+        /// Tokens between stored states (default: about sqrt(T), at most 16).
+        #[arg(long)]
+        checkpoint: Option<usize>,
+        /// Worker threads (default: all cores).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
         /// Output scale (default 1/sqrt(K)).
         #[arg(long)]
         scale: Option<f64>,
         /// Ignore tensors in IN that the rule does not take (by default each is an error).
         #[arg(long)]
         allow_extra: bool,
+        #[arg(long, value_enum, default_value = "jit", hide = true)]
+        engine: EngineArg,
     },
     /// Run backends and chunk sizes on random inputs against the f64 reference.
     ///
@@ -608,14 +615,32 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
             println!("wrote {} to {}", names.join(" and "), out.display());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Grad { rule, inputs, out, backend: GradBackend::Reference, scale, allow_extra } => {
+        Command::Grad {
+            rule,
+            inputs,
+            out,
+            backend,
+            target,
+            checkpoint,
+            threads,
+            scale,
+            allow_extra,
+            engine: e,
+        } => {
+            if target.is_some() && backend.device().is_none() {
+                return Err(Error::Unsupported("--target only applies to --backend ptx-sim and cuda".into()));
+            }
             let loaded = load_rule(&rule)?;
             let shown = inputs.display().to_string();
             let (tensors, _) = chunkc::runtime::io::read_safetensors(&inputs)?;
-            let written = chunkc::grad::grad(&loaded.rule, &tensors, &shown, scale, allow_extra)?;
+            let [(be, eng)] = backend.runs(&[Backend::Recurrent], target, engine(e))[..] else {
+                return Err(Error::Internal("one backend must give one run".into()));
+            };
+            let opts = chunkc::grad::GradOptions { backend: be, engine: eng, threads, scale, checkpoint };
+            let written = chunkc::grad::grad(&loaded.rule, &tensors, &shown, &opts, allow_extra)?;
             let mut meta = BTreeMap::new();
             meta.insert("rule".to_string(), loaded.rule.name.clone());
-            meta.insert("backend".to_string(), "reference".to_string());
+            meta.insert("backend".to_string(), eng.label(be).to_string());
             meta.insert("loss".to_string(), "sum(o*do) + sum(hT*dhT)".to_string());
             chunkc::runtime::io::write_safetensors(&out, &written, Some(meta))?;
             let names: Vec<&str> = written.keys().map(String::as_str).collect();

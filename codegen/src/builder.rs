@@ -53,6 +53,24 @@ impl Builder {
         self.values[v.0 as usize]
     }
 
+    /// The id the next value will get: a mark for [`Builder::lets_since`].
+    pub fn next_value(&self) -> ValueId {
+        ValueId(self.values.len() as u32)
+    }
+
+    /// The `Let`s of the open block defining values at or after `mark`, in order: a region
+    /// to differentiate (`autodiff`).
+    pub fn lets_since(&self, mark: ValueId) -> Vec<(ValueId, Op)> {
+        let block = self.blocks.last().map(Vec::as_slice).unwrap_or_default();
+        block
+            .iter()
+            .filter_map(|s| match s {
+                Stmt::Let { id, op } if *id >= mark => Some((*id, op.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
     fn fresh(&mut self, ty: TileTy) -> ValueId {
         self.values.push(ty);
         ValueId(self.values.len() as u32 - 1)

@@ -6,6 +6,7 @@
 //! updates, given the backend's abilities as data), and a backend ([`cpu`], [`ptx`]) turns it
 //! into code the runtime executes.
 
+pub mod autodiff;
 pub mod builder;
 pub mod cpu;
 pub mod interp;

@@ -136,6 +136,13 @@ impl<'a> Lowerer<'a> {
         }
     }
 
+    /// The inputs loaded so far, by input index, in index order.
+    pub fn loaded_inputs(&self) -> Vec<(usize, ValueId)> {
+        let mut loads: Vec<(usize, ValueId)> = self.loaded.iter().map(|(i, v)| (*i, *v)).collect();
+        loads.sort();
+        loads
+    }
+
     fn input(&mut self, b: &mut Builder, i: usize) -> ValueId {
         if let Some(v) = self.loaded.get(&i) {
             return *v;

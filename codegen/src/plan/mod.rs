@@ -6,6 +6,7 @@
 //! re-centred exponents) and a low-rank transition adds the UT forward substitution.
 //! `program` assembles the kernels into the forward programs (fused or split).
 
+pub mod backward;
 pub mod chunked;
 pub mod program;
 pub mod recurrent;

@@ -1,0 +1,352 @@
+//! Reverse-mode differentiation of straight-line tile IR.
+//!
+//! Given the `Let`s of a region of a kernel being built (no loops inside), the values whose
+//! adjoints are wanted (the leaves: loads, a carried state) and the adjoints of some of its
+//! values (the seeds), this appends to the builder the ops that carry the adjoints back
+//! through every op of the region, and returns the leaves' adjoints.
+//!
+//! It works on the IR, not on the rule: every op the rule lowering emits has its
+//! vector-Jacobian product written once here, so the backward of a new rule needs nothing
+//! new. Only values that depend on a leaf are differentiated (the exponent of `pow(x, 2)`,
+//! a constant, gets no adjoint); an elementwise op's adjoint is summed back over the
+//! dimensions its operand was broadcast along.
+
+use crate::builder::Builder;
+use crate::ir::*;
+use std::collections::{HashMap, HashSet};
+
+/// An op the differentiator has no rule for (a compiler limitation, reported to the user as
+/// "not differentiable yet").
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdError(pub String);
+
+impl std::fmt::Display for AdError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Appends to `b` the adjoint computation of `region` (its `Let`s, in order) and returns the
+/// adjoint of every leaf that one reached (a leaf no seed depends on is absent: its adjoint
+/// is zero). `seeds` pairs a value of the region (or a leaf) with its incoming adjoint, of
+/// the same type; several seeds of one value add up.
+pub fn reverse(
+    b: &mut Builder,
+    region: &[(ValueId, Op)],
+    leaves: &[ValueId],
+    seeds: &[(ValueId, ValueId)],
+) -> Result<HashMap<ValueId, ValueId>, AdError> {
+    let active = active_values(region, leaves);
+    let mut adj: HashMap<ValueId, ValueId> = HashMap::new();
+    for &(v, g) in seeds {
+        if active.contains(&v) {
+            accumulate(b, &mut adj, v, g);
+        }
+    }
+    for (id, op) in region.iter().rev() {
+        if leaves.contains(id) {
+            continue;
+        }
+        let Some(&g) = adj.get(id) else { continue };
+        for (operand, contribution) in vjp(b, *id, op, g, &active)? {
+            let reduced = reduce_to(b, contribution, b.ty(operand));
+            accumulate(b, &mut adj, operand, reduced);
+        }
+    }
+    Ok(leaves.iter().filter_map(|l| adj.get(l).map(|g| (*l, *g))).collect())
+}
+
+/// The values of the region that depend on a leaf (the leaves included).
+fn active_values(region: &[(ValueId, Op)], leaves: &[ValueId]) -> HashSet<ValueId> {
+    let mut active: HashSet<ValueId> = leaves.iter().copied().collect();
+    for (id, op) in region {
+        if op.operands().iter().any(|o| active.contains(o)) {
+            active.insert(*id);
+        }
+    }
+    active
+}
+
+fn accumulate(b: &mut Builder, adj: &mut HashMap<ValueId, ValueId>, v: ValueId, g: ValueId) {
+    let sum = match adj.get(&v) {
+        Some(&old) => b.add(old, g),
+        None => g,
+    };
+    adj.insert(v, sum);
+}
+
+/// Sums `g` over the dimensions along which a value of type `to` was broadcast to reach
+/// `g`'s shape.
+fn reduce_to(b: &mut Builder, mut g: ValueId, to: TileTy) -> ValueId {
+    let from = b.ty(g);
+    if from.cols != to.cols {
+        g = b.row_sum(g);
+    }
+    if from.rows != to.rows {
+        let t = b.transpose(g);
+        let s = b.row_sum(t);
+        g = b.transpose(s);
+    }
+    b.cast(g, to.dtype)
+}
+
+/// The contributions of result `y = op(...)`'s adjoint `g` to its active operands, each at
+/// the result's shape (or at the operand's).
+fn vjp(
+    b: &mut Builder,
+    y: ValueId,
+    op: &Op,
+    g: ValueId,
+    active: &HashSet<ValueId>,
+) -> Result<Vec<(ValueId, ValueId)>, AdError> {
+    let is_active = |v: &ValueId| active.contains(v);
+    let mut out = vec![];
+    match op {
+        Op::Load { .. } | Op::Const { .. } | Op::IdxValue(_) => {}
+        Op::Unary { op, x } => {
+            let d = unary_vjp(b, *op, *x, y, g);
+            out.push((*x, d));
+        }
+        Op::Binary { op, a, b: c } => {
+            let (da, dc) = binary_vjp(b, *op, *a, *c, y, g, (is_active(a), is_active(c)))?;
+            out.extend(da.map(|d| (*a, d)));
+            out.extend(dc.map(|d| (*c, d)));
+        }
+        Op::Cast { x, .. } => out.push((*x, g)),
+        Op::Dot { a, b: c, ta, tb, acc } => {
+            // C = A' B' (+ acc), A' = op(a), B' = op(b): dA' = dC B'^T, dB' = A'^T dC, each
+            // written with the operands' own transpose flags.
+            if is_active(a) {
+                let da = if *ta { b.dot(*c, g, *tb, true, None) } else { b.dot(g, *c, false, !*tb, None) };
+                out.push((*a, da));
+            }
+            if is_active(c) {
+                let dc = if *tb { b.dot(g, *a, true, *ta, None) } else { b.dot(*a, g, !*ta, false, None) };
+                out.push((*c, dc));
+            }
+            if let Some(acc) = acc.filter(is_active) {
+                out.push((acc, g));
+            }
+        }
+        Op::RowSum { x } => {
+            let ones = b.constant(1.0, b.ty(*x));
+            out.push((*x, b.mul(ones, g)));
+        }
+        Op::Transpose { x } => out.push((*x, b.transpose(g))),
+        Op::Mask { x, mask, .. } => out.push((*x, b.mask(g, mask.clone(), 0.0))),
+        Op::Cumsum { .. } | Op::Rows { .. } | Op::GatedDot { .. } | Op::SolveUnitLower { .. } => {
+            return Err(AdError(format!("the backward of {} is not derived yet", op_name(op))));
+        }
+    }
+    out.retain(|(v, _)| is_active(v));
+    Ok(out)
+}
+
+/// `g * f'(x)`, given `y = f(x)`.
+fn unary_vjp(b: &mut Builder, f: UnOp, x: ValueId, y: ValueId, g: ValueId) -> ValueId {
+    let scalar = |b: &mut Builder, c: f64| b.constant(c, TileTy { rows: 1, cols: 1, dtype: b.ty(x).dtype });
+    match f {
+        UnOp::Neg => b.neg(g),
+        UnOp::Exp => b.mul(g, y),
+        UnOp::Exp2 => {
+            let ln2 = scalar(b, std::f64::consts::LN_2);
+            let s = b.mul(y, ln2);
+            b.mul(g, s)
+        }
+        UnOp::Log => b.binary(BinOp::Div, g, x),
+        UnOp::Sigmoid => {
+            let one = scalar(b, 1.0);
+            let rest = b.sub(one, y);
+            let s = b.mul(y, rest);
+            b.mul(g, s)
+        }
+        UnOp::Softplus => {
+            let s = b.unary(UnOp::Sigmoid, x);
+            b.mul(g, s)
+        }
+        UnOp::Silu => {
+            // silu' = s (1 + x (1 - s)), s = sigmoid(x)
+            let s = b.unary(UnOp::Sigmoid, x);
+            let one = scalar(b, 1.0);
+            let rest = b.sub(one, s);
+            let xr = b.mul(x, rest);
+            let inner = b.add(one, xr);
+            let slope = b.mul(s, inner);
+            b.mul(g, slope)
+        }
+        UnOp::Sqrt => {
+            let half = scalar(b, 0.5);
+            let r = b.unary(UnOp::Recip, y);
+            let s = b.mul(half, r);
+            b.mul(g, s)
+        }
+        UnOp::Recip => {
+            let yy = b.mul(y, y);
+            let s = b.mul(g, yy);
+            b.neg(s)
+        }
+    }
+}
+
+/// `(g * df/da, g * df/dc)` for the operands that are active, given `y = f(a, c)`.
+fn binary_vjp(
+    b: &mut Builder,
+    f: BinOp,
+    a: ValueId,
+    c: ValueId,
+    y: ValueId,
+    g: ValueId,
+    (want_a, want_c): (bool, bool),
+) -> Result<(Option<ValueId>, Option<ValueId>), AdError> {
+    let da = |b: &mut Builder| -> Result<ValueId, AdError> {
+        Ok(match f {
+            BinOp::Add | BinOp::Sub => g,
+            BinOp::Mul => b.mul(g, c),
+            BinOp::Div => b.binary(BinOp::Div, g, c),
+            BinOp::Pow => {
+                // c a^(c - 1)
+                let one = b.constant(1.0, TileTy { rows: 1, cols: 1, dtype: b.ty(c).dtype });
+                let cm1 = b.sub(c, one);
+                let p = b.binary(BinOp::Pow, a, cm1);
+                let s = b.mul(c, p);
+                b.mul(g, s)
+            }
+            BinOp::Max => return Err(AdError("the backward of max is not derived yet".into())),
+        })
+    };
+    let dc = |b: &mut Builder| -> Result<ValueId, AdError> {
+        Ok(match f {
+            BinOp::Add => g,
+            BinOp::Sub => b.neg(g),
+            BinOp::Mul => b.mul(g, a),
+            BinOp::Div => {
+                // -g y / c
+                let q = b.binary(BinOp::Div, y, c);
+                let s = b.mul(g, q);
+                b.neg(s)
+            }
+            BinOp::Pow => {
+                // y ln a: the exponent's slope (a > 0 where it is active)
+                let l = b.unary(UnOp::Log, a);
+                let s = b.mul(y, l);
+                b.mul(g, s)
+            }
+            BinOp::Max => return Err(AdError("the backward of max is not derived yet".into())),
+        })
+    };
+    Ok((if want_a { Some(da(b)?) } else { None }, if want_c { Some(dc(b)?) } else { None }))
+}
+
+fn op_name(op: &Op) -> &'static str {
+    match op {
+        Op::Cumsum { .. } => "a cumulative sum",
+        Op::Rows { .. } => "a row slice",
+        Op::GatedDot { .. } => "gated scores",
+        Op::SolveUnitLower { .. } => "a triangular solve",
+        _ => "this op",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::interp::run_tile;
+
+    /// Builds `f` on one-row leaves read from parameter 0, seeds the result with ones, and
+    /// returns the leaves' adjoints as the interpreter computes them, next to central
+    /// differences of the sum of the result.
+    fn check(name: &str, widths: &[(usize, usize)], inputs: &[f32], f: impl Fn(&mut Builder, &[ValueId]) -> ValueId) {
+        let run = |x: &[f32], with_grad: bool| -> (f64, Vec<f32>) {
+            let mut b = Builder::new(name);
+            let p = b.param("x", Access::Read);
+            let out = b.param("out", Access::Write);
+            let grad = b.param("grad", Access::Write);
+            let mark = b.next_value();
+            let mut leaves = vec![];
+            let mut at = 0;
+            for &(r, c) in widths {
+                leaves.push(b.load(p, Idx::c(at as i64), c as i64, 1, r, c, Idx::c(r as i64)));
+                at += r * c;
+            }
+            let y = f(&mut b, &leaves);
+            let sum = {
+                let s = b.row_sum(y);
+                let t = b.transpose(s);
+                b.row_sum(t)
+            };
+            b.store(sum, out, Idx::c(0), 1, 1, Idx::c(1));
+            if with_grad {
+                let region = b.lets_since(mark);
+                let ones = b.constant(1.0, b.ty(y));
+                let adj = reverse(&mut b, &region, &leaves, &[(y, ones)]).expect("reverse");
+                let mut at = 0;
+                for (l, &(r, c)) in leaves.iter().zip(widths) {
+                    let g = adj.get(l).copied().unwrap_or_else(|| b.constant(0.0, b.ty(*l)));
+                    b.store(g, grad, Idx::c(at as i64), c as i64, 1, Idx::c(r as i64));
+                    at += r * c;
+                }
+            }
+            let kernel = b.finish();
+            let mut xs = x.to_vec();
+            let mut o = vec![0f32; 1];
+            let mut gr = vec![f32::NAN; x.len()];
+            let mut params: Vec<&mut [f32]> = vec![&mut xs, &mut o];
+            if with_grad {
+                params.push(&mut gr);
+            }
+            run_tile(&kernel, &mut params, 0, 0, 0, 1).expect("run");
+            (o[0] as f64, gr)
+        };
+        let (_, grad) = run(inputs, true);
+        for i in 0..inputs.len() {
+            let h = 1e-2f32 * inputs[i].abs().max(1.0);
+            let (mut up, mut down) = (inputs.to_vec(), inputs.to_vec());
+            up[i] += h;
+            down[i] -= h;
+            let fd = (run(&up, false).0 - run(&down, false).0) / (2.0 * h as f64);
+            let err = (grad[i] as f64 - fd).abs() / fd.abs().max(1.0);
+            assert!(err < 2e-2, "{name}: d/dx[{i}] = {} but finite differences give {fd}", grad[i]);
+        }
+    }
+
+    #[test]
+    fn elementwise_ops_match_finite_differences() {
+        let xs = [0.3f32, -0.7, 1.1, 0.4, 0.9, -0.2];
+        for op in [UnOp::Neg, UnOp::Exp, UnOp::Exp2, UnOp::Sigmoid, UnOp::Softplus, UnOp::Silu, UnOp::Recip] {
+            check(&format!("{op:?}"), &[(1, 6)], &xs, |b, l| b.unary(op, l[0]));
+        }
+        let pos = [0.3f32, 0.7, 1.1, 0.4, 0.9, 0.2];
+        for op in [UnOp::Log, UnOp::Sqrt] {
+            check(&format!("{op:?}"), &[(1, 6)], &pos, |b, l| b.unary(op, l[0]));
+        }
+        for op in [BinOp::Add, BinOp::Sub, BinOp::Mul, BinOp::Div, BinOp::Pow] {
+            // a [1, 3] row against a [1, 1] scalar and a [3, 1] column: both broadcasts
+            let seven = [0.3f32, 0.7, 1.1, 0.4, 0.9, 0.2, 1.3];
+            check(&format!("{op:?} broadcast"), &[(1, 3), (1, 1), (3, 1)], &seven, |b, l| {
+                let ab = b.binary(op, l[0], l[1]);
+                b.binary(op, l[2], ab)
+            });
+        }
+    }
+
+    #[test]
+    fn products_reductions_and_masks_match_finite_differences() {
+        let xs: Vec<f32> = (0..22).map(|i| ((i * 7 % 11) as f32 - 5.0) / 4.0).collect();
+        // outer, S^T x, S y, x S with the four transpose patterns, and an accumulator
+        check("dot", &[(1, 3), (1, 4), (3, 4), (1, 3)], &xs, |b, l| {
+            let outer = b.dot(l[0], l[1], true, false, Some(l[2]));
+            let st = b.dot(l[3], outer, false, false, None);
+            let s = b.dot(st, outer, false, true, None);
+            let t = b.transpose(s);
+            let column_row = b.dot(t, l[3], false, false, None);
+            let both_transposed = b.dot(l[3], t, true, true, None);
+            b.add(column_row, both_transposed)
+        });
+        check("row sums and masks", &[(3, 4)], &xs[..12], |b, l| {
+            let e = b.exp(l[0]);
+            let m = b.mask(e, MaskKind::RowsBefore(Idx::c(2)), 0.0);
+            let r = b.row_sum(m);
+            b.mul(r, l[0])
+        });
+    }
+}
