@@ -73,7 +73,7 @@ pub fn grad(
         expect_shape("dhT", d, &dims.state_shape(), "[B, H, K, V]")?;
     }
     let mut out = match opts.backend {
-        Backend::Reference => reference(rule, tensors, dims, opts.scale)?,
+        Backend::Reference => reference(rule, tensors, dims, opts.scale, false)?,
         Backend::Recurrent => compiled(rule, tensors, dims, opts)?,
         Backend::Chunked => {
             return Err(Error::Unsupported(
@@ -89,13 +89,37 @@ pub fn grad(
     Ok(out)
 }
 
-fn reference(rule: &Rule, tensors: &Tensors, dims: Dims, scale: Option<f64>) -> Result<BTreeMap<String, Tensor>, Error> {
+/// The reference gradient with the forward computed in rounded-to-f32 arithmetic
+/// ([`gradient::grad_f32_forward`]): its distance from the exact one is the part of a
+/// compiled backward's error that f32 alone accounts for. The tensors as for [`grad`].
+pub fn reference_f32_forward(
+    rule: &Rule,
+    tensors: &Tensors,
+    source: &str,
+    scale: Option<f64>,
+) -> Result<BTreeMap<String, Tensor>, Error> {
+    let dims = infer_dims(rule, tensors, source)?;
+    let mut out = reference(rule, tensors, dims, scale, true)?;
+    if !tensors.contains_key("h0") {
+        out.remove("dh0");
+    }
+    Ok(out)
+}
+
+fn reference(
+    rule: &Rule,
+    tensors: &Tensors,
+    dims: Dims,
+    scale: Option<f64>,
+    round_to_f32: bool,
+) -> Result<BTreeMap<String, Tensor>, Error> {
     let f64s = |t: &Tensor| t.data.iter().map(|&x| x as f64).collect::<Vec<f64>>();
     let h0 = tensors.get("h0").map(f64s);
     let d_o = tensors.get("do").map(f64s).unwrap_or_default();
     let d_ht = tensors.get("dhT").map(f64s);
     let scale = scale.unwrap_or(1.0 / (dims.k as f64).sqrt());
-    let g = gradient::grad(rule, dims, scale, &|name| tensors.get(name).map(f64s), h0.as_deref(), &d_o, d_ht.as_deref())
+    let grad = if round_to_f32 { gradient::grad_f32_forward } else { gradient::grad };
+    let g = grad(rule, dims, scale, &|name| tensors.get(name).map(f64s), h0.as_deref(), &d_o, d_ht.as_deref())
         .map_err(Error::Internal)?;
     let f32s = |x: Vec<f64>| x.into_iter().map(|y| y as f32).collect::<Vec<f32>>();
     let mut out = BTreeMap::new();

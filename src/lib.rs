@@ -18,6 +18,7 @@ pub mod grad;
 pub mod problem;
 pub mod tune;
 pub mod verify;
+pub mod verify_grad;
 
 pub use backend::{run, Backend, Engine, Options, Outputs};
 pub use chunkc_codegen::schedule::{Schedule, F32_TOLERANCE, SIXTEEN_BIT_TOLERANCE};

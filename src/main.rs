@@ -365,8 +365,14 @@ enum Command {
         /// instead of 1000 for ptx-sim).
         #[arg(long = "T", value_delimiter = ',')]
         seq_lens: Option<Vec<usize>>,
-        #[arg(long, value_delimiter = ',', default_values_t = [16, 32, 64, 128])]
-        chunk: Vec<usize>,
+        /// Chunk sizes of the chunked kernel [default: 16,32,64,128]; with --grad, the
+        /// backward's checkpoint intervals [default: 1,4,16].
+        #[arg(long, value_delimiter = ',')]
+        chunk: Option<Vec<usize>>,
+        /// Verify the backward instead: every gradient of the compiled backward program
+        /// against the reference gradient (f64 reverse mode), one row per tensor.
+        #[arg(long)]
+        grad: bool,
         /// Backends to verify [default: recurrent,chunked]. Naming `chunked` for a rule that
         /// cannot be chunked is an error; by default such a rule verifies its recurrent kernel.
         #[arg(long, value_enum, value_delimiter = ',')]
@@ -543,6 +549,60 @@ fn engine(e: EngineArg) -> Engine {
     }
 }
 
+/// `verify --grad`: the backward of `backends` (the chunked one is refused: not built yet)
+/// against the reference gradient.
+fn verify_grad(
+    rule: &std::path::Path,
+    backends: Vec<RunBackend>,
+    target: Option<GpuTarget>,
+    cpu: Engine,
+    mut plan: verify::Plan,
+) -> Result<ExitCode, Error> {
+    if backends.contains(&RunBackend::Chunked) {
+        return Err(Error::Unsupported(
+            "verify --grad: the chunked backward is not built yet; --backend recurrent (and ptx-sim, cuda) verify the \
+             recurrent backward"
+                .into(),
+        ));
+    }
+    if [plan.batch, plan.heads, plan.k, plan.v].contains(&0) || plan.seq_lens.as_ref().is_some_and(|t| t.contains(&0)) {
+        return Err(Error::Input(
+            "--B, --H, --K, --V and --T must be at least 1: an empty problem verifies nothing".into(),
+        ));
+    }
+    if plan.chunks.contains(&0) {
+        return Err(Error::Input("--chunk (the checkpoint intervals) must be at least 1".into()));
+    }
+    for b in backends.iter().filter(|b| **b != RunBackend::Reference) {
+        plan.runs.extend(b.runs(&[Backend::Recurrent], target, cpu));
+    }
+    let loaded = load_rule(rule)?;
+    println!(
+        "verify the backward of {} against the f64 reference gradient: B={} H={} K={} V={}, \
+         L = sum(o * do) + sum(hT * dhT), relative RMS within each row's tolerance",
+        loaded.rule.name, plan.batch, plan.heads, plan.k, plan.v
+    );
+    println!("{:<10} {:>5} {:>6} {:<12} {:>12} {:>6}  result", "backend", "ckpt", "T", "tensor", "error", "tol");
+    let rows = chunkc::verify_grad::verify_grad(&loaded.rule, &plan, |r| {
+        println!(
+            "{:<10} {:>5} {:>6} {:<12} {:>12.3e} {:>6.0e}  {}",
+            r.label,
+            r.checkpoint,
+            r.seq_len,
+            r.tensor,
+            r.err,
+            r.tolerance,
+            if r.pass { "ok" } else { "FAIL" }
+        );
+    })?;
+    let failed = rows.iter().filter(|r| !r.pass).count();
+    println!("{} passed, {} failed", rows.len() - failed, failed);
+    if rows.is_empty() {
+        return Err(Error::Internal("verify --grad ran no rows: nothing was checked".into()));
+    }
+    Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
 fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
     match cmd {
         Command::Check { rule } => check(&rule),
@@ -615,18 +675,7 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
             println!("wrote {} to {}", names.join(" and "), out.display());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Grad {
-            rule,
-            inputs,
-            out,
-            backend,
-            target,
-            checkpoint,
-            threads,
-            scale,
-            allow_extra,
-            engine: e,
-        } => {
+        Command::Grad { rule, inputs, out, backend, target, checkpoint, threads, scale, allow_extra, engine: e } => {
             if target.is_some() && backend.device().is_none() {
                 return Err(Error::Unsupported("--target only applies to --backend ptx-sim and cuda".into()));
             }
@@ -663,9 +712,31 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
             bv,
             program,
             precision,
+            grad,
             engine: e,
         } => {
             check_bv(bv)?;
+            if grad {
+                let backend = backend.unwrap_or_else(|| vec![RunBackend::Recurrent]);
+                check_ptx_flags(&backend, target.is_some(), false, &precision)?;
+                if let Some(flag) = precision.given().first() {
+                    return Err(Error::Unsupported(format!("{flag}: the backward runs in f32 only")));
+                }
+                let plan = verify::Plan {
+                    runs: vec![],
+                    chunks: chunk.unwrap_or_else(|| vec![1, 4, 16]),
+                    seq_lens,
+                    batch,
+                    heads,
+                    k,
+                    v,
+                    threads,
+                    seed,
+                    schedule: Schedule::recurrent(),
+                };
+                return verify_grad(&rule, backend, target, engine(e), plan);
+            }
+            let chunk = chunk.unwrap_or_else(|| vec![16, 32, 64, 128]);
             let named = backend.is_some();
             let backend = backend.unwrap_or_else(|| vec![RunBackend::Recurrent, RunBackend::Chunked]);
             check_ptx_flags(&backend, target.is_some(), false, &precision)?;

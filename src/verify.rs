@@ -178,7 +178,7 @@ impl Plan {
     }
 
     /// The sequence lengths `engine` runs at.
-    fn lens_for(&self, engine: Engine) -> Vec<usize> {
+    pub(crate) fn lens_for(&self, engine: Engine) -> Vec<usize> {
         let long = match engine {
             Engine::Ptx { device: Device::Sim, .. } => SIM_LONG_T,
             _ => LONG_T,

@@ -1,8 +1,10 @@
 //! `chunkc grad` against outside truth: every case of the gradient goldens (torch autograd in
 //! float64 through flash-linear-attention's naive references, ../shared/goldens-bwd) through
-//! the f64 reference's reverse mode. Each file's forward outputs and every gradient it holds
-//! are compared: relative RMS within 1e-5 on o, hT, dq, dk, dv, dh0 and within 1e-4 on the
-//! gate, beta and low-rank gradients (the issue's budgets; the reference lands near 1e-7).
+//! the f64 reference's reverse mode, the compiled recurrent backward (native code, at three
+//! checkpoint intervals) and its PTX in the simulator. Each file's forward outputs and every
+//! gradient it holds are compared: relative RMS within 1e-5 on o, hT, dq, dk, dv, dh0 and
+//! within 1e-4 on the gate, beta and low-rank gradients (the issue's budgets; the reference
+//! lands near 1e-7, the f32 backward near 2e-7).
 //! Plus the command's errors: a missing `do`, a wrong shape, an unknown tensor.
 
 mod common;
@@ -28,20 +30,22 @@ fn budget(name: &str) -> f64 {
     }
 }
 
-#[test]
-fn every_gradient_golden_through_chunkc_grad() {
-    let Some(dir) = goldens_bwd_dir() else { return };
+/// Every case of the gradient goldens through `chunkc grad` with `args` (the backend and its
+/// options), each derived tensor within its budget; returns the worst error.
+fn every_gradient_golden_through(label: &str, args: &[&str]) -> f64 {
+    let Some(dir) = goldens_bwd_dir() else { return 0.0 };
     let index: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("index.json")).expect("index.json")).expect("json");
     let cases = index.as_array().expect("a list");
     assert!(cases.len() >= 18, "expected the 18 cases, found {}", cases.len());
     let (mut failures, mut compared, mut worst) = (vec![], 0, 0.0f64);
     for case in cases {
-        let file = dir.join(case["file"].as_str().expect("file"));
+        let name = case["file"].as_str().expect("file");
+        let file = dir.join(name);
         let family = case["family"].as_str().expect("family");
         let rule = root().join("rules").join(format!("{family}.toml"));
-        let out = tmp(&format!("{family}.safetensors"));
-        let o = chunkc(&[
+        let out = tmp(&format!("{label}-{name}"));
+        let mut argv = vec![
             "grad",
             rule.to_str().unwrap(),
             "--inputs",
@@ -49,33 +53,57 @@ fn every_gradient_golden_through_chunkc_grad() {
             "--out",
             out.to_str().unwrap(),
             "--allow-extra",
-        ]);
-        assert!(o.status.success(), "{family}: {}", String::from_utf8_lossy(&o.stderr));
+        ];
+        argv.extend_from_slice(args);
+        let o = chunkc(&argv);
+        assert!(o.status.success(), "{label} {name}: {}", String::from_utf8_lossy(&o.stderr));
         let (want, _) = read_safetensors(&file).expect("golden");
         let (got, _) = read_safetensors(&out).expect("output");
-        let mut line = format!("{:<26}", case["file"].as_str().unwrap_or(""));
-        for (name, t) in &want {
-            let derived = name == "o" || name == "hT" || (name.starts_with('d') && name != "do" && name != "dhT");
+        let mut line = format!("{label} {name:<26}");
+        for (tensor, t) in &want {
+            let derived =
+                tensor == "o" || tensor == "hT" || (tensor.starts_with('d') && tensor != "do" && tensor != "dhT");
             if !derived {
                 continue;
             }
-            let Some(g) = got.get(name) else {
-                failures.push(format!("{family}: no `{name}` written"));
+            let Some(g) = got.get(tensor) else {
+                failures.push(format!("{name}: no `{tensor}` written"));
                 continue;
             };
             let err = rel_rms(&g.data, &t.data);
-            line += &format!(" {name} {err:.1e}");
+            line += &format!(" {tensor} {err:.1e}");
             worst = worst.max(err);
             compared += 1;
-            if err.is_nan() || err > budget(name) {
-                failures.push(format!("{family} {name}: {err:.2e} over {:.0e}", budget(name)));
+            if err.is_nan() || err > budget(tensor) {
+                failures.push(format!("{name} {tensor}: {err:.2e} over {:.0e}", budget(tensor)));
             }
         }
         println!("{line}");
     }
-    println!("worst relative RMS error {worst:.2e} over {compared} tensors");
+    println!("{label}: worst relative RMS error {worst:.2e} over {compared} tensors");
     assert!(compared >= 128, "compared only {compared} tensors");
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert!(failures.is_empty(), "{label}:\n{}", failures.join("\n"));
+    worst
+}
+
+#[test]
+fn every_gradient_golden_through_the_reference_gradient() {
+    every_gradient_golden_through("reference", &["--backend", "reference"]);
+}
+
+/// The compiled backward at its default checkpoint interval, at every token (1: no
+/// recomputation), and at 5 (segments that end mid-sequence, the last one padded).
+#[test]
+fn every_gradient_golden_through_the_recurrent_backward() {
+    every_gradient_golden_through("recurrent", &[]);
+    every_gradient_golden_through("recurrent-c1", &["--checkpoint", "1", "--threads", "1"]);
+    every_gradient_golden_through("recurrent-c5", &["--backend", "recurrent", "--checkpoint", "5"]);
+}
+
+/// The same program's PTX (sm_90, f32), run by the PTX simulator.
+#[test]
+fn every_gradient_golden_through_the_backward_in_the_ptx_simulator() {
+    every_gradient_golden_through("ptx-sim", &["--backend", "ptx-sim", "--checkpoint", "8"]);
 }
 
 #[test]
@@ -135,4 +163,77 @@ fn grad_writes_every_gradient_and_refuses_bad_inputs_in_one_line() {
         assert!(e.contains(want), "{name}: {e}");
         assert_eq!(e.trim_end().lines().count(), 1, "{name}: one line: {e}");
     }
+}
+
+/// The edge cases flash-linear-attention's issues record, through the compiled backward
+/// against the reference gradient (every tensor within its budget): T = 1, no h0 (the first
+/// token's gate gradient), log gates of -20 next to ones near 0, dhT alone (do = 0), a scale
+/// other than 1/sqrt(K), and T not a multiple of the checkpoint interval.
+#[test]
+fn backward_edge_cases_match_the_reference_gradient() {
+    use chunkc::backend::Backend;
+    use chunkc::dsl::ast::Domain;
+    use chunkc::dsl::reference::Dims;
+    use chunkc::grad::{grad, GradOptions};
+    use chunkc::verify_grad::{random_grad_inputs, tolerance};
+    let mut failures = vec![];
+    let mut compared = 0;
+    for family in ["simple_gla", "gla", "gated_delta_rule", "mamba2", "rwkv6"] {
+        let loaded = chunkc::load_rule(&root().join("rules").join(format!("{family}.toml"))).expect("rule");
+        let rule = &loaded.rule;
+        type Edit<'r> = Box<dyn Fn(&mut BTreeMap<String, Tensor>) + 'r>;
+        let cases: Vec<(&str, usize, Option<f64>, Edit)> = vec![
+            ("T=1", 1, None, Box::new(|_| {})),
+            ("T=1, no h0", 1, None, Box::new(|t| drop(t.remove("h0")))),
+            ("no h0", 37, None, Box::new(|t| drop(t.remove("h0")))),
+            ("dhT alone", 37, None, Box::new(|t| t.get_mut("do").expect("do").data.fill(0.0))),
+            ("do alone", 37, None, Box::new(|t| drop(t.remove("dhT")))),
+            ("scale 0.37", 20, Some(0.37), Box::new(|_| {})),
+            (
+                "gates -20 among -1e-3",
+                40,
+                None,
+                Box::new(move |t| {
+                    for inp in rule.inputs.iter().filter(|i| i.domain == Domain::LogGate && !i.per_head) {
+                        let g = t.get_mut(&inp.name).expect("gate");
+                        let per_token = g.data.len() / (2 * 40);
+                        for (i, x) in g.data.iter_mut().enumerate() {
+                            let token = (i / per_token / 2) % 40;
+                            *x = if token == 7 || token == 23 { -20.0 } else { -1e-3 };
+                        }
+                    }
+                }),
+            ),
+        ];
+        for (what, seq_len, scale, edit) in cases {
+            let dims = Dims { batch: 1, seq_len, heads: 2, k: 16, v: 12 };
+            let mut inputs = random_grad_inputs(rule, &dims, 11 + seq_len as u64);
+            edit(&mut inputs);
+            let reference = grad(rule, &inputs, what, &GradOptions { scale, ..Default::default() }, false)
+                .unwrap_or_else(|e| panic!("{family} {what}: reference: {e}"));
+            for checkpoint in [1, 16] {
+                let opts = GradOptions {
+                    backend: Backend::Recurrent,
+                    scale,
+                    checkpoint: Some(checkpoint),
+                    ..Default::default()
+                };
+                let got = grad(rule, &inputs, what, &opts, false).unwrap_or_else(|e| panic!("{family} {what}: {e}"));
+                assert_eq!(
+                    got.keys().collect::<Vec<_>>(),
+                    reference.keys().collect::<Vec<_>>(),
+                    "{family} {what}: the same tensors"
+                );
+                for (name, want) in &reference {
+                    let err = rel_rms(&got[name].data, &want.data);
+                    compared += 1;
+                    if err.is_nan() || err > tolerance(rule, name) {
+                        failures.push(format!("{family} {what} checkpoint {checkpoint}: {name} {err:.2e}"));
+                    }
+                }
+            }
+        }
+    }
+    println!("{compared} tensors compared");
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

@@ -37,9 +37,11 @@ use chunkc::codegen::schedule::ProgramShape;
 use chunkc::dsl::canon::canonicalize;
 use chunkc::dsl::reference::Dims;
 use chunkc::gpu::Device;
+use chunkc::grad::{grad, reference_f32_forward, GradOptions};
 use chunkc::runtime::io::Tensors;
 use chunkc::runtime::tensor::Tensor;
 use chunkc::verify::{random_inputs, rel_rms, tolerance, Rng};
+use chunkc::verify_grad::{random_grad_inputs, tolerance as grad_tolerance};
 use chunkc::Schedule;
 use proptest::prelude::*;
 use proptest::sample::select;
@@ -697,6 +699,109 @@ fn property_with<S: Strategy>(
             panic!("{name} failed with the {kind} seed {seed} (replay: CHUNKC_PROPTEST_SEED={seed}): {e}");
         }
     }
+}
+
+/// How far the reference gradient moves when its forward is computed in f32 (every value
+/// rounded as it is formed, constants included), per tensor (relative RMS): the part of the
+/// error that f32 arithmetic alone accounts for on this rule and these inputs.
+fn f32_sensitivity(
+    rule: &chunkc::dsl::ast::Rule,
+    inputs: &Tensors,
+    reference: &std::collections::BTreeMap<String, Tensor>,
+) -> Result<std::collections::BTreeMap<String, f64>, TestCaseError> {
+    let rounded = reference_f32_forward(rule, inputs, "random inputs", None)
+        .map_err(|e| TestCaseError::fail(format!("rounded reference gradient failed: {e}")))?;
+    Ok(reference
+        .iter()
+        .map(|(n, r)| (n.clone(), rounded.get(n).map_or(f64::INFINITY, |m| rel_rms(&m.data, &r.data))))
+        .collect())
+}
+
+/// The relative RMS of half an f32 spacing at each element of `x`: about 3e-8 for normal
+/// numbers, much more for a gradient that underflows into f32's subnormals (`dh0` through a
+/// long run of decays), which no f32 output can carry more precisely.
+fn f32_spacing(x: &[f32]) -> f64 {
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for &v in x {
+        let half = (v.abs().next_up() - v.abs()) as f64 / 2.0;
+        num += half * half;
+        den += (v as f64) * (v as f64);
+    }
+    if den == 0.0 {
+        0.0
+    } else {
+        (num / den).sqrt()
+    }
+}
+
+/// The compiled backward (`chunkc grad --backend recurrent`) of a generated rule against the
+/// reference gradient. Each tensor is held to its budget (`verify_grad::tolerance`, the
+/// training issue's), or, where the rule and inputs make the gradient ill-conditioned, to 16x
+/// its [`f32_sensitivity`] (e.g. `dh0` from `dhT` alone through 200 fixed decays: the f32
+/// decay's error, 3e-8, compounds 200 times) or of its [`f32_spacing`]. The shape's seed also decides whether `h0`,
+/// `do` and `dhT` are given (at least one cotangent), and its chunk, folded into 1..=16, is
+/// the checkpoint interval.
+fn check_grad(text: &str, shape: &Shape, engine: Engine) -> Result<(), TestCaseError> {
+    let rule = chunkc::dsl::parse_rule("generated.toml", text)
+        .map_err(|d| TestCaseError::fail(format!("generated rule does not parse:\n{d}\n{text}")))?;
+    // At width 1, l2norm(x) is x's sign: its derivative is identically zero, which f32
+    // evaluates as cancellation noise that no relative error can be held to.
+    let shape = &Shape { k: shape.k.max(2), v: shape.v.max(2), ..*shape };
+    let mut inputs = random_grad_inputs(&rule, &shape.dims(), shape.seed);
+    match shape.seed % 4 {
+        0 => drop(inputs.remove("h0")),
+        1 => drop(inputs.remove("dhT")),
+        2 => {
+            let d_o = inputs.get_mut("do").expect("do");
+            d_o.data.iter_mut().for_each(|x| *x = 0.0);
+        }
+        _ => {}
+    }
+    let reference = grad(&rule, &inputs, "random inputs", &GradOptions::default(), false)
+        .map_err(|e| TestCaseError::fail(format!("reference gradient failed: {e}\n{text}")))?;
+    let sensitivity = f32_sensitivity(&rule, &inputs, &reference)?;
+    let checkpoint = 1 + (shape.chunk - 1) % 16;
+    let opts = GradOptions { backend: Backend::Recurrent, engine, checkpoint: Some(checkpoint), ..Default::default() };
+    let got = grad(&rule, &inputs, "random inputs", &opts, false)
+        .map_err(|e| TestCaseError::fail(format!("backward failed: {e}\n{text}")))?;
+    let mut bad = vec![];
+    for (name, want) in &reference {
+        let err = got.get(name).map_or(f64::INFINITY, |g| rel_rms(&g.data, &want.data));
+        let tol = grad_tolerance(&rule, name).max(16.0 * sensitivity[name].max(f32_spacing(&want.data)));
+        if err.is_nan() || err > tol {
+            bad.push(format!("{name} {err:.3e} > {tol:.1e} (f32 sensitivity {:.1e})", sensitivity[name]));
+        }
+    }
+    if bad.is_empty() {
+        Ok(())
+    } else {
+        Err(TestCaseError::fail(format!("checkpoint {checkpoint}: {}\nshape {shape:?}\nrule:\n{text}", bad.join(", "))))
+    }
+}
+
+#[test]
+fn random_linear_rules_backward_agrees_with_the_reference_gradient() {
+    property("linear rules, backward, CPU", 24, (linear_spec(), shape()), |(spec, shape)| {
+        check_grad(&render_linear(&spec), &shape, Engine::Jit)
+    });
+}
+
+#[test]
+fn random_nonlinear_rules_backward_agrees_with_the_reference_gradient() {
+    property("non-linear rules, backward, CPU", 12, (nonlinear_spec(), shape()), |(spec, shape)| {
+        check_grad(&render_nonlinear(&spec), &shape, Engine::Jit)
+    });
+}
+
+#[test]
+fn random_rules_backward_agrees_with_the_reference_gradient_in_the_ptx_simulator() {
+    let sim = Engine::Ptx { device: Device::Sim, target: Sm::Sm90 };
+    property("linear rules, backward, PTX simulator", 8, (linear_spec(), sim_shape()), |(spec, shape)| {
+        check_grad(&render_linear(&spec), &shape, sim)
+    });
+    property("non-linear rules, backward, PTX simulator", 4, (nonlinear_spec(), sim_shape()), |(spec, shape)| {
+        check_grad(&render_nonlinear(&spec), &shape, sim)
+    });
 }
 
 #[test]

@@ -142,6 +142,28 @@ fn split_program_phases_assemble() {
     println!("ptxas: {version}; {} split-program phases x 2 (target, schedule)", kernels.len());
 }
 
+/// The backward programs' two phases (the checkpointing forward, the reverse segments) of
+/// every rule, checkpoint 4, K = V = 32, for sm_90 (f32): no ptxas error, no spill.
+#[test]
+fn backward_program_phases_assemble() {
+    if !have_ptxas() {
+        return;
+    }
+    let mut kernels = vec![];
+    for path in rule_paths() {
+        let rule = chunkc_dsl::load_rule(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let shape = Shape { heads: 2, k: 32, v: 32, scale: 0.125 };
+        let p = chunkc_codegen::plan::backward::recurrent(&rule, shape, ElemType::F32, 4)
+            .unwrap_or_else(|e| panic!("{}: backward refused: {e}", rule.name));
+        assert_eq!(p.kernels.len(), 2);
+        kernels.extend(p.kernels.into_iter().map(|k| (format!("{} K=V=32", k.name), k)));
+    }
+    let jobs: Vec<(&str, &Kernel, Sm, PtxSchedule)> =
+        kernels.iter().map(|(l, k)| (l.as_str(), k, Sm::Sm90, PtxSchedule::default())).collect();
+    let version = assemble_all(&jobs);
+    println!("ptxas: {version}; {} backward phases", kernels.len());
+}
+
 /// Emits and assembles every job on all cores (ptxas is single-threaded), prints one line per
 /// job in order, and panics listing every failure; returns ptxas's version.
 fn assemble_all(jobs: &[(&str, &Kernel, Sm, PtxSchedule)]) -> String {

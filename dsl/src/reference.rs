@@ -96,10 +96,21 @@ pub(crate) enum Op {
 #[derive(Default)]
 pub(crate) struct Tape {
     pub(crate) nodes: Vec<(Op, Val)>,
+    /// Round every computed value to the nearest f32 (a model of f32 arithmetic, to measure
+    /// how much a rule's results move under it; see [`crate::gradient::grad_f32_forward`]).
+    pub(crate) round_to_f32: bool,
 }
 
 impl Tape {
-    fn push(&mut self, op: Op, val: Val) -> usize {
+    fn push(&mut self, op: Op, mut val: Val) -> usize {
+        if self.round_to_f32 {
+            match &mut val {
+                Val::Scalar(x) => *x = *x as f32 as f64,
+                Val::VecK(a) | Val::VecV(a) | Val::Mat(a) | Val::MatT(a) => {
+                    a.iter_mut().for_each(|x| *x = *x as f32 as f64)
+                }
+            }
+        }
         self.nodes.push((op, val));
         self.nodes.len() - 1
     }

@@ -64,7 +64,8 @@ pub fn recurrent(rule: &Rule, shape: Shape, input: ElemType, every: usize) -> Re
 fn tensors(rule: &Rule, input: ElemType) -> Result<Vec<TensorSpec>, PlanError> {
     use Dim::*;
     let mut tensors = super::program::forward_tensors(rule, input);
-    let f32_tensor = |name: String, dims: Vec<Dim>, role| TensorSpec { name, dims, elem: ElemType::F32, role, optional: false };
+    let f32_tensor =
+        |name: String, dims: Vec<Dim>, role| TensorSpec { name, dims, elem: ElemType::F32, role, optional: false };
     tensors.push(f32_tensor("do".into(), vec![Batch, SeqLen, Heads, V], Role::Input));
     tensors.push(TensorSpec { optional: true, ..f32_tensor("dhT".into(), vec![Batch, Heads, K, V], Role::Input) });
     tensors.push(f32_tensor(CHECKPOINTS.into(), vec![Batch, Chunks, Heads, K, V], Role::Intermediate));
@@ -101,51 +102,55 @@ fn checkpoint_base(shape: &Shape, every: usize, j: Idx) -> Idx {
         .mul(Idx::c(kv))
 }
 
-/// One token of the step at token `t`, on `state`: the state after it, `o`, and the inputs
-/// it loaded (by input index). A token past T replays token T - 1 and keeps the state.
+/// One token of the step: the state after it, `o`, and the inputs it loaded (by input
+/// index).
 struct Token {
     state: ValueId,
     o: ValueId,
     loads: Vec<(usize, ValueId)>,
 }
 
-fn token(
-    b: &mut Builder,
-    rule: &Rule,
+/// What lowering the rule's step needs besides the builder.
+struct Step<'a> {
+    rule: &'a Rule,
     shape: Shape,
-    layout: &ParamLayout,
+    layout: &'a ParamLayout,
+    /// Element type of the per-token inputs.
     input: ElemType,
-    state: ValueId,
-    t: Idx,
-    may_be_past_end: bool,
-) -> Result<Token, PlanError> {
-    let last = Idx::var(IdxVar::SeqLen).sub(Idx::c(1));
-    let mut lw = Lowerer::new(rule, shape, layout, 1, t.clone().min(last), Idx::c(1));
-    lw.input_elem = input;
-    lw.state = Some(state);
-    let mut o = None;
-    for s in &rule.stmts {
-        let LVal::Tile(val) = lw.lower(b, &s.value)? else {
-            return Err(PlanError("a statement assigns a transposed matrix".into()));
-        };
-        match &s.target {
-            Target::State => lw.state = Some(val),
-            Target::Output => o = Some(val),
-            Target::Local(i) => lw.locals[*i] = Some(LVal::Tile(val)),
+}
+
+impl Step<'_> {
+    /// Token `t` on `state`. A token past T (possible when `may_be_past_end`) replays token
+    /// T - 1 and keeps the state.
+    fn token(&self, b: &mut Builder, state: ValueId, t: Idx, may_be_past_end: bool) -> Result<Token, PlanError> {
+        let last = Idx::var(IdxVar::SeqLen).sub(Idx::c(1));
+        let mut lw = Lowerer::new(self.rule, self.shape, self.layout, 1, t.clone().min(last), Idx::c(1));
+        lw.input_elem = self.input;
+        lw.state = Some(state);
+        let mut o = None;
+        for s in &self.rule.stmts {
+            let LVal::Tile(val) = lw.lower(b, &s.value)? else {
+                return Err(PlanError("a statement assigns a transposed matrix".into()));
+            };
+            match &s.target {
+                Target::State => lw.state = Some(val),
+                Target::Output => o = Some(val),
+                Target::Local(i) => lw.locals[*i] = Some(LVal::Tile(val)),
+            }
         }
+        let o = o.ok_or_else(|| PlanError("the step never assigns o".into()))?;
+        let mut next = lw.state.unwrap_or(state);
+        if may_be_past_end {
+            // Row masks over the whole K x V tile: all rows kept or none.
+            let k = self.shape.k as i64;
+            let before_end = Idx::var(IdxVar::SeqLen).sub(t.clone()).mul(Idx::c(k));
+            let past_end = t.sub(Idx::var(IdxVar::SeqLen)).add(Idx::c(1)).mul(Idx::c(k));
+            let updated = b.mask(next, MaskKind::RowsBefore(before_end), 0.0);
+            let kept = b.mask(state, MaskKind::RowsBefore(past_end), 0.0);
+            next = b.add(updated, kept);
+        }
+        Ok(Token { state: next, o, loads: lw.loaded_inputs() })
     }
-    let o = o.ok_or_else(|| PlanError("the step never assigns o".into()))?;
-    let mut next = lw.state.unwrap_or(state);
-    if may_be_past_end {
-        // Row masks over the whole K x V tile: all rows kept or none.
-        let k = shape.k as i64;
-        let before_end = Idx::var(IdxVar::SeqLen).sub(t.clone()).mul(Idx::c(k));
-        let past_end = t.sub(Idx::var(IdxVar::SeqLen)).add(Idx::c(1)).mul(Idx::c(k));
-        let updated = b.mask(next, MaskKind::RowsBefore(before_end), 0.0);
-        let kept = b.mask(state, MaskKind::RowsBefore(past_end), 0.0);
-        next = b.add(updated, kept);
-    }
-    Ok(Token { state: next, o, loads: lw.loaded_inputs() })
 }
 
 /// Token `u` of segment `j`.
@@ -162,6 +167,7 @@ fn rows_at(t: &Idx) -> Idx {
 fn forward(rule: &Rule, shape: Shape, input: ElemType, every: usize) -> Result<Kernel, PlanError> {
     let mut b = Builder::new(format!("{}_grad_forward_c{every}", rule.name));
     let layout = ParamLayout::declare(&mut b, rule);
+    let step = Step { rule, shape, layout: &layout, input };
     let checkpoints = b.param(CHECKPOINTS, Access::Write);
     let (k, v) = (shape.k, shape.v);
     let sbase = state_base(&shape);
@@ -173,10 +179,10 @@ fn forward(rule: &Rule, shape: Shape, input: ElemType, every: usize) -> Result<K
     let mut state = carried[0];
     for u in 0..every {
         let t = token_index(every, &j, u);
-        let step = token(&mut b, rule, shape, &layout, input, state, t.clone(), u > 0)?;
+        let token = step.token(&mut b, state, t.clone(), u > 0)?;
         let (obase, ostride) = token_base(&shape, t.clone(), v);
-        b.store(step.o, layout.o, obase, ostride, 1, rows_at(&t));
-        state = step.state;
+        b.store(token.o, layout.o, obase, ostride, 1, rows_at(&t));
+        state = token.state;
     }
     let last = b.end_loop(&[state]);
     b.store(last[0], layout.ht, sbase, v as i64, 1, Idx::c(k as i64));
@@ -188,11 +194,11 @@ fn forward(rule: &Rule, shape: Shape, input: ElemType, every: usize) -> Result<K
 fn backward(rule: &Rule, shape: Shape, input: ElemType, every: usize) -> Result<Kernel, PlanError> {
     let mut b = Builder::new(format!("{}_grad_c{every}", rule.name));
     let layout = ParamLayout::declare(&mut b, rule);
+    let step = Step { rule, shape, layout: &layout, input };
     let checkpoints = b.param(CHECKPOINTS, Access::Read);
     let d_o = b.param("do", Access::Read);
     let d_ht = b.param("dhT", Access::Read);
-    let grads: Vec<usize> =
-        (0..rule.inputs.len()).map(|i| b.param(gradient_name(rule, i), Access::Write)).collect();
+    let grads: Vec<usize> = (0..rule.inputs.len()).map(|i| b.param(gradient_name(rule, i), Access::Write)).collect();
     let dh0 = b.param("dh0", Access::Write);
     let (k, v, heads) = (shape.k, shape.v, shape.heads as i64);
     let sbase = state_base(&shape);
@@ -213,9 +219,9 @@ fn backward(rule: &Rule, shape: Shape, input: ElemType, every: usize) -> Result<
     let mut steps = vec![];
     for u in 0..every {
         let t = token_index(every, &j, u);
-        let step = token(&mut b, rule, shape, &layout, input, state, t, u > 0)?;
-        state = step.state;
-        steps.push(step);
+        let token = step.token(&mut b, state, t, u > 0)?;
+        state = token.state;
+        steps.push(token);
     }
     let region = b.lets_since(mark);
 

@@ -1,0 +1,98 @@
+//! `verify --grad`: the compiled backward programs against the reference gradient (reverse
+//! mode over the f64 interpreter), on random inputs, cotangents `do` and `dhT`, and `h0`;
+//! one row per gradient tensor, each held to its budget.
+
+use crate::backend::{Backend, Engine};
+use crate::error::Error;
+use crate::grad::{grad, GradOptions};
+use crate::verify::{random_inputs, rel_rms, Plan, Rng};
+use chunkc_dsl::ast::{Domain, Rule, Ty};
+use chunkc_dsl::reference::Dims;
+use chunkc_runtime::tensor::Tensor;
+
+/// One row: one tensor of one run.
+#[derive(Clone, Debug)]
+pub struct GradRow {
+    /// `recurrent`, `ptx-sim` or `cuda`.
+    pub label: &'static str,
+    /// Tokens between the backward's checkpoints.
+    pub checkpoint: usize,
+    pub seq_len: usize,
+    /// `o`, `hT`, `dh0` or `d<input>`.
+    pub tensor: String,
+    pub err: f64,
+    pub tolerance: f64,
+    pub pass: bool,
+}
+
+/// The f32 budget of a tensor (the training issue's): 1e-5 for the outputs, `dh0` and the
+/// gradients of per-token key and value vectors (q, k, v and their kin); 1e-4 for gates,
+/// betas, scalars and per-head parameters, whose gradients sum many terms of both signs.
+pub fn tolerance(rule: &Rule, tensor: &str) -> f64 {
+    let input = tensor.strip_prefix('d').and_then(|n| rule.input(n));
+    match input {
+        Some(i) if i.per_head || !matches!(i.ty, Ty::VecK | Ty::VecV) => 1e-4,
+        Some(i) if !matches!(i.domain, Domain::Any | Domain::UnitNorm) => 1e-4,
+        _ => 1e-5,
+    }
+}
+
+/// Random inputs, `h0`, `do` `[B, T, H, V]` and `dhT` `[B, H, K, V]` (standard normal).
+pub fn random_grad_inputs(rule: &Rule, dims: &Dims, seed: u64) -> crate::runtime::io::Tensors {
+    let mut t = random_inputs(rule, dims, seed);
+    let mut rng = Rng::new(seed ^ 0xD0D0);
+    let mut normal = |shape: Vec<usize>| {
+        let n = shape.iter().product();
+        Tensor { shape, data: (0..n).map(|_| rng.normal() as f32).collect() }
+    };
+    t.insert("do".into(), normal(dims.output_shape()));
+    t.insert("dhT".into(), normal(dims.state_shape()));
+    t
+}
+
+/// Runs every compiled backward of `plan.runs` (the recurrent one, on its engine), at every
+/// checkpoint interval of `plan.chunks` and sequence length, against the reference gradient.
+pub fn verify_grad(rule: &Rule, plan: &Plan, mut progress: impl FnMut(&GradRow)) -> Result<Vec<GradRow>, Error> {
+    plan.check_ready()?;
+    let mut rows = vec![];
+    let runs: Vec<Engine> = plan.runs.iter().filter(|(b, _)| *b != Backend::Reference).map(|r| r.1).collect();
+    let mut engines: Vec<Engine> = vec![];
+    for e in runs {
+        if !engines.contains(&e) {
+            engines.push(e);
+        }
+    }
+    for engine in engines {
+        for t in plan.lens_for(engine) {
+            let dims = Dims { batch: plan.batch, seq_len: t, heads: plan.heads, k: plan.k, v: plan.v };
+            let inputs = random_grad_inputs(rule, &dims, plan.seed ^ t as u64);
+            let reference = grad(rule, &inputs, "random inputs", &GradOptions::default(), false)?;
+            for &checkpoint in &plan.chunks {
+                let opts = GradOptions {
+                    backend: Backend::Recurrent,
+                    engine,
+                    threads: plan.threads,
+                    scale: None,
+                    checkpoint: Some(checkpoint),
+                };
+                let got = grad(rule, &inputs, "random inputs", &opts, false)?;
+                for (name, want) in &reference {
+                    let err = got.get(name).map_or(f64::INFINITY, |g| rel_rms(&g.data, &want.data));
+                    let tolerance = tolerance(rule, name);
+                    let row = GradRow {
+                        label: engine.label(Backend::Recurrent),
+                        checkpoint,
+                        seq_len: t,
+                        tensor: name.clone(),
+                        err,
+                        tolerance,
+                        pass: err <= tolerance,
+                    };
+                    progress(&row);
+                    rows.push(row);
+                }
+            }
+        }
+    }
+    Ok(rows)
+}
