@@ -17,7 +17,9 @@
 use crate::backend::{build_program, shape_of, CpuRunner};
 use crate::error::Error;
 use crate::verify::random_inputs;
-use chunkc_codegen::schedule::{KernelKind, Schedule};
+use chunkc_codegen::program::{Program, Role};
+use chunkc_codegen::schedule::{KernelKind, Schedule, DEFAULT_TIME_BLOCK};
+use chunkc_runtime::io::Tensors;
 use chunkc_dsl::ast::Rule;
 use chunkc_dsl::reference::Dims;
 use chunkc_runtime::exec::Order;
@@ -66,30 +68,71 @@ pub fn bench(
 ) -> Result<Measurement, Error> {
     let inputs = random_inputs(rule, &dims, 7);
     let program = build_program(rule, shape_of(&dims, None), schedule)?;
-    let mut runner = CpuRunner::new(&program, &dims)?;
     let order = Order { threads, time_block: schedule.time_block, poison_scratch: false };
-    runner.run(&inputs, Order { poison_scratch: true, ..order })?;
+    let (median, best, runs) = time_program(&program, &dims, &inputs, order, min_runs, min_time)?;
+    Ok(Measurement {
+        median,
+        best,
+        runs,
+        flops_per_call: flops(&dims, schedule),
+        token_heads: dims.batch * dims.seq_len * dims.heads,
+    })
+}
+
+/// [`bench`] for the backward: the recurrent backward program (its forward phase included:
+/// forward + backward, as a training step runs them) with checkpoints every `checkpoint`
+/// tokens (None: chosen from T), on random inputs and cotangents. Its FLOPs are counted as
+/// three times the recurrent forward's (a backward does about twice a forward's work).
+pub fn bench_grad(
+    rule: &Rule,
+    dims: Dims,
+    checkpoint: Option<usize>,
+    threads: usize,
+    min_runs: usize,
+    min_time: Duration,
+) -> Result<Measurement, Error> {
+    let inputs = crate::verify_grad::random_grad_inputs(rule, &dims, 7);
+    let opts = crate::grad::GradOptions { checkpoint, ..Default::default() };
+    let program = crate::grad::build_program(rule, &dims, &opts)?;
+    let order = Order { threads, time_block: DEFAULT_TIME_BLOCK, poison_scratch: false };
+    let (median, best, runs) = time_program(&program, &dims, &inputs, order, min_runs, min_time)?;
+    Ok(Measurement {
+        median,
+        best,
+        runs,
+        flops_per_call: 3.0 * flops(&dims, &Schedule::recurrent()),
+        token_heads: dims.batch * dims.seq_len * dims.heads,
+    })
+}
+
+/// Compiles `program`, runs it once poisoned (every output must come back finite), then
+/// times it: (median, best, runs).
+fn time_program(
+    program: &Program,
+    dims: &Dims,
+    inputs: &Tensors,
+    order: Order,
+    min_runs: usize,
+    min_time: Duration,
+) -> Result<(Duration, Duration, usize), Error> {
+    let mut runner = CpuRunner::new(program, dims)?;
+    runner.poison();
+    runner.run(inputs, Order { poison_scratch: true, ..order })?;
     // The only poisoned run: an element it left unwritten (NaN) or overflowed would make
     // the timings below those of a broken kernel.
-    for name in ["o", "hT"] {
-        if runner.tensor(name)?.iter().any(|x| !x.is_finite()) {
-            return Err(Error::Internal(format!("bench: the warm-up run left a NaN or Inf in `{name}`")));
+    for t in program.spec.with_role(Role::Output) {
+        if runner.tensor(&t.name)?.iter().any(|x| !x.is_finite()) {
+            return Err(Error::Internal(format!("bench: the warm-up run left a NaN or Inf in `{}`", t.name)));
         }
     }
     let mut times = vec![];
     let start = Instant::now();
     while times.len() < min_runs.max(1) || start.elapsed() < min_time {
         let t = Instant::now();
-        runner.run(&inputs, order)?;
+        runner.run(inputs, order)?;
         times.push(t.elapsed());
         std::hint::black_box(&mut runner);
     }
     times.sort();
-    Ok(Measurement {
-        median: times[times.len() / 2],
-        best: times[0],
-        runs: times.len(),
-        flops_per_call: flops(&dims, schedule),
-        token_heads: dims.batch * dims.seq_len * dims.heads,
-    })
+    Ok((times[times.len() / 2], times[0], times.len()))
 }

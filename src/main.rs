@@ -427,10 +427,18 @@ enum Command {
         /// B,T,H,K,V
         #[arg(long, value_delimiter = ',', default_values_t = [1, 2048, 8, 128, 128])]
         shape: Vec<usize>,
-        #[arg(long, value_enum, default_value = "chunked")]
-        backend: BackendArg,
+        /// The kernel [default: chunked; with --grad: recurrent, the only backward built yet].
+        #[arg(long, value_enum)]
+        backend: Option<BackendArg>,
         #[arg(long, default_value_t = 64)]
         chunk: usize,
+        /// Time forward + backward: the recurrent backward program (its forward phase, then
+        /// the reverse pass), on random inputs and cotangents.
+        #[arg(long, conflicts_with_all = ["tuned", "bv", "program", "chunk"])]
+        grad: bool,
+        /// With --grad: tokens between stored states (default: about sqrt(T), at most 16).
+        #[arg(long, requires = "grad")]
+        checkpoint: Option<usize>,
         /// Worker threads (0: all cores).
         #[arg(long, default_value_t = 1)]
         threads: usize,
@@ -547,6 +555,55 @@ fn engine(e: EngineArg) -> Engine {
         EngineArg::Jit => Engine::Jit,
         EngineArg::Interp => Engine::Interp,
     }
+}
+
+/// `bench --grad`: forward + backward through the recurrent backward program, printed as
+/// `bench` prints.
+fn bench_grad(
+    rule: &Rule,
+    dims: chunkc::dsl::reference::Dims,
+    backend: Option<BackendArg>,
+    checkpoint: Option<usize>,
+    threads: usize,
+    runs: usize,
+    json: bool,
+) -> Result<ExitCode, Error> {
+    match backend {
+        None | Some(BackendArg::Recurrent) => {}
+        Some(BackendArg::Chunked) => {
+            return Err(Error::Unsupported(
+                "bench --grad: the chunked backward is not built yet; --backend recurrent times the recurrent one".into(),
+            ))
+        }
+        Some(BackendArg::Reference) => {
+            return Err(Error::Input("bench times compiled kernels: choose --backend recurrent".into()))
+        }
+    }
+    let chunkc::dsl::reference::Dims { batch, seq_len, heads, k, v } = dims;
+    let every = checkpoint.unwrap_or_else(|| chunkc::codegen::plan::backward::checkpoint_interval(seq_len));
+    let threads = if threads == 0 { chunkc::runtime::exec::default_threads() } else { threads };
+    let m = chunkc::bench::bench_grad(rule, dims, Some(every), threads, runs, std::time::Duration::from_secs(1))?;
+    let (median, best) = (m.median.as_secs_f64() * 1e3, m.best.as_secs_f64() * 1e3);
+    if json {
+        println!(
+            "{{\"rule\":\"{}\",\"backend\":\"recurrent\",\"pass\":\"forward+backward\",\"checkpoint\":{every},\"shape\":[{batch},{seq_len},{heads},{k},{v}],\"threads\":{threads},\"runs\":{},\"median_ms\":{median:.4},\"best_ms\":{best:.4},\"token_heads_per_s\":{:.1},\"gflops\":{:.3}}}",
+            rule.name,
+            m.runs,
+            m.token_heads_per_s(),
+            m.gflops()
+        );
+    } else {
+        println!(
+            "{} recurrent forward + backward, checkpoint every {every} tokens, B={batch} T={seq_len} H={heads} K={k} V={v}, \
+             {threads} thread(s): median {median:.2} ms (best {best:.2}) of {} runs, {:.3} M token-heads/s, {:.1} GFLOP/s \
+             (FLOP count: `chunkc bench --help`)",
+            rule.name,
+            m.runs,
+            m.token_heads_per_s() / 1e6,
+            m.gflops()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `verify --grad`: the backward of `backends` (the chunked one is refused: not built yet)
@@ -809,10 +866,29 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
             }
             Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
-        Command::Bench { rule, shape, backend, chunk, threads, time_block, runs, json, bv, program, tuned, cache } => {
+        Command::Bench {
+            rule,
+            shape,
+            backend,
+            chunk,
+            grad,
+            checkpoint,
+            threads,
+            time_block,
+            runs,
+            json,
+            bv,
+            program,
+            tuned,
+            cache,
+        } => {
             check_bv(bv)?;
             let loaded = load_rule(&rule)?;
             let dims = dims_of(&shape)?;
+            if grad {
+                return bench_grad(&loaded.rule, dims, backend, checkpoint, threads, runs, json);
+            }
+            let backend = backend.unwrap_or(BackendArg::Chunked);
             if chunk == 0 {
                 return Err(Error::Input("--chunk must be at least 1".into()));
             }
@@ -1096,7 +1172,26 @@ fn check(path: &std::path::Path) -> Result<ExitCode, Error> {
             println!("kernels: recurrent only");
         }
     }
+    println!("{}", backward_line(rule));
     Ok(ExitCode::SUCCESS)
+}
+
+/// How the backward is formed, and its memory (`check`); the program is built on a small
+/// shape first, so that the line never promises a backward the planner refuses.
+fn backward_line(rule: &Rule) -> String {
+    use chunkc::codegen::plan::backward;
+    let probe = chunkc::codegen::plan::Shape { heads: 1, k: 4, v: 4, scale: 0.5 };
+    if let Err(e) = backward::recurrent(rule, probe, chunkc::codegen::ir::ElemType::F32, 2) {
+        return format!("backward: none ({e})");
+    }
+    let (t, kv) = (2048usize, 128usize);
+    let every = backward::checkpoint_interval(t);
+    let mib = t.div_ceil(every) * kv * kv * 4 / (1 << 20);
+    format!(
+        "backward: recurrent (reverse mode through the step; the state stored every N tokens, N about sqrt(T) \
+         and at most 16, and recomputed in between): ceil(T/N) K x V f32 states per batch and head, \
+         {mib} MiB per head at T={t} K=V={kv} (N={every}); the chunked backward is not built yet"
+    )
 }
 
 fn warning(rule: &Rule, span: chunkc::dsl::ast::Span, msg: &str) -> String {
