@@ -19,10 +19,10 @@ use crate::error::Error;
 use crate::verify::random_inputs;
 use chunkc_codegen::program::{Program, Role};
 use chunkc_codegen::schedule::{KernelKind, Schedule, DEFAULT_TIME_BLOCK};
-use chunkc_runtime::io::Tensors;
 use chunkc_dsl::ast::Rule;
 use chunkc_dsl::reference::Dims;
 use chunkc_runtime::exec::Order;
+use chunkc_runtime::io::Tensors;
 use std::time::{Duration, Instant};
 
 /// One benchmark result.
@@ -79,28 +79,31 @@ pub fn bench(
     })
 }
 
-/// [`bench`] for the backward: the recurrent backward program (its forward phase included:
-/// forward + backward, as a training step runs them) with checkpoints every `checkpoint`
-/// tokens (None: chosen from T), on random inputs and cotangents. Its FLOPs are counted as
-/// three times the recurrent forward's (a backward does about twice a forward's work).
+/// [`bench`] for the backward: the backward program `opts` asks for (recurrent or chunked;
+/// its forward phases included: forward + backward, as a training step runs them), on random
+/// inputs and cotangents. Its FLOPs are counted as three times the forward's of the same
+/// kernel (a backward does about twice a forward's work).
 pub fn bench_grad(
     rule: &Rule,
     dims: Dims,
-    checkpoint: Option<usize>,
+    opts: &crate::grad::GradOptions,
     threads: usize,
     min_runs: usize,
     min_time: Duration,
 ) -> Result<Measurement, Error> {
     let inputs = crate::verify_grad::random_grad_inputs(rule, &dims, 7);
-    let opts = crate::grad::GradOptions { checkpoint, ..Default::default() };
-    let program = crate::grad::build_program(rule, &dims, &opts)?;
+    let program = crate::grad::build_program(rule, &dims, opts)?;
+    let forward = match opts.backend {
+        crate::backend::Backend::Chunked => Schedule::chunked(opts.chunk),
+        _ => Schedule::recurrent(),
+    };
     let order = Order { threads, time_block: DEFAULT_TIME_BLOCK, poison_scratch: false };
     let (median, best, runs) = time_program(&program, &dims, &inputs, order, min_runs, min_time)?;
     Ok(Measurement {
         median,
         best,
         runs,
-        flops_per_call: 3.0 * flops(&dims, &Schedule::recurrent()),
+        flops_per_call: 3.0 * flops(&dims, &forward),
         token_heads: dims.batch * dims.seq_len * dims.heads,
     })
 }

@@ -12,8 +12,9 @@ use crate::gpu;
 use crate::problem::{check_known_tensors, infer_dims};
 use chunkc_codegen::plan::backward;
 use chunkc_codegen::program::Program;
-use chunkc_codegen::schedule::{PtxSchedule, DEFAULT_TIME_BLOCK};
+use chunkc_codegen::schedule::{PtxSchedule, Schedule, DEFAULT_TIME_BLOCK};
 use chunkc_dsl::ast::Rule;
+use chunkc_dsl::canon::canonicalize;
 use chunkc_dsl::gradient;
 use chunkc_dsl::reference::Dims;
 use chunkc_runtime::error::{expect_shape, RuntimeError};
@@ -29,7 +30,7 @@ const STATE_AND_COTANGENTS: [&str; 3] = ["h0", "do", "dhT"];
 /// How the gradient is computed.
 #[derive(Clone, Copy, Debug)]
 pub struct GradOptions {
-    /// The reference, or the recurrent backward program (the chunked one is not built yet).
+    /// The reference, or the recurrent or chunked backward program.
     pub backend: Backend,
     /// How a compiled program runs (native code, the interpreter, PTX).
     pub engine: Engine,
@@ -39,11 +40,20 @@ pub struct GradOptions {
     pub scale: Option<f64>,
     /// Tokens between the recurrent backward's checkpoints (None: chosen from T).
     pub checkpoint: Option<usize>,
+    /// The chunked backward's chunk size.
+    pub chunk: usize,
 }
 
 impl Default for GradOptions {
     fn default() -> GradOptions {
-        GradOptions { backend: Backend::Reference, engine: Engine::Jit, threads: 0, scale: None, checkpoint: None }
+        GradOptions {
+            backend: Backend::Reference,
+            engine: Engine::Jit,
+            threads: 0,
+            scale: None,
+            checkpoint: None,
+            chunk: 64,
+        }
     }
 }
 
@@ -74,14 +84,7 @@ pub fn grad(
     }
     let mut out = match opts.backend {
         Backend::Reference => reference(rule, tensors, dims, opts.scale, false)?,
-        Backend::Recurrent => compiled(rule, tensors, dims, opts)?,
-        Backend::Chunked => {
-            return Err(Error::Unsupported(
-                "the chunked backward is not built yet; --backend recurrent differentiates any rule through its \
-                 recurrent kernel"
-                    .into(),
-            ))
-        }
+        Backend::Recurrent | Backend::Chunked => compiled(rule, tensors, dims, opts)?,
     };
     if !tensors.contains_key("h0") {
         out.remove("dh0");
@@ -132,8 +135,22 @@ fn reference(
     Ok(out)
 }
 
-/// The recurrent backward program for these sizes.
+/// The backward program `opts` asks for (recurrent or chunked), for these sizes.
 pub fn build_program(rule: &Rule, dims: &Dims, opts: &GradOptions) -> Result<Program, Error> {
+    if opts.backend == Backend::Chunked {
+        if opts.chunk == 0 {
+            return Err(Error::Input("--chunk must be at least 1".into()));
+        }
+        let canon = canonicalize(rule).map_err(|n| Error::from(n.to_diagnostic(rule)))?;
+        let shape = shape_of(dims, opts.scale);
+        return backward::chunked(rule, &canon, shape, Schedule::chunked(opts.chunk)).map_err(|e| {
+            Error::Unsupported(format!(
+                "rule `{}`: the chunked backward: {}",
+                rule.name,
+                e.0.trim_start_matches(&format!("rule `{}`: ", rule.name))
+            ))
+        });
+    }
     let every = opts.checkpoint.unwrap_or_else(|| backward::checkpoint_interval(dims.seq_len));
     if every == 0 {
         return Err(Error::Input("--checkpoint must be at least 1".into()));

@@ -335,7 +335,14 @@ enum Command {
         /// GPU target of the PTX backends (default sm_90).
         #[arg(long, value_enum)]
         target: Option<GpuTarget>,
-        /// Tokens between stored states (default: about sqrt(T), at most 16).
+        /// The kernel a PTX backend runs (default: recurrent).
+        #[arg(long, value_enum)]
+        kernel: Option<KernelArg>,
+        /// The chunked backward's chunk size.
+        #[arg(long, default_value_t = 64)]
+        chunk: usize,
+        /// The recurrent backward: tokens between stored states (default: about sqrt(T), at
+        /// most 16).
         #[arg(long)]
         checkpoint: Option<usize>,
         /// Worker threads (default: all cores).
@@ -365,12 +372,13 @@ enum Command {
         /// instead of 1000 for ptx-sim).
         #[arg(long = "T", value_delimiter = ',')]
         seq_lens: Option<Vec<usize>>,
-        /// Chunk sizes of the chunked kernel [default: 16,32,64,128]; with --grad, the
-        /// backward's checkpoint intervals [default: 1,4,16].
+        /// Chunk sizes of the chunked kernel [default: 16,32,64,128].
         #[arg(long, value_delimiter = ',')]
         chunk: Option<Vec<usize>>,
-        /// Verify the backward instead: every gradient of the compiled backward program
-        /// against the reference gradient (f64 reverse mode), one row per tensor.
+        /// Verify the backward instead: every gradient of the compiled backward programs (the
+        /// recurrent one with a checkpoint at every token and at its default interval, the
+        /// chunked one at every chunk size) against the reference gradient (f64 reverse
+        /// mode), one row per tensor.
         #[arg(long)]
         grad: bool,
         /// Backends to verify [default: recurrent,chunked]. Naming `chunked` for a rule that
@@ -427,14 +435,14 @@ enum Command {
         /// B,T,H,K,V
         #[arg(long, value_delimiter = ',', default_values_t = [1, 2048, 8, 128, 128])]
         shape: Vec<usize>,
-        /// The kernel [default: chunked; with --grad: recurrent, the only backward built yet].
+        /// The kernel [default: chunked].
         #[arg(long, value_enum)]
         backend: Option<BackendArg>,
         #[arg(long, default_value_t = 64)]
         chunk: usize,
-        /// Time forward + backward: the recurrent backward program (its forward phase, then
-        /// the reverse pass), on random inputs and cotangents.
-        #[arg(long, conflicts_with_all = ["tuned", "bv", "program", "chunk"])]
+        /// Time forward + backward: the backward program of --backend (its forward phases,
+        /// then the reverse pass), on random inputs and cotangents.
+        #[arg(long, conflicts_with_all = ["tuned", "bv", "program"])]
         grad: bool,
         /// With --grad: tokens between stored states (default: about sqrt(T), at most 16).
         #[arg(long, requires = "grad")]
@@ -557,45 +565,54 @@ fn engine(e: EngineArg) -> Engine {
     }
 }
 
-/// `bench --grad`: forward + backward through the recurrent backward program, printed as
-/// `bench` prints.
+/// `bench --grad`: forward + backward through the backward program of `backend` (chunked
+/// unless named), printed as `bench` prints.
+#[allow(clippy::too_many_arguments)]
 fn bench_grad(
     rule: &Rule,
     dims: chunkc::dsl::reference::Dims,
     backend: Option<BackendArg>,
+    chunk: usize,
     checkpoint: Option<usize>,
     threads: usize,
     runs: usize,
     json: bool,
 ) -> Result<ExitCode, Error> {
-    match backend {
-        None | Some(BackendArg::Recurrent) => {}
-        Some(BackendArg::Chunked) => {
-            return Err(Error::Unsupported(
-                "bench --grad: the chunked backward is not built yet; --backend recurrent times the recurrent one".into(),
-            ))
-        }
+    let backend = match backend {
+        None | Some(BackendArg::Chunked) => Backend::Chunked,
+        Some(BackendArg::Recurrent) => Backend::Recurrent,
         Some(BackendArg::Reference) => {
-            return Err(Error::Input("bench times compiled kernels: choose --backend recurrent".into()))
+            return Err(Error::Input("bench times compiled kernels: choose --backend recurrent or chunked".into()))
         }
+    };
+    if backend == Backend::Chunked && checkpoint.is_some() {
+        return Err(Error::Input(
+            "--checkpoint goes with --backend recurrent (the chunked backward stores every chunk's state)".into(),
+        ));
     }
     let chunkc::dsl::reference::Dims { batch, seq_len, heads, k, v } = dims;
     let every = checkpoint.unwrap_or_else(|| chunkc::codegen::plan::backward::checkpoint_interval(seq_len));
     let threads = if threads == 0 { chunkc::runtime::exec::default_threads() } else { threads };
-    let m = chunkc::bench::bench_grad(rule, dims, Some(every), threads, runs, std::time::Duration::from_secs(1))?;
+    let opts = chunkc::grad::GradOptions { backend, checkpoint: Some(every), chunk, ..Default::default() };
+    let m = chunkc::bench::bench_grad(rule, dims, &opts, threads, runs, std::time::Duration::from_secs(1))?;
     let (median, best) = (m.median.as_secs_f64() * 1e3, m.best.as_secs_f64() * 1e3);
+    let (label, every_shown) = match backend {
+        Backend::Chunked => (format!("chunked chunk {chunk}"), chunk),
+        _ => (format!("recurrent, checkpoint every {every} tokens"), every),
+    };
     if json {
         println!(
-            "{{\"rule\":\"{}\",\"backend\":\"recurrent\",\"pass\":\"forward+backward\",\"checkpoint\":{every},\"shape\":[{batch},{seq_len},{heads},{k},{v}],\"threads\":{threads},\"runs\":{},\"median_ms\":{median:.4},\"best_ms\":{best:.4},\"token_heads_per_s\":{:.1},\"gflops\":{:.3}}}",
+            "{{\"rule\":\"{}\",\"backend\":\"{}\",\"pass\":\"forward+backward\",\"chunk\":{every_shown},\"shape\":[{batch},{seq_len},{heads},{k},{v}],\"threads\":{threads},\"runs\":{},\"median_ms\":{median:.4},\"best_ms\":{best:.4},\"token_heads_per_s\":{:.1},\"gflops\":{:.3}}}",
             rule.name,
+            backend.name(),
             m.runs,
             m.token_heads_per_s(),
             m.gflops()
         );
     } else {
         println!(
-            "{} recurrent forward + backward, checkpoint every {every} tokens, B={batch} T={seq_len} H={heads} K={k} V={v}, \
-             {threads} thread(s): median {median:.2} ms (best {best:.2}) of {} runs, {:.3} M token-heads/s, {:.1} GFLOP/s \
+            "{} forward + backward, {label}, B={batch} T={seq_len} H={heads} K={k} V={v}, {threads} thread(s): \
+             median {median:.2} ms (best {best:.2}) of {} runs, {:.3} M token-heads/s, {:.1} GFLOP/s \
              (FLOP count: `chunkc bench --help`)",
             rule.name,
             m.runs,
@@ -606,45 +623,54 @@ fn bench_grad(
     Ok(ExitCode::SUCCESS)
 }
 
-/// `verify --grad`: the backward of `backends` (the chunked one is refused: not built yet)
-/// against the reference gradient.
+/// `verify --grad`: the backward of `backends` against the reference gradient (a rule's
+/// chunked backward only where it can be built; a named one that cannot is an error).
 fn verify_grad(
     rule: &std::path::Path,
-    backends: Vec<RunBackend>,
+    backends: Option<Vec<RunBackend>>,
     target: Option<GpuTarget>,
     cpu: Engine,
     mut plan: verify::Plan,
 ) -> Result<ExitCode, Error> {
-    if backends.contains(&RunBackend::Chunked) {
-        return Err(Error::Unsupported(
-            "verify --grad: the chunked backward is not built yet; --backend recurrent (and ptx-sim, cuda) verify the \
-             recurrent backward"
-                .into(),
-        ));
-    }
+    let named = backends.is_some();
+    let backends = backends.unwrap_or_else(|| vec![RunBackend::Recurrent, RunBackend::Chunked]);
     if [plan.batch, plan.heads, plan.k, plan.v].contains(&0) || plan.seq_lens.as_ref().is_some_and(|t| t.contains(&0)) {
         return Err(Error::Input(
             "--B, --H, --K, --V and --T must be at least 1: an empty problem verifies nothing".into(),
         ));
     }
     if plan.chunks.contains(&0) {
-        return Err(Error::Input("--chunk (the checkpoint intervals) must be at least 1".into()));
-    }
-    for b in backends.iter().filter(|b| **b != RunBackend::Reference) {
-        plan.runs.extend(b.runs(&[Backend::Recurrent], target, cpu));
+        return Err(Error::Input("--chunk sizes must be at least 1".into()));
     }
     let loaded = load_rule(rule)?;
+    let chunked = chunked_backward(&loaded.rule);
+    for b in backends.iter().filter(|b| **b != RunBackend::Reference) {
+        for run in b.runs(&[Backend::Recurrent, Backend::Chunked], target, cpu) {
+            if plan.runs.contains(&run) {
+                continue;
+            }
+            if let (Backend::Chunked, Err(why)) = (run.0, &chunked) {
+                if named && *b == RunBackend::Chunked {
+                    return Err(Error::Unsupported(format!("verify --grad --backend chunked: {why}")));
+                }
+                println!("note: no chunked backward ({why}); verifying the recurrent one");
+                continue;
+            }
+            plan.runs.push(run);
+        }
+    }
     println!(
         "verify the backward of {} against the f64 reference gradient: B={} H={} K={} V={}, \
          L = sum(o * do) + sum(hT * dhT), relative RMS within each row's tolerance",
         loaded.rule.name, plan.batch, plan.heads, plan.k, plan.v
     );
-    println!("{:<10} {:>5} {:>6} {:<12} {:>12} {:>6}  result", "backend", "ckpt", "T", "tensor", "error", "tol");
+    println!("(chunk: the chunked backward's chunk size, or the recurrent one's checkpoint interval)");
+    println!("{:<10} {:>5} {:>6} {:<12} {:>12} {:>6}  result", "backend", "chunk", "T", "tensor", "error", "tol");
     let rows = chunkc::verify_grad::verify_grad(&loaded.rule, &plan, |r| {
         println!(
             "{:<10} {:>5} {:>6} {:<12} {:>12.3e} {:>6.0e}  {}",
             r.label,
-            r.checkpoint,
+            r.chunk,
             r.seq_len,
             r.tensor,
             r.err,
@@ -658,6 +684,16 @@ fn verify_grad(
         return Err(Error::Internal("verify --grad ran no rows: nothing was checked".into()));
     }
     Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// Whether `rule` has a chunked backward, or why not (the program is built on a small
+/// shape).
+fn chunked_backward(rule: &Rule) -> Result<(), String> {
+    let canon = chunkc::dsl::canon::canonicalize(rule).map_err(|n| format!("not chunkable: {}", n.reason))?;
+    let probe = chunkc::codegen::plan::Shape { heads: 1, k: 4, v: 4, scale: 0.5 };
+    chunkc::codegen::plan::backward::chunked(rule, &canon, probe, Schedule::chunked(4))
+        .map(|_| ())
+        .map_err(|e| e.0.trim_start_matches(&format!("rule `{}`: ", rule.name)).to_string())
 }
 
 fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
@@ -732,17 +768,36 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
             println!("wrote {} to {}", names.join(" and "), out.display());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Grad { rule, inputs, out, backend, target, checkpoint, threads, scale, allow_extra, engine: e } => {
-            if target.is_some() && backend.device().is_none() {
-                return Err(Error::Unsupported("--target only applies to --backend ptx-sim and cuda".into()));
+        Command::Grad {
+            rule,
+            inputs,
+            out,
+            backend,
+            target,
+            kernel,
+            chunk,
+            checkpoint,
+            threads,
+            scale,
+            allow_extra,
+            engine: e,
+        } => {
+            if (target.is_some() || kernel.is_some()) && backend.device().is_none() {
+                return Err(Error::Unsupported(
+                    "--target and --kernel only apply to --backend ptx-sim and cuda".into(),
+                ));
             }
             let loaded = load_rule(&rule)?;
             let shown = inputs.display().to_string();
             let (tensors, _) = chunkc::runtime::io::read_safetensors(&inputs)?;
-            let [(be, eng)] = backend.runs(&[Backend::Recurrent], target, engine(e))[..] else {
+            let kernel = match kernel {
+                Some(KernelArg::Chunked) => Backend::Chunked,
+                _ => Backend::Recurrent,
+            };
+            let [(be, eng)] = backend.runs(&[kernel], target, engine(e))[..] else {
                 return Err(Error::Internal("one backend must give one run".into()));
             };
-            let opts = chunkc::grad::GradOptions { backend: be, engine: eng, threads, scale, checkpoint };
+            let opts = chunkc::grad::GradOptions { backend: be, engine: eng, threads, scale, checkpoint, chunk };
             let written = chunkc::grad::grad(&loaded.rule, &tensors, &shown, &opts, allow_extra)?;
             let mut meta = BTreeMap::new();
             meta.insert("rule".to_string(), loaded.rule.name.clone());
@@ -774,14 +829,13 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
         } => {
             check_bv(bv)?;
             if grad {
-                let backend = backend.unwrap_or_else(|| vec![RunBackend::Recurrent]);
-                check_ptx_flags(&backend, target.is_some(), false, &precision)?;
+                check_ptx_flags(backend.as_deref().unwrap_or(&[]), target.is_some(), false, &precision)?;
                 if let Some(flag) = precision.given().first() {
                     return Err(Error::Unsupported(format!("{flag}: the backward runs in f32 only")));
                 }
                 let plan = verify::Plan {
                     runs: vec![],
-                    chunks: chunk.unwrap_or_else(|| vec![1, 4, 16]),
+                    chunks: chunk.unwrap_or_else(|| vec![16, 32, 64, 128]),
                     seq_lens,
                     batch,
                     heads,
@@ -886,7 +940,7 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
             let loaded = load_rule(&rule)?;
             let dims = dims_of(&shape)?;
             if grad {
-                return bench_grad(&loaded.rule, dims, backend, checkpoint, threads, runs, json);
+                return bench_grad(&loaded.rule, dims, backend, chunk, checkpoint, threads, runs, json);
             }
             let backend = backend.unwrap_or(BackendArg::Chunked);
             if chunk == 0 {
@@ -1176,7 +1230,7 @@ fn check(path: &std::path::Path) -> Result<ExitCode, Error> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// How the backward is formed, and its memory (`check`); the program is built on a small
+/// How the backward is formed, and its memory (`check`); each program is built on a small
 /// shape first, so that the line never promises a backward the planner refuses.
 fn backward_line(rule: &Rule) -> String {
     use chunkc::codegen::plan::backward;
@@ -1186,12 +1240,21 @@ fn backward_line(rule: &Rule) -> String {
     }
     let (t, kv) = (2048usize, 128usize);
     let every = backward::checkpoint_interval(t);
-    let mib = t.div_ceil(every) * kv * kv * 4 / (1 << 20);
-    format!(
-        "backward: recurrent (reverse mode through the step; the state stored every N tokens, N about sqrt(T) \
-         and at most 16, and recomputed in between): ceil(T/N) K x V f32 states per batch and head, \
-         {mib} MiB per head at T={t} K=V={kv} (N={every}); the chunked backward is not built yet"
-    )
+    let mib = |n: usize| n * kv * kv * 4 / (1 << 20);
+    let recurrent = format!(
+        "recurrent (reverse mode through the step, the state stored every N tokens, N about sqrt(T) and at \
+         most 16, and recomputed in between: ceil(T/N) K x V f32 states per batch and head, {} MiB per head \
+         at T={t} K=V={kv})",
+        mib(t.div_ceil(every))
+    );
+    match chunked_backward(rule) {
+        Ok(()) => format!(
+            "backward: chunked (reverse mode through each chunk, recomputed from the state entering it: \
+             ceil(T/C) states per batch and head, {} MiB per head at T={t} K=V={kv} C=64), and {recurrent}",
+            mib(t.div_ceil(64))
+        ),
+        Err(why) => format!("backward: {recurrent}; no chunked backward: {why}"),
+    }
 }
 
 fn warning(rule: &Rule, span: chunkc::dsl::ast::Span, msg: &str) -> String {

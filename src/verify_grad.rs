@@ -2,7 +2,7 @@
 //! mode over the f64 interpreter), on random inputs, cotangents `do` and `dhT`, and `h0`;
 //! one row per gradient tensor, each held to its budget.
 
-use crate::backend::{Backend, Engine};
+use crate::backend::Backend;
 use crate::error::Error;
 use crate::grad::{grad, GradOptions};
 use crate::verify::{random_inputs, rel_rms, Plan, Rng};
@@ -13,10 +13,12 @@ use chunkc_runtime::tensor::Tensor;
 /// One row: one tensor of one run.
 #[derive(Clone, Debug)]
 pub struct GradRow {
-    /// `recurrent`, `ptx-sim` or `cuda`.
+    /// `recurrent`, `chunked`, `ptx-sim` or `cuda`.
     pub label: &'static str,
-    /// Tokens between the backward's checkpoints.
-    pub checkpoint: usize,
+    /// The backward's kernel.
+    pub backend: Backend,
+    /// The chunk size (chunked), or tokens between checkpoints (recurrent).
+    pub chunk: usize,
     pub seq_len: usize,
     /// `o`, `hT`, `dh0` or `d<input>`.
     pub tensor: String,
@@ -50,38 +52,45 @@ pub fn random_grad_inputs(rule: &Rule, dims: &Dims, seed: u64) -> crate::runtime
     t
 }
 
-/// Runs every compiled backward of `plan.runs` (the recurrent one, on its engine), at every
-/// checkpoint interval of `plan.chunks` and sequence length, against the reference gradient.
+/// Runs every compiled backward of `plan.runs` against the reference gradient at every
+/// sequence length: the recurrent one with a checkpoint at every token and at its default
+/// interval, the chunked one at every chunk size of `plan.chunks`.
 pub fn verify_grad(rule: &Rule, plan: &Plan, mut progress: impl FnMut(&GradRow)) -> Result<Vec<GradRow>, Error> {
     plan.check_ready()?;
     let mut rows = vec![];
-    let runs: Vec<Engine> = plan.runs.iter().filter(|(b, _)| *b != Backend::Reference).map(|r| r.1).collect();
-    let mut engines: Vec<Engine> = vec![];
-    for e in runs {
-        if !engines.contains(&e) {
-            engines.push(e);
-        }
-    }
-    for engine in engines {
+    for &(backend, engine) in plan.runs.iter().filter(|(b, _)| *b != Backend::Reference) {
         for t in plan.lens_for(engine) {
             let dims = Dims { batch: plan.batch, seq_len: t, heads: plan.heads, k: plan.k, v: plan.v };
             let inputs = random_grad_inputs(rule, &dims, plan.seed ^ t as u64);
             let reference = grad(rule, &inputs, "random inputs", &GradOptions::default(), false)?;
-            for &checkpoint in &plan.chunks {
+            let sizes: Vec<usize> = match backend {
+                Backend::Chunked => plan.chunks.clone(),
+                _ => {
+                    let auto = chunkc_codegen::plan::backward::checkpoint_interval(t);
+                    if auto == 1 {
+                        vec![1]
+                    } else {
+                        vec![1, auto]
+                    }
+                }
+            };
+            for size in sizes {
                 let opts = GradOptions {
-                    backend: Backend::Recurrent,
+                    backend,
                     engine,
                     threads: plan.threads,
                     scale: None,
-                    checkpoint: Some(checkpoint),
+                    checkpoint: Some(size),
+                    chunk: size,
                 };
                 let got = grad(rule, &inputs, "random inputs", &opts, false)?;
                 for (name, want) in &reference {
                     let err = got.get(name).map_or(f64::INFINITY, |g| rel_rms(&g.data, &want.data));
                     let tolerance = tolerance(rule, name);
                     let row = GradRow {
-                        label: engine.label(Backend::Recurrent),
-                        checkpoint,
+                        label: engine.label(backend),
+                        backend,
+                        chunk: size,
                         seq_len: t,
                         tensor: name.clone(),
                         err,

@@ -134,12 +134,47 @@ fn vjp(
         }
         Op::Transpose { x } => out.push((*x, b.transpose(g))),
         Op::Mask { x, mask, .. } => out.push((*x, b.mask(g, mask.clone(), 0.0))),
-        Op::Cumsum { .. } | Op::Rows { .. } | Op::GatedDot { .. } | Op::SolveUnitLower { .. } => {
+        Op::Cumsum { x, exclusive } => {
+            // y_i = sum_{s<=i} x_s (exclusive: s<i): dx_s = sum_{i>=s} g_i (i>s), the column
+            // total less the other kind of prefix sum.
+            let t = b.transpose(g);
+            let sums = b.row_sum(t);
+            let total = b.transpose(sums);
+            let prefix = b.cumsum(g, !*exclusive);
+            out.push((*x, b.sub(total, prefix)));
+        }
+        Op::Rows { x, start, len } => out.push((*x, place_rows(b, g, b.ty(*x).rows, *start, *len))),
+        Op::GatedDot { .. } | Op::SolveUnitLower { .. } => {
             return Err(AdError(format!("the backward of {} is not derived yet", op_name(op))));
         }
     }
     out.retain(|(v, _)| is_active(v));
     Ok(out)
+}
+
+/// A tile of `rows` rows holding `g` at rows `start .. start + len` and zeros elsewhere: the
+/// adjoint of a row slice.
+fn place_rows(b: &mut Builder, g: ValueId, rows: usize, start: usize, len: usize) -> ValueId {
+    let ty = b.ty(g);
+    let end = Idx::c((start + len) as i64);
+    if len == 1 {
+        // One row: broadcast it, keep rows [start, start + 1).
+        let zeros = b.constant(0.0, TileTy { rows, ..ty });
+        let spread = b.add(zeros, g);
+        let upto_end = b.mask(spread, MaskKind::RowsBefore(end), 0.0);
+        let before = b.mask(spread, MaskKind::RowsBefore(Idx::c(start as i64)), 0.0);
+        return b.sub(upto_end, before);
+    }
+    // E g, with E the rows x len selection (E[start + i, i] = 1) cut from an identity formed
+    // by two triangular masks.
+    let g32 = b.cast(g, DType::F32);
+    let ones = b.constant(1.0, TileTy::f32(rows, rows));
+    let lower = b.mask(ones, MaskKind::Tril { strict: false }, 0.0);
+    let strict = b.mask(ones, MaskKind::Tril { strict: true }, 0.0);
+    let identity = b.sub(lower, strict);
+    let pick = b.rows(identity, start, len);
+    let placed = b.dot(pick, g32, true, false, None);
+    b.cast(placed, ty.dtype)
 }
 
 /// `g * f'(x)`, given `y = f(x)`.
@@ -239,8 +274,6 @@ fn binary_vjp(
 
 fn op_name(op: &Op) -> &'static str {
     match op {
-        Op::Cumsum { .. } => "a cumulative sum",
-        Op::Rows { .. } => "a row slice",
         Op::GatedDot { .. } => "gated scores",
         Op::SolveUnitLower { .. } => "a triangular solve",
         _ => "this op",
@@ -341,6 +374,17 @@ mod tests {
             let column_row = b.dot(t, l[3], false, false, None);
             let both_transposed = b.dot(l[3], t, true, true, None);
             b.add(column_row, both_transposed)
+        });
+        check("cumulative sums and row slices", &[(5, 2)], &xs[..10], |b, l| {
+            let inc = b.cumsum(l[0], false);
+            let exc = b.cumsum(l[0], true);
+            let e = b.exp(exc);
+            let both = b.mul(inc, e);
+            let one = b.rows(both, 4, 1);
+            let some = b.rows(both, 1, 3);
+            let top = b.rows(some, 0, 1);
+            let s = b.mul(some, one);
+            b.add(s, top)
         });
         check("row sums and masks", &[(3, 4)], &xs[..12], |b, l| {
             let e = b.exp(l[0]);

@@ -209,11 +209,19 @@ impl<'a> Lowerer<'a> {
                 Tile(self.state.ok_or_else(|| LowerError("the state is not available in a chunk prologue".into()))?)
             }
             ExprKind::Unary(op, a) => {
-                let x = self.tile(b, a)?;
+                let mut x = self.tile(b, a)?;
+                if matches!(op, UnaryOp::Log | UnaryOp::Sqrt) {
+                    x = self.one_past_end(b, x);
+                }
                 Tile(b.unary(unop(*op), x))
             }
             ExprKind::Binary(op, a, c) => {
-                let (x, y) = (self.tile(b, a)?, self.tile(b, c)?);
+                let (mut x, mut y) = (self.tile(b, a)?, self.tile(b, c)?);
+                match op {
+                    BinaryOp::Div => y = self.one_past_end(b, y),
+                    BinaryOp::Pow => x = self.one_past_end(b, x),
+                    _ => {}
+                }
                 let (x, y) = (self.align(b, x, a.ty, c.ty), self.align(b, y, c.ty, a.ty));
                 Tile(b.binary(binop(*op), x, y))
             }
@@ -230,6 +238,7 @@ impl<'a> Lowerer<'a> {
                 let x = self.tile(b, a)?;
                 let sq = b.mul(x, x);
                 let n2 = b.row_sum(sq);
+                let n2 = self.one_past_end(b, n2);
                 let inv = b.unary(UnOp::Sqrt, n2);
                 let inv = b.unary(UnOp::Recip, inv);
                 Tile(b.mul(x, inv))
@@ -245,6 +254,19 @@ impl<'a> Lowerer<'a> {
             },
             ExprKind::MatMul(a, c) => Tile(self.matmul(b, a, c)?),
         })
+    }
+
+    /// `x` with the rows past the sequence end set to 1, where a block of several tokens feeds
+    /// an op that is singular at 0 (log, sqrt, a divisor, the base of pow, l2norm's norm).
+    /// Those rows load as zeros; their results are masked off later, but an infinity or NaN
+    /// there would still reach the backward, whose reverse of the later mask is a zero
+    /// adjoint, and zero times infinity is NaN (summed into a per-head parameter's gradient).
+    /// One-token lowering has no such rows.
+    fn one_past_end(&self, b: &mut Builder, x: ValueId) -> ValueId {
+        if self.rows == 1 || b.ty(x).rows != self.rows {
+            return x;
+        }
+        b.mask(x, MaskKind::RowsBefore(self.valid.clone()), 1.0)
     }
 
     fn need_one_row(&self, what: &str) -> Result<(), LowerError> {

@@ -18,13 +18,62 @@
 //! keeps the state as it was, so they change nothing (and produce nothing NaN to multiply
 //! by zero).
 
-use super::{PlanError, Shape};
+use super::chunked::{boundary_base_at, build_phase, ChunkTerms, Phase, BOUNDARY_STATES};
+use super::{PlanError, ProgramShape, Schedule, Shape};
 use crate::autodiff;
 use crate::builder::Builder;
 use crate::ir::*;
 use crate::lower::{state_base, token_base, LVal, Lowerer, ParamLayout};
 use crate::program::{Dim, Program, Role, StaticSizes, TensorSpec};
 use chunkc_dsl::ast::{Rule, Target, Ty};
+use chunkc_dsl::canon::Canonical;
+
+/// The chunked backward program of a rule linear in S: the fused forward, also storing the
+/// state entering every chunk (`chunk.h`), then a reverse pass over the
+/// chunks that recomputes each chunk's algebra (scores, decays, the state update) from its
+/// entering state and differentiates it. Per-token inputs read as f32, the whole V per grid
+/// point. A chunk op the differentiator has no rule for yet is reported as the reason.
+pub fn chunked(rule: &Rule, canon: &Canonical, shape: Shape, sched: Schedule) -> Result<Program, PlanError> {
+    let c = sched.chunk;
+    let sched = sched.with_program(ProgramShape::Fused).with_bv(None).with_input(ElemType::F32);
+    let mut tensors = super::program::forward_tensors(rule, ElemType::F32);
+    tensors.push(TensorSpec {
+        name: BOUNDARY_STATES.into(),
+        dims: vec![Dim::Batch, Dim::Chunks, Dim::Heads, Dim::K, Dim::V],
+        elem: ElemType::F32,
+        role: Role::Intermediate,
+        optional: false,
+    });
+    let tensors = with_gradients(rule, tensors)?;
+    let forward = build_phase(rule, canon, shape, sched, Phase::FusedWithStates)?;
+    let name = format!("{}_grad_chunked_c{c}", rule.name);
+    let reverse = reverse_pass(
+        name.clone(),
+        rule,
+        shape,
+        c,
+        BOUNDARY_STATES,
+        |j| boundary_base_at(&shape, c, None, j),
+        |b, layout, start, j| {
+            let mut terms = ChunkTerms::new(b, layout, rule, canon, shape, sched, j.clone())?;
+            terms.store_outputs = false;
+            let r = terms.blocks(b, start, false, Some(layout.o));
+            let end = terms.next_state(b, start, &r);
+            let t0 = j.mul(Idx::c(c as i64));
+            let valid = Idx::c(c as i64).min(Idx::var(IdxVar::SeqLen).sub(t0.clone()));
+            let outputs = terms
+                .outputs
+                .iter()
+                .map(|&(i0, o)| (t0.clone().add(Idx::c(i0 as i64)), valid.clone().sub(Idx::c(i0 as i64)), o))
+                .collect();
+            let loads = terms.loads.iter().map(|&(i, v)| (i, t0.clone(), valid.clone(), v)).collect();
+            Ok(Recomputed { end, outputs, loads, spans: vec![(t0, valid, c)] })
+        },
+    )?;
+    let kernels = vec![forward, reverse];
+    let sizes = StaticSizes { heads: shape.heads, k: shape.k, v: shape.v };
+    Program::new(name, c, sizes, tensors, kernels).map_err(|e| PlanError(format!("internal error: {e}")))
+}
 
 /// The intermediate holding the state entering every segment.
 pub const CHECKPOINTS: &str = "grad.checkpoints";
@@ -64,11 +113,24 @@ pub fn recurrent(rule: &Rule, shape: Shape, input: ElemType, every: usize) -> Re
 fn tensors(rule: &Rule, input: ElemType) -> Result<Vec<TensorSpec>, PlanError> {
     use Dim::*;
     let mut tensors = super::program::forward_tensors(rule, input);
+    tensors.push(TensorSpec {
+        name: CHECKPOINTS.into(),
+        dims: vec![Batch, Chunks, Heads, K, V],
+        elem: ElemType::F32,
+        role: Role::Intermediate,
+        optional: false,
+    });
+    with_gradients(rule, tensors)
+}
+
+/// `tensors` (a forward program's) with the cotangents `do` and optional `dhT`, and the
+/// gradients.
+fn with_gradients(rule: &Rule, mut tensors: Vec<TensorSpec>) -> Result<Vec<TensorSpec>, PlanError> {
+    use Dim::*;
     let f32_tensor =
         |name: String, dims: Vec<Dim>, role| TensorSpec { name, dims, elem: ElemType::F32, role, optional: false };
     tensors.push(f32_tensor("do".into(), vec![Batch, SeqLen, Heads, V], Role::Input));
     tensors.push(TensorSpec { optional: true, ..f32_tensor("dhT".into(), vec![Batch, Heads, K, V], Role::Input) });
-    tensors.push(f32_tensor(CHECKPOINTS.into(), vec![Batch, Chunks, Heads, K, V], Role::Intermediate));
     for (i, inp) in rule.inputs.iter().enumerate() {
         let name = gradient_name(rule, i);
         if let Some(clash) = tensors.iter().find(|t| t.name == name) {
@@ -189,13 +251,65 @@ fn forward(rule: &Rule, shape: Shape, input: ElemType, every: usize) -> Result<K
     Ok(b.finish())
 }
 
-/// The backward phase: the segments in reverse, each recomputed from its checkpoint and
-/// differentiated.
+/// The backward phase of the recurrent program: the segments in reverse, each recomputed
+/// token by token from its checkpoint.
 fn backward(rule: &Rule, shape: Shape, input: ElemType, every: usize) -> Result<Kernel, PlanError> {
-    let mut b = Builder::new(format!("{}_grad_c{every}", rule.name));
+    let name = format!("{}_grad_c{every}", rule.name);
+    reverse_pass(
+        name,
+        rule,
+        shape,
+        every,
+        CHECKPOINTS,
+        |j| checkpoint_base(&shape, every, j),
+        |b, layout, start, j| {
+            let step = Step { rule, shape, layout, input };
+            let mut state = start;
+            let mut seg = Recomputed { end: start, outputs: vec![], loads: vec![], spans: vec![] };
+            for u in 0..every {
+                let t = token_index(every, &j, u);
+                let token = step.token(b, state, t.clone(), u > 0)?;
+                state = token.state;
+                seg.outputs.push((t.clone(), rows_at(&t), token.o));
+                seg.loads.extend(token.loads.iter().map(|&(i, v)| (i, t.clone(), rows_at(&t), v)));
+                seg.spans.push((t.clone(), rows_at(&t), 1));
+            }
+            seg.end = state;
+            Ok(seg)
+        },
+    )
+}
+
+/// A segment recomputed from its entering state (the region [`reverse_pass`] differentiates).
+struct Recomputed {
+    /// The state leaving the segment.
+    end: ValueId,
+    /// Output rows: first token, rows that exist, the rows x V value.
+    outputs: Vec<(Idx, Idx, ValueId)>,
+    /// Inputs loaded: input index, first token, rows that exist, the tile.
+    loads: Vec<(usize, Idx, Idx, ValueId)>,
+    /// The segment's token rows: first token, rows that exist, rows (where an input the step
+    /// never reads gets its zero gradient written).
+    spans: Vec<(Idx, Idx, usize)>,
+}
+
+/// A reverse pass over the segments of `every` tokens, last first: each is recomputed by
+/// `recompute` from its entering state (read from `states` at `state_at(segment)`), and the
+/// reverse of that straight-line code carries `dL/dS` from the segment's end to its start,
+/// seeded by `do` at its outputs. Gradients of per-token inputs are stored at their rows;
+/// those of per-head parameters add up over the segments and are stored per batch row.
+fn reverse_pass(
+    name: String,
+    rule: &Rule,
+    shape: Shape,
+    every: usize,
+    states: &str,
+    state_at: impl Fn(Idx) -> Idx,
+    recompute: impl FnOnce(&mut Builder, &ParamLayout, ValueId, Idx) -> Result<Recomputed, PlanError>,
+) -> Result<Kernel, PlanError> {
+    let mut b = Builder::new(name);
     let layout = ParamLayout::declare(&mut b, rule);
-    let step = Step { rule, shape, layout: &layout, input };
-    let checkpoints = b.param(CHECKPOINTS, Access::Read);
+    let states = b.param(states, Access::Read);
     let d_o = b.param("do", Access::Read);
     let d_ht = b.param("dhT", Access::Read);
     let grads: Vec<usize> = (0..rule.inputs.len()).map(|i| b.param(gradient_name(rule, i), Access::Write)).collect();
@@ -212,28 +326,21 @@ fn backward(rule: &Rule, shape: Shape, input: ElemType, every: usize) -> Result<
     let carried = b.begin_loop(segments.clone(), &inits);
     let j = segments.sub(Idx::c(1)).sub(Idx::var(IdxVar::Iter));
 
-    // The segment again, from its checkpoint: the region to differentiate.
+    // The segment again, from its entering state: the region to differentiate.
     let mark = b.next_value();
-    let start = b.load(checkpoints, checkpoint_base(&shape, every, j.clone()), v as i64, 1, k, v, Idx::c(k as i64));
-    let mut state = start;
-    let mut steps = vec![];
-    for u in 0..every {
-        let t = token_index(every, &j, u);
-        let token = step.token(&mut b, state, t, u > 0)?;
-        state = token.state;
-        steps.push(token);
-    }
+    let start = b.load(states, state_at(j.clone()), v as i64, 1, k, v, Idx::c(k as i64));
+    let seg = recompute(&mut b, &layout, start, j)?;
     let region = b.lets_since(mark);
 
-    let mut seeds = vec![(state, carried[0])];
-    for (u, step) in steps.iter().enumerate() {
-        let t = token_index(every, &j, u);
-        let (obase, ostride) = token_base(&shape, t.clone(), v);
-        let d_o_t = b.load(d_o, obase, ostride, 1, 1, v, rows_at(&t));
-        seeds.push((step.o, d_o_t));
+    let mut seeds = vec![(seg.end, carried[0])];
+    for (first, valid, o) in &seg.outputs {
+        let (obase, ostride) = token_base(&shape, first.clone(), v);
+        let rows = b.ty(*o).rows;
+        let d_o_rows = b.load(d_o, obase, ostride, 1, rows, v, valid.clone());
+        seeds.push((*o, d_o_rows));
     }
     let mut leaves = vec![start];
-    leaves.extend(steps.iter().flat_map(|s| s.loads.iter().map(|l| l.1)));
+    leaves.extend(seg.loads.iter().map(|l| l.3));
     let adjoints = autodiff::reverse(&mut b, &region, &leaves, &seeds)
         .map_err(|e| PlanError(format!("rule `{}`: {e}", rule.name)))?;
     let adjoint_or_zero = |b: &mut Builder, v: ValueId| match adjoints.get(&v) {
@@ -243,23 +350,22 @@ fn backward(rule: &Rule, shape: Shape, input: ElemType, every: usize) -> Result<
 
     let mut yields = vec![adjoint_or_zero(&mut b, start)];
     let mut sums: Vec<ValueId> = carried[1..].to_vec();
-    for (u, step) in steps.iter().enumerate() {
-        let t = token_index(every, &j, u);
-        for &(i, load) in &step.loads {
-            let g = adjoint_or_zero(&mut b, load);
-            if let Some(slot) = per_head.iter().position(|&p| p == i) {
-                sums[slot] = b.add(sums[slot], g);
-            } else {
-                let (base, stride) = token_base(&shape, t.clone(), width(i));
-                b.store(g, grads[i], base, stride, 1, rows_at(&t));
-            }
+    for (i, first, valid, load) in &seg.loads {
+        let g = adjoint_or_zero(&mut b, *load);
+        if let Some(slot) = per_head.iter().position(|p| p == i) {
+            sums[slot] = b.add(sums[slot], g);
+        } else {
+            let (base, stride) = token_base(&shape, first.clone(), width(*i));
+            b.store(g, grads[*i], base, stride, 1, valid.clone());
         }
-        // An input the step never reads has a zero gradient, written all the same.
-        for i in (0..rule.inputs.len()).filter(|i| !per_head.contains(i)) {
-            if !step.loads.iter().any(|l| l.0 == i) {
-                let zero = b.constant(0.0, TileTy::f32(1, width(i)));
-                let (base, stride) = token_base(&shape, t.clone(), width(i));
-                b.store(zero, grads[i], base, stride, 1, rows_at(&t));
+    }
+    // An input the step never reads has a zero gradient, written all the same.
+    for i in (0..rule.inputs.len()).filter(|i| !per_head.contains(i)) {
+        if !seg.loads.iter().any(|l| l.0 == i) {
+            for (first, valid, rows) in &seg.spans {
+                let zero = b.constant(0.0, TileTy::f32(*rows, width(i)));
+                let (base, stride) = token_base(&shape, first.clone(), width(i));
+                b.store(zero, grads[i], base, stride, 1, valid.clone());
             }
         }
     }

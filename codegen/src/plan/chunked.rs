@@ -62,6 +62,9 @@ pub enum Phase {
     /// from `chunk.h` (and a low-rank rule's factors) and stores its rows of `o`; no state
     /// leaves the chunk.
     Outputs,
+    /// The fused phase that also stores the state entering every chunk into `chunk.h`: the
+    /// forward of a backward program, which reads those states back.
+    FusedWithStates,
 }
 
 impl Phase {
@@ -72,6 +75,7 @@ impl Phase {
             Phase::Factors => "factors (chunk-parallel)",
             Phase::States => "states (sequential)",
             Phase::Outputs => "outputs (chunk-parallel)",
+            Phase::FusedWithStates => "fused, storing the chunks' states (sequential)",
         }
     }
 
@@ -81,6 +85,7 @@ impl Phase {
             Phase::Factors => "_factors",
             Phase::States => "_states",
             Phase::Outputs => "_outputs",
+            Phase::FusedWithStates => "_with_states",
         }
     }
 }
@@ -134,17 +139,17 @@ pub fn build_phase(
     let cols = sched.bv.unwrap_or(v);
     let sbase = state_base_tiled(&shape, sched.bv);
     let n_chunks = Idx::var(IdxVar::SeqLen).ceil_div(c as i64);
-    let split = phase != Phase::Fused;
+    let split = !matches!(phase, Phase::Fused | Phase::FusedWithStates);
     match phase {
-        Phase::Fused | Phase::States => {
+        Phase::Fused | Phase::States | Phase::FusedWithStates => {
             let h0 = b.load(layout.h0, sbase.clone(), v as i64, 1, k, cols, Idx::c(k as i64));
             let s0 = b.begin_loop(n_chunks, &[h0])[0];
-            if phase == Phase::States {
+            if phase != Phase::Fused {
                 let h = b.param(BOUNDARY_STATES, Access::Write);
                 b.store(s0, h, boundary_base(&shape, c, sched.bv), v as i64, 1, Idx::c(k as i64));
             }
-            let mut terms = ChunkTerms::new(&mut b, &layout, rule, canon, shape, sched)?;
-            let o = (phase == Phase::Fused).then_some(layout.o);
+            let mut terms = ChunkTerms::new(&mut b, &layout, rule, canon, shape, sched, Idx::var(IdxVar::Iter))?;
+            let o = (phase != Phase::States).then_some(layout.o);
             let r = terms.blocks(&mut b, s0, split, o);
             let s_next = terms.next_state(&mut b, s0, &r);
             let last = b.end_loop(&[s_next]);
@@ -155,7 +160,7 @@ pub fn build_phase(
             b.begin_loop(n_chunks, &[]);
             let h = b.param(BOUNDARY_STATES, Access::Read);
             let s0 = b.load(h, boundary_base(&shape, c, sched.bv), v as i64, 1, k, cols, Idx::c(k as i64));
-            let mut terms = ChunkTerms::new(&mut b, &layout, rule, canon, shape, sched)?;
+            let mut terms = ChunkTerms::new(&mut b, &layout, rule, canon, shape, sched, Idx::var(IdxVar::Iter))?;
             // The state leaving the chunk is the next chunk's business (read from `chunk.h`).
             terms.blocks(&mut b, s0, true, Some(layout.o));
             b.end_loop(&[]);
@@ -163,7 +168,7 @@ pub fn build_phase(
         Phase::Factors => {
             b.set_chunk_parallel();
             b.begin_loop(n_chunks, &[]);
-            let mut terms = ChunkTerms::new(&mut b, &layout, rule, canon, shape, sched)?;
+            let mut terms = ChunkTerms::new(&mut b, &layout, rule, canon, shape, sched, Idx::var(IdxVar::Iter))?;
             terms.store_factors(&mut b);
             b.end_loop(&[]);
         }
@@ -174,9 +179,14 @@ pub fn build_phase(
 /// Index of this grid point's state entering chunk `Iter` in `chunk.h` `[B, NT, H, K, V]`, at
 /// its first V column.
 fn boundary_base(shape: &Shape, chunk: usize, bv: Option<usize>) -> Idx {
+    boundary_base_at(shape, chunk, bv, Idx::var(IdxVar::Iter))
+}
+
+/// [`boundary_base`] of chunk `index`.
+pub(super) fn boundary_base_at(shape: &Shape, chunk: usize, bv: Option<usize>, index: Idx) -> Idx {
     let n_chunks = Idx::var(IdxVar::SeqLen).ceil_div(chunk as i64);
     let kv = (shape.k * shape.v) as i64;
-    let slot = Idx::var(IdxVar::Batch).mul(n_chunks).add(Idx::var(IdxVar::Iter));
+    let slot = Idx::var(IdxVar::Batch).mul(n_chunks).add(index);
     let base = slot.mul(Idx::c(shape.heads as i64)).add(Idx::var(IdxVar::Head)).mul(Idx::c(kv));
     match bv {
         Some(_) => base.add(v_offset(bv)),
@@ -184,10 +194,10 @@ fn boundary_base(shape: &Shape, chunk: usize, bv: Option<usize>) -> Idx {
     }
 }
 
-/// One chunk's canonical vectors and gates (iteration `Iter` of the chunk loop), and the
-/// pieces of the chunk algebra built from them: the low-rank values R, the output rows, the
-/// state leaving the chunk, the UT factors.
-struct ChunkTerms {
+/// One chunk's canonical vectors and gates (of the chunk its index names: iteration `Iter`
+/// of the chunk loop in the forward), and the pieces of the chunk algebra built from them:
+/// the low-rank values R, the output rows, the state leaving the chunk, the UT factors.
+pub(super) struct ChunkTerms {
     shape: Shape,
     sched: Schedule,
     gate: Gate,
@@ -212,18 +222,25 @@ struct ChunkTerms {
     sc: Scores,
     /// `I - A_ba` of each diagonal block, formed once (the factors' two solves share it).
     diagonal: HashMap<usize, ValueId>,
+    /// The rule inputs the prologue loaded (input index, the chunk's tile).
+    pub(super) loads: Vec<(usize, ValueId)>,
+    /// Each output block formed (its first row in the chunk, its value), in order.
+    pub(super) outputs: Vec<(usize, ValueId)>,
+    /// Whether output blocks are stored (else only collected in `outputs`).
+    pub(super) store_outputs: bool,
 }
 
 impl ChunkTerms {
     /// The prologue: every canonical vector for the chunk's tokens (zero past the sequence
     /// end) and the cumulative gates (f64).
-    fn new(
+    pub(super) fn new(
         b: &mut Builder,
         layout: &ParamLayout,
         rule: &Rule,
         canon: &Canonical,
         shape: Shape,
         sched: Schedule,
+        index: Idx,
     ) -> Result<ChunkTerms, PlanError> {
         let c = sched.chunk;
         let gate = match &canon.log_gate {
@@ -235,7 +252,7 @@ impl ChunkTerms {
         if !c.is_multiple_of(bs) {
             return Err(PlanError(format!("the sub-chunk ({bs}) must divide the chunk ({c})")));
         }
-        let t0 = Idx::var(IdxVar::Iter).mul(Idx::c(c as i64));
+        let t0 = index.mul(Idx::c(c as i64));
         let valid = Idx::c(c as i64).min(Idx::var(IdxVar::SeqLen).sub(t0.clone()));
         let mut lw = Lowerer::new(rule, shape, layout, c, t0.clone(), valid.clone());
         lw.input_elem = sched.input;
@@ -284,6 +301,7 @@ impl ChunkTerms {
         let coef = canon.output.coef.as_ref().map(|e| pro.tile(b, e, false)).transpose()?;
         let extra = canon.output.extra.as_ref().map(|e| pro.tile(b, e, false)).transpose()?;
 
+        let loads = lw.loaded_inputs();
         let gates = g.map(|g| (b.cumsum(g, false), b.cumsum(g, true)));
         let (bin, bex) = (gates.map(|g| g.0), gates.map(|g| g.1));
         let sc = Scores { gate, bs, pivots: bex, cache: HashMap::new() };
@@ -309,6 +327,9 @@ impl ChunkTerms {
             bex,
             sc,
             diagonal: HashMap::new(),
+            loads,
+            outputs: vec![],
+            store_outputs: true,
         })
     }
 
@@ -368,7 +389,13 @@ impl ChunkTerms {
     /// stored), then the rest of the output, stored to `o_param` when given. Returns R's
     /// blocks (empty without a low-rank transition; the pseudo-values U = R + VW when a write
     /// is folded in) for the state update.
-    fn blocks(&mut self, b: &mut Builder, s0: ValueId, from_factors: bool, o_param: Option<usize>) -> Vec<ValueId> {
+    pub(super) fn blocks(
+        &mut self,
+        b: &mut Builder,
+        s0: ValueId,
+        from_factors: bool,
+        o_param: Option<usize>,
+    ) -> Vec<ValueId> {
         let bs = self.bs;
         let bq = if self.read_before { self.bex } else { self.bin };
         let factors = (from_factors && self.low_rank.is_some()).then(|| self.load_factors(b));
@@ -465,12 +492,15 @@ impl ChunkTerms {
             let x = rows_of(b, x, i0, bs);
             o = b.add(o, x);
         }
-        let (obase, ostride) = v_token_base(&self.shape, self.t0.clone().add(Idx::c(i0 as i64)), self.sched.bv);
-        b.store(o, o_param, obase, ostride, 1, self.valid.clone().sub(Idx::c(i0 as i64)));
+        self.outputs.push((i0, o));
+        if self.store_outputs {
+            let (obase, ostride) = v_token_base(&self.shape, self.t0.clone().add(Idx::c(i0 as i64)), self.sched.bv);
+            b.store(o, o_param, obase, ostride, 1, self.valid.clone().sub(Idx::c(i0 as i64)));
+        }
     }
 
     /// The state leaving the chunk.
-    fn next_state(&self, b: &mut Builder, s0: ValueId, r_blocks: &[ValueId]) -> ValueId {
+    pub(super) fn next_state(&self, b: &mut Builder, s0: ValueId, r_blocks: &[ValueId]) -> ValueId {
         let (bs, c) = (self.bs, self.sched.chunk);
         let mut s_next = s0;
         let total = self.bin.map(|bin| b.rows(bin, c - 1, 1));
