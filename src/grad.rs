@@ -93,7 +93,7 @@ pub fn grad(
 }
 
 /// The reference gradient with the forward computed in rounded-to-f32 arithmetic
-/// ([`gradient::grad_f32_forward`]): its distance from the exact one is the part of a
+/// ([`gradient::Arithmetic::F32Forward`]): its distance from the exact one is the part of a
 /// compiled backward's error that f32 alone accounts for. The tensors as for [`grad`].
 pub fn reference_f32_forward(
     rule: &Rule,
@@ -121,8 +121,9 @@ fn reference(
     let d_o = tensors.get("do").map(f64s).unwrap_or_default();
     let d_ht = tensors.get("dhT").map(f64s);
     let scale = scale.unwrap_or(1.0 / (dims.k as f64).sqrt());
-    let grad = if round_to_f32 { gradient::grad_f32_forward } else { gradient::grad };
-    let g = grad(rule, dims, scale, &|name| tensors.get(name).map(f64s), h0.as_deref(), &d_o, d_ht.as_deref())
+    let arithmetic = if round_to_f32 { gradient::Arithmetic::F32Forward } else { gradient::Arithmetic::F64 };
+    let input = |name: &str| tensors.get(name).map(f64s);
+    let g = gradient::grad_in(arithmetic, rule, dims, scale, &input, h0.as_deref(), &d_o, d_ht.as_deref())
         .map_err(Error::Internal)?;
     let f32s = |x: Vec<f64>| x.into_iter().map(|y| y as f32).collect::<Vec<f32>>();
     let mut out = BTreeMap::new();

@@ -678,10 +678,23 @@ fn verify_grad(
             if r.pass { "ok" } else { "FAIL" }
         );
     })?;
-    let failed = rows.iter().filter(|r| !r.pass).count();
-    println!("{} passed, {} failed", rows.len() - failed, failed);
-    if rows.is_empty() {
-        return Err(Error::Internal("verify --grad ran no rows: nothing was checked".into()));
+    verdict("verify --grad", rows.iter().map(|r| r.pass))
+}
+
+/// The last line of a verification table (`N passed, M failed`) and the exit code; no rows at
+/// all is an error (nothing was checked).
+fn verdict(command: &str, passes: impl Iterator<Item = bool>) -> Result<ExitCode, Error> {
+    let (mut passed, mut failed) = (0, 0);
+    for pass in passes {
+        if pass {
+            passed += 1;
+        } else {
+            failed += 1;
+        }
+    }
+    println!("{passed} passed, {failed} failed");
+    if passed + failed == 0 {
+        return Err(Error::Internal(format!("{command} ran no rows: nothing was checked")));
     }
     Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
@@ -913,12 +926,7 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
                     if r.pass { "ok" } else { "FAIL" }
                 );
             })?;
-            let failed = rows.iter().filter(|r| !r.pass).count();
-            println!("{} passed, {} failed", rows.len() - failed, failed);
-            if rows.is_empty() {
-                return Err(Error::Internal("verify ran no rows: nothing was checked".into()));
-            }
-            Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            verdict("verify", rows.iter().map(|r| r.pass))
         }
         Command::Bench {
             rule,

@@ -89,7 +89,7 @@ fn every_gradient_golden_of(label: &str, args: &[&str], families: Option<&[&str]
         println!("{line}");
     }
     println!("{label}: worst relative RMS error {worst:.2e} over {compared} tensors");
-    let expected = if families.is_some() { 30 } else { 128 };
+    let expected = if families.is_some() { 60 } else { 128 };
     assert!(compared >= expected, "compared only {compared} tensors");
     assert!(failures.is_empty(), "{label}:\n{}", failures.join("\n"));
     worst
@@ -109,9 +109,9 @@ fn every_gradient_golden_through_the_recurrent_backward() {
     every_gradient_golden_through("recurrent-c5", &["--backend", "recurrent", "--checkpoint", "5"]);
 }
 
-/// The families whose chunked backward is built (a scalar decay or none: the backward of
-/// per-channel gated scores and of the delta rules' triangular solve is not derived yet).
-const CHUNKED_BACKWARD: [&str; 3] = ["linear_attn", "retention", "simple_gla"];
+/// The families whose chunked backward is built (a scalar decay or none, with or without the
+/// delta rule's solve: the backward of per-channel gated scores is not derived yet).
+const CHUNKED_BACKWARD: [&str; 5] = ["delta_rule", "gated_delta_rule", "linear_attn", "retention", "simple_gla"];
 
 /// The chunked backward at chunk 16, 32, 64 and 128; every other family is refused with the
 /// reason.
@@ -122,7 +122,7 @@ fn every_gradient_golden_through_the_chunked_backward() {
         every_gradient_golden_of(&label, &["--backend", "chunked", "--chunk", chunk], Some(&CHUNKED_BACKWARD));
     }
     let Some(dir) = goldens_bwd_dir() else { return };
-    for family in ["gla", "gated_delta_rule"] {
+    for family in ["gla", "kda"] {
         let file = dir.join(format!("{family}_0.safetensors"));
         let rule = root().join("rules").join(format!("{family}.toml"));
         let out = tmp(&format!("refused-{family}.safetensors"));

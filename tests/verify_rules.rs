@@ -61,3 +61,58 @@ fn every_rule_passes_the_default_verify_sweep() {
     }
     assert!(failures.is_empty(), "{} of {runs} runs failed:\n{}", failures.len(), failures.join("\n"));
 }
+
+/// `chunkc verify --grad`'s default sweep for every rule in rules/: the recurrent backward
+/// (a checkpoint at every token and at its default interval) and, where it is built, the
+/// chunked backward at chunk 16, 32, 64 and 128, T in {1, C-1, C+1, 1000}, every gradient
+/// against the reference gradient within its budget. The rules with a chunked backward are
+/// named, so that losing one fails here.
+#[test]
+fn every_rule_passes_the_default_verify_grad_sweep() {
+    use chunkc::verify_grad::verify_grad;
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("rules");
+    let mut rules: Vec<PathBuf> = std::fs::read_dir(&dir).expect("rules/").map(|e| e.expect("entry").path()).collect();
+    rules.sort();
+    let (mut failures, mut rows_seen, mut chunked) = (vec![], 0, vec![]);
+    for path in rules {
+        let loaded = chunkc::load_rule(&path).unwrap_or_else(|e| panic!("{e}"));
+        let canon = loaded.canonical.as_ref().expect("every built-in rule is chunkable");
+        let probe = chunkc::codegen::plan::Shape { heads: 1, k: 4, v: 4, scale: 0.5 };
+        let has_chunked =
+            chunkc::codegen::plan::backward::chunked(&loaded.rule, canon, probe, chunkc::Schedule::chunked(4)).is_ok();
+        let mut runs = vec![(Backend::Recurrent, Engine::Jit)];
+        if has_chunked {
+            runs.push((Backend::Chunked, Engine::Jit));
+            chunked.push(loaded.rule.name.clone());
+        }
+        let plan = Plan {
+            runs,
+            chunks: vec![16, 32, 64, 128],
+            seq_lens: None,
+            batch: 2,
+            heads: 2,
+            k: 32,
+            v: 40,
+            threads: 0,
+            seed: 1,
+            schedule: chunkc::Schedule::default(),
+        };
+        let rows = verify_grad(&loaded.rule, &plan, |_| {}).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        rows_seen += rows.len();
+        let worst = rows.iter().map(|r| r.err / r.tolerance).fold(0.0, f64::max);
+        println!("{:<20} {} rows, worst error {worst:.3} of its tolerance", loaded.rule.name, rows.len());
+        for r in rows.iter().filter(|r| !r.pass) {
+            failures.push(format!(
+                "{} {} chunk {} T={} {}: {:.2e} > {:.0e}",
+                loaded.rule.name, r.label, r.chunk, r.seq_len, r.tensor, r.err, r.tolerance
+            ));
+        }
+    }
+    assert_eq!(
+        chunked,
+        ["delta_rule", "gated_delta_rule", "linear_attn", "mamba2", "retention", "simple_gla"],
+        "the rules with a chunked backward"
+    );
+    assert!(rows_seen > 1000, "only {rows_seen} rows");
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

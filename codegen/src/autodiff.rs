@@ -144,12 +144,47 @@ fn vjp(
             out.push((*x, b.sub(total, prefix)));
         }
         Op::Rows { x, start, len } => out.push((*x, place_rows(b, g, b.ty(*x).rows, *start, *len))),
-        Op::GatedDot { .. } | Op::SolveUnitLower { .. } => {
+        Op::SolveUnitLower { l, b: rhs } => {
+            // X = A^-1 B with A = I + strict_lower(l): dB = A^-T G, dl = strict_lower(-dB X^T).
+            // A^-T is an upper solve, written as the lower one conjugated by the reversal J:
+            // A^T = J (I + J l^T J) J, and J l^T J's strict lower part is l's, reflected.
+            let n = b.ty(*l).rows;
+            let j = reversal(b, n);
+            let lt_j = b.dot(*l, j, true, false, None);
+            let reflected = b.dot(j, lt_j, false, false, None);
+            let jg = b.dot(j, g, false, false, None);
+            let solved = b.solve_unit_lower(reflected, jg);
+            let d_rhs = b.dot(j, solved, false, false, None);
+            if is_active(l) {
+                let outer = b.dot(d_rhs, y, false, true, None);
+                let lower = b.mask(outer, MaskKind::Tril { strict: true }, 0.0);
+                out.push((*l, b.neg(lower)));
+            }
+            out.push((*rhs, d_rhs));
+        }
+        Op::GatedDot { .. } => {
             return Err(AdError(format!("the backward of {} is not derived yet", op_name(op))));
         }
     }
     out.retain(|(v, _)| is_active(v));
     Ok(out)
+}
+
+/// The n x n reversal J (J[i, j] = 1 where i + j = n - 1, else 0), from index ramps:
+/// max(0, 1 - |i + j - (n - 1)|), exact in f32.
+fn reversal(b: &mut Builder, n: usize) -> ValueId {
+    let ones = b.constant(1.0, TileTy::f32(n, n));
+    let rows = b.cumsum(ones, true);
+    let cols = b.transpose(rows);
+    let sum = b.add(rows, cols);
+    let last = b.constant((n - 1) as f64, TileTy::f32(1, 1));
+    let d = b.sub(sum, last);
+    let minus_d = b.neg(d);
+    let dist = b.binary(BinOp::Max, d, minus_d);
+    let one = b.constant(1.0, TileTy::f32(1, 1));
+    let near = b.sub(one, dist);
+    let zero = b.constant(0.0, TileTy::f32(1, 1));
+    b.binary(BinOp::Max, near, zero)
 }
 
 /// A tile of `rows` rows holding `g` at rows `start .. start + len` and zeros elsewhere: the
@@ -275,7 +310,6 @@ fn binary_vjp(
 fn op_name(op: &Op) -> &'static str {
     match op {
         Op::GatedDot { .. } => "gated scores",
-        Op::SolveUnitLower { .. } => "a triangular solve",
         _ => "this op",
     }
 }
@@ -364,9 +398,9 @@ mod tests {
 
     #[test]
     fn products_reductions_and_masks_match_finite_differences() {
-        let xs: Vec<f32> = (0..22).map(|i| ((i * 7 % 11) as f32 - 5.0) / 4.0).collect();
+        let xs: Vec<f32> = (0..28).map(|i| ((i * 7 % 11) as f32 - 5.0) / 4.0).collect();
         // outer, S^T x, S y, x S with the four transpose patterns, and an accumulator
-        check("dot", &[(1, 3), (1, 4), (3, 4), (1, 3)], &xs, |b, l| {
+        check("dot", &[(1, 3), (1, 4), (3, 4), (1, 3)], &xs[..22], |b, l| {
             let outer = b.dot(l[0], l[1], true, false, Some(l[2]));
             let st = b.dot(l[3], outer, false, false, None);
             let s = b.dot(st, outer, false, true, None);
@@ -385,6 +419,11 @@ mod tests {
             let top = b.rows(some, 0, 1);
             let s = b.mul(some, one);
             b.add(s, top)
+        });
+        check("triangular solve", &[(4, 4), (4, 3)], &xs, |b, l| {
+            let small = b.constant(0.3, TileTy::f32(1, 1));
+            let l_scaled = b.mul(l[0], small);
+            b.solve_unit_lower(l_scaled, l[1])
         });
         check("row sums and masks", &[(3, 4)], &xs[..12], |b, l| {
             let e = b.exp(l[0]);

@@ -35,15 +35,25 @@ pub fn grad(
     d_o: &[f64],
     d_ht: Option<&[f64]>,
 ) -> Result<Gradients, String> {
-    grad_rounding(rule, dims, scale, input, h0, d_o, d_ht, false)
+    grad_in(Arithmetic::F64, rule, dims, scale, input, h0, d_o, d_ht)
 }
 
-/// [`grad`] with every value of the forward rounded to f32 as it is computed (constants and
-/// `scale` included), the backward in f64: how far f32 arithmetic alone moves the gradient
-/// of this rule on these inputs, which bounds from below what any f32 backward can reach
-/// (a decay of 0.9 is 3e-8 off in f32, and `dh0` from `dhT` through 200 of them is 6e-6 off).
+/// The arithmetic of the forward the gradient goes through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arithmetic {
+    /// f64 throughout (the reference).
+    F64,
+    /// Every value of the forward rounded to f32 as it is computed (constants and `scale`
+    /// included), the backward in f64: how far f32 arithmetic alone moves the gradient of a
+    /// rule on given inputs, which bounds from below what any f32 backward can reach (a decay
+    /// of 0.9 is 3e-8 off in f32, and `dh0` from `dhT` through 200 of them 6e-6 off).
+    F32Forward,
+}
+
+/// [`grad`] in the given arithmetic.
 #[allow(clippy::too_many_arguments)]
-pub fn grad_f32_forward(
+pub fn grad_in(
+    arithmetic: Arithmetic,
     rule: &Rule,
     dims: Dims,
     scale: f64,
@@ -51,20 +61,6 @@ pub fn grad_f32_forward(
     h0: Option<&[f64]>,
     d_o: &[f64],
     d_ht: Option<&[f64]>,
-) -> Result<Gradients, String> {
-    grad_rounding(rule, dims, scale, input, h0, d_o, d_ht, true)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn grad_rounding(
-    rule: &Rule,
-    dims: Dims,
-    scale: f64,
-    input: &dyn Fn(&str) -> Option<Vec<f64>>,
-    h0: Option<&[f64]>,
-    d_o: &[f64],
-    d_ht: Option<&[f64]>,
-    round_to_f32: bool,
 ) -> Result<Gradients, String> {
     let Dims { batch, seq_len, heads, k, v } = dims;
     let data = input_data(rule, &dims, input)?;
@@ -81,7 +77,7 @@ fn grad_rounding(
     for b in 0..batch {
         for h in 0..heads {
             let mut env = Env::new(rule, &dims, scale, (b, h), h0, true);
-            env.tape.round_to_f32 = round_to_f32;
+            env.tape.round_to_f32 = arithmetic == Arithmetic::F32Forward;
             let mut outs = Vec::with_capacity(seq_len);
             for t in 0..seq_len {
                 let o = env.token(&data, &dims, b, t)?;

@@ -97,7 +97,7 @@ pub(crate) enum Op {
 pub(crate) struct Tape {
     pub(crate) nodes: Vec<(Op, Val)>,
     /// Round every computed value to the nearest f32 (a model of f32 arithmetic, to measure
-    /// how much a rule's results move under it; see [`crate::gradient::grad_f32_forward`]).
+    /// how much a rule's results move under it; see [`crate::gradient::Arithmetic`]).
     pub(crate) round_to_f32: bool,
 }
 

@@ -23,9 +23,9 @@ use super::{PlanError, ProgramShape, Schedule, Shape};
 use crate::autodiff;
 use crate::builder::Builder;
 use crate::ir::*;
-use crate::lower::{state_base, token_base, LVal, Lowerer, ParamLayout};
+use crate::lower::{state_base, token_base, Lowerer, ParamLayout};
 use crate::program::{Dim, Program, Role, StaticSizes, TensorSpec};
-use chunkc_dsl::ast::{Rule, Target, Ty};
+use chunkc_dsl::ast::{Rule, Ty};
 use chunkc_dsl::canon::Canonical;
 
 /// The chunked backward program of a rule linear in S: the fused forward, also storing the
@@ -189,18 +189,7 @@ impl Step<'_> {
         let mut lw = Lowerer::new(self.rule, self.shape, self.layout, 1, t.clone().min(last), Idx::c(1));
         lw.input_elem = self.input;
         lw.state = Some(state);
-        let mut o = None;
-        for s in &self.rule.stmts {
-            let LVal::Tile(val) = lw.lower(b, &s.value)? else {
-                return Err(PlanError("a statement assigns a transposed matrix".into()));
-            };
-            match &s.target {
-                Target::State => lw.state = Some(val),
-                Target::Output => o = Some(val),
-                Target::Local(i) => lw.locals[*i] = Some(LVal::Tile(val)),
-            }
-        }
-        let o = o.ok_or_else(|| PlanError("the step never assigns o".into()))?;
+        let o = super::recurrent::lower_step(b, &mut lw)?;
         let mut next = lw.state.unwrap_or(state);
         if may_be_past_end {
             // Row masks over the whole K x V tile: all rows kept or none.

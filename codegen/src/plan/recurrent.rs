@@ -6,6 +6,23 @@ use crate::ir::*;
 use crate::lower::{state_base_tiled, v_token_base, LVal, Lowerer, ParamLayout};
 use chunkc_dsl::ast::{Rule, Target};
 
+/// Lowers the rule's statements for one token, the state in `lw.state` as it enters; leaves
+/// the state after the token there and returns `o`.
+pub fn lower_step(b: &mut Builder, lw: &mut Lowerer) -> Result<ValueId, PlanError> {
+    let mut out = None;
+    for s in &lw.rule.stmts {
+        let LVal::Tile(val) = lw.lower(b, &s.value)? else {
+            return Err(PlanError("a statement assigns a transposed matrix".into()));
+        };
+        match &s.target {
+            Target::State => lw.state = Some(val),
+            Target::Output => out = Some(val),
+            Target::Local(i) => lw.locals[*i] = Some(LVal::Tile(val)),
+        }
+    }
+    out.ok_or_else(|| PlanError("the step never assigns o".into()))
+}
+
 /// Builds the recurrent kernel of any checked rule, reading per-token inputs of type `input`
 /// (the state stays f32), with V split into tiles of `bv` columns, one per grid point (b, h,
 /// vt) when `bv` is given: only for rules linear in S whose step never mixes V columns
@@ -26,19 +43,7 @@ pub fn build(rule: &Rule, shape: Shape, input: ElemType, bv: Option<usize>) -> R
     lw.input_elem = input;
     lw.bv = bv;
     lw.state = Some(inner[0]);
-    let mut out = None;
-    for s in &rule.stmts {
-        let val = lw.lower(&mut b, &s.value)?;
-        let LVal::Tile(val) = val else {
-            return Err(PlanError("a statement assigns a transposed matrix".into()));
-        };
-        match &s.target {
-            Target::State => lw.state = Some(val),
-            Target::Output => out = Some(val),
-            Target::Local(i) => lw.locals[*i] = Some(LVal::Tile(val)),
-        }
-    }
-    let out = out.ok_or_else(|| PlanError("the step never assigns o".into()))?;
+    let out = lower_step(&mut b, &mut lw)?;
     let (obase, ostride) = v_token_base(&shape, t, bv);
     b.store(out, layout.o, obase, ostride, 1, Idx::c(1));
     let state = lw.state.unwrap_or(inner[0]);
