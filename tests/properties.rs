@@ -745,9 +745,7 @@ fn check_grad(text: &str, shape: &Shape, engine: Engine) -> Result<(), TestCaseE
     check_grad_of(text, shape, engine, Backend::Recurrent)
 }
 
-/// [`check_grad`] for `backend`'s backward. A rule the chunked backward refuses must be
-/// refused for an op it has no derivative for yet (gated scores, the triangular solve), and
-/// is then checked through the recurrent one instead.
+/// [`check_grad`] for `backend`'s backward (the chunked one: every linear class).
 fn check_grad_of(text: &str, shape: &Shape, engine: Engine, backend: Backend) -> Result<(), TestCaseError> {
     let rule = chunkc::dsl::parse_rule("generated.toml", text)
         .map_err(|d| TestCaseError::fail(format!("generated rule does not parse:\n{d}\n{text}")))?;
@@ -768,16 +766,9 @@ fn check_grad_of(text: &str, shape: &Shape, engine: Engine, backend: Backend) ->
         .map_err(|e| TestCaseError::fail(format!("reference gradient failed: {e}\n{text}")))?;
     let sensitivity = f32_sensitivity(&rule, &inputs, &reference)?;
     let checkpoint = 1 + (shape.chunk - 1) % 16;
-    let mut opts =
-        GradOptions { backend, engine, checkpoint: Some(checkpoint), chunk: shape.chunk, ..Default::default() };
-    let got = match grad(&rule, &inputs, "random inputs", &opts, false) {
-        Err(e) if backend == Backend::Chunked && e.to_string().contains("is not derived yet") => {
-            opts.backend = Backend::Recurrent;
-            grad(&rule, &inputs, "random inputs", &opts, false)
-        }
-        got => got,
-    }
-    .map_err(|e| TestCaseError::fail(format!("backward failed: {e}\n{text}")))?;
+    let opts = GradOptions { backend, engine, checkpoint: Some(checkpoint), chunk: shape.chunk, ..Default::default() };
+    let got = grad(&rule, &inputs, "random inputs", &opts, false)
+        .map_err(|e| TestCaseError::fail(format!("{} backward failed: {e}\n{text}", backend.name())))?;
     let mut bad = vec![];
     for (name, want) in &reference {
         let err = got.get(name).map_or(f64::INFINITY, |g| rel_rms(&g.data, &want.data));
@@ -791,7 +782,7 @@ fn check_grad_of(text: &str, shape: &Shape, engine: Engine, backend: Backend) ->
     } else {
         Err(TestCaseError::fail(format!(
             "{} checkpoint {checkpoint} chunk {}: {}\nshape {shape:?}\nrule:\n{text}",
-            opts.backend.name(),
+            backend.name(),
             shape.chunk,
             bad.join(", ")
         )))

@@ -65,8 +65,7 @@ fn every_rule_passes_the_default_verify_sweep() {
 /// `chunkc verify --grad`'s default sweep for every rule in rules/: the recurrent backward
 /// (a checkpoint at every token and at its default interval) and, where it is built, the
 /// chunked backward at chunk 16, 32, 64 and 128, T in {1, C-1, C+1, 1000}, every gradient
-/// against the reference gradient within its budget. The rules with a chunked backward are
-/// named, so that losing one fails here.
+/// against the reference gradient within its budget. Every rule must have a chunked backward.
 #[test]
 fn every_rule_passes_the_default_verify_grad_sweep() {
     use chunkc::verify_grad::verify_grad;
@@ -108,11 +107,7 @@ fn every_rule_passes_the_default_verify_grad_sweep() {
             ));
         }
     }
-    assert_eq!(
-        chunked,
-        ["delta_rule", "gated_delta_rule", "linear_attn", "mamba2", "retention", "simple_gla"],
-        "the rules with a chunked backward"
-    );
+    assert_eq!(chunked.len(), 11, "every built-in rule has a chunked backward: {chunked:?}");
     assert!(rows_seen > 1000, "only {rows_seen} rows");
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

@@ -162,7 +162,24 @@ fn vjp(
             }
             out.push((*rhs, d_rhs));
         }
-        Op::GatedDot { .. } => {
+        Op::GatedDot { a, ga, b: bv, gb, strict } => {
+            // out[i, j] = sum_c a[i, c] b[j, c] e^(ga[i, c] - gb[j, c]) over the triangle:
+            // da[i, c] = sum_j G[i, j] b[j, c] e^(..), db[j, c] = sum_i G[i, j] a[i, c] e^(..),
+            // and each gate's slope is its own vector times that sum (with a minus for gb).
+            let da = b.gated_matmul(g, *bv, *gb, *ga, false, *strict);
+            let db = b.gated_matmul(g, *a, *ga, *gb, true, *strict);
+            if is_active(ga) {
+                let s = b.mul(*a, da);
+                out.push((*ga, s));
+            }
+            if is_active(gb) {
+                let s = b.mul(*bv, db);
+                out.push((*gb, b.neg(s)));
+            }
+            out.push((*a, da));
+            out.push((*bv, db));
+        }
+        Op::GatedMatMul { .. } => {
             return Err(AdError(format!("the backward of {} is not derived yet", op_name(op))));
         }
     }
@@ -309,7 +326,7 @@ fn binary_vjp(
 
 fn op_name(op: &Op) -> &'static str {
     match op {
-        Op::GatedDot { .. } => "gated scores",
+        Op::GatedMatMul { .. } => "the gated scores' reverse (a second derivative)",
         _ => "this op",
     }
 }
@@ -425,6 +442,15 @@ mod tests {
             let l_scaled = b.mul(l[0], small);
             b.solve_unit_lower(l_scaled, l[1])
         });
+        for strict in [false, true] {
+            // gates decreasing down the rows, as cumulative log gates are
+            let gates: Vec<f32> = (0..24).map(|i| -0.1 * (i / 3) as f32 - 0.05 * (i % 3) as f32).collect();
+            let inputs: Vec<f32> = xs[..24].iter().chain(&gates).copied().collect();
+            check("gated scores", &[(4, 3), (4, 3), (4, 3), (4, 3)], &inputs, |b, l| {
+                let s = b.gated_dot(l[0], l[2], l[1], l[3], strict);
+                b.mul(s, s)
+            });
+        }
         check("row sums and masks", &[(3, 4)], &xs[..12], |b, l| {
             let e = b.exp(l[0]);
             let m = b.mask(e, MaskKind::RowsBefore(Idx::c(2)), 0.0);

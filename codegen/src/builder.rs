@@ -242,6 +242,24 @@ impl Builder {
         self.emit(Op::GatedDot { a, ga, b, gb, strict }, TileTy::f32(ta.rows, tb.rows))
     }
 
+    /// [`Op::GatedMatMul`].
+    pub fn gated_matmul(
+        &mut self,
+        m: ValueId,
+        x: ValueId,
+        gx: ValueId,
+        gy: ValueId,
+        transposed: bool,
+        strict: bool,
+    ) -> ValueId {
+        let (tm, tx, tgx, tgy) = (self.ty(m), self.ty(x), self.ty(gx), self.ty(gy));
+        assert!(tm.dtype == DType::F32 && tx.dtype == DType::F32, "gated_matmul: f32 operands");
+        assert!(tm.rows == tm.cols && tm.rows == tx.rows, "gated_matmul: {tm:?} with {tx:?}");
+        let same = |a: TileTy, b: TileTy| a.rows == b.rows && a.cols == b.cols;
+        assert!(same(tx, tgx) && same(tx, tgy) && tgx.dtype == tgy.dtype, "gated_matmul: gate shapes");
+        self.emit(Op::GatedMatMul { m, x, gx, gy, transposed, strict }, tx)
+    }
+
     pub fn solve_unit_lower(&mut self, l: ValueId, b: ValueId) -> ValueId {
         let (tl, tb) = (self.ty(l), self.ty(b));
         assert!(tl.rows == tl.cols && tl.rows == tb.rows, "solve: {tl:?} with {tb:?}");

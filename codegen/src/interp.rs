@@ -309,6 +309,27 @@ impl Machine<'_, '_, '_> {
                     }
                 }
             }
+            Op::GatedMatMul { m, x, gx, gy, transposed, strict } => {
+                let (m, x, gx, gy) = (self.get(*m)?, self.get(*x)?, self.get(*gx)?, self.get(*gy)?);
+                let gd = gx.ty.dtype;
+                let n = ty.rows;
+                for r in 0..n {
+                    for c in 0..ty.cols {
+                        let mut s = 0.0;
+                        for p in 0..n {
+                            // (i, j) of the pair: r is i and p is j, or transposed r is j and p is i.
+                            let (i, j) = if *transposed { (p, r) } else { (r, p) };
+                            if j > i || (*strict && j == i) {
+                                continue;
+                            }
+                            let e = if *transposed { gx.at(i, c) - gy.at(j, c) } else { gy.at(i, c) - gx.at(j, c) };
+                            let e = rnd(rnd(e, gd).exp(), DType::F32);
+                            s += m.at(i, j) * x.at(p, c) * e;
+                        }
+                        out.data[r * ty.cols + c] = s;
+                    }
+                }
+            }
             Op::SolveUnitLower { l, b } => {
                 let (l, b) = (self.get(*l)?, self.get(*b)?);
                 let (n, m) = (ty.rows, ty.cols);

@@ -288,6 +288,19 @@ pub enum Op {
         gb: ValueId,
         strict: bool,
     },
+    /// The gated product the reverse of [`Op::GatedDot`] needs: with `m` f32 n x n and `x`,
+    /// `gx`, `gy` n x c (`x` f32, the gates of one dtype),
+    /// `out[i, c] = sum_{j <= i} m[i, j] x[j, c] exp(gy[i, c] - gx[j, c])` (`strict`: j < i),
+    /// or with `transposed`, `out[j, c] = sum_{i >= j} m[i, j] x[i, c] exp(gx[i, c] - gy[j, c])`
+    /// (`strict`: i > j). Only those pairs' exponents are formed (as in `GatedDot`).
+    GatedMatMul {
+        m: ValueId,
+        x: ValueId,
+        gx: ValueId,
+        gy: ValueId,
+        transposed: bool,
+        strict: bool,
+    },
     /// Forward substitution: the `X` with `(I + strict_lower(l)) X = b`, for `l` n x n and `b`
     /// n x m, f32. The diagonal and upper triangle of `l` are ignored.
     SolveUnitLower {
@@ -320,6 +333,7 @@ impl Op {
                 v
             }
             Op::GatedDot { a, ga, b, gb, .. } => vec![a, ga, b, gb],
+            Op::GatedMatMul { m, x, gx, gy, .. } => vec![m, x, gx, gy],
             Op::SolveUnitLower { l, b } => vec![l, b],
         }
     }

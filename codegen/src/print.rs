@@ -62,6 +62,11 @@ fn op_text(k: &Kernel, op: &Op) -> String {
         Op::GatedDot { a, ga, b, gb, strict } => {
             format!("gated_dot{} {a} exp({ga}), {b} exp(-{gb})", if *strict { ".strict" } else { "" })
         }
+        Op::GatedMatMul { m, x, gx, gy, transposed, strict } => format!(
+            "gated_matmul{}{} {m}, {x} gates {gx}, {gy}",
+            if *transposed { ".t" } else { "" },
+            if *strict { ".strict" } else { "" }
+        ),
         Op::SolveUnitLower { l, b } => format!("solve_unit_lower {l}, {b}"),
     }
 }

@@ -808,6 +808,10 @@ impl<'a, 'f> Lower<'a, 'f> {
                 let c = self.kernel.ty(*a).cols;
                 self.gated_dot(ty.rows, c, [sa, sga, sb, sgb], out, *strict);
             }
+            Op::GatedMatMul { m, x, gx, gy, transposed, strict } => {
+                let ops = [self.val(*m), self.val(*x), self.val(*gx), self.val(*gy)];
+                self.gated_matmul(ty.rows, ty.cols, ops, out, *transposed, *strict);
+            }
             Op::SolveUnitLower { l, b } => {
                 let (sl, sb) = (self.val(*l), self.val(*b));
                 self.solve(ty, sl, sb, out);
@@ -1422,6 +1426,72 @@ impl<'a, 'f> Lower<'a, 'f> {
                 let f = l.fconst(sty, fill);
                 let op = l.scaled(orow, j, out.cs * size);
                 l.store(f, op, 0);
+                vec![]
+            });
+        });
+    }
+
+    /// [`Op::GatedMatMul`] as scalar loops: for each output row r and column, the pairs of
+    /// the triangle only (p in 0..=r, or r..n transposed; strict drops p = r).
+    #[allow(clippy::too_many_arguments)]
+    fn gated_matmul(
+        &mut self,
+        n: usize,
+        cols: usize,
+        [m, x, gx, gy]: [Acc; 4],
+        out: Acc,
+        transposed: bool,
+        strict: bool,
+    ) {
+        let gdt = gx.dt;
+        let gs = gx.size();
+        self.for_n(n, &mut |l, r| {
+            let (lo, hi) = match (transposed, strict) {
+                (false, false) => (l.iconst(0), l.b.ins().iadd_imm_s(r, 1)),
+                (false, true) => (l.iconst(0), r),
+                (true, false) => (r, l.iconst(n as i64)),
+                (true, true) => (l.b.ins().iadd_imm_s(r, 1), l.iconst(n as i64)),
+            };
+            let orow = l.scaled(out.ptr, r, out.rs * 4);
+            let gyrow = l.scaled(gy.ptr, r, gy.rs * gs);
+            let (mr_step, mp_step) = if transposed { (m.cs, m.rs) } else { (m.rs, m.cs) };
+            let mrow = l.scaled(m.ptr, r, mr_step * 4);
+            let zero = l.iconst(0);
+            let width = l.iconst(cols as i64);
+            l.for_loop(zero, width, &[], &mut |l, c, _| {
+                let gyv = {
+                    let at = l.scaled(gyrow, c, gy.cs * gs);
+                    l.load(scalar_ty(gdt), at, 0)
+                };
+                let xcol = l.scaled(x.ptr, c, x.cs * 4);
+                let gxcol = l.scaled(gx.ptr, c, gx.cs * gs);
+                let z = l.fconst(types::F32, 0.0);
+                let sum = l.for_loop(lo, hi, &[z], &mut |l, p, v| {
+                    let mv = {
+                        let at = l.scaled(mrow, p, mp_step * 4);
+                        l.load(types::F32, at, 0)
+                    };
+                    let xv = {
+                        let at = l.scaled(xcol, p, x.rs * 4);
+                        l.load(types::F32, at, 0)
+                    };
+                    let gxv = {
+                        let at = l.scaled(gxcol, p, gx.rs * gs);
+                        l.load(scalar_ty(gdt), at, 0)
+                    };
+                    let d = if transposed { l.b.ins().fsub(gxv, gyv) } else { l.b.ins().fsub(gyv, gxv) };
+                    let e = if gdt == DType::F64 {
+                        let e = l.call(Math::Exp, gdt, &[d]);
+                        l.b.ins().fdemote(types::F32, e)
+                    } else {
+                        l.vmath().exp(types::F32, d)
+                    };
+                    let mx = l.b.ins().fmul(mv, xv);
+                    let t = l.b.ins().fmul(mx, e);
+                    vec![l.b.ins().fadd(v[0], t)]
+                })[0];
+                let at = l.scaled(orow, c, out.cs * 4);
+                l.store(sum, at, 0);
                 vec![]
             });
         });

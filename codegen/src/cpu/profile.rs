@@ -44,6 +44,7 @@ fn describe(kernel: &Kernel, defs: &HashMap<u32, &Op>, loc: u32) -> String {
         Some(Op::RowSum { .. }) => "rowsum".into(),
         Some(Op::Mask { .. }) => "mask".into(),
         Some(Op::GatedDot { .. }) => "gated_dot".into(),
+        Some(Op::GatedMatMul { .. }) => "gated_matmul".into(),
         Some(Op::SolveUnitLower { .. }) => "solve".into(),
         Some(Op::Rows { .. }) | Some(Op::Transpose { .. }) => "view".into(),
         None => "?".into(),

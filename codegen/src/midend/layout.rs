@@ -473,6 +473,20 @@ impl Walk<'_> {
                 }
                 TileTy::f32(xa.rows, xb.rows)
             }
+            Op::GatedMatMul { m, x, gx, gy, .. } => {
+                let (xm, xx) = (f32_only(*m, "gated_matmul")?, f32_only(*x, "gated_matmul")?);
+                let (xgx, xgy) = (self.ty(*gx)?, self.ty(*gy)?);
+                let same = |p: TileTy, q: TileTy| p.rows == q.rows && p.cols == q.cols;
+                if xm.rows != xm.cols
+                    || xm.rows != xx.rows
+                    || !same(xx, xgx)
+                    || !same(xx, xgy)
+                    || xgx.dtype != xgy.dtype
+                {
+                    return err(format!("gated_matmul on {xm:?}, {xx:?}, {xgx:?}, {xgy:?}"));
+                }
+                xx
+            }
             Op::SolveUnitLower { l, b } => {
                 let (xl, xb) = (f32_only(*l, "solve")?, f32_only(*b, "solve")?);
                 if xl.rows != xl.cols || xl.rows != xb.rows {

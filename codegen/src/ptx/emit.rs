@@ -1081,6 +1081,9 @@ impl Em<'_> {
             }
             Op::Rows { .. } | Op::Transpose { .. } => {}
             Op::GatedDot { a, ga, b, gb, strict } => self.gated_dot(id, [*a, *ga, *b, *gb], *strict),
+            Op::GatedMatMul { m, x, gx, gy, transposed, strict } => {
+                self.gated_matmul(id, [*m, *x, *gx, *gy], *transposed, *strict)
+            }
             Op::SolveUnitLower { l, b } => self.solve(id, *l, *b),
         }
         Ok(())
@@ -1174,6 +1177,68 @@ impl Em<'_> {
         self.eloop_end(l);
     }
 
+    /// [`Op::GatedMatMul`]: one thread per output element (r, c), a loop over the n pairs
+    /// whose predicated fma keeps those of the triangle (the others' exponents may overflow
+    /// to infinity, and are never added).
+    fn gated_matmul(&mut self, id: ValueId, ops: [ValueId; 4], transposed: bool, strict: bool) {
+        let [m, x, gx, gy] = ops;
+        let t = self.k.ty(id);
+        let n = t.rows;
+        let gd = self.k.ty(gx).dtype;
+        let l = self.eloop(t.len());
+        let (r, c) = self.split(&l.e.clone(), t.cols);
+        let s = self.reg(F);
+        self.ins(format!("mov.f32 {s}, 0f00000000"));
+        if n > 0 {
+            let (sm, sx, sgx, sgy) = (self.storage(m), self.storage(x), self.storage(gx), self.storage(gy));
+            // m along row r (m[r, p]) or down column r (m[p, r]); x and gx down column c.
+            let (pm, m_step) = if transposed {
+                (self.taddr(sm, DType::F32, None, Some(&r)), sm.rs * 4)
+            } else {
+                (self.taddr(sm, DType::F32, Some(&r), None), sm.cs * 4)
+            };
+            let px = self.taddr(sx, DType::F32, None, Some(&c));
+            let pgx = self.taddr(sgx, gd, None, Some(&c));
+            let pgy = self.taddr(sgy, gd, Some(&r), Some(&c));
+            let gyv = self.ld(gd, &pgy);
+            let (p, head) = self.cloop();
+            let keep = self.reg(P);
+            let cmp = match (transposed, strict) {
+                (false, false) => "le",
+                (false, true) => "lt",
+                (true, false) => "ge",
+                (true, true) => "gt",
+            };
+            self.ins(format!("setp.{cmp}.u32 {keep}, {p}, {r}"));
+            let mv = self.ld(DType::F32, &pm);
+            let xv = self.ld(DType::F32, &px);
+            let gxv = self.ld(gd, &pgx);
+            let d = self.freg(gd);
+            if transposed {
+                self.ins(format!("sub.rn.{} {d}, {gxv}, {gyv}", ty(gd)));
+            } else {
+                self.ins(format!("sub.rn.{} {d}, {gyv}, {gxv}", ty(gd)));
+            }
+            let d = if gd == DType::F64 {
+                let f = self.reg(F);
+                self.ins(format!("cvt.rn.f32.f64 {f}, {d}"));
+                f
+            } else {
+                d
+            };
+            let e = self.exp_f32(&d);
+            let mx = self.reg(F);
+            self.ins(format!("mul.rn.f32 {mx}, {mv}, {xv}"));
+            self.ins(format!("@{keep} fma.rn.f32 {s}, {mx}, {e}, {s}"));
+            self.ins(format!("add.s64 {pm}, {pm}, {m_step}"));
+            self.ins(format!("add.s64 {px}, {px}, {}", sx.rs * 4));
+            self.ins(format!("add.s64 {pgx}, {pgx}, {}", sgx.rs * gd.size() as i64));
+            self.cloop_end(&p, &head, &n.to_string());
+        }
+        self.write(id, &r, &c, &s);
+        self.eloop_end(l);
+    }
+
     /// Forward substitution `(I + strict_lower(l)) X = b`: one thread per column of X.
     fn solve(&mut self, id: ValueId, lv: ValueId, b: ValueId) {
         let t = self.k.ty(id);
@@ -1231,6 +1296,7 @@ fn op_name(op: &Op) -> &'static str {
         Op::Transpose { .. } => "transpose (view)",
         Op::Mask { .. } => "mask",
         Op::GatedDot { .. } => "gated dot",
+        Op::GatedMatMul { .. } => "gated matmul",
         Op::SolveUnitLower { .. } => "solve unit lower",
     }
 }
