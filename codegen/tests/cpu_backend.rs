@@ -4,7 +4,8 @@
 //! output buffers are poisoned with NaN first (and the workspace with NaN bytes), so an
 //! element one side leaves unwritten or reads uninitialised shows up as a NaN mismatch.
 //! `check` compiles each kernel once per SIMD level the host has (`Simd::Portable`: all
-//! Cranelift code; `Avx2` and `Avx512`: the rustc-compiled `Dot` and `GatedDot` routines), so
+//! Cranelift code; `Avx2` and `Avx512`: the rustc-compiled `Dot`, `GatedDot` and
+//! `GatedMatMul` routines), so
 //! every path is tested on a machine that has the features.
 
 use chunkc_codegen::builder::Builder;
@@ -480,6 +481,33 @@ fn gated_dot_only_evaluates_kept_elements() {
                 let ins = [rng.vec(n * c, 1.0), rng.vec(n * c, 1.0), gates, vec![0.0; n * n]];
                 let what = format!("gated_dot {n}x{c} {gdt:?} strict={strict}");
                 check(&what, &k, &ins, RTOL, sum_atol(c, 1.0));
+            }
+        }
+    }
+}
+
+#[test]
+fn gated_matmul_only_evaluates_the_triangle() {
+    let mut rng = Rng::new(12);
+    for (n, c) in [(1, 1), (5, 3), (17, 33), (16, 128), (9, 40)] {
+        for gdt in [DType::F32, DType::F64] {
+            for (transposed, strict) in [(false, false), (false, true), (true, false), (true, true)] {
+                let mut b = Builder::new("gated_matmul");
+                let (pm, px, pg, py) = (read(&mut b, "m"), read(&mut b, "x"), read(&mut b, "g"), write(&mut b, "y"));
+                let m = ld(&mut b, pm, n, n);
+                let x = ld(&mut b, px, n, c);
+                // Strongly decaying cumulative gates: outside the triangle the exponent is
+                // large and positive (exp overflows), so evaluating it would give inf or NaN.
+                let g = ld(&mut b, pg, n, c);
+                let g = b.cast(g, gdt);
+                let g = b.cumsum(g, false);
+                let y = b.gated_matmul(m, x, g, g, transposed, strict);
+                st(&mut b, y, py);
+                let k = b.finish();
+                let gates: Vec<f32> = rng.vec(n * c, 1.0).iter().map(|x| -40.0 * (x.abs() + 0.5)).collect();
+                let ins = [rng.vec(n * n, 1.0), rng.vec(n * c, 1.0), gates, vec![0.0; n * c]];
+                let what = format!("gated_matmul {n}x{c} {gdt:?} transposed={transposed} strict={strict}");
+                check(&what, &k, &ins, RTOL, sum_atol(n, 1.0));
             }
         }
     }

@@ -37,6 +37,9 @@ pub(super) struct MathFns {
     pub gemm: Option<FuncRef>,
     /// The `GatedDot` routines for f32 and f64 gates (gated.rs), where the host has them.
     pub gated: Option<[FuncRef; 2]>,
+    /// The `GatedMatMul` routines for f32 and f64 gates (gated_matmul.rs), where the host
+    /// has them.
+    pub gated_matmul: Option<[FuncRef; 2]>,
     /// The gate-factor routine (decay.rs), where the host has it.
     pub decay: Option<FuncRef>,
     /// The cumulative-gate routine (sums.rs), where the host has it.
@@ -1445,6 +1448,17 @@ impl<'a, 'f> Lower<'a, 'f> {
     ) {
         let gdt = gx.dt;
         let gs = gx.size();
+        let contiguous = [x, gx, gy, out].iter().all(|a| a.cs == 1 && a.rs >= 0);
+        if let Some(fs) = self.math.gated_matmul.filter(|_| contiguous && n > 0 && cols > 0) {
+            let f = fs[(gdt == DType::F64) as usize];
+            let flags = (transposed as i64) | ((strict as i64) << 1);
+            let mut args = vec![self.iconst(n as i64), self.iconst(cols as i64)];
+            args.extend([m.ptr, self.iconst(m.rs), self.iconst(m.cs)]);
+            args.extend([x.ptr, self.iconst(x.rs), gx.ptr, self.iconst(gx.rs), gy.ptr, self.iconst(gy.rs)]);
+            args.extend([out.ptr, self.iconst(out.rs), self.iconst(flags)]);
+            self.b.ins().call(f, &args);
+            return;
+        }
         self.for_n(n, &mut |l, r| {
             let (lo, hi) = match (transposed, strict) {
                 (false, false) => (l.iconst(0), l.b.ins().iadd_imm_s(r, 1)),

@@ -27,6 +27,7 @@
 
 mod decay;
 mod gated;
+mod gated_matmul;
 mod gemm;
 mod lower;
 pub mod peak;
@@ -366,6 +367,11 @@ fn new_module(simd: Simd) -> Result<JITModule, CodegenError> {
             jb.symbol(*name, f as *const u8);
         }
     }
+    if let Some(fs) = gated_matmul::select(simd) {
+        for (name, f) in gated_matmul::SYMBOLS.iter().zip(fs) {
+            jb.symbol(*name, f as *const u8);
+        }
+    }
     Ok(JITModule::new(jb))
 }
 
@@ -392,6 +398,7 @@ fn build(module: &mut JITModule, ctx: &mut Context, prepared: &Prepared, simd: S
         f64: vec![],
         gemm: None,
         gated: None,
+        gated_matmul: None,
         decay: None,
         sums: None,
         solve: None,
@@ -453,6 +460,15 @@ fn build(module: &mut JITModule, ctx: &mut Context, prepared: &Prepared, simd: S
             fs.push(module.declare_func_in_func(id, &mut ctx.func));
         }
         math.gated = Some([fs[0], fs[1]]);
+    }
+    if gated_matmul::select(simd).is_some() {
+        // (n, c, m, m_rs, m_cs, x, x_rs, gx, gx_rs, gy, gy_rs, out, out_rs, flags).
+        let mut fs = vec![];
+        for name in gated_matmul::SYMBOLS {
+            let id = module.declare_function(name, Linkage::Import, &sig14).map_err(merr)?;
+            fs.push(module.declare_func_in_func(id, &mut ctx.func));
+        }
+        math.gated_matmul = Some([fs[0], fs[1]]);
     }
 
     // (params, batch, head, seq_len, workspace, vtile, first_iter, end_iter): pointers and
