@@ -321,17 +321,19 @@ enum Command {
     /// per-head parameter's gradient summed over batch and time) and dh0 when h0 was given.
     ///
     /// --backend reference differentiates the f64 interpreter in reverse mode (the truth);
-    /// recurrent runs the compiled backward program (any rule: reverse mode through the token
-    /// step, the state checkpointed every --checkpoint tokens and recomputed in between) as
-    /// native code; ptx-sim and cuda run the same program as PTX (f32).
+    /// chunked runs the chunked backward program (rules linear in S: each chunk recomputed
+    /// from its stored entering state and differentiated) and recurrent the recurrent one (any
+    /// rule: reverse mode through the token step, the state checkpointed every --checkpoint
+    /// tokens), as native code; ptx-sim and cuda run either as PTX (--kernel, f32).
     Grad {
         rule: PathBuf,
         #[arg(long)]
         inputs: PathBuf,
         #[arg(long)]
         out: PathBuf,
-        #[arg(long, value_enum, default_value = "recurrent")]
-        backend: RunBackend,
+        /// [default: chunked for a rule linear in S, else recurrent]
+        #[arg(long, value_enum)]
+        backend: Option<RunBackend>,
         /// GPU target of the PTX backends (default sm_90).
         #[arg(long, value_enum)]
         target: Option<GpuTarget>,
@@ -795,12 +797,14 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
             allow_extra,
             engine: e,
         } => {
+            let loaded = load_rule(&rule)?;
+            let linear = loaded.canonical.is_ok();
+            let backend = backend.unwrap_or(if linear { RunBackend::Chunked } else { RunBackend::Recurrent });
             if (target.is_some() || kernel.is_some()) && backend.device().is_none() {
                 return Err(Error::Unsupported(
                     "--target and --kernel only apply to --backend ptx-sim and cuda".into(),
                 ));
             }
-            let loaded = load_rule(&rule)?;
             let shown = inputs.display().to_string();
             let (tensors, _) = chunkc::runtime::io::read_safetensors(&inputs)?;
             let kernel = match kernel {
