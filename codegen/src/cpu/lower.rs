@@ -327,6 +327,17 @@ impl<'a, 'f> Lower<'a, 'f> {
         VMath { b: &mut *self.b, fma: self.fma }
     }
 
+    /// `e^d` as f32 for an exponent `d` of the gates' dtype: f64 gates take the f64 `exp`
+    /// and round, f32 gates the inline vector-math one (as the interpreter's `GatedDot`).
+    fn gate_exp(&mut self, gdt: DType, d: Value) -> Value {
+        if gdt == DType::F64 {
+            let e = self.call(Math::Exp, gdt, &[d]);
+            self.b.ins().fdemote(types::F32, e)
+        } else {
+            self.vmath().exp(types::F32, d)
+        }
+    }
+
     fn call(&mut self, m: Math, dt: DType, args: &[Value]) -> Value {
         let f = match dt {
             DType::F32 => self.math.f32[m as usize],
@@ -1494,12 +1505,7 @@ impl<'a, 'f> Lower<'a, 'f> {
                         l.load(scalar_ty(gdt), at, 0)
                     };
                     let d = if transposed { l.b.ins().fsub(gxv, gyv) } else { l.b.ins().fsub(gyv, gxv) };
-                    let e = if gdt == DType::F64 {
-                        let e = l.call(Math::Exp, gdt, &[d]);
-                        l.b.ins().fdemote(types::F32, e)
-                    } else {
-                        l.vmath().exp(types::F32, d)
-                    };
+                    let e = l.gate_exp(gdt, d);
                     let mx = l.b.ins().fmul(mv, xv);
                     let t = l.b.ins().fmul(mx, e);
                     vec![l.b.ins().fadd(v[0], t)]
@@ -1543,12 +1549,7 @@ impl<'a, 'f> Lower<'a, 'f> {
                     let gx = l.load(scalar_ty(gdt), v[2], 0);
                     let gy = l.load(scalar_ty(gdt), v[4], 0);
                     let d = l.b.ins().fsub(gx, gy);
-                    let e = if gdt == DType::F64 {
-                        let e = l.call(Math::Exp, gdt, &[d]);
-                        l.b.ins().fdemote(types::F32, e)
-                    } else {
-                        l.vmath().exp(types::F32, d)
-                    };
+                    let e = l.gate_exp(gdt, d);
                     let xy = l.b.ins().fmul(x, y);
                     let t = l.b.ins().fmul(xy, e);
                     vec![

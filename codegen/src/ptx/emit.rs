@@ -709,6 +709,18 @@ impl Em<'_> {
 
     // ---- math ----
 
+    /// `e^d` in f32 for an exponent `d` of the gates' dtype `gd` (an f64 one rounded first).
+    fn gate_exp(&mut self, d: String, gd: DType) -> String {
+        let d = if gd == DType::F64 {
+            let f = self.reg(F);
+            self.ins(format!("cvt.rn.f32.f64 {f}, {d}"));
+            f
+        } else {
+            d
+        };
+        self.exp_f32(&d)
+    }
+
     fn exp_f32(&mut self, x: &str) -> String {
         let (t, y) = (self.reg(F), self.reg(F));
         self.ins(format!("mul.rn.f32 {t}, {x}, {LOG2E}"));
@@ -1156,14 +1168,7 @@ impl Em<'_> {
             let g2 = self.ld(gd, &ptrs[3].0);
             let d = self.freg(gd);
             self.ins(format!("sub.rn.{} {d}, {g1}, {g2}", ty(gd)));
-            let d = if gd == DType::F64 {
-                let f = self.reg(F);
-                self.ins(format!("cvt.rn.f32.f64 {f}, {d}"));
-                f
-            } else {
-                d
-            };
-            let e = self.exp_f32(&d);
+            let e = self.gate_exp(d, gd);
             let m = self.reg(F);
             self.ins(format!("mul.rn.f32 {m}, {x}, {y}"));
             self.ins(format!("fma.rn.f32 {s}, {m}, {e}, {s}"));
@@ -1219,14 +1224,7 @@ impl Em<'_> {
             } else {
                 self.ins(format!("sub.rn.{} {d}, {gyv}, {gxv}", ty(gd)));
             }
-            let d = if gd == DType::F64 {
-                let f = self.reg(F);
-                self.ins(format!("cvt.rn.f32.f64 {f}, {d}"));
-                f
-            } else {
-                d
-            };
-            let e = self.exp_f32(&d);
+            let e = self.gate_exp(d, gd);
             let mx = self.reg(F);
             self.ins(format!("mul.rn.f32 {mx}, {mv}, {xv}"));
             self.ins(format!("@{keep} fma.rn.f32 {s}, {mx}, {e}, {s}"));
