@@ -180,7 +180,9 @@ fn vjp(
             out.push((*bv, db));
         }
         Op::GatedMatMul { .. } => {
-            return Err(AdError(format!("the backward of {} is not derived yet", op_name(op))));
+            return Err(AdError(
+                "the backward of the gated scores' reverse (a second derivative) is not derived yet".into(),
+            ));
         }
     }
     out.retain(|(v, _)| is_active(v));
@@ -322,13 +324,6 @@ fn binary_vjp(
         })
     };
     Ok((if want_a { Some(da(b)?) } else { None }, if want_c { Some(dc(b)?) } else { None }))
-}
-
-fn op_name(op: &Op) -> &'static str {
-    match op {
-        Op::GatedMatMul { .. } => "the gated scores' reverse (a second derivative)",
-        _ => "this op",
-    }
 }
 
 #[cfg(test)]
