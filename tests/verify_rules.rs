@@ -9,6 +9,23 @@ use chunkc::codegen::schedule::ProgramShape;
 use chunkc::verify::{verify, Plan};
 use std::path::PathBuf;
 
+/// `verify`'s default sweep (chunks 16 to 128, T in {1, C-1, C+1, 1000}, B = H = 2,
+/// K = 32, V = 40, seed 1) of `runs` under `schedule`.
+fn default_sweep(runs: Vec<(Backend, Engine)>, schedule: chunkc::Schedule) -> Plan {
+    Plan {
+        runs,
+        chunks: vec![16, 32, 64, 128],
+        seq_lens: None,
+        batch: 2,
+        heads: 2,
+        k: 32,
+        v: 40,
+        threads: 0,
+        seed: 1,
+        schedule,
+    }
+}
+
 #[test]
 fn every_rule_passes_the_default_verify_sweep() {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("rules");
@@ -24,18 +41,7 @@ fn every_rule_passes_the_default_verify_sweep() {
             (ProgramShape::Fused, vec![(Backend::Recurrent, Engine::Jit), (Backend::Chunked, Engine::Jit)]),
             (ProgramShape::Split, vec![(Backend::Chunked, Engine::Jit)]),
         ] {
-            let plan = Plan {
-                runs: runs_of,
-                chunks: vec![16, 32, 64, 128],
-                seq_lens: None,
-                batch: 2,
-                heads: 2,
-                k: 32,
-                v: 40,
-                threads: 0,
-                seed: 1,
-                schedule: chunkc::Schedule::default().with_program(program),
-            };
+            let plan = default_sweep(runs_of, chunkc::Schedule::default().with_program(program));
             let rows = verify(&loaded.rule, &plan, |_| {}).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             runs += rows.len();
             let worst = rows.iter().map(|r| r.err_o.max(r.err_ht)).fold(0.0, f64::max);
@@ -84,18 +90,7 @@ fn every_rule_passes_the_default_verify_grad_sweep() {
             runs.push((Backend::Chunked, Engine::Jit));
             chunked.push(loaded.rule.name.clone());
         }
-        let plan = Plan {
-            runs,
-            chunks: vec![16, 32, 64, 128],
-            seq_lens: None,
-            batch: 2,
-            heads: 2,
-            k: 32,
-            v: 40,
-            threads: 0,
-            seed: 1,
-            schedule: chunkc::Schedule::default(),
-        };
+        let plan = default_sweep(runs, chunkc::Schedule::default());
         let rows = verify_grad(&loaded.rule, &plan, |_| {}).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         rows_seen += rows.len();
         let worst = rows.iter().map(|r| r.err / r.tolerance).fold(0.0, f64::max);
