@@ -541,6 +541,13 @@ enum Command {
         program: ProgramArg,
         #[command(flatten)]
         precision: PrecisionArgs,
+        /// The backward program instead of the forward: chunked (--backend chunked) or
+        /// recurrent with a checkpoint every --checkpoint tokens.
+        #[arg(long)]
+        grad: bool,
+        /// Tokens between the recurrent backward's checkpoints (with --grad).
+        #[arg(long, default_value_t = 16)]
+        checkpoint: usize,
     },
 }
 
@@ -994,7 +1001,21 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
             let dims = dims_of(&shape)?;
             tune_rule(&loaded, dims, threads, rounds, cache.as_deref(), seed, json)
         }
-        Command::Compile { rule, target, out_dir, backend, chunk, heads, k, v, bv, program, precision } => {
+        Command::Compile {
+            rule,
+            target,
+            out_dir,
+            backend,
+            chunk,
+            heads,
+            k,
+            v,
+            bv,
+            program,
+            precision,
+            grad,
+            checkpoint,
+        } => {
             check_bv(bv)?;
             if matches!(target, Target::Cpu) {
                 if let Some(flag) = precision.given().first() {
@@ -1020,7 +1041,20 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
                 .with_bv(bv)
                 .with_program(ProgramShape::from(program));
             let schedule = precision.apply(schedule)?;
-            let program = backend::build_program(&loaded.rule, shape, &schedule)?;
+            let program = if grad {
+                if bv.is_some() || precision.given().first().is_some() {
+                    return Err(Error::Unsupported(
+                        "the backward runs the whole V in f32: --grad takes no --bv, --tf32 or --bf16".into(),
+                    ));
+                }
+                let dims = chunkc::dsl::reference::Dims { batch: 1, seq_len: chunk.max(checkpoint), heads, k, v };
+                let backend = Backend::from(backend);
+                let opts =
+                    chunkc::grad::GradOptions { backend, chunk, checkpoint: Some(checkpoint), ..Default::default() };
+                chunkc::grad::build_program(&loaded.rule, &dims, &opts)?
+            } else {
+                backend::build_program(&loaded.rule, shape, &schedule)?
+            };
             let sm = match target {
                 Target::Cpu => {
                     print_all(&program.to_string())?;

@@ -38,22 +38,81 @@ pub fn reverse(
 ) -> Result<HashMap<ValueId, ValueId>, AdError> {
     let active = active_values(region, leaves);
     let mut adj: HashMap<ValueId, ValueId> = HashMap::new();
+    let mut slices = SliceAdjoints::default();
     for &(v, g) in seeds {
         if active.contains(&v) {
             accumulate(b, &mut adj, v, g);
         }
     }
     for (id, op) in region.iter().rev() {
+        // Every use of `id` comes after it, so its slices' adjoints are all in by now.
+        slices.assemble(b, &mut adj, *id);
         if leaves.contains(id) {
             continue;
         }
         let Some(&g) = adj.get(id) else { continue };
+        if let Op::Rows { x, start, len } = op {
+            slices.add(b, *x, *start, *len, g);
+            continue;
+        }
         for (operand, contribution) in vjp(b, *id, op, g, &active)? {
             let reduced = reduce_to(b, contribution, b.ty(operand));
             accumulate(b, &mut adj, operand, reduced);
         }
     }
+    for l in leaves {
+        slices.assemble(b, &mut adj, *l);
+    }
     Ok(leaves.iter().filter_map(|l| adj.get(l).map(|g| (*l, *g))).collect())
+}
+
+/// The adjoints of row slices (`Op::Rows`), kept per sliced value and range until the
+/// value's adjoint is needed. The chunk plans slice one tile into sub-chunks many times;
+/// adding each slice's adjoint at the slice's size, then stacking the ranges into one tile
+/// (zeros in the gaps), costs a copy where placing each use into a full-size tile would cost
+/// a full-size add per use.
+#[derive(Default)]
+struct SliceAdjoints(HashMap<ValueId, Vec<(usize, usize, ValueId)>>);
+
+impl SliceAdjoints {
+    fn add(&mut self, b: &mut Builder, x: ValueId, start: usize, len: usize, g: ValueId) {
+        let ranges = self.0.entry(x).or_default();
+        match ranges.iter_mut().find(|(s, l, _)| (*s, *l) == (start, len)) {
+            Some((_, _, sum)) => *sum = b.add(*sum, g),
+            None => ranges.push((start, len, g)),
+        }
+    }
+
+    /// Adds the slices' adjoints of `x` to `x`'s: one stacked tile per set of disjoint
+    /// ranges (overlapping ranges go to further sets, added together).
+    fn assemble(&mut self, b: &mut Builder, adj: &mut HashMap<ValueId, ValueId>, x: ValueId) {
+        let Some(mut ranges) = self.0.remove(&x) else { return };
+        ranges.sort_by_key(|&(start, len, _)| (start, len));
+        let mut layers: Vec<Vec<(usize, usize, ValueId)>> = vec![];
+        for r in ranges {
+            match layers.iter_mut().find(|l| l.last().is_some_and(|&(s, n, _)| s + n <= r.0)) {
+                Some(layer) => layer.push(r),
+                None => layers.push(vec![r]),
+            }
+        }
+        let ty = b.ty(x);
+        for layer in layers {
+            let mut parts = vec![];
+            let mut at = 0;
+            for (start, len, g) in layer {
+                if start > at {
+                    parts.push(b.constant(0.0, TileTy { rows: start - at, ..ty }));
+                }
+                parts.push(g);
+                at = start + len;
+            }
+            if at < ty.rows {
+                parts.push(b.constant(0.0, TileTy { rows: ty.rows - at, ..ty }));
+            }
+            let whole = if parts.len() == 1 { parts[0] } else { b.concat(&parts) };
+            accumulate(b, adj, x, whole);
+        }
+    }
 }
 
 /// The values of the region that depend on a leaf (the leaves included).
@@ -133,6 +192,16 @@ fn vjp(
             out.push((*x, b.mul(ones, g)));
         }
         Op::Transpose { x } => out.push((*x, b.transpose(g))),
+        Op::Concat { parts } => {
+            let mut at = 0;
+            for p in parts {
+                let rows = b.ty(*p).rows;
+                if is_active(p) {
+                    out.push((*p, b.rows(g, at, rows)));
+                }
+                at += rows;
+            }
+        }
         Op::Mask { x, mask, .. } => out.push((*x, b.mask(g, mask.clone(), 0.0))),
         Op::Cumsum { x, exclusive } => {
             // y_i = sum_{s<=i} x_s (exclusive: s<i): dx_s = sum_{i>=s} g_i (i>s), the column
@@ -143,7 +212,7 @@ fn vjp(
             let prefix = b.cumsum(g, !*exclusive);
             out.push((*x, b.sub(total, prefix)));
         }
-        Op::Rows { x, start, len } => out.push((*x, place_rows(b, g, b.ty(*x).rows, *start, *len))),
+        Op::Rows { .. } => unreachable!("row slices' adjoints are assembled by `SliceAdjoints`"),
         Op::SolveUnitLower { l, b: rhs } => {
             // X = A^-1 B with A = I + strict_lower(l): dB = A^-T G, dl = strict_lower(-dB X^T).
             // A^-T is an upper solve, written as the lower one conjugated by the reversal J:
@@ -204,31 +273,6 @@ fn reversal(b: &mut Builder, n: usize) -> ValueId {
     let near = b.sub(one, dist);
     let zero = b.constant(0.0, TileTy::f32(1, 1));
     b.binary(BinOp::Max, near, zero)
-}
-
-/// A tile of `rows` rows holding `g` at rows `start .. start + len` and zeros elsewhere: the
-/// adjoint of a row slice.
-fn place_rows(b: &mut Builder, g: ValueId, rows: usize, start: usize, len: usize) -> ValueId {
-    let ty = b.ty(g);
-    let end = Idx::c((start + len) as i64);
-    if len == 1 {
-        // One row: broadcast it, keep rows [start, start + 1).
-        let zeros = b.constant(0.0, TileTy { rows, ..ty });
-        let spread = b.add(zeros, g);
-        let upto_end = b.mask(spread, MaskKind::RowsBefore(end), 0.0);
-        let before = b.mask(spread, MaskKind::RowsBefore(Idx::c(start as i64)), 0.0);
-        return b.sub(upto_end, before);
-    }
-    // E g, with E the rows x len selection (E[start + i, i] = 1) cut from an identity formed
-    // by two triangular masks.
-    let g32 = b.cast(g, DType::F32);
-    let ones = b.constant(1.0, TileTy::f32(rows, rows));
-    let lower = b.mask(ones, MaskKind::Tril { strict: false }, 0.0);
-    let strict = b.mask(ones, MaskKind::Tril { strict: true }, 0.0);
-    let identity = b.sub(lower, strict);
-    let pick = b.rows(identity, start, len);
-    let placed = b.dot(pick, g32, true, false, None);
-    b.cast(placed, ty.dtype)
 }
 
 /// `g * f'(x)`, given `y = f(x)`.
@@ -431,6 +475,16 @@ mod tests {
             let top = b.rows(some, 0, 1);
             let s = b.mul(some, one);
             b.add(s, top)
+        });
+        check("overlapping row slices and a concatenation", &[(6, 2)], &xs[..12], |b, l| {
+            let e = b.exp(l[0]);
+            let (top, middle, top_again) = (b.rows(e, 0, 4), b.rows(e, 2, 4), b.rows(e, 0, 4));
+            let s = b.mul(top, middle);
+            let s = b.mul(s, top_again);
+            let last = b.rows(l[0], 5, 1);
+            let stacked = b.concat(&[s, last, top]);
+            let inner = b.rows(stacked, 3, 4);
+            b.mul(inner, inner)
         });
         check("triangular solve", &[(4, 4), (4, 3)], &xs, |b, l| {
             let small = b.constant(0.3, TileTy::f32(1, 1));

@@ -220,6 +220,18 @@ impl Builder {
         self.emit(Op::Rows { x, start, len }, TileTy { rows: len, ..t })
     }
 
+    /// `parts` stacked by rows (one column count and dtype).
+    pub fn concat(&mut self, parts: &[ValueId]) -> ValueId {
+        let first = self.ty(*parts.first().expect("concat takes at least one part"));
+        let mut rows = 0;
+        for p in parts {
+            let t = self.ty(*p);
+            assert!(t.cols == first.cols && t.dtype == first.dtype, "concat of {first:?} and {t:?}");
+            rows += t.rows;
+        }
+        self.emit(Op::Concat { parts: parts.to_vec() }, TileTy { rows, ..first })
+    }
+
     pub fn transpose(&mut self, x: ValueId) -> ValueId {
         let t = self.ty(x);
         self.emit(Op::Transpose { x }, TileTy { rows: t.cols, cols: t.rows, dtype: t.dtype })

@@ -267,6 +267,14 @@ impl Machine<'_, '_, '_> {
                 let x = self.get(*x)?;
                 out.data.copy_from_slice(&x.data[start * x.ty.cols..(start + len) * x.ty.cols]);
             }
+            Op::Concat { parts } => {
+                let mut at = 0;
+                for part in parts {
+                    let part = self.get(*part)?;
+                    out.data[at..at + part.data.len()].copy_from_slice(&part.data);
+                    at += part.data.len();
+                }
+            }
             Op::Transpose { x } => {
                 let x = self.get(*x)?;
                 for i in 0..ty.rows {

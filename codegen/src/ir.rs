@@ -266,6 +266,11 @@ pub enum Op {
         start: usize,
         len: usize,
     },
+    /// The parts stacked by rows, first on top: tiles with one column count and dtype (the
+    /// adjoint of several row slices of one value, assembled once).
+    Concat {
+        parts: Vec<ValueId>,
+    },
     /// The transpose (a view: no copy is needed).
     Transpose {
         x: ValueId,
@@ -335,6 +340,7 @@ impl Op {
             Op::GatedDot { a, ga, b, gb, .. } => vec![a, ga, b, gb],
             Op::GatedMatMul { m, x, gx, gy, .. } => vec![m, x, gx, gy],
             Op::SolveUnitLower { l, b } => vec![l, b],
+            Op::Concat { parts } => parts.iter_mut().collect(),
         }
     }
 

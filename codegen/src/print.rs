@@ -55,6 +55,9 @@ fn op_text(k: &Kernel, op: &Op) -> String {
         Op::RowSum { x } => format!("rowsum {x}"),
         Op::Rows { x, start, len } => format!("rows {x}[{start}..{}]", start + len),
         Op::Transpose { x } => format!("transpose {x}"),
+        Op::Concat { parts } => {
+            format!("concat {}", parts.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", "))
+        }
         Op::Mask { x, mask, fill } => match mask {
             MaskKind::Tril { strict } => format!("mask.{} {x} fill {fill}", if *strict { "stril" } else { "tril" }),
             MaskKind::RowsBefore(i) => format!("mask.rows<{i} {x} fill {fill}"),

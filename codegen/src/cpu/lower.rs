@@ -830,6 +830,22 @@ impl<'a, 'f> Lower<'a, 'f> {
                 let (sl, sb) = (self.val(*l), self.val(*b));
                 self.solve(ty, sl, sb, out);
             }
+            Op::Concat { parts } => {
+                let mut at = 0;
+                for p in parts {
+                    let (src, rows) = (self.val(*p), self.kernel.ty(*p).rows as i64);
+                    let ptr = self.offset(out.ptr, at * out.rs * out.size());
+                    self.ew(
+                        RowRange::Full(rows as usize),
+                        ty.cols,
+                        &[src],
+                        Acc { ptr, ..out },
+                        true,
+                        &mut |_, _, x| x[0],
+                    );
+                    at += rows;
+                }
+            }
             Op::Rows { .. } | Op::Transpose { .. } => unreachable!("views are handled above"),
         }
     }

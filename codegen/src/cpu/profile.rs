@@ -46,6 +46,7 @@ fn describe(kernel: &Kernel, defs: &HashMap<u32, &Op>, loc: u32) -> String {
         Some(Op::GatedDot { .. }) => "gated_dot".into(),
         Some(Op::GatedMatMul { .. }) => "gated_matmul".into(),
         Some(Op::SolveUnitLower { .. }) => "solve".into(),
+        Some(Op::Concat { .. }) => "concat".into(),
         Some(Op::Rows { .. }) | Some(Op::Transpose { .. }) => "view".into(),
         None => "?".into(),
     };

@@ -464,6 +464,14 @@ impl Walk<'_> {
                 let t = self.ty(*x)?;
                 TileTy { rows: t.cols, cols: t.rows, dtype: t.dtype }
             }
+            Op::Concat { parts } => {
+                let tys = parts.iter().map(|p| self.ty(*p)).collect::<Result<Vec<_>, _>>()?;
+                let Some(first) = tys.first() else { return err("concat of no parts") };
+                if tys.iter().any(|t| t.cols != first.cols || t.dtype != first.dtype) {
+                    return err(format!("concat of parts with different columns or dtypes: {tys:?}"));
+                }
+                TileTy { rows: tys.iter().map(|t| t.rows).sum(), ..*first }
+            }
             Op::GatedDot { a, ga, b, gb, .. } => {
                 let (xa, xb) = (f32_only(*a, "gated_dot")?, f32_only(*b, "gated_dot")?);
                 let (xga, xgb) = (self.ty(*ga)?, self.ty(*gb)?);

@@ -1092,6 +1092,26 @@ impl Em<'_> {
                 self.eloop_end(l);
             }
             Op::Rows { .. } | Op::Transpose { .. } => {}
+            Op::Concat { parts } => {
+                // One element of one part per thread; the parts' rows are disjoint, so one
+                // barrier after the last covers them all.
+                let mut at = 0;
+                for (n, p) in parts.iter().enumerate() {
+                    let tp = self.k.ty(*p);
+                    let l = self.eloop(tp.len());
+                    let (i, j) = self.split(&l.e.clone(), tp.cols);
+                    let x = self.read(*p, &i, &j);
+                    let row = self.reg(R);
+                    self.ins(format!("add.u32 {row}, {i}, {at}"));
+                    self.write(id, &row, &j, &x);
+                    if n + 1 == parts.len() {
+                        self.eloop_end(l);
+                    } else {
+                        self.eloop_end_no_barrier(l);
+                    }
+                    at += tp.rows;
+                }
+            }
             Op::GatedDot { a, ga, b, gb, strict } => self.gated_dot(id, [*a, *ga, *b, *gb], *strict),
             Op::GatedMatMul { m, x, gx, gy, transposed, strict } => {
                 self.gated_matmul(id, [*m, *x, *gx, *gy], *transposed, *strict)
@@ -1296,6 +1316,7 @@ fn op_name(op: &Op) -> &'static str {
         Op::GatedDot { .. } => "gated dot",
         Op::GatedMatMul { .. } => "gated matmul",
         Op::SolveUnitLower { .. } => "solve unit lower",
+        Op::Concat { .. } => "concat",
     }
 }
 
