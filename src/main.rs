@@ -1042,7 +1042,7 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
                 .with_program(ProgramShape::from(program));
             let schedule = precision.apply(schedule)?;
             let program = if grad {
-                if bv.is_some() || precision.given().first().is_some() {
+                if bv.is_some() || !precision.given().is_empty() {
                     return Err(Error::Unsupported(
                         "the backward runs the whole V in f32: --grad takes no --bv, --tf32 or --bf16".into(),
                     ));
