@@ -10,6 +10,7 @@ use crate::backend::{self, shape_of, Backend, CpuRunner, Engine};
 use crate::error::Error;
 use crate::gpu;
 use crate::problem::{check_known_tensors, infer_dims};
+use chunkc_codegen::ir::ElemType;
 use chunkc_codegen::plan::backward;
 use chunkc_codegen::program::Program;
 use chunkc_codegen::schedule::{PtxSchedule, Schedule, DEFAULT_TIME_BLOCK};
@@ -42,6 +43,31 @@ pub struct GradOptions {
     pub checkpoint: Option<usize>,
     /// The chunked backward's chunk size.
     pub chunk: usize,
+    /// The input type and the PTX knobs (dot precision, warps) of the PTX engines; the CPU
+    /// runs f32 inputs and f32 dots.
+    pub ptx: PtxPrecision,
+}
+
+/// What a PTX engine reads and how it multiplies: the per-token inputs' element type (the
+/// host rounds the f32 tensors to it) and the PTX schedule.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct PtxPrecision {
+    pub input: ElemType,
+    pub schedule: PtxSchedule,
+}
+
+impl PtxPrecision {
+    /// True when it asks for no more than f32 inputs and the default schedule.
+    pub fn is_default(&self) -> bool {
+        *self == PtxPrecision::default()
+    }
+
+    /// The relative RMS budget of a gradient held to `f32_budget` in f32 (DESIGN.md: tf32
+    /// dots 1e-3, 16-bit inputs or dots 1e-2).
+    pub fn tolerance(&self, f32_budget: f64) -> f64 {
+        let input = if self.input == ElemType::F32 { 0.0 } else { 1e-2 };
+        f32_budget.max(self.schedule.dot.tolerance()).max(input)
+    }
 }
 
 impl Default for GradOptions {
@@ -53,6 +79,7 @@ impl Default for GradOptions {
             scale: None,
             checkpoint: None,
             chunk: 64,
+            ptx: PtxPrecision::default(),
         }
     }
 }
@@ -144,7 +171,8 @@ pub fn build_program(rule: &Rule, dims: &Dims, opts: &GradOptions) -> Result<Pro
         }
         let canon = canonicalize(rule).map_err(|n| Error::from(n.to_diagnostic(rule)))?;
         let shape = shape_of(dims, opts.scale);
-        return backward::chunked(rule, &canon, shape, Schedule::chunked(opts.chunk)).map_err(|e| {
+        let schedule = Schedule::chunked(opts.chunk).with_input(opts.ptx.input);
+        return backward::chunked(rule, &canon, shape, schedule).map_err(|e| {
             Error::Unsupported(format!(
                 "rule `{}`: the chunked backward: {}",
                 rule.name,
@@ -157,11 +185,17 @@ pub fn build_program(rule: &Rule, dims: &Dims, opts: &GradOptions) -> Result<Pro
         return Err(Error::Input("--checkpoint must be at least 1".into()));
     }
     let shape = shape_of(dims, opts.scale);
-    backward::recurrent(rule, shape, chunkc_codegen::ir::ElemType::F32, every)
+    backward::recurrent(rule, shape, opts.ptx.input, every)
         .map_err(|e| Error::Unsupported(format!("rule `{}`: {}", rule.name, e.0)))
 }
 
 fn compiled(rule: &Rule, tensors: &Tensors, dims: Dims, opts: &GradOptions) -> Result<BTreeMap<String, Tensor>, Error> {
+    if !matches!(opts.engine, Engine::Ptx { .. }) && !opts.ptx.is_default() {
+        return Err(Error::Unsupported(
+            "an input type or dot precision goes with a PTX engine (the CPU backward reads f32 inputs and computes f32 dots)"
+                .into(),
+        ));
+    }
     let program = build_program(rule, &dims, opts)?;
     let mut out = match opts.engine {
         Engine::Jit => {
@@ -172,9 +206,7 @@ fn compiled(rule: &Rule, tensors: &Tensors, dims: Dims, opts: &GradOptions) -> R
             runner.into_outputs()?.0
         }
         Engine::Interp => backend::execute_interp(&program, tensors, &dims)?.0,
-        Engine::Ptx { device, target } => {
-            gpu::execute(&program, tensors, dims, device, target, &PtxSchedule::default())?.0
-        }
+        Engine::Ptx { device, target } => gpu::execute(&program, tensors, dims, device, target, &opts.ptx.schedule)?.0,
     };
     // A per-head parameter's gradient comes per batch row: sum it over B.
     for (i, inp) in rule.inputs.iter().enumerate().filter(|(_, inp)| inp.per_head) {

@@ -216,6 +216,12 @@ impl PrecisionArgs {
         ptx.validate().map_err(|e| Error::Input(format!("--warps: {e}")))?;
         Ok(schedule.with_input(input).with_ptx(ptx))
     }
+
+    /// The input type and PTX schedule the flags ask for, as the backward takes them.
+    fn ptx_precision(&self) -> Result<chunkc::grad::PtxPrecision, Error> {
+        let s = self.apply(Schedule::default())?;
+        Ok(chunkc::grad::PtxPrecision { input: s.input, schedule: s.ptx })
+    }
 }
 
 /// `--program`: how the chunked forward is organised.
@@ -356,6 +362,8 @@ enum Command {
         /// Ignore tensors in IN that the rule does not take (by default each is an error).
         #[arg(long)]
         allow_extra: bool,
+        #[command(flatten)]
+        precision: PrecisionArgs,
         #[arg(long, value_enum, default_value = "jit", hide = true)]
         engine: EngineArg,
     },
@@ -802,11 +810,13 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
             threads,
             scale,
             allow_extra,
+            precision,
             engine: e,
         } => {
             let loaded = load_rule(&rule)?;
             let linear = loaded.canonical.is_ok();
             let backend = backend.unwrap_or(if linear { RunBackend::Chunked } else { RunBackend::Recurrent });
+            check_ptx_flags(&[backend], false, false, &precision)?;
             if (target.is_some() || kernel.is_some()) && backend.device().is_none() {
                 return Err(Error::Unsupported(
                     "--target and --kernel only apply to --backend ptx-sim and cuda".into(),
@@ -821,7 +831,8 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
             let [(be, eng)] = backend.runs(&[kernel], target, engine(e))[..] else {
                 return Err(Error::Internal("one backend must give one run".into()));
             };
-            let opts = chunkc::grad::GradOptions { backend: be, engine: eng, threads, scale, checkpoint, chunk };
+            let ptx = precision.ptx_precision()?;
+            let opts = chunkc::grad::GradOptions { backend: be, engine: eng, threads, scale, checkpoint, chunk, ptx };
             let written = chunkc::grad::grad(&loaded.rule, &tensors, &shown, &opts, allow_extra)?;
             let mut meta = BTreeMap::new();
             meta.insert("rule".to_string(), loaded.rule.name.clone());
@@ -854,9 +865,6 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
             check_bv(bv)?;
             if grad {
                 check_ptx_flags(backend.as_deref().unwrap_or(&[]), target.is_some(), false, &precision)?;
-                if let Some(flag) = precision.given().first() {
-                    return Err(Error::Unsupported(format!("{flag}: the backward runs in f32 only")));
-                }
                 let plan = verify::Plan {
                     runs: vec![],
                     chunks: chunk.unwrap_or_else(|| vec![16, 32, 64, 128]),
@@ -867,7 +875,7 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
                     v,
                     threads,
                     seed,
-                    schedule: Schedule::recurrent(),
+                    schedule: precision.apply(Schedule::recurrent())?,
                 };
                 return verify_grad(&rule, backend, target, engine(e), plan);
             }
@@ -1042,15 +1050,19 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
                 .with_program(ProgramShape::from(program));
             let schedule = precision.apply(schedule)?;
             let program = if grad {
-                if bv.is_some() || !precision.given().is_empty() {
-                    return Err(Error::Unsupported(
-                        "the backward runs the whole V in f32: --grad takes no --bv, --tf32 or --bf16".into(),
-                    ));
+                if bv.is_some() {
+                    return Err(Error::Unsupported("the backward runs the whole V: --grad takes no --bv".into()));
                 }
                 let dims = chunkc::dsl::reference::Dims { batch: 1, seq_len: chunk.max(checkpoint), heads, k, v };
                 let backend = Backend::from(backend);
-                let opts =
-                    chunkc::grad::GradOptions { backend, chunk, checkpoint: Some(checkpoint), ..Default::default() };
+                let ptx = chunkc::grad::PtxPrecision { input: schedule.input, schedule: schedule.ptx };
+                let opts = chunkc::grad::GradOptions {
+                    backend,
+                    chunk,
+                    checkpoint: Some(checkpoint),
+                    ptx,
+                    ..Default::default()
+                };
                 chunkc::grad::build_program(&loaded.rule, &dims, &opts)?
             } else {
                 backend::build_program(&loaded.rule, shape, &schedule)?

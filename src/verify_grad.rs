@@ -3,8 +3,9 @@
 //! one row per gradient tensor, each held to its budget.
 
 use crate::backend::Backend;
+use crate::backend::Engine;
 use crate::error::Error;
-use crate::grad::{grad, GradOptions};
+use crate::grad::{grad, GradOptions, PtxPrecision};
 use crate::verify::{random_inputs, rel_rms, Plan, Rng};
 use chunkc_dsl::ast::{Domain, Rule, Ty};
 use chunkc_dsl::reference::Dims;
@@ -54,7 +55,9 @@ pub fn random_grad_inputs(rule: &Rule, dims: &Dims, seed: u64) -> crate::runtime
 
 /// Runs every compiled backward of `plan.runs` against the reference gradient at every
 /// sequence length: the recurrent one with a checkpoint at every token and at its default
-/// interval, the chunked one at every chunk size of `plan.chunks`.
+/// interval, the chunked one at every chunk size of `plan.chunks`. The PTX engines run at
+/// the input type and PTX schedule of `plan.schedule`, each row held to that precision's
+/// budget.
 pub fn verify_grad(rule: &Rule, plan: &Plan, mut progress: impl FnMut(&GradRow)) -> Result<Vec<GradRow>, Error> {
     plan.check_ready()?;
     let mut rows = vec![];
@@ -74,6 +77,11 @@ pub fn verify_grad(rule: &Rule, plan: &Plan, mut progress: impl FnMut(&GradRow))
                     }
                 }
             };
+            // The PTX engines run at the plan's input type and dot precision, the CPU in f32.
+            let ptx = match engine {
+                Engine::Ptx { .. } => PtxPrecision { input: plan.schedule.input, schedule: plan.schedule.ptx },
+                _ => PtxPrecision::default(),
+            };
             for size in sizes {
                 let opts = GradOptions {
                     backend,
@@ -82,11 +90,12 @@ pub fn verify_grad(rule: &Rule, plan: &Plan, mut progress: impl FnMut(&GradRow))
                     scale: None,
                     checkpoint: Some(size),
                     chunk: size,
+                    ptx,
                 };
                 let got = grad(rule, &inputs, "random inputs", &opts, false)?;
                 for (name, want) in &reference {
                     let err = got.get(name).map_or(f64::INFINITY, |g| rel_rms(&g.data, &want.data));
-                    let tolerance = tolerance(rule, name);
+                    let tolerance = ptx.tolerance(tolerance(rule, name));
                     let row = GradRow {
                         label: engine.label(backend),
                         backend,

@@ -34,6 +34,12 @@ fn budget(name: &str) -> f64 {
 /// Every case of the gradient goldens through `chunkc grad` with `args` (the backend and its
 /// options), each derived tensor within its budget; returns the worst error.
 fn every_gradient_golden_through(label: &str, args: &[&str]) -> f64 {
+    every_gradient_golden_at(label, args, 0.0)
+}
+
+/// [`every_gradient_golden_through`] with every budget raised to at least `floor` (the
+/// budget of a lower precision: tf32 dots 1e-3, bf16 inputs or dots 1e-2).
+fn every_gradient_golden_at(label: &str, args: &[&str], floor: f64) -> f64 {
     let Some(dir) = goldens_bwd_dir() else { return 0.0 };
     let index: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("index.json")).expect("index.json")).expect("json");
@@ -75,8 +81,9 @@ fn every_gradient_golden_through(label: &str, args: &[&str]) -> f64 {
             line += &format!(" {tensor} {err:.1e}");
             worst = worst.max(err);
             compared += 1;
-            if err.is_nan() || err > budget(tensor) {
-                failures.push(format!("{name} {tensor}: {err:.2e} over {:.0e}", budget(tensor)));
+            let budget = budget(tensor).max(floor);
+            if err.is_nan() || err > budget {
+                failures.push(format!("{name} {tensor}: {err:.2e} over {budget:.0e}"));
             }
         }
         println!("{line}");
@@ -117,6 +124,18 @@ fn every_gradient_golden_through_the_backward_in_the_ptx_simulator() {
     every_gradient_golden_through("ptx-sim", &["--backend", "ptx-sim", "--checkpoint", "8"]);
     let chunked = ["--backend", "ptx-sim", "--kernel", "chunked", "--chunk", "16"];
     every_gradient_golden_through("ptx-sim-chunked", &chunked);
+}
+
+/// The chunked backward's PTX with its dots on tensor cores: tf32 operands, and bf16 inputs
+/// with bf16 operands, each held to its precision's budget.
+#[test]
+fn every_gradient_golden_through_the_tensor_core_backward_in_the_ptx_simulator() {
+    let chunked = ["--backend", "ptx-sim", "--kernel", "chunked", "--chunk", "16"];
+    let tf32 = every_gradient_golden_at("ptx-sim-tf32", &[&chunked[..], &["--dot", "tf32"]].concat(), 1e-3);
+    let bf16 = [&chunked[..], &["--dtype", "bf16", "--dot", "bf16"]].concat();
+    let bf16 = every_gradient_golden_at("ptx-sim-bf16", &bf16, 1e-2);
+    // Rounding must show: a run at f32 accuracy would mean the precision flags were ignored.
+    assert!(tf32 > 1e-5 && bf16 > 1e-4, "tf32 worst {tf32:.1e}, bf16 worst {bf16:.1e}");
 }
 
 #[test]
