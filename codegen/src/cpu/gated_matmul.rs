@@ -6,7 +6,8 @@
 //! out[r, c] = sum_{p >= r} m[p, r] x[p, c] exp(gx[p, c] - gy[r, c])    transposed (strict: p > r)
 //! ```
 //!
-//! Vectorised over `c`, 8 lanes (AVX2 + FMA; an AVX-512 host runs it too). The exponent is
+//! Vectorised over `c`, 8 lanes (AVX2 + FMA; an AVX-512 host runs it too); whole vectors
+//! load as vectors, a tail of fewer than 8 columns lane by lane. The exponent is
 //! formed in the gates' dtype (f64 gates: subtracted in f64, then rounded to f32), the exp
 //! is `gated.rs`'s `exp8` (vmath.rs's algorithm lane for lane), each term is
 //! `fma(m x, e, sum)`. Only the triangle's pairs are evaluated. A tail of `c` that is not a
@@ -121,6 +122,40 @@ mod x86 {
                     (true, true) => (r + 1, n),
                 };
                 let mut col = 0;
+                // Whole vectors: the lanes load as vectors (f64 gates as two halves).
+                while col + 8 <= c {
+                    let mrow = |p: i64| if transposed { p * m_rs + r * m_cs } else { r * m_rs + p * m_cs };
+                    let mut acc = _mm256_setzero_ps();
+                    if G64 {
+                        let gyp = (gy as *const f64).offset((r * gy_rs + col) as isize);
+                        let (gy_lo, gy_hi) = (_mm256_loadu_pd(gyp), _mm256_loadu_pd(gyp.add(4)));
+                        for p in lo..hi {
+                            let gxp = (gx as *const f64).offset((p * gx_rs + col) as isize);
+                            let (gx_lo, gx_hi) = (_mm256_loadu_pd(gxp), _mm256_loadu_pd(gxp.add(4)));
+                            let (d_lo, d_hi) = if transposed {
+                                (_mm256_sub_pd(gx_lo, gy_lo), _mm256_sub_pd(gx_hi, gy_hi))
+                            } else {
+                                (_mm256_sub_pd(gy_lo, gx_lo), _mm256_sub_pd(gy_hi, gx_hi))
+                            };
+                            let d = _mm256_set_m128(_mm256_cvtpd_ps(d_hi), _mm256_cvtpd_ps(d_lo));
+                            let xv = _mm256_loadu_ps(x.offset((p * x_rs + col) as isize));
+                            let mx = _mm256_mul_ps(_mm256_set1_ps(*m.offset(mrow(p) as isize)), xv);
+                            acc = _mm256_fmadd_ps(mx, exp8(d), acc);
+                        }
+                    } else {
+                        let gyv = _mm256_loadu_ps((gy as *const f32).offset((r * gy_rs + col) as isize));
+                        for p in lo..hi {
+                            let gxv = _mm256_loadu_ps((gx as *const f32).offset((p * gx_rs + col) as isize));
+                            let d = if transposed { _mm256_sub_ps(gxv, gyv) } else { _mm256_sub_ps(gyv, gxv) };
+                            let xv = _mm256_loadu_ps(x.offset((p * x_rs + col) as isize));
+                            let mx = _mm256_mul_ps(_mm256_set1_ps(*m.offset(mrow(p) as isize)), xv);
+                            acc = _mm256_fmadd_ps(mx, exp8(d), acc);
+                        }
+                    }
+                    _mm256_storeu_ps(out.offset((r * out_rs + col) as isize), acc);
+                    col += 8;
+                }
+                // A tail of fewer than 8 columns: lane by lane into zero-padded arrays.
                 while col < c {
                     let w = (c - col).min(8) as usize;
                     let mut gy_lanes = [0f64; 8];
