@@ -598,3 +598,18 @@ fn compile_takes_the_ptx_schedule_flags() {
     assert_eq!(o.status.code(), Some(1));
     assert_eq!(stderr(&o), "error: --stages must be 1 or 2, not 3\n");
 }
+
+#[test]
+fn compile_grad_prints_the_backward_program() {
+    let o = chunkc(&["compile", "rules/simple_gla.toml", "--grad", "--K", "16", "--V", "16", "--chunk", "32"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(text.contains("program simple_gla_grad_chunked_c32 (chunk 32): 2 phase(s)"), "{text}");
+    assert!(text.contains("kernel simple_gla_grad_chunked_c32(") && text.contains("out dg"), "{text}");
+    let o = chunkc(&["compile", "rules/gla.toml", "--grad", "--backend", "recurrent", "--checkpoint", "5"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("kernel gla_grad_c5("), "{}", stdout(&o));
+    let o = chunkc(&["compile", "rules/gla.toml", "--grad", "--bv", "8"]);
+    assert!(!o.status.success());
+    assert_eq!(stderr(&o).trim(), "error: the backward runs the whole V: --grad takes no --bv");
+}
