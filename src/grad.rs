@@ -62,11 +62,16 @@ impl PtxPrecision {
         *self == PtxPrecision::default()
     }
 
-    /// The relative RMS budget of a gradient held to `f32_budget` in f32 (DESIGN.md: tf32
-    /// dots 1e-3, 16-bit inputs or dots 1e-2).
+    /// The input type and PTX knobs of `schedule`.
+    pub fn of(schedule: &Schedule) -> PtxPrecision {
+        PtxPrecision { input: schedule.input, schedule: schedule.ptx }
+    }
+
+    /// The relative RMS budget of a gradient held to `f32_budget` in f32: at least the
+    /// precision's own ([`Schedule::tolerance`]).
     pub fn tolerance(&self, f32_budget: f64) -> f64 {
-        let input = if self.input == ElemType::F32 { 0.0 } else { 1e-2 };
-        f32_budget.max(self.schedule.dot.tolerance()).max(input)
+        let schedule = Schedule::default().with_input(self.input).with_ptx(self.schedule);
+        f32_budget.max(schedule.tolerance())
     }
 }
 

@@ -219,8 +219,7 @@ impl PrecisionArgs {
 
     /// The input type and PTX schedule the flags ask for, as the backward takes them.
     fn ptx_precision(&self) -> Result<chunkc::grad::PtxPrecision, Error> {
-        let s = self.apply(Schedule::default())?;
-        Ok(chunkc::grad::PtxPrecision { input: s.input, schedule: s.ptx })
+        Ok(chunkc::grad::PtxPrecision::of(&self.apply(Schedule::default())?))
     }
 }
 
@@ -1055,7 +1054,7 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
                 }
                 let dims = chunkc::dsl::reference::Dims { batch: 1, seq_len: chunk.max(checkpoint), heads, k, v };
                 let backend = Backend::from(backend);
-                let ptx = chunkc::grad::PtxPrecision { input: schedule.input, schedule: schedule.ptx };
+                let ptx = chunkc::grad::PtxPrecision::of(&schedule);
                 let opts = chunkc::grad::GradOptions {
                     backend,
                     chunk,

@@ -3,10 +3,9 @@
 //! one row per gradient tensor, each held to its budget.
 
 use crate::backend::Backend;
-use crate::backend::Engine;
 use crate::error::Error;
 use crate::grad::{grad, GradOptions, PtxPrecision};
-use crate::verify::{random_inputs, rel_rms, Plan, Rng};
+use crate::verify::{precision_of, random_inputs, rel_rms, Plan, Rng};
 use chunkc_dsl::ast::{Domain, Rule, Ty};
 use chunkc_dsl::reference::Dims;
 use chunkc_runtime::tensor::Tensor;
@@ -77,11 +76,7 @@ pub fn verify_grad(rule: &Rule, plan: &Plan, mut progress: impl FnMut(&GradRow))
                     }
                 }
             };
-            // The PTX engines run at the plan's input type and dot precision, the CPU in f32.
-            let ptx = match engine {
-                Engine::Ptx { .. } => PtxPrecision { input: plan.schedule.input, schedule: plan.schedule.ptx },
-                _ => PtxPrecision::default(),
-            };
+            let ptx = PtxPrecision::of(&precision_of(engine, &plan.schedule));
             for size in sizes {
                 let opts = GradOptions {
                     backend,
