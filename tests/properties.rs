@@ -115,9 +115,15 @@ enum Pro {
     Softplus,
     /// exp(0.5 x) for q; sqrt(p) * v (p positive) for v.
     ExpOrSqrt,
+    Tanh,
+    /// A leaky relu written with `where` and a comparison.
+    Leaky,
+    /// `clip`, `max` and `abs` together.
+    Clip,
 }
 
-const PROS: [Pro; 6] = [Pro::Plain, Pro::Silu, Pro::L2Norm, Pro::Sigmoid, Pro::Softplus, Pro::ExpOrSqrt];
+const PROS: [Pro; 9] =
+    [Pro::Plain, Pro::Silu, Pro::L2Norm, Pro::Sigmoid, Pro::Softplus, Pro::ExpOrSqrt, Pro::Tanh, Pro::Leaky, Pro::Clip];
 
 #[derive(Clone, Debug)]
 struct LinearSpec {
@@ -275,6 +281,9 @@ impl Text {
             Pro::Sigmoid => format!("sigmoid({x})"),
             Pro::Softplus => format!("softplus({x})"),
             Pro::ExpOrSqrt => format!("exp(0.5 * {x})"),
+            Pro::Tanh => format!("tanh({x})"),
+            Pro::Leaky => format!("where({x} >= 0, {x}, 0.1 * {x})"),
+            Pro::Clip => format!("clip({x}, -1.5, 1.5) + 0.1 * max(abs({x}), 0.5)"),
         }
     }
 

@@ -106,3 +106,62 @@ fn every_rule_passes_the_default_verify_grad_sweep() {
     assert!(rows_seen > 1000, "only {rows_seen} rows");
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// A rule that uses every piecewise function (`relu`, `abs`, `tanh`, `min`, `max`, `clip`,
+/// the comparisons and `where`) in its gate, key, value and output, forward and backward, on
+/// the native kernels and the PTX simulator, against the f64 reference and its gradient.
+#[test]
+fn the_piecewise_functions_verify_on_every_backend_forward_and_backward() {
+    use chunkc::codegen::ptx::Sm;
+    use chunkc::gpu::Device;
+    use chunkc::verify_grad::verify_grad;
+    let text = r#"name = "piecewise"
+chunked = true
+step = """
+g = -relu(a) - 0.05 * abs(tanh(c)) - 0.01
+kk = where(k >= 0, k, 0.1 * k)
+S = exp(g) * S + outer(clip(kk, -1.5, 1.5), min(v, 2 * max(v, 0.2)))
+o = where(b != 0, scale * S^T @ q, v)
+"""
+
+[inputs]
+q = "[K]"
+k = "[K]"
+v = "[V]"
+a = "[K]"
+c = "[K]"
+b = { shape = "scalar", per_head = true }
+"#;
+    let rule = chunkc::dsl::parse_rule("piecewise.toml", text).unwrap_or_else(|d| panic!("{d}"));
+    let sim = Engine::Ptx { device: Device::Sim, target: Sm::Sm90 };
+    let native = vec![(Backend::Recurrent, Engine::Jit), (Backend::Chunked, Engine::Jit)];
+    let mut failures = vec![];
+    let forward = [
+        (native.clone(), vec![16, 32, 64, 128], None),
+        (vec![(Backend::Recurrent, sim), (Backend::Chunked, sim)], vec![16], Some(vec![1, 37])),
+    ];
+    for (runs, chunks, seq_lens) in forward.clone() {
+        let plan = Plan { chunks, seq_lens, ..default_sweep(runs, chunkc::Schedule::default()) };
+        let rows = verify(&rule, &plan, |_| {}).unwrap_or_else(|e| panic!("{e}"));
+        assert!(!rows.is_empty());
+        for r in rows.iter().filter(|r| !r.pass) {
+            failures.push(format!(
+                "{} chunk {:?} T={}: o {:.2e}, hT {:.2e}",
+                r.label(),
+                r.chunk,
+                r.seq_len,
+                r.err_o,
+                r.err_ht
+            ));
+        }
+    }
+    for (runs, chunks, seq_lens) in forward {
+        let plan = Plan { chunks, seq_lens, ..default_sweep(runs, chunkc::Schedule::default()) };
+        let rows = verify_grad(&rule, &plan, |_| {}).unwrap_or_else(|e| panic!("{e}"));
+        assert!(rows.iter().any(|r| r.tensor == "da"), "the gate's input has a gradient");
+        for r in rows.iter().filter(|r| !r.pass) {
+            failures.push(format!("{} chunk {} T={} {}: {:.2e}", r.label, r.chunk, r.seq_len, r.tensor, r.err));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

@@ -37,6 +37,11 @@ pub fn reverse(
     seeds: &[(ValueId, ValueId)],
 ) -> Result<HashMap<ValueId, ValueId>, AdError> {
     let active = active_values(region, leaves);
+    // With a `where` in the region, the branch it did not take gets a zero adjoint, and that
+    // zero must stay zero through ops whose slope is not finite there (log or sqrt of a
+    // negative, exp of a large value): each elementwise contribution is kept only where its
+    // incoming adjoint is nonzero.
+    let guard_zeros = region.iter().any(|(_, op)| matches!(op, Op::Binary { op: BinOp::Keep, .. }));
     let mut adj: HashMap<ValueId, ValueId> = HashMap::new();
     let mut slices = SliceAdjoints::default();
     for &(v, g) in seeds {
@@ -55,7 +60,11 @@ pub fn reverse(
             slices.add(b, *x, *start, *len, g);
             continue;
         }
-        for (operand, contribution) in vjp(b, *id, op, g, &active)? {
+        let elementwise = matches!(op, Op::Unary { .. } | Op::Binary { .. });
+        for (operand, mut contribution) in vjp(b, *id, op, g, &active)? {
+            if guard_zeros && elementwise {
+                contribution = b.binary(BinOp::Keep, g, contribution);
+            }
             let reduced = reduce_to(b, contribution, b.ty(operand));
             accumulate(b, &mut adj, operand, reduced);
         }
@@ -115,10 +124,15 @@ impl SliceAdjoints {
     }
 }
 
-/// The values of the region that depend on a leaf (the leaves included).
+/// The values of the region that depend on a leaf (the leaves included) through a
+/// differentiable path: a comparison is flat wherever it has a slope, so nothing flows
+/// through it.
 fn active_values(region: &[(ValueId, Op)], leaves: &[ValueId]) -> HashSet<ValueId> {
     let mut active: HashSet<ValueId> = leaves.iter().copied().collect();
     for (id, op) in region {
+        if matches!(op, Op::Binary { op: BinOp::Lt | BinOp::Le | BinOp::Equal, .. }) {
+            continue;
+        }
         if op.operands().iter().any(|o| active.contains(o)) {
             active.insert(*id);
         }
@@ -318,7 +332,31 @@ fn unary_vjp(b: &mut Builder, f: UnOp, x: ValueId, y: ValueId, g: ValueId) -> Va
             let s = b.mul(g, yy);
             b.neg(s)
         }
+        UnOp::Abs => {
+            // sign(x) = (0 < x) - (x < 0): 0 at 0, the subgradient the reference takes.
+            let zero = scalar(b, 0.0);
+            let pos = b.binary(BinOp::Lt, zero, x);
+            let neg = b.binary(BinOp::Lt, x, zero);
+            let sign = b.sub(pos, neg);
+            b.mul(g, sign)
+        }
+        UnOp::Tanh => {
+            let one = scalar(b, 1.0);
+            let yy = b.mul(y, y);
+            let s = b.sub(one, yy);
+            b.mul(g, s)
+        }
     }
+}
+
+/// The share of a `max` (or `min`) slope that goes to `a`: 1 where `a` is selected, 1/2 at
+/// a tie (as torch's maximum and minimum), 0 elsewhere.
+fn selected_share(b: &mut Builder, f: BinOp, a: ValueId, c: ValueId) -> ValueId {
+    let wins = if f == BinOp::Max { b.binary(BinOp::Lt, c, a) } else { b.binary(BinOp::Lt, a, c) };
+    let tie = b.binary(BinOp::Equal, a, c);
+    let half = b.constant(0.5, TileTy { rows: 1, cols: 1, dtype: b.ty(a).dtype });
+    let split = b.mul(tie, half);
+    b.add(wins, split)
 }
 
 /// `(g * df/da, g * df/dc)` for the operands that are active, given `y = f(a, c)`.
@@ -344,7 +382,11 @@ fn binary_vjp(
                 let s = b.mul(c, p);
                 b.mul(g, s)
             }
-            BinOp::Max => return Err(AdError("the backward of max is not derived yet".into())),
+            BinOp::Max | BinOp::Min => {
+                let share = selected_share(b, f, a, c);
+                b.mul(g, share)
+            }
+            BinOp::Lt | BinOp::Le | BinOp::Equal | BinOp::Keep => unreachable!("flat in `a`: not asked for"),
         })
     };
     let dc = |b: &mut Builder| -> Result<ValueId, AdError> {
@@ -364,9 +406,16 @@ fn binary_vjp(
                 let s = b.mul(y, l);
                 b.mul(g, s)
             }
-            BinOp::Max => return Err(AdError("the backward of max is not derived yet".into())),
+            BinOp::Max | BinOp::Min => {
+                let share = selected_share(b, f, c, a);
+                b.mul(g, share)
+            }
+            BinOp::Keep => b.binary(BinOp::Keep, a, g),
+            BinOp::Lt | BinOp::Le | BinOp::Equal => unreachable!("comparisons are inactive"),
         })
     };
+    // A `where` condition gets no adjoint: the result is flat in it wherever it has a slope.
+    let want_a = want_a && f != BinOp::Keep;
     Ok((if want_a { Some(da(b)?) } else { None }, if want_c { Some(dc(b)?) } else { None }))
 }
 
@@ -435,14 +484,24 @@ mod tests {
     #[test]
     fn elementwise_ops_match_finite_differences() {
         let xs = [0.3f32, -0.7, 1.1, 0.4, 0.9, -0.2];
-        for op in [UnOp::Neg, UnOp::Exp, UnOp::Exp2, UnOp::Sigmoid, UnOp::Softplus, UnOp::Silu, UnOp::Recip] {
+        for op in [
+            UnOp::Neg,
+            UnOp::Exp,
+            UnOp::Exp2,
+            UnOp::Sigmoid,
+            UnOp::Softplus,
+            UnOp::Silu,
+            UnOp::Recip,
+            UnOp::Abs,
+            UnOp::Tanh,
+        ] {
             check(&format!("{op:?}"), &[(1, 6)], &xs, |b, l| b.unary(op, l[0]));
         }
         let pos = [0.3f32, 0.7, 1.1, 0.4, 0.9, 0.2];
         for op in [UnOp::Log, UnOp::Sqrt] {
             check(&format!("{op:?}"), &[(1, 6)], &pos, |b, l| b.unary(op, l[0]));
         }
-        for op in [BinOp::Add, BinOp::Sub, BinOp::Mul, BinOp::Div, BinOp::Pow] {
+        for op in [BinOp::Add, BinOp::Sub, BinOp::Mul, BinOp::Div, BinOp::Pow, BinOp::Max, BinOp::Min] {
             // a [1, 3] row against a [1, 1] scalar and a [3, 1] column: both broadcasts
             let seven = [0.3f32, 0.7, 1.1, 0.4, 0.9, 0.2, 1.3];
             check(&format!("{op:?} broadcast"), &[(1, 3), (1, 1), (3, 1)], &seven, |b, l| {
@@ -450,6 +509,25 @@ mod tests {
                 b.binary(op, l[2], ab)
             });
         }
+    }
+
+    #[test]
+    fn where_passes_the_taken_branch_and_stops_at_the_condition() {
+        // where(x > 0, sqrt(x), 2 x) * x: sqrt of the negative entries is NaN, and the
+        // branch not taken must neither reach the value nor turn its zero adjoint into NaN.
+        let xs = [0.3f32, -0.7, 1.1, -0.4, 0.9, -0.2];
+        check("where", &[(1, 6)], &xs, |b, l| {
+            let zero = b.constant(0.0, TileTy::f32(1, 1));
+            let pos = b.binary(BinOp::Lt, zero, l[0]);
+            let not_pos = b.binary(BinOp::Equal, pos, zero);
+            let root = b.unary(UnOp::Sqrt, l[0]);
+            let two = b.constant(2.0, TileTy::f32(1, 1));
+            let twice = b.mul(l[0], two);
+            let taken = b.binary(BinOp::Keep, pos, root);
+            let other = b.binary(BinOp::Keep, not_pos, twice);
+            let w = b.add(taken, other);
+            b.mul(w, l[0])
+        });
     }
 
     #[test]

@@ -47,20 +47,7 @@ fn rnd(x: f64, dtype: DType) -> f64 {
 }
 
 pub fn apply_binary(op: BinOp, a: f64, b: f64) -> f64 {
-    match op {
-        BinOp::Add => a + b,
-        BinOp::Sub => a - b,
-        BinOp::Mul => a * b,
-        BinOp::Div => a / b,
-        BinOp::Pow => a.powf(b),
-        BinOp::Max => {
-            if a.is_nan() || b.is_nan() {
-                f64::NAN
-            } else {
-                a.max(b)
-            }
-        }
-    }
+    op.eval(a, b)
 }
 
 struct Machine<'k, 'p, 'm> {

@@ -153,6 +153,8 @@ pub enum UnOp {
     Silu,
     Sqrt,
     Recip,
+    Abs,
+    Tanh,
 }
 
 impl UnOp {
@@ -179,6 +181,8 @@ impl UnOp {
             UnOp::Silu => x * sigmoid(x),
             UnOp::Sqrt => x.sqrt(),
             UnOp::Recip => 1.0 / x,
+            UnOp::Abs => x.abs(),
+            UnOp::Tanh => x.tanh(),
         }
     }
 }
@@ -192,7 +196,43 @@ pub enum BinOp {
     Mul,
     Div,
     Pow,
+    /// NaN when either operand is NaN (as `Min`).
     Max,
+    Min,
+    /// 1 where `a < b`, else 0 (0 when either is NaN); `Le` and `Equal` alike.
+    Lt,
+    Le,
+    Equal,
+    /// `b` where `a != 0`, else 0: the branch not taken never reaches the result, even as
+    /// a NaN or an infinity (a `where` is two of these added).
+    Keep,
+}
+
+impl BinOp {
+    /// The function in f64, the definition every backend is held to.
+    pub fn eval(self, a: f64, b: f64) -> f64 {
+        let truth = |c: bool| if c { 1.0 } else { 0.0 };
+        match self {
+            BinOp::Add => a + b,
+            BinOp::Sub => a - b,
+            BinOp::Mul => a * b,
+            BinOp::Div => a / b,
+            BinOp::Pow => a.powf(b),
+            BinOp::Max | BinOp::Min if a.is_nan() || b.is_nan() => f64::NAN,
+            BinOp::Max => a.max(b),
+            BinOp::Min => a.min(b),
+            BinOp::Lt => truth(a < b),
+            BinOp::Le => truth(a <= b),
+            BinOp::Equal => truth(a == b),
+            BinOp::Keep => {
+                if a != 0.0 {
+                    b
+                } else {
+                    0.0
+                }
+            }
+        }
+    }
 }
 
 /// Which elements `Mask` replaces with its fill value.

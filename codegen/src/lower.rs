@@ -223,7 +223,7 @@ impl<'a> Lowerer<'a> {
                     _ => {}
                 }
                 let (x, y) = (self.align(b, x, a.ty, c.ty), self.align(b, y, c.ty, a.ty));
-                Tile(b.binary(binop(*op), x, y))
+                Tile(binary(b, *op, x, y))
             }
             ExprKind::Dot(a, c) => {
                 let (x, y) = (self.tile(b, a)?, self.tile(b, c)?);
@@ -349,15 +349,33 @@ pub fn unop(op: UnaryOp) -> UnOp {
         UnaryOp::Softplus => UnOp::Softplus,
         UnaryOp::Silu => UnOp::Silu,
         UnaryOp::Sqrt => UnOp::Sqrt,
+        UnaryOp::Abs => UnOp::Abs,
+        UnaryOp::Tanh => UnOp::Tanh,
     }
 }
 
-pub fn binop(op: BinaryOp) -> BinOp {
-    match op {
+/// `x op y` in tile ops: `>` and `>=` are `<` and `<=` with the operands swapped, and `!=`
+/// is `1 - (==)`.
+pub fn binary(b: &mut Builder, op: BinaryOp, x: ValueId, y: ValueId) -> ValueId {
+    let direct = match op {
         BinaryOp::Add => BinOp::Add,
         BinaryOp::Sub => BinOp::Sub,
         BinaryOp::Mul => BinOp::Mul,
         BinaryOp::Div => BinOp::Div,
         BinaryOp::Pow => BinOp::Pow,
-    }
+        BinaryOp::Min => BinOp::Min,
+        BinaryOp::Max => BinOp::Max,
+        BinaryOp::Lt => BinOp::Lt,
+        BinaryOp::Le => BinOp::Le,
+        BinaryOp::Equal => BinOp::Equal,
+        BinaryOp::Keep => BinOp::Keep,
+        BinaryOp::Gt => return b.binary(BinOp::Lt, y, x),
+        BinaryOp::Ge => return b.binary(BinOp::Le, y, x),
+        BinaryOp::NotEqual => {
+            let eq = b.binary(BinOp::Equal, x, y);
+            let one = b.constant(1.0, TileTy { rows: 1, cols: 1, dtype: b.ty(eq).dtype });
+            return b.sub(one, eq);
+        }
+    };
+    b.binary(direct, x, y)
 }

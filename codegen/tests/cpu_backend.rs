@@ -143,9 +143,32 @@ fn sum_atol(k: usize, scale: f32) -> f32 {
 /// computes in f64 and rounds once (0.5 ulp). 4 ulp of relative error (4 * 2^-23) covers both.
 const EXP_RTOL: f32 = 4.0 * f32::EPSILON;
 
-const UNOPS: [UnOp; 9] =
-    [UnOp::Neg, UnOp::Exp, UnOp::Exp2, UnOp::Log, UnOp::Sigmoid, UnOp::Softplus, UnOp::Silu, UnOp::Sqrt, UnOp::Recip];
-const BINOPS: [BinOp; 6] = [BinOp::Add, BinOp::Sub, BinOp::Mul, BinOp::Div, BinOp::Pow, BinOp::Max];
+const UNOPS: [UnOp; 11] = [
+    UnOp::Neg,
+    UnOp::Exp,
+    UnOp::Exp2,
+    UnOp::Log,
+    UnOp::Sigmoid,
+    UnOp::Softplus,
+    UnOp::Silu,
+    UnOp::Sqrt,
+    UnOp::Recip,
+    UnOp::Abs,
+    UnOp::Tanh,
+];
+const BINOPS: [BinOp; 11] = [
+    BinOp::Add,
+    BinOp::Sub,
+    BinOp::Mul,
+    BinOp::Div,
+    BinOp::Pow,
+    BinOp::Max,
+    BinOp::Min,
+    BinOp::Lt,
+    BinOp::Le,
+    BinOp::Equal,
+    BinOp::Keep,
+];
 
 // ---- elementwise ---------------------------------------------------------------------------
 
@@ -208,6 +231,11 @@ fn binary_ops_with_broadcasting() {
                     if xb.len() > 1 {
                         xb[1] = f32::NAN;
                         xb[0] = 0.0;
+                    }
+                    // A zero condition for Keep, and a tie for the comparisons, min and max.
+                    if xa.len() > 2 && xb.len() > 2 {
+                        xa[1] = 0.0;
+                        xa[2] = xb[2];
                     }
                     let n = rows.max(sa.0) * cols.max(sa.1);
                     check(&format!("{op:?} {dt:?} {sa:?} {sb:?}"), &k, &[xa, xb, vec![0.0; n]], RTOL, 0.0);

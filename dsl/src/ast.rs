@@ -116,6 +116,8 @@ pub enum UnaryOp {
     Softplus,
     Silu,
     Sqrt,
+    Abs,
+    Tanh,
 }
 
 impl UnaryOp {
@@ -129,6 +131,8 @@ impl UnaryOp {
             UnaryOp::Softplus => "softplus",
             UnaryOp::Silu => "silu",
             UnaryOp::Sqrt => "sqrt",
+            UnaryOp::Abs => "abs",
+            UnaryOp::Tanh => "tanh",
         }
     }
     /// Applies the function in f64 (the reference's arithmetic).
@@ -142,6 +146,8 @@ impl UnaryOp {
             UnaryOp::Softplus => softplus(x),
             UnaryOp::Silu => x * sigmoid(x),
             UnaryOp::Sqrt => x.sqrt(),
+            UnaryOp::Abs => x.abs(),
+            UnaryOp::Tanh => x.tanh(),
         }
     }
 }
@@ -169,6 +175,12 @@ pub fn softplus(x: f64) -> f64 {
 
 /// Elementwise binary operators, with broadcasting: a scalar combines with anything; a `[K]`
 /// vector with a K x V matrix scales its rows, a `[V]` vector its columns.
+///
+/// Comparisons give 1 where they hold and 0 elsewhere (0 when either side is NaN, except for
+/// `!=`). `min` and `max` are NaN when either operand is. `relu`, `clip` and `where` are
+/// written with these: `relu(x) = max(x, 0)`, `clip(x, lo, hi) = min(max(x, lo), hi)` and
+/// `where(c, a, b) = Keep(c, a) + Keep(c == 0, b)`, so that the branch not taken never
+/// reaches the result (not even as a NaN or an infinity times 0).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum BinaryOp {
     Add,
@@ -176,6 +188,16 @@ pub enum BinaryOp {
     Mul,
     Div,
     Pow,
+    Min,
+    Max,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+    Equal,
+    NotEqual,
+    /// `Keep(c, x)`: `x` where `c != 0`, else 0 (half of a `where`).
+    Keep,
 }
 
 impl BinaryOp {
@@ -186,15 +208,45 @@ impl BinaryOp {
             BinaryOp::Mul => "*",
             BinaryOp::Div => "/",
             BinaryOp::Pow => "pow",
+            BinaryOp::Min => "min",
+            BinaryOp::Max => "max",
+            BinaryOp::Lt => "<",
+            BinaryOp::Le => "<=",
+            BinaryOp::Gt => ">",
+            BinaryOp::Ge => ">=",
+            BinaryOp::Equal => "==",
+            BinaryOp::NotEqual => "!=",
+            BinaryOp::Keep => "where",
         }
     }
+    /// True for `< <= > >= == !=`.
+    pub fn is_comparison(self) -> bool {
+        matches!(self, BinaryOp::Lt | BinaryOp::Le | BinaryOp::Gt | BinaryOp::Ge | BinaryOp::Equal | BinaryOp::NotEqual)
+    }
     pub fn apply(self, a: f64, b: f64) -> f64 {
+        let truth = |c: bool| if c { 1.0 } else { 0.0 };
         match self {
             BinaryOp::Add => a + b,
             BinaryOp::Sub => a - b,
             BinaryOp::Mul => a * b,
             BinaryOp::Div => a / b,
             BinaryOp::Pow => a.powf(b),
+            BinaryOp::Min | BinaryOp::Max if a.is_nan() || b.is_nan() => f64::NAN,
+            BinaryOp::Min => a.min(b),
+            BinaryOp::Max => a.max(b),
+            BinaryOp::Lt => truth(a < b),
+            BinaryOp::Le => truth(a <= b),
+            BinaryOp::Gt => truth(a > b),
+            BinaryOp::Ge => truth(a >= b),
+            BinaryOp::Equal => truth(a == b),
+            BinaryOp::NotEqual => truth(a != b),
+            BinaryOp::Keep => {
+                if a != 0.0 {
+                    b
+                } else {
+                    0.0
+                }
+            }
         }
     }
 }

@@ -326,6 +326,23 @@ impl Cx<'_> {
             (BinaryOp::Mul, ..) => opaque("a product of two values that both depend on the state is not linear", sp),
             (BinaryOp::Div, ..) => opaque("dividing by a value that depends on the state is not linear", sp),
             (BinaryOp::Pow, ..) => opaque("pow(...) of a value that depends on the state is not linear", sp),
+            // `where(c, x, ...)` with a state-free condition masks x: a state-free 0/1 factor.
+            (BinaryOp::Keep, Sym::Free(c), s) => {
+                let one = num(1.0, sp);
+                let ty = c.ty;
+                scale_sym(s, &Expr::new(ExprKind::Binary(BinaryOp::Keep, Box::new(c), Box::new(one)), ty, sp))
+            }
+            (BinaryOp::Keep, ..) => {
+                opaque("a `where` whose condition depends on the state is not linear (it switches on the state)", sp)
+            }
+            (BinaryOp::Min | BinaryOp::Max, ..) => Sym::Opaque(
+                format!("{}(...) of a value that depends on the state is not linear (it is piecewise)", op.symbol()),
+                sp,
+            ),
+            (op, ..) => Sym::Opaque(
+                format!("the comparison `{}` of a value that depends on the state is not linear", op.symbol()),
+                sp,
+            ),
         }
     }
 
@@ -691,11 +708,13 @@ pub fn print_expr(rule: &Rule, e: &Expr) -> String {
 
 fn prec(e: &Expr) -> u8 {
     match &e.kind {
-        ExprKind::Binary(BinaryOp::Add | BinaryOp::Sub, ..) => 1,
-        ExprKind::Binary(BinaryOp::Mul | BinaryOp::Div, ..) => 2,
-        ExprKind::MatMul(..) => 3,
-        ExprKind::Unary(UnaryOp::Neg, _) => 4,
-        _ => 5,
+        ExprKind::Binary(op, ..) if op.is_comparison() => 1,
+        ExprKind::Binary(BinaryOp::Add, x, y) if as_where(x, y).is_some() => 6,
+        ExprKind::Binary(BinaryOp::Add | BinaryOp::Sub, ..) => 2,
+        ExprKind::Binary(BinaryOp::Mul | BinaryOp::Div, ..) => 3,
+        ExprKind::MatMul(..) => 4,
+        ExprKind::Unary(UnaryOp::Neg, _) => 5,
+        _ => 6,
     }
 }
 
@@ -716,10 +735,24 @@ fn print_into(rule: &Rule, e: &Expr, min: u8, s: &mut String) {
         ExprKind::Head => s.push_str("head"),
         ExprKind::Unary(UnaryOp::Neg, a) => {
             s.push('-');
-            print_into(rule, a, 5, s);
+            print_into(rule, a, 6, s);
         }
         ExprKind::Unary(op, a) => call(rule, op.name(), &[a], s),
-        ExprKind::Binary(BinaryOp::Pow, a, b) => call(rule, "pow", &[a, b], s),
+        ExprKind::Binary(op @ (BinaryOp::Pow | BinaryOp::Min | BinaryOp::Max), a, b) => {
+            call(rule, op.symbol(), &[a, b], s)
+        }
+        ExprKind::Binary(BinaryOp::Add, x, y) if as_where(x, y).is_some() => {
+            if let Some((c, a, b)) = as_where(x, y) {
+                call(rule, "where", &[c, a, b], s);
+            }
+        }
+        ExprKind::Binary(BinaryOp::Keep, c, a) => call(rule, "where", &[c, a, &num(0.0, e.span)], s),
+        ExprKind::Binary(op, a, b) if op.is_comparison() => {
+            // Comparisons do not chain: both sides in parentheses when they are comparisons.
+            print_into(rule, a, p + 1, s);
+            let _ = write!(s, " {} ", op.symbol());
+            print_into(rule, b, p + 1, s);
+        }
         ExprKind::Binary(op, a, b) => {
             print_into(rule, a, p, s);
             let _ = write!(s, " {} ", op.symbol());
@@ -730,7 +763,7 @@ fn print_into(rule: &Rule, e: &Expr, min: u8, s: &mut String) {
         ExprKind::Sum(a) => call(rule, "sum", &[a], s),
         ExprKind::L2Norm(a) => call(rule, "l2norm", &[a], s),
         ExprKind::Transpose(a) => {
-            print_into(rule, a, 5, s);
+            print_into(rule, a, 6, s);
             s.push_str("^T");
         }
         ExprKind::MatMul(a, b) => {
@@ -742,6 +775,17 @@ fn print_into(rule: &Rule, e: &Expr, min: u8, s: &mut String) {
     if paren {
         s.push(')');
     }
+}
+
+/// `(c, a, b)` when `x + y` is `where(c, a, b)` as the checker writes it:
+/// `Keep(c, a) + Keep(c == 0, b)`.
+fn as_where<'e>(x: &'e Expr, y: &'e Expr) -> Option<(&'e Expr, &'e Expr, &'e Expr)> {
+    let (ExprKind::Binary(BinaryOp::Keep, c, a), ExprKind::Binary(BinaryOp::Keep, not_c, b)) = (&x.kind, &y.kind)
+    else {
+        return None;
+    };
+    let ExprKind::Binary(BinaryOp::Equal, c2, zero) = &not_c.kind else { return None };
+    (matches!(zero.kind, ExprKind::Num(z) if z == 0.0) && c2 == c).then_some((c, a, b))
 }
 
 fn call(rule: &Rule, name: &str, args: &[&Expr], s: &mut String) {

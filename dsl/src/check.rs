@@ -134,6 +134,8 @@ fn unary_fn(name: &str) -> Option<UnaryOp> {
         "softplus" => UnaryOp::Softplus,
         "silu" => UnaryOp::Silu,
         "sqrt" => UnaryOp::Sqrt,
+        "abs" => UnaryOp::Abs,
+        "tanh" => UnaryOp::Tanh,
         _ => return None,
     })
 }
@@ -396,7 +398,7 @@ impl Checker<'_> {
         Err(self.err(at, format!("unknown name `{name}`"), "not an input, a local or a built-in", help))
     }
 
-    /// Types `+ - * / pow`.
+    /// Types `+ - * /`, the comparisons, and the elementwise functions (`pow`, `min`, ...).
     fn elementwise(
         &self,
         op: &str,
@@ -405,8 +407,8 @@ impl Checker<'_> {
         (a, ta): (&PExpr, Ty),
         (b, tb): (&PExpr, Ty),
     ) -> Result<Ty, Diagnostic> {
-        let context =
-            if op == "pow" { "as an argument of `pow`".to_string() } else { format!("as an operand of `{op}`") };
+        let is_call = parse::is_identifier(op);
+        let context = if is_call { format!("as an argument of `{op}`") } else { format!("as an operand of `{op}`") };
         for (e, t) in [(a, ta), (b, tb)] {
             if t == Ty::MatT {
                 return Err(self.matt_misuse(e, &context, MATT_HELP));
@@ -416,9 +418,24 @@ impl Checker<'_> {
             return Ok(t);
         }
         // Only [K] with [V] is left.
+        if is_call && op != "pow" {
+            return Err(self.err(
+                whole.span,
+                format!("type mismatch in `{op}`: {} and {}", a_ty(ta), a_ty(tb)),
+                format!("{op}({ta}, {tb})"),
+                format!(
+                    "the arguments of `{op}` combine elementwise: vectors of one kind ([K] or [V]), a scalar with \
+                     either; `{}` is {} and `{}` is {}",
+                    self.text(a.span),
+                    a_ty(ta),
+                    self.text(b.span),
+                    a_ty(tb)
+                ),
+            ));
+        }
         let (k, v) = if ta == Ty::VecK { (a, b) } else { (b, a) };
-        let shown = if op == "pow" { format!("pow({ta}, {tb})") } else { format!("{ta} {op} {tb}") };
-        let at = if op == "pow" { whole.span } else { op_span };
+        let shown = if is_call { format!("{op}({ta}, {tb})") } else { format!("{ta} {op} {tb}") };
+        let at = if is_call { whole.span } else { op_span };
         Err(self.err(
             at,
             format!("type mismatch in `{op}`: {} and {}", a_ty(ta), a_ty(tb)),
@@ -485,8 +502,10 @@ impl Checker<'_> {
         let span = self.span(p.span);
         let (arity, usage) = match name {
             _ if unary_fn(name).is_some() => (1, format!("{name}(x)")),
-            "l2norm" | "sum" => (1, format!("{name}(x)")),
-            "pow" | "dot" | "outer" => (2, format!("{name}(a, b)")),
+            "l2norm" | "sum" | "relu" => (1, format!("{name}(x)")),
+            "pow" | "dot" | "outer" | "min" | "max" => (2, format!("{name}(a, b)")),
+            "clip" => (3, "clip(x, lo, hi)".to_string()),
+            "where" => (3, "where(condition, a, b)".to_string()),
             _ => {
                 let mut help = String::new();
                 if let Some(guess) = did_you_mean(name, FUNCTIONS) {
@@ -520,6 +539,9 @@ impl Checker<'_> {
                     return Err(self.matt_misuse(a, &format!("as an argument of `{name}`"), MATT_HELP));
                 }
             }
+        }
+        if matches!(name, "relu" | "min" | "max" | "clip" | "where") {
+            return self.piecewise(p, name, args, typed);
         }
         let mut it = typed.into_iter();
         let (Some(x), y) = (it.next(), it.next()) else {
@@ -596,6 +618,38 @@ impl Checker<'_> {
             }
             _ => Err(self.err(p.span, format!("`{name}` takes {arity} arguments"), "", format!("call it as {usage}"))),
         }
+    }
+
+    /// Types `relu`, `min`, `max`, `clip` and `where`, written with the elementwise binary
+    /// operators (see [`BinaryOp`]); every argument broadcasts as in `+`.
+    fn piecewise(&self, p: &PExpr, name: &str, args: &[PExpr], typed: Vec<Expr>) -> Result<Expr, Diagnostic> {
+        let span = self.span(p.span);
+        // The result type of all the arguments together, checked pairwise from the first.
+        let mut ty = typed[0].ty;
+        for (a, x) in args.iter().zip(&typed).skip(1) {
+            ty = self.elementwise(name, a.span, p, (&args[0], ty), (a, x.ty))?;
+        }
+        let bin = |op: BinaryOp, a: Expr, b: Expr| {
+            let ty = broadcast(a.ty, b.ty).unwrap_or(ty);
+            Expr::new(ExprKind::Binary(op, Box::new(a), Box::new(b)), ty, span)
+        };
+        let zero = Expr::new(ExprKind::Num(0.0), Ty::Scalar, span);
+        let mut it = typed.into_iter();
+        let mut next = || it.next().unwrap_or_else(|| zero.clone());
+        Ok(match name {
+            "relu" => bin(BinaryOp::Max, next(), zero.clone()),
+            "min" => bin(BinaryOp::Min, next(), next()),
+            "max" => bin(BinaryOp::Max, next(), next()),
+            "clip" => {
+                let (x, lo, hi) = (next(), next(), next());
+                bin(BinaryOp::Min, bin(BinaryOp::Max, x, lo), hi)
+            }
+            _ => {
+                let (c, a, b) = (next(), next(), next());
+                let not_c = bin(BinaryOp::Equal, c.clone(), zero.clone());
+                bin(BinaryOp::Add, bin(BinaryOp::Keep, c, a), bin(BinaryOp::Keep, not_c, b))
+            }
+        })
     }
 
     /// Whole-rule checks after the last statement.

@@ -138,7 +138,7 @@ fn backprop(
         Op::Leaf(_) => {}
         Op::Unary(f, a) => {
             let (x, y) = (val(a), val(n));
-            let d: Vec<f64> = x.iter().zip(y).zip(g).map(|((&x, &y), &g)| g * unary_slope(f, x, y)).collect();
+            let d: Vec<f64> = x.iter().zip(y).zip(g).map(|((&x, &y), &g)| times(g, unary_slope(f, x, y))).collect();
             add(adj, tape, a, |ga| ga.iter_mut().zip(&d).for_each(|(p, q)| *p += q));
         }
         Op::Binary(f, a, b) => {
@@ -148,8 +148,8 @@ fn backprop(
             for (e, &ge) in g.iter().enumerate() {
                 let (ia, ib) = index(e);
                 let (p, q) = binary_slopes(f, xa.data()[ia], xb.data()[ib], y[e]);
-                ga[ia] += ge * p;
-                gb[ib] += ge * q;
+                ga[ia] += times(ge, p);
+                gb[ib] += times(ge, q);
             }
             add(adj, tape, a, |x| x.iter_mut().zip(&ga).for_each(|(p, q)| *p += q));
             add(adj, tape, b, |x| x.iter_mut().zip(&gb).for_each(|(p, q)| *p += q));
@@ -212,6 +212,17 @@ fn backprop(
     Ok(())
 }
 
+/// `g * slope`, 0 where no adjoint reaches (g = 0): the branch a `where` did not take may
+/// have a non-finite slope (log or sqrt of a negative number), and it must not turn the
+/// zero it receives into NaN.
+fn times(g: f64, slope: f64) -> f64 {
+    if g == 0.0 {
+        0.0
+    } else {
+        g * slope
+    }
+}
+
 /// `f'(x)`, given `y = f(x)`.
 fn unary_slope(f: UnaryOp, x: f64, y: f64) -> f64 {
     match f {
@@ -226,6 +237,19 @@ fn unary_slope(f: UnaryOp, x: f64, y: f64) -> f64 {
             s + x * s * (1.0 - s)
         }
         UnaryOp::Sqrt => 0.5 / y,
+        UnaryOp::Abs => sign(x),
+        UnaryOp::Tanh => 1.0 - y * y,
+    }
+}
+
+/// -1, 0 or 1 (0 at ±0, as the subgradient `abs` takes there).
+fn sign(x: f64) -> f64 {
+    if x > 0.0 {
+        1.0
+    } else if x < 0.0 {
+        -1.0
+    } else {
+        0.0
     }
 }
 
@@ -238,6 +262,18 @@ fn binary_slopes(f: BinaryOp, a: f64, b: f64, y: f64) -> (f64, f64) {
         BinaryOp::Div => (1.0 / b, -a / (b * b)),
         // d(a^b)/db = a^b ln a, which tends to 0 where a^b does (a = 0, b > 0).
         BinaryOp::Pow => (b * a.powf(b - 1.0), if y == 0.0 { 0.0 } else { y * a.ln() }),
+        // The selected operand takes the slope; a tie splits it (as torch's maximum/minimum).
+        BinaryOp::Min | BinaryOp::Max => {
+            let a_wins = if f == BinaryOp::Max { a > b } else { a < b };
+            match (a == b, a_wins) {
+                (true, _) => (0.5, 0.5),
+                (false, true) => (1.0, 0.0),
+                (false, false) => (0.0, 1.0),
+            }
+        }
+        // Step functions: flat wherever they are differentiable.
+        BinaryOp::Lt | BinaryOp::Le | BinaryOp::Gt | BinaryOp::Ge | BinaryOp::Equal | BinaryOp::NotEqual => (0.0, 0.0),
+        BinaryOp::Keep => (0.0, if a != 0.0 { 1.0 } else { 0.0 }),
     }
 }
 

@@ -23,6 +23,14 @@ pub enum Tok {
     RParen,
     Comma,
     Eq,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+    /// `==`.
+    EqEq,
+    /// `!=`.
+    Ne,
     /// End of a statement: a line break outside parentheses.
     Newline,
 }
@@ -172,6 +180,29 @@ pub fn lex(text: &str) -> Result<Vec<Token>, LexError> {
                 tokens.push(single(Tok::RParen));
                 i += 1;
             }
+            '<' | '>' | '=' | '!' if bytes.get(i + 1) == Some(&b'=') => {
+                let tok = match c {
+                    '<' => Tok::Le,
+                    '>' => Tok::Ge,
+                    '=' => Tok::EqEq,
+                    _ => Tok::Ne,
+                };
+                tokens.push(Token { tok, span: Span::new(start, start + 2) });
+                i += 2;
+            }
+            '!' => {
+                return Err(LexError {
+                    span: Span::new(start, start + 1),
+                    message: "`!` is only part of `!=`".to_string(),
+                    label: "no logical not in the step language".to_string(),
+                    help: "to negate a condition c write c == 0, or compare the other way (a >= b for !(a < b))"
+                        .to_string(),
+                });
+            }
+            '<' | '>' => {
+                tokens.push(single(if c == '<' { Tok::Lt } else { Tok::Gt }));
+                i += 1;
+            }
             '+' | '-' | '*' | '/' | '@' | ',' | '=' => {
                 let tok = match c {
                     '+' => Tok::Plus,
@@ -190,7 +221,8 @@ pub fn lex(text: &str) -> Result<Vec<Token>, LexError> {
                     span: Span::new(start, start + c.len_utf8()),
                     message: format!("unexpected character `{}`", c.escape_debug()),
                     label: "not part of the step language".to_string(),
-                    help: "a step is made of names, numbers, `+ - * / @ ^T`, parentheses, commas, `=` and # comments"
+                    help: "a step is made of names, numbers, `+ - * / @ ^T`, comparisons (`< <= > >= == !=`), \
+                           parentheses, commas, `=` and # comments"
                         .to_string(),
                 });
             }

@@ -23,8 +23,10 @@ pub const TOP_LEVEL_KEYS: [&str; 5] = ["name", "summary", "chunked", "step", "in
 /// The keys of an input table.
 pub const INPUT_KEYS: [&str; 3] = ["shape", "domain", "per_head"];
 /// Functions of the step language, in the order help texts list them.
-pub const FUNCTIONS: [&str; 12] =
-    ["exp", "exp2", "log", "sigmoid", "softplus", "silu", "sqrt", "pow", "l2norm", "sum", "dot", "outer"];
+pub const FUNCTIONS: [&str; 19] = [
+    "exp", "exp2", "log", "sigmoid", "softplus", "silu", "sqrt", "abs", "tanh", "relu", "min", "max", "clip", "where",
+    "pow", "l2norm", "sum", "dot", "outer",
+];
 /// The tensors a program takes and gives beside the rule's inputs: the state entering and
 /// leaving a sequence, and the loss' cotangents of `o` and `hT` for the gradient. No input
 /// may take their names.
@@ -584,7 +586,8 @@ pub enum PKind {
         args: Vec<PExpr>,
     },
     Neg(Box<PExpr>),
-    /// `+ - * /` (never `Pow`: `pow` is a call); the span is the operator's.
+    /// `+ - * /` and the comparisons (never a function such as `pow`: those are calls); the
+    /// span is the operator's.
     Binary(BinaryOp, Span, Box<PExpr>, Box<PExpr>),
     /// `a @ b`; the span is the operator's.
     MatMul(Span, Box<PExpr>, Box<PExpr>),
@@ -640,6 +643,19 @@ pub fn parse_step_text(text: &str) -> Result<Vec<PStmt>, StepError> {
         }
     }
     Ok(stmts)
+}
+
+/// The comparison a token stands for.
+fn comparison(tok: &Tok) -> Option<BinaryOp> {
+    Some(match tok {
+        Tok::Lt => BinaryOp::Lt,
+        Tok::Le => BinaryOp::Le,
+        Tok::Gt => BinaryOp::Gt,
+        Tok::Ge => BinaryOp::Ge,
+        Tok::EqEq => BinaryOp::Equal,
+        Tok::Ne => BinaryOp::NotEqual,
+        _ => return None,
+    })
 }
 
 fn slice(text: &str, span: Span) -> &str {
@@ -779,7 +795,28 @@ impl Parser<'_> {
         Ok(lhs)
     }
 
+    /// A sum, or one comparison of two sums (comparisons do not chain: `a < b < c` is an
+    /// error, not `(a < b) < c`).
     fn expr(&mut self) -> Result<PExpr, StepError> {
+        let lhs = self.sum()?;
+        let Some((op, op_span)) = self.peek().and_then(|t| comparison(&t.tok).map(|op| (op, t.span))) else {
+            return Ok(lhs);
+        };
+        self.pos += 1;
+        let rhs = self.sum()?;
+        if let Some(t) = self.peek().filter(|t| comparison(&t.tok).is_some()) {
+            return Err(StepError::new(
+                t.span,
+                "comparisons do not chain",
+                "a second comparison",
+                "write each comparison separately and combine them, e.g. (a < b) * (b < c)",
+            ));
+        }
+        let span = lhs.span.join(rhs.span);
+        self.node(PKind::Binary(op, op_span, Box::new(lhs), Box::new(rhs)), span)
+    }
+
+    fn sum(&mut self) -> Result<PExpr, StepError> {
         self.binary_level(&[(Tok::Plus, Some(BinaryOp::Add)), (Tok::Minus, Some(BinaryOp::Sub))], Self::term)
     }
 

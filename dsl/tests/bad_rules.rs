@@ -417,7 +417,7 @@ scale = "scalar"
    |
 10 | scale = "scalar"
    | ^^^^^ reserved name
-   = help: rename the input; S, o, scale, head and the functions (exp, exp2, log, sigmoid, softplus, silu, sqrt, pow, l2norm, sum, dot, outer) are reserved
+   = help: rename the input; S, o, scale, head and the functions (exp, exp2, log, sigmoid, softplus, silu, sqrt, abs, tanh, relu, min, max, clip, where, pow, l2norm, sum, dot, outer) are reserved
 "#,
     );
 }
@@ -670,7 +670,7 @@ v = "[V]"
   |
 3 | S = S + outer(k, v) $
   |                     ^ not part of the step language
-  = help: a step is made of names, numbers, `+ - * / @ ^T`, parentheses, commas, `=` and # comments
+  = help: a step is made of names, numbers, `+ - * / @ ^T`, comparisons (`< <= > >= == !=`), parentheses, commas, `=` and # comments
 "#,
     );
 }
@@ -716,7 +716,7 @@ v = "[V]"
   |
 4 | o = S^T @ softmax(q)
   |           ^^^^^^^ not a function
-  = help: the functions are exp, exp2, log, sigmoid, softplus, silu, sqrt, pow, l2norm, sum, dot, outer
+  = help: the functions are exp, exp2, log, sigmoid, softplus, silu, sqrt, abs, tanh, relu, min, max, clip, where, pow, l2norm, sum, dot, outer
 "#,
     );
 }
@@ -1088,7 +1088,7 @@ v = "[V]"
   |
 3 | scale = 0.5
   | ^^^^^ reserved name
-  = help: assign to S, o or a local with another name; scale, head and the functions (exp, exp2, log, sigmoid, softplus, silu, sqrt, pow, l2norm, sum, dot, outer) are reserved
+  = help: assign to S, o or a local with another name; scale, head and the functions (exp, exp2, log, sigmoid, softplus, silu, sqrt, abs, tanh, relu, min, max, clip, where, pow, l2norm, sum, dot, outer) are reserved
 "#,
     );
 }
@@ -1273,6 +1273,121 @@ v = "[V]"
 6 |    kk
   |    ^^ not an input, a local or a built-in
   = help: did you mean `k`? the inputs are q, k, v; the built-ins are S, scale and head
+"#,
+    );
+}
+
+#[test]
+fn chained_comparison() {
+    check(
+        "chained_comparison",
+        r#"name = "r"
+step = '''
+S = S + outer(where(0 < k < 1, k, 0), v)
+o = S^T @ q
+'''
+[inputs]
+q = "[K]"
+k = "[K]"
+v = "[V]"
+"#,
+        r#"bad/chained_comparison.toml:3:27: error: comparisons do not chain
+  |
+3 | S = S + outer(where(0 < k < 1, k, 0), v)
+  |                           ^ a second comparison
+  = help: write each comparison separately and combine them, e.g. (a < b) * (b < c)
+"#,
+    );
+}
+
+#[test]
+fn clip_arity() {
+    check(
+        "clip_arity",
+        r#"name = "r"
+step = '''
+S = S + outer(clip(k, 1), v)
+o = S^T @ q
+'''
+[inputs]
+q = "[K]"
+k = "[K]"
+v = "[V]"
+"#,
+        r#"bad/clip_arity.toml:3:15: error: `clip` takes 3 arguments, found 2
+  |
+3 | S = S + outer(clip(k, 1), v)
+  |               ^^^^^^^^^^ 2 given
+  = help: call it as clip(x, lo, hi)
+"#,
+    );
+}
+
+#[test]
+fn min_of_a_key_and_a_value() {
+    check(
+        "min_of_a_key_and_a_value",
+        r#"name = "r"
+step = '''
+S = S + outer(k, min(v, k))
+o = S^T @ q
+'''
+[inputs]
+q = "[K]"
+k = "[K]"
+v = "[V]"
+"#,
+        r#"bad/min_of_a_key_and_a_value.toml:3:18: error: type mismatch in `min`: a [V] vector and a [K] vector
+  |
+3 | S = S + outer(k, min(v, k))
+  |                  ^^^^^^^^^ min([V], [K])
+  = help: the arguments of `min` combine elementwise: vectors of one kind ([K] or [V]), a scalar with either; `v` is a [V] vector and `k` is a [K] vector
+"#,
+    );
+}
+
+#[test]
+fn where_branches_of_two_kinds() {
+    check(
+        "where_branches_of_two_kinds",
+        r#"name = "r"
+step = '''
+S = S + outer(k, where(v > 0, v, q))
+o = S^T @ q
+'''
+[inputs]
+q = "[K]"
+k = "[K]"
+v = "[V]"
+"#,
+        r#"bad/where_branches_of_two_kinds.toml:3:18: error: type mismatch in `where`: a [V] vector and a [K] vector
+  |
+3 | S = S + outer(k, where(v > 0, v, q))
+  |                  ^^^^^^^^^^^^^^^^^^ where([V], [K])
+  = help: the arguments of `where` combine elementwise: vectors of one kind ([K] or [V]), a scalar with either; `v > 0` is a [V] vector and `q` is a [K] vector
+"#,
+    );
+}
+
+#[test]
+fn a_lone_exclamation_mark() {
+    check(
+        "a_lone_exclamation_mark",
+        r#"name = "r"
+step = '''
+S = S + outer(where(!k, k, 0), v)
+o = S^T @ q
+'''
+[inputs]
+q = "[K]"
+k = "[K]"
+v = "[V]"
+"#,
+        r#"bad/a_lone_exclamation_mark.toml:3:21: error: `!` is only part of `!=`
+  |
+3 | S = S + outer(where(!k, k, 0), v)
+  |                     ^ no logical not in the step language
+  = help: to negate a condition c write c == 0, or compare the other way (a >= b for !(a < b))
 "#,
     );
 }

@@ -80,6 +80,12 @@ fn reasons_for_not_chunking() {
         ("S = outer(k, v + gv)\no = S^T @ q", "discards the previous state"),
         ("S = S + 1 + outer(k, v + gv)\no = S^T @ q", "adds a constant"),
         ("o = S^T @ q\nS = S + outer(k, v) + outer(k, gv * (S^T @ q))", "scaled by different [V] vectors"),
+        ("S = S + outer(k, v)\no = max(S^T @ q, gv)", "max(...) of a value that depends on the state"),
+        ("S = S + outer(k, v)\no = relu(S^T @ q) + gv", "max(...) of a value that depends on the state"),
+        ("S = S + outer(k, v)\no = tanh(S^T @ q) + gv", "tanh(...) of a value that depends on the state"),
+        ("S = S + outer(k, v)\no = (S^T @ q > 0) * gv", "the comparison `>` of a value that depends on the state"),
+        ("S = S + outer(k, v)\no = where(S^T @ q > 0, gv, v)", "the comparison `>`"),
+        ("S = S + outer(k, v)\ny = S^T @ q\no = where(y, gv, v)", "a `where` whose condition depends on the state"),
     ];
     for (step, why) in cases {
         let r = parse(step, io);
@@ -87,6 +93,17 @@ fn reasons_for_not_chunking() {
         assert!(e.reason.contains(why), "{step}: got `{}`", e.reason);
         assert!(e.span.end <= r.source.len() && e.span.start < e.span.end, "{step}: span {:?}", e.span);
     }
+}
+
+/// A `where` with a state-free condition masks the value it keeps: a 0/1 factor, linear.
+#[test]
+fn a_where_on_the_state_with_a_free_condition_is_linear() {
+    let io = "q = \"[K]\"\nk = \"[K]\"\nv = \"[V]\"\nb = \"scalar\"";
+    let r = parse("S = S + outer(k, v)\no = where(b > 0, S^T @ q, 2 * v)", io);
+    let c = canonicalize(&r).expect("chunkable");
+    // The scalar mask is folded into the query.
+    assert_eq!(print_expr(&r, &c.output.query), "q * where(b > 0, 1, 0)");
+    assert_eq!(print_expr(&r, c.output.extra.as_ref().expect("the other branch")), "where((b > 0) == 0, 2 * v, 0)");
 }
 
 #[test]

@@ -2,7 +2,8 @@
 //! interpreter) against central finite differences of the reference itself, in f64, on tiny
 //! shapes: every rule in rules/, and rules that exercise what the built-in ones do not
 //! (non-linear state use, division, pow, sqrt, exp2, softplus, silu, l2norm of a value,
-//! `sum`, `dot`, `S @ y`, locals, per-head parameters, `head`, output before the update).
+//! `sum`, `dot`, `S @ y`, locals, per-head parameters, `head`, output before the update, and
+//! the piecewise functions: relu, abs, tanh, min, max, clip, comparisons and `where`).
 //!
 //! Loss `L = sum(o * do) + sum(hT * dhT)` for random `do`, `dhT`; every input element and
 //! every element of `h0` is perturbed by +-1e-5 and the relative error of each tensor's
@@ -154,6 +155,11 @@ const EXTRA: &[(&str, &str, &str)] = &[
         "read_before_delta",
         "o = S^T @ q + dot(q, k) * v\nS = S - outer(k, beta * (k @ S)) + outer(k, beta * v)",
         "q = \"[K]\"\nk = { shape = \"[K]\", domain = \"unit_norm\" }\nv = \"[V]\"\nbeta = { shape = \"scalar\", domain = \"unit\" }",
+    ),
+    (
+        "piecewise",
+        "g = -relu(a) - 0.1 * abs(tanh(c)) - 0.01\nkk = where(k >= 0, k, 0.1 * k)\nS = exp(g) * S + outer(clip(kk, -1.5, 1.5), min(v, 2 * max(v, 0.2)))\ny = S^T @ q\no = y / max(abs(dot(q, k)), 1) + where(y > 0, tanh(y), 0)",
+        "q = \"[K]\"\nk = \"[K]\"\nv = \"[V]\"\na = \"[K]\"\nc = \"[K]\"",
     ),
     (
         "matrix_vector_both_ways",

@@ -7,7 +7,7 @@
 //! `SolveUnitLower` use register-blocked row kernels (up to four vectors of one output row
 //! accumulated over the inner dimension).
 
-use cranelift_codegen::ir::condcodes::IntCC;
+use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::{types, BlockArg, Endianness, FuncRef, InstBuilder, MemFlagsData, SourceLoc, Type, Value};
 use cranelift_frontend::{FunctionBuilder, Variable};
 
@@ -26,6 +26,7 @@ pub(super) enum Math {
     Sigmoid,
     Softplus,
     Silu,
+    Tanh,
     Pow,
 }
 
@@ -130,7 +131,7 @@ impl Ex {
             Ex::Const(_, d) => *d == root,
             Ex::Un(op, d, x) => {
                 *d == root
-                    && (inline_unary(*op, *d) || matches!(op, UnOp::Neg | UnOp::Sqrt | UnOp::Recip))
+                    && (inline_unary(*op, *d) || matches!(op, UnOp::Neg | UnOp::Sqrt | UnOp::Recip | UnOp::Abs))
                     && x.vec_ok(root)
             }
             Ex::Bin(op, d, a, b) => *d == root && *op != BinOp::Pow && a.vec_ok(root) && b.vec_ok(root),
@@ -145,7 +146,8 @@ impl Ex {
         match self {
             Ex::Leaf(_) | Ex::Const(..) => true,
             Ex::Un(op, d, x) => {
-                (inline_unary(*op, *d) || matches!(op, UnOp::Neg | UnOp::Sqrt | UnOp::Recip)) && x.mixed_ok()
+                (inline_unary(*op, *d) || matches!(op, UnOp::Neg | UnOp::Sqrt | UnOp::Recip | UnOp::Abs))
+                    && x.mixed_ok()
             }
             Ex::Bin(op, _, a, b) => *op != BinOp::Pow && a.mixed_ok() && b.mixed_ok(),
             Ex::Cast(_, _, x) | Ex::Mask(_, _, _, x) => x.mixed_ok(),
@@ -1041,6 +1043,8 @@ impl<'a, 'f> Lower<'a, 'f> {
             UnOp::Log if inline => self.vmath().log(t, x),
             UnOp::Softplus if inline => self.vmath().softplus(t, x),
             UnOp::Neg => self.b.ins().fneg(x),
+            UnOp::Abs => self.b.ins().fabs(x),
+            UnOp::Tanh => self.call(Math::Tanh, dt, &[x]),
             UnOp::Sqrt => self.b.ins().sqrt(x),
             UnOp::Recip => {
                 let one = self.fconst(t, 1.0);
@@ -1062,8 +1066,39 @@ impl<'a, 'f> Lower<'a, 'f> {
             BinOp::Mul => self.b.ins().fmul(x, y),
             BinOp::Div => self.b.ins().fdiv(x, y),
             BinOp::Max => self.b.ins().fmax(x, y),
+            BinOp::Min => self.b.ins().fmin(x, y),
             BinOp::Pow => self.call(Math::Pow, dt, &[x, y]),
+            BinOp::Lt | BinOp::Le | BinOp::Equal => {
+                let cc = match op {
+                    BinOp::Lt => FloatCC::LessThan,
+                    BinOp::Le => FloatCC::LessThanOrEqual,
+                    _ => FloatCC::Equal,
+                };
+                let t = self.b.func.dfg.value_type(x);
+                let (one, zero) = (self.fconst(t, 1.0), self.fconst(t, 0.0));
+                self.select(cc, (x, y), one, zero)
+            }
+            BinOp::Keep => {
+                let t = self.b.func.dfg.value_type(y);
+                let zero = self.fconst(t, 0.0);
+                self.select(FloatCC::NotEqual, (x, zero), y, zero)
+            }
         }
+    }
+
+    /// `then` where `a cc b` holds, else `other`, lane by lane on vectors (the all-ones lanes
+    /// of a vector comparison pick bits from `then`).
+    fn select(&mut self, cc: FloatCC, (a, b): (Value, Value), then: Value, other: Value) -> Value {
+        let c = self.b.ins().fcmp(cc, a, b);
+        let t = self.b.func.dfg.value_type(then);
+        if !t.is_vector() {
+            return self.b.ins().select(c, then, other);
+        }
+        let ity = if t == types::F32X4 { types::I32X4 } else { types::I64X2 };
+        let bits = MemFlagsData::new().with_endianness(Endianness::Little);
+        let (ti, oi) = (self.b.ins().bitcast(ity, bits, then), self.b.ins().bitcast(ity, bits, other));
+        let r = self.b.ins().bitselect(c, ti, oi);
+        self.b.ins().bitcast(t, bits, r)
     }
 
     // ---- reductions and the matrix ops ---------------------------------------------------

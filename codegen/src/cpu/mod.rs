@@ -303,12 +303,12 @@ pub fn abilities(simd: Simd) -> Abilities {
 }
 
 /// Whether the elementwise op `op` (result dtype `dt`) runs on vectors in the lowering
-/// (`lower.rs`: `Ex::vec_ok`): f32 math has inline vector code, f64 math and `pow` call out,
+/// (`lower.rs`: `Ex::vec_ok`): f32 math has inline vector code, f64 math, `tanh` and `pow` call out,
 /// and a cast between dtypes is scalar.
 fn vectorises(kernel: &Kernel, op: &Op, dt: DType) -> bool {
     match op {
         Op::Unary { op, .. } => {
-            matches!(op, UnOp::Neg | UnOp::Sqrt | UnOp::Recip)
+            matches!(op, UnOp::Neg | UnOp::Sqrt | UnOp::Recip | UnOp::Abs)
                 || (dt == DType::F32
                     && matches!(op, UnOp::Exp | UnOp::Exp2 | UnOp::Sigmoid | UnOp::Silu | UnOp::Log | UnOp::Softplus))
         }
@@ -517,6 +517,9 @@ extern "C" fn chunkc_softplus_f32(x: f32) -> f32 {
 extern "C" fn chunkc_silu_f32(x: f32) -> f32 {
     UnOp::Silu.eval(x as f64) as f32
 }
+extern "C" fn chunkc_tanh_f32(x: f32) -> f32 {
+    UnOp::Tanh.eval(x as f64) as f32
+}
 extern "C" fn chunkc_pow_f32(x: f32, y: f32) -> f32 {
     (x as f64).powf(y as f64) as f32
 }
@@ -538,6 +541,9 @@ extern "C" fn chunkc_softplus_f64(x: f64) -> f64 {
 extern "C" fn chunkc_silu_f64(x: f64) -> f64 {
     UnOp::Silu.eval(x)
 }
+extern "C" fn chunkc_tanh_f64(x: f64) -> f64 {
+    UnOp::Tanh.eval(x)
+}
 extern "C" fn chunkc_pow_f64(x: f64, y: f64) -> f64 {
     x.powf(y)
 }
@@ -546,21 +552,23 @@ type Un32 = extern "C" fn(f32) -> f32;
 type Un64 = extern "C" fn(f64) -> f64;
 
 /// Unary f32 routines, in the order of [`lower::Math`] (Pow comes after them).
-const MATH_F32: [(&str, Un32); 6] = [
+const MATH_F32: [(&str, Un32); 7] = [
     ("chunkc_exp_f32", chunkc_exp_f32),
     ("chunkc_exp2_f32", chunkc_exp2_f32),
     ("chunkc_log_f32", chunkc_log_f32),
     ("chunkc_sigmoid_f32", chunkc_sigmoid_f32),
     ("chunkc_softplus_f32", chunkc_softplus_f32),
     ("chunkc_silu_f32", chunkc_silu_f32),
+    ("chunkc_tanh_f32", chunkc_tanh_f32),
 ];
-const MATH_F64: [(&str, Un64); 6] = [
+const MATH_F64: [(&str, Un64); 7] = [
     ("chunkc_exp_f64", chunkc_exp_f64),
     ("chunkc_exp2_f64", chunkc_exp2_f64),
     ("chunkc_log_f64", chunkc_log_f64),
     ("chunkc_sigmoid_f64", chunkc_sigmoid_f64),
     ("chunkc_softplus_f64", chunkc_softplus_f64),
     ("chunkc_silu_f64", chunkc_silu_f64),
+    ("chunkc_tanh_f64", chunkc_tanh_f64),
 ];
 const POW_F32: (&str, extern "C" fn(f32, f32) -> f32) = ("chunkc_pow_f32", chunkc_pow_f32);
 const POW_F64: (&str, extern "C" fn(f64, f64) -> f64) = ("chunkc_pow_f64", chunkc_pow_f64);

@@ -750,10 +750,43 @@ impl Em<'_> {
         y
     }
 
+    fn tanh_f32(&mut self, x: &str) -> String {
+        // |x| < 0.3: the odd Taylor series to x^11 (truncation below 2e-9 relative); else
+        // (1 - e) / (1 + e) with e = exp(-2|x|) >= 0.55 away from 1, so no cancellation,
+        // and the sign of x copied back. Never overflows.
+        let a = self.reg(F);
+        self.ins(format!("abs.f32 {a}, {x}"));
+        let (x2, poly) = (self.reg(F), self.reg(F));
+        self.ins(format!("mul.rn.f32 {x2}, {x}, {x}"));
+        let coefs = [-1382.0 / 155925.0, 62.0 / 2835.0, -17.0 / 315.0, 2.0 / 15.0, -1.0 / 3.0];
+        self.ins(format!("mov.f32 {poly}, {}", fimm(coefs[0], DType::F32)));
+        for c in &coefs[1..] {
+            self.ins(format!("fma.rn.f32 {poly}, {poly}, {x2}, {}", fimm(*c, DType::F32)));
+        }
+        let series = self.reg(F);
+        self.ins(format!("mul.rn.f32 {poly}, {poly}, {x2}"));
+        self.ins(format!("fma.rn.f32 {series}, {poly}, {x}, {x}"));
+        let m2a = self.reg(F);
+        self.ins(format!("mul.rn.f32 {m2a}, {a}, 0fC0000000"));
+        let e = self.exp_f32(&m2a);
+        let (num, den, r, nr, y) = (self.reg(F), self.reg(F), self.reg(F), self.reg(F), self.reg(F));
+        let (negative, small) = (self.reg(P), self.reg(P));
+        self.ins(format!("sub.rn.f32 {num}, 0f3F800000, {e}"));
+        self.ins(format!("add.rn.f32 {den}, 0f3F800000, {e}"));
+        self.ins(format!("div.rn.f32 {r}, {num}, {den}"));
+        self.ins(format!("neg.f32 {nr}, {r}"));
+        self.ins(format!("setp.lt.f32 {negative}, {x}, 0f00000000"));
+        self.ins(format!("selp.f32 {r}, {nr}, {r}, {negative}"));
+        self.ins(format!("setp.lt.f32 {small}, {a}, {}", fimm(0.3, DType::F32)));
+        self.ins(format!("selp.f32 {y}, {series}, {r}, {small}"));
+        y
+    }
+
     fn unary_f32(&mut self, op: UnOp, x: &str) -> String {
         let simple = |ins: &str| Some(ins.to_string());
         let one = match op {
             UnOp::Neg => simple("neg.f32"),
+            UnOp::Abs => simple("abs.f32"),
             UnOp::Exp2 => simple("ex2.approx.ftz.f32"),
             UnOp::Sqrt => simple("sqrt.rn.f32"),
             UnOp::Recip => simple("rcp.rn.f32"),
@@ -787,16 +820,18 @@ impl Em<'_> {
                 self.ins(format!("selp.f32 {y}, {x}, {y}, {hi}"));
                 y
             }
-            UnOp::Neg | UnOp::Exp2 | UnOp::Sqrt | UnOp::Recip => unreachable!("handled above"),
+            UnOp::Tanh => self.tanh_f32(x),
+            UnOp::Neg | UnOp::Abs | UnOp::Exp2 | UnOp::Sqrt | UnOp::Recip => unreachable!("handled above"),
         }
     }
 
     fn unary(&mut self, op: UnOp, dt: DType, x: &str) -> String {
         match (dt, op) {
             (DType::F32, _) => self.unary_f32(op, x),
-            (DType::F64, UnOp::Neg | UnOp::Sqrt | UnOp::Recip) => {
+            (DType::F64, UnOp::Neg | UnOp::Sqrt | UnOp::Recip | UnOp::Abs) => {
                 let ins = match op {
                     UnOp::Neg => "neg.f64",
+                    UnOp::Abs => "abs.f64",
                     UnOp::Sqrt => "sqrt.rn.f64",
                     _ => "rcp.rn.f64",
                 };
@@ -824,16 +859,34 @@ impl Em<'_> {
             BinOp::Sub => self.ins(format!("sub.rn.{t} {y}, {a}, {b}")),
             BinOp::Mul => self.ins(format!("mul.rn.{t} {y}, {a}, {b}")),
             BinOp::Div => self.ins(format!("div.rn.{t} {y}, {a}, {b}")),
-            BinOp::Max => {
+            BinOp::Max | BinOp::Min => {
+                let name = if op == BinOp::Max { "max" } else { "min" };
                 if dt == DType::F32 {
-                    self.ins(format!("max.NaN.f32 {y}, {a}, {b}"));
+                    self.ins(format!("{name}.NaN.f32 {y}, {a}, {b}"));
                 } else {
                     // NaN if either operand is NaN, as the interpreter.
                     let p = self.reg(P);
-                    self.ins(format!("max.f64 {y}, {a}, {b}"));
+                    self.ins(format!("{name}.f64 {y}, {a}, {b}"));
                     self.ins(format!("setp.nan.f64 {p}, {a}, {b}"));
                     self.ins(format!("selp.f64 {y}, {}, {y}, {p}", fimm(f64::NAN, DType::F64)));
                 }
+            }
+            BinOp::Lt | BinOp::Le | BinOp::Equal => {
+                // Ordered comparisons: false when either side is NaN, as the interpreter.
+                let cmp = match op {
+                    BinOp::Lt => "lt",
+                    BinOp::Le => "le",
+                    _ => "eq",
+                };
+                let p = self.reg(P);
+                self.ins(format!("setp.{cmp}.{t} {p}, {a}, {b}"));
+                self.ins(format!("selp.{t} {y}, {}, {}, {p}", fimm(1.0, dt), fimm(0.0, dt)));
+            }
+            BinOp::Keep => {
+                // `neu`: a NaN condition counts as nonzero (Rust's `!=`), as the interpreter.
+                let p = self.reg(P);
+                self.ins(format!("setp.neu.{t} {p}, {a}, {}", fimm(0.0, dt)));
+                self.ins(format!("selp.{t} {y}, {b}, {}, {p}", fimm(0.0, dt)));
             }
             BinOp::Pow => {
                 // a^b = 2^(b * log2 a) in f32 (approximate; NaN for a < 0, and 0^0 is NaN).
