@@ -173,10 +173,13 @@ impl<'a> Lowerer<'a> {
         v
     }
 
-    /// Lowers a state-free expression to a tile, sharing repeated subexpressions.
+    /// Lowers a state-free expression to a tile, sharing repeated subexpressions. A vector
+    /// expression gets its full width even when its value is a scalar's (the canonical form
+    /// broadcasts a scalar into a `[V]` write, say).
     pub fn tile(&mut self, b: &mut Builder, e: &Expr) -> Result<ValueId, LowerError> {
         let cacheable = !e.mentions_state() && !mentions_local(e);
-        let key = if cacheable { Some(chunkc_dsl::canon::print_expr(self.rule, e)) } else { None };
+        let key =
+            if cacheable { Some(format!("{:?} {}", e.ty, chunkc_dsl::canon::print_expr(self.rule, e))) } else { None };
         if let Some(k) = &key {
             if let Some(v) = self.memo.get(k) {
                 return Ok(*v);
@@ -187,6 +190,18 @@ impl<'a> Lowerer<'a> {
             LVal::Transposed(_) => {
                 return Err(LowerError("a transposed matrix can only be the left operand of @".into()));
             }
+        };
+        let width = match e.ty {
+            Ty::VecK => self.shape.k,
+            Ty::VecV => self.bv.unwrap_or(self.shape.v),
+            _ => 1,
+        };
+        let t = b.ty(v);
+        let v = if t.cols == 1 && width > 1 {
+            let zeros = b.constant(0.0, TileTy { cols: width, ..t });
+            b.add(zeros, v)
+        } else {
+            v
         };
         if let Some(k) = key {
             self.memo.insert(k, v);

@@ -454,14 +454,38 @@ fn add_sym(x: Sym, y: Sym, sp: Span) -> Sym {
             };
             Sym::Vec(LinVec { version, terms: [a.terms, b.terms].concat(), free })
         }
-        (Sym::Vec(mut a), Sym::Free(f)) | (Sym::Free(f), Sym::Vec(mut a)) if f.ty == Ty::VecV => {
+        // A state-free term (a [V] vector, or a scalar added to every entry) is the affine
+        // part of a state read: it stays free, and becomes a write if the read is written.
+        (Sym::Vec(mut a), Sym::Free(f)) | (Sym::Free(f), Sym::Vec(mut a)) if f.ty != Ty::VecK => {
             a.free = Some(match a.free {
                 Some(x) => add(&x, &f, sp),
-                None => f,
+                None => splat(f, Ty::VecV),
             });
             Sym::Vec(a)
         }
+        // A state-free matrix term added to the state is a write: a scalar c everywhere is
+        // outer(1, c), a [K] vector x down the columns outer(x, 1), a [V] vector y along the
+        // rows outer(1, y).
+        (Sym::Mat(mut m), Sym::Free(f)) | (Sym::Free(f), Sym::Mat(mut m)) => {
+            let one = num(1.0, f.span);
+            let write = match f.ty {
+                Ty::VecK => (f, splat(one, Ty::VecV)),
+                _ => (splat(one, Ty::VecK), splat(f, Ty::VecV)),
+            };
+            m.writes.push(write);
+            Sym::Mat(m)
+        }
         _ => opaque("adds a constant to a value that depends on the state (not linear)", sp),
+    }
+}
+
+/// `e` broadcast to the vector type `ty` (a scalar's value in every entry); the lowering
+/// gives a vector-typed expression its full width.
+fn splat(e: Expr, ty: Ty) -> Expr {
+    if e.ty == Ty::Scalar {
+        Expr { ty, ..e }
+    } else {
+        e
     }
 }
 
@@ -632,12 +656,14 @@ fn bcast(a: Ty, b: Ty) -> Ty {
 
 /// a * b with constant folding.
 pub fn mul(a: &Expr, b: &Expr, sp: Span) -> Expr {
+    // Folding keeps the product's type: 1 * beta with a [V] vector of ones is [V].
+    let ty = bcast(a.ty, b.ty);
     match (&a.kind, &b.kind) {
-        (ExprKind::Num(x), ExprKind::Num(y)) => num(x * y, sp),
-        (ExprKind::Num(x), _) if *x == 1.0 => b.clone(),
-        (_, ExprKind::Num(y)) if *y == 1.0 => a.clone(),
-        (ExprKind::Num(x), _) if *x == -1.0 => neg(b, sp),
-        (_, ExprKind::Num(y)) if *y == -1.0 => neg(a, sp),
+        (ExprKind::Num(x), ExprKind::Num(y)) => splat(num(x * y, sp), ty),
+        (ExprKind::Num(x), _) if *x == 1.0 => splat(b.clone(), ty),
+        (_, ExprKind::Num(y)) if *y == 1.0 => splat(a.clone(), ty),
+        (ExprKind::Num(x), _) if *x == -1.0 => neg(&splat(b.clone(), ty), sp),
+        (_, ExprKind::Num(y)) if *y == -1.0 => neg(&splat(a.clone(), ty), sp),
         _ => {
             Expr::new(ExprKind::Binary(BinaryOp::Mul, Box::new(a.clone()), Box::new(b.clone())), bcast(a.ty, b.ty), sp)
         }
@@ -647,7 +673,7 @@ pub fn mul(a: &Expr, b: &Expr, sp: Span) -> Expr {
 /// a + b with constant folding.
 pub fn add(a: &Expr, b: &Expr, sp: Span) -> Expr {
     match (&a.kind, &b.kind) {
-        (ExprKind::Num(x), ExprKind::Num(y)) => num(x + y, sp),
+        (ExprKind::Num(x), ExprKind::Num(y)) => splat(num(x + y, sp), bcast(a.ty, b.ty)),
         (ExprKind::Num(x), _) if *x == 0.0 && a.ty == Ty::Scalar && b.ty == Ty::Scalar => b.clone(),
         (ExprKind::Unary(UnaryOp::Neg, nb), _) => {
             Expr::new(ExprKind::Binary(BinaryOp::Sub, Box::new(b.clone()), nb.clone()), bcast(a.ty, b.ty), sp)

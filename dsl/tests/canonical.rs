@@ -78,7 +78,6 @@ fn reasons_for_not_chunking() {
         ("S = exp(S) + outer(k, v + gv)\no = S^T @ q", "exp(...) of a value that depends on the state"),
         ("S = S + outer(k, v + gv)\no = S^T @ q / sum(S @ v)", "S @ y gives a [K] vector"),
         ("S = outer(k, v + gv)\no = S^T @ q", "discards the previous state"),
-        ("S = S + 1 + outer(k, v + gv)\no = S^T @ q", "adds a constant"),
         ("o = S^T @ q\nS = S + outer(k, v) + outer(k, gv * (S^T @ q))", "scaled by different [V] vectors"),
         ("S = S + outer(k, v)\no = max(S^T @ q, gv)", "max(...) of a value that depends on the state"),
         ("S = S + outer(k, v)\no = relu(S^T @ q) + gv", "max(...) of a value that depends on the state"),
@@ -92,6 +91,44 @@ fn reasons_for_not_chunking() {
         let e = canonicalize(&r).expect_err(step);
         assert!(e.reason.contains(why), "{step}: got `{}`", e.reason);
         assert!(e.span.end <= r.source.len() && e.span.start < e.span.end, "{step}: span {:?}", e.span);
+    }
+}
+
+/// A state-free term inside a write is a write, however the sum is ordered; so is a
+/// constant added to the state.
+#[test]
+fn affine_terms_are_writes_in_any_order() {
+    let io = "q = \"[K]\"\nk = \"[K]\"\nv = \"[V]\"\nbeta = \"scalar\"";
+    let orders = [
+        "S = S + outer(k, beta * (v - S^T @ k + 1))",
+        "S = S + outer(k, beta * (v + 1 - S^T @ k))",
+        "S = S + outer(k, beta * (1 - S^T @ k + v))",
+        "S = outer(k, beta * (-(S^T @ k) + v + 1)) + S",
+        "S = outer(k, beta * (1 + (v - k @ S))) + S",
+    ];
+    for step in orders {
+        let r = parse(&format!("{step}\no = S^T @ q"), io);
+        let c = canonicalize(&r).unwrap_or_else(|e| panic!("{step}: {}", e.reason));
+        assert_eq!(c.class, Class::Delta { rank: 1, vector_gate: false }, "{step}");
+        assert_eq!(c.writes.len(), 1, "{step}");
+        assert_eq!(c.writes[0].1.ty, Ty::VecV, "{step}: the write's value is a [V] vector");
+    }
+    for (step, writes) in [
+        ("S = S + 1 + outer(k, v)", 2),
+        ("S = exp(-beta * beta) * (S + 0.5 * beta) + outer(k, v)", 2),
+        ("S = S + k + outer(k, v)", 2),
+        ("S = v + S - outer(k, v)", 2),
+    ] {
+        let r = parse(
+            &format!("{step}\no = S^T @ q + 1"),
+            io.replace("\nbeta = \"scalar\"", if step.contains("beta") { "\nbeta = \"scalar\"" } else { "" }).as_str(),
+        );
+        let c = canonicalize(&r).unwrap_or_else(|e| panic!("{step}: {}", e.reason));
+        assert_eq!(c.writes.len(), writes, "{step}");
+        for (kw, vw) in &c.writes {
+            assert_eq!((kw.ty, vw.ty), (Ty::VecK, Ty::VecV), "{step}");
+        }
+        assert_eq!(c.output.extra.as_ref().map(|e| e.ty), Some(Ty::VecV), "{step}: o's constant is a [V] term");
     }
 }
 
