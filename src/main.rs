@@ -1278,10 +1278,17 @@ fn check(path: &std::path::Path) -> Result<ExitCode, Error> {
                 phases.join(", ")
             );
         }
-        Err(why) => {
-            println!("class: not chunkable: {}", why.reason);
-            println!("kernels: recurrent only");
-        }
+        Err(why) => match &loaded.form {
+            // Linear in the state, in a form the chunk planner does not build yet.
+            Some(form) => {
+                print!("{}", form.describe(rule));
+                println!("kernels: recurrent only (no chunked kernel: {})", why.reason);
+            }
+            None => {
+                println!("class: not chunkable: {}", why.reason);
+                println!("kernels: recurrent only");
+            }
+        },
     }
     println!("{}", backward_line(rule));
     Ok(ExitCode::SUCCESS)

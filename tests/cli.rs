@@ -613,3 +613,28 @@ fn compile_grad_prints_the_backward_program() {
     assert!(!o.status.success());
     assert_eq!(stderr(&o).trim(), "error: the backward runs the whole V: --grad takes no --bv");
 }
+
+/// DeltaProduct (two Householder steps a token) is linear, of rank 2: `check` shows its form
+/// but promises the recurrent kernel only, `chunked = true` is refused with the planner's
+/// reason, and a default `verify` runs (and passes) what exists instead of failing.
+#[test]
+fn check_promises_no_chunked_kernel_the_planner_does_not_build() {
+    let text = "name = \"deltaproduct\"\nstep = \"\"\"\nS = S - outer(k, b * (k @ S)) + outer(k, b * v)\nS = S - outer(k2, b2 * (k2 @ S)) + outer(k2, b2 * v2)\no = S^T @ q\n\"\"\"\n[inputs]\nq = \"[K]\"\nk = { shape = \"[K]\", domain = \"unit_norm\" }\nv = \"[V]\"\nb = { shape = \"scalar\", domain = \"unit\" }\nk2 = { shape = \"[K]\", domain = \"unit_norm\" }\nv2 = \"[V]\"\nb2 = { shape = \"scalar\", domain = \"unit\" }\n";
+    let rule = tmp("deltaproduct.toml");
+    std::fs::write(&rule, text).expect("write");
+    let o = chunkc(&["check", rule.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("class: delta, rank 2"), "{out}");
+    assert!(out.contains("kernels: recurrent only (no chunked kernel: transitions of rank 2"), "{out}");
+    let o = chunkc(&["verify", rule.to_str().unwrap()]);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    assert!(stdout(&o).contains("10 passed, 0 failed"), "{}", stdout(&o));
+    let required = tmp("deltaproduct_required.toml");
+    std::fs::write(&required, text.replace("name = \"deltaproduct\"\n", "name = \"deltaproduct\"\nchunked = true\n"))
+        .expect("write");
+    let o = chunkc(&["check", required.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(e.contains(":5:1: error: this rule cannot be chunked: transitions of rank 2 are not chunked yet"), "{e}");
+}

@@ -6,7 +6,8 @@
 //! backend (the recurrent kernel and, for rules linear in S, the chunked kernel at a random
 //! chunk size) must agree with the f64 reference within `F32_TOLERANCE` on `o` and `hT`.
 //! Rules that are not linear in S must run through the reference and the recurrent kernel,
-//! and `canonicalize` must say they cannot be chunked.
+//! and `check` must not claim a chunked kernel for them (`chunkc::checked`, as `check` loads).
+//! For linear ones it claims one exactly when the planner builds it, and that kernel runs.
 //!
 //! Constraints on the generator (stability, not leniency): the delta term always uses a
 //! unit-norm key (a `unit_norm` input or `l2norm(...)` of one) and beta in (0, 1) (a `unit`
@@ -35,7 +36,6 @@ use chunkc::codegen::ir::ElemType;
 use chunkc::codegen::ptx::PtxSchedule;
 use chunkc::codegen::ptx::{DotPrecision, Sm};
 use chunkc::codegen::schedule::ProgramShape;
-use chunkc::dsl::canon::canonicalize;
 use chunkc::dsl::reference::Dims;
 use chunkc::gpu::Device;
 use chunkc::grad::{grad, reference_f32_forward, GradOptions};
@@ -624,7 +624,10 @@ fn compare(
 fn check(text: &str, shape: &Shape, chunkable: bool, on: On) -> Result<(), TestCaseError> {
     let rule = chunkc::dsl::parse_rule("generated.toml", text)
         .map_err(|d| TestCaseError::fail(format!("generated rule does not parse:\n{d}\n{text}")))?;
-    let canon = canonicalize(&rule);
+    // `check`'s promise: a chunked kernel exactly when the planner builds one.
+    let canon = chunkc::checked(rule.clone())
+        .map_err(|e| TestCaseError::fail(format!("the rule does not load: {e}\n{text}")))?
+        .canonical;
     if chunkable {
         if let Err(why) = &canon {
             return Err(TestCaseError::fail(format!("expected a chunkable rule, got: {}\n{text}", why.reason)));

@@ -201,6 +201,9 @@ pub fn canonicalize(rule: &Rule) -> Result<Canonical, NotChunkable> {
         Some(w) if is_one(w) => None,
         Some(w) => Some(cx.log_of(w)),
     };
+    let mut m = m;
+    m.low_rank = merge_low_rank(std::mem::take(&mut m.low_rank), update_span);
+    m.writes = merge_low_rank(std::mem::take(&mut m.writes), update_span);
     let rank = m.low_rank.len();
     let vector_gate = log_gate.as_ref().is_some_and(|g| g.ty == Ty::VecK);
     let class = if rank > 0 {
@@ -323,6 +326,12 @@ impl Cx<'_> {
             (BinaryOp::Mul, Sym::Mat(a), Sym::Mat(b)) if !a.has_state() && !b.has_state() => {
                 opaque("an elementwise product of two matrices is not a sum of outer products", sp)
             }
+            // Linear in S, but a gate on every entry: not a transition (diag(w) + low rank) S.
+            (BinaryOp::Mul, Sym::Mat(a), Sym::Mat(b)) if a.has_state() != b.has_state() => opaque(
+                "gates each entry of the state by a [K, V] matrix (an elementwise product with S), which is \
+                 not a transition of the form (diag(w) + sum a b^T) S; gate S by a scalar or a [K] vector",
+                sp,
+            ),
             (BinaryOp::Mul, ..) => opaque("a product of two values that both depend on the state is not linear", sp),
             (BinaryOp::Div, ..) => opaque("dividing by a value that depends on the state is not linear", sp),
             (BinaryOp::Pow, ..) => opaque("pow(...) of a value that depends on the state is not linear", sp),
@@ -476,6 +485,41 @@ fn add_sym(x: Sym, y: Sym, sp: Span) -> Sym {
             Sym::Mat(m)
         }
         _ => opaque("adds a constant to a value that depends on the state (not linear)", sp),
+    }
+}
+
+/// The low-rank terms (or the writes) with those that share a vector merged: `a b1^T + a b2^T` is
+/// `a (b1 + b2)^T` (and `-a b2^T` gives `a (b1 - b2)^T`), likewise for a shared `b`; so the
+/// rank is that of the transition as written, not the number of terms the expansion made
+/// (two Householder steps expand to three terms of rank two).
+fn merge_low_rank(mut terms: Vec<(Expr, Expr)>, sp: Span) -> Vec<(Expr, Expr)> {
+    // +1 when x and y are the same expression, -1 when one is the other negated.
+    let sign = |x: &Expr, y: &Expr| -> Option<f64> {
+        match (&x.kind, &y.kind) {
+            _ if same(x, y) => Some(1.0),
+            (ExprKind::Unary(UnaryOp::Neg, nx), _) if same(nx, y) => Some(-1.0),
+            (_, ExprKind::Unary(UnaryOp::Neg, ny)) if same(x, ny) => Some(-1.0),
+            _ => None,
+        }
+    };
+    'again: loop {
+        for i in 0..terms.len() {
+            for j in i + 1..terms.len() {
+                let (ai, bi) = &terms[i];
+                let (aj, bj) = &terms[j];
+                let merged = if let Some(s) = sign(ai, aj) {
+                    (ai.clone(), add(bi, &mul(&num(s, sp), bj, sp), sp))
+                } else if let Some(s) = sign(bi, bj) {
+                    (add(ai, &mul(&num(s, sp), aj, sp), sp), bi.clone())
+                } else {
+                    continue;
+                };
+                terms[i] = merged;
+                terms.remove(j);
+                continue 'again;
+            }
+        }
+        return terms;
     }
 }
 

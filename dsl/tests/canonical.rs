@@ -79,6 +79,8 @@ fn reasons_for_not_chunking() {
         ("S = S + outer(k, v + gv)\no = S^T @ q / sum(S @ v)", "S @ y gives a [K] vector"),
         ("S = outer(k, v + gv)\no = S^T @ q", "discards the previous state"),
         ("o = S^T @ q\nS = S + outer(k, v) + outer(k, gv * (S^T @ q))", "scaled by different [V] vectors"),
+        ("S = outer(k * k, gv) * S + outer(k, v)\no = S^T @ q", "gates each entry of the state by a [K, V] matrix"),
+        ("S = S * outer(k, gv) + outer(k, v)\no = S^T @ q", "gates each entry of the state by a [K, V] matrix"),
         ("S = S + outer(k, v)\no = max(S^T @ q, gv)", "max(...) of a value that depends on the state"),
         ("S = S + outer(k, v)\no = relu(S^T @ q) + gv", "max(...) of a value that depends on the state"),
         ("S = S + outer(k, v)\no = tanh(S^T @ q) + gv", "tanh(...) of a value that depends on the state"),
@@ -95,7 +97,7 @@ fn reasons_for_not_chunking() {
 }
 
 /// A state-free term inside a write is a write, however the sum is ordered; so is a
-/// constant added to the state.
+/// constant added to the state (writes that share a key or a value merge).
 #[test]
 fn affine_terms_are_writes_in_any_order() {
     let io = "q = \"[K]\"\nk = \"[K]\"\nv = \"[V]\"\nbeta = \"scalar\"";
@@ -116,8 +118,8 @@ fn affine_terms_are_writes_in_any_order() {
     for (step, writes) in [
         ("S = S + 1 + outer(k, v)", 2),
         ("S = exp(-beta * beta) * (S + 0.5 * beta) + outer(k, v)", 2),
-        ("S = S + k + outer(k, v)", 2),
-        ("S = v + S - outer(k, v)", 2),
+        ("S = S + k + outer(k, v)", 1),
+        ("S = v + S - outer(k, v)", 1),
     ] {
         let r = parse(
             &format!("{step}\no = S^T @ q + 1"),
@@ -130,6 +132,20 @@ fn affine_terms_are_writes_in_any_order() {
         }
         assert_eq!(c.output.extra.as_ref().map(|e| e.ty), Some(Ty::VecV), "{step}: o's constant is a [V] term");
     }
+}
+
+/// Two Householder steps per token (DeltaProduct) expand to three low-rank terms, two of
+/// which share their `a`: rank 2, and the writes of the same key merge too.
+#[test]
+fn deltaproduct_has_rank_two() {
+    let io = "q = \"[K]\"\nk = \"[K]\"\nk2 = \"[K]\"\nv = \"[V]\"\nv2 = \"[V]\"\nb = \"scalar\"\nb2 = \"scalar\"";
+    let r = parse(
+        "S = S - outer(k, b * (k @ S)) + outer(k, b * v)\nS = S - outer(k2, b2 * (k2 @ S)) + outer(k2, b2 * v2)\no = S^T @ q",
+        io,
+    );
+    let c = canonicalize(&r).expect("linear");
+    assert_eq!(c.class, Class::Delta { rank: 2, vector_gate: false });
+    assert_eq!(c.writes.len(), 2, "{}", c.describe(&r));
 }
 
 /// A `where` with a state-free condition masks the value it keeps: a 0/1 factor, linear.
