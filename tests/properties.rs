@@ -77,9 +77,25 @@ enum Gate {
     HeadParam,
     /// A scalar and a per-channel gate together: `exp(g) * exp(gk)`.
     Both,
+    /// The value side: `exp(gd)`, gd a `[V]` log gate, scaling the state's columns.
+    Value,
+    /// `sigmoid(xd) * S`, xd any `[V]`.
+    ValueSigmoid,
+    /// Both sides: `exp(gk) * S * exp(gd)`.
+    TwoSided,
+    /// A scalar gate with a value-side one: `exp(g) * exp(gd) * S`.
+    ScalarAndValue,
 }
 
-const GATES: [Gate; 12] = [
+impl Gate {
+    /// Whether the gate scales the state's columns (the planner chunks these without a
+    /// delta term only).
+    fn value_side(self) -> bool {
+        matches!(self, Gate::Value | Gate::ValueSigmoid | Gate::TwoSided | Gate::ScalarAndValue)
+    }
+}
+
+const GATES: [Gate; 16] = [
     Gate::None,
     Gate::Scalar,
     Gate::ScalarSigmoid,
@@ -92,6 +108,10 @@ const GATES: [Gate; 12] = [
     Gate::FixedHeadRaw,
     Gate::HeadParam,
     Gate::Both,
+    Gate::Value,
+    Gate::ValueSigmoid,
+    Gate::TwoSided,
+    Gate::ScalarAndValue,
 ];
 
 /// A rank-1 write term.
@@ -202,6 +222,8 @@ impl Shape {
 struct Text {
     inputs: Vec<(String, String)>,
     locals: Vec<String>,
+    /// What follows `S` in a gated update (` * exp(gd)` for a two-sided gate).
+    after_state: String,
 }
 
 impl Text {
@@ -225,6 +247,7 @@ impl Text {
         const LOG_GATE: &str = r#"{ shape = "scalar", domain = "log_gate" }"#;
         const LOG_GATE_K: &str = r#"{ shape = "[K]", domain = "log_gate" }"#;
         const NEG_HEAD: &str = r#"{ shape = "scalar", per_head = true, domain = "negative" }"#;
+        const LOG_GATE_V: &str = r#"{ shape = "[V]", domain = "log_gate" }"#;
         Some(match gate {
             Gate::None => return None,
             Gate::Scalar => format!("exp({})", self.input("g", LOG_GATE)),
@@ -247,6 +270,15 @@ impl Text {
             Gate::FixedHeadRaw => "(1 - exp2(-2 - head))".into(),
             Gate::HeadParam => format!("exp({})", self.input("A", NEG_HEAD)),
             Gate::Both => format!("exp({}) * exp({})", self.input("g", LOG_GATE), self.input("gk", LOG_GATE_K)),
+            Gate::Value => format!("exp({})", self.input("gd", LOG_GATE_V)),
+            Gate::ValueSigmoid => format!("sigmoid({})", self.input("xd", r#""[V]""#)),
+            Gate::TwoSided => {
+                self.after_state = format!(" * exp({})", self.input("gd", LOG_GATE_V));
+                format!("exp({})", self.input("gk", LOG_GATE_K))
+            }
+            Gate::ScalarAndValue => {
+                format!("exp({}) * exp({})", self.input("g", LOG_GATE), self.input("gd", LOG_GATE_V))
+            }
         })
     }
 
@@ -363,9 +395,10 @@ fn render_linear(spec: &LinearSpec) -> String {
         });
     }
     let mut update = vec![];
+    let after = t.after_state.clone();
     if spec.delta {
         if let Some(g) = &gate {
-            update.push(format!("S = {g} * S"));
+            update.push(format!("S = {g} * S{after}"));
         }
         let beta = t.beta(spec.beta_sigmoid);
         let mut terms = vec![format!("S"), format!("outer({key}, {beta} * ({value} - S^T @ {key}))")];
@@ -375,13 +408,13 @@ fn render_linear(spec: &LinearSpec) -> String {
         match (&gate, spec.split) {
             (Some(g), true) if spec.decay_after => {
                 update.push(format!("S = S + {}", writes.join(" + ")));
-                update.push(format!("S = {g} * S"));
+                update.push(format!("S = {g} * S{after}"));
             }
             (Some(g), true) => {
-                update.push(format!("S = {g} * S"));
+                update.push(format!("S = {g} * S{after}"));
                 update.push(format!("S = S + {}", writes.join(" + ")));
             }
-            (Some(g), false) => update.push(format!("S = {g} * S + {}", writes.join(" + "))),
+            (Some(g), false) => update.push(format!("S = {g} * S{after} + {}", writes.join(" + "))),
             (None, _) => update.push(format!("S = S + {}", writes.join(" + "))),
         }
     }
@@ -505,6 +538,8 @@ fn linear_spec() -> impl Strategy<Value = LinearSpec> {
                 if !delta && writes.is_empty() {
                     writes.push(Write::KV);
                 }
+                // A value-side gate with a delta term is not chunked (yet): the key side's.
+                let gate = if delta && gate.value_side() { Gate::Channel } else { gate };
                 LinearSpec {
                     gate,
                     split,

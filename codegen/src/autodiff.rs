@@ -262,10 +262,35 @@ fn vjp(
             out.push((*a, da));
             out.push((*bv, db));
         }
-        Op::GatedMatMul { .. } => {
-            return Err(AdError(
-                "the backward of the gated scores' reverse (a second derivative) is not derived yet".into(),
-            ));
+        Op::GatedMatMul { m, x, gx, gy, transposed, strict } => {
+            // out[i, c] = sum_{j<=i} m[i, j] x[j, c] e^(gy[i, c] - gx[j, c]) (transposed: out[j, c]
+            // = sum_{i>=j} m[i, j] x[i, c] e^(gx[i, c] - gy[j, c])). Each adjoint is the other
+            // gated product: dm pairs g with x over c (a GatedDot), dx runs the triangle the
+            // other way (the other GatedMatMul); a gate's slope is its operand times that sum,
+            // minus for the gate subtracted.
+            let (dm, dx) = if *transposed {
+                (b.gated_dot(*x, *gx, g, *gy, *strict), b.gated_matmul(*m, g, *gy, *gx, false, *strict))
+            } else {
+                (b.gated_dot(g, *gy, *x, *gx, *strict), b.gated_matmul(*m, g, *gy, *gx, true, *strict))
+            };
+            if is_active(m) {
+                out.push((*m, dm));
+            }
+            // gy's slope is g ⊙ out and gx's -x ⊙ dx; the transposed product subtracts gy
+            // and adds gx, so the signs swap.
+            if is_active(gy) {
+                let s = b.mul(g, y);
+                let s = if *transposed { b.neg(s) } else { s };
+                out.push((*gy, s));
+            }
+            if is_active(gx) {
+                let s = b.mul(*x, dx);
+                let s = if *transposed { s } else { b.neg(s) };
+                out.push((*gx, s));
+            }
+            if is_active(x) {
+                out.push((*x, dx));
+            }
         }
     }
     out.retain(|(v, _)| is_active(v));
@@ -575,6 +600,15 @@ mod tests {
             let inputs: Vec<f32> = xs[..24].iter().chain(&gates).copied().collect();
             check("gated scores", &[(4, 3), (4, 3), (4, 3), (4, 3)], &inputs, |b, l| {
                 let s = b.gated_dot(l[0], l[2], l[1], l[3], strict);
+                b.mul(s, s)
+            });
+        }
+        for (transposed, strict) in [(false, false), (false, true), (true, false), (true, true)] {
+            // a 4 x 4 matrix, values 4 x 3 and two decreasing gates 4 x 3
+            let gates: Vec<f32> = (0..24).map(|i| -0.1 * (i / 3) as f32 - 0.05 * (i % 3) as f32).collect();
+            let inputs: Vec<f32> = xs[..28].iter().chain(&gates).copied().collect();
+            check("gated matmul", &[(4, 4), (4, 3), (4, 3), (4, 3)], &inputs[..52], |b, l| {
+                let s = b.gated_matmul(l[0], l[1], l[2], l[3], transposed, strict);
                 b.mul(s, s)
             });
         }

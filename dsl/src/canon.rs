@@ -25,6 +25,17 @@ pub enum Class {
     GatedVector,
     /// A = diag(w_t) + low rank (DeltaNet, Gated DeltaNet, KDA, RWKV-7).
     Delta { rank: usize, vector_gate: bool },
+    /// `S_t = A_t S_(t-1) D_t + ...` with D_t = diag(d_t) a value-side gate and A_t the
+    /// key side's: I, alpha_t I or diag(alpha_t) (two-sided).
+    GatedValue { key_gate: KeyGate },
+}
+
+/// The key-side gate next to a value-side one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyGate {
+    None,
+    Scalar,
+    Vector,
 }
 
 impl Class {
@@ -34,6 +45,13 @@ impl Class {
             Class::Decayed => "decayed (A = gamma I, gamma fixed per head)".into(),
             Class::GatedScalar => "gated, scalar (A = alpha_t I)".into(),
             Class::GatedVector => "gated, vector (A = diag(alpha_t))".into(),
+            Class::GatedValue { key_gate: KeyGate::None } => "gated, value side (S D_t, D_t = diag(d_t))".into(),
+            Class::GatedValue { key_gate: KeyGate::Scalar } => {
+                "gated, both sides (alpha_t S D_t, D_t = diag(d_t))".into()
+            }
+            Class::GatedValue { key_gate: KeyGate::Vector } => {
+                "gated, both sides (A_t S D_t, A_t = diag(alpha_t), D_t = diag(d_t))".into()
+            }
             Class::Delta { rank, vector_gate } => format!(
                 "delta, rank {rank}, {} gate (A = {} + sum of {rank} a b^T)",
                 if *vector_gate { "vector" } else { "scalar" },
@@ -71,6 +89,9 @@ pub struct Canonical {
     pub class: Class,
     /// Natural log of the diagonal decay w (scalar or `[K]`); None when w = 1.
     pub log_gate: Option<Expr>,
+    /// Natural log of the value-side decay d (`[V]`): `S_t = A_t S_(t-1) diag(d_t) + ...`;
+    /// None when there is none.
+    pub log_vgate: Option<Expr>,
     /// Low-rank transition terms (a, b), both `[K]`: A = diag(w) + sum a b^T.
     pub low_rank: Vec<(Expr, Expr)>,
     /// For each low-rank term, `b'` when `b = w * b'` (the decay is a factor of `b`, as in
@@ -178,12 +199,6 @@ pub fn canonicalize(rule: &Rule) -> Result<Canonical, NotChunkable> {
         Sym::Opaque(reason, span) => return Err(NotChunkable { reason, span }),
         _ => return Err(NotChunkable { reason: "the update of S is not a matrix".into(), span: update_span }),
     };
-    if let Some(d) = &m.vside {
-        return Err(NotChunkable {
-            reason: "the state is scaled along its V side (by a [V] vector); only K-side decays are chunked".into(),
-            span: d.span,
-        });
-    }
     if !m.has_state() {
         return Err(NotChunkable { reason: "the update discards the previous state".into(), span: update_span });
     }
@@ -204,9 +219,17 @@ pub fn canonicalize(rule: &Rule) -> Result<Canonical, NotChunkable> {
     let mut m = m;
     m.low_rank = merge_low_rank(std::mem::take(&mut m.low_rank), update_span);
     m.writes = merge_low_rank(std::mem::take(&mut m.writes), update_span);
+    let log_vgate = m.vside.as_ref().map(|d| cx.log_of(d));
     let rank = m.low_rank.len();
     let vector_gate = log_gate.as_ref().is_some_and(|g| g.ty == Ty::VecK);
-    let class = if rank > 0 {
+    let class = if log_vgate.is_some() && rank == 0 {
+        let key_gate = match &log_gate {
+            None => KeyGate::None,
+            Some(g) if g.ty == Ty::VecK => KeyGate::Vector,
+            Some(_) => KeyGate::Scalar,
+        };
+        Class::GatedValue { key_gate }
+    } else if rank > 0 {
         Class::Delta { rank, vector_gate }
     } else {
         match &log_gate {
@@ -230,6 +253,7 @@ pub fn canonicalize(rule: &Rule) -> Result<Canonical, NotChunkable> {
     Ok(Canonical {
         class,
         log_gate,
+        log_vgate,
         low_rank: m.low_rank,
         low_rank_decayed,
         writes: m.writes,
@@ -876,7 +900,8 @@ impl Canonical {
         let p = |e: &Expr| print_expr(rule, e);
         let mut s = String::new();
         let _ = writeln!(s, "class: {}", self.class.describe());
-        let _ = writeln!(s, "update: S_t = A_t S_(t-1) + sum_j kw_j vw_j^T");
+        let d = if self.log_vgate.is_some() { " D_t" } else { "" };
+        let _ = writeln!(s, "update: S_t = A_t S_(t-1){d} + sum_j kw_j vw_j^T");
         match &self.log_gate {
             Some(g) => {
                 let _ = writeln!(s, "  log w   = {}   ({})", p(g), if g.ty == Ty::VecK { "[K]" } else { "scalar" });
@@ -884,6 +909,9 @@ impl Canonical {
             None => {
                 let _ = writeln!(s, "  w       = 1");
             }
+        }
+        if let Some(d) = &self.log_vgate {
+            let _ = writeln!(s, "  log d   = {}   ([V], the value side: A_t S D_t)", p(d));
         }
         for (i, (a, b)) in self.low_rank.iter().enumerate() {
             let _ = writeln!(s, "  a_{} = {}\n  b_{} = {}", i + 1, p(a), i + 1, p(b));

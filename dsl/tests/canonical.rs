@@ -1,7 +1,7 @@
 //! The canonical form of every built-in rule: class, gate, low rank, writes and output read.
 
 use chunkc_dsl::ast::Ty;
-use chunkc_dsl::canon::{canonicalize, print_expr, Class, Read};
+use chunkc_dsl::canon::{canonicalize, print_expr, Class, KeyGate, Read};
 use std::path::PathBuf;
 
 fn rule(name: &str) -> chunkc_dsl::ast::Rule {
@@ -73,7 +73,6 @@ fn parse(step: &str, inputs: &str) -> chunkc_dsl::ast::Rule {
 fn reasons_for_not_chunking() {
     let io = "q = \"[K]\"\nk = \"[K]\"\nv = \"[V]\"\ngv = \"[V]\"";
     let cases = [
-        ("S = gv * S + outer(k, v)\no = S^T @ q", "scaled along its V side"),
         ("S = S * S + outer(k, v + gv)\no = S^T @ q", "product of two values that both depend on the state"),
         ("S = exp(S) + outer(k, v + gv)\no = S^T @ q", "exp(...) of a value that depends on the state"),
         ("S = S + outer(k, v + gv)\no = S^T @ q / sum(S @ v)", "S @ y gives a [K] vector"),
@@ -131,6 +130,25 @@ fn affine_terms_are_writes_in_any_order() {
             assert_eq!((kw.ty, vw.ty), (Ty::VecK, Ty::VecV), "{step}");
         }
         assert_eq!(c.output.extra.as_ref().map(|e| e.ty), Some(Ty::VecV), "{step}: o's constant is a [V] term");
+    }
+}
+
+/// A `[V]` gate scales the state's columns: the value side, alone or with a key-side gate.
+#[test]
+fn value_side_and_two_sided_gates() {
+    let io = "q = \"[K]\"\nk = \"[K]\"\nv = \"[V]\"\ngv = \"[V]\"\ngk = \"[K]\"";
+    let cases = [
+        ("S = exp(gv) * S + outer(k, v)", Class::GatedValue { key_gate: KeyGate::None }, None),
+        ("S = exp(gk) * S * exp(gv) + outer(k, v)", Class::GatedValue { key_gate: KeyGate::Vector }, Some(Ty::VecK)),
+        ("S = exp(gv) * (exp(gk) * S + outer(k, v))", Class::GatedValue { key_gate: KeyGate::Vector }, Some(Ty::VecK)),
+    ];
+    for (step, class, key_gate) in cases {
+        let io = if step.contains("gk") { io.to_string() } else { io.replace("\ngk = \"[K]\"", "") };
+        let r = parse(&format!("{step}\no = S^T @ q"), &io);
+        let c = canonicalize(&r).unwrap_or_else(|e| panic!("{step}: {}", e.reason));
+        assert_eq!(c.class, class, "{step}");
+        assert_eq!(print_expr(&r, c.log_vgate.as_ref().expect("a value-side gate")), "gv", "{step}");
+        assert_eq!(c.log_gate.as_ref().map(|g| g.ty), key_gate, "{step}");
     }
 }
 

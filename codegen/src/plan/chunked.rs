@@ -219,6 +219,8 @@ pub(super) struct ChunkTerms {
     read_before: bool,
     bin: Option<ValueId>,
     bex: Option<ValueId>,
+    /// The value-side gate's cumulative logs (inclusive, exclusive; f64, `[C, BV]`).
+    vgates: Option<(ValueId, ValueId)>,
     sc: Scores,
     /// `I - A_ba` of each diagonal block, formed once (the factors' two solves share it).
     diagonal: HashMap<usize, ValueId>,
@@ -248,7 +250,15 @@ impl ChunkTerms {
             Some(g) if g.ty == Ty::VecK => Gate::Vector,
             Some(_) => Gate::Scalar,
         };
-        let bs = if gate == Gate::Vector { sched.sub_chunk.clamp(1, c) } else { c };
+        if canon.log_vgate.is_some() && !canon.low_rank.is_empty() {
+            return Err(PlanError(
+                "a value-side gate together with a low-rank transition is not chunked yet; use the recurrent backend"
+                    .into(),
+            ));
+        }
+        // Per-channel gates (either side) are re-centred block by block.
+        let per_channel = gate == Gate::Vector || canon.log_vgate.is_some();
+        let bs = if per_channel { sched.sub_chunk.clamp(1, c) } else { c };
         if !c.is_multiple_of(bs) {
             return Err(PlanError(format!("the sub-chunk ({bs}) must divide the chunk ({c})")));
         }
@@ -260,6 +270,13 @@ impl ChunkTerms {
         let mut pro = Prologue { lw: &mut lw, rows: c, valid: valid.clone() };
 
         let g = match &canon.log_gate {
+            Some(e) => {
+                let g = pro.tile(b, e, true)?;
+                Some(b.cast(g, DType::F64))
+            }
+            None => None,
+        };
+        let vg = match &canon.log_vgate {
             Some(e) => {
                 let g = pro.tile(b, e, true)?;
                 Some(b.cast(g, DType::F64))
@@ -303,6 +320,7 @@ impl ChunkTerms {
 
         let loads = lw.loaded_inputs();
         let gates = g.map(|g| (b.cumsum(g, false), b.cumsum(g, true)));
+        let vgates = vg.map(|g| (b.cumsum(g, false), b.cumsum(g, true)));
         let (bin, bex) = (gates.map(|g| g.0), gates.map(|g| g.1));
         let sc = Scores { gate, bs, pivots: bex, cache: HashMap::new() };
         let nb = c / bs;
@@ -325,6 +343,7 @@ impl ChunkTerms {
             read_before: canon.output.read == Read::Before,
             bin,
             bex,
+            vgates,
             sc,
             diagonal: HashMap::new(),
             loads,
@@ -404,7 +423,16 @@ impl ChunkTerms {
             let i0 = i * bs;
             let o = o_param.map(|_| {
                 let qg = self.sc.decayed(b, self.q, bq, i);
-                b.dot(qg, s0, false, false, None)
+                let o = b.dot(qg, s0, false, false, None);
+                match self.vgates {
+                    // ... then the value side's decay from the chunk start, column by column.
+                    Some((vin, vex)) => {
+                        let vq = b.rows(if self.read_before { vex } else { vin }, i0, bs);
+                        let e = exp_f32(b, vq);
+                        b.mul(o, e)
+                    }
+                    None => o,
+                }
             });
             if let Some((_, (bv, inclusive))) = self.low_rank {
                 let r = match factors {
@@ -482,7 +510,10 @@ impl ChunkTerms {
             o = sc.apply(b, (self.q, bq), (a, self.bin), (&r_blocks[..=i], None), i, self.read_before, o);
         }
         for (&(kw, vw), vws) in self.writes.iter().zip(&self.vw_blocks) {
-            o = sc.apply(b, (self.q, bq), (kw, self.bin), (vws, Some(vw)), i, self.read_before, o);
+            o = match self.vgates {
+                Some(vgates) => value_gated(b, sc, (self.q, bq), (kw, self.bin), vws, vgates, (i, self.read_before), o),
+                None => sc.apply(b, (self.q, bq), (kw, self.bin), (vws, Some(vw)), i, self.read_before, o),
+            };
         }
         if let Some(cf) = self.coef {
             let cf = rows_of(b, cf, i0, bs);
@@ -509,6 +540,13 @@ impl ChunkTerms {
             let d = if self.gate == Gate::Vector { b.transpose(d) } else { d };
             s_next = b.mul(s0, d);
         }
+        // The value side: S0's columns decay by the chunk's total, each write's value by
+        // what follows it.
+        let vtotal = self.vgates.map(|(vin, _)| b.rows(vin, c - 1, 1));
+        if let Some(vt) = vtotal {
+            let d = exp_f32(b, vt);
+            s_next = b.mul(s_next, d);
+        }
         for j in 0..self.nb {
             let decay = total.map(|total| {
                 let bj = b.rows(self.bin.expect("gates"), j * bs, bs);
@@ -524,7 +562,16 @@ impl ChunkTerms {
                 b.dot(kj, val, true, false, Some(s))
             };
             for (&(kw, _), vws) in self.writes.iter().zip(&self.vw_blocks) {
-                s_next = write(b, kw, vws[j], s_next);
+                let vw = match (vtotal, self.vgates) {
+                    (Some(vt), Some((vin, _))) => {
+                        let vj = b.rows(vin, j * bs, bs);
+                        let e = b.sub(vt, vj);
+                        let e = exp_f32(b, e);
+                        b.mul(vws[j], e)
+                    }
+                    _ => vws[j],
+                };
+                s_next = write(b, kw, vw, s_next);
             }
             if let (Some((a, _)), Some(&rj)) = (self.low_rank, r_blocks.get(j)) {
                 s_next = write(b, a, rj, s_next);
@@ -532,6 +579,48 @@ impl ChunkTerms {
         }
         s_next
     }
+}
+
+/// `acc + sum_{j <= i} (scores(x, y)[i, j] @ z[j])` where the product also decays each value
+/// column from token j to token i by the value-side gate: `o[r, c] = sum_s A[r, s] z[s, c]
+/// e^(V_q[r, c] - V_in[s, c])` (`V_q` is the inclusive cumulative gate, or the exclusive one
+/// with `strict`). The blocks before `i` are re-centred on the pivot P (the gate before block
+/// i's first token): `e^(V_q - P)` after the sum and `e^(P - V_in)` on each value block, both
+/// <= 1; the diagonal block is one pairwise gated product.
+#[allow(clippy::too_many_arguments)]
+fn value_gated(
+    b: &mut Builder,
+    sc: &mut Scores,
+    x: (ValueId, Option<ValueId>),
+    y: (ValueId, Option<ValueId>),
+    z: &[ValueId],
+    (vin, vex): (ValueId, ValueId),
+    (i, strict): (usize, bool),
+    acc: ValueId,
+) -> ValueId {
+    let (bs, i0) = (sc.bs, i * sc.bs);
+    let vq = b.rows(if strict { vex } else { vin }, i0, bs);
+    let pivot = b.rows(vex, i0, 1);
+    let mut earlier: Option<ValueId> = None;
+    for (j, &zj) in z.iter().enumerate().take(i) {
+        let s = sc.scores(b, x, y, i, j, strict);
+        let vj = b.rows(vin, j * bs, bs);
+        let e = b.sub(pivot, vj);
+        let e = exp_f32(b, e);
+        let zj = b.mul(zj, e);
+        earlier = Some(b.dot(s, zj, false, false, earlier));
+    }
+    let mut acc = acc;
+    if let Some(sum) = earlier {
+        let e = b.sub(vq, pivot);
+        let e = exp_f32(b, e);
+        let decayed = b.mul(sum, e);
+        acc = b.add(acc, decayed);
+    }
+    let s = sc.scores(b, x, y, i, i, strict);
+    let vi = b.rows(vin, i0, bs);
+    let diagonal = b.gated_matmul(s, z[i], vi, vq, false, strict);
+    b.add(acc, diagonal)
 }
 
 /// Rows `i0 .. i0 + n` of a per-token tile; a one-row (per-head) tile broadcasts as is.

@@ -43,7 +43,13 @@ pub fn vtiles(rule: &Rule, shape: &Shape, bv: Option<usize>, recurrent: bool) ->
 }
 
 fn canonical_mixes(c: &Canonical) -> Option<&'static str> {
-    let out = [Some(&c.output.query), c.output.coef.as_ref(), c.output.extra.as_ref(), c.log_gate.as_ref()];
+    let out = [
+        Some(&c.output.query),
+        c.output.coef.as_ref(),
+        c.output.extra.as_ref(),
+        c.log_gate.as_ref(),
+        c.log_vgate.as_ref(),
+    ];
     let pairs = c.writes.iter().chain(&c.low_rank).flat_map(|(a, b)| [a, b]);
     out.into_iter().flatten().chain(pairs).find_map(mixes_columns)
 }
