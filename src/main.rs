@@ -520,6 +520,24 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write random inputs for a rule (each drawn from its input's domain, as `verify` draws
+    /// them) and `h0`, to a safetensors file that `run` and `grad` read.
+    Inputs {
+        rule: PathBuf,
+        /// B,T,H,K,V
+        #[arg(long, value_delimiter = ',', default_values_t = [1, 256, 4, 64, 64])]
+        shape: Vec<usize>,
+        #[arg(long)]
+        out: PathBuf,
+        /// Also write the cotangents `do` and `dhT` (the loss of `grad`).
+        #[arg(long)]
+        grad: bool,
+        /// Leave out `h0` (the run starts from a zero state).
+        #[arg(long)]
+        no_h0: bool,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
     /// Print the tile IR of a rule's kernel, or write its PTX (sm_80, sm_90) and launch metadata.
     Compile {
         rule: PathBuf,
@@ -1001,6 +1019,22 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
                     loaded.rule.name, be.name(), bv.map_or(String::new(), |b| format!(", bv {b}")), m.median.as_secs_f64() * 1e3, m.best.as_secs_f64() * 1e3, m.runs, m.token_heads_per_s() / 1e6, m.gflops()
                 );
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Inputs { rule, shape, out, grad, no_h0, seed } => {
+            let loaded = load_rule(&rule)?;
+            let dims = dims_of(&shape)?;
+            let mut tensors = if grad {
+                chunkc::verify_grad::random_grad_inputs(&loaded.rule, &dims, seed)
+            } else {
+                chunkc::verify::random_inputs(&loaded.rule, &dims, seed)
+            };
+            if no_h0 {
+                tensors.remove("h0");
+            }
+            chunkc::runtime::io::write_safetensors(&out, &tensors, None)?;
+            let names: Vec<String> = tensors.iter().map(|(n, t)| format!("{n} {:?}", t.shape)).collect();
+            println!("wrote {}: {}", out.display(), names.join(", "));
             Ok(ExitCode::SUCCESS)
         }
         Command::Tune { rule, shape, threads, rounds, cache, seed, json } => {

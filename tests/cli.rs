@@ -638,3 +638,43 @@ fn check_promises_no_chunked_kernel_the_planner_does_not_build() {
     let e = stderr(&o);
     assert!(e.contains(":5:1: error: this rule cannot be chunked: transitions of rank 2 are not chunked yet"), "{e}");
 }
+
+/// `inputs` writes what `run` and `grad` read: every input by name at the asked shape, h0
+/// (unless --no-h0) and with --grad the cotangents; the chunked run of them matches the
+/// reference run.
+#[test]
+fn inputs_writes_what_run_and_grad_read() {
+    let rule = root().join("rules/gla.toml");
+    let rule = rule.to_str().unwrap();
+    let file = tmp("gla_inputs.safetensors");
+    let o = chunkc(&["inputs", rule, "--shape", "2,37,3,8,12", "--grad", "--out", file.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (t, _) = chunkc::runtime::io::read_safetensors(&file).expect("inputs");
+    let names: Vec<&str> = t.keys().map(String::as_str).collect();
+    assert_eq!(names, ["dhT", "do", "gk", "h0", "k", "q", "v"]);
+    assert_eq!(t["q"].shape, [2, 37, 3, 8]);
+    assert_eq!(t["v"].shape, [2, 37, 3, 12]);
+    assert_eq!(t["h0"].shape, [2, 3, 8, 12]);
+    assert!(t["gk"].data.iter().all(|&g| g <= 0.0), "log gates are drawn from their domain");
+    let mut outs = vec![];
+    for backend in ["reference", "chunked"] {
+        let out = tmp(&format!("gla_{backend}.safetensors"));
+        let o = chunkc(&[
+            "run",
+            rule,
+            "--inputs",
+            file.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--backend",
+            backend,
+            "--allow-extra",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        outs.push(chunkc::runtime::io::read_safetensors(&out).expect("outputs").0);
+    }
+    assert!(chunkc::verify::rel_rms(&outs[1]["o"].data, &outs[0]["o"].data) <= 1e-5);
+    let o = chunkc(&["inputs", rule, "--no-h0", "--out", file.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!chunkc::runtime::io::read_safetensors(&file).expect("inputs").0.contains_key("h0"));
+}
