@@ -170,6 +170,9 @@ struct LinearSpec {
     skip: bool,
     /// `* sigmoid(z)` on the whole output.
     out_gate: bool,
+    /// Affine terms: a constant inside the delta write (written before the state read, an
+    /// order that used to be refused), or added to the state; and one added to the output.
+    affine: bool,
 }
 
 /// Non-linear ingredients (each makes the rule not chunkable).
@@ -401,7 +404,8 @@ fn render_linear(spec: &LinearSpec) -> String {
             update.push(format!("S = {g} * S{after}"));
         }
         let beta = t.beta(spec.beta_sigmoid);
-        let mut terms = vec![format!("S"), format!("outer({key}, {beta} * ({value} - S^T @ {key}))")];
+        let inner = if spec.affine { format!("0.5 - S^T @ {key} + {value}") } else { format!("{value} - S^T @ {key}") };
+        let mut terms = vec![format!("S"), format!("outer({key}, {beta} * ({inner}))")];
         terms.extend(writes);
         update.push(format!("S = {}", terms.join(" + ")));
     } else {
@@ -420,6 +424,12 @@ fn render_linear(spec: &LinearSpec) -> String {
     }
 
     let u = r#"{ shape = "[K]", per_head = true }"#;
+    if spec.affine && !spec.delta {
+        // A constant write: 0.01 added to every entry of the state each token.
+        if let Some(last) = update.last_mut() {
+            last.push_str(" + 0.01");
+        }
+    }
     let mut out = if spec.inline_bonus {
         let u = t.input("u", u);
         format!("scale * (S + outer({u} * {key}, {value}))^T @ {query}")
@@ -433,6 +443,9 @@ fn render_linear(spec: &LinearSpec) -> String {
     if spec.skip {
         let d = t.input("D", r#"{ shape = "scalar", per_head = true }"#);
         out.push_str(&format!(" + {d} * {value}"));
+    }
+    if spec.affine {
+        out.push_str(" + 0.1");
     }
     if spec.out_gate {
         let z = t.input("z", r#""[V]""#);
@@ -519,7 +532,7 @@ fn linear_spec() -> impl Strategy<Value = LinearSpec> {
         select(PROS.to_vec()),
         any::<bool>(),
         any::<bool>(),
-        (any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>()),
+        (any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>()),
     )
         .prop_map(
             |(
@@ -532,7 +545,7 @@ fn linear_spec() -> impl Strategy<Value = LinearSpec> {
                 query,
                 beta_sigmoid,
                 read_before,
-                (ib, db, skip, og),
+                (ib, db, skip, og, affine),
             )| {
                 // Without a delta term the rule needs at least one write.
                 if !delta && writes.is_empty() {
@@ -555,6 +568,7 @@ fn linear_spec() -> impl Strategy<Value = LinearSpec> {
                     dot_bonus: db,
                     skip,
                     out_gate: og,
+                    affine,
                 }
             },
         )
@@ -897,9 +911,24 @@ fn random_linear_rules_agree_with_the_reference_in_the_ptx_simulator() {
 // smallest mma dimension (odd chunks, K or V under 8) keep the fma loop, so both paths mix.
 #[test]
 fn random_linear_rules_agree_with_the_reference_with_tf32_dots() {
-    property_with("linear rules, tf32 dots", 24, (linear_spec(), sim_shape()), TF32_FRESH_SEEDS, |(spec, shape)| {
-        check(&render_linear(&spec), &shape, true, sim_tensor_cores(ElemType::F32, DotPrecision::Tf32))
-    });
+    property_with(
+        "linear rules, tf32 dots",
+        24,
+        (tensor_core_spec(), sim_shape()),
+        TF32_FRESH_SEEDS,
+        |(spec, shape)| check(&render_linear(&spec), &shape, true, sim_tensor_cores(ElemType::F32, DotPrecision::Tf32)),
+    );
+}
+
+/// The linear rules of the tensor-core properties: without the affine constants. A constant
+/// write `+ 0.01` is `outer(1, 0.01)`, whose scores against the query are a plain sum of q's
+/// entries in the dot's precision; the sum cancels, and with 10-bit mantissas the error
+/// shows (the regression seed's case `+ 0.01` and `o = (...) + 0.1`, T = 2, K = 15, V = 13:
+/// o 1.47e-3 at tf32, 1.1e-7 with f32 dots). That is the tensor cores' arithmetic, as in
+/// [`TF32_FRESH_SEEDS`]; the affine forms are held to the f32 budget on the CPU and in the
+/// simulator's f32 kernels.
+fn tensor_core_spec() -> impl Strategy<Value = LinearSpec> {
+    linear_spec().prop_map(|spec| LinearSpec { affine: false, ..spec })
 }
 
 /// Whether the tf32 property draws fresh seeds in CI: not yet. A fresh seed found a rule past
@@ -932,7 +961,7 @@ const CHUNKED_BACKWARD_FRESH_SEEDS: bool = false;
 
 #[test]
 fn random_linear_rules_agree_with_the_reference_with_bf16_inputs_and_dots() {
-    property_with("linear rules, bf16", 24, (linear_spec(), sim_shape()), BF16_FRESH_SEEDS, |(spec, shape)| {
+    property_with("linear rules, bf16", 24, (tensor_core_spec(), sim_shape()), BF16_FRESH_SEEDS, |(spec, shape)| {
         check(&render_linear(&spec), &shape, true, sim_tensor_cores(ElemType::Bf16, DotPrecision::Bf16))
     });
 }
