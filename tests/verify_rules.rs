@@ -202,3 +202,25 @@ fn affine_rules_verify_on_every_backend_forward_and_backward() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// The planner's refusals reach `check` through `chunkc::checked`: a linear rule whose form
+/// has no chunked kernel yet keeps its canonical form (`form`) and says why (`canonical`).
+#[test]
+fn forms_without_a_chunked_kernel_say_why() {
+    let io = "q = \"[K]\"\nk = { shape = \"[K]\", domain = \"unit_norm\" }\nv = \"[V]\"\nb = { shape = \"scalar\", domain = \"unit\" }\ngv = { shape = \"[V]\", domain = \"log_gate\" }\n";
+    let cases = [
+        ("S = exp(gv) * (S + outer(k, b * (v - S^T @ k)))", "a value-side gate together with a low-rank transition"),
+        (
+            "S = S + outer(k, b * (v - S^T @ k))\nS = S + outer(q, b * (gv - S^T @ q))",
+            "transitions of rank 2 are not chunked yet",
+        ),
+    ];
+    for (update, why) in cases {
+        let text = format!("name = \"t\"\nstep = \"\"\"\n{update}\no = S^T @ q\n\"\"\"\n[inputs]\n{io}");
+        let rule = chunkc::dsl::parse_rule("t.toml", &text).unwrap_or_else(|d| panic!("{d}"));
+        let loaded = chunkc::checked(rule).unwrap_or_else(|e| panic!("{e}"));
+        assert!(loaded.form.is_some(), "{update}: linear, with a canonical form");
+        let reason = loaded.canonical.expect_err(update).reason;
+        assert!(reason.contains(why), "{update}: {reason}");
+    }
+}

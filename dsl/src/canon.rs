@@ -652,7 +652,17 @@ fn product(e: &Expr, x: Sym, y: Sym) -> Sym {
         (ExprKind::MatMul(..), Sym::Mat(_), _) | (ExprKind::MatMul(..), _, Sym::MatT(_)) => {
             opaque("S @ y gives a [K] vector that depends on the state; only S^T @ x reads are chunked", sp)
         }
-        _ => opaque("a scalar or product that depends on the state in a non-linear way", sp),
+        // dot(S^T x, y) = x^T S y is linear in S, but a scalar: no S^T @ x read carries it.
+        (ExprKind::Dot(..) | ExprKind::MatMul(..), Sym::Vec(_), _)
+        | (ExprKind::Dot(..) | ExprKind::MatMul(..), _, Sym::Vec(_)) => opaque(
+            "a dot product with a state read gives a scalar that depends on the state (x^T S y); only \
+                 S^T @ x reads, scaled elementwise, are chunked",
+            sp,
+        ),
+        (ExprKind::Outer(..), Sym::Vec(_), _) => {
+            opaque("outer(...) of a [K] value read from the state; state reads can only be written as the [V] side", sp)
+        }
+        _ => opaque("a product of values that depend on the state in a form the chunked kernels do not take", sp),
     }
 }
 

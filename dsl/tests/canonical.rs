@@ -239,3 +239,128 @@ fn a_factor_that_would_change_the_type_is_not_taken_out() {
     let sum = Expr::new(ExprKind::Binary(BinaryOp::Add, Box::new(w.clone()), Box::new(k.clone())), Ty::VecK, sp);
     assert_eq!(without_factor(&sum, &w), None);
 }
+
+/// Every reason a rule linear-looking or not gets no canonical form, each with a rule that
+/// reaches it; the reason must say what breaks the form and point at the expression that
+/// does (the span's text).
+#[test]
+fn every_refusal_states_its_reason_at_its_expression() {
+    // The inputs a step reads (an unused input is an error of its own).
+    let io = |step: &str| -> String {
+        let words: Vec<&str> = step.split(|c: char| !c.is_ascii_alphanumeric()).collect();
+        [("q", "[K]"), ("k", "[K]"), ("v", "[V]"), ("gv", "[V]"), ("gw", "[V]")]
+            .iter()
+            .filter(|(n, _)| words.contains(n))
+            .map(|(n, t)| format!("{n} = \"{t}\""))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let cases: &[(&str, &str, &str)] = &[
+        ("S = outer(k, v + gv + gw)\no = S^T @ q", "discards the previous state", "S = outer(k, v + gv + gw)"),
+        ("S = S + outer(k, v + gv + gw)\no = v", "the output never reads the state", "o = v"),
+        ("S = outer(k, k @ S) + outer(k, v + gv + gw)\no = S^T @ q", "has no diagonal part", ""),
+        (
+            "S = S + outer(k, v)\no = (S^T @ q) * sum(S^T @ q) + gv + gw",
+            "a sum or norm of a value that depends on the state",
+            "sum(S^T @ q)",
+        ),
+        (
+            "S = S + outer(k, v) * outer(k, gv + gw)\no = S^T @ q",
+            "an elementwise product of two matrices",
+            "outer(k, v) * outer(k, gv + gw)",
+        ),
+        (
+            "S = S + outer(k, v)\no = (S^T @ q) * (S^T @ k) + gv + gw",
+            "a product of two values that both depend on the state",
+            "(S^T @ q) * (S^T @ k)",
+        ),
+        (
+            "S = S + outer(k, v)\no = (v + gv + gw) / (S^T @ q)",
+            "dividing by a value that depends on the state",
+            "(v + gv + gw) / (S^T @ q)",
+        ),
+        (
+            "S = S + outer(k, v)\no = pow(S^T @ q, 2) + gv + gw",
+            "pow(...) of a value that depends on the state",
+            "pow(S^T @ q, 2)",
+        ),
+        (
+            "S = S + outer(k, v)\no = exp(S^T @ q) + gv + gw",
+            "exp(...) of a value that depends on the state",
+            "exp(S^T @ q)",
+        ),
+        ("S = S + outer(k, v)\no = gv * (S^T @ q) + gw * (S^T @ k)", "two different [V] scalings", ""),
+        (
+            "P = S\nS = S + outer(k, v + gv + gw)\no = (S + P)^T @ q",
+            "mixes the state before and after the update",
+            "(S + P)",
+        ),
+        (
+            "S = S * exp(gv) + S * exp(gw) + outer(k, v)\no = S^T @ q",
+            "adds two state terms scaled by different [V] vectors",
+            "",
+        ),
+        (
+            "y = S^T @ q\nS = S + outer(k, v + gv + gw)\no = y + S^T @ q",
+            "reads both the state before and after the update",
+            "y + S^T @ q",
+        ),
+        (
+            "S = S + outer(k, v + gv + gw)\no = (S + outer(k, S^T @ q))^T @ q",
+            "writes a term read from the state after its last update",
+            "outer(k, S^T @ q)",
+        ),
+        (
+            "S = S + outer(k, gv * (S^T @ q) + gw * (S^T @ k)) + outer(k, v)\no = S^T @ q",
+            "writes state reads scaled by different [V] vectors",
+            "outer(k, gv * (S^T @ q) + gw * (S^T @ k))",
+        ),
+        (
+            "S = S + outer(k, v)\no = dot(S^T @ q, v + gv + gw) * v",
+            "a dot product with a state read gives a scalar",
+            "dot(S^T @ q, v + gv + gw)",
+        ),
+        ("S = S + outer(k, v)\no = S @ (v + gv + gw) @ S", "S @ y gives a [K] vector", "S @ (v + gv + gw)"),
+        (
+            "S = S * S + outer(k, v + gv + gw)\no = S^T @ q",
+            "a product of two values that both depend on the state",
+            "S * S",
+        ),
+        (
+            "S = outer(k * k, gv + gw) * S + outer(k, v)\no = S^T @ q",
+            "gates each entry of the state by a [K, V] matrix",
+            "outer(k * k, gv + gw) * S",
+        ),
+        (
+            "S = S + outer(k, v)\no = max(S^T @ q, gv + gw)",
+            "max(...) of a value that depends on the state",
+            "max(S^T @ q, gv + gw)",
+        ),
+        (
+            "S = S + outer(k, v)\no = (S^T @ q > 0) * (gv + gw)",
+            "the comparison `>` of a value that depends on the state",
+            "(S^T @ q > 0)",
+        ),
+        (
+            "S = S + outer(k, v)\ny = S^T @ q\no = where(y, gv, gw)",
+            "a `where` whose condition depends on the state",
+            "",
+        ),
+    ];
+    let mut failures = vec![];
+    for (step, why, at) in cases {
+        let r = parse(step, &io(step));
+        let e = match canonicalize(&r) {
+            Ok(c) => {
+                failures.push(format!("{step}: chunkable, as {:?}", c.class));
+                continue;
+            }
+            Err(e) => e,
+        };
+        let text = r.source.get(e.span.start..e.span.end).unwrap_or("");
+        if !e.reason.contains(why) || (!at.is_empty() && text != *at) || text.is_empty() {
+            failures.push(format!("{step}:\n  reason `{}`\n  at `{text}`\n  want `{why}` at `{at}`", e.reason));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
