@@ -614,29 +614,36 @@ fn compile_grad_prints_the_backward_program() {
     assert_eq!(stderr(&o).trim(), "error: the backward runs the whole V: --grad takes no --bv");
 }
 
-/// DeltaProduct (two Householder steps a token) is linear, of rank 2: `check` shows its form
-/// but promises the recurrent kernel only, `chunked = true` is refused with the planner's
-/// reason, and a default `verify` runs (and passes) what exists instead of failing.
+/// A value-side gate on a delta rule is linear, but the planner has no chunked form for the
+/// pair yet: `check` shows its form and promises the recurrent kernel only, `chunked = true`
+/// is refused with the planner's reason, and a default `verify` runs (and passes) what exists.
 #[test]
 fn check_promises_no_chunked_kernel_the_planner_does_not_build() {
-    let text = "name = \"deltaproduct\"\nstep = \"\"\"\nS = S - outer(k, b * (k @ S)) + outer(k, b * v)\nS = S - outer(k2, b2 * (k2 @ S)) + outer(k2, b2 * v2)\no = S^T @ q\n\"\"\"\n[inputs]\nq = \"[K]\"\nk = { shape = \"[K]\", domain = \"unit_norm\" }\nv = \"[V]\"\nb = { shape = \"scalar\", domain = \"unit\" }\nk2 = { shape = \"[K]\", domain = \"unit_norm\" }\nv2 = \"[V]\"\nb2 = { shape = \"scalar\", domain = \"unit\" }\n";
-    let rule = tmp("deltaproduct.toml");
+    let text = "name = \"value_gated_delta\"\nstep = \"\"\"\nS = exp(gv) * (S + outer(k, b * (v - S^T @ k)))\no = S^T @ q\n\"\"\"\n[inputs]\nq = \"[K]\"\nk = { shape = \"[K]\", domain = \"unit_norm\" }\nv = \"[V]\"\nb = { shape = \"scalar\", domain = \"unit\" }\ngv = { shape = \"[V]\", domain = \"log_gate\" }\n";
+    let rule = tmp("value_gated_delta.toml");
     std::fs::write(&rule, text).expect("write");
     let o = chunkc(&["check", rule.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = stdout(&o);
-    assert!(out.contains("class: delta, rank 2"), "{out}");
-    assert!(out.contains("kernels: recurrent only (no chunked kernel: transitions of rank 2"), "{out}");
+    assert!(out.contains("class: delta, rank 1"), "{out}");
+    assert!(out.contains("log d   = gv"), "{out}");
+    assert!(
+        out.contains("kernels: recurrent only (no chunked kernel: a value-side gate together with a low-rank"),
+        "{out}"
+    );
     let o = chunkc(&["verify", rule.to_str().unwrap()]);
     assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
     assert!(stdout(&o).contains("10 passed, 0 failed"), "{}", stdout(&o));
-    let required = tmp("deltaproduct_required.toml");
-    std::fs::write(&required, text.replace("name = \"deltaproduct\"\n", "name = \"deltaproduct\"\nchunked = true\n"))
-        .expect("write");
+    let required = tmp("value_gated_delta_required.toml");
+    std::fs::write(
+        &required,
+        text.replace("name = \"value_gated_delta\"\n", "name = \"value_gated_delta\"\nchunked = true\n"),
+    )
+    .expect("write");
     let o = chunkc(&["check", required.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(1));
     let e = stderr(&o);
-    assert!(e.contains(":5:1: error: this rule cannot be chunked: transitions of rank 2 are not chunked yet"), "{e}");
+    assert!(e.contains(":4:1: error: this rule cannot be chunked: a value-side gate together with a low-rank"), "{e}");
 }
 
 /// `inputs` writes what `run` and `grad` read: every input by name at the asked shape, h0

@@ -8,6 +8,11 @@
 //!   Attention Transformers with Hardware-Efficient Training", section 4: `G_t = alpha_t^T
 //!   beta_t`, `S_t = G_t ⊙ S_(t-1) + k_t^T v_t`, `o_t = q_t S_t`; the paper's code fixes
 //!   beta = 1, these rules keep it): value side only (alpha = 1), and both sides.
+//! - `deltaproduct`: Gated DeltaProduct with n_h = 2 (Siems et al. 2025, "DeltaProduct:
+//!   Improving State-Tracking in Linear RNNs via Householder Products"): the transition is a
+//!   product of generalised Householder matrices, `S_t = prod_j (I - beta_j k_j k_j^T)
+//!   (alpha_t S_(t-1)) + ...`, applied here one step at a time as the paper writes it
+//!   (`S <- S - beta_j k_j (k_j^T S) + beta_j k_j v_j^T`), never expanded into low-rank terms.
 
 mod common;
 
@@ -68,6 +73,47 @@ fn gla_outer_gate(
     (o, ht)
 }
 
+/// `o` and `hT` of Gated DeltaProduct with `steps` Householder steps per token (inputs
+/// `k1, v1, b1, k2, ...`, the scalar log gate `g`), in f64, token by token.
+fn deltaproduct(dims: Dims, t: &chunkc::runtime::io::Tensors, steps: usize) -> (Vec<f64>, Vec<f64>) {
+    let Dims { batch, seq_len, heads, k: dk, v: dv } = dims;
+    let get =
+        |n: &str| t.get(n).unwrap_or_else(|| panic!("input {n}")).data.iter().map(|&x| x as f64).collect::<Vec<f64>>();
+    let (q, g, h0) = (get("q"), get("g"), get("h0"));
+    let ks: Vec<Vec<f64>> = (1..=steps).map(|j| get(&format!("k{j}"))).collect();
+    let vs: Vec<Vec<f64>> = (1..=steps).map(|j| get(&format!("v{j}"))).collect();
+    let bs: Vec<Vec<f64>> = (1..=steps).map(|j| get(&format!("b{j}"))).collect();
+    let scale = 1.0 / (dk as f64).sqrt();
+    let mut o = vec![0.0; batch * seq_len * heads * dv];
+    let mut ht = vec![0.0; batch * heads * dk * dv];
+    for b in 0..batch {
+        for h in 0..heads {
+            let mut s: Vec<f64> = h0[(b * heads + h) * dk * dv..][..dk * dv].to_vec();
+            for step in 0..seq_len {
+                let row = (b * seq_len + step) * heads + h;
+                let alpha = g[row].exp();
+                s.iter_mut().for_each(|x| *x *= alpha);
+                for j in 0..steps {
+                    let (kt, vt, beta) = (&ks[j][row * dk..][..dk], &vs[j][row * dv..][..dv], bs[j][row]);
+                    // k^T S, then S - beta k (k^T S) + beta k v^T
+                    let kts: Vec<f64> = (0..dv).map(|c| (0..dk).map(|i| kt[i] * s[i * dv + c]).sum()).collect();
+                    for i in 0..dk {
+                        for c in 0..dv {
+                            s[i * dv + c] += beta * kt[i] * (vt[c] - kts[c]);
+                        }
+                    }
+                }
+                let qt = &q[row * dk..][..dk];
+                for c in 0..dv {
+                    o[row * dv + c] = scale * (0..dk).map(|i| qt[i] * s[i * dv + c]).sum::<f64>();
+                }
+            }
+            ht[(b * heads + h) * dk * dv..][..dk * dv].copy_from_slice(&s);
+        }
+    }
+    (o, ht)
+}
+
 fn check(name: &str, formula: impl Fn(Dims, &chunkc::runtime::io::Tensors) -> (Vec<f64>, Vec<f64>)) {
     let loaded = chunkc::load_rule(&root().join("rules").join(format!("{name}.toml"))).expect("rule loads");
     assert!(loaded.canonical.is_ok(), "{name} has a chunked kernel");
@@ -106,4 +152,9 @@ fn gla_value_matches_the_outer_product_gate_formula() {
 #[test]
 fn gla_two_sided_matches_the_outer_product_gate_formula() {
     check("gla_two_sided", |dims, t| gla_outer_gate(dims, t, Some("gk"), "gv"));
+}
+
+#[test]
+fn deltaproduct_matches_the_householder_product_formula() {
+    check("deltaproduct", |dims, t| deltaproduct(dims, t, 2));
 }

@@ -173,6 +173,9 @@ struct LinearSpec {
     /// Affine terms: a constant inside the delta write (written before the state read, an
     /// order that used to be refused), or added to the state; and one added to the output.
     affine: bool,
+    /// With `delta`: further Householder steps per token (DeltaProduct), each with its own
+    /// unit key, beta and value: the transition's rank is 1 + this.
+    extra_steps: usize,
 }
 
 /// Non-linear ingredients (each makes the rule not chunkable).
@@ -408,6 +411,12 @@ fn render_linear(spec: &LinearSpec) -> String {
         let mut terms = vec![format!("S"), format!("outer({key}, {beta} * ({inner}))")];
         terms.extend(writes);
         update.push(format!("S = {}", terms.join(" + ")));
+        for j in 2..2 + spec.extra_steps {
+            let kj = t.input(&format!("hk{j}"), r#"{ shape = "[K]", domain = "unit_norm" }"#);
+            let bj = t.input(&format!("hb{j}"), r#"{ shape = "scalar", domain = "unit" }"#);
+            let vj = t.input(&format!("hv{j}"), r#""[V]""#);
+            update.push(format!("S = S + outer({kj}, {bj} * ({vj} - S^T @ {kj}))"));
+        }
     } else {
         match (&gate, spec.split) {
             (Some(g), true) if spec.decay_after => {
@@ -533,6 +542,7 @@ fn linear_spec() -> impl Strategy<Value = LinearSpec> {
         any::<bool>(),
         any::<bool>(),
         (any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>()),
+        prop_oneof![2 => Just(0usize), 1 => Just(1usize), 1 => Just(2usize)],
     )
         .prop_map(
             |(
@@ -546,6 +556,7 @@ fn linear_spec() -> impl Strategy<Value = LinearSpec> {
                 beta_sigmoid,
                 read_before,
                 (ib, db, skip, og, affine),
+                extra_steps,
             )| {
                 // Without a delta term the rule needs at least one write.
                 if !delta && writes.is_empty() {
@@ -569,6 +580,7 @@ fn linear_spec() -> impl Strategy<Value = LinearSpec> {
                     skip,
                     out_gate: og,
                     affine,
+                    extra_steps: if delta { extra_steps } else { 0 },
                 }
             },
         )

@@ -189,6 +189,14 @@ fn backward_program_phases_assemble() {
     println!("bf16 backward phases that spill on sm_90 (known, issue 15): {}", spilling.join(", "));
 }
 
+/// Kernels ptxas assembles with a small spill by its own choice, each `label dot target`.
+/// Rank-2 DeltaProduct's chunked forward at K = V = 128 with tf32 dots on sm_80: ptxas keeps
+/// it at 80 registers (three CTAs of 256 threads per SM) and spills 16 B (80 B of reloads)
+/// rather than take more; given `.minnctapersm 1` it takes 200 registers and spills nothing
+/// (one CTA per SM). Which is faster is for issue 15's measurements on a GPU. A listed kernel
+/// that stops spilling fails the test, so the list only shrinks.
+const KNOWN_SPILLS: &[&str] = &["deltaproduct chunked c64 K=V=128 tf32 sm_80"];
+
 /// Emits and assembles every job on all cores (ptxas is single-threaded), prints one line per
 /// job in order, and panics listing every failure; returns ptxas's version.
 fn assemble_all(jobs: &[(&str, &Kernel, Sm, PtxSchedule)]) -> String {
@@ -207,7 +215,19 @@ fn assemble_all(jobs: &[(&str, &Kernel, Sm, PtxSchedule)]) -> String {
                     Ok(PtxKernel { ptx, meta }) => match dump(&ptx, &meta).and_then(|()| assemble(&ptx, target)) {
                         Err(e) => Err(format!("{label} {dot} {target}: {e}")),
                         Ok(r) if r.spill_stores + r.spill_loads > 0 => {
-                            Err(format!("{label} {dot} {target}: spills: {r}"))
+                            let key = format!("{label} {dot} {target}");
+                            if KNOWN_SPILLS.iter().any(|k| key.split_whitespace().eq(k.split_whitespace())) {
+                                Ok(format!("{label:<40} {dot:<4} {r} (a known spill, see KNOWN_SPILLS)"))
+                            } else {
+                                Err(format!("{key}: spills: {r}"))
+                            }
+                        }
+                        Ok(r)
+                            if KNOWN_SPILLS.iter().any(|k| {
+                                format!("{label} {dot} {target}").split_whitespace().eq(k.split_whitespace())
+                            }) =>
+                        {
+                            Err(format!("{label} {dot} {target}: listed in KNOWN_SPILLS but no longer spills ({r})"))
                         }
                         Ok(_) if label.contains("chunked") && sched.dot.tensor_cores() && !ptx.contains("mma.sync") => {
                             Err(format!("{label} {dot} {target}: no dot ran on tensor cores"))

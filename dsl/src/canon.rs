@@ -219,6 +219,15 @@ pub fn canonicalize(rule: &Rule) -> Result<Canonical, NotChunkable> {
     let mut m = m;
     m.low_rank = merge_low_rank(std::mem::take(&mut m.low_rank), update_span);
     m.writes = merge_low_rank(std::mem::take(&mut m.writes), update_span);
+    // a b^T = (-a)(-b)^T: take the sign under which `a` is a write's key, so that the chunked
+    // forms can fold that write into the low-rank values (DeltaNet's pseudo-values).
+    for (a, b) in &mut m.low_rank {
+        let negated = |x: &Expr, y: &Expr| matches!(&x.kind, ExprKind::Unary(UnaryOp::Neg, inner) if same(inner, y));
+        if m.writes.iter().any(|(kw, _)| negated(a, kw) || negated(kw, a)) {
+            *a = neg(a, update_span);
+            *b = neg(b, update_span);
+        }
+    }
     let log_vgate = m.vside.as_ref().map(|d| cx.log_of(d));
     let rank = m.low_rank.len();
     let vector_gate = log_gate.as_ref().is_some_and(|g| g.ty == Ty::VecK);

@@ -101,9 +101,18 @@ pub fn split_phases(canon: &Canonical) -> Vec<Phase> {
 /// identifier, so no rule input can take it.
 pub const BOUNDARY_STATES: &str = "chunk.h";
 /// The UT factors of the split program's low-rank rules, per token: W `[B, T, H, K]` and Ũ
-/// `[B, T, H, V]` (FLA's `w` and `u`).
+/// `[B, T, H, V]` (FLA's `w` and `u`), one pair per low-rank term.
 pub const FACTOR_W: &str = "chunk.w";
 pub const FACTOR_U: &str = "chunk.u";
+
+/// The names of the UT factors of low-rank term `r` (counted from 0): `chunk.w` and `chunk.u`
+/// for the first, `chunk.w2` and `chunk.u2` for the second, ...
+pub fn factor_names(r: usize) -> (String, String) {
+    match r {
+        0 => (FACTOR_W.to_string(), FACTOR_U.to_string()),
+        _ => (format!("{FACTOR_W}{}", r + 1), format!("{FACTOR_U}{}", r + 1)),
+    }
+}
 
 /// Builds one phase of the chunked forward.
 pub fn build_phase(
@@ -113,12 +122,6 @@ pub fn build_phase(
     sched: Schedule,
     phase: Phase,
 ) -> Result<Kernel, PlanError> {
-    if canon.low_rank.len() > 1 {
-        return Err(PlanError(format!(
-            "transitions of rank {} are not chunked yet (rank 1 is); use the recurrent backend",
-            canon.low_rank.len()
-        )));
-    }
     let c = sched.chunk;
     if c == 0 {
         return Err(PlanError("the chunk size must be at least 1".into()));
@@ -210,10 +213,11 @@ pub(super) struct ChunkTerms {
     writes: Vec<(ValueId, ValueId)>,
     /// Their values, block by block.
     vw_blocks: Vec<Vec<ValueId>>,
-    /// The value of the write folded into the solve (its key is `a`).
-    merged_vw: Option<ValueId>,
-    /// The low-rank pair: `a`, and `b` with whether it is gated inclusively.
-    low_rank: Option<(ValueId, (ValueId, bool))>,
+    /// For each low-rank term, the value of the write folded into its solve (its key is
+    /// the term's `a`).
+    merged_vw: Vec<Option<ValueId>>,
+    /// The low-rank terms: `a`, and `b` with whether it is gated inclusively.
+    low_rank: Vec<(ValueId, (ValueId, bool))>,
     coef: Option<ValueId>,
     extra: Option<ValueId>,
     read_before: bool,
@@ -222,8 +226,9 @@ pub(super) struct ChunkTerms {
     /// The value-side gate's cumulative logs (inclusive, exclusive; f64, `[C, BV]`).
     vgates: Option<(ValueId, ValueId)>,
     sc: Scores,
-    /// `I - A_ba` of each diagonal block, formed once (the factors' two solves share it).
-    diagonal: HashMap<usize, ValueId>,
+    /// The elimination of each diagonal block's coupled solve, formed once (the factors' two
+    /// solves share it).
+    diagonal: HashMap<usize, Elimination>,
     /// The rule inputs the prologue loaded (input index, the chunk's tile).
     pub(super) loads: Vec<(usize, ValueId)>,
     /// Each output block formed (its first row in the chunk, its value), in order.
@@ -289,32 +294,34 @@ impl ChunkTerms {
         // (I - A_ba) U = VW + (b ⊙ e^Bex) S0 + ..., and U replaces R in the output and the
         // state. U is the small pseudo-value beta (v - S^T k) (DESIGN form (c)); keeping R and
         // VW apart would sum two chunk-sized terms that cancel, losing f32 precision.
-        let merged = canon.low_rank.first().and_then(|(a, _)| canon.writes.iter().position(|(kw, _)| same(kw, a)));
-        let mut merged_vw = None;
+        // Each low-rank term takes at most one write, and each write goes to one term.
+        let mut merged: Vec<Option<usize>> = vec![];
+        for (a, _) in &canon.low_rank {
+            let w = (0..canon.writes.len()).find(|&w| same(&canon.writes[w].0, a) && !merged.contains(&Some(w)));
+            merged.push(w);
+        }
+        let mut merged_vw = vec![None; canon.low_rank.len()];
         let mut writes: Vec<(ValueId, ValueId)> = vec![];
         for (w, (kw, vw)) in canon.writes.iter().enumerate() {
             let vw = pro.tile(b, vw, true)?;
-            if Some(w) == merged {
-                merged_vw = Some(vw);
-            } else {
-                writes.push((pro.tile(b, kw, true)?, vw));
+            match merged.iter().position(|&m| m == Some(w)) {
+                Some(r) => merged_vw[r] = Some(vw),
+                None => writes.push((pro.tile(b, kw, true)?, vw)),
             }
         }
         // `b` reads the state after the token's own decay. When the decay is a factor of it
         // (b = w b', every gated delta rule), b' is gated inclusively, `b' e^Bin` for `b e^Bex`:
         // the same terms, without a tile of exponentials for b and with the other operands'
         // gate, whose factors the backends then share.
-        let decayed_b = canon.low_rank_decayed.first().and_then(|b| b.as_ref());
-        let low_rank = match canon.low_rank.first() {
-            Some((a, bv)) => {
-                let (bv, inclusive) = match decayed_b.filter(|_| canon.log_gate.is_some()) {
-                    Some(b2) => (b2, true),
-                    None => (bv, false),
-                };
-                Some((pro.tile(b, a, true)?, (pro.tile(b, bv, true)?, inclusive)))
-            }
-            None => None,
-        };
+        let mut low_rank = vec![];
+        for (r, (a, bv)) in canon.low_rank.iter().enumerate() {
+            let decayed_b = canon.low_rank_decayed.get(r).and_then(|b| b.as_ref());
+            let (bv, inclusive) = match decayed_b.filter(|_| canon.log_gate.is_some()) {
+                Some(b2) => (b2, true),
+                None => (bv, false),
+            };
+            low_rank.push((pro.tile(b, a, true)?, (pro.tile(b, bv, true)?, inclusive)));
+        }
         let coef = canon.output.coef.as_ref().map(|e| pro.tile(b, e, false)).transpose()?;
         let extra = canon.output.extra.as_ref().map(|e| pro.tile(b, e, false)).transpose()?;
 
@@ -361,39 +368,56 @@ impl ChunkTerms {
         }
     }
 
-    /// Forward substitution for block `i` of X in `(I - A_ba) X = RHS`: given the blocks of X
-    /// before `i` and the start of block `i` of RHS, `X_i = (I - A_ba[i,i])^-1 (start +
-    /// sum_{j<i} A_ba[i,j] X_j [+ sum_{j<=i} A_bk[i,j] VW_j with `writes`])`.
+    /// Forward substitution for block `i` of the low-rank values X (one tile per term) in
+    /// `X_r - sum_r' A_{b_r a_r'} X_r' = RHS_r`: given the blocks of X before `i` and the start
+    /// of block `i` of each RHS, the off-diagonal terms `sum_{j<i} A[i,j] X_j` (and, with
+    /// `writes`, `sum_{j<=i} A_bk[i,j] VW_j`) go into the right sides, and the diagonal block's
+    /// coupled system is solved by block elimination ([`Elimination`]; one unit-lower solve
+    /// at rank 1).
     fn solve_block(
         &mut self,
         b: &mut Builder,
-        x_blocks: &[ValueId],
+        x_blocks: &[Vec<ValueId>],
         i: usize,
-        start: ValueId,
+        starts: Vec<ValueId>,
         writes: bool,
-    ) -> ValueId {
-        let (a, (bv, inclusive)) = self.low_rank.expect("a low-rank transition");
-        let bv_gate = self.bv_gate(inclusive);
-        let mut rhs = self.sc.apply(b, (bv, bv_gate), (a, self.bin), (x_blocks, None), i, true, start);
-        if writes {
-            rhs = self.add_writes_rhs(b, i, rhs);
+    ) -> Vec<ValueId> {
+        let terms = self.low_rank.clone();
+        let mut rhs = vec![];
+        for (r, (&(_, (bv, inclusive)), start)) in terms.iter().zip(starts).enumerate() {
+            let bg = (bv, self.bv_gate(inclusive));
+            let mut acc = start;
+            for (&(a, _), xs) in terms.iter().zip(x_blocks) {
+                acc = self.sc.apply(b, bg, (a, self.bin), (xs, None), i, true, acc);
+            }
+            if writes {
+                acc = self.add_writes_rhs(b, r, i, acc);
+            }
+            rhs.push(acc);
         }
-        let l = match self.diagonal.get(&i) {
-            Some(&l) => l,
+        let elim = match self.diagonal.get(&i) {
+            Some(e) => e.clone(),
             None => {
-                let aba = self.sc.scores(b, (bv, bv_gate), (a, self.bin), i, i, true);
-                let l = b.neg(aba);
-                self.diagonal.insert(i, l);
-                l
+                let mut blocks = vec![];
+                for &(_, (bv, inclusive)) in &terms {
+                    let bg = (bv, self.bv_gate(inclusive));
+                    let row: Vec<ValueId> =
+                        terms.iter().map(|&(a, _)| self.sc.scores(b, bg, (a, self.bin), i, i, true)).collect();
+                    blocks.push(row);
+                }
+                let e = Elimination::new(b, blocks);
+                self.diagonal.insert(i, e.clone());
+                e
             }
         };
-        b.solve_unit_lower(l, rhs)
+        elim.solve(b, rhs)
     }
 
-    /// `acc + sum_{j<=i} A_bk[i,j] VW_j` over the writes not folded into the solve: block `i`
-    /// of the part of the solve's right side that comes from the chunk's own values.
-    fn add_writes_rhs(&mut self, b: &mut Builder, i: usize, acc: ValueId) -> ValueId {
-        let (_, (bv, inclusive)) = self.low_rank.expect("a low-rank transition");
+    /// `acc + sum_{j<=i} A_bk[i,j] VW_j` over the writes not folded into a solve, for the
+    /// low-rank term `r`: block `i` of the part of its right side that comes from the chunk's
+    /// own values.
+    fn add_writes_rhs(&mut self, b: &mut Builder, r: usize, i: usize, acc: ValueId) -> ValueId {
+        let (_, (bv, inclusive)) = self.low_rank[r];
         let bg = (bv, self.bv_gate(inclusive));
         let mut rhs = acc;
         for (&(kw, vw), vws) in self.writes.iter().zip(&self.vw_blocks) {
@@ -414,11 +438,11 @@ impl ChunkTerms {
         s0: ValueId,
         from_factors: bool,
         o_param: Option<usize>,
-    ) -> Vec<ValueId> {
+    ) -> Vec<Vec<ValueId>> {
         let bs = self.bs;
         let bq = if self.read_before { self.bex } else { self.bin };
-        let factors = (from_factors && self.low_rank.is_some()).then(|| self.load_factors(b));
-        let mut r_blocks = vec![];
+        let factors = (from_factors && !self.low_rank.is_empty()).then(|| self.load_factors(b));
+        let mut r_blocks: Vec<Vec<ValueId>> = vec![vec![]; self.low_rank.len()];
         for i in 0..self.nb {
             let i0 = i * bs;
             let o = o_param.map(|_| {
@@ -434,21 +458,30 @@ impl ChunkTerms {
                     None => o,
                 }
             });
-            if let Some((_, (bv, inclusive))) = self.low_rank {
-                let r = match factors {
-                    Some((w, u)) => {
-                        let (wi, ui) = (b.rows(w, i0, bs), b.rows(u, i0, bs));
-                        b.dot(wi, s0, false, false, Some(ui))
-                    }
+            if !self.low_rank.is_empty() {
+                let xs: Vec<ValueId> = match &factors {
+                    Some(f) => f
+                        .iter()
+                        .map(|&(w, u)| {
+                            let (wi, ui) = (b.rows(w, i0, bs), b.rows(u, i0, bs));
+                            b.dot(wi, s0, false, false, Some(ui))
+                        })
+                        .collect(),
                     None => {
                         // rhs_i = bg_i S0 + (the folded values) + sum_{j<=i} A_bk[i,j] VW_j
-                        let bg = self.sc.decayed(b, bv, self.bv_gate(inclusive), i);
-                        let merged_i = self.merged_vw.map(|vw| b.rows(vw, i0, bs));
-                        let with_s0 = b.dot(bg, s0, false, false, merged_i);
-                        self.solve_block(b, &r_blocks, i, with_s0, true)
+                        let mut starts = vec![];
+                        for r in 0..self.low_rank.len() {
+                            let (_, (bv, inclusive)) = self.low_rank[r];
+                            let bg = self.sc.decayed(b, bv, self.bv_gate(inclusive), i);
+                            let merged_i = self.merged_vw[r].map(|vw| b.rows(vw, i0, bs));
+                            starts.push(b.dot(bg, s0, false, false, merged_i));
+                        }
+                        self.solve_block(b, &r_blocks, i, starts, true)
                     }
                 };
-                r_blocks.push(r);
+                for (blocks, x) in r_blocks.iter_mut().zip(xs) {
+                    blocks.push(x);
+                }
             }
             if let (Some(o), Some(o_param)) = (o, o_param) {
                 self.finish_output(b, o_param, o, i, &r_blocks);
@@ -458,56 +491,74 @@ impl ChunkTerms {
     }
 
     /// The UT factors, stored row by row: W solves `(I - A_ba) W = Bv ⊙ e^Bg` (the coefficient
-    /// of S0) and Ũ the S0-free right side, so that R = Ũ + W S0.
+    /// of S0) and Ũ the S0-free right side, so that R = Ũ + W S0; one pair per low-rank term.
     fn store_factors(&mut self, b: &mut Builder) {
-        let (_, (bv, inclusive)) = self.low_rank.expect("a low-rank transition");
-        let bs = self.bs;
-        let (mut w_blocks, mut u_blocks) = (vec![], vec![]);
+        let (bs, n) = (self.bs, self.low_rank.len());
+        let (mut w_blocks, mut u_blocks) = (vec![vec![]; n], vec![vec![]; n]);
         for i in 0..self.nb {
-            let bg = self.sc.decayed(b, bv, self.bv_gate(inclusive), i);
-            let w = self.solve_block(b, &w_blocks, i, bg, false);
-            w_blocks.push(w);
-            let start = match self.merged_vw {
-                Some(vw) => b.rows(vw, i * bs, bs),
-                None => b.constant(0.0, TileTy::f32(bs, self.shape.v)),
-            };
-            let u = self.solve_block(b, &u_blocks, i, start, true);
-            u_blocks.push(u);
+            let mut starts = vec![];
+            for r in 0..n {
+                let (_, (bv, inclusive)) = self.low_rank[r];
+                starts.push(self.sc.decayed(b, bv, self.bv_gate(inclusive), i));
+            }
+            let ws = self.solve_block(b, &w_blocks, i, starts, false);
+            for (blocks, w) in w_blocks.iter_mut().zip(ws) {
+                blocks.push(w);
+            }
+            let starts = (0..n)
+                .map(|r| match self.merged_vw[r] {
+                    Some(vw) => b.rows(vw, i * bs, bs),
+                    None => b.constant(0.0, TileTy::f32(bs, self.shape.v)),
+                })
+                .collect();
+            let us = self.solve_block(b, &u_blocks, i, starts, true);
+            for (blocks, u) in u_blocks.iter_mut().zip(us) {
+                blocks.push(u);
+            }
         }
-        let pw = b.param(FACTOR_W, Access::Write);
-        let pu = b.param(FACTOR_U, Access::Write);
-        for i in 0..self.nb {
-            let i0 = i * bs;
-            let at = self.t0.clone().add(Idx::c(i0 as i64));
-            let valid = self.valid.clone().sub(Idx::c(i0 as i64));
-            let (wbase, wstride) = token_base(&self.shape, at.clone(), self.shape.k);
-            b.store(w_blocks[i], pw, wbase, wstride, 1, valid.clone());
-            let (ubase, ustride) = v_token_base(&self.shape, at, self.sched.bv);
-            b.store(u_blocks[i], pu, ubase, ustride, 1, valid);
+        for r in 0..n {
+            let (wname, uname) = factor_names(r);
+            let pw = b.param(wname, Access::Write);
+            let pu = b.param(uname, Access::Write);
+            for i in 0..self.nb {
+                let i0 = i * bs;
+                let at = self.t0.clone().add(Idx::c(i0 as i64));
+                let valid = self.valid.clone().sub(Idx::c(i0 as i64));
+                let (wbase, wstride) = token_base(&self.shape, at.clone(), self.shape.k);
+                b.store(w_blocks[r][i], pw, wbase, wstride, 1, valid.clone());
+                let (ubase, ustride) = v_token_base(&self.shape, at, self.sched.bv);
+                b.store(u_blocks[r][i], pu, ubase, ustride, 1, valid);
+            }
         }
     }
 
-    /// The chunk's rows of W and Ũ as the prep stored them (Ũ's columns of this V-tile).
-    fn load_factors(&self, b: &mut Builder) -> (ValueId, ValueId) {
+    /// The chunk's rows of W and Ũ of every low-rank term as the prep stored them (Ũ's columns
+    /// of this V-tile).
+    fn load_factors(&self, b: &mut Builder) -> Vec<(ValueId, ValueId)> {
         let (c, k) = (self.sched.chunk, self.shape.k);
         let cols = self.sched.bv.unwrap_or(self.shape.v);
-        let pw = b.param(FACTOR_W, Access::Read);
-        let pu = b.param(FACTOR_U, Access::Read);
-        let (wbase, wstride) = token_base(&self.shape, self.t0.clone(), k);
-        let w = b.load(pw, wbase, wstride, 1, c, k, self.valid.clone());
-        let (ubase, ustride) = v_token_base(&self.shape, self.t0.clone(), self.sched.bv);
-        let u = b.load(pu, ubase, ustride, 1, c, cols, self.valid.clone());
-        (w, u)
+        (0..self.low_rank.len())
+            .map(|r| {
+                let (wname, uname) = factor_names(r);
+                let pw = b.param(wname, Access::Read);
+                let pu = b.param(uname, Access::Read);
+                let (wbase, wstride) = token_base(&self.shape, self.t0.clone(), k);
+                let w = b.load(pw, wbase, wstride, 1, c, k, self.valid.clone());
+                let (ubase, ustride) = v_token_base(&self.shape, self.t0.clone(), self.sched.bv);
+                let u = b.load(pu, ubase, ustride, 1, c, cols, self.valid.clone());
+                (w, u)
+            })
+            .collect()
     }
 
     /// Adds block `i`'s intra-chunk terms to its output `o` (which holds the term from the
     /// entering state) and stores it.
-    fn finish_output(&mut self, b: &mut Builder, o_param: usize, mut o: ValueId, i: usize, r_blocks: &[ValueId]) {
+    fn finish_output(&mut self, b: &mut Builder, o_param: usize, mut o: ValueId, i: usize, r_blocks: &[Vec<ValueId>]) {
         let (bs, i0) = (self.bs, i * self.bs);
         let bq = if self.read_before { self.bex } else { self.bin };
         let sc = &mut self.sc;
-        if let Some((a, _)) = self.low_rank {
-            o = sc.apply(b, (self.q, bq), (a, self.bin), (&r_blocks[..=i], None), i, self.read_before, o);
+        for (&(a, _), rs) in self.low_rank.iter().zip(r_blocks) {
+            o = sc.apply(b, (self.q, bq), (a, self.bin), (&rs[..=i], None), i, self.read_before, o);
         }
         for (&(kw, vw), vws) in self.writes.iter().zip(&self.vw_blocks) {
             o = match self.vgates {
@@ -531,7 +582,7 @@ impl ChunkTerms {
     }
 
     /// The state leaving the chunk.
-    pub(super) fn next_state(&self, b: &mut Builder, s0: ValueId, r_blocks: &[ValueId]) -> ValueId {
+    pub(super) fn next_state(&self, b: &mut Builder, s0: ValueId, r_blocks: &[Vec<ValueId>]) -> ValueId {
         let (bs, c) = (self.bs, self.sched.chunk);
         let mut s_next = s0;
         let total = self.bin.map(|bin| b.rows(bin, c - 1, 1));
@@ -573,8 +624,10 @@ impl ChunkTerms {
                 };
                 s_next = write(b, kw, vw, s_next);
             }
-            if let (Some((a, _)), Some(&rj)) = (self.low_rank, r_blocks.get(j)) {
-                s_next = write(b, a, rj, s_next);
+            for (&(a, _), rs) in self.low_rank.iter().zip(r_blocks) {
+                if let Some(&rj) = rs.get(j) {
+                    s_next = write(b, a, rj, s_next);
+                }
             }
         }
         s_next
@@ -621,6 +674,64 @@ fn value_gated(
     let vi = b.rows(vin, i0, bs);
     let diagonal = b.gated_matmul(s, z[i], vi, vq, false, strict);
     b.add(acc, diagonal)
+}
+
+/// The diagonal block of a rank-R solve, `X_r - sum_r' A_{r r'} X_r' = RHS_r` with every
+/// `A_{r r'}` strictly lower triangular (a token's low-rank values read the state before it,
+/// so they never couple within one token), eliminated term by term. Each pivot `I - A_pp`
+/// stays unit lower triangular: the updates `A_rp (I - A_pp)^-1 A_pr'` are products of
+/// strictly lower factors. At rank 1 this is the single forward substitution.
+#[derive(Clone)]
+struct Elimination {
+    /// Per pivot p: `-A_pp` as the eliminations before it left it (the solve takes the strict
+    /// lower part of `l` in `(I + l) X = B`).
+    pivots: Vec<ValueId>,
+    /// Per pivot p: `(r', (I - A_pp)^-1 A_pr')` for each later term r'.
+    reduced: Vec<Vec<(usize, ValueId)>>,
+    /// `multipliers[r][p]` for p < r: `A_rp` when term p is eliminated from row r.
+    multipliers: Vec<Vec<ValueId>>,
+}
+
+impl Elimination {
+    /// `a[r][r']` is `A_{r r'}` (the diagonal block's masked scores).
+    fn new(b: &mut Builder, mut a: Vec<Vec<ValueId>>) -> Elimination {
+        let n = a.len();
+        let (mut pivots, mut reduced, mut multipliers) = (vec![], vec![], vec![vec![]; n]);
+        for p in 0..n {
+            let l = b.neg(a[p][p]);
+            let w: Vec<(usize, ValueId)> = (p + 1..n).map(|r2| (r2, b.solve_unit_lower(l, a[p][r2]))).collect();
+            for r in p + 1..n {
+                let arp = a[r][p];
+                multipliers[r].push(arp);
+                for &(r2, wr2) in &w {
+                    a[r][r2] = b.dot(arp, wr2, false, false, Some(a[r][r2]));
+                }
+            }
+            pivots.push(l);
+            reduced.push(w);
+        }
+        Elimination { pivots, reduced, multipliers }
+    }
+
+    /// X for the right sides `rhs` (one per term).
+    fn solve(&self, b: &mut Builder, mut rhs: Vec<ValueId>) -> Vec<ValueId> {
+        let n = rhs.len();
+        let mut y = vec![];
+        for p in 0..n {
+            let yp = b.solve_unit_lower(self.pivots[p], rhs[p]);
+            for (r, later) in rhs.iter_mut().enumerate().skip(p + 1) {
+                *later = b.dot(self.multipliers[r][p], yp, false, false, Some(*later));
+            }
+            y.push(yp);
+        }
+        let mut x = y.clone();
+        for p in (0..n).rev() {
+            for &(r2, w) in &self.reduced[p] {
+                x[p] = b.dot(w, x[r2], false, false, Some(x[p]));
+            }
+        }
+        x
+    }
 }
 
 /// Rows `i0 .. i0 + n` of a per-token tile; a one-row (per-head) tile broadcasts as is.

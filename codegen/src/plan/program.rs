@@ -13,7 +13,7 @@
 //! Both chunked programs come from the same chunk algebra (`chunked::chunk_step`); a phase
 //! differs only in where its entering state comes from and what it stores.
 
-use super::chunked::{self, Phase, BOUNDARY_STATES, FACTOR_U, FACTOR_W};
+use super::chunked::{self, Phase, BOUNDARY_STATES};
 use super::{recurrent, PlanError, ProgramShape, Schedule, Shape};
 use crate::ir::ElemType;
 use crate::program::{Dim, Program, Role, StaticSizes, TensorSpec};
@@ -98,8 +98,11 @@ pub fn chunked(rule: &Rule, canon: &Canonical, shape: Shape, sched: Schedule) ->
             };
             let phases = chunked::split_phases(canon);
             if phases.contains(&Phase::Factors) {
-                tensors.push(intermediate(FACTOR_W, vec![Dim::Batch, Dim::SeqLen, Dim::Heads, Dim::K]));
-                tensors.push(intermediate(FACTOR_U, vec![Dim::Batch, Dim::SeqLen, Dim::Heads, Dim::V]));
+                for r in 0..canon.low_rank.len() {
+                    let (w, u) = chunked::factor_names(r);
+                    tensors.push(intermediate(&w, vec![Dim::Batch, Dim::SeqLen, Dim::Heads, Dim::K]));
+                    tensors.push(intermediate(&u, vec![Dim::Batch, Dim::SeqLen, Dim::Heads, Dim::V]));
+                }
             }
             tensors.push(intermediate(BOUNDARY_STATES, vec![Dim::Batch, Dim::Chunks, Dim::Heads, Dim::K, Dim::V]));
             phases
