@@ -34,55 +34,21 @@ fn rel_rms(got: &[f64], want: &[f64]) -> f64 {
     (num / den.max(f64::MIN_POSITIVE)).sqrt()
 }
 
-/// `o` `[B, T, H, V]` and `hT` `[B, H, K, V]` of GLA's recurrence with the outer-product gate
-/// `alpha_t^T beta_t` (alpha = 1 where `log_alpha` is None), in f64, token by token.
-fn gla_outer_gate(
-    dims: Dims,
-    t: &chunkc::runtime::io::Tensors,
-    log_alpha: Option<&str>,
-    log_beta: &str,
-) -> (Vec<f64>, Vec<f64>) {
-    let Dims { batch, seq_len, heads, k: dk, v: dv } = dims;
-    let get =
-        |n: &str| t.get(n).unwrap_or_else(|| panic!("input {n}")).data.iter().map(|&x| x as f64).collect::<Vec<f64>>();
-    let (q, k, v, lb, h0) = (get("q"), get("k"), get("v"), get(log_beta), get("h0"));
-    let la = log_alpha.map(get);
-    let scale = 1.0 / (dk as f64).sqrt();
-    let mut o = vec![0.0; batch * seq_len * heads * dv];
-    let mut ht = vec![0.0; batch * heads * dk * dv];
-    for b in 0..batch {
-        for h in 0..heads {
-            let mut s: Vec<f64> = h0[(b * heads + h) * dk * dv..][..dk * dv].to_vec();
-            for step in 0..seq_len {
-                let row = (b * seq_len + step) * heads + h;
-                let (qt, kt) = (&q[row * dk..][..dk], &k[row * dk..][..dk]);
-                let (vt, beta) = (&v[row * dv..][..dv], &lb[row * dv..][..dv]);
-                for i in 0..dk {
-                    let alpha = la.as_ref().map_or(1.0, |la| la[row * dk + i].exp());
-                    for j in 0..dv {
-                        s[i * dv + j] = alpha * beta[j].exp() * s[i * dv + j] + kt[i] * vt[j];
-                    }
-                }
-                for j in 0..dv {
-                    o[row * dv + j] = scale * (0..dk).map(|i| qt[i] * s[i * dv + j]).sum::<f64>();
-                }
-            }
-            ht[(b * heads + h) * dk * dv..][..dk * dv].copy_from_slice(&s);
-        }
-    }
-    (o, ht)
+/// The input `name` in f64.
+fn input(t: &chunkc::runtime::io::Tensors, name: &str) -> Vec<f64> {
+    t.get(name).unwrap_or_else(|| panic!("input {name}")).data.iter().map(|&x| x as f64).collect()
 }
 
-/// `o` and `hT` of Gated DeltaProduct with `steps` Householder steps per token (inputs
-/// `k1, v1, b1, k2, ...`, the scalar log gate `g`), in f64, token by token.
-fn deltaproduct(dims: Dims, t: &chunkc::runtime::io::Tensors, steps: usize) -> (Vec<f64>, Vec<f64>) {
+/// `o` `[B, T, H, V]` and `hT` `[B, H, K, V]` of a recurrence from `h0`, token by token in
+/// f64: `update(row, S)` takes the K x V state (row-major) through one token (`row` indexes
+/// the token's `[B, T, H]` position), then `o = scale * S^T q` with scale 1/sqrt(K).
+fn recurrence(
+    dims: Dims,
+    t: &chunkc::runtime::io::Tensors,
+    mut update: impl FnMut(usize, &mut [f64]),
+) -> (Vec<f64>, Vec<f64>) {
     let Dims { batch, seq_len, heads, k: dk, v: dv } = dims;
-    let get =
-        |n: &str| t.get(n).unwrap_or_else(|| panic!("input {n}")).data.iter().map(|&x| x as f64).collect::<Vec<f64>>();
-    let (q, g, h0) = (get("q"), get("g"), get("h0"));
-    let ks: Vec<Vec<f64>> = (1..=steps).map(|j| get(&format!("k{j}"))).collect();
-    let vs: Vec<Vec<f64>> = (1..=steps).map(|j| get(&format!("v{j}"))).collect();
-    let bs: Vec<Vec<f64>> = (1..=steps).map(|j| get(&format!("b{j}"))).collect();
+    let (q, h0) = (input(t, "q"), input(t, "h0"));
     let scale = 1.0 / (dk as f64).sqrt();
     let mut o = vec![0.0; batch * seq_len * heads * dv];
     let mut ht = vec![0.0; batch * heads * dk * dv];
@@ -91,18 +57,7 @@ fn deltaproduct(dims: Dims, t: &chunkc::runtime::io::Tensors, steps: usize) -> (
             let mut s: Vec<f64> = h0[(b * heads + h) * dk * dv..][..dk * dv].to_vec();
             for step in 0..seq_len {
                 let row = (b * seq_len + step) * heads + h;
-                let alpha = g[row].exp();
-                s.iter_mut().for_each(|x| *x *= alpha);
-                for j in 0..steps {
-                    let (kt, vt, beta) = (&ks[j][row * dk..][..dk], &vs[j][row * dv..][..dv], bs[j][row]);
-                    // k^T S, then S - beta k (k^T S) + beta k v^T
-                    let kts: Vec<f64> = (0..dv).map(|c| (0..dk).map(|i| kt[i] * s[i * dv + c]).sum()).collect();
-                    for i in 0..dk {
-                        for c in 0..dv {
-                            s[i * dv + c] += beta * kt[i] * (vt[c] - kts[c]);
-                        }
-                    }
-                }
+                update(row, &mut s);
                 let qt = &q[row * dk..][..dk];
                 for c in 0..dv {
                     o[row * dv + c] = scale * (0..dk).map(|i| qt[i] * s[i * dv + c]).sum::<f64>();
@@ -112,6 +67,52 @@ fn deltaproduct(dims: Dims, t: &chunkc::runtime::io::Tensors, steps: usize) -> (
         }
     }
     (o, ht)
+}
+
+/// GLA's recurrence with the outer-product gate `alpha_t^T beta_t` (alpha = 1 where
+/// `log_alpha` is None): `S = (alpha beta^T) ⊙ S + k v^T`.
+fn gla_outer_gate(
+    dims: Dims,
+    t: &chunkc::runtime::io::Tensors,
+    log_alpha: Option<&str>,
+    log_beta: &str,
+) -> (Vec<f64>, Vec<f64>) {
+    let (dk, dv) = (dims.k, dims.v);
+    let (k, v, lb) = (input(t, "k"), input(t, "v"), input(t, log_beta));
+    let la = log_alpha.map(|n| input(t, n));
+    recurrence(dims, t, |row, s| {
+        let (kt, vt, beta) = (&k[row * dk..][..dk], &v[row * dv..][..dv], &lb[row * dv..][..dv]);
+        for i in 0..dk {
+            let alpha = la.as_ref().map_or(1.0, |la| la[row * dk + i].exp());
+            for j in 0..dv {
+                s[i * dv + j] = alpha * beta[j].exp() * s[i * dv + j] + kt[i] * vt[j];
+            }
+        }
+    })
+}
+
+/// Gated DeltaProduct with `steps` Householder steps per token (inputs `k1, v1, b1, k2, ...`,
+/// the scalar log gate `g`): `S = alpha S`, then for each step `S = S - beta k (k^T S) +
+/// beta k v^T`.
+fn deltaproduct(dims: Dims, t: &chunkc::runtime::io::Tensors, steps: usize) -> (Vec<f64>, Vec<f64>) {
+    let (dk, dv) = (dims.k, dims.v);
+    let g = input(t, "g");
+    let ks: Vec<Vec<f64>> = (1..=steps).map(|j| input(t, &format!("k{j}"))).collect();
+    let vs: Vec<Vec<f64>> = (1..=steps).map(|j| input(t, &format!("v{j}"))).collect();
+    let bs: Vec<Vec<f64>> = (1..=steps).map(|j| input(t, &format!("b{j}"))).collect();
+    recurrence(dims, t, |row, s| {
+        let alpha = g[row].exp();
+        s.iter_mut().for_each(|x| *x *= alpha);
+        for j in 0..steps {
+            let (kt, vt, beta) = (&ks[j][row * dk..][..dk], &vs[j][row * dv..][..dv], bs[j][row]);
+            let kts: Vec<f64> = (0..dv).map(|c| (0..dk).map(|i| kt[i] * s[i * dv + c]).sum()).collect();
+            for i in 0..dk {
+                for c in 0..dv {
+                    s[i * dv + c] += beta * kt[i] * (vt[c] - kts[c]);
+                }
+            }
+        }
+    })
 }
 
 fn check(name: &str, formula: impl Fn(Dims, &chunkc::runtime::io::Tensors) -> (Vec<f64>, Vec<f64>)) {
