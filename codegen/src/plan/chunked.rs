@@ -21,6 +21,15 @@
 //! block is evaluated pairwise. Gate sums and their differences are carried in f64 so that
 //! differences of large sums keep their precision; the exps run in f32. The low-rank solve
 //! is blockwise forward substitution.
+//!
+//! A transition of rank R has one R (and A, Bv) per term; the terms' values couple through
+//! the blocks `scores(Bv_r, Bex, A_r', Bin)`, all strictly lower triangular (a token's values
+//! read the state before it), and each diagonal block's R x R system is eliminated term by
+//! term ([`Elimination`]). A value-side gate `D_t` (`S_t = A_t S_(t-1) D_t + ...`) decays
+//! every value column from token j to token i by its own cumulative log `V`: the products
+//! with VW become `sum_j A[i, j] VW[j, c] e^(V_i,c - V_j,c)`, re-centred per block like the
+//! key side ([`value_gated`]), and S0's columns and each write's value decay to the chunk's
+//! end.
 
 use super::{PlanError, Schedule, Shape};
 use crate::builder::Builder;
