@@ -123,6 +123,16 @@ impl Outputs {
     pub fn ht(&self) -> &Tensor {
         &self.0["hT"]
     }
+    /// The largest relative RMS error of the final states (`hT`, then each extra state's
+    /// `<name>T`) against `reference`'s.
+    pub fn state_error(&self, rule: &Rule, reference: &Outputs) -> Result<f64, Error> {
+        let mut err = crate::verify::rel_rms(&self.ht().data, &reference.ht().data);
+        for s in &rule.states {
+            let name = s.final_name();
+            err = err.max(crate::verify::rel_rms(&self.get(&name)?.data, &reference.get(&name)?.data));
+        }
+        Ok(err)
+    }
     fn checked(map: BTreeMap<String, Tensor>) -> Result<Outputs, Error> {
         for name in ["o", "hT"] {
             if !map.contains_key(name) {
@@ -200,6 +210,9 @@ fn run_reference(rule: &Rule, tensors: &Tensors, dims: Dims, scale: f64) -> Resu
     let mut map = BTreeMap::new();
     map.insert("o".to_string(), Tensor::new(dims.output_shape(), f32s(out.o))?);
     map.insert("hT".to_string(), Tensor::new(dims.state_shape(), f32s(out.ht))?);
+    for (s, x) in rule.states.iter().zip(out.extra) {
+        map.insert(s.final_name(), Tensor::new(vec![dims.batch, dims.heads, s.width(dims.k, dims.v)], f32s(x))?);
+    }
     Ok(Outputs(map))
 }
 

@@ -947,7 +947,14 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
             );
             println!(
                 "{:<10} {:>5} {:>6} {:<20} {:>12} {:>12} {:>6}  result",
-                "backend", "chunk", "T", "precision", "err o", "err hT", "tol"
+                "backend",
+                "chunk",
+                "T",
+                "precision",
+                "err o",
+                // With extra states the column holds the worst of hT and every <name>T.
+                if loaded.rule.states.is_empty() { "err hT" } else { "err states" },
+                "tol"
             );
             let rows = verify::verify(&loaded.rule, &plan, |r| {
                 println!(

@@ -65,7 +65,8 @@ fn draw(rng: &mut Rng, domain: Domain) -> f64 {
     }
 }
 
-/// Random inputs for every input of the rule, and a random `h0`, in FLA's layouts.
+/// Random inputs for every input of the rule, and a random `h0` (and `<name>0` for each
+/// extra state), in FLA's layouts.
 pub fn random_inputs(rule: &Rule, dims: &Dims, seed: u64) -> Tensors {
     let mut rng = Rng::new(seed);
     let mut t = Tensors::new();
@@ -87,6 +88,11 @@ pub fn random_inputs(rule: &Rule, dims: &Dims, seed: u64) -> Tensors {
         "h0".into(),
         Tensor { shape: dims.state_shape(), data: (0..n).map(|_| (0.1 * rng.normal()) as f32).collect() },
     );
+    for s in &rule.states {
+        let shape = vec![dims.batch, dims.heads, s.width(dims.k, dims.v)];
+        let n = shape.iter().product();
+        t.insert(s.initial_name(), Tensor { shape, data: (0..n).map(|_| (0.1 * rng.normal()) as f32).collect() });
+    }
     t
 }
 
@@ -99,6 +105,7 @@ pub struct Row {
     pub chunk: Option<usize>,
     pub seq_len: usize,
     pub err_o: f64,
+    /// The worst final state's error: `hT` and each extra state's `<name>T`.
     pub err_ht: f64,
     /// The precision as the table shows it: `f32 in, f32 dots` for the CPU engines, else the
     /// schedule's inputs and dots (`bf16 in, bf16 dots`).
@@ -230,7 +237,7 @@ pub fn verify(rule: &Rule, plan: &Plan, mut progress: impl FnMut(&Row)) -> Resul
                 let opts = Options { backend: be, engine, schedule, threads: plan.threads, scale: None };
                 let out = backend::run(rule, &inputs, "random inputs", &opts)?;
                 let err_o = rel_rms(&out.o().data, &reference.o().data);
-                let err_ht = rel_rms(&out.ht().data, &reference.ht().data);
+                let err_ht = out.state_error(rule, &reference)?;
                 let tolerance = schedule.tolerance();
                 let row = Row {
                     backend: be,

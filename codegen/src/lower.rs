@@ -22,13 +22,15 @@ pub struct Shape {
 }
 
 /// Parameter indices of a kernel built from a rule: the inputs in declaration order, then
-/// `h0`, `o`, `hT`.
+/// `h0`, `o`, `hT`, then each extra state's `<name>0` and `<name>T`.
 #[derive(Clone, Debug)]
 pub struct ParamLayout {
     pub inputs: Vec<usize>,
     pub h0: usize,
     pub o: usize,
     pub ht: usize,
+    /// (`<name>0`, `<name>T`) per extra state, in [`Rule::states`] order.
+    pub extras: Vec<(usize, usize)>,
 }
 
 impl ParamLayout {
@@ -37,7 +39,24 @@ impl ParamLayout {
         let h0 = b.param("h0", Access::Read);
         let o = b.param("o", Access::Write);
         let ht = b.param("hT", Access::Write);
-        ParamLayout { inputs, h0, o, ht }
+        let extras = rule
+            .states
+            .iter()
+            .map(|s| (b.param(s.initial_name(), Access::Read), b.param(s.final_name(), Access::Write)))
+            .collect();
+        ParamLayout { inputs, h0, o, ht, extras }
+    }
+}
+
+/// Index of this grid point's extra state of type `ty` in `[B, H, D]`, and the columns it
+/// covers: a `[V]` state only the grid point's V-tile.
+pub fn extra_state_base(shape: &Shape, ty: Ty, bv: Option<usize>) -> (Idx, usize) {
+    let width = if ty == Ty::VecK { shape.k } else { shape.v };
+    let base =
+        Idx::var(IdxVar::Batch).mul(Idx::c(shape.heads as i64)).add(Idx::var(IdxVar::Head)).mul(Idx::c(width as i64));
+    match bv {
+        Some(bv) if ty == Ty::VecV => (base.add(v_offset(Some(bv))), bv),
+        _ => (base, width),
     }
 }
 
@@ -110,6 +129,10 @@ pub struct Lowerer<'a> {
     memo: HashMap<String, ValueId>,
     /// The state as the current statement sees it, and the locals (recurrent kernel only).
     pub state: Option<ValueId>,
+    /// The extra states as the current statement sees them (recurrent kernel only).
+    pub extras: Vec<Option<ValueId>>,
+    /// The state reads an output epilogue refers to (`ExprKind::Read`), by read index.
+    pub reads: Vec<Option<ValueId>>,
     pub locals: Vec<Option<LVal>>,
     /// Element type of the per-token input tensors (f32 unless a plan says otherwise).
     pub input_elem: ElemType,
@@ -130,6 +153,8 @@ impl<'a> Lowerer<'a> {
             loaded: HashMap::new(),
             memo: HashMap::new(),
             state: None,
+            extras: vec![None; rule.states.len()],
+            reads: vec![None; 1 + rule.states.len()],
             locals: vec![None; rule.locals.len()],
             input_elem: ElemType::F32,
             bv: None,
@@ -177,7 +202,7 @@ impl<'a> Lowerer<'a> {
     /// expression gets its full width even when its value is a scalar's (the canonical form
     /// broadcasts a scalar into a `[V]` write, say).
     pub fn tile(&mut self, b: &mut Builder, e: &Expr) -> Result<ValueId, LowerError> {
-        let cacheable = !e.mentions_state() && !mentions_local(e);
+        let cacheable = !e.mentions_state() && !mentions_local(e) && !mentions_read(e);
         let key =
             if cacheable { Some(format!("{:?} {}", e.ty, chunkc_dsl::canon::print_expr(self.rule, e))) } else { None };
         if let Some(k) = &key {
@@ -223,6 +248,16 @@ impl<'a> Lowerer<'a> {
             ExprKind::State => {
                 Tile(self.state.ok_or_else(|| LowerError("the state is not available in a chunk prologue".into()))?)
             }
+            ExprKind::Extra(i) => Tile(
+                self.extras[*i].ok_or_else(|| LowerError("an extra state is not available in a chunk prologue".into()))?,
+            ),
+            ExprKind::Read(i) => Tile(
+                self.reads
+                    .get(*i)
+                    .copied()
+                    .flatten()
+                    .ok_or_else(|| LowerError("a state read outside an output epilogue".into()))?,
+            ),
             ExprKind::Unary(op, a) => {
                 let mut x = self.tile(b, a)?;
                 if matches!(op, UnaryOp::Log | UnaryOp::Sqrt) {
@@ -348,6 +383,10 @@ impl<'a> Lowerer<'a> {
             x
         }
     }
+}
+
+fn mentions_read(e: &Expr) -> bool {
+    matches!(e.kind, ExprKind::Read(_)) || e.children().iter().any(|c| mentions_read(c))
 }
 
 fn mentions_local(e: &Expr) -> bool {

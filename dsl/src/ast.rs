@@ -256,6 +256,8 @@ impl BinaryOp {
 pub enum Target {
     /// The state `S` (K x V).
     State,
+    /// An extra state declared in `[states]`; the index is into [`Rule::states`].
+    Extra(usize),
     /// The output `o` (`[V]`).
     Output,
     /// A local value; the index is into [`Rule::locals`].
@@ -287,6 +289,12 @@ pub enum ExprKind {
     Local(usize),
     /// The state as it is at this point of the step (`S`, K x V).
     State,
+    /// An extra state (`[K]` or `[V]`) as it is at this point of the step; the index is into
+    /// [`Rule::states`].
+    Extra(usize),
+    /// A state read in a canonical output's epilogue (`canon::Output::epilogue`; never in a
+    /// rule): 0 is `S^T q` (`[V]`), `1 + i` is extra column i's `n_i . q` (scalar).
+    Read(usize),
     /// `scale`, the output scale (1/sqrt(K) unless the run overrides it).
     Scale,
     /// `head`, the head index counted from 0, as a scalar.
@@ -321,6 +329,8 @@ impl Expr {
             | ExprKind::Input(_)
             | ExprKind::Local(_)
             | ExprKind::State
+            | ExprKind::Extra(_)
+            | ExprKind::Read(_)
             | ExprKind::Scale
             | ExprKind::Head => vec![],
             ExprKind::Unary(_, a) | ExprKind::Sum(a) | ExprKind::L2Norm(a) | ExprKind::Transpose(a) => vec![a],
@@ -330,9 +340,10 @@ impl Expr {
         }
     }
 
-    /// True when the expression (transitively, not looking through locals) mentions `S`.
+    /// True when the expression (transitively, not looking through locals) mentions `S` or
+    /// an extra state.
     pub fn mentions_state(&self) -> bool {
-        matches!(self.kind, ExprKind::State) || self.children().iter().any(|c| c.mentions_state())
+        matches!(self.kind, ExprKind::State | ExprKind::Extra(_)) || self.children().iter().any(|c| c.mentions_state())
     }
 }
 
@@ -344,6 +355,36 @@ pub struct Local {
     pub span: Span,
 }
 
+/// A state beside `S`, declared in the rule file's `[states]` table (`n = "[K]"`): a
+/// vector carried from token to token, entering as tensor `<name>0` and leaving as
+/// `<name>T`, both `[B, H, D]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StateDecl {
+    pub name: String,
+    /// `VecK` or `VecV`.
+    pub ty: Ty,
+    pub span: Span,
+}
+
+impl StateDecl {
+    /// The tensor holding this state as the sequence enters.
+    pub fn initial_name(&self) -> String {
+        format!("{}0", self.name)
+    }
+    /// The tensor holding this state as the sequence leaves.
+    pub fn final_name(&self) -> String {
+        format!("{}T", self.name)
+    }
+    /// Width of one head's state: K or V.
+    pub fn width(&self, k: usize, v: usize) -> usize {
+        if self.ty == Ty::VecK {
+            k
+        } else {
+            v
+        }
+    }
+}
+
 /// A checked rule.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Rule {
@@ -351,6 +392,8 @@ pub struct Rule {
     pub summary: String,
     pub inputs: Vec<Input>,
     pub locals: Vec<Local>,
+    /// The states beside `S` (`[states]`), in declaration order.
+    pub states: Vec<StateDecl>,
     /// The per-token step, in order. Every read of `S` sees the state as left by the
     /// statements before it (the state before the update for the first ones).
     pub stmts: Vec<Stmt>,

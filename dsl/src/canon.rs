@@ -70,7 +70,9 @@ pub enum Read {
     After,
 }
 
-/// `o = coef ⊙ (S^T query) + extra`.
+/// `o = coef ⊙ (S^T query) + extra`, or, with an epilogue, `o = epilogue(S^T query,
+/// n_1 . query, ...)`: a state-free function of reads of S and of the extra columns, all
+/// through the one query (xLSTM's mLSTM divides `C^T q` by `max(|n . q|, 1)`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Output {
     pub read: Read,
@@ -80,6 +82,19 @@ pub struct Output {
     pub coef: Option<Expr>,
     /// A state-free `[V]` term (RWKV-6's bonus, Mamba-2's D x); None means 0.
     pub extra: Option<Expr>,
+    /// The output as a function of the reads ([`ExprKind::Read`]: 0 is `S^T query`, `1 + i`
+    /// is column i's `n_i . query`); `coef` and `extra` are then None.
+    pub epilogue: Option<Expr>,
+}
+
+/// A `[K]` state updated by S's own transition, `n_t = A_t n_(t-1) + sum_j kw_j c_j`: one
+/// more column of S (value `c_j`, a scalar per token, in each write `kw_j`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Column {
+    /// Index into [`Rule::states`].
+    pub state: usize,
+    /// (kw `[K]`, c scalar).
+    pub writes: Vec<(Expr, Expr)>,
 }
 
 /// The canonical form of a chunkable rule. Every expression is state-free: a function of
@@ -101,6 +116,8 @@ pub struct Canonical {
     pub low_rank_decayed: Vec<Option<Expr>>,
     /// Writes (kw `[K]`, vw `[V]`).
     pub writes: Vec<(Expr, Expr)>,
+    /// The `[K]` states that are extra columns of S, in [`Rule::states`] order.
+    pub columns: Vec<Column>,
     pub output: Output,
     /// Things the user should know (e.g. a decay that is not provably positive).
     pub warnings: Vec<(Span, String)>,
@@ -133,9 +150,19 @@ enum Version {
     New,
 }
 
+/// The state a linear value is linear in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Of {
+    S,
+    /// A `[K]` extra state (index into [`Rule::states`]), seen as a K x 1 column: its
+    /// writes' values and its reads are scalars.
+    Column(usize),
+}
+
 /// `(diag(w) + sum a b^T) S diag(d) + sum kw vw^T`.
 #[derive(Clone, Debug)]
 struct LinMat {
+    of: Of,
     version: Version,
     w: Option<Expr>,
     low_rank: Vec<(Expr, Expr)>,
@@ -149,9 +176,10 @@ impl LinMat {
     }
 }
 
-/// `sum_r coef_r ⊙ (S^T x_r) + free`.
+/// `sum_r coef_r ⊙ (S^T x_r) + free` (for a column state, `coef_r (n . x_r) + free`).
 #[derive(Clone, Debug)]
 struct LinVec {
+    of: Of,
     version: Version,
     terms: Vec<(Option<Expr>, Expr)>,
     free: Option<Expr>,
@@ -168,12 +196,19 @@ enum Sym {
 
 /// Derives the canonical form, or says why the rule has none.
 pub fn canonicalize(rule: &Rule) -> Result<Canonical, NotChunkable> {
-    let mut cx = Cx { rule, locals: vec![None; rule.locals.len()], warnings: vec![] };
+    let mut cx = Cx {
+        rule,
+        locals: vec![None; rule.locals.len()],
+        local_splits: vec![None; rule.locals.len()],
+        extras: (0..rule.states.len()).map(|i| Sym::Mat(identity(Of::Column(i), Version::Old))).collect(),
+        warnings: vec![],
+    };
     let last_update = rule.stmts.iter().rposition(|s| s.target == Target::State);
-    let identity =
-        |version| LinMat { version, w: Some(num(1.0, Span::default())), low_rank: vec![], vside: None, writes: vec![] };
-    let mut state = Sym::Mat(identity(Version::Old));
+    let last_extra: Vec<Option<usize>> =
+        (0..rule.states.len()).map(|i| rule.stmts.iter().rposition(|s| s.target == Target::Extra(i))).collect();
+    let mut state = Sym::Mat(identity(Of::S, Version::Old));
     let mut update = None;
+    let mut extra_updates: Vec<Option<(Sym, Span)>> = vec![None; rule.states.len()];
     let mut output = None;
     for (i, s) in rule.stmts.iter().enumerate() {
         let val = cx.eval(&s.value, &state);
@@ -182,14 +217,31 @@ pub fn canonicalize(rule: &Rule) -> Result<Canonical, NotChunkable> {
                 if let Some(i_last) = last_update {
                     if i == i_last {
                         update = Some((val, s.span));
-                        state = Sym::Mat(identity(Version::New));
+                        state = Sym::Mat(identity(Of::S, Version::New));
                         continue;
                     }
                 }
                 state = val;
             }
-            Target::Output => output = Some((val, s.span)),
-            Target::Local(l) => cx.locals[*l] = Some(val),
+            Target::Extra(x) => {
+                if last_extra[*x] == Some(i) {
+                    extra_updates[*x] = Some((val, s.span));
+                    cx.extras[*x] = Sym::Mat(identity(Of::Column(*x), Version::New));
+                } else {
+                    cx.extras[*x] = val;
+                }
+            }
+            Target::Output => {
+                let linear_in_s = matches!(&val, Sym::Vec(v) if v.of == Of::S);
+                let split = (!linear_in_s && !matches!(val, Sym::Free(_))).then(|| cx.split_reads(&s.value, &state));
+                output = Some((val, split, s.span));
+            }
+            Target::Local(l) => {
+                if matches!(val, Sym::Opaque(..)) {
+                    cx.local_splits[*l] = Some(cx.split_reads(&s.value, &state));
+                }
+                cx.locals[*l] = Some(val);
+            }
         }
     }
     let (update, update_span) =
@@ -202,12 +254,23 @@ pub fn canonicalize(rule: &Rule) -> Result<Canonical, NotChunkable> {
     if !m.has_state() {
         return Err(NotChunkable { reason: "the update discards the previous state".into(), span: update_span });
     }
-    let (out, out_span) =
+    let m = normalized(m, update_span);
+    let mut columns = vec![];
+    for (i, u) in extra_updates.into_iter().enumerate() {
+        let (u, span) = u.ok_or_else(|| NotChunkable {
+            reason: format!("the step never updates the state `{}`", rule.states[i].name),
+            span: rule.states[i].span,
+        })?;
+        columns.push(column(rule, &m, i, u, span)?);
+    }
+    let (out, split, out_span) =
         output.ok_or_else(|| NotChunkable { reason: "the step never assigns o".into(), span: Span::default() })?;
-    let output = match out {
-        Sym::Vec(v) => cx.output(v, out_span)?,
-        Sym::Opaque(reason, span) => return Err(NotChunkable { reason, span }),
-        Sym::Free(_) => return Err(NotChunkable { reason: "the output never reads the state".into(), span: out_span }),
+    let output = match (out, split) {
+        (_, Some(split)) => cx.epilogue(split?, out_span)?,
+        (Sym::Vec(v), None) => cx.output(v, out_span)?,
+        (Sym::Free(_), _) => {
+            return Err(NotChunkable { reason: "the output never reads the state".into(), span: out_span })
+        }
         _ => return Err(NotChunkable { reason: "the output is not a [V] vector".into(), span: out_span }),
     };
     let w = m.w.clone();
@@ -216,18 +279,6 @@ pub fn canonicalize(rule: &Rule) -> Result<Canonical, NotChunkable> {
         Some(w) if is_one(w) => None,
         Some(w) => Some(cx.log_of(w)),
     };
-    let mut m = m;
-    m.low_rank = merge_low_rank(std::mem::take(&mut m.low_rank), update_span);
-    m.writes = merge_low_rank(std::mem::take(&mut m.writes), update_span);
-    // a b^T = (-a)(-b)^T: take the sign under which `a` is a write's key, so that the chunked
-    // forms can fold that write into the low-rank values (DeltaNet's pseudo-values).
-    for (a, b) in &mut m.low_rank {
-        let negated = |x: &Expr, y: &Expr| matches!(&x.kind, ExprKind::Unary(UnaryOp::Neg, inner) if same(inner, y));
-        if m.writes.iter().any(|(kw, _)| negated(a, kw) || negated(kw, a)) {
-            *a = neg(a, update_span);
-            *b = neg(b, update_span);
-        }
-    }
     let log_vgate = m.vside.as_ref().map(|d| cx.log_of(d));
     let rank = m.low_rank.len();
     let vector_gate = log_gate.as_ref().is_some_and(|g| g.ty == Ty::VecK);
@@ -266,9 +317,85 @@ pub fn canonicalize(rule: &Rule) -> Result<Canonical, NotChunkable> {
         low_rank: m.low_rank,
         low_rank_decayed,
         writes: m.writes,
+        columns,
         output,
         warnings: cx.warnings,
     })
+}
+
+/// The identity map of a state: `S` itself, unchanged.
+fn identity(of: Of, version: Version) -> LinMat {
+    LinMat { of, version, w: Some(num(1.0, Span::default())), low_rank: vec![], vside: None, writes: vec![] }
+}
+
+/// `m` with the low-rank terms and the writes that share a vector merged, and each
+/// low-rank term's sign chosen so that `a` is a write's key where one is (`a b^T = (-a)(-b)^T`),
+/// so that the chunked forms can fold that write into the low-rank values (DeltaNet's
+/// pseudo-values).
+fn normalized(mut m: LinMat, sp: Span) -> LinMat {
+    m.low_rank = merge_low_rank(std::mem::take(&mut m.low_rank), sp);
+    m.writes = merge_low_rank(std::mem::take(&mut m.writes), sp);
+    for (a, b) in &mut m.low_rank {
+        let negated = |x: &Expr, y: &Expr| matches!(&x.kind, ExprKind::Unary(UnaryOp::Neg, inner) if same(inner, y));
+        if m.writes.iter().any(|(kw, _)| negated(a, kw) || negated(kw, a)) {
+            *a = neg(a, sp);
+            *b = neg(b, sp);
+        }
+    }
+    m
+}
+
+/// The extra state `i`'s update `u` as a column of S: it must be a `[K]` state moved by S's
+/// own transition `s`.
+fn column(rule: &Rule, s: &LinMat, i: usize, u: Sym, span: Span) -> Result<Column, NotChunkable> {
+    let name = &rule.states[i].name;
+    let m = match u {
+        Sym::Mat(m) if m.of == Of::Column(i) => m,
+        Sym::Opaque(reason, span) => return Err(NotChunkable { reason, span }),
+        _ => {
+            return Err(NotChunkable {
+                reason: format!("the update of `{name}` is not linear in `{name}`"),
+                span,
+            })
+        }
+    };
+    if !m.has_state() {
+        return Err(NotChunkable { reason: format!("the update discards the previous `{name}`"), span });
+    }
+    let m = normalized(m, span);
+    let pairs_match = |x: &[(Expr, Expr)], y: &[(Expr, Expr)]| {
+        x.len() == y.len()
+            && x.iter().all(|(a, b)| {
+                y.iter().any(|(c, d)| (same(a, c) && same(b, d)) || (same(&neg(a, span), c) && same(&neg(b, span), d)))
+            })
+    };
+    if s.vside.is_some() || m.vside.is_some() {
+        return Err(NotChunkable {
+            reason: format!(
+                "an extra state next to a value-side gate is not chunked (`{name}` would need its own value gate)"
+            ),
+            span,
+        });
+    }
+    if !same_opt(&s.w, &m.w) || !pairs_match(&s.low_rank, &m.low_rank) {
+        return Err(NotChunkable {
+            reason: format!(
+                "`{name}` is not updated by S's transition (chunked kernels carry a [K] state as one more \
+                 column of S, so it needs the same decay and low-rank terms as S)"
+            ),
+            span,
+        });
+    }
+    let writes = m.writes.into_iter().map(|(kw, c)| (kw, Expr { ty: Ty::Scalar, ..c })).collect();
+    Ok(Column { state: i, writes })
+}
+
+/// One read of a state in an output epilogue: which version, through which query.
+#[derive(Clone, Debug)]
+struct ReadSite {
+    version: Version,
+    query: Expr,
+    span: Span,
 }
 
 /// True when `e` reads a per-token input (as opposed to per-head parameters and constants).
@@ -282,6 +409,11 @@ pub fn depends_on_tokens(rule: &Rule, e: &Expr) -> bool {
 struct Cx<'a> {
     rule: &'a Rule,
     locals: Vec<Option<Sym>>,
+    /// For each local that is not linear in a state, its value as a function of state reads
+    /// ([`Cx::split_reads`]), for an output epilogue that uses it.
+    local_splits: Vec<Option<Result<(Expr, Vec<ReadSite>), NotChunkable>>>,
+    /// The extra states as they are at this point of the step.
+    extras: Vec<Sym>,
     warnings: Vec<(Span, String)>,
 }
 
@@ -298,6 +430,15 @@ impl Cx<'_> {
                 self.locals[*i].clone().unwrap_or_else(|| opaque("a local is read before it is assigned", sp))
             }
             ExprKind::State => state.clone(),
+            ExprKind::Extra(i) if self.rule.states[*i].ty == Ty::VecV => Sym::Opaque(
+                format!(
+                    "the [V] state `{}` is not chunked (only [K] states are: as extra columns of S)",
+                    self.rule.states[*i].name
+                ),
+                sp,
+            ),
+            ExprKind::Extra(i) => self.extras[*i].clone(),
+            ExprKind::Read(_) => opaque("a canonical read inside a rule", sp),
             ExprKind::Unary(op, a) => match self.eval(a, state) {
                 Sym::Free(x) => Sym::Free(rebuild1(e, x)),
                 s @ Sym::Opaque(..) => s,
@@ -313,6 +454,7 @@ impl Cx<'_> {
                 match (x, y) {
                     // A state-free K x V matrix is kept as the write it is.
                     (Sym::Free(x), Sym::Free(y)) if matches!(e.kind, ExprKind::Outer(..)) => Sym::Mat(LinMat {
+                        of: Of::S,
                         version: Version::Old,
                         w: None,
                         low_rank: vec![],
@@ -409,7 +551,102 @@ impl Cx<'_> {
             });
         }
         let (coef, query) = groups.remove(0);
-        Ok(Output { read, query, coef, extra: v.free })
+        Ok(Output { read, query, coef, extra: v.free, epilogue: None })
+    }
+
+    /// `e` (evaluated with `state` as S) as a state-free function of state reads: each
+    /// maximal subexpression linear in one state becomes `coef ⊙ Read + free`, the rest is
+    /// kept as written. Fails with the reason that made `e` non-linear where that is not a
+    /// function of reads (a product of two reads, a state read through `S @ y`, ...).
+    fn split_reads(&mut self, e: &Expr, state: &Sym) -> Result<(Expr, Vec<ReadSite>), NotChunkable> {
+        let reason = match self.eval(e, state) {
+            Sym::Free(x) => return Ok((x, vec![])),
+            Sym::Vec(v) => return Ok(self.reads_of(v, e.span)),
+            Sym::Opaque(reason, span) => NotChunkable { reason, span },
+            Sym::Mat(_) | Sym::MatT(_) => {
+                return Err(NotChunkable { reason: "the output uses the state as a matrix".into(), span: e.span })
+            }
+        };
+        let mut sites = vec![];
+        let mut split = |cx: &mut Cx, x: &Expr| -> Result<Expr, NotChunkable> {
+            let (x, s) = cx.split_reads(x, state)?;
+            sites.extend(s);
+            Ok(x)
+        };
+        let rebuilt = match &e.kind {
+            ExprKind::Local(i) => return self.local_splits[*i].clone().unwrap_or(Err(reason)),
+            ExprKind::Unary(_, a) | ExprKind::Sum(a) | ExprKind::L2Norm(a) => {
+                let a = split(self, a)?;
+                rebuild1(e, a)
+            }
+            ExprKind::Binary(_, a, b) | ExprKind::Dot(a, b) => {
+                let (a, b) = (split(self, a)?, split(self, b)?);
+                rebuild2(e, a, b)
+            }
+            _ => return Err(reason),
+        };
+        // Splitting must have found reads under the non-linear operation; else the reason
+        // lies elsewhere (a product of two reads inside a dot, ...).
+        if sites.is_empty() {
+            return Err(reason);
+        }
+        Ok((rebuilt, sites))
+    }
+
+    /// A linear read as `sum_g coef_g ⊙ Read + free`, one group per distinct coefficient.
+    fn reads_of(&mut self, v: LinVec, span: Span) -> (Expr, Vec<ReadSite>) {
+        let mut groups: Vec<(Option<Expr>, Expr)> = vec![];
+        for (coef, x) in v.terms {
+            match groups.iter_mut().find(|(c, _)| same_opt(c, &coef)) {
+                Some(g) => g.1 = add(&g.1, &x, span),
+                None => groups.push((coef, x)),
+            }
+        }
+        let (index, ty) = match v.of {
+            Of::S => (0, Ty::VecV),
+            Of::Column(i) => (1 + i, Ty::Scalar),
+        };
+        let placeholder = Expr::new(ExprKind::Read(index), ty, span);
+        let mut sites = vec![];
+        let mut sum: Option<Expr> = v.free;
+        for (coef, query) in groups {
+            sites.push(ReadSite { version: v.version, query, span });
+            let term = coef.map_or_else(|| placeholder.clone(), |c| mul(&c, &placeholder, span));
+            sum = Some(match sum {
+                Some(s) => add(&term, &s, span),
+                None => term,
+            });
+        }
+        (sum.unwrap_or_else(|| num(0.0, span)), sites)
+    }
+
+    /// The output as an epilogue over reads that share one query and one state version.
+    fn epilogue(&mut self, (expr, sites): (Expr, Vec<ReadSite>), span: Span) -> Result<Output, NotChunkable> {
+        let Some(first) = sites.first() else {
+            return Err(NotChunkable { reason: "the output never reads the state".into(), span });
+        };
+        let query = first.query.clone();
+        for s in &sites {
+            if !same(&s.query, &query) {
+                return Err(NotChunkable {
+                    reason: format!(
+                        "the output reads the states through two different vectors (`{}` and `{}`); \
+                         chunked kernels read S and its extra columns through one query",
+                        print_expr(self.rule, &query),
+                        print_expr(self.rule, &s.query)
+                    ),
+                    span: s.span,
+                });
+            }
+            if s.version != first.version {
+                return Err(NotChunkable {
+                    reason: "the output reads one state before its update and another after".into(),
+                    span: s.span,
+                });
+            }
+        }
+        let read = if first.version == Version::Old { Read::Before } else { Read::After };
+        Ok(Output { read, query, coef: None, extra: None, epilogue: Some(expr) })
     }
 
     /// Natural log of a decay, simplified; warns when the decay is not provably positive.
@@ -462,6 +699,9 @@ fn log_simplified(rule: &Rule, w: &Expr) -> Option<Expr> {
 fn add_sym(x: Sym, y: Sym, sp: Span) -> Sym {
     match (x, y) {
         (Sym::Mat(a), Sym::Mat(b)) => {
+            if a.has_state() && b.has_state() && a.of != b.of {
+                return opaque("adds terms linear in two different states", sp);
+            }
             if a.has_state() && b.has_state() && a.version != b.version {
                 return opaque("mixes the state before and after the update", sp);
             }
@@ -473,11 +713,13 @@ fn add_sym(x: Sym, y: Sym, sp: Span) -> Sym {
                 (None, None) => None,
             };
             let version = if a.has_state() { a.version } else { b.version };
+            let of = if a.has_state() { a.of } else { b.of };
             let w = match (a.w, b.w) {
                 (Some(x), Some(y)) => Some(add(&x, &y, sp)),
                 (x, y) => x.or(y),
             };
             Sym::Mat(LinMat {
+                of,
                 version,
                 w,
                 low_rank: [a.low_rank, b.low_rank].concat(),
@@ -486,22 +728,27 @@ fn add_sym(x: Sym, y: Sym, sp: Span) -> Sym {
             })
         }
         (Sym::Vec(a), Sym::Vec(b)) => {
+            if !a.terms.is_empty() && !b.terms.is_empty() && a.of != b.of {
+                return opaque("adds reads of two different states", sp);
+            }
             if !a.terms.is_empty() && !b.terms.is_empty() && a.version != b.version {
                 return opaque("the expression reads both the state before and after the update", sp);
             }
             let version = if a.terms.is_empty() { b.version } else { a.version };
+            let of = if a.terms.is_empty() { b.of } else { a.of };
             let free = match (a.free, b.free) {
                 (Some(x), Some(y)) => Some(add(&x, &y, sp)),
                 (x, y) => x.or(y),
             };
-            Sym::Vec(LinVec { version, terms: [a.terms, b.terms].concat(), free })
+            Sym::Vec(LinVec { of, version, terms: [a.terms, b.terms].concat(), free })
         }
         // A state-free term (a [V] vector, or a scalar added to every entry) is the affine
         // part of a state read: it stays free, and becomes a write if the read is written.
         (Sym::Vec(mut a), Sym::Free(f)) | (Sym::Free(f), Sym::Vec(mut a)) if f.ty != Ty::VecK => {
             a.free = Some(match a.free {
                 Some(x) => add(&x, &f, sp),
-                None => splat(f, Ty::VecV),
+                None if a.of == Of::S => splat(f, Ty::VecV),
+                None => f,
             });
             Sym::Vec(a)
         }
@@ -510,9 +757,11 @@ fn add_sym(x: Sym, y: Sym, sp: Span) -> Sym {
         // rows outer(1, y).
         (Sym::Mat(mut m), Sym::Free(f)) | (Sym::Free(f), Sym::Mat(mut m)) => {
             let one = num(1.0, f.span);
+            // A column's writes carry a scalar value.
+            let value_ty = if m.of == Of::S { Ty::VecV } else { Ty::Scalar };
             let write = match f.ty {
-                Ty::VecK => (f, splat(one, Ty::VecV)),
-                _ => (splat(one, Ty::VecK), splat(f, Ty::VecV)),
+                Ty::VecK => (f, splat(one, value_ty)),
+                _ => (splat(one, Ty::VecK), splat(f, value_ty)),
             };
             m.writes.push(write);
             Sym::Mat(m)
@@ -613,6 +862,9 @@ fn scale_sym(s: Sym, f: &Expr) -> Sym {
 fn product(e: &Expr, x: Sym, y: Sym) -> Sym {
     let sp = e.span;
     match (&e.kind, x, y) {
+        (ExprKind::Outer(..), Sym::Free(_), Sym::Vec(v)) if v.of != Of::S => {
+            opaque("writes a read of an extra state into S; states that feed each other are not chunked", sp)
+        }
         (ExprKind::Outer(..), Sym::Free(a), Sym::Vec(v)) => {
             if v.version == Version::New {
                 return opaque("writes a term read from the state after its last update", sp);
@@ -629,34 +881,29 @@ fn product(e: &Expr, x: Sym, y: Sym) -> Sym {
                 low_rank.push((a.clone(), x));
             }
             let writes = v.free.map(|f| vec![(a, f)]).unwrap_or_default();
-            Sym::Mat(LinMat { version: v.version, w: None, low_rank, vside: vside.flatten(), writes })
+            Sym::Mat(LinMat { of: Of::S, version: v.version, w: None, low_rank, vside: vside.flatten(), writes })
         }
         (ExprKind::Outer(..), Sym::Free(a), Sym::Free(b)) => {
-            Sym::Mat(LinMat { version: Version::Old, w: None, low_rank: vec![], vside: None, writes: vec![(a, b)] })
+            Sym::Mat(LinMat {
+                of: Of::S,
+                version: Version::Old,
+                w: None,
+                low_rank: vec![],
+                vside: None,
+                writes: vec![(a, b)],
+            })
+        }
+        // A column state read through a [K] vector: n . x, a scalar.
+        (ExprKind::Dot(..) | ExprKind::MatMul(..), Sym::Mat(m), Sym::Free(x))
+        | (ExprKind::Dot(..) | ExprKind::MatMul(..), Sym::Free(x), Sym::Mat(m))
+            if m.of != Of::S =>
+        {
+            read(m, &x, sp)
         }
         (ExprKind::MatMul(..), Sym::MatT(m), Sym::Free(x)) | (ExprKind::MatMul(..), Sym::Free(x), Sym::Mat(m))
             if x.ty == Ty::VecK =>
         {
-            // (K S D + sum kw vw^T)^T x = D S^T K^T x + sum vw (kw . x),  K^T x = w x + sum b (a . x)
-            let mut terms = vec![];
-            if let Some(w) = &m.w {
-                terms.push((m.vside.clone(), mul(w, &x, sp)));
-            }
-            for (a, b) in &m.low_rank {
-                terms.push((m.vside.clone(), mul(b, &dot(a, &x, sp), sp)));
-            }
-            let mut free: Option<Expr> = None;
-            for (kw, vw) in &m.writes {
-                let t = mul(vw, &dot(kw, &x, sp), sp);
-                free = Some(match free {
-                    Some(f) => add(&f, &t, sp),
-                    None => t,
-                });
-            }
-            if terms.is_empty() {
-                return free.map(Sym::Free).unwrap_or_else(|| opaque("a zero product", sp));
-            }
-            Sym::Vec(LinVec { version: m.version, terms, free })
+            read(m, &x, sp)
         }
         (ExprKind::MatMul(..), Sym::Mat(_), _) | (ExprKind::MatMul(..), _, Sym::MatT(_)) => {
             opaque("S @ y gives a [K] vector that depends on the state; only S^T @ x reads are chunked", sp)
@@ -673,6 +920,30 @@ fn product(e: &Expr, x: Sym, y: Sym) -> Sym {
         }
         _ => opaque("a product of values that depend on the state in a form the chunked kernels do not take", sp),
     }
+}
+
+/// `S^T x` for the linear matrix `m` (a column's `n . x`):
+/// `(K S D + sum kw vw^T)^T x = D S^T K^T x + sum vw (kw . x)` with `K^T x = w x + sum b (a . x)`.
+fn read(m: LinMat, x: &Expr, sp: Span) -> Sym {
+    let mut terms = vec![];
+    if let Some(w) = &m.w {
+        terms.push((m.vside.clone(), mul(w, x, sp)));
+    }
+    for (a, b) in &m.low_rank {
+        terms.push((m.vside.clone(), mul(b, &dot(a, x, sp), sp)));
+    }
+    let mut free: Option<Expr> = None;
+    for (kw, vw) in &m.writes {
+        let t = mul(vw, &dot(kw, x, sp), sp);
+        free = Some(match free {
+            Some(f) => add(&f, &t, sp),
+            None => t,
+        });
+    }
+    if terms.is_empty() {
+        return free.map(Sym::Free).unwrap_or_else(|| opaque("a zero product", sp));
+    }
+    Sym::Vec(LinVec { of: m.of, version: m.version, terms, free })
 }
 
 fn same_opt(a: &Option<Expr>, b: &Option<Expr>) -> bool {
@@ -844,6 +1115,11 @@ fn print_into(rule: &Rule, e: &Expr, min: u8, s: &mut String) {
         ExprKind::Input(i) => s.push_str(&rule.inputs[*i].name),
         ExprKind::Local(i) => s.push_str(&rule.locals[*i].name),
         ExprKind::State => s.push('S'),
+        ExprKind::Extra(i) => s.push_str(&rule.states[*i].name),
+        ExprKind::Read(0) => s.push_str("(S^T q)"),
+        ExprKind::Read(i) => {
+            let _ = write!(s, "dot({}, q)", rule.states.get(*i - 1).map_or("?", |x| x.name.as_str()));
+        }
         ExprKind::Scale => s.push_str("scale"),
         ExprKind::Head => s.push_str("head"),
         ExprKind::Unary(UnaryOp::Neg, a) => {
@@ -938,7 +1214,24 @@ impl Canonical {
         for (j, (k, v)) in self.writes.iter().enumerate() {
             let _ = writeln!(s, "  kw_{} = {}\n  vw_{} = {}", j + 1, p(k), j + 1, p(v));
         }
+        for col in &self.columns {
+            let name = &rule.states[col.state].name;
+            let _ = writeln!(s, "state {name} [K]: one more column of S, n_t = A_t n_(t-1) + sum_j kw_j c_j");
+            for (j, (k, c)) in col.writes.iter().enumerate() {
+                let _ = writeln!(s, "  kw_{} = {}\n  c_{}  = {}", j + 1, p(k), j + 1, p(c));
+            }
+        }
         let o = &self.output;
+        if let Some(e) = &o.epilogue {
+            let which = if o.read == Read::After { "t" } else { "(t-1)" };
+            let _ = writeln!(
+                s,
+                "output: o_t = {}   (reads of S_{which} and its columns through q)\n  q = {}",
+                p(e),
+                p(&o.query)
+            );
+            return s;
+        }
         let which = if o.read == Read::After { "S_t" } else { "S_(t-1)" };
         let coef = o.coef.as_ref().map(|c| format!("{} ⊙ ", p(c))).unwrap_or_default();
         let extra = o.extra.as_ref().map(|x| format!(" + {}", p(x))).unwrap_or_default();

@@ -9,7 +9,7 @@
 // this module alone would buy nothing.
 #![allow(clippy::result_large_err)]
 
-use crate::ast::{BinaryOp, Expr, ExprKind, Input, Local, Rule, Span, Stmt, Target, Ty, UnaryOp};
+use crate::ast::{BinaryOp, Expr, ExprKind, Input, Local, Rule, Span, StateDecl, Stmt, Target, Ty, UnaryOp};
 use crate::diag::{line_col, Diagnostic};
 use crate::parse::{self, PExpr, PKind, PStmt, Reporter, StepText, FUNCTIONS};
 use std::collections::HashMap;
@@ -32,8 +32,11 @@ pub fn parse_rule(path: &str, source: &str) -> Result<Rule, Diagnostic> {
         .iter()
         .map(|d| Input { name: d.name.clone(), ty: d.ty, per_head: d.per_head, domain: d.domain, span: d.span })
         .collect();
+    let states: Vec<StateDecl> =
+        file.states.iter().map(|s| StateDecl { name: s.name.clone(), ty: s.ty, span: s.span }).collect();
     let mut cx = Checker {
         r: Reporter { path, source },
+        states: &states,
         step: &file.step,
         inputs: &inputs,
         used: vec![false; inputs.len()],
@@ -51,12 +54,14 @@ pub fn parse_rule(path: &str, source: &str) -> Result<Rule, Diagnostic> {
         stmts.push(cx.stmt(s)?);
     }
     cx.finish(&stmts, &file.inputs)?;
+    cx.finish_states(&stmts, &file.states)?;
     let locals = cx.locals;
     Ok(Rule {
         name: file.name,
         summary: file.summary,
         inputs,
         locals,
+        states,
         stmts,
         require_chunked: file.chunked,
         chunked_span: file.chunked_span,
@@ -67,6 +72,7 @@ pub fn parse_rule(path: &str, source: &str) -> Result<Rule, Diagnostic> {
 
 struct Checker<'a> {
     r: Reporter<'a>,
+    states: &'a [StateDecl],
     step: &'a StepText,
     inputs: &'a [Input],
     used: Vec<bool>,
@@ -205,7 +211,7 @@ impl Checker<'_> {
         let target_kind = match name {
             "S" => Some(Target::State),
             "o" => Some(Target::Output),
-            _ => None,
+            _ => self.states.iter().position(|x| x.name == name).map(Target::Extra),
         };
         if target_kind.is_none() {
             if parse::is_reserved(name) {
@@ -232,8 +238,15 @@ impl Checker<'_> {
         let span = self.span(s.span);
         let target = match target_kind {
             Some(t) => {
+                let extra_example;
                 let (want, example) = match t {
                     Target::State => (Ty::Mat, "S = S + outer(k, v)"),
+                    Target::Extra(i) => {
+                        let st = &self.states[i];
+                        let x = if st.ty == Ty::VecK { "k" } else { "v" };
+                        extra_example = format!("{0} = {0} + {x}", st.name);
+                        (st.ty, extra_example.as_str())
+                    }
                     _ => (Ty::VecV, "o = S^T @ q"),
                 };
                 if value.ty == Ty::MatT {
@@ -343,6 +356,10 @@ impl Checker<'_> {
         let span = self.span(at);
         match name {
             "S" => return Ok(Expr::new(ExprKind::State, Ty::Mat, span)),
+            _ if self.states.iter().any(|s| s.name == name) => {
+                let i = self.states.iter().position(|s| s.name == name).unwrap_or_default();
+                return Ok(Expr::new(ExprKind::Extra(i), self.states[i].ty, span));
+            }
             "scale" => return Ok(Expr::new(ExprKind::Scale, Ty::Scalar, span)),
             "head" => return Ok(Expr::new(ExprKind::Head, Ty::Scalar, span)),
             "o" => {
@@ -650,6 +667,22 @@ impl Checker<'_> {
                 bin(BinaryOp::Add, bin(BinaryOp::Keep, c, a), bin(BinaryOp::Keep, not_c, b))
             }
         })
+    }
+
+    /// Every declared state must be updated by the step (a state nothing writes is a
+    /// constant, better passed as an input).
+    fn finish_states(&self, stmts: &[Stmt], decls: &[parse::StateEntry]) -> Result<(), Diagnostic> {
+        for (i, d) in decls.iter().enumerate() {
+            if !stmts.iter().any(|s| s.target == Target::Extra(i)) {
+                return Err(self.r.error(
+                    d.name_span,
+                    format!("state `{}` is never updated", d.name),
+                    "declared here",
+                    format!("add a statement `{0} = ...` to the step, or remove `{0}` from [states]", d.name),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Whole-rule checks after the last statement.

@@ -11,7 +11,7 @@
 //! batch and time. Everything is f64.
 
 use crate::ast::*;
-use crate::reference::{input_data, vector, Dims, Env, Leaf, Op, Outputs, Val};
+use crate::reference::{initial_states, input_data, vector, Dims, Env, Leaf, Op, Outputs, Val};
 
 /// The forward outputs and the gradient of the loss with respect to every input and `h0`.
 #[derive(Clone, Debug)]
@@ -22,10 +22,14 @@ pub struct Gradients {
     /// `dL/dh0` `[B, H, K, V]` (zeros in, zeros-state out when no `h0` was given: the gradient
     /// with respect to the zero state the run started from).
     pub dh0: Vec<f64>,
+    /// `dL/d<name>0` `[B, H, D]` for each extra state, in [`Rule::states`] order.
+    pub d_extra0: Vec<Vec<f64>>,
 }
 
 /// Runs the rule forward and backward. `d_o` is `dL/do` `[B, T, H, V]`; `d_ht` is `dL/dhT`
-/// `[B, H, K, V]` (None: zero). The inputs and `h0` as for [`crate::reference::run`].
+/// `[B, H, K, V]` (None: zero). The inputs and `h0` as for [`crate::reference::run`]; an
+/// extra state's final cotangent is `input("d<name>T")` (`[B, H, D]`, absent: zero), so the
+/// loss gains `sum(<name>T * d<name>T)`.
 pub fn grad(
     rule: &Rule,
     dims: Dims,
@@ -71,12 +75,26 @@ pub fn grad_in(
     if let Some(d) = d_ht.filter(|d| d.len() != batch * heads * kv) {
         return Err(format!("dhT has {} elements, expected {}", d.len(), batch * heads * kv));
     }
-    let mut out = Outputs { o: vec![0.0; batch * seq_len * heads * v], ht: vec![0.0; batch * heads * kv] };
+    let extras0 = initial_states(rule, &dims, input)?;
+    let d_extra_t: Vec<Option<Vec<f64>>> = rule
+        .states
+        .iter()
+        .map(|s| {
+            let name = format!("d{}", s.final_name());
+            let want = batch * heads * s.width(k, v);
+            match input(&name) {
+                Some(d) if d.len() != want => Err(format!("{name} has {} elements, expected {want}", d.len())),
+                d => Ok(d),
+            }
+        })
+        .collect::<Result<_, _>>()?;
+    let mut out = Outputs::zeros(rule, &dims);
     let mut grads: Vec<Vec<f64>> = data.iter().map(|d| vec![0.0; d.len()]).collect();
     let mut dh0 = vec![0.0; batch * heads * kv];
+    let mut d_extra0: Vec<Vec<f64>> = out.extra.iter().map(|x| vec![0.0; x.len()]).collect();
     for b in 0..batch {
         for h in 0..heads {
-            let mut env = Env::new(rule, &dims, scale, (b, h), h0, true);
+            let mut env = Env::new(rule, &dims, scale, (b, h), (h0, &extras0), true);
             env.tape.round_to_f32 = arithmetic == Arithmetic::F32Forward;
             let mut outs = Vec::with_capacity(seq_len);
             for t in 0..seq_len {
@@ -84,7 +102,7 @@ pub fn grad_in(
                 out.o[((b * seq_len + t) * heads + h) * v..][..v].copy_from_slice(env.tape.val(o).data());
                 outs.push(o);
             }
-            out.ht[(b * heads + h) * kv..][..kv].copy_from_slice(env.tape.val(env.state).data());
+            out.store_states(&env, &dims, (b, h));
 
             // Seeds: dL/do_t at every output node, dL/dhT at the final state's.
             let tape = &env.tape;
@@ -96,6 +114,13 @@ pub fn grad_in(
             if let Some(d) = d_ht {
                 let at = (b * heads + h) * kv;
                 add(&mut adj, tape, env.state, |g| g.iter_mut().zip(&d[at..at + kv]).for_each(|(x, y)| *x += y));
+            }
+            for (d, &n) in d_extra_t.iter().zip(&env.extras) {
+                if let Some(d) = d {
+                    let w = tape.val(n).data().len();
+                    let at = (b * heads + h) * w;
+                    add(&mut adj, tape, n, |g| g.iter_mut().zip(&d[at..at + w]).for_each(|(x, y)| *x += y));
+                }
             }
             for n in (0..tape.nodes.len()).rev() {
                 let Some(g) = adj[n].take() else { continue };
@@ -109,13 +134,17 @@ pub fn grad_in(
                     Op::Leaf(Leaf::State) => {
                         dh0[(b * heads + h) * kv..][..kv].iter_mut().zip(&g).for_each(|(x, y)| *x += y);
                     }
+                    Op::Leaf(Leaf::Extra(i)) => {
+                        let w = g.len();
+                        d_extra0[i][(b * heads + h) * w..][..w].iter_mut().zip(&g).for_each(|(x, y)| *x += y);
+                    }
                     Op::Leaf(Leaf::Constant) => {}
                     op => backprop(op, n, &g, tape, &mut adj, (k, v))?,
                 }
             }
         }
     }
-    Ok(Gradients { outputs: out, inputs: grads, dh0 })
+    Ok(Gradients { outputs: out, inputs: grads, dh0, d_extra0 })
 }
 
 /// Adds to node `n`'s adjoint (zero when it has none yet) with `f`.

@@ -19,7 +19,7 @@ use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
 /// The top-level keys of a rule file.
-pub const TOP_LEVEL_KEYS: [&str; 5] = ["name", "summary", "chunked", "step", "inputs"];
+pub const TOP_LEVEL_KEYS: [&str; 6] = ["name", "summary", "chunked", "step", "inputs", "states"];
 /// The keys of an input table.
 pub const INPUT_KEYS: [&str; 3] = ["shape", "domain", "per_head"];
 /// Functions of the step language, in the order help texts list them.
@@ -207,7 +207,21 @@ pub struct RuleFile {
     pub chunked_span: Option<Span>,
     /// In declaration order.
     pub inputs: Vec<InputDecl>,
+    /// The `[states]` table's states beside `S`, in declaration order.
+    pub states: Vec<StateEntry>,
     pub step: StepText,
+}
+
+/// One `[states]` entry other than `S = "[K,V]"`, checked.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StateEntry {
+    pub name: String,
+    /// `VecK` or `VecV`.
+    pub ty: Ty,
+    /// The key in `[states]`.
+    pub name_span: Span,
+    /// The whole entry.
+    pub span: Span,
 }
 
 /// Builds diagnostics for one file.
@@ -269,8 +283,6 @@ pub fn parse_shape(s: &str) -> Option<Ty> {
     }
 }
 
-const MOVE_HELP: &str = "above the [inputs] line: TOML puts every key that follows a [table] header into that table";
-
 /// Reads the TOML part of a rule file and checks everything but the step's statements.
 pub fn read_rule_file(path: &str, source: &str) -> Result<RuleFile, Diagnostic> {
     let r = Reporter { path, source };
@@ -293,32 +305,32 @@ pub fn read_rule_file(path: &str, source: &str) -> Result<RuleFile, Diagnostic> 
                 span_of(k),
                 format!("unknown top-level key `{}`", k.get_ref()),
                 "not a rule-file key",
-                "the top-level keys are name, summary, chunked, step and inputs",
+                "the top-level keys are name, summary, chunked, step, inputs and states",
             ));
         }
     }
     let get = |key: &str| top.iter().find(|(k, _)| k.get_ref() == key).copied();
 
-    // Keys written after the [inputs] header land in the inputs table.
-    if let Some((_, inputs)) = get("inputs") {
-        if let DeValue::Table(t) = inputs.get_ref() {
-            for (k, v) in entries(t) {
-                let key = k.get_ref().as_ref();
-                let misplaced = match v.get_ref() {
-                    // `name` and `step` are required (and missing here); an optional key that
-                    // reads as a shape may be a genuine input.
-                    DeValue::String(s) => key == "name" || key == "step" || parse_shape(s).is_none(),
-                    DeValue::Table(_) => false,
-                    _ => true,
-                };
-                if ["name", "summary", "chunked", "step"].contains(&key) && get(key).is_none() && misplaced {
-                    return Err(r.error(
-                        span_of(k),
-                        format!("`{key}` is inside the [inputs] table"),
-                        "read as an input",
-                        format!("move `{key} = ...` {MOVE_HELP}"),
-                    ));
-                }
+    // Keys written after an [inputs] or [states] header land in that table.
+    for table in ["inputs", "states"] {
+        let Some((_, value)) = get(table) else { continue };
+        let DeValue::Table(t) = value.get_ref() else { continue };
+        for (k, v) in entries(t) {
+            let key = k.get_ref().as_ref();
+            let misplaced = match v.get_ref() {
+                // `name` and `step` are required (and missing here); an optional key that
+                // reads as a shape may be a genuine input.
+                DeValue::String(s) => key == "name" || key == "step" || parse_shape(s).is_none(),
+                DeValue::Table(_) => false,
+                _ => true,
+            };
+            if ["name", "summary", "chunked", "step", "inputs"].contains(&key) && get(key).is_none() && misplaced {
+                return Err(r.error(
+                    span_of(k),
+                    format!("`{key}` is inside the [{table}] table"),
+                    format!("read as {}", if table == "inputs" { "an input" } else { "a state" }),
+                    format!("move `{key} = ...` above the [{table}] line: TOML puts every key that follows a [table] header into that table"),
+                ));
             }
         }
     }
@@ -411,7 +423,114 @@ pub fn read_rule_file(path: &str, source: &str) -> Result<RuleFile, Diagnostic> 
     };
     let step = StepText::new(source, span_of(step_key), span_of(step_val), step);
 
-    Ok(RuleFile { name: name.to_string(), name_span: span_of(name_val), summary, chunked, chunked_span, inputs, step })
+    let states = match get("states") {
+        None => vec![],
+        Some((k, v)) => match v.get_ref() {
+            DeValue::Table(t) => read_states(&r, t, &inputs)?,
+            _ => {
+                return Err(wrong_type(
+                    k,
+                    v,
+                    "a table",
+                    "write a [states] header followed by one `name = \"shape\"` line per state, e.g. n = \"[K]\"",
+                ))
+            }
+        },
+    };
+
+    Ok(RuleFile {
+        name: name.to_string(),
+        name_span: span_of(name_val),
+        summary,
+        chunked,
+        chunked_span,
+        inputs,
+        states,
+        step,
+    })
+}
+
+/// The `[states]` table: `S = "[K,V]"` (the default, so optional) and vector states
+/// `name = "[K]"` or `"[V]"`, whose tensors `<name>0`, `<name>T` (and the gradient's
+/// `d<name>0`, `d<name>T`) must not collide with an input.
+fn read_states(r: &Reporter<'_>, t: &DeTable<'_>, inputs: &[InputDecl]) -> Result<Vec<StateEntry>, Diagnostic> {
+    let help = "a [states] entry is S = \"[K,V]\" or a vector state, name = \"[K]\" or name = \"[V]\"";
+    let mut states = vec![];
+    for (k, v) in entries(t) {
+        let name = k.get_ref().as_ref();
+        let name_span = span_of(k);
+        let DeValue::String(shape) = v.get_ref() else {
+            return Err(r.error(
+                span_of(v),
+                format!("the shape of state `{name}` must be a string, found {}", a_type(v.get_ref())),
+                "expected a string",
+                help,
+            ));
+        };
+        let compact: String = shape.chars().filter(|c| !c.is_whitespace()).collect();
+        if name == "S" {
+            if compact != "[K,V]" {
+                return Err(r.error(
+                    span_of(v),
+                    format!("the state `S` is [K, V], not `{}`", shape.escape_debug()),
+                    "S is the [K, V] state",
+                    "write S = \"[K,V]\" (or leave it out: it is the default); a vector state takes another name",
+                ));
+            }
+            continue;
+        }
+        if compact == "[K,V]" {
+            return Err(r.error(
+                name_span,
+                format!("a second [K, V] state (`{name}`) is not supported"),
+                "only S is a matrix",
+                "a rule has one matrix state, S; other states are [K] or [V] vectors",
+            ));
+        }
+        let ty = match parse_shape(shape) {
+            Some(ty @ (Ty::VecK | Ty::VecV)) => ty,
+            _ => {
+                return Err(r.error(
+                    span_of(v),
+                    format!("bad shape `{}` for state `{name}`", shape.escape_debug()),
+                    "not a state shape",
+                    help,
+                ))
+            }
+        };
+        if !is_identifier(name) || is_reserved(name) || STATE_TENSORS.contains(&name) {
+            return Err(r.error(
+                name_span,
+                format!("`{}` cannot name a state", name.escape_debug()),
+                "invalid or reserved name",
+                format!(
+                    "a state name is an identifier other than {}, {} and the functions",
+                    BUILTIN_NAMES.join(", "),
+                    STATE_TENSORS.join(", ")
+                ),
+            ));
+        }
+        let tensors = [format!("{name}0"), format!("{name}T"), format!("d{name}0"), format!("d{name}T")];
+        let clash = inputs.iter().find(|i| i.name == name || tensors.contains(&i.name));
+        if let Some(i) = clash {
+            return Err(r.error(
+                name_span,
+                format!("state `{name}` collides with the input `{}`", i.name),
+                "state declared here",
+                format!("the state `{name}` owns the names {name}, {}; rename the state or the input", tensors.join(", ")),
+            ));
+        }
+        if let Some(other) = states.iter().find(|s: &&StateEntry| tensors.contains(&s.name)) {
+            return Err(r.error(
+                name_span,
+                format!("state `{name}`'s tensors collide with the state `{}`", other.name),
+                "state declared here",
+                "rename one of the states",
+            ));
+        }
+        states.push(StateEntry { name: name.to_string(), ty, name_span, span: name_span.join(span_of(v)) });
+    }
+    Ok(states)
 }
 
 fn read_input(

@@ -45,6 +45,50 @@ impl Dims {
 pub struct Outputs {
     pub o: Vec<f64>,
     pub ht: Vec<f64>,
+    /// Each extra state as the sequence leaves (`<name>T`, `[B, H, D]`), in [`Rule::states`]
+    /// order.
+    pub extra: Vec<Vec<f64>>,
+}
+
+impl Outputs {
+    pub(crate) fn zeros(rule: &Rule, dims: &Dims) -> Outputs {
+        let Dims { batch, seq_len, heads, k, v } = *dims;
+        Outputs {
+            o: vec![0.0; batch * seq_len * heads * v],
+            ht: vec![0.0; batch * heads * k * v],
+            extra: rule.states.iter().map(|s| vec![0.0; batch * heads * s.width(k, v)]).collect(),
+        }
+    }
+
+    /// Copies the final states of sequence (b, h) out of `env`.
+    pub(crate) fn store_states(&mut self, env: &Env<'_>, dims: &Dims, (b, h): (usize, usize)) {
+        let kv = dims.k * dims.v;
+        self.ht[(b * dims.heads + h) * kv..][..kv].copy_from_slice(env.tape.val(env.state).data());
+        for (out, &n) in self.extra.iter_mut().zip(&env.extras) {
+            let w = env.tape.val(n).data().len();
+            out[(b * dims.heads + h) * w..][..w].copy_from_slice(env.tape.val(n).data());
+        }
+    }
+}
+
+/// Each extra state's initial tensor (`<name>0`, `[B, H, D]`) from `input`, None where the
+/// caller gives none (zeros).
+pub(crate) fn initial_states(
+    rule: &Rule,
+    dims: &Dims,
+    input: &dyn Fn(&str) -> Option<Vec<f64>>,
+) -> Result<Vec<Option<Vec<f64>>>, String> {
+    rule.states
+        .iter()
+        .map(|s| {
+            let name = s.initial_name();
+            let want = dims.batch * dims.heads * s.width(dims.k, dims.v);
+            match input(&name) {
+                Some(d) if d.len() != want => Err(format!("`{name}` has {} elements, expected {want}", d.len())),
+                d => Ok(d),
+            }
+        })
+        .collect()
 }
 
 /// One value of the step. Matrices are K x V row-major; `MatT` shares that storage.
@@ -74,6 +118,8 @@ pub(crate) enum Leaf {
     Input { input: usize, token: usize },
     /// The state entering the sequence.
     State,
+    /// An extra state entering the sequence (index into [`Rule::states`]).
+    Extra(usize),
     /// A number, `scale` or `head`: nothing to differentiate.
     Constant,
 }
@@ -133,6 +179,8 @@ pub(crate) struct Env<'a> {
     locals: Vec<Option<usize>>,
     /// The state's node.
     pub(crate) state: usize,
+    /// The extra states' nodes, in [`Rule::states`] order.
+    pub(crate) extras: Vec<usize>,
     /// Keep every token's nodes (for the gradient), or only the current token's.
     keep: bool,
     /// The per-head parameters' nodes (one leaf each for the whole sequence when kept).
@@ -161,7 +209,7 @@ pub(crate) fn input_data(
 
 /// Runs the rule over every batch and head. `input(name)` gives each input's tensor data in
 /// the layout of [`Dims::input_shape`] (the caller has checked the shapes); `h0` is the
-/// initial state or zeros.
+/// initial state or zeros, and each extra state starts from `input("<name>0")` or zeros.
 pub fn run(
     rule: &Rule,
     dims: Dims,
@@ -169,31 +217,32 @@ pub fn run(
     input: &dyn Fn(&str) -> Option<Vec<f64>>,
     h0: Option<&[f64]>,
 ) -> Result<Outputs, String> {
-    let Dims { batch, seq_len, heads, k, v } = dims;
+    let Dims { batch, seq_len, heads, v, .. } = dims;
     let data = input_data(rule, &dims, input)?;
-    let mut out = Outputs { o: vec![0.0; batch * seq_len * heads * v], ht: vec![0.0; batch * heads * k * v] };
+    let extras0 = initial_states(rule, &dims, input)?;
+    let mut out = Outputs::zeros(rule, &dims);
     for b in 0..batch {
         for h in 0..heads {
-            let mut env = Env::new(rule, &dims, scale, (b, h), h0, false);
+            let mut env = Env::new(rule, &dims, scale, (b, h), (h0, &extras0), false);
             for t in 0..seq_len {
                 let o = env.token(&data, &dims, b, t)?;
                 out.o[((b * seq_len + t) * heads + h) * v..][..v].copy_from_slice(env.tape.val(o).data());
             }
-            out.ht[(b * heads + h) * k * v..][..k * v].copy_from_slice(env.tape.val(env.state).data());
+            out.store_states(&env, &dims, (b, h));
         }
     }
     Ok(out)
 }
 
 impl<'a> Env<'a> {
-    /// A sequence of batch `b`, head `h` starting from `h0` (or zeros); with `keep` the tape
-    /// keeps every token's nodes.
+    /// A sequence of batch `b`, head `h` starting from `h0` and the extra states' initial
+    /// tensors (or zeros); with `keep` the tape keeps every token's nodes.
     pub(crate) fn new(
         rule: &'a Rule,
         dims: &Dims,
         scale: f64,
         (b, h): (usize, usize),
-        h0: Option<&[f64]>,
+        (h0, extras0): (Option<&[f64]>, &[Option<Vec<f64>>]),
         keep: bool,
     ) -> Env<'a> {
         let kv = dims.k * dims.v;
@@ -203,7 +252,19 @@ impl<'a> Env<'a> {
         };
         let mut tape = Tape::default();
         let state = tape.push(Op::Leaf(Leaf::State), Val::Mat(state));
+        let extras = rule
+            .states
+            .iter()
+            .zip(extras0)
+            .enumerate()
+            .map(|(i, (s, x0))| {
+                let w = s.width(dims.k, dims.v);
+                let x = x0.as_ref().map_or_else(|| vec![0.0; w], |x| x[(b * dims.heads + h) * w..][..w].to_vec());
+                tape.push(Op::Leaf(Leaf::Extra(i)), if s.ty == Ty::VecK { Val::VecK(x) } else { Val::VecV(x) })
+            })
+            .collect();
         Env {
+            extras,
             rule,
             k: dims.k,
             v: dims.v,
@@ -224,8 +285,14 @@ impl<'a> Env<'a> {
         if !self.keep {
             // Only the state carries over: start the token's tape from its value.
             let state = std::mem::replace(&mut self.tape.nodes[self.state].1, Val::Scalar(0.0));
+            let extras: Vec<Val> = self
+                .extras
+                .iter()
+                .map(|&n| std::mem::replace(&mut self.tape.nodes[n].1, Val::Scalar(0.0)))
+                .collect();
             self.tape.nodes.clear();
             self.state = self.tape.push(Op::Leaf(Leaf::State), state);
+            self.extras = extras.into_iter().enumerate().map(|(i, x)| self.tape.push(Op::Leaf(Leaf::Extra(i)), x)).collect();
             self.per_head.iter_mut().for_each(|p| *p = None);
         }
         let (k, v, h) = (self.k, self.v, self.head);
@@ -255,6 +322,7 @@ impl<'a> Env<'a> {
             let n = self.eval(&s.value)?;
             match (&s.target, self.tape.val(n)) {
                 (Target::State, Val::Mat(_)) => self.state = n,
+                (Target::Extra(i), Val::VecK(_) | Val::VecV(_)) => self.extras[*i] = n,
                 (Target::Output, Val::VecV(_)) => o = Some(n),
                 (Target::Local(i), _) => self.locals[*i] = Some(n),
                 (t, val) => {
@@ -272,6 +340,8 @@ impl<'a> Env<'a> {
             ExprKind::Input(i) => self.inputs[*i],
             ExprKind::Local(i) => self.locals[*i].ok_or("local read before it is assigned")?,
             ExprKind::State => self.state,
+            ExprKind::Extra(i) => self.extras[*i],
+            ExprKind::Read(_) => return Err("a canonical read inside a rule step".into()),
             ExprKind::Scale => self.tape.push(Op::Leaf(Leaf::Constant), Val::Scalar(self.scale)),
             ExprKind::Head => self.tape.push(Op::Leaf(Leaf::Constant), Val::Scalar(self.head as f64)),
             ExprKind::Unary(op, a) => {

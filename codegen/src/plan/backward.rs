@@ -57,7 +57,7 @@ pub fn chunked(rule: &Rule, canon: &Canonical, shape: Shape, sched: Schedule) ->
         |b, layout, start, j| {
             let mut terms = ChunkTerms::new(b, layout, rule, canon, shape, sched, j.clone())?;
             terms.store_outputs = false;
-            let r = terms.blocks(b, start, false, Some(layout.o));
+            let r = terms.blocks(b, start, false, Some(layout.o))?;
             let end = terms.next_state(b, start, &r);
             let t0 = j.mul(Idx::c(c as i64));
             let valid = Idx::c(c as i64).min(Idx::var(IdxVar::SeqLen).sub(t0.clone()));

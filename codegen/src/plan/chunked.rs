@@ -34,7 +34,7 @@
 use super::{PlanError, Schedule, Shape};
 use crate::builder::Builder;
 use crate::ir::*;
-use crate::lower::{state_base_tiled, token_base, v_offset, v_token_base, Lowerer, ParamLayout};
+use crate::lower::{extra_state_base, state_base_tiled, token_base, v_offset, v_token_base, Lowerer, ParamLayout};
 use chunkc_dsl::ast::{Expr, Rule, Ty};
 use chunkc_dsl::canon::{same, Canonical, Read};
 use std::collections::HashMap;
@@ -147,34 +147,37 @@ pub fn build_phase(
     let mut b = Builder::new(format!("{}_chunked_c{c}{suffix}{}", rule.name, phase.suffix()));
     b.set_vtiles(vtiles);
     let layout = ParamLayout::declare(&mut b, rule);
-    let (k, v) = (shape.k, shape.v);
-    let cols = sched.bv.unwrap_or(v);
-    let sbase = state_base_tiled(&shape, sched.bv);
     let n_chunks = Idx::var(IdxVar::SeqLen).ceil_div(c as i64);
     let split = !matches!(phase, Phase::Fused | Phase::FusedWithStates);
+    if !canon.columns.is_empty() && !canon.low_rank.is_empty() && split {
+        return Err(PlanError(
+            "extra states next to a low-rank transition are carried by the fused chunked program only (the \
+             split program's UT factors do not take extra columns yet)"
+                .into(),
+        ));
+    }
+    let carried = Carried { shape, chunk: c, bv: sched.bv, columns: canon.columns.iter().map(|x| x.state).collect() };
     match phase {
         Phase::Fused | Phase::States | Phase::FusedWithStates => {
-            let h0 = b.load(layout.h0, sbase.clone(), v as i64, 1, k, cols, Idx::c(k as i64));
+            let h0 = carried.load_entering(&mut b, &layout);
             let s0 = b.begin_loop(n_chunks, &[h0])[0];
             if phase != Phase::Fused {
-                let h = b.param(BOUNDARY_STATES, Access::Write);
-                b.store(s0, h, boundary_base(&shape, c, sched.bv), v as i64, 1, Idx::c(k as i64));
+                carried.store_boundary(&mut b, rule, s0);
             }
             let mut terms = ChunkTerms::new(&mut b, &layout, rule, canon, shape, sched, Idx::var(IdxVar::Iter))?;
             let o = (phase != Phase::States).then_some(layout.o);
-            let r = terms.blocks(&mut b, s0, split, o);
+            let r = terms.blocks(&mut b, s0, split, o)?;
             let s_next = terms.next_state(&mut b, s0, &r);
             let last = b.end_loop(&[s_next]);
-            b.store(last[0], layout.ht, sbase, v as i64, 1, Idx::c(k as i64));
+            carried.store_final(&mut b, &layout, last[0]);
         }
         Phase::Outputs => {
             b.set_chunk_parallel();
             b.begin_loop(n_chunks, &[]);
-            let h = b.param(BOUNDARY_STATES, Access::Read);
-            let s0 = b.load(h, boundary_base(&shape, c, sched.bv), v as i64, 1, k, cols, Idx::c(k as i64));
+            let s0 = carried.load_boundary(&mut b, rule, Idx::var(IdxVar::Iter));
             let mut terms = ChunkTerms::new(&mut b, &layout, rule, canon, shape, sched, Idx::var(IdxVar::Iter))?;
             // The state leaving the chunk is the next chunk's business (read from `chunk.h`).
-            terms.blocks(&mut b, s0, true, Some(layout.o));
+            terms.blocks(&mut b, s0, true, Some(layout.o))?;
             b.end_loop(&[]);
         }
         Phase::Factors => {
@@ -186,6 +189,133 @@ pub fn build_phase(
         }
     }
     Ok(b.finish())
+}
+
+/// The state a chunked kernel carries from chunk to chunk: this grid point's columns of S,
+/// then one column per extra `[K]` state ([`chunkc_dsl::canon::Column`]); where it enters
+/// and leaves the sequence (`h0`/`hT`, `<name>0`/`<name>T`) and the chunk boundaries
+/// (`chunk.h`, `chunk.<name>`).
+pub(super) struct Carried {
+    pub(super) shape: Shape,
+    pub(super) chunk: usize,
+    pub(super) bv: Option<usize>,
+    /// The extra states that are columns, as indices into `Rule::states`, in column order.
+    pub(super) columns: Vec<usize>,
+}
+
+impl Carried {
+    fn cols(&self) -> usize {
+        self.bv.unwrap_or(self.shape.v)
+    }
+
+    /// Its columns of S from `param` at `base` (row stride V), the columns after them from
+    /// `column(b, j)` (a `[1, K]` tile each).
+    fn gather(
+        &self,
+        b: &mut Builder,
+        param: usize,
+        base: Idx,
+        mut column: impl FnMut(&mut Builder, usize) -> ValueId,
+    ) -> ValueId {
+        let (k, v) = (self.shape.k, self.shape.v);
+        let s = b.load(param, base, v as i64, 1, k, self.cols(), Idx::c(k as i64));
+        if self.columns.is_empty() {
+            return s;
+        }
+        let mut parts = vec![s];
+        for j in 0..self.columns.len() {
+            let n = column(b, j);
+            parts.push(b.transpose(n));
+        }
+        side_by_side(b, &parts)
+    }
+
+    /// Stores `x` to `param` at `base` (its S part) and each column through `column(b, j, n)`
+    /// (`n` a `[1, K]` tile).
+    fn scatter(
+        &self,
+        b: &mut Builder,
+        x: ValueId,
+        param: usize,
+        base: Idx,
+        mut column: impl FnMut(&mut Builder, usize, ValueId),
+    ) {
+        let (k, v) = (self.shape.k, self.shape.v);
+        let s = if self.columns.is_empty() { x } else { columns(b, x, 0, self.cols()) };
+        b.store(s, param, base, v as i64, 1, Idx::c(k as i64));
+        for j in 0..self.columns.len() {
+            let n = columns(b, x, self.cols() + j, 1);
+            let n = b.transpose(n);
+            column(b, j, n);
+        }
+    }
+
+    /// The state entering the sequence (`h0`, each `<name>0`).
+    pub(super) fn load_entering(&self, b: &mut Builder, layout: &ParamLayout) -> ValueId {
+        let (base, k) = (extra_state_base(&self.shape, Ty::VecK, self.bv).0, self.shape.k);
+        let base = &base;
+        self.gather(b, layout.h0, state_base_tiled(&self.shape, self.bv), |b, j| {
+            b.load(layout.extras[self.columns[j]].0, base.clone(), 0, 1, 1, k, Idx::c(1))
+        })
+    }
+
+    /// The state leaving the sequence (`hT`, each `<name>T`).
+    pub(super) fn store_final(&self, b: &mut Builder, layout: &ParamLayout, x: ValueId) {
+        let base = extra_state_base(&self.shape, Ty::VecK, self.bv).0;
+        self.scatter(b, x, layout.ht, state_base_tiled(&self.shape, self.bv), |b, j, n| {
+            b.store(n, layout.extras[self.columns[j]].1, base.clone(), 0, 1, Idx::c(1))
+        });
+    }
+
+    /// Index of this grid point's column state entering chunk `index` in `chunk.<name>`
+    /// `[B, NT, H, K]`.
+    fn column_base(&self, index: Idx) -> Idx {
+        let n_chunks = Idx::var(IdxVar::SeqLen).ceil_div(self.chunk as i64);
+        let slot = Idx::var(IdxVar::Batch).mul(n_chunks).add(index);
+        slot.mul(Idx::c(self.shape.heads as i64)).add(Idx::var(IdxVar::Head)).mul(Idx::c(self.shape.k as i64))
+    }
+
+    /// Stores the state entering chunk `Iter` to `chunk.h` (and `chunk.<name>`).
+    pub(super) fn store_boundary(&self, b: &mut Builder, rule: &Rule, x: ValueId) {
+        let h = b.param(BOUNDARY_STATES, Access::Write);
+        let params: Vec<usize> =
+            self.columns.iter().map(|&i| b.param(boundary_column(&rule.states[i].name), Access::Write)).collect();
+        let base = self.column_base(Idx::var(IdxVar::Iter));
+        self.scatter(b, x, h, boundary_base(&self.shape, self.chunk, self.bv), |b, j, n| {
+            b.store(n, params[j], base.clone(), 0, 1, Idx::c(1))
+        });
+    }
+
+    /// The state entering chunk `index`, from `chunk.h` (and `chunk.<name>`).
+    pub(super) fn load_boundary(&self, b: &mut Builder, rule: &Rule, index: Idx) -> ValueId {
+        let h = b.param(BOUNDARY_STATES, Access::Read);
+        let params: Vec<usize> =
+            self.columns.iter().map(|&i| b.param(boundary_column(&rule.states[i].name), Access::Read)).collect();
+        let base = self.column_base(index.clone());
+        let k = self.shape.k;
+        self.gather(b, h, boundary_base_at(&self.shape, self.chunk, self.bv, index), |b, j| {
+            b.load(params[j], base.clone(), 0, 1, 1, k, Idx::c(1))
+        })
+    }
+}
+
+/// The chunk-boundary tensor of the extra state `name` (`[B, NT, H, K]`), next to `chunk.h`.
+pub fn boundary_column(name: &str) -> String {
+    format!("{BOUNDARY_STATES}.{name}")
+}
+
+/// `parts` (one row count) side by side: their columns in order.
+fn side_by_side(b: &mut Builder, parts: &[ValueId]) -> ValueId {
+    let transposed: Vec<ValueId> = parts.iter().map(|&p| b.transpose(p)).collect();
+    let stacked = b.concat(&transposed);
+    b.transpose(stacked)
+}
+
+/// Columns `start .. start + len` of `x`.
+fn columns(b: &mut Builder, x: ValueId, start: usize, len: usize) -> ValueId {
+    let t = b.transpose(x);
+    let r = b.rows(t, start, len);
+    b.transpose(r)
 }
 
 /// Index of this grid point's state entering chunk `Iter` in `chunk.h` `[B, NT, H, K, V]`, at
@@ -244,6 +374,19 @@ pub(super) struct ChunkTerms {
     pub(super) outputs: Vec<(usize, ValueId)>,
     /// Whether output blocks are stored (else only collected in `outputs`).
     pub(super) store_outputs: bool,
+    /// The output as a function of the state reads (`Output::epilogue`), with what lowering
+    /// it block by block needs; the value side is then `cols` columns of S followed by one
+    /// per extra column.
+    epilogue: Option<Epilogue>,
+}
+
+/// An output epilogue and its lowering context.
+struct Epilogue {
+    rule: Rule,
+    layout: ParamLayout,
+    expr: Expr,
+    /// Columns of S per grid point (V or the V-tile's BV); the extra columns follow.
+    cols: usize,
 }
 
 impl ChunkTerms {
@@ -309,14 +452,49 @@ impl ChunkTerms {
             let w = (0..canon.writes.len()).find(|&w| same(&canon.writes[w].0, a) && !merged.contains(&Some(w)));
             merged.push(w);
         }
+        // Extra [K] states are columns of S: a column's write joins S's write with the same
+        // key as one more value column, or stands alone with zeros in S's columns.
+        let ncols = canon.columns.len();
+        let cols = sched.bv.unwrap_or(shape.v);
+        let mut joined: Vec<Vec<Option<&Expr>>> = vec![vec![None; ncols]; canon.writes.len()];
+        let mut alone: Vec<(&Expr, usize, &Expr)> = vec![];
+        for (j, col) in canon.columns.iter().enumerate() {
+            for (kw, value) in &col.writes {
+                match canon.writes.iter().position(|(k, _)| same(k, kw)).filter(|&w| joined[w][j].is_none()) {
+                    Some(w) => joined[w][j] = Some(value),
+                    None => alone.push((kw, j, value)),
+                }
+            }
+        }
+        let widened = |b: &mut Builder, pro: &mut Prologue, s_part: ValueId, extra: &[Option<&Expr>]| {
+            if extra.is_empty() {
+                return Ok::<_, PlanError>(s_part);
+            }
+            let mut parts = vec![s_part];
+            for x in extra {
+                parts.push(match x {
+                    Some(e) => pro.tile(b, e, true)?,
+                    None => b.constant(0.0, TileTy::f32(c, 1)),
+                });
+            }
+            Ok(side_by_side(b, &parts))
+        };
         let mut merged_vw = vec![None; canon.low_rank.len()];
         let mut writes: Vec<(ValueId, ValueId)> = vec![];
         for (w, (kw, vw)) in canon.writes.iter().enumerate() {
             let vw = pro.tile(b, vw, true)?;
+            let vw = widened(b, &mut pro, vw, &joined[w])?;
             match merged.iter().position(|&m| m == Some(w)) {
                 Some(r) => merged_vw[r] = Some(vw),
                 None => writes.push((pro.tile(b, kw, true)?, vw)),
             }
+        }
+        for (kw, j, value) in alone {
+            let mut extra = vec![None; ncols];
+            extra[j] = Some(value);
+            let zeros = b.constant(0.0, TileTy::f32(c, cols));
+            let vw = widened(b, &mut pro, zeros, &extra)?;
+            writes.push((pro.tile(b, kw, true)?, vw));
         }
         // `b` reads the state after the token's own decay. When the decay is a factor of it
         // (b = w b', every gated delta rule), b' is gated inclusively, `b' e^Bin` for `b e^Bex`:
@@ -365,6 +543,12 @@ impl ChunkTerms {
             loads,
             outputs: vec![],
             store_outputs: true,
+            epilogue: canon.output.epilogue.clone().map(|expr| Epilogue {
+                rule: rule.clone(),
+                layout: layout.clone(),
+                expr,
+                cols,
+            }),
         })
     }
 
@@ -447,7 +631,7 @@ impl ChunkTerms {
         s0: ValueId,
         from_factors: bool,
         o_param: Option<usize>,
-    ) -> Vec<Vec<ValueId>> {
+    ) -> Result<Vec<Vec<ValueId>>, PlanError> {
         let bs = self.bs;
         let bq = if self.read_before { self.bex } else { self.bin };
         let factors = (from_factors && !self.low_rank.is_empty()).then(|| self.load_factors(b));
@@ -493,10 +677,10 @@ impl ChunkTerms {
                 }
             }
             if let (Some(o), Some(o_param)) = (o, o_param) {
-                self.finish_output(b, o_param, o, i, &r_blocks);
+                self.finish_output(b, o_param, o, i, &r_blocks)?;
             }
         }
-        r_blocks
+        Ok(r_blocks)
     }
 
     /// The UT factors, stored row by row: W solves `(I - A_ba) W = Bv ⊙ e^Bg` (the coefficient
@@ -562,7 +746,14 @@ impl ChunkTerms {
 
     /// Adds block `i`'s intra-chunk terms to its output `o` (which holds the term from the
     /// entering state) and stores it.
-    fn finish_output(&mut self, b: &mut Builder, o_param: usize, mut o: ValueId, i: usize, r_blocks: &[Vec<ValueId>]) {
+    fn finish_output(
+        &mut self,
+        b: &mut Builder,
+        o_param: usize,
+        mut o: ValueId,
+        i: usize,
+        r_blocks: &[Vec<ValueId>],
+    ) -> Result<(), PlanError> {
         let (bs, i0) = (self.bs, i * self.bs);
         let bq = if self.read_before { self.bex } else { self.bin };
         let sc = &mut self.sc;
@@ -583,11 +774,31 @@ impl ChunkTerms {
             let x = rows_of(b, x, i0, bs);
             o = b.add(o, x);
         }
+        if let Some(ep) = &self.epilogue {
+            o = self.apply_epilogue(b, ep, o, i0)?;
+        }
         self.outputs.push((i0, o));
         if self.store_outputs {
             let (obase, ostride) = v_token_base(&self.shape, self.t0.clone().add(Idx::c(i0 as i64)), self.sched.bv);
             b.store(o, o_param, obase, ostride, 1, self.valid.clone().sub(Idx::c(i0 as i64)));
         }
+        Ok(())
+    }
+
+    /// The output rows `i0..` from their state reads `y` (S's columns, then each extra
+    /// column's): the epilogue lowered for those tokens.
+    fn apply_epilogue(&self, b: &mut Builder, ep: &Epilogue, y: ValueId, i0: usize) -> Result<ValueId, PlanError> {
+        let rows = b.ty(y).rows;
+        let at = self.t0.clone().add(Idx::c(i0 as i64));
+        let valid = self.valid.clone().sub(Idx::c(i0 as i64));
+        let mut lw = Lowerer::new(&ep.rule, self.shape, &ep.layout, rows, at, valid);
+        lw.input_elem = self.sched.input;
+        lw.bv = self.sched.bv;
+        lw.reads[0] = Some(columns(b, y, 0, ep.cols));
+        for j in 1..lw.reads.len() {
+            lw.reads[j] = Some(columns(b, y, ep.cols + j - 1, 1));
+        }
+        Ok(lw.tile(b, &ep.expr)?)
     }
 
     /// The state leaving the chunk.

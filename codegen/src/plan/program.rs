@@ -21,7 +21,8 @@ use chunkc_dsl::ast::{Rule, Ty};
 use chunkc_dsl::canon::Canonical;
 
 /// The forward's tensors: the rule's inputs (per-token ones in `input`, per-head ones f32),
-/// the optional initial state `h0`, and the outputs `o` and `hT` (f32).
+/// the optional initial state `h0`, the outputs `o` and `hT` (f32), and each extra state's
+/// optional `<name>0` and output `<name>T` (`[B, H, D]`, f32).
 pub fn forward_tensors(rule: &Rule, input: ElemType) -> Vec<TensorSpec> {
     use Dim::*;
     let mut tensors: Vec<TensorSpec> = rule
@@ -50,6 +51,11 @@ pub fn forward_tensors(rule: &Rule, input: ElemType) -> Vec<TensorSpec> {
     tensors.push(TensorSpec { optional: true, ..f32_tensor("h0", state.clone(), Role::Input) });
     tensors.push(f32_tensor("o", vec![Batch, SeqLen, Heads, V], Role::Output));
     tensors.push(f32_tensor("hT", state, Role::Output));
+    for s in &rule.states {
+        let dims = vec![Batch, Heads, if s.ty == Ty::VecK { K } else { V }];
+        tensors.push(TensorSpec { optional: true, ..f32_tensor(&s.initial_name(), dims.clone(), Role::Input) });
+        tensors.push(f32_tensor(&s.final_name(), dims, Role::Output));
+    }
     tensors
 }
 
@@ -105,6 +111,10 @@ pub fn chunked(rule: &Rule, canon: &Canonical, shape: Shape, sched: Schedule) ->
                 }
             }
             tensors.push(intermediate(BOUNDARY_STATES, vec![Dim::Batch, Dim::Chunks, Dim::Heads, Dim::K, Dim::V]));
+            for col in &canon.columns {
+                let name = chunked::boundary_column(&rule.states[col.state].name);
+                tensors.push(intermediate(&name, vec![Dim::Batch, Dim::Chunks, Dim::Heads, Dim::K]));
+            }
             phases
         }
     };

@@ -3,7 +3,7 @@
 use super::{PlanError, Shape};
 use crate::builder::Builder;
 use crate::ir::*;
-use crate::lower::{state_base_tiled, v_token_base, LVal, Lowerer, ParamLayout};
+use crate::lower::{extra_state_base, state_base_tiled, v_token_base, LVal, Lowerer, ParamLayout};
 use chunkc_dsl::ast::{Rule, Target};
 
 /// Lowers the rule's statements for one token, the state in `lw.state` as it enters; leaves
@@ -16,6 +16,7 @@ pub fn lower_step(b: &mut Builder, lw: &mut Lowerer) -> Result<ValueId, PlanErro
         };
         match &s.target {
             Target::State => lw.state = Some(val),
+            Target::Extra(i) => lw.extras[*i] = Some(val),
             Target::Output => out = Some(val),
             Target::Local(i) => lw.locals[*i] = Some(LVal::Tile(val)),
         }
@@ -37,17 +38,31 @@ pub fn build(rule: &Rule, shape: Shape, input: ElemType, bv: Option<usize>) -> R
     let cols = bv.unwrap_or(v);
     let sbase = state_base_tiled(&shape, bv);
     let h0 = b.load(layout.h0, sbase.clone(), v as i64, 1, k, cols, Idx::c(k as i64));
-    let inner = b.begin_loop(Idx::var(IdxVar::SeqLen), &[h0]);
+    // Extra states ride along as one-row tiles, loop-carried after S.
+    let mut carried = vec![h0];
+    for (s, &(p0, _)) in rule.states.iter().zip(&layout.extras) {
+        let (base, width) = extra_state_base(&shape, s.ty, bv);
+        carried.push(b.load(p0, base, 0, 1, 1, width, Idx::c(1)));
+    }
+    let inner = b.begin_loop(Idx::var(IdxVar::SeqLen), &carried);
     let t = Idx::var(IdxVar::Iter);
     let mut lw = Lowerer::new(rule, shape, &layout, 1, t.clone(), Idx::c(1));
     lw.input_elem = input;
     lw.bv = bv;
     lw.state = Some(inner[0]);
+    for (i, &x) in inner[1..].iter().enumerate() {
+        lw.extras[i] = Some(x);
+    }
     let out = lower_step(&mut b, &mut lw)?;
     let (obase, ostride) = v_token_base(&shape, t, bv);
     b.store(out, layout.o, obase, ostride, 1, Idx::c(1));
-    let state = lw.state.unwrap_or(inner[0]);
-    let last = b.end_loop(&[state]);
+    let mut yields = vec![lw.state.unwrap_or(inner[0])];
+    yields.extend(lw.extras.iter().zip(&inner[1..]).map(|(x, &entering)| x.unwrap_or(entering)));
+    let last = b.end_loop(&yields);
     b.store(last[0], layout.ht, sbase, v as i64, 1, Idx::c(k as i64));
+    for ((s, &(_, pt)), &x) in rule.states.iter().zip(&layout.extras).zip(&last[1..]) {
+        let (base, _) = extra_state_base(&shape, s.ty, bv);
+        b.store(x, pt, base, 0, 1, Idx::c(1));
+    }
     Ok(b.finish())
 }

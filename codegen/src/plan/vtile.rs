@@ -49,8 +49,10 @@ fn canonical_mixes(c: &Canonical) -> Option<&'static str> {
         c.output.extra.as_ref(),
         c.log_gate.as_ref(),
         c.log_vgate.as_ref(),
+        c.output.epilogue.as_ref(),
     ];
-    let pairs = c.writes.iter().chain(&c.low_rank).flat_map(|(a, b)| [a, b]);
+    let columns = c.columns.iter().flat_map(|col| &col.writes);
+    let pairs = c.writes.iter().chain(&c.low_rank).chain(columns).flat_map(|(a, b)| [a, b]);
     out.into_iter().flatten().chain(pairs).find_map(mixes_columns)
 }
 
