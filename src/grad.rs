@@ -1,5 +1,6 @@
-//! `chunkc grad`: the gradient of the loss `L = sum(o * do) + sum(hT * dhT)` with respect to
-//! every input of a rule and `h0`, from tensors by name.
+//! `chunkc grad`: the gradient of the loss `L = sum(o * do) + sum(hT * dhT)` (plus
+//! `sum(<name>T * d<name>T)` for each extra state) with respect to every input of a rule, `h0`
+//! and each extra state's `<name>0`, from tensors by name.
 //!
 //! Backends: the f64 reference differentiated in reverse mode (`chunkc_dsl::gradient`, the
 //! truth the compiled backward is held to), and the compiled recurrent backward program
@@ -118,10 +119,21 @@ pub fn grad(
         Backend::Reference => reference(rule, tensors, dims, opts.scale, false)?,
         Backend::Recurrent | Backend::Chunked => compiled(rule, tensors, dims, opts)?,
     };
+    drop_initial_gradients(rule, tensors, &mut out);
+    Ok(out)
+}
+
+/// Drops the gradient of each initial state the caller did not give (`dh0` without `h0`,
+/// `d<name>0` without `<name>0`): the run started from zeros of no one's choosing.
+fn drop_initial_gradients(rule: &Rule, tensors: &Tensors, out: &mut BTreeMap<String, Tensor>) {
     if !tensors.contains_key("h0") {
         out.remove("dh0");
     }
-    Ok(out)
+    for s in &rule.states {
+        if !tensors.contains_key(&s.initial_name()) {
+            out.remove(&format!("d{}", s.initial_name()));
+        }
+    }
 }
 
 /// The reference gradient with the forward computed in rounded-to-f32 arithmetic
@@ -135,9 +147,7 @@ pub fn reference_f32_forward(
 ) -> Result<BTreeMap<String, Tensor>, Error> {
     let dims = infer_dims(rule, tensors, source)?;
     let mut out = reference(rule, tensors, dims, scale, true)?;
-    if !tensors.contains_key("h0") {
-        out.remove("dh0");
-    }
+    drop_initial_gradients(rule, tensors, &mut out);
     Ok(out)
 }
 
@@ -165,6 +175,11 @@ fn reference(
         out.insert(format!("d{}", inp.name), Tensor::new(dims.input_shape(inp), f32s(d))?);
     }
     out.insert("dh0".to_string(), Tensor::new(dims.state_shape(), f32s(g.dh0))?);
+    for ((s, x), d) in rule.states.iter().zip(g.outputs.extra).zip(g.d_extra0) {
+        let shape = vec![dims.batch, dims.heads, s.width(dims.k, dims.v)];
+        out.insert(s.final_name(), Tensor::new(shape.clone(), f32s(x))?);
+        out.insert(format!("d{}", s.initial_name()), Tensor::new(shape, f32s(d))?);
+    }
     Ok(out)
 }
 

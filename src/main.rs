@@ -1038,6 +1038,9 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
             };
             if no_h0 {
                 tensors.remove("h0");
+                for s in &loaded.rule.states {
+                    tensors.remove(&s.initial_name());
+                }
             }
             chunkc::runtime::io::write_safetensors(&out, &tensors, None)?;
             let names: Vec<String> = tensors.iter().map(|(n, t)| format!("{n} {:?}", t.shape)).collect();

@@ -43,12 +43,18 @@ pub fn check_known_tensors(
     if allow_extra {
         return Ok(());
     }
-    let known = |n: &str| rule.input(n).is_some() || also.contains(&n);
+    // Each extra state's initial tensor, and for the gradient its final cotangent.
+    let mut states: Vec<String> = rule.states.iter().map(|s| s.initial_name()).collect();
+    if command == "grad" {
+        states.extend(rule.states.iter().map(|s| format!("d{}", s.final_name())));
+    }
+    let known = |n: &str| rule.input(n).is_some() || also.contains(&n) || states.iter().any(|s| s == n);
     match tensors.keys().find(|n| !known(n)) {
         None => Ok(()),
         Some(extra) => {
             let mut takes: Vec<&str> = rule.inputs.iter().map(|i| i.name.as_str()).collect();
             takes.extend(also);
+            takes.extend(states.iter().map(String::as_str));
             Err(Error::Input(format!(
                 "tensor `{extra}` in {source} is not one rule `{}` takes for {command} (it takes: {}; --allow-extra ignores the others)",
                 rule.name,
@@ -59,7 +65,7 @@ pub fn check_known_tensors(
 }
 
 /// Reads B, T, H, K and V off the tensors, then checks every tensor the rule reads (and
-/// `h0` when present) against them. `source` names where the tensors came from.
+/// `h0`, each extra state's `<name>0` and `d<name>T` when present) against them. `source` names where the tensors came from.
 pub fn infer_dims(rule: &Rule, tensors: &Tensors, source: &str) -> Result<Dims, Error> {
     let rank_error = |name: &str, label: &str, shape: &[usize]| {
         Error::Input(format!(
@@ -115,6 +121,17 @@ pub fn infer_dims(rule: &Rule, tensors: &Tensors, source: &str) -> Result<Dims, 
     }
     if let Some(h0) = h0 {
         expect_shape("h0", h0, &dims.state_shape(), "[B, H, K, V]")?;
+    }
+    for s in &rule.states {
+        let (label, want) = match s.ty {
+            Ty::VecK => ("[B, H, K]", vec![batch, heads, k]),
+            _ => ("[B, H, V]", vec![batch, heads, v]),
+        };
+        for name in [s.initial_name(), format!("d{}", s.final_name())] {
+            if let Some(t) = tensors.get(&name) {
+                expect_shape(&name, t, &want, label)?;
+            }
+        }
     }
     Ok(dims)
 }

@@ -39,7 +39,8 @@ pub fn tolerance(rule: &Rule, tensor: &str) -> f64 {
     }
 }
 
-/// Random inputs, `h0`, `do` `[B, T, H, V]` and `dhT` `[B, H, K, V]` (standard normal).
+/// Random inputs, `h0`, `do` `[B, T, H, V]` and `dhT` `[B, H, K, V]` (standard normal), and
+/// each extra state's `d<name>T`.
 pub fn random_grad_inputs(rule: &Rule, dims: &Dims, seed: u64) -> crate::runtime::io::Tensors {
     let mut t = random_inputs(rule, dims, seed);
     let mut rng = Rng::new(seed ^ 0xD0D0);
@@ -49,6 +50,9 @@ pub fn random_grad_inputs(rule: &Rule, dims: &Dims, seed: u64) -> crate::runtime
     };
     t.insert("do".into(), normal(dims.output_shape()));
     t.insert("dhT".into(), normal(dims.state_shape()));
+    for s in &rule.states {
+        t.insert(format!("d{}", s.final_name()), normal(vec![dims.batch, dims.heads, s.width(dims.k, dims.v)]));
+    }
     t
 }
 

@@ -168,7 +168,14 @@ impl<'a> Lowerer<'a> {
         loads
     }
 
-    fn input(&mut self, b: &mut Builder, i: usize) -> ValueId {
+    /// Uses `tile` as input `i`'s rows for this block (loaded by another lowering) instead of
+    /// loading them again.
+    pub fn reuse_input(&mut self, i: usize, tile: ValueId) {
+        self.loaded.insert(i, tile);
+    }
+
+    /// Input `i`'s tile for this block, loaded on first use.
+    pub fn input(&mut self, b: &mut Builder, i: usize) -> ValueId {
         if let Some(v) = self.loaded.get(&i) {
             return *v;
         }

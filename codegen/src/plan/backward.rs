@@ -18,12 +18,12 @@
 //! keeps the state as it was, so they change nothing (and produce nothing NaN to multiply
 //! by zero).
 
-use super::chunked::{boundary_base_at, build_phase, ChunkTerms, Phase, BOUNDARY_STATES};
+use super::chunked::{boundary_column, build_phase, Carried, ChunkTerms, Phase, BOUNDARY_STATES};
 use super::{PlanError, ProgramShape, Schedule, Shape};
 use crate::autodiff;
 use crate::builder::Builder;
 use crate::ir::*;
-use crate::lower::{state_base, token_base, Lowerer, ParamLayout};
+use crate::lower::{token_base, Lowerer, ParamLayout};
 use crate::program::{Dim, Program, Role, StaticSizes, TensorSpec};
 use chunkc_dsl::ast::{Rule, Ty};
 use chunkc_dsl::canon::Canonical;
@@ -44,17 +44,27 @@ pub fn chunked(rule: &Rule, canon: &Canonical, shape: Shape, sched: Schedule) ->
         role: Role::Intermediate,
         optional: false,
     });
+    for col in &canon.columns {
+        tensors.push(TensorSpec {
+            name: boundary_column(&rule.states[col.state].name),
+            dims: vec![Dim::Batch, Dim::Chunks, Dim::Heads, Dim::K],
+            elem: ElemType::F32,
+            role: Role::Intermediate,
+            optional: false,
+        });
+    }
     let tensors = with_gradients(rule, tensors)?;
     let forward = build_phase(rule, canon, shape, sched, Phase::FusedWithStates)?;
     let name = format!("{}_grad_chunked_c{c}", rule.name);
+    let carried = Carried { shape, chunk: c, bv: None, columns: canon.columns.iter().map(|x| x.state).collect() };
     let reverse = reverse_pass(
         name.clone(),
         rule,
         shape,
         c,
-        BOUNDARY_STATES,
-        |j| boundary_base_at(&shape, c, None, j),
+        &ChunkBoundaries { rule, carried },
         |b, layout, start, j| {
+            let start = start[0];
             let mut terms = ChunkTerms::new(b, layout, rule, canon, shape, sched, j.clone())?;
             terms.store_outputs = false;
             let r = terms.blocks(b, start, false, Some(layout.o))?;
@@ -67,7 +77,7 @@ pub fn chunked(rule: &Rule, canon: &Canonical, shape: Shape, sched: Schedule) ->
                 .map(|&(i0, o)| (t0.clone().add(Idx::c(i0 as i64)), valid.clone().sub(Idx::c(i0 as i64)), o))
                 .collect();
             let loads = terms.loads.iter().map(|&(i, v)| (i, t0.clone(), valid.clone(), v)).collect();
-            Ok(Recomputed { end, outputs, loads, spans: vec![(t0, valid, c)] })
+            Ok(Recomputed { end: vec![end], outputs, loads, spans: vec![(t0, valid, c)] })
         },
     )?;
     let kernels = vec![forward, reverse];
@@ -108,19 +118,22 @@ pub fn recurrent(rule: &Rule, shape: Shape, input: ElemType, every: usize) -> Re
     Program::new(name, every, sizes, tensors, kernels).map_err(|e| PlanError(format!("internal error: {e}")))
 }
 
-/// The forward's tensors, the cotangents `do` and optional `dhT`, the checkpoints and the
-/// gradients.
+/// The forward's tensors, the cotangents `do` and optional `dhT`, the checkpoints (`S`'s,
+/// then each extra state's) and the gradients.
 fn tensors(rule: &Rule, input: ElemType) -> Result<Vec<TensorSpec>, PlanError> {
     use Dim::*;
     let mut tensors = super::program::forward_tensors(rule, input);
-    tensors.push(TensorSpec {
-        name: CHECKPOINTS.into(),
-        dims: vec![Batch, Chunks, Heads, K, V],
-        elem: ElemType::F32,
-        role: Role::Intermediate,
-        optional: false,
-    });
+    let intermediate = |name: String, dims| TensorSpec { name, dims, elem: ElemType::F32, role: Role::Intermediate, optional: false };
+    tensors.push(intermediate(CHECKPOINTS.into(), vec![Batch, Chunks, Heads, K, V]));
+    for s in &rule.states {
+        tensors.push(intermediate(extra_checkpoints(&s.name), vec![Batch, Chunks, Heads, if s.ty == Ty::VecK { K } else { V }]));
+    }
     with_gradients(rule, tensors)
+}
+
+/// The intermediate holding extra state `name` as it enters every segment.
+fn extra_checkpoints(name: &str) -> String {
+    format!("{CHECKPOINTS}.{name}")
 }
 
 /// `tensors` (a forward program's) with the cotangents `do` and optional `dhT`, and the
@@ -149,25 +162,126 @@ fn with_gradients(rule: &Rule, mut tensors: Vec<TensorSpec>) -> Result<Vec<Tenso
         tensors.push(f32_tensor(name, lead.iter().copied().chain(width).collect(), Role::Output));
     }
     tensors.push(f32_tensor("dh0".into(), vec![Batch, Heads, K, V], Role::Output));
+    for s in &rule.states {
+        let dims = vec![Batch, Heads, if s.ty == Ty::VecK { K } else { V }];
+        let cotangent = f32_tensor(format!("d{}", s.final_name()), dims.clone(), Role::Input);
+        tensors.push(TensorSpec { optional: true, ..cotangent });
+        tensors.push(f32_tensor(format!("d{}", s.initial_name()), dims, Role::Output));
+    }
     Ok(tensors)
 }
 
-/// Index of segment `j`'s checkpoint in `[B, NT, H, K, V]`.
-fn checkpoint_base(shape: &Shape, every: usize, j: Idx) -> Idx {
+/// Index of segment `j`'s checkpoint of a state of `size` elements per head in
+/// `[B, NT, H, ...]`.
+fn checkpoint_base(shape: &Shape, every: usize, j: Idx, size: usize) -> Idx {
     let segments = Idx::var(IdxVar::SeqLen).ceil_div(every as i64);
-    let kv = (shape.k * shape.v) as i64;
     Idx::var(IdxVar::Batch)
         .mul(segments)
         .add(j)
         .mul(Idx::c(shape.heads as i64))
         .add(Idx::var(IdxVar::Head))
-        .mul(Idx::c(kv))
+        .mul(Idx::c(size as i64))
 }
 
-/// One token of the step: the state after it, `o`, and the inputs it loaded (by input
-/// index).
+/// Where a reverse pass finds the states entering each segment, the cotangents of the states
+/// leaving the sequence, and where the gradients of those entering it go. The states are
+/// tiles in an order of the implementor's choosing, the same in all three.
+trait SegmentStates {
+    fn entering(&self, b: &mut Builder, segment: Idx) -> Vec<ValueId>;
+    fn final_cotangents(&self, b: &mut Builder) -> Vec<ValueId>;
+    fn store_initial_gradients(&self, b: &mut Builder, gradients: &[ValueId]);
+}
+
+/// The recurrent program's states: S (K x V) and each extra state (a `[1, D]` tile),
+/// checkpointed every segment.
+struct Checkpoints<'a> {
+    rule: &'a Rule,
+    shape: Shape,
+    every: usize,
+}
+
+impl Checkpoints<'_> {
+    /// (elements per head, rows, columns, row stride) of each state, S first.
+    fn states(&self) -> Vec<(usize, usize, usize, i64)> {
+        let (k, v) = (self.shape.k, self.shape.v);
+        let mut all = vec![(k * v, k, v, v as i64)];
+        all.extend(self.rule.states.iter().map(|s| (s.width(k, v), 1, s.width(k, v), 0)));
+        all
+    }
+
+    /// Index of this grid point's state of `size` elements per head in `[B, H, ...]`.
+    fn head_base(&self, size: usize) -> Idx {
+        Idx::var(IdxVar::Batch)
+            .mul(Idx::c(self.shape.heads as i64))
+            .add(Idx::var(IdxVar::Head))
+            .mul(Idx::c(size as i64))
+    }
+
+    /// A parameter per state, S's named `s_name`, each extra state's `extra(state)`.
+    fn params(
+        &self,
+        b: &mut Builder,
+        access: Access,
+        s_name: &str,
+        extra: impl Fn(&chunkc_dsl::ast::StateDecl) -> String,
+    ) -> Vec<usize> {
+        let names = std::iter::once(s_name.to_string()).chain(self.rule.states.iter().map(extra));
+        names.map(|name| b.param(name, access)).collect()
+    }
+
+    fn load_all(&self, b: &mut Builder, params: &[usize], base: impl Fn(usize) -> Idx) -> Vec<ValueId> {
+        params
+            .iter()
+            .zip(self.states())
+            .map(|(&p, (size, rows, cols, stride))| b.load(p, base(size), stride, 1, rows, cols, Idx::c(rows as i64)))
+            .collect()
+    }
+
+    fn store_all(&self, b: &mut Builder, params: &[usize], xs: &[ValueId], base: impl Fn(usize) -> Idx) {
+        for ((&p, (size, rows, _, stride)), &x) in params.iter().zip(self.states()).zip(xs) {
+            b.store(x, p, base(size), stride, 1, Idx::c(rows as i64));
+        }
+    }
+}
+
+impl SegmentStates for Checkpoints<'_> {
+    fn entering(&self, b: &mut Builder, segment: Idx) -> Vec<ValueId> {
+        let params = self.params(b, Access::Read, CHECKPOINTS, |s| extra_checkpoints(&s.name));
+        self.load_all(b, &params, |size| checkpoint_base(&self.shape, self.every, segment.clone(), size))
+    }
+    fn final_cotangents(&self, b: &mut Builder) -> Vec<ValueId> {
+        let params = self.params(b, Access::Read, "dhT", |s| format!("d{}", s.final_name()));
+        self.load_all(b, &params, |size| self.head_base(size))
+    }
+    fn store_initial_gradients(&self, b: &mut Builder, gradients: &[ValueId]) {
+        let params = self.params(b, Access::Write, "dh0", |s| format!("d{}", s.initial_name()));
+        self.store_all(b, &params, gradients, |size| self.head_base(size));
+    }
+}
+
+/// The chunked program's state: S with the extra columns beside it ([`Carried`]), stored at
+/// every chunk boundary by the forward.
+struct ChunkBoundaries<'a> {
+    rule: &'a Rule,
+    carried: Carried,
+}
+
+impl SegmentStates for ChunkBoundaries<'_> {
+    fn entering(&self, b: &mut Builder, segment: Idx) -> Vec<ValueId> {
+        vec![self.carried.load_boundary(b, self.rule, segment)]
+    }
+    fn final_cotangents(&self, b: &mut Builder) -> Vec<ValueId> {
+        vec![self.carried.load_named(b, self.rule, "dhT", |s| format!("d{}", s.final_name()))]
+    }
+    fn store_initial_gradients(&self, b: &mut Builder, gradients: &[ValueId]) {
+        self.carried.store_named(b, self.rule, gradients[0], "dh0", |s| format!("d{}", s.initial_name()));
+    }
+}
+
+/// One token of the step: the states after it (S, then the extra states), `o`, and the
+/// inputs it loaded (by input index).
 struct Token {
-    state: ValueId,
+    states: Vec<ValueId>,
     o: ValueId,
     loads: Vec<(usize, ValueId)>,
 }
@@ -182,25 +296,31 @@ struct Step<'a> {
 }
 
 impl Step<'_> {
-    /// Token `t` on `state`. A token past T (possible when `may_be_past_end`) replays token
-    /// T - 1 and keeps the state.
-    fn token(&self, b: &mut Builder, state: ValueId, t: Idx, may_be_past_end: bool) -> Result<Token, PlanError> {
+    /// Token `t` on `states` (S, then the extra states). A token past T (possible when
+    /// `may_be_past_end`) replays token T - 1 and keeps the states.
+    fn token(&self, b: &mut Builder, states: &[ValueId], t: Idx, may_be_past_end: bool) -> Result<Token, PlanError> {
         let last = Idx::var(IdxVar::SeqLen).sub(Idx::c(1));
         let mut lw = Lowerer::new(self.rule, self.shape, self.layout, 1, t.clone().min(last), Idx::c(1));
         lw.input_elem = self.input;
-        lw.state = Some(state);
-        let o = super::recurrent::lower_step(b, &mut lw)?;
-        let mut next = lw.state.unwrap_or(state);
-        if may_be_past_end {
-            // Row masks over the whole K x V tile: all rows kept or none.
-            let k = self.shape.k as i64;
-            let before_end = Idx::var(IdxVar::SeqLen).sub(t.clone()).mul(Idx::c(k));
-            let past_end = t.sub(Idx::var(IdxVar::SeqLen)).add(Idx::c(1)).mul(Idx::c(k));
-            let updated = b.mask(next, MaskKind::RowsBefore(before_end), 0.0);
-            let kept = b.mask(state, MaskKind::RowsBefore(past_end), 0.0);
-            next = b.add(updated, kept);
+        lw.state = Some(states[0]);
+        for (slot, &x) in lw.extras.iter_mut().zip(&states[1..]) {
+            *slot = Some(x);
         }
-        Ok(Token { state: next, o, loads: lw.loaded_inputs() })
+        let o = super::recurrent::lower_step(b, &mut lw)?;
+        let mut next = vec![lw.state.unwrap_or(states[0])];
+        next.extend(lw.extras.iter().zip(&states[1..]).map(|(x, &entering)| x.unwrap_or(entering)));
+        if may_be_past_end {
+            // Row masks over each whole state tile: all rows kept or none.
+            for (x, &entering) in next.iter_mut().zip(states) {
+                let rows = b.ty(entering).rows as i64;
+                let before_end = Idx::var(IdxVar::SeqLen).sub(t.clone()).mul(Idx::c(rows));
+                let past_end = t.clone().sub(Idx::var(IdxVar::SeqLen)).add(Idx::c(1)).mul(Idx::c(rows));
+                let updated = b.mask(*x, MaskKind::RowsBefore(before_end), 0.0);
+                let kept = b.mask(entering, MaskKind::RowsBefore(past_end), 0.0);
+                *x = b.add(updated, kept);
+            }
+        }
+        Ok(Token { states: next, o, loads: lw.loaded_inputs() })
     }
 }
 
@@ -214,29 +334,31 @@ fn rows_at(t: &Idx) -> Idx {
     Idx::var(IdxVar::SeqLen).sub(t.clone())
 }
 
-/// The forward phase: `o`, `hT` and the checkpoints.
+/// The forward phase: `o`, the final states and the checkpoints.
 fn forward(rule: &Rule, shape: Shape, input: ElemType, every: usize) -> Result<Kernel, PlanError> {
     let mut b = Builder::new(format!("{}_grad_forward_c{every}", rule.name));
     let layout = ParamLayout::declare(&mut b, rule);
     let step = Step { rule, shape, layout: &layout, input };
-    let checkpoints = b.param(CHECKPOINTS, Access::Write);
-    let (k, v) = (shape.k, shape.v);
-    let sbase = state_base(&shape);
-    let h0 = b.load(layout.h0, sbase.clone(), v as i64, 1, k, v, Idx::c(k as i64));
+    let io = Checkpoints { rule, shape, every };
+    let v = shape.v;
+    let entering: Vec<usize> = std::iter::once(layout.h0).chain(layout.extras.iter().map(|e| e.0)).collect();
+    let inits = io.load_all(&mut b, &entering, |size| io.head_base(size));
     let segments = Idx::var(IdxVar::SeqLen).ceil_div(every as i64);
-    let carried = b.begin_loop(segments, &[h0]);
+    let carried = b.begin_loop(segments, &inits);
     let j = Idx::var(IdxVar::Iter);
-    b.store(carried[0], checkpoints, checkpoint_base(&shape, every, j.clone()), v as i64, 1, Idx::c(k as i64));
-    let mut state = carried[0];
+    let checkpoints = io.params(&mut b, Access::Write, CHECKPOINTS, |s| extra_checkpoints(&s.name));
+    io.store_all(&mut b, &checkpoints, &carried, |size| checkpoint_base(&shape, every, j.clone(), size));
+    let mut states = carried;
     for u in 0..every {
         let t = token_index(every, &j, u);
-        let token = step.token(&mut b, state, t.clone(), u > 0)?;
+        let token = step.token(&mut b, &states, t.clone(), u > 0)?;
         let (obase, ostride) = token_base(&shape, t.clone(), v);
         b.store(token.o, layout.o, obase, ostride, 1, rows_at(&t));
-        state = token.state;
+        states = token.states;
     }
-    let last = b.end_loop(&[state]);
-    b.store(last[0], layout.ht, sbase, v as i64, 1, Idx::c(k as i64));
+    let last = b.end_loop(&states);
+    let leaving: Vec<usize> = std::iter::once(layout.ht).chain(layout.extras.iter().map(|e| e.1)).collect();
+    io.store_all(&mut b, &leaving, &last, |size| io.head_base(size));
     Ok(b.finish())
 }
 
@@ -244,35 +366,27 @@ fn forward(rule: &Rule, shape: Shape, input: ElemType, every: usize) -> Result<K
 /// token by token from its checkpoint.
 fn backward(rule: &Rule, shape: Shape, input: ElemType, every: usize) -> Result<Kernel, PlanError> {
     let name = format!("{}_grad_c{every}", rule.name);
-    reverse_pass(
-        name,
-        rule,
-        shape,
-        every,
-        CHECKPOINTS,
-        |j| checkpoint_base(&shape, every, j),
-        |b, layout, start, j| {
-            let step = Step { rule, shape, layout, input };
-            let mut state = start;
-            let mut seg = Recomputed { end: start, outputs: vec![], loads: vec![], spans: vec![] };
-            for u in 0..every {
-                let t = token_index(every, &j, u);
-                let token = step.token(b, state, t.clone(), u > 0)?;
-                state = token.state;
-                seg.outputs.push((t.clone(), rows_at(&t), token.o));
-                seg.loads.extend(token.loads.iter().map(|&(i, v)| (i, t.clone(), rows_at(&t), v)));
-                seg.spans.push((t.clone(), rows_at(&t), 1));
-            }
-            seg.end = state;
-            Ok(seg)
-        },
-    )
+    reverse_pass(name, rule, shape, every, &Checkpoints { rule, shape, every }, |b, layout, start, j| {
+        let step = Step { rule, shape, layout, input };
+        let mut states = start.to_vec();
+        let mut seg = Recomputed { end: vec![], outputs: vec![], loads: vec![], spans: vec![] };
+        for u in 0..every {
+            let t = token_index(every, &j, u);
+            let token = step.token(b, &states, t.clone(), u > 0)?;
+            states = token.states;
+            seg.outputs.push((t.clone(), rows_at(&t), token.o));
+            seg.loads.extend(token.loads.iter().map(|&(i, v)| (i, t.clone(), rows_at(&t), v)));
+            seg.spans.push((t.clone(), rows_at(&t), 1));
+        }
+        seg.end = states;
+        Ok(seg)
+    })
 }
 
 /// A segment recomputed from its entering state (the region [`reverse_pass`] differentiates).
 struct Recomputed {
-    /// The state leaving the segment.
-    end: ValueId,
+    /// The states leaving the segment (as [`SegmentStates`] orders them).
+    end: Vec<ValueId>,
     /// Output rows: first token, rows that exist, the rows x V value.
     outputs: Vec<(Idx, Idx, ValueId)>,
     /// Inputs loaded: input index, first token, rows that exist, the tile.
@@ -283,52 +397,47 @@ struct Recomputed {
 }
 
 /// A reverse pass over the segments of `every` tokens, last first: each is recomputed by
-/// `recompute` from its entering state (read from `states` at `state_at(segment)`), and the
-/// reverse of that straight-line code carries `dL/dS` from the segment's end to its start,
-/// seeded by `do` at its outputs. Gradients of per-token inputs are stored at their rows;
+/// `recompute` from its entering states (`io`), and the reverse of that straight-line code
+/// carries the states' adjoints from the segment's end to its start, seeded by `do` at its
+/// outputs. Gradients of per-token inputs are stored at their rows;
 /// those of per-head parameters add up over the segments and are stored per batch row.
 fn reverse_pass(
     name: String,
     rule: &Rule,
     shape: Shape,
     every: usize,
-    states: &str,
-    state_at: impl Fn(Idx) -> Idx,
-    recompute: impl FnOnce(&mut Builder, &ParamLayout, ValueId, Idx) -> Result<Recomputed, PlanError>,
+    io: &dyn SegmentStates,
+    recompute: impl FnOnce(&mut Builder, &ParamLayout, &[ValueId], Idx) -> Result<Recomputed, PlanError>,
 ) -> Result<Kernel, PlanError> {
     let mut b = Builder::new(name);
     let layout = ParamLayout::declare(&mut b, rule);
-    let states = b.param(states, Access::Read);
     let d_o = b.param("do", Access::Read);
-    let d_ht = b.param("dhT", Access::Read);
     let grads: Vec<usize> = (0..rule.inputs.len()).map(|i| b.param(gradient_name(rule, i), Access::Write)).collect();
-    let dh0 = b.param("dh0", Access::Write);
     let (k, v, heads) = (shape.k, shape.v, shape.heads as i64);
-    let sbase = state_base(&shape);
     let width = |i: usize| rule.inputs[i].width(k, v);
     let per_head: Vec<usize> = (0..rule.inputs.len()).filter(|&i| rule.inputs[i].per_head).collect();
 
-    let d_state = b.load(d_ht, sbase.clone(), v as i64, 1, k, v, Idx::c(k as i64));
-    let mut inits = vec![d_state];
+    let mut inits = io.final_cotangents(&mut b);
+    let n_states = inits.len();
     inits.extend(per_head.iter().map(|&i| b.constant(0.0, TileTy::f32(1, width(i)))));
     let segments = Idx::var(IdxVar::SeqLen).ceil_div(every as i64);
     let carried = b.begin_loop(segments.clone(), &inits);
     let j = segments.sub(Idx::c(1)).sub(Idx::var(IdxVar::Iter));
 
-    // The segment again, from its entering state: the region to differentiate.
+    // The segment again, from its entering states: the region to differentiate.
     let mark = b.next_value();
-    let start = b.load(states, state_at(j.clone()), v as i64, 1, k, v, Idx::c(k as i64));
-    let seg = recompute(&mut b, &layout, start, j)?;
+    let start = io.entering(&mut b, j.clone());
+    let seg = recompute(&mut b, &layout, &start, j)?;
     let region = b.lets_since(mark);
 
-    let mut seeds = vec![(seg.end, carried[0])];
+    let mut seeds: Vec<(ValueId, ValueId)> = seg.end.iter().copied().zip(carried[..n_states].iter().copied()).collect();
     for (first, valid, o) in &seg.outputs {
         let (obase, ostride) = token_base(&shape, first.clone(), v);
         let rows = b.ty(*o).rows;
         let d_o_rows = b.load(d_o, obase, ostride, 1, rows, v, valid.clone());
         seeds.push((*o, d_o_rows));
     }
-    let mut leaves = vec![start];
+    let mut leaves = start.clone();
     leaves.extend(seg.loads.iter().map(|l| l.3));
     let adjoints = autodiff::reverse(&mut b, &region, &leaves, &seeds)
         .map_err(|e| PlanError(format!("rule `{}`: {e}", rule.name)))?;
@@ -337,8 +446,8 @@ fn reverse_pass(
         None => b.constant(0.0, b.ty(v)),
     };
 
-    let mut yields = vec![adjoint_or_zero(&mut b, start)];
-    let mut sums: Vec<ValueId> = carried[1..].to_vec();
+    let mut yields: Vec<ValueId> = start.iter().map(|&x| adjoint_or_zero(&mut b, x)).collect();
+    let mut sums: Vec<ValueId> = carried[n_states..].to_vec();
     for (i, first, valid, load) in &seg.loads {
         let g = adjoint_or_zero(&mut b, *load);
         if let Some(slot) = per_head.iter().position(|p| p == i) {
@@ -360,8 +469,8 @@ fn reverse_pass(
     }
     yields.extend(sums);
     let results = b.end_loop(&yields);
-    b.store(results[0], dh0, sbase, v as i64, 1, Idx::c(k as i64));
-    for (&i, &sum) in per_head.iter().zip(&results[1..]) {
+    io.store_initial_gradients(&mut b, &results[..n_states]);
+    for (&i, &sum) in per_head.iter().zip(&results[n_states..]) {
         let w = width(i) as i64;
         let row = Idx::var(IdxVar::Batch).mul(Idx::c(heads)).add(Idx::var(IdxVar::Head));
         b.store(sum, grads[i], row.mul(Idx::c(w)), w, 1, Idx::c(1));

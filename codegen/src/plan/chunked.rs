@@ -35,7 +35,7 @@ use super::{PlanError, Schedule, Shape};
 use crate::builder::Builder;
 use crate::ir::*;
 use crate::lower::{extra_state_base, state_base_tiled, token_base, v_offset, v_token_base, Lowerer, ParamLayout};
-use chunkc_dsl::ast::{Expr, Rule, Ty};
+use chunkc_dsl::ast::{Expr, ExprKind, Rule, Ty};
 use chunkc_dsl::canon::{same, Canonical, Read};
 use std::collections::HashMap;
 
@@ -250,6 +250,40 @@ impl Carried {
         }
     }
 
+    /// The carried state from per-head tensors: S's part from `s_name` (`[B, H, K, V]`), each
+    /// column from `name(state)` (`[B, H, K]`).
+    pub(super) fn load_named(
+        &self,
+        b: &mut Builder,
+        rule: &Rule,
+        s_name: &str,
+        name: impl Fn(&chunkc_dsl::ast::StateDecl) -> String,
+    ) -> ValueId {
+        let s = b.param(s_name, Access::Read);
+        let params: Vec<usize> = self.columns.iter().map(|&i| b.param(name(&rule.states[i]), Access::Read)).collect();
+        let (base, k) = (extra_state_base(&self.shape, Ty::VecK, self.bv).0, self.shape.k);
+        self.gather(b, s, state_base_tiled(&self.shape, self.bv), |b, j| {
+            b.load(params[j], base.clone(), 0, 1, 1, k, Idx::c(1))
+        })
+    }
+
+    /// Stores the carried state `x` to per-head tensors named as for [`Carried::load_named`].
+    pub(super) fn store_named(
+        &self,
+        b: &mut Builder,
+        rule: &Rule,
+        x: ValueId,
+        s_name: &str,
+        name: impl Fn(&chunkc_dsl::ast::StateDecl) -> String,
+    ) {
+        let s = b.param(s_name, Access::Write);
+        let params: Vec<usize> = self.columns.iter().map(|&i| b.param(name(&rule.states[i]), Access::Write)).collect();
+        let base = extra_state_base(&self.shape, Ty::VecK, self.bv).0;
+        self.scatter(b, x, s, state_base_tiled(&self.shape, self.bv), |b, j, n| {
+            b.store(n, params[j], base.clone(), 0, 1, Idx::c(1))
+        });
+    }
+
     /// The state entering the sequence (`h0`, each `<name>0`).
     pub(super) fn load_entering(&self, b: &mut Builder, layout: &ParamLayout) -> ValueId {
         let (base, k) = (extra_state_base(&self.shape, Ty::VecK, self.bv).0, self.shape.k);
@@ -302,6 +336,22 @@ impl Carried {
 /// The chunk-boundary tensor of the extra state `name` (`[B, NT, H, K]`), next to `chunk.h`.
 pub fn boundary_column(name: &str) -> String {
     format!("{BOUNDARY_STATES}.{name}")
+}
+
+/// The inputs `e` reads, each once, in order.
+fn inputs_of(e: &Expr) -> Vec<usize> {
+    let mut found = vec![];
+    let mut stack = vec![e];
+    while let Some(x) = stack.pop() {
+        if let ExprKind::Input(i) = x.kind {
+            if !found.contains(&i) {
+                found.push(i);
+            }
+        }
+        stack.extend(x.children());
+    }
+    found.sort();
+    found
 }
 
 /// `parts` (one row count) side by side: their columns in order.
@@ -511,6 +561,13 @@ impl ChunkTerms {
         }
         let coef = canon.output.coef.as_ref().map(|e| pro.tile(b, e, false)).transpose()?;
         let extra = canon.output.extra.as_ref().map(|e| pro.tile(b, e, false)).transpose()?;
+        // The epilogue is lowered block by block from the prologue's input tiles, so that
+        // every input is loaded once and the backward sees every use of it.
+        if let Some(e) = &canon.output.epilogue {
+            for i in inputs_of(e) {
+                pro.lw.input(b, i);
+            }
+        }
 
         let loads = lw.loaded_inputs();
         let gates = g.map(|g| (b.cumsum(g, false), b.cumsum(g, true)));
@@ -794,6 +851,10 @@ impl ChunkTerms {
         let mut lw = Lowerer::new(&ep.rule, self.shape, &ep.layout, rows, at, valid);
         lw.input_elem = self.sched.input;
         lw.bv = self.sched.bv;
+        for &(i, tile) in &self.loads {
+            let tile = if ep.rule.inputs[i].per_head { tile } else { b.rows(tile, i0, rows) };
+            lw.reuse_input(i, tile);
+        }
         lw.reads[0] = Some(columns(b, y, 0, ep.cols));
         for j in 1..lw.reads.len() {
             lw.reads[j] = Some(columns(b, y, ep.cols + j - 1, 1));
