@@ -13,6 +13,11 @@
 //!   product of generalised Householder matrices, `S_t = prod_j (I - beta_j k_j k_j^T)
 //!   (alpha_t S_(t-1)) + ...`, applied here one step at a time as the paper writes it
 //!   (`S <- S - beta_j k_j (k_j^T S) + beta_j k_j v_j^T`), never expanded into low-rank terms.
+//! - `mlstm`: xLSTM's matrix memory (Beck et al. 2024, "xLSTM: Extended Long Short-Term
+//!   Memory", section 2.3): `C_t = f_t C_(t-1) + i_t v_t k_t^T`, `n_t = f_t n_(t-1) + i_t k_t`,
+//!   `h_t = C_t q_t / max(|n_t^T q_t|, 1)` with `k_t` scaled by 1/sqrt(d), `i_t = exp(i~_t)`
+//!   and `f_t = sigmoid(f~_t)`; the normaliser `n` is the rule's second state (`nT` is checked
+//!   too), and the random inputs reach both sides of the max.
 
 mod common;
 
@@ -115,14 +120,77 @@ fn deltaproduct(dims: Dims, t: &chunkc::runtime::io::Tensors, steps: usize) -> (
     })
 }
 
-fn check(name: &str, formula: impl Fn(Dims, &chunkc::runtime::io::Tensors) -> (Vec<f64>, Vec<f64>)) {
+/// xLSTM's mLSTM in the paper's orientation (C is V x K, `C v k^T`); returns `o`, `hT` (C
+/// transposed into chunkc's K x V layout) and `nT`, and counts the tokens whose
+/// normaliser `|n . q|` is below 1 and above it (`sides`).
+fn mlstm(dims: Dims, t: &chunkc::runtime::io::Tensors, sides: &std::cell::Cell<(usize, usize)>) -> Formula {
+    let Dims { batch, seq_len, heads, k: dk, v: dv } = dims;
+    let (q, k, v, fg, ig) = (input(t, "q"), input(t, "k"), input(t, "v"), input(t, "fg"), input(t, "ig"));
+    let (h0, n0) = (input(t, "h0"), input(t, "n0"));
+    let scale = 1.0 / (dk as f64).sqrt();
+    let mut o = vec![0.0; batch * seq_len * heads * dv];
+    let mut ht = vec![0.0; batch * heads * dk * dv];
+    let mut nt = vec![0.0; batch * heads * dk];
+    for b in 0..batch {
+        for h in 0..heads {
+            let at = b * heads + h;
+            // c[j][i]: value row j, key column i.
+            let mut c: Vec<Vec<f64>> = (0..dv).map(|j| (0..dk).map(|i| h0[(at * dk + i) * dv + j]).collect()).collect();
+            let mut n: Vec<f64> = n0[at * dk..][..dk].to_vec();
+            for step in 0..seq_len {
+                let row = (b * seq_len + step) * heads + h;
+                let f = 1.0 / (1.0 + (-fg[row]).exp());
+                let i_gate = ig[row].exp();
+                let kt: Vec<f64> = k[row * dk..][..dk].iter().map(|x| x * scale).collect();
+                let (vt, qt) = (&v[row * dv..][..dv], &q[row * dk..][..dk]);
+                for j in 0..dv {
+                    for i in 0..dk {
+                        c[j][i] = f * c[j][i] + i_gate * vt[j] * kt[i];
+                    }
+                }
+                for i in 0..dk {
+                    n[i] = f * n[i] + i_gate * kt[i];
+                }
+                let nq: f64 = (0..dk).map(|i| n[i] * qt[i]).sum();
+                let (below, above) = sides.get();
+                sides.set(if nq.abs() < 1.0 { (below + 1, above) } else { (below, above + 1) });
+                let denominator = nq.abs().max(1.0);
+                for j in 0..dv {
+                    o[row * dv + j] = (0..dk).map(|i| c[j][i] * qt[i]).sum::<f64>() / denominator;
+                }
+            }
+            for i in 0..dk {
+                for j in 0..dv {
+                    ht[(at * dk + i) * dv + j] = c[j][i];
+                }
+            }
+            nt[at * dk..][..dk].copy_from_slice(&n);
+        }
+    }
+    Formula { o, ht, states: vec![("nT", nt)] }
+}
+
+/// What a formula gives: `o`, `hT` and the extra states' final values by tensor name.
+struct Formula {
+    o: Vec<f64>,
+    ht: Vec<f64>,
+    states: Vec<(&'static str, Vec<f64>)>,
+}
+
+impl From<(Vec<f64>, Vec<f64>)> for Formula {
+    fn from((o, ht): (Vec<f64>, Vec<f64>)) -> Formula {
+        Formula { o, ht, states: vec![] }
+    }
+}
+
+fn check<F: Into<Formula>>(name: &str, formula: impl Fn(Dims, &chunkc::runtime::io::Tensors) -> F) {
     let loaded = chunkc::load_rule(&root().join("rules").join(format!("{name}.toml"))).expect("rule loads");
     assert!(loaded.canonical.is_ok(), "{name} has a chunked kernel");
     let mut failures = vec![];
     for (seq_len, seed) in [(1, 1), (37, 2), (130, 3)] {
         let dims = Dims { batch: 2, seq_len, heads: 2, k: 24, v: 40 };
         let inputs = random_inputs(&loaded.rule, &dims, seed);
-        let (want_o, want_ht) = formula(dims, &inputs);
+        let want: Formula = formula(dims, &inputs).into();
         let runs = [(Backend::Recurrent, Schedule::recurrent())]
             .into_iter()
             .chain([16, 32, 64, 128].map(|c| (Backend::Chunked, Schedule::chunked(c))));
@@ -131,11 +199,15 @@ fn check(name: &str, formula: impl Fn(Dims, &chunkc::runtime::io::Tensors) -> (V
             let out = run(&loaded.rule, &inputs, "random inputs", &opts).unwrap_or_else(|e| panic!("{name}: {e}"));
             let o: Vec<f64> = out.o().data.iter().map(|&x| x as f64).collect();
             let ht: Vec<f64> = out.get("hT").expect("hT").data.iter().map(|&x| x as f64).collect();
-            let (eo, eh) = (rel_rms(&o, &want_o), rel_rms(&ht, &want_ht));
-            println!("{name} {} chunk {} T={seq_len}: o {eo:.2e}, hT {eh:.2e}", backend.name(), schedule.chunk);
+            let (eo, mut eh) = (rel_rms(&o, &want.o), rel_rms(&ht, &want.ht));
+            for (state, value) in &want.states {
+                let got: Vec<f64> = out.get(state).expect("final state").data.iter().map(|&x| x as f64).collect();
+                eh = eh.max(rel_rms(&got, value));
+            }
+            println!("{name} {} chunk {} T={seq_len}: o {eo:.2e}, states {eh:.2e}", backend.name(), schedule.chunk);
             if !(eo <= TOLERANCE && eh <= TOLERANCE) {
                 failures.push(format!(
-                    "{} chunk {} T={seq_len}: o {eo:.2e}, hT {eh:.2e}",
+                    "{} chunk {} T={seq_len}: o {eo:.2e}, states {eh:.2e}",
                     backend.name(),
                     schedule.chunk
                 ));
@@ -158,4 +230,13 @@ fn gla_two_sided_matches_the_outer_product_gate_formula() {
 #[test]
 fn deltaproduct_matches_the_householder_product_formula() {
     check("deltaproduct", |dims, t| deltaproduct(dims, t, 2));
+}
+
+#[test]
+fn mlstm_matches_the_xlstm_formula() {
+    let sides = std::cell::Cell::new((0, 0));
+    check("mlstm", |dims, t| mlstm(dims, t, &sides));
+    let (below, above) = sides.get();
+    println!("mlstm tokens with |n . q| below 1: {below}, above: {above}");
+    assert!(below > 0 && above > 0, "the inputs reach one side of max(|n . q|, 1) only ({below} below, {above} above)");
 }

@@ -176,6 +176,19 @@ struct LinearSpec {
     /// With `delta`: further Householder steps per token (DeltaProduct), each with its own
     /// unit key, beta and value: the transition's rank is 1 + this.
     extra_steps: usize,
+    /// A function of the output's reads on top.
+    epilogue: Epilogue,
+}
+
+/// An output epilogue: a state-free function of the state's reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Epilogue {
+    None,
+    /// `r = <the linear output>`, `o = r / sqrt(1 + dot(r, r))`.
+    Norm,
+    /// xLSTM's normaliser: a `[K]` state `n` under S's own transition (every gate step and
+    /// Householder step mirrored), `o = <the linear output> / max(abs(dot(n, q)), 1)`.
+    Normaliser,
 }
 
 /// Non-linear ingredients (each makes the rule not chunkable).
@@ -183,8 +196,6 @@ struct LinearSpec {
 enum NonLinear {
     /// `n = dot(S @ v, S @ v)`, `S = S / (1 + sqrt(n))` after the update.
     NormByRead,
-    /// `o = S^T @ q / sqrt(1 + dot(S^T @ q, S^T @ q))`.
-    OutputNorm,
     /// `S = exp(g) * S + outer(k, beta * (v - sigmoid(S^T @ k)))`.
     SigmoidDelta,
     /// `m = S @ v`, `S = S * (0.5 + 0.5 * sigmoid(-dot(m, m)))` after the update.
@@ -230,6 +241,8 @@ struct Text {
     locals: Vec<String>,
     /// What follows `S` in a gated update (` * exp(gd)` for a two-sided gate).
     after_state: String,
+    /// `[states]` entries beside S.
+    states: Vec<(String, String)>,
 }
 
 impl Text {
@@ -372,6 +385,12 @@ impl Text {
         for (n, d) in &self.inputs {
             s.push_str(&format!("{n} = {d}\n"));
         }
+        if !self.states.is_empty() {
+            s.push_str("\n[states]\n");
+            for (n, d) in &self.states {
+                s.push_str(&format!("{n} = {d}\n"));
+            }
+        }
         s
     }
 }
@@ -402,11 +421,16 @@ fn render_linear(spec: &LinearSpec) -> String {
     }
     let mut update = vec![];
     let after = t.after_state.clone();
+    // The normaliser's updates: S's transition, its own writes.
+    let normaliser = spec.epilogue == Epilogue::Normaliser;
+    let mut n_update = vec![];
     if spec.delta {
         if let Some(g) = &gate {
             update.push(format!("S = {g} * S{after}"));
+            n_update.push(format!("n = {g} * n"));
         }
         let beta = t.beta(spec.beta_sigmoid);
+        n_update.push(format!("n = n + {key} * ({beta} * (1 - dot({key}, n)))"));
         let inner = if spec.affine { format!("0.5 - S^T @ {key} + {value}") } else { format!("{value} - S^T @ {key}") };
         let mut terms = vec![format!("S"), format!("outer({key}, {beta} * ({inner}))")];
         terms.extend(writes);
@@ -416,8 +440,19 @@ fn render_linear(spec: &LinearSpec) -> String {
             let bj = t.input(&format!("hb{j}"), r#"{ shape = "scalar", domain = "unit" }"#);
             let vj = t.input(&format!("hv{j}"), r#""[V]""#);
             update.push(format!("S = S + outer({kj}, {bj} * ({vj} - S^T @ {kj}))"));
+            n_update.push(format!("n = n + {kj} * ({bj} * (1 - dot({kj}, n)))"));
         }
     } else {
+        // Small writes keep `n` (and the terms of `dot(n, q)`) of order 1 over 254 ungated
+        // tokens: with a key-sized write the dot of a grown n cancels to a few units, and its
+        // f32 rounding (1e-7 of a sum of terms in the thousands) is the divisor's relative
+        // error, 3e-5 (`S + outer(silu(k), v)`, `n + silu(k)`, T = 254: a legitimate f32
+        // difference the generator must not draw, as in `NormByRead`).
+        let write = if needs_key { format!("0.01 * {key}") } else { "0.005".into() };
+        n_update.push(match &gate {
+            Some(g) => format!("n = {g} * n + {write}"),
+            None => format!("n = n + {write}"),
+        });
         match (&gate, spec.split) {
             (Some(g), true) if spec.decay_after => {
                 update.push(format!("S = S + {}", writes.join(" + ")));
@@ -460,14 +495,22 @@ fn render_linear(spec: &LinearSpec) -> String {
         let z = t.input("z", r#""[V]""#);
         out = format!("({out}) * sigmoid({z})");
     }
-    let o = format!("o = {out}");
+    let o = match spec.epilogue {
+        Epilogue::None => vec![format!("o = {out}")],
+        Epilogue::Norm => vec![format!("r = {out}"), "o = r / sqrt(1 + dot(r, r))".into()],
+        Epilogue::Normaliser => vec![format!("o = ({out}) / max(abs(dot(n, {query})), 1)")],
+    };
+    if normaliser {
+        update.extend(n_update);
+        t.states.push(("n".into(), r#""[K]""#.into()));
+    }
     let mut stmts = vec![];
     if spec.read_before {
-        stmts.push(o);
+        stmts.extend(o);
         stmts.extend(update);
     } else {
         stmts.extend(update);
-        stmts.push(o);
+        stmts.extend(o);
     }
     t.finish("random_linear", &stmts)
 }
@@ -479,7 +522,7 @@ fn render_nonlinear(spec: &NonLinearSpec) -> String {
     let query = t.query(Pro::Plain);
     let out = format!("o = scale * S^T @ {query}");
     let mut stmts = vec![];
-    if spec.read_before && spec.kind != NonLinear::OutputNorm {
+    if spec.read_before {
         stmts.push(out.clone());
     }
     match spec.kind {
@@ -517,10 +560,7 @@ fn render_nonlinear(spec: &NonLinearSpec) -> String {
         }
         _ => {}
     }
-    if spec.kind == NonLinear::OutputNorm {
-        stmts.push(format!("r = S^T @ {query}"));
-        stmts.push("o = r / sqrt(1 + dot(r, r))".into());
-    } else if !spec.read_before {
+    if !spec.read_before {
         stmts.push(out);
     }
     t.finish("random_nonlinear", &stmts)
@@ -529,7 +569,7 @@ fn render_nonlinear(spec: &NonLinearSpec) -> String {
 // ---------------------------------------------------------------------------------------
 // Strategies.
 
-fn linear_spec() -> impl Strategy<Value = LinearSpec> {
+fn linear_rule() -> impl Strategy<Value = LinearSpec> {
     let writes = prop_oneof![Just(Write::KV), Just(Write::K2BetaV), Just(Write::OneMinusGk)];
     (
         select(GATES.to_vec()),
@@ -581,14 +621,26 @@ fn linear_spec() -> impl Strategy<Value = LinearSpec> {
                     out_gate: og,
                     affine,
                     extra_steps: if delta { extra_steps } else { 0 },
+                    epilogue: Epilogue::None,
                 }
             },
         )
 }
 
+/// [`linear_rule`] with an output epilogue drawn too (the f32 properties): drawn after the
+/// rule, so the tensor-core properties, which draw [`linear_rule`] alone, keep their cases.
+fn linear_spec() -> impl Strategy<Value = LinearSpec> {
+    let epilogue = prop_oneof![4 => Just(Epilogue::None), 1 => Just(Epilogue::Norm), 2 => Just(Epilogue::Normaliser)];
+    (linear_rule(), epilogue).prop_map(|(spec, epilogue)| {
+        // An extra state next to a value-side gate is not chunked (yet).
+        let epilogue = if epilogue == Epilogue::Normaliser && spec.gate.value_side() { Epilogue::Norm } else { epilogue };
+        LinearSpec { epilogue, ..spec }
+    })
+}
+
 fn nonlinear_spec() -> impl Strategy<Value = NonLinearSpec> {
     (
-        select(vec![NonLinear::NormByRead, NonLinear::OutputNorm, NonLinear::SigmoidDelta, NonLinear::SigmoidScale]),
+        select(vec![NonLinear::NormByRead, NonLinear::SigmoidDelta, NonLinear::SigmoidScale]),
         select(vec![Gate::None, Gate::Scalar, Gate::Channel, Gate::FixedHead]),
         select(PROS.to_vec()),
         any::<bool>(),
@@ -670,7 +722,8 @@ fn compare(
     let schedule = o.schedule;
     let out = run(rule, inputs, "random inputs", &Options { engine: on.engine, ..o })
         .map_err(|e| format!("{label} {schedule} failed: {e}"))?;
-    let (eo, eh) = (rel_rms(&out.o().data, &reference.o().data), rel_rms(&out.ht().data, &reference.ht().data));
+    let eo = rel_rms(&out.o().data, &reference.o().data);
+    let eh = out.state_error(rule, reference).map_err(|e| e.to_string())?;
     let tol = tolerance(on.engine, &schedule);
     if !schedule.is_f32() {
         println!("{label} {schedule} {}: rel RMS o {eo:.3e}, hT {eh:.3e}", schedule.precision());
@@ -938,9 +991,12 @@ fn random_linear_rules_agree_with_the_reference_with_tf32_dots() {
 /// shows (the regression seed's case `+ 0.01` and `o = (...) + 0.1`, T = 2, K = 15, V = 13:
 /// o 1.47e-3 at tf32, 1.1e-7 with f32 dots). That is the tensor cores' arithmetic, as in
 /// [`TF32_FRESH_SEEDS`]; the affine forms are held to the f32 budget on the CPU and in the
-/// simulator's f32 kernels.
+/// simulator's f32 kernels. Nor do they draw output epilogues ([`linear_spec`]): drawing one
+/// shifted the regression seed's cases onto a plain rule past the tf32 budget (`exp(A) S +
+/// outer(k2, beta l2norm(v))`, `o = scale S^T sigmoid(q)`, T = 3, K = 13, V = 11, chunk 16:
+/// o 1.99e-3), the same one-pass tf32 precision as above; epilogues run in f32 there.
 fn tensor_core_spec() -> impl Strategy<Value = LinearSpec> {
-    linear_spec().prop_map(|spec| LinearSpec { affine: false, ..spec })
+    linear_rule().prop_map(|spec| LinearSpec { affine: false, ..spec })
 }
 
 /// Whether the tf32 property draws fresh seeds in CI: not yet. A fresh seed found a rule past

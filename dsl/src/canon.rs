@@ -390,6 +390,27 @@ fn column(rule: &Rule, s: &LinMat, i: usize, u: Sym, span: Span) -> Result<Colum
     Ok(Column { state: i, writes })
 }
 
+/// `(c, y)` with `x = c * y`, `c` the product of `x`'s scalar factors (None: 1) and `y` the
+/// vector they scale.
+pub fn scalar_factor(x: &Expr) -> (Option<Expr>, Expr) {
+    let times = |f: Option<Expr>, g: Expr| Some(f.map_or_else(|| g.clone(), |f| mul(&g, &f, x.span)));
+    match &x.kind {
+        ExprKind::Binary(BinaryOp::Mul, a, b) if a.ty == Ty::Scalar && b.ty != Ty::Scalar => {
+            let (f, y) = scalar_factor(b);
+            (times(f, (**a).clone()), y)
+        }
+        ExprKind::Binary(BinaryOp::Mul, a, b) if b.ty == Ty::Scalar && a.ty != Ty::Scalar => {
+            let (f, y) = scalar_factor(a);
+            (times(f, (**b).clone()), y)
+        }
+        ExprKind::Unary(UnaryOp::Neg, a) if a.ty != Ty::Scalar => {
+            let (f, y) = scalar_factor(a);
+            (times(f, num(-1.0, x.span)), y)
+        }
+        _ => (None, x.clone()),
+    }
+}
+
 /// One read of a state in an output epilogue: which version, through which query.
 #[derive(Clone, Debug)]
 struct ReadSite {
@@ -610,8 +631,12 @@ impl Cx<'_> {
         let mut sites = vec![];
         let mut sum: Option<Expr> = v.free;
         for (coef, query) in groups {
+            // `S^T (scale q)` and `n . q` read through one query: a scalar factor of the
+            // query moves into the epilogue.
+            let (factor, query) = scalar_factor(&query);
             sites.push(ReadSite { version: v.version, query, span });
-            let term = coef.map_or_else(|| placeholder.clone(), |c| mul(&c, &placeholder, span));
+            let read = factor.map_or_else(|| placeholder.clone(), |f| mul(&f, &placeholder, span));
+            let term = coef.map_or_else(|| read.clone(), |c| mul(&c, &read, span));
             sum = Some(match sum {
                 Some(s) => add(&term, &s, span),
                 None => term,
@@ -695,8 +720,30 @@ fn log_simplified(rule: &Rule, w: &Expr) -> Option<Expr> {
     }
 }
 
+/// A column state's read scaled into a `[K]` vector, `sum_r a_r (n . x_r) + free`, is the
+/// column's own linear map: low-rank terms `a_r x_r^T` and the write `(free, 1)`.
+fn column_map(v: LinVec) -> Option<LinMat> {
+    if v.of == Of::S || !v.terms.iter().all(|(c, _)| c.as_ref().is_some_and(|c| c.ty == Ty::VecK)) {
+        return None;
+    }
+    let low_rank = v.terms.into_iter().filter_map(|(c, x)| c.map(|c| (c, x))).collect();
+    let writes = v.free.map(|f| (f.clone(), num(1.0, f.span))).into_iter().collect();
+    Some(LinMat { of: v.of, version: v.version, w: None, low_rank, vside: None, writes })
+}
+
 /// Sum of two symbolic values of the same type.
 fn add_sym(x: Sym, y: Sym, sp: Span) -> Sym {
+    let as_map = |s: Sym| match s {
+        Sym::Vec(v) if v.of != Of::S => match column_map(v.clone()) {
+            Some(m) => Sym::Mat(m),
+            None => Sym::Vec(v),
+        },
+        s => s,
+    };
+    let (x, y) = match (x, y) {
+        (m @ Sym::Mat(_), v @ Sym::Vec(_)) | (v @ Sym::Vec(_), m @ Sym::Mat(_)) => (m, as_map(v)),
+        xy => xy,
+    };
     match (x, y) {
         (Sym::Mat(a), Sym::Mat(b)) => {
             if a.has_state() && b.has_state() && a.of != b.of {

@@ -80,12 +80,16 @@ fn reasons_for_not_chunking() {
         ("o = S^T @ q\nS = S + outer(k, v) + outer(k, gv * (S^T @ q))", "scaled by different [V] vectors"),
         ("S = outer(k * k, gv) * S + outer(k, v)\no = S^T @ q", "gates each entry of the state by a [K, V] matrix"),
         ("S = S * outer(k, gv) + outer(k, v)\no = S^T @ q", "gates each entry of the state by a [K, V] matrix"),
-        ("S = S + outer(k, v)\no = max(S^T @ q, gv)", "max(...) of a value that depends on the state"),
-        ("S = S + outer(k, v)\no = relu(S^T @ q) + gv", "max(...) of a value that depends on the state"),
-        ("S = S + outer(k, v)\no = tanh(S^T @ q) + gv", "tanh(...) of a value that depends on the state"),
-        ("S = S + outer(k, v)\no = (S^T @ q > 0) * gv", "the comparison `>` of a value that depends on the state"),
-        ("S = S + outer(k, v)\no = where(S^T @ q > 0, gv, v)", "the comparison `>`"),
-        ("S = S + outer(k, v)\ny = S^T @ q\no = where(y, gv, v)", "a `where` whose condition depends on the state"),
+        ("S = max(S, 0) + outer(k, v)\no = S^T @ q", "max(...) of a value that depends on the state"),
+        ("S = relu(S) + outer(k, v)\no = S^T @ q", "max(...) of a value that depends on the state"),
+        ("S = tanh(S) + outer(k, v)\no = S^T @ q", "tanh(...) of a value that depends on the state"),
+        ("S = (S > 0) * S + outer(k, v)\no = S^T @ q", "the comparison `>` of a value that depends on the state"),
+        ("S = where(S > 0, S, 2 * S) + outer(k, v)\no = S^T @ q", "the comparison `>`"),
+        ("S = where(S, S, 0) + outer(k, v)\no = S^T @ q", "a `where` whose condition depends on the state"),
+        ("S = S + outer(k, v)\no = (S^T @ q) * (S^T @ k)", "product of two values that both depend on the state"),
+        ("S = S + outer(k, v)\no = (S^T @ q) / max(abs(dot(q, S @ v)), 1)", "S @ y gives a [K] vector"),
+        ("S = S + outer(k, v)\no = tanh(S^T @ q) + S^T @ k", "two different vectors (`q` and `k`)"),
+        ("y = S^T @ q\nS = S + outer(k, v)\no = tanh(y) + S^T @ q", "one state before its update and another after"),
     ];
     for (step, why) in cases {
         let r = parse(step, io);
@@ -363,4 +367,81 @@ fn every_refusal_states_its_reason_at_its_expression() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// A state-free function of the state's reads is an output epilogue: the chunked kernels form
+/// the reads exactly and apply it (xLSTM's normaliser, a nonlinearity on the read).
+#[test]
+fn functions_of_state_reads_are_output_epilogues() {
+    let io = "q = \"[K]\"\nk = \"[K]\"\nv = \"[V]\"\ngv = \"[V]\"";
+    let cases = [
+        ("S = S + outer(k, v)\no = max(S^T @ q, gv)", "max((S^T q), gv)"),
+        ("S = S + outer(k, v)\no = tanh(2 * (S^T @ q)) + gv", "tanh(2 * (S^T q)) + gv"),
+        ("S = S + outer(k, v)\ny = S^T @ q\no = where(y > 0, gv, v)", "where((S^T q) > 0, gv, v)"),
+        ("S = S + outer(k, v)\no = (S^T @ q) / max(abs(sum(S^T @ q)), 1)", "(S^T q) / max(abs(sum((S^T q))), 1)"),
+    ];
+    for (step, want) in cases {
+        let r = parse(step, io);
+        let c = canonicalize(&r).unwrap_or_else(|e| panic!("{step}: {}", e.reason));
+        let e = c.output.epilogue.as_ref().unwrap_or_else(|| panic!("{step}: no epilogue"));
+        assert_eq!(print_expr(&r, e), want, "{step}");
+        assert_eq!(print_expr(&r, &c.output.query), "q");
+        assert!(c.output.coef.is_none() && c.output.extra.is_none());
+    }
+    // A plain linear read keeps the linear form.
+    let r = parse("S = S + outer(k, v)\no = gv * (S^T @ q) + v", io);
+    assert!(canonicalize(&r).expect("linear").output.epilogue.is_none());
+}
+
+fn parse_with_states(step: &str, inputs: &str, states: &str) -> chunkc_dsl::ast::Rule {
+    let src = format!("name = \"t\"\nstep = \"\"\"\n{step}\n\"\"\"\n\n[inputs]\n{inputs}\n\n[states]\n{states}\n");
+    chunkc_dsl::parse_rule("t.toml", &src).unwrap_or_else(|d| panic!("{d}"))
+}
+
+/// A [K] state moved by S's own transition is one more column of S, its writes scalar
+/// values; any other extra state keeps the recurrent kernel, with the reason.
+#[test]
+fn extra_states_are_columns_of_s() {
+    let io = "q = \"[K]\"\nk = \"[K]\"\nv = \"[V]\"\ng = \"scalar\"\ngk = \"[K]\"\ngv = \"[V]\"\nb = \"scalar\"";
+    let r = parse_with_states(
+        "S = exp(g) * S + outer(b * k, v)\nn = exp(g) * n + b * k + 2\no = (S^T @ q) / max(abs(dot(n, q)), 1)",
+        io,
+        "n = \"[K]\"",
+    );
+    let c = canonicalize(&r).expect("chunkable");
+    assert_eq!(c.columns.len(), 1);
+    let col = &c.columns[0];
+    let written: Vec<(String, String)> = col.writes.iter().map(|(k, x)| (print_expr(&r, k), print_expr(&r, x))).collect();
+    assert_eq!(written, [("b * k".to_string(), "1".to_string()), ("1".to_string(), "2".to_string())]);
+    assert!(col.writes.iter().all(|(k, x)| k.ty == Ty::VecK && x.ty == Ty::Scalar));
+    assert_eq!(print_expr(&r, c.output.epilogue.as_ref().expect("epilogue")), "(S^T q) / max(abs(dot(n, q)), 1)");
+
+    // Gated per key channel, and a delta rule with the normaliser under the same transition.
+    let r = parse_with_states(
+        "S = exp(gk) * S + outer(k, v)\nn = exp(gk) * n + k\no = S^T @ q + dot(n, q)",
+        io,
+        "n = \"[K]\"",
+    );
+    assert_eq!(canonicalize(&r).expect("gated").columns.len(), 1);
+    let r = parse_with_states(
+        "S = S - b * outer(k, S^T @ k) + b * outer(k, v)\nn = n - b * k * dot(k, n) + b * k\no = S^T @ q / max(dot(n, q), 1)",
+        io,
+        "n = \"[K]\"",
+    );
+    assert_eq!(canonicalize(&r).expect("delta").class, Class::Delta { rank: 1, vector_gate: false });
+
+    let refused = [
+        ("S = exp(g) * S + outer(k, v)\nn = n + k\no = S^T @ q + dot(n, q)", "n = \"[K]\"", "not updated by S's transition"),
+        ("S = exp(g) * S + outer(k, v)\nm = exp(g) * m + v\no = S^T @ q + m", "m = \"[V]\"", "the [V] state `m` is not chunked"),
+        ("S = S * exp(gv) + outer(k, v)\nn = n + k\no = S^T @ q + dot(n, q)", "n = \"[K]\"", "next to a value-side gate"),
+        ("S = S + outer(k, v * dot(n, q))\nn = n + k\no = S^T @ q", "n = \"[K]\"", "states that feed each other"),
+        ("S = S + outer(k, v)\nn = n + k\no = S^T @ q + dot(n, k)", "n = \"[K]\"", "two different vectors"),
+        ("S = S + outer(k, v)\nn = n * dot(n, q) + k\no = S^T @ q", "n = \"[K]\"", "product of two values that both depend"),
+    ];
+    for (step, states, why) in refused {
+        let r = parse_with_states(step, io, states);
+        let e = canonicalize(&r).expect_err(step);
+        assert!(e.reason.contains(why), "{step}: got `{}`", e.reason);
+        assert!(e.span.end <= r.source.len() && e.span.start < e.span.end, "{step}: span {:?}", e.span);
+    }
 }

@@ -36,7 +36,7 @@ use crate::builder::Builder;
 use crate::ir::*;
 use crate::lower::{extra_state_base, state_base_tiled, token_base, v_offset, v_token_base, Lowerer, ParamLayout};
 use chunkc_dsl::ast::{Expr, ExprKind, Rule, Ty};
-use chunkc_dsl::canon::{same, Canonical, Read};
+use chunkc_dsl::canon::{mul, same, scalar_factor, Canonical, Read};
 use std::collections::HashMap;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -149,13 +149,6 @@ pub fn build_phase(
     let layout = ParamLayout::declare(&mut b, rule);
     let n_chunks = Idx::var(IdxVar::SeqLen).ceil_div(c as i64);
     let split = !matches!(phase, Phase::Fused | Phase::FusedWithStates);
-    if !canon.columns.is_empty() && !canon.low_rank.is_empty() && split {
-        return Err(PlanError(
-            "extra states next to a low-rank transition are carried by the fused chunked program only (the \
-             split program's UT factors do not take extra columns yet)"
-                .into(),
-        ));
-    }
     let carried = Carried { shape, chunk: c, bv: sched.bv, columns: canon.columns.iter().map(|x| x.state).collect() };
     match phase {
         Phase::Fused | Phase::States | Phase::FusedWithStates => {
@@ -333,6 +326,12 @@ impl Carried {
     }
 }
 
+/// The column of the UT factor `factor` (`chunk.u`, ...) for the extra state `name`
+/// (`[B, T, H]`): the factor's value columns run on into the state's column.
+pub fn factor_column(factor: &str, name: &str) -> String {
+    format!("{factor}.{name}")
+}
+
 /// The chunk-boundary tensor of the extra state `name` (`[B, NT, H, K]`), next to `chunk.h`.
 pub fn boundary_column(name: &str) -> String {
     format!("{BOUNDARY_STATES}.{name}")
@@ -424,6 +423,8 @@ pub(super) struct ChunkTerms {
     pub(super) outputs: Vec<(usize, ValueId)>,
     /// Whether output blocks are stored (else only collected in `outputs`).
     pub(super) store_outputs: bool,
+    /// The extra states carried as columns after S's, by name.
+    columns: Vec<String>,
     /// The output as a function of the state reads (`Output::epilogue`), with what lowering
     /// it block by block needs; the value side is then `cols` columns of S followed by one
     /// per extra column.
@@ -506,17 +507,28 @@ impl ChunkTerms {
         // key as one more value column, or stands alone with zeros in S's columns.
         let ncols = canon.columns.len();
         let cols = sched.bv.unwrap_or(shape.v);
-        let mut joined: Vec<Vec<Option<&Expr>>> = vec![vec![None; ncols]; canon.writes.len()];
+        // A key that is S's times a scalar joins too, the scalar moved into the value
+        // (`beta k` beside S's `k`): a write folded into a low-rank solve must stay in it, or
+        // the column's pseudo-values cancel in f32 as S's would.
+        let mut joined: Vec<Vec<Option<Expr>>> = vec![vec![None; ncols]; canon.writes.len()];
         let mut alone: Vec<(&Expr, usize, &Expr)> = vec![];
         for (j, col) in canon.columns.iter().enumerate() {
             for (kw, value) in &col.writes {
-                match canon.writes.iter().position(|(k, _)| same(k, kw)).filter(|&w| joined[w][j].is_none()) {
-                    Some(w) => joined[w][j] = Some(value),
+                let free = |w: &usize| joined[*w][j].is_none();
+                let exact = canon.writes.iter().position(|(k, _)| same(k, kw)).filter(free);
+                let scaled = || {
+                    let (factor, core) = scalar_factor(kw);
+                    let factor = factor?;
+                    let w = canon.writes.iter().position(|(k, _)| same(k, &core)).filter(free)?;
+                    Some((w, mul(value, &factor, value.span)))
+                };
+                match exact.map(|w| (w, value.clone())).or_else(scaled) {
+                    Some((w, v)) => joined[w][j] = Some(v),
                     None => alone.push((kw, j, value)),
                 }
             }
         }
-        let widened = |b: &mut Builder, pro: &mut Prologue, s_part: ValueId, extra: &[Option<&Expr>]| {
+        let widened = |b: &mut Builder, pro: &mut Prologue, s_part: ValueId, extra: &[Option<Expr>]| {
             if extra.is_empty() {
                 return Ok::<_, PlanError>(s_part);
             }
@@ -541,7 +553,7 @@ impl ChunkTerms {
         }
         for (kw, j, value) in alone {
             let mut extra = vec![None; ncols];
-            extra[j] = Some(value);
+            extra[j] = Some(value.clone());
             let zeros = b.constant(0.0, TileTy::f32(c, cols));
             let vw = widened(b, &mut pro, zeros, &extra)?;
             writes.push((pro.tile(b, kw, true)?, vw));
@@ -600,6 +612,7 @@ impl ChunkTerms {
             loads,
             outputs: vec![],
             store_outputs: true,
+            columns: canon.columns.iter().map(|col| rule.states[col.state].name.clone()).collect(),
             epilogue: canon.output.epilogue.clone().map(|expr| Epilogue {
                 rule: rule.clone(),
                 layout: layout.clone(),
@@ -758,7 +771,7 @@ impl ChunkTerms {
             let starts = (0..n)
                 .map(|r| match self.merged_vw[r] {
                     Some(vw) => b.rows(vw, i * bs, bs),
-                    None => b.constant(0.0, TileTy::f32(bs, self.shape.v)),
+                    None => b.constant(0.0, TileTy::f32(bs, self.shape.v + self.columns.len())),
                 })
                 .collect();
             let us = self.solve_block(b, &u_blocks, i, starts, true);
@@ -766,18 +779,28 @@ impl ChunkTerms {
                 blocks.push(u);
             }
         }
+        let v = self.shape.v;
         for r in 0..n {
             let (wname, uname) = factor_names(r);
             let pw = b.param(wname, Access::Write);
-            let pu = b.param(uname, Access::Write);
+            let pu = b.param(uname.clone(), Access::Write);
+            let pcols: Vec<usize> =
+                self.columns.iter().map(|name| b.param(factor_column(&uname, name), Access::Write)).collect();
             for i in 0..self.nb {
                 let i0 = i * bs;
                 let at = self.t0.clone().add(Idx::c(i0 as i64));
                 let valid = self.valid.clone().sub(Idx::c(i0 as i64));
                 let (wbase, wstride) = token_base(&self.shape, at.clone(), self.shape.k);
                 b.store(w_blocks[r][i], pw, wbase, wstride, 1, valid.clone());
-                let (ubase, ustride) = v_token_base(&self.shape, at, self.sched.bv);
-                b.store(u_blocks[r][i], pu, ubase, ustride, 1, valid);
+                let u = u_blocks[r][i];
+                let u_s = if pcols.is_empty() { u } else { columns(b, u, 0, v) };
+                let (ubase, ustride) = v_token_base(&self.shape, at.clone(), self.sched.bv);
+                b.store(u_s, pu, ubase, ustride, 1, valid.clone());
+                for (j, &p) in pcols.iter().enumerate() {
+                    let col = columns(b, u, v + j, 1);
+                    let (base, stride) = token_base(&self.shape, at.clone(), 1);
+                    b.store(col, p, base, stride, 1, valid.clone());
+                }
             }
         }
     }
@@ -791,12 +814,21 @@ impl ChunkTerms {
             .map(|r| {
                 let (wname, uname) = factor_names(r);
                 let pw = b.param(wname, Access::Read);
-                let pu = b.param(uname, Access::Read);
+                let pu = b.param(uname.clone(), Access::Read);
                 let (wbase, wstride) = token_base(&self.shape, self.t0.clone(), k);
                 let w = b.load(pw, wbase, wstride, 1, c, k, self.valid.clone());
                 let (ubase, ustride) = v_token_base(&self.shape, self.t0.clone(), self.sched.bv);
                 let u = b.load(pu, ubase, ustride, 1, c, cols, self.valid.clone());
-                (w, u)
+                if self.columns.is_empty() {
+                    return (w, u);
+                }
+                let mut parts = vec![u];
+                for name in &self.columns {
+                    let p = b.param(factor_column(&uname, name), Access::Read);
+                    let (base, stride) = token_base(&self.shape, self.t0.clone(), 1);
+                    parts.push(b.load(p, base, stride, 1, c, 1, self.valid.clone()));
+                }
+                (w, side_by_side(b, &parts))
             })
             .collect()
     }

@@ -108,6 +108,10 @@ pub fn chunked(rule: &Rule, canon: &Canonical, shape: Shape, sched: Schedule) ->
                     let (w, u) = chunked::factor_names(r);
                     tensors.push(intermediate(&w, vec![Dim::Batch, Dim::SeqLen, Dim::Heads, Dim::K]));
                     tensors.push(intermediate(&u, vec![Dim::Batch, Dim::SeqLen, Dim::Heads, Dim::V]));
+                    for col in &canon.columns {
+                        let name = chunked::factor_column(&u, &rule.states[col.state].name);
+                        tensors.push(intermediate(&name, vec![Dim::Batch, Dim::SeqLen, Dim::Heads]));
+                    }
                 }
             }
             tensors.push(intermediate(BOUNDARY_STATES, vec![Dim::Batch, Dim::Chunks, Dim::Heads, Dim::K, Dim::V]));
