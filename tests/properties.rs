@@ -633,7 +633,8 @@ fn linear_spec() -> impl Strategy<Value = LinearSpec> {
     let epilogue = prop_oneof![4 => Just(Epilogue::None), 1 => Just(Epilogue::Norm), 2 => Just(Epilogue::Normaliser)];
     (linear_rule(), epilogue).prop_map(|(spec, epilogue)| {
         // An extra state next to a value-side gate is not chunked (yet).
-        let epilogue = if epilogue == Epilogue::Normaliser && spec.gate.value_side() { Epilogue::Norm } else { epilogue };
+        let epilogue =
+            if epilogue == Epilogue::Normaliser && spec.gate.value_side() { Epilogue::Norm } else { epilogue };
         LinearSpec { epilogue, ..spec }
     })
 }

@@ -256,7 +256,8 @@ impl<'a> Lowerer<'a> {
                 Tile(self.state.ok_or_else(|| LowerError("the state is not available in a chunk prologue".into()))?)
             }
             ExprKind::Extra(i) => Tile(
-                self.extras[*i].ok_or_else(|| LowerError("an extra state is not available in a chunk prologue".into()))?,
+                self.extras[*i]
+                    .ok_or_else(|| LowerError("an extra state is not available in a chunk prologue".into()))?,
             ),
             ExprKind::Read(i) => Tile(
                 self.reads

@@ -232,8 +232,7 @@ pub fn canonicalize(rule: &Rule) -> Result<Canonical, NotChunkable> {
                 }
             }
             Target::Output => {
-                let linear_in_s = matches!(&val, Sym::Vec(v) if v.of == Of::S);
-                let split = (!linear_in_s && !matches!(val, Sym::Free(_))).then(|| cx.split_reads(&s.value, &state));
+                let split = (!matches!(val, Sym::Free(_))).then(|| cx.split_reads(&s.value, &state));
                 output = Some((val, split, s.span));
             }
             Target::Local(l) => {
@@ -266,11 +265,15 @@ pub fn canonicalize(rule: &Rule) -> Result<Canonical, NotChunkable> {
     let (out, split, out_span) =
         output.ok_or_else(|| NotChunkable { reason: "the step never assigns o".into(), span: Span::default() })?;
     let output = match (out, split) {
-        (_, Some(split)) => cx.epilogue(split?, out_span)?,
-        (Sym::Vec(v), None) => cx.output(v, out_span)?,
+        // Linear in S: `coef ⊙ S^T q + extra`, else (two scalings of one query, say) an epilogue.
+        (Sym::Vec(v), Some(split)) if v.of == Of::S => match cx.output(v, out_span) {
+            Ok(o) => o,
+            Err(linear) => split.and_then(|s| cx.epilogue(s, out_span)).map_err(|_| linear)?,
+        },
         (Sym::Free(_), _) => {
             return Err(NotChunkable { reason: "the output never reads the state".into(), span: out_span })
         }
+        (_, Some(split)) => cx.epilogue(split?, out_span)?,
         _ => return Err(NotChunkable { reason: "the output is not a [V] vector".into(), span: out_span }),
     };
     let w = m.w.clone();
@@ -352,22 +355,18 @@ fn column(rule: &Rule, s: &LinMat, i: usize, u: Sym, span: Span) -> Result<Colum
     let m = match u {
         Sym::Mat(m) if m.of == Of::Column(i) => m,
         Sym::Opaque(reason, span) => return Err(NotChunkable { reason, span }),
-        _ => {
-            return Err(NotChunkable {
-                reason: format!("the update of `{name}` is not linear in `{name}`"),
-                span,
-            })
-        }
+        _ => return Err(NotChunkable { reason: format!("the update of `{name}` is not linear in `{name}`"), span }),
     };
     if !m.has_state() {
         return Err(NotChunkable { reason: format!("the update discards the previous `{name}`"), span });
     }
     let m = normalized(m, span);
     let pairs_match = |x: &[(Expr, Expr)], y: &[(Expr, Expr)]| {
-        x.len() == y.len()
-            && x.iter().all(|(a, b)| {
-                y.iter().any(|(c, d)| (same(a, c) && same(b, d)) || (same(&neg(a, span), c) && same(&neg(b, span), d)))
-            })
+        let mut x: Vec<_> = x.iter().map(|(a, b)| outer_signature(rule, a, b)).collect();
+        let mut y: Vec<_> = y.iter().map(|(a, b)| outer_signature(rule, a, b)).collect();
+        x.sort();
+        y.sort();
+        x == y
     };
     if s.vside.is_some() || m.vside.is_some() {
         return Err(NotChunkable {
@@ -409,6 +408,45 @@ pub fn scalar_factor(x: &Expr) -> (Option<Expr>, Expr) {
         }
         _ => (None, x.clone()),
     }
+}
+
+/// The outer product `a b^T` in a form that does not depend on where its scalar factors and
+/// signs were written: (negative, the scalar factors printed and sorted, `a`'s and `b`'s
+/// vector parts printed). `-(b k) k^T` and `(b k) (-k)^T` agree.
+fn outer_signature(rule: &Rule, a: &Expr, b: &Expr) -> (bool, Vec<String>, String, String) {
+    fn split(rule: &Rule, x: &Expr, negative: &mut bool, factors: &mut Vec<String>) -> String {
+        match &x.kind {
+            ExprKind::Unary(UnaryOp::Neg, inner) => {
+                *negative = !*negative;
+                split(rule, inner, negative, factors)
+            }
+            ExprKind::Binary(BinaryOp::Mul, p, q) if p.ty == Ty::Scalar && q.ty != Ty::Scalar => {
+                split(rule, p, negative, factors);
+                split(rule, q, negative, factors)
+            }
+            ExprKind::Binary(BinaryOp::Mul, p, q) if q.ty == Ty::Scalar && p.ty != Ty::Scalar => {
+                split(rule, q, negative, factors);
+                split(rule, p, negative, factors)
+            }
+            ExprKind::Num(c) if x.ty == Ty::Scalar => {
+                *negative ^= *c < 0.0;
+                if c.abs() != 1.0 {
+                    factors.push(format!("{}", c.abs()));
+                }
+                String::new()
+            }
+            _ if x.ty == Ty::Scalar => {
+                factors.push(print_expr(rule, x));
+                String::new()
+            }
+            _ => print_expr(rule, x),
+        }
+    }
+    let (mut negative, mut factors) = (false, vec![]);
+    let core_a = split(rule, a, &mut negative, &mut factors);
+    let core_b = split(rule, b, &mut negative, &mut factors);
+    factors.sort();
+    (negative, factors, core_a, core_b)
 }
 
 /// One read of a state in an output epilogue: which version, through which query.
@@ -930,16 +968,14 @@ fn product(e: &Expr, x: Sym, y: Sym) -> Sym {
             let writes = v.free.map(|f| vec![(a, f)]).unwrap_or_default();
             Sym::Mat(LinMat { of: Of::S, version: v.version, w: None, low_rank, vside: vside.flatten(), writes })
         }
-        (ExprKind::Outer(..), Sym::Free(a), Sym::Free(b)) => {
-            Sym::Mat(LinMat {
-                of: Of::S,
-                version: Version::Old,
-                w: None,
-                low_rank: vec![],
-                vside: None,
-                writes: vec![(a, b)],
-            })
-        }
+        (ExprKind::Outer(..), Sym::Free(a), Sym::Free(b)) => Sym::Mat(LinMat {
+            of: Of::S,
+            version: Version::Old,
+            w: None,
+            low_rank: vec![],
+            vside: None,
+            writes: vec![(a, b)],
+        }),
         // A column state read through a [K] vector: n . x, a scalar.
         (ExprKind::Dot(..) | ExprKind::MatMul(..), Sym::Mat(m), Sym::Free(x))
         | (ExprKind::Dot(..) | ExprKind::MatMul(..), Sym::Free(x), Sym::Mat(m))

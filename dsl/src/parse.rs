@@ -517,7 +517,10 @@ fn read_states(r: &Reporter<'_>, t: &DeTable<'_>, inputs: &[InputDecl]) -> Resul
                 name_span,
                 format!("state `{name}` collides with the input `{}`", i.name),
                 "state declared here",
-                format!("the state `{name}` owns the names {name}, {}; rename the state or the input", tensors.join(", ")),
+                format!(
+                    "the state `{name}` owns the names {name}, {}; rename the state or the input",
+                    tensors.join(", ")
+                ),
             ));
         }
         if let Some(other) = states.iter().find(|s: &&StateEntry| tensors.contains(&s.name)) {

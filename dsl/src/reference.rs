@@ -285,14 +285,12 @@ impl<'a> Env<'a> {
         if !self.keep {
             // Only the state carries over: start the token's tape from its value.
             let state = std::mem::replace(&mut self.tape.nodes[self.state].1, Val::Scalar(0.0));
-            let extras: Vec<Val> = self
-                .extras
-                .iter()
-                .map(|&n| std::mem::replace(&mut self.tape.nodes[n].1, Val::Scalar(0.0)))
-                .collect();
+            let extras: Vec<Val> =
+                self.extras.iter().map(|&n| std::mem::replace(&mut self.tape.nodes[n].1, Val::Scalar(0.0))).collect();
             self.tape.nodes.clear();
             self.state = self.tape.push(Op::Leaf(Leaf::State), state);
-            self.extras = extras.into_iter().enumerate().map(|(i, x)| self.tape.push(Op::Leaf(Leaf::Extra(i)), x)).collect();
+            self.extras =
+                extras.into_iter().enumerate().map(|(i, x)| self.tape.push(Op::Leaf(Leaf::Extra(i)), x)).collect();
             self.per_head.iter_mut().for_each(|p| *p = None);
         }
         let (k, v, h) = (self.k, self.v, self.head);

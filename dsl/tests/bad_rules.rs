@@ -160,7 +160,7 @@ v = "[V]"
   |
 2 | chunkable = true
   | ^^^^^^^^^ not a rule-file key
-  = help: the top-level keys are name, summary, chunked, step and inputs
+  = help: the top-level keys are name, summary, chunked, step, inputs and states
 "#,
     );
 }
@@ -1388,6 +1388,165 @@ v = "[V]"
 3 | S = S + outer(where(!k, k, 0), v)
   |                     ^ no logical not in the step language
   = help: to negate a condition c write c == 0, or compare the other way (a >= b for !(a < b))
+"#,
+    );
+}
+
+#[test]
+fn second_matrix() {
+    check(
+        "second_matrix",
+        r#"name = "r"
+step = """
+S = S + outer(k, v)
+n = n + k
+o = S^T @ q + dot(n, q)
+"""
+[inputs]
+q = "[K]"
+k = "[K]"
+v = "[V]"
+[states]
+n = "[K,V]"
+"#,
+        r#"bad/second_matrix.toml:12:1: error: a second [K, V] state (`n`) is not supported
+   |
+12 | n = "[K,V]"
+   | ^ only S is a matrix
+   = help: a rule has one matrix state, S; other states are [K] or [V] vectors
+"#,
+    );
+}
+
+#[test]
+fn bad_state_shape() {
+    check(
+        "bad_state_shape",
+        r#"name = "r"
+step = """
+S = S + outer(k, v)
+n = n + k
+o = S^T @ q + dot(n, q)
+"""
+[inputs]
+q = "[K]"
+k = "[K]"
+v = "[V]"
+[states]
+n = "[Q]"
+"#,
+        r#"bad/bad_state_shape.toml:12:5: error: bad shape `[Q]` for state `n`
+   |
+12 | n = "[Q]"
+   |     ^^^^^ not a state shape
+   = help: a [states] entry is S = "[K,V]" or a vector state, name = "[K]" or name = "[V]"
+"#,
+    );
+}
+
+#[test]
+fn never_updated() {
+    check(
+        "never_updated",
+        r#"name = "r"
+step = """
+S = S + outer(k, v)
+n = n + k
+o = S^T @ q + dot(n, q)
+"""
+[inputs]
+q = "[K]"
+k = "[K]"
+v = "[V]"
+[states]
+n = "[K]"
+m = "[V]"
+"#,
+        r#"bad/never_updated.toml:13:1: error: state `m` is never updated
+   |
+13 | m = "[V]"
+   | ^ declared here
+   = help: add a statement `m = ...` to the step, or remove `m` from [states]
+"#,
+    );
+}
+
+#[test]
+fn s_not_matrix() {
+    check(
+        "s_not_matrix",
+        r#"name = "r"
+step = """
+S = S + outer(k, v)
+n = n + k
+o = S^T @ q + dot(n, q)
+"""
+[inputs]
+q = "[K]"
+k = "[K]"
+v = "[V]"
+[states]
+S = "[K]"
+n = "[K]"
+"#,
+        r#"bad/s_not_matrix.toml:12:5: error: the state `S` is [K, V], not `[K]`
+   |
+12 | S = "[K]"
+   |     ^^^^^ S is the [K, V] state
+   = help: write S = "[K,V]" (or leave it out: it is the default); a vector state takes another name
+"#,
+    );
+}
+
+#[test]
+fn state_is_input() {
+    check(
+        "state_is_input",
+        r#"name = "r"
+step = """
+S = S + outer(k, v)
+q = q + k
+o = S^T @ q + dot(n, q)
+"""
+[inputs]
+q = "[K]"
+k = "[K]"
+v = "[V]"
+[states]
+q = "[K]"
+"#,
+        r#"bad/state_is_input.toml:12:1: error: state `q` collides with the input `q`
+   |
+12 | q = "[K]"
+   | ^ state declared here
+   = help: the state `q` owns the names q, q0, qT, dq0, dqT; rename the state or the input
+"#,
+    );
+}
+
+#[test]
+fn state_tensor_clash() {
+    check(
+        "state_tensor_clash",
+        r#"name = "r"
+step = """
+S = S + outer(k, v)
+n = n + k
+o = S^T @ q + dot(n, q + n0)
+"""
+[inputs]
+q = "[K]"
+k = "[K]"
+v = "[V]"
+n0 = "[K]"
+[states]
+n = "[K]"
+"#,
+        r#"bad/state_tensor_clash.toml:13:1: error: state `n` collides with the input `n0`
+   |
+13 | n = "[K]"
+   | ^ state declared here
+   = help: the state `n` owns the names n, n0, nT, dn0, dnT; rename the state or the input
 "#,
     );
 }

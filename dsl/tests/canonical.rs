@@ -80,16 +80,19 @@ fn reasons_for_not_chunking() {
         ("o = S^T @ q\nS = S + outer(k, v) + outer(k, gv * (S^T @ q))", "scaled by different [V] vectors"),
         ("S = outer(k * k, gv) * S + outer(k, v)\no = S^T @ q", "gates each entry of the state by a [K, V] matrix"),
         ("S = S * outer(k, gv) + outer(k, v)\no = S^T @ q", "gates each entry of the state by a [K, V] matrix"),
-        ("S = max(S, 0) + outer(k, v)\no = S^T @ q", "max(...) of a value that depends on the state"),
-        ("S = relu(S) + outer(k, v)\no = S^T @ q", "max(...) of a value that depends on the state"),
-        ("S = tanh(S) + outer(k, v)\no = S^T @ q", "tanh(...) of a value that depends on the state"),
-        ("S = (S > 0) * S + outer(k, v)\no = S^T @ q", "the comparison `>` of a value that depends on the state"),
-        ("S = where(S > 0, S, 2 * S) + outer(k, v)\no = S^T @ q", "the comparison `>`"),
-        ("S = where(S, S, 0) + outer(k, v)\no = S^T @ q", "a `where` whose condition depends on the state"),
-        ("S = S + outer(k, v)\no = (S^T @ q) * (S^T @ k)", "product of two values that both depend on the state"),
-        ("S = S + outer(k, v)\no = (S^T @ q) / max(abs(dot(q, S @ v)), 1)", "S @ y gives a [K] vector"),
-        ("S = S + outer(k, v)\no = tanh(S^T @ q) + S^T @ k", "two different vectors (`q` and `k`)"),
-        ("y = S^T @ q\nS = S + outer(k, v)\no = tanh(y) + S^T @ q", "one state before its update and another after"),
+        ("S = max(S, 0) + outer(k, v + gv)\no = S^T @ q", "max(...) of a value that depends on the state"),
+        ("S = relu(S) + outer(k, v + gv)\no = S^T @ q", "max(...) of a value that depends on the state"),
+        ("S = tanh(S) + outer(k, v + gv)\no = S^T @ q", "tanh(...) of a value that depends on the state"),
+        ("S = (S > 0) * S + outer(k, v + gv)\no = S^T @ q", "the comparison `>` of a value that depends on the state"),
+        ("S = where(S > 0, S, 2 * S) + outer(k, v + gv)\no = S^T @ q", "the comparison `>`"),
+        ("S = where(S, S, 0) + outer(k, v + gv)\no = S^T @ q", "a `where` whose condition depends on the state"),
+        ("S = S + outer(k, v + gv)\no = (S^T @ q) * (S^T @ k)", "two different vectors (`q` and `k`)"),
+        ("S = S + outer(k, v + gv)\no = (S^T @ q) / max(abs(dot(q, S @ v)), 1)", "S @ y gives a [K] vector"),
+        ("S = S + outer(k, v + gv)\no = tanh(S^T @ q) + S^T @ k", "two different vectors (`q` and `k`)"),
+        (
+            "y = S^T @ q\nS = S + outer(k, v + gv)\no = tanh(y) + S^T @ q",
+            "one state before its update and another after",
+        ),
     ];
     for (step, why) in cases {
         let r = parse(step, io);
@@ -264,7 +267,7 @@ fn every_refusal_states_its_reason_at_its_expression() {
         ("S = S + outer(k, v + gv + gw)\no = v", "the output never reads the state", "o = v"),
         ("S = outer(k, k @ S) + outer(k, v + gv + gw)\no = S^T @ q", "has no diagonal part", ""),
         (
-            "S = S + outer(k, v)\no = (S^T @ q) * sum(S^T @ q) + gv + gw",
+            "S = S + outer(k, (v + gv + gw) * sum(S^T @ q))\no = S^T @ q",
             "a sum or norm of a value that depends on the state",
             "sum(S^T @ q)",
         ),
@@ -275,21 +278,21 @@ fn every_refusal_states_its_reason_at_its_expression() {
         ),
         (
             "S = S + outer(k, v)\no = (S^T @ q) * (S^T @ k) + gv + gw",
-            "a product of two values that both depend on the state",
-            "(S^T @ q) * (S^T @ k)",
+            "the output reads the states through two different vectors (`q` and `k`)",
+            "(S^T @ k)",
         ),
         (
-            "S = S + outer(k, v)\no = (v + gv + gw) / (S^T @ q)",
+            "S = S + outer(k, (v + gv + gw) / (S^T @ q))\no = S^T @ q",
             "dividing by a value that depends on the state",
             "(v + gv + gw) / (S^T @ q)",
         ),
         (
-            "S = S + outer(k, v)\no = pow(S^T @ q, 2) + gv + gw",
+            "S = S + outer(k, pow(S^T @ q, 2) + gv + gw)\no = S^T @ q",
             "pow(...) of a value that depends on the state",
             "pow(S^T @ q, 2)",
         ),
         (
-            "S = S + outer(k, v)\no = exp(S^T @ q) + gv + gw",
+            "S = S + outer(k, exp(S^T @ q) + gv + gw)\no = S^T @ q",
             "exp(...) of a value that depends on the state",
             "exp(S^T @ q)",
         ),
@@ -306,8 +309,8 @@ fn every_refusal_states_its_reason_at_its_expression() {
         ),
         (
             "y = S^T @ q\nS = S + outer(k, v + gv + gw)\no = y + S^T @ q",
-            "reads both the state before and after the update",
-            "y + S^T @ q",
+            "the output reads one state before its update and another after",
+            "S^T @ q",
         ),
         (
             "S = S + outer(k, v + gv + gw)\no = (S + outer(k, S^T @ q))^T @ q",
@@ -320,7 +323,7 @@ fn every_refusal_states_its_reason_at_its_expression() {
             "outer(k, gv * (S^T @ q) + gw * (S^T @ k))",
         ),
         (
-            "S = S + outer(k, v)\no = dot(S^T @ q, v + gv + gw) * v",
+            "S = S + outer(k, v * dot(S^T @ q, v + gv + gw))\no = S^T @ q",
             "a dot product with a state read gives a scalar",
             "dot(S^T @ q, v + gv + gw)",
         ),
@@ -336,17 +339,17 @@ fn every_refusal_states_its_reason_at_its_expression() {
             "outer(k * k, gv + gw) * S",
         ),
         (
-            "S = S + outer(k, v)\no = max(S^T @ q, gv + gw)",
+            "S = S + outer(k, max(S^T @ q, gv + gw))\no = S^T @ q",
             "max(...) of a value that depends on the state",
             "max(S^T @ q, gv + gw)",
         ),
         (
-            "S = S + outer(k, v)\no = (S^T @ q > 0) * (gv + gw)",
+            "S = S + outer(k, (S^T @ q > 0) * (gv + gw)) + outer(k, v)\no = S^T @ q",
             "the comparison `>` of a value that depends on the state",
             "(S^T @ q > 0)",
         ),
         (
-            "S = S + outer(k, v)\ny = S^T @ q\no = where(y, gv, gw)",
+            "y = S^T @ q\nS = S + outer(k, where(y, gv, gw)) + outer(k, v)\no = S^T @ q",
             "a `where` whose condition depends on the state",
             "",
         ),
@@ -378,7 +381,11 @@ fn functions_of_state_reads_are_output_epilogues() {
         ("S = S + outer(k, v)\no = max(S^T @ q, gv)", "max((S^T q), gv)"),
         ("S = S + outer(k, v)\no = tanh(2 * (S^T @ q)) + gv", "tanh(2 * (S^T q)) + gv"),
         ("S = S + outer(k, v)\ny = S^T @ q\no = where(y > 0, gv, v)", "where((S^T q) > 0, gv, v)"),
-        ("S = S + outer(k, v)\no = (S^T @ q) / max(abs(sum(S^T @ q)), 1)", "(S^T q) / max(abs(sum((S^T q))), 1)"),
+        (
+            "S = S + outer(k, v)\no = (S^T @ q) / max(abs(sum(S^T @ q)), 1) + gv",
+            "(S^T q) / max(abs(sum((S^T q))), 1) + gv",
+        ),
+        ("S = S + outer(k, v)\no = gv * (S^T @ q) + v * (S^T @ q)", "v * (S^T q) + gv * (S^T q)"),
     ];
     for (step, want) in cases {
         let r = parse(step, io);
@@ -402,16 +409,26 @@ fn parse_with_states(step: &str, inputs: &str, states: &str) -> chunkc_dsl::ast:
 /// values; any other extra state keeps the recurrent kernel, with the reason.
 #[test]
 fn extra_states_are_columns_of_s() {
-    let io = "q = \"[K]\"\nk = \"[K]\"\nv = \"[V]\"\ng = \"scalar\"\ngk = \"[K]\"\ngv = \"[V]\"\nb = \"scalar\"";
+    // The inputs a step reads (an unused input is an error of its own).
+    let io = |step: &str| -> String {
+        let words: Vec<&str> = step.split(|c: char| !c.is_ascii_alphanumeric()).collect();
+        [("q", "[K]"), ("k", "[K]"), ("v", "[V]"), ("g", "scalar"), ("gk", "[K]"), ("gv", "[V]"), ("b", "scalar")]
+            .iter()
+            .filter(|(n, _)| words.contains(n))
+            .map(|(n, t)| format!("{n} = \"{t}\""))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
     let r = parse_with_states(
         "S = exp(g) * S + outer(b * k, v)\nn = exp(g) * n + b * k + 2\no = (S^T @ q) / max(abs(dot(n, q)), 1)",
-        io,
+        &io("S g b k v n q"),
         "n = \"[K]\"",
     );
     let c = canonicalize(&r).expect("chunkable");
     assert_eq!(c.columns.len(), 1);
     let col = &c.columns[0];
-    let written: Vec<(String, String)> = col.writes.iter().map(|(k, x)| (print_expr(&r, k), print_expr(&r, x))).collect();
+    let written: Vec<(String, String)> =
+        col.writes.iter().map(|(k, x)| (print_expr(&r, k), print_expr(&r, x))).collect();
     assert_eq!(written, [("b * k".to_string(), "1".to_string()), ("1".to_string(), "2".to_string())]);
     assert!(col.writes.iter().all(|(k, x)| k.ty == Ty::VecK && x.ty == Ty::Scalar));
     assert_eq!(print_expr(&r, c.output.epilogue.as_ref().expect("epilogue")), "(S^T q) / max(abs(dot(n, q)), 1)");
@@ -419,27 +436,43 @@ fn extra_states_are_columns_of_s() {
     // Gated per key channel, and a delta rule with the normaliser under the same transition.
     let r = parse_with_states(
         "S = exp(gk) * S + outer(k, v)\nn = exp(gk) * n + k\no = S^T @ q + dot(n, q)",
-        io,
+        &io("gk k v q"),
         "n = \"[K]\"",
     );
     assert_eq!(canonicalize(&r).expect("gated").columns.len(), 1);
     let r = parse_with_states(
         "S = S - b * outer(k, S^T @ k) + b * outer(k, v)\nn = n - b * k * dot(k, n) + b * k\no = S^T @ q / max(dot(n, q), 1)",
-        io,
+        &io("b k v q"),
         "n = \"[K]\"",
     );
     assert_eq!(canonicalize(&r).expect("delta").class, Class::Delta { rank: 1, vector_gate: false });
 
     let refused = [
-        ("S = exp(g) * S + outer(k, v)\nn = n + k\no = S^T @ q + dot(n, q)", "n = \"[K]\"", "not updated by S's transition"),
-        ("S = exp(g) * S + outer(k, v)\nm = exp(g) * m + v\no = S^T @ q + m", "m = \"[V]\"", "the [V] state `m` is not chunked"),
-        ("S = S * exp(gv) + outer(k, v)\nn = n + k\no = S^T @ q + dot(n, q)", "n = \"[K]\"", "next to a value-side gate"),
+        (
+            "S = exp(g) * S + outer(k, v)\nn = n + k\no = S^T @ q + dot(n, q)",
+            "n = \"[K]\"",
+            "not updated by S's transition",
+        ),
+        (
+            "S = exp(g) * S + outer(k, v)\nm = exp(g) * m + v\no = S^T @ q + m",
+            "m = \"[V]\"",
+            "the [V] state `m` is not chunked",
+        ),
+        (
+            "S = S * exp(gv) + outer(k, v)\nn = n + k\no = S^T @ q + dot(n, q)",
+            "n = \"[K]\"",
+            "next to a value-side gate",
+        ),
         ("S = S + outer(k, v * dot(n, q))\nn = n + k\no = S^T @ q", "n = \"[K]\"", "states that feed each other"),
         ("S = S + outer(k, v)\nn = n + k\no = S^T @ q + dot(n, k)", "n = \"[K]\"", "two different vectors"),
-        ("S = S + outer(k, v)\nn = n * dot(n, q) + k\no = S^T @ q", "n = \"[K]\"", "product of two values that both depend"),
+        (
+            "S = S + outer(k, v)\nn = n * dot(n, q) + k\no = S^T @ q",
+            "n = \"[K]\"",
+            "product of two values that both depend",
+        ),
     ];
     for (step, states, why) in refused {
-        let r = parse_with_states(step, io, states);
+        let r = parse_with_states(step, &io(step), states);
         let e = canonicalize(&r).expect_err(step);
         assert!(e.reason.contains(why), "{step}: got `{}`", e.reason);
         assert!(e.span.end <= r.source.len() && e.span.start < e.span.end, "{step}: span {:?}", e.span);

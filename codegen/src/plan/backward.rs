@@ -57,13 +57,8 @@ pub fn chunked(rule: &Rule, canon: &Canonical, shape: Shape, sched: Schedule) ->
     let forward = build_phase(rule, canon, shape, sched, Phase::FusedWithStates)?;
     let name = format!("{}_grad_chunked_c{c}", rule.name);
     let carried = Carried { shape, chunk: c, bv: None, columns: canon.columns.iter().map(|x| x.state).collect() };
-    let reverse = reverse_pass(
-        name.clone(),
-        rule,
-        shape,
-        c,
-        &ChunkBoundaries { rule, carried },
-        |b, layout, start, j| {
+    let reverse =
+        reverse_pass(name.clone(), rule, shape, c, &ChunkBoundaries { rule, carried }, |b, layout, start, j| {
             let start = start[0];
             let mut terms = ChunkTerms::new(b, layout, rule, canon, shape, sched, j.clone())?;
             terms.store_outputs = false;
@@ -78,8 +73,7 @@ pub fn chunked(rule: &Rule, canon: &Canonical, shape: Shape, sched: Schedule) ->
                 .collect();
             let loads = terms.loads.iter().map(|&(i, v)| (i, t0.clone(), valid.clone(), v)).collect();
             Ok(Recomputed { end: vec![end], outputs, loads, spans: vec![(t0, valid, c)] })
-        },
-    )?;
+        })?;
     let kernels = vec![forward, reverse];
     let sizes = StaticSizes { heads: shape.heads, k: shape.k, v: shape.v };
     Program::new(name, c, sizes, tensors, kernels).map_err(|e| PlanError(format!("internal error: {e}")))
@@ -123,10 +117,14 @@ pub fn recurrent(rule: &Rule, shape: Shape, input: ElemType, every: usize) -> Re
 fn tensors(rule: &Rule, input: ElemType) -> Result<Vec<TensorSpec>, PlanError> {
     use Dim::*;
     let mut tensors = super::program::forward_tensors(rule, input);
-    let intermediate = |name: String, dims| TensorSpec { name, dims, elem: ElemType::F32, role: Role::Intermediate, optional: false };
+    let intermediate =
+        |name: String, dims| TensorSpec { name, dims, elem: ElemType::F32, role: Role::Intermediate, optional: false };
     tensors.push(intermediate(CHECKPOINTS.into(), vec![Batch, Chunks, Heads, K, V]));
     for s in &rule.states {
-        tensors.push(intermediate(extra_checkpoints(&s.name), vec![Batch, Chunks, Heads, if s.ty == Ty::VecK { K } else { V }]));
+        tensors.push(intermediate(
+            extra_checkpoints(&s.name),
+            vec![Batch, Chunks, Heads, if s.ty == Ty::VecK { K } else { V }],
+        ));
     }
     with_gradients(rule, tensors)
 }
