@@ -778,7 +778,8 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
             chunkc::problem::check_known_tensors(&loaded.rule, &tensors, &shown, "run", &["h0"], allow_extra)?;
             for (name, t) in &tensors {
                 let bad = t.count_non_finite();
-                if bad > 0 && (name == "h0" || loaded.rule.input(name).is_some()) {
+                let a_state = name == "h0" || loaded.rule.states.iter().any(|s| s.initial_name() == *name);
+                if bad > 0 && (a_state || loaded.rule.input(name).is_some()) {
                     eprintln!("warning: tensor `{name}` in {shown} holds {bad} NaN or infinite values");
                 }
             }
@@ -812,7 +813,11 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
             let mut names: Vec<&str> = written.keys().map(String::as_str).collect();
             names.sort_by_key(|n| (*n != "o", *n));
             chunkc::runtime::io::write_safetensors(&out, &written, Some(meta))?;
-            println!("wrote {} to {}", names.join(" and "), out.display());
+            let listed = match names.split_last() {
+                Some((last, rest)) if !rest.is_empty() => format!("{} and {last}", rest.join(", ")),
+                _ => names.join(""),
+            };
+            println!("wrote {listed} to {}", out.display());
             Ok(ExitCode::SUCCESS)
         }
         Command::Grad {
@@ -1307,6 +1312,12 @@ fn check(path: &std::path::Path) -> Result<ExitCode, Error> {
         };
         let kind = if i.per_head { "per head" } else { "per token" };
         println!("  {:<8} {:<7} {:<10} domain {}", i.name, shape, kind, i.domain.name());
+    }
+    println!("states:");
+    println!("  {:<8} {:<7} tensors h0 (optional), hT", "S", "[K, V]");
+    for s in &rule.states {
+        let shape = if s.ty == Ty::VecK { "[K]" } else { "[V]" };
+        println!("  {:<8} {:<7} tensors {} (optional), {}", s.name, shape, s.initial_name(), s.final_name());
     }
     match &loaded.canonical {
         Ok(c) => {

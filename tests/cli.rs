@@ -685,3 +685,51 @@ fn inputs_writes_what_run_and_grad_read() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(!chunkc::runtime::io::read_safetensors(&file).expect("inputs").0.contains_key("h0"));
 }
+
+/// A rule with an extra state (rules/mlstm.toml's normaliser `n`): `inputs` writes `n0`,
+/// `run` takes it and writes `nT` on every CPU backend alike, `grad` takes `dnT` and gives
+/// `dn0`, and a tensor it does not take is refused with the state's names in the list.
+#[test]
+fn an_extra_state_enters_and_leaves_by_name() {
+    let inputs = tmp("mlstm_inputs.safetensors");
+    let o = chunkc(&["inputs", "rules/mlstm.toml", "--shape", "1,37,2,8,6", "--out", inputs.to_str().unwrap(), "--grad"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("n0 [1, 2, 8]") && stdout(&o).contains("dnT [1, 2, 8]"), "{}", stdout(&o));
+    let mut finals = vec![];
+    for backend in ["reference", "recurrent", "chunked"] {
+        let out = tmp(&format!("mlstm_{backend}.safetensors"));
+        let args = ["run", "rules/mlstm.toml", "--inputs", inputs.to_str().unwrap(), "--out", out.to_str().unwrap()];
+        let o = chunkc(&[&args[..], &["--backend", backend, "--chunk", "16", "--allow-extra"]].concat());
+        assert!(o.status.success(), "{backend}: {}", stderr(&o));
+        assert!(stdout(&o).contains("wrote o, hT and nT"), "{}", stdout(&o));
+        let (t, _) = chunkc::runtime::io::read_safetensors(&out).expect("outputs");
+        assert_eq!(t["nT"].shape, vec![1, 2, 8]);
+        finals.push(t["nT"].data.clone());
+    }
+    for got in &finals[1..] {
+        let err = rel_rms(got, &finals[0]);
+        assert!(err <= F32_TOLERANCE, "nT off the reference's by {err:.2e}");
+    }
+    // Without --allow-extra, the cotangents are tensors `run` does not take; the list names n0.
+    let out = tmp("mlstm_refused.safetensors");
+    let o = chunkc(&["run", "rules/mlstm.toml", "--inputs", inputs.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("it takes: q, k, v, fg, ig, h0, n0;"), "{}", stderr(&o));
+    for backend in ["reference", "chunked"] {
+        let out = tmp(&format!("mlstm_grad_{backend}.safetensors"));
+        let o = chunkc(&[
+            "grad",
+            "rules/mlstm.toml",
+            "--inputs",
+            inputs.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--backend",
+            backend,
+        ]);
+        assert!(o.status.success(), "{backend}: {}", stderr(&o));
+        let (t, _) = chunkc::runtime::io::read_safetensors(&out).expect("gradients");
+        assert_eq!(t["dn0"].shape, vec![1, 2, 8], "{backend}");
+        assert!(t.contains_key("nT") && t.contains_key("dh0"), "{backend}: {:?}", t.keys());
+    }
+}

@@ -32,11 +32,21 @@ fn every_built_in_kernel_can_run_in_time_blocks() {
             let program =
                 build_program(&rule, shape_of(&DIMS, None), &schedule).unwrap_or_else(|e| panic!("{}: {e}", rule.name));
             for k in &program.kernels {
-                let r = resume::analyse(k).unwrap_or_else(|| panic!("{} is not resumable", k.name));
+                // A chunked kernel carries an extra [K] state as a column beside S's: the
+                // carried tile is formed from two loads, which is not a resumable state.
+                let columns = schedule.kernel == KernelKind::Chunked && !rule.states.is_empty();
+                let Some(r) = resume::analyse(k) else {
+                    assert!(columns && !k.chunk_parallel, "{} is not resumable", k.name);
+                    continue;
+                };
                 assert_eq!(r.tokens_per_iteration, schedule.tokens_per_step(), "{}", k.name);
-                let names: Vec<(&str, &str)> =
-                    r.state.iter().map(|&(i, o)| (k.params[i].name.as_str(), k.params[o].name.as_str())).collect();
-                let want: &[(&str, &str)] = if k.chunk_parallel { &[] } else { &[("h0", "hT")] };
+                let names: Vec<(String, String)> =
+                    r.state.iter().map(|&(i, o)| (k.params[i].name.clone(), k.params[o].name.clone())).collect();
+                let mut want = vec![];
+                if !k.chunk_parallel {
+                    want.push(("h0".to_string(), "hT".to_string()));
+                    want.extend(rule.states.iter().map(|s| (s.initial_name(), s.final_name())));
+                }
                 assert_eq!(names, want, "{}", k.name);
             }
         }

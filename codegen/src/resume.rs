@@ -16,7 +16,9 @@
 //! - nothing after the loop stores anything else, nothing reads a state-out parameter and
 //!   nothing writes a state-in one;
 //! - the loop runs `T` or `ceil(T / C)` times, so an iteration covers a fixed number of
-//!   tokens.
+//!   tokens;
+//! - in a kernel split into V-tiles, every state is the tile's own (its indexing moves with
+//!   the tile).
 //!
 //! Everything before the loop is a pure function of the inputs and is simply recomputed by
 //! every call. A loop that carries nothing (a chunk-parallel phase) qualifies with no state:
@@ -75,7 +77,11 @@ pub fn analyse(kernel: &Kernel) -> Option<Resume> {
             && out_valid == valid_rows
             && !base.uses(IdxVar::Iter)
             && !valid_rows.uses(IdxVar::Iter);
-        if !same_indexing || out == param {
+        // A state every V-tile of a head reads and writes at one place (an extra `[K]` state,
+        // recomputed alike by each tile) cannot be handed on through memory per tile: a tile's
+        // next call would read what another tile's later call stored.
+        let shared_by_tiles = kernel.vtiles > 1 && !base.uses(IdxVar::VTile);
+        if !same_indexing || out == param || shared_by_tiles {
             return None;
         }
         let access = |p: usize| kernel.params.get(p).map(|p| p.access);
