@@ -692,7 +692,8 @@ fn inputs_writes_what_run_and_grad_read() {
 #[test]
 fn an_extra_state_enters_and_leaves_by_name() {
     let inputs = tmp("mlstm_inputs.safetensors");
-    let o = chunkc(&["inputs", "rules/mlstm.toml", "--shape", "1,37,2,8,6", "--out", inputs.to_str().unwrap(), "--grad"]);
+    let o =
+        chunkc(&["inputs", "rules/mlstm.toml", "--shape", "1,37,2,8,6", "--out", inputs.to_str().unwrap(), "--grad"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).contains("n0 [1, 2, 8]") && stdout(&o).contains("dnT [1, 2, 8]"), "{}", stdout(&o));
     let mut finals = vec![];

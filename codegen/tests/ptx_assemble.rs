@@ -193,9 +193,12 @@ fn backward_program_phases_assemble() {
 /// Rank-2 DeltaProduct's chunked forward at K = V = 128 with tf32 dots on sm_80: ptxas keeps
 /// it at 80 registers (three CTAs of 256 threads per SM) and spills 16 B (80 B of reloads)
 /// rather than take more; given `.minnctapersm 1` it takes 200 registers and spills nothing
-/// (one CTA per SM). Which is faster is for issue 15's measurements on a GPU. A listed kernel
-/// that stops spilling fails the test, so the list only shrinks.
-const KNOWN_SPILLS: &[&str] = &["deltaproduct chunked c64 K=V=128 tf32 sm_80"];
+/// (one CTA per SM). Which is faster is for issue 15's measurements on a GPU. The mLSTM's
+/// chunked forward there too (16 B, 72 B of reloads at 80 registers): its normaliser rides
+/// as a 129th value column, so every value-side tile is 129 wide, one column past the mma
+/// tiles, and that column's fma loops add registers. A listed kernel that stops spilling
+/// fails the test, so the list only shrinks.
+const KNOWN_SPILLS: &[&str] = &["deltaproduct chunked c64 K=V=128 tf32 sm_80", "mlstm chunked c64 K=V=128 tf32 sm_80"];
 
 /// Emits and assembles every job on all cores (ptxas is single-threaded), prints one line per
 /// job in order, and panics listing every failure; returns ptxas's version.
