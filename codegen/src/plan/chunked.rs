@@ -234,11 +234,17 @@ impl Carried {
         mut column: impl FnMut(&mut Builder, usize, ValueId),
     ) {
         let (k, v) = (self.shape.k, self.shape.v);
-        let s = if self.columns.is_empty() { x } else { columns(b, x, 0, self.cols()) };
+        if self.columns.is_empty() {
+            b.store(x, param, base, v as i64, 1, Idx::c(k as i64));
+            return;
+        }
+        // One transpose of the whole: S's part back, the columns as the [1, K] rows they are.
+        let t = b.transpose(x);
+        let s = b.rows(t, 0, self.cols());
+        let s = b.transpose(s);
         b.store(s, param, base, v as i64, 1, Idx::c(k as i64));
         for j in 0..self.columns.len() {
-            let n = columns(b, x, self.cols() + j, 1);
-            let n = b.transpose(n);
+            let n = b.rows(t, self.cols() + j, 1);
             column(b, j, n);
         }
     }
@@ -362,9 +368,19 @@ fn side_by_side(b: &mut Builder, parts: &[ValueId]) -> ValueId {
 
 /// Columns `start .. start + len` of `x`.
 fn columns(b: &mut Builder, x: ValueId, start: usize, len: usize) -> ValueId {
+    split_columns(b, x, &[(start, len)])[0]
+}
+
+/// Several column ranges `(start, len)` of `x`, transposing it once.
+fn split_columns(b: &mut Builder, x: ValueId, ranges: &[(usize, usize)]) -> Vec<ValueId> {
     let t = b.transpose(x);
-    let r = b.rows(t, start, len);
-    b.transpose(r)
+    ranges
+        .iter()
+        .map(|&(start, len)| {
+            let r = b.rows(t, start, len);
+            b.transpose(r)
+        })
+        .collect()
 }
 
 /// Index of this grid point's state entering chunk `Iter` in `chunk.h` `[B, NT, H, K, V]`, at
@@ -887,9 +903,10 @@ impl ChunkTerms {
             let tile = if ep.rule.inputs[i].per_head { tile } else { b.rows(tile, i0, rows) };
             lw.reuse_input(i, tile);
         }
-        lw.reads[0] = Some(columns(b, y, 0, ep.cols));
-        for j in 1..lw.reads.len() {
-            lw.reads[j] = Some(columns(b, y, ep.cols + j - 1, 1));
+        let ranges: Vec<(usize, usize)> =
+            std::iter::once((0, ep.cols)).chain((1..lw.reads.len()).map(|j| (ep.cols + j - 1, 1))).collect();
+        for (slot, read) in lw.reads.iter_mut().zip(split_columns(b, y, &ranges)) {
+            *slot = Some(read);
         }
         Ok(lw.tile(b, &ep.expr)?)
     }
