@@ -449,6 +449,9 @@ fn outer_signature(rule: &Rule, a: &Expr, b: &Expr) -> (bool, Vec<String>, Strin
     (negative, factors, core_a, core_b)
 }
 
+/// A value as a function of state reads ([`ExprKind::Read`]) and the reads it makes.
+type Split = (Expr, Vec<ReadSite>);
+
 /// One read of a state in an output epilogue: which version, through which query.
 #[derive(Clone, Debug)]
 struct ReadSite {
@@ -470,7 +473,7 @@ struct Cx<'a> {
     locals: Vec<Option<Sym>>,
     /// For each local that is not linear in a state, its value as a function of state reads
     /// ([`Cx::split_reads`]), for an output epilogue that uses it.
-    local_splits: Vec<Option<Result<(Expr, Vec<ReadSite>), NotChunkable>>>,
+    local_splits: Vec<Option<Result<Split, NotChunkable>>>,
     /// The extra states as they are at this point of the step.
     extras: Vec<Sym>,
     warnings: Vec<(Span, String)>,
@@ -617,7 +620,7 @@ impl Cx<'_> {
     /// maximal subexpression linear in one state becomes `coef ⊙ Read + free`, the rest is
     /// kept as written. Fails with the reason that made `e` non-linear where that is not a
     /// function of reads (a product of two reads, a state read through `S @ y`, ...).
-    fn split_reads(&mut self, e: &Expr, state: &Sym) -> Result<(Expr, Vec<ReadSite>), NotChunkable> {
+    fn split_reads(&mut self, e: &Expr, state: &Sym) -> Result<Split, NotChunkable> {
         let reason = match self.eval(e, state) {
             Sym::Free(x) => return Ok((x, vec![])),
             Sym::Vec(v) => return Ok(self.reads_of(v, e.span)),
@@ -684,7 +687,7 @@ impl Cx<'_> {
     }
 
     /// The output as an epilogue over reads that share one query and one state version.
-    fn epilogue(&mut self, (expr, sites): (Expr, Vec<ReadSite>), span: Span) -> Result<Output, NotChunkable> {
+    fn epilogue(&mut self, (expr, sites): Split, span: Span) -> Result<Output, NotChunkable> {
         let Some(first) = sites.first() else {
             return Err(NotChunkable { reason: "the output never reads the state".into(), span });
         };
