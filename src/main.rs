@@ -1153,9 +1153,16 @@ fn tuned_schedule(
 ) -> Result<Schedule, Error> {
     let threads = if threads == 0 { chunkc::runtime::exec::default_threads() } else { threads };
     let path = tune::cache_path(cache)?;
-    let schedule = tune::tuned_schedule(rule, dims, threads, &path)?;
-    eprintln!("tuned schedule: {schedule} (from {})", path.display());
-    Ok(schedule)
+    let tuned = tune::tuned_schedule(rule, dims, threads, &path)?;
+    let own = [dims.batch, dims.seq_len, dims.heads, dims.k, dims.v];
+    let at = if tuned.tuned_at == own {
+        String::new()
+    } else {
+        let [b, t, h, k, v] = tuned.tuned_at;
+        format!("; tuned at B={b} T={t} H={h} K={k} V={v}, the nearest tuned shape within 2x of this one")
+    };
+    eprintln!("tuned schedule: {} (from {}{at})", tuned.schedule, path.display());
+    Ok(tuned.schedule)
 }
 
 /// The backend that runs a schedule's kernel.

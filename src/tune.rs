@@ -143,15 +143,24 @@ pub fn entry(key: Key, report: &Report) -> Entry {
     }
 }
 
+/// A tuned schedule from the cache and the shape ([B, T, H, K, V]) it was tuned at: the
+/// problem's own, or the nearest in its bucket (`chunkc_autotune::cache::same_bucket`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Tuned {
+    pub schedule: Schedule,
+    pub tuned_at: [usize; 5],
+}
+
 /// The tuned schedule of `rule` for `dims` and `threads` on this machine, from the cache at
-/// `path`; one clear line when there is none or it is stale.
-pub fn tuned_schedule(rule: &Rule, dims: &Dims, threads: usize, path: &Path) -> Result<Schedule, Error> {
+/// `path` (an entry for this shape, else the nearest in its bucket); one clear line when
+/// there is none or it is stale.
+pub fn tuned_schedule(rule: &Rule, dims: &Dims, threads: usize, path: &Path) -> Result<Tuned, Error> {
     let cache = Cache::open(path).map_err(|e| Error::Input(e.to_string()))?;
     let key = key(rule, dims, threads);
     let [b, t, h, k, v] = key.shape;
     let retune = format!("run `chunkc tune {} --shape {b},{t},{h},{k},{v} --threads {threads}`", rule.path);
     match cache.lookup(&key) {
-        Lookup::Found(e) => Ok(e.schedule()),
+        Lookup::Found(e) | Lookup::Near(e) => Ok(Tuned { schedule: e.schedule(), tuned_at: e.shape }),
         Lookup::Stale(_) => Err(Error::Input(format!(
             "--tuned: {} holds a schedule for rule `{}` at B={b} T={t} H={h} K={k} V={v}, {threads} thread(s), \
              but the rule file has changed since; {retune}",

@@ -142,8 +142,16 @@ fn a_missing_or_stale_schedule_is_one_line_naming_the_command_to_run() {
 
     assert!(tune(rule_s, &cache, &[]).status.success());
     assert!(bench(SHAPE).status.success());
-    // Another shape has no entry.
+    // Another shape has no entry...
     assert!(text(&bench("1,100,2,16,32").stderr).contains("has no schedule"));
+    // ... but one within 2x of the tuned T, same K and V, takes the tuned schedule, and says so.
+    let [b, t, h, k, v]: [usize; 5] =
+        SHAPE.split(',').map(|x| x.parse().unwrap()).collect::<Vec<_>>().try_into().unwrap();
+    let near = format!("{b},{},{h},{k},{v}", t + t / 2);
+    let o = bench(&near);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let e = text(&o.stderr);
+    assert!(e.contains(&format!("tuned at B={b} T={t} H={h} K={k} V={v}, the nearest tuned shape")), "{e}");
 
     // Editing the rule makes the entry stale, not silently reused.
     let mut source = std::fs::read_to_string(&rule).expect("read");

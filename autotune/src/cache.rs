@@ -75,6 +75,8 @@ impl Entry {
 #[derive(Debug, PartialEq)]
 pub enum Lookup<'a> {
     Found(&'a Entry),
+    /// No entry for this exact shape, but one in its bucket ([`same_bucket`]), the nearest.
+    Near(&'a Entry),
     /// An entry for this device, rule name, shape and threads, tuned for other rule text.
     Stale(&'a Entry),
     Missing,
@@ -84,6 +86,22 @@ pub enum Lookup<'a> {
 struct File {
     #[serde(default)]
     entry: Vec<Entry>,
+}
+
+/// Whether a schedule tuned at shape `a` ([B, T, H, K, V]) stands for shape `b`: the same K
+/// and V (the kernels' tiles are specialised to them, and a V-tile must divide V), T within a
+/// factor of 2 (the chunk count and the time blocks scale with it) and B x H, the sequences
+/// the threads share, within a factor of 2.
+pub fn same_bucket(a: [usize; 5], b: [usize; 5]) -> bool {
+    let within_2x = |x: usize, y: usize| x.max(1) <= 2 * y.max(1) && y.max(1) <= 2 * x.max(1);
+    a[3] == b[3] && a[4] == b[4] && within_2x(a[1], b[1]) && within_2x(a[0] * a[2], b[0] * b[2])
+}
+
+/// How far apart two shapes of one bucket are: |log2| of the T ratio plus that of the B x H
+/// ratio.
+fn bucket_distance(a: [usize; 5], b: [usize; 5]) -> f64 {
+    let log_ratio = |x: usize, y: usize| ((x.max(1) as f64) / (y.max(1) as f64)).log2().abs();
+    log_ratio(a[1], b[1]) + log_ratio(a[0] * a[2], b[0] * b[2])
 }
 
 /// The entries of one cache file.
@@ -132,15 +150,32 @@ impl Cache {
         &self.entries
     }
 
+    /// The entry for `key`'s exact shape; else the nearest current one in its shape's bucket
+    /// ([`same_bucket`]); else a stale exact one (tuned for other rule text), or nothing.
     pub fn lookup(&self, key: &Key) -> Lookup<'_> {
         let same_problem = |e: &&Entry| {
             e.device == key.device && e.rule == key.rule && e.shape == key.shape && e.threads == key.threads
         };
         let mut matching = self.entries.iter().filter(same_problem);
         let first = matching.clone().next();
-        match matching.find(|e| e.rule_hash == key.rule_hash) {
-            Some(e) => Lookup::Found(e),
-            None => first.map_or(Lookup::Missing, Lookup::Stale),
+        if let Some(e) = matching.find(|e| e.rule_hash == key.rule_hash) {
+            return Lookup::Found(e);
+        }
+        let near = self
+            .entries
+            .iter()
+            .filter(|e| {
+                e.device == key.device
+                    && e.rule == key.rule
+                    && e.rule_hash == key.rule_hash
+                    && e.threads == key.threads
+                    && same_bucket(e.shape, key.shape)
+            })
+            .min_by(|a, b| bucket_distance(a.shape, key.shape).total_cmp(&bucket_distance(b.shape, key.shape)));
+        match (near, first) {
+            (Some(e), _) => Lookup::Near(e),
+            (None, Some(e)) => Lookup::Stale(e),
+            (None, None) => Lookup::Missing,
         }
     }
 
@@ -248,6 +283,28 @@ mod tests {
         assert!(matches!(cache.lookup(&key), Lookup::Found(e) if e.chunk == 32));
         let other_threads = Key { threads: 2, ..key };
         assert_eq!(cache.lookup(&other_threads), Lookup::Missing);
+    }
+
+    #[test]
+    fn a_shape_without_an_entry_takes_the_nearest_in_its_bucket() {
+        let mut cache = Cache { path: PathBuf::from("unused"), entries: vec![] };
+        cache.insert(entry("aa", 32)); // B1 T2048 H8
+        cache.insert(Entry { shape: [1, 4096, 8, 128, 128], ..entry("aa", 64) });
+        cache.insert(Entry { shape: [1, 1024, 8, 128, 128], ..entry("bb", 16) }); // other rule text
+        let key = |shape| Key { shape, ..entry("aa", 0).key() };
+        // T 3000 is within 2x of both: log2(3000/2048) = 0.55, log2(4096/3000) = 0.45, so
+        // 4096's entry; T 2500 is nearer 2048.
+        assert!(matches!(cache.lookup(&key([1, 3000, 8, 128, 128])), Lookup::Near(e) if e.chunk == 64));
+        assert!(matches!(cache.lookup(&key([1, 2500, 8, 128, 128])), Lookup::Near(e) if e.chunk == 32));
+        // B x H 16 against 8: in the bucket; 32 against 8: not.
+        assert!(matches!(cache.lookup(&key([2, 2048, 8, 128, 128])), Lookup::Near(e) if e.chunk == 32));
+        assert_eq!(cache.lookup(&key([4, 2048, 8, 128, 128])), Lookup::Missing);
+        // Another K or V, or T past 2x: no entry stands for it; other rule text never does.
+        assert_eq!(cache.lookup(&key([1, 2048, 8, 64, 128])), Lookup::Missing);
+        assert_eq!(cache.lookup(&key([1, 512, 8, 128, 128])), Lookup::Missing);
+        assert!(matches!(cache.lookup(&key([1, 1024, 8, 128, 128])), Lookup::Near(e) if e.chunk == 32));
+        // The exact shape wins over any near one.
+        assert!(matches!(cache.lookup(&key([1, 4096, 8, 128, 128])), Lookup::Found(e) if e.chunk == 64));
     }
 
     #[test]
