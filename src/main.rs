@@ -4,7 +4,7 @@ use chunkc::backend::{self, Backend, Engine, Options};
 use chunkc::codegen::ir::ElemType;
 use chunkc::codegen::plan::ProgramShape;
 use chunkc::codegen::ptx::{DotPrecision, PtxSchedule};
-use chunkc::codegen::schedule::{KernelKind, Schedule};
+use chunkc::codegen::schedule::{KernelKind, Schedule, CPU_DEFAULT_CHUNK, GPU_DEFAULT_CHUNK};
 use chunkc::dsl::ast::{Rule, Ty};
 use chunkc::dsl::diag::Diagnostic;
 use chunkc::gpu::Device;
@@ -283,8 +283,10 @@ enum Command {
         /// The GPU target of --backend ptx-sim or cuda (default: sm_90).
         #[arg(long, value_enum)]
         target: Option<GpuTarget>,
-        #[arg(long, default_value_t = 64)]
-        chunk: usize,
+        /// The chunk size [default: 16 on the CPU (measured fastest for every class at the
+        /// default shape, docs/performance.md round 12), 64 for ptx-sim and cuda]
+        #[arg(long)]
+        chunk: Option<usize>,
         /// Worker threads (0: all cores).
         #[arg(long, default_value_t = 0)]
         threads: usize,
@@ -447,8 +449,10 @@ enum Command {
         /// The kernel [default: chunked].
         #[arg(long, value_enum)]
         backend: Option<BackendArg>,
-        #[arg(long, default_value_t = 64)]
-        chunk: usize,
+        /// The chunk size [default: 16 for the forward (measured fastest for every class at
+        /// the default shape, docs/performance.md round 12), 64 with --grad]
+        #[arg(long)]
+        chunk: Option<usize>,
         /// Time forward + backward: the backward program of --backend (its forward phases,
         /// then the reverse pass), on random inputs and cotangents.
         #[arg(long, conflicts_with_all = ["tuned", "bv", "program"])]
@@ -767,6 +771,8 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
         } => {
             check_bv(bv)?;
             check_ptx_flags(&[backend], target.is_some(), kernel.is_some(), &precision)?;
+            let on_gpu = matches!(backend, RunBackend::PtxSim | RunBackend::Cuda);
+            let chunk = chunk.unwrap_or(if on_gpu { GPU_DEFAULT_CHUNK } else { CPU_DEFAULT_CHUNK });
             let schedule = Schedule::chunked(chunk)
                 .with_time_block(time_block)
                 .with_bv(bv)
@@ -996,8 +1002,10 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
             let loaded = load_rule(&rule)?;
             let dims = dims_of(&shape)?;
             if grad {
+                let chunk = chunk.unwrap_or(GPU_DEFAULT_CHUNK);
                 return bench_grad(&loaded.rule, dims, backend, chunk, checkpoint, threads, runs, json);
             }
+            let chunk = chunk.unwrap_or(CPU_DEFAULT_CHUNK);
             let backend = backend.unwrap_or(BackendArg::Chunked);
             if chunk == 0 {
                 return Err(Error::Input("--chunk must be at least 1".into()));

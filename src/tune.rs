@@ -12,18 +12,19 @@ use crate::verify::{random_inputs, rel_rms, F32_TOLERANCE};
 use chunkc_autotune::cache::{self, Cache, Entry, Key, Lookup};
 use chunkc_autotune::{Evaluator, Rejection, Report, Schedule, Trial};
 use chunkc_dsl::ast::Rule;
+use chunkc_codegen::schedule::CPU_DEFAULT_CHUNK;
 use chunkc_dsl::reference::Dims;
 use chunkc_runtime::exec::Order;
 use chunkc_runtime::io::Tensors;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-/// The schedule `chunkc run` and `bench` use without flags: the chunked kernel at chunk 64
-/// (the recurrent kernel for a rule that has no chunked one), the default time block, the
-/// whole V, fused.
+/// The schedule `chunkc run` and `bench` use on a CPU without flags: the chunked kernel at
+/// [`CPU_DEFAULT_CHUNK`] (the recurrent kernel for a rule that has no chunked one), the
+/// default time block, the whole V, fused. The tuner races its winner against it.
 pub fn default_schedule(chunkable: bool) -> Schedule {
     if chunkable {
-        Schedule::chunked(64)
+        Schedule::chunked(CPU_DEFAULT_CHUNK)
     } else {
         Schedule::recurrent()
     }

@@ -213,6 +213,17 @@ pub struct Schedule {
 /// 64 (docs/performance.md: 2 to 8 chunks of 64 are within a few percent of each other).
 pub const DEFAULT_TIME_BLOCK: usize = 256;
 
+/// The chunk `run` and `bench` use on a CPU when none is given. At the default shape (B1
+/// T2048 H8 K=V=128, one thread) chunk 16 ran 1.19x-1.50x faster than 64 and 1.07x-1.17x
+/// faster than 32 for every class measured (gla, kda, simple_gla, gated_delta_rule,
+/// linear_attn, delta_rule, rwkv6, mamba2: docs/performance.md round 12), in line with the
+/// tuner's picks on an earlier machine (16 or 32).
+pub const CPU_DEFAULT_CHUNK: usize = 16;
+
+/// The chunk the GPU backends use when none is given: flash-linear-attention's 64 (no GPU
+/// measurement of chunkc's kernels yet), and that of the backward, not yet measured at others.
+pub const GPU_DEFAULT_CHUNK: usize = 64;
+
 impl Default for Schedule {
     /// The chunked kernel at chunk 64, fused, the whole V, f32 inputs, the default time
     /// block and the plain PTX schedule.
