@@ -1392,10 +1392,9 @@ v = "[V]"
     );
 }
 
-#[test]
-fn second_matrix() {
-    check(
-        "second_matrix",
+/// A rule with a [K] state `n` beside S, and the `[states]` table `states` after its inputs.
+fn with_states(states: &str) -> String {
+    format!(
         r#"name = "r"
 step = """
 S = S + outer(k, v)
@@ -1406,9 +1405,17 @@ o = S^T @ q + dot(n, q)
 q = "[K]"
 k = "[K]"
 v = "[V]"
-[states]
+{states}"#
+    )
+}
+
+#[test]
+fn second_matrix() {
+    check(
+        "second_matrix",
+        &with_states(r#"[states]
 n = "[K,V]"
-"#,
+"#),
         r#"bad/second_matrix.toml:12:1: error: a second [K, V] state (`n`) is not supported
    |
 12 | n = "[K,V]"
@@ -1422,19 +1429,9 @@ n = "[K,V]"
 fn bad_state_shape() {
     check(
         "bad_state_shape",
-        r#"name = "r"
-step = """
-S = S + outer(k, v)
-n = n + k
-o = S^T @ q + dot(n, q)
-"""
-[inputs]
-q = "[K]"
-k = "[K]"
-v = "[V]"
-[states]
+        &with_states(r#"[states]
 n = "[Q]"
-"#,
+"#),
         r#"bad/bad_state_shape.toml:12:5: error: bad shape `[Q]` for state `n`
    |
 12 | n = "[Q]"
@@ -1448,20 +1445,10 @@ n = "[Q]"
 fn never_updated() {
     check(
         "never_updated",
-        r#"name = "r"
-step = """
-S = S + outer(k, v)
-n = n + k
-o = S^T @ q + dot(n, q)
-"""
-[inputs]
-q = "[K]"
-k = "[K]"
-v = "[V]"
-[states]
+        &with_states(r#"[states]
 n = "[K]"
 m = "[V]"
-"#,
+"#),
         r#"bad/never_updated.toml:13:1: error: state `m` is never updated
    |
 13 | m = "[V]"
@@ -1475,20 +1462,10 @@ m = "[V]"
 fn s_not_matrix() {
     check(
         "s_not_matrix",
-        r#"name = "r"
-step = """
-S = S + outer(k, v)
-n = n + k
-o = S^T @ q + dot(n, q)
-"""
-[inputs]
-q = "[K]"
-k = "[K]"
-v = "[V]"
-[states]
+        &with_states(r#"[states]
 S = "[K]"
 n = "[K]"
-"#,
+"#),
         r#"bad/s_not_matrix.toml:12:5: error: the state `S` is [K, V], not `[K]`
    |
 12 | S = "[K]"
