@@ -1413,9 +1413,11 @@ v = "[V]"
 fn second_matrix() {
     check(
         "second_matrix",
-        &with_states(r#"[states]
+        &with_states(
+            r#"[states]
 n = "[K,V]"
-"#),
+"#,
+        ),
         r#"bad/second_matrix.toml:12:1: error: a second [K, V] state (`n`) is not supported
    |
 12 | n = "[K,V]"
@@ -1429,9 +1431,11 @@ n = "[K,V]"
 fn bad_state_shape() {
     check(
         "bad_state_shape",
-        &with_states(r#"[states]
+        &with_states(
+            r#"[states]
 n = "[Q]"
-"#),
+"#,
+        ),
         r#"bad/bad_state_shape.toml:12:5: error: bad shape `[Q]` for state `n`
    |
 12 | n = "[Q]"
@@ -1445,10 +1449,12 @@ n = "[Q]"
 fn never_updated() {
     check(
         "never_updated",
-        &with_states(r#"[states]
+        &with_states(
+            r#"[states]
 n = "[K]"
 m = "[V]"
-"#),
+"#,
+        ),
         r#"bad/never_updated.toml:13:1: error: state `m` is never updated
    |
 13 | m = "[V]"
@@ -1462,10 +1468,12 @@ m = "[V]"
 fn s_not_matrix() {
     check(
         "s_not_matrix",
-        &with_states(r#"[states]
+        &with_states(
+            r#"[states]
 S = "[K]"
 n = "[K]"
-"#),
+"#,
+        ),
         r#"bad/s_not_matrix.toml:12:5: error: the state `S` is [K, V], not `[K]`
    |
 12 | S = "[K]"
