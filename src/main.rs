@@ -504,8 +504,8 @@ enum Command {
     /// printed, nothing is saved and the command fails.
     Tune {
         rule: PathBuf,
-        /// B,T,H,K,V
-        #[arg(long, value_delimiter = ',', default_values_t = [1, 2048, 8, 128, 128])]
+        /// B,T,H,K,V; repeat `--shape` to tune several shapes in one go, one after the other
+        #[arg(long, value_delimiter = ',', action = clap::ArgAction::Append, default_values_t = [1, 2048, 8, 128, 128])]
         shape: Vec<usize>,
         /// Worker threads (0: all cores).
         #[arg(long, default_value_t = 1)]
@@ -1061,9 +1061,20 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Tune { rule, shape, threads, rounds, cache, seed, json } => {
+            if shape.is_empty() || !shape.len().is_multiple_of(5) {
+                return Err(Error::Input(
+                    "--shape takes five sizes per shape, B,T,H,K,V (repeat --shape for more shapes)".into(),
+                ));
+            }
+            let shapes = shape.chunks(5).map(dims_of).collect::<Result<Vec<_>, _>>()?;
             let loaded = load_rule(&rule)?;
-            let dims = dims_of(&shape)?;
-            tune_rule(&loaded, dims, threads, rounds, cache.as_deref(), seed, json)
+            for (i, &dims) in shapes.iter().enumerate() {
+                if shapes.len() > 1 {
+                    println!("shape {} of {}", i + 1, shapes.len());
+                }
+                tune_rule(&loaded, dims, threads, rounds, cache.as_deref(), seed, json)?;
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Compile {
             rule,

@@ -197,3 +197,32 @@ fn a_corrupt_cache_is_an_error_naming_the_file() {
     assert!(e.starts_with(&format!("error: {}: ", cache.display())), "{e}");
     assert_eq!(std::fs::read_to_string(&cache).unwrap(), "[[entry]]\nrule = 3\n", "a bad cache is not overwritten");
 }
+
+/// `--shape` repeated tunes each shape in turn, one cache entry each; a shape that is not
+/// five sizes is one line.
+#[test]
+fn several_shapes_tune_in_one_go() {
+    let dir = fresh_dir("shapes");
+    let cache = dir.join("tune.toml");
+    let o = chunkc(&[
+        "tune",
+        "rules/simple_gla.toml",
+        "--shape",
+        "1,40,2,8,8",
+        "--shape",
+        "1,24,1,8,16",
+        "--rounds",
+        "1",
+        "--cache",
+        cache.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let out = text(&o.stdout);
+    assert!(out.contains("shape 1 of 2") && out.contains("shape 2 of 2"), "{out}");
+    assert!(out.contains("B=1 T=40 H=2 K=8 V=8") && out.contains("B=1 T=24 H=1 K=8 V=16"), "{out}");
+    let saved = std::fs::read_to_string(&cache).expect("the cache");
+    assert_eq!(saved.matches("[[entry]]").count(), 2, "{saved}");
+    let o = chunkc(&["tune", "rules/simple_gla.toml", "--shape", "1,40,2,8", "--cache", cache.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o.stderr).contains("five sizes per shape"), "{}", text(&o.stderr));
+}
