@@ -1219,17 +1219,31 @@ fn tune_rule(
     let default = tune::default_schedule(chunkable);
     let settings = at::Settings { rounds, confirm_rounds: 2 * rounds.max(1) - 1, ..Default::default() };
     println!("{:<11} {:<34} {:>9} {:>10}", "stage", "schedule", "best ms", "median ms");
-    let report = at::tune(&eval, &space, default, settings, &mut |row| match &row.outcome {
-        Outcome::Timed(t) => println!(
-            "{:<11} {:<34} {:>9.3} {:>10.3}",
-            row.stage,
-            row.config.to_string(),
-            t.best.as_secs_f64() * 1e3,
-            t.median.as_secs_f64() * 1e3
-        ),
-        Outcome::Rejected(why) => println!("{:<11} {:<34} {why}", row.stage, row.config.to_string()),
-    })
-    .map_err(|e| Error::Internal(e.to_string()))?;
+    // A spinner on stderr while the races run (drawn only on a terminal); the table's rows go
+    // to stdout around it.
+    let bar = indicatif::ProgressBar::new_spinner();
+    if let Ok(style) = indicatif::ProgressStyle::with_template("{spinner} {elapsed} {msg}") {
+        bar.set_style(style);
+    }
+    bar.set_message(format!("tuning {} ...", rule.name));
+    bar.enable_steady_tick(std::time::Duration::from_millis(120));
+    let mut rows = 0usize;
+    let report = at::tune(&eval, &space, default, settings, &mut |row| {
+        rows += 1;
+        bar.set_message(format!("{} candidate(s) so far; last: {} {}", rows, row.stage, row.config));
+        bar.suspend(|| match &row.outcome {
+            Outcome::Timed(t) => println!(
+                "{:<11} {:<34} {:>9.3} {:>10.3}",
+                row.stage,
+                row.config.to_string(),
+                t.best.as_secs_f64() * 1e3,
+                t.median.as_secs_f64() * 1e3
+            ),
+            Outcome::Rejected(why) => println!("{:<11} {:<34} {why}", row.stage, row.config.to_string()),
+        })
+    });
+    bar.finish_and_clear();
+    let report = report.map_err(|e| Error::Internal(e.to_string()))?;
     let wrong = report.wrong();
     if !wrong.is_empty() {
         return Err(Error::Internal(format!(
