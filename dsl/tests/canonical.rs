@@ -64,6 +64,18 @@ fn rwkv6_reads_before_with_a_bonus_and_mamba2_has_a_skip() {
     assert_eq!(print_expr(&r, &c.writes[0].1), "softplus(dt) * x");
 }
 
+/// The `[inputs]` lines of those of `inputs` (name, shape) that `step` reads (an unused
+/// input is an error of its own).
+fn declared(step: &str, inputs: &[(&str, &str)]) -> String {
+    let words: Vec<&str> = step.split(|c: char| !c.is_ascii_alphanumeric()).collect();
+    inputs
+        .iter()
+        .filter(|(n, _)| words.contains(n))
+        .map(|(n, t)| format!("{n} = \"{t}\""))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 fn parse(step: &str, inputs: &str) -> chunkc_dsl::ast::Rule {
     let src = format!("name = \"t\"\nstep = \"\"\"\n{step}\n\"\"\"\n\n[inputs]\n{inputs}\n");
     chunkc_dsl::parse_rule("t.toml", &src).unwrap_or_else(|d| panic!("{d}"))
@@ -252,16 +264,7 @@ fn a_factor_that_would_change_the_type_is_not_taken_out() {
 /// does (the span's text).
 #[test]
 fn every_refusal_states_its_reason_at_its_expression() {
-    // The inputs a step reads (an unused input is an error of its own).
-    let io = |step: &str| -> String {
-        let words: Vec<&str> = step.split(|c: char| !c.is_ascii_alphanumeric()).collect();
-        [("q", "[K]"), ("k", "[K]"), ("v", "[V]"), ("gv", "[V]"), ("gw", "[V]")]
-            .iter()
-            .filter(|(n, _)| words.contains(n))
-            .map(|(n, t)| format!("{n} = \"{t}\""))
-            .collect::<Vec<_>>()
-            .join("\n")
-    };
+    let io = |step: &str| declared(step, &[("q", "[K]"), ("k", "[K]"), ("v", "[V]"), ("gv", "[V]"), ("gw", "[V]")]);
     let cases: &[(&str, &str, &str)] = &[
         ("S = outer(k, v + gv + gw)\no = S^T @ q", "discards the previous state", "S = outer(k, v + gv + gw)"),
         ("S = S + outer(k, v + gv + gw)\no = v", "the output never reads the state", "o = v"),
@@ -409,15 +412,10 @@ fn parse_with_states(step: &str, inputs: &str, states: &str) -> chunkc_dsl::ast:
 /// values; any other extra state keeps the recurrent kernel, with the reason.
 #[test]
 fn extra_states_are_columns_of_s() {
-    // The inputs a step reads (an unused input is an error of its own).
-    let io = |step: &str| -> String {
-        let words: Vec<&str> = step.split(|c: char| !c.is_ascii_alphanumeric()).collect();
-        [("q", "[K]"), ("k", "[K]"), ("v", "[V]"), ("g", "scalar"), ("gk", "[K]"), ("gv", "[V]"), ("b", "scalar")]
-            .iter()
-            .filter(|(n, _)| words.contains(n))
-            .map(|(n, t)| format!("{n} = \"{t}\""))
-            .collect::<Vec<_>>()
-            .join("\n")
+    let io = |step: &str| {
+        let inputs =
+            [("q", "[K]"), ("k", "[K]"), ("v", "[V]"), ("g", "scalar"), ("gk", "[K]"), ("gv", "[V]"), ("b", "scalar")];
+        declared(step, &inputs)
     };
     let r = parse_with_states(
         "S = exp(g) * S + outer(b * k, v)\nn = exp(g) * n + b * k + 2\no = (S^T @ q) / max(abs(dot(n, q)), 1)",
