@@ -3,7 +3,8 @@
 //! A rule file describes one token's state update; chunkc checks and classifies it
 //! ([`dsl`]), builds kernels for it ([`codegen`]) and runs them ([`runtime`]); [`autotune`]
 //! searches the schedules of those kernels ([`tune`] is its CPU evaluator). This crate is the
-//! facade that ties the stages together, and the `chunkc` command line.
+//! facade that ties the stages together, and the `chunkc` command line; [`library`] is the
+//! typed API a program embeds ([`Rule`], [`compile`], [`Program`]).
 
 pub use chunkc_autotune as autotune;
 pub use chunkc_codegen as codegen;
@@ -15,21 +16,26 @@ pub mod bench;
 pub mod error;
 pub mod gpu;
 pub mod grad;
+pub mod library;
 pub mod problem;
 pub mod tune;
 pub mod verify;
 pub mod verify_grad;
+pub mod view;
 
 pub use backend::{run, Backend, Engine, Options, Outputs};
+pub use chunkc_codegen::ptx::Sm;
 pub use chunkc_codegen::schedule::{Schedule, F32_TOLERANCE, SIXTEEN_BIT_TOLERANCE};
 pub use error::Error;
+pub use library::{compile, CuSeqlens, Heads, Inputs, Program, Rule, StatePool, Target};
+pub use view::{Elems, TensorRef};
 
-use chunkc_dsl::ast::Rule;
+use chunkc_dsl::ast::Rule as RuleAst;
 use chunkc_dsl::canon::{canonicalize, Canonical, NotChunkable};
 
 /// A checked rule and its canonical form (or why it has none).
 pub struct Loaded {
-    pub rule: Rule,
+    pub rule: RuleAst,
     /// The canonical form when the chunk planner builds the rule's chunked kernels, else
     /// why not: the rule is not linear in its state, or its form is one the planner does not
     /// build yet.
@@ -46,7 +52,7 @@ pub fn load_rule(path: &std::path::Path) -> Result<Loaded, Error> {
 }
 
 /// [`load_rule`] for a rule already parsed.
-pub fn checked(rule: Rule) -> Result<Loaded, Error> {
+pub fn checked(rule: RuleAst) -> Result<Loaded, Error> {
     let form = canonicalize(&rule);
     let canonical = match &form {
         Ok(c) => chunked_kernels(&rule, c).map(|()| c.clone()),
@@ -61,7 +67,7 @@ pub fn checked(rule: Rule) -> Result<Loaded, Error> {
 /// Builds the chunked programs (fused and split) of a canonical form on a small shape, so
 /// that nothing claims a chunked kernel the planner refuses; the refusal, pointing at the
 /// state update, when it does.
-fn chunked_kernels(rule: &Rule, canon: &Canonical) -> Result<(), NotChunkable> {
+fn chunked_kernels(rule: &RuleAst, canon: &Canonical) -> Result<(), NotChunkable> {
     use chunkc_codegen::plan::{program, Shape};
     use chunkc_codegen::schedule::ProgramShape;
     let probe = Shape { heads: 1, k: 4, v: 4, scale: 0.5 };

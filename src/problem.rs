@@ -3,8 +3,9 @@
 use crate::error::Error;
 use chunkc_dsl::ast::{Rule, Ty};
 use chunkc_dsl::reference::Dims;
-use chunkc_runtime::error::{expect_shape, RuntimeError};
+use chunkc_runtime::error::RuntimeError;
 use chunkc_runtime::io::Tensors;
+use std::collections::BTreeMap;
 
 /// Dimension names of an input's tensor, for messages.
 pub fn dims_label(per_head: bool, ty: Ty) -> &'static str {
@@ -16,16 +17,6 @@ pub fn dims_label(per_head: bool, ty: Ty) -> &'static str {
         (false, Ty::VecK) => "[B, T, H, K]",
         (false, _) => "[B, T, H, V]",
     }
-}
-
-fn get<'a>(tensors: &'a Tensors, name: &str, source: &str) -> Result<&'a chunkc_runtime::tensor::Tensor, Error> {
-    tensors.get(name).ok_or_else(|| {
-        Error::Runtime(RuntimeError::MissingTensor {
-            name: name.to_string(),
-            path: source.to_string(),
-            available: tensors.keys().cloned().collect(),
-        })
-    })
 }
 
 /// Refuses a tensor that is neither an input of `rule` nor one of `also` (the state and
@@ -67,6 +58,22 @@ pub fn check_known_tensors(
 /// Reads B, T, H, K and V off the tensors, then checks every tensor the rule reads (and
 /// `h0`, each extra state's `<name>0` and `d<name>T` when present) against them. `source` names where the tensors came from.
 pub fn infer_dims(rule: &Rule, tensors: &Tensors, source: &str) -> Result<Dims, Error> {
+    let shapes: BTreeMap<String, Vec<usize>> = tensors.iter().map(|(n, t)| (n.clone(), t.shape.clone())).collect();
+    infer_dims_of_shapes(rule, &shapes, source)
+}
+
+/// [`infer_dims`] from the tensors' shapes alone (the library's borrowed tensors have no
+/// [`chunkc_runtime::tensor::Tensor`]).
+pub fn infer_dims_of_shapes(rule: &Rule, shapes: &BTreeMap<String, Vec<usize>>, source: &str) -> Result<Dims, Error> {
+    let get = |name: &str| {
+        shapes.get(name).ok_or_else(|| {
+            Error::Runtime(RuntimeError::MissingTensor {
+                name: name.to_string(),
+                path: source.to_string(),
+                available: shapes.keys().cloned().collect(),
+            })
+        })
+    };
     let rank_error = |name: &str, label: &str, shape: &[usize]| {
         Error::Input(format!(
             "tensor `{name}`: expected {} dimensions {label}, got shape {shape:?}",
@@ -75,21 +82,21 @@ pub fn infer_dims(rule: &Rule, tensors: &Tensors, source: &str) -> Result<Dims, 
     };
     let (mut bth, mut heads, mut k, mut v) = (None, None, None, None);
     for inp in &rule.inputs {
-        let t = get(tensors, &inp.name, source)?;
+        let shape = get(&inp.name)?;
         let label = dims_label(inp.per_head, inp.ty);
         let want_rank = label.split(',').count();
-        if t.shape.len() != want_rank {
-            return Err(rank_error(&inp.name, label, &t.shape));
+        if shape.len() != want_rank {
+            return Err(rank_error(&inp.name, label, shape));
         }
         let width = match (inp.per_head, inp.ty) {
             (_, Ty::Scalar) => None,
-            (true, _) => Some(t.shape[1]),
-            (false, _) => Some(t.shape[3]),
+            (true, _) => Some(shape[1]),
+            (false, _) => Some(shape[3]),
         };
         if inp.per_head {
-            heads.get_or_insert(t.shape[0]);
+            heads.get_or_insert(shape[0]);
         } else {
-            bth.get_or_insert((t.shape[0], t.shape[1], t.shape[2]));
+            bth.get_or_insert((shape[0], shape[1], shape[2]));
         }
         match inp.ty {
             Ty::VecK => k = k.or(width),
@@ -97,13 +104,13 @@ pub fn infer_dims(rule: &Rule, tensors: &Tensors, source: &str) -> Result<Dims, 
             _ => {}
         }
     }
-    let h0 = tensors.get("h0");
+    let h0 = shapes.get("h0");
     if let Some(h0) = h0 {
-        if h0.shape.len() != 4 {
-            return Err(rank_error("h0", "[B, H, K, V]", &h0.shape));
+        if h0.len() != 4 {
+            return Err(rank_error("h0", "[B, H, K, V]", h0));
         }
-        k = k.or(Some(h0.shape[2]));
-        v = v.or(Some(h0.shape[3]));
+        k = k.or(Some(h0[2]));
+        v = v.or(Some(h0[3]));
     }
     let (batch, seq_len, h) = bth.ok_or_else(|| {
         Error::Input(format!("rule `{}` has no per-token input, so the sequence length is unknown", rule.name))
@@ -116,8 +123,7 @@ pub fn infer_dims(rule: &Rule, tensors: &Tensors, source: &str) -> Result<Dims, 
     }
     let dims = Dims { batch, seq_len, heads, k, v };
     for inp in &rule.inputs {
-        let t = get(tensors, &inp.name, source)?;
-        expect_shape(&inp.name, t, &dims.input_shape(inp), dims_label(inp.per_head, inp.ty))?;
+        expect_shape(&inp.name, get(&inp.name)?, &dims.input_shape(inp), dims_label(inp.per_head, inp.ty))?;
     }
     if let Some(h0) = h0 {
         expect_shape("h0", h0, &dims.state_shape(), "[B, H, K, V]")?;
@@ -128,10 +134,24 @@ pub fn infer_dims(rule: &Rule, tensors: &Tensors, source: &str) -> Result<Dims, 
             _ => ("[B, H, V]", vec![batch, heads, v]),
         };
         for name in [s.initial_name(), format!("d{}", s.final_name())] {
-            if let Some(t) = tensors.get(&name) {
-                expect_shape(&name, t, &want, label)?;
+            if let Some(shape) = shapes.get(&name) {
+                expect_shape(&name, shape, &want, label)?;
             }
         }
     }
     Ok(dims)
+}
+
+/// A shape mismatch as the runtime words it: the tensor, its dimension names, expected and
+/// actual shape.
+pub fn expect_shape(name: &str, got: &[usize], expected: &[usize], dims_label: &str) -> Result<(), Error> {
+    if got == expected {
+        return Ok(());
+    }
+    Err(Error::Runtime(RuntimeError::ShapeMismatch {
+        name: name.to_string(),
+        expected: expected.to_vec(),
+        got: got.to_vec(),
+        dims: dims_label.to_string(),
+    }))
 }

@@ -51,6 +51,28 @@ struct SendPtrs(Vec<*mut f32>);
 unsafe impl Sync for SendPtrs {}
 unsafe impl Send for SendPtrs {}
 
+/// One worker's kernel scratch, 64-byte aligned.
+pub(crate) struct Scratch(Vec<u8>);
+
+impl Scratch {
+    /// `bytes` of scratch, NaN-filled when `poison` (see [`Order::poison_scratch`]). Zeroed
+    /// memory costs nothing until touched (calloc), so only a checking run pays for the fill.
+    pub(crate) fn new(bytes: usize, poison: bool) -> Scratch {
+        // 64-byte alignment from over-allocation.
+        Scratch(if poison {
+            f32::NAN.to_le_bytes().into_iter().cycle().take(bytes + 64).collect()
+        } else {
+            vec![0u8; bytes + 64]
+        })
+    }
+
+    pub(crate) fn ptr(&mut self) -> *mut u8 {
+        let off = self.0.as_ptr().align_offset(64);
+        // SAFETY: `off < 64` and the buffer has 64 bytes more than asked for.
+        unsafe { self.0.as_mut_ptr().add(off) }
+    }
+}
+
 /// Threads to use when the caller says 0: the machine's available parallelism.
 pub fn default_threads() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
@@ -124,15 +146,8 @@ unsafe fn launch_ptrs(
         (0..if per_block.is_some() && !independent { points } else { 0 }).map(|_| AtomicUsize::new(0)).collect();
     let done = &done;
     let work = |_: usize| {
-        // 64-byte alignment from over-allocation. Zeroed memory costs nothing until touched
-        // (calloc), so only a checking run pays for the fill.
-        let mut scratch = if poison_scratch {
-            f32::NAN.to_le_bytes().into_iter().cycle().take(bytes + 64).collect()
-        } else {
-            vec![0u8; bytes + 64]
-        };
-        let off = scratch.as_ptr().align_offset(64);
-        let ws = unsafe { scratch.as_mut_ptr().add(off) };
+        let mut scratch = Scratch::new(bytes, poison_scratch);
+        let ws = scratch.ptr();
         if let (Some(resume), Some(per_block)) = (resume, per_block) {
             let mut resumed = ptrs.0.clone();
             for &(state_in, state_out) in &resume.state {

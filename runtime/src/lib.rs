@@ -10,6 +10,7 @@ pub mod error;
 pub mod exec;
 pub mod io;
 pub mod launch;
+pub mod packed;
 pub mod program;
 pub mod ptxsim;
 pub mod tensor;
