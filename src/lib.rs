@@ -21,14 +21,13 @@ pub mod problem;
 pub mod tune;
 pub mod verify;
 pub mod verify_grad;
-pub mod view;
 
 pub use backend::{run, Backend, Engine, Options, Outputs};
 pub use chunkc_codegen::ptx::Sm;
 pub use chunkc_codegen::schedule::{Schedule, F32_TOLERANCE, SIXTEEN_BIT_TOLERANCE};
+pub use chunkc_runtime::view::{Elems, TensorRef};
 pub use error::Error;
 pub use library::{compile, CuSeqlens, Heads, Inputs, Program, Rule, StatePool, Target};
-pub use view::{Elems, TensorRef};
 
 use chunkc_dsl::ast::Rule as RuleAst;
 use chunkc_dsl::canon::{canonicalize, Canonical, NotChunkable};

@@ -162,23 +162,15 @@ impl UnOp {
     /// softplus take their stable branches (no overflow for large |x|); softplus is x above
     /// 20 and e^x below -20, as the rule language defines it.
     pub fn eval(self, x: f64) -> f64 {
-        let sigmoid = |x: f64| {
-            if x >= 0.0 {
-                1.0 / (1.0 + (-x).exp())
-            } else {
-                x.exp() / (1.0 + x.exp())
-            }
-        };
+        use chunkc_runtime::cpu_support::{sigmoid, silu, softplus};
         match self {
             UnOp::Neg => -x,
             UnOp::Exp => x.exp(),
             UnOp::Exp2 => x.exp2(),
             UnOp::Log => x.ln(),
             UnOp::Sigmoid => sigmoid(x),
-            UnOp::Softplus if x > 20.0 => x,
-            UnOp::Softplus if x < -20.0 => x.exp(),
-            UnOp::Softplus => x.exp().ln_1p(),
-            UnOp::Silu => x * sigmoid(x),
+            UnOp::Softplus => softplus(x),
+            UnOp::Silu => silu(x),
             UnOp::Sqrt => x.sqrt(),
             UnOp::Recip => 1.0 / x,
             UnOp::Abs => x.abs(),

@@ -27,6 +27,8 @@ pub enum RuntimeError {
     DataLength { shape: Vec<usize>, expected: usize, got: usize },
     /// A shape whose element count overflows `usize`.
     ShapeOverflow { shape: Vec<usize> },
+    /// A tensor view or a call the runtime refuses: its reason, one line.
+    BadTensor(String),
 }
 
 impl fmt::Display for RuntimeError {
@@ -60,6 +62,7 @@ impl fmt::Display for RuntimeError {
             RuntimeError::ShapeOverflow { shape } => {
                 write!(f, "shape {shape:?} has more elements than this machine can address")
             }
+            RuntimeError::BadTensor(why) => f.write_str(why),
         }
     }
 }

@@ -30,8 +30,8 @@ mod gated;
 mod gated_matmul;
 mod gemm;
 mod lower;
+pub mod object;
 pub mod peak;
-mod prefetch;
 mod profile;
 mod rows;
 mod solve;
@@ -51,6 +51,7 @@ use cranelift_module::{default_libcall_names, FuncId, Linkage, Module};
 use crate::ir::{BinOp, DType, Kernel, Op, UnOp};
 use crate::midend::{self, Abilities, LayoutError, Prepared};
 use crate::program::{Program, ProgramSpec};
+use chunkc_runtime::cpu_support::{self as support, MATH_F32, MATH_F64, POW_F32, POW_F64};
 use lower::{Lower, MathFns};
 
 /// Why a kernel could not be compiled.
@@ -244,7 +245,7 @@ pub fn compile_with(kernel: &Kernel, simd: Simd) -> Result<CpuCompiled, CodegenE
     let kernel = &prepared.kernel;
     let mut module = new_module(simd)?;
     let mut ctx = module.make_context();
-    let id = build(&mut module, &mut ctx, &prepared, simd)?;
+    let id = build(&mut module, &mut ctx, &prepared, simd, (&kernel_symbol(&kernel.name), Linkage::Local))?;
     module.define_function(id, &mut ctx).map_err(|e| CodegenError(format!("compiling {}: {e:?}", kernel.name)))?;
     let ranges = profile::enabled().then(|| {
         let code = ctx.compiled_code().expect("define_function compiled the function");
@@ -278,7 +279,7 @@ pub fn compile_to_clif(kernel: &Kernel) -> Result<String, CodegenError> {
     let prepared = plan_fused(kernel, simd)?;
     let mut module = new_module(simd)?;
     let mut ctx = module.make_context();
-    build(&mut module, &mut ctx, &prepared, simd)?;
+    build(&mut module, &mut ctx, &prepared, simd, (&kernel_symbol(&kernel.name), Linkage::Local))?;
     let text = ctx.func.display().to_string();
     // SAFETY: nothing was compiled into the module.
     unsafe { module.free_memory() };
@@ -325,13 +326,16 @@ fn plan_fused(kernel: &Kernel, simd: Simd) -> Result<Prepared, CodegenError> {
     Ok(midend::prepare(kernel, &abilities(simd))?)
 }
 
-fn new_module(simd: Simd) -> Result<JITModule, CodegenError> {
+/// The host's ISA with every feature it has (SSE4.1, AVX, FMA...), as
+/// `cranelift_native` finds them; position-independent code when `pic` (an object file
+/// linked into a PIE program).
+fn host_isa(pic: bool) -> Result<cranelift_codegen::isa::OwnedTargetIsa, CodegenError> {
     let e = |what: &str, m: String| CodegenError(format!("{what}: {m}"));
     let mut flags = settings::builder();
-    for (k, v) in [("opt_level", "speed"), ("use_colocated_libcalls", "false"), ("is_pic", "false")] {
+    let pic = if pic { "true" } else { "false" };
+    for (k, v) in [("opt_level", "speed"), ("use_colocated_libcalls", "false"), ("is_pic", pic)] {
         flags.set(k, v).map_err(|x| e("cranelift flag", x.to_string()))?;
     }
-    // `cranelift_native::builder` enables every ISA feature the host has (SSE4.1, AVX, FMA...).
     let isa = cranelift_native::builder()
         .map_err(|m| e("host machine is not supported", m.to_string()))?
         .finish(settings::Flags::new(flags))
@@ -339,6 +343,11 @@ fn new_module(simd: Simd) -> Result<JITModule, CodegenError> {
     if isa.pointer_type() != types::I64 {
         return Err(CodegenError("the cpu backend needs a 64-bit host".into()));
     }
+    Ok(isa)
+}
+
+fn new_module(simd: Simd) -> Result<JITModule, CodegenError> {
+    let isa = host_isa(false)?;
     let mut jb = JITBuilder::with_isa(isa, default_libcall_names());
     for (name, f) in MATH_F32 {
         jb.symbol(name, f as *const u8);
@@ -348,7 +357,7 @@ fn new_module(simd: Simd) -> Result<JITModule, CodegenError> {
     }
     jb.symbol(POW_F32.0, POW_F32.1 as *const u8);
     jb.symbol(POW_F64.0, POW_F64.1 as *const u8);
-    jb.symbol(prefetch::PREFETCH_SYMBOL, prefetch::prefetch_rows as *const u8);
+    jb.symbol(support::PREFETCH_SYMBOL, support::chunkc_prefetch_rows as *const u8);
     jb.symbol(rows::ROWS_SYMBOL, rows::copy_rows as *const u8);
     if let Some(f) = gemm::select(simd) {
         jb.symbol(gemm::GEMM_SYMBOL, f as *const u8);
@@ -375,11 +384,21 @@ fn new_module(simd: Simd) -> Result<JITModule, CodegenError> {
     Ok(JITModule::new(jb))
 }
 
+/// The symbol of `kernel`'s function: `chunkc_<kernel name>`.
+pub fn kernel_symbol(kernel: &str) -> String {
+    format!("chunkc_{kernel}")
+}
+
 /// Declares the math imports and the kernel function, and fills `ctx.func` with its body.
-fn build(module: &mut JITModule, ctx: &mut Context, prepared: &Prepared, simd: Simd) -> Result<FuncId, CodegenError> {
-    let kernel = &prepared.kernel;
+fn build<M: Module>(
+    module: &mut M,
+    ctx: &mut Context,
+    prepared: &Prepared,
+    simd: Simd,
+    (symbol, linkage): (&str, Linkage),
+) -> Result<FuncId, CodegenError> {
     let merr = |e: cranelift_module::ModuleError| CodegenError(format!("declaring functions: {e}"));
-    let import = |module: &mut JITModule, func: &mut cranelift_codegen::ir::Function, name: &str, ty, args| {
+    let import = |module: &mut M, func: &mut cranelift_codegen::ir::Function, name: &str, ty, args| {
         let mut sig = module.make_signature();
         for _ in 0..args {
             sig.params.push(AbiParam::new(ty));
@@ -391,7 +410,7 @@ fn build(module: &mut JITModule, ctx: &mut Context, prepared: &Prepared, simd: S
     // (p, rows, stride, bytes), nothing returned.
     let mut psig = module.make_signature();
     psig.params.extend([AbiParam::new(types::I64); 4]);
-    let pid = module.declare_function(prefetch::PREFETCH_SYMBOL, Linkage::Import, &psig).map_err(merr)?;
+    let pid = module.declare_function(support::PREFETCH_SYMBOL, Linkage::Import, &psig).map_err(merr)?;
     let prefetch = module.declare_func_in_func(pid, &mut ctx.func);
     let mut math = MathFns {
         f32: vec![],
@@ -475,7 +494,7 @@ fn build(module: &mut JITModule, ctx: &mut Context, prepared: &Prepared, simd: S
     // indices are all 64-bit.
     let mut sig = module.make_signature();
     sig.params.extend([AbiParam::new(types::I64); 8]);
-    let id = module.declare_function(&format!("chunkc_{}", kernel.name), Linkage::Local, &sig).map_err(merr)?;
+    let id = module.declare_function(symbol, linkage, &sig).map_err(merr)?;
     ctx.func.signature = sig;
     ctx.func.name = UserFuncName::user(0, id.as_u32());
 
@@ -493,85 +512,6 @@ fn build(module: &mut JITModule, ctx: &mut Context, prepared: &Prepared, simd: S
     b.finalize(config);
     Ok(id)
 }
-
-// ---- math routines the generated code calls -----------------------------------------------
-//
-// Each f32 routine computes in f64 and rounds once, exactly as the interpreter does (both
-// through `UnOp::eval`, the IR's definition), so the compiled results are bit-identical to it.
-
-extern "C" fn chunkc_exp_f32(x: f32) -> f32 {
-    UnOp::Exp.eval(x as f64) as f32
-}
-extern "C" fn chunkc_exp2_f32(x: f32) -> f32 {
-    UnOp::Exp2.eval(x as f64) as f32
-}
-extern "C" fn chunkc_log_f32(x: f32) -> f32 {
-    UnOp::Log.eval(x as f64) as f32
-}
-extern "C" fn chunkc_sigmoid_f32(x: f32) -> f32 {
-    UnOp::Sigmoid.eval(x as f64) as f32
-}
-extern "C" fn chunkc_softplus_f32(x: f32) -> f32 {
-    UnOp::Softplus.eval(x as f64) as f32
-}
-extern "C" fn chunkc_silu_f32(x: f32) -> f32 {
-    UnOp::Silu.eval(x as f64) as f32
-}
-extern "C" fn chunkc_tanh_f32(x: f32) -> f32 {
-    UnOp::Tanh.eval(x as f64) as f32
-}
-extern "C" fn chunkc_pow_f32(x: f32, y: f32) -> f32 {
-    (x as f64).powf(y as f64) as f32
-}
-extern "C" fn chunkc_exp_f64(x: f64) -> f64 {
-    UnOp::Exp.eval(x)
-}
-extern "C" fn chunkc_exp2_f64(x: f64) -> f64 {
-    UnOp::Exp2.eval(x)
-}
-extern "C" fn chunkc_log_f64(x: f64) -> f64 {
-    UnOp::Log.eval(x)
-}
-extern "C" fn chunkc_sigmoid_f64(x: f64) -> f64 {
-    UnOp::Sigmoid.eval(x)
-}
-extern "C" fn chunkc_softplus_f64(x: f64) -> f64 {
-    UnOp::Softplus.eval(x)
-}
-extern "C" fn chunkc_silu_f64(x: f64) -> f64 {
-    UnOp::Silu.eval(x)
-}
-extern "C" fn chunkc_tanh_f64(x: f64) -> f64 {
-    UnOp::Tanh.eval(x)
-}
-extern "C" fn chunkc_pow_f64(x: f64, y: f64) -> f64 {
-    x.powf(y)
-}
-
-type Un32 = extern "C" fn(f32) -> f32;
-type Un64 = extern "C" fn(f64) -> f64;
-
-/// Unary f32 routines, in the order of [`lower::Math`] (Pow comes after them).
-const MATH_F32: [(&str, Un32); 7] = [
-    ("chunkc_exp_f32", chunkc_exp_f32),
-    ("chunkc_exp2_f32", chunkc_exp2_f32),
-    ("chunkc_log_f32", chunkc_log_f32),
-    ("chunkc_sigmoid_f32", chunkc_sigmoid_f32),
-    ("chunkc_softplus_f32", chunkc_softplus_f32),
-    ("chunkc_silu_f32", chunkc_silu_f32),
-    ("chunkc_tanh_f32", chunkc_tanh_f32),
-];
-const MATH_F64: [(&str, Un64); 7] = [
-    ("chunkc_exp_f64", chunkc_exp_f64),
-    ("chunkc_exp2_f64", chunkc_exp2_f64),
-    ("chunkc_log_f64", chunkc_log_f64),
-    ("chunkc_sigmoid_f64", chunkc_sigmoid_f64),
-    ("chunkc_softplus_f64", chunkc_softplus_f64),
-    ("chunkc_silu_f64", chunkc_silu_f64),
-    ("chunkc_tanh_f64", chunkc_tanh_f64),
-];
-const POW_F32: (&str, extern "C" fn(f32, f32) -> f32) = ("chunkc_pow_f32", chunkc_pow_f32);
-const POW_F64: (&str, extern "C" fn(f64, f64) -> f64) = ("chunkc_pow_f64", chunkc_pow_f64);
 
 /// The Cranelift backend reads f32 tensors only (bf16/f16 inputs run in the interpreter and
 /// the PTX backend); a kernel with a 16-bit load is a one-line error, not a miscompile.

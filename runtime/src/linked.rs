@@ -1,0 +1,183 @@
+//! Programs whose kernels were compiled when the program using them was built
+//! (`chunkc-build`) and linked into it as object code: the kernels are plain functions, the
+//! program description ([`ProgramSpec`]) travels as JSON, and this module runs them with the
+//! CPU executor. Nothing here compiles; a program that embeds kernels this way needs this
+//! crate only.
+
+use crate::cpu_kernel::{CpuKernel, Resume};
+use crate::error::RuntimeError;
+use crate::exec::{self, Order, ProgramMemory};
+use crate::program::{Dim, ProgramSpec, Role, Sizes};
+use crate::tensor::Tensor;
+use crate::view::TensorRef;
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+
+/// The signature of every compiled kernel: `(params, batch, head, seq_len, workspace, vtile,
+/// first_iter, end_iter)`; the loop runs iterations `[first_iter, min(end_iter, count))`.
+pub type KernelFn = unsafe extern "C" fn(*const *mut f32, i64, i64, i64, *mut u8, i64, i64, i64);
+
+/// A kernel linked into the program.
+pub struct LinkedKernel {
+    /// The phase it runs.
+    pub entry: &'static str,
+    pub func: KernelFn,
+    /// Scratch bytes per call.
+    pub workspace: usize,
+    pub vtiles: usize,
+    pub resume: Option<Resume>,
+}
+
+impl CpuKernel for LinkedKernel {
+    fn entry(&self) -> &str {
+        self.entry
+    }
+
+    fn workspace_bytes(&self) -> usize {
+        self.workspace
+    }
+
+    unsafe fn call(&self, params: *const *mut f32, batch: i64, head: i64, seq_len: i64, workspace: *mut u8) {
+        // SAFETY: the caller upholds `call`'s contract, which is `call_tile`'s for V-tile 0.
+        unsafe { self.call_tile(params, batch, head, 0, seq_len, workspace) }
+    }
+
+    fn vtiles(&self) -> usize {
+        self.vtiles
+    }
+
+    unsafe fn call_tile(
+        &self,
+        params: *const *mut f32,
+        batch: i64,
+        head: i64,
+        vtile: i64,
+        seq_len: i64,
+        workspace: *mut u8,
+    ) {
+        // SAFETY: the caller upholds the contract; the function is this phase's kernel
+        // (`LinkedProgram::new`'s contract).
+        unsafe { (self.func)(params, batch, head, seq_len, workspace, vtile, 0, i64::MAX) }
+    }
+
+    fn resume(&self) -> Option<&Resume> {
+        self.resume.as_ref()
+    }
+
+    unsafe fn call_range(
+        &self,
+        params: *const *mut f32,
+        [batch, head, vtile]: [i64; 3],
+        seq_len: i64,
+        range: (i64, i64),
+        workspace: *mut u8,
+    ) {
+        // SAFETY: as `call_tile`, with the resumed state the contract asks for.
+        unsafe { (self.func)(params, batch, head, seq_len, workspace, vtile, range.0, range.1) }
+    }
+}
+
+/// A compiled program: its description and one linked kernel per phase.
+pub struct LinkedProgram {
+    spec: ProgramSpec,
+    kernels: Vec<LinkedKernel>,
+    /// Tokens per time block of the executor (the schedule's; 0: whole sequences).
+    time_block: usize,
+}
+
+impl LinkedProgram {
+    /// The program described by `spec_json` with `kernels`, one per phase in order, run in
+    /// time blocks of `time_block` tokens where the kernels allow it.
+    ///
+    /// # Safety
+    /// Each kernel's function must be the compiled code of its phase of exactly this
+    /// description (as `chunkc-build` generates them side by side): the executor trusts the
+    /// description's shapes for every pointer it hands the kernel.
+    pub unsafe fn new(
+        spec_json: &str,
+        kernels: Vec<LinkedKernel>,
+        time_block: usize,
+    ) -> Result<LinkedProgram, RuntimeError> {
+        let bad = |m: String| RuntimeError::BadTensor(m);
+        let spec: ProgramSpec =
+            serde_json::from_str(spec_json).map_err(|e| bad(format!("a linked program's description: {e}")))?;
+        spec.validate().map_err(|e| bad(e.to_string()))?;
+        let matches = kernels.len() == spec.phases.len()
+            && kernels.iter().zip(&spec.phases).all(|(k, p)| k.entry == p.entry && k.vtiles.max(1) == p.vtiles);
+        if !matches {
+            return Err(bad(format!("program {}: the linked kernels are not its phases", spec.name)));
+        }
+        Ok(LinkedProgram { spec, kernels, time_block })
+    }
+
+    pub fn spec(&self) -> &ProgramSpec {
+        &self.spec
+    }
+
+    /// Runs the program on `inputs` (by name; an optional one, like `h0`, may be left out)
+    /// on `threads` workers (0: all cores), B and T read off the per-token inputs, every
+    /// shape checked. Returns the outputs by name, NaN-filled before the run.
+    pub fn forward(
+        &self,
+        inputs: &[(&str, &TensorRef<'_>)],
+        threads: usize,
+    ) -> Result<BTreeMap<String, Tensor>, RuntimeError> {
+        let spec = &self.spec;
+        let bad = |m: String| Err(RuntimeError::BadTensor(m));
+        for (name, _) in inputs {
+            if !spec.tensor(name).is_some_and(|t| t.role == Role::Input) {
+                let takes: Vec<&str> = spec.with_role(Role::Input).map(|t| t.name.as_str()).collect();
+                return bad(format!("program {} takes no tensor `{name}` (it takes: {})", spec.name, takes.join(", ")));
+            }
+        }
+        let c = spec.compiled_for;
+        let (mut batch, mut seq_len) = (None, None);
+        for (name, t) in inputs {
+            let dims = &spec.tensor(name).map(|s| s.dims.clone()).unwrap_or_default();
+            let at = |d: Dim| dims.iter().position(|x| *x == d);
+            if let (Some(b), Some(s)) = (at(Dim::Batch), at(Dim::SeqLen)) {
+                if t.shape().len() == dims.len() {
+                    batch = batch.or(Some(t.shape()[b]));
+                    seq_len = seq_len.or(Some(t.shape()[s]));
+                }
+            }
+        }
+        let (Some(batch), Some(seq_len)) = (batch, seq_len) else {
+            return bad(format!("program {}: no per-token input to read B and T from", spec.name));
+        };
+        let sizes = Sizes { batch, seq_len, heads: c.heads, k: c.k, v: c.v };
+        let mut dense: BTreeMap<&str, Cow<'_, [f32]>> = BTreeMap::new();
+        for t in spec.with_role(Role::Input) {
+            match inputs.iter().find(|(n, _)| *n == t.name) {
+                Some((_, view)) => {
+                    let want = spec.shape(t, &sizes).map_err(|e| RuntimeError::BadTensor(e.to_string()))?;
+                    if view.shape() != want.as_slice() {
+                        return Err(RuntimeError::ShapeMismatch {
+                            name: t.name.clone(),
+                            expected: want,
+                            got: view.shape().to_vec(),
+                            dims: t.dims_label(),
+                        });
+                    }
+                    dense.insert(t.name.as_str(), view.to_f32());
+                }
+                None if t.optional => {}
+                None => {
+                    return Err(RuntimeError::MissingTensor {
+                        name: t.name.clone(),
+                        path: "the call".into(),
+                        available: inputs.iter().map(|(n, _)| n.to_string()).collect(),
+                    })
+                }
+            }
+        }
+        let mut memory = ProgramMemory::new(spec, sizes).map_err(|e| RuntimeError::BadTensor(e.to_string()))?;
+        let threads = if threads == 0 { exec::default_threads() } else { threads };
+        let order = Order { threads, time_block: self.time_block, poison_scratch: false };
+        let kernels: Vec<&dyn CpuKernel> = self.kernels.iter().map(|k| k as &dyn CpuKernel).collect();
+        let get = |name: &str| dense.get(name).map(|d| &**d);
+        exec::run_program(spec, &kernels, &get, &mut memory, order)
+            .map_err(|e| RuntimeError::BadTensor(e.to_string()))?;
+        memory.into_outputs(spec).map_err(|e| RuntimeError::BadTensor(e.to_string()))
+    }
+}
