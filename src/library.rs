@@ -538,9 +538,7 @@ impl Program {
         pools: Option<Pools<'_>>,
     ) -> Result<Outputs, Error> {
         let Executable::Cpu(compiled) = &self.exe else {
-            return Err(Error::Unsupported(
-                "varlen batches and the decode step run on the CPU target only so far".into(),
-            ));
+            return self.run_each_sequence(inputs, lens, shapes, pools);
         };
         let dense: BTreeMap<&str, Cow<'_, [f32]>> =
             inputs.tensors.iter().map(|(n, t)| (n.as_str(), t.to_f32())).collect();
@@ -560,6 +558,96 @@ impl Program {
             .map_err(spec_error)?;
         drop(bound);
         Ok(Outputs(outputs.into_iter().collect()))
+    }
+}
+
+impl Program {
+    /// Varlen and decode on the PTX targets: one dense launch per sequence (B = 1, its
+    /// tokens, its state rows or pool slot), the results placed where the packed run would
+    /// have written them. Exact on every target; on a GPU it costs a launch per sequence.
+    fn run_each_sequence(
+        &self,
+        inputs: &Inputs<'_>,
+        lens: &[usize],
+        shapes: Vec<(String, Vec<usize>)>,
+        pools: Option<Pools<'_>>,
+    ) -> Result<Outputs, Error> {
+        let states = self.state_tensors();
+        let is_state = |name: &str| states.iter().any(|(s, _)| s == name);
+        let dense: BTreeMap<&str, Cow<'_, [f32]>> =
+            inputs.tensors.iter().map(|(n, t)| (n.as_str(), t.to_f32())).collect();
+        let mut outputs: BTreeMap<String, Tensor> = BTreeMap::new();
+        for (name, shape) in shapes {
+            let n = Tensor::numel_of(&shape)?;
+            outputs.insert(name, Tensor::new(shape, vec![f32::NAN; n])?);
+        }
+        let mut pools = pools;
+        let slots = match &pools {
+            Some(p) => Some(
+                packed::slot_rows(p.slots, p.pools.first().map_or(0, |(_, d)| d.len()) / self.state_row(&states[0].1))
+                    .map_err(spec_error)?,
+            ),
+            None => None,
+        };
+        let mut start = 0;
+        for (n, &len) in lens.iter().enumerate() {
+            // This sequence's tensors: its token rows, its state rows (or pool slot).
+            let mut owned: BTreeMap<String, (Vec<usize>, Vec<f32>)> = BTreeMap::new();
+            for (name, data) in &dense {
+                let shape = inputs.tensors[*name].shape();
+                if is_state(name) {
+                    let row = data.len() / shape[0];
+                    owned.insert(
+                        name.to_string(),
+                        ([&[1], &shape[1..]].concat(), data[n * row..(n + 1) * row].to_vec()),
+                    );
+                } else if self.rule.input(name).is_some_and(|i| !i.per_head) {
+                    let row: usize = shape[2..].iter().product();
+                    let tokens = (start * row)..((start + len) * row);
+                    owned.insert(name.to_string(), ([&[1, len], &shape[2..]].concat(), data[tokens].to_vec()));
+                }
+            }
+            if let (Some(p), Some(slots)) = (&pools, &slots) {
+                for ((name, width), (_, pool)) in states.iter().zip(&p.pools) {
+                    if let Some(slot) = slots[n] {
+                        let row = self.state_row(width);
+                        let shape = [vec![1, self.heads.heads], width.clone()].concat();
+                        owned.insert(name.clone(), (shape, pool[slot * row..(slot + 1) * row].to_vec()));
+                    }
+                }
+            }
+            let mut one = Inputs::new();
+            for (name, t) in &inputs.tensors {
+                if self.rule.input(name).is_some_and(|i| i.per_head) {
+                    one.insert(name, t.clone());
+                }
+            }
+            for (name, (shape, data)) in &owned {
+                one.insert(name, TensorRef::f32(data, shape)?);
+            }
+            let out = self.forward(&one)?;
+            for (name, t) in out.0 {
+                let Some(target) = outputs.get_mut(&name) else {
+                    // A final state the pool takes.
+                    if let (Some(p), Some(slots)) = (pools.as_mut(), &slots) {
+                        let stem = name.trim_end_matches('T');
+                        if let (Some((_, pool)), Some(slot)) = (p.pools.iter_mut().find(|(s, _)| s == stem), slots[n]) {
+                            pool[slot * t.data.len()..(slot + 1) * t.data.len()].copy_from_slice(&t.data);
+                        }
+                    }
+                    continue;
+                };
+                let at = if name == "o" { start * t.data.len() / len } else { n * t.data.len() };
+                target.data[at..at + t.data.len()].copy_from_slice(&t.data);
+            }
+            start += len;
+        }
+        Ok(Outputs(outputs))
+    }
+
+    /// Elements of one sequence's state of per-head `width` (`[K, V]`, `[K]`).
+    fn state_row(&self, width: &[usize]) -> usize {
+        self.heads.heads * width.iter().product::<usize>()
     }
 }
 

@@ -298,3 +298,43 @@ fn bad_calls_are_one_clear_error() {
     let bad_rule = Rule::parse("name = \"x\"\nstep = \"o = S^T @ q\"\n[inputs]\nq = \"[J]\"\n").expect_err("bad shape");
     assert!(bad_rule.to_string().contains("<rule>:"), "{bad_rule}");
 }
+
+#[test]
+fn the_ptx_simulator_runs_varlen_and_decode_as_the_cpu_does() {
+    use chunkc::Sm;
+    let r = rule("gated_delta_rule");
+    let heads = Heads::new(2, 8, 4);
+    let cu: [i64; 4] = [0, 5, 22, 25];
+    let mut tensors = random_inputs(r.ast(), &Dims { batch: 1, seq_len: 25, heads: 2, k: 8, v: 4 }, 21);
+    tensors.insert(
+        "h0".into(),
+        random_inputs(r.ast(), &Dims { batch: 3, seq_len: 1, heads: 2, k: 8, v: 4 }, 22)["h0"].clone(),
+    );
+    for schedule in [Schedule::chunked(16), Schedule::recurrent()] {
+        let cpu = compile(&r, Target::Cpu, schedule, heads).expect("cpu");
+        let sim = compile(&r, Target::PtxSim(Sm::Sm80), schedule, heads).expect("sim");
+        let want = cpu.forward_varlen(&views(&tensors), &cu[..]).expect("cpu varlen");
+        let got = sim.forward_varlen(&views(&tensors), &cu[..]).expect("sim varlen");
+        for (name, t) in &want.0 {
+            assert_eq!(got.0[name].count_non_finite(), 0, "{name}");
+            let err = rel_rms(&got.0[name].data, &t.data);
+            assert!(err < 1e-6, "{schedule:?} {name}: {err:.2e}");
+        }
+        let mut step = random_inputs(r.ast(), &Dims { batch: 3, seq_len: 1, heads: 2, k: 8, v: 4 }, 23);
+        step.remove("h0");
+        let (mut cpu_pool, mut sim_pool) = (cpu.state_pool(4), sim.state_pool(4));
+        for slot in 0..4 {
+            let row: Vec<f32> = (0..64).map(|i| ((i * 7 + slot * 3) % 11) as f32 / 10.0 - 0.5).collect();
+            cpu_pool.state_mut("h", slot).unwrap().copy_from_slice(&row);
+            sim_pool.state_mut("h", slot).unwrap().copy_from_slice(&row);
+        }
+        let slots = [2i64, -1, 0];
+        let want = cpu.decode(&views(&step), &mut cpu_pool, &slots).expect("cpu decode");
+        let got = sim.decode(&views(&step), &mut sim_pool, &slots).expect("sim decode");
+        assert!(rel_rms(&got.data, &want.data) < 1e-6, "{schedule:?} decode o");
+        for slot in 0..4 {
+            let err = rel_rms(sim_pool.state("h", slot).unwrap(), cpu_pool.state("h", slot).unwrap());
+            assert!(err < 1e-6, "{schedule:?} slot {slot}: {err:.2e}");
+        }
+    }
+}

@@ -29,6 +29,7 @@ pub use chunkc::codegen::schedule::ProgramShape;
 pub use chunkc::{Error, Heads, Schedule, Sm};
 
 use chunkc::codegen::cpu::object::compile_object;
+use chunkc::codegen::cpu::Simd;
 use std::path::{Path, PathBuf};
 
 /// One rule to compile.
@@ -125,7 +126,7 @@ impl Kernels {
                 )));
             }
             let program = chunkc::backend::build_program(rule.ast(), shape(entry.heads), &entry.schedule)?;
-            let object = compile_object(&program, &name).map_err(|e| Error::Internal(e.to_string()))?;
+            let object = compile_object(&program, &name, Simd::best()).map_err(|e| Error::Internal(e.to_string()))?;
             let spec_file = out_dir.join(format!("{name}.spec.json"));
             let spec_json = serde_json::to_string_pretty(&program.spec).map_err(|e| Error::Internal(e.to_string()))?;
             std::fs::write(&spec_file, spec_json).map_err(|e| io(&spec_file, e))?;
@@ -150,6 +151,7 @@ impl Kernels {
                 heads: entry.heads,
                 schedule: entry.schedule,
                 kernels: object.kernels,
+                simd: object.simd,
                 ptx,
             });
         }

@@ -16,6 +16,8 @@ pub struct RuleModule {
     pub heads: Heads,
     pub schedule: Schedule,
     pub kernels: Vec<ObjectKernel>,
+    /// The SIMD level whose routines the object code calls.
+    pub simd: chunkc::codegen::cpu::Simd,
     /// (target, phase entry, file stem in OUT_DIR) per emitted PTX kernel.
     pub ptx: Vec<(Sm, String, String)>,
 }
@@ -74,7 +76,7 @@ fn render_rule(s: &mut String, m: &RuleModule) {
         "/// From `{}`: {kernel}, compiled for H = {}, K = {}, V = {} (scale {scale})",
         m.source, h.heads, h.k, h.v
     );
-    let _ = writeln!(s, "/// as object code for the build machine's CPU.");
+    let _ = writeln!(s, "/// as object code for the build machine's CPU ({} routines).", m.simd.name());
     let _ = writeln!(s, "pub mod {} {{", m.name);
     s.push_str(
         "    use chunkc_runtime::error::RuntimeError;\n\
@@ -129,8 +131,9 @@ fn render_rule(s: &mut String, m: &RuleModule) {
     s.push_str("            // SAFETY: the functions are SPEC's phases, compiled together with it by chunkc-build.\n");
     let _ = writeln!(
         s,
-        "            unsafe {{ LinkedProgram::new(SPEC, kernels, {}) }}.map_err(|e| e.to_string())",
-        m.schedule.time_block
+        "            unsafe {{ LinkedProgram::new(SPEC, kernels, {}, {:?}) }}.map_err(|e| e.to_string())",
+        m.schedule.time_block,
+        m.simd.name()
     );
     s.push_str("        });\n        program.as_ref().map_err(|e| RuntimeError::BadTensor(e.clone()))\n    }\n\n");
 

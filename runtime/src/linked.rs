@@ -5,6 +5,7 @@
 //! crate only.
 
 use crate::cpu_kernel::{CpuKernel, Resume};
+use crate::cpu_support::Simd;
 use crate::error::RuntimeError;
 use crate::exec::{self, Order, ProgramMemory};
 use crate::program::{Dim, ProgramSpec, Role, Sizes};
@@ -87,7 +88,8 @@ pub struct LinkedProgram {
 
 impl LinkedProgram {
     /// The program described by `spec_json` with `kernels`, one per phase in order, run in
-    /// time blocks of `time_block` tokens where the kernels allow it.
+    /// time blocks of `time_block` tokens where the kernels allow it; `simd` names the SIMD
+    /// level whose routines the kernels call (refused when this CPU lacks it).
     ///
     /// # Safety
     /// Each kernel's function must be the compiled code of its phase of exactly this
@@ -97,8 +99,15 @@ impl LinkedProgram {
         spec_json: &str,
         kernels: Vec<LinkedKernel>,
         time_block: usize,
+        simd: &str,
     ) -> Result<LinkedProgram, RuntimeError> {
         let bad = |m: String| RuntimeError::BadTensor(m);
+        let level = [Simd::Portable, Simd::Avx2, Simd::Avx512].into_iter().find(|l| l.name() == simd);
+        match level {
+            Some(l) if l.available() => {}
+            Some(_) => return Err(bad(format!("the kernels were compiled for {simd} routines, which this CPU lacks"))),
+            None => return Err(bad(format!("the kernels call an unknown SIMD level `{simd}`"))),
+        }
         let spec: ProgramSpec =
             serde_json::from_str(spec_json).map_err(|e| bad(format!("a linked program's description: {e}")))?;
         spec.validate().map_err(|e| bad(e.to_string()))?;

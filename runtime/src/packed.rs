@@ -223,15 +223,7 @@ fn pooled_tensors(spec: &ProgramSpec, lens: &[usize], pools: Option<&Pools<'_>>)
                 t0.dims_label()
             ));
         }
-        let rows = data.len() / row;
-        let mut slots = Vec::with_capacity(lens.len());
-        for (n, &s) in pools.slots.iter().enumerate() {
-            slots.push(match s {
-                -1 => None,
-                s if s >= 0 && (s as usize) < rows => Some(s as usize),
-                s => return err(format!("state_indices[{n}] = {s}: the pool has slots 0..{rows} (or -1)")),
-            });
-        }
+        let slots = slot_rows(pools.slots, data.len() / row)?;
         let read_last = spec.phases.iter().rposition(|p| p.params.iter().any(|q| q.tensor == first));
         let write_first =
             spec.phases.iter().position(|p| p.params.iter().any(|q| q.tensor == last && q.access == Access::Write));
@@ -246,21 +238,29 @@ fn pooled_tensors(spec: &ProgramSpec, lens: &[usize], pools: Option<&Pools<'_>>)
         out.insert(first, (stem.clone(), slots.clone()));
         out.insert(last, (stem.clone(), slots));
     }
-    let mut seen = vec![];
-    for (n, &s) in pools.slots.iter().enumerate() {
-        if s >= 0 {
-            if let Some(m) = seen.iter().position(|&x| x == s) {
-                return err(format!("state_indices[{m}] and state_indices[{n}] are both slot {s}"));
-            }
-        }
-        seen.push(s);
-    }
     for s in &spec.tensors {
         if s.role == Role::Input && s.optional && s.name.ends_with('0') && !out.contains_key(&s.name) {
             let stem = s.name.trim_end_matches('0');
             if spec.tensor(&format!("{stem}T")).is_some() {
                 return err(format!("the decode step needs a pool for every state; `{stem}` has none"));
             }
+        }
+    }
+    Ok(out)
+}
+
+/// Each sequence's pool row for `slots` (`state_indices`) over a pool of `rows` slots: None
+/// for −1; an error for a slot out of range or taken twice.
+pub fn slot_rows(slots: &[i64], rows: usize) -> Result<Vec<Option<usize>>, SpecError> {
+    let mut out = Vec::with_capacity(slots.len());
+    for (n, &s) in slots.iter().enumerate() {
+        out.push(match s {
+            -1 => None,
+            s if s >= 0 && (s as usize) < rows => Some(s as usize),
+            s => return Err(SpecError(format!("state_indices[{n}] = {s}: the pool has slots 0..{rows} (or -1)"))),
+        });
+        if let Some(m) = slots[..n].iter().position(|&x| x == s && s >= 0) {
+            return Err(SpecError(format!("state_indices[{m}] and state_indices[{n}] are both slot {s}")));
         }
     }
     Ok(out)

@@ -191,6 +191,9 @@ mod tests {
         let e = TensorRef::f32(&data, &[2, 3]).unwrap().with_strides(&[2, 3], &[4, 1]).unwrap_err();
         assert_eq!(e.to_string(), "shape [2, 3] with strides [4, 1] reaches past the slice's 6 elements");
         assert!(TensorRef::f32(&data, &[2, 3]).unwrap().with_strides(&[2], &[1, 1]).is_err());
-        assert!(TensorRef::f32(&data, &[2, 3]).unwrap().with_strides(&[0, 3], &[99, 1]).is_ok(), "an empty view reaches nothing");
+        assert!(
+            TensorRef::f32(&data, &[2, 3]).unwrap().with_strides(&[0, 3], &[99, 1]).is_ok(),
+            "an empty view reaches nothing"
+        );
     }
 }

@@ -25,17 +25,12 @@
 //! FMA) and `GatedDot`s with operands contiguous along `c` call rustc-compiled vector
 //! routines (`gated.rs`) where the host has them ([`Simd`]; [`compile_with`] picks a level).
 
-mod decay;
-mod gated;
-mod gated_matmul;
-mod gemm;
 mod lower;
 pub mod object;
 pub mod peak;
 mod profile;
-mod rows;
-mod solve;
-mod sums;
+#[cfg(test)]
+mod routine_tests;
 mod vmath;
 
 use std::fmt;
@@ -51,7 +46,9 @@ use cranelift_module::{default_libcall_names, FuncId, Linkage, Module};
 use crate::ir::{BinOp, DType, Kernel, Op, UnOp};
 use crate::midend::{self, Abilities, LayoutError, Prepared};
 use crate::program::{Program, ProgramSpec};
-use chunkc_runtime::cpu_support::{self as support, MATH_F32, MATH_F64, POW_F32, POW_F64};
+pub use chunkc_runtime::cpu_support::Simd;
+use chunkc_runtime::cpu_support::{self as support, decay, gated, gated_matmul, gemm, rows, solve, sums};
+use chunkc_runtime::cpu_support::{level_symbol, MATH_F32, MATH_F64, POW_F32, POW_F64};
 use lower::{Lower, MathFns};
 
 /// Why a kernel could not be compiled.
@@ -162,47 +159,6 @@ impl CpuKernel for CpuCompiled {
         // SAFETY: `call_range`'s contract: `call_tile`'s, plus the resumed state in place of
         // the state-in buffers, which is what makes a partial range exact (`resume.rs`).
         unsafe { (self.func)(params, batch, head, seq_len, workspace, vtile, range.0, range.1) }
-    }
-}
-
-/// Which rustc-compiled SIMD routines (`gemm.rs`, `gated.rs`) the generated code may call:
-/// [`compile`] takes the best the host has, [`compile_with`] lets tests and benchmarks pick.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Simd {
-    /// None: everything is Cranelift code (the portable fallback).
-    Portable,
-    /// AVX2 + FMA routines (x86-64).
-    Avx2,
-    /// AVX-512F routines (x86-64).
-    Avx512,
-}
-
-impl Simd {
-    /// Whether this host can run the level's routines.
-    pub fn available(self) -> bool {
-        match self {
-            Simd::Portable => true,
-            #[cfg(target_arch = "x86_64")]
-            Simd::Avx2 => std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma"),
-            #[cfg(target_arch = "x86_64")]
-            Simd::Avx512 => std::is_x86_feature_detected!("avx512f") && Simd::Avx2.available(),
-            #[cfg(not(target_arch = "x86_64"))]
-            _ => false,
-        }
-    }
-
-    /// The level's name: `portable`, `avx2` or `avx512`.
-    pub fn name(self) -> &'static str {
-        match self {
-            Simd::Portable => "portable",
-            Simd::Avx2 => "avx2",
-            Simd::Avx512 => "avx512",
-        }
-    }
-
-    /// The best level this host has.
-    pub fn best() -> Simd {
-        [Simd::Avx512, Simd::Avx2].into_iter().find(|s| s.available()).unwrap_or(Simd::Portable)
     }
 }
 
@@ -360,25 +316,25 @@ fn new_module(simd: Simd) -> Result<JITModule, CodegenError> {
     jb.symbol(support::PREFETCH_SYMBOL, support::chunkc_prefetch_rows as *const u8);
     jb.symbol(rows::ROWS_SYMBOL, rows::copy_rows as *const u8);
     if let Some(f) = gemm::select(simd) {
-        jb.symbol(gemm::GEMM_SYMBOL, f as *const u8);
+        jb.symbol(level_symbol(gemm::GEMM_SYMBOL, simd), f as *const u8);
     }
     if let Some(f) = solve::select(simd) {
-        jb.symbol(solve::SOLVE_SYMBOL, f as *const u8);
+        jb.symbol(level_symbol(solve::SOLVE_SYMBOL, simd), f as *const u8);
     }
     if let Some(f) = decay::select(simd) {
-        jb.symbol(decay::DECAY_SYMBOL, f as *const u8);
+        jb.symbol(level_symbol(decay::DECAY_SYMBOL, simd), f as *const u8);
     }
     if let Some(f) = sums::select(simd) {
-        jb.symbol(sums::SUMS_SYMBOL, f as *const u8);
+        jb.symbol(level_symbol(sums::SUMS_SYMBOL, simd), f as *const u8);
     }
     if let Some(fs) = gated::select(simd) {
         for (name, f) in gated::GATED_SYMBOLS.iter().zip(fs) {
-            jb.symbol(*name, f as *const u8);
+            jb.symbol(level_symbol(name, simd), f as *const u8);
         }
     }
     if let Some(fs) = gated_matmul::select(simd) {
         for (name, f) in gated_matmul::SYMBOLS.iter().zip(fs) {
-            jb.symbol(*name, f as *const u8);
+            jb.symbol(level_symbol(name, simd), f as *const u8);
         }
     }
     Ok(JITModule::new(jb))
@@ -447,35 +403,39 @@ fn build<M: Module>(
         // (m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, c_rs, acc, acc_rs, acc_cs, s, s_rs).
         let mut gsig = module.make_signature();
         gsig.params.extend([AbiParam::new(types::I64); gemm::GEMM_ARGS]);
-        let id = module.declare_function(gemm::GEMM_SYMBOL, Linkage::Import, &gsig).map_err(merr)?;
+        let id =
+            module.declare_function(&level_symbol(gemm::GEMM_SYMBOL, simd), Linkage::Import, &gsig).map_err(merr)?;
         math.gemm = Some(module.declare_func_in_func(id, &mut ctx.func));
     }
     if solve::select(simd).is_some() {
         // (n, m, l, l_rs, l_cs, x, x_rs).
         let mut ssig = module.make_signature();
         ssig.params.extend([AbiParam::new(types::I64); 7]);
-        let id = module.declare_function(solve::SOLVE_SYMBOL, Linkage::Import, &ssig).map_err(merr)?;
+        let id =
+            module.declare_function(&level_symbol(solve::SOLVE_SYMBOL, simd), Linkage::Import, &ssig).map_err(merr)?;
         math.solve = Some(module.declare_func_in_func(id, &mut ctx.func));
     }
     if decay::select(simd).is_some() {
         // (rows, cols, a, a_rs, x, x_rs, x_cs, y, y_rs, y_cs, out, out_rs, tril).
         let mut dsig = module.make_signature();
         dsig.params.extend([AbiParam::new(types::I64); 13]);
-        let id = module.declare_function(decay::DECAY_SYMBOL, Linkage::Import, &dsig).map_err(merr)?;
+        let id =
+            module.declare_function(&level_symbol(decay::DECAY_SYMBOL, simd), Linkage::Import, &dsig).map_err(merr)?;
         math.decay = Some(module.declare_func_in_func(id, &mut ctx.func));
     }
     if sums::select(simd).is_some() {
         // (rows, cols, x, x_rs, out, out_rs, exclusive).
         let mut ssig = module.make_signature();
         ssig.params.extend([AbiParam::new(types::I64); 7]);
-        let id = module.declare_function(sums::SUMS_SYMBOL, Linkage::Import, &ssig).map_err(merr)?;
+        let id =
+            module.declare_function(&level_symbol(sums::SUMS_SYMBOL, simd), Linkage::Import, &ssig).map_err(merr)?;
         math.sums = Some(module.declare_func_in_func(id, &mut ctx.func));
     }
     if gated::select(simd).is_some() {
         // (n, c, a, a_rs, ga, ga_rs, b, b_rs, gb, gb_rs, out, out_rs, out_cs, strict).
         let mut fs = vec![];
         for name in gated::GATED_SYMBOLS {
-            let id = module.declare_function(name, Linkage::Import, &sig14).map_err(merr)?;
+            let id = module.declare_function(&level_symbol(name, simd), Linkage::Import, &sig14).map_err(merr)?;
             fs.push(module.declare_func_in_func(id, &mut ctx.func));
         }
         math.gated = Some([fs[0], fs[1]]);
@@ -484,7 +444,7 @@ fn build<M: Module>(
         // (n, c, m, m_rs, m_cs, x, x_rs, gx, gx_rs, gy, gy_rs, out, out_rs, flags).
         let mut fs = vec![];
         for name in gated_matmul::SYMBOLS {
-            let id = module.declare_function(name, Linkage::Import, &sig14).map_err(merr)?;
+            let id = module.declare_function(&level_symbol(name, simd), Linkage::Import, &sig14).map_err(merr)?;
             fs.push(module.declare_func_in_func(id, &mut ctx.func));
         }
         math.gated_matmul = Some([fs[0], fs[1]]);

@@ -2,12 +2,11 @@
 //! file (cranelift-object), for `chunkc-build` to link into a program that carries no JIT.
 //!
 //! The functions have the JIT's signature (`mod.rs`) and are exported under
-//! `chunkc_<prefix>_<kernel>`. They call only the routines of `chunkc_runtime::cpu_support`
-//! (math and prefetch), which the program links with the runtime: the object is compiled at
-//! the portable SIMD level, without the rustc-compiled gemm and gated-dot routines that the
-//! JIT calls (those live in this crate, not in the runtime, so far). The code is for the
-//! build machine's ISA (as `-C target-cpu=native`): run it where it was built, or on a
-//! machine with the same features.
+//! `chunkc_<prefix>_<kernel>`. They call the routines of `chunkc_runtime::cpu_support` by
+//! their exported names (math, prefetch, and the SIMD routines of the chosen level), which
+//! the program links with the runtime: the same code the JIT calls. The code is for the
+//! build machine's ISA (as `-C target-cpu=native`); the linked program refuses to run on a
+//! CPU without the SIMD level it was compiled for.
 
 use super::{build, host_isa, plan_fused, CodegenError, Simd};
 use crate::program::Program;
@@ -31,16 +30,19 @@ pub struct ObjectKernel {
 
 /// A program's kernels as object code.
 pub struct ObjectCode {
+    /// The SIMD level whose routines the code calls.
+    pub simd: Simd,
     /// The relocatable object file (ELF on Linux, Mach-O on macOS).
     pub bytes: Vec<u8>,
     /// One per phase, in order.
     pub kernels: Vec<ObjectKernel>,
 }
 
-/// Compiles every phase of `program` into one object file, the functions named
+/// Compiles every phase of `program` into one object file calling the routines of `simd`
+/// (or of the best level below it that the build machine has), the functions named
 /// `chunkc_<prefix>_<kernel>` (`prefix` keeps two programs of one rule apart).
-pub fn compile_object(program: &Program, prefix: &str) -> Result<ObjectCode, CodegenError> {
-    let simd = Simd::Portable;
+pub fn compile_object(program: &Program, prefix: &str, simd: Simd) -> Result<ObjectCode, CodegenError> {
+    let simd = simd.min(Simd::best());
     let merr = |what: &str, e: String| CodegenError(format!("{what}: {e}"));
     let builder = ObjectBuilder::new(host_isa(true)?, format!("chunkc_{prefix}"), default_libcall_names())
         .map_err(|e| merr("object builder", e.to_string()))?;
@@ -64,5 +66,5 @@ pub fn compile_object(program: &Program, prefix: &str) -> Result<ObjectCode, Cod
         });
     }
     let bytes = module.finish().emit().map_err(|e| merr("writing the object file", e.to_string()))?;
-    Ok(ObjectCode { bytes, kernels })
+    Ok(ObjectCode { simd, bytes, kernels })
 }

@@ -3,6 +3,9 @@
 //! non-zero when an output differs by more than f32 tolerance.
 //!
 //!     cargo run --release -p build_time
+//!
+//! `build_time --bench` times the linked gated_delta_rule forward instead, at B1 T2048 H8
+//! K=V=128 on one thread (`scripts/aot_bench.sh` runs it next to the JIT's `chunkc bench`).
 
 include!(concat!(env!("OUT_DIR"), "/chunkc_kernels.rs"));
 
@@ -151,8 +154,45 @@ fn run() -> Result<(), String> {
     Ok(())
 }
 
+/// The median and best of 10 timed runs (after one warm-up) of the linked forward.
+fn bench() -> Result<(), String> {
+    use gated_delta_rule_k128 as rule;
+    let (b, t, h, k, v) = (1, 2048, rule::HEADS, rule::K, rule::V);
+    let mut rng = Rng(7);
+    let err = |e: RuntimeError| e.to_string();
+    let q = rng.tensor(&[b, t, h, k], |x| x);
+    let mut kk = rng.tensor(&[b, t, h, k], |x| x);
+    normalise(&mut kk, k);
+    let vv = rng.tensor(&[b, t, h, v], |x| x);
+    let g = rng.tensor(&[b, t, h], |x| -(1.0 + (-(x + 2.0)).exp()).ln());
+    let beta = rng.tensor(&[b, t, h], |x| 1.0 / (1.0 + (-x).exp()));
+    let (q, kk, vv, g, beta) = (view(&q), view(&kk), view(&vv), view(&g), view(&beta));
+    let (q, kk, vv, g, beta) =
+        (q.map_err(err)?, kk.map_err(err)?, vv.map_err(err)?, g.map_err(err)?, beta.map_err(err)?);
+    let mut times = vec![];
+    for run in 0..11 {
+        let start = std::time::Instant::now();
+        let out = rule::forward_on(1, &q, &kk, &vv, &g, &beta, None).map_err(err)?;
+        if run > 0 {
+            times.push(start.elapsed().as_secs_f64() * 1e3);
+        }
+        if out.o.count_non_finite() > 0 {
+            return Err("the benchmark's output has non-finite elements".into());
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    println!(
+        "linked gated_delta_rule B1 T2048 H8 K=V=128 chunk 16, 1 thread: median {:.2} ms, best {:.2} ms ({} runs)",
+        times[times.len() / 2],
+        times[0],
+        times.len()
+    );
+    Ok(())
+}
+
 fn main() {
-    if let Err(e) = run() {
+    let result = if std::env::args().any(|a| a == "--bench") { bench() } else { run() };
+    if let Err(e) = result {
         eprintln!("error: {e}");
         std::process::exit(1);
     }

@@ -19,14 +19,14 @@ use super::Simd;
 /// C signature: `(rows, cols, a, a_rs, x, x_rs, x_cs, y, y_rs, y_cs, out, out_rs, tril)`.
 /// Strides are in elements (f32 for `a`, `out`; f64 for `x`, `y`); `a` and `out` have column
 /// stride 1. `y` is null for no subtraction. `tril`: 0 none, 1 keep `j <= i`, 2 keep `j < i`.
-pub(super) type DecayFn =
+pub type DecayFn =
     unsafe extern "C" fn(i64, i64, *const f32, i64, *const f64, i64, i64, *const f64, i64, i64, *mut f32, i64, i64);
 
 /// Symbol the generated code imports.
-pub(super) const DECAY_SYMBOL: &str = "chunkc_decay_f64";
+pub const DECAY_SYMBOL: &str = "chunkc_decay_f64";
 
 /// The routine for `simd`, or None (the tree then stays Cranelift code).
-pub(super) fn select(simd: Simd) -> Option<DecayFn> {
+pub fn select(simd: Simd) -> Option<DecayFn> {
     #[cfg(target_arch = "x86_64")]
     if simd == Simd::Avx512 {
         return Some(x86::decay_avx512);
@@ -56,7 +56,7 @@ mod x86 {
     /// Every pointer must cover the `rows x cols` elements its strides address (see
     /// [`super::DecayFn`]); the host must have AVX-512F.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe extern "C" fn decay_avx512(
+    pub unsafe extern "C" fn decay_avx512(
         rows: i64,
         cols: i64,
         a: *const f32,
@@ -100,75 +100,6 @@ mod x86 {
                 let av = _mm512_maskz_loadu_ps(m, ar.offset(j as isize));
                 _mm512_mask_storeu_ps(orow.offset(j as isize), m, _mm512_mul_ps(av, e));
                 j += 16;
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use crate::builder::Builder;
-    use crate::cpu::{compile_with, Simd};
-    use crate::ir::*;
-    use chunkc_runtime::cpu_kernel::CpuKernel;
-
-    /// `y = x * exp(f32(g - p))` on a `rows x cols` tile, `p` one broadcast row, with the
-    /// optional tril mask; `sub`: false drops `- p`.
-    fn kernel(rows: usize, cols: usize, sub: bool, tril: Option<bool>) -> Kernel {
-        let mut b = Builder::new("decay");
-        let (px, pg, pp, py) = (
-            b.param("x", Access::Read),
-            b.param("g", Access::Read),
-            b.param("p", Access::Read),
-            b.param("y", Access::Write),
-        );
-        let n = Idx::c(rows as i64);
-        let x = b.load(px, Idx::c(0), cols as i64, 1, rows, cols, n.clone());
-        let g = b.load(pg, Idx::c(0), cols as i64, 1, rows, cols, n.clone());
-        let p = b.load(pp, Idx::c(0), cols as i64, 1, 1, cols, Idx::c(1));
-        let g = b.cast(g, DType::F64);
-        let p = b.cast(p, DType::F64);
-        let mut e = if sub { b.sub(g, p) } else { g };
-        if let Some(strict) = tril {
-            e = b.mask(e, MaskKind::Tril { strict }, f64::NEG_INFINITY);
-        }
-        let e = b.cast(e, DType::F32);
-        let e = b.exp(e);
-        let y = b.mul(x, e);
-        b.store(y, py, Idx::c(0), cols as i64, 1, n);
-        b.finish()
-    }
-
-    fn run(k: &Kernel, simd: Simd, bufs: &[Vec<f32>]) -> Vec<f32> {
-        let c = compile_with(k, simd).expect("compiles");
-        let mut bufs = bufs.to_vec();
-        let mut ws = vec![0u8; c.workspace_bytes() + 64];
-        let off = ws.as_ptr().align_offset(64);
-        let ptrs: Vec<*mut f32> = bufs.iter_mut().map(|v| v.as_mut_ptr()).collect();
-        // SAFETY: the buffers hold every element the kernel addresses; the workspace is
-        // aligned and as large as asked.
-        unsafe { c.call(ptrs.as_ptr(), 0, 0, 1, ws.as_mut_ptr().add(off)) };
-        bufs.pop().expect("output")
-    }
-
-    #[test]
-    fn the_routine_matches_the_cranelift_lowering_bit_for_bit() {
-        if !Simd::Avx512.available() {
-            return;
-        }
-        for (rows, cols) in [(16, 128), (5, 19), (3, 40)] {
-            let x: Vec<f32> = (0..rows * cols).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0).collect();
-            let g: Vec<f32> = (0..rows * cols).map(|i| -((i * 53 % 89) as f32) / 3.0).collect();
-            let p: Vec<f32> = (0..cols).map(|j| -(j as f32) / 5.0).collect();
-            let bufs = vec![x, g, p, vec![f32::NAN; rows * cols]];
-            for sub in [true, false] {
-                for tril in [None, Some(false), Some(true)] {
-                    let k = kernel(rows, cols, sub, tril);
-                    let fast = run(&k, Simd::Avx512, &bufs);
-                    let slow = run(&k, Simd::Avx2, &bufs);
-                    let same = fast.iter().zip(&slow).all(|(a, b)| a.to_bits() == b.to_bits());
-                    assert!(same, "{rows}x{cols} sub={sub} tril={tril:?}:\n{fast:?}\n{slow:?}");
-                }
             }
         }
     }

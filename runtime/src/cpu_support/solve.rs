@@ -14,13 +14,13 @@ use super::Simd;
 
 /// C signature: `(n, m, l, l_rs, l_cs, x, x_rs)`: `l` n x n (strides in elements), `x` n x m
 /// with column stride 1, holding `b` on entry and the solution on return.
-pub(super) type SolveFn = unsafe extern "C" fn(i64, i64, *const f32, i64, i64, *mut f32, i64);
+pub type SolveFn = unsafe extern "C" fn(i64, i64, *const f32, i64, i64, *mut f32, i64);
 
 /// Symbol the generated code imports.
-pub(super) const SOLVE_SYMBOL: &str = "chunkc_solve_unit_lower";
+pub const SOLVE_SYMBOL: &str = "chunkc_solve_unit_lower";
 
 /// The routine for `simd`, or None (the op then stays Cranelift code).
-pub(super) fn select(simd: Simd) -> Option<SolveFn> {
+pub fn select(simd: Simd) -> Option<SolveFn> {
     #[cfg(target_arch = "x86_64")]
     if simd == Simd::Avx512 {
         return Some(x86::solve_avx512);
@@ -78,15 +78,7 @@ mod x86 {
     /// `l` and `x` must cover the elements their strides address for `n x n` and `n x m`;
     /// the host must have AVX-512F.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe extern "C" fn solve_avx512(
-        n: i64,
-        m: i64,
-        l: *const f32,
-        l_rs: i64,
-        l_cs: i64,
-        x: *mut f32,
-        x_rs: i64,
-    ) {
+    pub unsafe extern "C" fn solve_avx512(n: i64, m: i64, l: *const f32, l_rs: i64, l_cs: i64, x: *mut f32, x_rs: i64) {
         let s = System { m, l, l_rs, l_cs, x, x_rs };
         for i in 1..n {
             let mut c0 = 0;
@@ -103,46 +95,6 @@ mod x86 {
                     c0 += 32;
                 }
             }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use crate::builder::Builder;
-    use crate::cpu::{compile_with, Simd};
-    use crate::ir::*;
-    use chunkc_runtime::cpu_kernel::CpuKernel;
-
-    fn run(n: usize, m: usize, simd: Simd, l: &[f32], b: &[f32]) -> Vec<f32> {
-        let mut k = Builder::new("solve");
-        let (pl, pb, px) = (k.param("l", Access::Read), k.param("b", Access::Read), k.param("x", Access::Write));
-        let lt = k.load(pl, Idx::c(0), n as i64, 1, n, n, Idx::c(n as i64));
-        let bt = k.load(pb, Idx::c(0), m as i64, 1, n, m, Idx::c(n as i64));
-        let x = k.solve_unit_lower(lt, bt);
-        k.store(x, px, Idx::c(0), m as i64, 1, Idx::c(n as i64));
-        let c = compile_with(&k.finish(), simd).expect("compiles");
-        let mut bufs = vec![l.to_vec(), b.to_vec(), vec![f32::NAN; n * m]];
-        let mut ws = vec![0u8; c.workspace_bytes() + 64];
-        let off = ws.as_ptr().align_offset(64);
-        let ptrs: Vec<*mut f32> = bufs.iter_mut().map(|v| v.as_mut_ptr()).collect();
-        // SAFETY: the buffers hold every element the kernel addresses; the workspace is
-        // aligned and as large as asked.
-        unsafe { c.call(ptrs.as_ptr(), 0, 0, 1, ws.as_mut_ptr().add(off)) };
-        bufs.pop().expect("output")
-    }
-
-    #[test]
-    fn the_routine_matches_the_cranelift_lowering_bit_for_bit() {
-        if !Simd::Avx512.available() {
-            return;
-        }
-        for (n, m) in [(64, 128), (16, 128), (7, 21), (5, 70), (3, 1)] {
-            let l: Vec<f32> = (0..n * n).map(|i| ((i * 29 % 61) as f32 - 30.0) / 200.0).collect();
-            let b: Vec<f32> = (0..n * m).map(|i| ((i * 41 % 97) as f32 - 48.0) / 9.0).collect();
-            let fast = run(n, m, Simd::Avx512, &l, &b);
-            let slow = run(n, m, Simd::Avx2, &l, &b);
-            assert!(fast.iter().zip(&slow).all(|(a, b)| a.to_bits() == b.to_bits()), "{n}x{m}");
         }
     }
 }

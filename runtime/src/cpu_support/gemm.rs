@@ -32,7 +32,7 @@ use std::cell::RefCell;
 /// acc_cs, s, s_rs, os, os_rs)`; `c`'s column stride is 1; `acc` may be null, and so may `s`
 /// and `os` (no scale; a row stride of 0 broadcasts one scale to every row). All integers
 /// are elements.
-pub(super) type GemmFn = unsafe extern "C" fn(
+pub type GemmFn = unsafe extern "C" fn(
     i64,
     i64,
     i64,
@@ -54,21 +54,21 @@ pub(super) type GemmFn = unsafe extern "C" fn(
 );
 
 /// Arguments the generated code passes the kernel.
-pub(super) const GEMM_ARGS: usize = 18;
+pub const GEMM_ARGS: usize = 18;
 
 /// Products below this many multiply-adds stay inline Cranelift code: the call and the
 /// packing of `b` cost more than the gemm saves.
-pub(super) const GEMM_MIN_MACS: usize = 4096;
+pub const GEMM_MIN_MACS: usize = 4096;
 
 /// Whether the lowering calls the gemm for an `m x n` product over `k` (when the backend has
 /// one): large enough, and either `b`'s rows are contiguous or there are enough rows of `a`
 /// to pay for packing a transposed `b`.
-pub(super) fn takes(m: usize, n: usize, k: usize, b_cs: i64) -> bool {
+pub fn takes(m: usize, n: usize, k: usize, b_cs: i64) -> bool {
     m * n * k >= GEMM_MIN_MACS && (b_cs == 1 || m >= 8)
 }
 
 /// Whether [`takes`] holds for every layout of `b`.
-pub(super) fn takes_any_layout(m: usize, n: usize, k: usize) -> bool {
+pub fn takes_any_layout(m: usize, n: usize, k: usize) -> bool {
     m * n * k >= GEMM_MIN_MACS && m >= 8
 }
 
@@ -87,10 +87,10 @@ unsafe fn scale_row(s: *const f32, s_rs: isize, row: isize) -> f32 {
 }
 
 /// Symbol name the generated code imports.
-pub(super) const GEMM_SYMBOL: &str = "chunkc_sgemm_f32";
+pub const GEMM_SYMBOL: &str = "chunkc_sgemm_f32";
 
 /// The kernel for `simd` (which the host has), or None.
-pub(super) fn select(simd: super::Simd) -> Option<GemmFn> {
+pub fn select(simd: super::Simd) -> Option<GemmFn> {
     #[cfg(target_arch = "x86_64")]
     {
         match simd {
@@ -140,7 +140,7 @@ unsafe fn pack_b(out: &mut Vec<f32>, b: *const f32, rs: isize, cs: isize, k: usi
 }
 
 #[cfg(target_arch = "x86_64")]
-pub(super) mod x86 {
+pub(crate) mod x86 {
     use super::{pack_b, scale_row, PANEL};
     use std::arch::x86_64::*;
 
@@ -149,7 +149,7 @@ pub(super) mod x86 {
     /// # Safety
     /// `b` readable at those offsets, `out` at least `k * np` long, `np >= n`.
     #[target_feature(enable = "avx")]
-    pub(in crate::cpu) unsafe fn pack_t8(out: &mut [f32], b: *const f32, cs: isize, k: usize, n: usize, np: usize) {
+    pub unsafe fn pack_t8(out: &mut [f32], b: *const f32, cs: isize, k: usize, n: usize, np: usize) {
         debug_assert!(out.len() >= k * np && np >= n);
         let o = out.as_mut_ptr();
         // SAFETY (whole body): reads of b[p + j*cs] and writes of out[p*np + j] with p < k,
@@ -216,7 +216,7 @@ pub(super) mod x86 {
     /// Operands valid for the strided reads and writes described by the arguments; only
     /// registered when the host has AVX2 and FMA.
     #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe extern "C" fn sgemm_avx2(
+    pub unsafe extern "C" fn sgemm_avx2(
         m: i64,
         n: i64,
         k: i64,
@@ -250,7 +250,7 @@ pub(super) mod x86 {
     /// Operands valid for the strided reads and writes described by the arguments; only
     /// registered when the host has AVX-512F.
     #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe extern "C" fn sgemm_avx512(
+    pub unsafe extern "C" fn sgemm_avx512(
         m: i64,
         n: i64,
         k: i64,

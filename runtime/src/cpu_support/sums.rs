@@ -14,13 +14,13 @@ use super::Simd;
 
 /// C signature: `(rows, cols, x, x_rs, out, out_rs, exclusive)`; strides in elements (f32 for
 /// `x`, f64 for `out`), column stride 1 for both.
-pub(super) type SumsFn = unsafe extern "C" fn(i64, i64, *const f32, i64, *mut f64, i64, i64);
+pub type SumsFn = unsafe extern "C" fn(i64, i64, *const f32, i64, *mut f64, i64, i64);
 
 /// Symbol the generated code imports.
-pub(super) const SUMS_SYMBOL: &str = "chunkc_gate_sums";
+pub const SUMS_SYMBOL: &str = "chunkc_gate_sums";
 
 /// The routine for `simd`, or None (the cast and the cumsum then stay Cranelift code).
-pub(super) fn select(simd: Simd) -> Option<SumsFn> {
+pub fn select(simd: Simd) -> Option<SumsFn> {
     #[cfg(target_arch = "x86_64")]
     if simd == Simd::Avx512 {
         return Some(x86::sums_avx512);
@@ -37,7 +37,7 @@ mod x86 {
     /// `x` covers `rows` rows of `cols` f32 `x_rs` apart, `out` `rows` rows of `cols` f64
     /// `out_rs` apart; the host has AVX-512F.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe extern "C" fn sums_avx512(
+    pub unsafe extern "C" fn sums_avx512(
         rows: i64,
         cols: i64,
         x: *const f32,

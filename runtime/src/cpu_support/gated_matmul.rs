@@ -19,7 +19,7 @@ use super::Simd;
 /// out_rs, flags)`; `m` is `n x n` with any strides, the rest `n x c` with column stride 1.
 /// Integers are elements (of the gates' dtype for `gx_rs`, `gy_rs`); `flags` bit 0 is
 /// `transposed`, bit 1 `strict`.
-pub(super) type GatedMatMulFn = unsafe extern "C" fn(
+pub type GatedMatMulFn = unsafe extern "C" fn(
     i64,
     i64,
     *const f32,
@@ -37,11 +37,11 @@ pub(super) type GatedMatMulFn = unsafe extern "C" fn(
 );
 
 /// Symbol names the generated code imports (f32 gates, f64 gates).
-pub(super) const SYMBOLS: [&str; 2] = ["chunkc_gated_matmul_g32", "chunkc_gated_matmul_g64"];
+pub const SYMBOLS: [&str; 2] = ["chunkc_gated_matmul_g32", "chunkc_gated_matmul_g64"];
 
 /// The kernels for `simd` (f32 gates, f64 gates), or None (then `GatedMatMul` stays
 /// Cranelift code).
-pub(super) fn select(simd: Simd) -> Option<[GatedMatMulFn; 2]> {
+pub fn select(simd: Simd) -> Option<[GatedMatMulFn; 2]> {
     #[cfg(target_arch = "x86_64")]
     {
         if matches!(simd, Simd::Avx2 | Simd::Avx512) {
@@ -61,7 +61,7 @@ mod x86 {
     /// Operands valid for the reads and writes the arguments describe; only registered when
     /// the host has AVX2 and FMA.
     #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe extern "C" fn gated_matmul_avx2<const G64: bool>(
+    pub unsafe extern "C" fn gated_matmul_avx2<const G64: bool>(
         n: i64,
         c: i64,
         m: *const f32,

@@ -29,7 +29,7 @@ use super::Simd;
 /// out_cs, strict)`; every operand is `n x c` with column stride 1 (out `n x n`). Integers are
 /// elements (of the gates' dtype for `ga_rs`, `gb_rs`); `strict` is 0 or 1. `ga`, `gb` are
 /// f32 or f64 as the symbol says.
-pub(super) type GatedFn = unsafe extern "C" fn(
+pub type GatedFn = unsafe extern "C" fn(
     i64,
     i64,
     *const f32,
@@ -47,11 +47,11 @@ pub(super) type GatedFn = unsafe extern "C" fn(
 );
 
 /// Symbol names the generated code imports (f32 gates, f64 gates).
-pub(super) const GATED_SYMBOLS: [&str; 2] = ["chunkc_gated_dot_g32", "chunkc_gated_dot_g64"];
+pub const GATED_SYMBOLS: [&str; 2] = ["chunkc_gated_dot_g32", "chunkc_gated_dot_g64"];
 
 /// The kernels for `simd` (f32 gates, f64 gates), or None (then `GatedDot` stays Cranelift
 /// code).
-pub(super) fn select(simd: Simd) -> Option<[GatedFn; 2]> {
+pub fn select(simd: Simd) -> Option<[GatedFn; 2]> {
     #[cfg(target_arch = "x86_64")]
     {
         match simd {
@@ -65,7 +65,7 @@ pub(super) fn select(simd: Simd) -> Option<[GatedFn; 2]> {
 }
 
 #[cfg(target_arch = "x86_64")]
-pub(super) mod x86 {
+pub(crate) mod x86 {
     use std::arch::x86_64::*;
 
     const LOG2E: f32 = std::f32::consts::LOG2_E;
@@ -123,7 +123,7 @@ pub(super) mod x86 {
     /// step, within 1 ulp.
     #[target_feature(enable = "avx512f")]
     #[inline]
-    pub(super) fn recip16(x: __m512) -> __m512 {
+    pub fn recip16(x: __m512) -> __m512 {
         let r = _mm512_rcp14_ps(x);
         _mm512_fmadd_ps(r, _mm512_fnmadd_ps(x, r, _mm512_set1_ps(1.0)), r)
     }
@@ -132,7 +132,7 @@ pub(super) mod x86 {
     /// step, within 2 ulp.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    pub(super) fn recip8(x: __m256) -> __m256 {
+    pub fn recip8(x: __m256) -> __m256 {
         let r = _mm256_rcp_ps(x);
         _mm256_fmadd_ps(r, _mm256_fnmadd_ps(x, r, _mm256_set1_ps(1.0)), r)
     }
@@ -226,7 +226,7 @@ pub(super) mod x86 {
     /// Operands valid for the reads and writes the arguments describe; only registered when
     /// the host has AVX2 and FMA.
     #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe extern "C" fn gated_avx2<const G64: bool>(
+    pub unsafe extern "C" fn gated_avx2<const G64: bool>(
         n: i64,
         c: i64,
         a: *const f32,
@@ -316,7 +316,7 @@ pub(super) mod x86 {
                         q += 8;
                     }
                 }
-                crate::cpu::gemm::x86::pack_t8(&mut sbt, sb.as_ptr(), SPLIT_COLS as isize, w, 16, 16);
+                crate::cpu_support::gemm::x86::pack_t8(&mut sbt, sb.as_ptr(), SPLIT_COLS as isize, w, 16, 16);
                 // Four 8 x 8 blocks (rows ih..ih+8, columns jh..jh+8) of the 16 x 16 product.
                 for ih in [0, 8] {
                     for jh in [0, 8] {
@@ -418,7 +418,7 @@ pub(super) mod x86 {
     /// Operands valid for the reads and writes the arguments describe; only registered when
     /// the host has AVX-512F.
     #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe extern "C" fn gated_avx512<const G64: bool>(
+    pub unsafe extern "C" fn gated_avx512<const G64: bool>(
         n: i64,
         c: i64,
         a: *const f32,
@@ -512,7 +512,7 @@ pub(super) mod x86 {
                         q += 16;
                     }
                 }
-                crate::cpu::gemm::x86::pack_t8(&mut sbt, sb.as_ptr(), SPLIT_COLS as isize, w, 16, 16);
+                crate::cpu_support::gemm::x86::pack_t8(&mut sbt, sb.as_ptr(), SPLIT_COLS as isize, w, 16, 16);
                 // All 16 rows (those past n are zero in `sa`), so the accumulators stay in
                 // registers.
                 for q in 0..w {
@@ -542,7 +542,7 @@ pub(super) mod x86 {
     /// # Safety
     /// The host has AVX-512F (`wide`) or AVX2 and FMA; the slices hold `n x c` (`out` `n x n`).
     #[cfg(test)]
-    pub(super) unsafe fn split_taken(
+    pub unsafe fn split_taken(
         wide: bool,
         n: usize,
         c: usize,

@@ -10,11 +10,11 @@
 //! the same call, as the IR's `Load` requires.
 
 /// Symbol the generated code imports.
-pub(super) const ROWS_SYMBOL: &str = "chunkc_copy_rows";
+pub const ROWS_SYMBOL: &str = "chunkc_copy_rows";
 
 /// Rows at least this wide go through [`copy_rows`]; narrower ones (per-token scalars, a
 /// gate column) stay inline, where a call per row would cost more than the copy.
-pub(super) const MIN_COLS: usize = 16;
+pub const MIN_COLS: usize = 16;
 
 /// Copies `rows` rows of `cols` f32 from `src` (row stride `src_rs`) to `dst` (row stride
 /// `dst_rs`), then zero-fills `dst`'s rows `rows..fill_to`. Strides in elements.
@@ -22,7 +22,7 @@ pub(super) const MIN_COLS: usize = 16;
 /// # Safety
 /// `src` readable and `dst` writable at every row they are given with `cols` contiguous
 /// elements; the two do not overlap.
-pub(super) unsafe extern "C" fn copy_rows(
+pub unsafe extern "C" fn copy_rows(
     src: *const f32,
     src_rs: i64,
     dst: *mut f32,
