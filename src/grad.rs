@@ -119,18 +119,18 @@ pub fn grad(
         Backend::Reference => reference(rule, tensors, dims, opts.scale, false)?,
         Backend::Recurrent | Backend::Chunked => compiled(rule, tensors, dims, opts)?,
     };
-    drop_initial_gradients(rule, tensors, &mut out);
+    drop_initial_gradients(rule, &|n| tensors.contains_key(n), &mut out);
     Ok(out)
 }
 
 /// Drops the gradient of each initial state the caller did not give (`dh0` without `h0`,
 /// `d<name>0` without `<name>0`): the run started from zeros of no one's choosing.
-fn drop_initial_gradients(rule: &Rule, tensors: &Tensors, out: &mut BTreeMap<String, Tensor>) {
-    if !tensors.contains_key("h0") {
+pub(crate) fn drop_initial_gradients(rule: &Rule, given: &dyn Fn(&str) -> bool, out: &mut BTreeMap<String, Tensor>) {
+    if !given("h0") {
         out.remove("dh0");
     }
     for s in &rule.states {
-        if !tensors.contains_key(&s.initial_name()) {
+        if !given(&s.initial_name()) {
             out.remove(&format!("d{}", s.initial_name()));
         }
     }
@@ -147,7 +147,7 @@ pub fn reference_f32_forward(
 ) -> Result<BTreeMap<String, Tensor>, Error> {
     let dims = infer_dims(rule, tensors, source)?;
     let mut out = reference(rule, tensors, dims, scale, true)?;
-    drop_initial_gradients(rule, tensors, &mut out);
+    drop_initial_gradients(rule, &|n| tensors.contains_key(n), &mut out);
     Ok(out)
 }
 
@@ -228,7 +228,17 @@ fn compiled(rule: &Rule, tensors: &Tensors, dims: Dims, opts: &GradOptions) -> R
         Engine::Interp => backend::execute_interp(&program, tensors, &dims)?.0,
         Engine::Ptx { device, target } => gpu::execute(&program, tensors, dims, device, target, &opts.ptx.schedule)?.0,
     };
-    // A per-head parameter's gradient comes per batch row: sum it over B.
+    sum_per_head_gradients(rule, &dims, &mut out)?;
+    Ok(out)
+}
+
+/// A per-head parameter's gradient comes from the backward program per batch row: sums it
+/// over B, into `d<name>` of the parameter's shape.
+pub(crate) fn sum_per_head_gradients(
+    rule: &Rule,
+    dims: &Dims,
+    out: &mut BTreeMap<String, Tensor>,
+) -> Result<(), Error> {
     for (i, inp) in rule.inputs.iter().enumerate().filter(|(_, inp)| inp.per_head) {
         let by_batch = out
             .remove(&backward::gradient_name(rule, i))
@@ -240,5 +250,5 @@ fn compiled(rule: &Rule, tensors: &Tensors, dims: Dims, opts: &GradOptions) -> R
         }
         out.insert(format!("d{}", inp.name), Tensor::new(dims.input_shape(inp), sum)?);
     }
-    Ok(out)
+    Ok(())
 }

@@ -1,7 +1,8 @@
 //! The library API: load a [`Rule`], [`compile`] it for a [`Target`] and a [`Schedule`],
 //! and run the [`Program`] on the caller's tensors: a dense batch ([`Program::forward`]), a
 //! varlen batch packed along T ([`Program::forward_varlen`], FLA's `cu_seqlens`), or the
-//! decode step of a serving engine over a [`StatePool`] ([`Program::decode`]).
+//! decode step of a serving engine over a [`StatePool`] ([`Program::decode`]); and its
+//! gradient for training ([`Program::backward`]).
 //!
 //! ```
 //! use chunkc::{compile, Heads, Inputs, Rule, Schedule, Target, TensorRef};
@@ -39,6 +40,7 @@
 use crate::backend::{build_program, Outputs};
 use crate::error::Error;
 use crate::gpu::Device;
+use crate::grad::GradOptions;
 use crate::problem::{dims_label, expect_shape, infer_dims_of_shapes};
 use crate::Loaded;
 use chunkc_codegen::cpu::CpuProgram;
@@ -56,6 +58,7 @@ use chunkc_runtime::view::TensorRef;
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::OnceLock;
 
 /// A checked rule: its statements, inputs, states and (when it is linear in its state) its
 /// canonical form.
@@ -289,6 +292,8 @@ pub struct Program {
     schedule: Schedule,
     threads: usize,
     exe: Executable,
+    /// The backward program, compiled on the first [`Program::backward`] (CPU target).
+    backward: OnceLock<Result<CpuProgram, String>>,
 }
 
 /// Compiles `rule`'s forward program: the kernel `schedule` names (recurrent, or chunked at
@@ -322,7 +327,14 @@ pub fn compile(rule: &Rule, target: Target, schedule: Schedule, heads: Heads) ->
             Executable::Ptx { program: build_program(rule, shape, &schedule)?, device, sm }
         }
     };
-    Ok(Program { rule: rule.clone(), heads: Heads { scale: Some(scale), ..heads }, schedule, threads: 0, exe })
+    Ok(Program {
+        rule: rule.clone(),
+        heads: Heads { scale: Some(scale), ..heads },
+        schedule,
+        threads: 0,
+        exe,
+        backward: OnceLock::new(),
+    })
 }
 
 impl std::fmt::Debug for Program {
@@ -494,6 +506,79 @@ impl Program {
         };
         let mut out = self.run_packed(inputs, &lens, shapes, Some(pools))?;
         out.0.remove("o").ok_or_else(|| Error::Internal("the decode step wrote no `o`".into()))
+    }
+
+    /// The gradient of `L = sum(o * do) + sum(hT * dhT)` (and `sum(<name>T * d<name>T)` per
+    /// extra state) for a dense batch: `inputs` as for [`Program::forward`] plus the
+    /// cotangent `do` `[B, T, H, V]` and optionally `dhT` (and `d<name>T`). Returns `o`,
+    /// the final states, `d<input>` for every input (a per-head parameter's summed over batch
+    /// and time) and `dh0` (`d<name>0`) when `h0` (`<name>0`) was given. The backward is the
+    /// one `chunkc grad` runs: chunked at the program's chunk for a chunked program,
+    /// recurrent with a checkpoint every 16 tokens for a recurrent one; on the CPU it is
+    /// compiled on the first call.
+    pub fn backward(&self, inputs: &Inputs<'_>) -> Result<Outputs, Error> {
+        let cotangents: Vec<String> = std::iter::once("do".to_string())
+            .chain(self.state_tensors().iter().map(|(n, _)| format!("d{}T", n.trim_end_matches('0'))))
+            .collect();
+        let primal = Inputs {
+            tensors: inputs
+                .tensors
+                .iter()
+                .filter(|(n, _)| !cotangents.contains(n))
+                .map(|(n, t)| (n.clone(), t.clone()))
+                .collect(),
+        };
+        self.check_names(&primal, true)?;
+        let dims = infer_dims_of_shapes(&self.rule, &inputs.shapes(), "the inputs")?;
+        self.check_compiled_for(&dims)?;
+        let d_o = inputs.tensors.get("do").ok_or_else(|| {
+            Error::Input("the backward needs the cotangent `do` [B, T, H, V] among the inputs".into())
+        })?;
+        expect_shape("do", d_o.shape(), &dims.output_shape(), "[B, T, H, V]")?;
+        if let Some(d) = inputs.tensors.get("dhT") {
+            expect_shape("dhT", d.shape(), &dims.state_shape(), "[B, H, K, V]")?;
+        }
+        let opts = crate::grad::GradOptions {
+            backend: match self.schedule.kernel {
+                KernelKind::Chunked => crate::Backend::Chunked,
+                KernelKind::Recurrent => crate::Backend::Recurrent,
+            },
+            engine: crate::Engine::Jit,
+            threads: self.order().threads,
+            scale: self.heads.scale,
+            checkpoint: Some(16),
+            chunk: self.schedule.chunk,
+            ptx: crate::grad::PtxPrecision::of(&self.schedule),
+        };
+        let dense: BTreeMap<&str, Cow<'_, [f32]>> =
+            inputs.tensors.iter().map(|(n, t)| (n.as_str(), t.to_f32())).collect();
+        if let Executable::Ptx { device, sm, .. } = &self.exe {
+            let mut tensors = BTreeMap::new();
+            for (name, t) in &inputs.tensors {
+                tensors.insert(name.clone(), Tensor::new(t.shape().to_vec(), dense[name.as_str()].to_vec())?);
+            }
+            let opts = crate::grad::GradOptions { engine: crate::Engine::Ptx { device: *device, target: *sm }, ..opts };
+            return Ok(Outputs(crate::grad::grad(&self.rule, &tensors, "the inputs", &opts, false)?));
+        }
+        let compiled = self
+            .backward
+            .get_or_init(|| {
+                let probe = Dims { batch: 1, seq_len: 1, ..dims };
+                let program =
+                    crate::grad::build_program(&self.rule, &probe, &GradOptions { ptx: Default::default(), ..opts })
+                        .map_err(|e| e.to_string())?;
+                chunkc_codegen::cpu::compile_program(&program).map_err(|e| e.to_string())
+            })
+            .as_ref()
+            .map_err(|e| Error::Unsupported(e.clone()))?;
+        let sizes = Sizes { batch: dims.batch, seq_len: dims.seq_len, heads: dims.heads, k: dims.k, v: dims.v };
+        let mut memory = ProgramMemory::new(&compiled.spec, sizes).map_err(spec_error)?;
+        let get = |name: &str| dense.get(name).map(|d| &**d);
+        exec::run_program(&compiled.spec, &compiled.kernels(), &get, &mut memory, self.order()).map_err(spec_error)?;
+        let mut out = memory.into_outputs(&compiled.spec).map_err(spec_error)?;
+        crate::grad::sum_per_head_gradients(&self.rule, &dims, &mut out)?;
+        crate::grad::drop_initial_gradients(&self.rule, &|n| inputs.tensors.contains_key(n), &mut out);
+        Ok(Outputs(out))
     }
 
     /// A pool of `slots` zero states for [`Program::decode`].

@@ -338,3 +338,49 @@ fn the_ptx_simulator_runs_varlen_and_decode_as_the_cpu_does() {
         }
     }
 }
+
+#[test]
+fn backward_is_the_command_lines_gradient() {
+    use chunkc::grad::{grad, GradOptions, PtxPrecision};
+    for (name, schedule) in [
+        ("gated_delta_rule", Schedule::chunked(16)),
+        ("mamba2", Schedule::chunked(32)),
+        ("mlstm", Schedule::recurrent()),
+    ] {
+        let r = rule(name);
+        let dims = Dims { batch: 2, seq_len: 37, heads: 2, k: 8, v: 4 };
+        let mut tensors = random_inputs(r.ast(), &dims, 31);
+        let cot = random_inputs(r.ast(), &dims, 32);
+        let d_o = (0..2 * 37 * 2 * 4).map(|i| ((i * 37 % 101) as f32) / 50.0 - 1.0).collect();
+        tensors.insert("do".into(), Tensor { shape: vec![2, 37, 2, 4], data: d_o });
+        tensors.insert("dhT".into(), Tensor { shape: vec![2, 2, 8, 4], data: cot["h0"].data.clone() });
+        let program = compile(&r, Target::Cpu, schedule, Heads::new(2, 8, 4)).expect("compiles").with_threads(2);
+        let got = program.backward(&views(&tensors)).expect("backward");
+        let backend = if schedule.chunk > 0 { Backend::Chunked } else { Backend::Recurrent };
+        let opts = GradOptions {
+            backend,
+            engine: chunkc::Engine::Jit,
+            threads: 2,
+            scale: None,
+            checkpoint: Some(16),
+            chunk: schedule.chunk,
+            ptx: PtxPrecision::default(),
+        };
+        let cli = grad(r.ast(), &tensors, "random", &opts, false).expect("grad");
+        let reference = grad(r.ast(), &tensors, "random", &GradOptions { backend: Backend::Reference, ..opts }, false)
+            .expect("reference");
+        assert_eq!(got.0.keys().collect::<Vec<_>>(), cli.keys().collect::<Vec<_>>(), "{name}");
+        for (t, want) in &cli {
+            assert_eq!(got.0[t].count_non_finite(), 0, "{name} {t}");
+            assert_eq!(got.0[t].data, want.data, "{name} {t}: the same program gives the same bits");
+            let err = rel_rms(&got.0[t].data, &reference[t].data);
+            assert!(err < 1e-4, "{name} {t}: {err:.2e} against the reference gradient");
+        }
+        assert!(got.0.contains_key("dh0"), "h0 was given");
+    }
+    let r = rule("gated_delta_rule");
+    let program = compile(&r, Target::Cpu, Schedule::chunked(16), Heads::new(2, 8, 4)).expect("compiles");
+    let tensors = random_inputs(r.ast(), &Dims { batch: 1, seq_len: 5, heads: 2, k: 8, v: 4 }, 1);
+    let e = program.backward(&views(&tensors)).expect_err("no do").to_string();
+    assert_eq!(e, "the backward needs the cotangent `do` [B, T, H, V] among the inputs");
+}
