@@ -539,6 +539,11 @@ enum Command {
         /// Leave out `h0` (the run starts from a zero state).
         #[arg(long)]
         no_h0: bool,
+        /// A varlen batch of sequences of these lengths (e.g. 37,5,64), packed along T of a
+        /// batch of one with their `cu_seqlens`; `--shape` then gives H, K and V only (its B
+        /// and T are ignored) and `h0` is [N, H, K, V].
+        #[arg(long, value_delimiter = ',')]
+        varlen: Vec<usize>,
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
@@ -747,6 +752,53 @@ fn chunked_backward(rule: &Rule) -> Result<(), String> {
         .map_err(|e| e.0.trim_start_matches(&format!("rule `{}`: ", rule.name)).to_string())
 }
 
+/// `run` on a varlen batch: the inputs packed along T of a batch of one, sequence n being
+/// tokens `cu_seqlens[n]..cu_seqlens[n+1]` (FLA's layout), through the library's packed
+/// executor.
+fn run_varlen(
+    rule_path: &std::path::Path,
+    tensors: &chunkc::runtime::io::Tensors,
+    cu: &chunkc::runtime::tensor::Tensor,
+    opts: &Options,
+) -> Result<BTreeMap<String, chunkc::runtime::tensor::Tensor>, Error> {
+    use chunkc::{Heads, Inputs, Target, TensorRef};
+    if cu.shape.len() != 1 {
+        return Err(Error::Input(format!(
+            "tensor `cu_seqlens`: expected one dimension [N + 1], got shape {:?}",
+            cu.shape
+        )));
+    }
+    let offsets: Vec<i64> = cu.data.iter().map(|&x| x as i64).collect();
+    if cu.data.iter().zip(&offsets).any(|(&x, &i)| x != i as f32) {
+        return Err(Error::Input("tensor `cu_seqlens` holds values that are not whole numbers".into()));
+    }
+    let target = match opts.engine {
+        Engine::Jit => Target::Cpu,
+        Engine::Ptx { device: chunkc::gpu::Device::Sim, target } => Target::PtxSim(target),
+        Engine::Ptx { device: chunkc::gpu::Device::Cuda, target } => Target::Cuda(target),
+        Engine::Interp => return Err(Error::Unsupported("the interpreter does not run varlen batches".into())),
+    };
+    let schedule = opts
+        .kernel_schedule()
+        .ok_or_else(|| Error::Unsupported("varlen batches run on compiled kernels, not --backend reference".into()))?;
+    let rule = chunkc::Rule::load(rule_path)?;
+    let states: Vec<String> =
+        std::iter::once("h0".to_string()).chain(rule.ast().states.iter().map(|s| s.initial_name())).collect();
+    let per_token: BTreeMap<String, Vec<usize>> = tensors
+        .iter()
+        .filter(|(n, _)| *n != "cu_seqlens" && !states.contains(n))
+        .map(|(n, t)| (n.clone(), t.shape.clone()))
+        .collect();
+    let dims = chunkc::problem::infer_dims_of_shapes(rule.ast(), &per_token, "the inputs")?;
+    let heads = Heads { heads: dims.heads, k: dims.k, v: dims.v, scale: opts.scale };
+    let program = chunkc::compile(&rule, target, schedule, heads)?.with_threads(opts.threads);
+    let mut inputs = Inputs::new();
+    for (name, t) in tensors.iter().filter(|(n, _)| *n != "cu_seqlens") {
+        inputs.insert(name, TensorRef::f32(&t.data, &t.shape)?);
+    }
+    Ok(program.forward_varlen(&inputs, offsets.as_slice())?.0)
+}
+
 fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
     match cmd {
         Command::Check { rule } => check(&rule),
@@ -781,7 +833,14 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
             let loaded = load_rule(&rule)?;
             let shown = inputs.display().to_string();
             let (tensors, _) = chunkc::runtime::io::read_safetensors(&inputs)?;
-            chunkc::problem::check_known_tensors(&loaded.rule, &tensors, &shown, "run", &["h0"], allow_extra)?;
+            chunkc::problem::check_known_tensors(
+                &loaded.rule,
+                &tensors,
+                &shown,
+                "run",
+                &["h0", "cu_seqlens"],
+                allow_extra,
+            )?;
             for (name, t) in &tensors {
                 let bad = t.count_non_finite();
                 let a_state = name == "h0" || loaded.rule.states.iter().any(|s| s.initial_name() == *name);
@@ -802,7 +861,15 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
                 be = backend_of(&schedule);
             }
             let opts = Options { backend: be, engine: eng, schedule, threads, scale };
-            let written = backend::run(&loaded.rule, &tensors, &shown, &opts)?.0;
+            let written = match tensors.get("cu_seqlens") {
+                Some(cu) => {
+                    if tuned {
+                        return Err(Error::Unsupported("--tuned does not take varlen inputs (cu_seqlens) yet".into()));
+                    }
+                    run_varlen(&rule, &tensors, cu, &opts)?
+                }
+                None => backend::run(&loaded.rule, &tensors, &shown, &opts)?.0,
+            };
             let mut meta = BTreeMap::new();
             meta.insert("rule".to_string(), loaded.rule.name.clone());
             meta.insert("backend".to_string(), eng.label(be).to_string());
@@ -1041,14 +1108,40 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Inputs { rule, shape, out, grad, no_h0, seed } => {
+        Command::Inputs { rule, shape, out, grad, no_h0, varlen, seed } => {
             let loaded = load_rule(&rule)?;
-            let dims = dims_of(&shape)?;
+            let mut dims = dims_of(&shape)?;
+            if !varlen.is_empty() {
+                if grad {
+                    return Err(Error::Unsupported("--grad does not take --varlen yet".into()));
+                }
+                if varlen.contains(&0) {
+                    return Err(Error::Input("--varlen: every sequence needs at least one token".into()));
+                }
+                dims = chunkc::dsl::reference::Dims { batch: 1, seq_len: varlen.iter().sum(), ..dims };
+            }
             let mut tensors = if grad {
                 chunkc::verify_grad::random_grad_inputs(&loaded.rule, &dims, seed)
             } else {
                 chunkc::verify::random_inputs(&loaded.rule, &dims, seed)
             };
+            if !varlen.is_empty() {
+                // One initial state per sequence, and the offsets.
+                let per_sequence = chunkc::dsl::reference::Dims { batch: varlen.len(), seq_len: 1, ..dims };
+                let states = chunkc::verify::random_inputs(&loaded.rule, &per_sequence, seed + 1);
+                for (name, t) in states {
+                    if loaded.rule.input(&name).is_none() {
+                        tensors.insert(name, t);
+                    }
+                }
+                let cu: Vec<f32> = std::iter::once(0.0)
+                    .chain(varlen.iter().scan(0usize, |end, &l| {
+                        *end += l;
+                        Some(*end as f32)
+                    }))
+                    .collect();
+                tensors.insert("cu_seqlens".into(), chunkc::runtime::tensor::Tensor::new(vec![cu.len()], cu)?);
+            }
             if no_h0 {
                 tensors.remove("h0");
                 for s in &loaded.rule.states {

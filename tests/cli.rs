@@ -65,7 +65,7 @@ fn an_unknown_tensor_is_refused_unless_allowed() {
     let e = stderr(&o);
     assert!(
         e.contains("tensor `initial_state` in")
-            && e.contains("it takes: q, k, v, g, h0; --allow-extra ignores the others"),
+            && e.contains("it takes: q, k, v, g, h0, cu_seqlens; --allow-extra ignores the others"),
         "{e}"
     );
     assert_eq!(e.trim_end().lines().count(), 1, "{e}");
@@ -715,7 +715,7 @@ fn an_extra_state_enters_and_leaves_by_name() {
     let out = tmp("mlstm_refused.safetensors");
     let o = chunkc(&["run", "rules/mlstm.toml", "--inputs", inputs.to_str().unwrap(), "--out", out.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(stderr(&o).contains("it takes: q, k, v, fg, ig, h0, n0;"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("it takes: q, k, v, fg, ig, h0, cu_seqlens, n0;"), "{}", stderr(&o));
     for backend in ["reference", "chunked"] {
         let out = tmp(&format!("mlstm_grad_{backend}.safetensors"));
         let o = chunkc(&[
@@ -733,4 +733,59 @@ fn an_extra_state_enters_and_leaves_by_name() {
         assert_eq!(t["dn0"].shape, vec![1, 2, 8], "{backend}");
         assert!(t.contains_key("nT") && t.contains_key("dh0"), "{backend}: {:?}", t.keys());
     }
+}
+
+/// `inputs --varlen` writes a packed batch with its `cu_seqlens`; `run` takes it on every
+/// compiled backend, the sequences restarting their chunks, and gives each sequence what a
+/// run of that sequence alone gives.
+#[test]
+fn run_takes_a_varlen_batch() {
+    let inputs = tmp("varlen_inputs.safetensors");
+    let args = ["inputs", "rules/gated_delta_rule.toml", "--shape", "1,1,2,8,4", "--varlen", "19,1,40"];
+    let o = chunkc(&[&args[..], &["--out", inputs.to_str().unwrap()]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("cu_seqlens [4]") && stdout(&o).contains("h0 [3, 2, 8, 4]"), "{}", stdout(&o));
+    let (packed, _) = chunkc::runtime::io::read_safetensors(&inputs).expect("inputs");
+    assert_eq!(packed["cu_seqlens"].data, vec![0.0, 19.0, 20.0, 60.0]);
+    let mut runs = vec![];
+    for backend in [["--backend", "chunked"], ["--backend", "recurrent"], ["--backend", "ptx-sim"]] {
+        let out = tmp(&format!("varlen_{}.safetensors", backend[1]));
+        let args = ["run", "rules/gated_delta_rule.toml", "--inputs", inputs.to_str().unwrap(), "--chunk", "16"];
+        let o = chunkc(&[&args[..], &backend[..], &["--out", out.to_str().unwrap()]].concat());
+        assert!(o.status.success(), "{backend:?}: {}", stderr(&o));
+        let (t, _) = chunkc::runtime::io::read_safetensors(&out).expect("outputs");
+        assert_eq!(t["o"].shape, vec![1, 60, 2, 4]);
+        assert_eq!(t["hT"].shape, vec![3, 2, 8, 4]);
+        runs.push(t);
+    }
+    // The third sequence alone, through the dense path.
+    let mut alone = BTreeMap::new();
+    for (name, t) in &packed {
+        let one = match name.as_str() {
+            "cu_seqlens" => continue,
+            "h0" => Tensor { shape: vec![1, 2, 8, 4], data: t.data[2 * 64..3 * 64].to_vec() },
+            _ => {
+                let row = t.data.len() / 60;
+                Tensor { shape: [&[1, 40], &t.shape[2..]].concat(), data: t.data[20 * row..].to_vec() }
+            }
+        };
+        alone.insert(name.clone(), one);
+    }
+    let single = tmp("varlen_alone.safetensors");
+    write_safetensors(&single, &alone, None).expect("write");
+    let out = tmp("varlen_alone_out.safetensors");
+    let args = ["run", "rules/gated_delta_rule.toml", "--inputs", single.to_str().unwrap(), "--backend", "reference"];
+    let o = chunkc(&[&args[..], &["--out", out.to_str().unwrap()]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (reference, _) = chunkc::runtime::io::read_safetensors(&out).expect("reference");
+    for t in &runs {
+        let err = rel_rms(&t["o"].data[20 * 8..], &reference["o"].data);
+        assert!(err <= F32_TOLERANCE, "o of the third sequence: {err:.2e}");
+        let err = rel_rms(&t["hT"].data[2 * 64..], &reference["hT"].data);
+        assert!(err <= F32_TOLERANCE, "its final state: {err:.2e}");
+    }
+    let args = ["run", "rules/gated_delta_rule.toml", "--inputs", inputs.to_str().unwrap(), "--backend", "reference"];
+    let o = chunkc(&[&args[..], &["--out", out.to_str().unwrap()]].concat());
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(stderr(&o).trim(), "error: varlen batches run on compiled kernels, not --backend reference");
 }

@@ -6,7 +6,7 @@ use std::fmt;
 use crate::tensor::Tensor;
 
 /// Element types `read_safetensors` converts to f32, as the error messages spell them.
-pub const READABLE_DTYPES: &str = "F32, F64, F16 and BF16";
+pub const READABLE_DTYPES: &str = "F32, F64, F16 and BF16 (and I32, I64 for index tensors)";
 
 /// What went wrong while building, reading or writing tensors.
 #[derive(Debug)]

@@ -1,5 +1,6 @@
 //! Reading and writing tensors as safetensors files. Reading converts F32, F64, F16 and BF16
-//! to f32; writing always stores F32, little-endian.
+//! to f32 (and I32 / I64 index tensors, such as `cu_seqlens`, where f32 holds them exactly);
+//! writing always stores F32, little-endian.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
@@ -118,8 +119,31 @@ fn to_f32(name: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>, RuntimeErr
             .collect(),
         Dtype::F16 => bytes.chunks_exact(2).map(|c| f16_to_f32(u16::from_le_bytes([c[0], c[1]]))).collect(),
         Dtype::BF16 => bytes.chunks_exact(2).map(|c| bf16_to_f32(u16::from_le_bytes([c[0], c[1]]))).collect(),
+        // Index tensors (`cu_seqlens`): exact in f32 up to 2^24.
+        Dtype::I32 => {
+            exact_integers(name, bytes.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64))?
+        }
+        Dtype::I64 => exact_integers(
+            name,
+            bytes.chunks_exact(8).map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])),
+        )?,
         other => return Err(RuntimeError::UnsupportedDtype { name: name.to_string(), dtype: other.to_string() }),
     })
+}
+
+/// Integers as f32, refusing any that f32 cannot hold exactly (past 2^24 in magnitude).
+fn exact_integers(name: &str, values: impl Iterator<Item = i64>) -> Result<Vec<f32>, RuntimeError> {
+    values
+        .map(|x| {
+            if x.unsigned_abs() <= 1 << 24 {
+                Ok(x as f32)
+            } else {
+                Err(RuntimeError::BadTensor(format!(
+                    "integer tensor `{name}` holds {x}, past 2^24, which chunkc's f32 tensors cannot hold exactly"
+                )))
+            }
+        })
+        .collect()
 }
 
 /// One tensor's F32 little-endian bytes, as safetensors' serializer wants them.

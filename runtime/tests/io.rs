@@ -320,16 +320,32 @@ fn error_garbage_file() {
 fn error_wrong_dtype() {
     let dir = scratch("error_wrong_dtype");
     let path = dir.join("ints.safetensors");
-    let ints: Vec<u8> = [1i32, 2, 3, 4].iter().flat_map(|x| x.to_le_bytes()).collect();
-    let floats: Vec<u8> = [1f32, 2.0].iter().flat_map(|x| x.to_le_bytes()).collect();
-    write_raw(&path, &[("k", Dtype::F32, vec![2], floats), ("q", Dtype::I32, vec![2, 2], ints)]);
-    let err = read_safetensors(&path).unwrap_err();
-    assert!(matches!(err, RuntimeError::UnsupportedDtype { .. }));
-    assert_eq!(err.to_string(), "tensor `q` has dtype I32; chunkc reads F32, F64, F16 and BF16");
-
     write_raw(&path, &[("mask", Dtype::BOOL, vec![3], vec![0, 1, 1])]);
     let err = read_safetensors(&path).unwrap_err();
-    assert_eq!(err.to_string(), "tensor `mask` has dtype BOOL; chunkc reads F32, F64, F16 and BF16");
+    assert!(matches!(err, RuntimeError::UnsupportedDtype { .. }));
+    assert_eq!(
+        err.to_string(),
+        "tensor `mask` has dtype BOOL; chunkc reads F32, F64, F16 and BF16 (and I32, I64 for index tensors)"
+    );
+}
+
+#[test]
+fn integer_index_tensors_read_exactly_or_not_at_all() {
+    let dir = scratch("integer_index_tensors");
+    let path = dir.join("ints.safetensors");
+    let i32s: Vec<u8> = [0i32, 5, 22, 16_777_216].iter().flat_map(|x| x.to_le_bytes()).collect();
+    let i64s: Vec<u8> = [0i64, -3, 9].iter().flat_map(|x| x.to_le_bytes()).collect();
+    write_raw(&path, &[("a", Dtype::I32, vec![4], i32s), ("b", Dtype::I64, vec![3], i64s)]);
+    let (tensors, _) = read_safetensors(&path).unwrap();
+    assert_eq!(tensors["a"].data, vec![0.0, 5.0, 22.0, 16_777_216.0]);
+    assert_eq!(tensors["b"].data, vec![0.0, -3.0, 9.0]);
+    let big: Vec<u8> = [16_777_217i64].iter().flat_map(|x| x.to_le_bytes()).collect();
+    write_raw(&path, &[("cu_seqlens", Dtype::I64, vec![1], big)]);
+    let err = read_safetensors(&path).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "integer tensor `cu_seqlens` holds 16777217, past 2^24, which chunkc's f32 tensors cannot hold exactly"
+    );
 }
 
 #[test]
