@@ -80,7 +80,8 @@ fn render_rule(s: &mut String, m: &RuleModule) {
     let _ = writeln!(s, "pub mod {} {{", m.name);
     s.push_str(
         "    use chunkc_runtime::error::RuntimeError;\n\
-         \x20   use chunkc_runtime::linked::{LinkedKernel, LinkedProgram};\n\
+         \x20   use chunkc_runtime::cpu_kernel::NativeKernel;\n\
+         \x20   use chunkc_runtime::linked::LinkedProgram;\n\
          \x20   use chunkc_runtime::tensor::Tensor;\n\
          \x20   use chunkc_runtime::view::TensorRef;\n\
          \x20   use std::sync::OnceLock;\n\n",
@@ -112,7 +113,10 @@ fn render_rule(s: &mut String, m: &RuleModule) {
 
     s.push_str("    fn program() -> Result<&'static LinkedProgram, RuntimeError> {\n");
     s.push_str("        static PROGRAM: OnceLock<Result<LinkedProgram, String>> = OnceLock::new();\n");
-    s.push_str("        let program = PROGRAM.get_or_init(|| {\n            let kernels = vec![\n");
+    s.push_str("        let program = PROGRAM.get_or_init(|| {\n");
+    s.push_str("            // SAFETY: each function is its phase's code, compiled by chunkc-build with these\n");
+    s.push_str("            // values and SPEC, and linked into this program for its whole life.\n");
+    s.push_str("            let kernels = unsafe {\n                vec![\n");
     for k in &m.kernels {
         let resume = match &k.resume {
             None => "None".to_string(),
@@ -123,12 +127,12 @@ fn render_rule(s: &mut String, m: &RuleModule) {
         };
         let _ = writeln!(
             s,
-            "                LinkedKernel {{ entry: {:?}, func: {}, workspace: {}, vtiles: {}, resume: {resume} }},",
+            "                    NativeKernel::new({:?}, {}, {}, {}, {resume}),",
             k.entry, k.symbol, k.workspace, k.vtiles
         );
     }
-    s.push_str("            ];\n");
-    s.push_str("            // SAFETY: the functions are SPEC's phases, compiled together with it by chunkc-build.\n");
+    s.push_str("                ]\n            };\n");
+    s.push_str("            // SAFETY: as above: the kernels are SPEC's phases.\n");
     let _ = writeln!(
         s,
         "            unsafe {{ LinkedProgram::new(SPEC, kernels, {}, {:?}) }}.map_err(|e| e.to_string())",

@@ -929,7 +929,7 @@ fn launch_over_a_grid_on_three_threads() {
     let mut got = vec![f32::NAN; batch * heads * per];
     unsafe {
         launch(
-            &c,
+            &*c,
             &mut [Buffer::In(&xs), Buffer::Out(&mut got)],
             batch,
             heads,

@@ -2,7 +2,10 @@
 //! scratch size, V-tiles, and the calls over one grid point, whole or a range of its loop's
 //! iterations), and the proof that its loop may run in pieces ([`Resume`]). The compiler
 //! implements it (`chunkc_codegen::cpu`), the executor (`crate::exec`) calls it; neither
-//! knows the other.
+//! knows the other. [`NativeKernel`] is a kernel that is a function pointer, JIT-compiled or
+//! linked at build time.
+
+use std::borrow::Cow;
 
 /// A kernel compiled for this CPU, callable once per grid point.
 ///
@@ -75,4 +78,90 @@ pub struct Resume {
     pub state: Vec<(usize, usize)>,
     /// Tokens one loop iteration covers (the chunk size; 1 for a token-by-token loop).
     pub tokens_per_iteration: usize,
+}
+
+/// The signature of every compiled kernel: `(params, batch, head, seq_len, workspace, vtile,
+/// first_iter, end_iter)`; the loop runs iterations `[first_iter, min(end_iter, count))`.
+pub type KernelFn = unsafe extern "C" fn(*const *mut f32, i64, i64, i64, *mut u8, i64, i64, i64);
+
+/// A kernel that is native code: its function and what the executor needs to know of it.
+/// The JIT (`chunkc_codegen::cpu`) makes one from the code it compiled; a program built with
+/// `chunkc-build` makes one per linked function.
+pub struct NativeKernel {
+    /// The phase it runs.
+    entry: Cow<'static, str>,
+    func: KernelFn,
+    /// Scratch bytes per call.
+    workspace: usize,
+    vtiles: usize,
+    resume: Option<Resume>,
+}
+
+impl NativeKernel {
+    /// The kernel whose code is `func`.
+    ///
+    /// # Safety
+    /// `func` must be chunkc's compiled code of phase `entry`, compiled together with the
+    /// other values given here (its scratch bytes, V-tiles and resume proof), and stay
+    /// callable while this value lives: the executor trusts them for every call.
+    pub unsafe fn new(
+        entry: impl Into<Cow<'static, str>>,
+        func: KernelFn,
+        workspace: usize,
+        vtiles: usize,
+        resume: Option<Resume>,
+    ) -> NativeKernel {
+        NativeKernel { entry: entry.into(), func, workspace, vtiles, resume }
+    }
+}
+
+impl CpuKernel for NativeKernel {
+    fn entry(&self) -> &str {
+        &self.entry
+    }
+
+    fn workspace_bytes(&self) -> usize {
+        self.workspace
+    }
+
+    unsafe fn call(&self, params: *const *mut f32, batch: i64, head: i64, seq_len: i64, workspace: *mut u8) {
+        // SAFETY: the caller upholds `call`'s contract, which is `call_tile`'s for V-tile 0.
+        unsafe { self.call_tile(params, batch, head, 0, seq_len, workspace) }
+    }
+
+    fn vtiles(&self) -> usize {
+        self.vtiles
+    }
+
+    unsafe fn call_tile(
+        &self,
+        params: *const *mut f32,
+        batch: i64,
+        head: i64,
+        vtile: i64,
+        seq_len: i64,
+        workspace: *mut u8,
+    ) {
+        // SAFETY: the caller upholds the contract, and `func` is this phase's code
+        // (`NativeKernel::new`'s contract).
+        unsafe { (self.func)(params, batch, head, seq_len, workspace, vtile, 0, i64::MAX) }
+    }
+
+    fn resume(&self) -> Option<&Resume> {
+        self.resume.as_ref()
+    }
+
+    unsafe fn call_range(
+        &self,
+        params: *const *mut f32,
+        [batch, head, vtile]: [i64; 3],
+        seq_len: i64,
+        range: (i64, i64),
+        workspace: *mut u8,
+    ) {
+        // SAFETY: `call_range`'s contract: `call_tile`'s, plus the resumed state in place of
+        // the state-in buffers, which is what makes a partial range exact (the compiler's
+        // resume proof).
+        unsafe { (self.func)(params, batch, head, seq_len, workspace, vtile, range.0, range.1) }
+    }
 }

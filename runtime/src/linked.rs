@@ -4,7 +4,7 @@
 //! CPU executor. Nothing here compiles; a program that embeds kernels this way needs this
 //! crate only.
 
-use crate::cpu_kernel::{CpuKernel, Resume};
+use crate::cpu_kernel::{CpuKernel, NativeKernel};
 use crate::cpu_support::Simd;
 use crate::error::RuntimeError;
 use crate::exec::{self, Order, ProgramMemory};
@@ -14,74 +14,10 @@ use crate::view::TensorRef;
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 
-/// The signature of every compiled kernel: `(params, batch, head, seq_len, workspace, vtile,
-/// first_iter, end_iter)`; the loop runs iterations `[first_iter, min(end_iter, count))`.
-pub type KernelFn = unsafe extern "C" fn(*const *mut f32, i64, i64, i64, *mut u8, i64, i64, i64);
-
-/// A kernel linked into the program.
-pub struct LinkedKernel {
-    /// The phase it runs.
-    pub entry: &'static str,
-    pub func: KernelFn,
-    /// Scratch bytes per call.
-    pub workspace: usize,
-    pub vtiles: usize,
-    pub resume: Option<Resume>,
-}
-
-impl CpuKernel for LinkedKernel {
-    fn entry(&self) -> &str {
-        self.entry
-    }
-
-    fn workspace_bytes(&self) -> usize {
-        self.workspace
-    }
-
-    unsafe fn call(&self, params: *const *mut f32, batch: i64, head: i64, seq_len: i64, workspace: *mut u8) {
-        // SAFETY: the caller upholds `call`'s contract, which is `call_tile`'s for V-tile 0.
-        unsafe { self.call_tile(params, batch, head, 0, seq_len, workspace) }
-    }
-
-    fn vtiles(&self) -> usize {
-        self.vtiles
-    }
-
-    unsafe fn call_tile(
-        &self,
-        params: *const *mut f32,
-        batch: i64,
-        head: i64,
-        vtile: i64,
-        seq_len: i64,
-        workspace: *mut u8,
-    ) {
-        // SAFETY: the caller upholds the contract; the function is this phase's kernel
-        // (`LinkedProgram::new`'s contract).
-        unsafe { (self.func)(params, batch, head, seq_len, workspace, vtile, 0, i64::MAX) }
-    }
-
-    fn resume(&self) -> Option<&Resume> {
-        self.resume.as_ref()
-    }
-
-    unsafe fn call_range(
-        &self,
-        params: *const *mut f32,
-        [batch, head, vtile]: [i64; 3],
-        seq_len: i64,
-        range: (i64, i64),
-        workspace: *mut u8,
-    ) {
-        // SAFETY: as `call_tile`, with the resumed state the contract asks for.
-        unsafe { (self.func)(params, batch, head, seq_len, workspace, vtile, range.0, range.1) }
-    }
-}
-
 /// A compiled program: its description and one linked kernel per phase.
 pub struct LinkedProgram {
     spec: ProgramSpec,
-    kernels: Vec<LinkedKernel>,
+    kernels: Vec<NativeKernel>,
     /// Tokens per time block of the executor (the schedule's; 0: whole sequences).
     time_block: usize,
 }
@@ -97,7 +33,7 @@ impl LinkedProgram {
     /// description's shapes for every pointer it hands the kernel.
     pub unsafe fn new(
         spec_json: &str,
-        kernels: Vec<LinkedKernel>,
+        kernels: Vec<NativeKernel>,
         time_block: usize,
         simd: &str,
     ) -> Result<LinkedProgram, RuntimeError> {
@@ -112,7 +48,7 @@ impl LinkedProgram {
             serde_json::from_str(spec_json).map_err(|e| bad(format!("a linked program's description: {e}")))?;
         spec.validate().map_err(|e| bad(e.to_string()))?;
         let matches = kernels.len() == spec.phases.len()
-            && kernels.iter().zip(&spec.phases).all(|(k, p)| k.entry == p.entry && k.vtiles.max(1) == p.vtiles);
+            && kernels.iter().zip(&spec.phases).all(|(k, p)| k.entry() == p.entry && k.vtiles().max(1) == p.vtiles);
         if !matches {
             return Err(bad(format!("program {}: the linked kernels are not its phases", spec.name)));
         }

@@ -35,7 +35,7 @@ mod vmath;
 
 use std::fmt;
 
-use chunkc_runtime::cpu_kernel::{CpuKernel, Resume};
+use chunkc_runtime::cpu_kernel::{CpuKernel, KernelFn, NativeKernel};
 use cranelift_codegen::ir::{types, AbiParam, UserFuncName};
 use cranelift_codegen::settings::{self, Configurable};
 use cranelift_codegen::Context;
@@ -69,19 +69,11 @@ impl From<LayoutError> for CodegenError {
     }
 }
 
-/// The generated function's type.
-type KernelFn = unsafe extern "C" fn(*const *mut f32, i64, i64, i64, *mut u8, i64, i64, i64);
-
-/// A kernel compiled to native code. Owns the JIT memory, which lives as long as this value.
+/// A kernel compiled to native code: the [`NativeKernel`] an executor calls, and the JIT
+/// memory its code lives in, freed with this value.
 pub struct CpuCompiled {
     module: Option<JITModule>,
-    func: KernelFn,
-    workspace: usize,
-    /// V-tiles per head of the kernel (1 unless it splits V).
-    vtiles: usize,
-    /// Whether and how the loop may run in pieces (`resume.rs`).
-    resume: Option<Resume>,
-    name: String,
+    kernel: NativeKernel,
 }
 
 // SAFETY: after `compile` finishes, the module is never used again except to free its memory
@@ -101,64 +93,22 @@ impl Drop for CpuCompiled {
 
 impl fmt::Debug for CpuCompiled {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CpuCompiled").field("name", &self.name).field("workspace", &self.workspace).finish()
+        f.debug_struct("CpuCompiled").field("name", &self.name()).field("workspace", &self.workspace_bytes()).finish()
     }
 }
 
 impl CpuCompiled {
     /// Name of the kernel this was compiled from.
     pub fn name(&self) -> &str {
-        &self.name
+        self.kernel.entry()
     }
 }
 
-impl CpuKernel for CpuCompiled {
-    fn entry(&self) -> &str {
-        &self.name
-    }
+impl std::ops::Deref for CpuCompiled {
+    type Target = NativeKernel;
 
-    fn workspace_bytes(&self) -> usize {
-        self.workspace
-    }
-
-    unsafe fn call(&self, params: *const *mut f32, batch: i64, head: i64, seq_len: i64, workspace: *mut u8) {
-        // SAFETY: as `call_tile`, whose contract `call`'s is for V-tile 0.
-        unsafe { self.call_tile(params, batch, head, 0, seq_len, workspace) }
-    }
-
-    fn vtiles(&self) -> usize {
-        self.vtiles
-    }
-
-    unsafe fn call_tile(
-        &self,
-        params: *const *mut f32,
-        batch: i64,
-        head: i64,
-        vtile: i64,
-        seq_len: i64,
-        workspace: *mut u8,
-    ) {
-        // SAFETY: the caller upholds `CpuKernel::call_tile`'s contract, which is exactly what
-        // the generated code needs for the whole loop.
-        unsafe { (self.func)(params, batch, head, seq_len, workspace, vtile, 0, i64::MAX) }
-    }
-
-    fn resume(&self) -> Option<&Resume> {
-        self.resume.as_ref()
-    }
-
-    unsafe fn call_range(
-        &self,
-        params: *const *mut f32,
-        [batch, head, vtile]: [i64; 3],
-        seq_len: i64,
-        range: (i64, i64),
-        workspace: *mut u8,
-    ) {
-        // SAFETY: `call_range`'s contract: `call_tile`'s, plus the resumed state in place of
-        // the state-in buffers, which is what makes a partial range exact (`resume.rs`).
-        unsafe { (self.func)(params, batch, head, seq_len, workspace, vtile, range.0, range.1) }
+    fn deref(&self) -> &NativeKernel {
+        &self.kernel
     }
 }
 
@@ -173,7 +123,7 @@ pub struct CpuProgram {
 impl CpuProgram {
     /// The phases' kernels, in order.
     pub fn kernels(&self) -> Vec<&dyn CpuKernel> {
-        self.kernels.iter().map(|k| k as &dyn CpuKernel).collect()
+        self.kernels.iter().map(|k| &k.kernel as &dyn CpuKernel).collect()
     }
 }
 
@@ -218,14 +168,12 @@ pub fn compile_with(kernel: &Kernel, simd: Simd) -> Result<CpuCompiled, CodegenE
     // SAFETY: `build` gave the function exactly this signature (host default call
     // convention, which is the C one).
     let func = unsafe { std::mem::transmute::<*const u8, KernelFn>(code) };
-    Ok(CpuCompiled {
-        module: Some(module),
-        func,
-        workspace: prepared.plan.bytes,
-        vtiles: kernel.vtiles,
-        resume: crate::resume::analyse(kernel),
-        name: kernel.name.clone(),
-    })
+    // SAFETY: `func` is the code just compiled for `kernel`, with its workspace plan; it
+    // lives in `module`, which the returned value owns.
+    let kernel = unsafe {
+        NativeKernel::new(kernel.name.clone(), func, prepared.plan.bytes, kernel.vtiles, crate::resume::analyse(kernel))
+    };
+    Ok(CpuCompiled { module: Some(module), kernel })
 }
 
 /// The Cranelift IR `compile` would generate for `kernel` (before optimisation), for
