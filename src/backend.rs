@@ -176,9 +176,12 @@ pub fn build_kernel(rule: &Rule, shape: Shape, schedule: &Schedule) -> Result<Ke
     program.kernels.into_iter().next().ok_or_else(|| Error::Internal("a fused program without a kernel".into()))
 }
 
-/// Runs `rule` on `tensors` (inputs by name, `h0` optional). `source` names where the
+/// Runs `rule` on `tensors` (inputs by name, `h0` optional; inputs with fewer heads than the
+/// value heads are shared by groups of them, `crate::heads`). `source` names where the
 /// tensors came from, for messages.
 pub fn run(rule: &Rule, tensors: &Tensors, source: &str, opts: &Options) -> Result<Outputs, Error> {
+    let (tensors, _) = crate::heads::expand_tensors(rule, tensors)?;
+    let tensors = &*tensors;
     let dims = infer_dims(rule, tensors, source)?;
     let shape = shape_of(&dims, opts.scale);
     if opts.backend == Backend::Reference {

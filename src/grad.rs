@@ -103,6 +103,8 @@ pub fn grad(
     allow_extra: bool,
 ) -> Result<BTreeMap<String, Tensor>, Error> {
     check_known_tensors(rule, tensors, source, "grad", &STATE_AND_COTANGENTS, allow_extra)?;
+    let (tensors, groups) = crate::heads::expand_tensors(rule, tensors)?;
+    let tensors = &*tensors;
     let dims = infer_dims(rule, tensors, source)?;
     let d_o = tensors.get("do").ok_or_else(|| {
         Error::Runtime(RuntimeError::MissingTensor {
@@ -120,6 +122,7 @@ pub fn grad(
         Backend::Recurrent | Backend::Chunked => compiled(rule, tensors, dims, opts)?,
     };
     drop_initial_gradients(rule, &|n| tensors.contains_key(n), &mut out);
+    crate::heads::reduce_gradients(&groups, &mut out)?;
     Ok(out)
 }
 

@@ -16,6 +16,7 @@ pub mod bench;
 pub mod error;
 pub mod gpu;
 pub mod grad;
+pub mod heads;
 pub mod library;
 pub mod problem;
 pub mod tune;

@@ -41,6 +41,7 @@ use crate::backend::{build_program, Outputs};
 use crate::error::Error;
 use crate::gpu::Device;
 use crate::grad::GradOptions;
+use crate::heads::Groups;
 use crate::problem::{dims_label, expect_shape, infer_dims_of_shapes};
 use crate::Loaded;
 use chunkc_codegen::cpu::CpuProgram;
@@ -172,6 +173,50 @@ impl<'a> Inputs<'a> {
 
     fn shapes(&self) -> BTreeMap<String, Vec<usize>> {
         self.tensors.iter().map(|(n, t)| (n.clone(), t.shape().to_vec())).collect()
+    }
+}
+
+/// The inputs as dense row-major f32 (borrowed where they already are), grouped inputs
+/// repeated to the value heads (`crate::heads`).
+struct Dense<'i> {
+    tensors: BTreeMap<String, (Vec<usize>, Cow<'i, [f32]>)>,
+    groups: Groups,
+}
+
+impl<'i> Dense<'i> {
+    fn of(rule: &chunkc_dsl::ast::Rule, inputs: &Inputs<'i>) -> Result<Dense<'i>, Error> {
+        let groups = Groups::of(rule, &inputs.shapes())?;
+        let mut tensors = BTreeMap::new();
+        for (name, t) in &inputs.tensors {
+            let data = t.to_f32();
+            let entry = match groups.expand(name, t.shape(), &data) {
+                Some((shape, expanded)) => (shape, Cow::Owned(expanded)),
+                None => (t.shape().to_vec(), data),
+            };
+            tensors.insert(name.clone(), entry);
+        }
+        Ok(Dense { tensors, groups })
+    }
+
+    fn shapes(&self) -> BTreeMap<String, Vec<usize>> {
+        self.tensors.iter().map(|(n, (s, _))| (n.clone(), s.clone())).collect()
+    }
+
+    fn get(&self, name: &str) -> Option<&[f32]> {
+        self.tensors.get(name).map(|(_, d)| &**d)
+    }
+
+    fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.tensors.get(name).map(|(s, _)| s.as_slice())
+    }
+
+    /// Owned tensors, for the engines that take them (PTX).
+    fn to_tensors(&self) -> Result<BTreeMap<String, Tensor>, Error> {
+        let mut out = BTreeMap::new();
+        for (name, (shape, data)) in &self.tensors {
+            out.insert(name.clone(), Tensor::new(shape.clone(), data.to_vec())?);
+        }
+        Ok(out)
     }
 }
 
@@ -414,25 +459,20 @@ impl Program {
     /// Returns `o` `[B, T, H, V]`, `hT` and each extra state's `<name>T`.
     pub fn forward(&self, inputs: &Inputs<'_>) -> Result<Outputs, Error> {
         self.check_names(inputs, true)?;
-        let dims = infer_dims_of_shapes(&self.rule, &inputs.shapes(), "the inputs")?;
+        let dense = Dense::of(&self.rule, inputs)?;
+        let dims = infer_dims_of_shapes(&self.rule, &dense.shapes(), "the inputs")?;
         self.check_compiled_for(&dims)?;
-        let dense: BTreeMap<&str, Cow<'_, [f32]>> =
-            inputs.tensors.iter().map(|(n, t)| (n.as_str(), t.to_f32())).collect();
         match &self.exe {
             Executable::Cpu(compiled) => {
                 let sizes = Sizes { batch: dims.batch, seq_len: dims.seq_len, heads: dims.heads, k: dims.k, v: dims.v };
                 let mut memory = ProgramMemory::new(&compiled.spec, sizes).map_err(spec_error)?;
-                let get = |name: &str| dense.get(name).map(|d| &**d);
+                let get = |name: &str| dense.get(name);
                 exec::run_program(&compiled.spec, &compiled.kernels(), &get, &mut memory, self.order())
                     .map_err(spec_error)?;
                 Ok(Outputs(memory.into_outputs(&compiled.spec).map_err(spec_error)?))
             }
             Executable::Ptx { program, device, sm } => {
-                let mut tensors = BTreeMap::new();
-                for (name, t) in &inputs.tensors {
-                    tensors.insert(name.clone(), Tensor::new(t.shape().to_vec(), dense[name.as_str()].to_vec())?);
-                }
-                crate::gpu::execute(program, &tensors, dims, *device, *sm, &self.schedule.ptx)
+                crate::gpu::execute(program, &dense.to_tensors()?, dims, *device, *sm, &self.schedule.ptx)
             }
         }
     }
@@ -448,9 +488,10 @@ impl Program {
         cu_seqlens: impl Into<CuSeqlens<'c>>,
     ) -> Result<Outputs, Error> {
         self.check_names(inputs, true)?;
+        let dense = Dense::of(&self.rule, inputs)?;
         let states = self.state_tensors();
         let per_token: BTreeMap<String, Vec<usize>> =
-            inputs.shapes().into_iter().filter(|(n, _)| !states.iter().any(|(s, _)| s == n)).collect();
+            dense.shapes().into_iter().filter(|(n, _)| !states.iter().any(|(s, _)| s == n)).collect();
         let dims = infer_dims_of_shapes(&self.rule, &per_token, "the inputs")?;
         self.check_compiled_for(&dims)?;
         if dims.batch != 1 {
@@ -462,14 +503,14 @@ impl Program {
         let lens = cu_seqlens.into().lengths(dims.seq_len)?;
         let n = lens.len();
         for (name, width) in &states {
-            if let Some(t) = inputs.tensors.get(name) {
+            if let Some(shape) = dense.shape(name) {
                 let label = if width.len() == 2 { "[N, H, K, V]" } else { "[N, H, D]" };
                 let want: Vec<usize> = [n, dims.heads].into_iter().chain(width.iter().copied()).collect();
-                expect_shape(name, t.shape(), &want, label)?;
+                expect_shape(name, shape, &want, label)?;
             }
         }
         let shapes = self.output_shapes(&[1, dims.seq_len, dims.heads, dims.v], n);
-        self.run_packed(inputs, &lens, shapes, None)
+        self.run_packed(&dense, &lens, shapes, None)
     }
 
     /// One decode step of a serving engine: sequence n (per-token inputs `[N, 1, H, D]`)
@@ -477,7 +518,8 @@ impl Program {
     /// (−1: start from zeros and keep nothing). Returns `o` `[N, 1, H, V]`.
     pub fn decode(&self, inputs: &Inputs<'_>, pool: &mut StatePool, state_indices: &[i64]) -> Result<Tensor, Error> {
         self.check_names(inputs, false)?;
-        let dims = infer_dims_of_shapes(&self.rule, &inputs.shapes(), "the inputs")?;
+        let dense = Dense::of(&self.rule, inputs)?;
+        let dims = infer_dims_of_shapes(&self.rule, &dense.shapes(), "the inputs")?;
         self.check_compiled_for(&dims)?;
         if dims.seq_len != 1 {
             return Err(Error::Input(format!(
@@ -504,7 +546,7 @@ impl Program {
             slots: state_indices,
             pools: pool.states.iter_mut().map(|(stem, _, data)| (stem.clone(), data.as_mut_slice())).collect(),
         };
-        let mut out = self.run_packed(inputs, &lens, shapes, Some(pools))?;
+        let mut out = self.run_packed(&dense, &lens, shapes, Some(pools))?;
         out.0.remove("o").ok_or_else(|| Error::Internal("the decode step wrote no `o`".into()))
     }
 
@@ -529,14 +571,15 @@ impl Program {
                 .collect(),
         };
         self.check_names(&primal, true)?;
-        let dims = infer_dims_of_shapes(&self.rule, &inputs.shapes(), "the inputs")?;
+        let dense = Dense::of(&self.rule, inputs)?;
+        let dims = infer_dims_of_shapes(&self.rule, &dense.shapes(), "the inputs")?;
         self.check_compiled_for(&dims)?;
-        let d_o = inputs.tensors.get("do").ok_or_else(|| {
+        let d_o = dense.shape("do").ok_or_else(|| {
             Error::Input("the backward needs the cotangent `do` [B, T, H, V] among the inputs".into())
         })?;
-        expect_shape("do", d_o.shape(), &dims.output_shape(), "[B, T, H, V]")?;
-        if let Some(d) = inputs.tensors.get("dhT") {
-            expect_shape("dhT", d.shape(), &dims.state_shape(), "[B, H, K, V]")?;
+        expect_shape("do", d_o, &dims.output_shape(), "[B, T, H, V]")?;
+        if let Some(d) = dense.shape("dhT") {
+            expect_shape("dhT", d, &dims.state_shape(), "[B, H, K, V]")?;
         }
         let opts = crate::grad::GradOptions {
             backend: match self.schedule.kernel {
@@ -550,15 +593,11 @@ impl Program {
             chunk: self.schedule.chunk,
             ptx: crate::grad::PtxPrecision::of(&self.schedule),
         };
-        let dense: BTreeMap<&str, Cow<'_, [f32]>> =
-            inputs.tensors.iter().map(|(n, t)| (n.as_str(), t.to_f32())).collect();
         if let Executable::Ptx { device, sm, .. } = &self.exe {
-            let mut tensors = BTreeMap::new();
-            for (name, t) in &inputs.tensors {
-                tensors.insert(name.clone(), Tensor::new(t.shape().to_vec(), dense[name.as_str()].to_vec())?);
-            }
             let opts = crate::grad::GradOptions { engine: crate::Engine::Ptx { device: *device, target: *sm }, ..opts };
-            return Ok(Outputs(crate::grad::grad(&self.rule, &tensors, "the inputs", &opts, false)?));
+            let mut out = crate::grad::grad(&self.rule, &dense.to_tensors()?, "the inputs", &opts, false)?;
+            crate::heads::reduce_gradients(&dense.groups, &mut out)?;
+            return Ok(Outputs(out));
         }
         let compiled = self
             .backward
@@ -573,11 +612,12 @@ impl Program {
             .map_err(|e| Error::Unsupported(e.clone()))?;
         let sizes = Sizes { batch: dims.batch, seq_len: dims.seq_len, heads: dims.heads, k: dims.k, v: dims.v };
         let mut memory = ProgramMemory::new(&compiled.spec, sizes).map_err(spec_error)?;
-        let get = |name: &str| dense.get(name).map(|d| &**d);
+        let get = |name: &str| dense.get(name);
         exec::run_program(&compiled.spec, &compiled.kernels(), &get, &mut memory, self.order()).map_err(spec_error)?;
         let mut out = memory.into_outputs(&compiled.spec).map_err(spec_error)?;
         crate::grad::sum_per_head_gradients(&self.rule, &dims, &mut out)?;
         crate::grad::drop_initial_gradients(&self.rule, &|n| inputs.tensors.contains_key(n), &mut out);
+        crate::heads::reduce_gradients(&dense.groups, &mut out)?;
         Ok(Outputs(out))
     }
 
@@ -617,24 +657,22 @@ impl Program {
 
     fn run_packed(
         &self,
-        inputs: &Inputs<'_>,
+        dense: &Dense<'_>,
         lens: &[usize],
         shapes: Vec<(String, Vec<usize>)>,
         pools: Option<Pools<'_>>,
     ) -> Result<Outputs, Error> {
         let Executable::Cpu(compiled) = &self.exe else {
-            return self.run_each_sequence(inputs, lens, shapes, pools);
+            return self.run_each_sequence(dense, lens, shapes, pools);
         };
-        let dense: BTreeMap<&str, Cow<'_, [f32]>> =
-            inputs.tensors.iter().map(|(n, t)| (n.as_str(), t.to_f32())).collect();
         let mut outputs: Vec<(String, Tensor)> = vec![];
         for (name, shape) in shapes {
             let n = Tensor::numel_of(&shape)?;
             outputs.push((name, Tensor::new(shape, vec![f32::NAN; n])?));
         }
         let mut bound: BTreeMap<String, Bound<'_>> = BTreeMap::new();
-        for (name, data) in &dense {
-            bound.insert(name.to_string(), Bound::In(data));
+        for (name, (_, data)) in &dense.tensors {
+            bound.insert(name.clone(), Bound::In(data));
         }
         for (name, t) in outputs.iter_mut() {
             bound.insert(name.clone(), Bound::Out(&mut t.data));
@@ -652,15 +690,13 @@ impl Program {
     /// have written them. Exact on every target; on a GPU it costs a launch per sequence.
     fn run_each_sequence(
         &self,
-        inputs: &Inputs<'_>,
+        dense: &Dense<'_>,
         lens: &[usize],
         shapes: Vec<(String, Vec<usize>)>,
         pools: Option<Pools<'_>>,
     ) -> Result<Outputs, Error> {
         let states = self.state_tensors();
         let is_state = |name: &str| states.iter().any(|(s, _)| s == name);
-        let dense: BTreeMap<&str, Cow<'_, [f32]>> =
-            inputs.tensors.iter().map(|(n, t)| (n.as_str(), t.to_f32())).collect();
         let mut outputs: BTreeMap<String, Tensor> = BTreeMap::new();
         for (name, shape) in shapes {
             let n = Tensor::numel_of(&shape)?;
@@ -678,8 +714,7 @@ impl Program {
         for (n, &len) in lens.iter().enumerate() {
             // This sequence's tensors: its token rows, its state rows (or pool slot).
             let mut owned: BTreeMap<String, (Vec<usize>, Vec<f32>)> = BTreeMap::new();
-            for (name, data) in &dense {
-                let shape = inputs.tensors[*name].shape();
+            for (name, (shape, data)) in &dense.tensors {
                 if is_state(name) {
                     let row = data.len() / shape[0];
                     owned.insert(
@@ -702,9 +737,9 @@ impl Program {
                 }
             }
             let mut one = Inputs::new();
-            for (name, t) in &inputs.tensors {
+            for (name, (shape, data)) in &dense.tensors {
                 if self.rule.input(name).is_some_and(|i| i.per_head) {
-                    one.insert(name, t.clone());
+                    one.insert(name, TensorRef::f32(data, shape)?);
                 }
             }
             for (name, (shape, data)) in &owned {

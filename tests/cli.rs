@@ -789,3 +789,39 @@ fn run_takes_a_varlen_batch() {
     assert_eq!(o.status.code(), Some(1));
     assert_eq!(stderr(&o).trim(), "error: varlen batches run on compiled kernels, not --backend reference");
 }
+
+/// q and k with fewer heads than v (grouped value heads): `run` and `grad` take them as they
+/// are, and `grad` gives dq and dk in their own shapes.
+#[test]
+fn run_and_grad_take_grouped_value_heads() {
+    let inputs = tmp("grouped_inputs.safetensors");
+    let args = ["inputs", "rules/gated_delta_rule.toml", "--shape", "1,21,4,8,4", "--grad"];
+    let o = chunkc(&[&args[..], &["--out", inputs.to_str().unwrap()]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (mut t, _) = chunkc::runtime::io::read_safetensors(&inputs).expect("inputs");
+    for name in ["q", "k"] {
+        let data =
+            t[name].data.chunks(8).enumerate().filter(|(i, _)| i % 4 < 2).flat_map(|(_, c)| c.to_vec()).collect();
+        t.insert(name.into(), Tensor { shape: vec![1, 21, 2, 8], data });
+    }
+    let grouped = tmp("grouped.safetensors");
+    write_safetensors(&grouped, &t, None).expect("write");
+    let out = tmp("grouped_grad.safetensors");
+    let mut grads = vec![];
+    for backend in ["chunked", "reference"] {
+        let args = ["grad", "rules/gated_delta_rule.toml", "--inputs", grouped.to_str().unwrap(), "--backend", backend];
+        let o = chunkc(&[&args[..], &["--chunk", "16", "--out", out.to_str().unwrap()]].concat());
+        assert!(o.status.success(), "{backend}: {}", stderr(&o));
+        let (g, _) = chunkc::runtime::io::read_safetensors(&out).expect("grads");
+        assert_eq!(g["dq"].shape, vec![1, 21, 2, 8]);
+        assert_eq!(g["dv"].shape, vec![1, 21, 4, 4]);
+        grads.push(g);
+    }
+    for name in ["dq", "dk", "dv", "dg", "dbeta", "dh0"] {
+        let err = rel_rms(&grads[0][name].data, &grads[1][name].data);
+        assert!(err < 1e-5, "{name}: {err:.2e}");
+    }
+    let args = ["run", "rules/gated_delta_rule.toml", "--inputs", grouped.to_str().unwrap(), "--allow-extra"];
+    let o = chunkc(&[&args[..], &["--out", out.to_str().unwrap()]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+}

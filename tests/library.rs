@@ -384,3 +384,100 @@ fn backward_is_the_command_lines_gradient() {
     let e = program.backward(&views(&tensors)).expect_err("no do").to_string();
     assert_eq!(e, "the backward needs the cotangent `do` [B, T, H, V] among the inputs");
 }
+
+/// `[B, T, H, D]` with each head repeated `g` times (FLA's `repeat_interleave` of q and k).
+fn repeat_heads(t: &Tensor, g: usize) -> Tensor {
+    let row: usize = t.shape[3..].iter().product();
+    let heads = t.shape[2];
+    let mut data = vec![];
+    for token in t.data.chunks(heads * row) {
+        for h in 0..heads * g {
+            data.extend_from_slice(&token[(h / g) * row..(h / g + 1) * row]);
+        }
+    }
+    let mut shape = t.shape.clone();
+    shape[2] = heads * g;
+    Tensor { shape, data }
+}
+
+/// More value heads than key heads: q and k at H = 2 shared by groups of 2 of the HV = 4
+/// value heads, on the dense, varlen and backward paths, the CLI's engine and the PTX
+/// simulator; each against the same run with q and k repeated by hand, and the gradients of
+/// q and k against the by-hand ones summed over each group.
+#[test]
+fn grouped_value_heads_share_their_key_heads() {
+    use chunkc::grad::{grad, GradOptions};
+    let r = rule("gated_delta_rule");
+    let dims = Dims { batch: 1, seq_len: 29, heads: 4, k: 8, v: 4 };
+    let mut grouped = random_inputs(r.ast(), &dims, 41);
+    for name in ["q", "k"] {
+        let t = &grouped[name];
+        // Keep the even heads: a [1, T, 2, K] tensor.
+        let kept = Tensor {
+            shape: vec![1, 29, 2, 8],
+            data: t.data.chunks(8).enumerate().filter(|(i, _)| i % 4 < 2).flat_map(|(_, c)| c.to_vec()).collect(),
+        };
+        grouped.insert(name.into(), kept);
+    }
+    let mut by_hand = grouped.clone();
+    for name in ["q", "k"] {
+        by_hand.insert(name.into(), repeat_heads(&grouped[name], 2));
+    }
+    let program = compile(&r, Target::Cpu, Schedule::chunked(16), Heads::new(4, 8, 4)).expect("compiles");
+    let got = program.forward(&views(&grouped)).expect("grouped");
+    let want = program.forward(&views(&by_hand)).expect("by hand");
+    assert_eq!(got.o().shape, vec![1, 29, 4, 4]);
+    assert_eq!(got.o().data, want.o().data);
+    assert_eq!(got.ht().data, want.ht().data);
+    let cli = backend::run(r.ast(), &grouped, "grouped", &Options { threads: 1, ..Options::default() }).expect("cli");
+    assert!(rel_rms(&cli.o().data, &want.o().data) < 1e-6);
+    let sim = compile(&r, Target::PtxSim(chunkc::Sm::Sm90), Schedule::chunked(16), Heads::new(4, 8, 4)).expect("sim");
+    assert!(rel_rms(&sim.forward(&views(&grouped)).expect("sim").o().data, &want.o().data) < 1e-6);
+
+    let cu: [i64; 3] = [0, 11, 29];
+    let mut packed = grouped.clone();
+    let mut packed_by_hand = by_hand.clone();
+    let h0 = random_inputs(r.ast(), &Dims { batch: 2, seq_len: 1, heads: 4, k: 8, v: 4 }, 42)["h0"].clone();
+    packed.insert("h0".into(), h0.clone());
+    packed_by_hand.insert("h0".into(), h0);
+    let got = program.forward_varlen(&views(&packed), &cu[..]).expect("varlen grouped");
+    let want = program.forward_varlen(&views(&packed_by_hand), &cu[..]).expect("varlen by hand");
+    assert_eq!(got.o().data, want.o().data);
+
+    let d_o: Vec<f32> = (0..29 * 16).map(|i| ((i * 13 % 29) as f32) / 14.0 - 1.0).collect();
+    for t in [&mut grouped, &mut by_hand] {
+        t.insert("do".into(), Tensor { shape: vec![1, 29, 4, 4], data: d_o.clone() });
+    }
+    let got = program.backward(&views(&grouped)).expect("grouped backward");
+    let want = program.backward(&views(&by_hand)).expect("by-hand backward");
+    let reference = grad(
+        r.ast(),
+        &grouped,
+        "grouped",
+        &GradOptions { backend: Backend::Reference, ..GradOptions::default() },
+        false,
+    )
+    .expect("reference");
+    for name in ["dq", "dk"] {
+        assert_eq!(got.0[name].shape, vec![1, 29, 2, 8], "{name} per key head");
+        // Summed over each group of two value heads, by hand.
+        let w = &want.0[name].data;
+        let summed: Vec<f32> = w
+            .chunks(8)
+            .collect::<Vec<_>>()
+            .chunks(2)
+            .flat_map(|pair| pair[0].iter().zip(pair[1]).map(|(a, b)| a + b))
+            .collect();
+        assert!(rel_rms(&got.0[name].data, &summed) < 1e-6, "{name}");
+        let err = rel_rms(&got.0[name].data, &reference[name].data);
+        assert!(err < 1e-5, "{name} against the reference gradient: {err:.2e}");
+    }
+    for name in ["dv", "dg", "dbeta", "dh0"] {
+        assert_eq!(got.0[name].data, want.0[name].data, "{name}");
+    }
+    let mut bad = grouped.clone();
+    bad.remove("do");
+    bad.insert("q".into(), Tensor::zeros(vec![1, 29, 3, 8]));
+    let e = program.forward(&views(&bad)).expect_err("3 heads").to_string();
+    assert_eq!(e, "tensor `q` has 3 heads; the value heads (4, the most any input has) must be a multiple of them");
+}
