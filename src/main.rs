@@ -1312,18 +1312,24 @@ fn tune_rule(
     let default = tune::default_schedule(chunkable);
     let settings = at::Settings { rounds, confirm_rounds: 2 * rounds.max(1) - 1, ..Default::default() };
     println!("{:<11} {:<34} {:>9} {:>10}", "stage", "schedule", "best ms", "median ms");
-    // A spinner on stderr while the races run (drawn only on a terminal); the table's rows go
-    // to stdout around it.
-    let bar = indicatif::ProgressBar::new_spinner();
-    if let Ok(style) = indicatif::ProgressStyle::with_template("{spinner} {elapsed} {msg}") {
-        bar.set_style(style);
+    // A bar on stderr while the races run (drawn only on a terminal): one step per stage of
+    // the search and one for the confirming race; the table's rows go to stdout around it.
+    let stages: Vec<&str> = at::Stage::ALL.iter().map(|s| s.name()).chain(["confirm"]).collect();
+    let bar = indicatif::ProgressBar::new(stages.len() as u64);
+    if let Ok(style) = indicatif::ProgressStyle::with_template("{elapsed} [{bar:24}] {pos}/{len} stages {msg}") {
+        bar.set_style(style.progress_chars("=> "));
     }
-    bar.set_message(format!("tuning {} ...", rule.name));
+    bar.set_message(format!("racing the {} stage", stages[0]));
     bar.enable_steady_tick(std::time::Duration::from_millis(120));
     let mut rows = 0usize;
     let report = at::tune(&eval, &space, default, settings, &mut |row| {
         rows += 1;
-        bar.set_message(format!("{} candidate(s) so far; last: {} {}", rows, row.stage, row.config));
+        // A stage's rows arrive when its race is over: it is done, the next one runs.
+        if let Some(i) = stages.iter().position(|s| *s == row.stage) {
+            bar.set_position(i as u64 + 1);
+            let next = stages.get(i + 1).map_or("nothing: done".to_string(), |s| format!("the {s} stage"));
+            bar.set_message(format!("{rows} candidate(s) timed; racing {next}"));
+        }
         bar.suspend(|| match &row.outcome {
             Outcome::Timed(t) => println!(
                 "{:<11} {:<34} {:>9.3} {:>10.3}",

@@ -23,4 +23,4 @@ pub mod space;
 pub use cache::{Cache, CacheError, Entry, Key, Lookup};
 pub use chunkc_codegen::schedule::{KernelKind, ProgramShape, Schedule};
 pub use search::{tune, Evaluator, Outcome, Rejection, Report, Row, Settings, Trial, TuneError};
-pub use space::{Problem, Space};
+pub use space::{Problem, Space, Stage};
