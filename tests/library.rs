@@ -166,15 +166,12 @@ fn varlen_sequences_restart_chunks_and_states() {
     check_varlen("rwkv6", Schedule::chunked(16), &[31, 16, 5], true, 13);
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
-    #[test]
-    fn varlen_matches_per_sequence_runs(
-        lens in proptest::collection::vec(1usize..70, 1..5),
-        which in 0usize..4,
-        with_h0 in any::<bool>(),
-        seed in 0u64..1000,
-    ) {
+/// Random varlen batches (1-4 sequences of 1-69 tokens) of four rules and programs against
+/// each sequence run alone.
+#[test]
+fn varlen_matches_per_sequence_runs() {
+    let strategy = (proptest::collection::vec(1usize..70, 1..5), 0usize..4, any::<bool>(), 0u64..1000);
+    common::property("varlen_matches_per_sequence_runs", 12, strategy, |(lens, which, with_h0, seed)| {
         let (name, schedule) = [
             ("simple_gla", Schedule::chunked(16)),
             ("kda", Schedule::chunked(32)),
@@ -182,7 +179,8 @@ proptest! {
             ("gla", Schedule::chunked(16).with_program(chunkc::codegen::schedule::ProgramShape::Split)),
         ][which];
         check_varlen(name, schedule, &lens, with_h0, seed);
-    }
+        Ok(())
+    });
 }
 
 fn decode_program(name: &str) -> (Rule, Program) {
@@ -480,4 +478,92 @@ fn grouped_value_heads_share_their_key_heads() {
     bad.insert("q".into(), Tensor::zeros(vec![1, 29, 3, 8]));
     let e = program.forward(&views(&bad)).expect_err("3 heads").to_string();
     assert_eq!(e, "tensor `q` has 3 heads; the value heads (4, the most any input has) must be a multiple of them");
+}
+
+/// Random decode batches over random pools (slots in any order, padding rows), random
+/// rules, against T = 1 runs of each sequence alone, bit for bit; and grouped key heads in a
+/// varlen batch against the same batch with q and k repeated by hand.
+#[test]
+fn decode_and_grouped_heads_match_their_definitions() {
+    let strategy =
+        (0usize..4, proptest::collection::vec(-1i64..6, 1..5), proptest::collection::vec(1usize..40, 1..4), 0u64..1000);
+    common::property("decode_and_grouped_heads", 10, strategy, |(which, slots_wanted, lens, seed)| {
+        let name = ["gated_delta_rule", "gla", "mlstm", "rwkv6"][which];
+        let r = rule(name);
+        let (program_r, program) = (r, {
+            let r = rule(name);
+            compile(&r, Target::Cpu, Schedule::recurrent(), Heads::new(2, 8, 4)).expect("compiles").with_threads(2)
+        });
+        // Distinct slots (padding may repeat).
+        let mut slots = vec![];
+        for s in slots_wanted {
+            if s < 0 || !slots.contains(&s) {
+                slots.push(s);
+            }
+        }
+        let n = slots.len();
+        let mut pool = program.state_pool(6);
+        let start = random_inputs(program_r.ast(), &Dims { batch: 6, seq_len: 1, heads: 2, k: 8, v: 4 }, seed);
+        for stem in program_r.state_stems() {
+            for slot in 0..6 {
+                pool.state_mut(&stem, slot).unwrap().copy_from_slice(&row(&start[&format!("{stem}0")], slot).data);
+            }
+        }
+        let before = pool.clone();
+        let mut step = random_inputs(program_r.ast(), &Dims { batch: n, seq_len: 1, heads: 2, k: 8, v: 4 }, seed + 7);
+        step.retain(|k, _| program_r.ast().input(k).is_some());
+        let o = program.decode(&views(&step), &mut pool, &slots).expect("decode");
+        for (i, &slot) in slots.iter().enumerate() {
+            let mut alone: BTreeMap<String, Tensor> =
+                step.iter().map(|(k, t)| (k.clone(), if t.shape.len() >= 3 { row(t, i) } else { t.clone() })).collect();
+            if slot >= 0 {
+                for stem in program_r.state_stems() {
+                    let data = before.state(&stem, slot as usize).unwrap().to_vec();
+                    let shape = [vec![1], start[&format!("{stem}0")].shape[1..].to_vec()].concat();
+                    alone.insert(format!("{stem}0"), Tensor::new(shape, data).unwrap());
+                }
+            }
+            let single = program.forward(&views(&alone)).expect("T = 1");
+            prop_assert_eq!(&row(&o, i).data, &single.o().data);
+            if slot >= 0 {
+                prop_assert_eq!(pool.state("h", slot as usize).unwrap(), &single.ht().data[..]);
+            }
+        }
+        for slot in 0..6i64 {
+            if !slots.contains(&slot) {
+                prop_assert_eq!(pool.state("h", slot as usize).unwrap(), before.state("h", slot as usize).unwrap());
+            }
+        }
+
+        // Grouped key heads (H = 1 shared by HV = 2) in a varlen batch.
+        let total: usize = lens.iter().sum();
+        let chunked = compile(&program_r, Target::Cpu, Schedule::chunked(16), Heads::new(2, 8, 4)).expect("compiles");
+        let mut grouped =
+            random_inputs(program_r.ast(), &Dims { batch: 1, seq_len: total, heads: 2, k: 8, v: 4 }, seed + 9);
+        grouped.remove("h0");
+        for s in &program_r.ast().states {
+            grouped.remove(&s.initial_name());
+        }
+        let mut by_hand = grouped.clone();
+        for key in ["q", "k"] {
+            let t = &grouped[key];
+            let kept = Tensor {
+                shape: vec![1, total, 1, 8],
+                data: t.data.chunks(8).step_by(2).flat_map(|c| c.to_vec()).collect(),
+            };
+            by_hand.insert(key.into(), repeat_heads(&kept, 2));
+            grouped.insert(key.into(), kept);
+        }
+        let cu: Vec<i64> = std::iter::once(0)
+            .chain(lens.iter().scan(0i64, |a, &l| {
+                *a += l as i64;
+                Some(*a)
+            }))
+            .collect();
+        let got = chunked.forward_varlen(&views(&grouped), cu.as_slice()).expect("grouped varlen");
+        let want = chunked.forward_varlen(&views(&by_hand), cu.as_slice()).expect("by hand");
+        prop_assert_eq!(&got.o().data, &want.o().data);
+        prop_assert_eq!(&got.ht().data, &want.ht().data);
+        Ok(())
+    });
 }

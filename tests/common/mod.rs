@@ -1,10 +1,14 @@
-//! What the goldens tests share (tests/goldens.rs, tests/gpu.rs): finding the goldens,
-//! running `chunkc run` on a case, and checking every case under a list of configurations.
+//! What the integration tests share: finding the goldens, running `chunkc run` on a case and
+//! checking every case under a list of configurations (tests/goldens.rs, tests/gpu.rs); and
+//! the property runner with its regression and fresh seeds (tests/properties.rs,
+//! tests/library.rs).
 
 #![allow(dead_code)] // each test binary uses part of it
 
 use chunkc::runtime::io::read_safetensors;
 use chunkc::verify::rel_rms;
+use proptest::prelude::{ProptestConfig, Strategy};
+use proptest::test_runner::{RngSeed, TestCaseError, TestRunner};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -170,4 +174,66 @@ pub fn rule_paths() -> Vec<PathBuf> {
     paths.sort();
     assert!(paths.len() >= 11, "expected the 11 built-in rules");
     paths
+}
+
+/// The regression seed: every run draws these cases first, so a case that once failed (and
+/// was fixed) stays covered.
+pub const REGRESSION_SEED: u64 = 0x0c4a_4e6b;
+
+/// A fresh seed for this run: `CHUNKC_PROPTEST_SEED=n` replays one; `CHUNKC_PROPTEST_FRESH=1`
+/// (as `.ci/run` sets) draws one from the clock; otherwise None (the regression seed alone).
+pub fn fresh_seed() -> Option<u64> {
+    if let Some(s) = replay_seed() {
+        return Some(s);
+    }
+    let fresh = std::env::var_os("CHUNKC_PROPTEST_FRESH").is_some_and(|v| v == "1");
+    fresh.then(|| {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        (now as u64) ^ (u64::from(std::process::id()) << 32)
+    })
+}
+
+/// The seed `CHUNKC_PROPTEST_SEED` asks to replay.
+pub fn replay_seed() -> Option<u64> {
+    let s = std::env::var("CHUNKC_PROPTEST_SEED").ok().filter(|s| !s.is_empty())?;
+    Some(s.parse().unwrap_or_else(|_| panic!("CHUNKC_PROPTEST_SEED={s} is not a u64")))
+}
+
+/// Runs `test` on `cases` draws of `strategy` (kept small: a few seconds each in a release
+/// build; `PROPTEST_CASES` overrides the count), first with [`REGRESSION_SEED`], then with
+/// [`fresh_seed`] when there is one. The fresh seed is printed before it runs, and a failure
+/// names it with the line that replays it.
+pub fn property<S: Strategy>(name: &str, cases: u32, strategy: S, test: impl Fn(S::Value) -> Result<(), TestCaseError>)
+where
+    S::Value: std::fmt::Debug,
+{
+    property_with(name, cases, strategy, true, test)
+}
+
+/// [`property`], with the fresh seed only when `fresh` (tests/properties.rs: the properties
+/// that run without it, and why).
+pub fn property_with<S: Strategy>(
+    name: &str,
+    cases: u32,
+    strategy: S,
+    fresh: bool,
+    test: impl Fn(S::Value) -> Result<(), TestCaseError>,
+) where
+    S::Value: std::fmt::Debug,
+{
+    let base = ProptestConfig::default();
+    let cases = if std::env::var_os("PROPTEST_CASES").is_some() { base.cases } else { cases };
+    let mut seeds = vec![(REGRESSION_SEED, "regression")];
+    seeds.extend(if fresh { fresh_seed() } else { replay_seed() }.map(|s| (s, "fresh")));
+    for (seed, kind) in seeds {
+        if kind == "fresh" {
+            eprintln!("{name}: fresh proptest seed {seed} (replay: CHUNKC_PROPTEST_SEED={seed})");
+        }
+        let config =
+            ProptestConfig { cases, rng_seed: RngSeed::Fixed(seed), failure_persistence: None, ..base.clone() };
+        let mut runner = TestRunner::new(config);
+        if let Err(e) = runner.run(&strategy, &test) {
+            panic!("{name} failed with the {kind} seed {seed} (replay: CHUNKC_PROPTEST_SEED={seed}): {e}");
+        }
+    }
 }
