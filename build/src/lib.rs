@@ -15,12 +15,15 @@
 //! // src/main.rs
 //! // include!(concat!(env!("OUT_DIR"), "/chunkc_kernels.rs"));
 //! // let out = gated_delta_rule::forward(&q, &k, &v, &g, &beta, None)?;
+//! // let gpu = gated_delta_rule::forward_sm_90(gated_delta_rule::Device::Cuda, &q, &k, &v, &g, &beta, None)?;
 //! ```
 //!
 //! What lands in `OUT_DIR`: `libchunkc_kernels.a` (one object per rule, from
 //! cranelift-object), `chunkc_kernels.rs` (the module), and per rule its program description
 //! (`<rule>.spec.json`) and, for each PTX target, one `.ptx` file and its launch metadata per
-//! phase. Cargo reruns the script only when a rule file (or the script) changes.
+//! phase. Each rule's module has `forward` (the linked CPU kernels) and, per PTX target,
+//! `forward_<sm>` (the embedded PTX on a CUDA device or in the PTX simulator). Cargo reruns
+//! the script only when a rule file (or the script) changes.
 
 mod archive;
 mod module;

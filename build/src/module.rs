@@ -189,7 +189,15 @@ fn render_rule(s: &mut String, m: &RuleModule) {
     );
     let _ =
         writeln!(s, "    pub fn forward_on(threads: usize, {}) -> Result<Outputs, RuntimeError> {{", params.join(", "));
-    s.push_str("        let mut chunkc_inputs: Vec<(&str, &TensorRef<'_>)> = vec![");
+    let _ = writeln!(s, "        outputs(program()?.forward(&inputs({}), threads)?)\n    }}\n", names.join(", "));
+
+    // The tensors by name, and the outputs out of the map: shared by the CPU and PTX calls.
+    let lifetimes: Vec<String> = params.iter().map(|p| p.replace("&TensorRef<'_>", "&'a TensorRef<'b>")).collect();
+    let _ = writeln!(s, "    #[allow(clippy::too_many_arguments)]");
+    let _ = writeln!(s, "    fn inputs<'a, 'b>({}) -> Vec<(&'static str, &'a TensorRef<'b>)> {{", lifetimes.join(", "));
+    s.push_str(
+        "        #[allow(unused_mut)]\n        let mut chunkc_inputs: Vec<(&'static str, &'a TensorRef<'b>)> = vec![",
+    );
     let listed: Vec<String> =
         m.rule.inputs.iter().map(|i| format!("({:?}, {})", i.name, identifier(&i.name))).collect();
     s.push_str(&listed.join(", "));
@@ -202,7 +210,8 @@ fn render_rule(s: &mut String, m: &RuleModule) {
             identifier(&first)
         );
     }
-    s.push_str("        let mut chunkc_out = program()?.forward(&chunkc_inputs, threads)?;\n");
+    s.push_str("        chunkc_inputs\n    }\n\n");
+    s.push_str("    fn outputs(mut chunkc_out: std::collections::BTreeMap<String, Tensor>) -> Result<Outputs, RuntimeError> {\n");
     s.push_str("        let mut take = |name: &str| {\n            chunkc_out.remove(name).ok_or_else(|| RuntimeError::BadTensor(format!(\"the program wrote no `{name}`\")))\n        };\n");
     let fields: Vec<String> =
         states.iter().map(|(stem, field, _)| format!("{field}: take({:?})?", format!("{stem}T"))).collect();
@@ -210,20 +219,41 @@ fn render_rule(s: &mut String, m: &RuleModule) {
 
     let mut targets: Vec<Sm> = m.ptx.iter().map(|p| p.0).collect();
     targets.dedup();
+    if !targets.is_empty() {
+        s.push_str("\n    pub use chunkc_runtime::linked::Device;\n");
+    }
     for sm in targets {
+        let (name, upper) = (sm.name(), sm.name().to_uppercase());
         let _ = writeln!(
             s,
-            "\n    /// Each phase's PTX for {}: (entry, PTX text, launch metadata as JSON), in phase order.",
-            sm.name()
+            "\n    /// Each phase's PTX for {name}: (entry, PTX text, launch metadata as JSON), in phase order."
         );
-        let _ = writeln!(s, "    pub const PTX_{}: &[(&str, &str, &str)] = &[", sm.name().to_uppercase());
+        let _ = writeln!(s, "    pub const PTX_{upper}: &[(&str, &str, &str)] = &[");
         for (_, entry, stem) in m.ptx.iter().filter(|p| p.0 == sm) {
             let _ = writeln!(
                 s,
                 "        ({entry:?}, include_str!(concat!(env!(\"OUT_DIR\"), \"/{stem}.ptx\")), include_str!(concat!(env!(\"OUT_DIR\"), \"/{stem}.json\"))),"
             );
         }
-        s.push_str("    ];\n");
+        s.push_str("    ];\n\n");
+        let _ = writeln!(
+            s,
+            "    /// [`forward`] as the {name} PTX on `device`: [`Device::Cuda`] (CUDA device 0) or\n    /// [`Device::Simulator`] (chunkc's PTX simulator; small problems).\n    #[allow(clippy::too_many_arguments)]"
+        );
+        let _ = writeln!(
+            s,
+            "    pub fn forward_{name}(device: Device, {}) -> Result<Outputs, RuntimeError> {{",
+            params.join(", ")
+        );
+        s.push_str(
+            "        static PTX: OnceLock<Result<chunkc_runtime::linked::LinkedPtx, String>> = OnceLock::new();\n",
+        );
+        let _ = writeln!(
+            s,
+            "        let ptx = PTX.get_or_init(|| chunkc_runtime::linked::LinkedPtx::new(SPEC, PTX_{upper}).map_err(|e| e.to_string()));"
+        );
+        s.push_str("        let ptx = ptx.as_ref().map_err(|e| RuntimeError::BadTensor(e.clone()))?;\n");
+        let _ = writeln!(s, "        outputs(ptx.forward(device, &inputs({}))?)\n    }}", names.join(", "));
     }
     s.push_str("}\n");
 }

@@ -146,11 +146,27 @@ fn run() -> Result<(), String> {
         Err(e) => println!("a k of shape {:?} is refused: {e}", short.shape),
         Ok(_) => return Err("a k of the wrong shape was accepted".into()),
     }
+    // The same rule's embedded sm_90 PTX, run in the PTX simulator (on a GPU machine,
+    // `Device::Cuda` runs it on the device).
+    let start = std::time::Instant::now();
+    let on_sim = gated_delta_rule::forward_sm_90(
+        gated_delta_rule::Device::Simulator,
+        &view(&q).map_err(err)?,
+        &view(&kk).map_err(err)?,
+        &view(&vv).map_err(err)?,
+        &view(&g).map_err(err)?,
+        &view(&beta).map_err(err)?,
+        Some(&view(&h0).map_err(err)?),
+    )
+    .map_err(err)?;
+    let inputs = [("q", &q), ("k", &kk), ("v", &vv), ("g", &g), ("beta", &beta), ("h0", &h0)];
+    let want = reference("gated_delta_rule.toml", &inputs, dims, gated_delta_rule::SCALE)?;
     println!(
-        "PTX for sm_90 is in the module too: {} phase(s) for gated_delta_rule, {} bytes of PTX",
+        "gated_delta_rule's sm_90 PTX ({} phase(s)) in the PTX simulator, {:.1} s:",
         gated_delta_rule::PTX_SM_90.len(),
-        gated_delta_rule::PTX_SM_90.iter().map(|p| p.1.len()).sum::<usize>()
+        start.elapsed().as_secs_f64()
     );
+    check("  sm_90 simulated", &[&on_sim.o, &on_sim.ht], &want)?;
     Ok(())
 }
 
