@@ -81,12 +81,15 @@ impl LinkedProgram {
     }
 }
 
+/// Inputs by name as dense f32 (borrowed where they already are).
+type DenseInputs<'i> = BTreeMap<String, Cow<'i, [f32]>>;
+
 /// Checks `inputs` against `spec` (names, shapes for the B and T the per-token inputs give)
 /// and returns the sizes and the inputs as dense f32.
 fn bind_inputs<'i>(
     spec: &ProgramSpec,
     inputs: &[(&str, &TensorRef<'i>)],
-) -> Result<(Sizes, BTreeMap<String, Cow<'i, [f32]>>), RuntimeError> {
+) -> Result<(Sizes, DenseInputs<'i>), RuntimeError> {
     let bad = |m: String| Err(RuntimeError::BadTensor(m));
     for (name, _) in inputs {
         if !spec.tensor(name).is_some_and(|t| t.role == Role::Input) {
