@@ -33,6 +33,7 @@ pub use chunkc::{Error, Heads, Schedule, Sm};
 
 use chunkc::codegen::cpu::object::compile_object;
 use chunkc::codegen::cpu::Simd;
+use chunkc::dsl::reference::Dims;
 use std::path::{Path, PathBuf};
 
 /// One rule to compile.
@@ -41,7 +42,21 @@ struct Entry {
     path: PathBuf,
     module: Option<String>,
     heads: Heads,
-    schedule: Schedule,
+    schedule: Choice,
+}
+
+/// Where a rule's schedule comes from.
+#[derive(Clone, Debug)]
+enum Choice {
+    Given(Schedule),
+    /// The tuning cache at `cache` (relative to the manifest directory), for problems of
+    /// about `batch` x `seq_len` on `threads` threads on the build machine.
+    Tuned {
+        cache: PathBuf,
+        batch: usize,
+        seq_len: usize,
+        threads: usize,
+    },
 }
 
 /// The kernels a crate embeds: rules with the sizes and schedules to compile them for, and
@@ -71,16 +86,34 @@ impl Kernels {
     /// Compiles the rule file at `path` (relative to the crate's manifest directory) for
     /// `heads` under `schedule`, as the module named after the rule.
     pub fn rule(self, path: impl AsRef<Path>, heads: Heads, schedule: Schedule) -> Kernels {
-        self.push(path, None, heads, schedule)
+        self.push(path, None, heads, Choice::Given(schedule))
+    }
+
+    /// [`Kernels::rule`] with the schedule `chunkc tune` found for this rule on the build
+    /// machine: from the tuning cache file `cache` (relative to the manifest directory, a
+    /// file committed beside the crate), at the shape `batch` x `seq_len` with `heads`, on
+    /// `threads` threads, or the nearest tuned shape within 2x of it. No entry is an error
+    /// that says which `chunkc tune` command makes one; cargo reruns the script when the
+    /// cache changes.
+    pub fn rule_tuned(
+        self,
+        path: impl AsRef<Path>,
+        heads: Heads,
+        (batch, seq_len): (usize, usize),
+        threads: usize,
+        cache: impl AsRef<Path>,
+    ) -> Kernels {
+        let choice = Choice::Tuned { cache: cache.as_ref().to_path_buf(), batch, seq_len, threads };
+        self.push(path, None, heads, choice)
     }
 
     /// [`Kernels::rule`], as the module `module` (two programs of one rule: a chunked one
     /// for prefill and a recurrent one for decoding, say).
     pub fn rule_as(self, module: &str, path: impl AsRef<Path>, heads: Heads, schedule: Schedule) -> Kernels {
-        self.push(path, Some(module.to_string()), heads, schedule)
+        self.push(path, Some(module.to_string()), heads, Choice::Given(schedule))
     }
 
-    fn push(mut self, path: impl AsRef<Path>, module: Option<String>, heads: Heads, schedule: Schedule) -> Kernels {
+    fn push(mut self, path: impl AsRef<Path>, module: Option<String>, heads: Heads, schedule: Choice) -> Kernels {
         self.entries.push(Entry { path: path.as_ref().to_path_buf(), module, heads, schedule });
         self
     }
@@ -128,14 +161,24 @@ impl Kernels {
                     "two rules would both be the module `{name}`: name one with Kernels::rule_as"
                 )));
             }
-            let program = chunkc::backend::build_program(rule.ast(), shape(entry.heads), &entry.schedule)?;
+            let schedule = match &entry.schedule {
+                Choice::Given(s) => *s,
+                Choice::Tuned { cache, batch, seq_len, threads } => {
+                    let cache = base.join(cache);
+                    cargo_lines.push(format!("cargo:rerun-if-changed={}", cache.display()));
+                    let h = entry.heads;
+                    let dims = Dims { batch: *batch, seq_len: *seq_len, heads: h.heads, k: h.k, v: h.v };
+                    chunkc::tune::tuned_schedule(rule.ast(), &dims, *threads, &cache)?.schedule
+                }
+            };
+            let program = chunkc::backend::build_program(rule.ast(), shape(entry.heads), &schedule)?;
             let object = compile_object(&program, &name, Simd::best()).map_err(|e| Error::Internal(e.to_string()))?;
             let spec_file = out_dir.join(format!("{name}.spec.json"));
             let spec_json = serde_json::to_string_pretty(&program.spec).map_err(|e| Error::Internal(e.to_string()))?;
             std::fs::write(&spec_file, spec_json).map_err(|e| io(&spec_file, e))?;
             let mut ptx = vec![];
             for &sm in &self.ptx {
-                let emitted = chunkc::gpu::emit(&program, sm, &entry.schedule.ptx)?;
+                let emitted = chunkc::gpu::emit(&program, sm, &schedule.ptx)?;
                 for phase in &emitted.phases {
                     let stem = format!("{name}.{}.{}", sm.name(), phase.meta.entry);
                     let (text, meta) = (out_dir.join(format!("{stem}.ptx")), out_dir.join(format!("{stem}.json")));
@@ -152,7 +195,7 @@ impl Kernels {
                 source: entry.path.display().to_string(),
                 rule: rule.ast().clone(),
                 heads: entry.heads,
-                schedule: entry.schedule,
+                schedule,
                 kernels: object.kernels,
                 simd: object.simd,
                 ptx,
