@@ -665,11 +665,7 @@ impl Program {
         let Executable::Cpu(compiled) = &self.exe else {
             return self.run_each_sequence(dense, lens, shapes, pools);
         };
-        let mut outputs: Vec<(String, Tensor)> = vec![];
-        for (name, shape) in shapes {
-            let n = Tensor::numel_of(&shape)?;
-            outputs.push((name, Tensor::new(shape, vec![f32::NAN; n])?));
-        }
+        let mut outputs = poisoned(shapes)?;
         let mut bound: BTreeMap<String, Bound<'_>> = BTreeMap::new();
         for (name, (_, data)) in &dense.tensors {
             bound.insert(name.clone(), Bound::In(data));
@@ -680,7 +676,7 @@ impl Program {
         packed::run_packed(&compiled.spec, &compiled.kernels(), lens, &mut bound, pools, self.order())
             .map_err(spec_error)?;
         drop(bound);
-        Ok(Outputs(outputs.into_iter().collect()))
+        Ok(Outputs(outputs))
     }
 }
 
@@ -697,11 +693,7 @@ impl Program {
     ) -> Result<Outputs, Error> {
         let states = self.state_tensors();
         let is_state = |name: &str| states.iter().any(|(s, _)| s == name);
-        let mut outputs: BTreeMap<String, Tensor> = BTreeMap::new();
-        for (name, shape) in shapes {
-            let n = Tensor::numel_of(&shape)?;
-            outputs.insert(name, Tensor::new(shape, vec![f32::NAN; n])?);
-        }
+        let mut outputs = poisoned(shapes)?;
         let mut pools = pools;
         let slots = match &pools {
             Some(p) => Some(
@@ -769,6 +761,16 @@ impl Program {
     fn state_row(&self, width: &[usize]) -> usize {
         self.heads.heads * width.iter().product::<usize>()
     }
+}
+
+/// NaN-filled outputs of these shapes: an element a run leaves unwritten shows.
+fn poisoned(shapes: Vec<(String, Vec<usize>)>) -> Result<BTreeMap<String, Tensor>, Error> {
+    let mut out = BTreeMap::new();
+    for (name, shape) in shapes {
+        let n = Tensor::numel_of(&shape)?;
+        out.insert(name, Tensor::new(shape, vec![f32::NAN; n])?);
+    }
+    Ok(out)
 }
 
 fn spec_error(e: chunkc_codegen::program::SpecError) -> Error {

@@ -88,6 +88,40 @@ fn view(x: &Tensor) -> Result<TensorRef<'_>, RuntimeError> {
     TensorRef::f32(&x.data, &x.shape)
 }
 
+/// Gated DeltaNet's per-token inputs, drawn as `chunkc verify` draws them: unit-norm keys,
+/// log gates, betas in (0, 1).
+struct GdnInputs {
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    beta: Tensor,
+}
+
+impl GdnInputs {
+    fn draw(rng: &mut Rng, [b, t, h, k, v]: [usize; 5]) -> GdnInputs {
+        let q = rng.tensor(&[b, t, h, k], |x| x);
+        let mut kk = rng.tensor(&[b, t, h, k], |x| x);
+        normalise(&mut kk, k);
+        let vv = rng.tensor(&[b, t, h, v], |x| x);
+        let g = rng.tensor(&[b, t, h], |x| -(1.0 + (-(x + 2.0)).exp()).ln());
+        let beta = rng.tensor(&[b, t, h], |x| 1.0 / (1.0 + (-x).exp()));
+        GdnInputs { q, k: kk, v: vv, g, beta }
+    }
+
+    /// Views of q, k, v, g and beta, in the rule's order.
+    fn views(&self) -> Result<[TensorRef<'_>; 5], String> {
+        let e = |e: RuntimeError| e.to_string();
+        Ok([
+            view(&self.q).map_err(e)?,
+            view(&self.k).map_err(e)?,
+            view(&self.v).map_err(e)?,
+            view(&self.g).map_err(e)?,
+            view(&self.beta).map_err(e)?,
+        ])
+    }
+}
+
 fn run() -> Result<(), String> {
     let (b, t, h, k, v) = (2, 50, gated_delta_rule::HEADS, gated_delta_rule::K, gated_delta_rule::V);
     let dims = Dims { batch: b, seq_len: t, heads: h, k, v };
@@ -95,78 +129,44 @@ fn run() -> Result<(), String> {
     let err = |e: RuntimeError| e.to_string();
 
     // Gated DeltaNet, from a random initial state.
-    let q = rng.tensor(&[b, t, h, k], |x| x);
-    let mut kk = rng.tensor(&[b, t, h, k], |x| x);
-    normalise(&mut kk, k);
-    let vv = rng.tensor(&[b, t, h, v], |x| x);
-    let g = rng.tensor(&[b, t, h], |x| -(1.0 + (-(x + 2.0)).exp()).ln());
-    let beta = rng.tensor(&[b, t, h], |x| 1.0 / (1.0 + (-x).exp()));
+    let gdn = GdnInputs::draw(&mut rng, [b, t, h, k, v]);
     let h0 = rng.tensor(&[b, h, k, v], |x| 0.1 * x);
-    let out = gated_delta_rule::forward(
-        &view(&q).map_err(err)?,
-        &view(&kk).map_err(err)?,
-        &view(&vv).map_err(err)?,
-        &view(&g).map_err(err)?,
-        &view(&beta).map_err(err)?,
-        Some(&view(&h0).map_err(err)?),
-    )
-    .map_err(err)?;
-    let inputs = [("q", &q), ("k", &kk), ("v", &vv), ("g", &g), ("beta", &beta), ("h0", &h0)];
+    let h0_view = view(&h0).map_err(err)?;
+    let [q, kk, vv, g, beta] = gdn.views()?;
+    let out = gated_delta_rule::forward(&q, &kk, &vv, &g, &beta, Some(&h0_view)).map_err(err)?;
+    let GdnInputs { q: q_t, k: k_t, v: v_t, g: g_t, beta: beta_t } = &gdn;
+    let inputs = [("q", q_t), ("k", k_t), ("v", v_t), ("g", g_t), ("beta", beta_t), ("h0", &h0)];
     let want = reference("gated_delta_rule.toml", &inputs, dims, gated_delta_rule::SCALE)?;
     check("gated_delta_rule", &[&out.o, &out.ht], &want)?;
+
+    // The same rule's embedded sm_90 PTX, run in the PTX simulator (on a GPU machine,
+    // `Device::Cuda` runs it on the device).
+    let started = std::time::Instant::now();
+    let device = gated_delta_rule::Device::Simulator;
+    let on_sim = gated_delta_rule::forward_sm_90(device, &q, &kk, &vv, &g, &beta, Some(&h0_view)).map_err(err)?;
+    println!(
+        "gated_delta_rule's sm_90 PTX ({} phase(s)) in the PTX simulator, {:.1} s:",
+        gated_delta_rule::PTX_SM_90.len(),
+        started.elapsed().as_secs_f64()
+    );
+    check("  sm_90 simulated", &[&on_sim.o, &on_sim.ht], &want)?;
+
+    // A wrong shape is an error that names the tensor, not a crash.
+    let short = Tensor::zeros(vec![b, t, h, k - 1]);
+    let short_view = view(&short).map_err(err)?;
+    match gated_delta_rule::forward(&q, &short_view, &vv, &g, &beta, None) {
+        Err(e) => println!("a k of shape {:?} is refused: {e}", short.shape),
+        Ok(_) => return Err("a k of the wrong shape was accepted".into()),
+    }
 
     // mLSTM: a matrix memory and its normaliser state `n`, from zeros.
     let ig = rng.tensor(&[b, t, h], |x| 0.5 * x);
     let fg = rng.tensor(&[b, t, h], |x| x + 2.0);
-    let out = mlstm::forward(
-        &view(&q).map_err(err)?,
-        &view(&kk).map_err(err)?,
-        &view(&vv).map_err(err)?,
-        &view(&fg).map_err(err)?,
-        &view(&ig).map_err(err)?,
-        None,
-        None,
-    )
-    .map_err(err)?;
-    let inputs = [("q", &q), ("k", &kk), ("v", &vv), ("ig", &ig), ("fg", &fg)];
+    let (ig_view, fg_view) = (view(&ig).map_err(err)?, view(&fg).map_err(err)?);
+    let out = mlstm::forward(&q, &kk, &vv, &fg_view, &ig_view, None, None).map_err(err)?;
+    let inputs = [("q", q_t), ("k", k_t), ("v", v_t), ("ig", &ig), ("fg", &fg)];
     let want = reference("mlstm.toml", &inputs, dims, mlstm::SCALE)?;
     check("mlstm", &[&out.o, &out.ht, &out.n_t], &want)?;
-
-    // A wrong shape is an error that names the tensor, not a crash.
-    let short = Tensor::zeros(vec![b, t, h, k - 1]);
-    let refused = gated_delta_rule::forward(
-        &view(&q).map_err(err)?,
-        &view(&short).map_err(err)?,
-        &view(&vv).map_err(err)?,
-        &view(&g).map_err(err)?,
-        &view(&beta).map_err(err)?,
-        None,
-    );
-    match refused {
-        Err(e) => println!("a k of shape {:?} is refused: {e}", short.shape),
-        Ok(_) => return Err("a k of the wrong shape was accepted".into()),
-    }
-    // The same rule's embedded sm_90 PTX, run in the PTX simulator (on a GPU machine,
-    // `Device::Cuda` runs it on the device).
-    let start = std::time::Instant::now();
-    let on_sim = gated_delta_rule::forward_sm_90(
-        gated_delta_rule::Device::Simulator,
-        &view(&q).map_err(err)?,
-        &view(&kk).map_err(err)?,
-        &view(&vv).map_err(err)?,
-        &view(&g).map_err(err)?,
-        &view(&beta).map_err(err)?,
-        Some(&view(&h0).map_err(err)?),
-    )
-    .map_err(err)?;
-    let inputs = [("q", &q), ("k", &kk), ("v", &vv), ("g", &g), ("beta", &beta), ("h0", &h0)];
-    let want = reference("gated_delta_rule.toml", &inputs, dims, gated_delta_rule::SCALE)?;
-    println!(
-        "gated_delta_rule's sm_90 PTX ({} phase(s)) in the PTX simulator, {:.1} s:",
-        gated_delta_rule::PTX_SM_90.len(),
-        start.elapsed().as_secs_f64()
-    );
-    check("  sm_90 simulated", &[&on_sim.o, &on_sim.ht], &want)?;
     Ok(())
 }
 
@@ -176,15 +176,8 @@ fn bench() -> Result<(), String> {
     let (b, t, h, k, v) = (1, 2048, rule::HEADS, rule::K, rule::V);
     let mut rng = Rng(7);
     let err = |e: RuntimeError| e.to_string();
-    let q = rng.tensor(&[b, t, h, k], |x| x);
-    let mut kk = rng.tensor(&[b, t, h, k], |x| x);
-    normalise(&mut kk, k);
-    let vv = rng.tensor(&[b, t, h, v], |x| x);
-    let g = rng.tensor(&[b, t, h], |x| -(1.0 + (-(x + 2.0)).exp()).ln());
-    let beta = rng.tensor(&[b, t, h], |x| 1.0 / (1.0 + (-x).exp()));
-    let (q, kk, vv, g, beta) = (view(&q), view(&kk), view(&vv), view(&g), view(&beta));
-    let (q, kk, vv, g, beta) =
-        (q.map_err(err)?, kk.map_err(err)?, vv.map_err(err)?, g.map_err(err)?, beta.map_err(err)?);
+    let gdn = GdnInputs::draw(&mut rng, [b, t, h, k, v]);
+    let [q, kk, vv, g, beta] = gdn.views()?;
     let mut times = vec![];
     for run in 0..11 {
         let start = std::time::Instant::now();
