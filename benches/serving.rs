@@ -1,9 +1,10 @@
 //! The decode step of a serving engine: one token for each of N = 64 sequences of
 //! gated_delta_rule at H=8, K=V=128, f32, states in a pool. `decode_step` is one
 //! `Program::decode` call over all of them (the recurrent kernel, one launch);
-//! `t1_chunked_per_sequence` is what an engine without it does: the chunked program called
-//! once per sequence with T = 1, its state passed in and read back. One thread each, so the
-//! ratio is the work saved, not the cores used.
+//! `t1_chunked_per_sequence` is what an engine without it does: the chunked program (the CPU
+//! default chunk, 16) called once per sequence with T = 1, its state passed in and read back;
+//! `t1_chunked64_per_sequence` the same at FLA's chunk, 64. One thread each, so the ratio is
+//! the work saved, not the cores used.
 //!
 //! `cargo bench --bench serving`
 
@@ -30,6 +31,8 @@ fn decode(c: &mut Criterion) {
     let heads = Heads::new(8, 128, 128);
     let decoder = compile(&rule, Target::Cpu, Schedule::recurrent(), heads).expect("compiles").with_threads(1);
     let chunked = compile(&rule, Target::Cpu, Schedule::chunked(16), heads).expect("compiles").with_threads(1);
+    // FLA's chunk (64): a T = 1 call still forms whole-chunk tiles.
+    let chunked64 = compile(&rule, Target::Cpu, Schedule::chunked(64), heads).expect("compiles").with_threads(1);
     let mut step = random_inputs(rule.ast(), &Dims { batch: N, seq_len: 1, heads: 8, k: 128, v: 128 }, 3);
     step.remove("h0");
     let mut pool = decoder.state_pool(N);
@@ -58,16 +61,18 @@ fn decode(c: &mut Criterion) {
         b.iter(|| decoder.decode(&inputs, &mut pool, &slots).expect("decode"));
     });
     let mut states: Vec<Vec<f32>> = vec![vec![0.0; 8 * 128 * 128]; N];
-    group.bench_function("t1_chunked_per_sequence", |b| {
-        b.iter(|| {
-            for (n, tensors) in one.iter().enumerate() {
-                let mut inputs = views(tensors);
-                inputs.insert("h0", TensorRef::f32(&states[n], &[1, 8, 128, 128]).expect("view"));
-                let out = chunked.forward(&inputs).expect("forward");
-                states[n].copy_from_slice(&out.ht().data);
-            }
+    for (label, program) in [("t1_chunked_per_sequence", &chunked), ("t1_chunked64_per_sequence", &chunked64)] {
+        group.bench_function(label, |b| {
+            b.iter(|| {
+                for (n, tensors) in one.iter().enumerate() {
+                    let mut inputs = views(tensors);
+                    inputs.insert("h0", TensorRef::f32(&states[n], &[1, 8, 128, 128]).expect("view"));
+                    let out = program.forward(&inputs).expect("forward");
+                    states[n].copy_from_slice(&out.ht().data);
+                }
+            });
         });
-    });
+    }
     group.finish();
 }
 
