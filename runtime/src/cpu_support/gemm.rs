@@ -61,15 +61,17 @@ pub const GEMM_ARGS: usize = 18;
 pub const GEMM_MIN_MACS: usize = 4096;
 
 /// Whether the lowering calls the gemm for an `m x n` product over `k` (when the backend has
-/// one): large enough, and either `b`'s rows are contiguous or there are enough rows of `a`
-/// to pay for packing a transposed `b`.
+/// one): large enough, over more than one term (an outer product, `k = 1`, is one multiply
+/// per element: the inline loop does it without packing `b`; a recurrent kernel's rank-1
+/// state update ran 1.06-1.08x faster so, docs/performance.md round 13), and either `b`'s
+/// rows are contiguous or there are enough rows of `a` to pay for packing a transposed `b`.
 pub fn takes(m: usize, n: usize, k: usize, b_cs: i64) -> bool {
-    m * n * k >= GEMM_MIN_MACS && (b_cs == 1 || m >= 8)
+    m * n * k >= GEMM_MIN_MACS && k >= 2 && (b_cs == 1 || m >= 8)
 }
 
 /// Whether [`takes`] holds for every layout of `b`.
 pub fn takes_any_layout(m: usize, n: usize, k: usize) -> bool {
-    m * n * k >= GEMM_MIN_MACS && m >= 8
+    m * n * k >= GEMM_MIN_MACS && k >= 2 && m >= 8
 }
 
 /// The scale of row `row` (of `acc` or of the product): 1 without a scale.
