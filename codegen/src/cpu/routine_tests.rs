@@ -1,12 +1,26 @@
 //! Tests of the rustc-compiled routines (`chunkc_runtime::cpu_support`) that need the
 //! compiler: each routine against the Cranelift lowering of the same op, bit for bit.
 
+/// Compiles `k` at `simd` and runs it once at grid point (0, 0) with T = 1 on `bufs` (one
+/// per parameter, the output last); returns the output.
+fn run_once(k: &crate::ir::Kernel, simd: super::Simd, bufs: &[Vec<f32>]) -> Vec<f32> {
+    use chunkc_runtime::cpu_kernel::CpuKernel;
+    let c = super::compile_with(k, simd).expect("compiles");
+    let mut bufs = bufs.to_vec();
+    let mut ws = vec![0u8; c.workspace_bytes() + 64];
+    let off = ws.as_ptr().align_offset(64);
+    let ptrs: Vec<*mut f32> = bufs.iter_mut().map(|v| v.as_mut_ptr()).collect();
+    // SAFETY: the buffers hold every element the kernel addresses; the workspace is aligned
+    // and as large as asked.
+    unsafe { c.call(ptrs.as_ptr(), 0, 0, 1, ws.as_mut_ptr().add(off)) };
+    bufs.pop().expect("output")
+}
+
 /// The decay routine against the Cranelift lowering.
 mod decay {
     use crate::builder::Builder;
-    use crate::cpu::{compile_with, Simd};
+    use crate::cpu::Simd;
     use crate::ir::*;
-    use chunkc_runtime::cpu_kernel::CpuKernel;
 
     /// `y = x * exp(f32(g - p))` on a `rows x cols` tile, `p` one broadcast row, with the
     /// optional tril mask; `sub`: false drops `- p`.
@@ -36,15 +50,7 @@ mod decay {
     }
 
     fn run(k: &Kernel, simd: Simd, bufs: &[Vec<f32>]) -> Vec<f32> {
-        let c = compile_with(k, simd).expect("compiles");
-        let mut bufs = bufs.to_vec();
-        let mut ws = vec![0u8; c.workspace_bytes() + 64];
-        let off = ws.as_ptr().align_offset(64);
-        let ptrs: Vec<*mut f32> = bufs.iter_mut().map(|v| v.as_mut_ptr()).collect();
-        // SAFETY: the buffers hold every element the kernel addresses; the workspace is
-        // aligned and as large as asked.
-        unsafe { c.call(ptrs.as_ptr(), 0, 0, 1, ws.as_mut_ptr().add(off)) };
-        bufs.pop().expect("output")
+        super::run_once(k, simd, bufs)
     }
 
     #[test]
@@ -73,9 +79,8 @@ mod decay {
 /// The solve routine against the Cranelift lowering.
 mod solve {
     use crate::builder::Builder;
-    use crate::cpu::{compile_with, Simd};
+    use crate::cpu::Simd;
     use crate::ir::*;
-    use chunkc_runtime::cpu_kernel::CpuKernel;
 
     fn run(n: usize, m: usize, simd: Simd, l: &[f32], b: &[f32]) -> Vec<f32> {
         let mut k = Builder::new("solve");
@@ -84,15 +89,7 @@ mod solve {
         let bt = k.load(pb, Idx::c(0), m as i64, 1, n, m, Idx::c(n as i64));
         let x = k.solve_unit_lower(lt, bt);
         k.store(x, px, Idx::c(0), m as i64, 1, Idx::c(n as i64));
-        let c = compile_with(&k.finish(), simd).expect("compiles");
-        let mut bufs = vec![l.to_vec(), b.to_vec(), vec![f32::NAN; n * m]];
-        let mut ws = vec![0u8; c.workspace_bytes() + 64];
-        let off = ws.as_ptr().align_offset(64);
-        let ptrs: Vec<*mut f32> = bufs.iter_mut().map(|v| v.as_mut_ptr()).collect();
-        // SAFETY: the buffers hold every element the kernel addresses; the workspace is
-        // aligned and as large as asked.
-        unsafe { c.call(ptrs.as_ptr(), 0, 0, 1, ws.as_mut_ptr().add(off)) };
-        bufs.pop().expect("output")
+        super::run_once(&k.finish(), simd, &[l.to_vec(), b.to_vec(), vec![f32::NAN; n * m]])
     }
 
     #[test]
