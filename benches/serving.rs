@@ -1,6 +1,7 @@
 //! The decode step of a serving engine: one token for each of N = 64 sequences of
 //! gated_delta_rule at H=8, K=V=128, f32, states in a pool. `decode_step` is one
-//! `Program::decode` call over all of them (the recurrent kernel, one launch);
+//! `Program::decode` call over all of them (the rule's decode schedule, chunk 1, one launch;
+//! `decode_step_recurrent` the same through the recurrent kernel);
 //! `t1_chunked_per_sequence` is what an engine without it does: the chunked program (the CPU
 //! default chunk, 16) called once per sequence with T = 1, its state passed in and read back;
 //! `t1_chunked64_per_sequence` the same at FLA's chunk, 64. One thread each, so the ratio is
@@ -30,6 +31,7 @@ fn decode(c: &mut Criterion) {
     let rule = Rule::load(concat!(env!("CARGO_MANIFEST_DIR"), "/rules/gated_delta_rule.toml")).expect("rule");
     let heads = Heads::new(8, 128, 128);
     let decoder = compile(&rule, Target::Cpu, Schedule::recurrent(), heads).expect("compiles").with_threads(1);
+    let decoder1 = compile(&rule, Target::Cpu, rule.decode_schedule(), heads).expect("compiles").with_threads(1);
     let chunked = compile(&rule, Target::Cpu, Schedule::chunked(16), heads).expect("compiles").with_threads(1);
     // FLA's chunk (64): a T = 1 call still forms whole-chunk tiles.
     let chunked64 = compile(&rule, Target::Cpu, Schedule::chunked(64), heads).expect("compiles").with_threads(1);
@@ -57,8 +59,11 @@ fn decode(c: &mut Criterion) {
     group.throughput(Throughput::Elements(N as u64));
     group.sample_size(20).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(4));
     let inputs = views(&step);
-    group.bench_function("decode_step", |b| {
+    group.bench_function("decode_step_recurrent", |b| {
         b.iter(|| decoder.decode(&inputs, &mut pool, &slots).expect("decode"));
+    });
+    group.bench_function("decode_step", |b| {
+        b.iter(|| decoder1.decode(&inputs, &mut pool, &slots).expect("decode"));
     });
     let mut states: Vec<Vec<f32>> = vec![vec![0.0; 8 * 128 * 128]; N];
     for (label, program) in [("t1_chunked_per_sequence", &chunked), ("t1_chunked64_per_sequence", &chunked64)] {

@@ -106,6 +106,21 @@ impl Rule {
         std::iter::once("h".to_string()).chain(self.loaded.rule.states.iter().map(|s| s.name.clone())).collect()
     }
 
+    /// The schedule for a program that runs [`Program::decode`]: the chunked kernel at
+    /// chunk 1 where the rule has one, else the recurrent kernel. At one token the chunked
+    /// form reads the state twice (the query's and the keys' reads) and updates it once, in
+    /// place; the recurrent kernel follows the rule's statements, a pass over the state for
+    /// each. A rule with extra states keeps the recurrent kernel: its chunked kernel widens
+    /// the state by their columns every chunk, which costs more than it saves at one token
+    /// (measured in docs/performance.md, round 14).
+    pub fn decode_schedule(&self) -> Schedule {
+        if self.loaded.canonical.is_ok() && self.loaded.rule.states.is_empty() {
+            Schedule::chunked(1)
+        } else {
+            Schedule::recurrent()
+        }
+    }
+
     /// The checked rule of the front end.
     pub fn ast(&self) -> &chunkc_dsl::ast::Rule {
         &self.loaded.rule

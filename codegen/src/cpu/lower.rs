@@ -11,6 +11,7 @@ use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::{types, BlockArg, Endianness, FuncRef, InstBuilder, MemFlagsData, SourceLoc, Type, Value};
 use cranelift_frontend::{FunctionBuilder, Variable};
 
+use super::home::Home;
 use super::vmath::VMath;
 use super::{gemm, rows};
 use crate::ir::*;
@@ -191,7 +192,14 @@ pub(super) struct Lower<'a, 'f> {
     in_place_dots: &'a [Option<ValueId>],
     /// The current loop's state update computed straight into its carried region: (the
     /// value, the region it is written to instead of its own).
-    in_place: Option<(ValueId, Storage)>,
+    in_place: Option<(ValueId, Acc)>,
+    /// The top-level loop's states kept in their state-out buffers (`home.rs`), if so.
+    homes: Option<Vec<Home>>,
+    /// Values that live in a state-out buffer (the homed carried values and loop results),
+    /// from the homed loop's start on.
+    homed: Vec<(ValueId, Acc)>,
+    /// The homed loop's results, whose store after the loop is left out.
+    homed_results: Vec<ValueId>,
     iter: Variable,
     /// Whether a `Loop` body is being lowered (loads there prefetch one iteration ahead).
     in_loop: bool,
@@ -228,6 +236,7 @@ impl<'a, 'f> Lower<'a, 'f> {
         let iter = b.declare_var(types::I64);
         let zero = b.ins().iconst(types::I64, 0);
         b.def_var(iter, zero);
+        let homes = super::home::analyse(kernel, fusion);
         let mut l = Lower {
             b,
             kernel,
@@ -244,6 +253,9 @@ impl<'a, 'f> Lower<'a, 'f> {
             vtile,
             iters: (first_iter, end_iter),
             in_place: None,
+            homes,
+            homed: vec![],
+            homed_results: vec![],
             iter,
             in_loop: false,
             next_loop: 0,
@@ -351,11 +363,16 @@ impl<'a, 'f> Lower<'a, 'f> {
 
     /// Storage of a value as an access with the workspace pointer.
     fn val(&mut self, v: ValueId) -> Acc {
-        let s = match self.in_place {
-            Some((x, s)) if x == v => s,
-            _ => self.plan.storage[v.0 as usize].expect("layout checked that values are defined before use"),
-        };
-        self.at(s, self.kernel.ty(v).dtype)
+        if let Some(&(_, acc)) = self.homed.iter().find(|(x, _)| *x == v) {
+            return acc;
+        }
+        match self.in_place {
+            Some((x, acc)) if x == v => acc,
+            _ => {
+                let s = self.plan.storage[v.0 as usize].expect("layout checked that values are defined before use");
+                self.at(s, self.kernel.ty(v).dtype)
+            }
+        }
     }
 
     fn at(&mut self, s: Storage, dt: DType) -> Acc {
@@ -615,6 +632,12 @@ impl<'a, 'f> Lower<'a, 'f> {
             match s {
                 Stmt::Let { id, op } => self.op(*id, op),
                 Stmt::Store { value, param, base, row_stride, col_stride, valid_rows } => {
+                    if self.homed_results.contains(value) {
+                        // A homed state's result is already in its state-out buffer (its
+                        // one store, `resume`'s condition; stores of the carried value inside
+                        // the loop, such as chunk boundaries, still copy it out).
+                        continue;
+                    }
                     let ty = self.kernel.ty(*value);
                     if self.in_loop && *col_stride == 1 && base.uses(IdxVar::Iter) {
                         // The same rows one chunk ahead: their lines then come in (and their
@@ -648,15 +671,25 @@ impl<'a, 'f> Lower<'a, 'f> {
                     self.next_loop += 1;
                     let n = self.idx(count);
                     let in_place = self.in_place_dots.get(self.next_loop - 1).copied().flatten();
-                    self.in_place = in_place.map(|y| (y, lp.carried[0]));
+                    let homes = if self.next_loop == 1 { self.homes.take() } else { None };
                     let mut dsts = vec![];
-                    for (k, (c, init)) in carried.iter().enumerate() {
-                        let ty = self.kernel.ty(*c);
-                        let dst = self.at(lp.carried[k], ty.dtype);
-                        let src = self.val(*init);
-                        self.copy(ty, src, dst);
-                        dsts.push(lp.carried[k]);
+                    if let Some(homes) = homes {
+                        for h in &homes {
+                            let dst = self.home_state(h);
+                            self.homed.extend([(h.carried, dst), (h.result, dst)]);
+                            self.homed_results.push(h.result);
+                            dsts.push(dst);
+                        }
+                    } else {
+                        for (k, (c, init)) in carried.iter().enumerate() {
+                            let ty = self.kernel.ty(*c);
+                            let dst = self.at(lp.carried[k], ty.dtype);
+                            let src = self.val(*init);
+                            self.copy(ty, src, dst);
+                            dsts.push(dst);
+                        }
                     }
+                    self.in_place = in_place.map(|y| (y, dsts[0]));
                     // The iterations this call runs (all of them unless the executor resumes).
                     let (first, end) = self.iters;
                     let zero = self.iconst(0);
@@ -687,8 +720,7 @@ impl<'a, 'f> Lower<'a, 'f> {
                                 YieldCopy::Direct => l.val(*y),
                                 YieldCopy::ViaTemp(t) => l.at(t, ty.dtype),
                             };
-                            let dst = l.at(dsts[k], ty.dtype);
-                            l.copy(ty, src, dst);
+                            l.copy(ty, src, dsts[k]);
                         }
                         vec![]
                     });
@@ -697,6 +729,30 @@ impl<'a, 'f> Lower<'a, 'f> {
                 }
             }
         }
+    }
+
+    /// The state-out buffer of a homed state (`home.rs`), after copying the state in there,
+    /// unless the two parameters are the same buffer (a pool slot, a resumed time block).
+    fn home_state(&mut self, h: &Home) -> Acc {
+        let src = self.global(h.in_param, &h.base, h.row_stride, h.col_stride);
+        let dst = self.global(h.out_param, &h.base, h.row_stride, h.col_stride);
+        let differ = self.b.ins().icmp(IntCC::NotEqual, src.ptr, dst.ptr);
+        let (copy, join) = (self.b.create_block(), self.b.create_block());
+        self.b.ins().brif(differ, copy, &[], join, &[]);
+        self.b.switch_to_block(copy);
+        self.b.seal_block(copy);
+        let rows = self.iconst(h.rows as i64);
+        match self.math.copy_rows.filter(|_| h.col_stride == 1 && h.cols >= rows::MIN_COLS) {
+            Some(f) => {
+                let (rs, cols) = (self.iconst(h.row_stride), self.iconst(h.cols as i64));
+                self.b.ins().call(f, &[src.ptr, rs, dst.ptr, rs, rows, cols, rows]);
+            }
+            None => self.ew(RowRange::Full(h.rows), h.cols, &[src], dst, true, &mut |_, _, x| x[0]),
+        }
+        self.b.ins().jump(join, &[]);
+        self.b.switch_to_block(join);
+        self.b.seal_block(join);
+        dst
     }
 
     /// Prefetches what a load (or store) of contiguous rows will touch in the next loop iteration (the
@@ -724,6 +780,10 @@ impl<'a, 'f> Lower<'a, 'f> {
     fn op(&mut self, id: ValueId, op: &Op) {
         let ty = self.kernel.ty(id);
         if op.is_view() || self.fusion.fused[id.0 as usize] {
+            return;
+        }
+        if self.homes.as_ref().is_some_and(|hs| hs.iter().any(|h| h.init == id)) {
+            // A homed state's load: the loop's start copies it into the state-out buffer.
             return;
         }
         let out = self.val(id);
@@ -1191,16 +1251,19 @@ impl<'a, 'f> Lower<'a, 'f> {
         // the gemm takes the product, so this is a fallback) is scaled into `out` first:
         // every inline path reads an element of a contiguous accumulator just before it writes
         // the same element of `out`, so `out` may be the accumulator.
-        let acc = match acc {
+        let rows_of_b = b.cs == 1 && n >= 4;
+        // The row-contiguous path below scales a contiguous accumulator as it reads it.
+        let (acc, acc_scale) = match acc {
+            Some((c, Some(scale))) if rows_of_b && c.cs == 1 => (Some(c), Some(scale)),
             Some((c, Some((s, s_rs)))) => {
                 let scale = Acc { ptr: s, rs: s_rs, cs: 0, dt: DType::F32 };
                 self.ew(RowRange::Full(m), n, &[c, scale], out, true, &mut |l, _, x| l.b.ins().fmul(x[0], x[1]));
-                Some(out)
+                (Some(out), None)
             }
-            other => other.map(|(c, _)| c),
+            other => (other.map(|(c, _)| c), None),
         };
         let kk = self.iconst(k as i64);
-        if b.cs == 1 && n >= 4 {
+        if rows_of_b {
             // Rows of b are contiguous: each output row is built from blocks of up to four
             // f32x4 accumulators, a splat of a[i, p] times b[p, j..] for every p.
             let acc_in_reg = acc.is_some_and(|c| c.cs == 1);
@@ -1208,6 +1271,10 @@ impl<'a, 'f> Lower<'a, 'f> {
                 let arow = l.scaled(a.ptr, i, a.rs * 4);
                 let crow = l.scaled(out.ptr, i, out.rs * 4);
                 let accrow = acc.map(|c| l.scaled(c.ptr, i, c.rs * 4));
+                let row_scale = acc_scale.map(|(s, s_rs)| {
+                    let p = l.scaled(s, i, s_rs * 4);
+                    l.load(types::F32, p, 0)
+                });
                 let mut j0 = 0;
                 while j0 < n {
                     let left = n - j0;
@@ -1222,7 +1289,14 @@ impl<'a, 'f> Lower<'a, 'f> {
                         if let (Some(c), Some(p)) = (acc, accrow) {
                             if acc_in_reg || width == 1 {
                                 let x = l.load(ty, p, j * c.cs * 4);
-                                s = l.b.ins().fadd(s, x);
+                                s = match row_scale {
+                                    Some(r) if ty.is_vector() => {
+                                        let r = l.b.ins().splat(ty, r);
+                                        l.madd(x, r, s)
+                                    }
+                                    Some(r) => l.madd(x, r, s),
+                                    None => l.b.ins().fadd(s, x),
+                                };
                             }
                         }
                         l.store(s, crow, j * 4 * out.cs);

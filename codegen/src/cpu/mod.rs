@@ -25,6 +25,7 @@
 //! FMA) and `GatedDot`s with operands contiguous along `c` call rustc-compiled vector
 //! routines (`gated.rs`) where the host has them ([`Simd`]; [`compile_with`] picks a level).
 
+mod home;
 mod lower;
 pub mod object;
 pub mod peak;
@@ -202,9 +203,20 @@ pub fn abilities(simd: Simd) -> Abilities {
     Abilities {
         vectorises,
         scaled_gemm: gemm::select(simd).map(|_| gemm::takes_any_layout as fn(usize, usize, usize) -> bool),
+        scaled_accumulator: Some(match gemm::select(simd) {
+            Some(_) => |m, n, k| gemm::takes_any_layout(m, n, k) || outer_product(m, n, k),
+            None => outer_product,
+        }),
         decay_routine: decay::select(simd).is_some(),
         sums_routine: sums::select(simd).is_some(),
     }
+}
+
+/// Whether an `m x n` product over `k` is a large outer product (`k = 1`): inline code that
+/// applies the accumulator's row scale as it reads it (`lower.rs`), so a scan's decayed state
+/// update `S' = diag(d) S + k^T u` is one pass over the state, in place.
+fn outer_product(m: usize, n: usize, k: usize) -> bool {
+    k == 1 && m * n >= gemm::GEMM_MIN_MACS
 }
 
 /// Whether the elementwise op `op` (result dtype `dt`) runs on vectors in the lowering

@@ -244,7 +244,8 @@ fn scaled_left_operands(
 /// Decides which values fuse for a backend with `abilities`, and builds the kernel to plan the
 /// workspace for.
 pub fn analyse(kernel: &Kernel, abilities: &Abilities) -> Fusion {
-    let &Abilities { vectorises, scaled_gemm, decay_routine: decay, sums_routine: sums } = abilities;
+    let &Abilities { vectorises, scaled_gemm, scaled_accumulator, decay_routine: decay, sums_routine: sums } =
+        abilities;
     let n = kernel.values.len();
     let mut s = Scan {
         uses: vec![0; n],
@@ -269,7 +270,7 @@ pub fn analyse(kernel: &Kernel, abilities: &Abilities) -> Fusion {
     let mut d =
         Decide { kernel, vectorises, defs: &s.defs, consumer: &s.consumer, candidate, forced, memo: vec![None; n] };
     let mut fused: Vec<bool> = (0..n).map(|v| d.fused(ValueId(v as u32)).0).collect();
-    let scaled = match scaled_gemm {
+    let scaled = match scaled_accumulator {
         Some(takes) => scaled_accumulators(kernel, &s, &fused, takes),
         None => vec![None; n],
     };
@@ -375,7 +376,13 @@ mod tests {
     }
 
     fn abilities(gemm: bool, sums: bool) -> Abilities {
-        Abilities { vectorises: cpu_like, scaled_gemm: gemm.then_some(large), decay_routine: false, sums_routine: sums }
+        Abilities {
+            vectorises: cpu_like,
+            scaled_gemm: gemm.then_some(large),
+            scaled_accumulator: gemm.then_some(large),
+            decay_routine: false,
+            sums_routine: sums,
+        }
     }
 
     #[test]

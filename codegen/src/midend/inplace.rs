@@ -106,6 +106,7 @@ mod tests {
     const GEMM_ONLY: Abilities = Abilities {
         vectorises: |_, _, _| true,
         scaled_gemm: Some(|m, n, k| m >= 16 && n >= 16 && k >= 16),
+        scaled_accumulator: Some(|m, n, k| m >= 16 && n >= 16 && k >= 16),
         decay_routine: false,
         sums_routine: false,
     };
@@ -194,7 +195,8 @@ mod tests {
         // Without a gemm nothing fuses into the product.
         let (k, decayed, _) = scaled_update(false);
         assert!(
-            !super::super::fuse::analyse(&k, &Abilities { scaled_gemm: None, ..GEMM_ONLY }).fused[decayed.0 as usize]
+            !super::super::fuse::analyse(&k, &Abilities { scaled_gemm: None, scaled_accumulator: None, ..GEMM_ONLY })
+                .fused[decayed.0 as usize]
         );
     }
 }

@@ -31,6 +31,10 @@ pub struct Abilities {
     /// accumulator or of its left operand itself (`c = diag(s)(a b) + diag(t) acc`); None: it
     /// has no such gemm.
     pub scaled_gemm: Option<fn(usize, usize, usize) -> bool>,
+    /// Whether the backend's `Dot` applies a row scale of its accumulator itself (`c = a b +
+    /// diag(s) acc`, one multiply per element as it reads `acc`) for an `m x n` product over
+    /// `k`; None: never. (A scaled left operand stays `scaled_gemm`'s: only a gemm takes it.)
+    pub scaled_accumulator: Option<fn(usize, usize, usize) -> bool>,
     /// A routine evaluates `mul(x, exp(cast_f32(e)))` (a gate factor) in one pass.
     pub decay_routine: bool,
     /// A routine takes `cumsum(cast_f64(x))` of an f32 `x` in one pass.
@@ -41,7 +45,13 @@ impl Abilities {
     /// A backend with no fused routines whose every elementwise op is vector code (one
     /// element per thread): every single-use elementwise chain fuses.
     pub fn simt() -> Abilities {
-        Abilities { vectorises: |_, _, _| true, scaled_gemm: None, decay_routine: false, sums_routine: false }
+        Abilities {
+            vectorises: |_, _, _| true,
+            scaled_gemm: None,
+            scaled_accumulator: None,
+            decay_routine: false,
+            sums_routine: false,
+        }
     }
 }
 

@@ -18,7 +18,7 @@ const K: usize = 32;
 const V: usize = 32;
 const SLOTS: usize = 4;
 /// Relative RMS error allowed between the engine and a sequence run alone: the prefill is
-/// the chunked kernel, the decode the recurrent one, and the check the chunked kernel over
+/// the chunked kernel, the decode the rule's decode schedule, and the check the chunked kernel over
 /// the whole sequence, so they differ by f32 rounding only.
 const TOLERANCE: f64 = 1e-5;
 
@@ -81,7 +81,7 @@ fn serve() -> Result<(), Error> {
     let rule = Rule::load(concat!(env!("CARGO_MANIFEST_DIR"), "/../../rules/gated_delta_rule.toml"))?;
     let heads = Heads::new(HEADS, K, V);
     let prefill = compile(&rule, Target::Cpu, Schedule::chunked(16), heads)?;
-    let decoder = compile(&rule, Target::Cpu, Schedule::recurrent(), heads)?;
+    let decoder = compile(&rule, Target::Cpu, rule.decode_schedule(), heads)?;
     let mut pool = decoder.state_pool(SLOTS);
 
     // (step at which it arrives, prompt length, decode steps it stays for)
