@@ -11,7 +11,7 @@ use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::{types, BlockArg, Endianness, FuncRef, InstBuilder, MemFlagsData, SourceLoc, Type, Value};
 use cranelift_frontend::{FunctionBuilder, Variable};
 
-use super::home::Home;
+use super::home::{self, Home};
 use super::vmath::VMath;
 use super::{gemm, rows};
 use crate::ir::*;
@@ -198,8 +198,9 @@ pub(super) struct Lower<'a, 'f> {
     /// Values that live in a state-out buffer (the homed carried values and loop results),
     /// from the homed loop's start on.
     homed: Vec<(ValueId, Acc)>,
-    /// The homed loop's results, whose store after the loop is left out.
-    homed_results: Vec<ValueId>,
+    /// The homed loop's states, whose store after the loop copies only when the loop ran in
+    /// the workspace.
+    homed_results: Vec<Home>,
     iter: Variable,
     /// Whether a `Loop` body is being lowered (loads there prefetch one iteration ahead).
     in_loop: bool,
@@ -236,7 +237,7 @@ impl<'a, 'f> Lower<'a, 'f> {
         let iter = b.declare_var(types::I64);
         let zero = b.ins().iconst(types::I64, 0);
         b.def_var(iter, zero);
-        let homes = super::home::analyse(kernel, fusion);
+        let homes = super::home::analyse(kernel, fusion, plan);
         let mut l = Lower {
             b,
             kernel,
@@ -632,10 +633,14 @@ impl<'a, 'f> Lower<'a, 'f> {
             match s {
                 Stmt::Let { id, op } => self.op(*id, op),
                 Stmt::Store { value, param, base, row_stride, col_stride, valid_rows } => {
-                    if self.homed_results.contains(value) {
-                        // A homed state's result is already in its state-out buffer (its
-                        // one store, `resume`'s condition; stores of the carried value inside
-                        // the loop, such as chunk boundaries, still copy it out).
+                    if let Some(h) = self.homed_results.iter().find(|h| h.result == *value).cloned() {
+                        // A homed state's one store (`resume`'s condition): nothing to do
+                        // when the loop ran in the state-out buffer. (Stores of the carried
+                        // value inside the loop, such as chunk boundaries, copy it out as
+                        // any store does.)
+                        let src = self.val(*value);
+                        let dst = self.global(*param, base, *row_stride, *col_stride);
+                        self.copy_state_unless_same(&h, src, dst);
                         continue;
                     }
                     let ty = self.kernel.ty(*value);
@@ -674,10 +679,16 @@ impl<'a, 'f> Lower<'a, 'f> {
                     let homes = if self.next_loop == 1 { self.homes.take() } else { None };
                     let mut dsts = vec![];
                     if let Some(homes) = homes {
-                        for h in &homes {
-                            let dst = self.home_state(h);
+                        let (first, end) = self.iters;
+                        let zero = self.iconst(0);
+                        let first = self.b.ins().smax(first, zero);
+                        let end = self.b.ins().smin(end, n);
+                        let runs = self.b.ins().isub(end, first);
+                        let short = self.b.ins().icmp_imm_s(IntCC::SignedLessThanOrEqual, runs, home::SHORT_CALL);
+                        for (h, &region) in homes.iter().zip(&lp.carried) {
+                            let dst = self.home_state(h, region, short);
                             self.homed.extend([(h.carried, dst), (h.result, dst)]);
-                            self.homed_results.push(h.result);
+                            self.homed_results.push(h.clone());
                             dsts.push(dst);
                         }
                     } else {
@@ -731,11 +742,25 @@ impl<'a, 'f> Lower<'a, 'f> {
         }
     }
 
-    /// The state-out buffer of a homed state (`home.rs`), after copying the state in there,
-    /// unless the two parameters are the same buffer (a pool slot, a resumed time block).
-    fn home_state(&mut self, h: &Home) -> Acc {
+    /// Where a homed state (`home.rs`) lives during this call, with the state copied in:
+    /// its state-out buffer when the call is short (`short`) or the buffer is aligned to a
+    /// cache line, else its carried `region` of the workspace (same strides). The copy is left
+    /// out when the state is already there (a pool slot, a resumed time block).
+    fn home_state(&mut self, h: &Home, region: Storage, short: Value) -> Acc {
         let src = self.global(h.in_param, &h.base, h.row_stride, h.col_stride);
-        let dst = self.global(h.out_param, &h.base, h.row_stride, h.col_stride);
+        let out = self.global(h.out_param, &h.base, h.row_stride, h.col_stride);
+        let ws = self.at(region, DType::F32);
+        let misaligned = self.b.ins().band_imm_s(out.ptr, home::LINE - 1);
+        let aligned = self.b.ins().icmp_imm_s(IntCC::Equal, misaligned, 0);
+        let there = self.b.ins().bor(short, aligned);
+        let ptr = self.b.ins().select(there, out.ptr, ws.ptr);
+        let dst = Acc { ptr, ..out };
+        self.copy_state_unless_same(h, src, dst);
+        dst
+    }
+
+    /// Copies a homed state's rows from `src` to `dst` unless the two are the same memory.
+    fn copy_state_unless_same(&mut self, h: &Home, src: Acc, dst: Acc) {
         let differ = self.b.ins().icmp(IntCC::NotEqual, src.ptr, dst.ptr);
         let (copy, join) = (self.b.create_block(), self.b.create_block());
         self.b.ins().brif(differ, copy, &[], join, &[]);
@@ -752,7 +777,6 @@ impl<'a, 'f> Lower<'a, 'f> {
         self.b.ins().jump(join, &[]);
         self.b.switch_to_block(join);
         self.b.seal_block(join);
-        dst
     }
 
     /// Prefetches what a load (or store) of contiguous rows will touch in the next loop iteration (the
