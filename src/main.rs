@@ -547,6 +547,38 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
+    /// Estimate a rule's PTX program on a GPU: an analytic model per phase (grid, waves,
+    /// one CTA's chain of ops with its barriers and memory latencies, FLOPs at the tensor-core
+    /// rate, bytes at HBM bandwidth), the total and the shape's roofline floor. An estimate,
+    /// not a measurement: the GPUs' figures and the latencies it assumes are printed with it.
+    Model {
+        rule: PathBuf,
+        /// The GPU (the model's table: h100, h200, a100).
+        #[arg(long, default_value = "h100")]
+        gpu: String,
+        /// B,T,H,K,V
+        #[arg(long, value_delimiter = ',', default_value = "2,8192,16,128,128")]
+        shape: Vec<usize>,
+        #[arg(long, value_enum, default_value = "chunked")]
+        backend: BackendArg,
+        #[arg(long, default_value_t = 64)]
+        chunk: usize,
+        /// Columns of V per grid point (must divide V). Default: the whole V.
+        #[arg(long)]
+        bv: Option<usize>,
+        #[arg(long, value_enum, default_value = "split")]
+        program: ProgramArg,
+        /// sm_80 or sm_90 [default: sm_90, sm_80 for the a100]
+        #[arg(long, value_enum)]
+        target: Option<Target>,
+        /// Input element type and dot precision default to bf16 here (a GPU's usual);
+        /// `--dtype f32` alone gives f32 fma dots.
+        #[command(flatten)]
+        precision: PrecisionArgs,
+        /// One JSON line: est_ms, floor_ms, and the phases.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the tile IR of a rule's kernel, or write its PTX (sm_80, sm_90) and launch metadata.
     Compile {
         rule: PathBuf,
@@ -1169,6 +1201,9 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Model { rule, gpu, shape, backend, chunk, bv, program, target, precision, json } => {
+            model(&rule, &gpu, &shape, (backend, chunk, bv, program), target, precision, json)
+        }
         Command::Compile {
             rule,
             target,
@@ -1244,6 +1279,143 @@ use chunkc::codegen::ptx;
 
 /// `--bv 0` is refused here, in one line; whether BV divides V and the rule allows V-tiles is
 /// the planner's to say (it knows V and the rule).
+/// `chunkc model`: builds the program as `compile --target` does and prints the estimate.
+fn model(
+    rule: &std::path::Path,
+    gpu: &str,
+    shape: &[usize],
+    (backend, chunk, bv, program): (BackendArg, usize, Option<usize>, ProgramArg),
+    target: Option<Target>,
+    mut precision: PrecisionArgs,
+    json: bool,
+) -> Result<ExitCode, Error> {
+    use chunkc::autotune::model;
+    let gpu_key = gpu;
+    let gpu = model::gpu(gpu).map_err(Error::Input)?;
+    let dims = dims_of(shape)?;
+    check_bv(bv)?;
+    if chunk == 0 {
+        return Err(Error::Input("--chunk must be at least 1".into()));
+    }
+    let dtype = *precision.dtype.get_or_insert(DtypeArg::Bf16);
+    precision.dot.get_or_insert(match dtype {
+        DtypeArg::F32 => DotArg::F32,
+        DtypeArg::Bf16 => DotArg::Bf16,
+        DtypeArg::F16 => DotArg::F16,
+    });
+    let sm = match target.unwrap_or(if gpu_key.eq_ignore_ascii_case("a100") { Target::Sm80 } else { Target::Sm90 }) {
+        Target::Cpu => return Err(Error::Input("the model estimates GPU programs: --target sm_80 or sm_90".into())),
+        Target::Sm80 => ptx::Sm::Sm80,
+        Target::Sm90 => ptx::Sm::Sm90,
+    };
+    let loaded = load_rule(rule)?;
+    let Some(kernel) = Backend::from(backend).kernel() else {
+        return Err(Error::Input("the reference has no kernel; choose --backend recurrent or chunked".into()));
+    };
+    let shape_of =
+        chunkc::codegen::plan::Shape { heads: dims.heads, k: dims.k, v: dims.v, scale: 1.0 / (dims.k as f64).sqrt() };
+    let schedule =
+        Schedule::chunked(chunk).with_kernel(kernel, chunk).with_bv(bv).with_program(ProgramShape::from(program));
+    let schedule = precision.apply(schedule)?;
+    let built = backend::build_program(&loaded.rule, shape_of, &schedule)?;
+    let emitted = chunkc::gpu::emit(&built, sm, &schedule.ptx)?;
+    let input_size = schedule.input.size() as f64;
+    let per_token: usize = loaded
+        .rule
+        .inputs
+        .iter()
+        .filter(|i| !i.per_head)
+        .map(|i| match i.ty {
+            chunkc::dsl::ast::Ty::Scalar => 1,
+            chunkc::dsl::ast::Ty::VecK => dims.k,
+            chunkc::dsl::ast::Ty::VecV => dims.v,
+            chunkc::dsl::ast::Ty::Mat | chunkc::dsl::ast::Ty::MatT => dims.k * dims.v,
+        })
+        .sum();
+    let problem = model::Problem {
+        batch: dims.batch,
+        seq_len: dims.seq_len,
+        heads: dims.heads,
+        k: dims.k,
+        v: dims.v,
+        chunk: if schedule.kernel == KernelKind::Chunked { chunk } else { 1 },
+        bytes_per_token_head: per_token as f64 * input_size + dims.v as f64 * 4.0,
+    };
+    let est = model::estimate(&built, &emitted, &schedule.ptx, &gpu, &problem).map_err(Error::Internal)?;
+    if json {
+        let phases: Vec<serde_json::Value> = est
+            .phases
+            .iter()
+            .map(|p| {
+                serde_json::json!({
+                    "name": p.name, "grid": p.grid, "block": p.block, "smem_bytes": p.smem_bytes,
+                    "scratch_bytes": p.scratch_bytes, "est_ms": p.est_ms,
+                })
+            })
+            .collect();
+        let line = serde_json::json!({ "est_ms": est.est_ms, "floor_ms": est.floor_ms, "phases": phases });
+        println!("{line}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let [b, t, h, k, v] = [dims.batch, dims.seq_len, dims.heads, dims.k, dims.v];
+    println!(
+        "ESTIMATE (an analytic model, not a measurement): {} {} on {}, {} B={b} T={t} H={h} K={k} V={v}, {} inputs, {:?} dots, {} warps",
+        loaded.rule.name,
+        emitted.spec.name,
+        gpu.name,
+        sm.name(),
+        schedule.input.name(),
+        schedule.ptx.dot,
+        schedule.ptx.warps
+    );
+    println!(
+        "{:<44} {:>16} {:>6} {:>9} {:>9} {:>7} {:>5} {:>6} {:>5} {:>9} {:>9} {:>9} {:>10}",
+        "phase",
+        "grid",
+        "block",
+        "smem B",
+        "scratch B",
+        "CTAs",
+        "/SM",
+        "waves",
+        "iters",
+        "barr/iter",
+        "GFLOP",
+        "MB",
+        "est ms"
+    );
+    for p in &est.phases {
+        let grid = format!("{}x{}x{}", p.grid[0], p.grid[1], p.grid[2]);
+        println!(
+            "{:<44} {:>16} {:>6} {:>9} {:>9} {:>7} {:>5} {:>6} {:>5} {:>9} {:>9.2} {:>9.1} {:>10.4} ({})",
+            p.name,
+            grid,
+            p.block,
+            p.smem_bytes,
+            p.scratch_bytes,
+            p.ctas,
+            p.ctas_per_sm,
+            p.waves,
+            p.iterations,
+            p.barriers_per_iteration,
+            p.gflop,
+            p.mbytes,
+            p.est_ms,
+            p.bound
+        );
+    }
+    println!(
+        "estimate {:.4} ms; roofline floor of the shape {:.4} ms ({:.1}x the floor)",
+        est.est_ms,
+        est.floor_ms,
+        est.est_ms / est.floor_ms
+    );
+    for a in model::assumptions(&gpu) {
+        println!("assumes: {a}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `--shape B,T,H,K,V`.
 fn dims_of(shape: &[usize]) -> Result<chunkc::dsl::reference::Dims, Error> {
     let [batch, seq_len, heads, k, v] = shape[..] else {

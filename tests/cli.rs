@@ -825,3 +825,50 @@ fn run_and_grad_take_grouped_value_heads() {
     let o = chunkc(&[&args[..], &["--out", out.to_str().unwrap()]].concat());
     assert!(o.status.success(), "{}", stderr(&o));
 }
+
+/// `chunkc model`: an estimate per phase of the emitted program, labelled as one, and its
+/// one-line JSON form with the fields the GPU issue names; bad input is one line.
+#[test]
+fn model_estimates_every_phase_and_prints_one_json_line() {
+    let args = ["model", "rules/gated_delta_rule.toml", "--gpu", "h100", "--shape", "2,8192,16,128,128", "--json"];
+    let o = chunkc(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert_eq!(text.lines().count(), 1, "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).expect("one JSON line");
+    let (est, floor) = (v["est_ms"].as_f64().expect("est_ms"), v["floor_ms"].as_f64().expect("floor_ms"));
+    assert!(floor > 0.0 && est > floor, "{est} {floor}");
+    let phases = v["phases"].as_array().expect("phases");
+    let names: Vec<&str> = phases.iter().map(|p| p["name"].as_str().expect("name")).collect();
+    assert_eq!(
+        names,
+        [
+            "gated_delta_rule_chunked_c64_factors",
+            "gated_delta_rule_chunked_c64_states",
+            "gated_delta_rule_chunked_c64_outputs"
+        ]
+    );
+    let total: f64 = phases.iter().map(|p| p["est_ms"].as_f64().expect("est_ms")).sum();
+    assert!((total - est).abs() < 1e-9 * est, "the phases add up to the estimate");
+    // The chunk-parallel phases have a CTA per (V-tile, chunk, batch-head): 1 x 128 x 32.
+    for p in [&phases[0], &phases[2]] {
+        assert_eq!(p["grid"], serde_json::json!([1, 128, 32]), "{p}");
+        assert_eq!(p["block"], 256);
+        assert!(p["smem_bytes"].as_u64().is_some() && p["scratch_bytes"].as_u64().is_some());
+    }
+    assert_eq!(phases[1]["grid"], serde_json::json!([32, 1, 1]), "the state pass walks the chunks per (b, h)");
+    // Twice the tokens: the state pass walks twice the chunks.
+    let longer = chunkc(&["model", "rules/gated_delta_rule.toml", "--shape", "2,16384,16,128,128", "--json"]);
+    let w: serde_json::Value = serde_json::from_str(&stdout(&longer)).expect("json");
+    let ratio = w["phases"][1]["est_ms"].as_f64().expect("ms") / phases[1]["est_ms"].as_f64().expect("ms");
+    assert!((ratio - 2.0).abs() < 0.01, "{ratio}");
+    // The table says what it is.
+    let o = chunkc(&["model", "rules/simple_gla.toml", "--gpu", "a100"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(text.starts_with("ESTIMATE (an analytic model, not a measurement)"), "{text}");
+    assert!(text.contains("sm_80") && text.contains("roofline floor") && text.contains("assumes: "), "{text}");
+    let o = chunkc(&["model", "rules/simple_gla.toml", "--gpu", "v100"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(stderr(&o).trim(), "error: no GPU `v100` in the model's table (known: a100, h100, h200)");
+}

@@ -13,9 +13,11 @@
 //! - [`search`]: the staged search and its report.
 //! - [`device`]: the fingerprint a result is kept under.
 //! - [`cache`]: the TOML file of winners per (device, rule, shape, threads).
+//! - [`model`]: an analytic estimate of a PTX program on a described GPU (`chunkc model`).
 
 pub mod cache;
 pub mod device;
+pub mod model;
 pub mod race;
 pub mod search;
 pub mod space;

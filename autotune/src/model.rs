@@ -1,0 +1,386 @@
+//! An analytic estimate of a PTX program's time on a described GPU (`chunkc model`): an
+//! estimate, labelled as one. The tuner may prune GPU schedules with it; it never picks one
+//! without measuring when a GPU is present.
+//!
+//! Per phase of the program:
+//! - the grid's CTAs (from the launch metadata at the problem's shape), how many fit on an
+//!   SM at once (threads, shared memory, the CTA limit) and so the waves;
+//! - one CTA's time as the chain of its ops, each as the PTX backend lowers it
+//!   (`chunkc_codegen::ptx`): a loop over the op's elements strided by the block, one memory
+//!   access per element and iteration in the tile space (shared memory, or an L2 hit for
+//!   global scratch), no unrolling, then a barrier; a load pays the input's first-touch
+//!   latency per access (16 bytes per access with `cp.async` into shared memory, hidden
+//!   behind the previous chunk with two stages); a dot on tensor cores at the SM's rate shared
+//!   by the CTAs on it, after staging its operands; an fma dot a k-loop of tile accesses per
+//!   output; the column-serial ops (`Cumsum`, `SolveUnitLower`) a chain down the rows. Fused
+//!   elementwise values cost nothing of their own. A sequential phase's CTA runs every chunk
+//!   (iteration) of its sequence in turn; a chunk-parallel one runs one.
+//! - the phase's time: the largest of waves x one CTA's chain, its FLOPs at the dot
+//!   precision's peak, and its global bytes at HBM bandwidth (which of the three bounds it
+//!   is reported), plus a launch.
+//!
+//! The program's estimate is the sum of its phases. The floor is the shape's roofline:
+//! FLA's chunk-form FLOP count at the dot precision's peak, or the inputs, `o` and the states
+//! read and written once at HBM bandwidth, whichever is larger. The GPUs' figures and the
+//! latencies assumed are data (`gpus.toml`).
+
+use chunkc_codegen::ir::*;
+use chunkc_codegen::midend::{prepare, Abilities};
+use chunkc_codegen::program::Program;
+use chunkc_codegen::ptx::PtxProgram;
+use chunkc_codegen::schedule::{DotPrecision, PtxSchedule};
+use chunkc_runtime::artifact::TileSpace;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// A GPU as the model sees it (one table of `gpus.toml`).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct Gpu {
+    pub name: String,
+    pub sms: u32,
+    pub clock_ghz: f64,
+    pub hbm_gb_s: f64,
+    pub bf16_tflops: f64,
+    pub tf32_tflops: f64,
+    pub fp32_tflops: f64,
+    pub smem_per_sm_kib: f64,
+    pub max_threads_per_sm: u32,
+    pub max_ctas_per_sm: u32,
+    pub launch_us: f64,
+    pub barrier_cycles: f64,
+    pub smem_latency_cycles: f64,
+    pub l2_latency_cycles: f64,
+    pub hbm_latency_cycles: f64,
+}
+
+/// The GPU tables, compiled in.
+const GPUS: &str = include_str!("../gpus.toml");
+
+/// The described GPUs by key (`h100`, `a100`, ...).
+pub fn gpus() -> BTreeMap<String, Gpu> {
+    toml::from_str(GPUS).expect("gpus.toml is part of the build and parses (tested)")
+}
+
+/// The GPU `key` names, or a one-line error listing the known keys.
+pub fn gpu(key: &str) -> Result<Gpu, String> {
+    let all = gpus();
+    let known: Vec<&str> = all.keys().map(String::as_str).collect();
+    all.get(&key.to_ascii_lowercase())
+        .cloned()
+        .ok_or_else(|| format!("no GPU `{key}` in the model's table (known: {})", known.join(", ")))
+}
+
+/// The problem the program runs on, and what its roofline counts.
+#[derive(Clone, Copy, Debug)]
+pub struct Problem {
+    pub batch: usize,
+    pub seq_len: usize,
+    pub heads: usize,
+    pub k: usize,
+    pub v: usize,
+    pub chunk: usize,
+    /// Bytes each token and head must read and write at least: its inputs in their element
+    /// type and its output row.
+    pub bytes_per_token_head: f64,
+}
+
+/// One phase's estimate.
+#[derive(Clone, Debug, Serialize)]
+pub struct PhaseEstimate {
+    pub name: String,
+    pub grid: [u32; 3],
+    pub block: u32,
+    /// Shared memory per CTA, dynamic and static.
+    pub smem_bytes: usize,
+    /// Global scratch per CTA (tiles that did not fit in shared memory).
+    pub scratch_bytes: usize,
+    pub ctas: u64,
+    pub ctas_per_sm: u32,
+    pub waves: u64,
+    /// Loop iterations one CTA runs (chunks, or tokens of a recurrent kernel).
+    pub iterations: u64,
+    /// Barriers in one iteration (one after every op that is not fused or a view).
+    pub barriers_per_iteration: usize,
+    pub gflop: f64,
+    pub mbytes: f64,
+    /// What bounds the phase: `latency` (the CTAs' op chains), `flops` or `bandwidth`.
+    pub bound: &'static str,
+    pub est_ms: f64,
+}
+
+/// A program's estimate.
+#[derive(Clone, Debug, Serialize)]
+pub struct Estimate {
+    pub gpu: String,
+    pub est_ms: f64,
+    pub floor_ms: f64,
+    pub phases: Vec<PhaseEstimate>,
+}
+
+/// What one CTA does in a stretch of statements: cycles of its op chain, barriers, and the
+/// FLOPs and global bytes it moves.
+#[derive(Clone, Copy, Default)]
+struct Tally {
+    cycles: f64,
+    barriers: usize,
+    flops: f64,
+    bytes: f64,
+}
+
+impl std::ops::AddAssign for Tally {
+    fn add_assign(&mut self, o: Tally) {
+        self.cycles += o.cycles;
+        self.barriers += o.barriers;
+        self.flops += o.flops;
+        self.bytes += o.bytes;
+    }
+}
+
+/// The peak rate of `dot`'s dots, TFLOP/s.
+fn peak_tflops(gpu: &Gpu, dot: DotPrecision) -> f64 {
+    match dot {
+        DotPrecision::F32Fma => gpu.fp32_tflops,
+        DotPrecision::Tf32 => gpu.tf32_tflops,
+        DotPrecision::Bf16 | DotPrecision::F16 => gpu.bf16_tflops,
+    }
+}
+
+/// What the cost of an op depends on besides the op.
+struct Context<'a> {
+    gpu: &'a Gpu,
+    schedule: &'a PtxSchedule,
+    kernel: &'a Kernel,
+    threads: f64,
+    /// Latency of one access to a tile (shared memory or an L2 hit on global scratch).
+    tile_latency: f64,
+    tiles_in_smem: bool,
+    /// CTAs sharing an SM's tensor and fma units.
+    active_ctas: f64,
+}
+
+impl Context<'_> {
+    /// Per-thread iterations of a loop over `elements`, `per_access` elements at a time.
+    fn steps(&self, elements: usize, per_access: usize) -> f64 {
+        (elements as f64 / (self.threads * per_access.max(1) as f64)).ceil()
+    }
+
+    /// One SM's FLOPs per cycle at `tflops`, shared by the CTAs on it.
+    fn flops_per_cycle(&self, tflops: f64) -> f64 {
+        tflops * 1e12 / (self.gpu.sms as f64 * self.gpu.clock_ghz * 1e9) / self.active_ctas
+    }
+
+    fn op(&self, op: &Op, out: TileTy, in_loop: bool) -> Tally {
+        let lat = self.tile_latency;
+        let elements = out.rows * out.cols;
+        let mut t = Tally { barriers: 1, cycles: self.gpu.barrier_cycles, ..Tally::default() };
+        match op {
+            Op::Load { elem, rows, cols, .. } => {
+                let size = elem.size();
+                let async_copy = self.schedule.async_copy && self.tiles_in_smem;
+                let per_access = if async_copy { 16 / size } else { 1 };
+                let hidden = async_copy && in_loop && self.schedule.stages >= 2;
+                let latency = if hidden { self.gpu.smem_latency_cycles } else { self.gpu.hbm_latency_cycles };
+                t.cycles += self.steps(rows * cols, per_access) * latency;
+                t.bytes += (rows * cols * size) as f64;
+            }
+            Op::Dot { a, b, ta, tb, .. } => {
+                let (ta_, tb_) = (self.kernel.ty(*a), self.kernel.ty(*b));
+                let (m, k) = if *ta { (ta_.cols, ta_.rows) } else { (ta_.rows, ta_.cols) };
+                let n = if *tb { tb_.rows } else { tb_.cols };
+                let flops = 2.0 * (m * n * k) as f64;
+                t.flops += flops;
+                let min = self.schedule.min_mma_dim;
+                if self.schedule.dot.tensor_cores() && m >= min && n >= min && k >= min {
+                    let rate = self.flops_per_cycle(peak_tflops(self.gpu, self.schedule.dot));
+                    t.cycles += flops / rate + self.steps(m * k + k * n, 1) * lat;
+                } else {
+                    let rate = self.flops_per_cycle(self.gpu.fp32_tflops);
+                    t.cycles += (self.steps(m * n, 1) * k as f64 * lat).max(flops / rate);
+                }
+            }
+            Op::GatedDot { a, .. } | Op::GatedMatMul { x: a, .. } => {
+                let inner = self.kernel.ty(*a).cols;
+                t.flops += 3.0 * (elements * inner) as f64;
+                t.cycles += self.steps(elements, 1) * inner as f64 * lat;
+            }
+            Op::Cumsum { .. } => t.cycles += self.steps(out.cols, 1) * out.rows as f64 * lat,
+            Op::RowSum { x } => t.cycles += self.steps(out.rows, 1) * self.kernel.ty(*x).cols as f64 * lat,
+            Op::SolveUnitLower { .. } => {
+                let n = out.rows as f64;
+                t.flops += n * n * out.cols as f64;
+                t.cycles += self.steps(out.cols, 1) * n * (n + 1.0) / 2.0 * lat;
+            }
+            Op::Rows { .. } | Op::Transpose { .. } => return Tally::default(),
+            _ => {
+                t.flops += elements as f64;
+                t.cycles += self.steps(elements, 1) * lat;
+            }
+        }
+        t
+    }
+
+    /// A store: read from its tile, written to global memory (fire and forget).
+    fn store(&self, value: ValueId) -> Tally {
+        let ty = self.kernel.ty(value);
+        let elements = ty.rows * ty.cols;
+        Tally {
+            cycles: self.steps(elements, 1) * self.tile_latency + self.gpu.barrier_cycles,
+            barriers: 1,
+            flops: 0.0,
+            bytes: (elements * 4) as f64,
+        }
+    }
+}
+
+/// Estimates `program` (emitted as `emitted` under `schedule`) on `gpu` for `problem`.
+pub fn estimate(
+    program: &Program,
+    emitted: &PtxProgram,
+    schedule: &PtxSchedule,
+    gpu: &Gpu,
+    problem: &Problem,
+) -> Result<Estimate, String> {
+    let mut phases = vec![];
+    for (kernel, phase) in program.kernels.iter().zip(&emitted.phases) {
+        let meta = &phase.meta;
+        let grid = meta
+            .grid
+            .dims(problem.batch, problem.heads, problem.seq_len)
+            .ok_or_else(|| format!("the grid of {} does not fit this shape", meta.entry))?;
+        let ctas: u64 = grid.iter().map(|&d| d as u64).product();
+        let threads = meta.block.iter().product::<u32>().max(1);
+        let smem_bytes = meta.dynamic_smem_bytes + meta.static_smem_bytes;
+        let by_smem =
+            if smem_bytes > 0 { (gpu.smem_per_sm_kib * 1024.0 / smem_bytes as f64).floor() as u32 } else { u32::MAX };
+        let ctas_per_sm = gpu.max_ctas_per_sm.min(gpu.max_threads_per_sm / threads).min(by_smem).max(1);
+        let per_wave = gpu.sms as u64 * ctas_per_sm as u64;
+        let waves = ctas.div_ceil(per_wave).max(1);
+        let active = (ctas.div_ceil(gpu.sms as u64)).clamp(1, ctas_per_sm as u64) as f64;
+        let prepared = prepare(kernel, &Abilities::simt()).map_err(|e| e.0)?;
+        let tiles_in_smem = meta.tile_space == TileSpace::Shared;
+        let cx = Context {
+            gpu,
+            schedule,
+            kernel: &prepared.kernel,
+            threads: threads as f64,
+            tile_latency: if tiles_in_smem { gpu.smem_latency_cycles } else { gpu.l2_latency_cycles },
+            tiles_in_smem,
+            active_ctas: active,
+        };
+        let (mut outside, mut body, mut count) = (Tally::default(), Tally::default(), None);
+        for s in &prepared.kernel.body {
+            match s {
+                Stmt::Let { id, op } if !prepared.fusion.fused[id.0 as usize] => {
+                    outside += cx.op(op, prepared.kernel.ty(*id), false)
+                }
+                Stmt::Let { .. } => {}
+                Stmt::Store { value, .. } => outside += cx.store(*value),
+                Stmt::Loop { count: n, body: stmts, .. } => {
+                    count = Some(n.clone());
+                    for s in stmts {
+                        match s {
+                            Stmt::Let { id, op } if !prepared.fusion.fused[id.0 as usize] => {
+                                body += cx.op(op, prepared.kernel.ty(*id), true)
+                            }
+                            Stmt::Store { value, .. } => body += cx.store(*value),
+                            _ => {}
+                        }
+                    }
+                }
+            }
+        }
+        let iterations = match (&count, prepared.kernel.chunk_parallel) {
+            (None, _) => 0,
+            (Some(_), true) => 1,
+            (Some(n), false) => n.eval(&|v| if v == IdxVar::SeqLen { problem.seq_len as i64 } else { 0 }).max(0) as u64,
+        };
+        let cta = Tally {
+            cycles: outside.cycles + iterations as f64 * body.cycles,
+            barriers: body.barriers,
+            flops: outside.flops + iterations as f64 * body.flops,
+            bytes: outside.bytes + iterations as f64 * body.bytes,
+        };
+        let (flops, bytes) = (cta.flops * ctas as f64, cta.bytes * ctas as f64);
+        let candidates = [
+            ("latency", waves as f64 * cta.cycles / (gpu.clock_ghz * 1e6)),
+            ("flops", flops / (peak_tflops(gpu, schedule.dot) * 1e9)),
+            ("bandwidth", bytes / (gpu.hbm_gb_s * 1e6)),
+        ];
+        let (bound, ms) = candidates.into_iter().fold(("latency", 0.0f64), |a, b| if b.1 > a.1 { b } else { a });
+        phases.push(PhaseEstimate {
+            name: meta.entry.clone(),
+            grid,
+            block: threads,
+            smem_bytes,
+            scratch_bytes: meta.scratch_bytes_per_cta,
+            ctas,
+            ctas_per_sm,
+            waves,
+            iterations,
+            barriers_per_iteration: cta.barriers,
+            gflop: flops / 1e9,
+            mbytes: bytes / 1e6,
+            bound,
+            est_ms: ms + gpu.launch_us / 1e3,
+        });
+    }
+    let est_ms = phases.iter().map(|p| p.est_ms).sum();
+    Ok(Estimate { gpu: gpu.name.clone(), est_ms, floor_ms: floor_ms(gpu, schedule.dot, problem), phases })
+}
+
+/// The shape's roofline: FLA's chunk-form FLOPs per token and head (`2 C K + 2 C V + 4 K V`)
+/// at the dot precision's peak, or every input and output byte once (the states read and
+/// written) at HBM bandwidth, whichever takes longer.
+pub fn floor_ms(gpu: &Gpu, dot: DotPrecision, p: &Problem) -> f64 {
+    let token_heads = (p.batch * p.seq_len * p.heads) as f64;
+    let (c, k, v) = (p.chunk as f64, p.k as f64, p.v as f64);
+    let flops = token_heads * (2.0 * c * k + 2.0 * c * v + 4.0 * k * v);
+    let bytes = token_heads * p.bytes_per_token_head + (p.batch * p.heads) as f64 * k * v * 4.0 * 2.0;
+    (flops / (peak_tflops(gpu, dot) * 1e9)).max(bytes / (gpu.hbm_gb_s * 1e6))
+}
+
+/// The assumptions behind every estimate, to print next to it.
+pub fn assumptions(gpu: &Gpu) -> Vec<String> {
+    vec![
+        format!(
+            "{}: {} SMs at {} GHz, {} GB/s HBM, {} / {} / {} TFLOP/s bf16 / tf32 / fp32 (published figures)",
+            gpu.name, gpu.sms, gpu.clock_ghz, gpu.hbm_gb_s, gpu.bf16_tflops, gpu.tf32_tflops, gpu.fp32_tflops
+        ),
+        format!(
+            "latencies assumed: barrier {} cycles, shared memory {}, L2 hit (global scratch) {}, first touch of an input {}, launch {} us",
+            gpu.barrier_cycles, gpu.smem_latency_cycles, gpu.l2_latency_cycles, gpu.hbm_latency_cycles, gpu.launch_us
+        ),
+        "each op: a loop over its elements strided by the block, one tile access per element and iteration, no unrolling, then a barrier; fused values cost nothing".into(),
+        "phase time: the largest of waves x one CTA's op chain, FLOPs at peak, bytes at HBM bandwidth; phases add up".into(),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_gpu_parses_with_its_published_figures() {
+        let all = gpus();
+        assert_eq!(all.keys().cloned().collect::<Vec<_>>(), ["a100", "h100", "h200"]);
+        let h100 = gpu("H100").expect("case-insensitive key");
+        assert_eq!((h100.sms, h100.hbm_gb_s), (132, 3350.0));
+        let err = gpu("v100").expect_err("unknown");
+        assert_eq!(err, "no GPU `v100` in the model's table (known: a100, h100, h200)");
+    }
+
+    #[test]
+    fn the_floor_is_the_larger_of_compute_and_memory() {
+        let h100 = gpu("h100").expect("h100");
+        let p = Problem { batch: 2, seq_len: 8192, heads: 16, k: 128, v: 128, chunk: 64, bytes_per_token_head: 1.0 };
+        // 262144 token-heads x (2*64*128*2 + 4*128*128) = 262144 x 98304 flops at 989 TFLOP/s.
+        let compute: f64 = 262144.0 * 98304.0 / (989.0 * 1e9);
+        // States: 32 heads x 64 KB x 2, at 3350 GB/s; 1 byte per token-head.
+        let memory = (262144.0 + 32.0 * 65536.0 * 2.0) / (3350.0 * 1e6);
+        let got = floor_ms(&h100, DotPrecision::Bf16, &p);
+        assert!((got - compute.max(memory)).abs() < 1e-12, "{got} vs {compute} / {memory}");
+        let heavy = Problem { bytes_per_token_head: 1e4, ..p };
+        let memory = (262144.0 * 1e4 + 32.0 * 65536.0 * 2.0) / (3350.0 * 1e6);
+        assert!((floor_ms(&h100, DotPrecision::Bf16, &heavy) - memory).abs() < 1e-12);
+    }
+}
