@@ -94,6 +94,23 @@ pub fn execute(
     Ok(Outputs(bound.outputs(back).map_err(bind_error)?))
 }
 
+/// Times `program`'s PTX for `target` on CUDA device 0 with CUDA events: `warmups` runs,
+/// then `runs` timed ones (milliseconds each). The tensors must match `dims`.
+pub fn time(
+    program: &Program,
+    tensors: &Tensors,
+    dims: Dims,
+    target: Sm,
+    schedule: &PtxSchedule,
+    warmups: usize,
+    runs: usize,
+) -> Result<Vec<f64>, Error> {
+    check_ready(Device::Cuda, &dims)?;
+    let emitted = emit(program, target, schedule)?;
+    let bound = bind(&emitted, tensors, &dims)?;
+    cuda::time(&bound.run, warmups, runs).map_err(cuda_error)
+}
+
 fn sim_error(emitted: &PtxProgram, e: &ptxsim::RunError) -> Error {
     let one_line = e.error.to_string().replace('\n', "; ");
     let entry = emitted.phases.get(e.launch).map_or("?", |p| p.meta.entry.as_str());

@@ -446,11 +446,21 @@ enum Command {
         /// B,T,H,K,V
         #[arg(long, value_delimiter = ',', default_values_t = [1, 2048, 8, 128, 128])]
         shape: Vec<usize>,
-        /// The kernel [default: chunked].
+        /// The kernel on this CPU (recurrent, chunked), or `cuda`: --kernel's PTX on CUDA
+        /// device 0, timed with CUDA events (module loaded and buffers copied once)
+        /// [default: chunked].
         #[arg(long, value_enum)]
-        backend: Option<BackendArg>,
-        /// The chunk size [default: 16 for the forward (measured fastest for every class at
-        /// the default shape, docs/performance.md round 12), 64 with --grad]
+        backend: Option<RunBackend>,
+        /// The kernel --backend cuda times (default: chunked).
+        #[arg(long, value_enum)]
+        kernel: Option<KernelArg>,
+        /// The GPU target of --backend cuda (default: sm_90).
+        #[arg(long, value_enum)]
+        target: Option<GpuTarget>,
+        #[command(flatten)]
+        precision: PrecisionArgs,
+        /// The chunk size [default: 16 for the forward on the CPU (measured fastest for every
+        /// class at the default shape, docs/performance.md round 12), 64 with --grad or cuda]
         #[arg(long)]
         chunk: Option<usize>,
         /// Time forward + backward: the backward program of --backend (its forward phases,
@@ -642,6 +652,58 @@ fn engine(e: EngineArg) -> Engine {
 
 /// `bench --grad`: forward + backward through the backward program of `backend` (chunked
 /// unless named), printed as `bench` prints.
+/// `bench --backend cuda`: the forward program's PTX on device 0, on random inputs, timed
+/// with CUDA events over `runs` runs after two warm-ups.
+fn bench_cuda(
+    rule: &Rule,
+    dims: chunkc::dsl::reference::Dims,
+    schedule: &Schedule,
+    sm: ptx::Sm,
+    runs: usize,
+    json: bool,
+) -> Result<ExitCode, Error> {
+    let chunkc::dsl::reference::Dims { batch, seq_len, heads, k, v } = dims;
+    if [batch, seq_len, heads, k, v].contains(&0) {
+        return Err(Error::Input("--shape: every size must be at least 1".into()));
+    }
+    let shape = chunkc::codegen::plan::Shape { heads, k, v, scale: 1.0 / (k as f64).sqrt() };
+    let program = backend::build_program(rule, shape, schedule)?;
+    let tensors = chunkc::verify::random_inputs(rule, &dims, 1);
+    let times = chunkc::gpu::time(&program, &tensors, dims, sm, &schedule.ptx, 2, runs.max(1))?;
+    let mut sorted = times.clone();
+    sorted.sort_by(f64::total_cmp);
+    let (best, median) = (sorted[0], sorted[sorted.len() / 2]);
+    let kernel = if schedule.kernel == KernelKind::Chunked {
+        format!("chunked chunk {}", schedule.chunk)
+    } else {
+        "recurrent".into()
+    };
+    let precision = format!(
+        "{} inputs, {:?} dots, {} warps, {} stage(s)",
+        schedule.input.name(),
+        schedule.ptx.dot,
+        schedule.ptx.warps,
+        schedule.ptx.stages
+    );
+    if json {
+        let line = serde_json::json!({
+            "rule": rule.name, "backend": "cuda", "target": sm.name(), "kernel": kernel,
+            "program": schedule.program.name(), "precision": precision,
+            "shape": [batch, seq_len, heads, k, v], "runs": times.len(), "median_ms": median, "best_ms": best,
+        });
+        println!("{line}");
+    } else {
+        println!(
+            "{} cuda ({}) {kernel}, {} program, {precision}, B={batch} T={seq_len} H={heads} K={k} V={v}: median {median:.4} ms (best {best:.4}) of {} runs (CUDA events)",
+            rule.name,
+            sm.name(),
+            schedule.program.name(),
+            times.len()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 #[allow(clippy::too_many_arguments)]
 fn bench_grad(
     rule: &Rule,
@@ -1096,10 +1158,45 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
             program,
             tuned,
             cache,
+            kernel,
+            target,
+            precision,
         } => {
             check_bv(bv)?;
+            let backends = backend.map(|b| vec![b]).unwrap_or_default();
+            check_ptx_flags(&backends, target.is_some(), kernel.is_some(), &precision)?;
             let loaded = load_rule(&rule)?;
             let dims = dims_of(&shape)?;
+            let backend = match backend {
+                Some(RunBackend::Cuda) => {
+                    if grad || tuned {
+                        return Err(Error::Unsupported(
+                            "--backend cuda times the forward program: no --grad or --tuned".into(),
+                        ));
+                    }
+                    let kernel = kernel.map_or(KernelKind::Chunked, |k| match k {
+                        KernelArg::Recurrent => KernelKind::Recurrent,
+                        KernelArg::Chunked => KernelKind::Chunked,
+                    });
+                    let chunk = chunk.unwrap_or(GPU_DEFAULT_CHUNK);
+                    let schedule = Schedule::chunked(chunk)
+                        .with_kernel(kernel, chunk)
+                        .with_bv(bv)
+                        .with_program(ProgramShape::from(program));
+                    let schedule = precision.apply(schedule)?;
+                    let sm = target.map_or(ptx::Sm::Sm90, GpuTarget::sm);
+                    return bench_cuda(&loaded.rule, dims, &schedule, sm, runs, json);
+                }
+                Some(RunBackend::PtxSim) => {
+                    return Err(Error::Unsupported(
+                        "bench times the CPU kernels or --backend cuda; the simulator is for correctness".into(),
+                    ))
+                }
+                Some(RunBackend::Reference) => Some(BackendArg::Reference),
+                Some(RunBackend::Recurrent) => Some(BackendArg::Recurrent),
+                Some(RunBackend::Chunked) => Some(BackendArg::Chunked),
+                None => None,
+            };
             if grad {
                 let chunk = chunk.unwrap_or(GPU_DEFAULT_CHUNK);
                 return bench_grad(&loaded.rule, dims, backend, chunk, checkpoint, threads, runs, json);

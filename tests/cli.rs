@@ -872,3 +872,31 @@ fn model_estimates_every_phase_and_prints_one_json_line() {
     assert_eq!(o.status.code(), Some(1));
     assert_eq!(stderr(&o).trim(), "error: no GPU `v100` in the model's table (known: a100, h100, h200)");
 }
+
+/// `bench --backend cuda` takes the PTX flags and, on a machine without a GPU, says so in
+/// one line; the CPU backends refuse the PTX flags, and the simulator is not a bench target.
+#[test]
+fn bench_on_cuda_takes_the_ptx_flags_and_needs_a_device() {
+    let base = ["bench", "rules/simple_gla.toml", "--shape", "1,64,2,16,16", "--runs", "1"];
+    let o =
+        chunkc(&[&base[..], &["--backend", "cuda", "--dtype", "bf16", "--dot", "bf16", "--target", "sm_80"]].concat());
+    if chunkc::runtime::cuda::device_count().is_err() {
+        assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+        let err = stderr(&o);
+        assert!(err.starts_with("error: --backend cuda: ") && err.trim().lines().count() == 1, "{err}");
+    } else {
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(stdout(&o).contains("(CUDA events)"), "{}", stdout(&o));
+    }
+    let o = chunkc(&[&base[..], &["--dot", "tf32"]].concat());
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(
+        stderr(&o).trim(),
+        "error: --dot goes with --backend ptx-sim or cuda (the CPU backends read f32 inputs and compute f32 dots)"
+    );
+    let o = chunkc(&[&base[..], &["--backend", "ptx-sim"]].concat());
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("the simulator is for correctness"), "{}", stderr(&o));
+    let o = chunkc(&[&base[..], &["--backend", "cuda", "--grad"]].concat());
+    assert_ne!(o.status.code(), Some(0));
+}

@@ -2,8 +2,11 @@
 //! `chunkc run --backend cuda` (recurrent, chunked at 16/32/64/128) and a property-style
 //! sweep (every rule in rules/, random shapes with T not a multiple of the chunk, recurrent
 //! and chunked kernels, fused and split) through the CUDA engine against the f64 reference, within 1e-5 relative
-//! RMS; the goldens also with tf32 dots (1e-3) and bf16 inputs and dots (1e-2). Without a driver or a device it prints `skipped: no CUDA device` and passes: CI has
-//! no GPU, so this file only means something on a machine that has one.
+//! RMS; the goldens also with tf32 dots (1e-3) and bf16 inputs and dots (1e-2). Without a
+//! driver or a device it prints `skipped: no CUDA device` and passes: CI has no GPU, so this
+//! file only means something on a machine that has one. With `CHUNKC_REQUIRE_GPU=1` (as
+//! `scripts/gpu_check.sh` runs it) a missing driver or device, or one older than sm_80, fails
+//! the test instead: on a GPU machine it must not pass silently.
 
 mod common;
 
@@ -20,7 +23,9 @@ use common::{check_every_golden, goldens_dir};
 #[test]
 fn cuda_backend_matches_the_goldens_and_the_reference() {
     // No driver, no device, or a driver that cannot count its devices: nothing to test here.
-    if cuda::device_count().is_err() {
+    let required = std::env::var("CHUNKC_REQUIRE_GPU").is_ok_and(|v| v == "1");
+    if let Err(e) = cuda::device_count() {
+        assert!(!required, "CHUNKC_REQUIRE_GPU=1 but there is no usable CUDA device: {e}");
         println!("skipped: no CUDA device");
         return;
     }
@@ -29,7 +34,9 @@ fn cuda_backend_matches_the_goldens_and_the_reference() {
         90.. => (Sm::Sm90, "sm_90"),
         80.. => (Sm::Sm80, "sm_80"),
         _ => {
-            println!("skipped: CUDA device 0 ({}) is sm_{}; the PTX targets need sm_80 or newer", dev.name, dev.sm);
+            let why = format!("CUDA device 0 ({}) is sm_{}; the PTX targets need sm_80 or newer", dev.name, dev.sm);
+            assert!(!required, "CHUNKC_REQUIRE_GPU=1: {why}");
+            println!("skipped: {why}");
             return;
         }
     };

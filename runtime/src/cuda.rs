@@ -136,99 +136,153 @@ pub fn run(run: &Run) -> Result<ReadBack, CudaError> {
     guarded(|| run_on_device_0(run))
 }
 
+/// Times a [`Run`] on device 0 with CUDA events: the module is loaded and the buffers are
+/// copied once, `warmups` runs of every launch go first, then each of `runs` is timed from an
+/// event recorded before its first launch to one after its last. Milliseconds per run.
+pub fn time(run: &Run, warmups: usize, runs: usize) -> Result<Vec<f64>, CudaError> {
+    guarded(|| {
+        let loaded = Loaded::new(run)?;
+        for _ in 0..warmups {
+            loaded.launch_all()?;
+        }
+        loaded.stream.synchronize().map_err(during("running the warm-up"))?;
+        let timing = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let event = || loaded.ctx.new_event(timing).map_err(during("creating a timing event"));
+        let mut out = Vec::with_capacity(runs);
+        for _ in 0..runs {
+            let (start, end) = (event()?, event()?);
+            start.record(&loaded.stream).map_err(during("recording the start event"))?;
+            loaded.launch_all()?;
+            end.record(&loaded.stream).map_err(during("recording the end event"))?;
+            out.push(f64::from(start.elapsed_ms(&end).map_err(during("reading the elapsed time"))?));
+        }
+        Ok(out)
+    })
+}
+
 fn run_on_device_0(run: &Run) -> Result<ReadBack, CudaError> {
-    run.check().map_err(CudaError::Unsuitable)?;
-    probe()?;
-    let ctx = CudaContext::new(0).map_err(during("creating a context on device 0"))?;
-    let dev = info(&ctx)?;
-    let stream = ctx.default_stream();
-    let mut buffers = Vec::with_capacity(run.buffers.len());
-    for b in &run.buffers {
-        buffers.push(if b.bytes.is_empty() {
-            stream.alloc_zeros::<u8>(1).map_err(during("allocating device memory"))?
-        } else {
-            stream.clone_htod(b.bytes.as_slice()).map_err(during("copying inputs to the device"))?
-        });
-    }
-    // One module per distinct PTX text (a program's phases usually share none).
-    let mut modules: Vec<(&str, std::sync::Arc<cudarc::driver::CudaModule>)> = vec![];
-    for KernelLaunch { launch, args } in &run.launches {
-        if dev.sm < launch.sm {
-            return Err(CudaError::Unsuitable(format!(
-                "kernel {} targets sm_{} but device 0 ({}) is sm_{}",
-                launch.entry, launch.sm, dev.name, dev.sm
-            )));
-        }
-        let smem = u32::try_from(launch.dynamic_smem_bytes).map_err(|_| {
-            CudaError::Unsuitable(format!(
-                "kernel {} asks for {} bytes of dynamic shared memory, more than any launch takes",
-                launch.entry, launch.dynamic_smem_bytes
-            ))
-        })?;
-        if launch.grid.contains(&0) {
-            continue;
-        }
-        let module = match modules.iter().find(|(p, _)| *p == launch.ptx) {
-            Some((_, m)) => m.clone(),
-            None => {
-                let m = ctx.load_module(Ptx::from_src(launch.ptx)).map_err(during("loading the PTX module"))?;
-                modules.push((launch.ptx, m.clone()));
-                m
-            }
-        };
-        let func = module.load_function(launch.entry).map_err(during("finding the kernel's entry"))?;
-        if smem > SMEM_WITHOUT_OPT_IN {
-            let most = ctx
-                .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
-                .map_err(during("reading the shared-memory limit"))?;
-            if i64::from(smem) > i64::from(most) {
-                return Err(CudaError::Unsuitable(format!(
-                    "kernel {} needs {smem} bytes of shared memory per block; device 0 ({}) allows {most}",
-                    launch.entry, dev.name
-                )));
-            }
-            func.set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
-                .map_err(during("raising the kernel's dynamic shared-memory limit"))?;
-        }
-        let mut builder = stream.launch_builder(&func);
-        let scalars: Vec<u64> = args
-            .iter()
-            .filter_map(|a| match a {
-                Arg::U64(x) => Some(*x),
-                Arg::Buffer(_) => None,
-            })
-            .collect();
-        let mut next_scalar = scalars.iter();
-        for arg in args {
-            match arg {
-                Arg::Buffer(i) => {
-                    builder.arg(&buffers[*i]);
-                }
-                Arg::U64(_) => {
-                    if let Some(x) = next_scalar.next() {
-                        builder.arg(x);
-                    }
-                }
-            }
-        }
-        let [gx, gy, gz] = launch.grid;
-        let [bx, by, bz] = launch.block;
-        let cfg = LaunchConfig { grid_dim: (gx, gy, gz), block_dim: (bx, by, bz), shared_mem_bytes: smem };
-        // SAFETY: the arguments follow the entry's `.param` list in order (the launch ABI,
-        // `crate::abi`), every buffer is as large as the problem the kernel indexes, and the
-        // stream is synchronised below before any buffer is read or freed.
-        unsafe { builder.launch(cfg) }.map_err(during("launching the kernel"))?;
-    }
-    stream.synchronize().map_err(during("running the kernels"))?;
+    let loaded = Loaded::new(run)?;
+    loaded.launch_all()?;
+    loaded.stream.synchronize().map_err(during("running the kernels"))?;
     let mut back = vec![];
-    for (b, buf) in run.buffers.iter().zip(&buffers) {
+    for (b, buf) in run.buffers.iter().zip(&loaded.buffers) {
         if b.read_back {
-            let mut data = stream.clone_dtoh(buf).map_err(during("copying outputs to the host"))?;
+            let mut data = loaded.stream.clone_dtoh(buf).map_err(during("copying outputs to the host"))?;
             data.truncate(b.bytes.len());
             back.push(data);
         }
     }
     Ok(back)
+}
+
+/// A [`Run`] ready to launch on device 0: its buffers on the device, its modules loaded, each
+/// launch's function and configuration (launches with an empty grid are left out).
+struct Loaded<'r> {
+    ctx: std::sync::Arc<CudaContext>,
+    stream: std::sync::Arc<cudarc::driver::CudaStream>,
+    buffers: Vec<cudarc::driver::CudaSlice<u8>>,
+    kernels: Vec<(cudarc::driver::CudaFunction, LaunchConfig, &'r [Arg])>,
+}
+
+impl<'r> Loaded<'r> {
+    fn new(run: &'r Run) -> Result<Loaded<'r>, CudaError> {
+        run.check().map_err(CudaError::Unsuitable)?;
+        probe()?;
+        let ctx = CudaContext::new(0).map_err(during("creating a context on device 0"))?;
+        let dev = info(&ctx)?;
+        let stream = ctx.default_stream();
+        let mut buffers = Vec::with_capacity(run.buffers.len());
+        for b in &run.buffers {
+            buffers.push(if b.bytes.is_empty() {
+                stream.alloc_zeros::<u8>(1).map_err(during("allocating device memory"))?
+            } else {
+                stream.clone_htod(b.bytes.as_slice()).map_err(during("copying inputs to the device"))?
+            });
+        }
+        // One module per distinct PTX text (a program's phases usually share none).
+        let mut modules: Vec<(&str, std::sync::Arc<cudarc::driver::CudaModule>)> = vec![];
+        let mut kernels = vec![];
+        for KernelLaunch { launch, args } in &run.launches {
+            if dev.sm < launch.sm {
+                return Err(CudaError::Unsuitable(format!(
+                    "kernel {} targets sm_{} but device 0 ({}) is sm_{}",
+                    launch.entry, launch.sm, dev.name, dev.sm
+                )));
+            }
+            let smem = u32::try_from(launch.dynamic_smem_bytes).map_err(|_| {
+                CudaError::Unsuitable(format!(
+                    "kernel {} asks for {} bytes of dynamic shared memory, more than any launch takes",
+                    launch.entry, launch.dynamic_smem_bytes
+                ))
+            })?;
+            if launch.grid.contains(&0) {
+                continue;
+            }
+            let module = match modules.iter().find(|(p, _)| *p == launch.ptx) {
+                Some((_, m)) => m.clone(),
+                None => {
+                    let m = ctx.load_module(Ptx::from_src(launch.ptx)).map_err(during("loading the PTX module"))?;
+                    modules.push((launch.ptx, m.clone()));
+                    m
+                }
+            };
+            let func = module.load_function(launch.entry).map_err(during("finding the kernel's entry"))?;
+            if smem > SMEM_WITHOUT_OPT_IN {
+                let most = ctx
+                    .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+                    .map_err(during("reading the shared-memory limit"))?;
+                if i64::from(smem) > i64::from(most) {
+                    return Err(CudaError::Unsuitable(format!(
+                        "kernel {} needs {smem} bytes of shared memory per block; device 0 ({}) allows {most}",
+                        launch.entry, dev.name
+                    )));
+                }
+                func.set_attribute(
+                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    smem as i32,
+                )
+                .map_err(during("raising the kernel's dynamic shared-memory limit"))?;
+            }
+            let [gx, gy, gz] = launch.grid;
+            let [bx, by, bz] = launch.block;
+            let cfg = LaunchConfig { grid_dim: (gx, gy, gz), block_dim: (bx, by, bz), shared_mem_bytes: smem };
+            kernels.push((func, cfg, args.as_slice()));
+        }
+        Ok(Loaded { ctx, stream, buffers, kernels })
+    }
+
+    /// Queues every launch, in order, on the default stream (so each sees what the ones before
+    /// it wrote); the caller synchronises.
+    fn launch_all(&self) -> Result<(), CudaError> {
+        for (func, cfg, args) in &self.kernels {
+            let mut builder = self.stream.launch_builder(func);
+            let scalars: Vec<u64> = args
+                .iter()
+                .filter_map(|a| match a {
+                    Arg::U64(x) => Some(*x),
+                    Arg::Buffer(_) => None,
+                })
+                .collect();
+            let mut next_scalar = scalars.iter();
+            for arg in args.iter() {
+                match arg {
+                    Arg::Buffer(i) => {
+                        builder.arg(&self.buffers[*i]);
+                    }
+                    Arg::U64(_) => {
+                        if let Some(x) = next_scalar.next() {
+                            builder.arg(x);
+                        }
+                    }
+                }
+            }
+            // SAFETY: the arguments follow the entry's `.param` list in order (the launch ABI,
+            // `crate::abi`), every buffer is as large as the problem the kernel indexes, and
+            // the caller synchronises the stream before any buffer is read or freed.
+            unsafe { builder.launch(*cfg) }.map_err(during("launching the kernel"))?;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

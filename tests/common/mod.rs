@@ -12,8 +12,15 @@ use proptest::test_runner::{RngSeed, TestCaseError, TestRunner};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// The checkout: $CHUNKC_ROOT when set (a test binary carried to another machine, as
+/// scripts/gpu_check.sh runs tests/gpu.rs), else where it was built.
 pub fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    std::env::var_os("CHUNKC_ROOT").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}
+
+/// The chunkc binary: $CHUNKC_BIN when set (see [`root`]), else the one cargo built.
+pub fn chunkc_bin() -> PathBuf {
+    std::env::var_os("CHUNKC_BIN").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_chunkc")))
 }
 
 /// The goldens folder: $CHUNKC_GOLDENS, else ../shared/goldens beside the checkout (the
@@ -88,7 +95,7 @@ pub fn simple_gla_inputs(seq_len: usize) -> std::collections::BTreeMap<String, c
 
 /// Runs the `chunkc` binary from the checkout's root.
 pub fn chunkc(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_chunkc")).current_dir(root()).args(args).output().expect("chunkc runs")
+    Command::new(chunkc_bin()).current_dir(root()).args(args).output().expect("chunkc runs")
 }
 
 /// A path in this test process's own temporary folder (`tag` keeps test files apart).
@@ -101,7 +108,7 @@ pub fn tmp(tag: &str, name: &str) -> PathBuf {
 /// `chunkc run` on one golden file; returns `o` and `hT` (when written).
 pub fn run_case(file: &Path, family: &str, args: &[&str], out: &Path) -> (Vec<f32>, Option<Vec<f32>>) {
     let rule = root().join("rules").join(format!("{family}.toml"));
-    let status = Command::new(env!("CARGO_BIN_EXE_chunkc"))
+    let status = Command::new(chunkc_bin())
         .arg("run")
         .arg(&rule)
         .arg("--inputs")
