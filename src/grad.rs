@@ -40,7 +40,9 @@ pub struct GradOptions {
     pub threads: usize,
     /// `scale`; None means 1/sqrt(K).
     pub scale: Option<f64>,
-    /// Tokens between the recurrent backward's checkpoints (None: chosen from T).
+    /// Tokens between the stored states: the recurrent backward's checkpoints (None: chosen
+    /// from T), or the chunked backward's stored chunk boundaries (a multiple of the chunk;
+    /// None: every chunk's, the states in between recomputed otherwise).
     pub checkpoint: Option<usize>,
     /// The chunked backward's chunk size.
     pub chunk: usize,
@@ -186,6 +188,18 @@ fn reference(
     Ok(out)
 }
 
+/// Chunks between the states the chunked backward stores, from `--checkpoint` (tokens, a
+/// multiple of the chunk; None: every chunk's state is stored).
+pub fn chunked_boundary_every(chunk: usize, checkpoint: Option<usize>) -> Result<usize, Error> {
+    match checkpoint {
+        None => Ok(1),
+        Some(n) if n > 0 && n.is_multiple_of(chunk) => Ok(n / chunk),
+        Some(n) => Err(Error::Input(format!(
+            "--checkpoint {n}: the chunked backward stores the state every N tokens for N a positive multiple of the chunk ({chunk})"
+        ))),
+    }
+}
+
 /// The backward program `opts` asks for (recurrent or chunked), for these sizes.
 pub fn build_program(rule: &Rule, dims: &Dims, opts: &GradOptions) -> Result<Program, Error> {
     if opts.backend == Backend::Chunked {
@@ -195,7 +209,8 @@ pub fn build_program(rule: &Rule, dims: &Dims, opts: &GradOptions) -> Result<Pro
         let canon = canonicalize(rule).map_err(|n| Error::from(n.to_diagnostic(rule)))?;
         let shape = shape_of(dims, opts.scale);
         let schedule = Schedule::chunked(opts.chunk).with_input(opts.ptx.input);
-        return backward::chunked(rule, &canon, shape, schedule).map_err(|e| {
+        let every = chunked_boundary_every(opts.chunk, opts.checkpoint)?;
+        return backward::chunked(rule, &canon, shape, schedule, every).map_err(|e| {
             Error::Unsupported(format!(
                 "rule `{}`: the chunked backward: {}",
                 rule.name,

@@ -604,7 +604,9 @@ impl Program {
             engine: crate::Engine::Jit,
             threads: self.order().threads,
             scale: self.heads.scale,
-            checkpoint: Some(16),
+            // The recurrent backward's checkpoints every 16 tokens; the chunked one stores
+            // every chunk's state.
+            checkpoint: (self.schedule.kernel == KernelKind::Recurrent).then_some(16),
             chunk: self.schedule.chunk,
             ptx: crate::grad::PtxPrecision::of(&self.schedule),
         };

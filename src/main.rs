@@ -350,8 +350,9 @@ enum Command {
         /// The chunked backward's chunk size.
         #[arg(long, default_value_t = 64)]
         chunk: usize,
-        /// The recurrent backward: tokens between stored states (default: about sqrt(T), at
-        /// most 16).
+        /// Tokens between stored states: the recurrent backward's checkpoints (default: about
+        /// sqrt(T), at most 16), or the chunked backward's stored chunk boundaries, a multiple
+        /// of --chunk (default: every chunk's; more keeps fewer states and recomputes the rest).
         #[arg(long)]
         checkpoint: Option<usize>,
         /// Worker threads (default: all cores).
@@ -467,7 +468,8 @@ enum Command {
         /// then the reverse pass), on random inputs and cotangents.
         #[arg(long, conflicts_with_all = ["tuned", "bv", "program"])]
         grad: bool,
-        /// With --grad: tokens between stored states (default: about sqrt(T), at most 16).
+        /// With --grad: tokens between stored states (recurrent: default about sqrt(T), at
+        /// most 16; chunked: a multiple of the chunk, default every chunk's).
         #[arg(long, requires = "grad")]
         checkpoint: Option<usize>,
         /// Worker threads (0: all cores).
@@ -621,9 +623,11 @@ enum Command {
         /// recurrent with a checkpoint every --checkpoint tokens.
         #[arg(long)]
         grad: bool,
-        /// Tokens between the recurrent backward's checkpoints (with --grad).
-        #[arg(long, default_value_t = 16)]
-        checkpoint: usize,
+        /// With --grad: tokens between the recurrent backward's checkpoints (default 16), or
+        /// between the states the chunked backward stores (a multiple of --chunk; default:
+        /// every chunk's).
+        #[arg(long)]
+        checkpoint: Option<usize>,
     },
 }
 
@@ -722,19 +726,17 @@ fn bench_grad(
             return Err(Error::Input("bench times compiled kernels: choose --backend recurrent or chunked".into()))
         }
     };
-    if backend == Backend::Chunked && checkpoint.is_some() {
-        return Err(Error::Input(
-            "--checkpoint goes with --backend recurrent (the chunked backward stores every chunk's state)".into(),
-        ));
-    }
     let chunkc::dsl::reference::Dims { batch, seq_len, heads, k, v } = dims;
     let every = checkpoint.unwrap_or_else(|| chunkc::codegen::plan::backward::checkpoint_interval(seq_len));
     let threads = if threads == 0 { chunkc::runtime::exec::default_threads() } else { threads };
-    let opts = chunkc::grad::GradOptions { backend, checkpoint: Some(every), chunk, ..Default::default() };
+    // The chunked backward stores every chunk's state unless --checkpoint says otherwise.
+    let checkpoint = if backend == Backend::Chunked { checkpoint } else { Some(every) };
+    let opts = chunkc::grad::GradOptions { backend, checkpoint, chunk, ..Default::default() };
     let m = chunkc::bench::bench_grad(rule, dims, &opts, threads, runs, std::time::Duration::from_secs(1))?;
     let (median, best) = (m.median.as_secs_f64() * 1e3, m.best.as_secs_f64() * 1e3);
-    let (label, every_shown) = match backend {
-        Backend::Chunked => (format!("chunked chunk {chunk}"), chunk),
+    let (label, every_shown) = match (backend, checkpoint) {
+        (Backend::Chunked, Some(n)) => (format!("chunked chunk {chunk}, states stored every {n} tokens"), chunk),
+        (Backend::Chunked, None) => (format!("chunked chunk {chunk}"), chunk),
         _ => (format!("recurrent, checkpoint every {every} tokens"), every),
     };
     if json {
@@ -841,7 +843,7 @@ fn verdict(command: &str, passes: impl Iterator<Item = bool>) -> Result<ExitCode
 fn chunked_backward(rule: &Rule) -> Result<(), String> {
     let canon = chunkc::dsl::canon::canonicalize(rule).map_err(|n| format!("not chunkable: {}", n.reason))?;
     let probe = chunkc::codegen::plan::Shape { heads: 1, k: 4, v: 4, scale: 0.5 };
-    chunkc::codegen::plan::backward::chunked(rule, &canon, probe, Schedule::chunked(4))
+    chunkc::codegen::plan::backward::chunked(rule, &canon, probe, Schedule::chunked(4), 1)
         .map(|_| ())
         .map_err(|e| e.0.trim_start_matches(&format!("rule `{}`: ", rule.name)).to_string())
 }
@@ -1345,16 +1347,15 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
                 if bv.is_some() {
                     return Err(Error::Unsupported("the backward runs the whole V: --grad takes no --bv".into()));
                 }
-                let dims = chunkc::dsl::reference::Dims { batch: 1, seq_len: chunk.max(checkpoint), heads, k, v };
                 let backend = Backend::from(backend);
-                let ptx = chunkc::grad::PtxPrecision::of(&schedule);
-                let opts = chunkc::grad::GradOptions {
-                    backend,
-                    chunk,
-                    checkpoint: Some(checkpoint),
-                    ptx,
-                    ..Default::default()
+                let checkpoint = match backend {
+                    Backend::Chunked => checkpoint,
+                    _ => Some(checkpoint.unwrap_or(16)),
                 };
+                let seq_len = chunk.max(checkpoint.unwrap_or(1));
+                let dims = chunkc::dsl::reference::Dims { batch: 1, seq_len, heads, k, v };
+                let ptx = chunkc::grad::PtxPrecision::of(&schedule);
+                let opts = chunkc::grad::GradOptions { backend, chunk, checkpoint, ptx, ..Default::default() };
                 chunkc::grad::build_program(&loaded.rule, &dims, &opts)?
             } else {
                 backend::build_program(&loaded.rule, shape, &schedule)?
@@ -1767,7 +1768,7 @@ fn backward_line(rule: &Rule) -> String {
     }
     let (t, kv) = (2048usize, 128usize);
     let every = backward::checkpoint_interval(t);
-    let mib = |n: usize| n * kv * kv * 4 / (1 << 20);
+    let mib = |n: usize| format!("{:.1}", (n * kv * kv * 4) as f64 / f64::from(1 << 20));
     let recurrent = format!(
         "recurrent (reverse mode through the step, the state stored every N tokens, N about sqrt(T) and at \
          most 16, and recomputed in between: ceil(T/N) K x V f32 states per batch and head, {} MiB per head \
@@ -1777,8 +1778,10 @@ fn backward_line(rule: &Rule) -> String {
     match chunked_backward(rule) {
         Ok(()) => format!(
             "backward: chunked (reverse mode through each chunk, recomputed from the state entering it: \
-             ceil(T/C) states per batch and head, {} MiB per head at T={t} K=V={kv} C=64), and {recurrent}",
-            mib(t.div_ceil(64))
+             ceil(T/C) states per batch and head, {} MiB per head at T={t} K=V={kv} C=64; with --checkpoint N, \
+             a multiple of C, ceil(T/N) states and the ones between recomputed, {} MiB at N=256), and {recurrent}",
+            mib(t.div_ceil(64)),
+            mib(t.div_ceil(256))
         ),
         Err(why) => format!("backward: {recurrent}; no chunked backward: {why}"),
     }

@@ -108,13 +108,17 @@ fn every_gradient_golden_through_the_recurrent_backward() {
     every_gradient_golden_through("recurrent-c5", &["--backend", "recurrent", "--checkpoint", "5"]);
 }
 
-/// The chunked backward at chunk 16, 32, 64 and 128, every family.
+/// The chunked backward at chunk 16, 32, 64 and 128, every family; and at chunk 16 storing
+/// the state every 48 tokens (segments of three chunks, the states between recomputed; the
+/// last segment runs past T).
 #[test]
 fn every_gradient_golden_through_the_chunked_backward() {
     for chunk in ["16", "32", "64", "128"] {
         let label = format!("chunked-c{chunk}");
         every_gradient_golden_through(&label, &["--backend", "chunked", "--chunk", chunk]);
     }
+    let every_third = ["--backend", "chunked", "--chunk", "16", "--checkpoint", "48"];
+    every_gradient_golden_through("chunked-c16-every48", &every_third);
 }
 
 /// The same programs' PTX (sm_90, f32), run by the PTX simulator: the recurrent and the
@@ -244,8 +248,17 @@ fn backward_edge_cases_match_the_reference_gradient() {
             edit(&mut inputs);
             let reference = grad(rule, &inputs, what, &GradOptions { scale, ..Default::default() }, false)
                 .unwrap_or_else(|e| panic!("{family} {what}: reference: {e}"));
-            for (backend, size) in [(Backend::Recurrent, 1), (Backend::Recurrent, 16), (Backend::Chunked, 16)] {
-                let opts = GradOptions { backend, scale, checkpoint: Some(size), chunk: size, ..Default::default() };
+            // (backend, chunk, tokens between stored states): the chunked backward storing
+            // every chunk's state, and every fourth (segments that run past T = 1, 20, 37, 40).
+            let configs = [
+                (Backend::Recurrent, 1, 1),
+                (Backend::Recurrent, 16, 16),
+                (Backend::Chunked, 16, 16),
+                (Backend::Chunked, 8, 32),
+            ];
+            for (backend, chunk, every) in configs {
+                let size = every;
+                let opts = GradOptions { backend, scale, checkpoint: Some(every), chunk, ..Default::default() };
                 let got = grad(rule, &inputs, what, &opts, false).unwrap_or_else(|e| panic!("{family} {what}: {e}"));
                 assert_eq!(
                     got.keys().collect::<Vec<_>>(),

@@ -85,7 +85,8 @@ fn every_rule_passes_the_default_verify_grad_sweep() {
         let canon = loaded.canonical.as_ref().expect("every built-in rule is chunkable");
         let probe = chunkc::codegen::plan::Shape { heads: 1, k: 4, v: 4, scale: 0.5 };
         let has_chunked =
-            chunkc::codegen::plan::backward::chunked(&loaded.rule, canon, probe, chunkc::Schedule::chunked(4)).is_ok();
+            chunkc::codegen::plan::backward::chunked(&loaded.rule, canon, probe, chunkc::Schedule::chunked(4), 1)
+                .is_ok();
         let mut runs = vec![(Backend::Recurrent, Engine::Jit)];
         if has_chunked {
             runs.push((Backend::Chunked, Engine::Jit));

@@ -158,7 +158,7 @@ fn backward_program_phases_assemble() {
         assert_eq!(p.kernels.len(), 2);
         kernels.extend(p.kernels.into_iter().map(|k| (format!("{} K=V=32", k.name), k)));
         let Ok(canon) = chunkc_dsl::canon::canonicalize(&rule) else { continue };
-        let p = chunkc_codegen::plan::backward::chunked(&rule, &canon, shape, Schedule::with_chunk(32))
+        let p = chunkc_codegen::plan::backward::chunked(&rule, &canon, shape, Schedule::with_chunk(32), 1)
             .unwrap_or_else(|e| panic!("{}: chunked backward refused: {e}", rule.name));
         kernels.extend(p.kernels.into_iter().map(|k| (format!("{} K=V=32", k.name), k)));
     }

@@ -18,7 +18,7 @@
 //! keeps the state as it was, so they change nothing (and produce nothing NaN to multiply
 //! by zero).
 
-use super::chunked::{boundary_column, build_phase, Carried, ChunkTerms, Phase, BOUNDARY_STATES};
+use super::chunked::{boundary_column, build_phase_storing, Carried, ChunkTerms, Phase, BOUNDARY_STATES};
 use super::{PlanError, ProgramShape, Schedule, Shape};
 use crate::autodiff;
 use crate::builder::Builder;
@@ -29,12 +29,26 @@ use chunkc_dsl::ast::{Rule, Ty};
 use chunkc_dsl::canon::Canonical;
 
 /// The chunked backward program of a rule linear in S: the fused forward, also storing the
-/// state entering every chunk (`chunk.h`), then a reverse pass over the
-/// chunks that recomputes each chunk's algebra (scores, decays, the state update) from its
-/// entering state and differentiates it. Per-token inputs read as f32, the whole V per grid
-/// point. A chunk op the differentiator has no rule for yet is reported as the reason.
-pub fn chunked(rule: &Rule, canon: &Canonical, shape: Shape, sched: Schedule) -> Result<Program, PlanError> {
+/// state entering every `boundary_every`-th chunk (`chunk.h`), then a reverse pass over
+/// segments of `boundary_every` chunks that recomputes each segment's chunk algebra (scores,
+/// decays, the state updates) from the stored state and differentiates it. Storing every
+/// chunk (1) keeps `ceil(T / C)` states per head and recomputes nothing but the chunk's own
+/// algebra; m > 1 keeps `ceil(T / (m C))` and recomputes the states between them in every
+/// segment: memory against time, the schedule's choice. Per-token inputs read as f32, the
+/// whole V per grid point. A chunk op the differentiator has no rule for yet is reported as
+/// the reason.
+pub fn chunked(
+    rule: &Rule,
+    canon: &Canonical,
+    shape: Shape,
+    sched: Schedule,
+    boundary_every: usize,
+) -> Result<Program, PlanError> {
     let c = sched.chunk;
+    let m = boundary_every;
+    if m == 0 {
+        return Err(PlanError("the chunks between stored states must be at least 1".into()));
+    }
     let sched = sched.with_program(ProgramShape::Fused).with_bv(None).with_input(ElemType::F32);
     let mut tensors = super::program::forward_tensors(rule, ElemType::F32);
     tensors.push(TensorSpec {
@@ -54,29 +68,42 @@ pub fn chunked(rule: &Rule, canon: &Canonical, shape: Shape, sched: Schedule) ->
         });
     }
     let tensors = with_gradients(rule, tensors)?;
-    let forward = build_phase(rule, canon, shape, sched, Phase::FusedWithStates)?;
-    let name = format!("{}_grad_chunked_c{c}", rule.name);
-    let carried = Carried { shape, chunk: c, bv: None, columns: canon.columns.iter().map(|x| x.state).collect() };
+    let forward = build_phase_storing(rule, canon, shape, sched, Phase::FusedWithStates, m)?;
+    let every = if m > 1 { format!("_every{m}") } else { String::new() };
+    let name = format!("{}_grad_chunked_c{c}{every}", rule.name);
+    let columns = canon.columns.iter().map(|x| x.state).collect();
+    // The reverse pass reads `chunk.h` by segment: one slot per `m * C` tokens.
+    let carried = Carried { shape, chunk: c * m, bv: None, columns, boundary_every: 1 };
     let reverse =
-        reverse_pass(name.clone(), rule, shape, c, &ChunkBoundaries { rule, carried }, |b, layout, start, j| {
-            let start = start[0];
-            let mut terms = ChunkTerms::new(b, layout, rule, canon, shape, sched, j.clone())?;
-            terms.store_outputs = false;
-            let r = terms.blocks(b, start, false, Some(layout.o))?;
-            let end = terms.next_state(b, start, &r);
-            let t0 = j.mul(Idx::c(c as i64));
-            let valid = Idx::c(c as i64).min(Idx::var(IdxVar::SeqLen).sub(t0.clone()));
-            let outputs = terms
-                .outputs
-                .iter()
-                .map(|&(i0, o)| (t0.clone().add(Idx::c(i0 as i64)), valid.clone().sub(Idx::c(i0 as i64)), o))
-                .collect();
-            let loads = terms.loads.iter().map(|&(i, v)| (i, t0.clone(), valid.clone(), v)).collect();
-            Ok(Recomputed { end: vec![end], outputs, loads, spans: vec![(t0, valid, c)] })
+        reverse_pass(name.clone(), rule, shape, c * m, &ChunkBoundaries { rule, carried }, |b, layout, start, seg| {
+            let mut state = start[0];
+            let mut rec = Recomputed { end: vec![], outputs: vec![], loads: vec![], spans: vec![] };
+            for u in 0..m {
+                // Chunk u of the segment. A chunk past T loads no rows: its gates are 0 and its
+                // keys zero, so it leaves the state as it was and writes nothing.
+                let j = seg.clone().mul(Idx::c(m as i64)).add(Idx::c(u as i64));
+                let mut terms = ChunkTerms::new(b, layout, rule, canon, shape, sched, j.clone())?;
+                terms.store_outputs = false;
+                let r = terms.blocks(b, state, false, Some(layout.o))?;
+                state = terms.next_state(b, state, &r);
+                let t0 = j.mul(Idx::c(c as i64));
+                let valid = Idx::c(c as i64).min(Idx::var(IdxVar::SeqLen).sub(t0.clone()));
+                rec.outputs.extend(
+                    terms
+                        .outputs
+                        .iter()
+                        .map(|&(i0, o)| (t0.clone().add(Idx::c(i0 as i64)), valid.clone().sub(Idx::c(i0 as i64)), o)),
+                );
+                rec.loads.extend(terms.loads.iter().map(|&(i, v)| (i, t0.clone(), valid.clone(), v)));
+                rec.spans.push((t0, valid, c));
+            }
+            rec.end = vec![state];
+            Ok(rec)
         })?;
     let kernels = vec![forward, reverse];
     let sizes = StaticSizes { heads: shape.heads, k: shape.k, v: shape.v };
-    Program::new(name, c, sizes, tensors, kernels).map_err(|e| PlanError(format!("internal error: {e}")))
+    // `Dim::Chunks` (the slots of `chunk.h`) counts segments of `m * C` tokens.
+    Program::new(name, c * m, sizes, tensors, kernels).map_err(|e| PlanError(format!("internal error: {e}")))
 }
 
 /// The intermediate holding the state entering every segment.

@@ -131,9 +131,24 @@ pub fn build_phase(
     sched: Schedule,
     phase: Phase,
 ) -> Result<Kernel, PlanError> {
+    build_phase_storing(rule, canon, shape, sched, phase, 1)
+}
+
+/// [`build_phase`], where [`Phase::FusedWithStates`] stores the state entering every
+/// `boundary_every`-th chunk only (chunk `m * boundary_every` to slot `m` of `chunk.h`, which
+/// then has `ceil(T / (C * boundary_every))` slots): the chunked backward that recomputes the
+/// states in between.
+pub fn build_phase_storing(
+    rule: &Rule,
+    canon: &Canonical,
+    shape: Shape,
+    sched: Schedule,
+    phase: Phase,
+    boundary_every: usize,
+) -> Result<Kernel, PlanError> {
     let c = sched.chunk;
-    if c == 0 {
-        return Err(PlanError("the chunk size must be at least 1".into()));
+    if c == 0 || boundary_every == 0 {
+        return Err(PlanError("the chunk size and the chunks between stored states must be at least 1".into()));
     }
     if phase == Phase::Factors && canon.low_rank.is_empty() {
         return Err(PlanError("internal error: UT factors of a rule without a low-rank transition".into()));
@@ -144,12 +159,19 @@ pub fn build_phase(
     let sched = if phase == Phase::Factors { sched.with_bv(None) } else { sched };
     let vtiles = super::vtile::vtiles(rule, &shape, sched.bv, false)?;
     let suffix = sched.bv.map(|bv| format!("_bv{bv}")).unwrap_or_default();
-    let mut b = Builder::new(format!("{}_chunked_c{c}{suffix}{}", rule.name, phase.suffix()));
+    let every = if boundary_every > 1 { format!("_every{boundary_every}") } else { String::new() };
+    let mut b = Builder::new(format!("{}_chunked_c{c}{suffix}{}{every}", rule.name, phase.suffix()));
     b.set_vtiles(vtiles);
     let layout = ParamLayout::declare(&mut b, rule);
     let n_chunks = Idx::var(IdxVar::SeqLen).ceil_div(c as i64);
     let split = !matches!(phase, Phase::Fused | Phase::FusedWithStates);
-    let carried = Carried { shape, chunk: c, bv: sched.bv, columns: canon.columns.iter().map(|x| x.state).collect() };
+    let carried = Carried {
+        shape,
+        chunk: c,
+        bv: sched.bv,
+        columns: canon.columns.iter().map(|x| x.state).collect(),
+        boundary_every,
+    };
     match phase {
         Phase::Fused | Phase::States | Phase::FusedWithStates => {
             let h0 = carried.load_entering(&mut b, &layout);
@@ -194,6 +216,10 @@ pub(super) struct Carried {
     pub(super) bv: Option<usize>,
     /// The extra states that are columns, as indices into `Rule::states`, in column order.
     pub(super) columns: Vec<usize>,
+    /// Chunks per slot of `chunk.h`: [`Carried::store_boundary`] stores the state entering
+    /// every this-many-th chunk (1: every chunk), and the slots are addressed in units of
+    /// `chunk * boundary_every` tokens.
+    pub(super) boundary_every: usize,
 }
 
 impl Carried {
@@ -231,18 +257,31 @@ impl Carried {
         x: ValueId,
         param: usize,
         base: Idx,
+        column: impl FnMut(&mut Builder, usize, ValueId),
+    ) {
+        self.scatter_rows(b, x, param, base, Idx::c(self.shape.k as i64), column)
+    }
+
+    /// [`Carried::scatter`] storing `rows` rows of S (the columns' stores are `column`'s).
+    fn scatter_rows(
+        &self,
+        b: &mut Builder,
+        x: ValueId,
+        param: usize,
+        base: Idx,
+        rows: Idx,
         mut column: impl FnMut(&mut Builder, usize, ValueId),
     ) {
-        let (k, v) = (self.shape.k, self.shape.v);
+        let v = self.shape.v;
         if self.columns.is_empty() {
-            b.store(x, param, base, v as i64, 1, Idx::c(k as i64));
+            b.store(x, param, base, v as i64, 1, rows);
             return;
         }
         // One transpose of the whole: S's part back, the columns as the [1, K] rows they are.
         let t = b.transpose(x);
         let s = b.rows(t, 0, self.cols());
         let s = b.transpose(s);
-        b.store(s, param, base, v as i64, 1, Idx::c(k as i64));
+        b.store(s, param, base, v as i64, 1, rows);
         for j in 0..self.columns.len() {
             let n = b.rows(t, self.cols() + j, 1);
             column(b, j, n);
@@ -303,20 +342,36 @@ impl Carried {
     /// Index of this grid point's column state entering chunk `index` in `chunk.<name>`
     /// `[B, NT, H, K]`.
     fn column_base(&self, index: Idx) -> Idx {
-        let n_chunks = Idx::var(IdxVar::SeqLen).ceil_div(self.chunk as i64);
+        let n_chunks = Idx::var(IdxVar::SeqLen).ceil_div(self.slot_tokens() as i64);
         let slot = Idx::var(IdxVar::Batch).mul(n_chunks).add(index);
         slot.mul(Idx::c(self.shape.heads as i64)).add(Idx::var(IdxVar::Head)).mul(Idx::c(self.shape.k as i64))
     }
 
-    /// Stores the state entering chunk `Iter` to `chunk.h` (and `chunk.<name>`).
+    /// Tokens per slot of `chunk.h`.
+    fn slot_tokens(&self) -> usize {
+        self.chunk * self.boundary_every
+    }
+
+    /// Stores the state entering chunk `Iter` to `chunk.h` (and `chunk.<name>`): to slot
+    /// `Iter`, or with `boundary_every` = m > 1 to slot `Iter / m` when m divides `Iter`
+    /// (other chunks store no rows).
     pub(super) fn store_boundary(&self, b: &mut Builder, rule: &Rule, x: ValueId) {
         let h = b.param(BOUNDARY_STATES, Access::Write);
         let params: Vec<usize> =
             self.columns.iter().map(|&i| b.param(boundary_column(&rule.states[i].name), Access::Write)).collect();
-        let base = self.column_base(Idx::var(IdxVar::Iter));
-        self.scatter(b, x, h, boundary_base(&self.shape, self.chunk, self.bv), |b, j, n| {
-            b.store(n, params[j], base.clone(), 0, 1, Idx::c(1))
-        });
+        let (slot, keep) = match self.boundary_every as i64 {
+            1 => (Idx::var(IdxVar::Iter), Idx::c(1)),
+            m => {
+                // floor(Iter / m), and 1 when Iter is a multiple of m, else 0.
+                let slot = Idx::var(IdxVar::Iter).add(Idx::c(1)).ceil_div(m).sub(Idx::c(1));
+                let rest = Idx::var(IdxVar::Iter).sub(slot.clone().mul(Idx::c(m)));
+                (slot, Idx::c(1).sub(rest.min(Idx::c(1))))
+            }
+        };
+        let base = self.column_base(slot.clone());
+        let rows = keep.clone().mul(Idx::c(self.shape.k as i64));
+        let at = boundary_base_at(&self.shape, self.slot_tokens(), self.bv, slot);
+        self.scatter_rows(b, x, h, at, rows, |b, j, n| b.store(n, params[j], base.clone(), 0, 1, keep.clone()));
     }
 
     /// The state entering chunk `index`, from `chunk.h` (and `chunk.<name>`).
@@ -326,7 +381,7 @@ impl Carried {
             self.columns.iter().map(|&i| b.param(boundary_column(&rule.states[i].name), Access::Read)).collect();
         let base = self.column_base(index.clone());
         let k = self.shape.k;
-        self.gather(b, h, boundary_base_at(&self.shape, self.chunk, self.bv, index), |b, j| {
+        self.gather(b, h, boundary_base_at(&self.shape, self.slot_tokens(), self.bv, index), |b, j| {
             b.load(params[j], base.clone(), 0, 1, 1, k, Idx::c(1))
         })
     }
@@ -383,13 +438,8 @@ fn split_columns(b: &mut Builder, x: ValueId, ranges: &[(usize, usize)]) -> Vec<
         .collect()
 }
 
-/// Index of this grid point's state entering chunk `Iter` in `chunk.h` `[B, NT, H, K, V]`, at
-/// its first V column.
-fn boundary_base(shape: &Shape, chunk: usize, bv: Option<usize>) -> Idx {
-    boundary_base_at(shape, chunk, bv, Idx::var(IdxVar::Iter))
-}
-
-/// [`boundary_base`] of chunk `index`.
+/// Index of this grid point's state in slot `index` of `chunk.h` `[B, NT, H, K, V]` (a slot
+/// per `chunk` tokens), at its first V column.
 pub(super) fn boundary_base_at(shape: &Shape, chunk: usize, bv: Option<usize>, index: Idx) -> Idx {
     let n_chunks = Idx::var(IdxVar::SeqLen).ceil_div(chunk as i64);
     let kv = (shape.k * shape.v) as i64;
