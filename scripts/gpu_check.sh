@@ -39,4 +39,12 @@ if python3 -c "import torch, fla; assert torch.cuda.is_available()" 2>/dev/null;
 else
     echo "skipped: torch with CUDA and flash-linear-attention do not import here (pip install flash-linear-attention)"
 fi
+echo "== 4. the model's best estimated schedules, timed (chunkc model --rank)"
+for rule in gated_delta_rule simple_gla; do
+    "$chunkc" model "rules/$rule.toml" --rank 3 --json | python3 -c 'import json,sys; [print(c["flags"]) for c in json.load(sys.stdin)["candidates"]]' |
+    while read -r flags; do
+        # shellcheck disable=SC2086 # the flags are words
+        "$chunkc" bench "rules/$rule.toml" --backend cuda --dtype bf16 --dot bf16 --shape "${CHUNKC_GPU_SHAPE:-2,8192,16,128,128}" $flags --runs 10 | sed "s/^/  [$flags] /"
+    done
+done
 echo "gpu_check: done in $(( $(date +%s) - start )) s"

@@ -590,6 +590,10 @@ enum Command {
         /// One JSON line: est_ms, floor_ms, and the phases.
         #[arg(long)]
         json: bool,
+        /// Estimate the chunked schedules around this one (chunk, program, V-tile, warps,
+        /// stages) and print the best N: candidates for a GPU to time.
+        #[arg(long, value_name = "N")]
+        rank: Option<usize>,
     },
     /// Print the tile IR of a rule's kernel, or write its PTX (sm_80, sm_90) and launch metadata.
     Compile {
@@ -1300,8 +1304,8 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Model { rule, gpu, shape, backend, chunk, bv, program, target, precision, json } => {
-            model(&rule, &gpu, &shape, (backend, chunk, bv, program), target, precision, json)
+        Command::Model { rule, gpu, shape, backend, chunk, bv, program, target, precision, json, rank } => {
+            model(&rule, &gpu, &shape, (backend, chunk, bv, program), target, precision, (json, rank))
         }
         Command::Compile {
             rule,
@@ -1385,7 +1389,7 @@ fn model(
     (backend, chunk, bv, program): (BackendArg, usize, Option<usize>, ProgramArg),
     target: Option<Target>,
     mut precision: PrecisionArgs,
-    json: bool,
+    (json, rank): (bool, Option<usize>),
 ) -> Result<ExitCode, Error> {
     use chunkc::autotune::model;
     let gpu_key = gpu;
@@ -1410,36 +1414,13 @@ fn model(
     let Some(kernel) = Backend::from(backend).kernel() else {
         return Err(Error::Input("the reference has no kernel; choose --backend recurrent or chunked".into()));
     };
-    let shape_of =
-        chunkc::codegen::plan::Shape { heads: dims.heads, k: dims.k, v: dims.v, scale: 1.0 / (dims.k as f64).sqrt() };
     let schedule =
         Schedule::chunked(chunk).with_kernel(kernel, chunk).with_bv(bv).with_program(ProgramShape::from(program));
     let schedule = precision.apply(schedule)?;
-    let built = backend::build_program(&loaded.rule, shape_of, &schedule)?;
-    let emitted = chunkc::gpu::emit(&built, sm, &schedule.ptx)?;
-    let input_size = schedule.input.size() as f64;
-    let per_token: usize = loaded
-        .rule
-        .inputs
-        .iter()
-        .filter(|i| !i.per_head)
-        .map(|i| match i.ty {
-            chunkc::dsl::ast::Ty::Scalar => 1,
-            chunkc::dsl::ast::Ty::VecK => dims.k,
-            chunkc::dsl::ast::Ty::VecV => dims.v,
-            chunkc::dsl::ast::Ty::Mat | chunkc::dsl::ast::Ty::MatT => dims.k * dims.v,
-        })
-        .sum();
-    let problem = model::Problem {
-        batch: dims.batch,
-        seq_len: dims.seq_len,
-        heads: dims.heads,
-        k: dims.k,
-        v: dims.v,
-        chunk: if schedule.kernel == KernelKind::Chunked { chunk } else { 1 },
-        bytes_per_token_head: per_token as f64 * input_size + dims.v as f64 * 4.0,
-    };
-    let est = model::estimate(&built, &emitted, &schedule.ptx, &gpu, &problem).map_err(Error::Internal)?;
+    if let Some(top) = rank {
+        return model_rank(&loaded.rule, dims, &schedule, sm, &gpu, top, json);
+    }
+    let (emitted, est) = model_estimate(&loaded.rule, dims, &schedule, sm, &gpu)?;
     if json {
         let phases: Vec<serde_json::Value> = est
             .phases
@@ -1510,6 +1491,128 @@ fn model(
     );
     for a in model::assumptions(&gpu) {
         println!("assumes: {a}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The model's estimate of `schedule`'s forward program for `dims` on `gpu` (and the PTX it
+/// estimated).
+fn model_estimate(
+    rule: &Rule,
+    dims: chunkc::dsl::reference::Dims,
+    schedule: &Schedule,
+    sm: ptx::Sm,
+    gpu: &chunkc::autotune::model::Gpu,
+) -> Result<(ptx::PtxProgram, chunkc::autotune::model::Estimate), Error> {
+    let shape =
+        chunkc::codegen::plan::Shape { heads: dims.heads, k: dims.k, v: dims.v, scale: 1.0 / (dims.k as f64).sqrt() };
+    let built = backend::build_program(rule, shape, schedule)?;
+    let emitted = chunkc::gpu::emit(&built, sm, &schedule.ptx)?;
+    let per_token: usize = rule
+        .inputs
+        .iter()
+        .filter(|i| !i.per_head)
+        .map(|i| match i.ty {
+            chunkc::dsl::ast::Ty::Scalar => 1,
+            chunkc::dsl::ast::Ty::VecK => dims.k,
+            chunkc::dsl::ast::Ty::VecV => dims.v,
+            chunkc::dsl::ast::Ty::Mat | chunkc::dsl::ast::Ty::MatT => dims.k * dims.v,
+        })
+        .sum();
+    let problem = chunkc::autotune::model::Problem {
+        batch: dims.batch,
+        seq_len: dims.seq_len,
+        heads: dims.heads,
+        k: dims.k,
+        v: dims.v,
+        chunk: if schedule.kernel == KernelKind::Chunked { schedule.chunk } else { 1 },
+        bytes_per_token_head: per_token as f64 * schedule.input.size() as f64 + dims.v as f64 * 4.0,
+    };
+    let est =
+        chunkc::autotune::model::estimate(&built, &emitted, &schedule.ptx, gpu, &problem).map_err(Error::Internal)?;
+    Ok((emitted, est))
+}
+
+/// `model --rank N`: the chunked schedules around `base` (chunk 32 / 64, fused / split, every
+/// V-tile width dividing V from the whole V down to 16, 4 / 8 warps, 1 / 2 stages; the
+/// input type and dot precision kept), each estimated, the best `top` printed. An estimate's
+/// ranking, for a GPU run to confirm: candidates to time, not a choice.
+fn model_rank(
+    rule: &Rule,
+    dims: chunkc::dsl::reference::Dims,
+    base: &Schedule,
+    sm: ptx::Sm,
+    gpu: &chunkc::autotune::model::Gpu,
+    top: usize,
+    json: bool,
+) -> Result<ExitCode, Error> {
+    let mut widths: Vec<Option<usize>> = vec![None];
+    widths.extend([64, 32, 16].into_iter().filter(|&w| w < dims.v && dims.v.is_multiple_of(w)).map(Some));
+    let mut ranked = vec![];
+    for chunk in [32, 64] {
+        for program in [ProgramShape::Fused, ProgramShape::Split] {
+            for &bv in &widths {
+                for warps in [4, 8] {
+                    for stages in [1, 2] {
+                        let mut ptx = if stages == 2 {
+                            PtxSchedule::pipelined(base.ptx.dot)
+                        } else {
+                            PtxSchedule::with_dot(base.ptx.dot)
+                        };
+                        ptx.warps = warps;
+                        let schedule = Schedule::chunked(chunk)
+                            .with_program(program)
+                            .with_bv(bv)
+                            .with_input(base.input)
+                            .with_ptx(ptx);
+                        // A V-tile the rule does not allow, or a schedule the target refuses:
+                        // not a candidate.
+                        if let Ok((_, est)) = model_estimate(rule, dims, &schedule, sm, gpu) {
+                            ranked.push((schedule, est));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    ranked.sort_by(|a, b| a.1.est_ms.total_cmp(&b.1.est_ms));
+    ranked.truncate(top.max(1));
+    let describe = |s: &Schedule| {
+        format!(
+            "--chunk {} --program {} {}--warps {} --stages {}",
+            s.chunk,
+            s.program.name(),
+            s.bv.map(|b| format!("--bv {b} ")).unwrap_or_default(),
+            s.ptx.warps,
+            s.ptx.stages
+        )
+    };
+    if json {
+        let rows: Vec<serde_json::Value> = ranked
+            .iter()
+            .map(|(s, e)| serde_json::json!({ "flags": describe(s), "est_ms": e.est_ms, "floor_ms": e.floor_ms }))
+            .collect();
+        println!("{}", serde_json::json!({ "candidates": rows }));
+        return Ok(ExitCode::SUCCESS);
+    }
+    let [b, t, h, k, v] = [dims.batch, dims.seq_len, dims.heads, dims.k, dims.v];
+    println!(
+        "ESTIMATES (an analytic model, not a measurement), best first: {} on {}, {} B={b} T={t} H={h} K={k} V={v}, {} inputs, {:?} dots",
+        rule.name,
+        gpu.name,
+        sm.name(),
+        base.input.name(),
+        base.ptx.dot
+    );
+    for (i, (s, e)) in ranked.iter().enumerate() {
+        let phases: Vec<String> = e.phases.iter().map(|p| format!("{:.3}", p.est_ms)).collect();
+        println!("{:>3}. {:>9.4} ms  {:<58} phases {}", i + 1, e.est_ms, describe(s), phases.join(" + "));
+    }
+    if let Some((_, e)) = ranked.first() {
+        println!(
+            "roofline floor of the shape {:.4} ms; time the candidates on a GPU (bench --backend cuda) before choosing",
+            e.floor_ms
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -868,6 +868,14 @@ fn model_estimates_every_phase_and_prints_one_json_line() {
     let text = stdout(&o);
     assert!(text.starts_with("ESTIMATE (an analytic model, not a measurement)"), "{text}");
     assert!(text.contains("sm_80") && text.contains("roofline floor") && text.contains("assumes: "), "{text}");
+    // --rank: the estimated candidates, best first, as flags to time.
+    let o = chunkc(&["model", "rules/gated_delta_rule.toml", "--rank", "3", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).expect("json");
+    let c = v["candidates"].as_array().expect("candidates");
+    assert_eq!(c.len(), 3);
+    let ms: Vec<f64> = c.iter().map(|x| x["est_ms"].as_f64().expect("ms")).collect();
+    assert!(ms.windows(2).all(|w| w[0] <= w[1]) && ms[0] <= est, "{ms:?} against the default's {est}");
+    assert!(c[0]["flags"].as_str().expect("flags").starts_with("--chunk "), "{}", c[0]);
     let o = chunkc(&["model", "rules/simple_gla.toml", "--gpu", "v100"]);
     assert_eq!(o.status.code(), Some(1));
     assert_eq!(stderr(&o).trim(), "error: no GPU `v100` in the model's table (known: a100, h100, h200)");
