@@ -2,6 +2,7 @@
 //! with each backend's abilities given as data ([`Abilities`]), in the order [`prepare`] runs
 //! them:
 //! - `masks`: drops the rows masks that are the identity on their operand;
+//! - `accumulate`: a product added to a value takes it as its accumulator;
 //! - `fuse`: which elementwise values are computed inside their one consumer (never
 //!   written), and which row scales the backend's gemm applies itself;
 //! - `layout`: where every value lives in the workspace (regions reused once dead; double
@@ -11,6 +12,7 @@
 //! A backend then lowers the [`Prepared`] kernel: the CPU one to Cranelift code and calls of
 //! its SIMD routines, the PTX one to SIMT code.
 
+mod accumulate;
 pub mod fuse;
 pub mod inplace;
 pub mod layout;
@@ -70,7 +72,7 @@ pub struct Prepared {
 /// (a malformed one is an error, never a panic).
 pub fn prepare(kernel: &Kernel, abilities: &Abilities) -> Result<Prepared, LayoutError> {
     layout::plan(kernel)?;
-    let kernel = masks::drop_redundant_masks(kernel);
+    let kernel = accumulate::fold_sums_into_products(&masks::drop_redundant_masks(kernel));
     let fusion = fuse::analyse(&kernel, abilities);
     let plan = layout::plan(&fusion.planning)?;
     let mut prepared = Prepared { kernel, fusion, plan, in_place: vec![] };
