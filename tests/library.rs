@@ -360,7 +360,9 @@ fn backward_is_the_command_lines_gradient() {
             engine: chunkc::Engine::Jit,
             threads: 2,
             scale: None,
-            checkpoint: Some(16),
+            // As the library asks: recurrent checkpoints every 16 tokens, every chunk's state
+            // stored by the chunked backward.
+            checkpoint: (backend == Backend::Recurrent).then_some(16),
             chunk: schedule.chunk,
             ptx: PtxPrecision::default(),
         };

@@ -809,7 +809,8 @@ fn f32_spacing(x: &[f32]) -> f64 {
 /// its [`f32_sensitivity`] (e.g. `dh0` from `dhT` alone through 200 fixed decays: the f32
 /// decay's error, 3e-8, compounds 200 times) or of its [`f32_spacing`]. The shape's seed also decides whether `h0`,
 /// `do` and `dhT` are given (at least one cotangent), and its chunk, folded into 1..=16, is
-/// the checkpoint interval.
+/// the checkpoint interval (for the chunked backward: the state stored every one, two or
+/// three chunks, by the seed).
 fn check_grad(text: &str, shape: &Shape, engine: Engine) -> Result<(), TestCaseError> {
     check_grad_of(text, shape, engine, Backend::Recurrent)
 }
@@ -834,7 +835,12 @@ fn check_grad_of(text: &str, shape: &Shape, engine: Engine, backend: Backend) ->
     let reference = grad(&rule, &inputs, "random inputs", &GradOptions::default(), false)
         .map_err(|e| TestCaseError::fail(format!("reference gradient failed: {e}\n{text}")))?;
     let sensitivity = f32_sensitivity(&rule, &inputs, &reference)?;
-    let checkpoint = 1 + (shape.chunk - 1) % 16;
+    // The recurrent backward's checkpoint interval; for the chunked one, the tokens between
+    // stored states: every chunk's, or every second or third chunk's (the rest recomputed).
+    let checkpoint = match backend {
+        Backend::Chunked => shape.chunk * (1 + (shape.seed % 3) as usize),
+        _ => 1 + (shape.chunk - 1) % 16,
+    };
     let opts = GradOptions { backend, engine, checkpoint: Some(checkpoint), chunk: shape.chunk, ..Default::default() };
     let got = grad(&rule, &inputs, "random inputs", &opts, false)
         .map_err(|e| TestCaseError::fail(format!("{} backward failed: {e}\n{text}", backend.name())))?;
