@@ -1508,17 +1508,7 @@ fn model_estimate(
         chunkc::codegen::plan::Shape { heads: dims.heads, k: dims.k, v: dims.v, scale: 1.0 / (dims.k as f64).sqrt() };
     let built = backend::build_program(rule, shape, schedule)?;
     let emitted = chunkc::gpu::emit(&built, sm, &schedule.ptx)?;
-    let per_token: usize = rule
-        .inputs
-        .iter()
-        .filter(|i| !i.per_head)
-        .map(|i| match i.ty {
-            chunkc::dsl::ast::Ty::Scalar => 1,
-            chunkc::dsl::ast::Ty::VecK => dims.k,
-            chunkc::dsl::ast::Ty::VecV => dims.v,
-            chunkc::dsl::ast::Ty::Mat | chunkc::dsl::ast::Ty::MatT => dims.k * dims.v,
-        })
-        .sum();
+    let per_token: usize = rule.inputs.iter().filter(|i| !i.per_head).map(|i| i.width(dims.k, dims.v)).sum();
     let problem = chunkc::autotune::model::Problem {
         batch: dims.batch,
         seq_len: dims.seq_len,
