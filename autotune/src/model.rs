@@ -12,7 +12,10 @@
 //!   latency per access (16 bytes per access with `cp.async` into shared memory, hidden
 //!   behind the previous chunk with two stages); a dot on tensor cores at the SM's rate shared
 //!   by the CTAs on it, after staging its operands; an fma dot a k-loop of tile accesses per
-//!   output; the column-serial ops (`Cumsum`, `SolveUnitLower`) a chain down the rows. Fused
+//!   output; the column-serial ops (`Cumsum`, `SolveUnitLower`) a chain down the rows: one
+//!   tile access per row as a loop, or, unrolled with the column in registers (up to
+//!   `ptx::UNROLLED_ROWS` rows), a latency per batch of loads and then their instructions at
+//!   one per cycle per scheduler, shared by the warps on it. Fused
 //!   elementwise values cost nothing of their own. A sequential phase's CTA runs every chunk
 //!   (iteration) of its sequence in turn; a chunk-parallel one runs one.
 //! - the phase's time: the largest of waves x one CTA's chain, its FLOPs at the dot
@@ -27,7 +30,7 @@
 use chunkc_codegen::ir::*;
 use chunkc_codegen::midend::{prepare, Abilities};
 use chunkc_codegen::program::Program;
-use chunkc_codegen::ptx::PtxProgram;
+use chunkc_codegen::ptx::{unrolled_rows, PtxProgram, SOLVE_WINDOW, UNROLL_BATCH};
 use chunkc_codegen::schedule::{DotPrecision, PtxSchedule};
 use chunkc_runtime::artifact::TileSpace;
 use serde::{Deserialize, Serialize};
@@ -51,6 +54,8 @@ pub struct Gpu {
     pub smem_latency_cycles: f64,
     pub l2_latency_cycles: f64,
     pub hbm_latency_cycles: f64,
+    pub fma_latency_cycles: f64,
+    pub schedulers_per_sm: f64,
 }
 
 /// The GPU tables, compiled in.
@@ -164,6 +169,13 @@ impl Context<'_> {
         (elements as f64 / (self.threads * per_access.max(1) as f64)).ceil()
     }
 
+    /// Warps of the CTAs on an SM that share one scheduler while an op keeps `lanes` threads
+    /// of each CTA busy (at least 1).
+    fn warps_per_scheduler(&self, lanes: usize) -> f64 {
+        let warps = (lanes as f64).min(self.threads) / 32.0;
+        (warps.ceil() * self.active_ctas / self.gpu.schedulers_per_sm).max(1.0)
+    }
+
     /// One SM's FLOPs per cycle at `tflops`, shared by the CTAs on it.
     fn flops_per_cycle(&self, tflops: f64) -> f64 {
         tflops * 1e12 / (self.gpu.sms as f64 * self.gpu.clock_ghz * 1e9) / self.active_ctas
@@ -203,8 +215,27 @@ impl Context<'_> {
                 t.flops += 3.0 * (elements * inner) as f64;
                 t.cycles += self.steps(elements, 1) * inner as f64 * lat;
             }
+            Op::Cumsum { .. } if unrolled_rows(out.rows) => {
+                // Loads a batch ahead, then a chain of dependent adds (3 instructions a row).
+                let n = out.rows as f64;
+                let batches = out.rows.div_ceil(UNROLL_BATCH) as f64;
+                let per_row = self.gpu.fma_latency_cycles.max(3.0 * self.warps_per_scheduler(out.cols));
+                t.cycles += self.steps(out.cols, 1) * (batches * lat + n * per_row);
+            }
             Op::Cumsum { .. } => t.cycles += self.steps(out.cols, 1) * out.rows as f64 * lat,
             Op::RowSum { x } => t.cycles += self.steps(out.rows, 1) * self.kernel.ty(*x).cols as f64 * lat,
+            Op::SolveUnitLower { .. } if unrolled_rows(out.rows) => {
+                // Register windows: their loads issued ahead (one latency each), then
+                // n (n - 1) / 2 steps of a broadcast load of l, a negation and an fma, plus a
+                // reload of each earlier window's row: issue-bound, the warps taking turns.
+                let n = out.rows as f64;
+                t.flops += n * n * out.cols as f64;
+                let windows = out.rows.div_ceil(SOLVE_WINDOW);
+                let reloads: usize = (0..out.rows).map(|i| i - i % SOLVE_WINDOW).sum();
+                let instructions = 1.5 * n * (n - 1.0) + reloads as f64 + 2.0 * n;
+                let issue = instructions * self.warps_per_scheduler(out.cols);
+                t.cycles += self.steps(out.cols, 1) * (windows as f64 * lat + issue);
+            }
             Op::SolveUnitLower { .. } => {
                 let n = out.rows as f64;
                 t.flops += n * n * out.cols as f64;
@@ -347,10 +378,16 @@ pub fn assumptions(gpu: &Gpu) -> Vec<String> {
             gpu.name, gpu.sms, gpu.clock_ghz, gpu.hbm_gb_s, gpu.bf16_tflops, gpu.tf32_tflops, gpu.fp32_tflops
         ),
         format!(
-            "latencies assumed: barrier {} cycles, shared memory {}, L2 hit (global scratch) {}, first touch of an input {}, launch {} us",
-            gpu.barrier_cycles, gpu.smem_latency_cycles, gpu.l2_latency_cycles, gpu.hbm_latency_cycles, gpu.launch_us
+            "latencies assumed: barrier {} cycles, shared memory {}, L2 hit (global scratch) {}, first touch of an input {}, dependent add or fma {}, launch {} us; {} warp schedulers per SM",
+            gpu.barrier_cycles,
+            gpu.smem_latency_cycles,
+            gpu.l2_latency_cycles,
+            gpu.hbm_latency_cycles,
+            gpu.fma_latency_cycles,
+            gpu.launch_us,
+            gpu.schedulers_per_sm
         ),
-        "each op: a loop over its elements strided by the block, one tile access per element and iteration, no unrolling, then a barrier; fused values cost nothing".into(),
+        "each op: a loop over its elements strided by the block, one tile access per element and iteration, then a barrier; the column-serial ops up to 64 rows unrolled (loads issued ahead, instructions at one per cycle per scheduler); fused values cost nothing".into(),
         "phase time: the largest of waves x one CTA's op chain, FLOPs at peak, bytes at HBM bandwidth; phases add up".into(),
     ]
 }

@@ -121,6 +121,13 @@ impl PtxSchedule {
         32 * self.warps
     }
 
+    /// The registers a thread may use (the kernel's `.maxnreg`): all that one CTA may have of
+    /// an SM's 64 K, at most 255. Without it ptxas picks its own target from `.maxntid` and
+    /// was seen spilling at 48 registers where 115 were free.
+    pub fn max_registers(&self) -> u32 {
+        (65536 / self.threads().max(1)).min(255)
+    }
+
     /// Checks the schedule; the error is one line.
     pub fn validate(&self) -> Result<(), String> {
         if !(1..=32).contains(&self.warps) {

@@ -347,3 +347,84 @@ fn sixteen_bit_inputs_match_the_reference() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// The column-serial ops (`SolveUnitLower`, `Cumsum`), unrolled with their columns in
+/// registers up to `ptx::UNROLLED_ROWS` rows and a loop past it, give the bits of the same
+/// sums in the same order: row counts across the solve's register windows (1, 16, 17, 40,
+/// 64) and past the unrolled limit (65, 90), tiles in shared memory and in global scratch.
+#[test]
+fn column_serial_ops_give_the_loops_bits_unrolled_or_not() {
+    use chunkc_codegen::builder::Builder;
+    use chunkc_codegen::ir::{Access, DType, Idx};
+    use chunkc_codegen::ptx::{emit_with, unrolled_rows};
+    let m = 37usize;
+    let mut rng = Rng(7);
+    for n in [1usize, 16, 17, 40, 64, 65, 90] {
+        let l: Vec<f32> = (0..n * n).map(|_| 0.3 * rng.normal() as f32).collect();
+        let b: Vec<f32> = (0..n * m).map(|_| rng.normal() as f32).collect();
+        let mut bld = Builder::new("column_serial");
+        let (pl, pb, px, pc, pe) = (
+            bld.param("l", Access::Read),
+            bld.param("b", Access::Read),
+            bld.param("x", Access::Write),
+            bld.param("c", Access::Write),
+            bld.param("e", Access::Write),
+        );
+        let vl = bld.load(pl, Idx::c(0), n as i64, 1, n, n, Idx::c(n as i64));
+        let vb = bld.load(pb, Idx::c(0), m as i64, 1, n, m, Idx::c(n as i64));
+        let x = bld.solve_unit_lower(vl, vb);
+        bld.store(x, px, Idx::c(0), m as i64, 1, Idx::c(n as i64));
+        let wide = bld.cast(vb, DType::F64);
+        let c = bld.cumsum(wide, false);
+        let c = bld.cast(c, DType::F32);
+        bld.store(c, pc, Idx::c(0), m as i64, 1, Idx::c(n as i64));
+        let e = bld.cumsum(vb, true);
+        bld.store(e, pe, Idx::c(0), m as i64, 1, Idx::c(n as i64));
+        let kernel = bld.finish();
+
+        // The loops' order: x[i] = b[i], then x[i] = fma(-l[i][p], x[p], x[i]) for p < i.
+        let mut want_x = b.clone();
+        let (mut want_c, mut want_e) = (vec![0f32; n * m], vec![0f32; n * m]);
+        for j in 0..m {
+            for i in 0..n {
+                for p in 0..i {
+                    want_x[i * m + j] = (-l[i * n + p]).mul_add(want_x[p * m + j], want_x[i * m + j]);
+                }
+            }
+            let (mut s64, mut s32) = (0f64, 0f32);
+            for i in 0..n {
+                s64 += b[i * m + j] as f64;
+                want_c[i * m + j] = s64 as f32;
+                want_e[i * m + j] = s32;
+                s32 += b[i * m + j];
+            }
+        }
+        for (place, limit) in [("shared", 1 << 20), ("global scratch", 0)] {
+            let ptx = emit_with(&kernel, Sm::Sm90, EmitOptions { smem_limit: limit }).expect("emit");
+            let meta = &ptx.meta;
+            let mut mem = GlobalMemory::new();
+            let nan = vec![f32::NAN; n * m];
+            let bufs =
+                [mem.alloc_f32(&l), mem.alloc_f32(&b), mem.alloc_f32(&nan), mem.alloc_f32(&nan), mem.alloc_f32(&nan)];
+            let scratch = mem.alloc_f32(&vec![0f32; meta.scratch_bytes_per_cta / 4 + 1]);
+            let mut params: Vec<SimParam> = bufs.iter().map(|&x| SimParam::U64(x)).collect();
+            if meta.tile_space == TileSpace::Global {
+                params.push(SimParam::U64(scratch));
+            }
+            params.extend([SimParam::U64(1), SimParam::U64(1), SimParam::U64(1)]);
+            launch(&ptx.ptx, &meta.entry, [1, 1, 1], meta.block, meta.dynamic_smem_bytes, &params, &mut mem)
+                .unwrap_or_else(|e| panic!("n={n} {place}: {e}"));
+            for (name, buf, want) in
+                [("solve", bufs[2], &want_x), ("cumsum", bufs[3], &want_c), ("exclusive cumsum", bufs[4], &want_e)]
+            {
+                let got = mem.read_f32(buf, n * m).expect("output");
+                let same = got.iter().zip(want.iter()).all(|(g, w)| g.to_bits() == w.to_bits());
+                assert!(
+                    same,
+                    "n={n} ({}) {place}: {name} differs from the loop's bits",
+                    if unrolled_rows(n) { "unrolled" } else { "loop" }
+                );
+            }
+        }
+    }
+}

@@ -44,6 +44,16 @@ fn ident(s: &str) -> String {
     out
 }
 
+/// An address offset as PTX writes it after a register: `+8`, `+-8` (as LLVM's NVPTX
+/// backend prints it), or nothing for 0.
+fn offset(off: i64) -> String {
+    if off == 0 {
+        String::new()
+    } else {
+        format!("+{off}")
+    }
+}
+
 /// A strided loop over `0..n` (one element per thread per iteration).
 pub(super) struct ELoop {
     pub(super) e: String,
@@ -342,6 +352,7 @@ pub(super) fn emit(kernel: &Kernel, target: Sm, opts: EmitOptions, sched: PtxSch
     }
     let _ = writeln!(s, ")");
     let _ = writeln!(s, ".maxntid {threads}, 1, 1");
+    let _ = writeln!(s, ".maxnreg {}", sched.max_registers());
     let _ = writeln!(s, "{{");
     let decl = [".b32", ".b64", ".f32", ".f64", ".pred", ".b16"];
     for k in 0..6 {
@@ -593,6 +604,18 @@ impl Em<'_> {
 
     fn st(&mut self, dt: DType, addr: &str, r: &str) {
         self.ins(format!("st.{}.{} [{addr}], {r}", self.space, ty(dt)));
+    }
+
+    /// `ld` at `addr + off` bytes (the offset folded into the instruction).
+    fn ld_at(&mut self, dt: DType, addr: &str, off: i64) -> String {
+        let r = self.freg(dt);
+        self.ins(format!("ld.{}.{} {r}, [{addr}{}]", self.space, ty(dt), offset(off)));
+        r
+    }
+
+    /// `st` at `addr + off` bytes.
+    fn st_at(&mut self, dt: DType, addr: &str, off: i64, r: &str) {
+        self.ins(format!("st.{}.{} [{addr}{}], {r}", self.space, ty(dt), offset(off)));
     }
 
     /// Reads element (i, j) of `v` (broadcasting).
@@ -1106,7 +1129,9 @@ impl Em<'_> {
                 let po = self.taddr(so, dt, None, Some(&j));
                 let s = self.freg(dt);
                 self.ins(format!("mov.{} {s}, {}", ty(dt), fimm(0.0, dt)));
-                if t.rows > 0 {
+                if unrolled_rows(t.rows) {
+                    self.cumsum_unrolled(dt, (&pa, sx.rs), (&po, so.rs), t.rows, *exclusive, &s);
+                } else if t.rows > 0 {
                     let (c, head) = self.cloop();
                     let v = self.ld(dt, &pa);
                     if *exclusive {
@@ -1310,13 +1335,16 @@ impl Em<'_> {
         self.eloop_end(l);
     }
 
-    /// Forward substitution `(I + strict_lower(l)) X = b`: one thread per column of X.
+    /// Forward substitution `(I + strict_lower(l)) X = b`: one thread per column of X; the
+    /// column in registers, unrolled, up to [`UNROLLED_ROWS`] rows.
     fn solve(&mut self, id: ValueId, lv: ValueId, b: ValueId) {
         let t = self.k.ty(id);
         let (sl, sb, so) = (self.storage(lv), self.storage(b), self.storage(id));
         let l = self.eloop(t.cols);
         let j = l.e.clone();
-        if t.rows > 0 {
+        if unrolled_rows(t.rows) {
+            self.solve_unrolled(t.rows, (sl, sb, so), &j);
+        } else if t.rows > 0 {
             let pb = self.taddr(sb, DType::F32, None, Some(&j));
             let px0 = self.taddr(so, DType::F32, None, Some(&j));
             let pxi = self.reg(RD);
@@ -1350,6 +1378,78 @@ impl Em<'_> {
         }
         self.eloop_end(l);
     }
+
+    /// Column `j` of the solve, unrolled, a window of [`SOLVE_WINDOW`] rows at a time in
+    /// registers (earlier rows read back from the output, where this thread stored them):
+    /// every access at a constant offset, issued ahead rather than one memory latency per
+    /// step; the same fma order as the loop (so the same bits); `l` read by the whole warp at
+    /// one address (a broadcast).
+    fn solve_unrolled(&mut self, n: usize, (sl, sb, so): (Storage, Storage, Storage), j: &str) {
+        let pb = self.taddr(sb, DType::F32, None, Some(j));
+        let px = self.taddr(so, DType::F32, None, Some(j));
+        let pl = self.taddr(sl, DType::F32, None, None);
+        for start in (0..n).step_by(SOLVE_WINDOW) {
+            let rows = start..n.min(start + SOLVE_WINDOW);
+            let x: Vec<String> = rows.clone().map(|i| self.ld_at(DType::F32, &pb, i as i64 * sb.rs * 4)).collect();
+            for i in rows.clone() {
+                for p in 0..i {
+                    let lv = self.ld_at(DType::F32, &pl, (i as i64 * sl.rs + p as i64 * sl.cs) * 4);
+                    let xp = if p >= start {
+                        x[p - start].clone()
+                    } else {
+                        self.ld_at(DType::F32, &px, p as i64 * so.rs * 4)
+                    };
+                    let xi = &x[i - start];
+                    self.ins(format!("neg.f32 {lv}, {lv}"));
+                    self.ins(format!("fma.rn.f32 {xi}, {lv}, {xp}, {xi}"));
+                }
+            }
+            for (i, xi) in rows.zip(&x) {
+                self.st_at(DType::F32, &px, i as i64 * so.rs * 4, xi);
+            }
+        }
+    }
+
+    /// An unrolled column cumsum into `s`: loads in batches of [`UNROLL_BATCH`] ahead of their
+    /// adds (a store may alias a later load's address, so none is moved past one).
+    fn cumsum_unrolled(
+        &mut self,
+        dt: DType,
+        (pa, rs_a): (&str, i64),
+        (po, rs_o): (&str, i64),
+        n: usize,
+        exclusive: bool,
+        s: &str,
+    ) {
+        let sz = dt.size() as i64;
+        for start in (0..n).step_by(UNROLL_BATCH) {
+            let rows = start..n.min(start + UNROLL_BATCH);
+            let v: Vec<String> = rows.clone().map(|i| self.ld_at(dt, pa, i as i64 * rs_a * sz)).collect();
+            for (i, vi) in rows.zip(&v) {
+                let at = i as i64 * rs_o * sz;
+                if exclusive {
+                    self.st_at(dt, po, at, s);
+                    self.ins(format!("add.rn.{} {s}, {s}, {vi}", ty(dt)));
+                } else {
+                    self.ins(format!("add.rn.{} {s}, {s}, {vi}", ty(dt)));
+                    self.st_at(dt, po, at, s);
+                }
+            }
+        }
+    }
+}
+
+/// The most rows a column-serial op (`SolveUnitLower`, `Cumsum`) is unrolled over, its column
+/// in registers (64 f32 values; the chunk sizes up to 64). Past it, a loop.
+pub const UNROLLED_ROWS: usize = 64;
+/// Rows of an unrolled solve's column held in registers at once (more made ptxas spill).
+pub const SOLVE_WINDOW: usize = 16;
+/// Loads an unrolled cumsum issues before their adds.
+pub const UNROLL_BATCH: usize = 16;
+
+/// Whether a column-serial op over `rows` rows is emitted unrolled.
+pub fn unrolled_rows(rows: usize) -> bool {
+    rows > 0 && rows <= UNROLLED_ROWS
 }
 
 fn op_name(op: &Op) -> &'static str {

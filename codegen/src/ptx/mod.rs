@@ -33,7 +33,8 @@
 //!   chunk-parallel kernel (a program's output pass) has one CTA per (V-tile, chunk, b, h):
 //!   `gridDim = (vtiles, ceil(T / C), batch * heads)`, `Grid::VTilesChunksBatchHeads`, and its
 //!   loop runs the CTA's chunk alone. [`emit_program`] emits every phase of a program.
-//! - **Block**: `32 * warps` threads (one dimension). Every op that is not fused is a loop over
+//! - **Block**: `32 * warps` threads (one dimension), and `.maxnreg` all the registers one
+//!   CTA may have (left to itself, ptxas picked targets as low as 48 registers and spilled). Every op that is not fused is a loop over
 //!   its output elements strided by the block size, followed by `bar.sync 0`, so each op sees
 //!   its operands complete. `Rows` and `Transpose` are views: no code, no barrier.
 //! - **Tiles** live where `midend::layout` puts them: one region per non-view value, reused once
@@ -70,8 +71,11 @@
 //!   last iteration; `commit_group`, `wait_group 1`, `bar.sync`: exactly iteration i's group
 //!   is complete). When the doubled workspace does not fit the limit, the kernel falls back
 //!   to one stage.
-//! - **Other ops**: `Cumsum` and `SolveUnitLower` run one thread per column, `RowSum` one per
-//!   row; `GatedDot` one thread per (i, j) pair; elementwise ops (`Unary`, `Binary` with
+//! - **Other ops**: `Cumsum` and `SolveUnitLower` run one thread per column, unrolled down
+//!   the rows up to [`UNROLLED_ROWS`] (every access at a constant offset, so the loads are
+//!   issued ahead; the solve keeps a window of [`SOLVE_WINDOW`] rows of its column in
+//!   registers, in the loop's fma order, so the bits do not change), a loop past it; `RowSum`
+//!   one thread per row; `GatedDot` one thread per (i, j) pair; elementwise ops (`Unary`, `Binary` with
 //!   broadcasting, `Mask`, `Cast`, `Const`) one thread per element. Loads and stores honour
 //!   the `valid_rows` masks with predicates. Index expressions are 64-bit integer arithmetic
 //!   on `%ctaid.x` and the scalar parameters `batch`, `heads`, `seq_len`. The `Loop` copies
@@ -117,6 +121,7 @@
 
 mod async_copy;
 mod emit;
+pub use emit::{unrolled_rows, SOLVE_WINDOW, UNROLLED_ROWS, UNROLL_BATCH};
 pub mod mma;
 mod ptxas;
 mod schedule;
