@@ -8,9 +8,12 @@
 //! - one CTA's time as the chain of its ops, each as the PTX backend lowers it
 //!   (`chunkc_codegen::ptx`): a loop over the op's elements strided by the block, one memory
 //!   access per element and iteration in the tile space (shared memory, or an L2 hit for
-//!   global scratch), no unrolling, then a barrier; a load pays the input's first-touch
-//!   latency per access (16 bytes per access with `cp.async` into shared memory, hidden
-//!   behind the previous chunk with two stages); a dot on tensor cores at the SM's rate shared
+//!   global scratch), no unrolling, then a barrier; a load through registers pays the
+//!   input's first-touch latency per access (one element, or 8 of a 16-bit tensor's
+//!   contiguous rows); `cp.async` loads (f32 tensors into shared memory, 16 bytes per access)
+//!   cost their issue, and a run of them one wait and one barrier: the first touch, or a
+//!   shared-memory latency when the chunk loop double-buffers them (a chunk-parallel phase
+//!   has no next chunk to prefetch); a dot on tensor cores at the SM's rate shared
 //!   by the CTAs on it, after staging its operands; an fma dot a k-loop of tile accesses per
 //!   output; the column-serial ops (`Cumsum`, `SolveUnitLower`) a chain down the rows: one
 //!   tile access per row as a loop, or, unrolled with the column in registers (up to
@@ -19,7 +22,9 @@
 //!   elementwise values cost nothing of their own. A sequential phase's CTA runs every chunk
 //!   (iteration) of its sequence in turn; a chunk-parallel one runs one.
 //! - the phase's time: the largest of waves x one CTA's chain, its FLOPs at the dot
-//!   precision's peak, and its global bytes at HBM bandwidth (which of the three bounds it
+//!   precision's peak, and its global bytes at HBM bandwidth (a tile that every V-tile of a
+//!   grid point reads counts once: those CTAs are adjacent in the grid, so in one wave, and
+//!   the others find it in L2) (which of the three bounds it
 //!   is reported), plus a launch.
 //!
 //! The program's estimate is the sum of its phases. The floor is the shape's roofline:
@@ -30,7 +35,7 @@
 use chunkc_codegen::ir::*;
 use chunkc_codegen::midend::{prepare, Abilities};
 use chunkc_codegen::program::Program;
-use chunkc_codegen::ptx::{unrolled_rows, PtxProgram, SOLVE_WINDOW, UNROLL_BATCH};
+use chunkc_codegen::ptx::{unrolled_rows, vector_width_16bit, PtxProgram, SOLVE_WINDOW, UNROLL_BATCH};
 use chunkc_codegen::schedule::{DotPrecision, PtxSchedule};
 use chunkc_runtime::artifact::TileSpace;
 use serde::{Deserialize, Serialize};
@@ -56,6 +61,7 @@ pub struct Gpu {
     pub hbm_latency_cycles: f64,
     pub fma_latency_cycles: f64,
     pub schedulers_per_sm: f64,
+    pub issue_cycles_per_access: f64,
 }
 
 /// The GPU tables, compiled in.
@@ -159,6 +165,8 @@ struct Context<'a> {
     /// Latency of one access to a tile (shared memory or an L2 hit on global scratch).
     tile_latency: f64,
     tiles_in_smem: bool,
+    /// The chunk loop's f32 loads are double-buffered (issued a chunk ahead).
+    pipelined: bool,
     /// CTAs sharing an SM's tensor and fma units.
     active_ctas: f64,
 }
@@ -167,6 +175,17 @@ impl Context<'_> {
     /// Per-thread iterations of a loop over `elements`, `per_access` elements at a time.
     fn steps(&self, elements: usize, per_access: usize) -> f64 {
         (elements as f64 / (self.threads * per_access.max(1) as f64)).ceil()
+    }
+
+    /// The CTAs that read the tile a load at `base` reads, from HBM once and from L2 for the
+    /// others: the V-tiles of one grid point, adjacent in the grid (x) and so in the same
+    /// wave, when the address does not depend on the V-tile.
+    fn readers_sharing(&self, base: &Idx) -> usize {
+        if base.uses(IdxVar::VTile) {
+            1
+        } else {
+            self.kernel.vtiles.max(1)
+        }
     }
 
     /// Warps of the CTAs on an SM that share one scheduler while an op keeps `lanes` threads
@@ -181,19 +200,41 @@ impl Context<'_> {
         tflops * 1e12 / (self.gpu.sms as f64 * self.gpu.clock_ghz * 1e9) / self.active_ctas
     }
 
-    fn op(&self, op: &Op, out: TileTy, in_loop: bool) -> Tally {
+    /// The cost of `op` (value of type `out`); `batch` says whether a batch of `cp.async`
+    /// loads is open (its wait and barrier already counted), and is updated.
+    fn op(&self, op: &Op, out: TileTy, in_loop: bool, batch: &mut bool) -> Tally {
         let lat = self.tile_latency;
         let elements = out.rows * out.cols;
         let mut t = Tally { barriers: 1, cycles: self.gpu.barrier_cycles, ..Tally::default() };
+        let opens_batch = !*batch;
+        *batch = false;
         match op {
-            Op::Load { elem, rows, cols, .. } => {
+            Op::Load { elem, rows, cols, base, row_stride, col_stride, .. } => {
                 let size = elem.size();
-                let async_copy = self.schedule.async_copy && self.tiles_in_smem;
-                let per_access = if async_copy { 16 / size } else { 1 };
-                let hidden = async_copy && in_loop && self.schedule.stages >= 2;
-                let latency = if hidden { self.gpu.smem_latency_cycles } else { self.gpu.hbm_latency_cycles };
-                t.cycles += self.steps(rows * cols, per_access) * latency;
-                t.bytes += (rows * cols * size) as f64;
+                t.bytes += (rows * cols * size) as f64 / self.readers_sharing(base) as f64;
+                if *elem == ElemType::F32 && self.schedule.async_copy && self.tiles_in_smem {
+                    // cp.async: issued without waiting; a run of them waits once, at its end
+                    // (or, double-buffered, at the loop's top for copies issued a chunk ahead).
+                    *batch = true;
+                    let hidden = in_loop && self.pipelined;
+                    let wait = if hidden { self.gpu.smem_latency_cycles } else { self.gpu.hbm_latency_cycles };
+                    let issue = self.steps(rows * cols, 16 / size) * self.gpu.issue_cycles_per_access;
+                    if !opens_batch {
+                        t = Tally { bytes: t.bytes, ..Tally::default() };
+                    } else {
+                        t.cycles += wait;
+                    }
+                    t.cycles += issue;
+                } else {
+                    // Through registers, each access waited for: one element, or eight of a
+                    // 16-bit tensor's contiguous rows (one 16-byte load).
+                    let per_access = if *elem == ElemType::F32 {
+                        1
+                    } else {
+                        vector_width_16bit(base, *row_stride, *col_stride, *cols)
+                    };
+                    t.cycles += self.steps(rows * cols, per_access) * self.gpu.hbm_latency_cycles;
+                }
             }
             Op::Dot { a, b, ta, tb, .. } => {
                 let (ta_, tb_) = (self.kernel.ty(*a), self.kernel.ty(*b));
@@ -296,27 +337,37 @@ pub fn estimate(
             threads: threads as f64,
             tile_latency: if tiles_in_smem { gpu.smem_latency_cycles } else { gpu.l2_latency_cycles },
             tiles_in_smem,
+            pipelined: phase.ptx.contains("cp.async.wait_group 1"),
             active_ctas: active,
         };
         let (mut outside, mut body, mut count) = (Tally::default(), Tally::default(), None);
+        let mut batch = false;
         for s in &prepared.kernel.body {
             match s {
                 Stmt::Let { id, op } if !prepared.fusion.fused[id.0 as usize] => {
-                    outside += cx.op(op, prepared.kernel.ty(*id), false)
+                    outside += cx.op(op, prepared.kernel.ty(*id), false, &mut batch)
                 }
                 Stmt::Let { .. } => {}
-                Stmt::Store { value, .. } => outside += cx.store(*value),
+                Stmt::Store { value, .. } => {
+                    batch = false;
+                    outside += cx.store(*value)
+                }
                 Stmt::Loop { count: n, body: stmts, .. } => {
                     count = Some(n.clone());
+                    batch = false;
                     for s in stmts {
                         match s {
                             Stmt::Let { id, op } if !prepared.fusion.fused[id.0 as usize] => {
-                                body += cx.op(op, prepared.kernel.ty(*id), true)
+                                body += cx.op(op, prepared.kernel.ty(*id), true, &mut batch)
                             }
-                            Stmt::Store { value, .. } => body += cx.store(*value),
+                            Stmt::Store { value, .. } => {
+                                batch = false;
+                                body += cx.store(*value)
+                            }
                             _ => {}
                         }
                     }
+                    batch = false;
                 }
             }
         }
@@ -387,8 +438,10 @@ pub fn assumptions(gpu: &Gpu) -> Vec<String> {
             gpu.launch_us,
             gpu.schedulers_per_sm
         ),
+        format!("loads: through registers a first touch per access (8 elements of 16-bit rows, else 1); cp.async {} cycles of issue per 16-byte access, a run of them one wait (a first touch, or a shared-memory latency when double-buffered) and one barrier", gpu.issue_cycles_per_access),
         "each op: a loop over its elements strided by the block, one tile access per element and iteration, then a barrier; the column-serial ops up to 64 rows unrolled (loads issued ahead, instructions at one per cycle per scheduler); fused values cost nothing".into(),
         "phase time: the largest of waves x one CTA's op chain, FLOPs at peak, bytes at HBM bandwidth; phases add up".into(),
+        "HBM bytes: every load and store once, except a tile the V-tiles of one grid point all read (adjacent CTAs, one wave): from HBM once, from L2 for the others".into(),
     ]
 }
 
@@ -404,6 +457,63 @@ mod tests {
         assert_eq!((h100.sms, h100.hbm_gb_s), (132, 3350.0));
         let err = gpu("v100").expect_err("unknown");
         assert_eq!(err, "no GPU `v100` in the model's table (known: a100, h100, h200)");
+    }
+
+    /// Loads cost what the PTX backend emits for them: a run of `cp.async` copies one wait
+    /// and one barrier (a first touch, or a shared-memory latency when double-buffered), a
+    /// 16-bit tensor's rows 8 elements per waited access, and a V-tile-shared tile its bytes
+    /// once per grid point.
+    #[test]
+    fn loads_cost_what_the_backend_emits() {
+        use chunkc_codegen::builder::Builder;
+        let h100 = gpu("h100").expect("h100");
+        let mut b = Builder::new("loads");
+        b.set_vtiles(4);
+        let kernel = b.finish();
+        let load = |elem, base| Op::Load {
+            elem,
+            param: 0,
+            base,
+            row_stride: 128,
+            col_stride: 1,
+            rows: 32,
+            cols: 128,
+            valid_rows: Idx::c(32),
+        };
+        let (opa, opb, opc) = (
+            load(ElemType::F32, Idx::c(0)),
+            load(ElemType::F32, Idx::var(IdxVar::VTile)),
+            load(ElemType::Bf16, Idx::c(0)),
+        );
+        let schedule = PtxSchedule::pipelined(DotPrecision::Bf16);
+        let cx = |pipelined| Context {
+            gpu: &h100,
+            schedule: &schedule,
+            kernel: &kernel,
+            threads: 256.0,
+            tile_latency: h100.smem_latency_cycles,
+            tiles_in_smem: true,
+            pipelined,
+            active_ctas: 1.0,
+        };
+        let ty = TileTy::f32(32, 128);
+        let issue = 4.0 * h100.issue_cycles_per_access; // 4096 floats, 4 per access, 256 threads
+        for (pipelined, wait) in [(false, h100.hbm_latency_cycles), (true, h100.smem_latency_cycles)] {
+            let cx = cx(pipelined);
+            let mut batch = false;
+            let first = cx.op(&opa, ty, true, &mut batch);
+            assert_eq!((first.cycles, first.barriers), (h100.barrier_cycles + wait + issue, 1));
+            let second = cx.op(&opb, ty, true, &mut batch);
+            assert_eq!((second.cycles, second.barriers), (issue, 0), "the batch waits once");
+            assert_eq!(
+                (first.bytes, second.bytes),
+                (32.0 * 128.0 * 4.0 / 4.0, 32.0 * 128.0 * 4.0),
+                "shared by 4 V-tiles, or not"
+            );
+            let third = cx.op(&opc, ty, true, &mut batch);
+            assert_eq!(third.cycles, h100.barrier_cycles + 2.0 * h100.hbm_latency_cycles, "16-bit: 2 accesses of 8");
+            assert!(!batch, "a load through registers closes the batch");
+        }
     }
 
     #[test]

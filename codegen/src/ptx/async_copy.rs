@@ -71,6 +71,20 @@ pub fn vector_width(base: &Idx, row_stride: i64, col_stride: i64, cols: usize, d
     }
 }
 
+/// Elements per global access of a 16-bit load through registers: 8 (one 16-byte
+/// `ld.global.v4.u32`) when every run of 8 elements is contiguous in global memory and
+/// 16-byte aligned there (assuming a 16-byte aligned tensor pointer, recorded in
+/// [`super::ParamMeta::align`]), else 1.
+pub fn vector_width_16bit(base: &Idx, row_stride: i64, col_stride: i64, cols: usize) -> usize {
+    let f = known_factor(base);
+    let aligned_base = f == 0 || f.is_multiple_of(8);
+    if col_stride == 1 && cols.is_multiple_of(8) && row_stride % 8 == 0 && aligned_base {
+        8
+    } else {
+        1
+    }
+}
+
 impl Em<'_> {
     /// True when `Load`s are issued as `cp.async`.
     pub(super) fn async_loads(&self) -> bool {

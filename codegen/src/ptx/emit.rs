@@ -1065,6 +1065,12 @@ impl Em<'_> {
         let dt = t.dtype;
         self.comment(format!("{id} = {}", op_name(op)));
         match op {
+            Op::Load { elem, param, base, row_stride, col_stride, rows: _, cols, valid_rows }
+                if *elem != ElemType::F32
+                    && super::async_copy::vector_width_16bit(base, *row_stride, *col_stride, *cols) == 8 =>
+            {
+                self.load_16bit_vectors(id, *elem, *param, (base, *row_stride), *cols, valid_rows);
+            }
             Op::Load { elem, param, base, row_stride, col_stride, rows: _, cols, valid_rows } => {
                 let base = self.idx(base);
                 let valid = self.idx(valid_rows);
@@ -1197,6 +1203,66 @@ impl Em<'_> {
             Op::SolveUnitLower { l, b } => self.solve(id, *l, *b),
         }
         Ok(())
+    }
+
+    /// A 16-bit tensor's rows, 8 elements (16 bytes) per thread and access: one
+    /// `ld.global.v4.u32`, widened to f32 in registers (exactly, as the scalar path) and
+    /// stored to the tile. Rows past `valid_rows` load nothing and store zeros.
+    fn load_16bit_vectors(
+        &mut self,
+        id: ValueId,
+        elem: ElemType,
+        param: usize,
+        (base, rs): (&Idx, i64),
+        cols: usize,
+        valid_rows: &Idx,
+    ) {
+        let t = self.k.ty(id);
+        let st = self.storage(id);
+        let base = self.idx(base);
+        let valid = self.idx(valid_rows);
+        let l = self.eloop(t.len() / 8);
+        let (i, j8) = self.split(&l.e.clone(), cols / 8);
+        let j = self.reg(R);
+        self.ins(format!("shl.b32 {j}, {j8}, 3"));
+        let p = self.row_valid(&i, &valid);
+        let a = self.gaddr_sized(param, &base, rs, 1, (&i, &j), 2);
+        self.param_align[param] = self.param_align[param].max(16);
+        let words: Vec<String> = (0..4).map(|_| self.reg(R)).collect();
+        for w in &words {
+            self.ins(format!("mov.u32 {w}, 0"));
+        }
+        self.ins(format!("@{p} ld.global.v4.u32 {{{}}}, [{a}]", words.join(", ")));
+        let dst = self.taddr(st, DType::F32, Some(&i), Some(&j));
+        for (n, w) in words.iter().enumerate() {
+            // Little-endian: element 2n is the word's low half, 2n + 1 its high half.
+            let halves: [String; 2] = match elem {
+                ElemType::Bf16 => {
+                    // A bf16 is the high half of the f32 with the same bits: exact.
+                    let (lo, hi) = (self.reg(R), self.reg(R));
+                    self.ins(format!("shl.b32 {lo}, {w}, 16"));
+                    self.ins(format!("and.b32 {hi}, {w}, -65536"));
+                    let (x, y) = (self.reg(F), self.reg(F));
+                    self.ins(format!("mov.b32 {x}, {lo}"));
+                    self.ins(format!("mov.b32 {y}, {hi}"));
+                    [x, y]
+                }
+                _ => {
+                    // cvt.f32.f16 is exact (subnormals, inf and NaN included).
+                    let (lo, hi) = (self.reg(H), self.reg(H));
+                    self.ins(format!("mov.b32 {{{lo}, {hi}}}, {w}"));
+                    let (x, y) = (self.reg(F), self.reg(F));
+                    self.ins(format!("cvt.f32.f16 {x}, {lo}"));
+                    self.ins(format!("cvt.f32.f16 {y}, {hi}"));
+                    [x, y]
+                }
+            };
+            for (h, x) in halves.iter().enumerate() {
+                let k = (2 * n + h) as i64;
+                self.st_at(DType::F32, &dst, k * st.cs * 4, x);
+            }
+        }
+        self.eloop_end(l);
     }
 
     /// `op(a) @ op(b) (+ acc)`: one output element per thread iteration, a k-loop of fmas.

@@ -120,6 +120,7 @@
 //! - No `wgmma`/TMA for sm_90 (the sm_90 kernels use the sm_80 instructions).
 
 mod async_copy;
+pub use async_copy::vector_width_16bit;
 mod emit;
 pub use emit::{unrolled_rows, SOLVE_WINDOW, UNROLLED_ROWS, UNROLL_BATCH};
 pub mod mma;
