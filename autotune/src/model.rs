@@ -8,7 +8,9 @@
 //! - one CTA's time as the chain of its ops, each as the PTX backend lowers it
 //!   (`chunkc_codegen::ptx`): a loop over the op's elements strided by the block, one memory
 //!   access per element and iteration in the tile space (shared memory, or an L2 hit for
-//!   global scratch), no unrolling, then a barrier; a load through registers pays the
+//!   global scratch), then a barrier; elementwise ops, loads through registers and stores
+//!   unrolled as the backend unrolls them (`ptx::unroll_factor`: one latency per round of
+//!   copies); barriers as many as the emitted PTX keeps (in the loop's body and outside it); a load through registers pays the
 //!   input's first-touch latency per access (one element, or 8 of a 16-bit tensor's
 //!   contiguous rows); `cp.async` loads (f32 tensors into shared memory, 16 bytes per access)
 //!   cost their issue, and a run of them one wait and one barrier: the first touch, or a
@@ -35,7 +37,7 @@
 use chunkc_codegen::ir::*;
 use chunkc_codegen::midend::{prepare, Abilities};
 use chunkc_codegen::program::Program;
-use chunkc_codegen::ptx::{unrolled_rows, vector_width_16bit, PtxProgram, SOLVE_WINDOW, UNROLL_BATCH};
+use chunkc_codegen::ptx::{unroll_factor, unrolled_rows, vector_width_16bit, PtxProgram, SOLVE_WINDOW, UNROLL_BATCH};
 use chunkc_codegen::schedule::{DotPrecision, PtxSchedule};
 use chunkc_runtime::artifact::TileSpace;
 use serde::{Deserialize, Serialize};
@@ -195,6 +197,14 @@ impl Context<'_> {
         (warps.ceil() * self.active_ctas / self.gpu.schedulers_per_sm).max(1.0)
     }
 
+    /// Waited-for rounds of an element loop over `elements`, `per_access` at a time, with
+    /// its body unrolled as the backend does (`ptx::unroll_factor`: the copies' loads in flight
+    /// together).
+    fn rounds(&self, elements: usize, per_access: usize) -> f64 {
+        let accesses = elements / per_access.max(1);
+        self.steps(elements, per_access) / unroll_factor(accesses, self.threads as usize) as f64
+    }
+
     /// One SM's FLOPs per cycle at `tflops`, shared by the CTAs on it.
     fn flops_per_cycle(&self, tflops: f64) -> f64 {
         tflops * 1e12 / (self.gpu.sms as f64 * self.gpu.clock_ghz * 1e9) / self.active_ctas
@@ -233,7 +243,7 @@ impl Context<'_> {
                     } else {
                         vector_width_16bit(base, *row_stride, *col_stride, *cols)
                     };
-                    t.cycles += self.steps(rows * cols, per_access) * self.gpu.hbm_latency_cycles;
+                    t.cycles += self.rounds(rows * cols, per_access) * self.gpu.hbm_latency_cycles;
                 }
             }
             Op::Dot { a, b, ta, tb, .. } => {
@@ -285,7 +295,7 @@ impl Context<'_> {
             Op::Rows { .. } | Op::Transpose { .. } => return Tally::default(),
             _ => {
                 t.flops += elements as f64;
-                t.cycles += self.steps(elements, 1) * lat;
+                t.cycles += self.rounds(elements, 1) * lat;
             }
         }
         t
@@ -296,7 +306,7 @@ impl Context<'_> {
         let ty = self.kernel.ty(value);
         let elements = ty.rows * ty.cols;
         Tally {
-            cycles: self.steps(elements, 1) * self.tile_latency + self.gpu.barrier_cycles,
+            cycles: self.rounds(elements, 1) * self.tile_latency + self.gpu.barrier_cycles,
             barriers: 1,
             flops: 0.0,
             bytes: (elements * 4) as f64,
@@ -376,6 +386,13 @@ pub fn estimate(
             (Some(_), true) => 1,
             (Some(n), false) => n.eval(&|v| if v == IdxVar::SeqLen { problem.seq_len as i64 } else { 0 }).max(0) as u64,
         };
+        // The barriers the backend kept (it emits one only where an op touches what a pending
+        // op wrote or read): counted in the emitted text, in place of one per op.
+        let (in_loop, total) = emitted_barriers(&phase.ptx);
+        for (t, kept) in [(&mut body, in_loop), (&mut outside, total - in_loop)] {
+            t.cycles += (kept as f64 - t.barriers as f64) * gpu.barrier_cycles;
+            t.barriers = kept;
+        }
         let cta = Tally {
             cycles: outside.cycles + iterations as f64 * body.cycles,
             barriers: body.barriers,
@@ -421,6 +438,27 @@ pub fn floor_ms(gpu: &Gpu, dot: DotPrecision, p: &Problem) -> f64 {
     (flops / (peak_tflops(gpu, dot) * 1e9)).max(bytes / (gpu.hbm_gb_s * 1e6))
 }
 
+/// The `bar.sync`s of an emitted kernel: (in its loop's body, in all). The loop runs from
+/// its head, the first label after the `// loop carrying` comment that a later branch jumps
+/// back to, to that branch.
+fn emitted_barriers(ptx: &str) -> (usize, usize) {
+    let lines: Vec<&str> = ptx.lines().map(str::trim).collect();
+    let is_barrier = |l: &&&str| **l == "bar.sync 0;";
+    let total = lines.iter().filter(is_barrier).count();
+    let in_loop = (|| {
+        let start = lines.iter().position(|l| l.starts_with("// loop carrying"))?;
+        // The head: the first label after it that a later `bra.uni` jumps back to (labels of
+        // the prefetch before the loop are only jumped forward to).
+        (start..lines.len()).find_map(|at| {
+            let head = lines[at].strip_suffix(':').filter(|l| l.starts_with("$L_"))?;
+            let back = format!("bra.uni {head};");
+            let end = lines[at..].iter().position(|l| *l == back)? + at;
+            Some(lines[at..end].iter().filter(is_barrier).count())
+        })
+    })();
+    (in_loop.unwrap_or(0), total)
+}
+
 /// The assumptions behind every estimate, to print next to it.
 pub fn assumptions(gpu: &Gpu) -> Vec<String> {
     vec![
@@ -439,7 +477,7 @@ pub fn assumptions(gpu: &Gpu) -> Vec<String> {
             gpu.schedulers_per_sm
         ),
         format!("loads: through registers a first touch per access (8 elements of 16-bit rows, else 1); cp.async {} cycles of issue per 16-byte access, a run of them one wait (a first touch, or a shared-memory latency when double-buffered) and one barrier", gpu.issue_cycles_per_access),
-        "each op: a loop over its elements strided by the block, one tile access per element and iteration, then a barrier; the column-serial ops up to 64 rows unrolled (loads issued ahead, instructions at one per cycle per scheduler); fused values cost nothing".into(),
+        "each op: a loop over its elements strided by the block, one tile access per element and iteration (elementwise ops, loads through registers and stores unrolled up to 4 copies, their accesses in flight together), then a barrier where the backend keeps one (counted in the emitted PTX); the column-serial ops up to 64 rows unrolled (loads issued ahead, instructions at one per cycle per scheduler); fused values cost nothing".into(),
         "phase time: the largest of waves x one CTA's op chain, FLOPs at peak, bytes at HBM bandwidth; phases add up".into(),
         "HBM bytes: every load and store once, except a tile the V-tiles of one grid point all read (adjacent CTAs, one wave): from HBM once, from L2 for the others".into(),
     ]
@@ -511,9 +549,17 @@ mod tests {
                 "shared by 4 V-tiles, or not"
             );
             let third = cx.op(&opc, ty, true, &mut batch);
-            assert_eq!(third.cycles, h100.barrier_cycles + 2.0 * h100.hbm_latency_cycles, "16-bit: 2 accesses of 8");
+            // 4096 bf16 = 512 accesses of 8: two per thread, unrolled, so in flight together.
+            assert_eq!(third.cycles, h100.barrier_cycles + h100.hbm_latency_cycles, "16-bit: 2 accesses of 8 at once");
             assert!(!batch, "a load through registers closes the batch");
         }
+    }
+
+    #[test]
+    fn barriers_are_counted_in_the_loop_and_in_all() {
+        let ptx = "\tbar.sync 0;\n\t// loop carrying 1\n\t@%p1 bra $L_9;\n$L_9:\n$L_3:\n\tbar.sync 0;\n\tadd.s64 %rd1, %rd1, 1;\n$L_4:\n\tbar.sync 0;\n\tbra.uni $L_3;\n$L_5:\n\tbar.sync 0;\n";
+        assert_eq!(emitted_barriers(ptx), (2, 4));
+        assert_eq!(emitted_barriers("\tbar.sync 0;\n"), (0, 1), "no loop");
     }
 
     #[test]

@@ -406,7 +406,7 @@ fn registers_are_declared_before_use() {
 }
 
 #[test]
-fn barrier_after_every_op_and_none_for_views_or_fused_values() {
+fn at_most_one_barrier_per_op_and_none_for_views_or_fused_values() {
     let k = tiny_kernel();
     let ptx = emit(&k, Sm::Sm80).unwrap().ptx;
     // What the mid-end fused for this target emits nothing: its consumer computes it.
@@ -425,8 +425,11 @@ fn barrier_after_every_op_and_none_for_views_or_fused_values() {
             })
             .sum()
     }
+    // One barrier per op was the bound before barriers followed the hazards; the kernel's
+    // consecutive ops read one another, so most remain, but not all.
     let in_place = prepared.in_place.iter().flatten().count();
-    assert_eq!(ptx.matches("bar.sync 0").count(), count(&prepared.kernel.body, fused) - in_place);
+    let (barriers, ops) = (ptx.matches("bar.sync 0").count(), count(&prepared.kernel.body, fused) - in_place);
+    assert!(barriers >= 1 && barriers < ops, "{barriers} barriers for {ops} ops");
 }
 
 #[test]

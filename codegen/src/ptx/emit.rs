@@ -5,6 +5,7 @@
 //! integers (thread and element indices), `%rd` 64-bit integers (index expressions and
 //! addresses), `%f` f32, `%fd` f64 and `%p` predicates.
 
+use super::hazards::Pending;
 use super::mma::{self, DotPlan, LaneRegs};
 use super::*;
 use crate::ir::*;
@@ -59,6 +60,8 @@ pub(super) struct ELoop {
     pub(super) e: String,
     head: String,
     end: String,
+    /// Copies of the body per iteration ([`unroll_factor`]): `e` advances by this many blocks.
+    copies: usize,
 }
 
 pub(super) struct Em<'k> {
@@ -103,6 +106,8 @@ pub(super) struct Em<'k> {
     /// The current loop's in-place update and the region it is written to.
     in_place: Option<(ValueId, Storage)>,
     next_loop: usize,
+    /// What the ops since the last barrier touched (`hazards.rs`).
+    pub(super) pending: Pending,
 }
 
 pub(super) const R: usize = 0;
@@ -200,6 +205,7 @@ pub(super) fn emit(kernel: &Kernel, target: Sm, opts: EmitOptions, sched: PtxSch
         in_place_dots: prepared.in_place.clone(),
         in_place: None,
         next_loop: 0,
+        pending: Pending::default(),
         sched,
         lanes: None,
         stage_reg: String::new(),
@@ -433,6 +439,23 @@ impl Em<'_> {
 
     pub(super) fn barrier(&mut self) {
         self.ins("bar.sync 0");
+        self.pending.clear();
+    }
+
+    pub(super) fn is_fused(&self, v: ValueId) -> bool {
+        self.fused[v.0 as usize]
+    }
+
+    pub(super) fn def(&self, v: ValueId) -> Option<&Op> {
+        self.defs[v.0 as usize].as_ref()
+    }
+
+    /// Whether a `Dot` runs on 16-bit tensor cores, through the staging buffer.
+    pub(super) fn dot_uses_staging(&self, op: &Op) -> bool {
+        let Op::Dot { a, b, ta, tb, .. } = op else { return false };
+        let (m, n, k) = mma::dot_dims(self.k, *a, *b, *ta, *tb);
+        let s = self.sched;
+        matches!(mma::plan_dot(s.dot, m, n, k, s.min_mma_dim, s.staging_bytes), DotPlan::Half { .. })
     }
 
     pub(super) fn storage(&self, v: ValueId) -> Storage {
@@ -510,7 +533,25 @@ impl Em<'_> {
         self.place(&head);
         self.ins(format!("setp.ge.u32 {p}, {e}, {n}"));
         self.ins(format!("@{p} bra {end}"));
-        ELoop { e, head, end }
+        ELoop { e, head, end, copies: 1 }
+    }
+
+    /// An element loop over `0..n` whose body is emitted [`unroll_factor`] times per
+    /// iteration, for the elements returned (`e`, `e + threads`, ...), all in range: a caller
+    /// issues every copy's reads before any copy's writes, so the loads of one iteration are
+    /// in flight together (one latency, not one per element).
+    pub(super) fn eloop_unrolled(&mut self, n: usize) -> (ELoop, Vec<String>) {
+        let threads = self.sched.threads() as usize;
+        let copies = unroll_factor(n, threads);
+        let mut l = self.eloop(n);
+        l.copies = copies;
+        let mut es = vec![l.e.clone()];
+        for c in 1..copies {
+            let e = self.reg(R);
+            self.ins(format!("add.u32 {e}, {}, {}", l.e, c * threads));
+            es.push(e);
+        }
+        (l, es)
     }
 
     /// Closes an element loop and synchronises the CTA.
@@ -521,8 +562,8 @@ impl Em<'_> {
 
     /// Closes an element loop without synchronising (the caller does, after more loops).
     pub(super) fn eloop_end_no_barrier(&mut self, l: ELoop) {
-        let threads = self.sched.threads();
-        self.ins(format!("add.u32 {}, {}, {threads}", l.e, l.e));
+        let step = self.sched.threads() as usize * l.copies;
+        self.ins(format!("add.u32 {}, {}, {step}", l.e, l.e));
         self.ins(format!("bra {}", l.head));
         self.place(&l.end);
     }
@@ -721,12 +762,17 @@ impl Em<'_> {
 
     /// Copies a tile from `src` to `dst` (any strides), then synchronises.
     fn copy(&mut self, t: TileTy, src: Storage, dst: Storage) {
-        let l = self.eloop(t.len());
-        let (i, j) = self.split(&l.e.clone(), t.cols);
-        let a = self.taddr(src, t.dtype, Some(&i), Some(&j));
-        let x = self.ld(t.dtype, &a);
-        let a = self.taddr(dst, t.dtype, Some(&i), Some(&j));
-        self.st(t.dtype, &a, &x);
+        let (l, es) = self.eloop_unrolled(t.len());
+        let mut xs = vec![];
+        for e in &es {
+            let (i, j) = self.split(e, t.cols);
+            let a = self.taddr(src, t.dtype, Some(&i), Some(&j));
+            xs.push((i, j, self.ld(t.dtype, &a)));
+        }
+        for (i, j, x) in xs {
+            let a = self.taddr(dst, t.dtype, Some(&i), Some(&j));
+            self.st(t.dtype, &a, &x);
+        }
         self.eloop_end(l);
     }
 
@@ -956,33 +1002,25 @@ impl Em<'_> {
                     continue;
                 }
                 if self.async_loads() {
+                    let (reads, writes) = self.accesses(s);
+                    if self.pending.conflicts(&reads, &writes) {
+                        self.barrier();
+                    }
+                    self.pending.add(reads, writes);
                     self.async_load(*id, *param, base, *row_stride, *col_stride, *cols, valid_rows);
                     continue;
                 }
             }
             self.flush_async();
+            if matches!(s, Stmt::Loop { .. }) {
+                self.settle();
+            } else {
+                self.ordered_statement(s)?;
+                continue;
+            }
             match s {
                 Stmt::Let { id, op } => self.op(*id, op)?,
-                Stmt::Store { value, param, base, row_stride, col_stride, valid_rows } => {
-                    self.comment(format!("store {value} -> {}", self.k.params[*param].name));
-                    let t = self.k.ty(*value);
-                    let base = self.idx(base);
-                    let valid = self.idx(valid_rows);
-                    let l = self.eloop(t.len());
-                    let (i, j) = self.split(&l.e.clone(), t.cols);
-                    let p = self.row_valid(&i, &valid);
-                    let x = self.read(*value, &i, &j);
-                    let x = if t.dtype == DType::F64 {
-                        let y = self.reg(F);
-                        self.ins(format!("cvt.rn.f32.f64 {y}, {x}"));
-                        y
-                    } else {
-                        x
-                    };
-                    let a = self.gaddr(*param, &base, *row_stride, *col_stride, &i, &j);
-                    self.ins(format!("@{p} st.global.f32 [{a}], {x}"));
-                    self.eloop_end(l);
-                }
+                Stmt::Store { .. } => self.store(s),
                 Stmt::Loop { count, carried, body, yields, results: _ } => {
                     let lp = self.plan.loops[self.next_loop].clone();
                     let in_place = self.in_place_dots.get(self.next_loop).copied().flatten();
@@ -1022,6 +1060,7 @@ impl Em<'_> {
                         self.prefetch_next(body, pipe, &cnt, &n);
                     }
                     self.block(body)?;
+                    self.settle();
                     // Yields that read a carried region go through temporaries first.
                     for (k, y) in yields.iter().enumerate() {
                         if let YieldCopy::ViaTemp(tmp) = lp.yields[k] {
@@ -1057,6 +1096,60 @@ impl Em<'_> {
         Ok(())
     }
 
+    /// A `Store` of a tile to a global tensor: one element per thread and copy, masked to the
+    /// valid rows.
+    fn store(&mut self, s: &Stmt) {
+        let Stmt::Store { value, param, base, row_stride, col_stride, valid_rows } = s else { return };
+        self.comment(format!("store {value} -> {}", self.k.params[*param].name));
+        let t = self.k.ty(*value);
+        let base = self.idx(base);
+        let valid = self.idx(valid_rows);
+        let (l, es) = self.eloop_unrolled(t.len());
+        let mut xs = vec![];
+        for e in &es {
+            let (i, j) = self.split(e, t.cols);
+            let x = self.read(*value, &i, &j);
+            let x = if t.dtype == DType::F64 {
+                let y = self.reg(F);
+                self.ins(format!("cvt.rn.f32.f64 {y}, {x}"));
+                y
+            } else {
+                x
+            };
+            xs.push((i, j, x));
+        }
+        for (i, j, x) in xs {
+            let p = self.row_valid(&i, &valid);
+            let a = self.gaddr(*param, &base, *row_stride, *col_stride, &i, &j);
+            self.ins(format!("@{p} st.global.f32 [{a}], {x}"));
+        }
+        self.eloop_end(l);
+    }
+
+    /// Emits a `Let` or `Store` after a barrier only if it conflicts with the pending ops, and
+    /// holds back the barrier its emission ends with (`hazards.rs`).
+    fn ordered_statement(&mut self, s: &Stmt) -> Result<(), PtxError> {
+        const BARRIER: &str = "\tbar.sync 0;\n";
+        let (reads, writes) = self.accesses(s);
+        if self.pending.conflicts(&reads, &writes) {
+            self.barrier();
+        }
+        let before = self.pending.clone();
+        let mark = self.out.len();
+        match s {
+            Stmt::Let { id, op } => self.op(*id, op)?,
+            Stmt::Store { .. } => self.store(s),
+            Stmt::Loop { .. } => unreachable!("loops are emitted by block"),
+        }
+        if self.out.len() >= mark + BARRIER.len() && self.out.ends_with(BARRIER) {
+            self.out.truncate(self.out.len() - BARRIER.len());
+        }
+        // A barrier inside the op settled what was pending before it; else that stays pending.
+        self.pending = if self.out[mark..].contains(BARRIER) { Pending::default() } else { before };
+        self.pending.add(reads, writes);
+        Ok(())
+    }
+
     fn op(&mut self, id: ValueId, op: &Op) -> Result<(), PtxError> {
         if op.is_view() {
             return Ok(());
@@ -1074,39 +1167,52 @@ impl Em<'_> {
             Op::Load { elem, param, base, row_stride, col_stride, rows: _, cols, valid_rows } => {
                 let base = self.idx(base);
                 let valid = self.idx(valid_rows);
-                let l = self.eloop(t.len());
-                let (i, j) = self.split(&l.e.clone(), *cols);
-                let p = self.row_valid(&i, &valid);
-                let a = self.gaddr_sized(*param, &base, *row_stride, *col_stride, (&i, &j), elem.size());
-                let x = self.reg(F);
-                self.ins(format!("mov.f32 {x}, 0f00000000"));
-                match elem {
-                    ElemType::F32 => self.ins(format!("@{p} ld.global.f32 {x}, [{a}]")),
-                    ElemType::Bf16 => {
-                        // A bf16 is the high half of the f32 with the same bits: exact.
-                        let r = self.reg(R);
-                        self.ins(format!("mov.u32 {r}, 0"));
-                        self.ins(format!("@{p} ld.global.u16 {r}, [{a}]"));
-                        self.ins(format!("shl.b32 {r}, {r}, 16"));
-                        self.ins(format!("mov.b32 {x}, {r}"));
+                let (l, es) = self.eloop_unrolled(t.len());
+                let mut xs = vec![];
+                for e in &es {
+                    let (i, j) = self.split(e, *cols);
+                    let p = self.row_valid(&i, &valid);
+                    let a = self.gaddr_sized(*param, &base, *row_stride, *col_stride, (&i, &j), elem.size());
+                    let x = self.reg(F);
+                    self.ins(format!("mov.f32 {x}, 0f00000000"));
+                    match elem {
+                        ElemType::F32 => self.ins(format!("@{p} ld.global.f32 {x}, [{a}]")),
+                        ElemType::Bf16 => {
+                            // A bf16 is the high half of the f32 with the same bits: exact.
+                            let r = self.reg(R);
+                            self.ins(format!("mov.u32 {r}, 0"));
+                            self.ins(format!("@{p} ld.global.u16 {r}, [{a}]"));
+                            self.ins(format!("shl.b32 {r}, {r}, 16"));
+                            self.ins(format!("mov.b32 {x}, {r}"));
+                        }
+                        ElemType::F16 => {
+                            // cvt.f32.f16 is exact (subnormals, inf and NaN included).
+                            let h = self.reg(H);
+                            self.ins(format!("mov.b16 {h}, 0"));
+                            self.ins(format!("@{p} ld.global.b16 {h}, [{a}]"));
+                            self.ins(format!("cvt.f32.f16 {x}, {h}"));
+                        }
                     }
-                    ElemType::F16 => {
-                        // cvt.f32.f16 is exact (subnormals, inf and NaN included).
-                        let h = self.reg(H);
-                        self.ins(format!("mov.b16 {h}, 0"));
-                        self.ins(format!("@{p} ld.global.b16 {h}, [{a}]"));
-                        self.ins(format!("cvt.f32.f16 {x}, {h}"));
-                    }
+                    xs.push((i, j, x));
                 }
-                self.write(id, &i, &j, &x);
+                for (i, j, x) in xs {
+                    self.write(id, &i, &j, &x);
+                }
                 self.eloop_end(l);
             }
             Op::Const { .. } | Op::Unary { .. } | Op::Binary { .. } | Op::Cast { .. } | Op::Mask { .. } => {
-                // One element per thread: the op, and every fused operand below it, in registers.
-                let l = self.eloop(t.len());
-                let (i, j) = self.split(&l.e.clone(), t.cols);
-                let y = self.eval(id, &i, &j);
-                self.write(id, &i, &j, &y);
+                // One element per thread and copy: the op, and every fused operand below it, in
+                // registers; every copy's result before any is written.
+                let (l, es) = self.eloop_unrolled(t.len());
+                let mut ys = vec![];
+                for e in &es {
+                    let (i, j) = self.split(e, t.cols);
+                    let y = self.eval(id, &i, &j);
+                    ys.push((i, j, y));
+                }
+                for (i, j, y) in ys {
+                    self.write(id, &i, &j, &y);
+                }
                 self.eloop_end(l);
             }
             Op::IdxValue(e) => {
@@ -1221,45 +1327,52 @@ impl Em<'_> {
         let st = self.storage(id);
         let base = self.idx(base);
         let valid = self.idx(valid_rows);
-        let l = self.eloop(t.len() / 8);
-        let (i, j8) = self.split(&l.e.clone(), cols / 8);
-        let j = self.reg(R);
-        self.ins(format!("shl.b32 {j}, {j8}, 3"));
-        let p = self.row_valid(&i, &valid);
-        let a = self.gaddr_sized(param, &base, rs, 1, (&i, &j), 2);
+        let (l, es) = self.eloop_unrolled(t.len() / 8);
         self.param_align[param] = self.param_align[param].max(16);
-        let words: Vec<String> = (0..4).map(|_| self.reg(R)).collect();
-        for w in &words {
-            self.ins(format!("mov.u32 {w}, 0"));
+        // Every copy's 16 bytes requested before any is widened and stored.
+        let mut loaded = vec![];
+        for e in &es {
+            let (i, j8) = self.split(e, cols / 8);
+            let j = self.reg(R);
+            self.ins(format!("shl.b32 {j}, {j8}, 3"));
+            let p = self.row_valid(&i, &valid);
+            let a = self.gaddr_sized(param, &base, rs, 1, (&i, &j), 2);
+            let words: Vec<String> = (0..4).map(|_| self.reg(R)).collect();
+            for w in &words {
+                self.ins(format!("mov.u32 {w}, 0"));
+            }
+            self.ins(format!("@{p} ld.global.v4.u32 {{{}}}, [{a}]", words.join(", ")));
+            loaded.push((i, j, words));
         }
-        self.ins(format!("@{p} ld.global.v4.u32 {{{}}}, [{a}]", words.join(", ")));
-        let dst = self.taddr(st, DType::F32, Some(&i), Some(&j));
-        for (n, w) in words.iter().enumerate() {
-            // Little-endian: element 2n is the word's low half, 2n + 1 its high half.
-            let halves: [String; 2] = match elem {
-                ElemType::Bf16 => {
-                    // A bf16 is the high half of the f32 with the same bits: exact.
-                    let (lo, hi) = (self.reg(R), self.reg(R));
-                    self.ins(format!("shl.b32 {lo}, {w}, 16"));
-                    self.ins(format!("and.b32 {hi}, {w}, -65536"));
-                    let (x, y) = (self.reg(F), self.reg(F));
-                    self.ins(format!("mov.b32 {x}, {lo}"));
-                    self.ins(format!("mov.b32 {y}, {hi}"));
-                    [x, y]
+        for (i, j, words) in loaded {
+            let dst = self.taddr(st, DType::F32, Some(&i), Some(&j));
+            for (n, w) in words.iter().enumerate() {
+                // Little-endian: element 2n is the word's low half, 2n + 1 its high half.
+                let halves: [String; 2] = match elem {
+                    ElemType::Bf16 => {
+                        // A bf16 is the high half of the f32 with the same bits: exact.
+                        let (lo, hi) = (self.reg(R), self.reg(R));
+                        self.ins(format!("shl.b32 {lo}, {w}, 16"));
+                        self.ins(format!("and.b32 {hi}, {w}, -65536"));
+                        let (x, y) = (self.reg(F), self.reg(F));
+                        self.ins(format!("mov.b32 {x}, {lo}"));
+                        self.ins(format!("mov.b32 {y}, {hi}"));
+                        [x, y]
+                    }
+                    _ => {
+                        // cvt.f32.f16 is exact (subnormals, inf and NaN included).
+                        let (lo, hi) = (self.reg(H), self.reg(H));
+                        self.ins(format!("mov.b32 {{{lo}, {hi}}}, {w}"));
+                        let (x, y) = (self.reg(F), self.reg(F));
+                        self.ins(format!("cvt.f32.f16 {x}, {lo}"));
+                        self.ins(format!("cvt.f32.f16 {y}, {hi}"));
+                        [x, y]
+                    }
+                };
+                for (h, x) in halves.iter().enumerate() {
+                    let k = (2 * n + h) as i64;
+                    self.st_at(DType::F32, &dst, k * st.cs * 4, x);
                 }
-                _ => {
-                    // cvt.f32.f16 is exact (subnormals, inf and NaN included).
-                    let (lo, hi) = (self.reg(H), self.reg(H));
-                    self.ins(format!("mov.b32 {{{lo}, {hi}}}, {w}"));
-                    let (x, y) = (self.reg(F), self.reg(F));
-                    self.ins(format!("cvt.f32.f16 {x}, {lo}"));
-                    self.ins(format!("cvt.f32.f16 {y}, {hi}"));
-                    [x, y]
-                }
-            };
-            for (h, x) in halves.iter().enumerate() {
-                let k = (2 * n + h) as i64;
-                self.st_at(DType::F32, &dst, k * st.cs * 4, x);
             }
         }
         self.eloop_end(l);
@@ -1513,6 +1626,13 @@ pub const SOLVE_WINDOW: usize = 16;
 /// Loads an unrolled cumsum issues before their adds.
 pub const UNROLL_BATCH: usize = 16;
 
+/// Copies of an element loop's body per iteration over `n` elements with `threads` threads:
+/// 4 or 2 when that many whole rounds of the block divide `n` (so no copy needs a bound
+/// check), else 1.
+pub fn unroll_factor(n: usize, threads: usize) -> usize {
+    [4, 2].into_iter().find(|&u| n >= threads * u && n.is_multiple_of(threads * u)).unwrap_or(1)
+}
+
 /// Whether a column-serial op over `rows` rows is emitted unrolled.
 pub fn unrolled_rows(rows: usize) -> bool {
     rows > 0 && rows <= UNROLLED_ROWS
@@ -1566,4 +1686,20 @@ fn param_elems(kernel: &Kernel) -> Result<Vec<ElemType>, PtxError> {
     let mut seen = vec![None; kernel.params.len()];
     walk(&kernel.body, &mut seen, &kernel.params)?;
     Ok(seen.into_iter().map(|e| e.unwrap_or_default()).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn element_loops_unroll_only_by_whole_rounds_of_the_block() {
+        assert_eq!(unroll_factor(4096, 256), 4);
+        assert_eq!(unroll_factor(512, 256), 2);
+        assert_eq!(unroll_factor(1536, 256), 2, "6 rounds: 2 copies, not 4");
+        assert_eq!(unroll_factor(256, 256), 1);
+        assert_eq!(unroll_factor(300, 256), 1, "a partial round: no copy may run past n");
+        assert_eq!(unroll_factor(0, 256), 1);
+        assert!(unrolled_rows(64) && !unrolled_rows(65) && !unrolled_rows(0));
+    }
 }

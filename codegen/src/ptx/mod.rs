@@ -34,9 +34,14 @@
 //!   `gridDim = (vtiles, ceil(T / C), batch * heads)`, `Grid::VTilesChunksBatchHeads`, and its
 //!   loop runs the CTA's chunk alone. [`emit_program`] emits every phase of a program.
 //! - **Block**: `32 * warps` threads (one dimension), and `.maxnreg` all the registers one
-//!   CTA may have (left to itself, ptxas picked targets as low as 48 registers and spilled). Every op that is not fused is a loop over
-//!   its output elements strided by the block size, followed by `bar.sync 0`, so each op sees
-//!   its operands complete. `Rows` and `Transpose` are views: no code, no barrier.
+//!   CTA may have (left to itself, ptxas picked targets as low as 48 registers and spilled).
+//!   Every op that is not fused is a loop over its output elements strided by the block size
+//!   (elementwise ops, loads through registers and stores with up to 4 copies of the body
+//!   per iteration, every copy's reads before any write: [`unroll_factor`]). A `bar.sync 0`
+//!   comes before an op only when it reads what an op since the last barrier wrote, or writes
+//!   what one read or wrote (`hazards.rs`: byte spans of the workspace, the staging buffer,
+//!   whole global tensors), and at every loop boundary. `Rows` and `Transpose` are views: no
+//!   code, no barrier.
 //! - **Tiles** live where `midend::layout` puts them: one region per non-view value, reused once
 //!   dead. The whole workspace goes in dynamic shared memory when it fits, together with the
 //!   16-bit staging buffer, in [`EmitOptions::smem_limit`] (48 KiB by default, the size that
@@ -95,8 +100,10 @@
 //!   tensor-core kernels meet the tf32 (1e-3) and 16-bit (1e-2) budgets, not the f32 one.
 //!
 //! # What is slow, and what is missing
-//! - A barrier after every op that is not fused; element indices recomputed with integer
-//!   division per element; a 64-bit address computation per element access.
+//! - A barrier before most ops all the same: consecutive ops mostly read what the op before
+//!   wrote, and the layout's reuse of dead regions adds writes after reads (the planner does
+//!   not avoid them); element indices recomputed with integer division per element; a 64-bit
+//!   address computation per element access.
 //! - Tensor cores: the 16-bit operands are re-staged for every dot (and every pass of a dot
 //!   with more than `4 * warps` warp tiles), A fragments are reloaded for each warp tile (no
 //!   register blocking across tiles), and tf32 fragments are plain scalar loads.
@@ -114,15 +121,17 @@
 //!   its top (not for each load just before its first use), and doubles those tiles' bytes,
 //!   which pushes some kernels over the limit (they fall back to one stage). Deeper pipelines
 //!   (`stages > 2`) are not implemented. Nothing has measured the overlap on a GPU.
-//! - 16-bit input tensors (`ir::ElemType`) are read with one scalar `ld.global.u16`/`.b16`
-//!   per element (no `cp.async`, no vector loads); the Cranelift backend does not read them
-//!   yet (a one-line error).
+//! - 16-bit input tensors (`ir::ElemType`) go through registers: 8 elements per
+//!   `ld.global.v4.u32` when rows of 8 are contiguous and aligned ([`vector_width_16bit`]),
+//!   else one scalar `ld.global.u16`/`.b16` per element; never `cp.async`, so never
+//!   prefetched a chunk ahead.
 //! - No `wgmma`/TMA for sm_90 (the sm_90 kernels use the sm_80 instructions).
 
 mod async_copy;
 pub use async_copy::vector_width_16bit;
 mod emit;
-pub use emit::{unrolled_rows, SOLVE_WINDOW, UNROLLED_ROWS, UNROLL_BATCH};
+mod hazards;
+pub use emit::{unroll_factor, unrolled_rows, SOLVE_WINDOW, UNROLLED_ROWS, UNROLL_BATCH};
 pub mod mma;
 mod ptxas;
 mod schedule;
