@@ -249,6 +249,28 @@ fn tensor_core_dot_edge_cases_in_the_simulator() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+/// Runs a one-CTA kernel (no grid: batch = heads = seq_len = 1) in the simulator on `inputs`,
+/// its outputs NaN-poisoned first (lengths `outputs`, after the inputs in parameter order)
+/// and a zeroed scratch buffer when its tiles are in global memory; returns the outputs.
+fn run_one_cta(
+    ptx: &chunkc_codegen::ptx::PtxKernel,
+    inputs: &[&[f32]],
+    outputs: &[usize],
+) -> Result<Vec<Vec<f32>>, String> {
+    let meta = &ptx.meta;
+    let mut mem = GlobalMemory::new();
+    let ins: Vec<u64> = inputs.iter().map(|x| mem.alloc_f32(x)).collect();
+    let outs: Vec<u64> = outputs.iter().map(|&n| mem.alloc_f32(&vec![f32::NAN; n])).collect();
+    let mut params: Vec<SimParam> = ins.iter().chain(&outs).map(|&x| SimParam::U64(x)).collect();
+    if meta.tile_space == TileSpace::Global {
+        params.push(SimParam::U64(mem.alloc_f32(&vec![0f32; meta.scratch_bytes_per_cta / 4 + 1])));
+    }
+    params.extend([SimParam::U64(1), SimParam::U64(1), SimParam::U64(1)]);
+    launch(&ptx.ptx, &meta.entry, [1, 1, 1], meta.block, meta.dynamic_smem_bytes, &params, &mut mem)
+        .map_err(|e| e.to_string())?;
+    outs.iter().zip(outputs).map(|(&o, &n)| mem.read_f32(o, n).map_err(|e| e.to_string())).collect()
+}
+
 /// A bf16/f16 tensor's bytes (`ElemType::encode`) in the f32 containers the interpreter
 /// takes: element e in the low half of slot e / 2 for even e (see `ir::ElemType`).
 fn pack16(elem: chunkc_codegen::ir::ElemType, values: &[f32]) -> Vec<f32> {
@@ -398,23 +420,9 @@ fn column_serial_ops_give_the_loops_bits_unrolled_or_not() {
         }
         for (place, limit) in [("shared", 1 << 20), ("global scratch", 0)] {
             let ptx = emit_with(&kernel, Sm::Sm90, EmitOptions { smem_limit: limit }).expect("emit");
-            let meta = &ptx.meta;
-            let mut mem = GlobalMemory::new();
-            let nan = vec![f32::NAN; n * m];
-            let bufs =
-                [mem.alloc_f32(&l), mem.alloc_f32(&b), mem.alloc_f32(&nan), mem.alloc_f32(&nan), mem.alloc_f32(&nan)];
-            let scratch = mem.alloc_f32(&vec![0f32; meta.scratch_bytes_per_cta / 4 + 1]);
-            let mut params: Vec<SimParam> = bufs.iter().map(|&x| SimParam::U64(x)).collect();
-            if meta.tile_space == TileSpace::Global {
-                params.push(SimParam::U64(scratch));
-            }
-            params.extend([SimParam::U64(1), SimParam::U64(1), SimParam::U64(1)]);
-            launch(&ptx.ptx, &meta.entry, [1, 1, 1], meta.block, meta.dynamic_smem_bytes, &params, &mut mem)
-                .unwrap_or_else(|e| panic!("n={n} {place}: {e}"));
-            for (name, buf, want) in
-                [("solve", bufs[2], &want_x), ("cumsum", bufs[3], &want_c), ("exclusive cumsum", bufs[4], &want_e)]
-            {
-                let got = mem.read_f32(buf, n * m).expect("output");
+            let got = run_one_cta(&ptx, &[&l, &b], &[n * m; 3]).unwrap_or_else(|e| panic!("n={n} {place}: {e}"));
+            let wants = [("solve", &want_x), ("cumsum", &want_c), ("exclusive cumsum", &want_e)];
+            for ((name, want), got) in wants.into_iter().zip(got) {
                 let same = got.iter().zip(want.iter()).all(|(g, w)| g.to_bits() == w.to_bits());
                 assert!(
                     same,
@@ -458,16 +466,10 @@ fn independent_ops_share_one_barrier() {
     let kernel = bld.finish();
     let ptx = emit_with(&kernel, Sm::Sm90, EmitOptions::default()).expect("emit");
     assert_eq!(ptx.ptx.matches("bar.sync").count(), 2, "{}", ptx.ptx);
-    let meta = &ptx.meta;
-    assert_eq!(meta.tile_space, TileSpace::Shared, "the race checks cover shared memory");
-    let mut mem = GlobalMemory::new();
-    let nan = vec![f32::NAN; n * m];
-    let bufs = [mem.alloc_f32(&a), mem.alloc_f32(&b), mem.alloc_f32(&nan), mem.alloc_f32(&nan), mem.alloc_f32(&nan)];
-    let mut params: Vec<SimParam> = bufs.iter().map(|&x| SimParam::U64(x)).collect();
-    params.extend([SimParam::U64(1), SimParam::U64(1), SimParam::U64(1)]);
-    launch(&ptx.ptx, &meta.entry, [1, 1, 1], meta.block, meta.dynamic_smem_bytes, &params, &mut mem).expect("runs");
-    assert_eq!(mem.read_f32(bufs[4], n * m).expect("z"), a, "the load, stored back");
-    let (x, y) = (mem.read_f32(bufs[2], n * m).expect("x"), mem.read_f32(bufs[3], n * m).expect("y"));
+    assert_eq!(ptx.meta.tile_space, TileSpace::Shared, "the race checks cover shared memory");
+    let out = run_one_cta(&ptx, &[&a, &b], &[n * m; 3]).expect("runs");
+    let (x, y) = (&out[0], &out[1]);
+    assert_eq!(out[2], a, "the load, stored back");
     for j in 0..m {
         let (mut sa, mut sb) = (0f32, 0f32);
         for i in 0..n {
