@@ -862,6 +862,17 @@ fn model_estimates_every_phase_and_prints_one_json_line() {
     let w: serde_json::Value = serde_json::from_str(&stdout(&longer)).expect("json");
     let ratio = w["phases"][1]["est_ms"].as_f64().expect("ms") / phases[1]["est_ms"].as_f64().expect("ms");
     assert!((ratio - 2.0).abs() < 0.01, "{ratio}");
+    // The structure at its shape: with V-tiles of 32 and chunks of 32 no phase has
+    // global scratch, and every chunk-parallel phase has at least a wave of CTAs (132 SMs).
+    let tiled = ["--program", "split", "--chunk", "32", "--bv", "32", "--stages", "2", "--json"];
+    let o = chunkc(&[&["model", "rules/gated_delta_rule.toml", "--gpu", "h100"][..], &tiled].concat());
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).expect("json");
+    for p in v["phases"].as_array().expect("phases") {
+        assert_eq!(p["scratch_bytes"], 0, "{p}");
+        let ctas: u64 = p["grid"].as_array().expect("grid").iter().map(|d| d.as_u64().expect("dim")).product();
+        let chunk_parallel = p["grid"][1].as_u64() == Some(256);
+        assert!(!chunk_parallel || ctas >= 132, "{p}");
+    }
     // The table says what it is.
     let o = chunkc(&["model", "rules/simple_gla.toml", "--gpu", "a100"]);
     assert!(o.status.success(), "{}", stderr(&o));
