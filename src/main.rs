@@ -594,6 +594,10 @@ enum Command {
         /// stages) and print the best N: candidates for a GPU to time.
         #[arg(long, value_name = "N")]
         rank: Option<usize>,
+        /// Also print each phase's chain op by op: the cycles the model gives every statement
+        /// of one CTA (where the time goes).
+        #[arg(long, conflicts_with_all = ["json", "rank"])]
+        ops: bool,
     },
     /// Print the tile IR of a rule's kernel, or write its PTX (sm_80, sm_90) and launch metadata.
     Compile {
@@ -1304,8 +1308,8 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Model { rule, gpu, shape, backend, chunk, bv, program, target, precision, json, rank } => {
-            model(&rule, &gpu, &shape, (backend, chunk, bv, program), target, precision, (json, rank))
+        Command::Model { rule, gpu, shape, backend, chunk, bv, program, target, precision, json, rank, ops } => {
+            model(&rule, &gpu, &shape, (backend, chunk, bv, program), target, precision, (json, rank, ops))
         }
         Command::Compile {
             rule,
@@ -1389,7 +1393,7 @@ fn model(
     (backend, chunk, bv, program): (BackendArg, usize, Option<usize>, ProgramArg),
     target: Option<Target>,
     mut precision: PrecisionArgs,
-    (json, rank): (bool, Option<usize>),
+    (json, rank, ops): (bool, Option<usize>, bool),
 ) -> Result<ExitCode, Error> {
     use chunkc::autotune::model;
     let gpu_key = gpu;
@@ -1482,6 +1486,18 @@ fn model(
             p.est_ms,
             p.bound
         );
+    }
+    if ops {
+        for p in &est.phases {
+            println!(
+                "{}: one CTA's chain, cycles (each op with one barrier; {} kept per iteration)",
+                p.name, p.barriers_per_iteration
+            );
+            for o in &p.ops {
+                let place = if o.in_loop { "per chunk" } else { "once" };
+                println!("  {:<12} {:<18} {:>5}x{:<5} {:<9} {:>9.0}", o.what, o.kind, o.rows, o.cols, place, o.cycles);
+            }
+        }
     }
     println!(
         "estimate {:.4} ms; roofline floor of the shape {:.4} ms ({:.1}x the floor)",

@@ -873,6 +873,13 @@ fn model_estimates_every_phase_and_prints_one_json_line() {
         let chunk_parallel = p["grid"][1].as_u64() == Some(256);
         assert!(!chunk_parallel || ctas >= 132, "{p}");
     }
+    // --ops: each phase's chain op by op, the loop's ops marked per chunk.
+    let o = chunkc(&["model", "rules/gated_delta_rule.toml", "--program", "split", "--ops"]);
+    let text = stdout(&o);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(text.contains("gated_delta_rule_chunked_c64_factors: one CTA's chain"), "{text}");
+    assert!(text.lines().any(|l| l.contains("solve unit lower") && l.contains("per chunk")), "{text}");
+    assert!(!chunkc(&["model", "rules/gated_delta_rule.toml", "--ops", "--json"]).status.success());
     // The table says what it is.
     let o = chunkc(&["model", "rules/simple_gla.toml", "--gpu", "a100"]);
     assert!(o.status.success(), "{}", stderr(&o));

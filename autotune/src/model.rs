@@ -112,13 +112,31 @@ pub struct PhaseEstimate {
     pub waves: u64,
     /// Loop iterations one CTA runs (chunks, or tokens of a recurrent kernel).
     pub iterations: u64,
-    /// Barriers in one iteration (one after every op that is not fused or a view).
+    /// Barriers in one iteration, as the emitted PTX keeps them.
     pub barriers_per_iteration: usize,
     pub gflop: f64,
     pub mbytes: f64,
     /// What bounds the phase: `latency` (the CTAs' op chains), `flops` or `bandwidth`.
     pub bound: &'static str,
     pub est_ms: f64,
+    /// One CTA's chain, op by op (`chunkc model --ops`; not in the JSON).
+    #[serde(skip)]
+    pub ops: Vec<OpCost>,
+}
+
+/// One statement of a CTA's chain: what it is and the cycles the model gives it (with one
+/// barrier each; the phase's total counts the barriers the PTX keeps instead).
+#[derive(Clone, Debug)]
+pub struct OpCost {
+    /// `%12`, or `store %12`.
+    pub what: String,
+    /// The op's kind (`load`, `dot`, ...).
+    pub kind: &'static str,
+    pub rows: usize,
+    pub cols: usize,
+    /// In the chunk loop (once per iteration) or outside it (once).
+    pub in_loop: bool,
+    pub cycles: f64,
 }
 
 /// A program's estimate.
@@ -351,34 +369,35 @@ pub fn estimate(
             active_ctas: active,
         };
         let (mut outside, mut body, mut count) = (Tally::default(), Tally::default(), None);
+        let mut ops = vec![];
+        // One statement's cost, added to `into` and recorded.
+        let mut cost = |s: &Stmt, in_loop: bool, batch: &mut bool, into: &mut Tally| {
+            let (what, kind, ty, t) = match s {
+                Stmt::Let { id, op } if !prepared.fusion.fused[id.0 as usize] && !op.is_view() => {
+                    let ty = prepared.kernel.ty(*id);
+                    (id.to_string(), op.name(), ty, cx.op(op, ty, in_loop, batch))
+                }
+                Stmt::Store { value, .. } => {
+                    *batch = false;
+                    (format!("store {value}"), "store", prepared.kernel.ty(*value), cx.store(*value))
+                }
+                _ => return,
+            };
+            *into += t;
+            ops.push(OpCost { what, kind, rows: ty.rows, cols: ty.cols, in_loop, cycles: t.cycles });
+        };
         let mut batch = false;
         for s in &prepared.kernel.body {
             match s {
-                Stmt::Let { id, op } if !prepared.fusion.fused[id.0 as usize] => {
-                    outside += cx.op(op, prepared.kernel.ty(*id), false, &mut batch)
-                }
-                Stmt::Let { .. } => {}
-                Stmt::Store { value, .. } => {
-                    batch = false;
-                    outside += cx.store(*value)
-                }
                 Stmt::Loop { count: n, body: stmts, .. } => {
                     count = Some(n.clone());
                     batch = false;
                     for s in stmts {
-                        match s {
-                            Stmt::Let { id, op } if !prepared.fusion.fused[id.0 as usize] => {
-                                body += cx.op(op, prepared.kernel.ty(*id), true, &mut batch)
-                            }
-                            Stmt::Store { value, .. } => {
-                                batch = false;
-                                body += cx.store(*value)
-                            }
-                            _ => {}
-                        }
+                        cost(s, true, &mut batch, &mut body);
                     }
                     batch = false;
                 }
+                s => cost(s, false, &mut batch, &mut outside),
             }
         }
         let iterations = match (&count, prepared.kernel.chunk_parallel) {
@@ -421,6 +440,7 @@ pub fn estimate(
             mbytes: bytes / 1e6,
             bound,
             est_ms: ms + gpu.launch_us / 1e3,
+            ops,
         });
     }
     let est_ms = phases.iter().map(|p| p.est_ms).sum();

@@ -380,6 +380,28 @@ impl Op {
     pub fn is_view(&self) -> bool {
         matches!(self, Op::Rows { .. } | Op::Transpose { .. })
     }
+
+    /// A short name of the op's kind (`load`, `dot`, ...), for comments and reports.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Load { .. } => "load",
+            Op::Const { .. } => "const",
+            Op::IdxValue(_) => "index value",
+            Op::Unary { .. } => "unary",
+            Op::Binary { .. } => "binary",
+            Op::Cast { .. } => "cast",
+            Op::Dot { .. } => "dot",
+            Op::Cumsum { .. } => "cumsum",
+            Op::RowSum { .. } => "row sum",
+            Op::Rows { .. } => "rows (view)",
+            Op::Transpose { .. } => "transpose (view)",
+            Op::Mask { .. } => "mask",
+            Op::GatedDot { .. } => "gated dot",
+            Op::GatedMatMul { .. } => "gated matmul",
+            Op::SolveUnitLower { .. } => "solve unit lower",
+            Op::Concat { .. } => "concat",
+        }
+    }
 }
 
 /// A statement of the kernel body.

@@ -720,7 +720,7 @@ impl Em<'_> {
                 self.ins(format!("selp.{} {y}, {a}, {f}, {p}", ty(dt)));
                 y
             }
-            other => unreachable!("{v} = {} is not elementwise", op_name(&other)),
+            other => unreachable!("{v} = {} is not elementwise", other.name()),
         }
     }
 
@@ -1156,7 +1156,7 @@ impl Em<'_> {
         }
         let t = self.k.ty(id);
         let dt = t.dtype;
-        self.comment(format!("{id} = {}", op_name(op)));
+        self.comment(format!("{id} = {}", op.name()));
         match op {
             Op::Load { elem, param, base, row_stride, col_stride, rows: _, cols, valid_rows }
                 if *elem != ElemType::F32
@@ -1636,27 +1636,6 @@ pub fn unroll_factor(n: usize, threads: usize) -> usize {
 /// Whether a column-serial op over `rows` rows is emitted unrolled.
 pub fn unrolled_rows(rows: usize) -> bool {
     rows > 0 && rows <= UNROLLED_ROWS
-}
-
-fn op_name(op: &Op) -> &'static str {
-    match op {
-        Op::Load { .. } => "load",
-        Op::Const { .. } => "const",
-        Op::IdxValue(_) => "index value",
-        Op::Unary { .. } => "unary",
-        Op::Binary { .. } => "binary",
-        Op::Cast { .. } => "cast",
-        Op::Dot { .. } => "dot",
-        Op::Cumsum { .. } => "cumsum",
-        Op::RowSum { .. } => "row sum",
-        Op::Rows { .. } => "rows (view)",
-        Op::Transpose { .. } => "transpose (view)",
-        Op::Mask { .. } => "mask",
-        Op::GatedDot { .. } => "gated dot",
-        Op::GatedMatMul { .. } => "gated matmul",
-        Op::SolveUnitLower { .. } => "solve unit lower",
-        Op::Concat { .. } => "concat",
-    }
 }
 
 /// The element type of every tensor parameter, from the loads that read it (f32 for tensors
