@@ -6,28 +6,28 @@
 //! - the grid's CTAs (from the launch metadata at the problem's shape), how many fit on an
 //!   SM at once (threads, shared memory, the CTA limit) and so the waves;
 //! - one CTA's time as the chain of its ops, each as the PTX backend lowers it
-//!   (`chunkc_codegen::ptx`): a loop over the op's elements strided by the block, one memory
-//!   access per element and iteration in the tile space (shared memory, or an L2 hit for
-//!   global scratch), then a barrier; elementwise ops, loads through registers and stores
-//!   unrolled as the backend unrolls them (`ptx::unroll_factor`: one latency per round of
-//!   copies); barriers as many as the emitted PTX keeps (in the loop's body and outside it); a load through registers pays the
-//!   input's first-touch latency per access (one element, or 8 of a 16-bit tensor's
-//!   contiguous rows); `cp.async` loads (f32 tensors into shared memory, 16 bytes per access)
-//!   cost their issue, and a run of them one wait and one barrier: the first touch, or a
-//!   shared-memory latency when the chunk loop double-buffers them (a chunk-parallel phase
-//!   has no next chunk to prefetch); a dot on tensor cores at the SM's rate shared
-//!   by the CTAs on it, after staging its operands; an fma dot a k-loop of tile accesses per
+//!   (`chunkc_codegen::ptx`): a loop over the op's elements strided by the block, one
+//!   memory access per element and iteration in the tile space (shared memory, or an L2 hit
+//!   for global scratch), then a barrier; elementwise ops, loads through registers and
+//!   stores unrolled as the backend unrolls them (`ptx::unroll_factor`: one latency per
+//!   round of copies); barriers as many as the emitted PTX keeps (in the loop's body and
+//!   outside it); a load through registers pays the input's first-touch latency per access
+//!   (one element, or 8 of a 16-bit tensor's contiguous rows); `cp.async` loads (f32
+//!   tensors into shared memory, 16 bytes per access) cost their issue, and a run of them
+//!   one wait and one barrier: the first touch, or a shared-memory latency when the chunk
+//!   loop double-buffers them (a chunk-parallel phase has no next chunk to prefetch); a dot
+//!   on tensor cores at the SM's rate shared by the CTAs on it, after staging its operands
+//!   (16-bit: a pair per access, unrolled); an fma dot a k-loop of tile accesses per
 //!   output; the column-serial ops (`Cumsum`, `SolveUnitLower`) a chain down the rows: one
 //!   tile access per row as a loop, or, unrolled with the column in registers (up to
-//!   `ptx::UNROLLED_ROWS` rows), a latency per batch of loads and then their instructions at
-//!   one per cycle per scheduler, shared by the warps on it. Fused
-//!   elementwise values cost nothing of their own. A sequential phase's CTA runs every chunk
-//!   (iteration) of its sequence in turn; a chunk-parallel one runs one.
+//!   `ptx::UNROLLED_ROWS` rows), a latency per batch of loads and then their instructions
+//!   at one per cycle per scheduler, shared by the warps on it. Fused elementwise values
+//!   cost nothing of their own. A sequential phase's CTA runs every chunk (iteration) of
+//!   its sequence in turn; a chunk-parallel one runs one.
 //! - the phase's time: the largest of waves x one CTA's chain, its FLOPs at the dot
 //!   precision's peak, and its global bytes at HBM bandwidth (a tile that every V-tile of a
 //!   grid point reads counts once: those CTAs are adjacent in the grid, so in one wave, and
-//!   the others find it in L2) (which of the three bounds it
-//!   is reported), plus a launch.
+//!   the others find it in L2), plus a launch; which of the three bounds it is reported.
 //!
 //! The program's estimate is the sum of its phases. The floor is the shape's roofline:
 //! FLA's chunk-form FLOP count at the dot precision's peak, or the inputs, `o` and the states
@@ -273,7 +273,13 @@ impl Context<'_> {
                 let min = self.schedule.min_mma_dim;
                 if self.schedule.dot.tensor_cores() && m >= min && n >= min && k >= min {
                     let rate = self.flops_per_cycle(peak_tflops(self.gpu, self.schedule.dot));
-                    t.cycles += flops / rate + self.steps(m * k + k * n, 1) * lat;
+                    // The operands' tile reads: 16-bit dots stage them a pair per access,
+                    // unrolled as the backend does; tf32 loads its fragments one at a time.
+                    let operands = match self.schedule.dot {
+                        DotPrecision::Bf16 | DotPrecision::F16 => self.rounds(m * k, 2) + self.rounds(k * n, 2),
+                        _ => self.steps(m * k + k * n, 1),
+                    };
+                    t.cycles += flops / rate + operands * lat;
                 } else {
                     let rate = self.flops_per_cycle(self.gpu.fp32_tflops);
                     t.cycles += (self.steps(m * n, 1) * k as f64 * lat).max(flops / rate);

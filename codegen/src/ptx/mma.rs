@@ -449,55 +449,66 @@ impl Em<'_> {
         cvt: &str,
     ) {
         let pairs = kb / 2;
-        let l = self.eloop(rows_p * pairs);
-        let e = l.e.clone();
-        let (i, pp) = self.split(&e, pairs);
-        // Column c = k0 + 2 pp of op(x) row i, and c + 1.
-        let (cs, c) = (self.reg(R), self.reg(R));
-        self.ins(format!("shl.b32 {cs}, {pp}, 1"));
-        self.ins(format!("add.u32 {c}, {cs}, {k0}"));
-        let row_ok = if rows < rows_p {
-            let p = self.reg(P);
-            self.ins(format!("setp.lt.u32 {p}, {i}, {rows}"));
-            Some(p)
-        } else {
-            None
-        };
         let tail = k0 + kb > k;
-        let mut vals = vec![];
-        for h in 0..2 {
-            let mut preds: Vec<String> = row_ok.iter().cloned().collect();
-            if tail {
-                let (ch, p) = (self.reg(R), self.reg(P));
-                self.ins(format!("add.u32 {ch}, {c}, {h}"));
-                self.ins(format!("setp.lt.u32 {p}, {ch}, {k}"));
-                preds.push(p);
-            }
-            let guard = self.and_preds(preds);
-            let st =
-                crate::midend::layout::Storage { off: x.off + h as i64 * x.sk * 4, rs: x.so, cs: x.sk, phase: x.phase };
-            let addr = self.taddr(st, DType::F32, Some(&i), Some(&c));
-            let v = self.reg(F);
-            match guard {
-                Some(p) => {
-                    self.ins(format!("mov.f32 {v}, 0f00000000"));
-                    self.ins(format!("@{p} ld.{}.f32 {v}, [{addr}]", self.space));
+        // Every copy's two loads before any copy converts and stores (the loads in flight
+        // together: `Em::eloop_unrolled`).
+        let (l, es) = self.eloop_unrolled(rows_p * pairs);
+        let mut loaded = vec![];
+        for e in &es {
+            let (i, pp) = self.split(e, pairs);
+            // Column c = k0 + 2 pp of op(x) row i, and c + 1.
+            let (cs, c) = (self.reg(R), self.reg(R));
+            self.ins(format!("shl.b32 {cs}, {pp}, 1"));
+            self.ins(format!("add.u32 {c}, {cs}, {k0}"));
+            let row_ok = if rows < rows_p {
+                let p = self.reg(P);
+                self.ins(format!("setp.lt.u32 {p}, {i}, {rows}"));
+                Some(p)
+            } else {
+                None
+            };
+            let mut vals = vec![];
+            for h in 0..2 {
+                let mut preds: Vec<String> = row_ok.iter().cloned().collect();
+                if tail {
+                    let (ch, p) = (self.reg(R), self.reg(P));
+                    self.ins(format!("add.u32 {ch}, {c}, {h}"));
+                    self.ins(format!("setp.lt.u32 {p}, {ch}, {k}"));
+                    preds.push(p);
                 }
-                None => self.ins(format!("ld.{}.f32 {v}, [{addr}]", self.space)),
+                let guard = self.and_preds(preds);
+                let st = crate::midend::layout::Storage {
+                    off: x.off + h as i64 * x.sk * 4,
+                    rs: x.so,
+                    cs: x.sk,
+                    phase: x.phase,
+                };
+                let addr = self.taddr(st, DType::F32, Some(&i), Some(&c));
+                let v = self.reg(F);
+                match guard {
+                    Some(p) => {
+                        self.ins(format!("mov.f32 {v}, 0f00000000"));
+                        self.ins(format!("@{p} ld.{}.f32 {v}, [{addr}]", self.space));
+                    }
+                    None => self.ins(format!("ld.{}.f32 {v}, [{addr}]", self.space)),
+                }
+                vals.push(v);
             }
-            vals.push(v);
+            loaded.push((i, cs, vals));
         }
-        // cvt.rn.{bf16,f16}x2.f32 d, a, b puts a in the upper half and b in the lower half (ISA
-        // "cvt"); the lower half is the lower address, element c.
-        let d = self.reg(R);
-        self.ins(format!("cvt.rn.{cvt}x2.f32 {d}, {}, {}", vals[1], vals[0]));
-        let off = self.reg(R);
-        self.ins(format!("mad.lo.u32 {off}, {i}, {stride}, {cs}"));
-        let addr = self.reg(RD);
-        self.ins(format!("mul.wide.u32 {addr}, {off}, 2"));
-        self.ins(format!("add.s64 {addr}, {addr}, {}", self.stage_base()));
-        let imm = if at > 0 { format!("+{at}") } else { String::new() };
-        self.ins(format!("st.shared.b32 [{addr}{imm}], {d}"));
+        for (i, cs, vals) in loaded {
+            // cvt.rn.{bf16,f16}x2.f32 d, a, b puts a in the upper half and b in the lower half
+            // (ISA "cvt"); the lower half is the lower address, element c.
+            let d = self.reg(R);
+            self.ins(format!("cvt.rn.{cvt}x2.f32 {d}, {}, {}", vals[1], vals[0]));
+            let off = self.reg(R);
+            self.ins(format!("mad.lo.u32 {off}, {i}, {stride}, {cs}"));
+            let addr = self.reg(RD);
+            self.ins(format!("mul.wide.u32 {addr}, {off}, 2"));
+            self.ins(format!("add.s64 {addr}, {addr}, {}", self.stage_base()));
+            let imm = if at > 0 { format!("+{at}") } else { String::new() };
+            self.ins(format!("st.shared.b32 [{addr}{imm}], {d}"));
+        }
         self.eloop_end_no_barrier(l);
     }
 
