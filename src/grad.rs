@@ -15,7 +15,7 @@ use chunkc_codegen::ir::ElemType;
 use chunkc_codegen::plan::backward;
 use chunkc_codegen::program::Program;
 use chunkc_codegen::schedule::{PtxSchedule, Schedule, DEFAULT_TIME_BLOCK};
-use chunkc_dsl::ast::Rule;
+use chunkc_dsl::ast::{Rule, Ty};
 use chunkc_dsl::canon::canonicalize;
 use chunkc_dsl::gradient;
 use chunkc_dsl::reference::Dims;
@@ -46,6 +46,9 @@ pub struct GradOptions {
     pub checkpoint: Option<usize>,
     /// The chunked backward's chunk size.
     pub chunk: usize,
+    /// The chunked backward's columns of V per grid point (None: the whole V); the gradients
+    /// shared by the columns are summed over the V-tiles here.
+    pub bv: Option<usize>,
     /// The input type and the PTX knobs (dot precision, warps) of the PTX engines; the CPU
     /// runs f32 inputs and f32 dots.
     pub ptx: PtxPrecision,
@@ -87,6 +90,7 @@ impl Default for GradOptions {
             scale: None,
             checkpoint: None,
             chunk: 64,
+            bv: None,
             ptx: PtxPrecision::default(),
         }
     }
@@ -208,7 +212,7 @@ pub fn build_program(rule: &Rule, dims: &Dims, opts: &GradOptions) -> Result<Pro
         }
         let canon = canonicalize(rule).map_err(|n| Error::from(n.to_diagnostic(rule)))?;
         let shape = shape_of(dims, opts.scale);
-        let schedule = Schedule::chunked(opts.chunk).with_input(opts.ptx.input);
+        let schedule = Schedule::chunked(opts.chunk).with_input(opts.ptx.input).with_bv(opts.bv);
         let every = chunked_boundary_every(opts.chunk, opts.checkpoint)?;
         return backward::chunked(rule, &canon, shape, schedule, every).map_err(|e| {
             Error::Unsupported(format!(
@@ -217,6 +221,11 @@ pub fn build_program(rule: &Rule, dims: &Dims, opts: &GradOptions) -> Result<Pro
                 e.0.trim_start_matches(&format!("rule `{}`: ", rule.name))
             ))
         });
+    }
+    if let Some(bv) = opts.bv {
+        return Err(Error::Unsupported(format!(
+            "--bv {bv}: only the chunked backward splits V into tiles; the recurrent one runs the whole V"
+        )));
     }
     let every = opts.checkpoint.unwrap_or_else(|| backward::checkpoint_interval(dims.seq_len));
     if every == 0 {
@@ -246,27 +255,64 @@ fn compiled(rule: &Rule, tensors: &Tensors, dims: Dims, opts: &GradOptions) -> R
         Engine::Interp => backend::execute_interp(&program, tensors, &dims)?.0,
         Engine::Ptx { device, target } => gpu::execute(&program, tensors, dims, device, target, &opts.ptx.schedule)?.0,
     };
-    sum_per_head_gradients(rule, &dims, &mut out)?;
+    sum_partial_gradients(rule, &dims, &mut out)?;
     Ok(out)
 }
 
-/// A per-head parameter's gradient comes from the backward program per batch row: sums it
-/// over B, into `d<name>` of the parameter's shape.
-pub(crate) fn sum_per_head_gradients(
-    rule: &Rule,
-    dims: &Dims,
-    out: &mut BTreeMap<String, Tensor>,
-) -> Result<(), Error> {
-    for (i, inp) in rule.inputs.iter().enumerate().filter(|(_, inp)| inp.per_head) {
-        let by_batch = out
-            .remove(&backward::gradient_name(rule, i))
-            .ok_or_else(|| Error::Internal(format!("the backward produced no gradient for `{}`", inp.name)))?;
-        let per_batch = by_batch.data.len() / dims.batch.max(1);
-        let mut sum = vec![0f32; per_batch];
-        for row in by_batch.data.chunks(per_batch.max(1)) {
-            sum.iter_mut().zip(row).for_each(|(s, x)| *s += x);
+/// Adds up the gradients a backward program writes in parts: a per-head parameter's, per
+/// batch row (and per V-tile), into `d<name>` of the parameter's shape; with V-tiles, every
+/// gradient shared by the columns (`d<name>.by_vtile`, and `d<state>0.by_vtile` of an extra
+/// `[K]` state), over its tiles.
+pub(crate) fn sum_partial_gradients(rule: &Rule, dims: &Dims, out: &mut BTreeMap<String, Tensor>) -> Result<(), Error> {
+    let partial = backward::PARTIAL_SUFFIX;
+    for inp in &rule.inputs {
+        let width = |ty: Ty| match ty {
+            Ty::VecK => dims.k,
+            Ty::VecV => dims.v,
+            _ => 1,
+        };
+        let shape = dims.input_shape(inp);
+        let by_batch = format!("d{}.by_batch", inp.name);
+        let by_vtile = format!("d{}{partial}", inp.name);
+        let (parts, outer_rows) = match (out.remove(&by_batch), out.remove(&by_vtile)) {
+            // [B, H, (NV,) D]: B rows of the parameter's shape, each in parts.
+            (Some(t), None) if inp.per_head => (t, dims.batch),
+            (None, Some(t)) if !inp.per_head => (t, 1),
+            _ => continue,
+        };
+        let sum = sum_parts(&inp.name, &parts.data, outer_rows, shape.iter().product(), width(inp.ty))?;
+        out.insert(format!("d{}", inp.name), Tensor::new(shape, sum)?);
+    }
+    for s in &rule.states {
+        let name = format!("d{}", s.initial_name());
+        if let Some(t) = out.remove(&format!("{name}{partial}")) {
+            let shape = vec![dims.batch, dims.heads, s.width(dims.k, dims.v)];
+            let sum = sum_parts(&name, &t.data, 1, shape.iter().product(), shape[2])?;
+            out.insert(name, Tensor::new(shape, sum)?);
         }
-        out.insert(format!("d{}", inp.name), Tensor::new(dims.input_shape(inp), sum)?);
     }
     Ok(())
+}
+
+/// `data` as `rows` copies of a tensor of `numel` elements whose every run of `inner`
+/// elements is split into parts (`[rows, numel / inner, parts, inner]`), summed over the
+/// rows and the parts.
+fn sum_parts(name: &str, data: &[f32], rows: usize, numel: usize, inner: usize) -> Result<Vec<f32>, Error> {
+    let whole = rows * numel;
+    if whole == 0 || inner == 0 || !data.len().is_multiple_of(whole) || !numel.is_multiple_of(inner) {
+        return Err(Error::Internal(format!(
+            "the backward wrote {} elements for the gradient of `{name}`, not a multiple of {whole}",
+            data.len()
+        )));
+    }
+    let parts = data.len() / whole;
+    let mut sum = vec![0f32; numel];
+    for row in data.chunks(numel * parts) {
+        for (run, out) in row.chunks(inner * parts).zip(sum.chunks_mut(inner)) {
+            for part in run.chunks(inner) {
+                out.iter_mut().zip(part).for_each(|(s, x)| *s += x);
+            }
+        }
+    }
+    Ok(sum)
 }

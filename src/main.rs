@@ -355,6 +355,11 @@ enum Command {
         /// of --chunk (default: every chunk's; more keeps fewer states and recomputes the rest).
         #[arg(long)]
         checkpoint: Option<usize>,
+        /// The chunked backward's columns of V per grid point (a V-tile dimension of the grid,
+        /// as FLA's BV); must divide V. The gradients the columns share are summed over the
+        /// tiles. Default: the whole V.
+        #[arg(long)]
+        bv: Option<usize>,
         /// Worker threads (default: all cores).
         #[arg(long, default_value_t = 0)]
         threads: usize,
@@ -721,8 +726,7 @@ fn bench_grad(
     rule: &Rule,
     dims: chunkc::dsl::reference::Dims,
     backend: Option<BackendArg>,
-    chunk: usize,
-    checkpoint: Option<usize>,
+    (chunk, checkpoint, bv): (usize, Option<usize>, Option<usize>),
     threads: usize,
     runs: usize,
     json: bool,
@@ -739,12 +743,13 @@ fn bench_grad(
     let threads = if threads == 0 { chunkc::runtime::exec::default_threads() } else { threads };
     // The chunked backward stores every chunk's state unless --checkpoint says otherwise.
     let checkpoint = if backend == Backend::Chunked { checkpoint } else { Some(every) };
-    let opts = chunkc::grad::GradOptions { backend, checkpoint, chunk, ..Default::default() };
+    let opts = chunkc::grad::GradOptions { backend, checkpoint, chunk, bv, ..Default::default() };
     let m = chunkc::bench::bench_grad(rule, dims, &opts, threads, runs, std::time::Duration::from_secs(1))?;
     let (median, best) = (m.median.as_secs_f64() * 1e3, m.best.as_secs_f64() * 1e3);
+    let tiles = bv.map(|b| format!(", bv {b}")).unwrap_or_default();
     let (label, every_shown) = match (backend, checkpoint) {
-        (Backend::Chunked, Some(n)) => (format!("chunked chunk {chunk}, states stored every {n} tokens"), chunk),
-        (Backend::Chunked, None) => (format!("chunked chunk {chunk}"), chunk),
+        (Backend::Chunked, Some(n)) => (format!("chunked chunk {chunk}{tiles}, states stored every {n} tokens"), chunk),
+        (Backend::Chunked, None) => (format!("chunked chunk {chunk}{tiles}"), chunk),
         _ => (format!("recurrent, checkpoint every {every} tokens"), every),
     };
     if json {
@@ -1006,12 +1011,14 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
             kernel,
             chunk,
             checkpoint,
+            bv,
             threads,
             scale,
             allow_extra,
             precision,
             engine: e,
         } => {
+            check_bv(bv)?;
             let loaded = load_rule(&rule)?;
             let linear = loaded.canonical.is_ok();
             let backend = backend.unwrap_or(if linear { RunBackend::Chunked } else { RunBackend::Recurrent });
@@ -1031,7 +1038,8 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
                 return Err(Error::Internal("one backend must give one run".into()));
             };
             let ptx = precision.ptx_precision()?;
-            let opts = chunkc::grad::GradOptions { backend: be, engine: eng, threads, scale, checkpoint, chunk, ptx };
+            let opts =
+                chunkc::grad::GradOptions { backend: be, engine: eng, threads, scale, checkpoint, chunk, bv, ptx };
             let written = chunkc::grad::grad(&loaded.rule, &tensors, &shown, &opts, allow_extra)?;
             let mut meta = BTreeMap::new();
             meta.insert("rule".to_string(), loaded.rule.name.clone());
@@ -1074,7 +1082,7 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
                     v,
                     threads,
                     seed,
-                    schedule: precision.apply(Schedule::recurrent())?,
+                    schedule: precision.apply(Schedule::recurrent().with_bv(bv))?,
                 };
                 return verify_grad(&rule, backend, target, engine(e), plan);
             }
@@ -1209,7 +1217,7 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
             };
             if grad {
                 let chunk = chunk.unwrap_or(GPU_DEFAULT_CHUNK);
-                return bench_grad(&loaded.rule, dims, backend, chunk, checkpoint, threads, runs, json);
+                return bench_grad(&loaded.rule, dims, backend, (chunk, checkpoint, bv), threads, runs, json);
             }
             let chunk = chunk.unwrap_or(CPU_DEFAULT_CHUNK);
             let backend = backend.unwrap_or(BackendArg::Chunked);
@@ -1352,9 +1360,6 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
                 .with_program(ProgramShape::from(program));
             let schedule = precision.apply(schedule)?;
             let program = if grad {
-                if bv.is_some() {
-                    return Err(Error::Unsupported("the backward runs the whole V: --grad takes no --bv".into()));
-                }
                 let backend = Backend::from(backend);
                 let checkpoint = match backend {
                     Backend::Chunked => checkpoint,
@@ -1363,7 +1368,7 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
                 let seq_len = chunk.max(checkpoint.unwrap_or(1));
                 let dims = chunkc::dsl::reference::Dims { batch: 1, seq_len, heads, k, v };
                 let ptx = chunkc::grad::PtxPrecision::of(&schedule);
-                let opts = chunkc::grad::GradOptions { backend, chunk, checkpoint, ptx, ..Default::default() };
+                let opts = chunkc::grad::GradOptions { backend, chunk, checkpoint, bv, ptx, ..Default::default() };
                 chunkc::grad::build_program(&loaded.rule, &dims, &opts)?
             } else {
                 backend::build_program(&loaded.rule, shape, &schedule)?

@@ -89,6 +89,7 @@ pub fn verify_grad(rule: &Rule, plan: &Plan, mut progress: impl FnMut(&GradRow))
                     scale: None,
                     checkpoint: Some(size),
                     chunk: size,
+                    bv: plan.schedule.bv.filter(|_| backend == Backend::Chunked),
                     ptx,
                 };
                 let got = grad(rule, &inputs, "random inputs", &opts, false)?;

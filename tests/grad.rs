@@ -122,6 +122,18 @@ fn every_gradient_golden_through_the_chunked_backward() {
     every_gradient_golden_through("chunked-c16-every48", &every_third);
 }
 
+/// The chunked backward split into V-tiles of 8 columns (3 or 4 per head: V is 24 or 32),
+/// the gradients the columns share summed over the tiles; at chunk 16 and at chunk 32 storing
+/// the state every 64 tokens; on the CPU and in the PTX simulator.
+#[test]
+fn every_gradient_golden_through_the_chunked_backward_in_v_tiles() {
+    every_gradient_golden_through("chunked-c16-bv8", &["--backend", "chunked", "--chunk", "16", "--bv", "8"]);
+    let every_other = ["--backend", "chunked", "--chunk", "32", "--bv", "8", "--checkpoint", "64"];
+    every_gradient_golden_through("chunked-c32-bv8-every64", &every_other);
+    let sim = ["--backend", "ptx-sim", "--kernel", "chunked", "--chunk", "16", "--bv", "8"];
+    every_gradient_golden_through("ptx-sim-chunked-bv8", &sim);
+}
+
 /// The same programs' PTX (sm_90, f32), run by the PTX simulator: the recurrent and the
 /// chunked backward of every family.
 #[test]

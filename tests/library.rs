@@ -344,6 +344,8 @@ fn backward_is_the_command_lines_gradient() {
         ("gated_delta_rule", Schedule::chunked(16)),
         ("mamba2", Schedule::chunked(32)),
         ("mlstm", Schedule::recurrent()),
+        // The schedule's V-tiles split the backward too.
+        ("mlstm", Schedule::chunked(16).with_bv(Some(2))),
     ] {
         let r = rule(name);
         let dims = Dims { batch: 2, seq_len: 37, heads: 2, k: 8, v: 4 };
@@ -364,6 +366,7 @@ fn backward_is_the_command_lines_gradient() {
             // stored by the chunked backward.
             checkpoint: (backend == Backend::Recurrent).then_some(16),
             chunk: schedule.chunk,
+            bv: schedule.bv,
             ptx: PtxPrecision::default(),
         };
         let cli = grad(r.ast(), &tensors, "random", &opts, false).expect("grad");

@@ -6,13 +6,19 @@
 //! the chunk and outputs are NaN-poisoned by `backend::run`. The planner's refusals (BV not
 //! dividing V, a reduction over V, a rule not linear in S) are one-line errors; the PTX of
 //! a few BV kernels assembles for sm_80 and sm_90 without spills.
+//!
+//! The chunked backward splits too: every chunkable rule's gradients at BV = V/2 and V/4 (and
+//! with the states stored every two chunks) against the reference gradient, on the same three
+//! engines.
 
 use chunkc::backend::{build_kernel, build_program, run, shape_of, Backend, Engine, Options};
 use chunkc::codegen::ptx::{self, DotPrecision, Grid, PtxSchedule, Sm};
 use chunkc::codegen::schedule::ProgramShape;
 use chunkc::dsl::reference::Dims;
 use chunkc::gpu::Device;
+use chunkc::grad::{build_program as build_grad_program, grad, GradOptions};
 use chunkc::verify::{precision_of, random_inputs, rel_rms};
+use chunkc::verify_grad::{random_grad_inputs, tolerance as grad_tolerance};
 use chunkc::Schedule;
 mod common;
 
@@ -88,6 +94,99 @@ fn every_rule_split_into_v_tiles_in_the_ptx_simulator_with_tf32_dots() {
     every_rule_split(SIM, Schedule::default().with_ptx(PtxSchedule::with_dot(DotPrecision::Tf32)));
 }
 
+/// Every chunkable rule's chunked backward split into V-tiles of V/2 and V/4 columns (and
+/// V/4 storing the state every two chunks) on `engine`, against the reference gradient:
+/// every gradient within its budget (those the columns share summed over the tiles), the
+/// program's phases really split. Returns the worst error.
+fn every_rule_backward_split(engine: Engine) -> f64 {
+    let (mut worst, mut failures, mut compared) = (0.0f64, vec![], 0);
+    for path in rules() {
+        let loaded = chunkc::load_rule(&path).unwrap_or_else(|e| panic!("{e}"));
+        let rule = &loaded.rule;
+        if loaded.canonical.is_err() {
+            continue;
+        }
+        let inputs = random_grad_inputs(rule, &DIMS, 5);
+        let reference = grad(rule, &inputs, "random", &GradOptions::default(), false).expect("reference gradient");
+        for (bv, checkpoint) in [(DIMS.v / 2, None), (DIMS.v / 4, None), (DIMS.v / 4, Some(2 * CHUNK))] {
+            let opts = GradOptions {
+                backend: Backend::Chunked,
+                engine,
+                threads: 2,
+                chunk: CHUNK,
+                checkpoint,
+                bv: Some(bv),
+                ..GradOptions::default()
+            };
+            let program = build_grad_program(rule, &DIMS, &opts).unwrap_or_else(|e| panic!("{}: {e}", rule.name));
+            assert!(program.spec.phases.iter().all(|p| p.vtiles == DIMS.v / bv), "{}", program.spec.name);
+            let got = grad(rule, &inputs, "random", &opts, false).unwrap_or_else(|e| panic!("{}: {e}", rule.name));
+            let mut line = format!("{:<18} bv {bv:>2} {checkpoint:?}:", rule.name);
+            for (name, want) in &reference {
+                let err = got.get(name).map_or(f64::INFINITY, |g| rel_rms(&g.data, &want.data));
+                let budget = grad_tolerance(rule, name);
+                line += &format!(" {name} {err:.1e}");
+                worst = worst.max(err);
+                compared += 1;
+                if err.is_nan() || err > budget {
+                    failures.push(format!("{} bv {bv} {checkpoint:?} {name}: {err:.2e} over {budget:.0e}", rule.name));
+                }
+            }
+            println!("{line}");
+        }
+    }
+    println!("worst rel RMS error {worst:.2e} over {compared} tensors");
+    assert!(compared >= 300, "compared only {compared} tensors");
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    worst
+}
+
+#[test]
+fn every_rule_backward_split_into_v_tiles_on_the_cpu_jit() {
+    every_rule_backward_split(Engine::Jit);
+}
+
+#[test]
+fn every_rule_backward_split_into_v_tiles_in_the_interpreter() {
+    every_rule_backward_split(Engine::Interp);
+}
+
+#[test]
+fn every_rule_backward_split_into_v_tiles_in_the_ptx_simulator() {
+    every_rule_backward_split(SIM);
+}
+
+/// The gradients the columns share come per V-tile out of the program, and one tile's part
+/// alone is not the gradient: a caller that forgot to sum would be caught.
+#[test]
+fn the_shared_gradients_are_written_per_v_tile_and_summed() {
+    let loaded = chunkc::load_rule(&common::root().join("rules/mlstm.toml")).expect("rule");
+    let rule = &loaded.rule;
+    let opts = GradOptions { backend: Backend::Chunked, chunk: CHUNK, bv: Some(DIMS.v / 4), ..GradOptions::default() };
+    let program = build_grad_program(rule, &DIMS, &opts).expect("program");
+    let dims_of = |name: &str| program.spec.tensor(name).map(|t| t.dims_label());
+    assert_eq!(dims_of("dk.by_vtile").as_deref(), Some("[B, T, H, NV, K]"));
+    assert_eq!(dims_of("dv").as_deref(), Some("[B, T, H, V]"), "a value's gradient is the tile's own");
+    assert_eq!(dims_of("dn0.by_vtile").as_deref(), Some("[B, H, NV, K]"), "the extra column's, per tile");
+    assert_eq!(dims_of("dk"), None);
+    let inputs = random_grad_inputs(rule, &DIMS, 9);
+    let reference = grad(rule, &inputs, "random", &GradOptions::default(), false).expect("reference");
+    let got = grad(rule, &inputs, "random", &opts, false).expect("split");
+    for name in ["dk", "dq", "dn0", "dv", "dh0"] {
+        let err = rel_rms(&got[name].data, &reference[name].data);
+        assert!(err <= 1e-5, "{name}: {err:.2e}");
+    }
+}
+
+#[test]
+fn the_recurrent_backward_takes_no_v_tiles() {
+    let loaded = chunkc::load_rule(&rules()[0]).expect("rule");
+    let opts = GradOptions { backend: Backend::Recurrent, bv: Some(8), ..GradOptions::default() };
+    let e = build_grad_program(&loaded.rule, &DIMS, &opts).map(|_| ()).expect_err("refused").to_string();
+    assert!(e.contains("--bv 8") && e.contains("only the chunked backward"), "{e}");
+    assert!(!e.contains('\n'), "one line: {e}");
+}
+
 /// A rule from text, through a temporary file (rules are loaded from paths).
 fn rule_from(name: &str, text: &str) -> chunkc::Loaded {
     let path = std::env::temp_dir().join(format!("chunkc-vtiles-{name}-{}.toml", std::process::id()));
@@ -130,6 +229,10 @@ v = "[V]"
         assert!(e.contains("mixes the columns of V") && e.contains("sum"), "{e}");
         assert!(!e.contains('\n'), "one line: {e}");
     }
+    // Its chunked backward too: a V-tile's part of dk would miss the other tiles' columns.
+    let opts = GradOptions { backend: Backend::Chunked, chunk: CHUNK, bv: Some(8), ..GradOptions::default() };
+    let e = build_grad_program(&loaded.rule, &DIMS, &opts).map(|_| ()).expect_err("refused").to_string();
+    assert!(e.contains("mixes the columns of V"), "{e}");
 }
 
 #[test]

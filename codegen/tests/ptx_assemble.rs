@@ -143,7 +143,8 @@ fn split_program_phases_assemble() {
 }
 
 /// The backward programs' phases of every rule (the recurrent one at checkpoint 4, the
-/// chunked one at chunk 32), K = V = 32, for sm_90 (f32): no ptxas error, no spill.
+/// chunked one at chunk 32, and for three rules also in V-tiles of 16), K = V = 32, for sm_90
+/// (f32): no ptxas error, no spill.
 #[test]
 fn backward_program_phases_assemble() {
     if !have_ptxas() {
@@ -161,6 +162,14 @@ fn backward_program_phases_assemble() {
         let p = chunkc_codegen::plan::backward::chunked(&rule, &canon, shape, Schedule::with_chunk(32), 1)
             .unwrap_or_else(|e| panic!("{}: chunked backward refused: {e}", rule.name));
         kernels.extend(p.kernels.into_iter().map(|k| (format!("{} K=V=32", k.name), k)));
+        if ["gated_delta_rule", "kda", "mlstm"].contains(&rule.name.as_str()) {
+            // Split into V-tiles of 16 columns (the shared gradients written per tile).
+            let sched = Schedule::with_chunk(32).with_bv(Some(16));
+            let p = chunkc_codegen::plan::backward::chunked(&rule, &canon, shape, sched, 1)
+                .unwrap_or_else(|e| panic!("{}: chunked backward with V-tiles refused: {e}", rule.name));
+            assert!(p.kernels.iter().all(|k| k.vtiles == 2), "{}", rule.name);
+            kernels.extend(p.kernels.into_iter().map(|k| (format!("{} K=V=32", k.name), k)));
+        }
     }
     // Every phase in f32; the chunked backward's also with tf32 and bf16 dots, none spilling
     // (bf16 did, 4-28 bytes at 40-56 registers, until the kernels carried `.maxnreg`).

@@ -45,6 +45,9 @@ pub enum Dim {
     V,
     /// Chunks of the sequence: `ceil(T / chunk)`.
     Chunks,
+    /// The V-tiles of a phase that writes one partial sum per V-tile (a gradient of the
+    /// backward split over V): a count fixed at compile time.
+    VTiles(usize),
 }
 
 impl Dim {
@@ -56,6 +59,7 @@ impl Dim {
             Dim::K => s.k,
             Dim::V => s.v,
             Dim::Chunks => s.seq_len.div_ceil(chunk.max(1)),
+            Dim::VTiles(n) => n,
         }
     }
 
@@ -67,6 +71,7 @@ impl Dim {
             Dim::K => "K",
             Dim::V => "V",
             Dim::Chunks => "NT",
+            Dim::VTiles(_) => "NV",
         }
     }
 }

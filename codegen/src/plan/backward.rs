@@ -23,7 +23,7 @@ use super::{PlanError, ProgramShape, Schedule, Shape};
 use crate::autodiff;
 use crate::builder::Builder;
 use crate::ir::*;
-use crate::lower::{token_base, Lowerer, ParamLayout};
+use crate::lower::{token_base, v_offset, v_token_base, Lowerer, ParamLayout};
 use crate::program::{Dim, Program, Role, StaticSizes, TensorSpec};
 use chunkc_dsl::ast::{Rule, Ty};
 use chunkc_dsl::canon::Canonical;
@@ -49,7 +49,8 @@ pub fn chunked(
     if m == 0 {
         return Err(PlanError("the chunks between stored states must be at least 1".into()));
     }
-    let sched = sched.with_program(ProgramShape::Fused).with_bv(None).with_input(ElemType::F32);
+    let sched = sched.with_program(ProgramShape::Fused).with_input(ElemType::F32);
+    let split = VSplit { bv: sched.bv, tiles: super::vtile::vtiles(rule, &shape, sched.bv, false)? };
     let mut tensors = super::program::forward_tensors(rule, ElemType::F32);
     tensors.push(TensorSpec {
         name: BOUNDARY_STATES.into(),
@@ -67,39 +68,40 @@ pub fn chunked(
             optional: false,
         });
     }
-    let tensors = with_gradients(rule, tensors)?;
+    let tensors = with_gradients(rule, tensors, split)?;
     let forward = build_phase_storing(rule, canon, shape, sched, Phase::FusedWithStates, m)?;
     let every = if m > 1 { format!("_every{m}") } else { String::new() };
-    let name = format!("{}_grad_chunked_c{c}{every}", rule.name);
+    let tiled = sched.bv.map(|bv| format!("_bv{bv}")).unwrap_or_default();
+    let name = format!("{}_grad_chunked_c{c}{tiled}{every}", rule.name);
     let columns = canon.columns.iter().map(|x| x.state).collect();
     // The reverse pass reads `chunk.h` by segment: one slot per `m * C` tokens.
-    let carried = Carried { shape, chunk: c * m, bv: None, columns, boundary_every: 1 };
-    let reverse =
-        reverse_pass(name.clone(), rule, shape, c * m, &ChunkBoundaries { rule, carried }, |b, layout, start, seg| {
-            let mut state = start[0];
-            let mut rec = Recomputed { end: vec![], outputs: vec![], loads: vec![], spans: vec![] };
-            for u in 0..m {
-                // Chunk u of the segment. A chunk past T loads no rows: its gates are 0 and its
-                // keys zero, so it leaves the state as it was and writes nothing.
-                let j = seg.clone().mul(Idx::c(m as i64)).add(Idx::c(u as i64));
-                let mut terms = ChunkTerms::new(b, layout, rule, canon, shape, sched, j.clone())?;
-                terms.store_outputs = false;
-                let r = terms.blocks(b, state, false, Some(layout.o))?;
-                state = terms.next_state(b, state, &r);
-                let t0 = j.mul(Idx::c(c as i64));
-                let valid = Idx::c(c as i64).min(Idx::var(IdxVar::SeqLen).sub(t0.clone()));
-                rec.outputs.extend(
-                    terms
-                        .outputs
-                        .iter()
-                        .map(|&(i0, o)| (t0.clone().add(Idx::c(i0 as i64)), valid.clone().sub(Idx::c(i0 as i64)), o)),
-                );
-                rec.loads.extend(terms.loads.iter().map(|&(i, v)| (i, t0.clone(), valid.clone(), v)));
-                rec.spans.push((t0, valid, c));
-            }
-            rec.end = vec![state];
-            Ok(rec)
-        })?;
+    let carried = Carried { shape, chunk: c * m, bv: sched.bv, columns, boundary_every: 1 };
+    let io = ChunkBoundaries { rule, carried, split };
+    let reverse = reverse_pass(name.clone(), rule, shape, c * m, split, &io, |b, layout, start, seg| {
+        let mut state = start[0];
+        let mut rec = Recomputed { end: vec![], outputs: vec![], loads: vec![], spans: vec![] };
+        for u in 0..m {
+            // Chunk u of the segment. A chunk past T loads no rows: its gates are 0 and its
+            // keys zero, so it leaves the state as it was and writes nothing.
+            let j = seg.clone().mul(Idx::c(m as i64)).add(Idx::c(u as i64));
+            let mut terms = ChunkTerms::new(b, layout, rule, canon, shape, sched, j.clone())?;
+            terms.store_outputs = false;
+            let r = terms.blocks(b, state, false, Some(layout.o))?;
+            state = terms.next_state(b, state, &r);
+            let t0 = j.mul(Idx::c(c as i64));
+            let valid = Idx::c(c as i64).min(Idx::var(IdxVar::SeqLen).sub(t0.clone()));
+            rec.outputs.extend(
+                terms
+                    .outputs
+                    .iter()
+                    .map(|&(i0, o)| (t0.clone().add(Idx::c(i0 as i64)), valid.clone().sub(Idx::c(i0 as i64)), o)),
+            );
+            rec.loads.extend(terms.loads.iter().map(|&(i, v)| (i, t0.clone(), valid.clone(), v)));
+            rec.spans.push((t0, valid, c));
+        }
+        rec.end = vec![state];
+        Ok(rec)
+    })?;
     let kernels = vec![forward, reverse];
     let sizes = StaticSizes { heads: shape.heads, k: shape.k, v: shape.v };
     // `Dim::Chunks` (the slots of `chunk.h`) counts segments of `m * C` tokens.
@@ -109,14 +111,59 @@ pub fn chunked(
 /// The intermediate holding the state entering every segment.
 pub const CHECKPOINTS: &str = "grad.checkpoints";
 
-/// The name of input `name`'s gradient tensor (a per-head parameter's is per batch row, to
-/// be summed over B: see the module doc).
-pub fn gradient_name(rule: &Rule, input: usize) -> String {
+/// How a reverse pass splits V: the columns of each grid point (None: all of V) and the
+/// V-tiles per head.
+///
+/// The loss is a sum over V columns, and nothing in a rule that may be split mixes them
+/// ([`super::vtile`]), so each V-tile's backward gives its own columns' gradients whole (`dv`,
+/// `dh0`, a value gate's) and, for everything shared by the columns (keys, queries, gates,
+/// betas, per-head parameters, extra `[K]` states), its part of a sum over the tiles: those
+/// gradients are written per V-tile ([`PARTIAL_SUFFIX`]) and the caller adds the parts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VSplit {
+    pub bv: Option<usize>,
+    pub tiles: usize,
+}
+
+impl VSplit {
+    /// The whole V on every grid point.
+    pub const WHOLE: VSplit = VSplit { bv: None, tiles: 1 };
+
+    fn cols(&self, shape: &Shape) -> usize {
+        self.bv.unwrap_or(shape.v)
+    }
+
+    /// Whether the gradient of a value of type `ty` is a sum of one part per V-tile.
+    fn partial(&self, ty: Ty) -> bool {
+        self.tiles > 1 && ty != Ty::VecV
+    }
+}
+
+/// Appended to a gradient's name when the backward writes one part per V-tile
+/// (`dk.by_vtile`, `[B, T, H, NV, K]`; `dn0.by_vtile`, `[B, H, NV, K]`).
+pub const PARTIAL_SUFFIX: &str = ".by_vtile";
+
+/// The name of input `name`'s gradient tensor: `d<name>`; a per-head parameter's is per
+/// batch row, to be summed over B (`d<name>.by_batch`, see the module doc); with V-tiles, a
+/// gradient shared by the columns is per V-tile, to be summed over them ([`VSplit`]).
+pub fn gradient_name(rule: &Rule, input: usize, split: VSplit) -> String {
     let inp = &rule.inputs[input];
     if inp.per_head {
         format!("d{}.by_batch", inp.name)
+    } else if split.partial(inp.ty) {
+        format!("d{}{PARTIAL_SUFFIX}", inp.name)
     } else {
         format!("d{}", inp.name)
+    }
+}
+
+/// The name of the gradient of extra state `name`'s initial value (`d<name>0`, or its parts
+/// per V-tile).
+pub fn initial_gradient_name(s: &chunkc_dsl::ast::StateDecl, split: VSplit) -> String {
+    if split.partial(s.ty) {
+        format!("d{}{PARTIAL_SUFFIX}", s.initial_name())
+    } else {
+        format!("d{}", s.initial_name())
     }
 }
 
@@ -153,7 +200,7 @@ fn tensors(rule: &Rule, input: ElemType) -> Result<Vec<TensorSpec>, PlanError> {
             vec![Batch, Chunks, Heads, if s.ty == Ty::VecK { K } else { V }],
         ));
     }
-    with_gradients(rule, tensors)
+    with_gradients(rule, tensors, VSplit::WHOLE)
 }
 
 /// The intermediate holding extra state `name` as it enters every segment.
@@ -162,15 +209,15 @@ fn extra_checkpoints(name: &str) -> String {
 }
 
 /// `tensors` (a forward program's) with the cotangents `do` and optional `dhT`, and the
-/// gradients.
-fn with_gradients(rule: &Rule, mut tensors: Vec<TensorSpec>) -> Result<Vec<TensorSpec>, PlanError> {
+/// gradients (per V-tile where `split` makes them partial).
+fn with_gradients(rule: &Rule, mut tensors: Vec<TensorSpec>, split: VSplit) -> Result<Vec<TensorSpec>, PlanError> {
     use Dim::*;
     let f32_tensor =
         |name: String, dims: Vec<Dim>, role| TensorSpec { name, dims, elem: ElemType::F32, role, optional: false };
     tensors.push(f32_tensor("do".into(), vec![Batch, SeqLen, Heads, V], Role::Input));
     tensors.push(TensorSpec { optional: true, ..f32_tensor("dhT".into(), vec![Batch, Heads, K, V], Role::Input) });
     for (i, inp) in rule.inputs.iter().enumerate() {
-        let name = gradient_name(rule, i);
+        let name = gradient_name(rule, i, split);
         if let Some(clash) = tensors.iter().find(|t| t.name == name) {
             return Err(PlanError(format!(
                 "the gradient of input `{}` would be called `{name}`, which is already the name of {}; rename the input",
@@ -184,14 +231,17 @@ fn with_gradients(rule: &Rule, mut tensors: Vec<TensorSpec>) -> Result<Vec<Tenso
             _ => None,
         };
         let lead: &[Dim] = if inp.per_head { &[Batch, Heads] } else { &[Batch, SeqLen, Heads] };
-        tensors.push(f32_tensor(name, lead.iter().copied().chain(width).collect(), Role::Output));
+        let parts = split.partial(inp.ty).then_some(VTiles(split.tiles));
+        tensors.push(f32_tensor(name, lead.iter().copied().chain(parts).chain(width).collect(), Role::Output));
     }
     tensors.push(f32_tensor("dh0".into(), vec![Batch, Heads, K, V], Role::Output));
     for s in &rule.states {
-        let dims = vec![Batch, Heads, if s.ty == Ty::VecK { K } else { V }];
-        let cotangent = f32_tensor(format!("d{}", s.final_name()), dims.clone(), Role::Input);
+        let width = if s.ty == Ty::VecK { K } else { V };
+        let cotangent = f32_tensor(format!("d{}", s.final_name()), vec![Batch, Heads, width], Role::Input);
         tensors.push(TensorSpec { optional: true, ..cotangent });
-        tensors.push(f32_tensor(format!("d{}", s.initial_name()), dims, Role::Output));
+        let parts = split.partial(s.ty).then_some(VTiles(split.tiles));
+        let dims = [Batch, Heads].into_iter().chain(parts).chain([width]).collect();
+        tensors.push(f32_tensor(initial_gradient_name(s, split), dims, Role::Output));
     }
     Ok(tensors)
 }
@@ -286,9 +336,12 @@ impl SegmentStates for Checkpoints<'_> {
 
 /// The chunked program's state: S with the extra columns beside it ([`Carried`]), stored at
 /// every chunk boundary by the forward.
+/// With V-tiles, the extra columns are every tile's: their cotangents seed the first tile
+/// only (so that the parts add up to one seed), and their gradients are parts.
 struct ChunkBoundaries<'a> {
     rule: &'a Rule,
     carried: Carried,
+    split: VSplit,
 }
 
 impl SegmentStates for ChunkBoundaries<'_> {
@@ -296,10 +349,20 @@ impl SegmentStates for ChunkBoundaries<'_> {
         vec![self.carried.load_boundary(b, self.rule, segment)]
     }
     fn final_cotangents(&self, b: &mut Builder) -> Vec<ValueId> {
-        vec![self.carried.load_named(b, self.rule, "dhT", |s| format!("d{}", s.final_name()))]
+        let first_tile_only = Idx::c(1).sub(Idx::var(IdxVar::VTile).min(Idx::c(1)));
+        let rows = if self.split.tiles > 1 { first_tile_only } else { Idx::c(1) };
+        vec![self.carried.load_named(b, self.rule, "dhT", |s| format!("d{}", s.final_name()), rows)]
     }
     fn store_initial_gradients(&self, b: &mut Builder, gradients: &[ValueId]) {
-        self.carried.store_named(b, self.rule, gradients[0], "dh0", |s| format!("d{}", s.initial_name()));
+        let split = self.split;
+        let k = self.carried.shape.k as i64;
+        let head = Idx::var(IdxVar::Batch).mul(Idx::c(self.carried.shape.heads as i64)).add(Idx::var(IdxVar::Head));
+        let column_base = match split.tiles {
+            1 => head.mul(Idx::c(k)),
+            n => head.mul(Idx::c(n as i64)).add(Idx::var(IdxVar::VTile)).mul(Idx::c(k)),
+        };
+        let name = |s: &chunkc_dsl::ast::StateDecl| initial_gradient_name(s, split);
+        self.carried.store_named(b, self.rule, gradients[0], "dh0", name, column_base);
     }
 }
 
@@ -391,7 +454,7 @@ fn forward(rule: &Rule, shape: Shape, input: ElemType, every: usize) -> Result<K
 /// token by token from its checkpoint.
 fn backward(rule: &Rule, shape: Shape, input: ElemType, every: usize) -> Result<Kernel, PlanError> {
     let name = format!("{}_grad_c{every}", rule.name);
-    reverse_pass(name, rule, shape, every, &Checkpoints { rule, shape, every }, |b, layout, start, j| {
+    reverse_pass(name, rule, shape, every, VSplit::WHOLE, &Checkpoints { rule, shape, every }, |b, layout, start, j| {
         let step = Step { rule, shape, layout, input };
         let mut states = start.to_vec();
         let mut seg = Recomputed { end: vec![], outputs: vec![], loads: vec![], spans: vec![] };
@@ -426,25 +489,43 @@ struct Recomputed {
 /// carries the states' adjoints from the segment's end to its start, seeded by `do` at its
 /// outputs. Gradients of per-token inputs are stored at their rows;
 /// those of per-head parameters add up over the segments and are stored per batch row.
+#[allow(clippy::too_many_arguments)]
 fn reverse_pass(
     name: String,
     rule: &Rule,
     shape: Shape,
     every: usize,
+    split: VSplit,
     io: &dyn SegmentStates,
     recompute: impl FnOnce(&mut Builder, &ParamLayout, &[ValueId], Idx) -> Result<Recomputed, PlanError>,
 ) -> Result<Kernel, PlanError> {
     let mut b = Builder::new(name);
+    b.set_vtiles(split.tiles);
     let layout = ParamLayout::declare(&mut b, rule);
     let d_o = b.param("do", Access::Read);
-    let grads: Vec<usize> = (0..rule.inputs.len()).map(|i| b.param(gradient_name(rule, i), Access::Write)).collect();
+    let grads: Vec<usize> =
+        (0..rule.inputs.len()).map(|i| b.param(gradient_name(rule, i, split), Access::Write)).collect();
     let (k, v, heads) = (shape.k, shape.v, shape.heads as i64);
     let width = |i: usize| rule.inputs[i].width(k, v);
+    // The columns of input i's tiles: a `[V]` input's are this V-tile's.
+    let cols = |i: usize| if rule.inputs[i].ty == Ty::VecV { split.cols(&shape) } else { width(i) };
     let per_head: Vec<usize> = (0..rule.inputs.len()).filter(|&i| rule.inputs[i].per_head).collect();
+    // Where input i's gradient rows start at token `first`, and their stride.
+    let gradient_at = |i: usize, first: Idx| -> (Idx, i64) {
+        let w = width(i);
+        if rule.inputs[i].ty == Ty::VecV {
+            v_token_base(&shape, first, split.bv)
+        } else if split.partial(rule.inputs[i].ty) {
+            let (base, stride) = token_base(&shape, first, split.tiles * w);
+            (base.add(Idx::var(IdxVar::VTile).mul(Idx::c(w as i64))), stride)
+        } else {
+            token_base(&shape, first, w)
+        }
+    };
 
     let mut inits = io.final_cotangents(&mut b);
     let n_states = inits.len();
-    inits.extend(per_head.iter().map(|&i| b.constant(0.0, TileTy::f32(1, width(i)))));
+    inits.extend(per_head.iter().map(|&i| b.constant(0.0, TileTy::f32(1, cols(i)))));
     let segments = Idx::var(IdxVar::SeqLen).ceil_div(every as i64);
     let carried = b.begin_loop(segments.clone(), &inits);
     let j = segments.sub(Idx::c(1)).sub(Idx::var(IdxVar::Iter));
@@ -457,9 +538,9 @@ fn reverse_pass(
 
     let mut seeds: Vec<(ValueId, ValueId)> = seg.end.iter().copied().zip(carried[..n_states].iter().copied()).collect();
     for (first, valid, o) in &seg.outputs {
-        let (obase, ostride) = token_base(&shape, first.clone(), v);
+        let (obase, ostride) = v_token_base(&shape, first.clone(), split.bv);
         let rows = b.ty(*o).rows;
-        let d_o_rows = b.load(d_o, obase, ostride, 1, rows, v, valid.clone());
+        let d_o_rows = b.load(d_o, obase, ostride, 1, rows, split.cols(&shape), valid.clone());
         seeds.push((*o, d_o_rows));
     }
     let mut leaves = start.clone();
@@ -478,7 +559,7 @@ fn reverse_pass(
         if let Some(slot) = per_head.iter().position(|p| p == i) {
             sums[slot] = b.add(sums[slot], g);
         } else {
-            let (base, stride) = token_base(&shape, first.clone(), width(*i));
+            let (base, stride) = gradient_at(*i, first.clone());
             b.store(g, grads[*i], base, stride, 1, valid.clone());
         }
     }
@@ -486,8 +567,8 @@ fn reverse_pass(
     for i in (0..rule.inputs.len()).filter(|i| !per_head.contains(i)) {
         if !seg.loads.iter().any(|l| l.0 == i) {
             for (first, valid, rows) in &seg.spans {
-                let zero = b.constant(0.0, TileTy::f32(*rows, width(i)));
-                let (base, stride) = token_base(&shape, first.clone(), width(i));
+                let zero = b.constant(0.0, TileTy::f32(*rows, cols(i)));
+                let (base, stride) = gradient_at(i, first.clone());
                 b.store(zero, grads[i], base, stride, 1, valid.clone());
             }
         }
@@ -498,7 +579,14 @@ fn reverse_pass(
     for (&i, &sum) in per_head.iter().zip(&results[n_states..]) {
         let w = width(i) as i64;
         let row = Idx::var(IdxVar::Batch).mul(Idx::c(heads)).add(Idx::var(IdxVar::Head));
-        b.store(sum, grads[i], row.mul(Idx::c(w)), w, 1, Idx::c(1));
+        let base = if rule.inputs[i].ty == Ty::VecV {
+            row.mul(Idx::c(w)).add(v_offset(split.bv))
+        } else if split.partial(rule.inputs[i].ty) {
+            row.mul(Idx::c(split.tiles as i64)).add(Idx::var(IdxVar::VTile)).mul(Idx::c(w))
+        } else {
+            row.mul(Idx::c(w))
+        };
+        b.store(sum, grads[i], base, w, 1, Idx::c(1));
     }
     Ok(b.finish())
 }

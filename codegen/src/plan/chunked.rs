@@ -289,23 +289,26 @@ impl Carried {
     }
 
     /// The carried state from per-head tensors: S's part from `s_name` (`[B, H, K, V]`), each
-    /// column from `name(state)` (`[B, H, K]`).
+    /// column from `name(state)` (`[B, H, K]`), read only when `column_rows` is 1 (zeros when
+    /// it is 0).
     pub(super) fn load_named(
         &self,
         b: &mut Builder,
         rule: &Rule,
         s_name: &str,
         name: impl Fn(&chunkc_dsl::ast::StateDecl) -> String,
+        column_rows: Idx,
     ) -> ValueId {
         let s = b.param(s_name, Access::Read);
         let params: Vec<usize> = self.columns.iter().map(|&i| b.param(name(&rule.states[i]), Access::Read)).collect();
         let (base, k) = (extra_state_base(&self.shape, Ty::VecK, self.bv).0, self.shape.k);
         self.gather(b, s, state_base_tiled(&self.shape, self.bv), |b, j| {
-            b.load(params[j], base.clone(), 0, 1, 1, k, Idx::c(1))
+            b.load(params[j], base.clone(), 0, 1, 1, k, column_rows.clone())
         })
     }
 
-    /// Stores the carried state `x` to per-head tensors named as for [`Carried::load_named`].
+    /// Stores the carried state `x` to per-head tensors named as for [`Carried::load_named`],
+    /// each column at `column_base` of its tensor.
     pub(super) fn store_named(
         &self,
         b: &mut Builder,
@@ -313,12 +316,12 @@ impl Carried {
         x: ValueId,
         s_name: &str,
         name: impl Fn(&chunkc_dsl::ast::StateDecl) -> String,
+        column_base: Idx,
     ) {
         let s = b.param(s_name, Access::Write);
         let params: Vec<usize> = self.columns.iter().map(|&i| b.param(name(&rule.states[i]), Access::Write)).collect();
-        let base = extra_state_base(&self.shape, Ty::VecK, self.bv).0;
         self.scatter(b, x, s, state_base_tiled(&self.shape, self.bv), |b, j, n| {
-            b.store(n, params[j], base.clone(), 0, 1, Idx::c(1))
+            b.store(n, params[j], column_base.clone(), 0, 1, Idx::c(1))
         });
     }
 
