@@ -609,9 +609,18 @@ fn compile_grad_prints_the_backward_program() {
     let o = chunkc(&["compile", "rules/gla.toml", "--grad", "--backend", "recurrent", "--checkpoint", "5"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).contains("kernel gla_grad_c5("), "{}", stdout(&o));
-    let o = chunkc(&["compile", "rules/gla.toml", "--grad", "--bv", "8"]);
+    // V-tiles: the gradients the columns share come per tile.
+    let o = chunkc(&["compile", "rules/gla.toml", "--grad", "--bv", "8", "--K", "16", "--V", "16", "--chunk", "16"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(text.contains("program gla_grad_chunked_c16_bv8 (chunk 16): 2 phase(s)"), "{text}");
+    assert!(text.contains("dk.by_vtile [B, T, H, NV, K]") && text.contains("2 V-tile(s)"), "{text}");
+    let o = chunkc(&["compile", "rules/gla.toml", "--grad", "--backend", "recurrent", "--bv", "8"]);
     assert!(!o.status.success());
-    assert_eq!(stderr(&o).trim(), "error: the backward runs the whole V: --grad takes no --bv");
+    assert_eq!(
+        stderr(&o).trim(),
+        "error: --bv 8: only the chunked backward splits V into tiles; the recurrent one runs the whole V"
+    );
 }
 
 /// A value-side gate on a delta rule is linear, but the planner has no chunked form for the
