@@ -14,7 +14,7 @@ use crate::problem::{check_known_tensors, infer_dims};
 use chunkc_codegen::ir::ElemType;
 use chunkc_codegen::plan::backward;
 use chunkc_codegen::program::Program;
-use chunkc_codegen::schedule::{PtxSchedule, Schedule, DEFAULT_TIME_BLOCK};
+use chunkc_codegen::schedule::{ProgramShape, PtxSchedule, Schedule, DEFAULT_TIME_BLOCK};
 use chunkc_dsl::ast::{Rule, Ty};
 use chunkc_dsl::canon::canonicalize;
 use chunkc_dsl::gradient;
@@ -49,6 +49,10 @@ pub struct GradOptions {
     /// The chunked backward's columns of V per grid point (None: the whole V); the gradients
     /// shared by the columns are summed over the V-tiles here.
     pub bv: Option<usize>,
+    /// The chunked backward's program: fused (the forward and one reverse pass, each
+    /// sequential) or split (the split forward, a sequential pass carrying the state's
+    /// adjoint only, then a chunk-parallel pass for every gradient: FLA's decomposition).
+    pub program: ProgramShape,
     /// The input type and the PTX knobs (dot precision, warps) of the PTX engines; the CPU
     /// runs f32 inputs and f32 dots.
     pub ptx: PtxPrecision,
@@ -91,6 +95,7 @@ impl Default for GradOptions {
             checkpoint: None,
             chunk: 64,
             bv: None,
+            program: ProgramShape::Fused,
             ptx: PtxPrecision::default(),
         }
     }
@@ -212,7 +217,8 @@ pub fn build_program(rule: &Rule, dims: &Dims, opts: &GradOptions) -> Result<Pro
         }
         let canon = canonicalize(rule).map_err(|n| Error::from(n.to_diagnostic(rule)))?;
         let shape = shape_of(dims, opts.scale);
-        let schedule = Schedule::chunked(opts.chunk).with_input(opts.ptx.input).with_bv(opts.bv);
+        let schedule =
+            Schedule::chunked(opts.chunk).with_input(opts.ptx.input).with_bv(opts.bv).with_program(opts.program);
         let every = chunked_boundary_every(opts.chunk, opts.checkpoint)?;
         return backward::chunked(rule, &canon, shape, schedule, every).map_err(|e| {
             Error::Unsupported(format!(
@@ -226,6 +232,11 @@ pub fn build_program(rule: &Rule, dims: &Dims, opts: &GradOptions) -> Result<Pro
         return Err(Error::Unsupported(format!(
             "--bv {bv}: only the chunked backward splits V into tiles; the recurrent one runs the whole V"
         )));
+    }
+    if opts.program == ProgramShape::Split {
+        return Err(Error::Unsupported(
+            "--program split: only the chunked backward is split; the recurrent one is one reverse pass".into(),
+        ));
     }
     let every = opts.checkpoint.unwrap_or_else(|| backward::checkpoint_interval(dims.seq_len));
     if every == 0 {
@@ -255,60 +266,64 @@ fn compiled(rule: &Rule, tensors: &Tensors, dims: Dims, opts: &GradOptions) -> R
         Engine::Interp => backend::execute_interp(&program, tensors, &dims)?.0,
         Engine::Ptx { device, target } => gpu::execute(&program, tensors, dims, device, target, &opts.ptx.schedule)?.0,
     };
-    sum_partial_gradients(rule, &dims, &mut out)?;
+    sum_partial_gradients(rule, &dims, program.spec.vtiles(), &mut out)?;
     Ok(out)
 }
 
 /// Adds up the gradients a backward program writes in parts: a per-head parameter's, per
-/// batch row (and per V-tile), into `d<name>` of the parameter's shape; with V-tiles, every
-/// gradient shared by the columns (`d<name>.by_vtile`, and `d<state>0.by_vtile` of an extra
-/// `[K]` state), over its tiles.
-pub(crate) fn sum_partial_gradients(rule: &Rule, dims: &Dims, out: &mut BTreeMap<String, Tensor>) -> Result<(), Error> {
+/// batch row (and per chunk, and per V-tile), into `d<name>` of the parameter's shape; with
+/// `vtiles` > 1, every gradient shared by the columns (`d<name>.by_vtile`, and
+/// `d<state>0.by_vtile` of an extra `[K]` state), over its tiles.
+pub(crate) fn sum_partial_gradients(
+    rule: &Rule,
+    dims: &Dims,
+    vtiles: usize,
+    out: &mut BTreeMap<String, Tensor>,
+) -> Result<(), Error> {
     let partial = backward::PARTIAL_SUFFIX;
+    let width = |ty: Ty| match ty {
+        Ty::VecK => dims.k,
+        Ty::VecV => dims.v,
+        _ => 1,
+    };
+    // A `[V]` gradient is each tile's own: never in parts.
+    let parts = |ty: Ty| if ty == Ty::VecV { 1 } else { vtiles.max(1) };
     for inp in &rule.inputs {
-        let width = |ty: Ty| match ty {
-            Ty::VecK => dims.k,
-            Ty::VecV => dims.v,
-            _ => 1,
-        };
         let shape = dims.input_shape(inp);
         let by_batch = format!("d{}.by_batch", inp.name);
         let by_vtile = format!("d{}{partial}", inp.name);
-        let (parts, outer_rows) = match (out.remove(&by_batch), out.remove(&by_vtile)) {
-            // [B, H, (NV,) D]: B rows of the parameter's shape, each in parts.
-            (Some(t), None) if inp.per_head => (t, dims.batch),
-            (None, Some(t)) if !inp.per_head => (t, 1),
+        let parts_of = match (out.remove(&by_batch), out.remove(&by_vtile)) {
+            (Some(t), None) if inp.per_head => t,
+            (None, Some(t)) if !inp.per_head => t,
             _ => continue,
         };
-        let sum = sum_parts(&inp.name, &parts.data, outer_rows, shape.iter().product(), width(inp.ty))?;
+        let sum = sum_parts(&inp.name, &parts_of.data, shape.iter().product(), width(inp.ty), parts(inp.ty))?;
         out.insert(format!("d{}", inp.name), Tensor::new(shape, sum)?);
     }
     for s in &rule.states {
         let name = format!("d{}", s.initial_name());
         if let Some(t) = out.remove(&format!("{name}{partial}")) {
             let shape = vec![dims.batch, dims.heads, s.width(dims.k, dims.v)];
-            let sum = sum_parts(&name, &t.data, 1, shape.iter().product(), shape[2])?;
+            let sum = sum_parts(&name, &t.data, shape.iter().product(), shape[2], parts(s.ty))?;
             out.insert(name, Tensor::new(shape, sum)?);
         }
     }
     Ok(())
 }
 
-/// `data` as `rows` copies of a tensor of `numel` elements whose every run of `inner`
-/// elements is split into parts (`[rows, numel / inner, parts, inner]`), summed over the
-/// rows and the parts.
-fn sum_parts(name: &str, data: &[f32], rows: usize, numel: usize, inner: usize) -> Result<Vec<f32>, Error> {
-    let whole = rows * numel;
+/// `data` as copies of a tensor of `numel` elements, each run of `inner` elements split into
+/// `parts` (`[copies, numel / inner, parts, inner]`), summed over the copies and the parts.
+fn sum_parts(name: &str, data: &[f32], numel: usize, inner: usize, parts: usize) -> Result<Vec<f32>, Error> {
+    let whole = numel * parts;
     if whole == 0 || inner == 0 || !data.len().is_multiple_of(whole) || !numel.is_multiple_of(inner) {
         return Err(Error::Internal(format!(
             "the backward wrote {} elements for the gradient of `{name}`, not a multiple of {whole}",
             data.len()
         )));
     }
-    let parts = data.len() / whole;
     let mut sum = vec![0f32; numel];
-    for row in data.chunks(numel * parts) {
-        for (run, out) in row.chunks(inner * parts).zip(sum.chunks_mut(inner)) {
+    for copy in data.chunks(whole) {
+        for (run, out) in copy.chunks(inner * parts).zip(sum.chunks_mut(inner)) {
             for part in run.chunks(inner) {
                 out.iter_mut().zip(part).for_each(|(s, x)| *s += x);
             }

@@ -609,6 +609,10 @@ impl Program {
             checkpoint: (self.schedule.kernel == KernelKind::Recurrent).then_some(16),
             chunk: self.schedule.chunk,
             bv: (self.schedule.kernel == KernelKind::Chunked).then_some(self.schedule.bv).flatten(),
+            program: match self.schedule.kernel {
+                KernelKind::Chunked => self.schedule.program,
+                KernelKind::Recurrent => Default::default(),
+            },
             ptx: crate::grad::PtxPrecision::of(&self.schedule),
         };
         if let Executable::Ptx { device, sm, .. } = &self.exe {
@@ -633,7 +637,7 @@ impl Program {
         let get = |name: &str| dense.get(name);
         exec::run_program(&compiled.spec, &compiled.kernels(), &get, &mut memory, self.order()).map_err(spec_error)?;
         let mut out = memory.into_outputs(&compiled.spec).map_err(spec_error)?;
-        crate::grad::sum_partial_gradients(&self.rule, &dims, &mut out)?;
+        crate::grad::sum_partial_gradients(&self.rule, &dims, compiled.spec.vtiles(), &mut out)?;
         crate::grad::drop_initial_gradients(&self.rule, &|n| inputs.tensors.contains_key(n), &mut out);
         crate::heads::reduce_gradients(&dense.groups, &mut out)?;
         Ok(Outputs(out))

@@ -360,6 +360,11 @@ enum Command {
         /// tiles. Default: the whole V.
         #[arg(long)]
         bv: Option<usize>,
+        /// The chunked backward's program: fused (the forward, then one reverse pass over the
+        /// chunks) or split (the split forward, a reverse pass carrying only the state's
+        /// adjoint, then every chunk's gradients in parallel: FLA's decomposition, for GPUs).
+        #[arg(long, value_enum, default_value = "fused")]
+        program: ProgramArg,
         /// Worker threads (default: all cores).
         #[arg(long, default_value_t = 0)]
         threads: usize,
@@ -470,8 +475,9 @@ enum Command {
         #[arg(long)]
         chunk: Option<usize>,
         /// Time forward + backward: the backward program of --backend (its forward phases,
-        /// then the reverse pass), on random inputs and cotangents.
-        #[arg(long, conflicts_with_all = ["tuned", "bv", "program"])]
+        /// then the reverse pass; --program and --bv shape the chunked one), on random inputs
+        /// and cotangents.
+        #[arg(long, conflicts_with = "tuned")]
         grad: bool,
         /// With --grad: tokens between stored states (recurrent: default about sqrt(T), at
         /// most 16; chunked: a multiple of the chunk, default every chunk's).
@@ -726,7 +732,7 @@ fn bench_grad(
     rule: &Rule,
     dims: chunkc::dsl::reference::Dims,
     backend: Option<BackendArg>,
-    (chunk, checkpoint, bv): (usize, Option<usize>, Option<usize>),
+    (chunk, checkpoint, bv, program): (usize, Option<usize>, Option<usize>, ProgramShape),
     threads: usize,
     runs: usize,
     json: bool,
@@ -743,10 +749,11 @@ fn bench_grad(
     let threads = if threads == 0 { chunkc::runtime::exec::default_threads() } else { threads };
     // The chunked backward stores every chunk's state unless --checkpoint says otherwise.
     let checkpoint = if backend == Backend::Chunked { checkpoint } else { Some(every) };
-    let opts = chunkc::grad::GradOptions { backend, checkpoint, chunk, bv, ..Default::default() };
+    let opts = chunkc::grad::GradOptions { backend, checkpoint, chunk, bv, program, ..Default::default() };
     let m = chunkc::bench::bench_grad(rule, dims, &opts, threads, runs, std::time::Duration::from_secs(1))?;
     let (median, best) = (m.median.as_secs_f64() * 1e3, m.best.as_secs_f64() * 1e3);
-    let tiles = bv.map(|b| format!(", bv {b}")).unwrap_or_default();
+    let tiles = bv.map(|b| format!(", bv {b}")).unwrap_or_default()
+        + if program == ProgramShape::Split { ", split program" } else { "" };
     let (label, every_shown) = match (backend, checkpoint) {
         (Backend::Chunked, Some(n)) => (format!("chunked chunk {chunk}{tiles}, states stored every {n} tokens"), chunk),
         (Backend::Chunked, None) => (format!("chunked chunk {chunk}{tiles}"), chunk),
@@ -1012,6 +1019,7 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
             chunk,
             checkpoint,
             bv,
+            program,
             threads,
             scale,
             allow_extra,
@@ -1038,8 +1046,17 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
                 return Err(Error::Internal("one backend must give one run".into()));
             };
             let ptx = precision.ptx_precision()?;
-            let opts =
-                chunkc::grad::GradOptions { backend: be, engine: eng, threads, scale, checkpoint, chunk, bv, ptx };
+            let opts = chunkc::grad::GradOptions {
+                backend: be,
+                engine: eng,
+                threads,
+                scale,
+                checkpoint,
+                chunk,
+                bv,
+                program: ProgramShape::from(program),
+                ptx,
+            };
             let written = chunkc::grad::grad(&loaded.rule, &tensors, &shown, &opts, allow_extra)?;
             let mut meta = BTreeMap::new();
             meta.insert("rule".to_string(), loaded.rule.name.clone());
@@ -1082,7 +1099,8 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
                     v,
                     threads,
                     seed,
-                    schedule: precision.apply(Schedule::recurrent().with_bv(bv))?,
+                    schedule: precision
+                        .apply(Schedule::recurrent().with_bv(bv).with_program(ProgramShape::from(program)))?,
                 };
                 return verify_grad(&rule, backend, target, engine(e), plan);
             }
@@ -1217,7 +1235,8 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
             };
             if grad {
                 let chunk = chunk.unwrap_or(GPU_DEFAULT_CHUNK);
-                return bench_grad(&loaded.rule, dims, backend, (chunk, checkpoint, bv), threads, runs, json);
+                let shape = (chunk, checkpoint, bv, ProgramShape::from(program));
+                return bench_grad(&loaded.rule, dims, backend, shape, threads, runs, json);
             }
             let chunk = chunk.unwrap_or(CPU_DEFAULT_CHUNK);
             let backend = backend.unwrap_or(BackendArg::Chunked);
@@ -1368,7 +1387,9 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
                 let seq_len = chunk.max(checkpoint.unwrap_or(1));
                 let dims = chunkc::dsl::reference::Dims { batch: 1, seq_len, heads, k, v };
                 let ptx = chunkc::grad::PtxPrecision::of(&schedule);
-                let opts = chunkc::grad::GradOptions { backend, chunk, checkpoint, bv, ptx, ..Default::default() };
+                let program = ProgramShape::from(program);
+                let opts =
+                    chunkc::grad::GradOptions { backend, chunk, checkpoint, bv, program, ptx, ..Default::default() };
                 chunkc::grad::build_program(&loaded.rule, &dims, &opts)?
             } else {
                 backend::build_program(&loaded.rule, shape, &schedule)?

@@ -90,6 +90,7 @@ pub fn verify_grad(rule: &Rule, plan: &Plan, mut progress: impl FnMut(&GradRow))
                     checkpoint: Some(size),
                     chunk: size,
                     bv: plan.schedule.bv.filter(|_| backend == Backend::Chunked),
+                    program: if backend == Backend::Chunked { plan.schedule.program } else { Default::default() },
                     ptx,
                 };
                 let got = grad(rule, &inputs, "random inputs", &opts, false)?;

@@ -361,6 +361,47 @@ fn compile_writes_every_phase_and_the_program() {
     assert!(stderr(&o).contains("the recurrent kernel is one phase"), "{}", stderr(&o));
 }
 
+/// The split backward of a delta rule (FLA's decomposition): the split forward's three
+/// phases, then a sequential pass that carries only the state's adjoint (it reads neither the
+/// stored states nor the values: a linear rule's adjoint does not depend on them) and stores
+/// it at every chunk, then a chunk-parallel pass for every gradient; with V-tiles, every
+/// phase but the factors has them.
+#[test]
+fn compile_grad_writes_the_split_backward_phases() {
+    let dir = tmp("ptx-split-grad");
+    let d = dir.to_str().unwrap();
+    let args = ["compile", "rules/gated_delta_rule.toml", "--grad", "--program", "split", "--bv", "16"];
+    let o = chunkc(&[&args[..], &["--K", "32", "--V", "32", "--chunk", "16", "--target", "sm_90", "-o", d]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let name = "gated_delta_rule_grad_chunked_c16_bv16_split";
+    let spec = std::fs::read_to_string(dir.join(format!("{name}_sm_90.program.json"))).expect("program");
+    let spec: serde_json::Value = serde_json::from_str(&spec).expect("program is JSON");
+    let phases = spec["phases"].as_array().expect("phases");
+    let field = |p: &serde_json::Value, f: &str| p[f].as_str().unwrap_or_default().to_string();
+    let kinds: Vec<String> = phases.iter().map(|p| field(p, "kind")).collect();
+    assert_eq!(kinds, ["chunk_parallel", "sequential", "chunk_parallel", "sequential", "chunk_parallel"]);
+    let vtiles: Vec<u64> = phases.iter().map(|p| p["vtiles"].as_u64().unwrap()).collect();
+    assert_eq!(vtiles, [1, 2, 2, 2, 2]);
+    let params = |p: &serde_json::Value, access: &str| -> Vec<String> {
+        let all = p["params"].as_array().unwrap().iter();
+        all.filter(|q| q["access"] == access).map(|q| field(q, "tensor")).collect()
+    };
+    let adjoint = &phases[3];
+    assert_eq!(field(adjoint, "entry"), format!("{name}_states"));
+    assert_eq!(params(adjoint, "write"), ["chunk.dh", "dh0"]);
+    let reads = params(adjoint, "read");
+    assert!(!reads.contains(&"chunk.h".to_string()) && !reads.contains(&"v".to_string()), "{reads:?}");
+    let local = &phases[4];
+    assert_eq!(field(local, "entry"), format!("{name}_local"));
+    assert!(params(local, "read").contains(&"chunk.dh".to_string()), "{local}");
+    assert!(params(local, "write").contains(&"dk.by_vtile".to_string()), "{local}");
+    for (phase, chunk_parallel) in [(format!("{name}_states"), false), (format!("{name}_local"), true)] {
+        let meta = std::fs::read_to_string(dir.join(format!("{phase}_sm_90.json"))).expect("json");
+        let meta: serde_json::Value = serde_json::from_str(&meta).expect("metadata is JSON");
+        assert_eq!(meta["grid"].get("v_tiles_chunks_batch_heads").is_some(), chunk_parallel, "{}", meta["grid"]);
+    }
+}
+
 #[test]
 fn bench_prints_one_json_line_and_refuses_bad_shapes() {
     let o =

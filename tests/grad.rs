@@ -122,6 +122,21 @@ fn every_gradient_golden_through_the_chunked_backward() {
     every_gradient_golden_through("chunked-c16-every48", &every_third);
 }
 
+/// The split chunked backward (the split forward, a sequential pass carrying the state's
+/// adjoint, a chunk-parallel pass for every gradient) at chunk 16 and 64 on the CPU, and its
+/// PTX in the simulator at chunk 16, in f32 and with tf32 dots.
+#[test]
+fn every_gradient_golden_through_the_split_chunked_backward() {
+    for chunk in ["16", "64"] {
+        let args = ["--backend", "chunked", "--program", "split", "--chunk", chunk];
+        every_gradient_golden_through(&format!("split-c{chunk}"), &args);
+    }
+    let sim = ["--backend", "ptx-sim", "--kernel", "chunked", "--program", "split", "--chunk", "16"];
+    every_gradient_golden_through("ptx-sim-split", &sim);
+    let tf32 = every_gradient_golden_at("ptx-sim-split-tf32", &[&sim[..], &["--dot", "tf32"]].concat(), 1e-3);
+    assert!(tf32 > 1e-5, "tf32 worst {tf32:.1e}: the dot precision was ignored");
+}
+
 /// The chunked backward split into V-tiles of 8 columns (3 or 4 per head: V is 24 or 32),
 /// the gradients the columns share summed over the tiles; at chunk 16 and at chunk 32 storing
 /// the state every 64 tokens; on the CPU and in the PTX simulator.

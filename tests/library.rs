@@ -346,6 +346,8 @@ fn backward_is_the_command_lines_gradient() {
         ("mlstm", Schedule::recurrent()),
         // The schedule's V-tiles split the backward too.
         ("mlstm", Schedule::chunked(16).with_bv(Some(2))),
+        // And its program shape: the split backward.
+        ("gated_delta_rule", Schedule::chunked(16).with_program(chunkc::codegen::schedule::ProgramShape::Split)),
     ] {
         let r = rule(name);
         let dims = Dims { batch: 2, seq_len: 37, heads: 2, k: 8, v: 4 };
@@ -367,6 +369,7 @@ fn backward_is_the_command_lines_gradient() {
             checkpoint: (backend == Backend::Recurrent).then_some(16),
             chunk: schedule.chunk,
             bv: schedule.bv,
+            program: schedule.program,
             ptx: PtxPrecision::default(),
         };
         let cli = grad(r.ast(), &tensors, "random", &opts, false).expect("grad");

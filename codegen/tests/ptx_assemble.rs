@@ -143,8 +143,8 @@ fn split_program_phases_assemble() {
 }
 
 /// The backward programs' phases of every rule (the recurrent one at checkpoint 4, the
-/// chunked one at chunk 32, and for three rules also in V-tiles of 16), K = V = 32, for sm_90
-/// (f32): no ptxas error, no spill.
+/// chunked one at chunk 32, and for three rules also in V-tiles of 16, fused and split), K = V
+/// = 32, for sm_90 (f32): no ptxas error, no spill.
 #[test]
 fn backward_program_phases_assemble() {
     if !have_ptxas() {
@@ -169,6 +169,12 @@ fn backward_program_phases_assemble() {
                 .unwrap_or_else(|e| panic!("{}: chunked backward with V-tiles refused: {e}", rule.name));
             assert!(p.kernels.iter().all(|k| k.vtiles == 2), "{}", rule.name);
             kernels.extend(p.kernels.into_iter().map(|k| (format!("{} K=V=32", k.name), k)));
+            // The split backward (FLA's decomposition): its two backward phases.
+            let sched = sched.with_program(chunkc_codegen::plan::ProgramShape::Split);
+            let p = chunkc_codegen::plan::backward::chunked(&rule, &canon, shape, sched, 1)
+                .unwrap_or_else(|e| panic!("{}: split backward refused: {e}", rule.name));
+            let backward = p.kernels.into_iter().filter(|k| k.name.contains("_grad_"));
+            kernels.extend(backward.map(|k| (format!("{} K=V=32", k.name), k)));
         }
     }
     // Every phase in f32; the chunked backward's also with tf32 and bf16 dots, none spilling

@@ -184,6 +184,11 @@ impl fmt::Display for SpecError {
 impl std::error::Error for SpecError {}
 
 impl ProgramSpec {
+    /// The most V-tiles any phase splits a head into (1: none does).
+    pub fn vtiles(&self) -> usize {
+        self.phases.iter().map(|p| p.vtiles).max().unwrap_or(1).max(1)
+    }
+
     /// The tensor called `name`.
     pub fn tensor(&self, name: &str) -> Option<&TensorSpec> {
         self.tensors.iter().find(|t| t.name == name)

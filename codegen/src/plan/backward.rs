@@ -18,7 +18,7 @@
 //! keeps the state as it was, so they change nothing (and produce nothing NaN to multiply
 //! by zero).
 
-use super::chunked::{boundary_column, build_phase_storing, Carried, ChunkTerms, Phase, BOUNDARY_STATES};
+use super::chunked::{build_phase_storing, Carried, ChunkTerms, Phase, BOUNDARY_STATES};
 use super::{PlanError, ProgramShape, Schedule, Shape};
 use crate::autodiff;
 use crate::builder::Builder;
@@ -28,15 +28,25 @@ use crate::program::{Dim, Program, Role, StaticSizes, TensorSpec};
 use chunkc_dsl::ast::{Rule, Ty};
 use chunkc_dsl::canon::Canonical;
 
-/// The chunked backward program of a rule linear in S: the fused forward, also storing the
-/// state entering every `boundary_every`-th chunk (`chunk.h`), then a reverse pass over
-/// segments of `boundary_every` chunks that recomputes each segment's chunk algebra (scores,
-/// decays, the state updates) from the stored state and differentiates it. Storing every
-/// chunk (1) keeps `ceil(T / C)` states per head and recomputes nothing but the chunk's own
-/// algebra; m > 1 keeps `ceil(T / (m C))` and recomputes the states between them in every
-/// segment: memory against time, the schedule's choice. Per-token inputs read as f32, the
-/// whole V per grid point. A chunk op the differentiator has no rule for yet is reported as
-/// the reason.
+/// The chunked backward program of a rule linear in S, fused or split as `sched.program`
+/// says.
+///
+/// Fused: the fused forward, also storing the state entering every `boundary_every`-th chunk
+/// (`chunk.h`), then a reverse pass over segments of `boundary_every` chunks that recomputes
+/// each segment's chunk algebra (scores, decays, the state updates) from the stored state and
+/// differentiates it. Storing every chunk (1) keeps `ceil(T / C)` states per head and
+/// recomputes nothing but the chunk's own algebra; m > 1 keeps `ceil(T / (m C))` and
+/// recomputes the states between them in every segment: memory against time, the schedule's
+/// choice.
+///
+/// Split (FLA's decomposition, for GPUs): the split forward (its state pass stores every
+/// chunk's entering state), a sequential reverse pass that carries only the state's adjoint
+/// and stores the one leaving every chunk (`chunk.dh`), then a chunk-parallel pass that
+/// differentiates every chunk at once from its two stored states: every input's gradient,
+/// a per-head parameter's per chunk (summed by the caller).
+///
+/// Per-token inputs read as f32; V split into tiles as `sched.bv` says ([`VSplit`]). A chunk
+/// op the differentiator has no rule for yet is reported as the reason.
 pub fn chunked(
     rule: &Rule,
     canon: &Canonical,
@@ -49,26 +59,21 @@ pub fn chunked(
     if m == 0 {
         return Err(PlanError("the chunks between stored states must be at least 1".into()));
     }
-    let sched = sched.with_program(ProgramShape::Fused).with_input(ElemType::F32);
+    let sched = sched.with_input(ElemType::F32);
     let split = VSplit { bv: sched.bv, tiles: super::vtile::vtiles(rule, &shape, sched.bv, false)? };
-    let mut tensors = super::program::forward_tensors(rule, ElemType::F32);
-    tensors.push(TensorSpec {
-        name: BOUNDARY_STATES.into(),
-        dims: vec![Dim::Batch, Dim::Chunks, Dim::Heads, Dim::K, Dim::V],
-        elem: ElemType::F32,
-        role: Role::Intermediate,
-        optional: false,
-    });
-    for col in &canon.columns {
-        tensors.push(TensorSpec {
-            name: boundary_column(&rule.states[col.state].name),
-            dims: vec![Dim::Batch, Dim::Chunks, Dim::Heads, Dim::K],
-            elem: ElemType::F32,
-            role: Role::Intermediate,
-            optional: false,
-        });
+    if sched.program == ProgramShape::Split {
+        if m != 1 {
+            return Err(PlanError(format!(
+                "the split backward reads every chunk's stored state: it stores every {c} tokens, not every {}",
+                c * m
+            )));
+        }
+        return chunked_split(rule, canon, shape, sched, split);
     }
-    let tensors = with_gradients(rule, tensors, split)?;
+    let sched = sched.with_program(ProgramShape::Fused);
+    let mut tensors = super::program::forward_tensors(rule, ElemType::F32);
+    tensors.extend(per_chunk_states(rule, canon, BOUNDARY_STATES, 1));
+    let tensors = with_gradients(rule, tensors, split, false)?;
     let forward = build_phase_storing(rule, canon, shape, sched, Phase::FusedWithStates, m)?;
     let every = if m > 1 { format!("_every{m}") } else { String::new() };
     let tiled = sched.bv.map(|bv| format!("_bv{bv}")).unwrap_or_default();
@@ -77,35 +82,96 @@ pub fn chunked(
     // The reverse pass reads `chunk.h` by segment: one slot per `m * C` tokens.
     let carried = Carried { shape, chunk: c * m, bv: sched.bv, columns, boundary_every: 1 };
     let io = ChunkBoundaries { rule, carried, split };
-    let reverse = reverse_pass(name.clone(), rule, shape, c * m, split, &io, |b, layout, start, seg| {
-        let mut state = start[0];
-        let mut rec = Recomputed { end: vec![], outputs: vec![], loads: vec![], spans: vec![] };
-        for u in 0..m {
-            // Chunk u of the segment. A chunk past T loads no rows: its gates are 0 and its
-            // keys zero, so it leaves the state as it was and writes nothing.
-            let j = seg.clone().mul(Idx::c(m as i64)).add(Idx::c(u as i64));
-            let mut terms = ChunkTerms::new(b, layout, rule, canon, shape, sched, j.clone())?;
-            terms.store_outputs = false;
-            let r = terms.blocks(b, state, false, Some(layout.o))?;
-            state = terms.next_state(b, state, &r);
-            let t0 = j.mul(Idx::c(c as i64));
-            let valid = Idx::c(c as i64).min(Idx::var(IdxVar::SeqLen).sub(t0.clone()));
-            rec.outputs.extend(
-                terms
-                    .outputs
-                    .iter()
-                    .map(|&(i0, o)| (t0.clone().add(Idx::c(i0 as i64)), valid.clone().sub(Idx::c(i0 as i64)), o)),
-            );
-            rec.loads.extend(terms.loads.iter().map(|&(i, v)| (i, t0.clone(), valid.clone(), v)));
-            rec.spans.push((t0, valid, c));
-        }
-        rec.end = vec![state];
-        Ok(rec)
-    })?;
+    let recompute = |b: &mut Builder, layout: &ParamLayout, start: &[ValueId], seg: Idx| {
+        recompute_chunks(b, layout, (rule, canon, shape, sched), m, start[0], seg)
+    };
+    let reverse = reverse_pass(name.clone(), rule, shape, c * m, split, &io, recompute)?;
     let kernels = vec![forward, reverse];
     let sizes = StaticSizes { heads: shape.heads, k: shape.k, v: shape.v };
     // `Dim::Chunks` (the slots of `chunk.h`) counts segments of `m * C` tokens.
     Program::new(name, c * m, sizes, tensors, kernels).map_err(|e| PlanError(format!("internal error: {e}")))
+}
+
+/// The intermediate holding the adjoint of the state leaving every chunk (the split
+/// backward's, beside `chunk.h`).
+pub const BOUNDARY_ADJOINTS: &str = "chunk.dh";
+
+/// `tensor` (`[B, NT, H, K, V]`) and a column tensor beside it for each extra `[K]` state
+/// (`[B, NT, H, K]`, or a column per V-tile with `column_tiles` > 1).
+fn per_chunk_states(rule: &Rule, canon: &Canonical, tensor: &str, column_tiles: usize) -> Vec<TensorSpec> {
+    let intermediate =
+        |name: String, dims| TensorSpec { name, dims, elem: ElemType::F32, role: Role::Intermediate, optional: false };
+    let mut out = vec![intermediate(tensor.into(), vec![Dim::Batch, Dim::Chunks, Dim::Heads, Dim::K, Dim::V])];
+    let tiles = (column_tiles > 1).then_some(Dim::VTiles(column_tiles));
+    for col in &canon.columns {
+        let name = super::chunked::slot_column(tensor, &rule.states[col.state].name);
+        let dims = [Dim::Batch, Dim::Chunks, Dim::Heads].into_iter().chain(tiles).chain([Dim::K]).collect();
+        out.push(intermediate(name, dims));
+    }
+    out
+}
+
+/// The split backward ([`chunked`]).
+fn chunked_split(
+    rule: &Rule,
+    canon: &Canonical,
+    shape: Shape,
+    sched: Schedule,
+    split: VSplit,
+) -> Result<Program, PlanError> {
+    let c = sched.chunk;
+    let forward = super::program::chunked(rule, canon, shape, sched)?;
+    let mut tensors = forward.spec.tensors.clone();
+    tensors.extend(per_chunk_states(rule, canon, BOUNDARY_ADJOINTS, split.tiles));
+    let tensors = with_gradients(rule, tensors, split, true)?;
+    let tiled = sched.bv.map(|bv| format!("_bv{bv}")).unwrap_or_default();
+    let name = format!("{}_grad_chunked_c{c}{tiled}_split", rule.name);
+    let columns: Vec<usize> = canon.columns.iter().map(|x| x.state).collect();
+    let carried = Carried { shape, chunk: c, bv: sched.bv, columns, boundary_every: 1 };
+    let io = ChunkBoundaries { rule, carried, split };
+    let recompute = |b: &mut Builder, layout: &ParamLayout, start: &[ValueId], j: Idx| {
+        recompute_chunks(b, layout, (rule, canon, shape, sched), 1, start[0], j)
+    };
+    let states = adjoint_state_pass(format!("{name}_states"), rule, shape, split, &io, recompute)?;
+    let local = local_gradient_pass(format!("{name}_local"), rule, shape, split, &io, recompute)?;
+    let mut kernels = forward.kernels;
+    kernels.extend([states, local]);
+    let sizes = StaticSizes { heads: shape.heads, k: shape.k, v: shape.v };
+    Program::new(name, c, sizes, tensors, kernels).map_err(|e| PlanError(format!("internal error: {e}")))
+}
+
+/// Segment `seg` of `m` chunks recomputed from `state` (the state entering it): its outputs,
+/// the inputs it loaded, and the state leaving it. A chunk past T loads no rows: its gates
+/// are 0 and its keys zero, so it leaves the state as it was and writes nothing.
+fn recompute_chunks(
+    b: &mut Builder,
+    layout: &ParamLayout,
+    (rule, canon, shape, sched): (&Rule, &Canonical, Shape, Schedule),
+    m: usize,
+    mut state: ValueId,
+    seg: Idx,
+) -> Result<Recomputed, PlanError> {
+    let c = sched.chunk;
+    let mut rec = Recomputed { end: vec![], outputs: vec![], loads: vec![], spans: vec![] };
+    for u in 0..m {
+        let j = seg.clone().mul(Idx::c(m as i64)).add(Idx::c(u as i64));
+        let mut terms = ChunkTerms::new(b, layout, rule, canon, shape, sched, j.clone())?;
+        terms.store_outputs = false;
+        let r = terms.blocks(b, state, false, Some(layout.o))?;
+        state = terms.next_state(b, state, &r);
+        let t0 = j.mul(Idx::c(c as i64));
+        let valid = Idx::c(c as i64).min(Idx::var(IdxVar::SeqLen).sub(t0.clone()));
+        rec.outputs.extend(
+            terms
+                .outputs
+                .iter()
+                .map(|&(i0, o)| (t0.clone().add(Idx::c(i0 as i64)), valid.clone().sub(Idx::c(i0 as i64)), o)),
+        );
+        rec.loads.extend(terms.loads.iter().map(|&(i, v)| (i, t0.clone(), valid.clone(), v)));
+        rec.spans.push((t0, valid, c));
+    }
+    rec.end = vec![state];
+    Ok(rec)
 }
 
 /// The intermediate holding the state entering every segment.
@@ -200,7 +266,7 @@ fn tensors(rule: &Rule, input: ElemType) -> Result<Vec<TensorSpec>, PlanError> {
             vec![Batch, Chunks, Heads, if s.ty == Ty::VecK { K } else { V }],
         ));
     }
-    with_gradients(rule, tensors, VSplit::WHOLE)
+    with_gradients(rule, tensors, VSplit::WHOLE, false)
 }
 
 /// The intermediate holding extra state `name` as it enters every segment.
@@ -210,7 +276,14 @@ fn extra_checkpoints(name: &str) -> String {
 
 /// `tensors` (a forward program's) with the cotangents `do` and optional `dhT`, and the
 /// gradients (per V-tile where `split` makes them partial).
-fn with_gradients(rule: &Rule, mut tensors: Vec<TensorSpec>, split: VSplit) -> Result<Vec<TensorSpec>, PlanError> {
+/// With `per_chunk`, a per-head parameter's gradient is written per chunk too
+/// (`[B, NT, H, (NV,) D]`).
+fn with_gradients(
+    rule: &Rule,
+    mut tensors: Vec<TensorSpec>,
+    split: VSplit,
+    per_chunk: bool,
+) -> Result<Vec<TensorSpec>, PlanError> {
     use Dim::*;
     let f32_tensor =
         |name: String, dims: Vec<Dim>, role| TensorSpec { name, dims, elem: ElemType::F32, role, optional: false };
@@ -230,7 +303,11 @@ fn with_gradients(rule: &Rule, mut tensors: Vec<TensorSpec>, split: VSplit) -> R
             Ty::VecV => Some(V),
             _ => None,
         };
-        let lead: &[Dim] = if inp.per_head { &[Batch, Heads] } else { &[Batch, SeqLen, Heads] };
+        let lead: &[Dim] = match (inp.per_head, per_chunk) {
+            (true, false) => &[Batch, Heads],
+            (true, true) => &[Batch, Chunks, Heads],
+            (false, _) => &[Batch, SeqLen, Heads],
+        };
         let parts = split.partial(inp.ty).then_some(VTiles(split.tiles));
         tensors.push(f32_tensor(name, lead.iter().copied().chain(parts).chain(width).collect(), Role::Output));
     }
@@ -471,7 +548,7 @@ fn backward(rule: &Rule, shape: Shape, input: ElemType, every: usize) -> Result<
     })
 }
 
-/// A segment recomputed from its entering state (the region [`reverse_pass`] differentiates).
+/// A segment recomputed from its entering state (the region [`differentiate`] differentiates).
 struct Recomputed {
     /// The states leaving the segment (as [`SegmentStates`] orders them).
     end: Vec<ValueId>,
@@ -484,12 +561,181 @@ struct Recomputed {
     spans: Vec<(Idx, Idx, usize)>,
 }
 
+/// Recomputes a segment's region from its entering states.
+type Recompute<'a> = dyn Fn(&mut Builder, &ParamLayout, &[ValueId], Idx) -> Result<Recomputed, PlanError> + 'a;
+
+/// A segment recomputed and differentiated: the region, its entering states, and the adjoint
+/// of every value of it that a seed reached.
+struct Differentiated {
+    seg: Recomputed,
+    start: Vec<ValueId>,
+    adjoints: std::collections::HashMap<ValueId, ValueId>,
+}
+
+impl Differentiated {
+    fn adjoint(&self, b: &mut Builder, v: ValueId) -> ValueId {
+        match self.adjoints.get(&v) {
+            Some(&g) => g,
+            None => b.constant(0.0, b.ty(v)),
+        }
+    }
+
+    /// The adjoints of the states entering the segment.
+    fn entering(&self, b: &mut Builder) -> Vec<ValueId> {
+        self.start.iter().map(|&x| self.adjoint(b, x)).collect()
+    }
+}
+
+/// What the passes of a backward share: the rule, the shape, the V split, the parameters of
+/// the kernel being built, and where the gradients go.
+struct Pass<'a> {
+    rule: &'a Rule,
+    shape: Shape,
+    split: VSplit,
+    /// Tokens per iteration of the kernel's loop (a segment, a chunk).
+    tokens: usize,
+    layout: ParamLayout,
+    d_o: usize,
+}
+
+impl<'a> Pass<'a> {
+    fn new(b: &mut Builder, rule: &'a Rule, shape: Shape, split: VSplit, tokens: usize) -> Pass<'a> {
+        b.set_vtiles(split.tiles);
+        let layout = ParamLayout::declare(b, rule);
+        let d_o = b.param("do", Access::Read);
+        Pass { rule, shape, split, tokens, layout, d_o }
+    }
+
+    fn width(&self, i: usize) -> usize {
+        self.rule.inputs[i].width(self.shape.k, self.shape.v)
+    }
+
+    /// The columns of input i's tiles: a `[V]` input's are this V-tile's.
+    fn cols(&self, i: usize) -> usize {
+        if self.rule.inputs[i].ty == Ty::VecV {
+            self.split.cols(&self.shape)
+        } else {
+            self.width(i)
+        }
+    }
+
+    fn per_head(&self) -> Vec<usize> {
+        (0..self.rule.inputs.len()).filter(|&i| self.rule.inputs[i].per_head).collect()
+    }
+
+    /// Segment `j` recomputed from its entering states (`io`) and differentiated, seeded by
+    /// `end_cotangents` at the states leaving it and by `do` at its outputs.
+    fn differentiate(
+        &self,
+        b: &mut Builder,
+        io: &dyn SegmentStates,
+        j: Idx,
+        end_cotangents: &[ValueId],
+        recompute: &Recompute,
+    ) -> Result<Differentiated, PlanError> {
+        let mark = b.next_value();
+        let start = io.entering(b, j.clone());
+        let seg = recompute(b, &self.layout, &start, j)?;
+        let region = b.lets_since(mark);
+        let mut seeds: Vec<(ValueId, ValueId)> = seg.end.iter().copied().zip(end_cotangents.iter().copied()).collect();
+        for (first, valid, o) in &seg.outputs {
+            let (obase, ostride) = v_token_base(&self.shape, first.clone(), self.split.bv);
+            let rows = b.ty(*o).rows;
+            let d_o_rows = b.load(self.d_o, obase, ostride, 1, rows, self.split.cols(&self.shape), valid.clone());
+            seeds.push((*o, d_o_rows));
+        }
+        let mut leaves = start.clone();
+        leaves.extend(seg.loads.iter().map(|l| l.3));
+        let adjoints = autodiff::reverse(b, &region, &leaves, &seeds)
+            .map_err(|e| PlanError(format!("rule `{}`: {e}", self.rule.name)))?;
+        Ok(Differentiated { seg, start, adjoints })
+    }
+
+    /// The gradient parameters, in input order.
+    fn gradient_params(&self, b: &mut Builder) -> Vec<usize> {
+        (0..self.rule.inputs.len()).map(|i| b.param(gradient_name(self.rule, i, self.split), Access::Write)).collect()
+    }
+
+    /// Where input i's gradient rows start at token `first`, and their stride.
+    fn gradient_at(&self, i: usize, first: Idx) -> (Idx, i64) {
+        let ty = self.rule.inputs[i].ty;
+        let w = self.width(i);
+        if ty == Ty::VecV {
+            v_token_base(&self.shape, first, self.split.bv)
+        } else if self.split.partial(ty) {
+            let (base, stride) = token_base(&self.shape, first, self.split.tiles * w);
+            (base.add(Idx::var(IdxVar::VTile).mul(Idx::c(w as i64))), stride)
+        } else {
+            token_base(&self.shape, first, w)
+        }
+    }
+
+    /// Stores the gradients of the per-token inputs at the segment's rows (zeros for an input
+    /// the step never reads); returns the adjoint of each per-head parameter ([`Pass::per_head`]
+    /// order), summed over the segment.
+    fn store_per_token(&self, b: &mut Builder, grads: &[usize], d: &Differentiated) -> Vec<ValueId> {
+        let per_head = self.per_head();
+        let mut sums: Vec<Option<ValueId>> = vec![None; per_head.len()];
+        for (i, first, valid, load) in &d.seg.loads {
+            let g = d.adjoint(b, *load);
+            if let Some(slot) = per_head.iter().position(|p| p == i) {
+                sums[slot] = Some(match sums[slot] {
+                    Some(s) => b.add(s, g),
+                    None => g,
+                });
+            } else {
+                let (base, stride) = self.gradient_at(*i, first.clone());
+                b.store(g, grads[*i], base, stride, 1, valid.clone());
+            }
+        }
+        for i in (0..self.rule.inputs.len()).filter(|i| !per_head.contains(i)) {
+            if !d.seg.loads.iter().any(|l| l.0 == i) {
+                for (first, valid, rows) in &d.seg.spans {
+                    let zero = b.constant(0.0, TileTy::f32(*rows, self.cols(i)));
+                    let (base, stride) = self.gradient_at(i, first.clone());
+                    b.store(zero, grads[i], base, stride, 1, valid.clone());
+                }
+            }
+        }
+        per_head
+            .iter()
+            .zip(sums)
+            .map(|(&i, s)| s.unwrap_or_else(|| b.constant(0.0, TileTy::f32(1, self.cols(i)))))
+            .collect()
+    }
+
+    /// Stores each per-head parameter's gradient `sums` ([`Pass::per_head`] order) to its row
+    /// of `d<name>.by_batch`: `[B, H, (NV,) D]`, or with `chunk` `[B, NT, H, (NV,) D]`.
+    fn store_per_head(&self, b: &mut Builder, grads: &[usize], sums: &[ValueId], chunk: Option<Idx>) {
+        let heads = self.shape.heads as i64;
+        for (&i, &sum) in self.per_head().iter().zip(sums) {
+            let w = self.width(i) as i64;
+            let lead = match &chunk {
+                Some(j) => {
+                    let chunks = Idx::var(IdxVar::SeqLen).ceil_div(self.tokens as i64);
+                    Idx::var(IdxVar::Batch).mul(chunks).add(j.clone())
+                }
+                None => Idx::var(IdxVar::Batch),
+            };
+            let row = lead.mul(Idx::c(heads)).add(Idx::var(IdxVar::Head));
+            let ty = self.rule.inputs[i].ty;
+            let base = if ty == Ty::VecV {
+                row.mul(Idx::c(w)).add(v_offset(self.split.bv))
+            } else if self.split.partial(ty) {
+                row.mul(Idx::c(self.split.tiles as i64)).add(Idx::var(IdxVar::VTile)).mul(Idx::c(w))
+            } else {
+                row.mul(Idx::c(w))
+            };
+            b.store(sum, grads[i], base, w, 1, Idx::c(1));
+        }
+    }
+}
+
 /// A reverse pass over the segments of `every` tokens, last first: each is recomputed by
 /// `recompute` from its entering states (`io`), and the reverse of that straight-line code
 /// carries the states' adjoints from the segment's end to its start, seeded by `do` at its
 /// outputs. Gradients of per-token inputs are stored at their rows;
 /// those of per-head parameters add up over the segments and are stored per batch row.
-#[allow(clippy::too_many_arguments)]
 fn reverse_pass(
     name: String,
     rule: &Rule,
@@ -497,96 +743,77 @@ fn reverse_pass(
     every: usize,
     split: VSplit,
     io: &dyn SegmentStates,
-    recompute: impl FnOnce(&mut Builder, &ParamLayout, &[ValueId], Idx) -> Result<Recomputed, PlanError>,
+    recompute: impl Fn(&mut Builder, &ParamLayout, &[ValueId], Idx) -> Result<Recomputed, PlanError>,
 ) -> Result<Kernel, PlanError> {
     let mut b = Builder::new(name);
-    b.set_vtiles(split.tiles);
-    let layout = ParamLayout::declare(&mut b, rule);
-    let d_o = b.param("do", Access::Read);
-    let grads: Vec<usize> =
-        (0..rule.inputs.len()).map(|i| b.param(gradient_name(rule, i, split), Access::Write)).collect();
-    let (k, v, heads) = (shape.k, shape.v, shape.heads as i64);
-    let width = |i: usize| rule.inputs[i].width(k, v);
-    // The columns of input i's tiles: a `[V]` input's are this V-tile's.
-    let cols = |i: usize| if rule.inputs[i].ty == Ty::VecV { split.cols(&shape) } else { width(i) };
-    let per_head: Vec<usize> = (0..rule.inputs.len()).filter(|&i| rule.inputs[i].per_head).collect();
-    // Where input i's gradient rows start at token `first`, and their stride.
-    let gradient_at = |i: usize, first: Idx| -> (Idx, i64) {
-        let w = width(i);
-        if rule.inputs[i].ty == Ty::VecV {
-            v_token_base(&shape, first, split.bv)
-        } else if split.partial(rule.inputs[i].ty) {
-            let (base, stride) = token_base(&shape, first, split.tiles * w);
-            (base.add(Idx::var(IdxVar::VTile).mul(Idx::c(w as i64))), stride)
-        } else {
-            token_base(&shape, first, w)
-        }
-    };
-
+    let pass = Pass::new(&mut b, rule, shape, split, every);
+    let grads = pass.gradient_params(&mut b);
+    let per_head = pass.per_head();
     let mut inits = io.final_cotangents(&mut b);
     let n_states = inits.len();
-    inits.extend(per_head.iter().map(|&i| b.constant(0.0, TileTy::f32(1, cols(i)))));
+    inits.extend(per_head.iter().map(|&i| b.constant(0.0, TileTy::f32(1, pass.cols(i)))));
     let segments = Idx::var(IdxVar::SeqLen).ceil_div(every as i64);
     let carried = b.begin_loop(segments.clone(), &inits);
     let j = segments.sub(Idx::c(1)).sub(Idx::var(IdxVar::Iter));
-
-    // The segment again, from its entering states: the region to differentiate.
-    let mark = b.next_value();
-    let start = io.entering(&mut b, j.clone());
-    let seg = recompute(&mut b, &layout, &start, j)?;
-    let region = b.lets_since(mark);
-
-    let mut seeds: Vec<(ValueId, ValueId)> = seg.end.iter().copied().zip(carried[..n_states].iter().copied()).collect();
-    for (first, valid, o) in &seg.outputs {
-        let (obase, ostride) = v_token_base(&shape, first.clone(), split.bv);
-        let rows = b.ty(*o).rows;
-        let d_o_rows = b.load(d_o, obase, ostride, 1, rows, split.cols(&shape), valid.clone());
-        seeds.push((*o, d_o_rows));
-    }
-    let mut leaves = start.clone();
-    leaves.extend(seg.loads.iter().map(|l| l.3));
-    let adjoints = autodiff::reverse(&mut b, &region, &leaves, &seeds)
-        .map_err(|e| PlanError(format!("rule `{}`: {e}", rule.name)))?;
-    let adjoint_or_zero = |b: &mut Builder, v: ValueId| match adjoints.get(&v) {
-        Some(&g) => g,
-        None => b.constant(0.0, b.ty(v)),
-    };
-
-    let mut yields: Vec<ValueId> = start.iter().map(|&x| adjoint_or_zero(&mut b, x)).collect();
-    let mut sums: Vec<ValueId> = carried[n_states..].to_vec();
-    for (i, first, valid, load) in &seg.loads {
-        let g = adjoint_or_zero(&mut b, *load);
-        if let Some(slot) = per_head.iter().position(|p| p == i) {
-            sums[slot] = b.add(sums[slot], g);
-        } else {
-            let (base, stride) = gradient_at(*i, first.clone());
-            b.store(g, grads[*i], base, stride, 1, valid.clone());
-        }
-    }
-    // An input the step never reads has a zero gradient, written all the same.
-    for i in (0..rule.inputs.len()).filter(|i| !per_head.contains(i)) {
-        if !seg.loads.iter().any(|l| l.0 == i) {
-            for (first, valid, rows) in &seg.spans {
-                let zero = b.constant(0.0, TileTy::f32(*rows, cols(i)));
-                let (base, stride) = gradient_at(i, first.clone());
-                b.store(zero, grads[i], base, stride, 1, valid.clone());
-            }
-        }
-    }
-    yields.extend(sums);
+    let d = pass.differentiate(&mut b, io, j, &carried[..n_states], &recompute)?;
+    let mut yields = d.entering(&mut b);
+    let segment_sums = pass.store_per_token(&mut b, &grads, &d);
+    yields.extend(carried[n_states..].iter().zip(segment_sums).map(|(&s, g)| b.add(s, g)));
     let results = b.end_loop(&yields);
     io.store_initial_gradients(&mut b, &results[..n_states]);
-    for (&i, &sum) in per_head.iter().zip(&results[n_states..]) {
-        let w = width(i) as i64;
-        let row = Idx::var(IdxVar::Batch).mul(Idx::c(heads)).add(Idx::var(IdxVar::Head));
-        let base = if rule.inputs[i].ty == Ty::VecV {
-            row.mul(Idx::c(w)).add(v_offset(split.bv))
-        } else if split.partial(rule.inputs[i].ty) {
-            row.mul(Idx::c(split.tiles as i64)).add(Idx::var(IdxVar::VTile)).mul(Idx::c(w))
-        } else {
-            row.mul(Idx::c(w))
-        };
-        b.store(sum, grads[i], base, w, 1, Idx::c(1));
-    }
+    pass.store_per_head(&mut b, &grads, &results[n_states..], None);
+    Ok(b.finish())
+}
+
+/// The split backward's sequential pass: the chunks in reverse, carrying only the states'
+/// adjoint; stores the adjoint leaving every chunk (`chunk.dh`) and the one entering the
+/// sequence (`dh0`). The chunk's reverse runs whole, and what does not reach the entering
+/// state (the inputs' gradients) is dropped as dead code.
+fn adjoint_state_pass(
+    name: String,
+    rule: &Rule,
+    shape: Shape,
+    split: VSplit,
+    io: &ChunkBoundaries,
+    recompute: impl Fn(&mut Builder, &ParamLayout, &[ValueId], Idx) -> Result<Recomputed, PlanError>,
+) -> Result<Kernel, PlanError> {
+    let mut b = Builder::new(name);
+    let pass = Pass::new(&mut b, rule, shape, split, io.carried.chunk);
+    let inits = io.final_cotangents(&mut b);
+    let chunks = Idx::var(IdxVar::SeqLen).ceil_div(io.carried.chunk as i64);
+    let carried = b.begin_loop(chunks.clone(), &inits);
+    let j = chunks.sub(Idx::c(1)).sub(Idx::var(IdxVar::Iter));
+    // Each V-tile's adjoint of the extra columns is its own part: a column per tile.
+    io.carried.store_slot(&mut b, rule, carried[0], (BOUNDARY_ADJOINTS, split.tiles), j.clone(), Idx::c(1));
+    let d = pass.differentiate(&mut b, io, j, &carried, &recompute)?;
+    let yields = d.entering(&mut b);
+    let results = b.end_loop(&yields);
+    io.store_initial_gradients(&mut b, &results);
+    Ok(b.finish())
+}
+
+/// The split backward's chunk-parallel pass: every chunk differentiated from its entering
+/// state (`chunk.h`) and the adjoint leaving it (`chunk.dh`); stores every per-token input's
+/// gradient at the chunk's rows and each per-head parameter's part from this chunk.
+fn local_gradient_pass(
+    name: String,
+    rule: &Rule,
+    shape: Shape,
+    split: VSplit,
+    io: &ChunkBoundaries,
+    recompute: impl Fn(&mut Builder, &ParamLayout, &[ValueId], Idx) -> Result<Recomputed, PlanError>,
+) -> Result<Kernel, PlanError> {
+    let mut b = Builder::new(name);
+    b.set_chunk_parallel();
+    let pass = Pass::new(&mut b, rule, shape, split, io.carried.chunk);
+    let grads = pass.gradient_params(&mut b);
+    let chunks = Idx::var(IdxVar::SeqLen).ceil_div(io.carried.chunk as i64);
+    b.begin_loop(chunks, &[]);
+    let j = Idx::var(IdxVar::Iter);
+    let leaving = io.carried.load_slot(&mut b, rule, (BOUNDARY_ADJOINTS, split.tiles), j.clone());
+    let d = pass.differentiate(&mut b, io, j.clone(), &[leaving], &recompute)?;
+    let sums = pass.store_per_token(&mut b, &grads, &d);
+    pass.store_per_head(&mut b, &grads, &sums, Some(j));
+    b.end_loop(&[]);
     Ok(b.finish())
 }

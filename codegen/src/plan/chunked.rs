@@ -343,11 +343,17 @@ impl Carried {
     }
 
     /// Index of this grid point's column state entering chunk `index` in `chunk.<name>`
-    /// `[B, NT, H, K]`.
-    fn column_base(&self, index: Idx) -> Idx {
+    /// `[B, NT, H, K]`; with `tiles` > 1, in a tensor with a column per V-tile (`[B, NT, H, NV, K]`): where
+    /// the columns differ from tile to tile (their adjoints).
+    fn column_base(&self, index: Idx, tiles: usize) -> Idx {
         let n_chunks = Idx::var(IdxVar::SeqLen).ceil_div(self.slot_tokens() as i64);
         let slot = Idx::var(IdxVar::Batch).mul(n_chunks).add(index);
-        slot.mul(Idx::c(self.shape.heads as i64)).add(Idx::var(IdxVar::Head)).mul(Idx::c(self.shape.k as i64))
+        let head = slot.mul(Idx::c(self.shape.heads as i64)).add(Idx::var(IdxVar::Head));
+        let column = match tiles {
+            1 => head,
+            n => head.mul(Idx::c(n as i64)).add(Idx::var(IdxVar::VTile)),
+        };
+        column.mul(Idx::c(self.shape.k as i64))
     }
 
     /// Tokens per slot of `chunk.h`.
@@ -359,9 +365,6 @@ impl Carried {
     /// `Iter`, or with `boundary_every` = m > 1 to slot `Iter / m` when m divides `Iter`
     /// (other chunks store no rows).
     pub(super) fn store_boundary(&self, b: &mut Builder, rule: &Rule, x: ValueId) {
-        let h = b.param(BOUNDARY_STATES, Access::Write);
-        let params: Vec<usize> =
-            self.columns.iter().map(|&i| b.param(boundary_column(&rule.states[i].name), Access::Write)).collect();
         let (slot, keep) = match self.boundary_every as i64 {
             1 => (Idx::var(IdxVar::Iter), Idx::c(1)),
             m => {
@@ -371,7 +374,25 @@ impl Carried {
                 (slot, Idx::c(1).sub(rest.min(Idx::c(1))))
             }
         };
-        let base = self.column_base(slot.clone());
+        self.store_slot(b, rule, x, (BOUNDARY_STATES, 1), slot, keep);
+    }
+
+    /// Stores `x` to slot `slot` of the per-chunk tensor `tensor` (`chunk.h`, or another of
+    /// its shape) and its columns to `<tensor>.<name>` (a column per V-tile when
+    /// `column_tiles` > 1), when `keep` is 1 (no rows when 0).
+    pub(super) fn store_slot(
+        &self,
+        b: &mut Builder,
+        rule: &Rule,
+        x: ValueId,
+        (tensor, column_tiles): (&str, usize),
+        slot: Idx,
+        keep: Idx,
+    ) {
+        let h = b.param(tensor, Access::Write);
+        let params: Vec<usize> =
+            self.columns.iter().map(|&i| b.param(slot_column(tensor, &rule.states[i].name), Access::Write)).collect();
+        let base = self.column_base(slot.clone(), column_tiles);
         let rows = keep.clone().mul(Idx::c(self.shape.k as i64));
         let at = boundary_base_at(&self.shape, self.slot_tokens(), self.bv, slot);
         self.scatter_rows(b, x, h, at, rows, |b, j, n| b.store(n, params[j], base.clone(), 0, 1, keep.clone()));
@@ -379,10 +400,21 @@ impl Carried {
 
     /// The state entering chunk `index`, from `chunk.h` (and `chunk.<name>`).
     pub(super) fn load_boundary(&self, b: &mut Builder, rule: &Rule, index: Idx) -> ValueId {
-        let h = b.param(BOUNDARY_STATES, Access::Read);
+        self.load_slot(b, rule, (BOUNDARY_STATES, 1), index)
+    }
+
+    /// Slot `index` of the per-chunk tensor `tensor` and its columns (as [`Carried::store_slot`]).
+    pub(super) fn load_slot(
+        &self,
+        b: &mut Builder,
+        rule: &Rule,
+        (tensor, column_tiles): (&str, usize),
+        index: Idx,
+    ) -> ValueId {
+        let h = b.param(tensor, Access::Read);
         let params: Vec<usize> =
-            self.columns.iter().map(|&i| b.param(boundary_column(&rule.states[i].name), Access::Read)).collect();
-        let base = self.column_base(index.clone());
+            self.columns.iter().map(|&i| b.param(slot_column(tensor, &rule.states[i].name), Access::Read)).collect();
+        let base = self.column_base(index.clone(), column_tiles);
         let k = self.shape.k;
         self.gather(b, h, boundary_base_at(&self.shape, self.slot_tokens(), self.bv, index), |b, j| {
             b.load(params[j], base.clone(), 0, 1, 1, k, Idx::c(1))
@@ -398,7 +430,12 @@ pub fn factor_column(factor: &str, name: &str) -> String {
 
 /// The chunk-boundary tensor of the extra state `name` (`[B, NT, H, K]`), next to `chunk.h`.
 pub fn boundary_column(name: &str) -> String {
-    format!("{BOUNDARY_STATES}.{name}")
+    slot_column(BOUNDARY_STATES, name)
+}
+
+/// The column tensor of extra state `name` beside the per-chunk tensor `tensor`.
+pub fn slot_column(tensor: &str, name: &str) -> String {
+    format!("{tensor}.{name}")
 }
 
 /// The inputs `e` reads, each once, in order.
