@@ -609,6 +609,10 @@ enum Command {
         /// of one CTA (where the time goes).
         #[arg(long, conflicts_with_all = ["json", "rank"])]
         ops: bool,
+        /// Estimate the chunked backward program instead (its forward phases, then the reverse
+        /// ones: fused or split as --program says).
+        #[arg(long, conflicts_with = "rank")]
+        grad: bool,
     },
     /// Print the tile IR of a rule's kernel, or write its PTX (sm_80, sm_90) and launch metadata.
     Compile {
@@ -1335,8 +1339,8 @@ fn dispatch(cmd: Command) -> Result<ExitCode, Error> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Model { rule, gpu, shape, backend, chunk, bv, program, target, precision, json, rank, ops } => {
-            model(&rule, &gpu, &shape, (backend, chunk, bv, program), target, precision, (json, rank, ops))
+        Command::Model { rule, gpu, shape, backend, chunk, bv, program, target, precision, json, rank, ops, grad } => {
+            model(&rule, &gpu, &shape, (backend, chunk, bv, program, grad), target, precision, (json, rank, ops))
         }
         Command::Compile {
             rule,
@@ -1416,7 +1420,7 @@ fn model(
     rule: &std::path::Path,
     gpu: &str,
     shape: &[usize],
-    (backend, chunk, bv, program): (BackendArg, usize, Option<usize>, ProgramArg),
+    (backend, chunk, bv, program, grad): (BackendArg, usize, Option<usize>, ProgramArg, bool),
     target: Option<Target>,
     mut precision: PrecisionArgs,
     (json, rank, ops): (bool, Option<usize>, bool),
@@ -1450,7 +1454,10 @@ fn model(
     if let Some(top) = rank {
         return model_rank(&loaded.rule, dims, &schedule, sm, &gpu, top, json);
     }
-    let (emitted, est) = model_estimate(&loaded.rule, dims, &schedule, sm, &gpu)?;
+    if grad && schedule.kernel != KernelKind::Chunked {
+        return Err(Error::Unsupported("model --grad estimates the chunked backward: no --backend recurrent".into()));
+    }
+    let (emitted, est) = model_estimate(&loaded.rule, dims, &schedule, sm, &gpu, grad)?;
     if json {
         let phases: Vec<serde_json::Value> = est
             .phases
@@ -1545,10 +1552,23 @@ fn model_estimate(
     schedule: &Schedule,
     sm: ptx::Sm,
     gpu: &chunkc::autotune::model::Gpu,
+    grad: bool,
 ) -> Result<(ptx::PtxProgram, chunkc::autotune::model::Estimate), Error> {
     let shape =
         chunkc::codegen::plan::Shape { heads: dims.heads, k: dims.k, v: dims.v, scale: 1.0 / (dims.k as f64).sqrt() };
-    let built = backend::build_program(rule, shape, schedule)?;
+    let built = if grad {
+        let opts = chunkc::grad::GradOptions {
+            backend: Backend::Chunked,
+            chunk: schedule.chunk,
+            bv: schedule.bv,
+            program: schedule.program,
+            ptx: chunkc::grad::PtxPrecision::of(schedule),
+            ..Default::default()
+        };
+        chunkc::grad::build_program(rule, &dims, &opts)?
+    } else {
+        backend::build_program(rule, shape, schedule)?
+    };
     let emitted = chunkc::gpu::emit(&built, sm, &schedule.ptx)?;
     let per_token: usize = rule.inputs.iter().filter(|i| !i.per_head).map(|i| i.width(dims.k, dims.v)).sum();
     let problem = chunkc::autotune::model::Problem {
@@ -1599,7 +1619,7 @@ fn model_rank(
                             .with_ptx(ptx);
                         // A V-tile the rule does not allow, or a schedule the target refuses:
                         // not a candidate.
-                        if let Ok((_, est)) = model_estimate(rule, dims, &schedule, sm, gpu) {
+                        if let Ok((_, est)) = model_estimate(rule, dims, &schedule, sm, gpu, false) {
                             ranked.push((schedule, est));
                         }
                     }

@@ -878,6 +878,29 @@ fn run_and_grad_take_grouped_value_heads() {
 
 /// `chunkc model`: an estimate per phase of the emitted program, labelled as one, and its
 /// one-line JSON form with the fields the GPU issue names; bad input is one line.
+/// `model --grad`: the backward program's phases, each estimated; the split one has its
+/// chunk-parallel gradient pass on a grid of at least a full wave.
+#[test]
+fn model_estimates_the_backward_phases() {
+    let shape = ["--gpu", "h100", "--shape", "2,8192,16,128,128", "--chunk", "32", "--bv", "64", "--json"];
+    let o = chunkc(&[&["model", "rules/gated_delta_rule.toml", "--grad", "--program", "split"][..], &shape].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).expect("one JSON line");
+    let phases = v["phases"].as_array().expect("phases");
+    let names: Vec<&str> = phases.iter().map(|p| p["name"].as_str().expect("name")).collect();
+    assert_eq!(names.len(), 5, "{names:?}");
+    assert!(names[3].ends_with("_split_states") && names[4].ends_with("_split_local"), "{names:?}");
+    let grid =
+        |p: &serde_json::Value| p["grid"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).product::<u64>();
+    assert!(grid(&phases[4]) >= 132, "{}", phases[4]);
+    let est = v["est_ms"].as_f64().expect("est_ms");
+    let sum: f64 = phases.iter().map(|p| p["est_ms"].as_f64().unwrap()).sum();
+    assert!(est.is_finite() && (est - sum).abs() < 1e-6 * est.max(1.0), "{est} vs the phases' {sum}");
+    let o = chunkc(&["model", "rules/gated_delta_rule.toml", "--grad", "--backend", "recurrent"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("model --grad estimates the chunked backward"), "{}", stderr(&o));
+}
+
 #[test]
 fn model_estimates_every_phase_and_prints_one_json_line() {
     let args = ["model", "rules/gated_delta_rule.toml", "--gpu", "h100", "--shape", "2,8192,16,128,128", "--json"];
