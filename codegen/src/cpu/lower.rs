@@ -976,14 +976,17 @@ impl<'a, 'f> Lower<'a, 'f> {
         self.mixed = false;
     }
 
-    /// Calls decay.rs for `mul(a, exp(cast_f32(x [- y])))` (optionally with a `Tril` mask
-    /// filling -inf around the subtraction) when the accesses fit; false if it did not.
+    /// Calls decay.rs for `mul(a, exp(cast_f32(x [- y])))`, or the factor `exp(cast_f32(x [-
+    /// y]))` alone (a tile the backward reuses), optionally with a `Tril` mask filling -inf
+    /// around the subtraction, when the accesses fit; false if it did not.
     fn decay_call(&mut self, ex: &Ex, leaves: &[Acc], ty: TileTy, out: Acc) -> bool {
         let Some(f) = self.math.decay else { return false };
-        let Ex::Bin(BinOp::Mul, DType::F32, p, q) = ex else { return false };
-        let (a, e) = match (&**p, &**q) {
-            (Ex::Leaf(a), e) | (e, Ex::Leaf(a)) => (*a, e),
-            _ => return false,
+        let (a, e) = match ex {
+            Ex::Bin(BinOp::Mul, DType::F32, p, q) => match (&**p, &**q) {
+                (Ex::Leaf(a), e) | (e, Ex::Leaf(a)) => (Some(*a), e),
+                _ => return false,
+            },
+            e => (None, e),
         };
         let Ex::Un(UnOp::Exp, DType::F32, c) = e else { return false };
         let Ex::Cast(DType::F64, DType::F32, g) = &**c else { return false };
@@ -1001,9 +1004,8 @@ impl<'a, 'f> Lower<'a, 'f> {
             },
             _ => return false,
         };
-        let (a, x, y) = (leaves[a], leaves[x], y.map(|y| leaves[y]));
-        let fits = a.dt == DType::F32
-            && a.cs == 1
+        let (a, x, y) = (a.map(|a| leaves[a]), leaves[x], y.map(|y| leaves[y]));
+        let fits = a.is_none_or(|a| a.dt == DType::F32 && a.cs == 1)
             && out.cs == 1
             && x.dt == DType::F64
             && (x.cs == 0 || x.cs == 1)
@@ -1011,7 +1013,11 @@ impl<'a, 'f> Lower<'a, 'f> {
         if !fits {
             return false;
         }
-        let mut args = vec![self.iconst(ty.rows as i64), self.iconst(ty.cols as i64), a.ptr, self.iconst(a.rs)];
+        let mut args = vec![self.iconst(ty.rows as i64), self.iconst(ty.cols as i64)];
+        match a {
+            Some(a) => args.extend([a.ptr, self.iconst(a.rs)]),
+            None => args.extend([self.iconst(0), self.iconst(0)]),
+        }
         for acc in [Some(x), y] {
             match acc {
                 Some(v) => args.extend([v.ptr, self.iconst(v.rs), self.iconst(v.cs)]),

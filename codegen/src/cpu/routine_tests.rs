@@ -26,8 +26,9 @@ mod decay {
     use crate::ir::*;
 
     /// `y = x * exp(f32(g - p))` on a `rows x cols` tile, `p` one broadcast row, with the
-    /// optional tril mask; `sub`: false drops `- p`.
-    fn kernel(rows: usize, cols: usize, sub: bool, tril: Option<bool>) -> Kernel {
+    /// optional tril mask; `sub`: false drops `- p`; `times_x`: false drops `x *` (the factor
+    /// alone, as the backward keeps it).
+    fn kernel(rows: usize, cols: usize, sub: bool, tril: Option<bool>, times_x: bool) -> Kernel {
         let mut b = Builder::new("decay");
         let (px, pg, pp, py) = (
             b.param("x", Access::Read),
@@ -47,7 +48,7 @@ mod decay {
         }
         let e = b.cast(e, DType::F32);
         let e = b.exp(e);
-        let y = b.mul(x, e);
+        let y = if times_x { b.mul(x, e) } else { e };
         b.store(y, py, Idx::c(0), cols as i64, 1, n);
         b.finish()
     }
@@ -66,16 +67,17 @@ mod decay {
             let g: Vec<f32> = (0..rows * cols).map(|i| -((i * 53 % 89) as f32) / 3.0).collect();
             let p: Vec<f32> = (0..cols).map(|j| -(j as f32) / 5.0).collect();
             let bufs = [x, g, p, vec![f32::NAN; rows * cols]];
-            for sub in [true, false] {
+            for (sub, times_x) in [(true, true), (false, true), (true, false)] {
                 for tril in [None, Some(false), Some(true)] {
-                    let k = kernel(rows, cols, sub, tril);
-                    // Without `- p` the kernel has no parameter p.
+                    let k = kernel(rows, cols, sub, tril, times_x);
+                    // Without `- p` the kernel has no parameter p, without `x *` no x.
+                    let kept = |i: usize| (sub || i != 2) && (times_x || i != 0);
                     let bufs: Vec<Vec<f32>> =
-                        bufs.iter().enumerate().filter(|&(i, _)| sub || i != 2).map(|(_, b)| b.clone()).collect();
+                        bufs.iter().enumerate().filter(|&(i, _)| kept(i)).map(|(_, b)| b.clone()).collect();
                     let fast = run(&k, Simd::Avx512, &bufs);
                     let slow = run(&k, Simd::Avx2, &bufs);
                     let same = fast.iter().zip(&slow).all(|(a, b)| a.to_bits() == b.to_bits());
-                    assert!(same, "{rows}x{cols} sub={sub} tril={tril:?}:\n{fast:?}\n{slow:?}");
+                    assert!(same, "{rows}x{cols} sub={sub} times_x={times_x} tril={tril:?}:\n{fast:?}\n{slow:?}");
                 }
             }
         }

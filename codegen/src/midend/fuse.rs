@@ -153,12 +153,22 @@ impl Scan {
 }
 
 /// Marks the `Exp` and the f64 -> f32 `Cast` of every `mul(x, exp(cast_f32(e)))` whose inner
-/// values are single-use candidates: with the decay routine (`decay.rs`) the whole tree is one
-/// 16-lane pass, better than the two passes the vector rule would make of it.
+/// values are single-use candidates, and the `Cast` of every `exp(cast_f32(e))` that is its
+/// own root (a factor the backward reads several times): with the decay routine (`decay.rs`)
+/// the whole tree is one 16-lane pass, better than the two passes the vector rule would make
+/// of it.
 fn decay_chains(kernel: &Kernel, s: &Scan, candidate: &[bool]) -> Vec<bool> {
     let n = kernel.values.len();
     let mut forced = vec![false; n];
     let def = |v: ValueId| s.defs[v.0 as usize].as_ref();
+    for (e, op) in s.defs.iter().enumerate() {
+        let Some(Op::Unary { op: UnOp::Exp, x: c }) = op else { continue };
+        let Some(Op::Cast { x: g, dtype: DType::F32 }) = def(*c) else { continue };
+        let owned = candidate[c.0 as usize] && s.consumer[c.0 as usize] == Some(ValueId(e as u32));
+        if kernel.ty(*g).dtype == DType::F64 && owned {
+            forced[c.0 as usize] = true;
+        }
+    }
     for (m, op) in s.defs.iter().enumerate() {
         let Some(Op::Binary { op: BinOp::Mul, a, b }) = op else { continue };
         if kernel.values[m].dtype != DType::F32 {
@@ -425,6 +435,32 @@ mod tests {
             assert!(!fused(v), "{v} should not fuse");
         }
         crate::midend::layout::plan(&f.planning).expect("the planning kernel is valid");
+    }
+
+    /// A gate factor `exp(cast_f32(mask(sub)))` read twice (as the backward reads it) is its
+    /// own root: with the decay routine its cast fuses into it (one 16-lane pass), without
+    /// the routine the vector rule keeps the cast a pass of its own.
+    #[test]
+    fn a_reused_gate_factor_fuses_its_cast_where_the_decay_routine_is() {
+        let mut b = Builder::new("factor");
+        let (pg, po) = (b.param("g", Access::Read), b.param("o", Access::Write));
+        let g = b.load(pg, Idx::c(0), 8, 1, 8, 8, Idx::c(8));
+        let g64 = b.cast(g, DType::F64);
+        let t = b.transpose(g64);
+        let d = b.sub(g64, t);
+        let m = b.mask(d, MaskKind::Tril { strict: false }, f64::NEG_INFINITY);
+        let c = b.cast(m, DType::F32);
+        let e = b.exp(c); // read by two products: materialised, the tree's root
+        let y = b.mul(g, e);
+        let z = b.mul(y, e);
+        b.store(z, po, Idx::c(0), 8, 1, Idx::c(8));
+        let k = b.finish();
+        let with = analyse(&k, &Abilities { decay_routine: true, ..abilities(false, false) });
+        assert!(with.fused[c.0 as usize] && with.fused[m.0 as usize] && with.fused[d.0 as usize]);
+        assert!(!with.fused[e.0 as usize], "the factor itself is read twice");
+        crate::midend::layout::plan(&with.planning).expect("the planning kernel is valid");
+        let without = analyse(&k, &abilities(false, false));
+        assert!(!without.fused[c.0 as usize], "no routine: the f64 tree and the exp are two passes");
     }
 
     #[test]

@@ -18,7 +18,8 @@ use super::Simd;
 
 /// C signature: `(rows, cols, a, a_rs, x, x_rs, x_cs, y, y_rs, y_cs, out, out_rs, tril)`.
 /// Strides are in elements (f32 for `a`, `out`; f64 for `x`, `y`); `a` and `out` have column
-/// stride 1. `y` is null for no subtraction. `tril`: 0 none, 1 keep `j <= i`, 2 keep `j < i`.
+/// stride 1. `a` is null for the factor alone (`exp(...)`: a of ones, so the same bits), `y`
+/// null for no subtraction. `tril`: 0 none, 1 keep `j <= i`, 2 keep `j < i`.
 pub type DecayFn =
     unsafe extern "C" fn(i64, i64, *const f32, i64, *const f64, i64, i64, *const f64, i64, i64, *mut f32, i64, i64);
 
@@ -77,8 +78,8 @@ mod x86 {
                 2 => i,
                 _ => cols,
             };
-            let (ar, xr, orow) =
-                (a.offset((i * a_rs) as isize), x.offset((i * x_rs) as isize), out.offset((i * out_rs) as isize));
+            let ar = if a.is_null() { a } else { a.offset((i * a_rs) as isize) };
+            let (xr, orow) = (x.offset((i * x_rs) as isize), out.offset((i * out_rs) as isize));
             let yr = if y.is_null() { y } else { y.offset((i * y_rs) as isize) };
             let mut j = 0;
             while j < cols {
@@ -97,8 +98,10 @@ mod x86 {
                     let keep = if limit <= j { 0 } else { ((1u32 << (limit - j)) - 1) as u16 };
                     e = _mm512_maskz_mov_ps(keep, e);
                 }
-                let av = _mm512_maskz_loadu_ps(m, ar.offset(j as isize));
-                _mm512_mask_storeu_ps(orow.offset(j as isize), m, _mm512_mul_ps(av, e));
+                if !ar.is_null() {
+                    e = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, ar.offset(j as isize)), e);
+                }
+                _mm512_mask_storeu_ps(orow.offset(j as isize), m, e);
                 j += 16;
             }
         }
