@@ -828,6 +828,8 @@ fn verify_grad(
         loaded.rule.name, plan.batch, plan.heads, plan.k, plan.v
     );
     println!("(chunk: the chunked backward's chunk size, or the recurrent one's checkpoint interval)");
+    let tiles = plan.schedule.bv.map(|bv| format!(", V-tiles of {bv} columns")).unwrap_or_default();
+    println!("(the chunked backward: the {} program{tiles})", plan.schedule.program.name());
     println!("{:<10} {:>5} {:>6} {:<12} {:>12} {:>6}  result", "backend", "chunk", "T", "tensor", "error", "tol");
     let rows = chunkc::verify_grad::verify_grad(&loaded.rule, &plan, |r| {
         println!(
