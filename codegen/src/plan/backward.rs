@@ -132,8 +132,9 @@ fn chunked_split(
     let recompute = |b: &mut Builder, layout: &ParamLayout, start: &[ValueId], j: Idx| {
         recompute_chunks(b, layout, (rule, canon, shape, sched), 1, start[0], j)
     };
-    let states = adjoint_state_pass(format!("{name}_states"), rule, shape, split, &io, recompute)?;
-    let local = local_gradient_pass(format!("{name}_local"), rule, shape, split, &io, recompute)?;
+    let passes = SplitPasses { rule, shape, split, io: &io, recompute };
+    let states = passes.adjoint_states(format!("{name}_states"))?;
+    let local = passes.local_gradients(format!("{name}_local"))?;
     let mut kernels = forward.kernels;
     kernels.extend([states, local]);
     let sizes = StaticSizes { heads: shape.heads, k: shape.k, v: shape.v };
@@ -765,55 +766,55 @@ fn reverse_pass(
     Ok(b.finish())
 }
 
-/// The split backward's sequential pass: the chunks in reverse, carrying only the states'
-/// adjoint; stores the adjoint leaving every chunk (`chunk.dh`) and the one entering the
-/// sequence (`dh0`). The chunk's reverse runs whole, and what does not reach the entering
-/// state (the inputs' gradients) is dropped as dead code.
-fn adjoint_state_pass(
-    name: String,
-    rule: &Rule,
+/// The split backward's two reverse passes, built from the same parts.
+struct SplitPasses<'a, R> {
+    rule: &'a Rule,
     shape: Shape,
     split: VSplit,
-    io: &ChunkBoundaries,
-    recompute: impl Fn(&mut Builder, &ParamLayout, &[ValueId], Idx) -> Result<Recomputed, PlanError>,
-) -> Result<Kernel, PlanError> {
-    let mut b = Builder::new(name);
-    let pass = Pass::new(&mut b, rule, shape, split, io.carried.chunk);
-    let inits = io.final_cotangents(&mut b);
-    let chunks = Idx::var(IdxVar::SeqLen).ceil_div(io.carried.chunk as i64);
-    let carried = b.begin_loop(chunks.clone(), &inits);
-    let j = chunks.sub(Idx::c(1)).sub(Idx::var(IdxVar::Iter));
-    // Each V-tile's adjoint of the extra columns is its own part: a column per tile.
-    io.carried.store_slot(&mut b, rule, carried[0], (BOUNDARY_ADJOINTS, split.tiles), j.clone(), Idx::c(1));
-    let d = pass.differentiate(&mut b, io, j, &carried, &recompute)?;
-    let yields = d.entering(&mut b);
-    let results = b.end_loop(&yields);
-    io.store_initial_gradients(&mut b, &results);
-    Ok(b.finish())
+    io: &'a ChunkBoundaries<'a>,
+    recompute: R,
 }
 
-/// The split backward's chunk-parallel pass: every chunk differentiated from its entering
-/// state (`chunk.h`) and the adjoint leaving it (`chunk.dh`); stores every per-token input's
-/// gradient at the chunk's rows and each per-head parameter's part from this chunk.
-fn local_gradient_pass(
-    name: String,
-    rule: &Rule,
-    shape: Shape,
-    split: VSplit,
-    io: &ChunkBoundaries,
-    recompute: impl Fn(&mut Builder, &ParamLayout, &[ValueId], Idx) -> Result<Recomputed, PlanError>,
-) -> Result<Kernel, PlanError> {
-    let mut b = Builder::new(name);
-    b.set_chunk_parallel();
-    let pass = Pass::new(&mut b, rule, shape, split, io.carried.chunk);
-    let grads = pass.gradient_params(&mut b);
-    let chunks = Idx::var(IdxVar::SeqLen).ceil_div(io.carried.chunk as i64);
-    b.begin_loop(chunks, &[]);
-    let j = Idx::var(IdxVar::Iter);
-    let leaving = io.carried.load_slot(&mut b, rule, (BOUNDARY_ADJOINTS, split.tiles), j.clone());
-    let d = pass.differentiate(&mut b, io, j.clone(), &[leaving], &recompute)?;
-    let sums = pass.store_per_token(&mut b, &grads, &d);
-    pass.store_per_head(&mut b, &grads, &sums, Some(j));
-    b.end_loop(&[]);
-    Ok(b.finish())
+impl<R: Fn(&mut Builder, &ParamLayout, &[ValueId], Idx) -> Result<Recomputed, PlanError>> SplitPasses<'_, R> {
+    fn begin(&self, name: String) -> (Builder, Pass<'_>, Idx) {
+        let mut b = Builder::new(name);
+        let pass = Pass::new(&mut b, self.rule, self.shape, self.split, self.io.carried.chunk);
+        (b, pass, Idx::var(IdxVar::SeqLen).ceil_div(self.io.carried.chunk as i64))
+    }
+
+    /// The sequential pass: the chunks in reverse, carrying only the states' adjoint; stores
+    /// the adjoint leaving every chunk (`chunk.dh`) and the one entering the sequence
+    /// (`dh0`). The chunk's reverse runs whole, and what does not reach the entering state
+    /// (the inputs' gradients) is dropped as dead code.
+    fn adjoint_states(&self, name: String) -> Result<Kernel, PlanError> {
+        let (mut b, pass, chunks) = self.begin(name);
+        let inits = self.io.final_cotangents(&mut b);
+        let carried = b.begin_loop(chunks.clone(), &inits);
+        let j = chunks.sub(Idx::c(1)).sub(Idx::var(IdxVar::Iter));
+        // Each V-tile's adjoint of the extra columns is its own part: a column per tile.
+        let slot = (BOUNDARY_ADJOINTS, self.split.tiles);
+        self.io.carried.store_slot(&mut b, self.rule, carried[0], slot, j.clone(), Idx::c(1));
+        let d = pass.differentiate(&mut b, self.io, j, &carried, &self.recompute)?;
+        let yields = d.entering(&mut b);
+        let results = b.end_loop(&yields);
+        self.io.store_initial_gradients(&mut b, &results);
+        Ok(b.finish())
+    }
+
+    /// The chunk-parallel pass: every chunk differentiated from its entering state
+    /// (`chunk.h`) and the adjoint leaving it (`chunk.dh`); stores every per-token input's
+    /// gradient at the chunk's rows and each per-head parameter's part from this chunk.
+    fn local_gradients(&self, name: String) -> Result<Kernel, PlanError> {
+        let (mut b, pass, chunks) = self.begin(name);
+        b.set_chunk_parallel();
+        let grads = pass.gradient_params(&mut b);
+        b.begin_loop(chunks, &[]);
+        let j = Idx::var(IdxVar::Iter);
+        let leaving = self.io.carried.load_slot(&mut b, self.rule, (BOUNDARY_ADJOINTS, self.split.tiles), j.clone());
+        let d = pass.differentiate(&mut b, self.io, j.clone(), &[leaving], &self.recompute)?;
+        let sums = pass.store_per_token(&mut b, &grads, &d);
+        pass.store_per_head(&mut b, &grads, &sums, Some(j));
+        b.end_loop(&[]);
+        Ok(b.finish())
+    }
 }
