@@ -37,7 +37,9 @@
 use chunkc_codegen::ir::*;
 use chunkc_codegen::midend::{prepare, Abilities};
 use chunkc_codegen::program::Program;
-use chunkc_codegen::ptx::{unroll_factor, unrolled_rows, vector_width_16bit, PtxProgram, SOLVE_WINDOW, UNROLL_BATCH};
+use chunkc_codegen::ptx::{
+    row_sum_lanes, unroll_factor, unrolled_rows, vector_width_16bit, PtxProgram, SOLVE_WINDOW, UNROLL_BATCH,
+};
 use chunkc_codegen::schedule::{DotPrecision, PtxSchedule};
 use chunkc_runtime::artifact::TileSpace;
 use serde::{Deserialize, Serialize};
@@ -298,7 +300,17 @@ impl Context<'_> {
                 t.cycles += self.steps(out.cols, 1) * (batches * lat + n * per_row);
             }
             Op::Cumsum { .. } => t.cycles += self.steps(out.cols, 1) * out.rows as f64 * lat,
-            Op::RowSum { x } => t.cycles += self.steps(out.rows, 1) * self.kernel.ty(*x).cols as f64 * lat,
+            Op::RowSum { x } => {
+                // A group of lanes per row (the backend's `row_sum_lanes`): each lane's share of
+                // the columns (unrolled up to a batch: its loads issued ahead; else one load
+                // and add after another), then a butterfly of shuffles and adds.
+                let cols = self.kernel.ty(*x).cols;
+                let lanes = row_sum_lanes(out.rows, cols, self.threads as usize);
+                let (share, add) = ((cols / lanes) as f64, self.gpu.fma_latency_cycles);
+                let lane = if cols / lanes <= UNROLL_BATCH { lat + share * add } else { share * (lat + add) };
+                let butterfly = lanes.trailing_zeros() as f64 * (self.gpu.smem_latency_cycles + add);
+                t.cycles += self.steps(out.rows * lanes, 1) * (lane + butterfly);
+            }
             Op::SolveUnitLower { .. } if unrolled_rows(out.rows) => {
                 // Register windows: their loads issued ahead (one latency each), then
                 // n (n - 1) / 2 steps of a broadcast load of l, a negation and an fma, plus a
@@ -579,6 +591,40 @@ mod tests {
             assert_eq!(third.cycles, h100.barrier_cycles + h100.hbm_latency_cycles, "16-bit: 2 accesses of 8 at once");
             assert!(!batch, "a load through registers closes the batch");
         }
+    }
+
+    /// A row sum costs what the backend emits: a group of lanes per row, each lane's share
+    /// of the columns, then a butterfly; one lane running down a row when the rows fill the
+    /// block.
+    #[test]
+    fn row_sums_cost_their_groups_of_lanes() {
+        use chunkc_codegen::builder::Builder;
+        let h100 = gpu("h100").expect("h100");
+        let mut b = Builder::new("sums");
+        let pa = b.param("a", Access::Read);
+        let wide = b.load(pa, Idx::c(0), 128, 1, 32, 128, Idx::c(32));
+        let tall = b.load(pa, Idx::c(0), 4, 1, 512, 4, Idx::c(512));
+        let kernel = b.finish();
+        let schedule = PtxSchedule::default();
+        let lat = h100.smem_latency_cycles;
+        let cx = Context {
+            gpu: &h100,
+            schedule: &schedule,
+            kernel: &kernel,
+            threads: 256.0,
+            tile_latency: lat,
+            tiles_in_smem: true,
+            pipelined: false,
+            active_ctas: 1.0,
+        };
+        let add = h100.fma_latency_cycles;
+        let mut batch = false;
+        // 32 rows of 128: 8 lanes a row, 16 columns each (unrolled), 3 shuffles.
+        let got = cx.op(&Op::RowSum { x: wide }, TileTy::f32(32, 1), false, &mut batch).cycles;
+        assert_eq!(got, h100.barrier_cycles + (lat + 16.0 * add) + 3.0 * (lat + add));
+        // 512 rows of 4: a lane a row, two rounds of the block.
+        let got = cx.op(&Op::RowSum { x: tall }, TileTy::f32(512, 1), false, &mut batch).cycles;
+        assert_eq!(got, h100.barrier_cycles + 2.0 * (lat + 4.0 * add));
     }
 
     #[test]

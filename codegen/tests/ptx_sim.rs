@@ -480,3 +480,40 @@ fn independent_ops_share_one_barrier() {
         }
     }
 }
+
+/// `RowSum` by groups of lanes (`row_sum_lanes`): every shape's sums match the exact sums
+/// within f32 rounding, in f32 and f64, through each path: one lane per row (the rows fill
+/// the block), a group whose share of the columns is unrolled, one that loops over its share,
+/// and a whole warp on one row. The grouped forms shuffle, in the simulator's checks of every
+/// membermask; a mutation that skips the shuffles leaves the rows' partial sums, far off.
+#[test]
+fn row_sums_by_groups_of_lanes_match_the_exact_sums() {
+    use chunkc_codegen::builder::Builder;
+    use chunkc_codegen::ir::{Access, DType, Idx};
+    use chunkc_codegen::ptx::{emit_with, row_sum_lanes};
+    // (rows, cols): 256 threads.
+    for (n, m, lanes) in [(256, 3, 1), (32, 128, 8), (16, 512, 16), (1, 64, 32), (5, 40, 8), (64, 64, 4)] {
+        assert_eq!(row_sum_lanes(n, m, 256), lanes, "{n} x {m}");
+        for dtype in [DType::F32, DType::F64] {
+            let mut rng = Rng(n as u64 * 7 + m as u64);
+            let a: Vec<f32> = (0..n * m).map(|_| rng.normal() as f32).collect();
+            let mut bld = Builder::new("row_sums");
+            let (pa, po) = (bld.param("a", Access::Read), bld.param("o", Access::Write));
+            let va = bld.load(pa, Idx::c(0), m as i64, 1, n, m, Idx::c(n as i64));
+            let wide = if dtype == DType::F64 { bld.cast(va, DType::F64) } else { va };
+            let sum = bld.row_sum(wide);
+            let sum = if dtype == DType::F64 { bld.cast(sum, DType::F32) } else { sum };
+            bld.store(sum, po, Idx::c(0), 1, 1, Idx::c(n as i64));
+            let ptx = emit_with(&bld.finish(), Sm::Sm90, EmitOptions::default()).expect("emit");
+            assert_eq!(ptx.ptx.contains("shfl.sync.bfly"), lanes > 1, "{n} x {m}");
+            let out = run_one_cta(&ptx, &[&a], &[n]).unwrap_or_else(|e| panic!("{n} x {m} {dtype:?}: {e}"));
+            for (i, &got) in out[0].iter().enumerate() {
+                let row = &a[i * m..(i + 1) * m];
+                let exact: f64 = row.iter().map(|&x| x as f64).sum();
+                let scale: f64 = row.iter().map(|&x| (x as f64).abs()).sum();
+                let bound = if dtype == DType::F64 { 1e-7 } else { m as f64 * 6e-8 } * scale;
+                assert!((got as f64 - exact).abs() <= bound, "{n} x {m} {dtype:?} row {i}: {got} vs {exact}");
+            }
+        }
+    }
+}

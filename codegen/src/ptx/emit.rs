@@ -1260,27 +1260,7 @@ impl Em<'_> {
                 }
                 self.eloop_end(l);
             }
-            Op::RowSum { x } => {
-                // One thread per row, across the columns.
-                let tx = self.k.ty(*x);
-                let sx = self.storage(*x);
-                let l = self.eloop(t.rows);
-                let i = l.e.clone();
-                let pa = self.taddr(sx, dt, Some(&i), None);
-                let s = self.freg(dt);
-                self.ins(format!("mov.{} {s}, {}", ty(dt), fimm(0.0, dt)));
-                if tx.cols > 0 {
-                    let (c, head) = self.cloop();
-                    let v = self.ld(dt, &pa);
-                    self.ins(format!("add.rn.{} {s}, {s}, {v}", ty(dt)));
-                    self.ins(format!("add.s64 {pa}, {pa}, {}", sx.cs * dt.size() as i64));
-                    self.cloop_end(&c, &head, &tx.cols.to_string());
-                }
-                let zero = self.reg(R);
-                self.ins(format!("mov.u32 {zero}, 0"));
-                self.write(id, &i, &zero, &s);
-                self.eloop_end(l);
-            }
+            Op::RowSum { x } => self.row_sum(id, *x),
             Op::Rows { .. } | Op::Transpose { .. } => {}
             Op::Concat { parts } => {
                 // One element of one part per thread; the parts' rows are disjoint, so one
@@ -1589,6 +1569,79 @@ impl Em<'_> {
         }
     }
 
+    /// Each row's sum by a group of [`row_sum_lanes`] adjacent lanes of one warp: every lane
+    /// sums a strided share of the row's columns (unrolled, its loads issued ahead, when the
+    /// share is at most [`UNROLL_BATCH`]), then the group adds its lanes' sums by butterfly
+    /// shuffles and its first lane writes the row. One lane per row where the rows fill the
+    /// block (the sum then runs down the row in order).
+    fn row_sum(&mut self, id: ValueId, x: ValueId) {
+        let t = self.k.ty(id);
+        let dt = t.dtype;
+        let (tx, sx) = (self.k.ty(x), self.storage(x));
+        let lanes = row_sum_lanes(t.rows, tx.cols, self.sched.threads() as usize);
+        let l = self.eloop(t.rows * lanes);
+        let (row, part) = (self.reg(R), self.reg(R));
+        self.ins(format!("shr.u32 {row}, {}, {}", l.e, lanes.trailing_zeros()));
+        self.ins(format!("and.b32 {part}, {}, {}", l.e, lanes - 1));
+        let pa = self.taddr(sx, dt, Some(&row), Some(&part));
+        let s = self.freg(dt);
+        self.ins(format!("mov.{} {s}, {}", ty(dt), fimm(0.0, dt)));
+        let share = tx.cols / lanes;
+        let step = lanes as i64 * sx.cs * dt.size() as i64;
+        if share <= UNROLL_BATCH {
+            let v: Vec<String> = (0..share).map(|c| self.ld_at(dt, &pa, c as i64 * step)).collect();
+            for vc in &v {
+                self.ins(format!("add.rn.{} {s}, {s}, {vc}", ty(dt)));
+            }
+        } else {
+            let (c, head) = self.cloop();
+            let v = self.ld(dt, &pa);
+            self.ins(format!("add.rn.{} {s}, {s}, {v}", ty(dt)));
+            self.ins(format!("add.s64 {pa}, {pa}, {step}"));
+            self.cloop_end(&c, &head, &share.to_string());
+        }
+        if lanes > 1 {
+            // The group's lanes within the warp (the block is whole warps, a group a power of
+            // two that divides 32 and the loop bound, so a group enters and leaves together).
+            let (lane, members) = (self.reg(R), self.reg(R));
+            self.ins(format!("and.b32 {lane}, {}, {}", self.tid, 31 & !(lanes - 1)));
+            let group = if lanes == 32 { u32::MAX } else { (1u32 << lanes) - 1 };
+            self.ins(format!("mov.u32 {members}, {group}"));
+            self.ins(format!("shl.b32 {members}, {members}, {lane}"));
+            let mut off = lanes / 2;
+            while off > 0 {
+                let other = self.shfl_bfly(dt, &s, off, &members);
+                self.ins(format!("add.rn.{} {s}, {s}, {other}", ty(dt)));
+                off /= 2;
+            }
+        }
+        let (skip, not_first, zero) = (self.label(), self.reg(P), self.reg(R));
+        self.ins(format!("setp.ne.u32 {not_first}, {part}, 0"));
+        self.ins(format!("@{not_first} bra {skip}"));
+        self.ins(format!("mov.u32 {zero}, 0"));
+        self.write(id, &row, &zero, &s);
+        self.place(&skip);
+        self.eloop_end(l);
+    }
+
+    /// `x` of the lane `off` lanes away (xor) among `members`; f64 in two 32-bit halves.
+    fn shfl_bfly(&mut self, dt: DType, x: &str, off: usize, members: &str) -> String {
+        let out = self.freg(dt);
+        match dt {
+            DType::F32 => {
+                self.ins(format!("shfl.sync.bfly.b32 {out}, {x}, {off}, 31, {members}"));
+            }
+            DType::F64 => {
+                let (lo, hi) = (self.reg(R), self.reg(R));
+                self.ins(format!("mov.b64 {{{lo}, {hi}}}, {x}"));
+                self.ins(format!("shfl.sync.bfly.b32 {lo}, {lo}, {off}, 31, {members}"));
+                self.ins(format!("shfl.sync.bfly.b32 {hi}, {hi}, {off}, 31, {members}"));
+                self.ins(format!("mov.b64 {out}, {{{lo}, {hi}}}"));
+            }
+        }
+        out
+    }
+
     /// An unrolled column cumsum into `s`: loads in batches of [`UNROLL_BATCH`] ahead of their
     /// adds (a store may alias a later load's address, so none is moved past one).
     fn cumsum_unrolled(
@@ -1631,6 +1684,17 @@ pub const UNROLL_BATCH: usize = 16;
 /// check), else 1.
 pub fn unroll_factor(n: usize, threads: usize) -> usize {
     [4, 2].into_iter().find(|&u| n >= threads * u && n.is_multiple_of(threads * u)).unwrap_or(1)
+}
+
+/// Lanes summing one row of a `RowSum` over `cols` columns with `threads` threads: the most
+/// (a power of two, at most a warp) that still leaves every row a group of its own in one
+/// round of the block and divides the columns evenly; 1 when the rows alone fill the block.
+pub fn row_sum_lanes(rows: usize, cols: usize, threads: usize) -> usize {
+    let mut lanes = 1;
+    while lanes < 32 && rows * lanes * 2 <= threads.max(1) && cols.is_multiple_of(lanes * 2) {
+        lanes *= 2;
+    }
+    lanes
 }
 
 /// Whether a column-serial op over `rows` rows is emitted unrolled.

@@ -131,7 +131,7 @@ mod async_copy;
 pub use async_copy::vector_width_16bit;
 mod emit;
 mod hazards;
-pub use emit::{unroll_factor, unrolled_rows, SOLVE_WINDOW, UNROLLED_ROWS, UNROLL_BATCH};
+pub use emit::{row_sum_lanes, unroll_factor, unrolled_rows, SOLVE_WINDOW, UNROLLED_ROWS, UNROLL_BATCH};
 pub mod mma;
 mod ptxas;
 mod schedule;
