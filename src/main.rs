@@ -610,8 +610,8 @@ enum Command {
         #[arg(long, conflicts_with_all = ["json", "rank"])]
         ops: bool,
         /// Estimate the chunked backward program instead (its forward phases, then the reverse
-        /// ones: fused or split as --program says).
-        #[arg(long, conflicts_with = "rank")]
+        /// ones: fused or split as --program says; with --rank, both).
+        #[arg(long)]
         grad: bool,
     },
     /// Print the tile IR of a rule's kernel, or write its PTX (sm_80, sm_90) and launch metadata.
@@ -1454,7 +1454,7 @@ fn model(
         Schedule::chunked(chunk).with_kernel(kernel, chunk).with_bv(bv).with_program(ProgramShape::from(program));
     let schedule = precision.apply(schedule)?;
     if let Some(top) = rank {
-        return model_rank(&loaded.rule, dims, &schedule, sm, &gpu, top, json);
+        return model_rank(&loaded.rule, dims, &schedule, sm, &gpu, (top, grad), json);
     }
     if grad && schedule.kernel != KernelKind::Chunked {
         return Err(Error::Unsupported("model --grad estimates the chunked backward: no --backend recurrent".into()));
@@ -1597,7 +1597,7 @@ fn model_rank(
     base: &Schedule,
     sm: ptx::Sm,
     gpu: &chunkc::autotune::model::Gpu,
-    top: usize,
+    (top, grad): (usize, bool),
     json: bool,
 ) -> Result<ExitCode, Error> {
     let mut widths: Vec<Option<usize>> = vec![None];
@@ -1621,7 +1621,7 @@ fn model_rank(
                             .with_ptx(ptx);
                         // A V-tile the rule does not allow, or a schedule the target refuses:
                         // not a candidate.
-                        if let Ok((_, est)) = model_estimate(rule, dims, &schedule, sm, gpu, false) {
+                        if let Ok((_, est)) = model_estimate(rule, dims, &schedule, sm, gpu, grad) {
                             ranked.push((schedule, est));
                         }
                     }
@@ -1651,8 +1651,9 @@ fn model_rank(
     }
     let [b, t, h, k, v] = [dims.batch, dims.seq_len, dims.heads, dims.k, dims.v];
     println!(
-        "ESTIMATES (an analytic model, not a measurement), best first: {} on {}, {} B={b} T={t} H={h} K={k} V={v}, {} inputs, {:?} dots",
+        "ESTIMATES (an analytic model, not a measurement), best first: {}{} on {}, {} B={b} T={t} H={h} K={k} V={v}, {} inputs, {:?} dots",
         rule.name,
+        if grad { " forward + backward" } else { "" },
         gpu.name,
         sm.name(),
         base.input.name(),

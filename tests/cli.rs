@@ -896,6 +896,13 @@ fn model_estimates_the_backward_phases() {
     let est = v["est_ms"].as_f64().expect("est_ms");
     let sum: f64 = phases.iter().map(|p| p["est_ms"].as_f64().unwrap()).sum();
     assert!(est.is_finite() && (est - sum).abs() < 1e-6 * est.max(1.0), "{est} vs the phases' {sum}");
+    // Ranked: the backward's schedules, best first.
+    let o = chunkc(&["model", "rules/gated_delta_rule.toml", "--grad", "--rank", "3", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).expect("one JSON line");
+    let ests: Vec<f64> =
+        v["candidates"].as_array().expect("candidates").iter().map(|c| c["est_ms"].as_f64().unwrap()).collect();
+    assert!(ests.len() == 3 && ests.windows(2).all(|w| w[0] <= w[1]), "{ests:?}");
     let o = chunkc(&["model", "rules/gated_delta_rule.toml", "--grad", "--backend", "recurrent"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("model --grad estimates the chunked backward"), "{}", stderr(&o));
