@@ -1,7 +1,10 @@
-//! The recurrent backward program of any rule: checkpointed reverse mode through the
-//! token step.
+//! The backward programs: the recurrent one of any rule (checkpointed reverse mode through
+//! the token step, below), and the chunked ones of a rule linear in S ([`chunked`]: fused, or
+//! split into FLA's phases), all built from one reverse of a recomputed segment
+//! ([`Pass::differentiate`]).
 //!
-//! The loss is `L = sum(o * do) + sum(hT * dhT)` (flash-linear-attention's convention). Two
+//! The loss is `L = sum(o * do) + sum(hT * dhT)` (flash-linear-attention's convention). The
+//! recurrent program has two
 //! sequential phases, each walking segments of `every` tokens with the segment unrolled:
 //! - forward: the rule's step token by token, writing `o`, `hT` and the state entering every
 //!   segment (`grad.checkpoints`, `[B, NT, H, K, V]` with NT = ceil(T / every));
