@@ -1,7 +1,7 @@
 //! The backward programs: the recurrent one of any rule (checkpointed reverse mode through
 //! the token step, below), and the chunked ones of a rule linear in S ([`chunked`]: fused, or
 //! split into FLA's phases), all built from one reverse of a recomputed segment
-//! ([`Pass::differentiate`]).
+//! (`Pass::differentiate`).
 //!
 //! The loss is `L = sum(o * do) + sum(hT * dhT)` (flash-linear-attention's convention). The
 //! recurrent program has two
