@@ -765,9 +765,11 @@ fn bench_grad(
     };
     if json {
         println!(
-            "{{\"rule\":\"{}\",\"backend\":\"{}\",\"pass\":\"forward+backward\",\"chunk\":{every_shown},\"shape\":[{batch},{seq_len},{heads},{k},{v}],\"threads\":{threads},\"runs\":{},\"median_ms\":{median:.4},\"best_ms\":{best:.4},\"token_heads_per_s\":{:.1},\"gflops\":{:.3}}}",
+            "{{\"rule\":\"{}\",\"backend\":\"{}\",\"pass\":\"forward+backward\",\"chunk\":{every_shown},\"program\":\"{}\",\"bv\":{},\"shape\":[{batch},{seq_len},{heads},{k},{v}],\"threads\":{threads},\"runs\":{},\"median_ms\":{median:.4},\"best_ms\":{best:.4},\"token_heads_per_s\":{:.1},\"gflops\":{:.3}}}",
             rule.name,
             backend.name(),
+            program.name(),
+            bv.map_or("null".to_string(), |b| b.to_string()),
             m.runs,
             m.token_heads_per_s(),
             m.gflops()

@@ -402,6 +402,24 @@ fn compile_grad_writes_the_split_backward_phases() {
     }
 }
 
+/// `bench --grad`: forward + backward timed, one JSON line naming the chunked backward's
+/// program and V-tiles.
+#[test]
+fn bench_grad_prints_one_json_line_with_its_program() {
+    let base = ["bench", "rules/simple_gla.toml", "--grad", "--shape", "1,40,2,16,16", "--chunk", "16", "--runs", "2"];
+    for (extra, program, bv) in [(&[][..], "fused", None), (&["--program", "split", "--bv", "8"][..], "split", Some(8))]
+    {
+        let o = chunkc(&[&base[..], extra, &["--json"]].concat());
+        assert!(o.status.success(), "{}", stderr(&o));
+        let out = stdout(&o);
+        assert_eq!(out.lines().count(), 1, "{out}");
+        let v: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");
+        assert_eq!((v["pass"].as_str(), v["program"].as_str()), (Some("forward+backward"), Some(program)));
+        assert_eq!(v["bv"].as_u64(), bv);
+        assert!(v["median_ms"].as_f64().is_some_and(|t| t > 0.0), "{v}");
+    }
+}
+
 #[test]
 fn bench_prints_one_json_line_and_refuses_bad_shapes() {
     let o =
